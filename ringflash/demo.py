@@ -1,0 +1,155 @@
+"""``ringflash demo``: environment, then every available attention implementation checked
+against the float64 reference and timed, at a representative size (small on the CPU)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .reference import attention_ref
+from .testing import error_stats
+
+
+@dataclass
+class Problem:
+    batch: int
+    seqlen: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+    dtype: torch.dtype
+    causal: bool
+    device: torch.device
+
+    def __str__(self) -> str:
+        return (
+            f"batch={self.batch} seqlen={self.seqlen} nheads={self.nheads}/{self.nheads_k} "
+            f"headdim={self.headdim} dtype={str(self.dtype).replace('torch.', '')} causal={self.causal} "
+            f"device={self.device}"
+        )
+
+
+# An implementation maps dense (q, k, v, causal) -> out with q (b, s, h, d), k/v (b, s, hk, d).
+Implementation = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
+def _expand_kv(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return x.repeat_interleave(q.shape[2] // x.shape[2], dim=2)
+
+
+def _pytorch_fa2(q, k, v, causal):
+    from .pytorch_fa2 import FlashAttentionPyTorchFunc
+
+    b, s, h, d = q.shape
+    fold = lambda x: x.transpose(1, 2).reshape(b * h, x.shape[1], d)  # noqa: E731
+    out = FlashAttentionPyTorchFunc.apply(fold(q), fold(_expand_kv(q, k)), fold(_expand_kv(q, v)), causal)
+    return out.reshape(b, h, s, d).transpose(1, 2)
+
+
+def _torch_sdpa(q, k, v, causal):
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), _expand_kv(q, k).transpose(1, 2), _expand_kv(q, v).transpose(1, 2), is_causal=causal
+    )
+    return out.transpose(1, 2)
+
+
+def implementations() -> dict[str, Implementation]:
+    impls: dict[str, Implementation] = {
+        "torch sdpa": _torch_sdpa,
+        "pytorch_fa2 (tiled)": _pytorch_fa2,
+    }
+    try:
+        from .interface import flash_attn_func
+    except ImportError:
+        return impls
+    impls["ringflash triton"] = lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
+    return impls
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    """Median milliseconds; do_bench on the GPU, a few wall-clock runs on the CPU."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, return_mode="median"))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[1]
+
+
+def describe_environment(device: torch.device) -> list[str]:
+    lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
+    try:
+        import triton
+
+        interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda"
+        mode = "interpreted (TRITON_INTERPRET=1, CPU)" if interpreted else "compiled"
+        lines.append(f"triton {triton.__version__}: {mode}")
+    except ImportError:
+        lines.append("triton: not installed")
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        lines.append(f"device: {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)")
+    else:
+        lines.append("device: CPU (no CUDA GPU): small sizes")
+    return lines
+
+
+def run_demo(device_choice: str = "auto") -> int:
+    use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise SystemExit("ringflash demo: --device cuda asked for, but no CUDA GPU is visible")
+    device = torch.device("cuda" if use_cuda else "cpu")
+    if device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    for line in describe_environment(device):
+        print(line)
+    if device.type == "cuda":
+        prob = Problem(2, 2048, 16, 4, 128, torch.bfloat16, True, device)
+    else:
+        # fp32: Triton's interpreter gets bf16 dots wrong; fp32 on the CPU is exact enough to check.
+        prob = Problem(1, 192, 4, 2, 64, torch.float32, True, device)
+    print(f"problem: {prob}")
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    mk = lambda h: torch.randn(prob.batch, prob.seqlen, h, prob.headdim, generator=gen, dtype=torch.float64)  # noqa: E731
+    q64, k64, v64, do64 = mk(prob.nheads), mk(prob.nheads_k), mk(prob.nheads_k), mk(prob.nheads)
+    tensors64 = [t.to(device).requires_grad_() for t in (q64, k64, v64)]
+    ref_out, _ = attention_ref(*tensors64, causal=prob.causal)
+    ref_grads = torch.autograd.grad(ref_out, tensors64, do64.to(device))
+
+    rows = []
+    for name, impl in implementations().items():
+        q, k, v = (t.detach().to(prob.dtype).requires_grad_() for t in tensors64)
+        do = do64.to(device=device, dtype=prob.dtype)
+        try:
+            out = impl(q, k, v, prob.causal)
+            grads = torch.autograd.grad(out, (q, k, v), do)
+        except Exception as exc:  # an implementation unavailable here is reported, not fatal
+            rows.append((name, f"unavailable: {type(exc).__name__}: {exc}".splitlines()[0][:70], "", "", ""))
+            continue
+        out_err = error_stats(out, ref_out)
+        grad_err = max((error_stats(g, r) for g, r in zip(grads, ref_grads)), key=lambda s: s.rel)
+        fwd_ms = _timed(lambda: impl(q, k, v, prob.causal), device)
+
+        def fwd_bwd():
+            o = impl(q, k, v, prob.causal)
+            torch.autograd.grad(o, (q, k, v), do)
+
+        total_ms = _timed(fwd_bwd, device)
+        rows.append((name, f"{out_err.rel:.2e}", f"{grad_err.rel:.2e}", f"{fwd_ms:.2f}", f"{total_ms:.2f}"))
+
+    header = ("implementation", "out rel err", "grad rel err", "fwd ms", "fwd+bwd ms")
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    print()
+    for r in [header] + rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+    return 0

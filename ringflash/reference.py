@@ -1,0 +1,158 @@
+"""Plain (materialized) attention: the ground truth every kernel is tested against.
+
+It runs in whatever float dtype it is given; the tests give it float64.
+
+Conventions shared by the whole library
+---------------------------------------
+* Causal masking and sliding windows are aligned to the **bottom right** when
+  ``seqlen_q != seqlen_k``: query ``i`` sees key ``j`` iff
+  ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right``,
+  where ``window_size = (left, right)`` and -1 means unbounded. ``causal=True``
+  sets ``right = 0``.
+* ``softcap > 0`` replaces the scaled score ``s`` with ``softcap * tanh(s / softcap)``.
+* The logsumexp (lse) is the natural log of the softmax denominator of the
+  scaled (and capped) scores, in float32 from the kernels.
+* A query row that sees no key at all yields ``out = 0`` and ``lse = -inf``.
+  Merging partial results (split-KV, context parallelism) relies on this: a
+  partial with ``lse = -inf`` has weight ``exp(-inf) = 0``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import validation as V
+
+
+def visible_mask(
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    seqlen_q: int | torch.Tensor,
+    seqlen_k: int | torch.Tensor,
+    causal: bool,
+    window_size: tuple[int, int] = (-1, -1),
+) -> torch.Tensor:
+    """Boolean mask, True where query position ``q_idx`` may attend to key position ``k_idx``.
+
+    ``q_idx`` and ``k_idx`` broadcast against each other (e.g. (M, 1) and (1, N)).
+    Keys at or past ``seqlen_k`` are never visible.
+    """
+    left, right = window_size
+    if causal:
+        right = 0
+    diag = q_idx + (seqlen_k - seqlen_q)
+    mask = k_idx < seqlen_k
+    if right >= 0:
+        mask = mask & (k_idx <= diag + right)
+    if left >= 0:
+        mask = mask & (k_idx >= diag - left)
+    return mask
+
+
+def _masked_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    softmax_scale: float,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (..., sq, d), k/v (..., sk, d), mask broadcastable to (..., sq, sk) -> out (..., sq, d), lse (..., sq)."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    # Rows that see no key: lse = -inf, and their probabilities are defined as 0 (not NaN).
+    safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - safe_lse.unsqueeze(-1)).masked_fill(~mask, 0.0)
+    return torch.matmul(probs, v), lse
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense reference attention.
+
+    Args:
+        q: (batch, seqlen_q, nheads, headdim)
+        k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0 (GQA/MQA)
+    Returns:
+        out: (batch, seqlen_q, nheads, headdim), q's dtype
+        lse: (batch, nheads, seqlen_q), q's dtype, natural log, -inf for rows that see no key
+    """
+    shape = V.check_dense_qkv(q, k, v, dtypes=V.REFERENCE_DTYPES, max_headdim=None)
+    window_size = V.check_window(window_size)
+    softcap = V.check_softcap(softcap)
+    scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
+    group = shape.nheads // shape.nheads_k
+    qt = q.transpose(1, 2)  # (b, h, sq, d)
+    kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    q_idx = torch.arange(shape.seqlen_q, device=q.device).unsqueeze(1)
+    k_idx = torch.arange(shape.seqlen_k, device=q.device).unsqueeze(0)
+    mask = visible_mask(q_idx, k_idx, shape.seqlen_q, shape.seqlen_k, causal, window_size)
+    out, lse = _masked_softmax_attention(qt, kt, vt, mask, scale, softcap)
+    return out.transpose(1, 2), lse
+
+
+def attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int] = None,
+    max_seqlen_k: Optional[int] = None,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    seqused_k: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed variable-length reference attention.
+
+    Args:
+        q: (total_q, nheads, headdim); sequence i is ``q[cu_seqlens_q[i]:cu_seqlens_q[i+1]]``.
+        k, v: (total_k, nheads_k, headdim), laid out by ``cu_seqlens_k``.
+        cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,).
+        seqused_k: optional int32 (batch,): sequence i uses only its first ``seqused_k[i]``
+            keys, and causal/window alignment is against that length.
+    Returns:
+        out: (total_q, nheads, headdim)
+        lse: (nheads, total_q), natural log, -inf for rows that see no key
+    """
+    shape = V.check_varlen_qkv(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
+        dtypes=V.REFERENCE_DTYPES, max_headdim=None,
+    )
+    window_size = V.check_window(window_size)
+    softcap = V.check_softcap(softcap)
+    scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
+    out = torch.zeros_like(q)
+    lse = torch.full((shape.nheads, shape.total_q), float("-inf"), dtype=q.dtype, device=q.device)
+    cu_q = cu_seqlens_q.tolist()  # a reference: host loops over sequences are fine here
+    cu_k = cu_seqlens_k.tolist()
+    used = seqused_k.tolist() if seqused_k is not None else None
+    for i in range(shape.batch):
+        q0, q1 = cu_q[i], cu_q[i + 1]
+        k0, k1 = cu_k[i], cu_k[i + 1]
+        if used is not None:
+            k1 = k0 + used[i]
+        if q1 == q0:
+            continue
+        o_i, lse_i = attention_ref(
+            q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
+            causal=causal, softmax_scale=scale, window_size=window_size, softcap=softcap,
+        )
+        out[q0:q1] = o_i[0]
+        lse[:, q0:q1] = lse_i[0]
+    return out, lse

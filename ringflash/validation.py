@@ -1,0 +1,322 @@
+"""Input validation shared by every public entry point.
+
+Every failure raises ``ValueError`` (shape or value) or ``TypeError`` (dtype or
+type) with a message that names the argument, what was received and what was
+expected.
+
+Checking the *values* of ``cu_seqlens`` (starts at 0, non-decreasing, ends at the
+token count, longest sequence <= max_seqlen) needs to look at device memory. On
+a CPU tensor that is free. On a GPU tensor it costs one host-device sync, so it
+is done once per tensor object: the same ``cu_seqlens`` passed to every layer's
+forward and backward is checked on first use only (the result is remembered
+against the tensor's identity and version counter). The check is skipped while
+``torch.compile`` traces or a CUDA graph is captured, and can be switched off
+with ``RINGFLASH_CHECK_CU_SEQLENS=0``. The kernels clamp every index they derive
+from ``cu_seqlens``, so unchecked bad values can give wrong numbers but never
+out-of-bounds memory accesses.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+#: dtypes the Triton kernels accept.
+KERNEL_DTYPES: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
+#: dtypes the float reference accepts.
+REFERENCE_DTYPES: tuple[torch.dtype, ...] = KERNEL_DTYPES + (torch.float64,)
+#: largest head dim the kernels support.
+MAX_HEADDIM = 256
+
+
+def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(name: str, x: object) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_rank(name: str, x: torch.Tensor, ndim: int, layout: str) -> None:
+    check_tensor(name, x)
+    if x.dim() != ndim:
+        raise ValueError(
+            f"{name}: expected a {ndim}-D tensor {layout}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}"
+        )
+
+
+def check_dtype(name: str, x: torch.Tensor, allowed: Sequence[torch.dtype]) -> None:
+    if x.dtype not in allowed:
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported; expected one of {_dtype_names(allowed)}")
+
+
+def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> None:
+    first = tensors[0]
+    for name, t in zip(names[1:], tensors[1:]):
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name}: dtype {t.dtype} differs from {names[0]}'s dtype {first.dtype}; expected {first.dtype}")
+
+
+def check_same_device(names: Sequence[str], tensors: Sequence[Optional[torch.Tensor]]) -> None:
+    ref_name, ref = None, None
+    for name, t in zip(names, tensors):
+        if t is None:
+            continue
+        if ref is None:
+            ref_name, ref = name, t
+        elif t.device != ref.device:
+            raise ValueError(f"{name}: is on device {t.device} but {ref_name} is on {ref.device}; expected all on {ref.device}")
+
+
+def check_headdim(name: str, headdim: int, max_headdim: Optional[int]) -> None:
+    if headdim < 1 or (max_headdim is not None and headdim > max_headdim):
+        hi = f"1..{max_headdim}" if max_headdim is not None else ">= 1"
+        raise ValueError(f"{name}: head dim {headdim} is not supported; expected {hi}")
+
+
+def check_heads(nheads: int, nheads_k: int) -> None:
+    if nheads_k < 1 or nheads % nheads_k != 0:
+        raise ValueError(
+            f"k: nheads_k={nheads_k} must divide q's nheads={nheads} (GQA/MQA); "
+            f"expected a divisor of {nheads}"
+        )
+
+
+def check_window(window_size: object) -> tuple[int, int]:
+    if (
+        not isinstance(window_size, (tuple, list))
+        or len(window_size) != 2
+        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
+    ):
+        raise TypeError(f"window_size: expected a pair of ints (left, right), got {window_size!r}")
+    left, right = int(window_size[0]), int(window_size[1])
+    for side, w in (("left", left), ("right", right)):
+        if w < -1:
+            raise ValueError(f"window_size: {side}={w} is invalid; expected -1 (unbounded) or >= 0")
+    return left, right
+
+
+def check_softcap(softcap: object) -> float:
+    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
+        raise TypeError(f"softcap: expected a float, got {type(softcap).__name__}")
+    if softcap < 0:
+        raise ValueError(f"softcap: got {softcap}; expected 0 (off) or > 0")
+    return float(softcap)
+
+
+def resolve_softmax_scale(softmax_scale: object, headdim: int) -> float:
+    if softmax_scale is None:
+        return headdim ** -0.5
+    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)
+
+
+def check_unsupported(dropout_p: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None) -> None:
+    """Options of flash-attn's interface that ringflash does not implement yet: refuse, never ignore."""
+    if dropout_p != 0.0:
+        raise NotImplementedError(f"dropout_p: got {dropout_p}; ringflash supports only dropout_p=0.0 for now")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported by ringflash yet; expected None")
+
+
+@dataclass(frozen=True)
+class DenseShape:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+    headdim_v: int
+
+
+def check_dense_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    dtypes: Sequence[torch.dtype] = KERNEL_DTYPES,
+    max_headdim: Optional[int] = MAX_HEADDIM,
+) -> DenseShape:
+    """q (batch, seqlen_q, nheads, d); k, v (batch, seqlen_k, nheads_k, d)."""
+    check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    check_rank("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_rank("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
+    check_dtype("q", q, dtypes)
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    check_same_device(("q", "k", "v"), (q, k, v))
+    b, sq, h, d = q.shape
+    if k.shape[0] != b:
+        raise ValueError(f"k: batch {k.shape[0]} differs from q's batch {b}; expected {b}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's (batch, seqlen_k, nheads_k) {tuple(k.shape[:3])}")
+    if k.shape[3] != d:
+        raise ValueError(f"k: head dim {k.shape[3]} differs from q's head dim {d}; expected {d}")
+    if v.shape[3] != d:
+        raise ValueError(f"v: head dim {v.shape[3]} differs from q's head dim {d}; expected {d}")
+    check_headdim("q", d, max_headdim)
+    check_heads(h, k.shape[2])
+    return DenseShape(b, sq, k.shape[1], h, k.shape[2], d, v.shape[3])
+
+
+@dataclass(frozen=True)
+class VarlenShape:
+    batch: int
+    total_q: int
+    total_k: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+
+
+def check_varlen_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    seqused_k: Optional[torch.Tensor] = None,
+    *,
+    dtypes: Sequence[torch.dtype] = KERNEL_DTYPES,
+    max_headdim: Optional[int] = MAX_HEADDIM,
+) -> VarlenShape:
+    """q (total_q, nheads, d); k, v (total_k, nheads_k, d); cu_seqlens int32 (batch + 1,)."""
+    check_rank("q", q, 3, "(total_q, nheads, headdim)")
+    check_rank("k", k, 3, "(total_k, nheads_k, headdim)")
+    check_rank("v", v, 3, "(total_k, nheads_k, headdim)")
+    check_dtype("q", q, dtypes)
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    check_same_device(
+        ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k"),
+        (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k),
+    )
+    total_q, h, d = q.shape
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's (total_k, nheads_k) {tuple(k.shape[:2])}")
+    if k.shape[2] != d:
+        raise ValueError(f"k: head dim {k.shape[2]} differs from q's head dim {d}; expected {d}")
+    if v.shape[2] != d:
+        raise ValueError(f"v: head dim {v.shape[2]} differs from q's head dim {d}; expected {d}")
+    check_headdim("q", d, max_headdim)
+    check_heads(h, k.shape[1])
+    batch = check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q)
+    batch_k = check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
+    if batch_k != batch:
+        raise ValueError(
+            f"cu_seqlens_k: has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}; expected the same batch"
+        )
+    check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if seqused_k is not None:
+        check_rank("seqused_k", seqused_k, 1, "(batch,)")
+        if seqused_k.dtype != torch.int32:
+            raise TypeError(f"seqused_k: dtype {seqused_k.dtype} is not supported; expected int32")
+        if seqused_k.shape[0] != batch:
+            raise ValueError(f"seqused_k: has {seqused_k.shape[0]} entries; expected batch={batch}")
+    check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q)
+    check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    if seqused_k is not None:
+        check_seqused_values(seqused_k, cu_seqlens_k)
+    return VarlenShape(batch, total_q, k.shape[0], h, k.shape[1], d)
+
+
+def check_max_seqlen(name: str, value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name}: got {value}; expected >= 0")
+
+
+def check_cu_seqlens_shape(name: str, cu: torch.Tensor) -> int:
+    """Returns the batch size."""
+    check_tensor(name, cu)
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name}: dtype {cu.dtype} is not supported; expected int32")
+    if cu.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D tensor (batch + 1,), got shape {tuple(cu.shape)}")
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name}: has {cu.shape[0]} entries; expected at least 2 (batch + 1 with batch >= 1)")
+    return cu.shape[0] - 1
+
+
+def _value_checks_enabled(t: torch.Tensor) -> bool:
+    if os.environ.get("RINGFLASH_CHECK_CU_SEQLENS", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "meta" or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+# id(tensor) -> (weakref to it, version counter, facts checked). A dead weakref or a
+# bumped version invalidates the entry, so a freed tensor's address reused by a new one
+# is never mistaken for it.
+_checked: dict[int, tuple[weakref.ref, int, tuple]] = {}
+
+
+def _already_checked(t: torch.Tensor, facts: tuple) -> bool:
+    entry = _checked.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == facts
+
+
+def _remember_checked(t: torch.Tensor, facts: tuple) -> None:
+    if len(_checked) > 4096:
+        for key in [key for key, (ref, _, _) in _checked.items() if ref() is None]:
+            del _checked[key]
+    _checked[id(t)] = (weakref.ref(t), t._version, facts)
+
+
+def check_cu_seqlens_values(
+    name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: Optional[int]
+) -> None:
+    """cu[0] == 0, non-decreasing, cu[-1] == total and max(diff) <= max_seqlen. One sync per tensor object."""
+    if not _value_checks_enabled(cu):
+        return
+    facts = ("cu", total, max_seqlen)
+    if _already_checked(cu, facts):
+        return
+    diffs = cu[1:] - cu[:-1]
+    stats = torch.stack([cu[0], cu[-1], diffs.min(), diffs.max()]).tolist()  # the one sync
+    first, last, min_len, max_len = stats
+    if first != 0:
+        raise ValueError(f"{name}: starts at {first}; expected 0")
+    if min_len < 0:
+        raise ValueError(f"{name}: is not non-decreasing (a step of {min_len}); expected cumulative sequence lengths")
+    if last != total:
+        raise ValueError(f"{name}: last entry is {last}; expected the token count {total}")
+    if max_seqlen is not None and max_len > max_seqlen:
+        raise ValueError(f"{max_name}: got {max_seqlen} but the longest sequence in {name} has {max_len} tokens; expected >= {max_len}")
+    _remember_checked(cu, facts)
+
+
+def check_seqused_values(seqused_k: torch.Tensor, cu_seqlens_k: torch.Tensor) -> None:
+    """0 <= seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]."""
+    if not _value_checks_enabled(seqused_k):
+        return
+    facts = ("seqused", id(cu_seqlens_k), cu_seqlens_k._version)
+    if _already_checked(seqused_k, facts):
+        return
+    lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    lo, over = torch.stack([seqused_k.min(), (seqused_k - lens).max()]).tolist()
+    if lo < 0:
+        raise ValueError(f"seqused_k: has a negative entry ({lo}); expected 0 <= seqused_k[i]")
+    if over > 0:
+        raise ValueError(
+            f"seqused_k: an entry exceeds its sequence's key count by {over}; "
+            "expected seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]"
+        )
+    _remember_checked(seqused_k, facts)

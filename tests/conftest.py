@@ -1,0 +1,51 @@
+"""Shared test scaffolding: awkward sizes, the gpu marker, the interpreter switch."""
+
+import os
+
+import torch
+
+# Triton kernels run in Triton's interpreter when there is no GPU. It must be chosen
+# before any kernel module is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+#: Sequence lengths that are not multiples of any block size, and the degenerate 1.
+AWKWARD_SEQLENS = [1, 17, 129]
+#: Varlen batches (per-sequence lengths) including a zero-length sequence inside the batch.
+AWKWARD_VARLEN_BATCHES = [[17], [5, 0, 33], [1, 129, 0, 16]]
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+#: Fresh random inputs on every run; set RINGFLASH_TEST_SEED to replay a failing run.
+SESSION_SEED = int(os.environ.get("RINGFLASH_TEST_SEED", str(int.from_bytes(os.urandom(4), "little"))))
+
+
+def pytest_report_header(config):
+    return f"ringflash test seed: RINGFLASH_TEST_SEED={SESSION_SEED}"
+
+
+@pytest.fixture
+def gen(request):
+    """A CPU generator seeded from the session seed and the test's id: fresh each run, replayable."""
+    import zlib
+
+    return torch.Generator().manual_seed(SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+def cu_seqlens_from_lengths(lengths, device="cpu"):
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return torch.tensor(cu, dtype=torch.int32, device=device)
