@@ -1,5 +1,24 @@
 """ringflash: FlashAttention-2 kernels in Triton, and context-parallel attention built on them."""
 
+import os as _os
+
+import torch as _torch
+
+# Without a GPU, Triton runs kernels on CPU tensors only in its interpreter, which must be
+# chosen before triton is first imported. ringflash turns it on for the process in that
+# case (documented in the README); set TRITON_INTERPRET yourself to decide otherwise.
+if not _torch.cuda.is_available():
+    _os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .autograd import FlashAttentionTritonFunc
+from .interface import (
+    flash_attn_func,
+    flash_attn_kvpacked_func,
+    flash_attn_qkvpacked_func,
+    flash_attn_varlen_func,
+    flash_attn_varlen_kvpacked_func,
+    flash_attn_varlen_qkvpacked_func,
+)
 from .pytorch_fa2 import FlashAttentionPyTorchFunc
 from .reference import attention_ref, attention_varlen_ref
 
@@ -7,6 +26,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FlashAttentionPyTorchFunc",
+    "FlashAttentionTritonFunc",
+    "flash_attn_func",
+    "flash_attn_kvpacked_func",
+    "flash_attn_qkvpacked_func",
+    "flash_attn_varlen_func",
+    "flash_attn_varlen_kvpacked_func",
+    "flash_attn_varlen_qkvpacked_func",
     "attention_ref",
     "attention_varlen_ref",
 ]

@@ -7,10 +7,19 @@ import pytest
 import torch
 
 from conftest import cu_seqlens_from_lengths
-from ringflash import FlashAttentionPyTorchFunc, attention_ref, attention_varlen_ref
+from ringflash import (
+    FlashAttentionPyTorchFunc,
+    attention_ref,
+    attention_varlen_ref,
+    flash_attn_func,
+    flash_attn_varlen_func,
+)
 
-DENSE_FUNCS = {"attention_ref": lambda q, k, v, **kw: attention_ref(q, k, v, **kw)}
-VARLEN_FUNCS = {"attention_varlen_ref": attention_varlen_ref}
+DENSE_FUNCS = {
+    "attention_ref": lambda q, k, v, **kw: attention_ref(q, k, v, **kw),
+    "flash_attn_func": lambda q, k, v, **kw: flash_attn_func(q, k, v, **kw),
+}
+VARLEN_FUNCS = {"attention_varlen_ref": attention_varlen_ref, "flash_attn_varlen_func": flash_attn_varlen_func}
 
 
 def _dense(b=2, sq=5, sk=7, h=4, hk=2, d=16, dtype=torch.float32):

@@ -1,0 +1,77 @@
+"""Thin autograd Functions over the ``ringflash::attn_fwd`` / ``attn_bwd`` custom ops."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import ops  # noqa: F401  (registers torch.ops.ringflash.*)
+from . import validation as V
+
+
+class FlashAttnFunc(torch.autograd.Function):
+    """Dense (cu_seqlens_q is None) or varlen attention. Returns (out, lse); lse is not differentiable."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: Optional[torch.Tensor],
+        cu_seqlens_k: Optional[torch.Tensor],
+        seqused_k: Optional[torch.Tensor],
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        softmax_scale: float,
+        causal: bool,
+        window_left: int,
+        window_right: int,
+        softcap: float,
+    ):
+        args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+        out, lse = torch.ops.ringflash.attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, *args)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
+        ctx.args = args
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
+        dq, dk, dv = torch.ops.ringflash.attn_bwd(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, *ctx.args
+        )
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+
+
+class FlashAttentionTritonFunc(torch.autograd.Function):
+    """The Triton kernels behind the seed's 3-D interface: ``.apply(Q, K, V, is_causal)``.
+
+    Q: (batch, n_queries, d); K, V: (batch, n_keys, d); scale 1/sqrt(d); causal aligned to
+    the bottom right. Returns O (batch, n_queries, d). Saves Q, K, V, O and L, the
+    natural-log logsumexp, as (batch, n_queries).
+    """
+
+    @staticmethod
+    def forward(ctx, Q: torch.Tensor, K: torch.Tensor, Vt: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        V.check_rank("Q", Q, 3, "(batch, n_queries, d)")
+        V.check_rank("K", K, 3, "(batch, n_keys, d)")
+        V.check_rank("V", Vt, 3, "(batch, n_keys, d)")
+        shape = V.check_dense_qkv(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2))
+        args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, bool(is_causal), -1, -1, 0.0)
+        out, lse = torch.ops.ringflash.attn_fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, *args)
+        O, L = out.squeeze(2), lse.squeeze(1)
+        ctx.save_for_backward(Q, K, Vt, O, L)
+        ctx.args = args
+        return O
+
+    @staticmethod
+    def backward(ctx, dO: torch.Tensor):
+        Q, K, Vt, O, L = ctx.saved_tensors
+        dq, dk, dv = torch.ops.ringflash.attn_bwd(
+            dO.unsqueeze(2), Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), O.unsqueeze(2), L.unsqueeze(1),
+            None, None, None, *ctx.args,
+        )
+        return dq.squeeze(2), dk.squeeze(2), dv.squeeze(2), None

@@ -1,0 +1,200 @@
+"""The public attention API. Names and arguments follow flash-attn 2, so switching is an
+import change (``from ringflash import flash_attn_func``).
+
+Layouts:
+* dense: q (batch, seqlen_q, nheads, headdim); k, v (batch, seqlen_k, nheads_k, headdim);
+  lse (batch, nheads, seqlen_q).
+* varlen: q (total_q, nheads, headdim); k, v (total_k, nheads_k, headdim); int32
+  cu_seqlens (batch + 1,); lse (nheads, total_q).
+* packed: qkv (..., 3, nheads, headdim), kv (..., 2, nheads_k, headdim), sliced (no copy)
+  into the same implementation.
+
+Semantics (see ``ringflash.reference``): nheads % nheads_k == 0 (GQA/MQA); causal and
+``window_size=(left, right)`` are aligned to the bottom right; ``softcap > 0`` caps the
+scaled scores with ``softcap * tanh(s / softcap)``; lse is float32 natural-log
+logsumexp, -inf (with out = 0) for rows that see no key. Head dims 1..256 (the kernels pad
+to the next power of two, so 64/128/256 are fastest); fp16, bf16 and fp32 (fp32 runs its
+matmuls as tf32 unless ``RINGFLASH_FP32_PRECISION=ieee``). ``deterministic`` is accepted
+for compatibility: the backward is always deterministic (no atomics).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import validation as V
+from .autograd import FlashAttnFunc
+
+AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, None]]
+
+
+def _options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, headdim):
+    V.check_unsupported(dropout_p, alibi_slopes)
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
+    if not isinstance(return_attn_probs, bool):
+        raise TypeError(f"return_attn_probs: expected a bool, got {type(return_attn_probs).__name__}")
+    left, right = V.check_window(window_size)
+    return V.resolve_softmax_scale(softmax_scale, headdim), left, right, V.check_softcap(softcap)
+
+
+def _check_causal(causal: object) -> bool:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    return causal
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnOutput:
+    """Dense attention. q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d).
+
+    Returns out (batch, seqlen_q, nheads, d), or (out, lse, None) with return_attn_probs,
+    lse (batch, nheads, seqlen_q) float32.
+    """
+    shape = V.check_dense_qkv(q, k, v)
+    scale, left, right, softcap = _options(
+        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
+    )
+    out, lse = FlashAttnFunc.apply(
+        q, k, v, None, None, None, shape.seqlen_q, shape.seqlen_k, scale, _check_causal(causal), left, right, softcap
+    )
+    return (out, lse, None) if return_attn_probs else out
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    seqused_k: Optional[torch.Tensor] = None,
+) -> AttnOutput:
+    """Packed variable-length attention. q (total_q, nheads, d), k/v (total_k, nheads_k, d).
+
+    Sequence i is q[cu_seqlens_q[i]:cu_seqlens_q[i+1]] against k/v[cu_seqlens_k[i]:...];
+    with ``seqused_k`` it uses only its first seqused_k[i] keys (and aligns causal masks
+    to that length). Returns out (total_q, nheads, d), or (out, lse, None), lse
+    (nheads, total_q) float32.
+    """
+    if max_seqlen_q is None or max_seqlen_k is None:
+        raise TypeError("max_seqlen_q, max_seqlen_k: expected Python ints, got None")
+    shape = V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
+    scale, left, right, softcap = _options(
+        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
+    )
+    out, lse = FlashAttnFunc.apply(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+        scale, _check_causal(causal), left, right, softcap,
+    )
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _unpack(packed: torch.Tensor, name: str, count: int, layout: str, axis: int) -> tuple[torch.Tensor, ...]:
+    V.check_tensor(name, packed)
+    if packed.dim() <= axis or packed.shape[axis] != count:
+        raise ValueError(f"{name}: expected shape {layout}, got {tuple(packed.shape)}")
+    return packed.unbind(axis)
+
+
+def flash_attn_qkvpacked_func(
+    qkv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnOutput:
+    """qkv (batch, seqlen, 3, nheads, d). Same as flash_attn_func on the three slices."""
+    V.check_rank("qkv", qkv, 5, "(batch, seqlen, 3, nheads, headdim)")
+    q, k, v = _unpack(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)", 2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnOutput:
+    """q (batch, seqlen_q, nheads, d), kv (batch, seqlen_k, 2, nheads_k, d)."""
+    V.check_rank("kv", kv, 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
+    k, v = _unpack(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)", 2)
+    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
+                           alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_qkvpacked_func(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnOutput:
+    """qkv (total, 3, nheads, d) with one cu_seqlens for queries and keys."""
+    V.check_rank("qkv", qkv, 4, "(total, 3, nheads, headdim)")
+    q, k, v = _unpack(qkv, "qkv", 3, "(total, 3, nheads, headdim)", 1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
+                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+
+
+def flash_attn_varlen_kvpacked_func(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> AttnOutput:
+    """q (total_q, nheads, d), kv (total_k, 2, nheads_k, d)."""
+    V.check_rank("kv", kv, 4, "(total_k, 2, nheads_k, headdim)")
+    k, v = _unpack(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)", 1)
+    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                                  return_attn_probs)

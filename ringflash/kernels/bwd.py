@@ -1,0 +1,395 @@
+"""FlashAttention-2 backward in Triton: a preprocessing kernel, then separate dK/dV and dQ
+kernels (FlagAttention's layout). No atomics: every output element is written by exactly
+one program, so the result is deterministic by construction.
+
+* preprocess: delta = rowsum(dO * O) and lse in log2 units.
+* dK/dV: one program per (key block, KV head, sequence). It loops over the query heads
+  of its GQA group and over the query blocks that see its keys, accumulating in registers.
+* dQ: one program per (query block, head, sequence), looping over visible key blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import capped_scores_log2, key_block_ranges, query_block_ranges, sequence_bounds, visible
+from .fwd import AttnProblem, dense_strides, lse_strides, seqlen_meta
+
+
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DOut, Lse, Delta, Lse2,
+    rows,
+    stride_ob, stride_or, stride_oh,
+    stride_dob, stride_dor, stride_doh,
+    stride_lb, stride_lh,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """Grid (cdiv(rows, BLOCK_R), nheads, batch); varlen runs as batch 1 over all tokens.
+    Delta and Lse2 share lse's layout (token stride 1)."""
+    pid_r = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_r[:, None] < rows) & (offs_d[None, :] < HEADDIM)
+    o = tl.load(
+        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_r[:, None].to(tl.int64) * stride_or
+        + offs_d[None, :], mask=mask, other=0.0,
+    ).to(tl.float32)
+    do = tl.load(
+        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_r[:, None].to(tl.int64) * stride_dor
+        + offs_d[None, :], mask=mask, other=0.0,
+    ).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_r
+    r_mask = offs_r < rows
+    lse = tl.load(Lse + l_off, mask=r_mask, other=0.0)
+    # Rows that saw no key keep lse2 = -inf; every score of theirs is masked, so their
+    # recomputed probabilities are zeroed by the mask, never by this value.
+    lse2 = lse * 1.4426950408889634
+    tl.store(Delta + l_off, delta, mask=r_mask)
+    tl.store(Lse2 + l_off, lse2, mask=r_mask)
+
+
+@triton.jit
+def _dkdv_block_loop(
+    dk, dv, k, v,
+    q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos,
+    start, end, offs_n, offs_d,
+    sq, sk, window_left, window_right,
+    qk_scale_log2, softcap_in, softcap_out,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over query blocks [start, end)."""
+    offs_mb = tl.arange(0, BLOCK_M)
+    qT_ptrs = q_base + start.to(tl.int64) * stride_qs + offs_mb[None, :] * stride_qs + offs_d[:, None]
+    do_ptrs = do_base + start.to(tl.int64) * stride_dos + offs_mb[:, None] * stride_dos + offs_d[None, :]
+    for m0 in range(start, end, BLOCK_M):
+        m0 = tl.multiple_of(m0, BLOCK_M)
+        offs_m = m0 + offs_mb
+        if MASKED:
+            row_ok = offs_m < sq
+            qT = tl.load(qT_ptrs, mask=row_ok[None, :] & (offs_d[:, None] < HEADDIM), other=0.0)
+            lse2 = tl.load(lse2_base + offs_m, mask=row_ok, other=float("inf"))
+        elif EVEN_D:
+            qT = tl.load(qT_ptrs)
+            lse2 = tl.load(lse2_base + offs_m)
+        else:
+            qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
+            lse2 = tl.load(lse2_base + offs_m)
+        sT = capped_scores_log2(tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        pT = tl.math.exp2(sT - lse2[None, :])
+        if MASKED:
+            mask = visible(offs_m[None, :], offs_n[:, None], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            pT = tl.where(mask, pT, 0.0)
+            do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
+            delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        elif EVEN_D:
+            do = tl.load(do_ptrs)
+            delta = tl.load(delta_base + offs_m)
+        else:
+            do = tl.load(do_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
+            delta = tl.load(delta_base + offs_m)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if HAS_SOFTCAP:
+            t = sT / softcap_out  # tanh of the capped score
+            dsT = dsT * (1.0 - t * t)
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        qT_ptrs += BLOCK_M * stride_qs
+        do_ptrs += BLOCK_M * stride_dos
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DOut, Lse2, Delta, DK, DV,
+    CuSeqlensQ, CuSeqlensK, SequsedK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dkb, stride_dks, stride_dkh,
+    stride_dvb, stride_dvs, stride_dvh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, total_q, total_k,
+    kv_group,
+    qk_scale_log2, softcap_in, softcap_out, softmax_scale,
+    window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch)."""
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, sq, k_start, sk = sequence_bounds(
+        b, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED
+    )
+    n0 = pid_n * BLOCK_N
+    if n0 >= sk:
+        return
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    key_ok = offs_n < sk
+    kv_mask = key_ok[:, None] & (offs_d[None, :] < HEADDIM)
+    k_rows = (k_start + n0).to(tl.int64)
+    k = tl.load(
+        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_rows * stride_ks
+        + tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0,
+    )
+    v = tl.load(
+        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_rows * stride_vs
+        + tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0,
+    )
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_lo, a_end, b_end, m_hi = query_block_ranges(
+        n0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    for g in range(0, kv_group):
+        h = hk * kv_group + g
+        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
+        do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dos
+        l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        if HAS_RIGHT:
+            dk, dv = _dkdv_block_loop(
+                dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+                m_lo, a_end, offs_n, offs_d, sq, sk, window_left, window_right,
+                qk_scale_log2, softcap_in, softcap_out,
+                True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+            )
+        dk, dv = _dkdv_block_loop(
+            dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+            a_end, b_end, offs_n, offs_d, sq, sk, window_left, window_right,
+            qk_scale_log2, softcap_in, softcap_out,
+            False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+        )
+        dk, dv = _dkdv_block_loop(
+            dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+            b_end, m_hi, offs_n, offs_d, sq, sk, window_left, window_right,
+            qk_scale_log2, softcap_in, softcap_out,
+            True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+        )
+    dk = dk * softmax_scale
+    tl.store(
+        DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + k_rows * stride_dks
+        + tl.arange(0, BLOCK_N)[:, None] * stride_dks + offs_d[None, :],
+        dk.to(DK.dtype.element_ty), mask=kv_mask,
+    )
+    tl.store(
+        DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + k_rows * stride_dvs
+        + tl.arange(0, BLOCK_N)[:, None] * stride_dvs + offs_d[None, :],
+        dv.to(DV.dtype.element_ty), mask=kv_mask,
+    )
+
+
+@triton.jit
+def _dq_block_loop(
+    dq, q, do, lse2, delta,
+    k_ptrs, v_ptrs, stride_ks, stride_vs,
+    start, end, offs_m, offs_n, offs_d,
+    sq, sk, window_left, window_right,
+    qk_scale_log2, softcap_in, softcap_out,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ (BLOCK_M x D) over key blocks [start, end)."""
+    k_ptrs += start.to(tl.int64) * stride_ks
+    v_ptrs += start.to(tl.int64) * stride_vs
+    for n0 in range(start, end, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        if MASKED:
+            kv_mask = (n0 + offs_n[:, None] < sk) & (offs_d[None, :] < HEADDIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
+        s = capped_scores_log2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(mask, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            t = s / softcap_out
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DOut, Lse2, Delta, DQ,
+    CuSeqlensQ, CuSeqlensK, SequsedK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_dob, stride_dos, stride_doh,
+    stride_dqb, stride_dqs, stride_dqh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, total_q, total_k,
+    kv_group, num_m_blocks,
+    qk_scale_log2, softcap_in, softcap_out, softmax_scale,
+    window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch)."""
+    m_block = num_m_blocks - 1 - tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    q_start, sq, k_start, sk = sequence_bounds(
+        b, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED
+    )
+    m0 = m_block * BLOCK_M
+    if m0 >= sq:
+        return
+    hk = h // kv_group
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    row_ok = offs_m < sq
+    tile_mask = row_ok[:, None] & (offs_d[None, :] < HEADDIM)
+    q_rows = (q_start + m0).to(tl.int64)
+    q = tl.load(
+        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows * stride_qs
+        + tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :], mask=tile_mask, other=0.0,
+    )
+    do = tl.load(
+        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_rows * stride_dos
+        + tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :], mask=tile_mask, other=0.0,
+    )
+    l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    lse2 = tl.load(Lse2 + l_off, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
+    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+              + offs_n[:, None] * stride_ks + offs_d[None, :])
+    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+              + offs_n[:, None] * stride_vs + offs_d[None, :])
+    n_lo, a_end, b_end, n_hi = key_block_ranges(
+        m0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_LEFT:
+        dq = _dq_block_loop(
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, offs_m, offs_n, offs_d,
+            sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+        )
+    dq = _dq_block_loop(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, offs_m, offs_n, offs_d,
+        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+    )
+    dq = _dq_block_loop(
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, offs_m, offs_n, offs_d,
+        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+    )
+    dq = dq * softmax_scale
+    tl.store(
+        DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_rows * stride_dqs
+        + tl.arange(0, BLOCK_M)[:, None] * stride_dqs + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty), mask=tile_mask,
+    )
+
+
+def _row_view_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int, int, int]:
+    """(rows, batch, batch stride, row stride, head stride) viewing x as (batch, rows, head, d)."""
+    if is_varlen:
+        return x.shape[0], 1, 0, x.stride(0), x.stride(1)
+    return x.shape[1], x.shape[0], x.stride(0), x.stride(1), x.stride(2)
+
+
+def attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    prob: AttnProblem,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
+
+    ``out`` and ``lse`` are the forward's results; lse is float32 in the forward's layout.
+    """
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    # Keys past seqused_k get no gradient and no program writes them: start from zeros.
+    alloc = torch.zeros if seqused_k is not None else torch.empty
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        dq.zero_()
+        dk.zero_()
+        dv.zero_()
+        return dq, dk, dv
+    delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
+    _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
+    lb, lh = lse_strides(lse, prob.is_varlen)
+    block_r = 64 if not configs.interpreting() else 16
+    _bwd_preprocess_kernel[(triton.cdiv(rows, block_r), prob.nheads, batch)](
+        out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
+        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
+    )
+
+    cfg = configs.backward_config(q, prob)
+    meta = seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, prob.is_varlen)
+    flags = dict(
+        HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
+        IS_VARLEN=prob.is_varlen, HAS_SEQUSED=seqused_k is not None,
+        HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+        INPUT_PRECISION=configs.input_precision(q.dtype),
+    )
+    scalars = (*prob.scalar_args(), prob.softmax_scale, prob.window_left, prob.window_right)
+    qkv_strides = (*dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen),
+                   *dense_strides(v, prob.is_varlen), *dense_strides(dout, prob.is_varlen))
+    kv_group = prob.nheads // prob.nheads_k
+
+    grid_kv = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)
+    _bwd_dkdv_kernel[grid_kv](
+        q, k, v, dout, lse2, delta, dk, dv, *meta[:3], *qkv_strides,
+        *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen), lb, lh,
+        *meta[3:], kv_group, *scalars,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
+    )
+    num_m_blocks = triton.cdiv(prob.max_seqlen_q, cfg.block_m_dq)
+    _bwd_dq_kernel[(num_m_blocks, prob.nheads, prob.batch)](
+        q, k, v, dout, lse2, delta, dq, *meta[:3], *qkv_strides,
+        *dense_strides(dq, prob.is_varlen), lb, lh,
+        *meta[3:], kv_group, num_m_blocks, *scalars,
+        BLOCK_M=cfg.block_m_dq, BLOCK_N=cfg.block_n_dq, num_warps=cfg.num_warps_dq,
+        num_stages=cfg.num_stages_dq, **flags,
+    )
+    return dq, dk, dv

@@ -1,0 +1,160 @@
+"""Triton helpers shared by the forward, backward and grouped kernels.
+
+Geometry conventions (see ``ringflash.reference``): within one sequence of ``sq`` queries
+and ``sk`` keys, query row ``i`` sees key ``j`` iff
+``i + sk - sq - left <= j <= i + sk - sq + right`` and ``j < sk``. ``HAS_LEFT`` /
+``HAS_RIGHT`` are compile-time flags for ``left >= 0`` / ``right >= 0``; causal is
+``right = 0``. Key and query blocks start at multiples of the block size from the
+sequence start.
+
+Each attention loop is split into three phases over block-aligned ranges: masked blocks
+on the left edge of the window, fully visible blocks in the middle (no mask computed,
+no bounds checks), and masked blocks on the right (the causal diagonal, the window's
+right edge, the ragged sequence end). The helpers below compute those ranges.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+LOG2E: float = 1.4426950408889634
+LN2: float = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_device(x, name: str = "q") -> None:
+    """CPU tensors run only in Triton's interpreter; say so instead of failing obscurely."""
+    if x.device.type == "cpu" and not interpreting():
+        raise ValueError(
+            f"{name}: is on the CPU, where ringflash's Triton kernels run only in Triton's interpreter; "
+            "expected a CUDA tensor, or TRITON_INTERPRET=1 set before triton is first imported"
+        )
+
+
+@triton.jit
+def sequence_bounds(
+    b, CuSeqlensQ, CuSeqlensK, SequsedK,
+    seqlen_q, seqlen_k, total_q, total_k,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+):
+    """(q_start, sq, k_start, sk) of sequence ``b``.
+
+    Dense: starts are 0 (the batch stride does the offsetting). Varlen: read from
+    cu_seqlens and clamped into [0, total] so that bad metadata never reads out of bounds.
+    """
+    if IS_VARLEN:
+        q_start = tl.minimum(tl.maximum(tl.load(CuSeqlensQ + b), 0), total_q)
+        q_end = tl.minimum(tl.maximum(tl.load(CuSeqlensQ + b + 1), q_start), total_q)
+        k_start = tl.minimum(tl.maximum(tl.load(CuSeqlensK + b), 0), total_k)
+        k_end = tl.minimum(tl.maximum(tl.load(CuSeqlensK + b + 1), k_start), total_k)
+        sq = q_end - q_start
+        sk = k_end - k_start
+    else:
+        # Tensors, not literals: callers take .to(int64) of them, and Triton turns an
+        # int argument equal to 1 into a compile-time constant.
+        zero = b * 0
+        q_start = zero
+        k_start = zero
+        sq = zero + seqlen_q
+        sk = zero + seqlen_k
+    if HAS_SEQUSED:
+        sk = tl.minimum(tl.maximum(tl.load(SequsedK + b), 0), sk)
+    return q_start, sq, k_start, sk
+
+
+@triton.jit
+def key_block_ranges(
+    m0, sq, sk, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Key ranges for query rows [m0, min(m0 + BLOCK_M, sq)).
+
+    Returns (n_lo, a_end, b_end, n_hi): masked [n_lo, a_end), fully visible
+    [a_end, b_end) (every row sees every key, and the block lies inside [0, sk)),
+    masked [b_end, n_hi). Empty phases have end <= start.
+    """
+    diag = sk - sq
+    last_row = tl.minimum(m0 + BLOCK_M, sq) - 1
+    if HAS_RIGHT:
+        n_hi = tl.maximum(tl.minimum(sk, last_row + diag + window_right + 1), 0)
+        full_hi = tl.maximum(tl.minimum(sk, m0 + diag + window_right + 1), 0)
+    else:
+        n_hi = sk
+        full_hi = sk
+    full_hi = full_hi // BLOCK_N * BLOCK_N
+    if HAS_LEFT:
+        n_lo = tl.maximum(m0 + diag - window_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(last_row + diag - window_left, 0), BLOCK_N) * BLOCK_N
+    else:
+        n_lo = 0
+        full_lo = 0
+    a_end = tl.minimum(tl.maximum(full_lo, n_lo), n_hi)
+    b_end = tl.minimum(tl.maximum(full_hi, a_end), n_hi)
+    return n_lo, a_end, b_end, n_hi
+
+
+@triton.jit
+def query_block_ranges(
+    n0, sq, sk, window_left, window_right,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Query ranges that see keys [n0, n0 + BLOCK_N), the transpose of key_block_ranges.
+
+    Returns (m_lo, a_end, b_end, m_hi) with the same phase meaning; the fully visible
+    phase also requires whole query blocks inside [0, sq). Keys past ``sk`` need no
+    mask here: the backward never stores their rows.
+    """
+    diag = sk - sq
+    last_key = n0 + BLOCK_N - 1
+    if HAS_RIGHT:
+        m_lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(last_key - diag - window_right, 0), BLOCK_M) * BLOCK_M
+    else:
+        m_lo = 0
+        full_lo = 0
+    if HAS_LEFT:
+        m_hi = tl.maximum(tl.minimum(sq, last_key - diag + window_left + 1), 0)
+        full_hi = tl.maximum(tl.minimum(sq, n0 - diag + window_left + 1), 0)
+    else:
+        m_hi = sq
+        full_hi = sq
+    full_hi = full_hi // BLOCK_M * BLOCK_M
+    a_end = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
+    b_end = tl.minimum(tl.maximum(full_hi, a_end), m_hi)
+    return m_lo, a_end, b_end, m_hi
+
+
+@triton.jit
+def visible(
+    m_idx, n_idx, sq, sk, window_left, window_right,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+):
+    """Mask: query row ``m_idx`` may see key ``n_idx``. The two index arrays are already
+    shaped to broadcast ((M, 1) and (1, N), or transposed for a key-major tile).
+    Rows past ``sq`` are not excluded here; callers drop them."""
+    diag = m_idx + (sk - sq)
+    mask = n_idx < sk
+    if HAS_RIGHT:
+        mask = mask & (n_idx <= diag + window_right)
+    if HAS_LEFT:
+        mask = mask & (n_idx >= diag - window_left)
+    return mask
+
+
+@triton.jit
+def tanh(x):
+    """tanh through exp2, portable to the interpreter; saturates correctly for large |x|."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def capped_scores_log2(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k -> scores in log2 units: qk*scale*log2(e), or softcap*tanh(qk*scale/softcap)*log2(e)."""
+    if HAS_SOFTCAP:
+        return tanh(qk * softcap_in) * softcap_out
+    else:
+        return qk * qk_scale_log2

@@ -1,0 +1,407 @@
+"""FlashAttention-2 forward in Triton, and its host launcher.
+
+One kernel body serves dense and varlen batches, causal / sliding-window / softcap,
+GQA/MQA and split-KV; each variant is a constexpr or data. Scores are kept in log2
+units (the softmax scale is pre-multiplied by log2(e)) so the exponentials are exp2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+from .common import LOG2E, capped_scores_log2, key_block_ranges, sequence_bounds, visible
+
+
+@triton.jit
+def _fwd_block_loop(
+    acc, l_i, m_i, q,
+    k_ptrs, v_ptrs, stride_ks, stride_vs,
+    start, end, offs_m, offs_n, offs_d,
+    sq, sk, window_left, window_right,
+    qk_scale_log2, softcap_in, softcap_out,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
+):
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end)."""
+    k_ptrs += start.to(tl.int64) * stride_ks
+    v_ptrs += start.to(tl.int64) * stride_vs
+    for n0 in range(start, end, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        if MASKED:
+            kv_mask = (n0 + offs_n[:, None] < sk) & (offs_d[None, :] < HEADDIM)
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
+        elif EVEN_D:
+            k = tl.load(k_ptrs, cache_modifier=KV_CACHE)
+        else:
+            k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        s = capped_scores_log2(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        if MASKED:
+            mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(mask, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen only masked keys keeps max -inf: subtract 0 instead of -inf.
+            m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_sub = m_new
+        p = tl.math.exp2(s - m_sub[:, None])
+        alpha = tl.math.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
+        elif EVEN_D:
+            v = tl.load(v_ptrs, cache_modifier=KV_CACHE)
+        else:
+            v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_ks
+        v_ptrs += BLOCK_N * stride_vs
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, Out, Lse,
+    CuSeqlensQ, CuSeqlensK, SequsedK,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh, stride_osplit,
+    stride_lb, stride_lh, stride_lsplit,
+    seqlen_q, seqlen_k, total_q, total_k,
+    kv_group, num_m_blocks, num_splits,
+    qk_scale_log2, softcap_in, softcap_out,
+    window_left, window_right,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
+):
+    """Grid: (num_m_blocks * num_splits, nheads, batch).
+
+    Writes out (q's dtype) and lse (float32, natural log), or with IS_SPLIT the
+    float32 partial out/lse of key split ``pid % num_splits`` for the combine kernel.
+    """
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    if IS_SPLIT:
+        split = pid % num_splits
+        pid = pid // num_splits
+    # Heaviest query blocks (most keys under a causal mask) first: shorter tail.
+    m_block = num_m_blocks - 1 - pid
+    q_start, sq, k_start, sk = sequence_bounds(
+        b, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED
+    )
+    m0 = m_block * BLOCK_M
+    if m0 >= sq:
+        return
+    hk = h // kv_group
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+
+    # 64-bit base offsets per program; in-tile offsets stay 32-bit.
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + (q_start + m0).to(tl.int64) * stride_qs
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    row_mask = offs_m < sq
+    q = tl.load(
+        q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :],
+        mask=row_mask[:, None] & (offs_d[None, :] < HEADDIM), other=0.0,
+    )
+    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+
+    n_lo, a_end, b_end, n_hi = key_block_ranges(
+        m0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+    )
+    if IS_SPLIT:
+        # This split's share of the key blocks, intersected with each phase.
+        blocks_per_split = tl.cdiv(tl.cdiv(tl.maximum(n_hi - n_lo, 0), BLOCK_N), num_splits)
+        s_lo = n_lo + split * blocks_per_split * BLOCK_N
+        s_hi = tl.minimum(s_lo + blocks_per_split * BLOCK_N, n_hi)
+        a_lo = tl.maximum(n_lo, s_lo)
+        a_end = tl.minimum(a_end, s_hi)
+        b_lo = tl.maximum(a_end, s_lo)
+        b_end = tl.minimum(b_end, s_hi)
+        c_lo = tl.maximum(b_end, s_lo)
+        n_hi = s_hi
+    else:
+        a_lo = n_lo
+        b_lo = a_end
+        c_lo = b_end
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if HAS_LEFT:
+        acc, l_i, m_i = _fwd_block_loop(
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, offs_m, offs_n, offs_d,
+            sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE,
+        )
+    acc, l_i, m_i = _fwd_block_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, offs_m, offs_n, offs_d,
+        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE,
+    )
+    acc, l_i, m_i = _fwd_block_loop(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, offs_m, offs_n, offs_d,
+        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE,
+    )
+
+    # Rows that saw no key: out = 0, lse = -inf.
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if IS_SPLIT:
+        o_base = Out + split.to(tl.int64) * stride_osplit
+        l_base = Lse + split.to(tl.int64) * stride_lsplit
+    else:
+        o_base = Out
+        l_base = Lse
+    o_ptrs = (
+        o_base + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (q_start + m0).to(tl.int64) * stride_os
+        + tl.arange(0, BLOCK_M)[:, None] * stride_os + offs_d[None, :]
+    )
+    tl.store(o_ptrs, out.to(o_base.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEADDIM))
+    l_ptrs = l_base + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + (q_start + offs_m).to(tl.int64)
+    tl.store(l_ptrs, lse, mask=row_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    OutPartial, LsePartial, Out, Lse,
+    num_splits, rows,
+    stride_ps, stride_pb, stride_pr, stride_ph,
+    stride_qs, stride_qb, stride_qh,
+    stride_ob, stride_or, stride_oh,
+    stride_lb, stride_lh,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):
+    """Merge per-split partial results through their lse: lse = logsumexp_s lse_s,
+    out = sum_s exp(lse_s - lse) * out_s. Rows whose every split is empty stay 0 / -inf.
+
+    Grid (cdiv(rows, BLOCK_R), nheads, batch); varlen runs as batch 1 over all tokens.
+    Partial out is (split, batch, row, head, d), partial lse (split, batch, head, row)."""
+    pid_r = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_s = tl.arange(0, MAX_SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_mask = offs_r < rows
+    lse_s = tl.load(
+        LsePartial + offs_s[None, :].to(tl.int64) * stride_qs + b.to(tl.int64) * stride_qb
+        + h.to(tl.int64) * stride_qh + offs_r[:, None],
+        mask=r_mask[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"),
+    )
+    lse_max = tl.max(lse_s, 1)
+    lse_max_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    w = tl.exp(lse_s - lse_max_safe[:, None])
+    w_sum = tl.sum(w, 1)
+    empty = w_sum == 0.0
+    lse = tl.where(empty, float("-inf"), lse_max_safe + tl.log(tl.where(empty, 1.0, w_sum)))
+    w = w / tl.where(empty, 1.0, w_sum)[:, None]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    d_mask = offs_d[None, :] < HEADDIM
+    part_base = OutPartial + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+    for s in range(0, num_splits):
+        part = tl.load(
+            part_base + s * stride_ps + offs_r[:, None].to(tl.int64) * stride_pr + offs_d[None, :],
+            mask=r_mask[:, None] & d_mask, other=0.0,
+        )
+        w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)
+        acc += w_s[:, None] * part
+    tl.store(
+        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_r[:, None].to(tl.int64) * stride_or
+        + offs_d[None, :],
+        acc.to(Out.dtype.element_ty), mask=r_mask[:, None] & d_mask,
+    )
+    tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_r, lse, mask=r_mask)
+
+
+@dataclass(frozen=True)
+class AttnProblem:
+    """Host-side description of one attention call, shared by forward and backward launchers.
+
+    Dense: q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d).
+    Varlen: q (total_q, nheads, d), k/v (total_k, nheads_k, d) with cu_seqlens.
+    """
+
+    batch: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_varlen: bool
+    softmax_scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+
+    @property
+    def has_left(self) -> bool:
+        return self.window_left >= 0
+
+    @property
+    def has_right(self) -> bool:
+        return self.window_right >= 0
+
+    @property
+    def block_d(self) -> int:
+        return max(16, triton.next_power_of_2(self.headdim))
+
+    def scalar_args(self) -> tuple:
+        """(qk_scale_log2, softcap_in, softcap_out): the score transform in log2 units."""
+        if self.softcap > 0:
+            return self.softmax_scale * LOG2E, self.softmax_scale / self.softcap, self.softcap * LOG2E
+        return self.softmax_scale * LOG2E, 0.0, 0.0
+
+
+def make_problem(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    is_varlen: bool,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+    batch: int,
+) -> AttnProblem:
+    if causal:
+        window_right = 0
+    return AttnProblem(
+        batch=batch, nheads=q.shape[-2], nheads_k=k.shape[-2], headdim=q.shape[-1],
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_varlen=is_varlen,
+        softmax_scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
+        softcap=softcap,
+    )
+
+
+def dense_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; varlen tensors have no batch axis (stride 0)."""
+    if is_varlen:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def lse_strides(lse: torch.Tensor, is_varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of lse; the token stride is 1 in both layouts."""
+    if is_varlen:
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)
+
+
+def seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, is_varlen):
+    """Kernel arguments describing sequence geometry (pointers are dummies when unused)."""
+    if is_varlen:
+        dummy = cu_seqlens_q
+        return (cu_seqlens_q, cu_seqlens_k, seqused_k if seqused_k is not None else dummy,
+                0, 0, q.shape[0], k.shape[0])
+    dummy = q  # never dereferenced: IS_VARLEN / HAS_SEQUSED are compile-time false
+    return dummy, dummy, dummy, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+
+
+def attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prob: AttnProblem,
+    cu_seqlens_q: Optional[torch.Tensor] = None,
+    cu_seqlens_k: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None,
+    num_splits: Optional[int] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. Inputs must have a contiguous last dim; other strides are free.
+
+    Returns out (q's shape and dtype, contiguous) and lse (float32: (batch, nheads, seqlen_q)
+    dense, (nheads, total_q) varlen).
+    """
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if prob.is_varlen:
+        lse = torch.empty(prob.nheads, q.shape[0], dtype=torch.float32, device=q.device)
+    else:
+        lse = torch.empty(prob.batch, prob.nheads, q.shape[1], dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        lse.fill_(float("-inf"))
+        return out, lse
+    cfg = configs.forward_config(q, prob)
+    num_m_blocks = triton.cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
+    if num_splits is None:
+        num_splits = configs.choose_num_splits(q.device, prob, num_m_blocks, cfg)
+    meta = seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, prob.is_varlen)
+    common = dict(
+        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        IS_VARLEN=prob.is_varlen, HAS_SEQUSED=seqused_k is not None,
+        HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+        INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    grid = (num_m_blocks * num_splits, prob.nheads, prob.batch)
+    if num_splits == 1:
+        out_target, lse_target = out, lse
+        split_strides = (0, 0)
+    else:
+        out_target = torch.empty((num_splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
+        lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
+        split_strides = (out_target.stride(0), lse_target.stride(0))
+    ob, os_, oh = dense_strides(out_target[0] if num_splits > 1 else out_target, prob.is_varlen)
+    lb, lh = lse_strides(lse_target[0] if num_splits > 1 else lse_target, prob.is_varlen)
+    _fwd_kernel[grid](
+        q, k, v, out_target, lse_target, *meta[:3],
+        *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
+        ob, os_, oh, split_strides[0], lb, lh, split_strides[1],
+        *meta[3:],
+        prob.nheads // prob.nheads_k, num_m_blocks, num_splits,
+        *prob.scalar_args(), prob.window_left, prob.window_right,
+        IS_SPLIT=num_splits > 1, **common,
+    )
+    if num_splits > 1:
+        combine_splits(out_target, lse_target, out, lse, prob)
+    return out, lse
+
+
+def combine_splits(
+    out_partial: torch.Tensor, lse_partial: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, prob: AttnProblem
+) -> None:
+    """Merge split-KV partials (num_splits, *out.shape) / (num_splits, *lse.shape) into out / lse."""
+    num_splits = out_partial.shape[0]
+    if prob.is_varlen:  # (S, total, h, d) / (S, h, total): one "batch" of all tokens
+        rows, batch = out.shape[0], 1
+        p_strides = (out_partial.stride(0), 0, out_partial.stride(1), out_partial.stride(2))
+        q_strides = (lse_partial.stride(0), 0, lse_partial.stride(1))
+        o_strides = (0, out.stride(0), out.stride(1))
+        l_strides = (0, lse.stride(0))
+    else:  # (S, b, s, h, d) / (S, b, h, s)
+        rows, batch = out.shape[1], out.shape[0]
+        p_strides = out_partial.stride()[:4]
+        q_strides = lse_partial.stride()[:3]
+        o_strides = out.stride()[:3]
+        l_strides = lse.stride()[:2]
+    block_r = 16
+    grid = (triton.cdiv(rows, block_r), prob.nheads, batch)
+    _combine_splits_kernel[grid](
+        out_partial, lse_partial, out, lse, num_splits, rows,
+        *p_strides, *q_strides, *o_strides, *l_strides,
+        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
+        MAX_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+    )

@@ -1,0 +1,94 @@
+"""The Triton kernels registered as ``torch.library`` custom ops, with fake (meta)
+implementations, so that models calling them compile under ``torch.compile(fullgraph=True)``
+without graph breaks.
+
+``ringflash::attn_fwd`` -> (out, lse) and ``ringflash::attn_bwd`` -> (dq, dk, dv). Dense
+when ``cu_seqlens_q`` is None, varlen otherwise. Layouts as in ``ringflash.interface``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels.bwd import attention_backward
+from .kernels.fwd import AttnProblem, attention_forward, make_problem
+
+
+def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
+    # The kernels take any token/head strides but need unit stride along head dim
+    # (vectorised loads). This is the only case that copies.
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap) -> AttnProblem:
+    is_varlen = cu_seqlens_q is not None
+    batch = cu_seqlens_q.shape[0] - 1 if is_varlen else q.shape[0]
+    return make_problem(q, k, is_varlen, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                        window_left, window_right, softcap, batch)
+
+
+def _lse_shape(q: torch.Tensor, is_varlen: bool) -> tuple[int, ...]:
+    return (q.shape[1], q.shape[0]) if is_varlen else (q.shape[0], q.shape[2], q.shape[1])
+
+
+@torch.library.custom_op("ringflash::attn_fwd", mutates_args=())
+def attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    prob = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
+    return attention_forward(q, k, v, prob, cu_seqlens_q, cu_seqlens_k, seqused_k)
+
+
+@attn_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right, softcap):
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op("ringflash::attn_bwd", mutates_args=())
+def attn_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    cu_seqlens_k: Optional[torch.Tensor],
+    seqused_k: Optional[torch.Tensor],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    prob = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
+    return attention_backward(dout, q, k, v, out, lse, prob, cu_seqlens_q, cu_seqlens_k, seqused_k)
+
+
+@attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right, softcap):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))

@@ -1,0 +1,69 @@
+"""Run an attention implementation and the reference on the same inputs and hold the
+implementation to the project's bar: for out, lse, dq, dk and dv, its max-abs error
+against the float64 reference must be at most 2x the error of PyTorch's own attention
+(the reference run in the same dtype) plus a small epsilon."""
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+
+from ringflash.testing import assert_close
+
+#: The "small epsilon" added to 2x PyTorch's error, per dtype.
+EPS = {torch.float32: 1e-5, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+NAMES = ("dq", "dk", "dv")
+
+
+@contextlib.contextmanager
+def _matching_fp32_precision(dtype: torch.dtype, device: torch.device):
+    """On a GPU our fp32 kernels use tf32 matmuls; hold them against PyTorch in tf32 too."""
+    if dtype != torch.float32 or device.type != "cuda":
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _run(fn: Callable, inputs: Sequence[torch.Tensor], extra: Sequence, dout: torch.Tensor):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out, lse = fn(*leaves, *extra)
+    grads = torch.autograd.grad(out, leaves, dout.to(out.dtype))
+    return out, lse, grads
+
+
+def check_attention(
+    impl: Callable,
+    reference: Callable,
+    inputs64: Sequence[torch.Tensor],
+    dtype: torch.dtype,
+    extra: Sequence = (),
+    dout64: torch.Tensor | None = None,
+    label: str = "",
+) -> None:
+    """``impl`` and ``reference`` take (q, k, v, *extra) and return (out, lse).
+
+    ``inputs64`` are float64 q, k, v; they are cast to ``dtype`` for the implementation and
+    PyTorch's own run, and used as they are for the ground truth.
+    """
+    if dout64 is None:
+        dout64 = torch.randn(inputs64[0].shape, dtype=torch.float64, device=inputs64[0].device)
+    want_out, want_lse, want_grads = _run(reference, inputs64, extra, dout64)
+    low = [t.to(dtype) for t in inputs64]
+    with _matching_fp32_precision(dtype, low[0].device):
+        base_out, base_lse, base_grads = _run(reference, low, extra, dout64)
+    out, lse, grads = _run(impl, low, extra, dout64)
+    assert out.dtype == dtype and out.shape == want_out.shape, (out.dtype, out.shape)
+    assert lse.dtype == torch.float32 and lse.shape == want_lse.shape, (lse.dtype, lse.shape)
+    eps = EPS[dtype]
+    prefix = f"{label}: " if label else ""
+    assert_close(prefix + "out", out, want_out, baseline=base_out, atol=eps)
+    assert_close(prefix + "lse", lse, want_lse, baseline=base_lse, atol=eps)
+    for name, g, want, base in zip(NAMES, grads, want_grads, base_grads):
+        assert g.dtype == dtype and g.shape == want.shape
+        assert_close(prefix + name, g, want, baseline=base, atol=eps)
