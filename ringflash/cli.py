@@ -5,16 +5,25 @@ from __future__ import annotations
 import argparse
 from typing import Optional, Sequence
 
+BENCHMARKS = {
+    "kernels": "ringflash.bench.kernels",
+    "tune": "ringflash.bench.tune",
+}
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ringflash", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="check every implementation against the float64 reference and time it")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bench = sub.add_parser("bench", help="GPU benchmarks: " + ", ".join(BENCHMARKS))
+    bench.add_argument("which", choices=sorted(BENCHMARKS))
+    bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help for its list)")
     args = parser.parse_args(argv)
     if args.command in (None, "demo"):
         from .demo import run_demo
 
         return run_demo(getattr(args, "device", "auto"))
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+    import importlib
+
+    return importlib.import_module(BENCHMARKS[args.which]).main(args.rest)

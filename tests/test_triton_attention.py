@@ -234,19 +234,30 @@ def test_triton_func_seed_interface(gen, causal, sq, sk):
 
 
 @pytest.mark.parametrize(
-    "fwd,bwd",
+    "fwd,dkdv,dq",
     [
-        (configs.FwdConfig(16, 32, 4, 1), configs.BwdConfig(32, 16, 4, 1, 16, 32, 4, 1)),
-        (configs.FwdConfig(64, 16, 4, 1), configs.BwdConfig(16, 64, 4, 1, 64, 16, 4, 1)),
+        (configs.KernelConfig(16, 32, 4, 1), configs.KernelConfig(32, 16, 4, 1), configs.KernelConfig(16, 32, 4, 1)),
+        (configs.KernelConfig(64, 16, 4, 1), configs.KernelConfig(16, 64, 4, 1), configs.KernelConfig(64, 16, 4, 1)),
     ],
     ids=["bm<bn", "bm>bn"],
 )
 @pytest.mark.parametrize("causal,window", [(True, (-1, -1)), (False, (9, 4))])
-def test_other_block_shapes(gen, fwd, bwd, causal, window):
+def test_other_block_shapes(gen, fwd, dkdv, dq, causal, window):
     """The phase split (masked / unmasked / masked) must hold for any block shape."""
     inputs = _dense64(gen, 1, 77, 93, 2, 1, 16)
-    with configs.override(fwd=fwd, bwd=bwd):
+    with configs.override(fwd=fwd, dkdv=dkdv, dq=dq):
         check_attention(_dense_impl, _dense_ref, inputs, torch.float32, extra=(causal, window))
+
+
+@pytest.mark.parametrize(
+    "switches", [dict(split_phases=False), dict(exp2=False), dict(kv_cache=".cg")], ids=["one-loop", "exp", "cg"]
+)
+def test_forward_technique_switches(gen, switches):
+    """The measured alternatives (bench tune) compute the same function."""
+    inputs = _dense64(gen, 1, 50, 70, 2, 1, 16)
+    fwd = configs.KernelConfig(32, 16, 4, 1, **switches)
+    with configs.override(fwd=fwd):
+        check_attention(_dense_impl, _dense_ref, inputs, torch.float32, extra=(True, (20, -1), 3.0))
 
 
 @pytest.mark.parametrize("num_splits", [2, 3, 5])

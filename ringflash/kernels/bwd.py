@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import capped_scores_log2, key_block_ranges, query_block_ranges, sequence_bounds, visible
+from .common import scaled_scores, check_device, key_block_ranges, query_block_ranges, sequence_bounds, visible
 from .fwd import AttnProblem, dense_strides, lse_strides, seqlen_meta
 
 
@@ -85,7 +85,7 @@ def _dkdv_block_loop(
         else:
             qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
             lse2 = tl.load(lse2_base + offs_m)
-        sT = capped_scores_log2(tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        sT = scaled_scores(tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:
             mask = visible(offs_m[None, :], offs_n[:, None], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -222,7 +222,7 @@ def _dq_block_loop(
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
-        s = capped_scores_log2(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
@@ -341,6 +341,7 @@ def attention_backward(
 
     ``out`` and ``lse`` are the forward's results; lse is float32 in the forward's layout.
     """
+    check_device(q)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -358,13 +359,12 @@ def attention_backward(
     rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
     _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
     lb, lh = lse_strides(lse, prob.is_varlen)
-    block_r = 64 if not configs.interpreting() else 16
+    block_r = 16 if configs.interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(rows, block_r), prob.nheads, batch)](
         out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
     )
 
-    cfg = configs.backward_config(q, prob)
     meta = seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, prob.is_varlen)
     flags = dict(
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
@@ -377,19 +377,21 @@ def attention_backward(
                    *dense_strides(v, prob.is_varlen), *dense_strides(dout, prob.is_varlen))
     kv_group = prob.nheads // prob.nheads_k
 
-    grid_kv = (triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)
-    _bwd_dkdv_kernel[grid_kv](
-        q, k, v, dout, lse2, delta, dk, dv, *meta[:3], *qkv_strides,
-        *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen), lb, lh,
-        *meta[3:], kv_group, *scalars,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **flags,
-    )
-    num_m_blocks = triton.cdiv(prob.max_seqlen_q, cfg.block_m_dq)
-    _bwd_dq_kernel[(num_m_blocks, prob.nheads, prob.batch)](
-        q, k, v, dout, lse2, delta, dq, *meta[:3], *qkv_strides,
-        *dense_strides(dq, prob.is_varlen), lb, lh,
-        *meta[3:], kv_group, num_m_blocks, *scalars,
-        BLOCK_M=cfg.block_m_dq, BLOCK_N=cfg.block_n_dq, num_warps=cfg.num_warps_dq,
-        num_stages=cfg.num_stages_dq, **flags,
-    )
+    def launch_dkdv(cfg: configs.KernelConfig) -> None:
+        _bwd_dkdv_kernel[(triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)](
+            q, k, v, dout, lse2, delta, dk, dv, *meta[:3], *qkv_strides,
+            *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen), lb, lh,
+            *meta[3:], kv_group, *scalars, **cfg.launch_args(), **flags,
+        )
+
+    def launch_dq(cfg: configs.KernelConfig) -> None:
+        num_m_blocks = triton.cdiv(prob.max_seqlen_q, cfg.block_m)
+        _bwd_dq_kernel[(num_m_blocks, prob.nheads, prob.batch)](
+            q, k, v, dout, lse2, delta, dq, *meta[:3], *qkv_strides,
+            *dense_strides(dq, prob.is_varlen), lb, lh,
+            *meta[3:], kv_group, num_m_blocks, *scalars, **cfg.launch_args(), **flags,
+        )
+
+    launch_dkdv(configs.config_for("dkdv", q, prob, run=launch_dkdv))
+    launch_dq(configs.config_for("dq", q, prob, run=launch_dq))
     return dq, dk, dv

@@ -152,9 +152,11 @@ def tanh(x):
 
 
 @triton.jit
-def capped_scores_log2(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP: tl.constexpr):
-    """Raw q.k -> scores in log2 units: qk*scale*log2(e), or softcap*tanh(qk*scale/softcap)*log2(e)."""
+def scaled_scores(qk, qk_scale, softcap_in, softcap_out, HAS_SOFTCAP: tl.constexpr):
+    """Raw q.k -> scores: qk * qk_scale, or softcap * tanh(qk * scale / softcap) with the
+    outer factor softcap_out. The host folds log2(e) into qk_scale / softcap_out when the
+    kernel works in log2 units (exp2)."""
     if HAS_SOFTCAP:
         return tanh(qk * softcap_in) * softcap_out
     else:
-        return qk * qk_scale_log2
+        return qk * qk_scale

@@ -1,12 +1,17 @@
 """Every launch configuration in one place: per-GPU tables, the autotune candidate lists,
 and the split-KV heuristic.
 
-Lookup order for a launch:
+Three kernels are configured independently: ``fwd`` (forward), ``dkdv`` (dK/dV: block_n
+keys per program, stepping block_m queries) and ``dq`` (dQ: block_m queries per program,
+stepping block_n keys). Lookup order for a launch:
+
 1. a ``configs.override(...)`` context (tests use it to exercise other block shapes);
-2. with ``RINGFLASH_AUTOTUNE=1``, the fastest of the candidate list for the problem's
-   bucketed key (timed once per process with ``triton.testing.do_bench``);
-3. the table entry for this GPU architecture, measured on that GPU (docs/benchmarks.md);
+2. with ``RINGFLASH_AUTOTUNE=1``, the fastest of the kernel's candidate list for the
+   problem's bucketed key, timed once per process with ``triton.testing.do_bench``;
+3. the table entry for this GPU architecture (chosen by ``ringflash bench tune`` on that
+   GPU; see docs/benchmarks.md);
 4. a conservative default that runs on any CUDA GPU.
+
 Under Triton's interpreter, small blocks keep CPU runs fast and make tests span many blocks.
 """
 
@@ -14,8 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -23,95 +28,67 @@ from .common import interpreting
 
 
 @dataclass(frozen=True)
-class FwdConfig:
+class KernelConfig:
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    # Forward-only technique switches, kept so `ringflash bench tune` can measure them:
     kv_cache: str = ""  # cache modifier on K/V loads ("" or ".cg")
+    split_phases: bool = True  # unmasked middle loop apart from the masked edge blocks
+    exp2: bool = True  # exp2 with log2(e) folded into the scale, instead of exp
+
+    def launch_args(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
 
 
-@dataclass(frozen=True)
-class BwdConfig:
-    # dK/dV kernel: block_n keys per program, stepping through queries block_m at a time.
-    block_m: int
-    block_n: int
-    num_warps: int
-    num_stages: int
-    # dQ kernel: block_m_dq queries per program, stepping through keys block_n_dq at a time.
-    block_m_dq: int
-    block_n_dq: int
-    num_warps_dq: int
-    num_stages_dq: int
+KINDS = ("fwd", "dkdv", "dq")
+
+INTERPRETER = {
+    "fwd": KernelConfig(32, 16, 4, 1),
+    "dkdv": KernelConfig(16, 32, 4, 1),
+    "dq": KernelConfig(32, 16, 4, 1),
+}
+
+# Runs on any CUDA GPU with >= ~100 KB of shared memory per block.
+DEFAULT = {
+    "fwd": KernelConfig(64, 64, 4, 2),
+    "dkdv": KernelConfig(32, 64, 4, 2),
+    "dq": KernelConfig(64, 32, 4, 2),
+}
 
 
-INTERPRETER_FWD = FwdConfig(32, 16, 4, 1)
-INTERPRETER_BWD = BwdConfig(16, 32, 4, 1, 32, 16, 4, 1)
-
-# Any CUDA GPU with >= ~100 KB shared memory per block.
-DEFAULT_FWD = FwdConfig(64, 64, 4, 2)
-DEFAULT_BWD = BwdConfig(32, 64, 4, 2, 64, 32, 4, 2)
-
-
-def _headdim_bucket(d: int) -> int:
+def headdim_bucket(d: int) -> int:
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
-# Tables keyed by (major, minor) compute capability, then by head-dim bucket. Values were
-# chosen by `ringflash bench tune` on the GPU named in docs/benchmarks.md.
-FWD_TABLE: dict[tuple[int, int], dict[int, FwdConfig]] = {
+# (compute capability) -> kind -> head-dim bucket -> config.
+TABLE: dict[tuple[int, int], dict[str, dict[int, KernelConfig]]] = {
     (9, 0): {
-        64: FwdConfig(128, 64, 4, 3),
-        128: FwdConfig(128, 64, 8, 3),
-        256: FwdConfig(64, 64, 4, 2),
-    },
-    (8, 0): {
-        64: FwdConfig(128, 64, 4, 3),
-        128: FwdConfig(128, 32, 4, 3),
-        256: FwdConfig(64, 32, 4, 2),
-    },
-}
-BWD_TABLE: dict[tuple[int, int], dict[int, BwdConfig]] = {
-    (9, 0): {
-        64: BwdConfig(64, 128, 8, 3, 128, 64, 8, 3),
-        128: BwdConfig(64, 128, 8, 3, 128, 64, 8, 3),
-        256: BwdConfig(32, 64, 4, 2, 64, 32, 4, 2),
-    },
-    (8, 0): {
-        64: BwdConfig(64, 128, 8, 2, 128, 64, 8, 2),
-        128: BwdConfig(32, 128, 8, 2, 128, 32, 8, 2),
-        256: BwdConfig(32, 64, 4, 1, 64, 32, 4, 1),
+        "fwd": {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3), 256: KernelConfig(64, 64, 4, 2)},
+        "dkdv": {64: KernelConfig(64, 128, 8, 2), 128: KernelConfig(64, 128, 8, 2), 256: KernelConfig(32, 64, 4, 2)},
+        "dq": {64: KernelConfig(128, 64, 8, 2), 128: KernelConfig(128, 64, 8, 2), 256: KernelConfig(64, 32, 4, 2)},
     },
 }
 
 
-def fwd_candidates(headdim: int) -> list[FwdConfig]:
-    """The pruned autotune list for the forward."""
-    big_d = headdim > 128
+def candidates(kind: str, headdim: int) -> list[KernelConfig]:
+    """The pruned autotune list of one kernel."""
+    if headdim > 128:
+        shapes = [(64, 32), (32, 64), (64, 64)]
+        stage_opts, warp_opts = (1, 2), (4, 8)
+    else:
+        shapes = [(64, 64), (128, 64), (64, 128), (128, 128), (128, 32), (32, 128)]
+        stage_opts, warp_opts = (2, 3, 4), (4, 8)
     out = []
-    for bm in (64, 128):
-        for bn in (32, 64, 128):
-            for warps in (4, 8):
-                for stages in (2, 3, 4):
-                    if big_d and (bn > 64 or stages > 2 or bm > 64):
-                        continue
-                    if warps == 8 and bm * bn < 128 * 64:
-                        continue
-                    out.append(FwdConfig(bm, bn, warps, stages))
-    return out
-
-
-def bwd_candidates(headdim: int) -> list[BwdConfig]:
-    big_d = headdim > 128
-    out = []
-    for bm, bn in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 128)):
-        for warps in (4, 8):
-            for stages in (1, 2, 3):
-                if big_d and (bn > 64 or stages > 2):
+    for bm, bn in shapes:
+        for warps in warp_opts:
+            for stages in stage_opts:
+                if warps == 8 and bm * bn < 64 * 128:
                     continue
-                if warps == 8 and bm * bn < 64 * 64:
+                if warps == 4 and bm * bn > 128 * 64:
                     continue
-                out.append(BwdConfig(bm, bn, warps, stages, bn, bm, warps, stages))
+                out.append(KernelConfig(bm, bn, warps, stages))
     return out
 
 
@@ -119,15 +96,17 @@ _override: dict[str, object] = {}
 
 
 @contextlib.contextmanager
-def override(fwd: Optional[FwdConfig] = None, bwd: Optional[BwdConfig] = None, num_splits: Optional[int] = None) -> Iterator[None]:
+def override(
+    fwd: Optional[KernelConfig] = None,
+    dkdv: Optional[KernelConfig] = None,
+    dq: Optional[KernelConfig] = None,
+    num_splits: Optional[int] = None,
+) -> Iterator[None]:
     """Force configurations inside the block (tests, tuning)."""
     saved = dict(_override)
-    if fwd is not None:
-        _override["fwd"] = fwd
-    if bwd is not None:
-        _override["bwd"] = bwd
-    if num_splits is not None:
-        _override["num_splits"] = num_splits
+    for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits)):
+        if value is not None:
+            _override[key] = value
     try:
         yield
     finally:
@@ -149,9 +128,6 @@ def sm_count(device: torch.device) -> int:
     return _sm_count[idx]
 
 
-_tuned: dict[tuple, object] = {}
-
-
 def _seqlen_bucket(n: int) -> int:
     b = 128
     while b < n and b < 65536:
@@ -161,7 +137,7 @@ def _seqlen_bucket(n: int) -> int:
 
 def tuning_key(kind: str, q: torch.Tensor, prob) -> tuple:
     return (
-        kind, _capability(q.device), q.dtype, _headdim_bucket(prob.headdim), prob.causal,
+        kind, _capability(q.device), q.dtype, headdim_bucket(prob.headdim), prob.causal,
         prob.has_left, prob.softcap > 0, prob.is_varlen,
         _seqlen_bucket(prob.max_seqlen_q), _seqlen_bucket(prob.max_seqlen_k),
     )
@@ -171,8 +147,13 @@ def autotune_enabled() -> bool:
     return os.environ.get("RINGFLASH_AUTOTUNE", "0") == "1" and not interpreting()
 
 
-def pick_fastest(key: tuple, candidates: Sequence[object], run: Callable[[object], None]) -> object:
-    """Time every candidate once (median of do_bench) and remember the fastest for ``key``.
+#: key -> chosen config; key -> [(config, ms or None)] for reporting.
+_tuned: dict[tuple, KernelConfig] = {}
+tuning_log: dict[tuple, list[tuple[KernelConfig, Optional[float]]]] = {}
+
+
+def pick_fastest(key: tuple, cands: list[KernelConfig], run: Callable[[KernelConfig], object]) -> KernelConfig:
+    """Time every candidate (median of do_bench) and remember the fastest for ``key``.
 
     A candidate that fails to compile or launch (e.g. too much shared memory) is skipped.
     """
@@ -180,46 +161,42 @@ def pick_fastest(key: tuple, candidates: Sequence[object], run: Callable[[object
         return _tuned[key]
     import triton.testing
 
-    best, best_ms = None, float("inf")
-    for cfg in candidates:
+    log: list[tuple[KernelConfig, Optional[float]]] = []
+    for cfg in cands:
         try:
-            ms = triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+            ms = float(triton.testing.do_bench(lambda: run(cfg), warmup=5, rep=25, return_mode="median"))
         except Exception:  # out of resources for this shape: not a candidate here
-            continue
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    if best is None:
+            ms = None
+        log.append((cfg, ms))
+    timed = [(ms, i) for i, (_, ms) in enumerate(log) if ms is not None]
+    if not timed:
         raise RuntimeError(f"ringflash autotune: no candidate configuration ran for {key}")
+    best = log[min(timed)[1]][0]
     _tuned[key] = best
+    tuning_log[key] = log
     return best
 
 
-def forward_config(q: torch.Tensor, prob) -> FwdConfig:
-    if "fwd" in _override:
-        return _override["fwd"]  # type: ignore[return-value]
+def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelConfig], object]] = None) -> KernelConfig:
+    """The launch configuration of kernel ``kind`` for this problem (see the module doc)."""
+    if kind in _override:
+        return _override[kind]  # type: ignore[return-value]
     if interpreting() or q.device.type != "cuda":
-        return INTERPRETER_FWD
-    table = FWD_TABLE.get(_capability(q.device), {})
-    return table.get(_headdim_bucket(prob.headdim), DEFAULT_FWD)
-
-
-def backward_config(q: torch.Tensor, prob) -> BwdConfig:
-    if "bwd" in _override:
-        return _override["bwd"]  # type: ignore[return-value]
-    if interpreting() or q.device.type != "cuda":
-        return INTERPRETER_BWD
-    table = BWD_TABLE.get(_capability(q.device), {})
-    return table.get(_headdim_bucket(prob.headdim), DEFAULT_BWD)
+        return INTERPRETER[kind]
+    if run is not None and autotune_enabled():
+        return pick_fastest(tuning_key(kind, q, prob), candidates(kind, prob.headdim), run)
+    table = TABLE.get(_capability(q.device), {}).get(kind, {})
+    return table.get(headdim_bucket(prob.headdim), DEFAULT[kind])
 
 
 #: Upper bound on split-KV fan-out (the combine kernel holds all splits of a row at once).
 MAX_SPLITS = 16
 
 
-def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: FwdConfig) -> int:
+def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: KernelConfig) -> int:
     """Split the key range across programs when (batch x heads x query blocks) leaves SMs idle.
 
-    Each split should still loop over several key blocks, or the combine costs more than it saves.
+    Each split keeps at least 4 key blocks, or the combine costs more than it saves.
     """
     if "num_splits" in _override:
         return int(_override["num_splits"])  # type: ignore[arg-type]
@@ -230,8 +207,7 @@ def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: FwdCon
     if work >= 0.8 * sms:
         return 1
     key_blocks = -(-max(prob.max_seqlen_k, 1) // cfg.block_n)
-    splits = min(-(-sms // work), key_blocks // 4, MAX_SPLITS)
-    return max(1, splits)
+    return max(1, min(-(-sms // work), key_blocks // 4, MAX_SPLITS))
 
 
 def input_precision(dtype: torch.dtype) -> str:
@@ -242,7 +218,3 @@ def input_precision(dtype: torch.dtype) -> str:
     if value not in ("tf32", "tf32x3", "ieee"):
         raise ValueError(f"RINGFLASH_FP32_PRECISION: got {value!r}; expected tf32, tf32x3 or ieee")
     return value
-
-
-def with_block_sizes(cfg: FwdConfig, block_m: int, block_n: int) -> FwdConfig:
-    return replace(cfg, block_m=block_m, block_n=block_n)

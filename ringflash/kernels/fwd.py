@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, capped_scores_log2, key_block_ranges, sequence_bounds, visible
+from .common import LOG2E, scaled_scores, check_device, key_block_ranges, sequence_bounds, visible
 
 
 @triton.jit
@@ -27,9 +27,11 @@ def _fwd_block_loop(
     qk_scale_log2, softcap_in, softcap_out,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end)."""
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end).
+
+    Scores are in log2 units when USE_EXP2, natural units otherwise (the host scales them)."""
     k_ptrs += start.to(tl.int64) * stride_ks
     v_ptrs += start.to(tl.int64) * stride_vs
     for n0 in range(start, end, BLOCK_N):
@@ -42,7 +44,7 @@ def _fwd_block_loop(
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        s = capped_scores_log2(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        s = scaled_scores(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if MASKED:
             mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(mask, s, float("-inf"))
@@ -52,8 +54,12 @@ def _fwd_block_loop(
         else:
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_sub = m_new
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
+        if USE_EXP2:
+            p = tl.math.exp2(s - m_sub[:, None])
+            alpha = tl.math.exp2(m_i - m_sub)
+        else:
+            p = tl.exp(s - m_sub[:, None])
+            alpha = tl.exp(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if MASKED:
@@ -86,6 +92,7 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
+    SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr,
 ):
     """Grid: (num_m_blocks * num_splits, nheads, batch).
 
@@ -127,6 +134,9 @@ def _fwd_kernel(
     n_lo, a_end, b_end, n_hi = key_block_ranges(
         m0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
+    if not SPLIT_PHASES:  # measurement switch: every block through the masked loop
+        a_end = n_lo
+        b_end = n_lo
     if IS_SPLIT:
         # This split's share of the key blocks, intersected with each phase.
         blocks_per_split = tl.cdiv(tl.cdiv(tl.maximum(n_hi - n_lo, 0), BLOCK_N), num_splits)
@@ -150,23 +160,27 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, offs_m, offs_n, offs_d,
             sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE,
+            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
         )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, offs_m, offs_n, offs_d,
         sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE,
+        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
     )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, offs_m, offs_n, offs_d,
         sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE,
+        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
     )
 
     # Rows that saw no key: out = 0, lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    if USE_EXP2:
+        lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
+    else:
+        lse = m_i + tl.log(tl.where(empty, 1.0, l_i))
+    lse = tl.where(empty, float("-inf"), lse)
     if IS_SPLIT:
         o_base = Out + split.to(tl.int64) * stride_osplit
         l_base = Lse + split.to(tl.int64) * stride_lsplit
@@ -267,11 +281,12 @@ class AttnProblem:
     def block_d(self) -> int:
         return max(16, triton.next_power_of_2(self.headdim))
 
-    def scalar_args(self) -> tuple:
-        """(qk_scale_log2, softcap_in, softcap_out): the score transform in log2 units."""
+    def scalar_args(self, log2_units: bool = True) -> tuple:
+        """(qk_scale, softcap_in, softcap_out): the score transform, in log2 units by default."""
+        unit = LOG2E if log2_units else 1.0
         if self.softcap > 0:
-            return self.softmax_scale * LOG2E, self.softmax_scale / self.softcap, self.softcap * LOG2E
-        return self.softmax_scale * LOG2E, 0.0, 0.0
+            return self.softmax_scale * unit, self.softmax_scale / self.softcap, self.softcap * unit
+        return self.softmax_scale * unit, 0.0, 0.0
 
 
 def make_problem(
@@ -329,54 +344,54 @@ def attention_forward(
     cu_seqlens_q: Optional[torch.Tensor] = None,
     cu_seqlens_k: Optional[torch.Tensor] = None,
     seqused_k: Optional[torch.Tensor] = None,
-    num_splits: Optional[int] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. Inputs must have a contiguous last dim; other strides are free.
 
     Returns out (q's shape and dtype, contiguous) and lse (float32: (batch, nheads, seqlen_q)
     dense, (nheads, total_q) varlen).
     """
+    check_device(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if prob.is_varlen:
         lse = torch.empty(prob.nheads, q.shape[0], dtype=torch.float32, device=q.device)
     else:
         lse = torch.empty(prob.batch, prob.nheads, q.shape[1], dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    if out.numel() == 0 or lse.numel() == 0:
+        out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    cfg = configs.forward_config(q, prob)
-    num_m_blocks = triton.cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
-    if num_splits is None:
-        num_splits = configs.choose_num_splits(q.device, prob, num_m_blocks, cfg)
     meta = seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, prob.is_varlen)
-    common = dict(
-        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        IS_VARLEN=prob.is_varlen, HAS_SEQUSED=seqused_k is not None,
-        HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
-        INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    grid = (num_m_blocks * num_splits, prob.nheads, prob.batch)
-    if num_splits == 1:
-        out_target, lse_target = out, lse
-        split_strides = (0, 0)
-    else:
-        out_target = torch.empty((num_splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
-        lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
-        split_strides = (out_target.stride(0), lse_target.stride(0))
-    ob, os_, oh = dense_strides(out_target[0] if num_splits > 1 else out_target, prob.is_varlen)
-    lb, lh = lse_strides(lse_target[0] if num_splits > 1 else lse_target, prob.is_varlen)
-    _fwd_kernel[grid](
-        q, k, v, out_target, lse_target, *meta[:3],
-        *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
-        ob, os_, oh, split_strides[0], lb, lh, split_strides[1],
-        *meta[3:],
-        prob.nheads // prob.nheads_k, num_m_blocks, num_splits,
-        *prob.scalar_args(), prob.window_left, prob.window_right,
-        IS_SPLIT=num_splits > 1, **common,
-    )
-    if num_splits > 1:
-        combine_splits(out_target, lse_target, out, lse, prob)
+
+    def launch(cfg: configs.KernelConfig) -> None:
+        num_m_blocks = triton.cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
+        num_splits = configs.choose_num_splits(q.device, prob, num_m_blocks, cfg)
+        if num_splits == 1:
+            out_target, lse_target = out, lse
+            out_view, lse_view, split_strides = out, lse, (0, 0)
+        else:
+            out_target = torch.empty((num_splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
+            lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
+            out_view, lse_view = out_target[0], lse_target[0]
+            split_strides = (out_target.stride(0), lse_target.stride(0))
+        _fwd_kernel[(num_m_blocks * num_splits, prob.nheads, prob.batch)](
+            q, k, v, out_target, lse_target, *meta[:3],
+            *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
+            *dense_strides(out_view, prob.is_varlen), split_strides[0],
+            *lse_strides(lse_view, prob.is_varlen), split_strides[1],
+            *meta[3:],
+            prob.nheads // prob.nheads_k, num_m_blocks, num_splits,
+            *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right,
+            HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
+            IS_VARLEN=prob.is_varlen, HAS_SEQUSED=seqused_k is not None,
+            HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+            IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
+            SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,
+            **cfg.launch_args(),
+        )
+        if num_splits > 1:
+            combine_splits(out_target, lse_target, out, lse, prob)
+
+    launch(configs.config_for("fwd", q, prob, run=launch))
     return out, lse
 
 

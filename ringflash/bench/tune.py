@@ -1,0 +1,157 @@
+"""``ringflash bench tune``: time every candidate configuration of the three kernels on
+representative shapes, print the winners as entries for ``configs.TABLE``, and measure the
+forward's technique switches (cache modifier, causal phase split, exp2) and split-KV.
+
+Compiling dozens of Triton variants serially takes minutes of GPU time, so the candidates
+are first compiled in parallel worker processes; they land in Triton's on-disk cache and
+the timing pass only loads them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
+from typing import Optional
+
+import torch
+
+TOKENS = 16384
+
+
+def _case_inputs(d: int, seqlen: int, varlen: bool = False):
+    batch, nheads = TOKENS // seqlen, 2048 // d
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    mk = lambda: torch.randn(batch, seqlen, nheads, d, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    return [mk().requires_grad_() for _ in range(3)], mk()
+
+
+def _run_once(d: int, seqlen: int, causal: bool) -> None:
+    from ..interface import flash_attn_func
+
+    (q, k, v), dout = _case_inputs(d, seqlen)
+    out = flash_attn_func(q, k, v, causal=causal)
+    torch.autograd.grad(out, (q, k, v), dout)
+
+
+def _compile_worker(job) -> Optional[str]:
+    """Run one (case, config) once so that Triton compiles it into the on-disk cache."""
+    d, seqlen, causal, cfg = job
+    from ..kernels import configs
+
+    try:
+        with configs.override(fwd=cfg, dkdv=cfg, dq=cfg):
+            _run_once(d, seqlen, causal)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # out of shared memory etc.: the timing pass skips it too
+        return f"{cfg}: {type(exc).__name__}"
+
+
+def precompile(cases, workers: int) -> None:
+    from ..kernels import configs
+
+    jobs = [(d, s, c, cfg) for (d, s, c) in cases for cfg in configs.candidates("fwd", d)]
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        failures = [f for f in pool.map(_compile_worker, jobs) if f]
+    print(f"precompiled {len(jobs)} variants in {workers} processes; {len(failures)} did not run", flush=True)
+
+
+def _kind_ms(kind: str, d: int, seqlen: int, causal: bool, cfg) -> float:
+    """Time one kernel alone with a given config (others from the table)."""
+    from ..kernels import configs
+    from .common import bench_ms
+
+    with configs.override(**{kind: cfg}):
+        _run_once(d, seqlen, causal)
+        (q, k, v), dout = _case_inputs(d, seqlen)
+        from ..interface import flash_attn_func
+
+        if kind == "fwd":
+            return bench_ms(lambda: flash_attn_func(q, k, v, causal=causal))
+        out = flash_attn_func(q, k, v, causal=causal)
+        return bench_ms(lambda: torch.autograd.grad(out, (q, k, v), dout, retain_graph=True))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ringflash bench tune")
+    parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seqlen", type=int, default=4096)
+    parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
+    parser.add_argument("--skip-ablations", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("ringflash bench tune needs a CUDA GPU")
+    from ..kernels import configs
+    from .common import attn_flops, device_description, format_table, tflops
+
+    print(f"device: {device_description()}", flush=True)
+    cases = [(d, args.seqlen, c) for d in args.headdims for c in (False, True)]
+    precompile(cases, args.workers)
+
+    os.environ["RINGFLASH_AUTOTUNE"] = "1"
+    winners: dict[str, dict[int, object]] = {k: {} for k in configs.KINDS}
+    for d, seqlen, causal in cases:
+        configs._tuned.clear()
+        configs.tuning_log.clear()
+        _run_once(d, seqlen, causal)
+        flops = attn_flops(TOKENS // seqlen, 2048 // d, seqlen, seqlen, d, causal)
+        for key, log in configs.tuning_log.items():
+            kind = key[0]
+            timed = sorted((ms, str(cfg)) for cfg, ms in log if ms is not None)
+            print(f"\n{kind} d={d} causal={causal} s={seqlen}: best of {len(timed)}")
+            # dkdv and dq share the backward's FLOPs; report each kernel's ms and its share.
+            scale = 1.0 if kind == "fwd" else 2.5
+            rows = [[f"{ms:.3f}", f"{tflops(scale * flops, ms):.0f}", cfg] for ms, cfg in timed[:6]]
+            print(format_table(["ms", "TFLOP/s (fwd, or bwd flops/this kernel)", "config"], rows))
+            best = configs._tuned[key]
+            winners[kind].setdefault(d, {})[causal] = best
+    os.environ["RINGFLASH_AUTOTUNE"] = "0"
+    print("\nwinners (kind, headdim, causal):")
+    for kind, by_d in winners.items():
+        for d, by_c in by_d.items():
+            for causal, cfg in by_c.items():
+                print(f"  {kind} d={d} causal={causal}: {cfg}")
+
+    if args.skip_ablations or 128 not in winners["fwd"]:
+        return 0
+    # Technique switches on the forward, each against the tuned config, d=128.
+    print("\nforward technique switches (d=128, s=%d):" % args.seqlen)
+    rows = []
+    for causal in (False, True):
+        base = winners["fwd"][128][causal]
+        flops = attn_flops(TOKENS // args.seqlen, 16, args.seqlen, args.seqlen, 128, causal)
+        variants = {
+            "tuned": base,
+            "kv .cg": replace(base, kv_cache=".cg"),
+            "one masked loop": replace(base, split_phases=False),
+            "exp (not exp2)": replace(base, exp2=False),
+        }
+        ref_ms = None
+        for name, cfg in variants.items():
+            ms = _kind_ms("fwd", 128, args.seqlen, causal, cfg)
+            ref_ms = ref_ms or ms
+            rows.append([f"{'causal' if causal else 'full'}", name, f"{ms:.3f}", f"{tflops(flops, ms):.0f}", f"{ref_ms / ms:.3f}"])
+    print(format_table(["mask", "variant", "ms", "TFLOP/s", "speed vs tuned"], rows))
+
+    # Split-KV on few query blocks (decode-like): off vs the heuristic.
+    print("\nsplit-KV (bf16, d=128, 16 heads, causal=False):")
+    from ..interface import flash_attn_func
+    from .common import bench_ms
+
+    rows = []
+    for batch, sq, sk in ((1, 1, 32768), (1, 128, 32768), (4, 64, 8192), (2, 1024, 16384)):
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(batch, sq, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(batch, sk, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+        flops = attn_flops(batch, 16, sq, sk, 128, False)
+        with configs.override(num_splits=1):
+            off = bench_ms(lambda: flash_attn_func(q, k, v))
+        on = bench_ms(lambda: flash_attn_func(q, k, v))
+        rows.append([f"b={batch} sq={sq} sk={sk}", f"{off:.3f}", f"{on:.3f}", f"{off / on:.2f}",
+                     f"{tflops(flops, on):.0f}"])
+    print(format_table(["shape", "no split ms", "heuristic ms", "speedup", "TFLOP/s"], rows))
+    return 0

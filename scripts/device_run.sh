@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: the stages named on the command line, each under its own
+# time limit so that a slow or failing stage still leaves the others' output.
+#   scripts/device_run.sh env smoke tune bench tests
+# Logs and CSVs go to $OUT (the device tool brings them back).
+set -u
+OUT=${OUT:-/tmp/ringflash_out}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# NCCL/NVSHMEM multicast stays off on shared machines.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+stage() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "=== $name rc=$rc in $((SECONDS - t0))s"; }
+for s in "$@"; do
+  case $s in
+    env) stage env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, numpy; print(torch.__version__, triton.__version__, numpy.__version__, torch.cuda.get_device_name(0))"' ;;
+    smoke) stage smoke 120 python3 -m ringflash demo ;;
+    tune) stage tune "${TUNE_LIMIT:-300}" python3 -m ringflash bench tune ${TUNE_ARGS:-} ;;
+    bench) stage bench "${BENCH_LIMIT:-300}" python3 -m ringflash bench kernels --csv "$OUT/kernels.csv" ${BENCH_ARGS:-} ;;
+    tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -m gpu -q -p no:cacheprovider -n "${TEST_WORKERS:-4}" tests ${TESTS_ARGS:-} ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+# The reply carries the tail of stdout: end with the summaries.
+for f in "$OUT"/*.log; do echo; echo "##### $(basename "$f")"; tail -n "${TAIL:-40}" "$f"; done

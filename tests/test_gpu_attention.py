@@ -1,0 +1,153 @@
+"""The kernels at real sizes in bf16/fp16 on a GPU (``pytest -m gpu``); skipped on the CPU.
+
+Same bar as the CPU tests: error against float64 at most 2x PyTorch's own error in the
+same dtype plus a small epsilon, for out, lse, dq, dk and dv.
+"""
+
+import pytest
+import torch
+
+from attn_check import EPS, check_attention
+from conftest import cu_seqlens_from_lengths
+from ringflash import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from ringflash.testing import assert_close
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+def _dense64(gen, b, sq, sk, h, hk, d):
+    mk = lambda s, n: torch.randn(b, s, n, d, generator=gen, dtype=torch.float64).to(DEV)  # noqa: E731
+    return mk(sq, h), mk(sk, hk), mk(sk, hk)
+
+
+def _dense_impl(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
+    return out, lse
+
+
+def _dense_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
+    return attention_ref(q, k, v, causal=causal, window_size=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sq,sk", [(2048, 2048), (1000, 3001)])
+def test_dense_real_sizes(gen, dtype, headdim, causal, sq, sk):
+    inputs = _dense64(gen, 2, sq, sk, 16, 4, headdim)
+    check_attention(_dense_impl, _dense_ref, inputs, dtype, extra=(causal,))
+
+
+@pytest.mark.parametrize("headdim", [40, 96, 256])
+def test_headdims_bf16(gen, headdim):
+    inputs = _dense64(gen, 1, 1537, 1537, 8, 8, headdim)
+    check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(True,))
+
+
+@pytest.mark.parametrize("causal,window,softcap", [(True, (256, -1), 0.0), (False, (100, 300), 0.0), (True, (-1, -1), 30.0)])
+def test_window_softcap_bf16(gen, causal, window, softcap):
+    inputs = _dense64(gen, 2, 1500, 1500, 8, 2, 128)
+    check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(causal, window, softcap))
+
+
+def test_fp32_tf32(gen):
+    inputs = _dense64(gen, 1, 777, 777, 4, 2, 64)
+    check_attention(_dense_impl, _dense_ref, inputs, torch.float32, extra=(True,))
+
+
+def _varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, return_attn_probs=True)
+    return out, lse
+
+
+def _varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+    return attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_llama_gqa(gen, dtype, causal):
+    lengths = [3000, 17, 0, 2053, 1, 1024]
+    total = sum(lengths)
+    q = torch.randn(total, 32, 128, generator=gen, dtype=torch.float64).to(DEV)
+    k = torch.randn(total, 8, 128, generator=gen, dtype=torch.float64).to(DEV)
+    v = torch.randn(total, 8, 128, generator=gen, dtype=torch.float64).to(DEV)
+    cu = cu_seqlens_from_lengths(lengths, DEV)
+    check_attention(_varlen_impl, _varlen_ref, (q, k, v), dtype, extra=(cu, cu, max(lengths), max(lengths), causal))
+
+
+def _check_rows(label, got, want, base, dtype):
+    assert_close(label, got, want, baseline=base, atol=EPS[dtype])
+
+
+def test_single_sequence_128k(gen):
+    """One causal sequence of 131072 tokens. Checked on its last rows (which see every key):
+    dout is zero elsewhere, so dk/dv come from those rows alone and the reference needs
+    only them."""
+    n, rows, h, hk, d, dtype = 131072, 256, 8, 2, 128, torch.bfloat16
+    q = torch.randn(1, n, h, d, generator=gen).to(DEV, dtype)
+    k = torch.randn(1, n, hk, d, generator=gen).to(DEV, dtype)
+    v = torch.randn(1, n, hk, d, generator=gen).to(DEV, dtype)
+    dout = torch.zeros(1, n, h, d, device=DEV, dtype=dtype)
+    dout[:, -rows:] = torch.randn(1, rows, h, d, generator=gen).to(DEV, dtype)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out, lse, _ = flash_attn_func(qg, kg, vg, causal=True, return_attn_probs=True)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), dout)
+    results = {}
+    for name, cast in (("want", torch.float64), ("base", dtype)):
+        qs, ks, vs = (t[:, -rows:] if t is q else t for t in (q, k, v))
+        qs, ks, vs = (t.to(cast).requires_grad_() for t in (qs, ks, vs))
+        o, l = attention_ref(qs, ks, vs, causal=True)
+        results[name] = (o, l, *torch.autograd.grad(o, (qs, ks, vs), dout[:, -rows:].to(cast)))
+        del o, l, qs, ks, vs
+    got = (out[:, -rows:], lse[:, :, -rows:], dq[:, -rows:], dk, dv)
+    for i, label in enumerate(("out", "lse", "dq", "dk", "dv")):
+        _check_rows(label, got[i], results["want"][i], results["base"][i], dtype)
+    assert torch.all(dq[:, :-rows].abs().amax() < 1e30)  # finite elsewhere
+
+
+def test_total_beyond_2_pow_31_elements(gen):
+    """Varlen batch whose q holds more than 2**31 elements: offsets must be 64-bit. The
+    first and the last sequence (which starts past 2**31 elements) are checked."""
+    seqlen, nseq, h, hk, d, dtype = 2048, 260, 32, 4, 128, torch.bfloat16
+    total = seqlen * nseq
+    assert total * h * d > 2**31
+    q = torch.randn(total, h, d, device=DEV, dtype=dtype)
+    k = torch.randn(total, hk, d, device=DEV, dtype=dtype)
+    v = torch.randn(total, hk, d, device=DEV, dtype=dtype)
+    cu = cu_seqlens_from_lengths([seqlen] * nseq, DEV)
+    qg, kg, vg = (t.requires_grad_() for t in (q, k, v))
+    out, lse, _ = flash_attn_varlen_func(qg, kg, vg, cu, cu, seqlen, seqlen, causal=True, return_attn_probs=True)
+    dout = torch.randn_like(out)
+    dq, dk, dv = torch.autograd.grad(out, (qg, kg, vg), dout)
+    for start in (0, total - seqlen):
+        sl = slice(start, start + seqlen)
+        res = {}
+        for name, cast in (("want", torch.float64), ("base", dtype)):
+            qs, ks, vs = (t.detach()[sl].unsqueeze(0).to(cast).requires_grad_() for t in (q, k, v))
+            o, l = attention_ref(qs, ks, vs, causal=True)
+            res[name] = (o[0], l[0], *(g[0] for g in torch.autograd.grad(o, (qs, ks, vs), dout[sl].unsqueeze(0).to(cast))))
+        got = (out[sl], lse[:, sl], dq[sl], dk[sl], dv[sl])
+        for i, label in enumerate(("out", "lse", "dq", "dk", "dv")):
+            _check_rows(f"{label}[seq at {start}]", got[i], res["want"][i], res["base"][i], dtype)
+
+
+def test_torch_compile_inductor_fullgraph(gen):
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(256, 3 * 256)
+
+        def forward(self, x):
+            b, s, _ = x.shape
+            q, k, v = self.proj(x).view(b, s, 3, 4, 64).unbind(2)
+            return flash_attn_func(q, k, v, causal=True).reshape(b, s, 256)
+
+    model = Block().to(DEV, torch.bfloat16)
+    x = torch.randn(2, 1000, 256, generator=gen).to(DEV, torch.bfloat16)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.float().pow(2).sum().backward()
