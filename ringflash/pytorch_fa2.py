@@ -10,9 +10,15 @@ import torch
 from . import validation as V
 from .reference import visible_mask
 
-#: Tile sizes (rows of Q, rows of K/V per step). The algorithm needs at least 16.
+#: Tile sizes (rows of Q, rows of K/V per step); the algorithm needs at least 16. On a GPU
+#: each tile step is a handful of kernel launches, so larger tiles keep it usable there.
 Q_TILE = 16
 K_TILE = 16
+CUDA_TILE = 128
+
+
+def _tiles(device: torch.device) -> tuple[int, int]:
+    return (CUDA_TILE, CUDA_TILE) if device.type == "cuda" else (Q_TILE, K_TILE)
 
 
 def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -36,12 +42,12 @@ def _check_3d(Q: torch.Tensor, K: torch.Tensor, Vt: torch.Tensor) -> None:
     V.check_headdim("Q", Q.shape[2], None)
 
 
-def _key_tile_range(q0: int, q1: int, n_q: int, n_k: int, is_causal: bool) -> range:
+def _key_tile_range(q0: int, q1: int, n_q: int, n_k: int, is_causal: bool, k_tile: int) -> range:
     """Key tiles that query rows [q0, q1) can see (bottom-right causal alignment)."""
     k_end = n_k
     if is_causal:
         k_end = max(0, min(n_k, q1 - 1 + n_k - n_q + 1))
-    return range(0, k_end, K_TILE)
+    return range(0, k_end, k_tile)
 
 
 def flash_fwd_pytorch(
@@ -53,15 +59,16 @@ def flash_fwd_pytorch(
     acc_dtype = _accum_dtype(Q.dtype)
     O = torch.empty_like(Q)
     L = torch.empty(b, n_q, dtype=acc_dtype, device=Q.device)
-    for q0 in range(0, n_q, Q_TILE):
-        q1 = min(q0 + Q_TILE, n_q)
+    q_rows, k_rows = _tiles(Q.device)
+    for q0 in range(0, n_q, q_rows):
+        q1 = min(q0 + q_rows, n_q)
         q_tile = Q[:, q0:q1].to(acc_dtype)
         row_max = torch.full((b, q1 - q0), float("-inf"), dtype=acc_dtype, device=Q.device)
         row_sum = torch.zeros(b, q1 - q0, dtype=acc_dtype, device=Q.device)
         acc = torch.zeros(b, q1 - q0, Q.shape[2], dtype=acc_dtype, device=Q.device)
         q_idx = torch.arange(q0, q1, device=Q.device).unsqueeze(1)
-        for k0 in _key_tile_range(q0, q1, n_q, n_k, is_causal):
-            k1 = min(k0 + K_TILE, n_k)
+        for k0 in _key_tile_range(q0, q1, n_q, n_k, is_causal, k_rows):
+            k1 = min(k0 + k_rows, n_k)
             k_idx = torch.arange(k0, k1, device=Q.device).unsqueeze(0)
             s = torch.matmul(q_tile, K[:, k0:k1].to(acc_dtype).transpose(1, 2)) * scale
             s = s.masked_fill(~visible_mask(q_idx, k_idx, n_q, n_k, is_causal), float("-inf"))
@@ -99,13 +106,14 @@ def flash_bwd_pytorch(
     dQ = torch.zeros(b, n_q, d, dtype=acc_dtype, device=Q.device)
     dK = torch.zeros(b, n_k, d, dtype=acc_dtype, device=Q.device)
     dV = torch.zeros(b, n_k, d, dtype=acc_dtype, device=Q.device)
-    for q0 in range(0, n_q, Q_TILE):
-        q1 = min(q0 + Q_TILE, n_q)
+    q_rows, k_rows = _tiles(Q.device)
+    for q0 in range(0, n_q, q_rows):
+        q1 = min(q0 + q_rows, n_q)
         q_tile = Q[:, q0:q1].to(acc_dtype)
         do_tile = dO[:, q0:q1].to(acc_dtype)
         q_idx = torch.arange(q0, q1, device=Q.device).unsqueeze(1)
-        for k0 in _key_tile_range(q0, q1, n_q, n_k, is_causal):
-            k1 = min(k0 + K_TILE, n_k)
+        for k0 in _key_tile_range(q0, q1, n_q, n_k, is_causal, k_rows):
+            k1 = min(k0 + k_rows, n_k)
             k_tile = K[:, k0:k1].to(acc_dtype)
             v_tile = Vt[:, k0:k1].to(acc_dtype)
             k_idx = torch.arange(k0, k1, device=Q.device).unsqueeze(0)
