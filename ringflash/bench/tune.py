@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seqlen", type=int, default=4096)
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--skip-ablations", action="store_true")
+    parser.add_argument("--only-splits", action="store_true", help="run only the split-KV sweep")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ringflash bench tune needs a CUDA GPU")
@@ -88,6 +89,9 @@ def main(argv=None) -> int:
     from .common import attn_flops, device_description, format_table, tflops
 
     print(f"device: {device_description()}", flush=True)
+    if args.only_splits:
+        split_sweep()
+        return 0
     cases = [(d, args.seqlen, c) for d in args.headdims for c in (False, True)]
     precompile(cases, args.workers)
 
@@ -117,6 +121,7 @@ def main(argv=None) -> int:
 
     if args.skip_ablations or 128 not in winners["fwd"]:
         return 0
+    split_sweep()
     # Technique switches on the forward, each against the tuned config, d=128.
     print("\nforward technique switches (d=128, s=%d):" % args.seqlen)
     rows = []
@@ -136,22 +141,30 @@ def main(argv=None) -> int:
             rows.append([f"{'causal' if causal else 'full'}", name, f"{ms:.3f}", f"{tflops(flops, ms):.0f}", f"{ref_ms / ms:.3f}"])
     print(format_table(["mask", "variant", "ms", "TFLOP/s", "speed vs tuned"], rows))
 
-    # Split-KV on few query blocks (decode-like): off vs the heuristic.
-    print("\nsplit-KV (bf16, d=128, 16 heads, causal=False):")
-    from ..interface import flash_attn_func
-    from .common import bench_ms
+    return 0
 
+
+def split_sweep() -> None:
+    """Forward time against the number of key splits on shapes with few query blocks."""
+    from ..interface import flash_attn_func
+    from ..kernels import configs
+    from ..kernels.fwd import attention_forward, make_problem
+    from .common import bench_ms, format_table
+
+    print("\nsplit-KV sweep (bf16, d=128, 16 heads, full attention): forward ms by number of splits")
+    counts = (1, 2, 3, 4, 6, 8, 12, 16)
     rows = []
-    for batch, sq, sk in ((1, 1, 32768), (1, 128, 32768), (4, 64, 8192), (2, 1024, 16384)):
+    for batch, sq, sk in ((1, 1, 32768), (1, 128, 32768), (4, 64, 8192), (2, 1024, 16384), (8, 1, 4096)):
         gen = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(batch, sq, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
         k = torch.randn(batch, sk, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
         v = torch.randn_like(k)
-        flops = attn_flops(batch, 16, sq, sk, 128, False)
-        with configs.override(num_splits=1):
-            off = bench_ms(lambda: flash_attn_func(q, k, v))
-        on = bench_ms(lambda: flash_attn_func(q, k, v))
-        rows.append([f"b={batch} sq={sq} sk={sk}", f"{off:.3f}", f"{on:.3f}", f"{off / on:.2f}",
-                     f"{tflops(flops, on):.0f}"])
-    print(format_table(["shape", "no split ms", "heuristic ms", "speedup", "TFLOP/s"], rows))
-    return 0
+        prob = make_problem(q, k, False, sq, sk, 128 ** -0.5, False, -1, -1, 0.0, batch)
+        row = [f"b={batch} sq={sq} sk={sk}"]
+        for n in counts:
+            with configs.override(num_splits=n):
+                row.append(f"{bench_ms(lambda: attention_forward(q, k, v, prob)):.3f}")
+        row.append(f"{bench_ms(lambda: attention_forward(q, k, v, prob)):.3f}")
+        row.append(f"{bench_ms(lambda: flash_attn_func(q, k, v)):.3f}")
+        rows.append(row)
+    print(format_table(["shape"] + [f"S={n}" for n in counts] + ["heuristic", "api (heuristic)"], rows))

@@ -62,12 +62,27 @@ def headdim_bucket(d: int) -> int:
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
-# (compute capability) -> kind -> head-dim bucket -> config.
-TABLE: dict[tuple[int, int], dict[str, dict[int, KernelConfig]]] = {
+# (compute capability) -> kind -> (head-dim bucket, causal) -> config. The sm_90 entries are
+# the winners of `ringflash bench tune` on an H100 (bf16, 16k tokens at seqlen 4k; the log
+# is summarized in docs/benchmarks.md). Causal and full attention favour different shapes.
+_C = KernelConfig
+TABLE: dict[tuple[int, int], dict[str, dict[tuple[int, bool], KernelConfig]]] = {
     (9, 0): {
-        "fwd": {64: KernelConfig(128, 64, 4, 3), 128: KernelConfig(128, 64, 8, 3), 256: KernelConfig(64, 64, 4, 2)},
-        "dkdv": {64: KernelConfig(64, 128, 8, 2), 128: KernelConfig(64, 128, 8, 2), 256: KernelConfig(32, 64, 4, 2)},
-        "dq": {64: KernelConfig(128, 64, 8, 2), 128: KernelConfig(128, 64, 8, 2), 256: KernelConfig(64, 32, 4, 2)},
+        "fwd": {
+            (64, False): _C(64, 64, 4, 3), (64, True): _C(128, 64, 4, 3),
+            (128, False): _C(128, 64, 8, 3), (128, True): _C(128, 64, 8, 3),
+            (256, False): _C(64, 64, 4, 2), (256, True): _C(64, 64, 4, 2),
+        },
+        "dkdv": {
+            (64, False): _C(64, 128, 4, 3), (64, True): _C(64, 64, 4, 2),
+            (128, False): _C(64, 128, 8, 3), (128, True): _C(64, 64, 4, 2),
+            (256, False): _C(32, 64, 4, 2), (256, True): _C(32, 64, 4, 2),
+        },
+        "dq": {
+            (64, False): _C(64, 64, 4, 3), (64, True): _C(128, 64, 4, 4),
+            (128, False): _C(128, 64, 8, 4), (128, True): _C(128, 64, 8, 3),
+            (256, False): _C(64, 32, 4, 2), (256, True): _C(64, 32, 4, 2),
+        },
     },
 }
 
@@ -186,7 +201,9 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
     if run is not None and autotune_enabled():
         return pick_fastest(tuning_key(kind, q, prob), candidates(kind, prob.headdim), run)
     table = TABLE.get(_capability(q.device), {}).get(kind, {})
-    return table.get(headdim_bucket(prob.headdim), DEFAULT[kind])
+    # A sliding window behaves like the causal band: few blocks per row, masked edges.
+    banded = prob.causal or prob.has_left or prob.has_right
+    return table.get((headdim_bucket(prob.headdim), banded), DEFAULT[kind])
 
 
 #: Upper bound on split-KV fan-out (the combine kernel holds all splits of a row at once).
