@@ -82,6 +82,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--skip-ablations", action="store_true")
     parser.add_argument("--only-splits", action="store_true", help="run only the split-KV sweep")
+    parser.add_argument("--only-overhead", action="store_true", help="run only the host-overhead probe")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ringflash bench tune needs a CUDA GPU")
@@ -91,6 +92,9 @@ def main(argv=None) -> int:
     print(f"device: {device_description()}", flush=True)
     if args.only_splits:
         split_sweep()
+        return 0
+    if args.only_overhead:
+        host_overhead()
         return 0
     cases = [(d, args.seqlen, c) for d in args.headdims for c in (False, True)]
     precompile(cases, args.workers)
@@ -168,3 +172,36 @@ def split_sweep() -> None:
         row.append(f"{bench_ms(lambda: flash_attn_func(q, k, v)):.3f}")
         rows.append(row)
     print(format_table(["shape"] + [f"S={n}" for n in counts] + ["heuristic", "api (heuristic)"], rows))
+
+
+def host_overhead() -> None:
+    """Host time per call of each layer on a tiny problem (the GPU work is negligible), as
+    wall-clock microseconds per call over a loop, synchronizing once at the end."""
+    import time
+
+    from ..interface import flash_attn_func
+    from ..kernels.fwd import attention_forward, make_problem
+    from .common import format_table
+
+    q = torch.randn(1, 128, 4, 64, device="cuda", dtype=torch.bfloat16)
+    prob = make_problem(q, q, False, 128, 128, 0.125, False, -1, -1, 0.0, 1)
+    qg = q.clone().requires_grad_()
+    layers = {
+        "flash_attn_func": lambda: flash_attn_func(q, q, q),
+        "flash_attn_func (requires_grad)": lambda: flash_attn_func(qg, q, q),
+        "torch.ops.ringflash.attn_fwd": lambda: torch.ops.ringflash.attn_fwd(q, q, q, None, None, None, 128, 128, 0.125, False, -1, -1, 0.0),
+        "attention_forward (launcher)": lambda: attention_forward(q, q, q, prob),
+        "torch.empty x2 (allocation floor)": lambda: (torch.empty_like(q), torch.empty(1, 4, 128, device="cuda")),
+    }
+    rows = []
+    for name, fn in layers.items():
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(500):
+            fn()
+        torch.cuda.synchronize()
+        rows.append([name, f"{(time.perf_counter() - t0) / 500 * 1e6:.1f}"])
+    print("\nhost overhead per call (1x128x4x64 bf16):")
+    print(format_table(["layer", "us/call"], rows))
