@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.ringflash.*)
+from . import ops
 from . import validation as V
 
 
@@ -31,7 +31,7 @@ class FlashAttnFunc(torch.autograd.Function):
         softcap: float,
     ):
         args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-        out, lse = torch.ops.ringflash.attn_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, *args)
+        out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, *args)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
         ctx.args = args
         ctx.mark_non_differentiable(lse)
@@ -40,9 +40,7 @@ class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
-        dq, dk, dv = torch.ops.ringflash.attn_bwd(
-            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, *ctx.args
-        )
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
@@ -61,7 +59,7 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
         V.check_rank("V", Vt, 3, "(batch, n_keys, d)")
         shape = V.check_dense_qkv(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2))
         args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, bool(is_causal), -1, -1, 0.0)
-        out, lse = torch.ops.ringflash.attn_fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, *args)
+        out, lse = ops.fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, *args)
         O, L = out.squeeze(2), lse.squeeze(1)
         ctx.save_for_backward(Q, K, Vt, O, L)
         ctx.args = args
@@ -70,7 +68,7 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dO: torch.Tensor):
         Q, K, Vt, O, L = ctx.saved_tensors
-        dq, dk, dv = torch.ops.ringflash.attn_bwd(
+        dq, dk, dv = ops.bwd(
             dO.unsqueeze(2), Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), O.unsqueeze(2), L.unsqueeze(1),
             None, None, None, *ctx.args,
         )

@@ -205,3 +205,16 @@ def host_overhead() -> None:
         rows.append([name, f"{(time.perf_counter() - t0) / 500 * 1e6:.1f}"])
     print("\nhost overhead per call (1x128x4x64 bf16):")
     print(format_table(["layer", "us/call"], rows))
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(300):
+        attention_forward(q, q, q, prob)
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+    print("\nlauncher profile (300 calls, by own time):")
+    print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[-2500:])
