@@ -11,6 +11,7 @@ if not _torch.cuda.is_available():
     _os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .autograd import FlashAttentionTritonFunc
+from .grouped import grouped_flash_attn_varlen_func, zigzag_group_ranges
 from .interface import (
     flash_attn_func,
     flash_attn_kvpacked_func,
@@ -33,6 +34,8 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "grouped_flash_attn_varlen_func",
+    "zigzag_group_ranges",
     "attention_ref",
     "attention_varlen_ref",
 ]

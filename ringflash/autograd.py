@@ -8,10 +8,12 @@ import torch
 
 from . import ops
 from . import validation as V
+from .kernels.problem import SeqMeta
 
 
 class FlashAttnFunc(torch.autograd.Function):
-    """Dense (cu_seqlens_q is None) or varlen attention. Returns (out, lse); lse is not differentiable."""
+    """Dense (meta is None), varlen or grouped attention. Returns (out, lse); lse is not
+    differentiable. ``meta`` is a ``SeqMeta`` (see ringflash.kernels.problem)."""
 
     @staticmethod
     def forward(
@@ -19,9 +21,7 @@ class FlashAttnFunc(torch.autograd.Function):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        cu_seqlens_q: Optional[torch.Tensor],
-        cu_seqlens_k: Optional[torch.Tensor],
-        seqused_k: Optional[torch.Tensor],
+        meta: Optional[SeqMeta],
         max_seqlen_q: int,
         max_seqlen_k: int,
         softmax_scale: float,
@@ -30,18 +30,19 @@ class FlashAttnFunc(torch.autograd.Function):
         window_right: int,
         softcap: float,
     ):
+        seq = (None, None, None, None) if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k)
         args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-        out, lse = ops.fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, *args)
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k)
+        out, lse = ops.fwd(q, k, v, *seq, *args)
+        ctx.save_for_backward(q, k, v, out, lse, *seq)
         ctx.args = args
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k = ctx.saved_tensors
-        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        q, k, v, out, lse, *seq = ctx.saved_tensors
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *seq, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 class FlashAttentionTritonFunc(torch.autograd.Function):
@@ -59,7 +60,7 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
         V.check_rank("V", Vt, 3, "(batch, n_keys, d)")
         shape = V.check_dense_qkv(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2))
         args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, bool(is_causal), -1, -1, 0.0)
-        out, lse = ops.fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, *args)
+        out, lse = ops.fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, None, *args)
         O, L = out.squeeze(2), lse.squeeze(1)
         ctx.save_for_backward(Q, K, Vt, O, L)
         ctx.args = args
@@ -70,6 +71,6 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
         Q, K, Vt, O, L = ctx.saved_tensors
         dq, dk, dv = ops.bwd(
             dO.unsqueeze(2), Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), O.unsqueeze(2), L.unsqueeze(1),
-            None, None, None, *ctx.args,
+            None, None, None, None, *ctx.args,
         )
         return dq.squeeze(2), dk.squeeze(2), dv.squeeze(2), None

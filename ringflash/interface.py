@@ -26,6 +26,7 @@ import torch
 
 from . import validation as V
 from .autograd import FlashAttnFunc
+from .kernels.problem import SeqMeta
 
 AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, None]]
 
@@ -69,7 +70,7 @@ def flash_attn_func(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
     )
     out, lse = FlashAttnFunc.apply(
-        q, k, v, None, None, None, shape.seqlen_q, shape.seqlen_k, scale, _check_causal(causal), left, right, softcap
+        q, k, v, None, shape.seqlen_q, shape.seqlen_k, scale, _check_causal(causal), left, right, softcap
     )
     return (out, lse, None) if return_attn_probs else out
 
@@ -106,7 +107,7 @@ def flash_attn_varlen_func(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
     )
     out, lse = FlashAttnFunc.apply(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+        q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), max_seqlen_q, max_seqlen_k,
         scale, _check_causal(causal), left, right, softcap,
     )
     return (out, lse, None) if return_attn_probs else out

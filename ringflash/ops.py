@@ -3,7 +3,9 @@ implementations, so that models calling them compile under ``torch.compile(fullg
 without graph breaks.
 
 ``ringflash::attn_fwd`` -> (out, lse) and ``ringflash::attn_bwd`` -> (dq, dk, dv). Dense
-when ``cu_seqlens_q`` is None, varlen otherwise. Layouts as in ``ringflash.interface``.
+when ``q_starts`` is None; varlen or grouped otherwise, with the metadata of
+``ringflash.kernels.problem.SeqMeta`` (q_starts, q_ends, seqused_k: (groups, batch) int32;
+cu_seqlens_k: (batch + 1,)). Layouts as in ``ringflash.interface``.
 
 Eager calls skip the dispatcher (``fwd``/``bwd`` below call the implementations directly):
 the custom op only matters while ``torch.compile`` traces, and on a slow host its dispatch
@@ -17,7 +19,8 @@ from typing import Optional
 import torch
 
 from .kernels.bwd import attention_backward
-from .kernels.fwd import AttnProblem, attention_forward, make_problem
+from .kernels.fwd import attention_forward
+from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -26,11 +29,12 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap) -> AttnProblem:
-    is_varlen = cu_seqlens_q is not None
-    batch = cu_seqlens_q.shape[0] - 1 if is_varlen else q.shape[0]
-    return make_problem(q, k, is_varlen, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                        window_left, window_right, softcap, batch)
+def _meta(q_starts, q_ends, cu_seqlens_k, seqused_k) -> Optional[SeqMeta]:
+    return None if q_starts is None else SeqMeta(q_starts, q_ends, cu_seqlens_k, seqused_k)
+
+
+def _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap) -> AttnProblem:
+    return make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
 
 
 def _lse_shape(q: torch.Tensor, is_varlen: bool) -> tuple[int, ...]:
@@ -41,7 +45,8 @@ def _attn_fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor],
+    q_starts: Optional[torch.Tensor],
+    q_ends: Optional[torch.Tensor],
     cu_seqlens_k: Optional[torch.Tensor],
     seqused_k: Optional[torch.Tensor],
     max_seqlen_q: int,
@@ -52,19 +57,20 @@ def _attn_fwd_impl(
     window_right: int,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    prob = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k)
+    prob = _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return attention_forward(q, k, v, prob, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    return attention_forward(q, k, v, prob, meta)
 
 
 attn_fwd = torch.library.custom_op("ringflash::attn_fwd", mutates_args=())(_attn_fwd_impl)
 
 
 @attn_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+def _(q, k, v, q_starts, q_ends, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
       softmax_scale, causal, window_left, window_right, softcap):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = q.new_empty(_lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    lse = q.new_empty(_lse_shape(q, q_starts is not None), dtype=torch.float32)
     return out, lse
 
 
@@ -75,7 +81,8 @@ def _attn_bwd_impl(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    cu_seqlens_q: Optional[torch.Tensor],
+    q_starts: Optional[torch.Tensor],
+    q_ends: Optional[torch.Tensor],
     cu_seqlens_k: Optional[torch.Tensor],
     seqused_k: Optional[torch.Tensor],
     max_seqlen_q: int,
@@ -86,16 +93,17 @@ def _attn_bwd_impl(
     window_right: int,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    prob = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k)
+    prob = _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
-    return attention_backward(dout, q, k, v, out, lse, prob, cu_seqlens_q, cu_seqlens_k, seqused_k)
+    return attention_backward(dout, q, k, v, out, lse, prob, meta)
 
 
 attn_bwd = torch.library.custom_op("ringflash::attn_bwd", mutates_args=())(_attn_bwd_impl)
 
 
 @attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+def _(dout, q, k, v, out, lse, q_starts, q_ends, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
       softmax_scale, causal, window_left, window_right, softcap):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),

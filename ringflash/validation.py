@@ -320,3 +320,21 @@ def check_seqused_values(seqused_k: torch.Tensor, cu_seqlens_k: torch.Tensor) ->
             "expected seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]"
         )
     _remember_checked(seqused_k, facts)
+
+
+def check_divisible_lengths(name: str, cu: torch.Tensor, divisor: int) -> None:
+    """Every sequence length of ``cu`` is a multiple of ``divisor``. One sync per tensor object."""
+    if not _value_checks_enabled(cu):
+        return
+    facts = ("divisible", divisor)
+    if _already_checked(cu, facts):
+        return
+    lens = cu[1:] - cu[:-1]
+    bad = int((lens % divisor != 0).sum().item())
+    if bad:
+        first = int(lens[lens % divisor != 0][0].item())
+        raise ValueError(
+            f"{name}: {bad} sequence length(s) are not multiples of {divisor} (e.g. {first}); "
+            f"expected every length divisible by {divisor}"
+        )
+    _remember_checked(cu, facts)

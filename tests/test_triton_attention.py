@@ -339,3 +339,20 @@ def test_torch_compile_fullgraph_no_graph_break(gen):
     out = compiled(x)
     torch.testing.assert_close(out, eager)
     out.sum().backward()  # the backward custom op traces too
+
+
+def test_torch_compile_varlen_fullgraph(gen):
+    lengths = [7, 0, 12]
+    cu = cu_seqlens_from_lengths(lengths, DEVICE)
+    q = torch.randn(19, 2, 16, generator=gen).half().to(DEVICE).requires_grad_()
+
+    def f(q):
+        return flash_attn_varlen_func(q, q * 2, q * 3, cu, cu, 12, 12, causal=True)
+
+    eager = f(q)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(q)
+    torch.testing.assert_close(out, eager)
+    (g,) = torch.autograd.grad(out.sum(), (q,))
+    (g_eager,) = torch.autograd.grad(eager.sum(), (q,))
+    torch.testing.assert_close(g, g_eager)

@@ -17,8 +17,10 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import scaled_scores, check_device, key_block_ranges, query_block_ranges, sequence_bounds, visible
-from .fwd import AttnProblem, dense_strides, lse_strides, seqlen_meta
+from .common import (
+    check_device, interpreting, key_block_ranges, query_block_ranges, scaled_scores, sequence_bounds, visible,
+)
+from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, seqlen_args
 
 
 @triton.jit
@@ -113,7 +115,8 @@ def _dkdv_block_loop(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse2, Delta, DK, DV,
-    CuSeqlensQ, CuSeqlensK, SequsedK,
+    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -121,8 +124,7 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, total_q, total_k,
-    kv_group,
+    kv_group, num_groups,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -130,21 +132,26 @@ def _bwd_dkdv_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch)."""
+    """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch).
+
+    Every group that sees this key block (grouped attention: several query groups
+    attending to prefixes of one K/V sequence) adds its contribution here, so dK/dV of
+    the shared buffer are complete without atomics. Keys no group sees get zeros.
+    """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, sq, k_start, sk = sequence_bounds(
-        b, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED
+    _, _, k_start, _, sk_full = sequence_bounds(
+        b, 0, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, False,
     )
     n0 = pid_n * BLOCK_N
-    if n0 >= sk:
+    if n0 >= sk_full:
         return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
-    key_ok = offs_n < sk
-    kv_mask = key_ok[:, None] & (offs_d[None, :] < HEADDIM)
+    kv_mask = (offs_n[:, None] < sk_full) & (offs_d[None, :] < HEADDIM)
     k_rows = (k_start + n0).to(tl.int64)
     k = tl.load(
         K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_rows * stride_ks
@@ -156,11 +163,17 @@ def _bwd_dkdv_kernel(
     )
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    m_lo, a_end, b_end, m_hi = query_block_ranges(
-        n0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
-    )
-    for g in range(0, kv_group):
-        h = hk * kv_group + g
+    for gh in range(0, num_groups * kv_group):
+        # gh runs over (query group, query head of this KV head's GQA group).
+        grp = gh // kv_group
+        h = hk * kv_group + gh % kv_group
+        q_start, sq, _, sk, _ = sequence_bounds(
+            b, grp, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+            seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED,
+        )
+        m_lo, a_end, b_end, m_hi = query_block_ranges(
+            n0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+        )
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
         do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dos
         l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
@@ -241,15 +254,15 @@ def _dq_block_loop(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse2, Delta, DQ,
-    CuSeqlensQ, CuSeqlensK, SequsedK,
+    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_dob, stride_dos, stride_doh,
     stride_dqb, stride_dqs, stride_dqh,
     stride_lb, stride_lh,
-    seqlen_q, seqlen_k, total_q, total_k,
-    kv_group, num_m_blocks,
+    kv_group, num_m_blocks, num_groups,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -257,12 +270,15 @@ def _bwd_dq_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M), nheads, batch)."""
-    m_block = num_m_blocks - 1 - tl.program_id(0)
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * num_groups, nheads, batch), groups adjacent."""
+    pid = tl.program_id(0)
+    g = pid % num_groups
+    m_block = num_m_blocks - 1 - pid // num_groups
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, sq, k_start, sk = sequence_bounds(
-        b, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED
+    q_start, sq, k_start, sk, _ = sequence_bounds(
+        b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED,
     )
     m0 = m_block * BLOCK_M
     if m0 >= sq:
@@ -333,9 +349,7 @@ def attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     prob: AttnProblem,
-    cu_seqlens_q: Optional[torch.Tensor] = None,
-    cu_seqlens_k: Optional[torch.Tensor] = None,
-    seqused_k: Optional[torch.Tensor] = None,
+    meta: Optional[SeqMeta] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
 
@@ -345,10 +359,8 @@ def attention_backward(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    # Keys past seqused_k get no gradient and no program writes them: start from zeros.
-    alloc = torch.zeros if seqused_k is not None else torch.empty
-    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_()
         dk.zero_()
@@ -359,16 +371,16 @@ def attention_backward(
     rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
     _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
     lb, lh = lse_strides(lse, prob.is_varlen)
-    block_r = 16 if configs.interpreting() else 64
+    block_r = 16 if interpreting() else 64
     _bwd_preprocess_kernel[(triton.cdiv(rows, block_r), prob.nheads, batch)](
         out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
     )
 
-    meta = seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, prob.is_varlen)
+    seq_args = seqlen_args(q, k, meta)
     flags = dict(
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
-        IS_VARLEN=prob.is_varlen, HAS_SEQUSED=seqused_k is not None,
+        IS_VARLEN=prob.is_varlen, HAS_SEQUSED=meta is not None and meta.seqused_k is not None,
         HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
         INPUT_PRECISION=configs.input_precision(q.dtype),
     )
@@ -379,17 +391,17 @@ def attention_backward(
 
     def launch_dkdv(cfg: configs.KernelConfig) -> None:
         _bwd_dkdv_kernel[(triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)](
-            q, k, v, dout, lse2, delta, dk, dv, *meta[:3], *qkv_strides,
+            q, k, v, dout, lse2, delta, dk, dv, *seq_args, *qkv_strides,
             *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen), lb, lh,
-            *meta[3:], kv_group, *scalars, **cfg.launch_args(), **flags,
+            kv_group, prob.num_groups, *scalars, **cfg.launch_args(), **flags,
         )
 
     def launch_dq(cfg: configs.KernelConfig) -> None:
         num_m_blocks = triton.cdiv(prob.max_seqlen_q, cfg.block_m)
-        _bwd_dq_kernel[(num_m_blocks, prob.nheads, prob.batch)](
-            q, k, v, dout, lse2, delta, dq, *meta[:3], *qkv_strides,
+        _bwd_dq_kernel[(num_m_blocks * prob.num_groups, prob.nheads, prob.batch)](
+            q, k, v, dout, lse2, delta, dq, *seq_args, *qkv_strides,
             *dense_strides(dq, prob.is_varlen), lb, lh,
-            *meta[3:], kv_group, num_m_blocks, *scalars, **cfg.launch_args(), **flags,
+            kv_group, num_m_blocks, prob.num_groups, *scalars, **cfg.launch_args(), **flags,
         )
 
     launch_dkdv(configs.config_for("dkdv", q, prob, run=launch_dkdv))

@@ -37,22 +37,26 @@ def check_device(x, name: str = "q") -> None:
 
 @triton.jit
 def sequence_bounds(
-    b, CuSeqlensQ, CuSeqlensK, SequsedK,
+    b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
     seqlen_q, seqlen_k, total_q, total_k,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
 ):
-    """(q_start, sq, k_start, sk) of sequence ``b``.
+    """(q_start, sq, k_start, sk, sk_full) of entry (group ``g``, sequence ``b``).
 
-    Dense: starts are 0 (the batch stride does the offsetting). Varlen: read from
-    cu_seqlens and clamped into [0, total] so that bad metadata never reads out of bounds.
+    Varlen entries read their query segment [QStarts[g, b], QEnds[g, b]) and their keys
+    [CuSeqlensK[b], CuSeqlensK[b+1]), of which group g uses the first SequsedK[g, b]
+    (``sk``; ``sk_full`` is the whole sequence). Plain varlen is one group with
+    QStarts = cu_seqlens_q[:-1] and QEnds = cu_seqlens_q[1:]. Every value is clamped into
+    range so that bad metadata never reads out of bounds. Dense: starts are 0 (the batch
+    stride does the offsetting).
     """
     if IS_VARLEN:
-        q_start = tl.minimum(tl.maximum(tl.load(CuSeqlensQ + b), 0), total_q)
-        q_end = tl.minimum(tl.maximum(tl.load(CuSeqlensQ + b + 1), q_start), total_q)
+        q_start = tl.minimum(tl.maximum(tl.load(QStarts + g * stride_qmeta_g + b), 0), total_q)
+        q_end = tl.minimum(tl.maximum(tl.load(QEnds + g * stride_qmeta_g + b), q_start), total_q)
         k_start = tl.minimum(tl.maximum(tl.load(CuSeqlensK + b), 0), total_k)
         k_end = tl.minimum(tl.maximum(tl.load(CuSeqlensK + b + 1), k_start), total_k)
         sq = q_end - q_start
-        sk = k_end - k_start
+        sk_full = k_end - k_start
     else:
         # Tensors, not literals: callers take .to(int64) of them, and Triton turns an
         # int argument equal to 1 into a compile-time constant.
@@ -60,10 +64,11 @@ def sequence_bounds(
         q_start = zero
         k_start = zero
         sq = zero + seqlen_q
-        sk = zero + seqlen_k
+        sk_full = zero + seqlen_k
+    sk = sk_full
     if HAS_SEQUSED:
-        sk = tl.minimum(tl.maximum(tl.load(SequsedK + b), 0), sk)
-    return q_start, sq, k_start, sk
+        sk = tl.minimum(tl.maximum(tl.load(SequsedK + g * stride_used_g + b), 0), sk_full)
+    return q_start, sq, k_start, sk, sk_full
 
 
 @triton.jit
@@ -105,8 +110,8 @@ def query_block_ranges(
     """Query ranges that see keys [n0, n0 + BLOCK_N), the transpose of key_block_ranges.
 
     Returns (m_lo, a_end, b_end, m_hi) with the same phase meaning; the fully visible
-    phase also requires whole query blocks inside [0, sq). Keys past ``sk`` need no
-    mask here: the backward never stores their rows.
+    phase also requires whole query blocks inside [0, sq) and the key block inside
+    [0, sk) (groups of grouped attention see different prefixes of one key sequence).
     """
     diag = sk - sq
     last_key = n0 + BLOCK_N - 1
@@ -123,6 +128,9 @@ def query_block_ranges(
         m_hi = sq
         full_hi = sq
     full_hi = full_hi // BLOCK_M * BLOCK_M
+    # No key of the block in this prefix: nothing to do. Straddling its end: mask every block.
+    m_hi = tl.where(n0 >= sk, m_lo, m_hi)
+    full_hi = tl.where(n0 + BLOCK_N > sk, 0, full_hi)
     a_end = tl.minimum(tl.maximum(full_lo, m_lo), m_hi)
     b_end = tl.minimum(tl.maximum(full_hi, a_end), m_hi)
     return m_lo, a_end, b_end, m_hi

@@ -7,7 +7,6 @@ units (the softmax scale is pre-multiplied by log2(e)) so the exponentials are e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,7 +14,8 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import LOG2E, scaled_scores, check_device, key_block_ranges, sequence_bounds, visible
+from .common import check_device, key_block_ranges, scaled_scores, sequence_bounds, visible
+from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, seqlen_args
 
 
 @triton.jit
@@ -78,14 +78,14 @@ def _fwd_block_loop(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse,
-    CuSeqlensQ, CuSeqlensK, SequsedK,
+    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
-    seqlen_q, seqlen_k, total_q, total_k,
-    kv_group, num_m_blocks, num_splits,
+    kv_group, num_m_blocks, num_groups, num_splits,
     qk_scale_log2, softcap_in, softcap_out,
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -94,10 +94,12 @@ def _fwd_kernel(
     IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
     SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr,
 ):
-    """Grid: (num_m_blocks * num_splits, nheads, batch).
+    """Grid: (num_m_blocks * num_groups * num_splits, nheads, batch).
 
-    Writes out (q's dtype) and lse (float32, natural log), or with IS_SPLIT the
-    float32 partial out/lse of key split ``pid % num_splits`` for the combine kernel.
+    Axis 0 runs the splits, then the groups, of one query-block index together, so the
+    programs that share a sequence's K/V (grouped attention) are scheduled side by side
+    and find it in L2. Writes out (q's dtype) and lse (float32, natural log), or with
+    IS_SPLIT the float32 partial out/lse of its key split for the combine kernel.
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -105,10 +107,12 @@ def _fwd_kernel(
     if IS_SPLIT:
         split = pid % num_splits
         pid = pid // num_splits
+    g = pid % num_groups
     # Heaviest query blocks (most keys under a causal mask) first: shorter tail.
-    m_block = num_m_blocks - 1 - pid
-    q_start, sq, k_start, sk = sequence_bounds(
-        b, CuSeqlensQ, CuSeqlensK, SequsedK, seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED
+    m_block = num_m_blocks - 1 - pid // num_groups
+    q_start, sq, k_start, sk, _ = sequence_bounds(
+        b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED,
     )
     m0 = m_block * BLOCK_M
     if m0 >= sq:
@@ -248,107 +252,18 @@ def _combine_splits_kernel(
     tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_r, lse, mask=r_mask)
 
 
-@dataclass(frozen=True)
-class AttnProblem:
-    """Host-side description of one attention call, shared by forward and backward launchers.
-
-    Dense: q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d).
-    Varlen: q (total_q, nheads, d), k/v (total_k, nheads_k, d) with cu_seqlens.
-    """
-
-    batch: int
-    nheads: int
-    nheads_k: int
-    headdim: int
-    max_seqlen_q: int
-    max_seqlen_k: int
-    is_varlen: bool
-    softmax_scale: float
-    causal: bool
-    window_left: int
-    window_right: int
-    softcap: float
-
-    @property
-    def has_left(self) -> bool:
-        return self.window_left >= 0
-
-    @property
-    def has_right(self) -> bool:
-        return self.window_right >= 0
-
-    @property
-    def block_d(self) -> int:
-        return max(16, triton.next_power_of_2(self.headdim))
-
-    def scalar_args(self, log2_units: bool = True) -> tuple:
-        """(qk_scale, softcap_in, softcap_out): the score transform, in log2 units by default."""
-        unit = LOG2E if log2_units else 1.0
-        if self.softcap > 0:
-            return self.softmax_scale * unit, self.softmax_scale / self.softcap, self.softcap * unit
-        return self.softmax_scale * unit, 0.0, 0.0
-
-
-def make_problem(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    is_varlen: bool,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    softcap: float,
-    batch: int,
-) -> AttnProblem:
-    if causal:
-        window_right = 0
-    return AttnProblem(
-        batch=batch, nheads=q.shape[-2], nheads_k=k.shape[-2], headdim=q.shape[-1],
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_varlen=is_varlen,
-        softmax_scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
-        softcap=softcap,
-    )
-
-
-def dense_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int]:
-    """(batch, token, head) strides; varlen tensors have no batch axis (stride 0)."""
-    if is_varlen:
-        return 0, x.stride(0), x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
-
-
-def lse_strides(lse: torch.Tensor, is_varlen: bool) -> tuple[int, int]:
-    """(batch, head) strides of lse; the token stride is 1 in both layouts."""
-    if is_varlen:
-        return 0, lse.stride(0)
-    return lse.stride(0), lse.stride(1)
-
-
-def seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, is_varlen):
-    """Kernel arguments describing sequence geometry (pointers are dummies when unused)."""
-    if is_varlen:
-        dummy = cu_seqlens_q
-        return (cu_seqlens_q, cu_seqlens_k, seqused_k if seqused_k is not None else dummy,
-                0, 0, q.shape[0], k.shape[0])
-    dummy = q  # never dereferenced: IS_VARLEN / HAS_SEQUSED are compile-time false
-    return dummy, dummy, dummy, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
-
-
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     prob: AttnProblem,
-    cu_seqlens_q: Optional[torch.Tensor] = None,
-    cu_seqlens_k: Optional[torch.Tensor] = None,
-    seqused_k: Optional[torch.Tensor] = None,
+    meta: Optional[SeqMeta] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. Inputs must have a contiguous last dim; other strides are free.
+    """Launch the forward kernel (dense when ``meta`` is None, varlen/grouped otherwise).
+    Inputs must have a contiguous last dim; other strides are free.
 
     Returns out (q's shape and dtype, contiguous) and lse (float32: (batch, nheads, seqlen_q)
-    dense, (nheads, total_q) varlen).
+    dense, (nheads, total_q) varlen). Query rows that no entry covers are left unwritten.
     """
     check_device(q)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -360,7 +275,7 @@ def attention_forward(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    meta = seqlen_meta(q, k, cu_seqlens_q, cu_seqlens_k, seqused_k, prob.is_varlen)
+    seq_args = seqlen_args(q, k, meta)
 
     def launch(cfg: configs.KernelConfig) -> None:
         num_m_blocks = triton.cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
@@ -373,16 +288,16 @@ def attention_forward(
             lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
             out_view, lse_view = out_target[0], lse_target[0]
             split_strides = (out_target.stride(0), lse_target.stride(0))
-        _fwd_kernel[(num_m_blocks * num_splits, prob.nheads, prob.batch)](
-            q, k, v, out_target, lse_target, *meta[:3],
+        grid = (num_m_blocks * prob.num_groups * num_splits, prob.nheads, prob.batch)
+        _fwd_kernel[grid](
+            q, k, v, out_target, lse_target, *seq_args,
             *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
             *dense_strides(out_view, prob.is_varlen), split_strides[0],
             *lse_strides(lse_view, prob.is_varlen), split_strides[1],
-            *meta[3:],
-            prob.nheads // prob.nheads_k, num_m_blocks, num_splits,
+            prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
             *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right,
             HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
-            IS_VARLEN=prob.is_varlen, HAS_SEQUSED=seqused_k is not None,
+            IS_VARLEN=prob.is_varlen, HAS_SEQUSED=meta is not None and meta.seqused_k is not None,
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
             IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
             SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,

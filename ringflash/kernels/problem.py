@@ -1,0 +1,137 @@
+"""Host-side description of one attention call, shared by the forward and backward
+launchers: sizes and options (``AttnProblem``) and the sequence metadata of varlen and
+grouped calls (``SeqMeta``).
+
+Varlen geometry, in general form: G groups of B entries. Entry (g, b) attends the query
+rows ``[q_starts[g, b], q_ends[g, b])`` of q to the first ``seqused_k[g, b]`` keys of
+sequence b, ``k[cu_seqlens_k[b] : cu_seqlens_k[b + 1]]`` (all of them without
+``seqused_k``). Plain varlen is G = 1 with ``q_starts = cu_seqlens_q[:-1]`` and
+``q_ends = cu_seqlens_q[1:]`` (views, no copy); grouped attention has G > 1 query groups
+sharing one K/V buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from .common import LOG2E
+
+
+@dataclass(frozen=True)
+class SeqMeta:
+    q_starts: torch.Tensor  # (G, B) int32
+    q_ends: torch.Tensor  # (G, B) int32
+    cu_seqlens_k: torch.Tensor  # (B + 1,) int32
+    seqused_k: Optional[torch.Tensor]  # (G, B) int32 or None
+
+    @property
+    def num_groups(self) -> int:
+        return self.q_starts.shape[0]
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_k.shape[0] - 1
+
+    @staticmethod
+    def from_cu_seqlens(
+        cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, seqused_k: Optional[torch.Tensor] = None
+    ) -> "SeqMeta":
+        """Plain varlen (one group), as views of the caller's tensors."""
+        return SeqMeta(
+            cu_seqlens_q[:-1].unsqueeze(0), cu_seqlens_q[1:].unsqueeze(0), cu_seqlens_k,
+            None if seqused_k is None else seqused_k.unsqueeze(0),
+        )
+
+
+@dataclass(frozen=True)
+class AttnProblem:
+    """Sizes and options. Dense: q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k,
+    nheads_k, d). Varlen: q (total_q, nheads, d), k/v (total_k, nheads_k, d) with a SeqMeta;
+    ``batch`` is then the number of key sequences and ``max_seqlen_q`` the longest query
+    segment of any group."""
+
+    batch: int
+    nheads: int
+    nheads_k: int
+    headdim: int
+    max_seqlen_q: int
+    max_seqlen_k: int
+    is_varlen: bool
+    softmax_scale: float
+    causal: bool
+    window_left: int
+    window_right: int
+    softcap: float
+    num_groups: int = 1
+
+    @property
+    def has_left(self) -> bool:
+        return self.window_left >= 0
+
+    @property
+    def has_right(self) -> bool:
+        return self.window_right >= 0
+
+    @property
+    def block_d(self) -> int:
+        return max(16, triton.next_power_of_2(self.headdim))
+
+    def scalar_args(self, log2_units: bool = True) -> tuple:
+        """(qk_scale, softcap_in, softcap_out): the score transform, in log2 units by default."""
+        unit = LOG2E if log2_units else 1.0
+        if self.softcap > 0:
+            return self.softmax_scale * unit, self.softmax_scale / self.softcap, self.softcap * unit
+        return self.softmax_scale * unit, 0.0, 0.0
+
+
+def make_problem(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    meta: Optional[SeqMeta],
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    softcap: float,
+) -> AttnProblem:
+    if causal:
+        window_right = 0
+    is_varlen = meta is not None
+    return AttnProblem(
+        batch=meta.batch if is_varlen else q.shape[0], nheads=q.shape[-2], nheads_k=k.shape[-2],
+        headdim=q.shape[-1], max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_varlen=is_varlen,
+        softmax_scale=softmax_scale, causal=causal, window_left=window_left, window_right=window_right,
+        softcap=softcap, num_groups=meta.num_groups if is_varlen else 1,
+    )
+
+
+def dense_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides; varlen tensors have no batch axis (stride 0)."""
+    if is_varlen:
+        return 0, x.stride(0), x.stride(1)
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def lse_strides(lse: torch.Tensor, is_varlen: bool) -> tuple[int, int]:
+    """(batch, head) strides of lse; the token stride is 1 in both layouts."""
+    if is_varlen:
+        return 0, lse.stride(0)
+    return lse.stride(0), lse.stride(1)
+
+
+def seqlen_args(q: torch.Tensor, k: torch.Tensor, meta: Optional[SeqMeta]) -> tuple:
+    """The kernels' sequence arguments, in order: QStarts, QEnds, stride_qmeta_g,
+    CuSeqlensK, SequsedK, stride_used_g, seqlen_q, seqlen_k, total_q, total_k.
+    Unused pointers are dummies that the compile-time flags keep from being read."""
+    if meta is not None:
+        used = meta.seqused_k
+        return (meta.q_starts, meta.q_ends, meta.q_starts.stride(0), meta.cu_seqlens_k,
+                used if used is not None else meta.q_starts, used.stride(0) if used is not None else 0,
+                0, 0, q.shape[0], k.shape[0])
+    return q, q, 0, q, q, 0, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
