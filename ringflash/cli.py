@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 BENCHMARKS = {
     "kernels": "ringflash.bench.kernels",
+    "grouped": "ringflash.bench.grouped",
     "tune": "ringflash.bench.tune",
 }
 

@@ -178,3 +178,16 @@ def test_grouped_bad_inputs(gen, change, exc, pattern):
         args[key] = value
     with pytest.raises(exc, match=pattern):
         grouped_flash_attn_varlen_func(**args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_grouped_zigzag_real_size_gpu(gen, dtype):
+    """The zigzag local step at a real size: world size 4, rank 1, Llama-3 heads, mixed lengths."""
+    world, rank = 4, 1
+    lengths = [4096, 1024, 2048, 512]
+    cu_k = cu_seqlens_from_lengths(lengths, DEVICE)
+    cu_q, used, max_q = zigzag_group_ranges(cu_k, max(lengths), [rank, 2 * world - 1 - rank], 2 * world)
+    chunk = [n // (2 * world) for n in lengths]
+    case = GroupedCase(gen, lengths, [chunk, chunk], [u.tolist() for u in used], h=32, hk=8, d=128)
+    check_attention(case.grouped, case.reference, case.inputs(), dtype, extra=(True,))

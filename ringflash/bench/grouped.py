@@ -1,0 +1,169 @@
+"""``ringflash bench grouped``: the zigzag local step (rank 0's two chunks against the
+gathered K/V) for world sizes 2, 4 and 8, on one GPU.
+
+Llama-3-8B attention (32 query heads, 8 KV heads, d=128), bf16, causal, 8k tokens per
+rank; one packed batch of mixed lengths and one single sequence. Compared, forward and
+backward:
+
+* ``grouped``: the library's grouped kernels (design b) on precomputed metadata, as the
+  context-parallel strategy calls them;
+* ``2x ours``: two ``flash_attn_varlen_func`` calls (one per chunk, ``seqused_k`` prefixes);
+* ``2x fa2``: two calls of PyTorch's FA2 varlen; FA2's backward takes no ``seqused_k``, so
+  each chunk gets its key prefixes packed into their own buffer beforehand (not timed);
+* ``design a`` (forward only): one program per query-block index holding both chunks.
+
+K/V bytes are a model: each launch reads the K/V rows its programs need once from HBM
+(within a launch the programs sharing a tile run together and hit L2).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+import torch
+
+from ..autograd import FlashAttnFunc
+from ..grouped import zigzag_group_ranges
+from ..interface import flash_attn_varlen_func
+from ..kernels.problem import SeqMeta
+from .common import (
+    BWD_FLOP_FACTOR, AtenFlashVarlen, bench_ms, device_description, format_table, tflops, time_fwd_bwd,
+    varlen_flops, write_csv,
+)
+from .grouped_design_a import design_a_forward
+
+NHEADS, NHEADS_K, HEADDIM = 32, 8, 128
+TOKENS_PER_RANK = 8192
+
+
+def _lengths(world_size: int, case: str) -> list[int]:
+    total = TOKENS_PER_RANK * world_size
+    if case == "single":
+        return [total]
+    return [total // 2, total // 4, total // 8, total // 16, total // 16]
+
+
+def _pairs(sq: int, sk: int) -> int:
+    """Visible (query, key) pairs of bottom-right causal attention, sq <= sk."""
+    return sq * (sk - sq) + sq * (sq + 1) // 2
+
+
+def run_case(world_size: int, case: str, rank: int = 0, dtype=torch.bfloat16) -> dict:
+    lengths = _lengths(world_size, case)
+    chunks = [rank, 2 * world_size - 1 - rank]
+    dev = "cuda"
+    cu_k = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    max_k = max(lengths)
+    cu_q, used, max_q = zigzag_group_ranges(cu_k, max_k, chunks, 2 * world_size)
+    chunk_lens = [n // (2 * world_size) for n in lengths]
+    local = sum(chunk_lens)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    mk = lambda n, h: torch.randn(n, h, HEADDIM, device=dev, dtype=dtype, generator=gen)  # noqa: E731
+    q = mk(2 * local, NHEADS).requires_grad_()
+    k = mk(sum(lengths), NHEADS_K).requires_grad_()
+    v = mk(sum(lengths), NHEADS_K).requires_grad_()
+    dout = mk(2 * local, NHEADS)
+    meta = SeqMeta(
+        torch.stack([cu_q[0][:-1], cu_q[1][:-1] + local]), torch.stack([cu_q[0][1:], cu_q[1][1:] + local]),
+        cu_k, torch.stack(used),
+    )
+    scale = HEADDIM ** -0.5
+
+    def grouped(q, k, v):
+        return FlashAttnFunc.apply(q, k, v, meta, max(max_q), max_k, scale, True, -1, 0, 0.0)[0]
+
+    def two_ours(q, k, v):
+        outs = [flash_attn_varlen_func(qg, k, v, cu_q[g], cu_k, max_q[g], max_k, causal=True, seqused_k=used[g])
+                for g, qg in enumerate(q.split(local))]
+        return torch.cat(outs)
+
+    # FA2 baseline: each chunk's key prefixes packed into their own buffers, outside the timing.
+    prefix = [[(c + 1) * n for n in chunk_lens] for c in chunks]
+    starts = cu_k[:-1].tolist()
+    idx = [torch.cat([torch.arange(s, s + p, device=dev) for s, p in zip(starts, pre)]) for pre in prefix]
+    kv_fa2 = [(k.detach()[i].clone().requires_grad_(), v.detach()[i].clone().requires_grad_()) for i in idx]
+    cu_k_fa2 = [torch.tensor([0] + torch.tensor(pre).cumsum(0).tolist(), dtype=torch.int32, device=dev) for pre in prefix]
+
+    def two_fa2(q, *kv):
+        outs = [AtenFlashVarlen.apply(qg, kv[2 * g], kv[2 * g + 1], cu_q[g], cu_k_fa2[g], max_q[g], max(prefix[g]), True)
+                for g, qg in enumerate(q.split(local))]
+        return torch.cat(outs)
+
+    pairs = sum(_pairs(n, (c + 1) * n) for c in chunks for n in chunk_lens)
+    flops = 4.0 * NHEADS * HEADDIM * pairs
+    kv_row_bytes = NHEADS_K * HEADDIM * 2 * dtype.itemsize
+    row = dict(world_size=world_size, case=case, local_tokens=2 * local, kv_tokens=sum(lengths),
+               kv_mb_grouped=sum(max(p) for p in zip(*prefix)) * kv_row_bytes / 2**20,
+               kv_mb_two_calls=sum(sum(p) for p in prefix) * kv_row_bytes / 2**20)
+    with torch.no_grad():
+        ref = two_ours(q, k, v)
+        row["max_diff_vs_2x_ours"] = (grouped(q, k, v) - ref).abs().max().item()
+        row["max_diff_design_a"] = (design_a_forward(q, k, v, meta, max(max_q), scale)[0] - ref).abs().max().item()
+    for name, fn, inputs in (("grouped", grouped, (q, k, v)), ("2x_ours", two_ours, (q, k, v)),
+                             ("2x_fa2", two_fa2, (q, *[t for kv in kv_fa2 for t in kv]))):
+        fwd_ms, bwd_ms = time_fwd_bwd(fn, inputs, dout)
+        row[f"{name}_fwd_ms"], row[f"{name}_bwd_ms"] = fwd_ms, bwd_ms
+        row[f"{name}_fwd_tflops"], row[f"{name}_bwd_tflops"] = tflops(flops, fwd_ms), tflops(BWD_FLOP_FACTOR * flops, bwd_ms)
+    for bm, bn, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3)):
+        ms = bench_ms(lambda: design_a_forward(q, k, v, meta, max(max_q), scale, bm, bn, w, s))
+        if row.get("design_a_fwd_ms") is None or ms < row["design_a_fwd_ms"]:
+            row["design_a_fwd_ms"], row["design_a_cfg"] = ms, f"{bm}x{bn} w{w} s{s}"
+    # The dense (non-grouped) kernel's rate on the gathered sequences, causal: the yardstick
+    # for "grouped runs at the dense kernel's TFLOP/s".
+    dense_fwd, dense_bwd = time_fwd_bwd(
+        lambda q_, k_, v_: flash_attn_varlen_func(q_, k_, v_, cu_k, cu_k, max_k, max_k, causal=True),
+        (mk(sum(lengths), NHEADS).requires_grad_(), k, v), mk(sum(lengths), NHEADS))
+    dense_flops = varlen_flops(lengths, NHEADS, HEADDIM, True)
+    row["dense_fwd_tflops"], row["dense_bwd_tflops"] = tflops(dense_flops, dense_fwd), tflops(BWD_FLOP_FACTOR * dense_flops, dense_bwd)
+    return row
+
+
+def _r(a: Optional[float], b: Optional[float]) -> str:
+    return f"{a / b:.2f}" if a and b else "-"
+
+
+def summarize(rows: list[dict]) -> str:
+    header = ["W", "case", "fwd ms grouped / 2x ours / 2x fa2 / design a", "fwd speedup vs 2x ours",
+              "bwd ms grouped / 2x ours / 2x fa2", "bwd speedup vs 2x ours",
+              "TFLOP/s grouped fwd/bwd (dense kernel)", "K/V MB grouped / 2 calls"]
+    table = []
+    for r in rows:
+        table.append([
+            r["world_size"], r["case"],
+            f"{r['grouped_fwd_ms']:.3f} / {r['2x_ours_fwd_ms']:.3f} / {r['2x_fa2_fwd_ms']:.3f} / {r['design_a_fwd_ms']:.3f}",
+            _r(r["2x_ours_fwd_ms"], r["grouped_fwd_ms"]),
+            f"{r['grouped_bwd_ms']:.3f} / {r['2x_ours_bwd_ms']:.3f} / {r['2x_fa2_bwd_ms']:.3f}",
+            _r(r["2x_ours_bwd_ms"], r["grouped_bwd_ms"]),
+            f"{r['grouped_fwd_tflops']:.0f}/{r['grouped_bwd_tflops']:.0f} ({r['dense_fwd_tflops']:.0f}/{r['dense_bwd_tflops']:.0f})",
+            f"{r['kv_mb_grouped']:.0f} / {r['kv_mb_two_calls']:.0f}",
+        ])
+    fwd = [r["2x_ours_fwd_ms"] / r["grouped_fwd_ms"] for r in rows]
+    bwd = [r["2x_ours_bwd_ms"] / r["grouped_bwd_ms"] for r in rows]
+    summary = (f"\ngrouped vs 2x ours: forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
+               f"backward mean {sum(bwd) / len(bwd):.3f} (min {min(bwd):.3f})")
+    return format_table(header, table) + summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ringflash bench grouped")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--cases", nargs="+", default=["mixed", "single"], choices=["mixed", "single"])
+    parser.add_argument("--csv", default="bench_out/grouped.csv")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("ringflash bench grouped needs a CUDA GPU")
+    print(f"device: {device_description()}", flush=True)
+    rows = []
+    for w in args.world_sizes:
+        for case in args.cases:
+            rows.append(run_case(w, case))
+            r = rows[-1]
+            print(f"  W={w} {case}: grouped {r['grouped_fwd_ms']:.3f}/{r['grouped_bwd_ms']:.3f} ms, "
+                  f"2x ours {r['2x_ours_fwd_ms']:.3f}/{r['2x_ours_bwd_ms']:.3f}, design a fwd {r['design_a_fwd_ms']:.3f} "
+                  f"({r['design_a_cfg']}), diffs {r['max_diff_vs_2x_ours']:.1e}/{r['max_diff_design_a']:.1e}", flush=True)
+    keys = sorted({k for r in rows for k in r})
+    write_csv(args.csv, keys, [[r.get(k) for k in keys] for r in rows])
+    print()
+    print(summarize(rows))
+    return 0
