@@ -27,9 +27,24 @@ def _case_inputs(d: int, seqlen: int, varlen: bool = False):
     return [mk().requires_grad_() for _ in range(3)], mk()
 
 
-def _run_once(d: int, seqlen: int, causal: bool) -> None:
-    from ..interface import flash_attn_func
+#: seqlen value that selects the Llama-3-8B varlen case of `bench kernels` instead of a dense one.
+LLAMA_VARLEN = 0
 
+
+def _run_once(d: int, seqlen: int, causal: bool) -> None:
+    from ..interface import flash_attn_func, flash_attn_varlen_func
+
+    if seqlen == LLAMA_VARLEN:
+        from .kernels import LLAMA_LENGTHS
+
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        total, max_len = sum(LLAMA_LENGTHS), max(LLAMA_LENGTHS)
+        cu = torch.tensor([0] + torch.tensor(LLAMA_LENGTHS).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+        mk = lambda h: torch.randn(total, h, 128, device="cuda", dtype=torch.bfloat16, generator=gen)  # noqa: E731
+        q, k, v = mk(32).requires_grad_(), mk(8).requires_grad_(), mk(8).requires_grad_()
+        out = flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=causal)
+        torch.autograd.grad(out, (q, k, v), mk(32))
+        return
     (q, k, v), dout = _case_inputs(d, seqlen)
     out = flash_attn_func(q, k, v, causal=causal)
     torch.autograd.grad(out, (q, k, v), dout)
@@ -83,6 +98,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-ablations", action="store_true")
     parser.add_argument("--only-splits", action="store_true", help="run only the split-KV sweep")
     parser.add_argument("--only-overhead", action="store_true", help="run only the host-overhead probe")
+    parser.add_argument("--llama-varlen", action="store_true",
+                        help="tune on the Llama-3-8B varlen case of `bench kernels` (GQA 32/8, d=128) instead")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ringflash bench tune needs a CUDA GPU")
@@ -96,7 +113,10 @@ def main(argv=None) -> int:
     if args.only_overhead:
         host_overhead()
         return 0
-    cases = [(d, args.seqlen, c) for d in args.headdims for c in (False, True)]
+    if args.llama_varlen:
+        cases = [(128, LLAMA_VARLEN, c) for c in (False, True)]
+    else:
+        cases = [(d, args.seqlen, c) for d in args.headdims for c in (False, True)]
     precompile(cases, args.workers)
 
     os.environ["RINGFLASH_AUTOTUNE"] = "1"
@@ -105,7 +125,13 @@ def main(argv=None) -> int:
         configs._tuned.clear()
         configs.tuning_log.clear()
         _run_once(d, seqlen, causal)
-        flops = attn_flops(TOKENS // seqlen, 2048 // d, seqlen, seqlen, d, causal)
+        if seqlen == LLAMA_VARLEN:
+            from .common import varlen_flops
+            from .kernels import LLAMA_LENGTHS
+
+            flops = varlen_flops(LLAMA_LENGTHS, 32, 128, causal)
+        else:
+            flops = attn_flops(TOKENS // seqlen, 2048 // d, seqlen, seqlen, d, causal)
         for key, log in configs.tuning_log.items():
             kind = key[0]
             timed = sorted((ms, str(cfg)) for cfg, ms in log if ms is not None)
@@ -123,7 +149,7 @@ def main(argv=None) -> int:
             for causal, cfg in by_c.items():
                 print(f"  {kind} d={d} causal={causal}: {cfg}")
 
-    if args.skip_ablations or 128 not in winners["fwd"]:
+    if args.skip_ablations or args.llama_varlen or 128 not in winners["fwd"]:
         return 0
     split_sweep()
     # Technique switches on the forward, each against the tuned config, d=128.
