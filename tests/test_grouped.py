@@ -145,9 +145,12 @@ def test_zigzag_group_ranges_rejects_indivisible_lengths():
         zigzag_group_ranges(cu_seqlens_from_lengths([8, 4]), 8, [0, 4], 4)
 
 
-def test_grouped_split_kv_and_block_shapes(gen):
-    case = GroupedCase(gen, [70, 9], [[5, 9], [3, 2]], [[70, 9], [40, 0]], h=2, hk=1)
-    with configs.override(num_splits=3, fwd=configs.KernelConfig(16, 32, 4, 1), dkdv=configs.KernelConfig(32, 16, 4, 1)):
+@pytest.mark.parametrize("group_major", [False, True])
+def test_grouped_split_kv_block_shapes_and_order(gen, group_major):
+    case = GroupedCase(gen, [70, 9], [[5, 9], [35, 2]], [[70, 9], [40, 0]], h=2, hk=1)
+    fwd = configs.KernelConfig(16, 32, 4, 1, group_major=group_major)
+    dq = configs.KernelConfig(16, 32, 4, 1, group_major=group_major)
+    with configs.override(num_splits=3, fwd=fwd, dq=dq, dkdv=configs.KernelConfig(32, 16, 4, 1)):
         check_attention(case.grouped, case.reference, case.inputs(), torch.float32, extra=(True,))
 
 

@@ -19,6 +19,7 @@ K/V bytes are a model: each launch reads the K/V rows its programs need once fro
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -26,7 +27,8 @@ import torch
 from ..autograd import FlashAttnFunc
 from ..grouped import zigzag_group_ranges
 from ..interface import flash_attn_varlen_func
-from ..kernels.problem import SeqMeta
+from ..kernels import configs
+from ..kernels.problem import SeqMeta, make_problem
 from .common import (
     BWD_FLOP_FACTOR, AtenFlashVarlen, bench_ms, device_description, format_table, tflops, time_fwd_bwd,
     varlen_flops, write_csv,
@@ -100,9 +102,14 @@ def run_case(world_size: int, case: str, rank: int = 0, dtype=torch.bfloat16) ->
         ref = two_ours(q, k, v)
         row["max_diff_vs_2x_ours"] = (grouped(q, k, v) - ref).abs().max().item()
         row["max_diff_design_a"] = (design_a_forward(q, k, v, meta, max(max_q), scale)[0] - ref).abs().max().item()
-    for name, fn, inputs in (("grouped", grouped, (q, k, v)), ("2x_ours", two_ours, (q, k, v)),
-                             ("2x_fa2", two_fa2, (q, *[t for kv in kv_fa2 for t in kv]))):
-        fwd_ms, bwd_ms = time_fwd_bwd(fn, inputs, dout)
+    prob = make_problem(q, k, meta, max(max_q), max_k, scale, True, -1, 0, 0.0)
+    group_major = {kind: replace(configs.config_for(kind, q, prob), group_major=True) for kind in ("fwd", "dq")}
+    variants = (("grouped", grouped, (q, k, v), {}), ("grouped_gm", grouped, (q, k, v), group_major),
+                ("2x_ours", two_ours, (q, k, v), {}),
+                ("2x_fa2", two_fa2, (q, *[t for kv in kv_fa2 for t in kv]), {}))
+    for name, fn, inputs, overrides in variants:
+        with configs.override(**overrides):
+            fwd_ms, bwd_ms = time_fwd_bwd(fn, inputs, dout)
         row[f"{name}_fwd_ms"], row[f"{name}_bwd_ms"] = fwd_ms, bwd_ms
         row[f"{name}_fwd_tflops"], row[f"{name}_bwd_tflops"] = tflops(flops, fwd_ms), tflops(BWD_FLOP_FACTOR * flops, bwd_ms)
     for bm, bn, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3)):
@@ -124,25 +131,28 @@ def _r(a: Optional[float], b: Optional[float]) -> str:
 
 
 def summarize(rows: list[dict]) -> str:
-    header = ["W", "case", "fwd ms grouped / 2x ours / 2x fa2 / design a", "fwd speedup vs 2x ours",
-              "bwd ms grouped / 2x ours / 2x fa2", "bwd speedup vs 2x ours",
+    header = ["W", "case", "fwd ms grouped / group-major / 2x ours / 2x fa2 / design a", "fwd speedup vs 2x ours (grouped / group-major)",
+              "bwd ms grouped / group-major / 2x ours / 2x fa2", "bwd speedup vs 2x ours (grouped / group-major)",
               "TFLOP/s grouped fwd/bwd (dense kernel)", "K/V MB grouped / 2 calls"]
     table = []
     for r in rows:
         table.append([
             r["world_size"], r["case"],
-            f"{r['grouped_fwd_ms']:.3f} / {r['2x_ours_fwd_ms']:.3f} / {r['2x_fa2_fwd_ms']:.3f} / {r['design_a_fwd_ms']:.3f}",
-            _r(r["2x_ours_fwd_ms"], r["grouped_fwd_ms"]),
-            f"{r['grouped_bwd_ms']:.3f} / {r['2x_ours_bwd_ms']:.3f} / {r['2x_fa2_bwd_ms']:.3f}",
-            _r(r["2x_ours_bwd_ms"], r["grouped_bwd_ms"]),
+            f"{r['grouped_fwd_ms']:.3f} / {r['grouped_gm_fwd_ms']:.3f} / {r['2x_ours_fwd_ms']:.3f} / "
+            f"{r['2x_fa2_fwd_ms']:.3f} / {r['design_a_fwd_ms']:.3f}",
+            f"{_r(r['2x_ours_fwd_ms'], r['grouped_fwd_ms'])} / {_r(r['2x_ours_fwd_ms'], r['grouped_gm_fwd_ms'])}",
+            f"{r['grouped_bwd_ms']:.3f} / {r['grouped_gm_bwd_ms']:.3f} / {r['2x_ours_bwd_ms']:.3f} / {r['2x_fa2_bwd_ms']:.3f}",
+            f"{_r(r['2x_ours_bwd_ms'], r['grouped_bwd_ms'])} / {_r(r['2x_ours_bwd_ms'], r['grouped_gm_bwd_ms'])}",
             f"{r['grouped_fwd_tflops']:.0f}/{r['grouped_bwd_tflops']:.0f} ({r['dense_fwd_tflops']:.0f}/{r['dense_bwd_tflops']:.0f})",
             f"{r['kv_mb_grouped']:.0f} / {r['kv_mb_two_calls']:.0f}",
         ])
-    fwd = [r["2x_ours_fwd_ms"] / r["grouped_fwd_ms"] for r in rows]
-    bwd = [r["2x_ours_bwd_ms"] / r["grouped_bwd_ms"] for r in rows]
-    summary = (f"\ngrouped vs 2x ours: forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
-               f"backward mean {sum(bwd) / len(bwd):.3f} (min {min(bwd):.3f})")
-    return format_table(header, table) + summary
+    lines = []
+    for variant in ("grouped", "grouped_gm"):
+        fwd = [r["2x_ours_fwd_ms"] / r[f"{variant}_fwd_ms"] for r in rows]
+        bwd = [r["2x_ours_bwd_ms"] / r[f"{variant}_bwd_ms"] for r in rows]
+        lines.append(f"{variant} vs 2x ours: forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
+                     f"backward mean {sum(bwd) / len(bwd):.3f} (min {min(bwd):.3f})")
+    return format_table(header, table) + "\n" + "\n".join(lines)
 
 
 def main(argv=None) -> int:

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, interpreting, key_block_ranges, query_block_ranges, scaled_scores, sequence_bounds, visible,
+    check_device, interpreting, key_block_ranges, query_block_ranges, scaled_scores, schedule, sequence_bounds,
+    visible,
 )
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, seqlen_args
 
@@ -268,12 +269,10 @@ def _bwd_dq_kernel(
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_MAJOR: tl.constexpr,
 ):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * num_groups, nheads, batch), groups adjacent."""
-    pid = tl.program_id(0)
-    g = pid % num_groups
-    m_block = num_m_blocks - 1 - pid // num_groups
+    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * num_groups, nheads, batch); order as the forward's."""
+    g, m_block = schedule(tl.program_id(0), num_m_blocks, num_groups, GROUP_MAJOR)
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, sq, k_start, sk, _ = sequence_bounds(
@@ -402,6 +401,7 @@ def attention_backward(
             q, k, v, dout, lse2, delta, dq, *seq_args, *qkv_strides,
             *dense_strides(dq, prob.is_varlen), lb, lh,
             kv_group, num_m_blocks, prob.num_groups, *scalars, **cfg.launch_args(), **flags,
+            GROUP_MAJOR=cfg.group_major,
         )
 
     launch_dkdv(configs.config_for("dkdv", q, prob, run=launch_dkdv))

@@ -72,6 +72,23 @@ def sequence_bounds(
 
 
 @triton.jit
+def schedule(pid, num_m_blocks, num_groups, GROUP_MAJOR: tl.constexpr):
+    """(group, query block) of program ``pid`` along axis 0.
+
+    Query blocks run heaviest first (last block first: under a causal mask it sees the most
+    keys), for a shorter tail. Groups are interleaved per query-block index (programs that
+    share K/V run together), or with GROUP_MAJOR one group after another, last group first.
+    """
+    if GROUP_MAJOR:
+        g = num_groups - 1 - pid // num_m_blocks
+        m_block = num_m_blocks - 1 - pid % num_m_blocks
+    else:
+        g = pid % num_groups
+        m_block = num_m_blocks - 1 - pid // num_groups
+    return g, m_block
+
+
+@triton.jit
 def key_block_ranges(
     m0, sq, sk, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,

@@ -37,6 +37,9 @@ class KernelConfig:
     kv_cache: str = ""  # cache modifier on K/V loads ("" or ".cg")
     split_phases: bool = True  # unmasked middle loop apart from the masked edge blocks
     exp2: bool = True  # exp2 with log2(e) folded into the scale, instead of exp
+    # Grouped attention (forward and dQ): launch all programs of one group before the next,
+    # last group first, instead of interleaving the groups of each query-block index.
+    group_major: bool = False
 
     def launch_args(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
@@ -62,11 +65,13 @@ def headdim_bucket(d: int) -> int:
     return 64 if d <= 64 else 128 if d <= 128 else 256
 
 
-# (compute capability) -> kind -> (head-dim bucket, causal) -> config. The sm_90 entries are
-# the winners of `ringflash bench tune` on an H100 (bf16, 16k tokens at seqlen 4k; the log
-# is summarized in docs/benchmarks.md). Causal and full attention favour different shapes.
+# (compute capability) -> kind -> (head-dim bucket, causal[, gqa]) -> config. The sm_90
+# entries are the winners of `ringflash bench tune` on an H100 (bf16, 16k tokens at seqlen
+# 4k, and `--llama-varlen` for the GQA entries; summarized in docs/benchmarks.md). Causal
+# and full attention favour different shapes; under GQA the dK/dV program loops over the
+# query heads of its group and prefers wider key blocks. Lookup tries the GQA key first.
 _C = KernelConfig
-TABLE: dict[tuple[int, int], dict[str, dict[tuple[int, bool], KernelConfig]]] = {
+TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
     (9, 0): {
         "fwd": {
             (64, False): _C(64, 64, 4, 3), (64, True): _C(128, 64, 4, 3),
@@ -75,12 +80,12 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple[int, bool], KernelConfig]]] = 
         },
         "dkdv": {
             (64, False): _C(64, 128, 4, 3), (64, True): _C(64, 64, 4, 2),
-            (128, False): _C(64, 128, 8, 3), (128, True): _C(64, 64, 4, 2),
+            (128, False): _C(64, 128, 8, 3), (128, True): _C(64, 64, 4, 2), (128, True, True): _C(64, 128, 8, 3),
             (256, False): _C(32, 64, 4, 2), (256, True): _C(32, 64, 4, 2),
         },
         "dq": {
             (64, False): _C(64, 64, 4, 3), (64, True): _C(128, 64, 4, 4),
-            (128, False): _C(128, 64, 8, 4), (128, True): _C(128, 64, 8, 3),
+            (128, False): _C(128, 64, 8, 4), (128, True): _C(128, 64, 8, 3), (128, True, True): _C(128, 64, 8, 4),
             (256, False): _C(64, 32, 4, 2), (256, True): _C(64, 32, 4, 2),
         },
     },
@@ -203,7 +208,9 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
     table = TABLE.get(_capability(q.device), {}).get(kind, {})
     # A sliding window behaves like the causal band: few blocks per row, masked edges.
     banded = prob.causal or prob.has_left or prob.has_right
-    return table.get((headdim_bucket(prob.headdim), banded), DEFAULT[kind])
+    key = (headdim_bucket(prob.headdim), banded)
+    gqa_key = key + (prob.nheads > prob.nheads_k,)
+    return table.get(gqa_key, table.get(key, DEFAULT[kind]))
 
 
 #: Upper bound on split-KV fan-out (the combine kernel holds all splits of a row at once).

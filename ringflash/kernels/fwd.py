@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import check_device, key_block_ranges, scaled_scores, sequence_bounds, visible
+from .common import check_device, key_block_ranges, scaled_scores, schedule, sequence_bounds, visible
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, seqlen_args
 
 
@@ -92,13 +92,13 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
-    SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr,
+    SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_MAJOR: tl.constexpr,
 ):
     """Grid: (num_m_blocks * num_groups * num_splits, nheads, batch).
 
-    Axis 0 runs the splits, then the groups, of one query-block index together, so the
-    programs that share a sequence's K/V (grouped attention) are scheduled side by side
-    and find it in L2. Writes out (q's dtype) and lse (float32, natural log), or with
+    Axis 0 runs the splits of one (group, query block) together, then (see ``schedule``)
+    the groups of one query-block index side by side, so that the programs sharing a
+    sequence's K/V (grouped attention) find it in L2. Writes out (q's dtype) and lse (float32, natural log), or with
     IS_SPLIT the float32 partial out/lse of its key split for the combine kernel.
     """
     pid = tl.program_id(0)
@@ -107,9 +107,7 @@ def _fwd_kernel(
     if IS_SPLIT:
         split = pid % num_splits
         pid = pid // num_splits
-    g = pid % num_groups
-    # Heaviest query blocks (most keys under a causal mask) first: shorter tail.
-    m_block = num_m_blocks - 1 - pid // num_groups
+    g, m_block = schedule(pid, num_m_blocks, num_groups, GROUP_MAJOR)
     q_start, sq, k_start, sk, _ = sequence_bounds(
         b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
         seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED,
@@ -300,7 +298,7 @@ def attention_forward(
             IS_VARLEN=prob.is_varlen, HAS_SEQUSED=meta is not None and meta.seqused_k is not None,
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
             IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
-            SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,
+            SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_MAJOR=cfg.group_major,
             **cfg.launch_args(),
         )
         if num_splits > 1:
