@@ -38,8 +38,10 @@ class KernelConfig:
     split_phases: bool = True  # unmasked middle loop apart from the masked edge blocks
     exp2: bool = True  # exp2 with log2(e) folded into the scale, instead of exp
     # Grouped attention (forward and dQ): launch all programs of one group before the next,
-    # last group first, instead of interleaving the groups of each query-block index.
-    group_major: bool = False
+    # last group first (True), or interleave the groups of each query-block index so that
+    # they share K/V in L2 (False). Group-major measured faster on average on an H100
+    # (docs/benchmarks.md); with one group both orders are the same.
+    group_major: bool = True
 
     def launch_args(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
