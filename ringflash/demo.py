@@ -58,6 +58,25 @@ def _torch_sdpa(q, k, v, causal):
     return out.transpose(1, 2)
 
 
+def _grouped_zigzag(q, k, v, causal):
+    """Grouped attention as the zigzag local step of world size 1: each sequence's two
+    halves are the two query groups, against prefixes of the shared K/V. Together they
+    equal causal attention over the whole sequences."""
+    from .grouped import grouped_flash_attn_varlen_func, zigzag_group_ranges
+
+    if not causal:
+        raise ValueError("the zigzag step is causal")
+    b, s, h, d = q.shape
+    cu_k = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+    cu_q, used, max_q = zigzag_group_ranges(cu_k, s, [0, 1], 2)
+    halves = q.reshape(b, 2, s // 2, h, d)
+    q_list = [halves[:, c].reshape(b * s // 2, h, d) for c in (0, 1)]
+    outs, _ = grouped_flash_attn_varlen_func(
+        q_list, k.reshape(b * s, -1, d), v.reshape(b * s, -1, d), cu_q, cu_k, used, max_q, s
+    )
+    return torch.stack([o.reshape(b, s // 2, h, d) for o in outs], dim=1).reshape(b, s, h, d)
+
+
 def implementations() -> dict[str, Implementation]:
     impls: dict[str, Implementation] = {
         "torch sdpa": _torch_sdpa,
@@ -68,6 +87,7 @@ def implementations() -> dict[str, Implementation]:
     except ImportError:
         return impls
     impls["ringflash triton"] = lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
+    impls["ringflash grouped (zigzag step)"] = _grouped_zigzag
     return impls
 
 
