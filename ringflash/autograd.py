@@ -30,7 +30,7 @@ class FlashAttnFunc(torch.autograd.Function):
         window_right: int,
         softcap: float,
     ):
-        seq = (None, None, None, None) if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k)
+        seq = (None,) * 5 if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag)
         args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
         out, lse = ops.fwd(q, k, v, *seq, *args)
         ctx.save_for_backward(q, k, v, out, lse, *seq)
@@ -60,7 +60,7 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
         V.check_rank("V", Vt, 3, "(batch, n_keys, d)")
         shape = V.check_dense_qkv(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2))
         args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, bool(is_causal), -1, -1, 0.0)
-        out, lse = ops.fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, None, *args)
+        out, lse = ops.fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, None, None, *args)
         O, L = out.squeeze(2), lse.squeeze(1)
         ctx.save_for_backward(Q, K, Vt, O, L)
         ctx.args = args
@@ -71,6 +71,6 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
         Q, K, Vt, O, L = ctx.saved_tensors
         dq, dk, dv = ops.bwd(
             dO.unsqueeze(2), Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), O.unsqueeze(2), L.unsqueeze(1),
-            None, None, None, None, *ctx.args,
+            None, None, None, None, None, *ctx.args,
         )
         return dq.squeeze(2), dk.squeeze(2), dv.squeeze(2), None

@@ -4,8 +4,8 @@ without graph breaks.
 
 ``ringflash::attn_fwd`` -> (out, lse) and ``ringflash::attn_bwd`` -> (dq, dk, dv). Dense
 when ``q_starts`` is None; varlen or grouped otherwise, with the metadata of
-``ringflash.kernels.problem.SeqMeta`` (q_starts, q_ends, seqused_k: (groups, batch) int32;
-cu_seqlens_k: (batch + 1,)). Layouts as in ``ringflash.interface``.
+``ringflash.kernels.problem.SeqMeta`` (q_starts, q_ends, seqused_k, diag: (groups, batch)
+int32; cu_seqlens_k: (batch + 1,)). Layouts as in ``ringflash.interface``.
 
 Eager calls skip the dispatcher (``fwd``/``bwd`` below call the implementations directly):
 the custom op only matters while ``torch.compile`` traces, and on a slow host its dispatch
@@ -29,8 +29,8 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _meta(q_starts, q_ends, cu_seqlens_k, seqused_k) -> Optional[SeqMeta]:
-    return None if q_starts is None else SeqMeta(q_starts, q_ends, cu_seqlens_k, seqused_k)
+def _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag) -> Optional[SeqMeta]:
+    return None if q_starts is None else SeqMeta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
 
 
 def _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap) -> AttnProblem:
@@ -49,6 +49,7 @@ def _attn_fwd_impl(
     q_ends: Optional[torch.Tensor],
     cu_seqlens_k: Optional[torch.Tensor],
     seqused_k: Optional[torch.Tensor],
+    diag: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
     softmax_scale: float,
@@ -57,7 +58,7 @@ def _attn_fwd_impl(
     window_right: int,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k)
+    meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     return attention_forward(q, k, v, prob, meta)
@@ -67,7 +68,7 @@ attn_fwd = torch.library.custom_op("ringflash::attn_fwd", mutates_args=())(_attn
 
 
 @attn_fwd.register_fake
-def _(q, k, v, q_starts, q_ends, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+def _(q, k, v, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
       softmax_scale, causal, window_left, window_right, softcap):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, q_starts is not None), dtype=torch.float32)
@@ -85,6 +86,7 @@ def _attn_bwd_impl(
     q_ends: Optional[torch.Tensor],
     cu_seqlens_k: Optional[torch.Tensor],
     seqused_k: Optional[torch.Tensor],
+    diag: Optional[torch.Tensor],
     max_seqlen_q: int,
     max_seqlen_k: int,
     softmax_scale: float,
@@ -93,7 +95,7 @@ def _attn_bwd_impl(
     window_right: int,
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k)
+    meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
     return attention_backward(dout, q, k, v, out, lse, prob, meta)
@@ -103,7 +105,7 @@ attn_bwd = torch.library.custom_op("ringflash::attn_bwd", mutates_args=())(_attn
 
 
 @attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, q_starts, q_ends, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+def _(dout, q, k, v, out, lse, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
       softmax_scale, causal, window_left, window_right, softcap):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),

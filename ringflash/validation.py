@@ -190,24 +190,11 @@ def check_varlen_qkv(
     max_headdim: Optional[int] = MAX_HEADDIM,
 ) -> VarlenShape:
     """q (total_q, nheads, d); k, v (total_k, nheads_k, d); cu_seqlens int32 (batch + 1,)."""
-    check_rank("q", q, 3, "(total_q, nheads, headdim)")
-    check_rank("k", k, 3, "(total_k, nheads_k, headdim)")
-    check_rank("v", v, 3, "(total_k, nheads_k, headdim)")
-    check_dtype("q", q, dtypes)
-    check_same_dtype(("q", "k", "v"), (q, k, v))
     check_same_device(
         ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k"),
         (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k),
     )
-    total_q, h, d = q.shape
-    if v.shape[:2] != k.shape[:2]:
-        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's (total_k, nheads_k) {tuple(k.shape[:2])}")
-    if k.shape[2] != d:
-        raise ValueError(f"k: head dim {k.shape[2]} differs from q's head dim {d}; expected {d}")
-    if v.shape[2] != d:
-        raise ValueError(f"v: head dim {v.shape[2]} differs from q's head dim {d}; expected {d}")
-    check_headdim("q", d, max_headdim)
-    check_heads(h, k.shape[1])
+    total_q, h, d = check_packed_qkv(q, k, v, dtypes=dtypes, max_headdim=max_headdim)
     batch = check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q)
     batch_k = check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
     if batch_k != batch:
@@ -227,6 +214,33 @@ def check_varlen_qkv(
     if seqused_k is not None:
         check_seqused_values(seqused_k, cu_seqlens_k)
     return VarlenShape(batch, total_q, k.shape[0], h, k.shape[1], d)
+
+
+def check_packed_qkv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    dtypes: Sequence[torch.dtype] = KERNEL_DTYPES,
+    max_headdim: Optional[int] = MAX_HEADDIM,
+) -> tuple[int, int, int]:
+    """q (tokens_q, nheads, d); k, v (tokens_k, nheads_k, d). Returns (tokens_q, nheads, d)."""
+    check_rank("q", q, 3, "(total_q, nheads, headdim)")
+    check_rank("k", k, 3, "(total_k, nheads_k, headdim)")
+    check_rank("v", v, 3, "(total_k, nheads_k, headdim)")
+    check_dtype("q", q, dtypes)
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    check_same_device(("q", "k", "v"), (q, k, v))
+    total_q, h, d = q.shape
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's (total_k, nheads_k) {tuple(k.shape[:2])}")
+    if k.shape[2] != d:
+        raise ValueError(f"k: head dim {k.shape[2]} differs from q's head dim {d}; expected {d}")
+    if v.shape[2] != d:
+        raise ValueError(f"v: head dim {v.shape[2]} differs from q's head dim {d}; expected {d}")
+    check_headdim("q", d, max_headdim)
+    check_heads(h, k.shape[1])
+    return total_q, h, d
 
 
 def check_max_seqlen(name: str, value: object) -> None:
@@ -250,7 +264,7 @@ def check_cu_seqlens_shape(name: str, cu: torch.Tensor) -> int:
     return cu.shape[0] - 1
 
 
-def _value_checks_enabled(t: torch.Tensor) -> bool:
+def value_checks_enabled(t: torch.Tensor) -> bool:
     if os.environ.get("RINGFLASH_CHECK_CU_SEQLENS", "1") == "0":
         return False
     if torch.compiler.is_compiling():
@@ -268,12 +282,12 @@ def _value_checks_enabled(t: torch.Tensor) -> bool:
 _checked: dict[int, tuple[weakref.ref, int, tuple]] = {}
 
 
-def _already_checked(t: torch.Tensor, facts: tuple) -> bool:
+def already_checked(t: torch.Tensor, facts: tuple) -> bool:
     entry = _checked.get(id(t))
     return entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == facts
 
 
-def _remember_checked(t: torch.Tensor, facts: tuple) -> None:
+def remember_checked(t: torch.Tensor, facts: tuple) -> None:
     if len(_checked) > 4096:
         for key in [key for key, (ref, _, _) in _checked.items() if ref() is None]:
             del _checked[key]
@@ -284,10 +298,10 @@ def check_cu_seqlens_values(
     name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: Optional[int]
 ) -> None:
     """cu[0] == 0, non-decreasing, cu[-1] == total and max(diff) <= max_seqlen. One sync per tensor object."""
-    if not _value_checks_enabled(cu):
+    if not value_checks_enabled(cu):
         return
     facts = ("cu", total, max_seqlen)
-    if _already_checked(cu, facts):
+    if already_checked(cu, facts):
         return
     diffs = cu[1:] - cu[:-1]
     stats = torch.stack([cu[0], cu[-1], diffs.min(), diffs.max()]).tolist()  # the one sync
@@ -300,15 +314,15 @@ def check_cu_seqlens_values(
         raise ValueError(f"{name}: last entry is {last}; expected the token count {total}")
     if max_seqlen is not None and max_len > max_seqlen:
         raise ValueError(f"{max_name}: got {max_seqlen} but the longest sequence in {name} has {max_len} tokens; expected >= {max_len}")
-    _remember_checked(cu, facts)
+    remember_checked(cu, facts)
 
 
 def check_seqused_values(seqused_k: torch.Tensor, cu_seqlens_k: torch.Tensor) -> None:
     """0 <= seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]."""
-    if not _value_checks_enabled(seqused_k):
+    if not value_checks_enabled(seqused_k):
         return
     facts = ("seqused", id(cu_seqlens_k), cu_seqlens_k._version)
-    if _already_checked(seqused_k, facts):
+    if already_checked(seqused_k, facts):
         return
     lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     lo, over = torch.stack([seqused_k.min(), (seqused_k - lens).max()]).tolist()
@@ -319,15 +333,15 @@ def check_seqused_values(seqused_k: torch.Tensor, cu_seqlens_k: torch.Tensor) ->
             f"seqused_k: an entry exceeds its sequence's key count by {over}; "
             "expected seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]"
         )
-    _remember_checked(seqused_k, facts)
+    remember_checked(seqused_k, facts)
 
 
 def check_divisible_lengths(name: str, cu: torch.Tensor, divisor: int) -> None:
     """Every sequence length of ``cu`` is a multiple of ``divisor``. One sync per tensor object."""
-    if not _value_checks_enabled(cu):
+    if not value_checks_enabled(cu):
         return
     facts = ("divisible", divisor)
-    if _already_checked(cu, facts):
+    if already_checked(cu, facts):
         return
     lens = cu[1:] - cu[:-1]
     bad = int((lens % divisor != 0).sum().item())
@@ -337,4 +351,4 @@ def check_divisible_lengths(name: str, cu: torch.Tensor, divisor: int) -> None:
             f"{name}: {bad} sequence length(s) are not multiples of {divisor} (e.g. {first}); "
             f"expected every length divisible by {divisor}"
         )
-    _remember_checked(cu, facts)
+    remember_checked(cu, facts)

@@ -7,8 +7,11 @@ import math
 import torch
 
 
-def naive_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None):
-    """q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d) float64, lse (b, h, sq) float64."""
+def naive_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None, diag=None):
+    """q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d) float64, lse (b, h, sq) float64.
+
+    Query row i sees key j iff i + diag - left <= j <= i + diag + right (diag defaults to
+    sk - sq, the bottom-right alignment)."""
     q, k, v = q.double(), k.double(), v.double()
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -16,6 +19,7 @@ def naive_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=N
     left, right = window
     if causal:
         right = 0
+    offset = sk - sq if diag is None else diag
     out = torch.zeros(b, sq, h, d, dtype=torch.float64)
     lse = torch.full((b, h, sq), float("-inf"), dtype=torch.float64)
     for bi in range(b):
@@ -24,7 +28,7 @@ def naive_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=N
             for i in range(sq):
                 keys = [
                     j for j in range(sk)
-                    if (right < 0 or j <= i + sk - sq + right) and (left < 0 or j >= i + sk - sq - left)
+                    if (right < 0 or j <= i + offset + right) and (left < 0 or j >= i + offset - left)
                 ]
                 if not keys:
                     continue

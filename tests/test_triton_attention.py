@@ -356,3 +356,47 @@ def test_torch_compile_varlen_fullgraph(gen):
     (g,) = torch.autograd.grad(out.sum(), (q,))
     (g_eager,) = torch.autograd.grad(eager.sum(), (q,))
     torch.testing.assert_close(g, g_eager)
+
+
+@pytest.mark.parametrize("window", [(-1, -1), (6, -1), (3, 2)])
+def test_explicit_diag_offsets(gen, window):
+    """Entries carrying their own diagonal (query row i sees key j iff j <= i + diag): the
+    geometry of context-parallel steps. Fully visible (diag >= sk), invisible (diag < -sq),
+    shifted diagonals, huge offsets (clamped), forward and backward, several groups."""
+    from naive import naive_attention
+    from ringflash.autograd import FlashAttnFunc
+    from ringflash.kernels.problem import SeqMeta
+
+    k_lengths = [40, 23, 17]
+    q_segments = [[(0, 20), (20, 33), (33, 40)], [(40, 52), (52, 60), (60, 60)]]  # (start, end) per group/seq
+    diags = [[5, 10**9, -3], [-(10**9), 17, 0]]
+    h, hk, d = 2, 1, 16
+    cu_k = cu_seqlens_from_lengths(k_lengths, DEVICE)
+    q64 = torch.randn(60, h, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    k64 = torch.randn(sum(k_lengths), hk, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    v64 = torch.randn(sum(k_lengths), hk, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    starts = torch.tensor([[a for a, _ in row] for row in q_segments], dtype=torch.int32, device=DEVICE)
+    ends = torch.tensor([[b for _, b in row] for row in q_segments], dtype=torch.int32, device=DEVICE)
+    diag_t = torch.tensor(diags, dtype=torch.int32, device=DEVICE)
+    meta = SeqMeta(starts, ends, cu_k, None, diag_t)
+    causal = window == (-1, -1)
+
+    def impl(q, k, v):
+        return FlashAttnFunc.apply(q, k, v, meta, 20, 40, d ** -0.5, causal, window[0], window[1], 0.0)
+
+    def ref(q, k, v):
+        kstart = 0
+        rows = {}
+        for b, n in enumerate(k_lengths):
+            for g in range(2):
+                a, e = q_segments[g][b]
+                if e > a:
+                    o, l = naive_attention(q[a:e].unsqueeze(0).cpu(), k[kstart:kstart + n].unsqueeze(0).cpu(),
+                                           v[kstart:kstart + n].unsqueeze(0).cpu(), causal=causal, window=window,
+                                           diag=max(min(diags[g][b], 1 << 29), -(1 << 29)))
+                    rows[a] = (o[0].to(q.device, q.dtype), l[0].to(q.device, q.dtype))
+            kstart += n
+        ordered = [rows[a] for a in sorted(rows)]
+        return torch.cat([o for o, _ in ordered]), torch.cat([l for _, l in ordered], dim=1)
+
+    check_attention(impl, ref, (q64, k64, v64), torch.float32)

@@ -16,9 +16,9 @@ from ..kernels.problem import SeqMeta, dense_strides, lse_strides, seqlen_args
 
 
 @triton.jit
-def _online_softmax_step(acc, l_i, m_i, q, k, v, m_idx, n_idx, sq, sk, qk_scale_log2):
+def _online_softmax_step(acc, l_i, m_i, q, k, v, m_idx, n_idx, diag, sk, qk_scale_log2):
     s = tl.dot(q, tl.trans(k)) * qk_scale_log2
-    s = tl.where(visible(m_idx[:, None], n_idx[None, :], sq, sk, 0, 0, False, True), s, float("-inf"))
+    s = tl.where(visible(m_idx[:, None], n_idx[None, :], diag, sk, 0, 0, False, True), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(s - m_sub[:, None])
@@ -46,7 +46,7 @@ def _store(Out, Lse, acc, l_i, m_i, q_start, m0, sq, h, stride_os, stride_oh, st
 @triton.jit
 def _design_a_fwd_kernel(
     Q, K, V, Out, Lse,
-    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qs, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh, stride_os, stride_oh, stride_lh,
     kv_group, num_m_blocks, qk_scale_log2,
@@ -56,12 +56,12 @@ def _design_a_fwd_kernel(
     h = tl.program_id(1)
     b = tl.program_id(2)
     hk = h // kv_group
-    qs0, sq0, k_start, sk0, sk_full = sequence_bounds(
-        b, 0, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
-        seqlen_q, seqlen_k, total_q, total_k, True, True)
-    qs1, sq1, _, sk1, _ = sequence_bounds(
-        b, 1, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
-        seqlen_q, seqlen_k, total_q, total_k, True, True)
+    qs0, sq0, k_start, sk0, sk_full, diag0 = sequence_bounds(
+        b, 0, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, True, True, False)
+    qs1, sq1, _, sk1, _, diag1 = sequence_bounds(
+        b, 1, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, True, True, False)
     m0 = m_block * BLOCK_M
     if (m0 >= sq0) & (m0 >= sq1):
         return
@@ -73,8 +73,8 @@ def _design_a_fwd_kernel(
                  mask=(offs_m < sq0)[:, None] & d_ok, other=0.0)
     q1 = tl.load(Q + (qs1 + offs_m)[:, None].to(tl.int64) * stride_qs + h * stride_qh + offs_d[None, :],
                  mask=(offs_m < sq1)[:, None] & d_ok, other=0.0)
-    _, _, _, hi0 = key_block_ranges(m0, sq0, sk0, 0, 0, BLOCK_M, BLOCK_N, False, True)
-    _, _, _, hi1 = key_block_ranges(m0, sq1, sk1, 0, 0, BLOCK_M, BLOCK_N, False, True)
+    _, _, _, hi0 = key_block_ranges(m0, sq0, sk0, diag0, 0, 0, BLOCK_M, BLOCK_N, False, True)
+    _, _, _, hi1 = key_block_ranges(m0, sq1, sk1, diag1, 0, 0, BLOCK_M, BLOCK_N, False, True)
     hi0 = tl.where(m0 < sq0, hi0, 0)
     hi1 = tl.where(m0 < sq1, hi1, 0)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -91,9 +91,9 @@ def _design_a_fwd_kernel(
         k = tl.load(k_base + n_idx[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + n_idx[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         if n0 < hi0:  # the tile just loaded serves group 0 ...
-            acc0, l0, mi0 = _online_softmax_step(acc0, l0, mi0, q0, k, v, offs_m, n_idx, sq0, sk0, qk_scale_log2)
+            acc0, l0, mi0 = _online_softmax_step(acc0, l0, mi0, q0, k, v, offs_m, n_idx, diag0, sk0, qk_scale_log2)
         if n0 < hi1:  # ... and group 1, without a second load
-            acc1, l1, mi1 = _online_softmax_step(acc1, l1, mi1, q1, k, v, offs_m, n_idx, sq1, sk1, qk_scale_log2)
+            acc1, l1, mi1 = _online_softmax_step(acc1, l1, mi1, q1, k, v, offs_m, n_idx, diag1, sk1, qk_scale_log2)
     _store(Out, Lse, acc0, l0, mi0, qs0, m0, sq0, h, stride_os, stride_oh, stride_lh, HEADDIM, BLOCK_M, BLOCK_D)
     _store(Out, Lse, acc1, l1, mi1, qs1, m0, sq1, h, stride_os, stride_oh, stride_lh, HEADDIM, BLOCK_M, BLOCK_D)
 

@@ -21,7 +21,7 @@ from .common import (
     check_device, interpreting, key_block_ranges, query_block_ranges, scaled_scores, schedule, sequence_bounds,
     visible,
 )
-from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, seqlen_args
+from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _dkdv_block_loop(
     dk, dv, k, v,
     q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos,
     start, end, offs_n, offs_d,
-    sq, sk, window_left, window_right,
+    sq, diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -91,7 +91,7 @@ def _dkdv_block_loop(
         sT = scaled_scores(tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:
-            mask = visible(offs_m[None, :], offs_n[:, None], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            mask = visible(offs_m[None, :], offs_n[:, None], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pT = tl.where(mask, pT, 0.0)
             do = tl.load(do_ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEADDIM), other=0.0)
             delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
@@ -116,7 +116,7 @@ def _dkdv_block_loop(
 @triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse2, Delta, DK, DV,
-    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -129,7 +129,7 @@ def _bwd_dkdv_kernel(
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
@@ -142,9 +142,9 @@ def _bwd_dkdv_kernel(
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
-    _, _, k_start, _, sk_full = sequence_bounds(
-        b, 0, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
-        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, False,
+    _, _, k_start, _, sk_full, _ = sequence_bounds(
+        b, 0, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, False, False,
     )
     n0 = pid_n * BLOCK_N
     if n0 >= sk_full:
@@ -168,12 +168,12 @@ def _bwd_dkdv_kernel(
         # gh runs over (query group, query head of this KV head's GQA group).
         grp = gh // kv_group
         h = hk * kv_group + gh % kv_group
-        q_start, sq, _, sk, _ = sequence_bounds(
-            b, grp, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
-            seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED,
+        q_start, sq, _, sk, _, diag = sequence_bounds(
+            b, grp, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+            seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED, HAS_DIAG,
         )
         m_lo, a_end, b_end, m_hi = query_block_ranges(
-            n0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+            n0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
         )
         q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
         do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dos
@@ -181,19 +181,19 @@ def _bwd_dkdv_kernel(
         if HAS_RIGHT:
             dk, dv = _dkdv_block_loop(
                 dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
-                m_lo, a_end, offs_n, offs_d, sq, sk, window_left, window_right,
+                m_lo, a_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
                 qk_scale_log2, softcap_in, softcap_out,
                 True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
             )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
-            a_end, b_end, offs_n, offs_d, sq, sk, window_left, window_right,
+            a_end, b_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out,
             False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
         )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
-            b_end, m_hi, offs_n, offs_d, sq, sk, window_left, window_right,
+            b_end, m_hi, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out,
             True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
         )
@@ -215,7 +215,7 @@ def _dq_block_loop(
     dq, q, do, lse2, delta,
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
-    sq, sk, window_left, window_right,
+    diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -239,7 +239,7 @@ def _dq_block_loop(
         s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
-            mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -255,7 +255,7 @@ def _dq_block_loop(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse2, Delta, DQ,
-    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -267,7 +267,7 @@ def _bwd_dq_kernel(
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, GROUP_MAJOR: tl.constexpr,
 ):
@@ -275,9 +275,9 @@ def _bwd_dq_kernel(
     g, m_block = schedule(tl.program_id(0), num_m_blocks, num_groups, GROUP_MAJOR)
     h = tl.program_id(1)
     b = tl.program_id(2)
-    q_start, sq, k_start, sk, _ = sequence_bounds(
-        b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
-        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED,
+    q_start, sq, k_start, sk, _, diag = sequence_bounds(
+        b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED, HAS_DIAG,
     )
     m0 = m_block * BLOCK_M
     if m0 >= sq:
@@ -306,23 +306,23 @@ def _bwd_dq_kernel(
     v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
               + offs_n[:, None] * stride_vs + offs_d[None, :])
     n_lo, a_end, b_end, n_hi = key_block_ranges(
-        m0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+        m0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_LEFT:
         dq = _dq_block_loop(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, offs_m, offs_n, offs_d,
-            sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+            diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
             True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
         )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, offs_m, offs_n, offs_d,
-        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
         False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
     )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, offs_m, offs_n, offs_d,
-        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
         True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
     )
     dq = dq * softmax_scale
@@ -340,6 +340,28 @@ def _row_view_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int, 
     return x.shape[1], x.shape[0], x.stride(0), x.stride(1), x.stride(2)
 
 
+def prepare_backward(
+    dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, prob: AttnProblem
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta, lse2): delta = rowsum(dout * out) and lse in log2 units, both float32 in
+    lse's layout. The backward of one forward needs them once, however many calls it makes
+    (context parallelism)."""
+    lse = lse.contiguous()  # delta and lse2 are written with lse's strides (a (nheads, n) copy at most)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+    lse2 = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
+    if lse.numel() == 0:
+        return delta, lse2
+    rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
+    _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
+    lb, lh = lse_strides(lse, prob.is_varlen)
+    block_r = 16 if interpreting() else 64
+    _bwd_preprocess_kernel[(triton.cdiv(rows, block_r), prob.nheads, batch)](
+        out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
+        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
+    )
+    return delta, lse2
+
+
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -349,37 +371,37 @@ def attention_backward(
     lse: torch.Tensor,
     prob: AttnProblem,
     meta: Optional[SeqMeta] = None,
+    *,
+    dq: Optional[torch.Tensor] = None,
+    dk: Optional[torch.Tensor] = None,
+    dv: Optional[torch.Tensor] = None,
+    prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
 
-    ``out`` and ``lse`` are the forward's results; lse is float32 in the forward's layout.
+    ``out`` and ``lse`` are the forward's results (lse float32 in the forward's layout).
+    Given ``dq``/``dk``/``dv`` (views allowed; float32 allowed), the gradients are written
+    there: every key of every sequence of k (zero for keys no entry sees), but only the
+    query rows that some entry covers. ``prepared`` is ``prepare_backward``'s result.
     """
     check_device(q)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_()
         dk.zero_()
         dv.zero_()
         return dq, dk, dv
-    delta = torch.empty_like(lse)
-    lse2 = torch.empty_like(lse)
-    rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
-    _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
-    lb, lh = lse_strides(lse, prob.is_varlen)
-    block_r = 16 if interpreting() else 64
-    _bwd_preprocess_kernel[(triton.cdiv(rows, block_r), prob.nheads, batch)](
-        out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
-        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
-    )
+    delta, lse2 = prepare_backward(dout, out, lse, prob) if prepared is None else prepared
+    lb, lh = lse_strides(lse2, prob.is_varlen)
 
     seq_args = seqlen_args(q, k, meta)
     flags = dict(
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
-        IS_VARLEN=prob.is_varlen, HAS_SEQUSED=meta is not None and meta.seqused_k is not None,
+        **meta_flags(meta),
         HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
         INPUT_PRECISION=configs.input_precision(q.dtype),
     )

@@ -1,8 +1,9 @@
 """Triton helpers shared by the forward, backward and grouped kernels.
 
 Geometry conventions (see ``ringflash.reference``): within one sequence of ``sq`` queries
-and ``sk`` keys, query row ``i`` sees key ``j`` iff
-``i + sk - sq - left <= j <= i + sk - sq + right`` and ``j < sk``. ``HAS_LEFT`` /
+and ``sk`` keys, query row ``i`` sees key ``j`` iff ``i + diag - left <= j <= i + diag + right``
+and ``j < sk``, where ``diag = sk - sq`` (bottom-right alignment) unless the entry gives its
+own (context parallelism). ``HAS_LEFT`` /
 ``HAS_RIGHT`` are compile-time flags for ``left >= 0`` / ``right >= 0``; causal is
 ``right = 0``. Key and query blocks start at multiples of the block size from the
 sequence start.
@@ -37,18 +38,21 @@ def check_device(x, name: str = "q") -> None:
 
 @triton.jit
 def sequence_bounds(
-    b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
     seqlen_q, seqlen_k, total_q, total_k,
-    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
 ):
-    """(q_start, sq, k_start, sk, sk_full) of entry (group ``g``, sequence ``b``).
+    """(q_start, sq, k_start, sk, sk_full, diag) of entry (group ``g``, sequence ``b``).
 
     Varlen entries read their query segment [QStarts[g, b], QEnds[g, b]) and their keys
     [CuSeqlensK[b], CuSeqlensK[b+1]), of which group g uses the first SequsedK[g, b]
     (``sk``; ``sk_full`` is the whole sequence). Plain varlen is one group with
-    QStarts = cu_seqlens_q[:-1] and QEnds = cu_seqlens_q[1:]. Every value is clamped into
-    range so that bad metadata never reads out of bounds. Dense: starts are 0 (the batch
-    stride does the offsetting).
+    QStarts = cu_seqlens_q[:-1] and QEnds = cu_seqlens_q[1:]. Query row i sees key j iff
+    j <= i + diag (then widened or narrowed by the window): diag = sk - sq aligns causal
+    masks to the bottom right; an explicit Diag[g, b] places the query segment anywhere
+    relative to its keys (context parallelism). Every value read is clamped into range so
+    that bad metadata never reads out of bounds. Dense: starts are 0 (the batch stride does
+    the offsetting).
     """
     if IS_VARLEN:
         q_start = tl.minimum(tl.maximum(tl.load(QStarts + g * stride_qmeta_g + b), 0), total_q)
@@ -68,7 +72,12 @@ def sequence_bounds(
     sk = sk_full
     if HAS_SEQUSED:
         sk = tl.minimum(tl.maximum(tl.load(SequsedK + g * stride_used_g + b), 0), sk_full)
-    return q_start, sq, k_start, sk, sk_full
+    if HAS_DIAG:
+        # Clamped so that no later arithmetic overflows int32; beyond +-2**29 means "all"/"none".
+        diag = tl.minimum(tl.maximum(tl.load(Diag + g * stride_used_g + b), -(1 << 29)), 1 << 29)
+    else:
+        diag = sk - sq
+    return q_start, sq, k_start, sk, sk_full, diag
 
 
 @triton.jit
@@ -90,16 +99,16 @@ def schedule(pid, num_m_blocks, num_groups, GROUP_MAJOR: tl.constexpr):
 
 @triton.jit
 def key_block_ranges(
-    m0, sq, sk, window_left, window_right,
+    m0, sq, sk, diag, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
 ):
     """Key ranges for query rows [m0, min(m0 + BLOCK_M, sq)).
 
     Returns (n_lo, a_end, b_end, n_hi): masked [n_lo, a_end), fully visible
     [a_end, b_end) (every row sees every key, and the block lies inside [0, sk)),
-    masked [b_end, n_hi). Empty phases have end <= start.
+    masked [b_end, n_hi). Empty phases have end <= start. Query row i sees key j iff
+    i + diag - left <= j <= i + diag + right and j < sk.
     """
-    diag = sk - sq
     last_row = tl.minimum(m0 + BLOCK_M, sq) - 1
     if HAS_RIGHT:
         n_hi = tl.maximum(tl.minimum(sk, last_row + diag + window_right + 1), 0)
@@ -121,7 +130,7 @@ def key_block_ranges(
 
 @triton.jit
 def query_block_ranges(
-    n0, sq, sk, window_left, window_right,
+    n0, sq, sk, diag, window_left, window_right,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
 ):
     """Query ranges that see keys [n0, n0 + BLOCK_N), the transpose of key_block_ranges.
@@ -130,7 +139,6 @@ def query_block_ranges(
     phase also requires whole query blocks inside [0, sq) and the key block inside
     [0, sk) (groups of grouped attention see different prefixes of one key sequence).
     """
-    diag = sk - sq
     last_key = n0 + BLOCK_N - 1
     if HAS_RIGHT:
         m_lo = tl.maximum(n0 - diag - window_right, 0) // BLOCK_M * BLOCK_M
@@ -155,18 +163,19 @@ def query_block_ranges(
 
 @triton.jit
 def visible(
-    m_idx, n_idx, sq, sk, window_left, window_right,
+    m_idx, n_idx, diag, sk, window_left, window_right,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
 ):
-    """Mask: query row ``m_idx`` may see key ``n_idx``. The two index arrays are already
-    shaped to broadcast ((M, 1) and (1, N), or transposed for a key-major tile).
-    Rows past ``sq`` are not excluded here; callers drop them."""
-    diag = m_idx + (sk - sq)
+    """Mask: query row ``m_idx`` may see key ``n_idx`` (row i sees key j iff
+    i + diag - left <= j <= i + diag + right and j < sk). The two index arrays are already
+    shaped to broadcast ((M, 1) and (1, N), or transposed for a key-major tile). Rows past
+    the query segment are not excluded here; callers drop them."""
+    d = m_idx + diag
     mask = n_idx < sk
     if HAS_RIGHT:
-        mask = mask & (n_idx <= diag + window_right)
+        mask = mask & (n_idx <= d + window_right)
     if HAS_LEFT:
-        mask = mask & (n_idx >= diag - window_left)
+        mask = mask & (n_idx >= d - window_left)
     return mask
 
 

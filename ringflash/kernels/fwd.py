@@ -15,7 +15,7 @@ import triton.language as tl
 
 from . import configs
 from .common import check_device, key_block_ranges, scaled_scores, schedule, sequence_bounds, visible
-from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, seqlen_args
+from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
 
 
 @triton.jit
@@ -23,7 +23,7 @@ def _fwd_block_loop(
     acc, l_i, m_i, q,
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
-    sq, sk, window_left, window_right,
+    diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -46,7 +46,7 @@ def _fwd_block_loop(
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         s = scaled_scores(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if MASKED:
-            mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], sq, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
+            mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(mask, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # A row that has seen only masked keys keeps max -inf: subtract 0 instead of -inf.
@@ -78,7 +78,7 @@ def _fwd_block_loop(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse,
-    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
+    QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -89,7 +89,7 @@ def _fwd_kernel(
     qk_scale_log2, softcap_in, softcap_out,
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr,
+    IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
     SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_MAJOR: tl.constexpr,
@@ -108,9 +108,9 @@ def _fwd_kernel(
         split = pid % num_splits
         pid = pid // num_splits
     g, m_block = schedule(pid, num_m_blocks, num_groups, GROUP_MAJOR)
-    q_start, sq, k_start, sk, _ = sequence_bounds(
-        b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, stride_used_g,
-        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED,
+    q_start, sq, k_start, sk, _, diag = sequence_bounds(
+        b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+        seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED, HAS_DIAG,
     )
     m0 = m_block * BLOCK_M
     if m0 >= sq:
@@ -134,7 +134,7 @@ def _fwd_kernel(
     v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
 
     n_lo, a_end, b_end, n_hi = key_block_ranges(
-        m0, sq, sk, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
+        m0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
     if not SPLIT_PHASES:  # measurement switch: every block through the masked loop
         a_end = n_lo
@@ -161,17 +161,17 @@ def _fwd_kernel(
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, offs_m, offs_n, offs_d,
-            sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+            diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
             True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
         )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, offs_m, offs_n, offs_d,
-        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
         False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
     )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, offs_m, offs_n, offs_d,
-        sq, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
         True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
     )
 
@@ -256,19 +256,24 @@ def attention_forward(
     v: torch.Tensor,
     prob: AttnProblem,
     meta: Optional[SeqMeta] = None,
+    *,
+    out: Optional[torch.Tensor] = None,
+    lse: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel (dense when ``meta`` is None, varlen/grouped otherwise).
     Inputs must have a contiguous last dim; other strides are free.
 
-    Returns out (q's shape and dtype, contiguous) and lse (float32: (batch, nheads, seqlen_q)
-    dense, (nheads, total_q) varlen). Query rows that no entry covers are left unwritten.
+    Returns out (q's shape, contiguous, q's dtype) and lse (float32: (batch, nheads, seqlen_q)
+    dense, (nheads, total_q) varlen). Given ``out``/``lse`` (views allowed, unit stride on the
+    last dim; ``out`` may be float32), the results are written there instead. Query rows that
+    no entry covers are left as they were.
     """
     check_device(q)
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if prob.is_varlen:
-        lse = torch.empty(prob.nheads, q.shape[0], dtype=torch.float32, device=q.device)
-    else:
-        lse = torch.empty(prob.batch, prob.nheads, q.shape[1], dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse_shape = (prob.nheads, q.shape[0]) if prob.is_varlen else (prob.batch, prob.nheads, q.shape[1])
+        lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0 or lse.numel() == 0:
         out.zero_()
         lse.fill_(float("-inf"))
@@ -282,7 +287,7 @@ def attention_forward(
             out_target, lse_target = out, lse
             out_view, lse_view, split_strides = out, lse, (0, 0)
         else:
-            out_target = torch.empty((num_splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
+            out_target = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
             lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
             out_view, lse_view = out_target[0], lse_target[0]
             split_strides = (out_target.stride(0), lse_target.stride(0))
@@ -295,7 +300,7 @@ def attention_forward(
             prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
             *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right,
             HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
-            IS_VARLEN=prob.is_varlen, HAS_SEQUSED=meta is not None and meta.seqused_k is not None,
+            **meta_flags(meta),
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
             IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
             SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_MAJOR=cfg.group_major,

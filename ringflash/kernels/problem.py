@@ -5,7 +5,9 @@ grouped calls (``SeqMeta``).
 Varlen geometry, in general form: G groups of B entries. Entry (g, b) attends the query
 rows ``[q_starts[g, b], q_ends[g, b])`` of q to the first ``seqused_k[g, b]`` keys of
 sequence b, ``k[cu_seqlens_k[b] : cu_seqlens_k[b + 1]]`` (all of them without
-``seqused_k``). Plain varlen is G = 1 with ``q_starts = cu_seqlens_q[:-1]`` and
+``seqused_k``). Under a causal mask or window, query row i of the entry sees key j iff
+``j <= i + diag[g, b]`` (bounded by the window); without ``diag`` it is ``sk - sq``, the
+bottom-right alignment. Each query row may belong to at most one entry of a call. Plain varlen is G = 1 with ``q_starts = cu_seqlens_q[:-1]`` and
 ``q_ends = cu_seqlens_q[1:]`` (views, no copy); grouped attention has G > 1 query groups
 sharing one K/V buffer.
 """
@@ -20,13 +22,17 @@ import triton
 
 from .common import LOG2E
 
+#: Largest window (and diag offset) the kernels distinguish; sequences are shorter than this.
+WINDOW_CAP = 1 << 29
+
 
 @dataclass(frozen=True)
 class SeqMeta:
     q_starts: torch.Tensor  # (G, B) int32
     q_ends: torch.Tensor  # (G, B) int32
     cu_seqlens_k: torch.Tensor  # (B + 1,) int32
-    seqused_k: Optional[torch.Tensor]  # (G, B) int32 or None
+    seqused_k: Optional[torch.Tensor]  # (G, B) int32, contiguous, or None
+    diag: Optional[torch.Tensor] = None  # (G, B) int32, contiguous, or None
 
     @property
     def num_groups(self) -> int:
@@ -45,6 +51,12 @@ class SeqMeta:
             cu_seqlens_q[:-1].unsqueeze(0), cu_seqlens_q[1:].unsqueeze(0), cu_seqlens_k,
             None if seqused_k is None else seqused_k.unsqueeze(0),
         )
+
+    def __post_init__(self) -> None:
+        # SequsedK and Diag share one row stride in the kernels.
+        for t in (self.seqused_k, self.diag):
+            if t is not None and not t.is_contiguous():
+                raise ValueError("SeqMeta: seqused_k and diag must be contiguous (groups, batch) tensors")
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,9 @@ def make_problem(
 ) -> AttnProblem:
     if causal:
         window_right = 0
+    # Windows wider than any sequence are unbounded; capping them keeps the kernels'
+    # index arithmetic inside int32 (diag offsets are capped likewise).
+    window_left, window_right = (min(w, WINDOW_CAP) for w in (window_left, window_right))
     is_varlen = meta is not None
     return AttnProblem(
         batch=meta.batch if is_varlen else q.shape[0], nheads=q.shape[-2], nheads_k=k.shape[-2],
@@ -127,11 +142,21 @@ def lse_strides(lse: torch.Tensor, is_varlen: bool) -> tuple[int, int]:
 
 def seqlen_args(q: torch.Tensor, k: torch.Tensor, meta: Optional[SeqMeta]) -> tuple:
     """The kernels' sequence arguments, in order: QStarts, QEnds, stride_qmeta_g,
-    CuSeqlensK, SequsedK, stride_used_g, seqlen_q, seqlen_k, total_q, total_k.
-    Unused pointers are dummies that the compile-time flags keep from being read."""
+    CuSeqlensK, SequsedK, Diag, stride_used_g, seqlen_q, seqlen_k, total_q, total_k.
+    SequsedK and Diag are (G, B) contiguous, hence one row stride. Unused pointers are
+    dummies that the compile-time flags keep from being read."""
     if meta is not None:
-        used = meta.seqused_k
+        used, diag = meta.seqused_k, meta.diag
+        row = used if used is not None else diag
         return (meta.q_starts, meta.q_ends, meta.q_starts.stride(0), meta.cu_seqlens_k,
-                used if used is not None else meta.q_starts, used.stride(0) if used is not None else 0,
-                0, 0, q.shape[0], k.shape[0])
-    return q, q, 0, q, q, 0, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+                used if used is not None else meta.q_starts, diag if diag is not None else meta.q_starts,
+                row.stride(0) if row is not None else 0, 0, 0, q.shape[0], k.shape[0])
+    return q, q, 0, q, q, q, 0, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+
+
+def meta_flags(meta: Optional[SeqMeta]) -> dict:
+    return dict(
+        IS_VARLEN=meta is not None,
+        HAS_SEQUSED=meta is not None and meta.seqused_k is not None,
+        HAS_DIAG=meta is not None and meta.diag is not None,
+    )

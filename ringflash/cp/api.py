@@ -1,0 +1,313 @@
+"""ring-flash-attn's functions, with its names and argument lists, on ringflash's plans and
+kernels. Switching is an import change; every function takes this rank's local shard and
+returns this rank's output (or (out, lse, None) with ``return_attn_probs``).
+
+Layouts, as in ring-flash-attn (W = world size, r = rank):
+
+* ring: each sequence cut into W chunks; rank r holds chunk r of every sequence.
+* zigzag_ring, zigzag_llama3: each sequence cut into 2W chunks; rank r holds chunks r and
+  2W-1-r of every sequence, in that order.
+* stripe: token t of each sequence on rank t % W.
+* llama3: the packed stream cut into W contiguous slices (``llama3_flash_attn_prepare_cu_seqlens``).
+
+Dense functions take (batch, seqlen_local, nheads, d) and return lse (batch, nheads,
+seqlen_local); varlen functions take (total_local, nheads, d) with ring-flash-attn's local
+``cu_seqlens`` and return lse (nheads, total_local). Beyond ring-flash-attn: non-causal
+attention for every strategy, sliding windows for ring, llama3 and zigzag_llama3, softcap
+everywhere (keyword-only ``softcap``), gradients in the inputs' dtype (ring-flash-attn
+rounds fp16 dq through bf16), float32 merging and gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import validation as V
+from ..kernels.problem import SeqMeta
+from .comm import Comm
+from .engines import AllGatherAttention, AllGatherSpec
+from .local import LocalParams
+from .plan import Plan
+
+# Plans are built once per batch: cached against the caller's cu_seqlens tensor (weakly, so
+# a new batch's tensor gets a new plan) or, for dense inputs, against the shapes.
+_plans: dict[tuple, tuple] = {}
+
+
+def _group_key(group) -> int:
+    return id(group if group is not None else dist.group.WORLD)
+
+
+def _cached_plan(key: tuple, anchor: Optional[torch.Tensor], build) -> Plan:
+    entry = _plans.get(key)
+    if entry is not None and (entry[0] is None or entry[0]() is anchor) and entry[1] == (anchor._version if anchor is not None else 0):
+        return entry[2]
+    if len(_plans) > 64:
+        for k in [k for k, (ref, _, _) in _plans.items() if ref is not None and ref() is None]:
+            del _plans[k]
+    plan = build()
+    _plans[key] = (weakref.ref(anchor) if anchor is not None else None, anchor._version if anchor is not None else 0, plan)
+    return plan
+
+
+def _dense_plan(q: torch.Tensor, strategy: str, group) -> Plan:
+    world = dist.get_world_size(group if group is not None else dist.group.WORLD)
+    batch, s_local = q.shape[0], q.shape[1]
+
+    def build():
+        seqlen = s_local * world
+        cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=q.device)
+        return Plan(cu, group, strategy)
+
+    return _cached_plan(("dense", strategy, batch, s_local, str(q.device), _group_key(group)), None, build)
+
+
+def _varlen_plan(cu_seqlens: torch.Tensor, strategy: str, group, global_cu: bool) -> Plan:
+    """Plan from ring-flash-attn's local cu_seqlens (global = local x W) or a global one."""
+    def build():
+        world = dist.get_world_size(group if group is not None else dist.group.WORLD)
+        return Plan(cu_seqlens if global_cu else cu_seqlens * world, group, strategy)
+
+    return _cached_plan(("varlen", strategy, id(cu_seqlens), global_cu, _group_key(group)), cu_seqlens, build)
+
+
+def _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal):
+    V.check_unsupported(dropout_p, alibi_slopes)
+    for name, value in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs), ("causal", causal)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+
+
+def _run_dense(strategy, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
+               return_attn_probs, group, softcap):
+    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+    shape = V.check_dense_qkv(q, k, v)
+    if shape.seqlen_k != shape.seqlen_q:
+        raise ValueError(f"k: local seqlen {shape.seqlen_k} differs from q's {shape.seqlen_q}; expected the same "
+                         "(self-attention shards)")
+    plan = _dense_plan(q, strategy, group)
+    flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # noqa: E731
+    out, lse = plan.attention(flat(q), flat(k), flat(v), causal=causal, softmax_scale=softmax_scale,
+                              window_size=window_size, softcap=softcap, return_lse=True)
+    out = out.view(q.shape)
+    if not return_attn_probs:
+        return out
+    return out, lse.view(shape.nheads, shape.batch, shape.seqlen_q).transpose(0, 1), None
+
+
+def _run_varlen(strategy, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                alibi_slopes, deterministic, return_attn_probs, group, softcap):
+    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+    V.check_varlen_qkv(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+    plan = _varlen_plan(cu_seqlens, strategy, group, global_cu=False)
+    out, lse = plan.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                              softcap=softcap, return_lse=True)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _dense_family(strategy: str):
+    def func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+             deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0):
+        return _run_dense(strategy, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                          deterministic, return_attn_probs, group, softcap)
+
+    def kvpacked(q, kv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+                 deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0):
+        V.check_rank("kv", kv, 5, "(batch, seqlen_local, 2, nheads_k, headdim)")
+        return func(q, kv[:, :, 0], kv[:, :, 1], dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                    deterministic, return_attn_probs, group, softcap=softcap)
+
+    def qkvpacked(qkv, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), alibi_slopes=None,
+                  deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0):
+        V.check_rank("qkv", qkv, 5, "(batch, seqlen_local, 3, nheads, headdim)")
+        return func(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], dropout_p, softmax_scale, causal, window_size,
+                    alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap)
+
+    return func, kvpacked, qkvpacked
+
+
+def _varlen_family(strategy: str):
+    def func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+             alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0):
+        return _run_varlen(strategy, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                           window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap)
+
+    def kvpacked(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                 window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                 *, softcap=0.0):
+        V.check_rank("kv", kv, 4, "(total_local, 2, nheads_k, headdim)")
+        return func(q, kv[:, 0], kv[:, 1], cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+                    alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap)
+
+    def qkvpacked(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                  window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                  *, softcap=0.0):
+        V.check_rank("qkv", qkv, 4, "(total_local, 3, nheads, headdim)")
+        return func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal,
+                    window_size, alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap)
+
+    return func, kvpacked, qkvpacked
+
+
+ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func = _dense_family("ring")
+(ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func,
+ ring_flash_attn_varlen_qkvpacked_func) = _varlen_family("ring")
+(zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func,
+ zigzag_ring_flash_attn_qkvpacked_func) = _dense_family("zigzag_ring")
+(zigzag_ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_kvpacked_func,
+ zigzag_ring_flash_attn_varlen_qkvpacked_func) = _varlen_family("zigzag_ring")
+stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func = _dense_family("stripe")
+(stripe_flash_attn_varlen_func, stripe_flash_attn_varlen_kvpacked_func,
+ stripe_flash_attn_varlen_qkvpacked_func) = _varlen_family("stripe")
+
+
+# -- llama3 -------------------------------------------------------------------------------
+
+
+def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens: torch.Tensor, causal: bool, rank: int, world_size: int):
+    """Local metadata of rank ``rank`` when the packed stream (global ``cu_seqlens``) is cut
+    into ``world_size`` equal contiguous slices. Returns (cu_seqlens_q, cu_seqlens_k,
+    max_seqlen_q, max_seqlen_k, local_k_slice): the local sequences' query boundaries, their
+    key boundaries within the gathered keys ``[local_k_slice]`` (keys from each sequence's
+    start; up to the slice end when causal), and the maxima. Reads cu_seqlens on the host."""
+    V.check_cu_seqlens_shape("cu_seqlens", cu_seqlens)
+    cu = cu_seqlens.tolist()
+    total = cu[-1]
+    if total % world_size != 0:
+        raise ValueError(f"cu_seqlens: total {total} is not divisible by world_size={world_size}; expected equal slices")
+    n = total // world_size
+    lo, hi = rank * n, (rank + 1) * n
+    bounds = [c for c in cu if lo < c < hi]
+    first = max(c for c in cu if c <= lo)  # start of the sequence that holds token lo
+    last_end = min(c for c in cu if c >= hi)  # end of the sequence that holds token hi - 1
+    q_bounds = [0] + [c - lo for c in bounds] + [n]
+    k_bounds = [0] + [c - first for c in bounds] + [(hi if causal else last_end) - first]
+    local_k_slice = slice(first, hi if causal else last_end)
+    dev = cu_seqlens.device
+    return (
+        torch.tensor(q_bounds, dtype=torch.int32, device=dev),
+        torch.tensor(k_bounds, dtype=torch.int32, device=dev),
+        max(b - a for a, b in zip(q_bounds, q_bounds[1:])),
+        max(b - a for a, b in zip(k_bounds, k_bounds[1:])),
+        local_k_slice,
+    )
+
+
+def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                                  local_k_slice, dropout_p=0.0, softmax_scale=None, causal=False,
+                                  window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                  return_attn_probs=False, group=None, *, softcap=0.0):
+    """ring-flash-attn's llama3: q/k/v are this rank's contiguous slice of the packed stream;
+    the metadata comes from ``llama3_flash_attn_prepare_cu_seqlens``. K/V are all-gathered
+    ``heads_k_stride`` KV heads at a time, overlapped with compute."""
+    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+    V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_q)
+    V.check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
+    left, right = V.check_window(window_size)
+    softcap = V.check_softcap(softcap)
+    if not isinstance(local_k_slice, slice):
+        raise TypeError(f"local_k_slice: expected a slice, got {type(local_k_slice).__name__}")
+    if not isinstance(heads_k_stride, int) or heads_k_stride < 1 or k.shape[1] % heads_k_stride != 0:
+        raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
+    comm = Comm(group)
+    spec = AllGatherSpec(
+        meta=SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k), n_max=q.shape[0],
+        max_q=max_seqlen_q, max_k=max_seqlen_k, key_slice=local_k_slice,
+    )
+    params = LocalParams(V.resolve_softmax_scale(softmax_scale, q.shape[-1]), causal, left, 0 if causal else right,
+                         softcap)
+    out, lse = AllGatherAttention.apply(q, k, v, spec, params, comm, heads_k_stride, "grouped")
+    return (out, lse, None) if return_attn_probs else out
+
+
+def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                           causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                           deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0):
+    V.check_rank("kv", kv, 4, "(total_local, 2, nheads_k, headdim)")
+    return llama3_flash_attn_varlen_func(q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group,
+                                         softcap=softcap)
+
+
+def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                            deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0):
+    V.check_rank("qkv", qkv, 4, "(total_local, 3, nheads, headdim)")
+    return llama3_flash_attn_varlen_func(qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal,
+                                         window_size, alibi_slopes, deterministic, return_attn_probs, group,
+                                         softcap=softcap)
+
+
+# -- zigzag_llama3 (the fork's signature) ----------------------------------------------------
+
+
+def zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         heads_k_stride, local_k_slice=None, dropout_p=0.0, softmax_scale=None,
+                                         causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                         return_attn_probs=False, group=None, n_chunks=2, *, mode=None, verify=None,
+                                         softcap=0.0):
+    """Zigzag sharding with llama3's all-gather, the local step on the grouped kernels.
+
+    As in the fork: ``cu_seqlens_q`` is local (each sequence's 2 chunks on this rank) and
+    ``cu_seqlens_k`` is the global layout; ``max_seqlen_*`` and ``local_k_slice`` are
+    accepted for compatibility and not needed. ``mode``: "grouped" (default) or
+    "two_kernels" (also RINGFLASH_ZIGZAG_MODE); ``verify`` recomputes with the other mode
+    and raises on a mismatch (also RINGFLASH_ZIGZAG_VERIFY=1 or ZIGZAG_VERIFY_CORRECTNESS=1).
+    """
+    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+    if n_chunks != 2:
+        raise NotImplementedError(f"n_chunks: got {n_chunks}; ringflash's zigzag_llama3 supports 2 (chunks r and 2W-1-r)")
+    V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_q, None, None)
+    V.check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
+    plan = _varlen_plan(cu_seqlens_k, "zigzag_llama3", group, global_cu=True)
+    _check_local_layout(plan, cu_seqlens_q)
+    out, lse = plan.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+                              softcap=softcap, heads_k_stride=heads_k_stride, mode=mode, verify=verify,
+                              return_lse=True)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _check_local_layout(plan: Plan, cu_seqlens_q: torch.Tensor) -> None:
+    """cu_seqlens_q must describe the plan's local layout (checked once per tensor)."""
+    facts = ("zigzag-local", id(plan))
+    if not V.value_checks_enabled(cu_seqlens_q) or V.already_checked(cu_seqlens_q, facts):
+        return
+    expected = [0]
+    for _, n in plan.segments[plan.rank]:
+        expected.append(expected[-1] + n)
+    if cu_seqlens_q.tolist() != expected:
+        raise ValueError(f"cu_seqlens_q: got {cu_seqlens_q.tolist()[:8]}...; expected this rank's zigzag layout of "
+                         f"cu_seqlens_k, {expected[:8]}...")
+    V.remember_checked(cu_seqlens_q, facts)
+
+
+def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                  heads_k_stride, local_k_slice=None, dropout_p=0.0,
+                                                  softmax_scale=None, causal=False, window_size=(-1, -1),
+                                                  alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                                  group=None, n_chunks=2, *, mode=None, verify=None, softcap=0.0):
+    V.check_rank("kv", kv, 4, "(total_local, 2, nheads_k, headdim)")
+    return zigzag_llama3_flash_attn_varlen_func(
+        q, kv[:, 0], kv[:, 1], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+        group, n_chunks, mode=mode, verify=verify, softcap=softcap)
+
+
+def zigzag_llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                   heads_k_stride, local_k_slice=None, dropout_p=0.0,
+                                                   softmax_scale=None, causal=False, window_size=(-1, -1),
+                                                   alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                                                   group=None, n_chunks=2, *, mode=None, verify=None, softcap=0.0):
+    V.check_rank("qkv", qkv, 4, "(total_local, 3, nheads, headdim)")
+    return zigzag_llama3_flash_attn_varlen_func(
+        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+        local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
+        group, n_chunks, mode=mode, verify=verify, softcap=softcap)

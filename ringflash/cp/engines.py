@@ -1,0 +1,239 @@
+"""The two execution engines of context-parallel attention. Strategies differ only in the
+token layout and in the metadata their Plan feeds these engines.
+
+* All-gather (llama3, zigzag_llama3): K/V are all-gathered ``heads_k_stride`` KV heads at
+  a time into a double buffer, the next chunk's all-gather overlapping the current chunk's
+  attention; the gathered keys are put in global sequence order and the local queries
+  attend to them in one launch (several query groups for zigzag_llama3: the grouped
+  kernels). The backward gathers K/V again the same way, computes dK/dV of the gathered
+  buffer in float32 and reduce-scatters them to their owners, overlapped likewise.
+* Ring (ring, zigzag_ring, stripe): K/V travel around the ring by P2P while each rank
+  attends to the block it holds; the partial results merge through their lse in float32.
+  The backward sends K/V around again, with a float32 dK/dV accumulator travelling beside
+  each block until it is back at its owner; dQ accumulates locally in float32.
+
+Gradients come back in the inputs' dtypes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from ..kernels.bwd import prepare_backward
+from ..kernels.problem import SeqMeta
+from .comm import Comm, wait_all
+from .local import LocalParams, local_backward, local_forward
+from .merge import merge_partial_
+
+
+@dataclass(frozen=True)
+class AllGatherSpec:
+    """Local attention against the gathered keys.
+
+    The all-gather produces a rank-major buffer of ``world * n_max`` rows (each rank's
+    local tokens, padded to ``n_max``). ``key_index`` (int64, rows of that buffer in global
+    order) selects the keys ``meta`` describes; without it, ``key_slice`` of the buffer is
+    already in order (equal-sized contiguous shards, llama3).
+    """
+
+    meta: SeqMeta
+    n_max: int
+    max_q: int
+    max_k: int
+    key_index: Optional[torch.Tensor] = None
+    key_slice: Optional[slice] = None  # with key_index None: the rows to use (None: all)
+
+
+@dataclass(frozen=True)
+class RingStep:
+    """Attention of the local queries to the K/V block held at one ring step."""
+
+    meta: SeqMeta
+    max_q: int
+    max_k: int
+    skip: bool  # no entry sees any key: nothing to compute
+    covers_all: bool  # every local query row belongs to an entry
+
+
+def _pack_kv(k: torch.Tensor, v: torch.Tensor, heads: slice, n_max: int, dtype=None) -> torch.Tensor:
+    """(n_max, 2, nheads, d) contiguous buffer holding k[:, heads] and v[:, heads] (rows past n padded)."""
+    n = k.shape[0]
+    buf = k.new_empty((n_max, 2, heads.stop - heads.start, k.shape[2]), dtype=dtype or k.dtype)
+    buf[:n, 0] = k[:, heads]
+    buf[:n, 1] = v[:, heads]
+    if n < n_max:
+        buf[n:].zero_()
+    return buf
+
+
+def _ordered_keys(buf: torch.Tensor, spec: AllGatherSpec) -> torch.Tensor:
+    flat = buf.view(-1, *buf.shape[2:])
+    if spec.key_index is not None:
+        return flat.index_select(0, spec.key_index)
+    return flat[spec.key_slice] if spec.key_slice is not None else flat
+
+
+class _AllGather:
+    """Double-buffered, head-chunked all-gather of packed K/V."""
+
+    def __init__(self, comm: Comm, k: torch.Tensor, v: torch.Tensor, spec: AllGatherSpec, stride: int):
+        self.comm, self.k, self.v, self.spec, self.stride = comm, k, v, spec, stride
+        self.chunks = k.shape[1] // stride
+        self.pending: dict[int, tuple] = {}
+
+    def start(self, c: int) -> None:
+        if c >= self.chunks:
+            return
+        heads = slice(c * self.stride, (c + 1) * self.stride)
+        send = _pack_kv(self.k, self.v, heads, self.spec.n_max)
+        recv = send.new_empty((self.comm.world_size * self.spec.n_max,) + tuple(send.shape[1:]))
+        self.pending[c] = (self.comm.all_gather(recv, send), recv, send)
+
+    def keys(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gathered (k, v) of head chunk c in global key order; starts chunk c + 1's gather."""
+        work, recv, _ = self.pending.pop(c)
+        work.wait()
+        self.start(c + 1)
+        kv = _ordered_keys(recv.view(self.comm.world_size, self.spec.n_max, *recv.shape[1:]), self.spec)
+        return kv[:, 0], kv[:, 1]
+
+
+class AllGatherAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec: AllGatherSpec, params: LocalParams, comm: Comm, stride: int, mode: str):
+        n, h, _ = q.shape
+        hk = k.shape[1]
+        qh = h // hk * stride  # query heads per KV-head chunk
+        out = torch.empty_like(q)
+        lse = torch.empty(h, n, dtype=torch.float32, device=q.device)
+        gather = _AllGather(comm, k, v, spec, stride)
+        gather.start(0)
+        for c in range(gather.chunks):
+            kc, vc = gather.keys(c)
+            rows = slice(c * qh, (c + 1) * qh)
+            local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
+                          out=out[:, rows], lse=lse[rows], mode=mode)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.setup = (spec, params, comm, stride, mode)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        spec, params, comm, stride, mode = ctx.setup
+        n, h, _ = q.shape
+        hk = k.shape[1]
+        qh = h // hk * stride
+        dq = torch.empty_like(q)
+        dk = torch.empty_like(k)
+        dv = torch.empty_like(v)
+        dout = dout.contiguous()
+        prob = params.problem(q, k, spec.meta, spec.max_q, spec.max_k)
+        delta, lse2 = prepare_backward(dout, out, lse, prob)
+        gather = _AllGather(comm, k, v, spec, stride)
+        gather.start(0)
+        scattering: list = []
+        for c in range(gather.chunks):
+            kc, vc = gather.keys(c)
+            rows = slice(c * qh, (c + 1) * qh)
+            heads = slice(c * stride, (c + 1) * stride)
+            dkv = torch.empty((kc.shape[0], 2) + tuple(kc.shape[1:]), dtype=torch.float32, device=k.device)
+            local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
+                           spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
+                           prepared=(delta[rows], lse2[rows]), mode=mode)
+            # Back to the rank-major layout of the all-gather, then summed onto the owners.
+            full = dkv.new_zeros((comm.world_size * spec.n_max,) + tuple(dkv.shape[1:]))
+            if spec.key_index is not None:
+                full.index_copy_(0, spec.key_index, dkv)
+            else:
+                full[spec.key_slice if spec.key_slice is not None else slice(None)] = dkv
+            mine = dkv.new_empty((spec.n_max,) + tuple(dkv.shape[1:]))
+            scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
+            _finish_scatter(scattering, dk, dv, keep=1)
+        _finish_scatter(scattering, dk, dv, keep=0)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _finish_scatter(scattering: list, dk: torch.Tensor, dv: torch.Tensor, keep: int) -> None:
+    """Complete all but the last ``keep`` reduce-scatters, writing their heads of dk/dv."""
+    while len(scattering) > keep:
+        work, mine, _, heads = scattering.pop(0)
+        work.wait()
+        n = dk.shape[0]
+        dk[:, heads] = mine[:n, 0].to(dk.dtype)
+        dv[:, heads] = mine[:n, 1].to(dv.dtype)
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, steps: list, n_max: int, params: LocalParams, comm: Comm):
+        n, h, d = q.shape
+        out_acc = torch.zeros(n, h, d, dtype=torch.float32, device=q.device)
+        lse_acc = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
+        all_heads = slice(0, k.shape[1])
+        kv = _pack_kv(k, v, all_heads, n_max)
+        for s, step in enumerate(steps):
+            works, nxt = [], None
+            if s + 1 < len(steps):
+                nxt = torch.empty_like(kv)
+                works = comm.ring_exchange(kv, nxt)
+            if not step.skip:
+                init = torch.zeros if not step.covers_all else torch.empty
+                out_s = init(n, h, d, dtype=torch.float32, device=q.device)
+                lse_s = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
+                local_forward(q, kv[:, 0], kv[:, 1], step.meta, params, step.max_q, step.max_k, out=out_s, lse=lse_s)
+                merge_partial_(out_acc, lse_acc, out_s, lse_s)
+            wait_all(works)
+            kv = nxt if nxt is not None else kv
+        out = out_acc.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse_acc)
+        ctx.setup = (steps, n_max, params, comm)
+        ctx.mark_non_differentiable(lse_acc)
+        return out, lse_acc
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        steps, n_max, params, comm = ctx.setup
+        n, h, d = q.shape
+        dout = dout.contiguous()
+        prob = params.problem(q, k, steps[0].meta, steps[0].max_q, steps[0].max_k)
+        prepared = prepare_backward(dout, out, lse, prob)
+        dq_acc = torch.zeros(n, h, d, dtype=torch.float32, device=q.device)
+        kv = _pack_kv(k, v, slice(0, k.shape[1]), n_max)
+        # The float32 dK/dV accumulator of the block held at step s arrives from the previous
+        # rank while step s computes; after the last step, the one that arrives is our own.
+        dkv = torch.zeros((n_max, 2) + tuple(k.shape[1:]), dtype=torch.float32, device=k.device)
+        incoming: Optional[tuple] = None
+        for s, step in enumerate(steps):
+            works, nxt = [], None
+            if s + 1 < len(steps):
+                nxt = torch.empty_like(kv)
+                works = comm.ring_exchange(kv, nxt)
+            dkv_s = None
+            if not step.skip:
+                dq_s = (torch.zeros if not step.covers_all else torch.empty)(n, h, d, dtype=torch.float32, device=q.device)
+                dkv_s = torch.empty_like(dkv)  # rows past the block's tokens stay unwritten and unread
+                local_backward(dout, q, kv[:, 0], kv[:, 1], out, lse, step.meta, params, step.max_q, step.max_k,
+                               dq=dq_s, dk=dkv_s[:, 0], dv=dkv_s[:, 1], prepared=prepared)
+                dq_acc.add_(dq_s)
+            if incoming is not None:
+                wait_all(incoming[0])
+                dkv = incoming[1]
+            if dkv_s is not None:
+                dkv.add_(dkv_s)
+            if comm.world_size > 1:
+                dkv_next = torch.empty_like(dkv)
+                incoming = (comm.ring_exchange(dkv, dkv_next), dkv_next)
+            wait_all(works)
+            kv = nxt if nxt is not None else kv
+        if incoming is not None:
+            wait_all(incoming[0])
+            dkv = incoming[1]
+        dk = dkv[: k.shape[0], 0].to(k.dtype)
+        dv = dkv[: k.shape[0], 1].to(v.dtype)
+        return dq_acc.to(q.dtype), dk, dv, None, None, None, None

@@ -1,0 +1,333 @@
+"""``Plan``: everything a context-parallel step needs about one batch, computed once.
+
+    plan = ringflash.cp.Plan(cu_seqlens, group, strategy="zigzag_llama3")
+    q, k, v = plan.shard(q_global), plan.shard(k_global), plan.shard(v_global)
+    pos = plan.position_ids                       # for RoPE
+    out = plan.attention(q, k, v, causal=True)    # this rank's rows
+    full = plan.gather(out)                       # all rows, on every rank
+
+``cu_seqlens`` is the global int32 (batch + 1,) layout of the packed batch, the same on
+every rank. Building the plan reads it once on the host (one sync, to size buffers) and
+checks collectively that every rank of ``group`` passed the same one. All index metadata
+then lives on the device; forward and backward make no host syncs (after the first call,
+which checks collectively that all ranks pass the same shapes and options).
+
+Documents may have any length, down to a single token: sequences are cut into chunks that
+differ by at most one token, and nothing is padded. Results equal single-GPU attention on
+the unpadded batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import validation as V
+from ..kernels.problem import WINDOW_CAP, SeqMeta
+from .comm import Comm
+from .engines import AllGatherAttention, AllGatherSpec, RingAttention, RingStep
+from .layout import STRATEGIES, Piece, chunk_bounds, rank_pieces, segments
+from .local import MODES, LocalParams
+
+#: diag value meaning "every key of the entry precedes every query row".
+ALL_VISIBLE = WINDOW_CAP
+
+
+def _tensor(values, device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def zigzag_mode(mode: Optional[str]) -> str:
+    """The zigzag_llama3 execution mode: the argument, else RINGFLASH_ZIGZAG_MODE, else grouped."""
+    mode = mode if mode is not None else os.environ.get("RINGFLASH_ZIGZAG_MODE", "grouped")
+    if mode not in MODES:
+        raise ValueError(f"mode: got {mode!r}; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def zigzag_verify(verify: Optional[bool]) -> bool:
+    """Verify mode: the argument, else RINGFLASH_ZIGZAG_VERIFY (or the seed's ZIGZAG_VERIFY_CORRECTNESS) = 1."""
+    if verify is not None:
+        return bool(verify)
+    return any(os.environ.get(name, "0") == "1" for name in ("RINGFLASH_ZIGZAG_VERIFY", "ZIGZAG_VERIFY_CORRECTNESS"))
+
+
+class Plan:
+    def __init__(self, cu_seqlens: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
+                 strategy: str = "zigzag_llama3"):
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy: got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+        V.check_cu_seqlens_shape("cu_seqlens", cu_seqlens)
+        self.strategy = strategy
+        self.comm = Comm(group)
+        self.group = self.comm.group
+        self.rank, self.world_size = self.comm.rank, self.comm.world_size
+        self.device = cu_seqlens.device
+        self.cu_seqlens = cu_seqlens
+        cu = cu_seqlens.tolist()  # the one host sync of a plan
+        if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"cu_seqlens: expected 0 then non-decreasing cumulative lengths, got {cu[:8]}...")
+        self.seqlens = [b - a for a, b in zip(cu, cu[1:])]
+        self.total = cu[-1]
+        self._check_same_across_ranks()
+        w = self.world_size
+        self.pieces = [rank_pieces(strategy, self.seqlens, s, w) for s in range(w)]
+        self.num_local = [sum(p.length for p in ps) for ps in self.pieces]
+        self.n_max = max(max(self.num_local), 1)
+        self.segments = [segments(ps, len(self.seqlens)) for ps in self.pieces]
+        own = self.pieces[self.rank]
+        starts = cu[:-1]
+        self.local_index = torch.tensor(
+            [starts[p.seq] + pos for p in own for pos in p.positions()], dtype=torch.long, device=self.device)
+        self.position_ids = torch.tensor([pos for p in own for pos in p.positions()], dtype=torch.long,
+                                         device=self.device)
+        self._gather_index: Optional[torch.Tensor] = None
+        self._cache: dict[tuple, object] = {}
+        self._checked: set[tuple] = set()
+
+    # -- layout ------------------------------------------------------------------------
+
+    @property
+    def num_local_tokens(self) -> int:
+        return self.num_local[self.rank]
+
+    def shard(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens of a global packed tensor (total, ...) -> (num_local_tokens, ...)."""
+        if x.shape[0] != self.total:
+            raise ValueError(f"x: has {x.shape[0]} tokens; expected the global token count {self.total}")
+        return x.index_select(0, self.local_index.to(x.device))
+
+    def _rank_major_index(self) -> torch.Tensor:
+        """For each global token (packed order): its row in the rank-major all-gather buffer."""
+        if self._gather_index is None:
+            starts, index = [0], [0] * self.total
+            for n in self.seqlens:
+                starts.append(starts[-1] + n)
+            for s, ps in enumerate(self.pieces):
+                row = s * self.n_max
+                for p in ps:
+                    for pos in p.positions():
+                        index[starts[p.seq] + pos] = row
+                        row += 1
+            self._gather_index = torch.tensor(index, dtype=torch.long, device=self.device)
+        return self._gather_index
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of shard, on every rank: local (num_local_tokens, ...) -> global (total, ...).
+        Not differentiable (use it to inspect or compare results)."""
+        if x.shape[0] != self.num_local_tokens:
+            raise ValueError(f"x: has {x.shape[0]} tokens; expected this rank's {self.num_local_tokens}")
+        buf = x.new_zeros((self.n_max,) + tuple(x.shape[1:]))
+        buf[: x.shape[0]] = x.detach()
+        out = buf.new_empty((self.world_size * self.n_max,) + tuple(x.shape[1:]))
+        self.comm.all_gather(out, buf).wait()
+        return out.index_select(0, self._rank_major_index().to(out.device))
+
+    # -- collective checks -------------------------------------------------------------
+
+    def _check_same_across_ranks(self) -> None:
+        code = STRATEGIES.index(self.strategy)
+        checksum = sum((i + 1) * n for i, n in enumerate(self.seqlens)) % (1 << 61)
+        mine = torch.tensor([self.world_size, code, len(self.seqlens), self.total, checksum], dtype=torch.long)
+        self._all_equal(mine, "cu_seqlens and strategy: differ across the ranks of the group; "
+                              "expected every rank to build the plan from the same global cu_seqlens")
+
+    def _all_equal(self, mine: torch.Tensor, message: str) -> None:
+        device = self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+        mine = mine.to(device)
+        every = mine.new_empty(self.world_size * mine.numel())
+        self.comm.all_gather(every, mine).wait()
+        every = every.view(self.world_size, -1).cpu()
+        bad = [s for s in range(self.world_size) if not torch.equal(every[s], every[0])]
+        if bad:
+            raise ValueError(f"{message} (ranks {bad} differ from rank 0: {every[bad[0]].tolist()} vs {every[0].tolist()})")
+
+    def _check_call(self, q, k, v, key: tuple, group) -> None:
+        if group is not None and group is not self.group and dist.get_world_size(group) != self.world_size:
+            raise ValueError(f"group: has {dist.get_world_size(group)} ranks but the plan was built for "
+                             f"{self.world_size}; expected the plan's group")
+        V.check_packed_qkv(q, k, v)
+        V.check_same_device(("q", "cu_seqlens"), (q, self.cu_seqlens))
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.shape[0] != self.num_local_tokens:
+                raise ValueError(f"{name}: has {t.shape[0]} tokens; expected this rank's {self.num_local_tokens} "
+                                 f"(plan.shard of the global tensor)")
+        # Once per (plan, options): every rank must pass the same shapes and dtypes. One
+        # collective check, so that a mismatch is an error on every rank instead of a hang.
+        if key not in self._checked:
+            dtype_code = [torch.float16, torch.bfloat16, torch.float32].index(q.dtype)
+            sig = torch.tensor([q.shape[1], k.shape[1], q.shape[2], dtype_code, *_encode(key)], dtype=torch.long)
+            self._all_equal(sig, "q, k, v or options: shapes, dtypes or options differ across ranks; expected the "
+                                 "same on every rank (nheads, nheads_k, headdim, dtype, options)")
+            self._checked.add(key)
+
+    # -- attention -----------------------------------------------------------------------
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        causal: bool = True,
+        softmax_scale: Optional[float] = None,
+        window_size: tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+        heads_k_stride: Optional[int] = None,
+        mode: Optional[str] = None,
+        verify: Optional[bool] = None,
+        return_lse: bool = False,
+        group: Optional[dist.ProcessGroup] = None,
+    ):
+        """Attention of this rank's queries to all keys of their sequences.
+
+        q: (num_local_tokens, nheads, headdim); k, v: (num_local_tokens, nheads_k, headdim),
+        as ``plan.shard`` lays them out. Returns out (num_local_tokens, nheads, headdim), and
+        with ``return_lse`` also lse (nheads, num_local_tokens) float32. ``heads_k_stride``
+        (all-gather strategies): KV heads gathered at a time, a divisor of nheads_k (default
+        all). ``mode`` (zigzag_llama3): "grouped" or "two_kernels"; ``verify`` recomputes
+        with the other mode and raises on a mismatch.
+        """
+        if not isinstance(causal, bool):
+            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+        left, right = V.check_window(window_size)
+        softcap = V.check_softcap(softcap)
+        if causal:
+            right = 0
+        windowed = left >= 0 or (right >= 0 and not causal)
+        if windowed and self.strategy in ("zigzag_ring", "stripe"):
+            raise NotImplementedError(
+                f"window_size: {self.strategy} interleaves each rank's tokens, so a sliding window is not one "
+                "diagonal band per step; expected (-1, -1) (use llama3, zigzag_llama3 or ring for windows)")
+        scale = V.resolve_softmax_scale(softmax_scale, q.shape[-1])
+        stride = k.shape[1] if heads_k_stride is None else heads_k_stride
+        if not isinstance(stride, int) or stride < 1 or k.shape[1] % stride != 0:
+            raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
+        mode = zigzag_mode(mode) if self.strategy == "zigzag_llama3" else "grouped"
+        key = (causal, left, right, softcap, scale, stride, mode)
+        self._check_call(q, k, v, key, group)
+        params = LocalParams(scale, causal, left, right, softcap)
+        if self.strategy in ("llama3", "zigzag_llama3"):
+            spec = self._allgather_spec()
+            out, lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, mode)
+            if self.strategy == "zigzag_llama3" and zigzag_verify(verify):
+                other = "two_kernels" if mode == "grouped" else "grouped"
+                with torch.no_grad():
+                    ref, ref_lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, other)
+                _check_modes_agree(out, lse, ref, ref_lse, mode, other)
+        else:
+            out, lse = RingAttention.apply(q, k, v, self._ring_steps(causal, left, right), self.n_max, params, self.comm)
+        return (out, lse) if return_lse else out
+
+    # -- metadata --------------------------------------------------------------------------
+
+    def _allgather_spec(self) -> AllGatherSpec:
+        """Local queries against the gathered keys in global order; each query piece is a
+        group entry whose diagonal is its first token's position (query row i sees key j
+        iff j <= start + i)."""
+        if "allgather" not in self._cache:
+            own = self.pieces[self.rank]
+            groups = 2 if self.strategy == "zigzag_llama3" else 1
+            num_seqs = len(self.seqlens)
+            starts = [[0] * num_seqs for _ in range(groups)]
+            ends = [[0] * num_seqs for _ in range(groups)]
+            diag = [[0] * num_seqs for _ in range(groups)]
+            seen = [0] * num_seqs
+            pos = 0
+            for p in own:
+                g = seen[p.seq] if groups == 2 else 0
+                seen[p.seq] += 1
+                starts[g][p.seq], ends[g][p.seq], diag[g][p.seq] = pos, pos + p.length, p.start
+                pos += p.length
+            meta = SeqMeta(_tensor(starts, self.device), _tensor(ends, self.device), self.cu_seqlens,
+                           None, _tensor(diag, self.device))
+            self._cache["allgather"] = AllGatherSpec(
+                meta=meta, n_max=self.n_max, max_q=max([p.length for p in own] + [1]),
+                max_k=max(self.seqlens + [1]), key_index=self._rank_major_index(),
+            )
+        return self._cache["allgather"]  # type: ignore[return-value]
+
+    def _ring_steps(self, causal: bool, left: int, right: int) -> list[RingStep]:
+        key = ("ring", causal, left, right)
+        if key not in self._cache:
+            self._cache[key] = [self._ring_step(s, causal, left, right) for s in range(self.world_size)]
+        return self._cache[key]  # type: ignore[return-value]
+
+    def _ring_step(self, step: int, causal: bool, left: int, right: int) -> RingStep:
+        """Local queries against the block of rank src = rank - step: one entry per sequence."""
+        r, src, w = self.rank, (self.rank - step) % self.world_size, self.world_size
+        q_seg, k_seg = self.segments[r], self.segments[src]
+        num_seqs = len(self.seqlens)
+        cu_k = [0]
+        for _, n in k_seg:
+            cu_k.append(cu_k[-1] + n)
+        q_start = [a for a, _ in q_seg]
+        q_end = [a + n for a, n in q_seg]
+        used = [n for _, n in k_seg]
+        diag = [ALL_VISIBLE] * num_seqs
+        windowed = left >= 0 or right >= 0
+        if self.strategy == "ring" and (causal or windowed):
+            # One contiguous piece each side: the offset of their first positions.
+            for i in range(num_seqs):
+                diag[i] = self._piece_start(r, i) - self._piece_start(src, i)
+        elif self.strategy == "stripe" and causal:
+            # Query t sits at position r + W t, key u at src + W u: u <= t + floor((r - src) / W).
+            diag = [0 if src <= r else -1] * num_seqs
+        elif self.strategy == "zigzag_ring" and causal:
+            for i in range(num_seqs):
+                first_q, first_k = self._zigzag_chunk_len(i, r), self._zigzag_chunk_len(i, src)
+                if src == r:
+                    diag[i] = 0  # same chunks both sides: plain causal in local order
+                elif src < r:
+                    used[i] = first_k  # all queries see chunk src, none see chunk 2W-1-src
+                else:
+                    q_start[i] += first_q  # only chunk 2W-1-r sees anything, and all of the block
+        lens_q = [e - a for a, e in zip(q_start, q_end)]
+        visible = [
+            n > 0 and u > 0 and (not causal or d + n - 1 >= 0)
+            for n, u, d in zip(lens_q, used, diag)
+        ]
+        meta = SeqMeta(
+            _tensor([q_start], self.device), _tensor([q_end], self.device), _tensor(cu_k, self.device),
+            _tensor([used], self.device), _tensor([diag], self.device),
+        )
+        return RingStep(
+            meta=meta, max_q=max(lens_q + [1]), max_k=max(used + [1]), skip=not any(visible),
+            covers_all=sum(lens_q) == self.num_local_tokens,
+        )
+
+    def _piece_start(self, rank: int, seq: int) -> int:
+        for p in self.pieces[rank]:
+            if p.seq == seq:
+                return p.start
+        return 0
+
+    def _zigzag_chunk_len(self, seq: int, rank: int) -> int:
+        return chunk_bounds(self.seqlens[seq], 2 * self.world_size)[rank][1]
+
+
+def _encode(key: tuple) -> list[int]:
+    """Options as integers, identical on every rank (no per-process hash seeds)."""
+    import struct
+
+    out = []
+    for x in key:
+        if isinstance(x, str):
+            out.append(MODES.index(x))
+        elif isinstance(x, float):
+            out.append(struct.unpack("<q", struct.pack("<d", x))[0])
+        else:
+            out.append(int(x))
+    return out
+
+
+def _check_modes_agree(out, lse, ref, ref_lse, mode: str, other: str) -> None:
+    tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[out.dtype]
+    diff = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+    finite = torch.isfinite(lse)
+    lse_diff = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
+    if diff > tol * max(1.0, ref.float().abs().max().item()) or lse_diff > 1e-3 or not torch.equal(finite, torch.isfinite(ref_lse)):
+        raise RuntimeError(f"zigzag_llama3 verify: modes {mode!r} and {other!r} disagree "
+                           f"(max |out diff| {diff:.3e}, max |lse diff| {lse_diff:.3e})")

@@ -1,0 +1,191 @@
+"""Context-parallel cases run inside the gloo processes of test_cp.py.
+
+Every rank builds the same global data from the case's seed, shards it with the Plan,
+runs attention forward and backward, and gathers out, lse and the gradients. Rank 0
+compares them with single-process float64 attention on the global batch, at the
+project's bar (2x PyTorch's own error in the same dtype + epsilon)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class CPCase:
+    strategy: str
+    causal: bool = True
+    lengths: tuple = (11, 1, 3, 17, 5)  # ragged; shorter than 2W; a single token
+    heads: tuple = (2, 1)
+    headdim: int = 16
+    dtype: str = "float32"
+    window: tuple = (-1, -1)
+    heads_k_stride: Optional[int] = None
+    mode: Optional[str] = None
+    seed: int = 0
+    api: str = "plan"  # or the name of a ring-flash-attn-compatible function (test_cp_api)
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def id(self) -> str:
+        parts = [self.api if self.api != "plan" else self.strategy, "causal" if self.causal else "full"]
+        if self.window != (-1, -1):
+            parts.append(f"window{self.window[0]}_{self.window[1]}")
+        if self.heads_k_stride:
+            parts.append(f"stride{self.heads_k_stride}")
+        if self.mode:
+            parts.append(self.mode)
+        if self.dtype != "float32":
+            parts.append(self.dtype)
+        if self.heads != (2, 1):
+            parts.append(f"h{self.heads[0]}-{self.heads[1]}")
+        return "-".join(parts)
+
+
+def global_data(case: CPCase):
+    import torch
+
+    gen = torch.Generator().manual_seed(case.seed)
+    total = sum(case.lengths)
+    h, hk = case.heads
+    mk = lambda n: torch.randn(total, n, case.headdim, generator=gen, dtype=torch.float64)  # noqa: E731
+    cu = torch.tensor([0] + list(torch.tensor(case.lengths).cumsum(0).tolist()), dtype=torch.int32)
+    return cu, mk(h), mk(hk), mk(hk), mk(h)
+
+
+def reference(case: CPCase, cu, q, k, v, dout, dtype):
+    """(out, lse, dq, dk, dv) of single-process attention in ``dtype`` (float64 = ground truth)."""
+    import torch
+
+    from ringflash import attention_varlen_ref
+
+    leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    m = max(case.lengths)
+    out, lse = attention_varlen_ref(*leaves, cu, cu, m, m, causal=case.causal, window_size=case.window)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    return (out, lse, *grads)
+
+
+def run_plan_case(case: CPCase, rank: int, world_size: int):
+    """Returns the gathered (out, lse, dq, dk, dv) in the case dtype."""
+    import torch
+
+    from ringflash.cp import Plan
+
+    dtype = getattr(torch, case.dtype)
+    cu, q64, k64, v64, dout64 = global_data(case)
+    plan = Plan(cu, strategy=case.strategy)
+    q, k, v = (plan.shard(t.to(dtype)).requires_grad_() for t in (q64, k64, v64))
+    out, lse = plan.attention(q, k, v, causal=case.causal, window_size=case.window,
+                              heads_k_stride=case.heads_k_stride, mode=case.mode, return_lse=True)
+    grads = torch.autograd.grad(out, (q, k, v), plan.shard(dout64.to(dtype)))
+    assert all(g.dtype == dtype for g in grads), [g.dtype for g in grads]
+    gathered = [plan.gather(x) for x in (out, *grads)]
+    lse_global = plan.gather(lse.t().contiguous()).t()
+    return gathered[0], lse_global, *gathered[1:]
+
+
+def check_case(case: CPCase, results) -> str:
+    """Compare gathered CP results with the reference; returns "ok" or the failure."""
+    import torch
+
+    from ringflash.testing import assert_close
+
+    eps = {"float32": 1e-5, "float16": 5e-4}[case.dtype]
+    cu, q64, k64, v64, dout64 = global_data(case)
+    want = reference(case, cu, q64, k64, v64, dout64, torch.float64)
+    base = reference(case, cu, q64, k64, v64, dout64, getattr(torch, case.dtype))
+    try:
+        for name, got, w, b in zip(("out", "lse", "dq", "dk", "dv"), results, want, base):
+            assert_close(name, got, w, baseline=b, atol=eps)
+    except AssertionError as exc:
+        return str(exc)
+    return "ok"
+
+
+def cp_worker(rank: int, world_size: int, cases: list) -> dict:
+    """Runs every case; rank 0 returns {case id: "ok" or the failure}."""
+    import traceback
+
+    report = {}
+    for case in cases:
+        try:
+            results = run_case(case, rank, world_size)
+            report[case.id] = check_case(case, results) if rank == 0 else "ok"
+        except Exception:
+            report[case.id] = "exception:\n" + traceback.format_exc()
+    return report
+
+
+def run_case(case: CPCase, rank: int, world_size: int):
+    if case.api == "plan":
+        return run_plan_case(case, rank, world_size)
+    from cp_api_cases import run_api_case
+
+    return run_api_case(case, rank, world_size)
+
+
+def error_worker(rank: int, world_size: int, _payload) -> dict:
+    """Each bad call on every rank; returns {scenario: "<ExceptionType>: message"} (or "no error")."""
+    import torch
+    import torch.distributed as dist
+
+    import ringflash.cp.local as local_mod
+    from ringflash.cp import Plan
+
+    cu = torch.tensor([0, 9, 16], dtype=torch.int32)
+    report = {}
+
+    def attempt(name, fn):
+        try:
+            fn()
+            report[name] = "no error"
+        except Exception as exc:
+            report[name] = f"{type(exc).__name__}: {exc}"
+
+    def mk(n, h, d=16, dtype=torch.float32):
+        return torch.randn(n, h, d, dtype=dtype)
+
+    plan = Plan(cu, strategy="zigzag_llama3")
+    n = plan.num_local_tokens
+    # Shapes differ across ranks: rank 1 passes another head dim.
+    d = 16 if rank == 0 else 8
+    attempt("headdim differs across ranks", lambda: plan.attention(mk(n, 2, d), mk(n, 1, d), mk(n, 1, d)))
+    # dtypes differ across ranks.
+    dt = torch.float32 if rank == 0 else torch.float16
+    ring = Plan(cu, strategy="ring")
+    m = ring.num_local_tokens
+    attempt("dtype differs across ranks", lambda: ring.attention(mk(m, 2, dtype=dt), mk(m, 1, dtype=dt), mk(m, 1, dtype=dt)))
+    # heads_k_stride must divide nheads_k.
+    attempt("heads_k_stride", lambda: plan.attention(mk(n, 4), mk(n, 2), mk(n, 2), heads_k_stride=3))
+    # A group whose size does not match the plan's.
+    singles = [dist.new_group([r]) for r in range(world_size)]
+    attempt("group size", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), group=singles[rank]))
+    # Plans built from different cu_seqlens on different ranks.
+    other = cu if rank == 0 else torch.tensor([0, 8, 16], dtype=torch.int32)
+    attempt("cu_seqlens differ across ranks", lambda: Plan(other, strategy="llama3"))
+    # Local tensors that are not this rank's shard.
+    attempt("wrong local size", lambda: plan.attention(mk(n + 1, 2), mk(n + 1, 1), mk(n + 1, 1)))
+    # Sliding windows where a strategy cannot express them.
+    stripe = Plan(cu, strategy="stripe")
+    m = stripe.num_local_tokens
+    attempt("window on stripe", lambda: stripe.attention(mk(m, 2), mk(m, 1), mk(m, 1), window_size=(4, -1)))
+    # Verify mode: a perturbed "two_kernels" run must be caught.
+    real = local_mod.local_forward
+
+    def perturbed(*args, **kwargs):
+        real(*args, **kwargs)
+        if kwargs.get("mode") == "two_kernels":
+            kwargs["out"].add_(0.5)
+
+    local_mod.local_forward = perturbed
+    import ringflash.cp.engines as engines_mod
+
+    engines_mod.local_forward = perturbed
+    try:
+        attempt("verify catches a mismatch", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), verify=True))
+    finally:
+        local_mod.local_forward = real
+        engines_mod.local_forward = real
+    attempt("verify passes when modes agree", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), verify=True))
+    return report

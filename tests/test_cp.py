@@ -1,0 +1,100 @@
+"""Context-parallel attention on gloo process groups (CPU, Triton interpreter), world sizes
+1, 2, 3 and 4: every strategy against single-process attention on the same global data,
+for out, lse, dq, dk and dv. One process group per world size runs all of its cases."""
+
+import functools
+
+import pytest
+
+from cp_cases import CPCase, cp_worker, error_worker
+from dist_harness import run_distributed
+
+WORLD_SIZES = [1, 2, 3, 4]
+#: Option variants run at two world sizes (one even, one odd) to keep CI short.
+OPTION_WORLD_SIZES = [2, 3]
+
+BASE_CASES = [CPCase(s, causal=c) for s in ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe")
+              for c in (True, False)]
+OPTION_CASES = [
+    CPCase("zigzag_llama3", mode="two_kernels"),
+    CPCase("zigzag_llama3", heads=(4, 2), heads_k_stride=1),
+    CPCase("zigzag_llama3", window=(9, -1)),
+    CPCase("zigzag_llama3", dtype="float16"),
+    CPCase("llama3", heads=(6, 3), heads_k_stride=1),
+    CPCase("llama3", causal=False, window=(4, 6)),
+    CPCase("ring", window=(10, -1)),
+    CPCase("ring", dtype="float16", heads=(4, 2)),
+    CPCase("zigzag_ring", dtype="float16"),
+    CPCase("stripe", heads=(2, 2)),
+]
+
+
+# ring-flash-attn's functions, with its sharding (lengths divisible by 2W for W = 2, 3).
+API_LENGTHS = (12, 24)
+API_CASES = [
+    CPCase("ring", api="ring_flash_attn_func", lengths=(12, 12), causal=True),
+    CPCase("ring", api="ring_flash_attn_qkvpacked_func", lengths=(12, 12), causal=False, heads=(2, 2)),
+    CPCase("ring", api="ring_flash_attn_varlen_func", lengths=API_LENGTHS),
+    CPCase("zigzag_ring", api="zigzag_ring_flash_attn_func", lengths=(12, 12)),
+    CPCase("zigzag_ring", api="zigzag_ring_flash_attn_varlen_kvpacked_func", lengths=API_LENGTHS),
+    CPCase("stripe", api="stripe_flash_attn_func", lengths=(12, 12)),
+    CPCase("stripe", api="stripe_flash_attn_varlen_func", lengths=API_LENGTHS, causal=False),
+    CPCase("llama3", api="llama3_flash_attn_varlen_func", lengths=(13, 5, 18), heads=(4, 2), heads_k_stride=1),
+    CPCase("llama3", api="llama3_flash_attn_varlen_qkvpacked_func", lengths=(13, 5, 18), causal=False, heads=(2, 2)),
+    CPCase("zigzag_llama3", api="zigzag_llama3_flash_attn_varlen_func", lengths=API_LENGTHS),
+    CPCase("zigzag_llama3", api="zigzag_llama3_flash_attn_varlen_func", lengths=API_LENGTHS, mode="two_kernels"),
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _reports(world_size: int) -> dict:
+    cases = BASE_CASES + (OPTION_CASES + API_CASES if world_size in OPTION_WORLD_SIZES else [])
+    (report, *_) = run_distributed(cp_worker, world_size, cases, timeout=900)
+    return report
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("case", BASE_CASES, ids=[c.id for c in BASE_CASES])
+def test_cp_strategy_matches_single_process(world_size, case):
+    result = _reports(world_size)[case.id]
+    assert result == "ok", result
+
+
+@pytest.mark.parametrize("world_size", OPTION_WORLD_SIZES)
+@pytest.mark.parametrize("case", OPTION_CASES, ids=[c.id for c in OPTION_CASES])
+def test_cp_options_match_single_process(world_size, case):
+    result = _reports(world_size)[case.id]
+    assert result == "ok", result
+
+
+@pytest.mark.parametrize("world_size", OPTION_WORLD_SIZES)
+@pytest.mark.parametrize("case", API_CASES, ids=[c.id for c in API_CASES])
+def test_ring_flash_attn_api_matches_single_process(world_size, case):
+    result = _reports(world_size)[case.id]
+    assert result == "ok", result
+
+
+ERRORS = {
+    "headdim differs across ranks": r"ValueError: q, k, v or options: shapes, dtypes or options differ across ranks",
+    "dtype differs across ranks": r"ValueError: q, k, v or options: shapes, dtypes or options differ across ranks",
+    "heads_k_stride": r"ValueError: heads_k_stride: got 3; expected a divisor of nheads_k=2",
+    "group size": r"ValueError: group: has 1 ranks but the plan was built for 2",
+    "cu_seqlens differ across ranks": r"ValueError: cu_seqlens and strategy: differ across the ranks of the group",
+    "wrong local size": r"ValueError: q: has \d+ tokens; expected this rank's \d+",
+    "window on stripe": r"NotImplementedError: window_size: stripe interleaves",
+    "verify catches a mismatch": r"RuntimeError: zigzag_llama3 verify: modes 'grouped' and 'two_kernels' disagree",
+    "verify passes when modes agree": r"no error",
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _error_reports() -> list:
+    return run_distributed(error_worker, 2, None, timeout=300)
+
+
+@pytest.mark.parametrize("scenario", list(ERRORS))
+def test_cp_errors_raise_on_every_rank(scenario):
+    import re
+
+    for rank, report in enumerate(_error_reports()):
+        assert re.match(ERRORS[scenario], report[scenario]), f"rank {rank}: {report[scenario]}"
