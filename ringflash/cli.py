@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 BENCHMARKS = {
     "kernels": "ringflash.bench.kernels",
     "grouped": "ringflash.bench.grouped",
+    "cp": "ringflash.bench.cp",
     "tune": "ringflash.bench.tune",
 }
 
@@ -17,6 +18,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="check every implementation against the float64 reference and time it")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    demo.add_argument("--cp-world-size", type=int, default=2,
+                      help="local processes for the context-parallel run (0 skips it)")
+    demo.add_argument("--cp-strategy", default="zigzag_llama3",
+                      choices=["zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe"])
     bench = sub.add_parser("bench", help="GPU benchmarks: " + ", ".join(BENCHMARKS))
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help for its list)")
@@ -24,7 +29,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command in (None, "demo"):
         from .demo import run_demo
 
-        return run_demo(getattr(args, "device", "auto"))
+        if args.command is None:
+            return run_demo()
+        return run_demo(args.device, args.cp_world_size, args.cp_strategy)
     import importlib
 
     return importlib.import_module(BENCHMARKS[args.which]).main(args.rest)

@@ -7,7 +7,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -123,7 +123,68 @@ def describe_environment(device: torch.device) -> list[str]:
     return lines
 
 
-def run_demo(device_choice: str = "auto") -> int:
+def cp_demo_worker(rank: int, world_size: int, payload: tuple) -> Optional[tuple]:
+    """One rank of the demo's context-parallel run: shard, attend, gather; rank 0 checks."""
+    import torch.distributed as dist
+
+    from .cp import Plan
+
+    strategy, lengths, heads, headdim, dtype_name = payload
+    dtype = getattr(torch, dtype_name)
+    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    gen = torch.Generator().manual_seed(0)
+    total = sum(lengths)
+    mk = lambda h: torch.randn(total, h, headdim, generator=gen, dtype=torch.float64).to(dev)  # noqa: E731
+    q64, k64, v64, do64 = mk(heads[0]), mk(heads[1]), mk(heads[1]), mk(heads[0])
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    plan = Plan(cu, strategy=strategy)
+    q, k, v = (plan.shard(t.to(dtype)).requires_grad_() for t in (q64, k64, v64))
+
+    def step():
+        out = plan.attention(q, k, v, causal=True)
+        return out, torch.autograd.grad(out, (q, k, v), plan.shard(do64.to(dtype)))
+
+    out, grads = step()  # warm-up (compilation)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    dist.barrier()
+    t0 = time.perf_counter()
+    out, grads = step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3
+    gathered = [plan.gather(x) for x in (out, *grads)]
+    if rank != 0:
+        return None
+    # Single-process attention on the whole batch, in float64 (ground truth).
+    leaves = [t.requires_grad_() for t in (q64, k64, v64)]
+    from .reference import attention_varlen_ref
+
+    ref_out, _ = attention_varlen_ref(*leaves, cu, cu, max(lengths), max(lengths), causal=True)
+    ref_grads = torch.autograd.grad(ref_out, leaves, do64)
+    out_err = error_stats(gathered[0], ref_out).rel
+    grad_err = max(error_stats(g, r).rel for g, r in zip(gathered[1:], ref_grads))
+    return out_err, grad_err, ms
+
+
+def run_cp_demo(device: torch.device, world_size: int, strategy: str) -> tuple:
+    """Spawn ``world_size`` local processes (NCCL with a GPU each if there are enough GPUs,
+    else gloo on the CPU) and run context-parallel attention; returns a table row."""
+    from .cp.launch import run_local
+
+    use_nccl = device.type == "cuda" and torch.cuda.device_count() >= world_size
+    if use_nccl:
+        payload = (strategy, [8192, 4096, 2048, 1024, 512, 512], (32, 8), 128, "bfloat16")
+    else:
+        payload = (strategy, [96, 17, 1, 40], (4, 2), 32, "float32")
+    backend = "nccl" if use_nccl else "gloo"
+    results = run_local(cp_demo_worker, world_size, payload, backend=backend, timeout=600)
+    out_err, grad_err, ms = results[0]
+    name = f"context parallel ({strategy}, {world_size} ranks, {backend})"
+    return name, f"{out_err:.2e}", f"{grad_err:.2e}", "-", f"{ms:.2f}"
+
+
+def run_demo(device_choice: str = "auto", cp_world_size: int = 2, cp_strategy: str = "zigzag_llama3") -> int:
     use_cuda = torch.cuda.is_available() if device_choice == "auto" else device_choice == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("ringflash demo: --device cuda asked for, but no CUDA GPU is visible")
@@ -166,6 +227,12 @@ def run_demo(device_choice: str = "auto") -> int:
 
         total_ms = _timed(fwd_bwd, device)
         rows.append((name, f"{out_err.rel:.2e}", f"{grad_err.rel:.2e}", f"{fwd_ms:.2f}", f"{total_ms:.2f}"))
+
+    if cp_world_size > 0:
+        try:
+            rows.append(run_cp_demo(device, cp_world_size, cp_strategy))
+        except Exception as exc:  # reported in the table, not fatal
+            rows.append((f"context parallel ({cp_strategy})", f"failed: {str(exc).splitlines()[-1][:60]}", "", "", ""))
 
     header = ("implementation", "out rel err", "grad rel err", "fwd ms", "fwd+bwd ms")
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]

@@ -21,6 +21,8 @@ for s in "$@"; do
     tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-4}" tests ${TESTS_ARGS:-} ;;
     bigtests) stage bigtests "${BIG_LIMIT:-200}" python3 -m pytest -m big -q -p no:cacheprovider tests ;;
     grouped) stage grouped "${GROUPED_LIMIT:-300}" python3 -m ringflash bench grouped --csv "$OUT/grouped.csv" ;;
+    cpbench) stage cpbench "${CPBENCH_LIMIT:-300}" python3 -m ringflash bench cp --csv "$OUT/cp.csv" ${CPBENCH_ARGS:-} ;;
+    cptests) stage cptests "${CPTESTS_LIMIT:-300}" env RINGFLASH_CP_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider tests/test_cp.py ${CPTESTS_ARGS:-} ;;
     overhead) stage overhead 120 python3 -m ringflash bench tune --only-overhead ;;
     *) echo "unknown stage $s" ;;
   esac

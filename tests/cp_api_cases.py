@@ -37,7 +37,7 @@ def run_api_case(case, rank: int, world: int):
     import torch.distributed as dist
 
     import ringflash
-    from cp_cases import global_data
+    from cp_cases import device, global_data
 
     dtype = getattr(torch, case.dtype)
     cu, q64, k64, v64, dout64 = global_data(case)
@@ -45,7 +45,7 @@ def run_api_case(case, rank: int, world: int):
     name = case.api
     strategy = name.split("_flash_attn")[0]
     layout = LAYOUT[strategy]
-    rows = torch.tensor(local_rows(layout, lengths, rank, world))
+    rows = torch.tensor(local_rows(layout, lengths, rank, world), device=device())
     q, k, v = (t[rows].to(dtype).requires_grad_() for t in (q64, k64, v64))
     dense = "varlen" not in name
     kw = dict(causal=case.causal, return_attn_probs=True)
@@ -55,7 +55,7 @@ def run_api_case(case, rank: int, world: int):
         args = [shape(q), shape(k), shape(v)]
     else:
         local_lens = [len(local_rows(layout, [n], rank, world)) for n in lengths]
-        local_cu = torch.tensor([0] + torch.tensor(local_lens).cumsum(0).tolist(), dtype=torch.int32)
+        local_cu = torch.tensor([0] + torch.tensor(local_lens).cumsum(0).tolist(), dtype=torch.int32, device=device())
         if strategy == "llama3":
             cu_q, cu_k, max_q, max_k, kslice = ringflash.llama3_flash_attn_prepare_cu_seqlens(cu, case.causal, rank, world)
             args = [q, k, v, cu_q, cu_k, max_q, max_k, case.heads_k_stride or k.shape[1], kslice]
@@ -81,12 +81,12 @@ def run_api_case(case, rank: int, world: int):
     local = [flat(out), lse_rows.contiguous(), *(flat(g) for g in grads)]
     assert all(g.dtype == dtype for g in grads)
     # Reassemble the global tensors from every rank's rows.
-    all_rows = [torch.tensor(local_rows(layout, lengths, r, world)) for r in range(world)]
+    all_rows = [torch.tensor(local_rows(layout, lengths, r, world), device=device()) for r in range(world)]
     gathered = []
     for t in local:
         parts = [torch.empty_like(t) for _ in range(world)]
         dist.all_gather(parts, t.contiguous())
-        full = torch.empty((sum(lengths),) + tuple(t.shape[1:]), dtype=t.dtype)
+        full = torch.empty((sum(lengths),) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
         for r, part in zip(all_rows, parts):
             full[r] = part
         gathered.append(full)

@@ -42,6 +42,16 @@ class CPCase:
         return "-".join(parts)
 
 
+def device():
+    """The rank's device: its GPU under NCCL, else the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def global_data(case: CPCase):
     import torch
 
@@ -50,7 +60,7 @@ def global_data(case: CPCase):
     h, hk = case.heads
     mk = lambda n: torch.randn(total, n, case.headdim, generator=gen, dtype=torch.float64)  # noqa: E731
     cu = torch.tensor([0] + list(torch.tensor(case.lengths).cumsum(0).tolist()), dtype=torch.int32)
-    return cu, mk(h), mk(hk), mk(hk), mk(h)
+    return tuple(t.to(device()) for t in (cu, mk(h), mk(hk), mk(hk), mk(h)))
 
 
 def reference(case: CPCase, cu, q, k, v, dout, dtype):
@@ -91,7 +101,7 @@ def check_case(case: CPCase, results) -> str:
 
     from ringflash.testing import assert_close
 
-    eps = {"float32": 1e-5, "float16": 5e-4}[case.dtype]
+    eps = {"float32": 1e-5, "float16": 5e-4, "bfloat16": 4e-3}[case.dtype]
     cu, q64, k64, v64, dout64 = global_data(case)
     want = reference(case, cu, q64, k64, v64, dout64, torch.float64)
     base = reference(case, cu, q64, k64, v64, dout64, getattr(torch, case.dtype))
@@ -133,7 +143,7 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     import ringflash.cp.local as local_mod
     from ringflash.cp import Plan
 
-    cu = torch.tensor([0, 9, 16], dtype=torch.int32)
+    cu = torch.tensor([0, 9, 16], dtype=torch.int32, device=device())
     report = {}
 
     def attempt(name, fn):
@@ -144,7 +154,7 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
             report[name] = f"{type(exc).__name__}: {exc}"
 
     def mk(n, h, d=16, dtype=torch.float32):
-        return torch.randn(n, h, d, dtype=dtype)
+        return torch.randn(n, h, d, dtype=dtype, device=device())
 
     plan = Plan(cu, strategy="zigzag_llama3")
     n = plan.num_local_tokens
@@ -162,7 +172,7 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     singles = [dist.new_group([r]) for r in range(world_size)]
     attempt("group size", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), group=singles[rank]))
     # Plans built from different cu_seqlens on different ranks.
-    other = cu if rank == 0 else torch.tensor([0, 8, 16], dtype=torch.int32)
+    other = cu if rank == 0 else torch.tensor([0, 8, 16], dtype=torch.int32, device=device())
     attempt("cu_seqlens differ across ranks", lambda: Plan(other, strategy="llama3"))
     # Local tensors that are not this rank's shard.
     attempt("wrong local size", lambda: plan.attention(mk(n + 1, 2), mk(n + 1, 1), mk(n + 1, 1)))

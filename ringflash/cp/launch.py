@@ -1,8 +1,10 @@
-"""Run a function on several local processes joined by a gloo process group.
+"""Run a function on several local processes joined by a process group: gloo on the CPU
+(Triton's interpreter), or NCCL with one GPU per process. Used by ``ringflash demo``,
+``ringflash bench cp`` and the tests. Multi-node runs go through torchrun instead.
 
-``run_distributed(target, world_size, payload)`` spawns ``world_size`` processes on a free
-port; each calls ``target(rank, world_size, payload)`` and sends back its return value (or
-its traceback). A timeout kills every process, so a hang fails the test instead of CI.
+``run_local(target, world_size, payload, backend)`` spawns the processes on a free port;
+each calls ``target(rank, world_size, payload)`` and sends back its return value or its
+traceback. A timeout kills every process, so a hang becomes an error.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world_size, port, target, payload, queue):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+def _entry(rank, world_size, port, backend, target, payload, queue):
+    if backend == "gloo":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     try:
@@ -29,7 +32,11 @@ def _entry(rank, world_size, port, target, payload, queue):
         import torch.distributed as dist
 
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+            dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
+        else:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
         try:
             queue.put((rank, "ok", target(rank, world_size, payload)))
         finally:
@@ -38,12 +45,14 @@ def _entry(rank, world_size, port, target, payload, queue):
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(target, world_size: int, payload, timeout: float = 600.0) -> list:
+def run_local(target, world_size: int, payload=None, backend: str = "gloo", timeout: float = 600.0) -> list:
     """Returns each rank's return value, in rank order; raises with the first traceback."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend: got {backend!r}; expected 'gloo' or 'nccl'")
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world_size, port, target, payload, queue), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, backend, target, payload, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -61,9 +70,9 @@ def run_distributed(target, world_size: int, payload, timeout: float = 600.0) ->
         errors.append(f"timed out after {timeout}s waiting for the ranks ({type(exc).__name__})")
     finally:
         for p in procs:
-            p.join(timeout=5 if not errors else 0.1)
+            p.join(timeout=30 if not errors else 0.1)
             if p.is_alive():
                 p.kill()
     if errors:
-        raise AssertionError("\n".join(errors))
+        raise RuntimeError("\n".join(errors))
     return [results[r] for r in range(world_size)]
