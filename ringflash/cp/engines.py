@@ -132,27 +132,34 @@ class AllGatherAttention(torch.autograd.Function):
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         dout = dout.contiguous()
+        gather = _AllGather(comm, k, v, spec, stride)
+        gather.start(0)  # the first re-gather overlaps the preprocessing
         prob = params.problem(q, k, spec.meta, spec.max_q, spec.max_k)
         delta, lse2 = prepare_backward(dout, out, lse, prob)
-        gather = _AllGather(comm, k, v, spec, stride)
-        gather.start(0)
         scattering: list = []
         for c in range(gather.chunks):
             kc, vc = gather.keys(c)
             rows = slice(c * qh, (c + 1) * qh)
             heads = slice(c * stride, (c + 1) * stride)
             dkv = torch.empty((kc.shape[0], 2) + tuple(kc.shape[1:]), dtype=torch.float32, device=k.device)
+
+            def scatter_dkv(dkv=dkv, heads=heads):
+                # Back to the rank-major layout of the all-gather, then summed onto the owners,
+                # while dQ computes. With key_index every real row is written; the padding rows
+                # are summed and never read. A key_slice leaves other ranks' rows to zero.
+                rest = (comm.world_size * spec.n_max,) + tuple(dkv.shape[1:])
+                if spec.key_index is not None:
+                    full = dkv.new_empty(rest)
+                    full.index_copy_(0, spec.key_index, dkv)
+                else:
+                    full = dkv.new_zeros(rest)
+                    full[spec.key_slice if spec.key_slice is not None else slice(None)] = dkv
+                mine = dkv.new_empty((spec.n_max,) + tuple(dkv.shape[1:]))
+                scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
+
             local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
                            spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
-                           prepared=(delta[rows], lse2[rows]), mode=mode)
-            # Back to the rank-major layout of the all-gather, then summed onto the owners.
-            full = dkv.new_zeros((comm.world_size * spec.n_max,) + tuple(dkv.shape[1:]))
-            if spec.key_index is not None:
-                full.index_copy_(0, spec.key_index, dkv)
-            else:
-                full[spec.key_slice if spec.key_slice is not None else slice(None)] = dkv
-            mine = dkv.new_empty((spec.n_max,) + tuple(dkv.shape[1:]))
-            scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
+                           prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv)
             _finish_scatter(scattering, dk, dv, keep=1)
         _finish_scatter(scattering, dk, dv, keep=0)
         return dq, dk, dv, None, None, None, None, None

@@ -6,7 +6,7 @@ backward go straight to the kernels' launchers, writing into the caller's buffer
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -55,8 +55,10 @@ def local_backward(
     meta: SeqMeta, params: LocalParams, max_q: int, max_k: int,
     dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None, mode: str = "grouped",
+    after_dkdv: Optional[Callable[[], None]] = None,
 ) -> None:
-    """Writes dq for the covered rows and dk/dv for every key of the buffer's sequences."""
+    """Writes dq for the covered rows and dk/dv for every key of the buffer's sequences;
+    ``after_dkdv`` runs once dk/dv are complete on the stream (before dq, when one call)."""
     if mode == "two_kernels" and meta.num_groups > 1:
         dk_part, dv_part = torch.empty_like(dk), torch.empty_like(dv)
         for g in range(meta.num_groups):
@@ -68,6 +70,9 @@ def local_backward(
             if not first:
                 dk.add_(dk_part)
                 dv.add_(dv_part)
+        if after_dkdv is not None:
+            after_dkdv()
         return
     prob = params.problem(q, k, meta, max_q, max_k)
-    attention_backward(dout, q, k, v, out, lse, prob, meta, dq=dq, dk=dk, dv=dv, prepared=prepared)
+    attention_backward(dout, q, k, v, out, lse, prob, meta, dq=dq, dk=dk, dv=dv, prepared=prepared,
+                       after_dkdv=after_dkdv)

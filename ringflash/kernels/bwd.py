@@ -10,7 +10,7 @@ one program, so the result is deterministic by construction.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import triton
@@ -376,6 +376,7 @@ def attention_backward(
     dk: Optional[torch.Tensor] = None,
     dv: Optional[torch.Tensor] = None,
     prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    after_dkdv: Optional[Callable[[], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
 
@@ -383,6 +384,8 @@ def attention_backward(
     Given ``dq``/``dk``/``dv`` (views allowed; float32 allowed), the gradients are written
     there: every key of every sequence of k (zero for keys no entry sees), but only the
     query rows that some entry covers. ``prepared`` is ``prepare_backward``'s result.
+    ``after_dkdv`` runs once dK/dV are enqueued and before dQ is, so that a caller can
+    start communicating dK/dV while dQ computes (context parallelism).
     """
     check_device(q)
     if dout.stride(-1) != 1:
@@ -427,5 +430,7 @@ def attention_backward(
         )
 
     launch_dkdv(configs.config_for("dkdv", q, prob, run=launch_dkdv))
+    if after_dkdv is not None:
+        after_dkdv()
     launch_dq(configs.config_for("dq", q, prob, run=launch_dq))
     return dq, dk, dv
