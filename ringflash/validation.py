@@ -146,24 +146,34 @@ def check_dense_qkv(
     max_headdim: Optional[int] = MAX_HEADDIM,
 ) -> DenseShape:
     """q (batch, seqlen_q, nheads, d); k, v (batch, seqlen_k, nheads_k, d)."""
-    check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
-    check_rank("k", k, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_rank("v", v, 4, "(batch, seqlen_k, nheads_k, headdim)")
-    check_dtype("q", q, dtypes)
-    check_same_dtype(("q", "k", "v"), (q, k, v))
-    check_same_device(("q", "k", "v"), (q, k, v))
+    _check_qkv(q, k, v, ("(batch, seqlen_q, nheads, headdim)", "(batch, seqlen_k, nheads_k, headdim)"),
+               "(batch, seqlen_k, nheads_k)", dtypes, max_headdim)
     b, sq, h, d = q.shape
     if k.shape[0] != b:
         raise ValueError(f"k: batch {k.shape[0]} differs from q's batch {b}; expected {b}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's (batch, seqlen_k, nheads_k) {tuple(k.shape[:3])}")
-    if k.shape[3] != d:
-        raise ValueError(f"k: head dim {k.shape[3]} differs from q's head dim {d}; expected {d}")
-    if v.shape[3] != d:
-        raise ValueError(f"v: head dim {v.shape[3]} differs from q's head dim {d}; expected {d}")
-    check_headdim("q", d, max_headdim)
-    check_heads(h, k.shape[2])
     return DenseShape(b, sq, k.shape[1], h, k.shape[2], d, v.shape[3])
+
+
+def _check_qkv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: tuple[str, str], kv_axes: str,
+    dtypes: Sequence[torch.dtype], max_headdim: Optional[int],
+) -> None:
+    """What dense and packed inputs share: ranks, dtype, device, k/v agreement, head dim, GQA."""
+    ndim = layouts[0].count(",") + 1
+    check_rank("q", q, ndim, layouts[0])
+    check_rank("k", k, ndim, layouts[1])
+    check_rank("v", v, ndim, layouts[1])
+    check_dtype("q", q, dtypes)
+    check_same_dtype(("q", "k", "v"), (q, k, v))
+    check_same_device(("q", "k", "v"), (q, k, v))
+    d = q.shape[-1]
+    if v.shape[:-1] != k.shape[:-1]:
+        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's {kv_axes} {tuple(k.shape[:-1])}")
+    for name, t in (("k", k), ("v", v)):
+        if t.shape[-1] != d:
+            raise ValueError(f"{name}: head dim {t.shape[-1]} differs from q's head dim {d}; expected {d}")
+    check_headdim("q", d, max_headdim)
+    check_heads(q.shape[-2], k.shape[-2])
 
 
 @dataclass(frozen=True)
@@ -225,22 +235,9 @@ def check_packed_qkv(
     max_headdim: Optional[int] = MAX_HEADDIM,
 ) -> tuple[int, int, int]:
     """q (tokens_q, nheads, d); k, v (tokens_k, nheads_k, d). Returns (tokens_q, nheads, d)."""
-    check_rank("q", q, 3, "(total_q, nheads, headdim)")
-    check_rank("k", k, 3, "(total_k, nheads_k, headdim)")
-    check_rank("v", v, 3, "(total_k, nheads_k, headdim)")
-    check_dtype("q", q, dtypes)
-    check_same_dtype(("q", "k", "v"), (q, k, v))
-    check_same_device(("q", "k", "v"), (q, k, v))
-    total_q, h, d = q.shape
-    if v.shape[:2] != k.shape[:2]:
-        raise ValueError(f"v: shape {tuple(v.shape)} does not match k's (total_k, nheads_k) {tuple(k.shape[:2])}")
-    if k.shape[2] != d:
-        raise ValueError(f"k: head dim {k.shape[2]} differs from q's head dim {d}; expected {d}")
-    if v.shape[2] != d:
-        raise ValueError(f"v: head dim {v.shape[2]} differs from q's head dim {d}; expected {d}")
-    check_headdim("q", d, max_headdim)
-    check_heads(h, k.shape[1])
-    return total_q, h, d
+    _check_qkv(q, k, v, ("(total_q, nheads, headdim)", "(total_k, nheads_k, headdim)"), "(total_k, nheads_k)",
+               dtypes, max_headdim)
+    return q.shape[0], q.shape[1], q.shape[2]
 
 
 def check_max_seqlen(name: str, value: object) -> None:

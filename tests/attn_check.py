@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ringflash import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
 from ringflash.testing import assert_close
 
 #: The "small epsilon" added to 2x PyTorch's error, per dtype.
@@ -67,3 +68,31 @@ def check_attention(
     for name, g, want, base in zip(NAMES, grads, want_grads, base_grads):
         assert g.dtype == dtype and g.shape == want.shape
         assert_close(prefix + name, g, want, baseline=base, atol=eps)
+
+
+# -- the kernels and the reference behind one calling convention: (q, k, v, *options) -> (out, lse)
+
+
+def dense64(gen, device, b, sq, sk, h, hk, d):
+    """Float64 q (b, sq, h, d), k and v (b, sk, hk, d) on ``device``."""
+    mk = lambda s, n: torch.randn(b, s, n, d, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
+    return mk(sq, h), mk(sk, hk), mk(sk, hk)
+
+
+def dense_impl(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
+    return out, lse
+
+
+def dense_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
+    return attention_ref(q, k, v, causal=causal, window_size=window, softcap=softcap)
+
+
+def varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None):
+    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window,
+                                         return_attn_probs=True, seqused_k=seqused)
+    return out, lse
+
+
+def varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None):
+    return attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window, seqused_k=seqused)

@@ -7,9 +7,9 @@ same dtype plus a small epsilon, for out, lse, dq, dk and dv.
 import pytest
 import torch
 
-from attn_check import EPS, check_attention
+from attn_check import EPS, check_attention, dense64, dense_impl, dense_ref, varlen_impl, varlen_ref
 from conftest import cu_seqlens_from_lengths
-from ringflash import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from ringflash import attention_ref, flash_attn_func, flash_attn_varlen_func
 from ringflash.testing import assert_close
 
 pytestmark = pytest.mark.gpu
@@ -17,17 +17,10 @@ DEV = "cuda"
 
 
 def _dense64(gen, b, sq, sk, h, hk, d):
-    mk = lambda s, n: torch.randn(b, s, n, d, generator=gen, dtype=torch.float64).to(DEV)  # noqa: E731
-    return mk(sq, h), mk(sk, hk), mk(sk, hk)
+    return dense64(gen, DEV, b, sq, sk, h, hk, d)
 
 
-def _dense_impl(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
-    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
-    return out, lse
-
-
-def _dense_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
-    return attention_ref(q, k, v, causal=causal, window_size=window, softcap=softcap)
+_dense_impl, _dense_ref = dense_impl, dense_ref
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -79,15 +72,6 @@ def test_fp32_default_is_tf32_accurate(gen):
         assert_close(name, got, ref, rel_tol=3e-3)
 
 
-def _varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, return_attn_probs=True)
-    return out, lse
-
-
-def _varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal):
-    return attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_llama_gqa(gen, dtype, causal):
@@ -97,7 +81,7 @@ def test_varlen_llama_gqa(gen, dtype, causal):
     k = torch.randn(total, 8, 128, generator=gen, dtype=torch.float64).to(DEV)
     v = torch.randn(total, 8, 128, generator=gen, dtype=torch.float64).to(DEV)
     cu = cu_seqlens_from_lengths(lengths, DEV)
-    check_attention(_varlen_impl, _varlen_ref, (q, k, v), dtype, extra=(cu, cu, max(lengths), max(lengths), causal))
+    check_attention(varlen_impl, varlen_ref, (q, k, v), dtype, extra=(cu, cu, max(lengths), max(lengths), causal))
 
 
 def _check_rows(label, got, want, base, dtype):

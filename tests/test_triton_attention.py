@@ -7,12 +7,11 @@ interpreter computes bf16 dots wrongly); test_gpu_attention.py runs bf16/fp16 at
 import pytest
 import torch
 
-from attn_check import check_attention
+from attn_check import check_attention, dense64, dense_impl, dense_ref, varlen_impl, varlen_ref
 from conftest import AWKWARD_SEQLENS, AWKWARD_VARLEN_BATCHES, HAS_CUDA, cu_seqlens_from_lengths
 from ringflash import (
     FlashAttentionTritonFunc,
     attention_ref,
-    attention_varlen_ref,
     flash_attn_func,
     flash_attn_kvpacked_func,
     flash_attn_qkvpacked_func,
@@ -27,17 +26,11 @@ DTYPES = [torch.float16, torch.float32]
 
 
 def _dense64(gen, b, sq, sk, h, hk, d):
-    mk = lambda s, n: torch.randn(b, s, n, d, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
-    return mk(sq, h), mk(sk, hk), mk(sk, hk)
+    return dense64(gen, DEVICE, b, sq, sk, h, hk, d)
 
 
-def _dense_impl(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
-    out, lse, _ = flash_attn_func(q, k, v, causal=causal, window_size=window, softcap=softcap, return_attn_probs=True)
-    return out, lse
-
-
-def _dense_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
-    return attention_ref(q, k, v, causal=causal, window_size=window, softcap=softcap)
+_dense_impl, _dense_ref = dense_impl, dense_ref
+_varlen_impl, _varlen_ref = varlen_impl, varlen_ref
 
 
 SEQLEN_PAIRS = [(s, s) for s in AWKWARD_SEQLENS] + [(17, 129), (129, 17)]
@@ -90,16 +83,6 @@ def _varlen_case(gen, lengths, k_lengths, h, hk, d):
     meta = (cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE),
             max(lengths), max(k_lengths))
     return (q, k, v), meta
-
-
-def _varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None):
-    out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window,
-                                         return_attn_probs=True, seqused_k=seqused)
-    return out, lse
-
-
-def _varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None):
-    return attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window, seqused_k=seqused)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

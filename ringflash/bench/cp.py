@@ -101,7 +101,6 @@ def bench_worker(rank: int, world: int, payload: tuple) -> Optional[list]:
                 print(f"  {case} {label}: fwd {fwd:.3f} ms ({r['fwd_eff']:.0%}), fwd+bwd {total_ms:.3f} ms "
                       f"({r['fwd_bwd_eff']:.0%}), peak {r['peak_gib']:.2f} GiB, rel err {r['rel_err_vs_single']:.1e}",
                       flush=True)
-            del q, k, v, dout, plan
     return rows if rank == 0 else None
 
 

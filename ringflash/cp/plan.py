@@ -29,7 +29,7 @@ from .. import validation as V
 from ..kernels.problem import WINDOW_CAP, SeqMeta
 from .comm import Comm
 from .engines import AllGatherAttention, AllGatherSpec, RingAttention, RingStep
-from .layout import STRATEGIES, Piece, chunk_bounds, rank_pieces, segments
+from .layout import STRATEGIES, chunk_bounds, rank_pieces, segments
 from .local import MODES, LocalParams
 
 #: diag value meaning "every key of the entry precedes every query row".
@@ -257,7 +257,7 @@ class Plan:
 
     def _ring_step(self, step: int, causal: bool, left: int, right: int) -> RingStep:
         """Local queries against the block of rank src = rank - step: one entry per sequence."""
-        r, src, w = self.rank, (self.rank - step) % self.world_size, self.world_size
+        r, src = self.rank, (self.rank - step) % self.world_size
         q_seg, k_seg = self.segments[r], self.segments[src]
         num_seqs = len(self.seqlens)
         cu_k = [0]

@@ -18,8 +18,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, interpreting, key_block_ranges, query_block_ranges, scaled_scores, schedule, sequence_bounds,
-    visible,
+    check_device, interpreting, key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule,
+    sequence_bounds, tile_ptrs, visible,
 )
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
 
@@ -41,16 +41,13 @@ def _bwd_preprocess_kernel(
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_r[:, None] < rows) & (offs_d[None, :] < HEADDIM)
-    o = tl.load(
-        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_r[:, None].to(tl.int64) * stride_or
-        + offs_d[None, :], mask=mask, other=0.0,
-    ).to(tl.float32)
-    do = tl.load(
-        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + offs_r[:, None].to(tl.int64) * stride_dor
-        + offs_d[None, :], mask=mask, other=0.0,
-    ).to(tl.float32)
+    r0 = pid_r * BLOCK_R
+    o = tl.load(tile_ptrs(Out, b, h, r0, stride_ob, stride_oh, stride_or, BLOCK_R, BLOCK_D),
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(tile_ptrs(DOut, b, h, r0, stride_dob, stride_doh, stride_dor, BLOCK_R, BLOCK_D),
+                 mask=mask, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_r
+    l_off = row_base(0, b, h, r0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rows
     lse = tl.load(Lse + l_off, mask=r_mask, other=0.0)
     # Rows that saw no key keep lse2 = -inf; every score of theirs is masked, so their
@@ -153,15 +150,10 @@ def _bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     kv_mask = (offs_n[:, None] < sk_full) & (offs_d[None, :] < HEADDIM)
-    k_rows = (k_start + n0).to(tl.int64)
-    k = tl.load(
-        K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_rows * stride_ks
-        + tl.arange(0, BLOCK_N)[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0,
-    )
-    v = tl.load(
-        V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_rows * stride_vs
-        + tl.arange(0, BLOCK_N)[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0,
-    )
+    k = tl.load(tile_ptrs(K, b, hk, k_start + n0, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D),
+                mask=kv_mask, other=0.0)
+    v = tl.load(tile_ptrs(V, b, hk, k_start + n0, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D),
+                mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for gh in range(0, num_groups * kv_group):
@@ -175,9 +167,9 @@ def _bwd_dkdv_kernel(
         m_lo, a_end, b_end, m_hi = query_block_ranges(
             n0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
         )
-        q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
-        do_base = DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_start.to(tl.int64) * stride_dos
-        l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        q_base = row_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qs)
+        do_base = row_base(DOut, b, h, q_start, stride_dob, stride_doh, stride_dos)
+        l_off = row_base(0, b, h, q_start, stride_lb, stride_lh, 1)
         if HAS_RIGHT:
             dk, dv = _dkdv_block_loop(
                 dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
@@ -198,16 +190,10 @@ def _bwd_dkdv_kernel(
             True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
         )
     dk = dk * softmax_scale
-    tl.store(
-        DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh + k_rows * stride_dks
-        + tl.arange(0, BLOCK_N)[:, None] * stride_dks + offs_d[None, :],
-        dk.to(DK.dtype.element_ty), mask=kv_mask,
-    )
-    tl.store(
-        DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh + k_rows * stride_dvs
-        + tl.arange(0, BLOCK_N)[:, None] * stride_dvs + offs_d[None, :],
-        dv.to(DV.dtype.element_ty), mask=kv_mask,
-    )
+    tl.store(tile_ptrs(DK, b, hk, k_start + n0, stride_dkb, stride_dkh, stride_dks, BLOCK_N, BLOCK_D),
+             dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(tile_ptrs(DV, b, hk, k_start + n0, stride_dvb, stride_dvh, stride_dvs, BLOCK_N, BLOCK_D),
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -289,22 +275,15 @@ def _bwd_dq_kernel(
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
     row_ok = offs_m < sq
     tile_mask = row_ok[:, None] & (offs_d[None, :] < HEADDIM)
-    q_rows = (q_start + m0).to(tl.int64)
-    q = tl.load(
-        Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + q_rows * stride_qs
-        + tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :], mask=tile_mask, other=0.0,
-    )
-    do = tl.load(
-        DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh + q_rows * stride_dos
-        + tl.arange(0, BLOCK_M)[:, None] * stride_dos + offs_d[None, :], mask=tile_mask, other=0.0,
-    )
-    l_off = b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + q_start + offs_m
+    q = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D),
+                mask=tile_mask, other=0.0)
+    do = tl.load(tile_ptrs(DOut, b, h, q_start + m0, stride_dob, stride_doh, stride_dos, BLOCK_M, BLOCK_D),
+                 mask=tile_mask, other=0.0)
+    l_off = row_base(0, b, h, q_start + m0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_M)
     lse2 = tl.load(Lse2 + l_off, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + l_off, mask=row_ok, other=0.0)
-    k_ptrs = (K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
-              + offs_n[:, None] * stride_ks + offs_d[None, :])
-    v_ptrs = (V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
-              + offs_n[:, None] * stride_vs + offs_d[None, :])
+    k_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D)
+    v_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D)
     n_lo, a_end, b_end, n_hi = key_block_ranges(
         m0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
@@ -326,11 +305,8 @@ def _bwd_dq_kernel(
         True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
     )
     dq = dq * softmax_scale
-    tl.store(
-        DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh + q_rows * stride_dqs
-        + tl.arange(0, BLOCK_M)[:, None] * stride_dqs + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty), mask=tile_mask,
-    )
+    tl.store(tile_ptrs(DQ, b, h, q_start + m0, stride_dqb, stride_dqh, stride_dqs, BLOCK_M, BLOCK_D),
+             dq.to(DQ.dtype.element_ty), mask=tile_mask)
 
 
 def _row_view_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int, int, int]:

@@ -81,6 +81,20 @@ def sequence_bounds(
 
 
 @triton.jit
+def row_base(base, b, h, row0, stride_b, stride_h, stride_s):
+    """Pointer to row ``row0`` of (batch b, head h) of a (batch, rows, heads, d) tensor, in
+    64-bit arithmetic (totals beyond 2**31 elements); offsets within a tile stay 32-bit."""
+    return base + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h + row0.to(tl.int64) * stride_s
+
+
+@triton.jit
+def tile_ptrs(base, b, h, row0, stride_b, stride_h, stride_s, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_R, BLOCK_D) pointers to rows [row0, row0 + BLOCK_R) of (batch b, head h)."""
+    return (row_base(base, b, h, row0, stride_b, stride_h, stride_s)
+            + tl.arange(0, BLOCK_R)[:, None] * stride_s + tl.arange(0, BLOCK_D)[None, :])
+
+
+@triton.jit
 def schedule(pid, num_m_blocks, num_groups, GROUP_MAJOR: tl.constexpr):
     """(group, query block) of program ``pid`` along axis 0.
 

@@ -14,7 +14,9 @@ import triton
 import triton.language as tl
 
 from . import configs
-from .common import check_device, key_block_ranges, scaled_scores, schedule, sequence_bounds, visible
+from .common import (
+    check_device, key_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
+)
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
 
 
@@ -121,17 +123,13 @@ def _fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
 
-    # 64-bit base offsets per program; in-tile offsets stay 32-bit.
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh + (q_start + m0).to(tl.int64) * stride_qs
-    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
-    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
     row_mask = offs_m < sq
     q = tl.load(
-        q_base + tl.arange(0, BLOCK_M)[:, None] * stride_qs + offs_d[None, :],
+        tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D),
         mask=row_mask[:, None] & (offs_d[None, :] < HEADDIM), other=0.0,
     )
-    k_ptrs = k_base + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = v_base + offs_n[:, None] * stride_vs + offs_d[None, :]
+    k_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D)
+    v_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D)
 
     n_lo, a_end, b_end, n_hi = key_block_ranges(
         m0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
@@ -189,13 +187,9 @@ def _fwd_kernel(
     else:
         o_base = Out
         l_base = Lse
-    o_ptrs = (
-        o_base + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + (q_start + m0).to(tl.int64) * stride_os
-        + tl.arange(0, BLOCK_M)[:, None] * stride_os + offs_d[None, :]
-    )
-    tl.store(o_ptrs, out.to(o_base.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEADDIM))
-    l_ptrs = l_base + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + (q_start + offs_m).to(tl.int64)
-    tl.store(l_ptrs, lse, mask=row_mask)
+    tl.store(tile_ptrs(o_base, b, h, q_start + m0, stride_ob, stride_oh, stride_os, BLOCK_M, BLOCK_D),
+             out.to(o_base.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEADDIM))
+    tl.store(row_base(l_base, b, h, q_start + m0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_M), lse, mask=row_mask)
 
 
 @triton.jit
@@ -234,20 +228,16 @@ def _combine_splits_kernel(
     w = w / tl.where(empty, 1.0, w_sum)[:, None]
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
     d_mask = offs_d[None, :] < HEADDIM
-    part_base = OutPartial + b.to(tl.int64) * stride_pb + h.to(tl.int64) * stride_ph
+    r0 = pid_r * BLOCK_R
+    part_ptrs = tile_ptrs(OutPartial, b, h, r0, stride_pb, stride_ph, stride_pr, BLOCK_R, BLOCK_D)
     for s in range(0, num_splits):
-        part = tl.load(
-            part_base + s * stride_ps + offs_r[:, None].to(tl.int64) * stride_pr + offs_d[None, :],
-            mask=r_mask[:, None] & d_mask, other=0.0,
-        )
+        part = tl.load(part_ptrs, mask=r_mask[:, None] & d_mask, other=0.0)
         w_s = tl.sum(tl.where(offs_s[None, :] == s, w, 0.0), 1)
         acc += w_s[:, None] * part
-    tl.store(
-        Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + offs_r[:, None].to(tl.int64) * stride_or
-        + offs_d[None, :],
-        acc.to(Out.dtype.element_ty), mask=r_mask[:, None] & d_mask,
-    )
-    tl.store(Lse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_r, lse, mask=r_mask)
+        part_ptrs += stride_ps  # 64-bit pointer arithmetic: the partial buffer may pass 2**31 elements
+    tl.store(tile_ptrs(Out, b, h, r0, stride_ob, stride_oh, stride_or, BLOCK_R, BLOCK_D),
+             acc.to(Out.dtype.element_ty), mask=r_mask[:, None] & d_mask)
+    tl.store(row_base(Lse, b, h, r0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_R), lse, mask=r_mask)
 
 
 def attention_forward(
