@@ -20,7 +20,6 @@ import triton
 import triton.language as tl
 
 LOG2E: float = 1.4426950408889634
-LN2: float = 0.6931471805599453
 
 
 def interpreting() -> bool:
