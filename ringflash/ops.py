@@ -20,7 +20,7 @@ import torch
 
 from .kernels.bwd import attention_backward
 from .kernels.fwd import attention_forward
-from .kernels.problem import AttnProblem, SeqMeta, make_problem
+from .kernels.problem import SeqMeta, make_problem
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -31,10 +31,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 def _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag) -> Optional[SeqMeta]:
     return None if q_starts is None else SeqMeta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
-
-
-def _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap) -> AttnProblem:
-    return make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
 
 
 def _lse_shape(q: torch.Tensor, is_varlen: bool) -> tuple[int, ...]:
@@ -59,7 +55,7 @@ def _attn_fwd_impl(
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
-    prob = _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
     return attention_forward(q, k, v, prob, meta)
 
@@ -96,7 +92,7 @@ def _attn_bwd_impl(
     softcap: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
-    prob = _problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
+    prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
     return attention_backward(dout, q, k, v, out, lse, prob, meta)
 

@@ -23,6 +23,7 @@ for s in "$@"; do
     grouped) stage grouped "${GROUPED_LIMIT:-300}" python3 -m ringflash bench grouped --csv "$OUT/grouped.csv" ;;
     cpbench) stage cpbench "${CPBENCH_LIMIT:-300}" python3 -m ringflash bench cp --csv "$OUT/cp.csv" ${CPBENCH_ARGS:-} ;;
     cptests) stage cptests "${CPTESTS_LIMIT:-300}" env RINGFLASH_CP_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider tests/test_cp.py -k "${CPTESTS_K:-}" ;;
+    profile) stage profile "${PROFILE_LIMIT:-400}" python3 scripts/profile_cp.py ${PROFILE_ARGS:-} ;;
     overhead) stage overhead 120 python3 -m ringflash bench tune --only-overhead ;;
     *) echo "unknown stage $s" ;;
   esac

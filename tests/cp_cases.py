@@ -7,7 +7,7 @@ project's bar (2x PyTorch's own error in the same dtype + epsilon)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 
@@ -24,7 +24,6 @@ class CPCase:
     mode: Optional[str] = None
     seed: int = 0
     api: str = "plan"  # or the name of a ring-flash-attn-compatible function (test_cp_api)
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     @property
     def id(self) -> str:

@@ -189,9 +189,12 @@ class RingAttention(torch.autograd.Function):
                 nxt = torch.empty_like(kv)
                 works = comm.ring_exchange(kv, nxt)
             if not step.skip:
-                init = torch.zeros if not step.covers_all else torch.empty
-                out_s = init(n, h, d, dtype=torch.float32, device=q.device)
-                lse_s = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
+                # Rows no entry covers must read as "no key seen" (0, -inf) in the merge.
+                out_s = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
+                lse_s = torch.empty(h, n, dtype=torch.float32, device=q.device)
+                if not step.covers_all:
+                    out_s.zero_()
+                    lse_s.fill_(float("-inf"))
                 local_forward(q, kv[:, 0], kv[:, 1], step.meta, params, step.max_q, step.max_k, out=out_s, lse=lse_s)
                 merge_partial_(out_acc, lse_acc, out_s, lse_s)
             wait_all(works)

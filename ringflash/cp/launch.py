@@ -33,6 +33,10 @@ def _entry(rank, world_size, port, backend, target, payload, queue):
 
         torch.set_num_threads(1)
         if backend == "nccl":
+            # NCCL's kernels on a high-priority stream: a collective issued while an attention
+            # kernel fills every SM then gets SMs as soon as blocks retire, instead of waiting
+            # for the whole kernel to drain, so communication actually overlaps compute.
+            os.environ.setdefault("TORCH_NCCL_HIGH_PRIORITY", "1")
             torch.cuda.set_device(rank)
             dist.init_process_group("nccl", rank=rank, world_size=world_size, device_id=torch.device("cuda", rank))
         else:

@@ -40,6 +40,18 @@ def _tensor(values, device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
+def _positions(pieces: list) -> torch.Tensor:
+    """Positions within their sequences of a rank's tokens, in local order (one arange a piece)."""
+    parts = [torch.arange(p.start, p.start + p.length * p.step, p.step) for p in pieces]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
+def _global_rows(pieces: list, seq_starts: list[int]) -> torch.Tensor:
+    """Rows of a rank's tokens in the global packed batch, in local order."""
+    parts = [seq_starts[p.seq] + torch.arange(p.start, p.start + p.length * p.step, p.step) for p in pieces]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
+
+
 def zigzag_mode(mode: Optional[str]) -> str:
     """The zigzag_llama3 execution mode: the argument, else RINGFLASH_ZIGZAG_MODE, else grouped."""
     mode = mode if mode is not None else os.environ.get("RINGFLASH_ZIGZAG_MODE", "grouped")
@@ -79,11 +91,9 @@ class Plan:
         self.n_max = max(max(self.num_local), 1)
         self.segments = [segments(ps, len(self.seqlens)) for ps in self.pieces]
         own = self.pieces[self.rank]
-        starts = cu[:-1]
-        self.local_index = torch.tensor(
-            [starts[p.seq] + pos for p in own for pos in p.positions()], dtype=torch.long, device=self.device)
-        self.position_ids = torch.tensor([pos for p in own for pos in p.positions()], dtype=torch.long,
-                                         device=self.device)
+        self._seq_starts = cu[:-1]
+        self.position_ids = _positions(own).to(self.device)
+        self.local_index = _global_rows(own, self._seq_starts).to(self.device)
         self._gather_index: Optional[torch.Tensor] = None
         self._cache: dict[tuple, object] = {}
         self._checked: set[tuple] = set()
@@ -103,16 +113,11 @@ class Plan:
     def _rank_major_index(self) -> torch.Tensor:
         """For each global token (packed order): its row in the rank-major all-gather buffer."""
         if self._gather_index is None:
-            starts, index = [0], [0] * self.total
-            for n in self.seqlens:
-                starts.append(starts[-1] + n)
+            index = torch.empty(self.total, dtype=torch.long)
             for s, ps in enumerate(self.pieces):
-                row = s * self.n_max
-                for p in ps:
-                    for pos in p.positions():
-                        index[starts[p.seq] + pos] = row
-                        row += 1
-            self._gather_index = torch.tensor(index, dtype=torch.long, device=self.device)
+                rows = _global_rows(ps, self._seq_starts)
+                index[rows] = torch.arange(s * self.n_max, s * self.n_max + rows.numel())
+            self._gather_index = index.to(self.device)
         return self._gather_index
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
