@@ -58,14 +58,17 @@ class RingStep:
     covers_all: bool  # every local query row belongs to an entry
 
 
-def _pack_kv(k: torch.Tensor, v: torch.Tensor, heads: slice, n_max: int, dtype=None) -> torch.Tensor:
-    """(n_max, 2, nheads, d) contiguous buffer holding k[:, heads] and v[:, heads] (rows past n padded)."""
-    n = k.shape[0]
-    buf = k.new_empty((n_max, 2, heads.stop - heads.start, k.shape[2]), dtype=dtype or k.dtype)
-    buf[:n, 0] = k[:, heads]
-    buf[:n, 1] = v[:, heads]
+def _pack_kv(k: torch.Tensor, v: torch.Tensor, stride: int, n_max: int) -> torch.Tensor:
+    """(chunks, n_max, 2, stride, d): KV-head chunk c of k and v in ``packed[c]``, contiguous
+    (an all-gather or P2P buffer); rows past n are zero. One copy each of k and v. The
+    backward reuses it (saved instead of k and v, the same memory) rather than packing again."""
+    n, hk, d = k.shape
+    chunks = hk // stride
+    buf = k.new_empty((chunks, n_max, 2, stride, d))
+    buf[:, :n, 0] = k.unflatten(1, (chunks, stride)).transpose(0, 1)
+    buf[:, :n, 1] = v.unflatten(1, (chunks, stride)).transpose(0, 1)
     if n < n_max:
-        buf[n:].zero_()
+        buf[:, n:].zero_()
     return buf
 
 
@@ -77,24 +80,23 @@ def _ordered_keys(buf: torch.Tensor, spec: AllGatherSpec) -> torch.Tensor:
 
 
 class _AllGather:
-    """Double-buffered, head-chunked all-gather of packed K/V."""
+    """Double-buffered, head-chunked all-gather of packed K/V (``_pack_kv``'s layout)."""
 
-    def __init__(self, comm: Comm, k: torch.Tensor, v: torch.Tensor, spec: AllGatherSpec, stride: int):
-        self.comm, self.k, self.v, self.spec, self.stride = comm, k, v, spec, stride
-        self.chunks = k.shape[1] // stride
+    def __init__(self, comm: Comm, packed: torch.Tensor, spec: AllGatherSpec):
+        self.comm, self.packed, self.spec = comm, packed, spec
+        self.chunks = packed.shape[0]
         self.pending: dict[int, tuple] = {}
 
     def start(self, c: int) -> None:
         if c >= self.chunks:
             return
-        heads = slice(c * self.stride, (c + 1) * self.stride)
-        send = _pack_kv(self.k, self.v, heads, self.spec.n_max)
+        send = self.packed[c]
         recv = send.new_empty((self.comm.world_size * self.spec.n_max,) + tuple(send.shape[1:]))
-        self.pending[c] = (self.comm.all_gather(recv, send), recv, send)
+        self.pending[c] = (self.comm.all_gather(recv, send), recv)
 
     def keys(self, c: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Gathered (k, v) of head chunk c in global key order; starts chunk c + 1's gather."""
-        work, recv, _ = self.pending.pop(c)
+        work, recv = self.pending.pop(c)
         work.wait()
         self.start(c + 1)
         kv = _ordered_keys(recv.view(self.comm.world_size, self.spec.n_max, *recv.shape[1:]), self.spec)
@@ -109,57 +111,59 @@ class AllGatherAttention(torch.autograd.Function):
         qh = h // hk * stride  # query heads per KV-head chunk
         out = torch.empty_like(q)
         lse = torch.empty(h, n, dtype=torch.float32, device=q.device)
-        gather = _AllGather(comm, k, v, spec, stride)
+        packed = _pack_kv(k, v, stride, spec.n_max)
+        gather = _AllGather(comm, packed, spec)
         gather.start(0)
         for c in range(gather.chunks):
             kc, vc = gather.keys(c)
             rows = slice(c * qh, (c + 1) * qh)
             local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
                           out=out[:, rows], lse=lse[rows], mode=mode)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.setup = (spec, params, comm, stride, mode)
+        ctx.save_for_backward(q, packed, out, lse)
+        ctx.setup = (spec, params, comm, mode, k.shape, k.dtype, v.dtype)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        spec, params, comm, stride, mode = ctx.setup
+        q, packed, out, lse = ctx.saved_tensors
+        spec, params, comm, mode, k_shape, k_dtype, v_dtype = ctx.setup
         n, h, _ = q.shape
-        hk = k.shape[1]
-        qh = h // hk * stride
+        chunks, stride = packed.shape[0], packed.shape[3]
+        qh = h // (chunks * stride) * stride
         dq = torch.empty_like(q)
-        dk = torch.empty_like(k)
-        dv = torch.empty_like(v)
+        dk = torch.empty(k_shape, dtype=k_dtype, device=q.device)
+        dv = torch.empty(k_shape, dtype=v_dtype, device=q.device)
         dout = dout.contiguous()
-        gather = _AllGather(comm, k, v, spec, stride)
+        gather = _AllGather(comm, packed, spec)
         gather.start(0)  # the first re-gather overlaps the preprocessing
-        prob = params.problem(q, k, spec.meta, spec.max_q, spec.max_k)
+        prob = params.problem(q, packed[0, :, 0], spec.meta, spec.max_q, spec.max_k)
         delta, lse2 = prepare_backward(dout, out, lse, prob)
+        # dK/dV of the gathered keys, float32, in the all-gather's rank-major layout: the
+        # kernel writes key i to row key_index[i] (no reordering copy), and the buffer is
+        # reduce-scattered to the owners as it is. With key_index every real row is written;
+        # padding rows are summed and never read. A key_slice leaves other ranks' rows zero.
+        rows_total = comm.world_size * spec.n_max
         scattering: list = []
         for c in range(gather.chunks):
             kc, vc = gather.keys(c)
             rows = slice(c * qh, (c + 1) * qh)
             heads = slice(c * stride, (c + 1) * stride)
-            dkv = torch.empty((kc.shape[0], 2) + tuple(kc.shape[1:]), dtype=torch.float32, device=k.device)
+            if spec.key_index is not None:
+                full = torch.empty((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
+                dkv = full
+            else:
+                full = torch.zeros((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
+                dkv = full[spec.key_slice] if spec.key_slice is not None else full
 
-            def scatter_dkv(dkv=dkv, heads=heads):
-                # Back to the rank-major layout of the all-gather, then summed onto the owners,
-                # while dQ computes. With key_index every real row is written; the padding rows
-                # are summed and never read. A key_slice leaves other ranks' rows to zero.
-                rest = (comm.world_size * spec.n_max,) + tuple(dkv.shape[1:])
-                if spec.key_index is not None:
-                    full = dkv.new_empty(rest)
-                    full.index_copy_(0, spec.key_index, dkv)
-                else:
-                    full = dkv.new_zeros(rest)
-                    full[spec.key_slice if spec.key_slice is not None else slice(None)] = dkv
-                mine = dkv.new_empty((spec.n_max,) + tuple(dkv.shape[1:]))
+            def scatter_dkv(full=full, heads=heads):
+                mine = full.new_empty((spec.n_max,) + tuple(full.shape[1:]))
                 scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
 
             local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
                            spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
-                           prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv)
+                           prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv,
+                           dkv_rows=spec.key_index)
             _finish_scatter(scattering, dk, dv, keep=1)
         _finish_scatter(scattering, dk, dv, keep=0)
         return dq, dk, dv, None, None, None, None, None
@@ -171,8 +175,8 @@ def _finish_scatter(scattering: list, dk: torch.Tensor, dv: torch.Tensor, keep: 
         work, mine, _, heads = scattering.pop(0)
         work.wait()
         n = dk.shape[0]
-        dk[:, heads] = mine[:n, 0].to(dk.dtype)
-        dv[:, heads] = mine[:n, 1].to(dv.dtype)
+        dk[:, heads].copy_(mine[:n, 0])
+        dv[:, heads].copy_(mine[:n, 1])
 
 
 class RingAttention(torch.autograd.Function):
@@ -181,8 +185,7 @@ class RingAttention(torch.autograd.Function):
         n, h, d = q.shape
         out_acc = torch.zeros(n, h, d, dtype=torch.float32, device=q.device)
         lse_acc = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
-        all_heads = slice(0, k.shape[1])
-        kv = _pack_kv(k, v, all_heads, n_max)
+        kv = own = _pack_kv(k, v, k.shape[1], n_max)[0]
         for s, step in enumerate(steps):
             works, nxt = [], None
             if s + 1 < len(steps):
@@ -200,24 +203,23 @@ class RingAttention(torch.autograd.Function):
             wait_all(works)
             kv = nxt if nxt is not None else kv
         out = out_acc.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse_acc)
-        ctx.setup = (steps, n_max, params, comm)
+        ctx.save_for_backward(q, own, out, lse_acc)
+        ctx.setup = (steps, params, comm, k.shape[0], k.dtype, v.dtype)
         ctx.mark_non_differentiable(lse_acc)
         return out, lse_acc
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        steps, n_max, params, comm = ctx.setup
+        q, kv, out, lse = ctx.saved_tensors
+        steps, params, comm, n_k, k_dtype, v_dtype = ctx.setup
         n, h, d = q.shape
         dout = dout.contiguous()
-        prob = params.problem(q, k, steps[0].meta, steps[0].max_q, steps[0].max_k)
+        prob = params.problem(q, kv[:, 0], steps[0].meta, steps[0].max_q, steps[0].max_k)
         prepared = prepare_backward(dout, out, lse, prob)
         dq_acc = torch.zeros(n, h, d, dtype=torch.float32, device=q.device)
-        kv = _pack_kv(k, v, slice(0, k.shape[1]), n_max)
         # The float32 dK/dV accumulator of the block held at step s arrives from the previous
         # rank while step s computes; after the last step, the one that arrives is our own.
-        dkv = torch.zeros((n_max, 2) + tuple(k.shape[1:]), dtype=torch.float32, device=k.device)
+        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
         incoming: Optional[tuple] = None
         for s, step in enumerate(steps):
             works, nxt = [], None
@@ -244,6 +246,6 @@ class RingAttention(torch.autograd.Function):
         if incoming is not None:
             wait_all(incoming[0])
             dkv = incoming[1]
-        dk = dkv[: k.shape[0], 0].to(k.dtype)
-        dv = dkv[: k.shape[0], 1].to(v.dtype)
+        dk = dkv[:n_k, 0].to(k_dtype, memory_format=torch.contiguous_format)
+        dv = dkv[:n_k, 1].to(v_dtype, memory_format=torch.contiguous_format)
         return dq_acc.to(q.dtype), dk, dv, None, None, None, None

@@ -55,10 +55,11 @@ def local_backward(
     meta: SeqMeta, params: LocalParams, max_q: int, max_k: int,
     dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
     prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None, mode: str = "grouped",
-    after_dkdv: Optional[Callable[[], None]] = None,
+    after_dkdv: Optional[Callable[[], None]] = None, dkv_rows: Optional[torch.Tensor] = None,
 ) -> None:
-    """Writes dq for the covered rows and dk/dv for every key of the buffer's sequences;
-    ``after_dkdv`` runs once dk/dv are complete on the stream (before dq, when one call)."""
+    """Writes dq for the covered rows and dk/dv for every key of the buffer's sequences
+    (key i to row ``dkv_rows[i]`` of dk/dv when given); ``after_dkdv`` runs once dk/dv are
+    complete on the stream (before dq, when one call)."""
     if mode == "two_kernels" and meta.num_groups > 1:
         dk_part, dv_part = torch.empty_like(dk), torch.empty_like(dv)
         for g in range(meta.num_groups):
@@ -66,7 +67,7 @@ def local_backward(
             prob = params.problem(q, k, sub, max_q, max_k)
             first = g == 0
             attention_backward(dout, q, k, v, out, lse, prob, sub, dq=dq, dk=dk if first else dk_part,
-                               dv=dv if first else dv_part, prepared=prepared)
+                               dv=dv if first else dv_part, prepared=prepared, dkv_rows=dkv_rows)
             if not first:
                 dk.add_(dk_part)
                 dv.add_(dv_part)
@@ -75,4 +76,4 @@ def local_backward(
         return
     prob = params.problem(q, k, meta, max_q, max_k)
     attention_backward(dout, q, k, v, out, lse, prob, meta, dq=dq, dk=dk, dv=dv, prepared=prepared,
-                       after_dkdv=after_dkdv)
+                       after_dkdv=after_dkdv, dkv_rows=dkv_rows)

@@ -112,7 +112,7 @@ def _dkdv_block_loop(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse2, Delta, DK, DV,
+    Q, K, V, DOut, Lse2, Delta, DK, DV, DkvRows,
     QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
@@ -128,13 +128,15 @@ def _bwd_dkdv_kernel(
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch).
 
     Every group that sees this key block (grouped attention: several query groups
     attending to prefixes of one K/V sequence) adds its contribution here, so dK/dV of
-    the shared buffer are complete without atomics. Keys no group sees get zeros.
+    the shared buffer are complete without atomics. Keys no group sees get zeros. With
+    HAS_DKV_ROWS (varlen), key row i goes to row DkvRows[i] of DK/DV: context
+    parallelism writes straight into its reduce-scatter buffer, in the ranks' layout.
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -190,10 +192,15 @@ def _bwd_dkdv_kernel(
             True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
         )
     dk = dk * softmax_scale
-    tl.store(tile_ptrs(DK, b, hk, k_start + n0, stride_dkb, stride_dkh, stride_dks, BLOCK_N, BLOCK_D),
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(tile_ptrs(DV, b, hk, k_start + n0, stride_dvb, stride_dvh, stride_dvs, BLOCK_N, BLOCK_D),
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if HAS_DKV_ROWS:
+        rows = tl.load(DkvRows + k_start + offs_n, mask=offs_n < sk_full, other=0).to(tl.int64)
+        dk_ptrs = DK + hk.to(tl.int64) * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :]
+        dv_ptrs = DV + hk.to(tl.int64) * stride_dvh + rows[:, None] * stride_dvs + offs_d[None, :]
+    else:
+        dk_ptrs = tile_ptrs(DK, b, hk, k_start + n0, stride_dkb, stride_dkh, stride_dks, BLOCK_N, BLOCK_D)
+        dv_ptrs = tile_ptrs(DV, b, hk, k_start + n0, stride_dvb, stride_dvh, stride_dvs, BLOCK_N, BLOCK_D)
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -353,6 +360,7 @@ def attention_backward(
     dv: Optional[torch.Tensor] = None,
     prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     after_dkdv: Optional[Callable[[], None]] = None,
+    dkv_rows: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
 
@@ -360,6 +368,8 @@ def attention_backward(
     Given ``dq``/``dk``/``dv`` (views allowed; float32 allowed), the gradients are written
     there: every key of every sequence of k (zero for keys no entry sees), but only the
     query rows that some entry covers. ``prepared`` is ``prepare_backward``'s result.
+    ``dkv_rows`` (varlen, int64 (total_k,), caller-checked): key i's gradients go to row
+    ``dkv_rows[i]`` of the given ``dk``/``dv``, which may have any number of rows.
     ``after_dkdv`` runs once dK/dV are enqueued and before dQ is, so that a caller can
     start communicating dK/dV while dQ computes (context parallelism).
     """
@@ -369,6 +379,8 @@ def attention_backward(
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    if dkv_rows is not None and meta is None:
+        raise ValueError("dkv_rows: given for a dense problem; expected varlen metadata")
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_()
         dk.zero_()
@@ -391,9 +403,9 @@ def attention_backward(
 
     def launch_dkdv(cfg: configs.KernelConfig) -> None:
         _bwd_dkdv_kernel[(triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)](
-            q, k, v, dout, lse2, delta, dk, dv, *seq_args, *qkv_strides,
-            *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen), lb, lh,
-            kv_group, prob.num_groups, *scalars, **cfg.launch_args(), **flags,
+            q, k, v, dout, lse2, delta, dk, dv, dkv_rows if dkv_rows is not None else delta,
+            *seq_args, *qkv_strides, *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen), lb, lh,
+            kv_group, prob.num_groups, *scalars, **cfg.launch_args(), **flags, HAS_DKV_ROWS=dkv_rows is not None,
         )
 
     def launch_dq(cfg: configs.KernelConfig) -> None:
