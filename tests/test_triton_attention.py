@@ -383,3 +383,37 @@ def test_explicit_diag_offsets(gen, window):
         return torch.cat([o for o, _ in ordered]), torch.cat([l for _, l in ordered], dim=1)
 
     check_attention(impl, ref, (q64, k64, v64), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_dkv_rows_scatter_the_key_gradients(gen, dtype):
+    """attention_backward's dkv_rows (context parallelism's write straight into a
+    reduce-scatter buffer): key i's dK/dV land in row dkv_rows[i] of a larger float32
+    buffer, equal to the plain backward's dK/dV; rows no key maps to stay untouched."""
+    from ringflash.kernels.bwd import attention_backward
+    from ringflash.kernels.fwd import attention_forward
+    from ringflash.kernels.problem import SeqMeta, make_problem
+
+    k_lengths = [23, 0, 40]
+    q_lengths = [9, 0, 31]
+    h, hk, d = 4, 2, 16
+    cu_k = cu_seqlens_from_lengths(k_lengths, DEVICE)
+    cu_q = cu_seqlens_from_lengths(q_lengths, DEVICE)
+    mk = lambda n, heads: torch.randn(n, heads, d, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    q, k, v, dout = mk(sum(q_lengths), h), mk(sum(k_lengths), hk), mk(sum(k_lengths), hk), mk(sum(q_lengths), h)
+    meta = SeqMeta(cu_q[None, :-1], cu_q[None, 1:], cu_k, None, None)
+    prob = make_problem(q, k, meta, max(q_lengths), max(k_lengths), d ** -0.5, True, -1, 0, 0.0)
+    out, lse = attention_forward(q, k, v, prob, meta)
+    _, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta)
+
+    total_k, rows_total = sum(k_lengths), 2 * sum(k_lengths) + 5
+    rows = torch.randperm(rows_total, generator=gen)[:total_k].to(DEVICE)
+    full = torch.full((rows_total, 2, hk, d), 7.0, dtype=torch.float32, device=DEVICE)
+    attention_backward(dout, q, k, v, out, lse, prob, meta, dk=full[:, 0], dv=full[:, 1], dkv_rows=rows)
+    torch.testing.assert_close(full[rows, 0], dk.float(), rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
+    torch.testing.assert_close(full[rows, 1], dv.float(), rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-3)
+    untouched = torch.ones(rows_total, dtype=torch.bool, device=DEVICE)
+    untouched[rows] = False
+    assert torch.all(full[untouched] == 7.0)
+    with pytest.raises(ValueError, match="dkv_rows: given for a dense problem"):
+        attention_backward(dout[None], q[None], k[None], v[None], out[None], lse[None], prob, None, dkv_rows=rows)
