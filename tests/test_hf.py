@@ -3,8 +3,6 @@ with attn_implementation="ringflash" against the same weights with "eager", for 
 and every parameter's gradient, on dense, padded and packed batches (float32 on the
 CPU under Triton's interpreter; bf16 on the GPU)."""
 
-import copy
-
 import pytest
 import torch
 
@@ -12,29 +10,15 @@ from conftest import HAS_CUDA
 
 transformers = pytest.importorskip("transformers", minversion="4.53")
 
+from hf_cases import VOCAB, hf_cp_worker, packed_batch, tiny_model  # noqa: E402
 from ringflash.integrations import hf as rf_hf  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
 def _models(sliding_window=None):
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
-
-    sizes = dict(vocab_size=50, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    if sliding_window is None:
-        config, model_class = LlamaConfig(**sizes), LlamaForCausalLM
-    else:
-        config, model_class = MistralConfig(sliding_window=sliding_window, **sizes), MistralForCausalLM
-    torch.manual_seed(0)
-    # Each model its own config: the attention implementation is a config attribute.
-    ref = model_class(copy.deepcopy(config)).to(DEVICE).eval()
-    ours = model_class(copy.deepcopy(config)).to(DEVICE).eval()
-    ours.load_state_dict(ref.state_dict())
-    ref.set_attn_implementation("eager")
-    ours.set_attn_implementation(rf_hf.register())
-    assert ref.config._attn_implementation == "eager"
-    return ref, ours
+    return (tiny_model("eager", sliding_window, DEVICE),
+            tiny_model(rf_hf.register(), sliding_window, DEVICE))
 
 
 def _grads(model, loss):
@@ -58,8 +42,8 @@ def _compare(ref_logits, our_logits, ref_grads, our_grads):
 @pytest.mark.parametrize("sliding_window", [None, 7], ids=["llama", "mistral-window-7"])
 def test_dense_batch_matches_eager(sliding_window):
     ref, ours = _models(sliding_window)
-    ids = torch.randint(0, 50, (2, 37), device=DEVICE)
-    weight = torch.randn(2, 37, 50, device=DEVICE)
+    ids = torch.randint(0, VOCAB, (2, 37), device=DEVICE)
+    weight = torch.randn(2, 37, VOCAB, device=DEVICE)
     out_ref = ref(ids).logits
     out = ours(ids).logits
     _compare(out_ref, out, _grads(ref, (out_ref * weight).sum()), _grads(ours, (out * weight).sum()))
@@ -67,12 +51,12 @@ def test_dense_batch_matches_eager(sliding_window):
 
 def test_left_padded_batch_matches_eager():
     ref, ours = _models()
-    ids = torch.randint(0, 50, (3, 29), device=DEVICE)
+    ids = torch.randint(0, VOCAB, (3, 29), device=DEVICE)
     mask = torch.ones(3, 29, dtype=torch.long, device=DEVICE)
     mask[1, :11] = 0  # left padding
     mask[2, :28] = 0  # a single real token
     keep = mask.bool()[..., None]
-    weight = torch.randn(3, 29, 50, device=DEVICE) * keep  # padded positions carry no loss
+    weight = torch.randn(3, 29, VOCAB, device=DEVICE) * keep  # padded positions carry no loss
     out_ref = ref(ids, attention_mask=mask).logits
     out = ours(ids, attention_mask=mask).logits
     _compare(out_ref * keep, out * keep, _grads(ref, (out_ref * weight).sum()), _grads(ours, (out * weight).sum()))
@@ -82,8 +66,8 @@ def test_left_padded_batch_matches_eager():
 def test_packed_documents_match_separate_eager_runs(how):
     ref, ours = _models()
     lengths = [13, 1, 23]
-    docs = [torch.randint(0, 50, (1, n), device=DEVICE) for n in lengths]
-    weights = [torch.randn(1, n, 50, device=DEVICE) for n in lengths]
+    docs = [torch.randint(0, VOCAB, (1, n), device=DEVICE) for n in lengths]
+    weights = [torch.randn(1, n, VOCAB, device=DEVICE) for n in lengths]
     outs_ref = [ref(d).logits for d in docs]
     loss_ref = sum((o * w).sum() for o, w in zip(outs_ref, weights))
     ids = torch.cat(docs, dim=1)
@@ -99,7 +83,7 @@ def test_packed_documents_match_separate_eager_runs(how):
 
 def test_generation_with_cache_matches_eager():
     ref, ours = _models()
-    ids = torch.randint(0, 50, (2, 9), device=DEVICE)
+    ids = torch.randint(0, VOCAB, (2, 9), device=DEVICE)
     mask = torch.ones(2, 9, dtype=torch.long, device=DEVICE)
     mask[0, :3] = 0
     with torch.no_grad():
@@ -110,7 +94,7 @@ def test_generation_with_cache_matches_eager():
 
 def test_unsupported_options_raise():
     ref, ours = _models()
-    ids = torch.randint(0, 50, (1, 8), device=DEVICE)
+    ids = torch.randint(0, VOCAB, (1, 8), device=DEVICE)
     with pytest.raises(NotImplementedError, match="output_attentions"):
         ours(ids, output_attentions=True)
     layer = ours.model.layers[0].self_attn
@@ -122,3 +106,44 @@ def test_unsupported_options_raise():
         rf_hf.attention_forward(layer, q, k, k, None, s_aux=torch.zeros(4, device=DEVICE))
     with pytest.raises(NotImplementedError, match="dropout"):
         rf_hf.attention_forward(layer, q, k, k, None, dropout=0.1)
+
+
+@pytest.mark.parametrize("strategy,world_size", [("zigzag_llama3", 2), ("llama3", 3), ("zigzag_ring", 2)])
+def test_context_parallel_matches_single_process_eager(strategy, world_size):
+    """The model under rf_hf.context_parallel(plan) on gloo ranks: gathered logits and
+    all-reduced parameter gradients equal one process running eager attention per document."""
+    from ringflash.cp.launch import run_local
+
+    lengths = (13, 3, 21)
+    result = run_local(hf_cp_worker, world_size, (lengths, strategy), timeout=600)[0]
+    ref = tiny_model("eager")
+    ids, weight = packed_batch(lengths)
+    logits, loss = [], 0.0
+    for doc_ids, doc_weight in zip(ids.split(lengths), weight.split(lengths)):
+        out = ref(doc_ids[None]).logits[0]
+        logits.append(out)
+        loss = loss + (out * doc_weight).sum()
+    grads = _grads(ref, loss)
+    _close(torch.from_numpy(result["logits"]), torch.cat(logits).detach(), "logits")
+    for name, g in grads.items():
+        _close(torch.from_numpy(result["grads"][name]), g, f"grad {name}")
+
+
+def test_context_parallel_rejects_padding_and_wrong_rows():
+    import torch.distributed as dist
+
+    class FakePlan:
+        num_local_tokens = 8
+
+    layer = tiny_model(rf_hf.register(), device=DEVICE).model.layers[0].self_attn
+    q = torch.randn(1, 4, 8, 16, device=DEVICE)
+    k = torch.randn(1, 2, 8, 16, device=DEVICE)
+    assert not dist.is_initialized()
+    with rf_hf.context_parallel(FakePlan()):
+        with pytest.raises(ValueError, match="attention_mask: padding masks are not supported under context_parallel"):
+            rf_hf.attention_forward(layer, q, k, k, torch.ones(1, 8, dtype=torch.bool, device=DEVICE))
+        with pytest.raises(ValueError, match="query: got batch 2 of 8 tokens under context_parallel"):
+            rf_hf.attention_forward(layer, q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1),
+                                    k.expand(2, -1, -1, -1), None)
+        with pytest.raises(NotImplementedError, match="dropout: got 0.1"):
+            rf_hf.attention_forward(layer, q, k, k, None, dropout=0.1)

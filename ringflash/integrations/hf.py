@@ -25,11 +25,24 @@ own flash-attention integration:
 
 Attention dropout, attention sinks (``s_aux``), ``output_attentions`` and custom 4D masks
 raise an error naming the argument.
+
+Context parallelism: inside ``with context_parallel(plan):`` every attention call of the
+model runs ``plan.attention`` on this rank's tokens (see ``ringflash.cp.Plan``)::
+
+    plan = Plan(cu_seqlens, group, strategy="zigzag_llama3")
+    with rf_hf.context_parallel(plan):
+        logits = model(plan.shard(input_ids)[None], position_ids=plan.position_ids[None]).logits
+
+The input is the batch of one packed row that the plan shards; ``position_ids`` are the
+local tokens' global positions, for the rotary embeddings. Parameter gradients are then
+per-rank partial sums: all-reduce them over the group, as data parallelism does.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import contextvars
+from typing import Iterator, Optional
 
 import torch
 
@@ -55,6 +68,37 @@ def register(name: str = NAME) -> str:
     # The flash-attention mask builder gives None or the 2D padding mask, never a 4D mask.
     AttentionMaskInterface.register(name, flash_attention_mask)
     return name
+
+
+#: (plan, options for plan.attention) while a ``context_parallel`` block is active.
+_active_plan: contextvars.ContextVar = contextvars.ContextVar("ringflash_hf_plan", default=None)
+
+
+@contextlib.contextmanager
+def context_parallel(plan, heads_k_stride: Optional[int] = None, mode: Optional[str] = None) -> Iterator[None]:
+    """Route the attention of models using the registered implementation through ``plan``
+    (a ``ringflash.cp.Plan``) inside the block. ``heads_k_stride`` and ``mode`` are passed
+    to ``plan.attention``."""
+    token = _active_plan.set((plan, dict(heads_k_stride=heads_k_stride, mode=mode)))
+    try:
+        yield
+    finally:
+        _active_plan.reset(token)
+
+
+def _context_parallel_attention(plan, cp_options: dict, q, k, v, attention_mask, options: dict) -> torch.Tensor:
+    if attention_mask is not None:
+        raise ValueError("attention_mask: padding masks are not supported under context_parallel; expected None "
+                         "(pack the documents into the plan's cu_seqlens instead of padding)")
+    if q.shape[0] != 1 or q.shape[1] != plan.num_local_tokens:
+        raise ValueError(f"query: got batch {q.shape[0]} of {q.shape[1]} tokens under context_parallel; expected one "
+                         f"row of this rank's {plan.num_local_tokens} tokens (plan.shard of the packed batch)")
+    if options["dropout_p"]:
+        raise NotImplementedError(f"dropout: got {options['dropout_p']}; context-parallel attention has no dropout, "
+                                  "expected 0.0")
+    out = plan.attention(q[0], k[0], v[0], causal=options["causal"], softmax_scale=options["softmax_scale"],
+                         window_size=options["window_size"], softcap=options["softcap"], **cp_options)
+    return out.unsqueeze(0)
 
 
 class _LastLayout:
@@ -136,6 +180,10 @@ def attention_forward(
         window_size=(sliding_window - 1, sliding_window - 1 if not causal else 0) if sliding_window else (-1, -1),
         softcap=softcap or 0.0,
     )
+
+    active = _active_plan.get()
+    if active is not None:
+        return _context_parallel_attention(*active, q, k, v, attention_mask, options), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if attention_mask is None and cu_q is not None and cu_k is not None:
