@@ -147,3 +147,22 @@ def test_context_parallel_rejects_padding_and_wrong_rows():
                                     k.expand(2, -1, -1, -1), None)
         with pytest.raises(NotImplementedError, match="dropout: got 0.1"):
             rf_hf.attention_forward(layer, q, k, k, None, dropout=0.1)
+
+
+def test_layout_cache_never_serves_a_stale_mask():
+    """The per-forward cache of unpadding metadata: the same tensor hits; a new tensor (even
+    at a recycled address) or an in-place change recomputes."""
+    calls = []
+
+    def build(t):
+        calls.append(1)
+        return int(t.sum())
+
+    cache = rf_hf._LastLayout()
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    assert cache.get(mask, build) == 10 and cache.get(mask, build) == 10 and len(calls) == 1
+    mask[0, 0] = False
+    assert cache.get(mask, build) == 9 and len(calls) == 2
+    del mask
+    other = torch.zeros(2, 5, dtype=torch.bool)
+    assert cache.get(other, build) == 0 and len(calls) == 3

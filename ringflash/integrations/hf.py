@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from typing import Iterator, Optional
 
 import torch
@@ -103,16 +104,19 @@ def _context_parallel_attention(plan, cp_options: dict, q, k, v, attention_mask,
 
 class _LastLayout:
     """Unpadding or packing metadata of the most recent mask or position_ids tensor: every
-    layer of a forward passes the same tensor, so the host reads its lengths once."""
+    layer of a forward passes the same tensor object, so the host reads its lengths once.
+    The tensor is held by a weak reference (a new tensor at a recycled address is a miss)
+    and its version counter (an in-place change is a miss)."""
 
     def __init__(self) -> None:
+        self.ref: Optional[weakref.ref] = None
         self.key: Optional[tuple] = None
         self.value: Optional[tuple] = None
 
     def get(self, tensor: torch.Tensor, build, extra: object = None):
-        key = (tensor.data_ptr(), tuple(tensor.shape), tensor._version, tensor.device, extra)
-        if key != self.key:
-            self.key, self.value = key, build(tensor)
+        key = (tensor._version, extra)
+        if self.ref is None or self.ref() is not tensor or key != self.key:
+            self.ref, self.key, self.value = weakref.ref(tensor), key, build(tensor)
         return self.value
 
 
