@@ -28,30 +28,21 @@ def worker(rank: int, world: int, payload):
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from ringflash.bench.cp import HEADDIM, NHEADS, NHEADS_K, _lengths, _timed
+    from ringflash.bench.cp import HEADDIM, NHEADS, NHEADS_K, _timed, case_inputs
     from ringflash.cp import Plan
     from ringflash.cp.local import LocalParams, local_backward, local_forward
-    from ringflash.interface import flash_attn_varlen_func
-    from ringflash.kernels.bwd import prepare_backward
-
     from ringflash.kernels import configs
+    from ringflash.kernels.bwd import prepare_backward
     from ringflash.kernels.configs import KernelConfig
 
     cases, strategy, options, out_dir, sweep_configs = payload
     dev = torch.device("cuda", torch.cuda.current_device())
     lines = []
     for case in cases:
-        lengths = _lengths(world, case)
+        lengths, cu, (q_all, k_all, v_all, do_all), single, single_step = case_inputs(world, case, dev)
         total = sum(lengths)
-        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
-        gen = torch.Generator(device=dev).manual_seed(0)
-        mk = lambda h: torch.randn(total, h, HEADDIM, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
-        q_all, k_all, v_all, do_all = mk(NHEADS), mk(NHEADS_K), mk(NHEADS_K), mk(NHEADS)
-        qg, kg, vg = (t.clone().requires_grad_() for t in (q_all, k_all, v_all))
-        m = max(lengths)
-        single = lambda: flash_attn_varlen_func(qg, kg, vg, cu, cu, m, m, causal=True)  # noqa: E731
         s_fwd = _timed(single, 7)
-        s_tot = _timed(lambda: torch.autograd.grad(single(), (qg, kg, vg), do_all), 7)
+        s_tot = _timed(single_step, 7)
 
         plan = Plan(cu, strategy=strategy)
         q, k, v = (plan.shard(t).requires_grad_() for t in (q_all, k_all, v_all))
@@ -88,7 +79,6 @@ def worker(rank: int, world: int, payload):
         # single-GPU problem, one kernel's config varied at a time.
         sweep = []
         if sweep_configs:
-            single_step = lambda: torch.autograd.grad(single(), (qg, kg, vg), do_all)  # noqa: E731
             for kind, cands in (("dkdv", DKDV_CANDS), ("dq", DQ_CANDS)):
                 for cfg in cands:
                     with configs.override(**{kind: KernelConfig(*cfg)}):
@@ -100,7 +90,7 @@ def worker(rank: int, world: int, payload):
                             print(f"rank {rank} {kind} {cfg}: {type(exc).__name__}", flush=True)
                     sweep.append(f"  {kind} {cfg}: local bwd {loc:.3f} ms, single-GPU bwd / W {glob:.3f} ms")
         with profile(activities=[ProfilerActivity.CUDA]) as sprof:
-            torch.autograd.grad(single(), (qg, kg, vg), do_all)
+            single_step()
             torch.cuda.synchronize()
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -67,28 +67,42 @@ def _timed(fn, iters: int, chain: int = CHAIN) -> float:
     return med.item()
 
 
+def case_inputs(world: int, case: str, dev: torch.device) -> tuple:
+    """(lengths, cu_seqlens, (q, k, v, dout), single, single_step) of one case: the global
+    batch in bf16, the same on every rank; ``single`` runs our varlen kernel on the whole
+    batch (forward) and ``single_step`` forward and backward, on copies that require grad."""
+    from ..interface import flash_attn_varlen_func
+
+    lengths = _lengths(world, case)
+    total = sum(lengths)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    mk = lambda h: torch.randn(total, h, HEADDIM, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    q_all, k_all, v_all, do_all = mk(NHEADS), mk(NHEADS_K), mk(NHEADS_K), mk(NHEADS)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q_all, k_all, v_all))
+    m = max(lengths)
+
+    def single() -> torch.Tensor:
+        return flash_attn_varlen_func(qg, kg, vg, cu, cu, m, m, causal=True)
+
+    def single_step():
+        return torch.autograd.grad(single(), (qg, kg, vg), do_all)
+
+    return lengths, cu, (q_all, k_all, v_all, do_all), single, single_step
+
+
 def bench_worker(rank: int, world: int, payload: tuple) -> Optional[list]:
     import torch.distributed as dist
 
     from ..cp import Plan
-    from ..interface import flash_attn_varlen_func
 
     cases, iters = payload
     dev = torch.device("cuda", torch.cuda.current_device())
     rows = []
     for case in cases:
-        lengths = _lengths(world, case)
-        total = sum(lengths)
-        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=dev)
-        gen = torch.Generator(device=dev).manual_seed(0)
-        mk = lambda h: torch.randn(total, h, HEADDIM, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
-        q_all, k_all, v_all, do_all = mk(NHEADS), mk(NHEADS_K), mk(NHEADS_K), mk(NHEADS)
         # Single GPU, whole global batch (every rank measures it on its own GPU).
-        qg, kg, vg = (t.clone().requires_grad_() for t in (q_all, k_all, v_all))
-        m = max(lengths)
-        single = lambda: flash_attn_varlen_func(qg, kg, vg, cu, cu, m, m, causal=True)  # noqa: E731
+        _, cu, (q_all, k_all, v_all, do_all), single, single_step = case_inputs(world, case, dev)
         single_fwd = _timed(single, iters)
-        single_step = lambda: torch.autograd.grad(single(), (qg, kg, vg), do_all)  # noqa: E731
         single_total = _timed(single_step, iters)
         single_cold = _timed(single_step, iters, chain=1)
         ref = single().detach()
