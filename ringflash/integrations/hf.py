@@ -139,15 +139,15 @@ def _packed_layout(position_ids: torch.Tensor) -> Optional[tuple]:
     """(cu_seqlens, max_seqlen) of documents starting where position_ids is 0, or None if
     the single row holds one document (positions 0, 1, 2, ...)."""
     pos = position_ids.reshape(-1)
-    starts = (pos == 0).nonzero().flatten()
-    if starts.numel() <= 1 and (starts.numel() == 0 or starts[0].item() == 0):
-        return None
-    if starts.numel() == 0 or starts[0].item() != 0:
+    starts = (pos == 0).nonzero().flatten().tolist()  # the one host read, cached per tensor
+    if starts in ([], [0]):
+        return None  # one document (or a continuation that never restarts)
+    if starts[0] != 0:
         raise ValueError("position_ids: a packed row must start a document at position 0; "
                          f"got first position {pos[0].item()}")
-    bounds = torch.cat([starts, starts.new_tensor([pos.numel()])])
-    lengths = (bounds[1:] - bounds[:-1]).to(torch.int32)
-    return _cu_seqlens(lengths), int(lengths.max().item())
+    bounds = starts + [pos.numel()]  # the document starts, then the end: cu_seqlens
+    max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return torch.tensor(bounds, dtype=torch.int32, device=pos.device), max_len
 
 
 def attention_forward(
