@@ -163,6 +163,8 @@ def test_layout_cache_never_serves_a_stale_mask():
     assert cache.get(mask, build) == 10 and cache.get(mask, build) == 10 and len(calls) == 1
     mask[0, 0] = False
     assert cache.get(mask, build) == 9 and len(calls) == 2
-    del mask
-    other = torch.zeros(2, 5, dtype=torch.bool)
-    assert cache.get(other, build) == 0 and len(calls) == 3
+    fresh = torch.ones(2, 5, dtype=torch.bool)  # version 0, like the next one
+    assert cache.get(fresh, build) == 10 and len(calls) == 3
+    del fresh, mask
+    other = torch.zeros(2, 5, dtype=torch.bool)  # maybe at the same address, same version
+    assert cache.get(other, build) == 0 and len(calls) == 4
