@@ -1,7 +1,8 @@
 """ringflash as a Hugging Face transformers attention implementation: a tiny Llama (GQA)
-with attn_implementation="ringflash" against the same weights with "eager", for logits
-and every parameter's gradient, on dense, padded and packed batches (float32 on the
-CPU under Triton's interpreter; bf16 on the GPU)."""
+with attn_implementation="ringattn" against the same weights with "eager", for logits
+and every parameter's gradient, on dense, padded and packed batches: float32 everywhere
+(under Triton's interpreter on the CPU; exact fp32 matmuls on a GPU), and bf16 on a GPU
+against float32 eager at the project's bar (test_bf16_on_gpu_within_twice_eager_error)."""
 
 import pytest
 import torch
@@ -14,6 +15,13 @@ from hf_cases import VOCAB, hf_cp_worker, packed_batch, tiny_model  # noqa: E402
 from ringflash.integrations import hf as rf_hf  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_on_gpu(monkeypatch):
+    """On a GPU our fp32 kernels default to tf32 matmuls; the float32 comparisons with
+    eager below hold them to exact fp32 (bf16 has its own test)."""
+    monkeypatch.setenv("RINGFLASH_FP32_PRECISION", "ieee")
 
 
 def _models(sliding_window=None):
@@ -168,3 +176,41 @@ def test_layout_cache_never_serves_a_stale_mask():
     del fresh, mask
     other = torch.zeros(2, 5, dtype=torch.bool)  # maybe at the same address, same version
     assert cache.get(other, build) == 0 and len(calls) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding_window", [None, 7], ids=["llama", "mistral-window-7"])
+def test_bf16_on_gpu_within_twice_eager_error(sliding_window):
+    """bf16 models on the GPU, one dense sequence and packed documents: ours is within 2x
+    eager bf16's error (both against eager float32 with the same weights) plus a small
+    epsilon, for the logits and every parameter's gradient."""
+    truth = tiny_model("eager", sliding_window, "cuda")
+    base = tiny_model("eager", sliding_window, "cuda").to(torch.bfloat16)
+    ours = tiny_model(rf_hf.register(), sliding_window, "cuda").to(torch.bfloat16)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    lengths = [300, 1, 77, 135]
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), device="cuda", generator=gen)
+    weight = torch.randn(1, sum(lengths), VOCAB, device="cuda", generator=gen)
+    position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+
+    def run(model, packed: bool):
+        """Logits (float32) and parameter gradients; packed: eager runs each document alone
+        (its mask would not separate them), ours takes the packed batch with position_ids."""
+        if packed and model is not ours:
+            logits = torch.cat([model(doc).logits for doc in ids.split(lengths, dim=1)], dim=1).float()
+        else:
+            logits = model(ids, **({"position_ids": position_ids} if packed else {})).logits.float()
+        grads = _grads(model, (logits * weight).sum())
+        return logits, {n: g.float() for n, g in grads.items()}
+
+    for packed in (False, True):
+        (t_logits, t_grads), (b_logits, b_grads), (o_logits, o_grads) = (run(m, packed) for m in (truth, base, ours))
+        pairs = [("logits", t_logits, b_logits, o_logits)]
+        pairs += [(f"grad {n}", t_grads[n], b_grads[n], o_grads[n]) for n in t_grads]
+        for what, want, baseline, got in pairs:
+            scale = max(want.abs().max().item(), 1.0)
+            base_err = (baseline - want).abs().max().item()
+            err = (got - want).abs().max().item()
+            assert err <= 2 * base_err + 4e-3 * scale, (
+                f"{'packed' if packed else 'dense'} {what}: ours {err:.3e} vs eager bf16 {base_err:.3e} "
+                f"(scale {scale:.3e})")

@@ -96,7 +96,7 @@ def bench_worker(rank: int, world: int, payload: tuple) -> Optional[list]:
 
     from ..cp import Plan
 
-    cases, iters = payload
+    cases, iters, variants = payload
     dev = torch.device("cuda", torch.cuda.current_device())
     rows = []
     for case in cases:
@@ -106,7 +106,7 @@ def bench_worker(rank: int, world: int, payload: tuple) -> Optional[list]:
         single_total = _timed(single_step, iters)
         single_cold = _timed(single_step, iters, chain=1)
         ref = single().detach()
-        for label, strategy, options in VARIANTS:
+        for label, strategy, options in variants:
             plan = Plan(cu, strategy=strategy)
             q, k, v = (plan.shard(t).requires_grad_() for t in (q_all, k_all, v_all))
             dout = plan.shard(do_all)
@@ -138,16 +138,22 @@ def main(argv=None) -> int:
     parser.add_argument("--world-size", type=int, default=None, help="GPUs to use (default: all visible)")
     parser.add_argument("--cases", nargs="+", default=["mixed", "single"], choices=["mixed", "single"])
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                        help="run only these variants: a strategy name or a full variant label (default: all)")
     parser.add_argument("--csv", default="bench_out/cp.csv")
     args = parser.parse_args(argv)
     from ..cp.launch import run_local
     from .common import device_description, format_table, write_csv
 
+    variants = VARIANTS if args.variants is None else [
+        v for v in VARIANTS if v[0] in args.variants or v[1] in args.variants]
+    if not variants:
+        raise SystemExit(f"--variants: {args.variants} match none of: {', '.join(v[0] for v in VARIANTS)}")
     world = args.world_size or torch.cuda.device_count()
     if world < 2:
         raise SystemExit(f"ringflash bench cp needs at least 2 GPUs; {torch.cuda.device_count()} visible")
     print(f"device: {device_description()} x {world}", flush=True)
-    rows = run_local(bench_worker, world, (args.cases, args.iters), backend="nccl", timeout=1800)[0]
+    rows = run_local(bench_worker, world, (args.cases, args.iters, variants), backend="nccl", timeout=1800)[0]
     keys = sorted(rows[0])
     write_csv(args.csv, keys, [[r[k] for k in keys] for r in rows])
     table = [[r["case"], r["variant"], f"{r['fwd_ms']:.2f}", f"{r['fwd_bwd_ms']:.2f}", f"{r['fwd_eff']:.1%}",
