@@ -22,6 +22,7 @@ class CPCase:
     window: tuple = (-1, -1)
     heads_k_stride: Optional[int] = None
     mode: Optional[str] = None
+    keep_gathered_kv: bool = False
     seed: int = 0
     api: str = "plan"  # or the name of a ring-flash-attn-compatible function (test_cp_api)
 
@@ -34,6 +35,8 @@ class CPCase:
             parts.append(f"stride{self.heads_k_stride}")
         if self.mode:
             parts.append(self.mode)
+        if self.keep_gathered_kv:
+            parts.append("keep")
         if self.dtype != "float32":
             parts.append(self.dtype)
         if self.heads != (2, 1):
@@ -86,7 +89,8 @@ def run_plan_case(case: CPCase, rank: int, world_size: int):
     plan = Plan(cu, strategy=case.strategy)
     q, k, v = (plan.shard(t.to(dtype)).requires_grad_() for t in (q64, k64, v64))
     out, lse = plan.attention(q, k, v, causal=case.causal, window_size=case.window,
-                              heads_k_stride=case.heads_k_stride, mode=case.mode, return_lse=True)
+                              heads_k_stride=case.heads_k_stride, mode=case.mode, return_lse=True,
+                              keep_gathered_kv=case.keep_gathered_kv)
     grads = torch.autograd.grad(out, (q, k, v), plan.shard(dout64.to(dtype)))
     assert all(g.dtype == dtype for g in grads), [g.dtype for g in grads]
     gathered = [plan.gather(x) for x in (out, *grads)]
@@ -175,6 +179,8 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     attempt("cu_seqlens differ across ranks", lambda: Plan(other, strategy="llama3"))
     # Local tensors that are not this rank's shard.
     attempt("wrong local size", lambda: plan.attention(mk(n + 1, 2), mk(n + 1, 1), mk(n + 1, 1)))
+    # keep_gathered_kv where nothing is gathered.
+    attempt("keep_gathered_kv on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), keep_gathered_kv=True))
     # Sliding windows where a strategy cannot express them.
     stripe = Plan(cu, strategy="stripe")
     m = stripe.num_local_tokens

@@ -30,7 +30,9 @@ OPTION_CASES = [
     CPCase("zigzag_llama3", heads=(4, 2), heads_k_stride=1),
     CPCase("zigzag_llama3", window=(9, -1)),
     CPCase("zigzag_llama3", dtype="float16"),
+    CPCase("zigzag_llama3", heads=(4, 2), heads_k_stride=1, keep_gathered_kv=True),
     CPCase("llama3", heads=(6, 3), heads_k_stride=1),
+    CPCase("llama3", keep_gathered_kv=True),
     CPCase("llama3", causal=False, window=(4, 6)),
     CPCase("ring", window=(10, -1)),
     CPCase("ring", dtype="float16", heads=(4, 2)),
@@ -107,6 +109,7 @@ ERRORS = {
     "cu_seqlens differ across ranks": r"ValueError: cu_seqlens and strategy: differ across the ranks of the group",
     "wrong local size": r"ValueError: q: has \d+ tokens; expected this rank's \d+",
     "window on stripe": r"NotImplementedError: window_size: stripe interleaves",
+    "keep_gathered_kv on ring": r"ValueError: keep_gathered_kv: ring passes K/V around the ring and gathers nothing",
     "verify catches a mismatch": r"RuntimeError: zigzag_llama3 verify: modes 'grouped' and 'two_kernels' disagree",
     "verify passes when modes agree": r"no error",
 }

@@ -27,6 +27,7 @@ VARIANTS = [  # (label, strategy, options)
     ("zigzag_llama3 grouped, heads_k_stride=4", "zigzag_llama3", dict(mode="grouped", heads_k_stride=4)),
     ("zigzag_llama3 grouped, heads_k_stride=2", "zigzag_llama3", dict(mode="grouped", heads_k_stride=2)),
     ("zigzag_llama3 two_kernels", "zigzag_llama3", dict(mode="two_kernels")),
+    ("zigzag_llama3 grouped, keep_gathered_kv", "zigzag_llama3", dict(mode="grouped", keep_gathered_kv=True)),
     ("llama3", "llama3", {}),
     ("ring", "ring", {}),
     ("zigzag_ring", "zigzag_ring", {}),

@@ -105,7 +105,8 @@ class _AllGather:
 
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec: AllGatherSpec, params: LocalParams, comm: Comm, stride: int, mode: str):
+    def forward(ctx, q, k, v, spec: AllGatherSpec, params: LocalParams, comm: Comm, stride: int, mode: str,
+                keep_gathered: bool = False):
         n, h, _ = q.shape
         hk = k.shape[1]
         qh = h // hk * stride  # query heads per KV-head chunk
@@ -114,19 +115,24 @@ class AllGatherAttention(torch.autograd.Function):
         packed = _pack_kv(k, v, stride, spec.n_max)
         gather = _AllGather(comm, packed, spec)
         gather.start(0)
+        # keep_gathered: the backward reuses the ordered K/V instead of gathering again,
+        # trading world_size x the local K/V per call for the re-gather's time.
+        kept: list[torch.Tensor] = []
         for c in range(gather.chunks):
             kc, vc = gather.keys(c)
             rows = slice(c * qh, (c + 1) * qh)
             local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
                           out=out[:, rows], lse=lse[rows], mode=mode)
-        ctx.save_for_backward(q, packed, out, lse)
+            if keep_gathered:
+                kept += [kc, vc]
+        ctx.save_for_backward(q, packed, out, lse, *kept)
         ctx.setup = (spec, params, comm, mode, k.shape, k.dtype, v.dtype)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, packed, out, lse = ctx.saved_tensors
+        q, packed, out, lse, *kept = ctx.saved_tensors
         spec, params, comm, mode, k_shape, k_dtype, v_dtype = ctx.setup
         n, h, _ = q.shape
         chunks, stride = packed.shape[0], packed.shape[3]
@@ -136,7 +142,8 @@ class AllGatherAttention(torch.autograd.Function):
         dv = torch.empty(k_shape, dtype=v_dtype, device=q.device)
         dout = dout.contiguous()
         gather = _AllGather(comm, packed, spec)
-        gather.start(0)  # the first re-gather overlaps the preprocessing
+        if not kept:
+            gather.start(0)  # the first re-gather overlaps the preprocessing
         prob = params.problem(q, packed[0, :, 0], spec.meta, spec.max_q, spec.max_k)
         delta, lse2 = prepare_backward(dout, out, lse, prob)
         # dK/dV of the gathered keys, float32, in the all-gather's rank-major layout: the
@@ -146,7 +153,7 @@ class AllGatherAttention(torch.autograd.Function):
         rows_total = comm.world_size * spec.n_max
         scattering: list = []
         for c in range(gather.chunks):
-            kc, vc = gather.keys(c)
+            kc, vc = (kept[2 * c], kept[2 * c + 1]) if kept else gather.keys(c)
             rows = slice(c * qh, (c + 1) * qh)
             heads = slice(c * stride, (c + 1) * stride)
             if spec.key_index is not None:
@@ -166,7 +173,7 @@ class AllGatherAttention(torch.autograd.Function):
                            dkv_rows=spec.key_index)
             _finish_scatter(scattering, dk, dv, keep=1)
         _finish_scatter(scattering, dk, dv, keep=0)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def _finish_scatter(scattering: list, dk: torch.Tensor, dv: torch.Tensor, keep: int) -> None:

@@ -185,6 +185,7 @@ class Plan:
         verify: Optional[bool] = None,
         return_lse: bool = False,
         group: Optional[dist.ProcessGroup] = None,
+        keep_gathered_kv: bool = False,
     ):
         """Attention of this rank's queries to all keys of their sequences.
 
@@ -193,7 +194,11 @@ class Plan:
         with ``return_lse`` also lse (nheads, num_local_tokens) float32. ``heads_k_stride``
         (all-gather strategies): KV heads gathered at a time, a divisor of nheads_k (default
         all). ``mode`` (zigzag_llama3): "grouped" or "two_kernels"; ``verify`` recomputes
-        with the other mode and raises on a mismatch.
+        with the other mode and raises on a mismatch. ``keep_gathered_kv`` (all-gather
+        strategies): keep the gathered K/V from the forward for the backward instead of
+        gathering them again, which saves the backward's all-gather at the cost of
+        world_size x the local K/V of memory per call until the backward (off by default, as
+        in ring-flash-attn's llama3, which re-gathers).
         """
         if not isinstance(causal, bool):
             raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
@@ -211,12 +216,18 @@ class Plan:
         if not isinstance(stride, int) or stride < 1 or k.shape[1] % stride != 0:
             raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
         mode = zigzag_mode(mode) if self.strategy == "zigzag_llama3" else "grouped"
-        key = (causal, left, right, softcap, scale, stride, mode)
+        if not isinstance(keep_gathered_kv, bool):
+            raise TypeError(f"keep_gathered_kv: expected a bool, got {type(keep_gathered_kv).__name__}")
+        if keep_gathered_kv and self.strategy not in ("llama3", "zigzag_llama3"):
+            raise ValueError(f"keep_gathered_kv: {self.strategy} passes K/V around the ring and gathers nothing; "
+                             "expected False (or the llama3 / zigzag_llama3 strategies)")
+        # Every rank must agree on it: the backward's re-gather is a collective.
+        key = (causal, left, right, softcap, scale, stride, mode, keep_gathered_kv)
         self._check_call(q, k, v, key, group)
         params = LocalParams(scale, causal, left, right, softcap)
         if self.strategy in ("llama3", "zigzag_llama3"):
             spec = self._allgather_spec()
-            out, lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, mode)
+            out, lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, mode, keep_gathered_kv)
             if self.strategy == "zigzag_llama3" and zigzag_verify(verify):
                 other = "two_kernels" if mode == "grouped" else "grouped"
                 with torch.no_grad():
