@@ -12,8 +12,10 @@ every sequence, and after the K/V all-gather chunk c attends causally to the seq
 first (c+1)·L/(2W) keys (``zigzag_group_ranges`` builds those ranges).
 
 Implementation: the varlen kernels with a group axis (``ringflash.kernels.problem.SeqMeta``).
-The forward schedules the programs of all groups for one query-block index side by side,
-so a K/V tile fetched for one group is found in L2 by the others; the dK/dV kernel adds
+The forward and dQ kernels launch the last group's programs (under zigzag, the heavier
+chunk's) over all heads and sequences first, so that the other group's shorter programs
+fill the launch's tail (``configs.KernelConfig.group_order``; docs/benchmarks.md compares
+this with the other orders); the dK/dV kernel adds
 every group's contribution for a key block in one program (no atomics, deterministic);
 dQ is computed per group.
 """

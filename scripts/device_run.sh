@@ -18,7 +18,7 @@ for s in "$@"; do
     smoke) stage smoke 120 python3 -m ringflash demo ;;
     tune) stage tune "${TUNE_LIMIT:-300}" python3 -m ringflash bench tune ${TUNE_ARGS:-} ;;
     bench) stage bench "${BENCH_LIMIT:-300}" python3 -m ringflash bench kernels --csv "$OUT/kernels.csv" ${BENCH_ARGS:-} ;;
-    tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-4}" tests ${TESTS_ARGS:-} ;;
+    tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" tests ${TESTS_ARGS:-} ;;
     bigtests) stage bigtests "${BIG_LIMIT:-200}" python3 -m pytest -m big -q -p no:cacheprovider tests ;;
     grouped) stage grouped "${GROUPED_LIMIT:-300}" python3 -m ringflash bench grouped --csv "$OUT/grouped.csv" ;;
     cpbench) stage cpbench "${CPBENCH_LIMIT:-300}" python3 -m ringflash bench cp --csv "$OUT/cp.csv" ${CPBENCH_ARGS:-} ;;

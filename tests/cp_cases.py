@@ -7,6 +7,7 @@ project's bar (2x PyTorch's own error in the same dtype + epsilon)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -120,13 +121,24 @@ def cp_worker(rank: int, world_size: int, cases: list) -> dict:
     """Runs every case; rank 0 returns {case id: "ok" or the failure}."""
     import traceback
 
+    # RINGFLASH_CP_TEST_TRACE=S (seconds): each rank prints the case it starts and, if still
+    # running S seconds later, the stacks of its threads, to locate a hang.
+    trace = float(os.environ.get("RINGFLASH_CP_TEST_TRACE", "0"))
+    if trace > 0:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(trace, exit=False)
     report = {}
     for case in cases:
+        if trace > 0:
+            print(f"[rank {rank}/{world_size}] {case.id}", flush=True)
         try:
             results = run_case(case, rank, world_size)
             report[case.id] = check_case(case, results) if rank == 0 else "ok"
         except Exception:
             report[case.id] = "exception:\n" + traceback.format_exc()
+    if trace > 0:
+        print(f"[rank {rank}/{world_size}] all cases done", flush=True)
     return report
 
 

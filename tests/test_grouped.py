@@ -16,6 +16,7 @@ from ringflash import (
     zigzag_group_ranges,
 )
 from ringflash.kernels import configs
+from ringflash.kernels.problem import AttnProblem
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -145,11 +146,11 @@ def test_zigzag_group_ranges_rejects_indivisible_lengths():
         zigzag_group_ranges(cu_seqlens_from_lengths([8, 4]), 8, [0, 4], 4)
 
 
-@pytest.mark.parametrize("group_major", [False, True])
-def test_grouped_split_kv_block_shapes_and_order(gen, group_major):
+@pytest.mark.parametrize("group_order", configs.GROUP_ORDERS)
+def test_grouped_split_kv_block_shapes_and_order(gen, group_order):
     case = GroupedCase(gen, [70, 9], [[5, 9], [35, 2]], [[70, 9], [40, 0]], h=2, hk=1)
-    fwd = configs.KernelConfig(16, 32, 4, 1, group_major=group_major)
-    dq = configs.KernelConfig(16, 32, 4, 1, group_major=group_major)
+    fwd = configs.KernelConfig(16, 32, 4, 1, group_order=group_order)
+    dq = configs.KernelConfig(16, 32, 4, 1, group_order=group_order)
     with configs.override(num_splits=3, fwd=fwd, dq=dq, dkdv=configs.KernelConfig(32, 16, 4, 1)):
         check_attention(case.grouped, case.reference, case.inputs(), torch.float32, extra=(True,))
 
@@ -194,3 +195,17 @@ def test_grouped_zigzag_real_size_gpu(gen, dtype):
     chunk = [n // (2 * world) for n in lengths]
     case = GroupedCase(gen, lengths, [chunk, chunk], [u.tolist() for u in used], h=32, hk=8, d=128)
     check_attention(case.grouped, case.reference, case.inputs(), dtype, extra=(True,))
+
+
+def test_global_order_falls_back_where_the_grid_would_pass_cuda_limits():
+    from dataclasses import replace
+
+    prob = AttnProblem(batch=40000, nheads=4, nheads_k=2, headdim=64, max_seqlen_q=8, max_seqlen_k=8,
+                       is_varlen=True, softmax_scale=1.0, causal=True, window_left=-1, window_right=0,
+                       softcap=0.0, num_groups=2)
+    cfg = configs.KernelConfig(16, 32, 4, 1)
+    assert configs.fit_grid(cfg, prob).group_order == "head"  # 80000 > 65535 on axis 2
+    assert max(configs.program_grid(configs.fit_grid(cfg, prob), 3, prob)[1:]) <= configs.MAX_GRID_YZ
+    assert configs.fit_grid(cfg, replace(prob, num_groups=1)).group_order == "global"
+    with pytest.raises(ValueError, match=r"batch \(sequences per call\): got 70000; the kernels take at most 65535"):
+        configs.fit_grid(cfg, replace(prob, batch=70000))

@@ -6,8 +6,9 @@ rank; one packed batch of mixed lengths and one single sequence. Compared, forwa
 backward:
 
 * ``grouped``: the library's grouped kernels (design b) on precomputed metadata, as the
-  context-parallel strategy calls them; ``interleaved`` is the same with the groups of each
-  query-block index launched side by side instead of one group after the other;
+  context-parallel strategy calls them, in their default launch order ("global": the heavier
+  chunk's programs over all heads and sequences first); ``head`` and ``interleaved`` are
+  the same kernels in the other orders of ``configs.GROUP_ORDERS``;
 * ``2x ours``: two ``flash_attn_varlen_func`` calls (one per chunk, ``seqused_k`` prefixes);
 * ``2x fa2``: two calls of PyTorch's FA2 varlen; FA2's backward takes no ``seqused_k``, so
   each chunk gets its key prefixes packed into their own buffer beforehand (not timed);
@@ -20,6 +21,7 @@ K/V bytes are a model: each launch reads the K/V rows its programs need once fro
 from __future__ import annotations
 
 import argparse
+import statistics
 from dataclasses import replace
 from typing import Optional
 
@@ -52,7 +54,16 @@ def _pairs(sq: int, sk: int) -> int:
     return sq * (sk - sq) + sq * (sq + 1) // 2
 
 
-def run_case(world_size: int, case: str, rank: int = 0, dtype=torch.bfloat16) -> dict:
+#: Launch orders of the grouped kernels (``configs.GROUP_ORDERS``) and their variant names;
+#: "grouped" is the library's default order.
+ORDER_VARIANTS = {"global": "grouped", "head": "grouped_head", "interleaved": "grouped_il"}
+
+
+def _order_override(q: torch.Tensor, prob, order: str) -> dict:
+    return {kind: replace(configs.config_for(kind, q, prob), group_order=order) for kind in ("fwd", "dq")}
+
+
+def run_case(world_size: int, case: str, rank: int = 0, dtype=torch.bfloat16, rounds: int = 1) -> dict:
     lengths = _lengths(world_size, case)
     chunks = [rank, 2 * world_size - 1 - rank]
     dev = "cuda"
@@ -104,13 +115,17 @@ def run_case(world_size: int, case: str, rank: int = 0, dtype=torch.bfloat16) ->
         row["max_diff_vs_2x_ours"] = (grouped(q, k, v) - ref).abs().max().item()
         row["max_diff_design_a"] = (design_a_forward(q, k, v, meta, max(max_q), scale)[0] - ref).abs().max().item()
     prob = make_problem(q, k, meta, max(max_q), max_k, scale, True, -1, 0, 0.0)
-    interleaved = {kind: replace(configs.config_for(kind, q, prob), group_major=False) for kind in ("fwd", "dq")}
-    variants = (("grouped", grouped, (q, k, v), {}), ("grouped_il", grouped, (q, k, v), interleaved),
-                ("2x_ours", two_ours, (q, k, v), {}),
-                ("2x_fa2", two_fa2, (q, *[t for kv in kv_fa2 for t in kv]), {}))
-    for name, fn, inputs, overrides in variants:
-        with configs.override(**overrides):
-            fwd_ms, bwd_ms = time_fwd_bwd(fn, inputs, dout)
+    variants = [(name, grouped, (q, k, v), _order_override(q, prob, order)) for order, name in ORDER_VARIANTS.items()]
+    variants += [("2x_ours", two_ours, (q, k, v), {}),
+                 ("2x_fa2", two_fa2, (q, *[t for kv in kv_fa2 for t in kv]), {})]
+    # Rounds alternate the variants, so that a drift of the GPU's clocks hits them alike.
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name, *_ in variants}
+    for _ in range(rounds):
+        for name, fn, inputs, overrides in variants:
+            with configs.override(**overrides):
+                samples[name].append(time_fwd_bwd(fn, inputs, dout))
+    for name, times in samples.items():
+        fwd_ms, bwd_ms = (statistics.median(t[i] for t in times) for i in (0, 1))
         row[f"{name}_fwd_ms"], row[f"{name}_bwd_ms"] = fwd_ms, bwd_ms
         row[f"{name}_fwd_tflops"], row[f"{name}_bwd_tflops"] = tflops(flops, fwd_ms), tflops(BWD_FLOP_FACTOR * flops, bwd_ms)
     for bm, bn, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3)):
@@ -132,26 +147,25 @@ def _r(a: Optional[float], b: Optional[float]) -> str:
 
 
 def summarize(rows: list[dict]) -> str:
-    header = ["W", "case", "fwd ms grouped / interleaved / 2x ours / 2x fa2 / design a", "fwd speedup vs 2x ours (grouped / interleaved)",
-              "bwd ms grouped / interleaved / 2x ours / 2x fa2", "bwd speedup vs 2x ours (grouped / interleaved)",
+    names = list(ORDER_VARIANTS.values())
+    orders = " / ".join(ORDER_VARIANTS)
+    header = ["W", "case", f"fwd ms {orders} / 2x ours / 2x fa2 / design a", f"fwd speedup vs 2x ours ({orders})",
+              f"bwd ms {orders} / 2x ours / 2x fa2", f"bwd speedup vs 2x ours ({orders})",
               "TFLOP/s grouped fwd/bwd (dense kernel)", "K/V MB grouped / 2 calls"]
     table = []
     for r in rows:
+        ms = {d: " / ".join(f"{r[f'{n}_{d}_ms']:.3f}" for n in names + ["2x_ours", "2x_fa2"]) for d in ("fwd", "bwd")}
+        speedup = {d: " / ".join(_r(r[f"2x_ours_{d}_ms"], r[f"{n}_{d}_ms"]) for n in names) for d in ("fwd", "bwd")}
         table.append([
-            r["world_size"], r["case"],
-            f"{r['grouped_fwd_ms']:.3f} / {r['grouped_il_fwd_ms']:.3f} / {r['2x_ours_fwd_ms']:.3f} / "
-            f"{r['2x_fa2_fwd_ms']:.3f} / {r['design_a_fwd_ms']:.3f}",
-            f"{_r(r['2x_ours_fwd_ms'], r['grouped_fwd_ms'])} / {_r(r['2x_ours_fwd_ms'], r['grouped_il_fwd_ms'])}",
-            f"{r['grouped_bwd_ms']:.3f} / {r['grouped_il_bwd_ms']:.3f} / {r['2x_ours_bwd_ms']:.3f} / {r['2x_fa2_bwd_ms']:.3f}",
-            f"{_r(r['2x_ours_bwd_ms'], r['grouped_bwd_ms'])} / {_r(r['2x_ours_bwd_ms'], r['grouped_il_bwd_ms'])}",
+            r["world_size"], r["case"], f"{ms['fwd']} / {r['design_a_fwd_ms']:.3f}", speedup["fwd"], ms["bwd"], speedup["bwd"],
             f"{r['grouped_fwd_tflops']:.0f}/{r['grouped_bwd_tflops']:.0f} ({r['dense_fwd_tflops']:.0f}/{r['dense_bwd_tflops']:.0f})",
             f"{r['kv_mb_grouped']:.0f} / {r['kv_mb_two_calls']:.0f}",
         ])
     lines = []
-    for variant in ("grouped", "grouped_il"):
+    for order, variant in ORDER_VARIANTS.items():
         fwd = [r["2x_ours_fwd_ms"] / r[f"{variant}_fwd_ms"] for r in rows]
         bwd = [r["2x_ours_bwd_ms"] / r[f"{variant}_bwd_ms"] for r in rows]
-        lines.append(f"{variant} vs 2x ours: forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
+        lines.append(f"{variant} ({order} order) vs 2x ours: forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
                      f"backward mean {sum(bwd) / len(bwd):.3f} (min {min(bwd):.3f})")
     return format_table(header, table) + "\n" + "\n".join(lines)
 
@@ -161,6 +175,8 @@ def main(argv=None) -> int:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--cases", nargs="+", default=["mixed", "single"], choices=["mixed", "single"])
     parser.add_argument("--csv", default="bench_out/grouped.csv")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times each variant is timed, alternating with the others (the median is reported)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("ringflash bench grouped needs a CUDA GPU")
@@ -168,7 +184,7 @@ def main(argv=None) -> int:
     rows = []
     for w in args.world_sizes:
         for case in args.cases:
-            rows.append(run_case(w, case))
+            rows.append(run_case(w, case, rounds=args.rounds))
             r = rows[-1]
             print(f"  W={w} {case}: grouped {r['grouped_fwd_ms']:.3f}/{r['grouped_bwd_ms']:.3f} ms, "
                   f"2x ours {r['2x_ours_fwd_ms']:.3f}/{r['2x_ours_bwd_ms']:.3f}, design a fwd {r['design_a_fwd_ms']:.3f} "

@@ -262,12 +262,11 @@ def _bwd_dq_kernel(
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, GROUP_MAJOR: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
-    """Grid: (cdiv(max_seqlen_q, BLOCK_M) * num_groups, nheads, batch); order as the forward's."""
-    g, m_block = schedule(tl.program_id(0), num_m_blocks, num_groups, GROUP_MAJOR)
+    """Grid: ``configs.program_grid`` over cdiv(max_seqlen_q, BLOCK_M) query blocks; order as the forward's."""
+    g, m_block, b = schedule(tl.program_id(0), tl.program_id(2), num_m_blocks, num_groups, GROUP_ORDER)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     q_start, sq, k_start, sk, _, diag = sequence_bounds(
         b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
         seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED, HAS_DIAG,
@@ -409,12 +408,13 @@ def attention_backward(
         )
 
     def launch_dq(cfg: configs.KernelConfig) -> None:
+        cfg = configs.fit_grid(cfg, prob)
         num_m_blocks = triton.cdiv(prob.max_seqlen_q, cfg.block_m)
-        _bwd_dq_kernel[(num_m_blocks * prob.num_groups, prob.nheads, prob.batch)](
+        _bwd_dq_kernel[configs.program_grid(cfg, num_m_blocks, prob)](
             q, k, v, dout, lse2, delta, dq, *seq_args, *qkv_strides,
             *dense_strides(dq, prob.is_varlen), lb, lh,
             kv_group, num_m_blocks, prob.num_groups, *scalars, **cfg.launch_args(), **flags,
-            GROUP_MAJOR=cfg.group_major,
+            GROUP_ORDER=cfg.group_order_code,
         )
 
     launch_dkdv(configs.config_for("dkdv", q, prob, run=launch_dkdv))

@@ -94,20 +94,32 @@ def tile_ptrs(base, b, h, row0, stride_b, stride_h, stride_s, BLOCK_R: tl.conste
 
 
 @triton.jit
-def schedule(pid, num_m_blocks, num_groups, GROUP_MAJOR: tl.constexpr):
-    """(group, query block) of program ``pid`` along axis 0.
+def schedule(pid, pid_z, num_m_blocks, num_groups, GROUP_ORDER: tl.constexpr):
+    """(group, query block, batch entry) of the program at (``pid``, ``pid_z``) on grid axes 0 and 2.
 
     Query blocks run heaviest first (last block first: under a causal mask it sees the most
-    keys), for a shorter tail. Groups are interleaved per query-block index (programs that
-    share K/V run together), or with GROUP_MAJOR one group after another, last group first.
+    keys), for a shorter tail. The order of the groups (see ``configs.GROUP_ORDERS``):
+    0, "global": axis 2 is (group, batch), last group first, so that every program of the
+    last (under zigzag, the heaviest) group, over all heads and sequences, runs before the
+    next group's, whose short programs then fill the launch's tail; 1, "head": axis 0 is
+    (group, query block), last group first, so each head runs its groups one after the
+    other; 2, "interleaved": axis 0 puts the groups of one query-block index side by side
+    (the programs sharing K/V run together, for L2).
     """
-    if GROUP_MAJOR:
+    if GROUP_ORDER == 0:
+        batch = tl.num_programs(2) // num_groups
+        g = num_groups - 1 - pid_z // batch
+        b = pid_z % batch
+        m_block = num_m_blocks - 1 - pid
+    elif GROUP_ORDER == 1:
         g = num_groups - 1 - pid // num_m_blocks
         m_block = num_m_blocks - 1 - pid % num_m_blocks
+        b = pid_z
     else:
         g = pid % num_groups
         m_block = num_m_blocks - 1 - pid // num_groups
-    return g, m_block
+        b = pid_z
+    return g, m_block, b
 
 
 @triton.jit

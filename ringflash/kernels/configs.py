@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -37,14 +37,52 @@ class KernelConfig:
     kv_cache: str = ""  # cache modifier on K/V loads ("" or ".cg")
     split_phases: bool = True  # unmasked middle loop apart from the masked edge blocks
     exp2: bool = True  # exp2 with log2(e) folded into the scale, instead of exp
-    # Grouped attention (forward and dQ): launch all programs of one group before the next,
-    # last group first (True), or interleave the groups of each query-block index so that
-    # they share K/V in L2 (False). Group-major measured faster on average on an H100
-    # (docs/benchmarks.md); with one group both orders are the same.
-    group_major: bool = True
+    # Grouped attention (forward and dQ): the order in which the groups' programs launch,
+    # one of GROUP_ORDERS (see ``common.schedule``); with one group all orders are the same.
+    group_order: str = "global"
+
+    def __post_init__(self) -> None:
+        if self.group_order not in GROUP_ORDERS:
+            raise ValueError(f"KernelConfig.group_order: got {self.group_order!r}; expected one of {GROUP_ORDERS}")
+
+    @property
+    def group_order_code(self) -> int:
+        """The kernels' GROUP_ORDER constexpr."""
+        return GROUP_ORDERS.index(self.group_order)
 
     def launch_args(self) -> dict:
         return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
+
+
+#: "global": every program of the last group (all heads and sequences) before the previous
+#: group's; "head": the same within each head; "interleaved": the groups of one query-block
+#: index side by side. Measured on an H100 in docs/benchmarks.md (grouped attention).
+GROUP_ORDERS = ("global", "head", "interleaved")
+
+
+#: CUDA's limit on grid axes 1 and 2.
+MAX_GRID_YZ = 65535
+
+
+def fit_grid(cfg: KernelConfig, prob) -> KernelConfig:
+    """``cfg``, in the "head" order where the "global" order's axis 2 (batch x groups) would
+    pass CUDA's limit. Raises if the batch alone does."""
+    for name, size in (("nheads", prob.nheads), ("batch (sequences per call)", prob.batch)):
+        if size > MAX_GRID_YZ:
+            raise ValueError(f"{name}: got {size}; the kernels take at most {MAX_GRID_YZ} per call")
+    if cfg.group_order == "global" and prob.batch * prob.num_groups > MAX_GRID_YZ:
+        return replace(cfg, group_order="head")
+    return cfg
+
+
+def program_grid(cfg: KernelConfig, programs_per_head: int, prob) -> tuple[int, int, int]:
+    """Launch grid of the query-block kernels (forward, dQ) for ``cfg`` (from ``fit_grid``):
+    axis 0 holds ``programs_per_head`` programs per group and head (query blocks x splits),
+    axis 1 the heads, axis 2 the batch; the groups multiply axis 2 in the "global" order and
+    axis 0 otherwise."""
+    if cfg.group_order == "global":
+        return programs_per_head, prob.nheads, prob.batch * prob.num_groups
+    return programs_per_head * prob.num_groups, prob.nheads, prob.batch
 
 
 KINDS = ("fwd", "dkdv", "dq")

@@ -94,22 +94,20 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
-    SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_MAJOR: tl.constexpr,
+    SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
-    """Grid: (num_m_blocks * num_groups * num_splits, nheads, batch).
+    """Grid: ``configs.program_grid`` (query blocks x splits, heads, batch), with the groups
+    on axis 0 or 2 as ``schedule`` orders them.
 
-    Axis 0 runs the splits of one (group, query block) together, then (see ``schedule``)
-    the groups of one query-block index side by side, so that the programs sharing a
-    sequence's K/V (grouped attention) find it in L2. Writes out (q's dtype) and lse (float32, natural log), or with
+    Axis 0 runs the splits of one (group, query block) together. Writes out (q's dtype) and lse (float32, natural log), or with
     IS_SPLIT the float32 partial out/lse of its key split for the combine kernel.
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
-    b = tl.program_id(2)
     if IS_SPLIT:
         split = pid % num_splits
         pid = pid // num_splits
-    g, m_block = schedule(pid, num_m_blocks, num_groups, GROUP_MAJOR)
+    g, m_block, b = schedule(pid, tl.program_id(2), num_m_blocks, num_groups, GROUP_ORDER)
     q_start, sq, k_start, sk, _, diag = sequence_bounds(
         b, g, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
         seqlen_q, seqlen_k, total_q, total_k, IS_VARLEN, HAS_SEQUSED, HAS_DIAG,
@@ -271,6 +269,7 @@ def attention_forward(
     seq_args = seqlen_args(q, k, meta)
 
     def launch(cfg: configs.KernelConfig) -> None:
+        cfg = configs.fit_grid(cfg, prob)
         num_m_blocks = triton.cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
         num_splits = configs.choose_num_splits(q.device, prob, num_m_blocks, cfg)
         if num_splits == 1:
@@ -281,7 +280,7 @@ def attention_forward(
             lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
             out_view, lse_view = out_target[0], lse_target[0]
             split_strides = (out_target.stride(0), lse_target.stride(0))
-        grid = (num_m_blocks * prob.num_groups * num_splits, prob.nheads, prob.batch)
+        grid = configs.program_grid(cfg, num_m_blocks * num_splits, prob)
         _fwd_kernel[grid](
             q, k, v, out_target, lse_target, *seq_args,
             *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
@@ -293,7 +292,7 @@ def attention_forward(
             **meta_flags(meta),
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
             IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
-            SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_MAJOR=cfg.group_major,
+            SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_ORDER=cfg.group_order_code,
             **cfg.launch_args(),
         )
         if num_splits > 1:
