@@ -157,7 +157,8 @@ def summarize(rows: list[dict]) -> str:
         ms = {d: " / ".join(f"{r[f'{n}_{d}_ms']:.3f}" for n in names + ["2x_ours", "2x_fa2"]) for d in ("fwd", "bwd")}
         speedup = {d: " / ".join(_r(r[f"2x_ours_{d}_ms"], r[f"{n}_{d}_ms"]) for n in names) for d in ("fwd", "bwd")}
         table.append([
-            r["world_size"], r["case"], f"{ms['fwd']} / {r['design_a_fwd_ms']:.3f}", speedup["fwd"], ms["bwd"], speedup["bwd"],
+            r["world_size"], r["case"], f"{ms['fwd']} / {r['design_a_fwd_ms']:.3f}", speedup["fwd"],
+            ms["bwd"], speedup["bwd"],
             f"{r['grouped_fwd_tflops']:.0f}/{r['grouped_bwd_tflops']:.0f} ({r['dense_fwd_tflops']:.0f}/{r['dense_bwd_tflops']:.0f})",
             f"{r['kv_mb_grouped']:.0f} / {r['kv_mb_two_calls']:.0f}",
         ])
@@ -165,7 +166,8 @@ def summarize(rows: list[dict]) -> str:
     for order, variant in ORDER_VARIANTS.items():
         fwd = [r["2x_ours_fwd_ms"] / r[f"{variant}_fwd_ms"] for r in rows]
         bwd = [r["2x_ours_bwd_ms"] / r[f"{variant}_bwd_ms"] for r in rows]
-        lines.append(f"{variant} ({order} order) vs 2x ours: forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
+        lines.append(f"{variant} ({order} order) vs 2x ours: "
+                     f"forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
                      f"backward mean {sum(bwd) / len(bwd):.3f} (min {min(bwd):.3f})")
     return format_table(header, table) + "\n" + "\n".join(lines)
 

@@ -61,7 +61,8 @@ class RingStep:
 def _pack_kv(k: torch.Tensor, v: torch.Tensor, stride: int, n_max: int) -> torch.Tensor:
     """(chunks, n_max, 2, stride, d): KV-head chunk c of k and v in ``packed[c]``, contiguous
     (an all-gather or P2P buffer); rows past n are zero. One stacking copy with a single
-    chunk, else one copy each of k and v. The backward reuses it (saved instead of k and v, the same memory) rather than packing again."""
+    chunk, else one copy each of k and v. The backward reuses it (saved instead of k and v,
+    the same memory) rather than packing again."""
     n, hk, d = k.shape
     chunks = hk // stride
     buf = k.new_empty((chunks, n_max, 2, stride, d))

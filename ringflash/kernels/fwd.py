@@ -99,8 +99,9 @@ def _fwd_kernel(
     """Grid: ``configs.program_grid`` (query blocks x splits, heads, batch), with the groups
     on axis 0 or 2 as ``schedule`` orders them.
 
-    Axis 0 runs the splits of one (group, query block) together. Writes out (q's dtype) and lse (float32, natural log), or with
-    IS_SPLIT the float32 partial out/lse of its key split for the combine kernel.
+    Axis 0 runs the splits of one (group, query block) together. Writes out (q's dtype) and
+    lse (float32, natural log), or with IS_SPLIT the float32 partial out/lse of its key split
+    for the combine kernel.
     """
     pid = tl.program_id(0)
     h = tl.program_id(1)
