@@ -67,7 +67,7 @@ def _pack_kv(k: torch.Tensor, v: torch.Tensor, stride: int, n_max: int) -> torch
     chunks = hk // stride
     buf = k.new_empty((chunks, n_max, 2, stride, d))
     if chunks == 1:
-        # One stacking copy instead of two strided ones: about 40 us less per forward on
+        # One stacking copy instead of two strided ones: 30-40 us less per forward on
         # 2x H200 (docs/benchmarks.md, run 21).
         torch.stack((k, v), dim=1, out=buf[0, :n])
     else:
