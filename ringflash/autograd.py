@@ -13,7 +13,8 @@ from .kernels.problem import SeqMeta
 
 class FlashAttnFunc(torch.autograd.Function):
     """Dense (meta is None), varlen or grouped attention. Returns (out, lse); lse is not
-    differentiable. ``meta`` is a ``SeqMeta`` (see ringflash.kernels.problem)."""
+    differentiable. ``meta`` is a ``SeqMeta`` (see ringflash.kernels.problem); ``guard``
+    asks for the device-side check of plain varlen metadata (see ringflash.ops)."""
 
     @staticmethod
     def forward(
@@ -29,10 +30,11 @@ class FlashAttnFunc(torch.autograd.Function):
         window_left: int,
         window_right: int,
         softcap: float,
+        guard: bool = False,
     ):
         seq = (None,) * 5 if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag)
         args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-        out, lse = ops.fwd(q, k, v, *seq, *args)
+        out, lse = ops.fwd(q, k, v, *seq, *args, guard)
         ctx.save_for_backward(q, k, v, out, lse, *seq)
         ctx.args = args
         ctx.mark_non_differentiable(lse)
@@ -42,7 +44,7 @@ class FlashAttnFunc(torch.autograd.Function):
     def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
         q, k, v, out, lse, *seq = ctx.saved_tensors
         dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *seq, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 class FlashAttentionTritonFunc(torch.autograd.Function):
@@ -55,11 +57,12 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Q: torch.Tensor, K: torch.Tensor, Vt: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        is_causal = V.as_bool("is_causal", is_causal)
         V.check_rank("Q", Q, 3, "(batch, n_queries, d)")
         V.check_rank("K", K, 3, "(batch, n_keys, d)")
         V.check_rank("V", Vt, 3, "(batch, n_keys, d)")
         shape = V.check_dense_qkv(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2))
-        args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, bool(is_causal), -1, -1, 0.0)
+        args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, is_causal, -1, -1, 0.0)
         out, lse = ops.fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, None, None, *args)
         O, L = out.squeeze(2), lse.squeeze(1)
         ctx.save_for_backward(Q, K, Vt, O, L)

@@ -33,18 +33,13 @@ AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, None]]
 
 def _options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, headdim):
     V.check_unsupported(dropout_p, alibi_slopes)
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic: expected a bool, got {type(deterministic).__name__}")
-    if not isinstance(return_attn_probs, bool):
-        raise TypeError(f"return_attn_probs: expected a bool, got {type(return_attn_probs).__name__}")
+    V.as_bool("deterministic", deterministic)
     left, right = V.check_window(window_size)
     return V.resolve_softmax_scale(softmax_scale, headdim), left, right, V.check_softcap(softcap)
 
 
 def _check_causal(causal: object) -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-    return causal
+    return V.as_bool("causal", causal)
 
 
 def flash_attn_func(
@@ -72,7 +67,7 @@ def flash_attn_func(
     out, lse = FlashAttnFunc.apply(
         q, k, v, None, shape.seqlen_q, shape.seqlen_k, scale, _check_causal(causal), left, right, softcap
     )
-    return (out, lse, None) if return_attn_probs else out
+    return (out, lse, None) if V.as_bool("return_attn_probs", return_attn_probs) else out
 
 
 def flash_attn_varlen_func(
@@ -101,16 +96,16 @@ def flash_attn_varlen_func(
     (nheads, total_q) float32.
     """
     if max_seqlen_q is None or max_seqlen_k is None:
-        raise TypeError("max_seqlen_q, max_seqlen_k: expected Python ints, got None")
+        raise TypeError("max_seqlen_q, max_seqlen_k: expected ints, got None")
     shape = V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     scale, left, right, softcap = _options(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
     )
     out, lse = FlashAttnFunc.apply(
-        q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), max_seqlen_q, max_seqlen_k,
-        scale, _check_causal(causal), left, right, softcap,
+        q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), shape.max_seqlen_q,
+        shape.max_seqlen_k, scale, _check_causal(causal), left, right, softcap, not shape.values_checked,
     )
-    return (out, lse, None) if return_attn_probs else out
+    return (out, lse, None) if V.as_bool("return_attn_probs", return_attn_probs) else out
 
 
 def _unpack(packed: torch.Tensor, name: str, count: int, layout: str, axis: int) -> tuple[torch.Tensor, ...]:

@@ -7,6 +7,11 @@ when ``q_starts`` is None; varlen or grouped otherwise, with the metadata of
 ``ringflash.kernels.problem.SeqMeta`` (q_starts, q_ends, seqused_k, diag: (groups, batch)
 int32; cu_seqlens_k: (batch + 1,)). Layouts as in ``ringflash.interface``.
 
+``guard`` (plain varlen only): the host did not check the cu_seqlens values at this call,
+so the forward checks them on the device after its kernel (``ringflash.kernels.guard``)
+and turns its outputs into NaN if they are invalid. The backward always does, since the
+metadata it reads may have been refilled since the forward.
+
 Eager calls skip the dispatcher (``fwd``/``bwd`` below call the implementations directly):
 the custom op only matters while ``torch.compile`` traces, and on a slow host its dispatch
 cost about 70 us per call.
@@ -20,13 +25,15 @@ import torch
 
 from .kernels.bwd import attention_backward
 from .kernels.fwd import attention_forward
-from .kernels.problem import SeqMeta, make_problem
+from .kernels.guard import poison_if_invalid
+from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
 
-def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
-    # The kernels take any token/head strides but need unit stride along head dim
-    # (vectorised loads). This is the only case that copies.
-    return x if x.stride(-1) == 1 else x.contiguous()
+def _guard(meta: Optional[SeqMeta], q: torch.Tensor, k: torch.Tensor, prob: AttnProblem,
+           outputs: tuple[torch.Tensor, ...]) -> None:
+    """The device-side metadata check of a plain varlen call (see the module doc)."""
+    if meta is not None and meta.num_groups == 1 and meta.diag is None:
+        poison_if_invalid(meta, q.shape[0], k.shape[0], prob.max_seqlen_q, prob.max_seqlen_k, outputs)
 
 
 def _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag) -> Optional[SeqMeta]:
@@ -53,11 +60,14 @@ def _attn_fwd_impl(
     window_left: int,
     window_right: int,
     softcap: float,
+    guard: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    q, k, v = (_last_dim_contiguous(x) for x in (q, k, v))
-    return attention_forward(q, k, v, prob, meta)
+    out, lse = attention_forward(q, k, v, prob, meta)
+    if guard:
+        _guard(meta, q, k, prob, (out, lse))
+    return out, lse
 
 
 attn_fwd = torch.library.custom_op("ringflash::attn_fwd", mutates_args=())(_attn_fwd_impl)
@@ -65,7 +75,7 @@ attn_fwd = torch.library.custom_op("ringflash::attn_fwd", mutates_args=())(_attn
 
 @attn_fwd.register_fake
 def _(q, k, v, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right, softcap):
+      softmax_scale, causal, window_left, window_right, softcap, guard=False):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, q_starts is not None), dtype=torch.float32)
     return out, lse
@@ -93,8 +103,9 @@ def _attn_bwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    q, k, v, out = (_last_dim_contiguous(x) for x in (q, k, v, out))
-    return attention_backward(dout, q, k, v, out, lse, prob, meta)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta)
+    _guard(meta, q, k, prob, (dq, dk, dv))
+    return dq, dk, dv
 
 
 attn_bwd = torch.library.custom_op("ringflash::attn_bwd", mutates_args=())(_attn_bwd_impl)

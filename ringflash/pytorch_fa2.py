@@ -138,11 +138,12 @@ class FlashAttentionPyTorchFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Q: torch.Tensor, K: torch.Tensor, Vt: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
+        is_causal = V.as_bool("is_causal", is_causal)
         _check_3d(Q, K, Vt)
         scale = Q.shape[-1] ** -0.5
-        O, L = flash_fwd_pytorch(Q, K, Vt, bool(is_causal), scale)
+        O, L = flash_fwd_pytorch(Q, K, Vt, is_causal, scale)
         ctx.save_for_backward(Q, K, Vt, O, L)
-        ctx.is_causal = bool(is_causal)
+        ctx.is_causal = is_causal
         ctx.scale = scale
         return O
 

@@ -90,6 +90,7 @@ def attention_ref(
         lse: (batch, nheads, seqlen_q), q's dtype, natural log, -inf for rows that see no key
     """
     shape = V.check_dense_qkv(q, k, v, dtypes=V.REFERENCE_DTYPES, max_headdim=None)
+    causal = V.as_bool("causal", causal)
     window_size = V.check_window(window_size)
     softcap = V.check_softcap(softcap)
     scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
@@ -134,6 +135,7 @@ def attention_varlen_ref(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k,
         dtypes=V.REFERENCE_DTYPES, max_headdim=None,
     )
+    causal = V.as_bool("causal", causal)
     window_size = V.check_window(window_size)
     softcap = V.check_softcap(softcap)
     scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)

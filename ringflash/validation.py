@@ -5,24 +5,30 @@ type) with a message that names the argument, what was received and what was
 expected.
 
 Checking the *values* of ``cu_seqlens`` (starts at 0, non-decreasing, ends at the
-token count, longest sequence <= max_seqlen) needs to look at device memory. On
-a CPU tensor that is free. On a GPU tensor it costs one host-device sync, so it
-is done once per tensor object: the same ``cu_seqlens`` passed to every layer's
-forward and backward is checked on first use only (the result is remembered
-against the tensor's identity and version counter). The check is skipped while
-``torch.compile`` traces or a CUDA graph is captured, and can be switched off
-with ``RINGFLASH_CHECK_CU_SEQLENS=0``. The kernels clamp every index they derive
-from ``cu_seqlens``, so unchecked bad values can give wrong numbers but never
-out-of-bounds memory accesses.
+token count, longest sequence <= max_seqlen) needs to look at device memory. On a
+CPU tensor that is free, so it happens at every call. On a GPU tensor it costs one
+host-device sync, so it is done on the host once per tensor object (remembered
+against its identity, storage address and version counter). A data loader can
+still refill a tensor behind the version counter (``.data``, a numpy view,
+``dist.broadcast``), so every call that does not check on the host (a remembered
+tensor, ``torch.compile``, CUDA-graph capture, ``RINGFLASH_CHECK_CU_SEQLENS=0``)
+checks the same facts on the device instead, without a sync
+(``ringflash.kernels.guard``): invalid values turn every output of that call into
+NaN, never into a plausible wrong answer. The kernels also clamp every index they
+derive from ``cu_seqlens``, so no value can make them access memory out of bounds.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 
 #: dtypes the Triton kernels accept.
@@ -88,14 +94,54 @@ def check_heads(nheads: int, nheads_k: int) -> None:
         )
 
 
+def integer_value(value: object) -> Optional[int]:
+    """``value`` as a Python int if it is an integer (int, numpy or 0-d torch integer), not a bool."""
+    if isinstance(value, (bool, float, np.bool_)):
+        return None
+    if isinstance(value, torch.Tensor) and (value.dim() != 0 or value.is_floating_point() or value.dtype == torch.bool):
+        return None
+    try:
+        return operator.index(value)  # int, numpy integers, 0-d integer tensors
+    except TypeError:
+        return None
+
+
+def as_int(name: str, value: object) -> int:
+    """An integer argument: Python and numpy integers (and 0-d integer tensors) as flash-attn takes them."""
+    out = integer_value(value)
+    if out is None:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} {value!r}")
+    return out
+
+
+def as_bool(name: str, value: object) -> bool:
+    """A flag: bool, numpy bool, or the integers 0 and 1 (flash-attn passes ``causal=1`` through).
+    Anything else (a string, None, 2) is refused rather than read by its truthiness."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    as_integer = integer_value(value)
+    if as_integer in (0, 1):
+        return bool(as_integer)
+    raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
+def as_finite_float(name: str, value: object) -> float:
+    """A real scalar that must be finite: NaN and infinities would silently poison the scores."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name}: got {out}; expected a finite number")
+    return out
+
+
 def check_window(window_size: object) -> tuple[int, int]:
-    if (
-        not isinstance(window_size, (tuple, list))
-        or len(window_size) != 2
-        or not all(isinstance(w, int) and not isinstance(w, bool) for w in window_size)
-    ):
+    sides = None
+    if isinstance(window_size, (tuple, list)) and len(window_size) == 2:
+        sides = [integer_value(w) for w in window_size]
+    if sides is None or None in sides:
         raise TypeError(f"window_size: expected a pair of ints (left, right), got {window_size!r}")
-    left, right = int(window_size[0]), int(window_size[1])
+    left, right = sides
     for side, w in (("left", left), ("right", right)):
         if w < -1:
             raise ValueError(f"window_size: {side}={w} is invalid; expected -1 (unbounded) or >= 0")
@@ -103,23 +149,29 @@ def check_window(window_size: object) -> tuple[int, int]:
 
 
 def check_softcap(softcap: object) -> float:
-    if not isinstance(softcap, (int, float)) or isinstance(softcap, bool):
+    if softcap is None:
+        return 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float, numbers.Real)):
         raise TypeError(f"softcap: expected a float, got {type(softcap).__name__}")
-    if softcap < 0:
-        raise ValueError(f"softcap: got {softcap}; expected 0 (off) or > 0")
-    return float(softcap)
+    value = float(softcap)
+    # NaN fails every comparison, so it would pass a plain ``< 0`` test and turn capping off.
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"softcap: got {value}; expected 0 (off) or a finite number > 0")
+    return value
 
 
 def resolve_softmax_scale(softmax_scale: object, headdim: int) -> float:
     if softmax_scale is None:
         return headdim ** -0.5
-    if not isinstance(softmax_scale, (int, float)) or isinstance(softmax_scale, bool):
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float, numbers.Real)):
         raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
-    return float(softmax_scale)
+    return as_finite_float("softmax_scale", softmax_scale)
 
 
 def check_unsupported(dropout_p: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None) -> None:
     """Options of flash-attn's interface that ringflash does not implement yet: refuse, never ignore."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, numbers.Real)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: got {dropout_p}; ringflash supports only dropout_p=0.0 for now")
     if alibi_slopes is not None:
@@ -184,6 +236,9 @@ class VarlenShape:
     nheads: int
     nheads_k: int
     headdim: int
+    max_seqlen_q: Optional[int] = None
+    max_seqlen_k: Optional[int] = None
+    values_checked: bool = True  # cu_seqlens / seqused_k values checked on the host at this call
 
 
 def check_varlen_qkv(
@@ -199,7 +254,14 @@ def check_varlen_qkv(
     dtypes: Sequence[torch.dtype] = KERNEL_DTYPES,
     max_headdim: Optional[int] = MAX_HEADDIM,
 ) -> VarlenShape:
-    """q (total_q, nheads, d); k, v (total_k, nheads_k, d); cu_seqlens int32 (batch + 1,)."""
+    """q (total_q, nheads, d); k, v (total_k, nheads_k, d); cu_seqlens int32 (batch + 1,).
+
+    ``values_checked`` of the result says whether the cu_seqlens / seqused_k values were
+    checked on the host at this call; when not, the launchers check them on the device."""
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_cu_seqlens_type(name, t)
+    if seqused_k is not None:
+        check_tensor("seqused_k", seqused_k)
     check_same_device(
         ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "seqused_k"),
         (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k),
@@ -211,19 +273,19 @@ def check_varlen_qkv(
         raise ValueError(
             f"cu_seqlens_k: has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}; expected the same batch"
         )
-    check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if seqused_k is not None:
         check_rank("seqused_k", seqused_k, 1, "(batch,)")
         if seqused_k.dtype != torch.int32:
             raise TypeError(f"seqused_k: dtype {seqused_k.dtype} is not supported; expected int32")
         if seqused_k.shape[0] != batch:
             raise ValueError(f"seqused_k: has {seqused_k.shape[0]} entries; expected batch={batch}")
-    check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q)
-    check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    checked = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q)
+    checked &= check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
     if seqused_k is not None:
-        check_seqused_values(seqused_k, cu_seqlens_k)
-    return VarlenShape(batch, total_q, k.shape[0], h, k.shape[1], d)
+        checked &= check_seqused_values(seqused_k, cu_seqlens_k)
+    return VarlenShape(batch, total_q, k.shape[0], h, k.shape[1], d, max_seqlen_q, max_seqlen_k, checked)
 
 
 def check_packed_qkv(
@@ -240,18 +302,28 @@ def check_packed_qkv(
     return q.shape[0], q.shape[1], q.shape[2]
 
 
-def check_max_seqlen(name: str, value: object) -> None:
+def check_max_seqlen(name: str, value: object) -> Optional[int]:
+    """None, or a non-negative integer (numpy integers accepted, as flash-attn does); returns it as an int."""
     if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name}: expected a Python int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"{name}: got {value}; expected >= 0")
+        return None
+    out = integer_value(value)
+    if out is None:
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    if out < 0:
+        raise ValueError(f"{name}: got {out}; expected >= 0")
+    return out
+
+
+def check_cu_seqlens_type(name: str, cu: object) -> torch.Tensor:
+    if isinstance(cu, (list, tuple)):
+        raise TypeError(f"{name}: expected an int32 torch.Tensor (batch + 1,), got a {type(cu).__name__}; "
+                        f"convert it with torch.tensor(..., dtype=torch.int32, device=q.device)")
+    return check_tensor(name, cu)
 
 
 def check_cu_seqlens_shape(name: str, cu: torch.Tensor) -> int:
     """Returns the batch size."""
-    check_tensor(name, cu)
+    check_cu_seqlens_type(name, cu)
     if cu.dtype != torch.int32:
         raise TypeError(f"{name}: dtype {cu.dtype} is not supported; expected int32")
     if cu.dim() != 1:
@@ -273,33 +345,48 @@ def value_checks_enabled(t: torch.Tensor) -> bool:
     return True
 
 
-# id(tensor) -> (weakref to it, version counter, facts checked). A dead weakref or a
-# bumped version invalidates the entry, so a freed tensor's address reused by a new one
-# is never mistaken for it.
-_checked: dict[int, tuple[weakref.ref, int, tuple]] = {}
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """The version counter of ``t``, or None for an inference tensor, which has none
+    (reading ``_version`` there raises)."""
+    return None if t.is_inference() else t._version
+
+
+# id(tensor) -> (weakref to it, version counter, storage address, facts checked). A dead
+# weakref, a bumped version or another address invalidates the entry, so a freed tensor's
+# address reused by a new one is never mistaken for it. Writes that bypass the version
+# counter are caught by the device-side check that runs whenever this one is skipped.
+_checked: dict[int, tuple[weakref.ref, Optional[int], int, tuple]] = {}
 
 
 def already_checked(t: torch.Tensor, facts: tuple) -> bool:
+    """Whether the host already checked ``facts`` about this very tensor. CPU tensors are
+    never remembered: reading them is free, so they are checked at every call."""
+    if t.device.type == "cpu":
+        return False
     entry = _checked.get(id(t))
-    return entry is not None and entry[0]() is t and entry[1] == t._version and entry[2] == facts
+    return (entry is not None and entry[0]() is t and entry[1] == tensor_version(t)
+            and entry[2] == t.data_ptr() and entry[3] == facts)
 
 
 def remember_checked(t: torch.Tensor, facts: tuple) -> None:
+    if t.device.type == "cpu":
+        return
     if len(_checked) > 4096:
-        for key in [key for key, (ref, _, _) in _checked.items() if ref() is None]:
+        for key in [key for key, entry in _checked.items() if entry[0]() is None]:
             del _checked[key]
-    _checked[id(t)] = (weakref.ref(t), t._version, facts)
+    _checked[id(t)] = (weakref.ref(t), tensor_version(t), t.data_ptr(), facts)
 
 
 def check_cu_seqlens_values(
     name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: Optional[int]
-) -> None:
-    """cu[0] == 0, non-decreasing, cu[-1] == total and max(diff) <= max_seqlen. One sync per tensor object."""
+) -> bool:
+    """cu[0] == 0, non-decreasing, cu[-1] == total and max(diff) <= max_seqlen. One sync per
+    GPU tensor object. Returns whether the values were checked on the host at this call."""
     if not value_checks_enabled(cu):
-        return
+        return False
     facts = ("cu", total, max_seqlen)
     if already_checked(cu, facts):
-        return
+        return False
     diffs = cu[1:] - cu[:-1]
     stats = torch.stack([cu[0], cu[-1], diffs.min(), diffs.max()]).tolist()  # the one sync
     first, last, min_len, max_len = stats
@@ -312,15 +399,16 @@ def check_cu_seqlens_values(
     if max_seqlen is not None and max_len > max_seqlen:
         raise ValueError(f"{max_name}: got {max_seqlen} but the longest sequence in {name} has {max_len} tokens; expected >= {max_len}")
     remember_checked(cu, facts)
+    return True
 
 
-def check_seqused_values(seqused_k: torch.Tensor, cu_seqlens_k: torch.Tensor) -> None:
-    """0 <= seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]."""
+def check_seqused_values(seqused_k: torch.Tensor, cu_seqlens_k: torch.Tensor) -> bool:
+    """0 <= seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]. Returns whether checked on the host now."""
     if not value_checks_enabled(seqused_k):
-        return
-    facts = ("seqused", id(cu_seqlens_k), cu_seqlens_k._version)
+        return False
+    facts = ("seqused", id(cu_seqlens_k), tensor_version(cu_seqlens_k), cu_seqlens_k.data_ptr())
     if already_checked(seqused_k, facts):
-        return
+        return False
     lens = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
     lo, over = torch.stack([seqused_k.min(), (seqused_k - lens).max()]).tolist()
     if lo < 0:
@@ -331,6 +419,7 @@ def check_seqused_values(seqused_k: torch.Tensor, cu_seqlens_k: torch.Tensor) ->
             "expected seqused_k[i] <= cu_seqlens_k[i+1] - cu_seqlens_k[i]"
         )
     remember_checked(seqused_k, facts)
+    return True
 
 
 def check_divisible_lengths(name: str, cu: torch.Tensor, divisor: int) -> None:

@@ -26,10 +26,13 @@ class CPCase:
     keep_gathered_kv: bool = False
     seed: int = 0
     api: str = "plan"  # or the name of a ring-flash-attn-compatible function (test_cp_api)
+    strided_cu: bool = False  # pass cu_seqlens as a non-contiguous view
+    tag: str = ""  # distinguishes generated cases (fuzz) with otherwise equal ids
 
     @property
     def id(self) -> str:
-        parts = [self.api if self.api != "plan" else self.strategy, "causal" if self.causal else "full"]
+        parts = [self.tag] if self.tag else []
+        parts += [self.api if self.api != "plan" else self.strategy, "causal" if self.causal else "full"]
         if self.window != (-1, -1):
             parts.append(f"window{self.window[0]}_{self.window[1]}")
         if self.heads_k_stride:
@@ -42,6 +45,10 @@ class CPCase:
             parts.append(self.dtype)
         if self.heads != (2, 1):
             parts.append(f"h{self.heads[0]}-{self.heads[1]}")
+        if self.lengths != CPCase.lengths:
+            parts.append("len" + "_".join(map(str, self.lengths)))
+        if self.strided_cu:
+            parts.append("strided_cu")
         return "-".join(parts)
 
 
@@ -60,6 +67,8 @@ def global_data(case: CPCase):
 
     gen = torch.Generator().manual_seed(case.seed)
     total = sum(case.lengths)
+    if total == 0:
+        raise ValueError("a case needs at least one token")
     h, hk = case.heads
     mk = lambda n: torch.randn(total, n, case.headdim, generator=gen, dtype=torch.float64)  # noqa: E731
     cu = torch.tensor([0] + list(torch.tensor(case.lengths).cumsum(0).tolist()), dtype=torch.int32)
@@ -87,6 +96,8 @@ def run_plan_case(case: CPCase, rank: int, world_size: int):
 
     dtype = getattr(torch, case.dtype)
     cu, q64, k64, v64, dout64 = global_data(case)
+    if case.strided_cu:
+        cu = torch.stack([cu, cu], 1)[:, 0]
     plan = Plan(cu, strategy=case.strategy)
     q, k, v = (plan.shard(t.to(dtype)).requires_grad_() for t in (q64, k64, v64))
     out, lse = plan.attention(q, k, v, causal=case.causal, window_size=case.window,

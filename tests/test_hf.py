@@ -178,20 +178,17 @@ def test_layout_cache_never_serves_a_stale_mask():
     assert cache.get(other, build) == 0 and len(calls) == 4
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("sliding_window", [None, 7], ids=["llama", "mistral-window-7"])
-def test_bf16_on_gpu_within_twice_eager_error(sliding_window):
-    """bf16 models on the GPU, one dense sequence and packed documents: ours is within 2x
-    eager bf16's error (both against eager float32 with the same weights) plus a small
-    epsilon, for the logits and every parameter's gradient."""
-    truth = tiny_model("eager", sliding_window, "cuda")
-    base = tiny_model("eager", sliding_window, "cuda").to(torch.bfloat16)
-    ours = tiny_model(rf_hf.register(), sliding_window, "cuda").to(torch.bfloat16)
-    gen = torch.Generator(device="cuda").manual_seed(3)
-    lengths = [300, 1, 77, 135]
-    ids = torch.randint(0, VOCAB, (1, sum(lengths)), device="cuda", generator=gen)
-    weight = torch.randn(1, sum(lengths), VOCAB, device="cuda", generator=gen)
-    position_ids = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
+def _bf16_within_twice_eager_error(sliding_window, device: str, lengths: list[int]) -> None:
+    """bf16 models, one dense sequence and packed documents: ours is within 2x eager bf16's
+    error (both against eager float32 with the same weights) plus a small epsilon, for the
+    logits and every parameter's gradient."""
+    truth = tiny_model("eager", sliding_window, device)
+    base = tiny_model("eager", sliding_window, device).to(torch.bfloat16)
+    ours = tiny_model(rf_hf.register(), sliding_window, device).to(torch.bfloat16)
+    gen = torch.Generator(device=device).manual_seed(3)
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), device=device, generator=gen)
+    weight = torch.randn(1, sum(lengths), VOCAB, device=device, generator=gen)
+    position_ids = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
 
     def run(model, packed: bool):
         """Logits (float32) and parameter gradients; packed: eager runs each document alone
@@ -214,3 +211,51 @@ def test_bf16_on_gpu_within_twice_eager_error(sliding_window):
             assert err <= 2 * base_err + 4e-3 * scale, (
                 f"{'packed' if packed else 'dense'} {what}: ours {err:.3e} vs eager bf16 {base_err:.3e} "
                 f"(scale {scale:.3e})")
+
+
+@pytest.mark.parametrize("sliding_window", [None, 7], ids=["llama", "mistral-window-7"])
+def test_bf16_within_twice_eager_error(sliding_window):
+    """On the CPU too: the interpreter used to return garbage for bf16 (its bf16 dot is
+    wrong), so a bf16 HF model on the CPU gave garbage logits with no error."""
+    _bf16_within_twice_eager_error(sliding_window, DEVICE, [30, 1, 17, 13])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sliding_window", [None, 7], ids=["llama", "mistral-window-7"])
+def test_bf16_on_gpu_within_twice_eager_error(sliding_window):
+    _bf16_within_twice_eager_error(sliding_window, "cuda", [300, 1, 77, 135])
+
+
+@pytest.mark.parametrize("path", ["dense", "padded", "packed position_ids", "packed cu_seq_lens"])
+def test_inference_mode_matches_no_grad(path):
+    """Every path used to crash under torch.inference_mode ("Inference tensors do not track
+    version counter") in its metadata caches."""
+    ours = _models()[1]
+    ids = torch.randint(0, VOCAB, (1, 21), device=DEVICE)
+    kwargs = {}
+    if path == "padded":
+        ids = ids.expand(2, -1).clone()
+        mask = torch.ones(2, 21, dtype=torch.long, device=DEVICE)
+        mask[1, :6] = 0
+        kwargs = dict(attention_mask=mask)
+    elif path.startswith("packed"):
+        kwargs = dict(position_ids=torch.cat([torch.arange(n, device=DEVICE) for n in (8, 13)])[None])
+        if path.endswith("cu_seq_lens"):
+            cu = torch.tensor([0, 8, 21], device=DEVICE)  # int64, as collators produce
+            kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=13, max_length_k=13)
+    with torch.no_grad():
+        want = ours(ids, **kwargs).logits
+    with torch.inference_mode():
+        inference_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        got = ours(ids.clone(), **inference_kwargs).logits
+        again = ours(ids.clone(), **inference_kwargs).logits  # the same inference tensors: nothing stale
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(again, want)
+
+
+def test_int64_cu_seq_lens_are_converted_once_per_forward():
+    """Collators give int64 cu_seq_lens: converted once, not in every layer (on a GPU each new
+    int32 tensor costs a host sync to check its values)."""
+    cu = torch.tensor([0, 5, 12], device=DEVICE)
+    first = rf_hf._cu_q_int32.get(cu, rf_hf._as_int32)
+    assert first.dtype == torch.int32 and rf_hf._cu_q_int32.get(cu, rf_hf._as_int32) is first

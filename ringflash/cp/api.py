@@ -20,7 +20,7 @@ rounds fp16 dq through bf16), float32 merging and gradient accumulation.
 
 from __future__ import annotations
 
-import weakref
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -28,30 +28,46 @@ import torch.distributed as dist
 
 from .. import validation as V
 from ..kernels.problem import SeqMeta
+from .checks import SignatureChecks, call_signature
 from .comm import Comm
 from .engines import AllGatherAttention, AllGatherSpec
 from .local import LocalParams
 from .plan import Plan
 
-# Plans are built once per batch: cached against the caller's cu_seqlens tensor (weakly, so
-# a new batch's tensor gets a new plan) or, for dense inputs, against the shapes.
-_plans: dict[tuple, tuple] = {}
+# Plans are built once per batch and reused by every layer. They are found by the *values*
+# of cu_seqlens, read on the host at every call (one small device-to-host read, a sync on a
+# GPU): a buffer that a data loader refills in place (even behind the version counter, by
+# ``.data``, a numpy view or ``dist.broadcast``) can then never reuse a stale plan. The
+# cache is a small LRU and plans hold no reference to the caller's tensors, so nothing
+# accumulates across steps. Build a ``Plan`` yourself for a path with no syncs at all.
+_MAX_PLANS = 8
+_plans: "OrderedDict[tuple, Plan]" = OrderedDict()
 
 
 def _group_key(group) -> int:
     return id(group if group is not None else dist.group.WORLD)
 
 
-def _cached_plan(key: tuple, anchor: Optional[torch.Tensor], build) -> Plan:
-    entry = _plans.get(key)
-    if entry is not None and (entry[0] is None or entry[0]() is anchor) and entry[1] == (anchor._version if anchor is not None else 0):
-        return entry[2]
-    if len(_plans) > 64:
-        for k in [k for k, (ref, _, _) in _plans.items() if ref is not None and ref() is None]:
-            del _plans[k]
+def _cached_plan(key: tuple, build) -> Plan:
+    plan = _plans.get(key)
+    if plan is not None:
+        _plans.move_to_end(key)
+        return plan
     plan = build()
-    _plans[key] = (weakref.ref(anchor) if anchor is not None else None, anchor._version if anchor is not None else 0, plan)
+    _plans[key] = plan
+    while len(_plans) > _MAX_PLANS:
+        _plans.popitem(last=False)
     return plan
+
+
+def _host_values(*tensors: torch.Tensor) -> list[list[int]]:
+    """The values of small int32 tensors of one device, in one device-to-host read."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).tolist()
+    out, pos = [], 0
+    for t in tensors:
+        out.append(flat[pos:pos + t.numel()])
+        pos += t.numel()
+    return out
 
 
 def _dense_plan(q: torch.Tensor, strategy: str, group) -> Plan:
@@ -63,28 +79,27 @@ def _dense_plan(q: torch.Tensor, strategy: str, group) -> Plan:
         cu = torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=q.device)
         return Plan(cu, group, strategy)
 
-    return _cached_plan(("dense", strategy, batch, s_local, str(q.device), _group_key(group)), None, build)
+    return _cached_plan(("dense", strategy, batch, s_local, str(q.device), _group_key(group)), build)
 
 
-def _varlen_plan(cu_seqlens: torch.Tensor, strategy: str, group, global_cu: bool) -> Plan:
-    """Plan from ring-flash-attn's local cu_seqlens (global = local x W) or a global one."""
+def _varlen_plan(cu_values: list[int], device: torch.device, strategy: str, group) -> Plan:
+    """Plan from the global cu_seqlens values."""
     def build():
-        world = dist.get_world_size(group if group is not None else dist.group.WORLD)
-        return Plan(cu_seqlens if global_cu else cu_seqlens * world, group, strategy)
+        return Plan(torch.tensor(cu_values, dtype=torch.int32, device=device), group, strategy)
 
-    return _cached_plan(("varlen", strategy, id(cu_seqlens), global_cu, _group_key(group)), cu_seqlens, build)
+    return _cached_plan(("varlen", strategy, tuple(cu_values), str(device), _group_key(group)), build)
 
 
-def _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal):
+def _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal) -> tuple[bool, bool]:
+    """Returns (causal, return_attn_probs) as bools."""
     V.check_unsupported(dropout_p, alibi_slopes)
-    for name, value in (("deterministic", deterministic), ("return_attn_probs", return_attn_probs), ("causal", causal)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    V.as_bool("deterministic", deterministic)
+    return V.as_bool("causal", causal), V.as_bool("return_attn_probs", return_attn_probs)
 
 
 def _run_dense(strategy, q, k, v, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic,
                return_attn_probs, group, softcap):
-    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+    causal, return_attn_probs = _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
     shape = V.check_dense_qkv(q, k, v)
     if shape.seqlen_k != shape.seqlen_q:
         raise ValueError(f"k: local seqlen {shape.seqlen_k} differs from q's {shape.seqlen_q}; expected the same "
@@ -101,9 +116,11 @@ def _run_dense(strategy, q, k, v, dropout_p, softmax_scale, causal, window_size,
 
 def _run_varlen(strategy, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size,
                 alibi_slopes, deterministic, return_attn_probs, group, softcap):
-    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+    causal, return_attn_probs = _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
     V.check_varlen_qkv(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
-    plan = _varlen_plan(cu_seqlens, strategy, group, global_cu=False)
+    world = dist.get_world_size(group if group is not None else dist.group.WORLD)
+    (local,) = _host_values(cu_seqlens)
+    plan = _varlen_plan([c * world for c in local], cu_seqlens.device, strategy, group)
     out, lse = plan.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                               softcap=softcap, return_lse=True)
     return (out, lse, None) if return_attn_probs else out
@@ -203,25 +220,81 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs=False, group=None, *, softcap=0.0):
     """ring-flash-attn's llama3: q/k/v are this rank's contiguous slice of the packed stream;
     the metadata comes from ``llama3_flash_attn_prepare_cu_seqlens``. K/V are all-gathered
-    ``heads_k_stride`` KV heads at a time, overlapped with compute."""
-    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
-    V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_q)
-    V.check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
-    left, right = V.check_window(window_size)
-    softcap = V.check_softcap(softcap)
-    if not isinstance(local_k_slice, slice):
-        raise TypeError(f"local_k_slice: expected a slice, got {type(local_k_slice).__name__}")
-    if not isinstance(heads_k_stride, int) or heads_k_stride < 1 or k.shape[1] % heads_k_stride != 0:
-        raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
+    ``heads_k_stride`` KV heads at a time, overlapped with compute.
+
+    The metadata is checked against this rank's slice at every call (its values are read on
+    the host): cu_seqlens_k must be cu_seqlens_q shifted by the keys that precede the slice,
+    ``local_k_slice`` must end at the slice's end (causal) and max_seqlen_k must cover the
+    longest key range. Every rank then checks collectively that the others agree."""
     comm = Comm(group)
+    checks = _llama3_checks.setdefault(_group_key(group), SignatureChecks(
+        comm, q.device if isinstance(q, torch.Tensor) else torch.device("cpu"),
+        "q, k, v, metadata or options of llama3_flash_attn_varlen_func"))
+    error: Optional[BaseException] = None
+    signature: Optional[str] = None
+    try:
+        causal, return_attn_probs = _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+        shape = V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_q, max_seqlen_q, max_seqlen_q)
+        V.check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
+        V.check_same_device(("q", "cu_seqlens_k"), (q, cu_seqlens_k))
+        max_seqlen_k = V.check_max_seqlen("max_seqlen_k", max_seqlen_k)
+        left, right = V.check_window(window_size)
+        softcap = V.check_softcap(softcap)
+        stride = V.integer_value(heads_k_stride)
+        if stride is None or stride < 1 or k.shape[1] % stride != 0:
+            raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
+        key_slice = _check_llama3_metadata(cu_seqlens_q, cu_seqlens_k, max_seqlen_k, local_k_slice, causal,
+                                           q.shape[0], comm)
+        scale = V.resolve_softmax_scale(softmax_scale, q.shape[-1])
+        signature = call_signature(q, k, v, (q.shape[0], causal, left, right, softcap, scale, stride))
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        error = exc
+    checks.check(signature, error)
     spec = AllGatherSpec(
         meta=SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k), n_max=q.shape[0],
-        max_q=max_seqlen_q, max_k=max_seqlen_k, key_slice=local_k_slice,
+        max_q=shape.max_seqlen_q, max_k=max_seqlen_k, key_slice=key_slice,
     )
-    params = LocalParams(V.resolve_softmax_scale(softmax_scale, q.shape[-1]), causal, left, 0 if causal else right,
-                         softcap)
-    out, lse = AllGatherAttention.apply(q, k, v, spec, params, comm, heads_k_stride, "grouped")
+    params = LocalParams(scale, causal, left, 0 if causal else right, softcap)
+    out, lse = AllGatherAttention.apply(q, k, v, spec, params, comm, stride, "grouped")
     return (out, lse, None) if return_attn_probs else out
+
+
+#: The cross-rank checks of llama3_flash_attn_varlen_func, per process group.
+_llama3_checks: dict[int, SignatureChecks] = {}
+
+
+def _check_llama3_metadata(cu_q: torch.Tensor, cu_k: torch.Tensor, max_seqlen_k: Optional[int], key_slice: object,
+                           causal: bool, n: int, comm: Comm) -> slice:
+    """The facts ``llama3_flash_attn_prepare_cu_seqlens`` guarantees for rank r, whose queries
+    are tokens [r n, (r + 1) n) of the stream: keys are ``[start, stop)`` of the gathered
+    stream with start <= r n, the first sequence's keys begin ``offset = r n - start``
+    earlier than its queries (every later boundary sits ``offset`` further in the keys),
+    and the keys end at the slice's end (causal) or at the end of its last sequence."""
+    if not isinstance(key_slice, slice):
+        raise TypeError(f"local_k_slice: expected a slice, got {type(key_slice).__name__}")
+    start, stop = V.integer_value(key_slice.start), V.integer_value(key_slice.stop)
+    if start is None or stop is None or key_slice.step not in (None, 1):
+        raise ValueError(f"local_k_slice: got {key_slice}; expected slice(start, stop) of ints with step 1")
+    if cu_k.shape[0] != cu_q.shape[0]:
+        raise ValueError(f"cu_seqlens_k: has {cu_k.shape[0]} entries but cu_seqlens_q has {cu_q.shape[0]}; "
+                         "expected one key range per local sequence")
+    q_vals, k_vals = _host_values(cu_q, cu_k)
+    lo, hi, total = comm.rank * n, (comm.rank + 1) * n, comm.world_size * n
+    if not (0 <= start <= lo and hi <= stop <= total and (stop == hi or not causal)):
+        end = f"== {hi}" if causal else f"in [{hi}, {total}]"
+        raise ValueError(f"local_k_slice: got {key_slice}; expected start in [0, {lo}] and stop {end} for rank "
+                         f"{comm.rank}'s tokens [{lo}, {hi}) (llama3_flash_attn_prepare_cu_seqlens)")
+    offset = lo - start
+    expected = [0] + [c + offset for c in q_vals[1:-1]] + [stop - start]
+    if k_vals != expected:
+        raise ValueError(f"cu_seqlens_k: got {k_vals[:8]}...; expected cu_seqlens_q's boundaries shifted by the "
+                         f"{offset} keys before this rank's slice, ending at the slice length {stop - start}: "
+                         f"{expected[:8]}...")
+    longest = max([b - a for a, b in zip(k_vals, k_vals[1:])] + [0])
+    if max_seqlen_k is None or max_seqlen_k < longest:
+        raise ValueError(f"max_seqlen_k: got {max_seqlen_k}; expected >= {longest}, the longest key range of "
+                         "cu_seqlens_k")
+    return slice(start, stop)
 
 
 def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -262,31 +335,33 @@ def zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, ma
     "two_kernels" (also RINGFLASH_ZIGZAG_MODE); ``verify`` recomputes with the other mode
     and raises on a mismatch (also RINGFLASH_ZIGZAG_VERIFY=1 or ZIGZAG_VERIFY_CORRECTNESS=1).
     """
-    _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
+    causal, return_attn_probs = _options(dropout_p, alibi_slopes, deterministic, return_attn_probs, causal)
     if n_chunks != 2:
         raise NotImplementedError(f"n_chunks: got {n_chunks}; ringflash's zigzag_llama3 supports 2 (chunks r and 2W-1-r)")
     V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_q, None, None)
     V.check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
-    plan = _varlen_plan(cu_seqlens_k, "zigzag_llama3", group, global_cu=True)
-    _check_local_layout(plan, cu_seqlens_q)
+    V.check_same_device(("q", "cu_seqlens_k"), (q, cu_seqlens_k))
+    q_vals, k_vals = _host_values(cu_seqlens_q, cu_seqlens_k)
+    plan = _varlen_plan(k_vals, cu_seqlens_k.device, "zigzag_llama3", group)
+    try:
+        _check_local_layout(plan, q_vals)
+        layout_error = None
+    except ValueError as exc:  # raised after the plan's collective check, on every rank
+        layout_error = exc
     out, lse = plan.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                               softcap=softcap, heads_k_stride=heads_k_stride, mode=mode, verify=verify,
-                              return_lse=True)
+                              return_lse=True, _caller_error=layout_error)
     return (out, lse, None) if return_attn_probs else out
 
 
-def _check_local_layout(plan: Plan, cu_seqlens_q: torch.Tensor) -> None:
-    """cu_seqlens_q must describe the plan's local layout (checked once per tensor)."""
-    facts = ("zigzag-local", id(plan))
-    if not V.value_checks_enabled(cu_seqlens_q) or V.already_checked(cu_seqlens_q, facts):
-        return
+def _check_local_layout(plan: Plan, cu_q_values: list[int]) -> None:
+    """cu_seqlens_q must describe the plan's local layout."""
     expected = [0]
     for _, n in plan.segments[plan.rank]:
         expected.append(expected[-1] + n)
-    if cu_seqlens_q.tolist() != expected:
-        raise ValueError(f"cu_seqlens_q: got {cu_seqlens_q.tolist()[:8]}...; expected this rank's zigzag layout of "
+    if cu_q_values != expected:
+        raise ValueError(f"cu_seqlens_q: got {cu_q_values[:8]}...; expected this rank's zigzag layout of "
                          f"cu_seqlens_k, {expected[:8]}...")
-    V.remember_checked(cu_seqlens_q, facts)
 
 
 def zigzag_llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -7,10 +7,13 @@
     full = plan.gather(out)                       # all rows, on every rank
 
 ``cu_seqlens`` is the global int32 (batch + 1,) layout of the packed batch, the same on
-every rank. Building the plan reads it once on the host (one sync, to size buffers) and
-checks collectively that every rank of ``group`` passed the same one. All index metadata
-then lives on the device; forward and backward make no host syncs (after the first call,
-which checks collectively that all ranks pass the same shapes and options).
+every rank. Building the plan reads it once on the host (one sync, to size buffers),
+keeps its own copy (refilling the caller's buffer for the next batch cannot change a
+plan), and checks collectively that every rank of ``group`` passed exactly the same
+lengths. All index metadata then lives on the device; forward and backward make no host
+syncs. Every call checks collectively that all ranks pass the same shapes, dtypes and
+options, and that none rejected its inputs (see ``ringflash.cp.checks`` for when that
+check runs), so that a mismatch is an error on every rank rather than a hang.
 
 Documents may have any length, down to a single token: sequences are cut into chunks that
 differ by at most one token, and nothing is padded. Results equal single-GPU attention on
@@ -19,6 +22,7 @@ the unpadded batch.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Optional
 
@@ -27,6 +31,7 @@ import torch.distributed as dist
 
 from .. import validation as V
 from ..kernels.problem import WINDOW_CAP, SeqMeta
+from .checks import SignatureChecks, call_signature, check_agreement
 from .comm import Comm
 from .engines import AllGatherAttention, AllGatherSpec, RingAttention, RingStep
 from .layout import STRATEGIES, chunk_bounds, rank_pieces, segments
@@ -70,21 +75,32 @@ def zigzag_verify(verify: Optional[bool]) -> bool:
 class Plan:
     def __init__(self, cu_seqlens: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                  strategy: str = "zigzag_llama3"):
-        if strategy not in STRATEGIES:
-            raise ValueError(f"strategy: got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-        V.check_cu_seqlens_shape("cu_seqlens", cu_seqlens)
-        self.strategy = strategy
         self.comm = Comm(group)
         self.group = self.comm.group
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
-        self.device = cu_seqlens.device
-        self.cu_seqlens = cu_seqlens
-        cu = cu_seqlens.tolist()  # the one host sync of a plan
-        if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(f"cu_seqlens: expected 0 then non-decreasing cumulative lengths, got {cu[:8]}...")
+        self.strategy = strategy
+        # Every rank runs the same checks and then one collective, so that a bad argument on
+        # one rank is an error on every rank instead of a hang in the next collective.
+        error: Optional[BaseException] = None
+        cu: list[int] = []
+        try:
+            if strategy not in STRATEGIES:
+                raise ValueError(f"strategy: got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+            V.check_cu_seqlens_shape("cu_seqlens", cu_seqlens)
+            cu = cu_seqlens.tolist()  # the one host sync of a plan
+            if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+                raise ValueError(f"cu_seqlens: expected 0 then non-decreasing cumulative lengths, got {cu[:8]}...")
+        except (ValueError, TypeError) as exc:
+            error = exc
         self.seqlens = [b - a for a, b in zip(cu, cu[1:])]
+        device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else torch.device("cpu")
+        check_agreement(self.comm, None if error else self._layout_signature(), device,
+                        "cu_seqlens and strategy", error)
+        self.device = device
+        # The plan's own copy: the caller's buffer may be refilled for the next batch (even
+        # behind its version counter) while this plan is still in use.
+        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
         self.total = cu[-1]
-        self._check_same_across_ranks()
         w = self.world_size
         self.pieces = [rank_pieces(strategy, self.seqlens, s, w) for s in range(w)]
         self.num_local = [sum(p.length for p in ps) for ps in self.pieces]
@@ -96,7 +112,14 @@ class Plan:
         self.local_index = _global_rows(own, self._seq_starts).to(self.device)
         self._gather_index: Optional[torch.Tensor] = None
         self._cache: dict[tuple, object] = {}
-        self._checked: set[tuple] = set()
+        self._checks = SignatureChecks(self.comm, self.device, "q, k, v or options")
+
+    def _layout_signature(self) -> str:
+        """What every rank must agree on to build the same layout: the exact lengths (by
+        digest, so that no two different lists can pass as one), strategy and world size."""
+        lengths = hashlib.sha256(",".join(map(str, self.seqlens)).encode()).hexdigest()
+        return (f"strategy={self.strategy} world_size={self.world_size} documents={len(self.seqlens)} "
+                f"tokens={sum(self.seqlens)} lengths_sha256={lengths}")
 
     # -- layout ------------------------------------------------------------------------
 
@@ -133,24 +156,7 @@ class Plan:
 
     # -- collective checks -------------------------------------------------------------
 
-    def _check_same_across_ranks(self) -> None:
-        code = STRATEGIES.index(self.strategy)
-        checksum = sum((i + 1) * n for i, n in enumerate(self.seqlens)) % (1 << 61)
-        mine = torch.tensor([self.world_size, code, len(self.seqlens), self.total, checksum], dtype=torch.long)
-        self._all_equal(mine, "cu_seqlens and strategy: differ across the ranks of the group; "
-                              "expected every rank to build the plan from the same global cu_seqlens")
-
-    def _all_equal(self, mine: torch.Tensor, message: str) -> None:
-        device = self.device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
-        mine = mine.to(device)
-        every = mine.new_empty(self.world_size * mine.numel())
-        self.comm.all_gather(every, mine).wait()
-        every = every.view(self.world_size, -1).cpu()
-        bad = [s for s in range(self.world_size) if not torch.equal(every[s], every[0])]
-        if bad:
-            raise ValueError(f"{message} (ranks {bad} differ from rank 0: {every[bad[0]].tolist()} vs {every[0].tolist()})")
-
-    def _check_call(self, q, k, v, key: tuple, group) -> None:
+    def _check_local(self, q, k, v, group) -> None:
         if group is not None and group is not self.group and dist.get_world_size(group) != self.world_size:
             raise ValueError(f"group: has {dist.get_world_size(group)} ranks but the plan was built for "
                              f"{self.world_size}; expected the plan's group")
@@ -160,14 +166,6 @@ class Plan:
             if t.shape[0] != self.num_local_tokens:
                 raise ValueError(f"{name}: has {t.shape[0]} tokens; expected this rank's {self.num_local_tokens} "
                                  f"(plan.shard of the global tensor)")
-        # Once per (plan, options): every rank must pass the same shapes and dtypes. One
-        # collective check, so that a mismatch is an error on every rank instead of a hang.
-        if key not in self._checked:
-            dtype_code = [torch.float16, torch.bfloat16, torch.float32].index(q.dtype)
-            sig = torch.tensor([q.shape[1], k.shape[1], q.shape[2], dtype_code, *_encode(key)], dtype=torch.long)
-            self._all_equal(sig, "q, k, v or options: shapes, dtypes or options differ across ranks; expected the "
-                                 "same on every rank (nheads, nheads_k, headdim, dtype, options)")
-            self._checked.add(key)
 
     # -- attention -----------------------------------------------------------------------
 
@@ -186,6 +184,7 @@ class Plan:
         return_lse: bool = False,
         group: Optional[dist.ProcessGroup] = None,
         keep_gathered_kv: bool = False,
+        _caller_error: Optional[BaseException] = None,
     ):
         """Attention of this rank's queries to all keys of their sequences.
 
@@ -199,36 +198,51 @@ class Plan:
         gathering them again, which saves the backward's all-gather at the cost of
         world_size x the local K/V of memory per call until the backward (off by default, as
         in ring-flash-attn's llama3, which re-gathers).
+
+        (``_caller_error``: a wrapper's own check that failed on this rank; it is raised
+        after the collective check, so that every rank stops.)
         """
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
-        left, right = V.check_window(window_size)
-        softcap = V.check_softcap(softcap)
-        if causal:
-            right = 0
-        windowed = left >= 0 or (right >= 0 and not causal)
-        if windowed and self.strategy in ("zigzag_ring", "stripe"):
-            raise NotImplementedError(
-                f"window_size: {self.strategy} interleaves each rank's tokens, so a sliding window is not one "
-                "diagonal band per step; expected (-1, -1) (use llama3, zigzag_llama3 or ring for windows)")
-        scale = V.resolve_softmax_scale(softmax_scale, q.shape[-1])
-        stride = k.shape[1] if heads_k_stride is None else heads_k_stride
-        if not isinstance(stride, int) or stride < 1 or k.shape[1] % stride != 0:
-            raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
-        mode = zigzag_mode(mode) if self.strategy == "zigzag_llama3" else "grouped"
-        if not isinstance(keep_gathered_kv, bool):
-            raise TypeError(f"keep_gathered_kv: expected a bool, got {type(keep_gathered_kv).__name__}")
-        if keep_gathered_kv and self.strategy not in ("llama3", "zigzag_llama3"):
-            raise ValueError(f"keep_gathered_kv: {self.strategy} passes K/V around the ring and gathers nothing; "
-                             "expected False (or the llama3 / zigzag_llama3 strategies)")
-        # Every rank must agree on it: the backward's re-gather is a collective.
-        key = (causal, left, right, softcap, scale, stride, mode, keep_gathered_kv)
-        self._check_call(q, k, v, key, group)
+        # Local checks first, then one collective on every rank (see ``checks``): an error
+        # or a disagreement stops every rank here, before any data collective.
+        error: Optional[BaseException] = _caller_error
+        signature: Optional[str] = None
+        try:
+            if error is not None:
+                raise error
+            causal = V.as_bool("causal", causal)
+            left, right = V.check_window(window_size)
+            softcap = V.check_softcap(softcap)
+            if causal:
+                right = 0
+            windowed = left >= 0 or (right >= 0 and not causal)
+            if windowed and self.strategy in ("zigzag_ring", "stripe"):
+                raise NotImplementedError(
+                    f"window_size: {self.strategy} interleaves each rank's tokens, so a sliding window is not one "
+                    "diagonal band per step; expected (-1, -1) (use llama3, zigzag_llama3 or ring for windows)")
+            self._check_local(q, k, v, group)
+            scale = V.resolve_softmax_scale(softmax_scale, q.shape[-1])
+            stride = k.shape[1] if heads_k_stride is None else heads_k_stride
+            if V.integer_value(stride) is None or stride < 1 or k.shape[1] % stride != 0:
+                raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
+            stride = int(stride)
+            mode = zigzag_mode(mode) if self.strategy == "zigzag_llama3" else "grouped"
+            keep_gathered_kv = V.as_bool("keep_gathered_kv", keep_gathered_kv)
+            if keep_gathered_kv and self.strategy not in ("llama3", "zigzag_llama3"):
+                raise ValueError(f"keep_gathered_kv: {self.strategy} passes K/V around the ring and gathers nothing; "
+                                 "expected False (or the llama3 / zigzag_llama3 strategies)")
+            verify = zigzag_verify(verify) if self.strategy == "zigzag_llama3" else False
+            return_lse = V.as_bool("return_lse", return_lse)
+            # Every rank must agree on all of it: the backward's re-gather is a collective too.
+            signature = call_signature(q, k, v, (causal, left, right, softcap, scale, stride, mode,
+                                                 keep_gathered_kv, verify))
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            error = exc
+        self._checks.check(signature, error)
         params = LocalParams(scale, causal, left, right, softcap)
         if self.strategy in ("llama3", "zigzag_llama3"):
             spec = self._allgather_spec()
             out, lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, mode, keep_gathered_kv)
-            if self.strategy == "zigzag_llama3" and zigzag_verify(verify):
+            if verify:
                 other = "two_kernels" if mode == "grouped" else "grouped"
                 with torch.no_grad():
                     ref, ref_lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, other)
@@ -322,21 +336,6 @@ class Plan:
 
     def _zigzag_chunk_len(self, seq: int, rank: int) -> int:
         return chunk_bounds(self.seqlens[seq], 2 * self.world_size)[rank][1]
-
-
-def _encode(key: tuple) -> list[int]:
-    """Options as integers, identical on every rank (no per-process hash seeds)."""
-    import struct
-
-    out = []
-    for x in key:
-        if isinstance(x, str):
-            out.append(MODES.index(x))
-        elif isinstance(x, float):
-            out.append(struct.unpack("<q", struct.pack("<d", x))[0])
-        else:
-            out.append(int(x))
-    return out
 
 
 def _check_modes_agree(out, lse, ref, ref_lse, mode: str, other: str) -> None:

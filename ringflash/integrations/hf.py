@@ -48,6 +48,7 @@ from typing import Iterator, Optional
 import torch
 
 from ..interface import flash_attn_func, flash_attn_varlen_func
+from ..validation import tensor_version
 
 NAME = "ringattn"
 
@@ -114,7 +115,10 @@ class _LastLayout:
         self.value: Optional[tuple] = None
 
     def get(self, tensor: torch.Tensor, build, extra: object = None):
-        key = (tensor._version, extra)
+        version = tensor_version(tensor)
+        if version is None:  # an inference tensor has no version counter: never reuse
+            return build(tensor)
+        key = (version, tensor.data_ptr(), extra)
         if self.ref is None or self.ref() is not tensor or key != self.key:
             self.ref, self.key, self.value = weakref.ref(tensor), key, build(tensor)
         return self.value
@@ -122,6 +126,12 @@ class _LastLayout:
 
 _mask_layout = _LastLayout()
 _position_layout = _LastLayout()
+_cu_q_int32 = _LastLayout()
+_cu_k_int32 = _LastLayout()
+
+
+def _as_int32(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.int32)
 
 
 def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
@@ -196,7 +206,11 @@ def attention_forward(
         if max_q is None or max_k is None:
             raise ValueError("max_length_q, max_length_k: required with cu_seq_lens_q/cu_seq_lens_k")
         out = flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
-                                     v.reshape(-1, *v.shape[2:]), cu_q.to(torch.int32), cu_k.to(torch.int32),
+                                     v.reshape(-1, *v.shape[2:]),
+                                     # One int32 tensor per collator tensor, shared by every layer, so
+                                     # that its values are checked once (a new tensor per layer
+                                     # would cost one host sync per layer on a GPU).
+                                     _cu_q_int32.get(cu_q, _as_int32), _cu_k_int32.get(cu_k, _as_int32),
                                      int(max_q), int(max_k), **options)
         return out.view(batch, q_len, *out.shape[1:]), None
 

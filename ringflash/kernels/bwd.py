@@ -18,7 +18,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, interpreting, key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule,
+    check_device, check_output_buffer, interpreting, kernel_operand, key_block_ranges, query_block_ranges,
+    row_base, scaled_scores, schedule,
     sequence_bounds, tile_ptrs, visible,
 )
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
@@ -373,17 +374,23 @@ def attention_backward(
     start communicating dK/dV while dQ computes (context parallelism).
     """
     check_device(q)
-    if dout.stride(-1) != 1:
-        dout = dout.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
     if dkv_rows is not None and meta is None:
         raise ValueError("dkv_rows: given for a dense problem; expected varlen metadata")
+    token_dim = 0 if prob.is_varlen else 1
+    for name, buf in (("dq", dq), ("dk", dk), ("dv", dv)):
+        check_output_buffer(buf, name, token_dim)
+    dout, q, k, v, out = (kernel_operand(x, token_dim) for x in (dout, q, k, v, out))
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_()
         dk.zero_()
         dv.zero_()
+        # A caller may communicate dK/dV from this hook (context parallelism): a rank with
+        # no queries or keys must still make that call, or the other ranks wait forever.
+        if after_dkdv is not None:
+            after_dkdv()
         return dq, dk, dv
     delta, lse2 = prepare_backward(dout, out, lse, prob) if prepared is None else prepared
     lb, lh = lse_strides(lse2, prob.is_varlen)

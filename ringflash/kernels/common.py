@@ -16,6 +16,7 @@ right edge, the ragged sequence end). The helpers below compute those ranges.
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -24,6 +25,32 @@ LOG2E: float = 1.4426950408889634
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+#: Most rows any kernel covers with one tile. Offsets inside a tile (row x token stride)
+#: are 32-bit for speed; everything larger (batch, head and block starts) is 64-bit.
+MAX_TILE_ROWS = 256
+_INT32_LIMIT = 2**31
+
+
+def kernel_operand(x, token_dim: int):
+    """``x`` as the kernels read it: unit stride on the head dim, and a token stride small
+    enough that ``MAX_TILE_ROWS`` rows of offsets fit in int32 (a huge-stride view, e.g. an
+    sbhd buffer with batch x heads x headdim past 2**31 / 256, is copied instead of read
+    with overflowing offsets). Under the interpreter, bf16 is computed in float32: its
+    bf16 ``tl.dot`` gives wrong results, while float32 only rounds less than the GPU."""
+    if x.stride(-1) != 1 or abs(x.stride(token_dim)) * MAX_TILE_ROWS >= _INT32_LIMIT:
+        x = x.contiguous()
+    if interpreting() and x.dtype == torch.bfloat16:
+        x = x.float()
+    return x
+
+
+def check_output_buffer(x, name: str, token_dim: int) -> None:
+    """A caller-given output buffer must already be in a layout the kernels can write."""
+    if x.stride(-1) != 1 or abs(x.stride(token_dim)) * MAX_TILE_ROWS >= _INT32_LIMIT:
+        raise ValueError(f"{name}: strides {tuple(x.stride())} are not writable by the kernels; expected unit stride "
+                         f"on the last dim and a token stride below {_INT32_LIMIT // MAX_TILE_ROWS}")
 
 
 def check_device(x, name: str = "q") -> None:

@@ -15,7 +15,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, key_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
+    check_device, check_output_buffer, kernel_operand, key_block_ranges, row_base, scaled_scores, schedule,
+    sequence_bounds, tile_ptrs, visible,
 )
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
 
@@ -250,7 +251,7 @@ def attention_forward(
     lse: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel (dense when ``meta`` is None, varlen/grouped otherwise).
-    Inputs must have a contiguous last dim; other strides are free.
+    Strides are free (``common.kernel_operand`` copies the rare layouts the kernels cannot read).
 
     Returns out (q's shape, contiguous, q's dtype) and lse (float32: (batch, nheads, seqlen_q)
     dense, (nheads, total_q) varlen). Given ``out``/``lse`` (views allowed, unit stride on the
@@ -263,6 +264,9 @@ def attention_forward(
     if lse is None:
         lse_shape = (prob.nheads, q.shape[0]) if prob.is_varlen else (prob.batch, prob.nheads, q.shape[1])
         lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    token_dim = 0 if prob.is_varlen else 1
+    check_output_buffer(out, "out", token_dim)
+    q, k, v = (kernel_operand(x, token_dim) for x in (q, k, v))
     if out.numel() == 0 or lse.numel() == 0:
         out.zero_()
         lse.fill_(float("-inf"))

@@ -46,17 +46,29 @@ class SeqMeta:
     def from_cu_seqlens(
         cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, seqused_k: Optional[torch.Tensor] = None
     ) -> "SeqMeta":
-        """Plain varlen (one group), as views of the caller's tensors."""
+        """Plain varlen (one group), as views of the caller's tensors (copies where those are
+        not contiguous: the kernels index them with unit stride)."""
+        cu_seqlens_q = cu_seqlens_q.contiguous()
         return SeqMeta(
             cu_seqlens_q[:-1].unsqueeze(0), cu_seqlens_q[1:].unsqueeze(0), cu_seqlens_k,
             None if seqused_k is None else seqused_k.unsqueeze(0),
         )
 
     def __post_init__(self) -> None:
-        # SequsedK and Diag share one row stride in the kernels.
-        for t in (self.seqused_k, self.diag):
-            if t is not None and not t.is_contiguous():
-                raise ValueError("SeqMeta: seqused_k and diag must be contiguous (groups, batch) tensors")
+        # The kernels index every metadata tensor with unit stride along the batch, give
+        # q_starts and q_ends one row stride, and SequsedK and Diag another: any other
+        # layout (a strided view of a caller's tensor) is copied here, once per call,
+        # rather than read wrongly. contiguous() of a contiguous tensor is free.
+        starts, ends = self.q_starts, self.q_ends
+        if starts.stride(-1) != 1 or ends.stride(-1) != 1 or starts.stride(0) != ends.stride(0):
+            starts, ends = starts.contiguous(), ends.contiguous()
+        object.__setattr__(self, "q_starts", starts)
+        object.__setattr__(self, "q_ends", ends)
+        object.__setattr__(self, "cu_seqlens_k", self.cu_seqlens_k.contiguous())
+        for name in ("seqused_k", "diag"):
+            t = getattr(self, name)
+            if t is not None:
+                object.__setattr__(self, name, t.contiguous())
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,89 @@
+"""A device-side check of plain varlen metadata, for the calls whose values the host did
+not check (``ringflash.validation``): a tensor checked before and possibly refilled behind
+its version counter since (``.data``, a numpy view, ``dist.broadcast``), calls traced by
+``torch.compile``, CUDA-graph capture, or ``RINGFLASH_CHECK_CU_SEQLENS=0``.
+
+One program reads the metadata (no host sync) and, only if it is invalid, writes NaN over
+every output of the call. It runs after the attention kernels on the same stream, so a
+bad batch can never come back as a plausible wrong answer; a valid batch costs one small
+launch that reads ``batch + 1`` integers per tensor.
+
+The facts are those the host checks: ``cu_seqlens_q`` and ``cu_seqlens_k`` start at 0,
+never decrease, end at the token counts and have no sequence longer than ``max_seqlen``;
+``0 <= seqused_k[i] <=`` the sequence's key count.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_device
+from .problem import SeqMeta
+
+
+@triton.jit
+def _poison(ptr, numel, BLOCK: tl.constexpr):
+    for start in range(0, numel, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(ptr + offs, tl.full([BLOCK], float("nan"), tl.float32).to(ptr.dtype.element_ty), mask=offs < numel)
+
+
+@triton.jit
+def _varlen_guard_kernel(
+    QStarts, QEnds, CuSeqlensK, SequsedK,
+    batch, total_q, total_k, max_seqlen_q, max_seqlen_k,
+    Out0, numel0, Out1, numel1, Out2, numel2,
+    HAS_SEQUSED: tl.constexpr, NUM_OUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Grid (1,). QStarts/QEnds are cu_seqlens_q[:-1] / [1:] (unit stride)."""
+    bad = (tl.load(QStarts) != 0) | (tl.load(CuSeqlensK) != 0)
+    bad = bad | (tl.load(QEnds + batch - 1) != total_q) | (tl.load(CuSeqlensK + batch) != total_k)
+    for b0 in range(0, batch, BLOCK_B):
+        idx = b0 + tl.arange(0, BLOCK_B)
+        live = idx < batch
+        q_lo = tl.load(QStarts + idx, mask=live, other=0)
+        q_hi = tl.load(QEnds + idx, mask=live, other=0)
+        k_lo = tl.load(CuSeqlensK + idx, mask=live, other=0)
+        k_hi = tl.load(CuSeqlensK + idx + 1, mask=live, other=0)
+        n_q = q_hi - q_lo
+        n_k = k_hi - k_lo
+        wrong = (n_q < 0) | (n_q > max_seqlen_q) | (n_k < 0) | (n_k > max_seqlen_k)
+        if HAS_SEQUSED:
+            used = tl.load(SequsedK + idx, mask=live, other=0)
+            wrong = wrong | (used < 0) | (used > n_k)
+        bad = bad | (tl.max(tl.where(live & wrong, 1, 0), 0) > 0)
+    if bad:
+        _poison(Out0, numel0, BLOCK)
+        if NUM_OUT > 1:
+            _poison(Out1, numel1, BLOCK)
+        if NUM_OUT > 2:
+            _poison(Out2, numel2, BLOCK)
+
+
+def poison_if_invalid(
+    meta: SeqMeta, total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int,
+    outputs: Sequence[torch.Tensor],
+) -> None:
+    """Check plain varlen ``meta`` (one group, no diagonals) on the device; if invalid, fill
+    every tensor of ``outputs`` (1-3 contiguous tensors) with NaN. No host sync."""
+    if meta.num_groups != 1 or meta.diag is not None:
+        raise ValueError("poison_if_invalid: expected plain varlen metadata (one group, no diagonals)")
+    if not 1 <= len(outputs) <= 3 or not all(t.is_contiguous() for t in outputs):
+        raise ValueError("poison_if_invalid: expected 1 to 3 contiguous outputs")
+    check_device(meta.cu_seqlens_k, "cu_seqlens_k")
+    batch = meta.batch
+    if batch == 0:
+        return
+    outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
+    used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
+    _varlen_guard_kernel[(1,)](
+        meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used,
+        batch, total_q, total_k, max_seqlen_q, max_seqlen_k,
+        outs[0], outs[0].numel(), outs[1], outs[1].numel(), outs[2], outs[2].numel(),
+        HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
+        BLOCK_B=min(1024, max(16, triton.next_power_of_2(batch))), BLOCK=1024,
+    )
