@@ -20,6 +20,11 @@ own flash-attention integration:
   ``max_length_q``/``max_length_k`` keyword arguments (``DataCollatorWithFlattening(
   return_flash_attn_kwargs=True)``), or, with batch size 1, ``position_ids`` that restart
   at 0 at each document (read once per ``position_ids`` tensor);
+* ``torch.compile(model)`` without graph breaks for dense, padded and packed batches: the
+  host reads of padded and packed layouts happen inside custom ops
+  (``ringflash.integrations.hf_layout``), and ``context_parallel`` is read from a plain
+  global. Under ``context_parallel`` each attention call stays eager (``Plan.attention``
+  communicates across ranks), one graph break per layer;
 * GQA/MQA (no repeat of K/V), sliding windows (``sliding_window`` tokens including the
   current one), softcapping, and float32 inputs (no down-cast).
 
@@ -41,14 +46,13 @@ per-rank partial sums: all-reduce them over the group, as data parallelism does.
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import weakref
 from typing import Iterator, Optional
 
 import torch
 
+from .. import validation as V
 from ..interface import flash_attn_func, flash_attn_varlen_func
-from ..validation import tensor_version
+from .hf_layout import LastLayout, layout_attention
 
 NAME = "ringattn"
 
@@ -67,27 +71,52 @@ def register(name: str = NAME) -> str:
             f"AttentionMaskInterface); install ringflash[hf] ({exc})"
         ) from exc
     AttentionInterface.register(name, attention_forward)
-    # The flash-attention mask builder gives None or the 2D padding mask, never a 4D mask.
-    AttentionMaskInterface.register(name, flash_attention_mask)
+    AttentionMaskInterface.register(name, _padding_mask_builder(flash_attention_mask))
     return name
 
 
-#: (plan, options for plan.attention) while a ``context_parallel`` block is active.
-_active_plan: contextvars.ContextVar = contextvars.ContextVar("ringflash_hf_plan", default=None)
+def _padding_mask_builder(flash_attention_mask):
+    """transformers' flash-attention mask builder (None or the 2D padding mask, never a 4D
+    mask), except that a compiled model always gets the 2D mask: the builder's own test
+    for "no padding at all" branches on the mask's values, which breaks the graph. The
+    attention then reads the layout inside a custom op (see ``hf_layout``)."""
+    import inspect
+
+    signature = inspect.signature(flash_attention_mask)
+
+    def build(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            return flash_attention_mask(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        mask = bound.arguments.get("attention_mask")
+        return None if mask is None else mask[:, -bound.arguments["kv_length"]:]
+
+    return build
+
+
+#: (plan, options for plan.attention) while a ``context_parallel`` block is active. A plain
+#: module global rather than a ContextVar: torch.compile traces reads of globals (and
+#: guards on them), while a ContextVar lookup breaks the graph at every layer.
+_active_plan: Optional[tuple] = None
 
 
 @contextlib.contextmanager
 def context_parallel(plan, heads_k_stride: Optional[int] = None, mode: Optional[str] = None) -> Iterator[None]:
     """Route the attention of models using the registered implementation through ``plan``
     (a ``ringflash.cp.Plan``) inside the block. ``heads_k_stride`` and ``mode`` are passed
-    to ``plan.attention``."""
-    token = _active_plan.set((plan, dict(heads_k_stride=heads_k_stride, mode=mode)))
+    to ``plan.attention``. The setting is per process (one training loop per process), and
+    blocks nest."""
+    global _active_plan
+    saved, _active_plan = _active_plan, (plan, dict(heads_k_stride=heads_k_stride, mode=mode))
     try:
         yield
     finally:
-        _active_plan.reset(token)
+        _active_plan = saved
 
 
+# Plan.attention runs collectives and checks across ranks on the host: it stays eager, as
+# its own graph break, when the model around it is compiled.
+@torch.compiler.disable
 def _context_parallel_attention(plan, cp_options: dict, q, k, v, attention_mask, options: dict) -> torch.Tensor:
     if attention_mask is not None:
         raise ValueError("attention_mask: padding masks are not supported under context_parallel; expected None "
@@ -103,61 +132,22 @@ def _context_parallel_attention(plan, cp_options: dict, q, k, v, attention_mask,
     return out.unsqueeze(0)
 
 
-class _LastLayout:
-    """Unpadding or packing metadata of the most recent mask or position_ids tensor: every
-    layer of a forward passes the same tensor object, so the host reads its lengths once.
-    The tensor is held by a weak reference (a new tensor at a recycled address is a miss)
-    and its version counter (an in-place change is a miss)."""
-
-    def __init__(self) -> None:
-        self.ref: Optional[weakref.ref] = None
-        self.key: Optional[tuple] = None
-        self.value: Optional[tuple] = None
-
-    def get(self, tensor: torch.Tensor, build, extra: object = None):
-        version = tensor_version(tensor)
-        if version is None:  # an inference tensor has no version counter: never reuse
-            return build(tensor)
-        key = (version, tensor.data_ptr(), extra)
-        if self.ref is None or self.ref() is not tensor or key != self.key:
-            self.ref, self.key, self.value = weakref.ref(tensor), key, build(tensor)
-        return self.value
-
-
-_mask_layout = _LastLayout()
-_position_layout = _LastLayout()
-_cu_q_int32 = _LastLayout()
-_cu_k_int32 = _LastLayout()
+_cu_q_int32 = LastLayout()
+_cu_k_int32 = LastLayout()
 
 
 def _as_int32(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.int32)
 
 
-def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-
-
-def _unpad_layout(mask: torch.Tensor) -> tuple:
-    """(token indices, cu_seqlens, max_seqlen) of the kept tokens of a (batch, n) bool mask."""
-    lengths = mask.sum(1, dtype=torch.int32)
-    indices = mask.flatten().nonzero().flatten()
-    return indices, _cu_seqlens(lengths), int(lengths.max().item()) if lengths.numel() else 0
-
-
-def _packed_layout(position_ids: torch.Tensor) -> Optional[tuple]:
-    """(cu_seqlens, max_seqlen) of documents starting where position_ids is 0, or None if
-    the single row holds one document (positions 0, 1, 2, ...)."""
-    pos = position_ids.reshape(-1)
-    starts = (pos == 0).nonzero().flatten().tolist()  # the one host read, cached per tensor
-    if starts in ([], [0]):
-        return None  # one document (or a continuation that never restarts)
-    if starts[0] != 0:
-        raise ValueError("position_ids: a packed row must start a document at position 0; "
-                         f"got first position {pos[0].item()}")
-    bounds = starts + [pos.numel()]  # the document starts, then the end: cu_seqlens
-    max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
-    return torch.tensor(bounds, dtype=torch.int32, device=pos.device), max_len
+def _collator_cu_seqlens(cache: LastLayout, cu: torch.Tensor) -> torch.Tensor:
+    """Collators give int64 cu_seq_lens. In eager mode one int32 copy per collator tensor
+    is shared by every layer, so that its values are checked once (a new tensor per layer
+    would cost one host sync per layer on a GPU); a compiled graph converts in-graph (its
+    checks run on the device)."""
+    if torch.compiler.is_compiling():
+        return cu.to(torch.int32)
+    return cache.get(cu, _as_int32)
 
 
 def attention_forward(
@@ -195,9 +185,8 @@ def attention_forward(
         softcap=softcap or 0.0,
     )
 
-    active = _active_plan.get()
-    if active is not None:
-        return _context_parallel_attention(*active, q, k, v, attention_mask, options), None
+    if _active_plan is not None:
+        return _context_parallel_attention(*_active_plan, q, k, v, attention_mask, options), None
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
     if attention_mask is None and cu_q is not None and cu_k is not None:
@@ -206,36 +195,24 @@ def attention_forward(
         if max_q is None or max_k is None:
             raise ValueError("max_length_q, max_length_k: required with cu_seq_lens_q/cu_seq_lens_k")
         out = flash_attn_varlen_func(q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]),
-                                     v.reshape(-1, *v.shape[2:]),
-                                     # One int32 tensor per collator tensor, shared by every layer, so
-                                     # that its values are checked once (a new tensor per layer
-                                     # would cost one host sync per layer on a GPU).
-                                     _cu_q_int32.get(cu_q, _as_int32), _cu_k_int32.get(cu_k, _as_int32),
-                                     int(max_q), int(max_k), **options)
+                                     v.reshape(-1, *v.shape[2:]), _collator_cu_seqlens(_cu_q_int32, cu_q),
+                                     _collator_cu_seqlens(_cu_k_int32, cu_k), int(max_q), int(max_k), **options)
         return out.view(batch, q_len, *out.shape[1:]), None
 
     position_ids = kwargs.get("position_ids")
-    if attention_mask is None and position_ids is not None and batch == 1 and q_len == kv_len and q_len > 1:
-        packed = _position_layout.get(position_ids, _packed_layout)
-        if packed is not None:
-            cu, max_len = packed
-            out = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, **options)
-            return out.unsqueeze(0), None
-
-    if attention_mask is None:
+    packed_row = attention_mask is None and position_ids is not None and batch == 1 and q_len == kv_len and q_len > 1
+    if attention_mask is None and not packed_row:
         return flash_attn_func(q, k, v, **options), None
 
-    # Padded batch: unpad keys with the whole mask and queries with its last q_len columns
-    # (the newest tokens, when a KV cache makes q_len < kv_len).
-    def layouts(mask: torch.Tensor) -> tuple:
-        mask = mask[:, -kv_len:].to(torch.bool)
-        keys = _unpad_layout(mask)
-        return keys, keys if q_len == kv_len else _unpad_layout(mask[:, -q_len:].contiguous())
-
-    (k_index, cu_k, max_k), (q_index, cu_q, max_q) = _mask_layout.get(attention_mask, layouts, (q_len, kv_len))
-    flat = lambda t: t.reshape(-1, *t.shape[2:])  # noqa: E731
-    out = flash_attn_varlen_func(flat(q).index_select(0, q_index), flat(k).index_select(0, k_index),
-                                 flat(v).index_select(0, k_index), cu_q, cu_k, max_q, max_k, **options)
-    padded = out.new_zeros((batch * q_len,) + tuple(out.shape[1:]))
-    padded = padded.index_copy(0, q_index, out)
-    return padded.view(batch, q_len, *out.shape[1:]), None
+    # Packed documents in one row (position_ids restarting at 0), or a padded batch (keys
+    # unpadded with the whole mask, queries with its last q_len columns: the newest tokens
+    # when a KV cache makes q_len < kv_len). The layout needs the host, so it is read
+    # inside a custom op (one read per forward), which keeps a compiled graph whole.
+    V.check_dense_qkv(q, k, v)
+    V.check_unsupported(options["dropout_p"])
+    left, right = V.check_window(options["window_size"])
+    scale = V.resolve_softmax_scale(options["softmax_scale"], q.shape[-1])
+    layout, kind = (position_ids, "positions") if packed_row else (attention_mask, "mask")
+    out = layout_attention(q, k, v, layout, kind, scale, causal, left, 0 if causal else right,
+                           V.check_softcap(options["softcap"]))
+    return out, None

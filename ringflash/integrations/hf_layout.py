@@ -1,0 +1,202 @@
+"""Varlen attention whose layout comes from a padding mask or from packed ``position_ids``,
+as one pair of custom ops (``ringflash::layout_attn_fwd`` / ``ringflash::layout_attn_bwd``).
+
+Reading the layout needs the host (how many tokens each row keeps, where documents start,
+the longest one), which ``torch.compile`` can only trace by breaking the graph. Inside a
+custom op that work is opaque to Dynamo: a compiled model keeps one graph, and the op
+computes the layout when it runs, with real tensors.
+
+The layout is cached against the tensor it comes from (``LastLayout``): every layer of a
+forward, and its backward, pass the same mask or position_ids tensor, so the host reads
+it once per forward rather than once per layer.
+
+Layouts:
+
+* ``"mask"``: a (batch, kv_len) padding mask (nonzero = keep). Keys are the kept tokens of
+  each row; queries are the kept tokens among the row's last q_len positions (q_len <
+  kv_len during generation with a KV cache). Padded query rows get out = 0, lse = -inf.
+* ``"positions"``: (1, n) position_ids of one packed row: a document starts wherever the
+  position is 0 (or the row is one document when it never restarts).
+
+Shapes: q (batch, q_len, nheads, d), k/v (batch, kv_len, nheads_k, d); out like q; lse
+(batch, nheads, q_len) float32, natural log. Causal masks and windows are aligned to the
+bottom right of each sequence, as everywhere in ringflash.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable, Optional
+
+import torch
+
+from ..kernels.bwd import attention_backward
+from ..kernels.fwd import attention_forward
+from ..kernels.problem import SeqMeta, make_problem
+from ..validation import tensor_version
+
+LAYOUT_KINDS = ("mask", "positions")
+
+
+class LastLayout:
+    """The layout of the most recent source tensor: every layer of a forward passes the same
+    tensor object, so the host reads its lengths once. The tensor is held by a weak
+    reference (a new tensor at a recycled address is a miss) with its version counter and
+    storage address (an in-place change is a miss). An inference tensor has no version
+    counter and is never reused."""
+
+    def __init__(self) -> None:
+        self.ref: Optional[weakref.ref] = None
+        self.key: Optional[tuple] = None
+        self.value: Optional[tuple] = None
+
+    def get(self, tensor: torch.Tensor, build: Callable[[torch.Tensor], tuple], extra: object = None):
+        version = tensor_version(tensor)
+        if version is None:
+            return build(tensor)
+        key = (version, tensor.data_ptr(), extra)
+        if self.ref is None or self.ref() is not tensor or key != self.key:
+            self.ref, self.key, self.value = weakref.ref(tensor), key, build(tensor)
+        return self.value
+
+
+_mask_layouts = LastLayout()
+_position_layouts = LastLayout()
+
+
+def _cu_seqlens(lengths: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+
+
+def unpad_layout(mask: torch.Tensor) -> tuple:
+    """(token indices, cu_seqlens, max_seqlen) of the kept tokens of a (batch, n) bool mask."""
+    lengths = mask.sum(1, dtype=torch.int32)
+    indices = mask.flatten().nonzero().flatten()
+    return indices, _cu_seqlens(lengths), int(lengths.max().item()) if lengths.numel() else 0
+
+
+def packed_layout(position_ids: torch.Tensor) -> tuple:
+    """(cu_seqlens, max_seqlen) of the documents of one packed row (position 0 starts one)."""
+    pos = position_ids.reshape(-1)
+    starts = (pos == 0).nonzero().flatten().tolist()  # the one host read, cached per tensor
+    if not starts or starts[0] != 0:
+        # A row that never restarts (or continues a document) is one sequence.
+        starts = [0] + [s for s in starts if s != 0]
+    bounds = starts + [pos.numel()]
+    max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
+    return torch.tensor(bounds, dtype=torch.int32, device=pos.device), max_len
+
+
+def _layout(source: torch.Tensor, kind: str, q_len: int, kv_len: int) -> tuple:
+    """(q_index, cu_q, max_q, k_index, cu_k, max_k); indices are None where every row is kept."""
+    if kind == "mask":
+        def build(mask: torch.Tensor) -> tuple:
+            mask = mask[:, -kv_len:].to(torch.bool)
+            keys = unpad_layout(mask)
+            queries = keys if q_len == kv_len else unpad_layout(mask[:, -q_len:].contiguous())
+            return (*queries, *keys)
+
+        return _mask_layouts.get(source, build, (q_len, kv_len))
+    if kind == "positions":
+        def build(pos: torch.Tensor) -> tuple:
+            cu, max_len = packed_layout(pos)
+            return None, cu, max_len, None, cu, max_len
+
+        return _position_layouts.get(source, build)
+    raise ValueError(f"layout_kind: got {kind!r}; expected one of {LAYOUT_KINDS}")
+
+
+def _rows(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
+    """(batch, n, heads, d) -> the kept rows (total, heads, d)."""
+    flat = x.reshape(-1, *x.shape[2:])
+    return flat if index is None else flat.index_select(0, index)
+
+
+def _unrows(rows: torch.Tensor, index: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``_rows``: rows back into a zero (batch, n, heads, d) tensor shaped like ``like``."""
+    if index is None:
+        return rows.reshape(like.shape)
+    full = rows.new_zeros((like.shape[0] * like.shape[1],) + tuple(rows.shape[1:]))
+    return full.index_copy_(0, index, rows).view(like.shape)
+
+
+def _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap):
+    _, cu_q, max_q, _, cu_k, max_k = lay
+    meta = SeqMeta.from_cu_seqlens(cu_q, cu_k)
+    prob = make_problem(q_rows, k_rows, meta, max_q, max_k, softmax_scale, causal, window_left, window_right, softcap)
+    return meta, prob
+
+
+@torch.library.custom_op("ringflash::layout_attn_fwd", mutates_args=())
+def layout_attn_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, layout_kind: str,
+    softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    b, q_len, h, _ = q.shape
+    lay = _layout(layout, layout_kind, q_len, k.shape[1])
+    q_index, k_index = lay[0], lay[3]
+    q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
+    meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
+    out_rows, lse_rows = attention_forward(q_rows, k_rows, v_rows, prob, meta)
+    out = _unrows(out_rows, q_index, q)
+    lse = lse_rows.new_full((h, b * q_len), float("-inf"))
+    lse = (lse.index_copy_(1, q_index, lse_rows) if q_index is not None else lse_rows).view(h, b, q_len)
+    return out, lse.transpose(0, 1).contiguous()
+
+
+@layout_attn_fwd.register_fake
+def _(q, k, v, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap):
+    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ringflash::layout_attn_bwd", mutates_args=())
+def layout_attn_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    layout: torch.Tensor, layout_kind: str, softmax_scale: float, causal: bool, window_left: int,
+    window_right: int, softcap: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, q_len, h, _ = q.shape
+    lay = _layout(layout, layout_kind, q_len, k.shape[1])
+    q_index, k_index = lay[0], lay[3]
+    q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
+    lse_rows = lse.transpose(0, 1).reshape(h, b * q_len)
+    if q_index is not None:
+        lse_rows = lse_rows.index_select(1, q_index)
+    meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
+    dq, dk, dv = attention_backward(_rows(dout, q_index), q_rows, k_rows, v_rows, _rows(out, q_index),
+                                    lse_rows.contiguous(), prob, meta)
+    return _unrows(dq, q_index, q), _unrows(dk, k_index, k), _unrows(dv, k_index, v)
+
+
+@layout_attn_bwd.register_fake
+def _(dout, q, k, v, out, lse, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, layout, layout_kind, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, layout)
+    ctx.layout_kind, ctx.options = layout_kind, options
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, out, lse, layout = ctx.saved_tensors
+    dq, dk, dv = torch.ops.ringflash.layout_attn_bwd(dout.contiguous(), q, k, v, out, lse, layout,
+                                                     ctx.layout_kind, *ctx.options)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+layout_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layout_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, layout_kind: str,
+    softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+) -> torch.Tensor:
+    """Attention of q (batch, q_len, nheads, d) against k/v (batch, kv_len, nheads_k, d) over
+    the sequences that ``layout`` describes (see the module doc). Returns out like q."""
+    out, _ = torch.ops.ringflash.layout_attn_fwd(q, k, v, layout, layout_kind, softmax_scale, causal,
+                                                 window_left, window_right, softcap)
+    return out
