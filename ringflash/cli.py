@@ -10,6 +10,7 @@ BENCHMARKS = {
     "grouped": "ringflash.bench.grouped",
     "cp": "ringflash.bench.cp",
     "tune": "ringflash.bench.tune",
+    "sweep": "ringflash.bench.sweep",
 }
 
 
@@ -22,7 +23,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="local processes for the context-parallel run (0 skips it)")
     demo.add_argument("--cp-strategy", default="zigzag_llama3",
                       choices=["zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe"])
-    bench = sub.add_parser("bench", help="GPU benchmarks: " + ", ".join(BENCHMARKS))
+    bench = sub.add_parser("bench", help="benchmarks (GPU; `sweep --device cpu` also runs on the CPU): "
+                           + ", ".join(BENCHMARKS))
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help for its list)")
     args = parser.parse_args(argv)

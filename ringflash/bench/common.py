@@ -1,23 +1,71 @@
-"""Timing, FLOP counting and the PyTorch baselines shared by the benchmark commands.
+"""Timing, FLOP counting, the PyTorch baselines and the report files shared by the
+benchmark commands.
 
-Times are medians of ``triton.testing.do_bench`` (CUDA events). FLOPs follow the usual
-convention: forward 4 * b * h * sq * sk * d (halved when causal), backward 2.5x forward.
+Times are medians of ``triton.testing.do_bench`` (CUDA events) on a GPU; on the CPU (where
+CUDA events do not exist) ``cpu_wall_ms`` takes a median of wall-clock times instead.
+FLOPs follow the usual convention: forward 4 * b * h * sq * sk * d (halved when causal),
+backward 2.5x forward.
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import os
-from typing import Callable, Optional, Sequence
+import platform
+import statistics
+import time
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 
+#: How each timer is named in reports, so that CPU wall-clock numbers are never mistaken
+#: for GPU kernel times.
+CUDA_TIMER = "triton.testing.do_bench median (CUDA events)"
+CPU_TIMER = "CPU wall-clock median (time.perf_counter)"
+
+
 def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> float:
+    """Median milliseconds of ``fn()`` on the GPU; ``warmup`` and ``rep`` are time budgets in ms."""
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+
+
+def cpu_wall_ms(fn: Callable[[], object], warmup: int = 1, reps: int = 3, budget_s: float = 2.0) -> float:
+    """Median wall-clock milliseconds of ``fn()`` on the CPU.
+
+    ``do_bench`` needs CUDA events, so CPU runs use this instead: ``warmup`` untimed calls,
+    then up to ``reps`` timed ones, stopping early (after at least one) once ``budget_s``
+    seconds have gone, because interpreted Triton kernels take seconds per call.
+    """
+    for _ in range(warmup):
+        fn()
+    times: list[float] = []
+    deadline = time.perf_counter() + budget_s
+    while len(times) < max(1, reps) and (not times or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """True for CUDA out-of-memory errors, including the RuntimeErrors that some allocators
+    and older torch versions raise instead of ``torch.cuda.OutOfMemoryError``."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    """Release what the previous case left: unreachable tensors (gc) and the CUDA caching
+    allocator's free blocks, so that one case's peak (or OOM) does not shape the next."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def attn_flops(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, headdim: int, causal: bool) -> float:
@@ -140,8 +188,56 @@ def write_csv(path: Optional[str], header: Sequence[str], rows: Sequence[Sequenc
         writer.writerows(rows)
 
 
-def device_description() -> str:
-    props = torch.cuda.get_device_properties(0)
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_description(device: str = "cuda") -> str:
+    """The device and library versions, for the header of every report."""
     import triton
 
-    return f"{props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, triton {triton.__version__}"
+    versions = f"torch {torch.__version__}, triton {triton.__version__}"
+    if device == "cpu":
+        interp = ", Triton interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else ""
+        return f"CPU: {_cpu_model()} ({os.cpu_count()} logical cores{interp}), {versions}"
+    props = torch.cuda.get_device_properties(0)
+    return f"{props.name} ({props.multi_processor_count} SMs), {versions}"
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path``, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def parse_cell(text: str) -> object:
+    """A CSV cell back to the Python value ``write_csv`` wrote: int, float, bool, None
+    (empty cell or "None"), or the string itself."""
+    if text in ("", "None"):
+        return None
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def read_csv_rows(paths: Iterable[str]) -> list[dict]:
+    """Rows of one or more CSV files written by ``write_csv``, as dicts of parsed values
+    (used to redraw a report from saved results without re-running the benchmark)."""
+    rows = []
+    for path in paths:
+        with open(path, newline="") as f:
+            rows += [{k: parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
+    return rows

@@ -8,12 +8,18 @@ is the slowest rank's median over repeated samples of back-to-back calls (see ``
 and the single-GPU time is measured the same way on the same GPUs in the same run. The
 forward+backward efficiency of a single call from an idle GPU is reported beside it, and
 each rank's peak memory.
+
+``--world-sizes 2 4 8`` runs the benchmark once per world size, so that ``--out DIR``
+(cp.csv, cp.md, cp_efficiency.png) can plot efficiency against W per strategy;
+``--from-csv`` redraws the report from saved CSVs (for example one per machine size)
+without any GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Optional
+import os
+from typing import Optional, Sequence
 
 import torch
 
@@ -97,9 +103,13 @@ def bench_worker(rank: int, world: int, payload: tuple) -> Optional[list]:
 
     from ..cp import Plan
 
+    from .progress import progress_bar, show, write
+
     cases, iters, variants = payload
     dev = torch.device("cuda", torch.cuda.current_device())
     rows = []
+    # Every rank runs every step (they meet in collectives); rank 0 alone draws the bar.
+    bar = progress_bar(len(cases) * len(variants), f"cp W={world}", unit="variant", disable=rank != 0 or None)
     for case in cases:
         # Single GPU, whole global batch (every rank measures it on its own GPU).
         _, cu, (q_all, k_all, v_all, do_all), single, single_step = case_inputs(world, case, dev)
@@ -108,6 +118,7 @@ def bench_worker(rank: int, world: int, payload: tuple) -> Optional[list]:
         single_cold = _timed(single_step, iters, chain=1)
         ref = single().detach()
         for label, strategy, options in variants:
+            show(bar, f"{case} {label}")
             plan = Plan(cu, strategy=strategy)
             q, k, v = (plan.shard(t).requires_grad_() for t in (q_all, k_all, v_all))
             dout = plan.shard(do_all)
@@ -128,42 +139,150 @@ def bench_worker(rank: int, world: int, payload: tuple) -> Optional[list]:
                              peak_gib=peak.item(), rel_err_vs_single=err.item()))
             if rank == 0:
                 r = rows[-1]
-                print(f"  {case} {label}: fwd {fwd:.3f} ms ({r['fwd_eff']:.0%}), fwd+bwd {total_ms:.3f} ms "
-                      f"({r['fwd_bwd_eff']:.0%}), one call {cold_ms:.3f} ms ({r['fwd_bwd_cold_eff']:.0%}), peak {r['peak_gib']:.2f} GiB, rel err {r['rel_err_vs_single']:.1e}",
-                      flush=True)
+                write(f"  {case} {label}: fwd {fwd:.3f} ms ({r['fwd_eff']:.0%}), fwd+bwd {total_ms:.3f} ms "
+                      f"({r['fwd_bwd_eff']:.0%}), one call {cold_ms:.3f} ms ({r['fwd_bwd_cold_eff']:.0%}), "
+                      f"peak {r['peak_gib']:.2f} GiB, rel err {r['rel_err_vs_single']:.1e}")
+            bar.update(1)
+    bar.close()
     return rows if rank == 0 else None
+
+
+#: Efficiency columns of a result row and how the report names them.
+EFFICIENCY_METRICS = {
+    "fwd_eff": "forward",
+    "fwd_bwd_eff": "forward+backward",
+    "fwd_bwd_cold_eff": "forward+backward, one call from an idle GPU",
+}
+
+
+def efficiency_series(rows: Sequence[dict], case: str, metric: str) -> dict[str, list[tuple[int, float]]]:
+    """{variant: [(W, efficiency in %)]} of one case and metric, W ascending. Rows of the same
+    (variant, W) from several runs are averaged; rows without the metric (older CSVs have no
+    one-call columns) are left out."""
+    acc: dict[str, dict[int, list[float]]] = {}
+    for r in rows:
+        if r.get("case") != case or r.get(metric) is None:
+            continue
+        acc.setdefault(str(r["variant"]), {}).setdefault(int(r["world"]), []).append(100.0 * float(r[metric]))
+    return {v: sorted((w, sum(x) / len(x)) for w, x in by_w.items()) for v, by_w in acc.items()}
+
+
+def plot_efficiency(rows: Sequence[dict], path: str, note: str = "") -> str:
+    """Efficiency against world size W, one line per strategy/variant: one panel per
+    (metric, case), rows = metrics present in ``rows``, columns = cases. A pure function
+    of the result rows (as ``bench_worker`` returns them or as read back from CSVs)."""
+    from .plots import LinePanel, line_grid
+
+    cases = list(dict.fromkeys(str(r["case"]) for r in rows))
+    metrics = [m for m in EFFICIENCY_METRICS if any(r.get(m) is not None for r in rows)]
+    variants = list(dict.fromkeys(str(r["variant"]) for r in rows))
+    panels = [[LinePanel(f"{case}: {EFFICIENCY_METRICS[m]}", efficiency_series(rows, case, m)) for case in cases]
+              for m in metrics]
+    top = max([100.0] + [y for row in panels for p in row for pts in p.series.values() for _, y in pts])
+    return line_grid(path, panels, "Context-parallel efficiency vs world size (single-GPU time / W / CP time)",
+                     "world size W (GPUs)", "efficiency (%)", note=note, series_order=variants, ylog=False,
+                     hline=100.0, hline_label="100% (linear scaling)", ylim=(0, top * 1.05))
+
+
+def cp_table(rows: Sequence[dict]) -> str:
+    """The console/markdown table, one row per (W, case, variant)."""
+    def pct(x) -> str:
+        return "-" if x is None else f"{x:.1%}"
+
+    table = [[r["world"], r["case"], r["variant"], f"{r['fwd_ms']:.2f}", f"{r['fwd_bwd_ms']:.2f}", pct(r["fwd_eff"]),
+              pct(r["fwd_bwd_eff"]), pct(r.get("fwd_bwd_cold_eff")), f"{r['peak_gib']:.2f}",
+              f"{r['rel_err_vs_single']:.1e}"] for r in rows]
+    from .common import format_table
+
+    return format_table(["W", "case", "strategy", "fwd ms", "fwd+bwd ms", "fwd eff", "fwd+bwd eff",
+                         "fwd+bwd eff, one call", "peak GiB/rank", "rel err vs 1 GPU"], table)
+
+
+def single_gpu_summary(rows: Sequence[dict]) -> str:
+    """One line per W: the single-GPU reference times of each case."""
+    lines = []
+    for w in sorted({int(r["world"]) for r in rows}):
+        refs = sorted({f"{r['case']} {r['single_fwd_ms']:.2f} / {r['single_fwd_bwd_ms']:.2f} / "
+                       + (f"{r['single_fwd_bwd_cold_ms']:.2f}" if r.get("single_fwd_bwd_cold_ms") is not None else "-")
+                       for r in rows if int(r["world"]) == w})
+        lines.append(f"W={w}; single-GPU reference per case (ms, fwd / fwd+bwd / fwd+bwd one call): "
+                     + ", ".join(refs))
+    return "\n".join(lines)
+
+
+def write_outputs(rows: Sequence[dict], out_dir: str, device: str) -> list[str]:
+    """cp.csv, cp.md and (with matplotlib) cp_efficiency.png in ``out_dir``."""
+    from .common import write_csv, write_text
+    from .plots import have_matplotlib
+    from .progress import write
+
+    keys = sorted({k for r in rows for k in r})
+    paths = [os.path.join(out_dir, "cp.csv"), os.path.join(out_dir, "cp.md")]
+    write_csv(paths[0], keys, [[r.get(k) for k in keys] for r in rows])
+    write_text(paths[1], f"# ringflash bench cp\n\n- Device: {device}\n- Times per call over {CHAIN} back-to-back "
+                         "calls (slowest rank's median); 'one call' times a single fwd+bwd from an idle GPU.\n"
+                         "- Efficiency = single-GPU time on the whole batch / W / CP time.\n\n"
+                         + single_gpu_summary(rows).replace("\n", "\n\n") + "\n\n" + cp_table(rows))
+    if have_matplotlib():
+        paths.append(plot_efficiency(rows, os.path.join(out_dir, "cp_efficiency.png"), device))
+    else:
+        write("matplotlib is not installed (pip install 'ringflash[bench]'): no plots")
+    return paths
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ringflash bench cp")
     parser.add_argument("--world-size", type=int, default=None, help="GPUs to use (default: all visible)")
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=None, metavar="W",
+                        help="run once per world size (e.g. 2 4 8), for the efficiency-vs-W plot")
     parser.add_argument("--cases", nargs="+", default=["mixed", "single"], choices=["mixed", "single"])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                         help="run only these variants: a strategy name or a full variant label (default: all)")
     parser.add_argument("--csv", default="bench_out/cp.csv")
+    parser.add_argument("--out", metavar="DIR", help="also write cp.csv, cp.md and cp_efficiency.png into DIR")
+    parser.add_argument("--from-csv", nargs="+", metavar="CSV",
+                        help="measure nothing: print the report of saved cp CSVs (several: e.g. one per world "
+                             "size) and with --out write it and the plot; needs no GPU")
     args = parser.parse_args(argv)
+    from .common import device_description, read_csv_rows, write_csv
+
+    if args.from_csv:
+        rows = read_csv_rows(args.from_csv)
+        devices = sorted({str(r["device"]) for r in rows if r.get("device")})
+        device = ", ".join(devices) or "device not recorded in " + ", ".join(map(os.path.basename, args.from_csv))
+        if args.out:
+            print("wrote " + ", ".join(write_outputs(rows, args.out, device)))
+        print(single_gpu_summary(rows))
+        print(cp_table(rows))
+        return 0
     from ..cp.launch import run_local
-    from .common import device_description, format_table, write_csv
 
     variants = VARIANTS if args.variants is None else [
         v for v in VARIANTS if v[0] in args.variants or v[1] in args.variants]
     if not variants:
         raise SystemExit(f"--variants: {args.variants} match none of: {', '.join(v[0] for v in VARIANTS)}")
-    world = args.world_size or torch.cuda.device_count()
-    if world < 2:
-        raise SystemExit(f"ringflash bench cp needs at least 2 GPUs; {torch.cuda.device_count()} visible")
-    print(f"device: {device_description()} x {world}", flush=True)
-    rows = run_local(bench_worker, world, (args.cases, args.iters, variants), backend="nccl", timeout=1800)[0]
-    keys = sorted(rows[0])
-    write_csv(args.csv, keys, [[r[k] for k in keys] for r in rows])
-    table = [[r["case"], r["variant"], f"{r['fwd_ms']:.2f}", f"{r['fwd_bwd_ms']:.2f}", f"{r['fwd_eff']:.1%}",
-              f"{r['fwd_bwd_eff']:.1%}", f"{r['fwd_bwd_cold_eff']:.1%}", f"{r['peak_gib']:.2f}",
-              f"{r['rel_err_vs_single']:.1e}"] for r in rows]
-    print(f"\nW={world}; single-GPU reference per case (ms, fwd / fwd+bwd / fwd+bwd one call): " + ", ".join(
-        sorted({f"{r['case']} {r['single_fwd_ms']:.2f} / {r['single_fwd_bwd_ms']:.2f} / "
-                f"{r['single_fwd_bwd_cold_ms']:.2f}" for r in rows})))
+    visible = torch.cuda.device_count()
+    if visible < 2:
+        raise SystemExit(f"ringflash bench cp needs at least 2 GPUs; {visible} visible "
+                         "(--from-csv redraws a saved report without any)")
+    worlds = args.world_sizes or [args.world_size or visible]
+    if min(worlds) < 2 or max(worlds) > visible:
+        raise SystemExit(f"ringflash bench cp: world sizes must be 2..{visible} (the visible GPUs); got {worlds}")
+    rows = []
+    for world in worlds:
+        device = f"{device_description()} x {world}"
+        print(f"device: {device}", flush=True)
+        for r in run_local(bench_worker, world, (args.cases, args.iters, variants), backend="nccl", timeout=1800)[0]:
+            r["device"] = device_description()
+            rows.append(r)
+    device = device_description()
+    keys = sorted({k for r in rows for k in r})
+    write_csv(args.csv, keys, [[r.get(k) for k in keys] for r in rows])
+    if args.out:
+        print("wrote " + ", ".join(write_outputs(rows, args.out, device)))
+    print()
+    print(single_gpu_summary(rows))
     print(f"Times per call over {CHAIN} back-to-back calls; 'one call' times a single fwd+bwd from an idle GPU.")
-    print(format_table(["case", "strategy", "fwd ms", "fwd+bwd ms", "fwd eff", "fwd+bwd eff",
-                        "fwd+bwd eff, one call", "peak GiB/rank", "rel err vs 1 GPU"], table))
+    print(cp_table(rows))
     return 0

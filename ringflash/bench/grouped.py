@@ -16,14 +16,19 @@ backward:
 
 K/V bytes are a model: each launch reads the K/V rows its programs need once from HBM
 (within a launch the programs sharing a tile run together and hit L2).
+
+``--out DIR`` writes grouped.csv, grouped.md and grouped_speedups.png (each variant's
+speed-up over two calls of our varlen kernel, per world size and case); ``--from-csv``
+redraws those from a saved CSV without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from dataclasses import replace
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -33,10 +38,11 @@ from ..interface import flash_attn_varlen_func
 from ..kernels import configs
 from ..kernels.problem import SeqMeta, make_problem
 from .common import (
-    BWD_FLOP_FACTOR, AtenFlashVarlen, bench_ms, device_description, format_table, tflops, time_fwd_bwd,
-    varlen_flops, write_csv,
+    BWD_FLOP_FACTOR, AtenFlashVarlen, bench_ms, device_description, format_table, read_csv_rows, tflops,
+    time_fwd_bwd, varlen_flops, write_csv, write_text,
 )
 from .grouped_design_a import design_a_forward
+from .progress import progress_bar, show, write
 
 NHEADS, NHEADS_K, HEADDIM = 32, 8, 128
 TOKENS_PER_RANK = 8192
@@ -169,7 +175,52 @@ def summarize(rows: list[dict]) -> str:
         lines.append(f"{variant} ({order} order) vs 2x ours: "
                      f"forward mean {sum(fwd) / len(fwd):.3f} (min {min(fwd):.3f}), "
                      f"backward mean {sum(bwd) / len(bwd):.3f} (min {min(bwd):.3f})")
-    return format_table(header, table) + "\n" + "\n".join(lines)
+    # A blank line after the table, so that markdown does not read the summary as table rows.
+    return format_table(header, table) + "\n\n" + "\n".join(lines)
+
+
+def speedups(rows: Sequence[dict], phase: str) -> dict[str, list[Optional[float]]]:
+    """{variant: [speed-up over "2x ours" per row]} in ``phase`` ("fwd" or "bwd"): the time of
+    two varlen calls over the variant's time, so above 1 means the variant is faster."""
+    names = [(f"grouped, {order} order", variant) for order, variant in ORDER_VARIANTS.items()]
+    names += [("2x fa2", "2x_fa2")] + ([("design a", "design_a")] if phase == "fwd" else [])
+    out = {}
+    for label, key in names:
+        vals = []
+        for r in rows:
+            base, ms = r.get(f"2x_ours_{phase}_ms"), r.get(f"{key}_{phase}_ms")
+            vals.append(base / ms if base and ms else None)
+        if any(v is not None for v in vals):
+            out[label] = vals
+    return out
+
+
+def plot_speedups(rows: Sequence[dict], path: str, note: str = "") -> str:
+    """Bar chart of each variant's speed-up over two calls of our varlen kernel, per
+    (world size, case): forward and backward panels."""
+    from .plots import BarPanel, ratio_bars
+
+    cases = [f"W={r['world_size']} {r['case']}" for r in rows]
+    panels = [BarPanel(name, cases, speedups(rows, phase)) for phase, name in (("fwd", "forward"), ("bwd", "backward"))]
+    return ratio_bars(path, panels, "Zigzag local step (rank 0): speed-up over two varlen calls ('2x ours')",
+                      "speed-up (2x ours time / variant time; > 1: faster)", note=note, reference=1.0,
+                      reference_label="2x ours")
+
+
+def write_outputs(rows: Sequence[dict], out_dir: str, device: str) -> list[str]:
+    """grouped.csv, grouped.md and (with matplotlib) grouped_speedups.png in ``out_dir``."""
+    from .plots import have_matplotlib
+
+    keys = sorted({k for r in rows for k in r})
+    paths = [os.path.join(out_dir, "grouped.csv"), os.path.join(out_dir, "grouped.md")]
+    write_csv(paths[0], keys, [[r.get(k) for k in keys] for r in rows])
+    write_text(paths[1], f"# ringflash bench grouped\n\n- Device: {device}\n- Times: do_bench medians over "
+                         f"alternating rounds\n\n" + summarize(rows))
+    if have_matplotlib():
+        paths.append(plot_speedups(rows, os.path.join(out_dir, "grouped_speedups.png"), device))
+    else:
+        write("matplotlib is not installed (pip install 'ringflash[bench]'): no plots")
+    return paths
 
 
 def main(argv=None) -> int:
@@ -179,20 +230,39 @@ def main(argv=None) -> int:
     parser.add_argument("--csv", default="bench_out/grouped.csv")
     parser.add_argument("--rounds", type=int, default=3,
                         help="times each variant is timed, alternating with the others (the median is reported)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="also write grouped.csv, grouped.md and grouped_speedups.png into DIR")
+    parser.add_argument("--from-csv", metavar="CSV",
+                        help="measure nothing: print the table of a saved grouped CSV (and with --out, "
+                             "write its report and plot); needs no GPU")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("ringflash bench grouped needs a CUDA GPU")
-    print(f"device: {device_description()}", flush=True)
-    rows = []
-    for w in args.world_sizes:
-        for case in args.cases:
-            rows.append(run_case(w, case, rounds=args.rounds))
-            r = rows[-1]
-            print(f"  W={w} {case}: grouped {r['grouped_fwd_ms']:.3f}/{r['grouped_bwd_ms']:.3f} ms, "
-                  f"2x ours {r['2x_ours_fwd_ms']:.3f}/{r['2x_ours_bwd_ms']:.3f}, design a fwd {r['design_a_fwd_ms']:.3f} "
-                  f"({r['design_a_cfg']}), diffs {r['max_diff_vs_2x_ours']:.1e}/{r['max_diff_design_a']:.1e}", flush=True)
-    keys = sorted({k for r in rows for k in r})
-    write_csv(args.csv, keys, [[r.get(k) for k in keys] for r in rows])
+    if args.from_csv:
+        rows = read_csv_rows([args.from_csv])
+        devices = sorted({str(r["device"]) for r in rows if r.get("device")})
+        device = ", ".join(devices) or f"device not recorded in {os.path.basename(args.from_csv)}"
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("ringflash bench grouped needs a CUDA GPU")
+        device = device_description()
+        print(f"device: {device}", flush=True)
+        rows = []
+        with progress_bar(len(args.world_sizes) * len(args.cases), "grouped") as bar:
+            for w in args.world_sizes:
+                for case in args.cases:
+                    show(bar, f"W={w} {case}")
+                    rows.append(run_case(w, case, rounds=args.rounds))
+                    r = rows[-1]
+                    r["device"] = device
+                    write(f"  W={w} {case}: grouped {r['grouped_fwd_ms']:.3f}/{r['grouped_bwd_ms']:.3f} ms, "
+                          f"2x ours {r['2x_ours_fwd_ms']:.3f}/{r['2x_ours_bwd_ms']:.3f}, design a fwd "
+                          f"{r['design_a_fwd_ms']:.3f} ({r['design_a_cfg']}), diffs "
+                          f"{r['max_diff_vs_2x_ours']:.1e}/{r['max_diff_design_a']:.1e}")
+                    bar.update(1)
+        keys = sorted({k for r in rows for k in r})
+        write_csv(args.csv, keys, [[r.get(k) for k in keys] for r in rows])
+    if args.out:
+        paths = write_outputs(rows, args.out, device)
+        print("wrote " + ", ".join(paths))
     print()
     print(summarize(rows))
     return 0

@@ -18,6 +18,7 @@ Under Triton's interpreter, small blocks keep CPU runs fast and make tests span 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
@@ -250,7 +251,47 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
     banded = prob.causal or prob.has_left or prob.has_right
     key = (headdim_bucket(prob.headdim), banded)
     gqa_key = key + (prob.nheads > prob.nheads_k,)
-    return table.get(gqa_key, table.get(key, DEFAULT[kind]))
+    cfg = table.get(gqa_key, table.get(key, DEFAULT[kind]))
+    return fit_shared_memory(kind, cfg, prob.block_d, q.element_size(), _device_index(q.device))
+
+
+def shared_memory_estimate(kind: str, cfg: KernelConfig, block_d: int, element_size: int) -> int:
+    """Bytes of shared memory a launch needs, to first order: the tiles a program keeps
+    (q for the forward and dQ, k and v for dK/dV) plus ``num_stages`` copies of the tiles
+    its loop streams (k and v; q and dO for dK/dV). Matches Triton's figure for the
+    forward (fp32, d=128, (128, 64) tiles, 3 stages: 262144 bytes on an H200)."""
+    streamed = cfg.block_m if kind == "dkdv" else cfg.block_n
+    kept = cfg.block_n if kind == "dkdv" else cfg.block_m
+    held = (2 if kind != "fwd" else 1) * kept * block_d * element_size
+    return held + cfg.num_stages * 2 * streamed * block_d * element_size
+
+
+@functools.lru_cache(maxsize=None)
+def fit_shared_memory(kind: str, cfg: KernelConfig, block_d: int, element_size: int, device_index: int) -> KernelConfig:
+    """``cfg`` with fewer pipeline stages (then smaller streamed tiles) until its estimate
+    fits the GPU's shared memory per block. The tables are tuned for 16-bit inputs; float32
+    tiles are twice as large and used to fail to launch ("out of resources") at d=128."""
+    limit = _shared_memory_limit(device_index)
+    while shared_memory_estimate(kind, cfg, block_d, element_size) > limit:
+        if cfg.num_stages > 1:
+            cfg = replace(cfg, num_stages=cfg.num_stages - 1)
+        elif kind == "dkdv" and cfg.block_m > 16:
+            cfg = replace(cfg, block_m=cfg.block_m // 2)
+        elif kind != "dkdv" and cfg.block_n > 16:
+            cfg = replace(cfg, block_n=cfg.block_n // 2)
+        else:
+            break  # nothing left to shrink: let Triton report it
+    return cfg
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+@functools.lru_cache(maxsize=None)
+def _shared_memory_limit(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024)
 
 
 #: Upper bound on split-KV fan-out (the combine kernel holds all splits of a row at once).
