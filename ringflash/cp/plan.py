@@ -323,8 +323,11 @@ class Plan:
             _tensor([q_start], self.device), _tensor([q_end], self.device), _tensor(cu_k, self.device),
             _tensor([used], self.device), _tensor([diag], self.device),
         )
+        # max_k bounds every key sequence of the block, not only the keys used: the dK/dV
+        # kernel covers (and zeroes) the keys no query sees up to it, so a smaller bound
+        # left the unused tail of a zigzag block uninitialised.
         return RingStep(
-            meta=meta, max_q=max(lens_q + [1]), max_k=max(used + [1]), skip=not any(visible),
+            meta=meta, max_q=max(lens_q + [1]), max_k=max([n for _, n in k_seg] + [1]), skip=not any(visible),
             covers_all=sum(lens_q) == self.num_local_tokens,
         )
 
