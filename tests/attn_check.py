@@ -46,11 +46,19 @@ def check_attention(
     extra: Sequence = (),
     dout64: torch.Tensor | None = None,
     label: str = "",
+    results: dict | None = None,
+    relative_eps: bool = False,
 ) -> None:
     """``impl`` and ``reference`` take (q, k, v, *extra) and return (out, lse).
 
     ``inputs64`` are float64 q, k, v; they are cast to ``dtype`` for the implementation and
-    PyTorch's own run, and used as they are for the ground truth.
+    PyTorch's own run, and used as they are for the ground truth. If ``results`` is a dict,
+    the implementation's out, lse and (dq, dk, dv) are stored in it under "out", "lse" and
+    "grads" before they are checked (so a caller can compare them with another run).
+    ``relative_eps`` scales the epsilon by each tensor's largest reference entry (at least
+    1): FlashAttention-2's backward recomputes the probabilities from the saved lse, an
+    error relative to the scores that PyTorch, which keeps its softmax, does not make, and
+    that shows at large head dims and scales (the property tests draw those).
     """
     if dout64 is None:
         dout64 = torch.randn(inputs64[0].shape, dtype=torch.float64, device=inputs64[0].device)
@@ -59,15 +67,22 @@ def check_attention(
     with _matching_fp32_precision(dtype, low[0].device):
         base_out, base_lse, base_grads = _run(reference, low, extra, dout64)
     out, lse, grads = _run(impl, low, extra, dout64)
+    if results is not None:
+        results.update(out=out, lse=lse, grads=grads)
     assert out.dtype == dtype and out.shape == want_out.shape, (out.dtype, out.shape)
     assert lse.dtype == torch.float32 and lse.shape == want_lse.shape, (lse.dtype, lse.shape)
-    eps = EPS[dtype]
     prefix = f"{label}: " if label else ""
-    assert_close(prefix + "out", out, want_out, baseline=base_out, atol=eps)
-    assert_close(prefix + "lse", lse, want_lse, baseline=base_lse, atol=eps)
+
+    def eps(want: torch.Tensor) -> float:
+        finite = want[torch.isfinite(want)]
+        scale = max(1.0, finite.abs().max().item()) if relative_eps and finite.numel() else 1.0
+        return EPS[dtype] * scale
+
+    assert_close(prefix + "out", out, want_out, baseline=base_out, atol=eps(want_out))
+    assert_close(prefix + "lse", lse, want_lse, baseline=base_lse, atol=eps(want_lse))
     for name, g, want, base in zip(NAMES, grads, want_grads, base_grads):
         assert g.dtype == dtype and g.shape == want.shape
-        assert_close(prefix + name, g, want, baseline=base, atol=eps)
+        assert_close(prefix + name, g, want, baseline=base, atol=eps(want))
 
 
 # -- the kernels and the reference behind one calling convention: (q, k, v, *options) -> (out, lse)

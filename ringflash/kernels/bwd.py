@@ -18,9 +18,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, check_output_buffer, interpreting, kernel_operand, key_block_ranges, query_block_ranges,
-    row_base, scaled_scores, schedule,
-    sequence_bounds, tile_ptrs, visible,
+    check_device, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
+    key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
 
@@ -392,6 +391,8 @@ def attention_backward(
         if after_dkdv is not None:
             after_dkdv()
         return dq, dk, dv
+    results = (dq, dk, dv)
+    dq, dk, dv = (interpreter_output(x) for x in results)
     delta, lse2 = prepare_backward(dout, out, lse, prob) if prepared is None else prepared
     lb, lh = lse_strides(lse2, prob.is_varlen)
 
@@ -425,7 +426,10 @@ def attention_backward(
         )
 
     launch_dkdv(configs.config_for("dkdv", q, prob, run=launch_dkdv))
+    finish_output(results[1], dk)
+    finish_output(results[2], dv)
     if after_dkdv is not None:
         after_dkdv()
     launch_dq(configs.config_for("dq", q, prob, run=launch_dq))
-    return dq, dk, dv
+    finish_output(results[0], dq)
+    return results

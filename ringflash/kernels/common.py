@@ -46,6 +46,20 @@ def kernel_operand(x, token_dim: int):
     return x
 
 
+def interpreter_output(x):
+    """The buffer a kernel should write for output ``x``: under the interpreter a bf16 output
+    is written as float32 and rounded by ``finish_output`` (the interpreter's float32 ->
+    bf16 cast truncates, an error of up to 1 ulp where the GPU rounds to nearest). Starts
+    from ``x``'s values, so rows a launch leaves alone stay as they were."""
+    return x.float() if interpreting() and x.dtype == torch.bfloat16 else x
+
+
+def finish_output(x, written) -> None:
+    """Copy a staged output back (round to nearest even); nothing if it was written in place."""
+    if written is not x:
+        x.copy_(written)
+
+
 def check_output_buffer(x, name: str, token_dim: int) -> None:
     """A caller-given output buffer must already be in a layout the kernels can write."""
     if x.stride(-1) != 1 or abs(x.stride(token_dim)) * MAX_TILE_ROWS >= _INT32_LIMIT:

@@ -15,8 +15,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, check_output_buffer, kernel_operand, key_block_ranges, row_base, scaled_scores, schedule,
-    sequence_bounds, tile_ptrs, visible,
+    check_device, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
+    row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
 from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
 
@@ -271,6 +271,7 @@ def attention_forward(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    result, out = out, interpreter_output(out)
     seq_args = seqlen_args(q, k, meta)
 
     def launch(cfg: configs.KernelConfig) -> None:
@@ -304,7 +305,8 @@ def attention_forward(
             combine_splits(out_target, lse_target, out, lse, prob)
 
     launch(configs.config_for("fwd", q, prob, run=launch))
-    return out, lse
+    finish_output(result, out)
+    return result, lse
 
 
 def combine_splits(
