@@ -11,7 +11,8 @@ Layouts:
 
 Semantics (see ``ringflash.reference``): nheads % nheads_k == 0 (GQA/MQA); causal and
 ``window_size=(left, right)`` are aligned to the bottom right; ``softcap > 0`` caps the
-scaled scores with ``softcap * tanh(s / softcap)``; lse is float32 natural-log
+scaled scores with ``softcap * tanh(s / softcap)``; ``alibi_slopes`` (float32, (nheads,)
+or (batch, nheads)) then add ``-slope * |i + seqlen_k - seqlen_q - j|``; lse is float32 natural-log
 logsumexp, -inf (with out = 0) for rows that see no key. Head dims 1..256 (the kernels pad
 to the next power of two, so 64/128/256 are fastest); fp16, bf16 and fp32 (fp32 runs its
 matmuls as tf32 unless ``RINGFLASH_FP32_PRECISION=ieee``). ``deterministic`` is accepted
@@ -32,7 +33,7 @@ AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, None]]
 
 
 def _options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, headdim):
-    V.check_unsupported(dropout_p, alibi_slopes)
+    V.check_unsupported(dropout_p)
     V.as_bool("deterministic", deterministic)
     left, right = V.check_window(window_size)
     return V.resolve_softmax_scale(softmax_scale, headdim), left, right, V.check_softcap(softcap)
@@ -64,8 +65,9 @@ def flash_attn_func(
     scale, left, right, softcap = _options(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
     )
+    slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
     out, lse = FlashAttnFunc.apply(
-        q, k, v, None, shape.seqlen_q, shape.seqlen_k, scale, _check_causal(causal), left, right, softcap
+        q, k, v, None, shape.seqlen_q, shape.seqlen_k, scale, _check_causal(causal), left, right, softcap, False, slopes
     )
     return (out, lse, None) if V.as_bool("return_attn_probs", return_attn_probs) else out
 
@@ -101,9 +103,10 @@ def flash_attn_varlen_func(
     scale, left, right, softcap = _options(
         dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
     )
+    slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
     out, lse = FlashAttnFunc.apply(
         q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), shape.max_seqlen_q,
-        shape.max_seqlen_k, scale, _check_causal(causal), left, right, softcap, not shape.values_checked,
+        shape.max_seqlen_k, scale, _check_causal(causal), left, right, softcap, not shape.values_checked, slopes,
     )
     return (out, lse, None) if V.as_bool("return_attn_probs", return_attn_probs) else out
 

@@ -61,10 +61,11 @@ def _attn_fwd_impl(
     window_right: int,
     softcap: float,
     guard: bool = False,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    out, lse = attention_forward(q, k, v, prob, meta)
+    out, lse = attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes)
     if guard:
         _guard(meta, q, k, prob, (out, lse))
     return out, lse
@@ -75,7 +76,7 @@ attn_fwd = torch.library.custom_op("ringflash::attn_fwd", mutates_args=())(_attn
 
 @attn_fwd.register_fake
 def _(q, k, v, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right, softcap, guard=False):
+      softmax_scale, causal, window_left, window_right, softcap, guard=False, alibi_slopes=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, q_starts is not None), dtype=torch.float32)
     return out, lse
@@ -100,10 +101,11 @@ def _attn_bwd_impl(
     window_left: int,
     window_right: int,
     softcap: float,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes)
     _guard(meta, q, k, prob, (dq, dk, dv))
     return dq, dk, dv
 
@@ -113,7 +115,7 @@ attn_bwd = torch.library.custom_op("ringflash::attn_bwd", mutates_args=())(_attn
 
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right, softcap):
+      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))

@@ -10,6 +10,9 @@ Conventions shared by the whole library
   where ``window_size = (left, right)`` and -1 means unbounded. ``causal=True``
   sets ``right = 0``.
 * ``softcap > 0`` replaces the scaled score ``s`` with ``softcap * tanh(s / softcap)``.
+* ``alibi_slopes`` (float32, ``(nheads,)`` or ``(batch, nheads)``) then adds
+  ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query ``i`` and key ``j``
+  (flash-attn's ALiBi, aligned like the causal mask).
 * The logsumexp (lse) is the natural log of the softmax denominator of the
   scaled (and capped) scores, in float32 from the kernels.
 * A query row that sees no key at all yields ``out = 0`` and ``lse = -inf``.
@@ -58,11 +61,15 @@ def _masked_softmax_attention(
     mask: torch.Tensor,
     softmax_scale: float,
     softcap: float,
+    bias: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (..., sq, d), k/v (..., sk, d), mask broadcastable to (..., sq, sk) -> out (..., sq, d), lse (..., sq)."""
+    """q (..., sq, d), k/v (..., sk, d), mask and bias broadcastable to (..., sq, sk) ->
+    out (..., sq, d), lse (..., sq). The bias is added after the softcap."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
+    if bias is not None:
+        scores = scores + bias
     scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     # Rows that see no key: lse = -inf, and their probabilities are defined as 0 (not NaN).
@@ -79,12 +86,14 @@ def attention_ref(
     softmax_scale: Optional[float] = None,
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense reference attention.
 
     Args:
         q: (batch, seqlen_q, nheads, headdim)
         k, v: (batch, seqlen_k, nheads_k, headdim), nheads % nheads_k == 0 (GQA/MQA)
+        alibi_slopes: optional float32 (nheads,) or (batch, nheads)
     Returns:
         out: (batch, seqlen_q, nheads, headdim), q's dtype
         lse: (batch, nheads, seqlen_q), q's dtype, natural log, -inf for rows that see no key
@@ -101,7 +110,12 @@ def attention_ref(
     q_idx = torch.arange(shape.seqlen_q, device=q.device).unsqueeze(1)
     k_idx = torch.arange(shape.seqlen_k, device=q.device).unsqueeze(0)
     mask = visible_mask(q_idx, k_idx, shape.seqlen_q, shape.seqlen_k, causal, window_size)
-    out, lse = _masked_softmax_attention(qt, kt, vt, mask, scale, softcap)
+    bias = None
+    if alibi_slopes is not None:
+        slopes = V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
+        distance = (q_idx + (shape.seqlen_k - shape.seqlen_q) - k_idx).abs().to(q.dtype)
+        bias = -slopes.to(q.dtype).view(-1, shape.nheads, 1, 1) * distance
+    out, lse = _masked_softmax_attention(qt, kt, vt, mask, scale, softcap, bias)
     return out.transpose(1, 2), lse
 
 
@@ -118,6 +132,7 @@ def attention_varlen_ref(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     seqused_k: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed variable-length reference attention.
 
@@ -127,6 +142,8 @@ def attention_varlen_ref(
         cu_seqlens_q, cu_seqlens_k: int32 (batch + 1,).
         seqused_k: optional int32 (batch,): sequence i uses only its first ``seqused_k[i]``
             keys, and causal/window alignment is against that length.
+        alibi_slopes: optional float32 (nheads,) or (batch, nheads); row i of the latter
+            is sequence i's.
     Returns:
         out: (total_q, nheads, headdim)
         lse: (nheads, total_q), natural log, -inf for rows that see no key
@@ -139,6 +156,7 @@ def attention_varlen_ref(
     window_size = V.check_window(window_size)
     softcap = V.check_softcap(softcap)
     scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
+    slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
     out = torch.zeros_like(q)
     lse = torch.full((shape.nheads, shape.total_q), float("-inf"), dtype=q.dtype, device=q.device)
     cu_q = cu_seqlens_q.tolist()  # a reference: host loops over sequences are fine here
@@ -154,6 +172,7 @@ def attention_varlen_ref(
         o_i, lse_i = attention_ref(
             q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
             causal=causal, softmax_scale=scale, window_size=window_size, softcap=softcap,
+            alibi_slopes=None if slopes is None else slopes[i if slopes.shape[0] > 1 else 0],
         )
         out[q0:q1] = o_i[0]
         lse[:, q0:q1] = lse_i[0]

@@ -169,13 +169,29 @@ def resolve_softmax_scale(softmax_scale: object, headdim: int) -> float:
 
 
 def check_unsupported(dropout_p: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None) -> None:
-    """Options of flash-attn's interface that ringflash does not implement yet: refuse, never ignore."""
+    """Options of flash-attn's interface that a caller (context parallelism, grouped
+    attention) does not implement: refuse, never ignore."""
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, numbers.Real)):
         raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
     if dropout_p != 0.0:
         raise NotImplementedError(f"dropout_p: got {dropout_p}; ringflash supports only dropout_p=0.0 for now")
     if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported by ringflash yet; expected None")
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported here; expected None "
+                                  "(flash_attn_func and flash_attn_varlen_func take it)")
+
+
+def check_alibi_slopes(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -> torch.Tensor:
+    """flash-attn's ALiBi slopes: float32 (nheads,) or (batch, nheads), on q's device.
+    Returns them as a contiguous (1 or batch, nheads) tensor."""
+    check_tensor("alibi_slopes", alibi_slopes)
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes: dtype {alibi_slopes.dtype} is not supported; expected float32")
+    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+        raise ValueError(f"alibi_slopes: got shape {tuple(alibi_slopes.shape)}; expected (nheads,) = ({nheads},) "
+                         f"or (batch, nheads) = ({batch}, {nheads})")
+    if alibi_slopes.device != device:
+        raise ValueError(f"alibi_slopes: is on device {alibi_slopes.device} but q is on {device}; expected {device}")
+    return alibi_slopes.reshape(-1, nheads).contiguous()
 
 
 @dataclass(frozen=True)

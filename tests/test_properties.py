@@ -113,16 +113,23 @@ softcaps = st.one_of(st.just(0.0), st.floats(0.5, 30.0))
 seeds = st.integers(0, 2**32 - 1)
 
 
-def draw_scores(draw, headdim: int) -> tuple[float, Optional[float], float]:
-    """(softcap, softmax_scale, input_scale). The scale is the default or 0.1-3x it, so that
-    uncapped scores stay within a few tens: FlashAttention-2's backward recomputes the
-    probabilities from the saved lse, whose float32 rounding gives them a relative error
-    of about |score| x 2**-23 (dk = 1e-5 where the truth is 0 for one key and a score of
-    72, found by this file), which the bar (2x PyTorch's error, which reuses its softmax)
-    does not allow for. Inputs are tripled only under a softcap, to make it bite."""
+def draw_scores(draw, headdim: int, dtype: torch.dtype) -> tuple[float, Optional[float], float]:
+    """(softcap, softmax_scale, input_scale), within the range where FlashAttention-2's
+    backward is as accurate as the bar asks (2x PyTorch's error, and PyTorch keeps its
+    softmax where FA2 recomputes), as this file found:
+
+    * the scale is the default or 0.1-3x it, so that uncapped scores stay within a few
+      tens: the probabilities recomputed from the saved lse carry a relative error of
+      about |score| x 2**-23 (dk = 1e-5 where the truth is 0, for one key and a score of 72);
+    * inputs are tripled (to make a softcap bite) only in float32: in fp16 the sharply
+      peaked rows that makes have delta = rowsum(dO * O) computed from the fp16-rounded O,
+      whose rounding then dominates a near-zero dq (1.5e-3 where PyTorch, which takes delta
+      from its probabilities, errs by 2e-4; d=256, softcap 24).
+    """
     softcap = draw(softcaps)
     scale = draw(st.one_of(st.none(), st.floats(0.1, 3.0).map(lambda m: m * headdim ** -0.5)))
-    input_scale = draw(st.sampled_from([1.0, 3.0])) if softcap > 0 else 1.0
+    tripled = softcap > 0 and dtype == torch.float32
+    input_scale = draw(st.sampled_from([1.0, 3.0])) if tripled else 1.0
     return softcap, scale, input_scale
 
 
@@ -171,12 +178,12 @@ def dense_cases(draw, dtypes=DTYPES_CPU, max_seqlen=80, max_heads_k=3, max_batch
     seqlen_q = draw(seqlens(1, hi))
     same = draw(st.booleans()) if seqlens_equal is None else seqlens_equal
     seqlen_k = seqlen_q if same else draw(seqlens(1, hi))
-    softcap, softmax_scale, input_scale = draw_scores(draw, headdim)
+    dtype = draw(st.sampled_from(dtypes))
+    softcap, softmax_scale, input_scale = draw_scores(draw, headdim, dtype)
     return DenseCase(
         seed=draw(seeds), batch=batch, seqlen_q=seqlen_q, seqlen_k=seqlen_k, nheads=nheads, nheads_k=nheads_k,
         headdim=headdim, causal=draw(st.booleans()), window=(draw(window_sides), draw(window_sides)),
-        softcap=softcap, softmax_scale=softmax_scale, input_scale=input_scale,
-        dtype=draw(st.sampled_from(dtypes)),
+        softcap=softcap, softmax_scale=softmax_scale, input_scale=input_scale, dtype=dtype,
     )
 
 
@@ -449,12 +456,12 @@ def varlen_cases(draw, dtypes=DTYPES_CPU, max_seqs=4, max_len=40, max_heads_k=3,
     seqused = None
     if draw(st.booleans()):
         seqused = tuple(draw(st.integers(0, n)) for n in lengths_k)
-    softcap, softmax_scale, input_scale = draw_scores(draw, headdim)
+    dtype = draw(st.sampled_from(dtypes))
+    softcap, softmax_scale, input_scale = draw_scores(draw, headdim, dtype)
     return VarlenCase(
         seed=draw(seeds), lengths_q=lengths_q, lengths_k=lengths_k, seqused_k=seqused, nheads=nheads,
         nheads_k=nheads_k, headdim=headdim, causal=draw(st.booleans()), window=(draw(window_sides), draw(window_sides)),
-        softcap=softcap, softmax_scale=softmax_scale, input_scale=input_scale,
-        dtype=draw(st.sampled_from(dtypes)),
+        softcap=softcap, softmax_scale=softmax_scale, input_scale=input_scale, dtype=dtype,
         extra_max_q=draw(st.sampled_from([0, 0, 1, 7])), extra_max_k=draw(st.sampled_from([0, 0, 1, 7])),
         cu_q=draw(st.sampled_from(CU_LAYOUTS)), cu_k=draw(st.sampled_from(CU_LAYOUTS)),
         seqused_layout=draw(st.sampled_from(CU_LAYOUTS)),

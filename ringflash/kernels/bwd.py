@@ -18,10 +18,10 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
+    alibi_bias, check_device, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
     key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
+from .problem import AttnProblem, SeqMeta, alibi_args, dense_strides, lse_strides, meta_flags, seqlen_args
 
 
 @triton.jit
@@ -63,9 +63,9 @@ def _dkdv_block_loop(
     q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos,
     start, end, offs_n, offs_d,
     sq, diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over query blocks [start, end)."""
@@ -85,8 +85,12 @@ def _dkdv_block_loop(
         else:
             qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
             lse2 = tl.load(lse2_base + offs_m)
-        sT = scaled_scores(tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
-        pT = tl.math.exp2(sT - lse2[None, :])
+        sT = scaled_scores(tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out,
+                           HAS_SOFTCAP)
+        if HAS_ALIBI:  # after the cap, whose derivative below needs the capped score alone
+            pT = tl.math.exp2(sT + alibi_bias(offs_m[None, :], offs_n[:, None], diag, alibi_slope) - lse2[None, :])
+        else:
+            pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:
             mask = visible(offs_m[None, :], offs_n[:, None], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             pT = tl.where(mask, pT, 0.0)
@@ -114,6 +118,7 @@ def _dkdv_block_loop(
 def _bwd_dkdv_kernel(
     Q, K, V, DOut, Lse2, Delta, DK, DV, DkvRows,
     QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+    Alibi, stride_alibi_b, stride_alibi_h,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -127,7 +132,7 @@ def _bwd_dkdv_kernel(
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch).
@@ -169,6 +174,7 @@ def _bwd_dkdv_kernel(
         m_lo, a_end, b_end, m_hi = query_block_ranges(
             n0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
         )
+        alibi_slope = load_alibi_slope(Alibi, b, h, stride_alibi_b, stride_alibi_h, HAS_ALIBI, True)
         q_base = row_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qs)
         do_base = row_base(DOut, b, h, q_start, stride_dob, stride_doh, stride_dos)
         l_off = row_base(0, b, h, q_start, stride_lb, stride_lh, 1)
@@ -176,20 +182,20 @@ def _bwd_dkdv_kernel(
             dk, dv = _dkdv_block_loop(
                 dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
                 m_lo, a_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
-                qk_scale_log2, softcap_in, softcap_out,
-                True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+                qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+                True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
             )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             a_end, b_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
-            qk_scale_log2, softcap_in, softcap_out,
-            False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+            qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+            False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
         )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             b_end, m_hi, offs_n, offs_d, sq, diag, sk, window_left, window_right,
-            qk_scale_log2, softcap_in, softcap_out,
-            True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+            qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+            True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
         )
     dk = dk * softmax_scale
     if HAS_DKV_ROWS:
@@ -209,9 +215,9 @@ def _dq_block_loop(
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
     diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ (BLOCK_M x D) over key blocks [start, end)."""
@@ -229,8 +235,12 @@ def _dq_block_loop(
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
-        s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
-        p = tl.math.exp2(s - lse2[:, None])
+        s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out,
+                          HAS_SOFTCAP)
+        if HAS_ALIBI:  # after the cap, whose derivative below needs the capped score alone
+            p = tl.math.exp2(s + alibi_bias(offs_m[:, None], (n0 + offs_n)[None, :], diag, alibi_slope) - lse2[:, None])
+        else:
+            p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(mask, p, 0.0)
@@ -249,6 +259,7 @@ def _dq_block_loop(
 def _bwd_dq_kernel(
     Q, K, V, DOut, Lse2, Delta, DQ,
     QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+    Alibi, stride_alibi_b, stride_alibi_h,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -261,7 +272,7 @@ def _bwd_dq_kernel(
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
     """Grid: ``configs.program_grid`` over cdiv(max_seqlen_q, BLOCK_M) query blocks; order as the forward's."""
@@ -293,22 +304,23 @@ def _bwd_dq_kernel(
     n_lo, a_end, b_end, n_hi = key_block_ranges(
         m0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
     )
+    alibi_slope = load_alibi_slope(Alibi, b, h, stride_alibi_b, stride_alibi_h, HAS_ALIBI, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_LEFT:
         dq = _dq_block_loop(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, offs_m, offs_n, offs_d,
-            diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+            diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
         )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, offs_m, offs_n, offs_d,
-        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
     )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, offs_m, offs_n, offs_d,
-        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
     )
     dq = dq * softmax_scale
     tl.store(tile_ptrs(DQ, b, h, q_start + m0, stride_dqb, stride_dqh, stride_dqs, BLOCK_M, BLOCK_D),
@@ -360,6 +372,7 @@ def attention_backward(
     prepared: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
     after_dkdv: Optional[Callable[[], None]] = None,
     dkv_rows: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
 
@@ -370,7 +383,8 @@ def attention_backward(
     ``dkv_rows`` (varlen, int64 (total_k,), caller-checked): key i's gradients go to row
     ``dkv_rows[i]`` of the given ``dk``/``dv``, which may have any number of rows.
     ``after_dkdv`` runs once dK/dV are enqueued and before dQ is, so that a caller can
-    start communicating dK/dV while dQ computes (context parallelism).
+    start communicating dK/dV while dQ computes (context parallelism). ``alibi_slopes`` as
+    in ``attention_forward``.
     """
     check_device(q)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -397,10 +411,12 @@ def attention_backward(
     lb, lh = lse_strides(lse2, prob.is_varlen)
 
     seq_args = seqlen_args(q, k, meta)
+    seq_args = (*seq_args[:7], *alibi_args(alibi_slopes, delta), *seq_args[7:])
     flags = dict(
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
         **meta_flags(meta),
         HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None,
         INPUT_PRECISION=configs.input_precision(q.dtype),
     )
     scalars = (*prob.scalar_args(), prob.softmax_scale, prob.window_left, prob.window_right)

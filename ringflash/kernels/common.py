@@ -246,6 +246,25 @@ def visible(
 
 
 @triton.jit
+def alibi_bias(m_idx, n_idx, diag, slope):
+    """ALiBi: -slope * |i + diag - j| for query row ``m_idx`` and key ``n_idx`` (broadcast
+    shapes, as in ``visible``), aligned like the causal mask (``diag`` is the entry's)."""
+    return -slope * tl.abs(m_idx + diag - n_idx).to(tl.float32)
+
+
+@triton.jit
+def load_alibi_slope(Alibi, b, h, stride_b, stride_h, HAS_ALIBI: tl.constexpr, LOG2_UNITS: tl.constexpr):
+    """The ALiBi slope of (sequence b, head h), in the scores' units; 0 without ALiBi."""
+    if HAS_ALIBI:
+        slope = tl.load(Alibi + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h)
+        if LOG2_UNITS:
+            slope = slope * 1.4426950408889634
+    else:
+        slope = 0.0
+    return slope
+
+
+@triton.jit
 def tanh(x):
     """tanh through exp2, portable to the interpreter; saturates correctly for large |x|."""
     return 1.0 - 2.0 / (tl.math.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)

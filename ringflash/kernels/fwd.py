@@ -15,10 +15,10 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    check_device, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
+    alibi_bias, check_device, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
     row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .problem import AttnProblem, SeqMeta, dense_strides, lse_strides, meta_flags, seqlen_args
+from .problem import AttnProblem, SeqMeta, alibi_args, dense_strides, lse_strides, meta_flags, seqlen_args
 
 
 @triton.jit
@@ -27,14 +27,15 @@ def _fwd_block_loop(
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
     diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end).
 
-    Scores are in log2 units when USE_EXP2, natural units otherwise (the host scales them)."""
+    Scores are in log2 units when USE_EXP2, natural units otherwise (the host scales them);
+    ``alibi_slope`` is in the same units."""
     k_ptrs += start.to(tl.int64) * stride_ks
     v_ptrs += start.to(tl.int64) * stride_vs
     for n0 in range(start, end, BLOCK_N):
@@ -48,6 +49,8 @@ def _fwd_block_loop(
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         s = scaled_scores(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
+        if HAS_ALIBI:
+            s += alibi_bias(offs_m[:, None], (n0 + offs_n)[None, :], diag, alibi_slope)
         if MASKED:
             mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             s = tl.where(mask, s, float("-inf"))
@@ -82,6 +85,7 @@ def _fwd_block_loop(
 def _fwd_kernel(
     Q, K, V, Out, Lse,
     QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
+    Alibi, stride_alibi_b, stride_alibi_h,
     seqlen_q, seqlen_k, total_q, total_k,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
@@ -93,7 +97,7 @@ def _fwd_kernel(
     window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
-    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
     SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
@@ -153,24 +157,28 @@ def _fwd_kernel(
         b_lo = a_end
         c_lo = b_end
 
+    alibi_slope = load_alibi_slope(Alibi, b, h, stride_alibi_b, stride_alibi_h, HAS_ALIBI, USE_EXP2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, offs_m, offs_n, offs_d,
-            diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
+            diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, KV_CACHE,
+            USE_EXP2,
         )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, offs_m, offs_n, offs_d,
-        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, KV_CACHE,
+        USE_EXP2,
     )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, offs_m, offs_n, offs_d,
-        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out,
-        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, INPUT_PRECISION, KV_CACHE, USE_EXP2,
+        diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, KV_CACHE,
+        USE_EXP2,
     )
 
     # Rows that saw no key: out = 0, lse = -inf.
@@ -249,8 +257,10 @@ def attention_forward(
     *,
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
+    alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel (dense when ``meta`` is None, varlen/grouped otherwise).
+    ``alibi_slopes``: float32 (1 or batch, nheads), contiguous (``validation.check_alibi_slopes``).
     Strides are free (``common.kernel_operand`` copies the rare layouts the kernels cannot read).
 
     Returns out (q's shape, contiguous, q's dtype) and lse (float32: (batch, nheads, seqlen_q)
@@ -288,7 +298,7 @@ def attention_forward(
             split_strides = (out_target.stride(0), lse_target.stride(0))
         grid = configs.program_grid(cfg, num_m_blocks * num_splits, prob)
         _fwd_kernel[grid](
-            q, k, v, out_target, lse_target, *seq_args,
+            q, k, v, out_target, lse_target, *seq_args[:7], *alibi_args(alibi_slopes, lse), *seq_args[7:],
             *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
             *dense_strides(out_view, prob.is_varlen), split_strides[0],
             *lse_strides(lse_view, prob.is_varlen), split_strides[1],
@@ -297,7 +307,7 @@ def attention_forward(
             HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
             **meta_flags(meta),
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
-            IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
+            HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
             SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_ORDER=cfg.group_order_code,
             **cfg.launch_args(),
         )

@@ -166,6 +166,15 @@ def seqlen_args(q: torch.Tensor, k: torch.Tensor, meta: Optional[SeqMeta]) -> tu
     return q, q, 0, q, q, q, 0, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
 
 
+def alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:
+    """(Alibi, stride_b, stride_h) of (1 or batch, nheads) slopes; a row of one is shared by
+    every sequence (batch stride 0). Without ALiBi a dummy pointer the HAS_ALIBI flag keeps
+    from being read."""
+    if alibi_slopes is None:
+        return dummy, 0, 0
+    return alibi_slopes, alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1)
+
+
 def meta_flags(meta: Optional[SeqMeta]) -> dict:
     return dict(
         IS_VARLEN=meta is not None,
