@@ -15,7 +15,9 @@ class FlashAttnFunc(torch.autograd.Function):
     """Dense (meta is None), varlen or grouped attention. Returns (out, lse); lse is not
     differentiable. ``meta`` is a ``SeqMeta`` (see ringflash.kernels.problem); ``guard``
     asks for the device-side check of plain varlen metadata (see ringflash.ops);
-    ``alibi_slopes`` are float32 (1 or batch, nheads), not differentiated (as in flash-attn)."""
+    ``alibi_slopes`` are float32 (1 or batch, nheads), not differentiated (as in flash-attn);
+    ``dropout_seed`` (CPU int64, one element) seeds the dropout mask, which the backward
+    regenerates from it."""
 
     @staticmethod
     def forward(
@@ -33,20 +35,23 @@ class FlashAttnFunc(torch.autograd.Function):
         softcap: float,
         guard: bool = False,
         alibi_slopes: Optional[torch.Tensor] = None,
+        dropout_p: float = 0.0,
+        dropout_seed: Optional[torch.Tensor] = None,
     ):
         seq = (None,) * 5 if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag)
         args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-        out, lse = ops.fwd(q, k, v, *seq, *args, guard, alibi_slopes)
-        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, *seq)
+        out, lse = ops.fwd(q, k, v, *seq, *args, guard, alibi_slopes, dropout_p, dropout_seed)
+        ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, dropout_seed, *seq)
         ctx.args = args
+        ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
-        q, k, v, out, lse, alibi_slopes, *seq = ctx.saved_tensors
-        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *seq, *ctx.args, alibi_slopes)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
+        q, k, v, out, lse, alibi_slopes, dropout_seed, *seq = ctx.saved_tensors
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *seq, *ctx.args, alibi_slopes, ctx.dropout_p, dropout_seed)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 class FlashAttentionTritonFunc(torch.autograd.Function):

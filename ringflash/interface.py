@@ -21,6 +21,7 @@ for compatibility: the backward is always deterministic (no atomics).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -29,18 +30,75 @@ from . import validation as V
 from .autograd import FlashAttnFunc
 from .kernels.problem import SeqMeta
 
-AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, None]]
+AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
 
 
-def _options(dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, headdim):
-    V.check_unsupported(dropout_p)
+@dataclass(frozen=True)
+class _Options:
+    """The validated options of one call."""
+
+    scale: float
+    causal: bool
+    left: int
+    right: int
+    softcap: float
+    alibi: Optional[torch.Tensor]  # (1 or batch, nheads) float32
+    dropout_p: float
+    dropout_seed: Optional[torch.Tensor]  # CPU int64 (1,), drawn from PyTorch's generator
+    return_attn_probs: bool
+
+
+def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
+             batch, nheads, headdim, device) -> _Options:
     V.as_bool("deterministic", deterministic)
     left, right = V.check_window(window_size)
-    return V.resolve_softmax_scale(softmax_scale, headdim), left, right, V.check_softcap(softcap)
+    dropout_p = V.check_dropout_p(dropout_p)
+    return _Options(
+        scale=V.resolve_softmax_scale(softmax_scale, headdim), causal=V.as_bool("causal", causal), left=left,
+        right=right, softcap=V.check_softcap(softcap),
+        alibi=None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, batch, nheads, device),
+        dropout_p=dropout_p,
+        # Drawn from PyTorch's default generator, so torch.manual_seed reproduces the masks;
+        # the backward regenerates the forward's mask from the same seed.
+        dropout_seed=torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None,
+        return_attn_probs=V.as_bool("return_attn_probs", return_attn_probs),
+    )
 
 
-def _check_causal(causal: object) -> bool:
-    return V.as_bool("causal", causal)
+def _result(out: torch.Tensor, lse: torch.Tensor, opts: _Options, probs) -> AttnOutput:
+    """out, or (out, lse, S_dmask) with return_attn_probs: S_dmask only with dropout, as in
+    flash-attn (a testing aid; ``probs()`` computes it)."""
+    if not opts.return_attn_probs:
+        return out
+    return out, lse, probs() if opts.dropout_p > 0 else None
+
+
+def _round128(n: int) -> int:
+    return (n + 127) // 128 * 128
+
+
+def _s_dmask(q, k, opts: _Options, sequences) -> torch.Tensor:
+    """flash-attn's S_dmask: (batch, nheads, seqlen_q rounded up to 128, seqlen_k rounded up),
+    the attention probabilities (float32) with the entries dropout dropped negated, so
+    ``S_dmask >= 0`` is the keep mask (zero beyond each sequence). ``sequences`` gives, per
+    batch entry, (q rows (sq, h, d), k rows (sk, hk, d), its ALiBi row or None)."""
+    from .kernels.dropout_mask import dropout_keep_mask
+    from .reference import attention_probs_ref
+
+    sequences = list(sequences)
+    nheads = q.shape[-2]
+    max_q = max([s[0].shape[0] for s in sequences] + [0])
+    max_k = max([s[1].shape[0] for s in sequences] + [0])
+    out = torch.zeros((len(sequences), nheads, _round128(max_q), _round128(max_k)), dtype=torch.float32,
+                      device=q.device)
+    with torch.no_grad():
+        for i, (q_i, k_i, slopes) in enumerate(sequences):
+            probs = attention_probs_ref(q_i[None].float(), k_i[None].float(), opts.causal, opts.scale,
+                                        (opts.left, opts.right), opts.softcap, slopes)[0]
+            keep = dropout_keep_mask(1, nheads, q_i.shape[0], k_i.shape[0], opts.dropout_p,
+                                     int(opts.dropout_seed.item()), q.device, first_sequence=i)[0]
+            out[i, :, :q_i.shape[0], :k_i.shape[0]] = torch.where(keep, probs, -probs)
+    return out
 
 
 def flash_attn_func(
@@ -62,14 +120,18 @@ def flash_attn_func(
     lse (batch, nheads, seqlen_q) float32.
     """
     shape = V.check_dense_qkv(q, k, v)
-    scale, left, right, softcap = _options(
-        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
-    )
-    slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
     out, lse = FlashAttnFunc.apply(
-        q, k, v, None, shape.seqlen_q, shape.seqlen_k, scale, _check_causal(causal), left, right, softcap, False, slopes
+        q, k, v, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap,
+        False, opts.alibi, opts.dropout_p, opts.dropout_seed,
     )
-    return (out, lse, None) if V.as_bool("return_attn_probs", return_attn_probs) else out
+
+    def probs():
+        rows = lambda b: opts.alibi[b if opts.alibi.shape[0] > 1 else 0] if opts.alibi is not None else None  # noqa: E731
+        return _s_dmask(q, k, opts, ((q[b], k[b], rows(b)) for b in range(shape.batch)))
+
+    return _result(out, lse, opts, probs)
 
 
 def flash_attn_varlen_func(
@@ -100,15 +162,22 @@ def flash_attn_varlen_func(
     if max_seqlen_q is None or max_seqlen_k is None:
         raise TypeError("max_seqlen_q, max_seqlen_k: expected ints, got None")
     shape = V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
-    scale, left, right, softcap = _options(
-        dropout_p, softmax_scale, window_size, softcap, alibi_slopes, deterministic, return_attn_probs, shape.headdim
-    )
-    slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
+    opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
     out, lse = FlashAttnFunc.apply(
         q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), shape.max_seqlen_q,
-        shape.max_seqlen_k, scale, _check_causal(causal), left, right, softcap, not shape.values_checked, slopes,
+        shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap, not shape.values_checked,
+        opts.alibi, opts.dropout_p, opts.dropout_seed,
     )
-    return (out, lse, None) if V.as_bool("return_attn_probs", return_attn_probs) else out
+
+    def probs():
+        cu_q, cu_k = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()  # a testing aid: host reads are fine
+        used = seqused_k.tolist() if seqused_k is not None else [b - a for a, b in zip(cu_k, cu_k[1:])]
+        rows = lambda b: opts.alibi[b if opts.alibi.shape[0] > 1 else 0] if opts.alibi is not None else None  # noqa: E731
+        return _s_dmask(q, k, opts, ((q[cu_q[b]:cu_q[b + 1]], k[cu_k[b]:cu_k[b] + used[b]], rows(b))
+                                     for b in range(shape.batch)))
+
+    return _result(out, lse, opts, probs)
 
 
 def _unpack(packed: torch.Tensor, name: str, count: int, layout: str, axis: int) -> tuple[torch.Tensor, ...]:

@@ -36,6 +36,15 @@ def _guard(meta: Optional[SeqMeta], q: torch.Tensor, k: torch.Tensor, prob: Attn
         poison_if_invalid(meta, q.shape[0], k.shape[0], prob.max_seqlen_q, prob.max_seqlen_k, outputs)
 
 
+def _dropout(dropout_p: float, dropout_seed: Optional[torch.Tensor]) -> Optional[tuple[float, int]]:
+    """(probability, seed) for the launchers. The seed travels as a CPU int64 tensor (drawn
+    from PyTorch's generator by the caller, so torch.manual_seed reproduces a run, and a
+    runtime value under torch.compile); reading it costs no device sync."""
+    if dropout_p == 0.0:
+        return None
+    return dropout_p, int(dropout_seed.item())
+
+
 def _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag) -> Optional[SeqMeta]:
     return None if q_starts is None else SeqMeta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
 
@@ -62,10 +71,13 @@ def _attn_fwd_impl(
     softcap: float,
     guard: bool = False,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    out, lse = attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes)
+    out, lse = attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes,
+                                 dropout=_dropout(dropout_p, dropout_seed))
     if guard:
         _guard(meta, q, k, prob, (out, lse))
     return out, lse
@@ -76,7 +88,8 @@ attn_fwd = torch.library.custom_op("ringflash::attn_fwd", mutates_args=())(_attn
 
 @attn_fwd.register_fake
 def _(q, k, v, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right, softcap, guard=False, alibi_slopes=None):
+      softmax_scale, causal, window_left, window_right, softcap, guard=False, alibi_slopes=None, dropout_p=0.0,
+      dropout_seed=None):
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = q.new_empty(_lse_shape(q, q_starts is not None), dtype=torch.float32)
     return out, lse
@@ -102,10 +115,13 @@ def _attn_bwd_impl(
     window_right: int,
     softcap: float,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes)
+    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes,
+                                    dropout=_dropout(dropout_p, dropout_seed))
     _guard(meta, q, k, prob, (dq, dk, dv))
     return dq, dk, dv
 
@@ -115,7 +131,7 @@ attn_bwd = torch.library.custom_op("ringflash::attn_bwd", mutates_args=())(_attn
 
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None):
+      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))

@@ -65,6 +65,12 @@ def _masked_softmax_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q (..., sq, d), k/v (..., sk, d), mask and bias broadcastable to (..., sq, sk) ->
     out (..., sq, d), lse (..., sq). The bias is added after the softcap."""
+    probs, lse = _masked_softmax(q, k, mask, softmax_scale, softcap, bias)
+    return torch.matmul(probs, v), lse
+
+
+def _masked_softmax(q, k, mask, softmax_scale, softcap, bias):
+    """(probabilities (..., sq, sk), lse (..., sq)) of the scaled, capped, biased, masked scores."""
     scores = torch.matmul(q, k.transpose(-1, -2)) * softmax_scale
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
@@ -75,7 +81,29 @@ def _masked_softmax_attention(
     # Rows that see no key: lse = -inf, and their probabilities are defined as 0 (not NaN).
     safe_lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - safe_lse.unsqueeze(-1)).masked_fill(~mask, 0.0)
-    return torch.matmul(probs, v), lse
+    return probs, lse
+
+
+def _dense_setup(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes):
+    """Validated options and the (b, h, s, d) operands, mask and ALiBi bias of dense attention."""
+    shape = V.check_dense_qkv(q, k, v, dtypes=V.REFERENCE_DTYPES, max_headdim=None)
+    causal = V.as_bool("causal", causal)
+    window_size = V.check_window(window_size)
+    softcap = V.check_softcap(softcap)
+    scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
+    group = shape.nheads // shape.nheads_k
+    qt = q.transpose(1, 2)  # (b, h, sq, d)
+    kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
+    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    q_idx = torch.arange(shape.seqlen_q, device=q.device).unsqueeze(1)
+    k_idx = torch.arange(shape.seqlen_k, device=q.device).unsqueeze(0)
+    mask = visible_mask(q_idx, k_idx, shape.seqlen_q, shape.seqlen_k, causal, window_size)
+    bias = None
+    if alibi_slopes is not None:
+        slopes = V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
+        distance = (q_idx + (shape.seqlen_k - shape.seqlen_q) - k_idx).abs().to(q.dtype)
+        bias = -slopes.to(q.dtype).view(-1, shape.nheads, 1, 1) * distance
+    return qt, kt, vt, mask, scale, softcap, bias
 
 
 def attention_ref(
@@ -98,25 +126,26 @@ def attention_ref(
         out: (batch, seqlen_q, nheads, headdim), q's dtype
         lse: (batch, nheads, seqlen_q), q's dtype, natural log, -inf for rows that see no key
     """
-    shape = V.check_dense_qkv(q, k, v, dtypes=V.REFERENCE_DTYPES, max_headdim=None)
-    causal = V.as_bool("causal", causal)
-    window_size = V.check_window(window_size)
-    softcap = V.check_softcap(softcap)
-    scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
-    group = shape.nheads // shape.nheads_k
-    qt = q.transpose(1, 2)  # (b, h, sq, d)
-    kt = k.transpose(1, 2).repeat_interleave(group, dim=1)
-    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
-    q_idx = torch.arange(shape.seqlen_q, device=q.device).unsqueeze(1)
-    k_idx = torch.arange(shape.seqlen_k, device=q.device).unsqueeze(0)
-    mask = visible_mask(q_idx, k_idx, shape.seqlen_q, shape.seqlen_k, causal, window_size)
-    bias = None
-    if alibi_slopes is not None:
-        slopes = V.check_alibi_slopes(alibi_slopes, shape.batch, shape.nheads, q.device)
-        distance = (q_idx + (shape.seqlen_k - shape.seqlen_q) - k_idx).abs().to(q.dtype)
-        bias = -slopes.to(q.dtype).view(-1, shape.nheads, 1, 1) * distance
+    qt, kt, vt, mask, scale, softcap, bias = _dense_setup(q, k, v, causal, softmax_scale, window_size, softcap,
+                                                          alibi_slopes)
     out, lse = _masked_softmax_attention(qt, kt, vt, mask, scale, softcap, bias)
     return out.transpose(1, 2), lse
+
+
+def attention_probs_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    causal: bool = False,
+    softmax_scale: Optional[float] = None,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The attention probabilities (batch, nheads, seqlen_q, seqlen_k) of ``attention_ref``
+    (0 where masked), in q's dtype."""
+    qt, kt, _, mask, scale, softcap, bias = _dense_setup(q, k, k, causal, softmax_scale, window_size, softcap,
+                                                         alibi_slopes)
+    return _masked_softmax(qt, kt, mask, scale, softcap, bias)[0]
 
 
 def attention_varlen_ref(

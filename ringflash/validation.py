@@ -180,6 +180,16 @@ def check_unsupported(dropout_p: float = 0.0, alibi_slopes: Optional[torch.Tenso
                                   "(flash_attn_func and flash_attn_varlen_func take it)")
 
 
+def check_dropout_p(dropout_p: object) -> float:
+    """A dropout probability in [0, 1)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float, numbers.Real)):
+        raise TypeError(f"dropout_p: expected a float, got {type(dropout_p).__name__}")
+    value = float(dropout_p)
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ValueError(f"dropout_p: got {value}; expected 0 <= dropout_p < 1")
+    return value
+
+
 def check_alibi_slopes(alibi_slopes: object, batch: int, nheads: int, device: torch.device) -> torch.Tensor:
     """flash-attn's ALiBi slopes: float32 (nheads,) or (batch, nheads), on q's device.
     Returns them as a contiguous (1 or batch, nheads) tensor."""

@@ -112,8 +112,6 @@ def test_unsupported_options_raise():
         rf_hf.attention_forward(layer, q, k, k, torch.zeros(1, 1, 8, 8, device=DEVICE))
     with pytest.raises(NotImplementedError, match="s_aux"):
         rf_hf.attention_forward(layer, q, k, k, None, s_aux=torch.zeros(4, device=DEVICE))
-    with pytest.raises(NotImplementedError, match="dropout"):
-        rf_hf.attention_forward(layer, q, k, k, None, dropout=0.1)
 
 
 @pytest.mark.parametrize("strategy,world_size", [("zigzag_llama3", 2), ("llama3", 3), ("zigzag_ring", 2)])
@@ -293,3 +291,34 @@ def test_torch_compile_has_no_graph_breaks_and_matches_eager(case):
     got = compiled(*args, **kwargs).logits
     got_grads = _grads(ours, (got * weight).sum())
     _compare(want, got, want_grads, got_grads)
+
+
+@pytest.mark.parametrize("batch", ["dense", "padded", "packed"])
+def test_attention_dropout_in_training(batch):
+    """attention_dropout > 0 in training runs in the kernels (it used to raise): the same
+    torch.manual_seed gives the same logits and gradients, another seed other ones, and
+    evaluation mode applies no dropout."""
+    ours = tiny_model(rf_hf.register(), device=DEVICE)
+    ours.config.attention_dropout = 0.3
+    for layer in ours.model.layers:
+        layer.self_attn.attention_dropout = 0.3
+    ids = torch.randint(0, VOCAB, (2 if batch == "padded" else 1, 19), device=DEVICE)
+    kwargs = {}
+    if batch == "padded":
+        mask = torch.ones(2, 19, dtype=torch.long, device=DEVICE)
+        mask[1, :4] = 0
+        kwargs = dict(attention_mask=mask)
+    elif batch == "packed":
+        kwargs = dict(position_ids=torch.cat([torch.arange(n, device=DEVICE) for n in (7, 12)])[None])
+    with torch.no_grad():
+        eval_logits = ours.eval()(ids, **kwargs).logits
+    ours.train()
+
+    def run(seed):
+        torch.manual_seed(seed)
+        logits = ours(ids, **kwargs).logits
+        return logits, _grads(ours, logits.square().sum())
+
+    (a, grads_a), (b, grads_b), (c, _) = run(1), run(1), run(2)
+    assert torch.equal(a, b) and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+    assert not torch.allclose(a, c) and not torch.allclose(a, eval_logits)

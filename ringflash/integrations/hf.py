@@ -28,8 +28,9 @@ own flash-attention integration:
 * GQA/MQA (no repeat of K/V), sliding windows (``sliding_window`` tokens including the
   current one), softcapping, and float32 inputs (no down-cast).
 
-Attention dropout, attention sinks (``s_aux``), ``output_attentions`` and custom 4D masks
-raise an error naming the argument.
+Attention dropout (``attention_dropout`` in training) runs in the kernels. Attention sinks
+(``s_aux``), ``output_attentions`` and custom 4D masks raise an error naming the argument,
+and so does dropout under ``context_parallel``.
 
 Context parallelism: inside ``with context_parallel(plan):`` every attention call of the
 model runs ``plan.attention`` on this rank's tokens (see ``ringflash.cp.Plan``)::
@@ -209,10 +210,9 @@ def attention_forward(
     # when a KV cache makes q_len < kv_len). The layout needs the host, so it is read
     # inside a custom op (one read per forward), which keeps a compiled graph whole.
     V.check_dense_qkv(q, k, v)
-    V.check_unsupported(options["dropout_p"])
     left, right = V.check_window(options["window_size"])
     scale = V.resolve_softmax_scale(options["softmax_scale"], q.shape[-1])
     layout, kind = (position_ids, "positions") if packed_row else (attention_mask, "mask")
     out = layout_attention(q, k, v, layout, kind, scale, causal, left, 0 if causal else right,
-                           V.check_softcap(options["softcap"]))
+                           V.check_softcap(options["softcap"]), V.check_dropout_p(options["dropout_p"]))
     return out, None

@@ -127,17 +127,23 @@ def _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_rig
     return meta, prob
 
 
+def _dropout(dropout_p: float, dropout_seed: Optional[torch.Tensor]) -> Optional[tuple[float, int]]:
+    return None if dropout_p == 0.0 else (dropout_p, int(dropout_seed.item()))  # a CPU tensor: no sync
+
+
 @torch.library.custom_op("ringflash::layout_attn_fwd", mutates_args=())
 def layout_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, layout_kind: str,
     softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+    dropout_p: float, dropout_seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, q_len, h, _ = q.shape
     lay = _layout(layout, layout_kind, q_len, k.shape[1])
     q_index, k_index = lay[0], lay[3]
     q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
     meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
-    out_rows, lse_rows = attention_forward(q_rows, k_rows, v_rows, prob, meta)
+    out_rows, lse_rows = attention_forward(q_rows, k_rows, v_rows, prob, meta,
+                                           dropout=_dropout(dropout_p, dropout_seed))
     out = _unrows(out_rows, q_index, q)
     lse = lse_rows.new_full((h, b * q_len), float("-inf"))
     lse = (lse.index_copy_(1, q_index, lse_rows) if q_index is not None else lse_rows).view(h, b, q_len)
@@ -145,7 +151,8 @@ def layout_attn_fwd(
 
 
 @layout_attn_fwd.register_fake
-def _(q, k, v, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap):
+def _(q, k, v, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
+      dropout_seed):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
@@ -153,7 +160,7 @@ def _(q, k, v, layout, layout_kind, softmax_scale, causal, window_left, window_r
 def layout_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
     layout: torch.Tensor, layout_kind: str, softmax_scale: float, causal: bool, window_left: int,
-    window_right: int, softcap: float,
+    window_right: int, softcap: float, dropout_p: float, dropout_seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, q_len, h, _ = q.shape
     lay = _layout(layout, layout_kind, q_len, k.shape[1])
@@ -164,28 +171,29 @@ def layout_attn_bwd(
         lse_rows = lse_rows.index_select(1, q_index)
     meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
     dq, dk, dv = attention_backward(_rows(dout, q_index), q_rows, k_rows, v_rows, _rows(out, q_index),
-                                    lse_rows.contiguous(), prob, meta)
+                                    lse_rows.contiguous(), prob, meta, dropout=_dropout(dropout_p, dropout_seed))
     return _unrows(dq, q_index, q), _unrows(dk, k_index, k), _unrows(dv, k_index, v)
 
 
 @layout_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap):
+def _(dout, q, k, v, out, lse, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap,
+      dropout_p, dropout_seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, layout, layout_kind, *options = inputs
+    q, k, v, layout, layout_kind, *options, dropout_seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, layout)
+    ctx.save_for_backward(q, k, v, out, lse, layout, dropout_seed)
     ctx.layout_kind, ctx.options = layout_kind, options
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, layout = ctx.saved_tensors
+    q, k, v, out, lse, layout, dropout_seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.ringflash.layout_attn_bwd(dout.contiguous(), q, k, v, out, lse, layout,
-                                                     ctx.layout_kind, *ctx.options)
-    return dq, dk, dv, None, None, None, None, None, None, None
+                                                     ctx.layout_kind, *ctx.options, dropout_seed)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None
 
 
 layout_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -194,9 +202,13 @@ layout_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def layout_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, layout_kind: str,
     softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Attention of q (batch, q_len, nheads, d) against k/v (batch, kv_len, nheads_k, d) over
-    the sequences that ``layout`` describes (see the module doc). Returns out like q."""
+    the sequences that ``layout`` describes (see the module doc). Returns out like q.
+    ``dropout_p`` drops attention probabilities as ``flash_attn_varlen_func`` does, with a
+    seed drawn from PyTorch's generator."""
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None
     out, _ = torch.ops.ringflash.layout_attn_fwd(q, k, v, layout, layout_kind, softmax_scale, causal,
-                                                 window_left, window_right, softcap)
+                                                 window_left, window_right, softcap, dropout_p, seed)
     return out

@@ -18,10 +18,12 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, check_device, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
+    alibi_bias, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
     key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .problem import AttnProblem, SeqMeta, alibi_args, dense_strides, lse_strides, meta_flags, seqlen_args
+from .problem import (
+    AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
+)
 
 
 @triton.jit
@@ -63,10 +65,10 @@ def _dkdv_block_loop(
     q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos,
     start, end, offs_n, offs_d,
     sq, diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_scale, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over query blocks [start, end)."""
     offs_mb = tl.arange(0, BLOCK_M)
@@ -102,8 +104,14 @@ def _dkdv_block_loop(
         else:
             do = tl.load(do_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             delta = tl.load(delta_base + offs_m)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:  # dV sees the dropped, rescaled probabilities; dP only where kept
+            keepT = dropout_keep(dropout_seed, b, h, offs_m[None, :], offs_n[:, None], dropout_p)
+            dv = tl.dot(tl.where(keepT, pT * dropout_scale, 0.0).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
+        else:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             t = sT / softcap_out  # tanh of the capped score
@@ -130,10 +138,11 @@ def _bwd_dkdv_kernel(
     kv_group, num_groups,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
+    dropout_p, dropout_scale, dropout_seed,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch).
 
@@ -183,19 +192,22 @@ def _bwd_dkdv_kernel(
                 dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
                 m_lo, a_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
                 qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-                True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
+                b, h, dropout_p, dropout_scale, dropout_seed,
+                True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
             )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             a_end, b_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
+            b, h, dropout_p, dropout_scale, dropout_seed,
+            False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             b_end, m_hi, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
+            b, h, dropout_p, dropout_scale, dropout_seed,
+            True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         )
     dk = dk * softmax_scale
     if HAS_DKV_ROWS:
@@ -215,10 +227,10 @@ def _dq_block_loop(
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
     diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_scale, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ (BLOCK_M x D) over key blocks [start, end)."""
     k_ptrs += start.to(tl.int64) * stride_ks
@@ -245,6 +257,9 @@ def _dq_block_loop(
             mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if HAS_DROPOUT:
+            keep = dropout_keep(dropout_seed, b, h, offs_m[:, None], (n0 + offs_n)[None, :], dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             t = s / softcap_out
@@ -270,10 +285,11 @@ def _bwd_dq_kernel(
     kv_group, num_m_blocks, num_groups,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
+    dropout_p, dropout_scale, dropout_seed,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, GROUP_ORDER: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
     """Grid: ``configs.program_grid`` over cdiv(max_seqlen_q, BLOCK_M) query blocks; order as the forward's."""
     g, m_block, b = schedule(tl.program_id(0), tl.program_id(2), num_m_blocks, num_groups, GROUP_ORDER)
@@ -310,17 +326,20 @@ def _bwd_dq_kernel(
         dq = _dq_block_loop(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, offs_m, offs_n, offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
+            b, h, dropout_p, dropout_scale, dropout_seed,
+            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
+        b, h, dropout_p, dropout_scale, dropout_seed,
+        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
     )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION,
+        b, h, dropout_p, dropout_scale, dropout_seed,
+        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
     )
     dq = dq * softmax_scale
     tl.store(tile_ptrs(DQ, b, h, q_start + m0, stride_dqb, stride_dqh, stride_dqs, BLOCK_M, BLOCK_D),
@@ -373,6 +392,7 @@ def attention_backward(
     after_dkdv: Optional[Callable[[], None]] = None,
     dkv_rows: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout: Optional[tuple[float, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
 
@@ -383,8 +403,9 @@ def attention_backward(
     ``dkv_rows`` (varlen, int64 (total_k,), caller-checked): key i's gradients go to row
     ``dkv_rows[i]`` of the given ``dk``/``dv``, which may have any number of rows.
     ``after_dkdv`` runs once dK/dV are enqueued and before dQ is, so that a caller can
-    start communicating dK/dV while dQ computes (context parallelism). ``alibi_slopes`` as
-    in ``attention_forward``.
+    start communicating dK/dV while dQ computes (context parallelism). ``alibi_slopes`` and
+    ``dropout`` (the forward's probability and seed, which regenerate its mask) as in
+    ``attention_forward``.
     """
     check_device(q)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -416,10 +437,10 @@ def attention_backward(
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
         **meta_flags(meta),
         HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None,
+        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None,
         INPUT_PRECISION=configs.input_precision(q.dtype),
     )
-    scalars = (*prob.scalar_args(), prob.softmax_scale, prob.window_left, prob.window_right)
+    scalars = (*prob.scalar_args(), prob.softmax_scale, prob.window_left, prob.window_right, *dropout_args(dropout))
     qkv_strides = (*dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen),
                    *dense_strides(v, prob.is_varlen), *dense_strides(dout, prob.is_varlen))
     kv_group = prob.nheads // prob.nheads_k

@@ -19,6 +19,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.language.random import uint_to_uniform_float
 
 LOG2E: float = 1.4426950408889634
 
@@ -262,6 +263,18 @@ def load_alibi_slope(Alibi, b, h, stride_b, stride_h, HAS_ALIBI: tl.constexpr, L
     else:
         slope = 0.0
     return slope
+
+
+@triton.jit
+def dropout_keep(seed, b, h, m_idx, n_idx, dropout_p):
+    """Dropout's keep mask for query rows ``m_idx`` and keys ``n_idx`` (positions within the
+    sequence; broadcast shapes, as in ``visible``) of sequence ``b``, query head ``h``.
+    Philox on the counters (key, row, sequence, head): the mask depends only on the entry
+    and the seed, never on the tiling, so the forward and both backward kernels (and the
+    S_dmask kernel) regenerate the same one."""
+    zeros = m_idx * 0 + n_idx * 0
+    r, _, _, _ = tl.philox(seed, n_idx + zeros, m_idx + zeros, zeros + b, zeros + h)
+    return uint_to_uniform_float(r) >= dropout_p
 
 
 @triton.jit

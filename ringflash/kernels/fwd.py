@@ -15,10 +15,12 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, check_device, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
+    alibi_bias, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
     row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .problem import AttnProblem, SeqMeta, alibi_args, dense_strides, lse_strides, meta_flags, seqlen_args
+from .problem import (
+    AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
+)
 
 
 @triton.jit
@@ -27,10 +29,10 @@ def _fwd_block_loop(
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
     diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out, alibi_slope,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end).
 
@@ -74,6 +76,8 @@ def _fwd_block_loop(
             v = tl.load(v_ptrs, cache_modifier=KV_CACHE)
         else:
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
+        if HAS_DROPOUT:  # l_i keeps the undropped sum; the 1 / (1 - p) comes at the end
+            p = tl.where(dropout_keep(dropout_seed, b, h, offs_m[:, None], (n0 + offs_n)[None, :], dropout_p), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
@@ -95,10 +99,11 @@ def _fwd_kernel(
     kv_group, num_m_blocks, num_groups, num_splits,
     qk_scale_log2, softcap_in, softcap_out,
     window_left, window_right,
+    dropout_p, dropout_scale, dropout_seed,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
     SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_ORDER: tl.constexpr,
 ):
     """Grid: ``configs.program_grid`` (query blocks x splits, heads, batch), with the groups
@@ -165,25 +170,30 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, offs_m, offs_n, offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, KV_CACHE,
-            USE_EXP2,
+            b, h, dropout_p, dropout_seed,
+            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            KV_CACHE, USE_EXP2,
         )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, KV_CACHE,
-        USE_EXP2,
+        b, h, dropout_p, dropout_seed,
+        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        KV_CACHE, USE_EXP2,
     )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, INPUT_PRECISION, KV_CACHE,
-        USE_EXP2,
+        b, h, dropout_p, dropout_seed,
+        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        KV_CACHE, USE_EXP2,
     )
 
     # Rows that saw no key: out = 0, lse = -inf.
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if HAS_DROPOUT:
+        out = out * dropout_scale
     if USE_EXP2:
         lse = (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453
     else:
@@ -258,9 +268,12 @@ def attention_forward(
     out: Optional[torch.Tensor] = None,
     lse: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
+    dropout: Optional[tuple[float, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel (dense when ``meta`` is None, varlen/grouped otherwise).
     ``alibi_slopes``: float32 (1 or batch, nheads), contiguous (``validation.check_alibi_slopes``).
+    ``dropout``: (probability, seed) of dropping each attention probability (Philox: see
+    ``common.dropout_keep``); kept ones are scaled by 1 / (1 - probability).
     Strides are free (``common.kernel_operand`` copies the rare layouts the kernels cannot read).
 
     Returns out (q's shape, contiguous, q's dtype) and lse (float32: (batch, nheads, seqlen_q)
@@ -303,11 +316,11 @@ def attention_forward(
             *dense_strides(out_view, prob.is_varlen), split_strides[0],
             *lse_strides(lse_view, prob.is_varlen), split_strides[1],
             prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
-            *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right,
+            *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right, *dropout_args(dropout),
             HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
             **meta_flags(meta),
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
-            HAS_ALIBI=alibi_slopes is not None, IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
+            HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None, IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
             SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_ORDER=cfg.group_order_code,
             **cfg.launch_args(),
         )

@@ -175,6 +175,14 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> tup
     return alibi_slopes, alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1)
 
 
+def dropout_args(dropout: Optional[tuple[float, int]]) -> tuple:
+    """(dropout_p, dropout_scale, dropout_seed) kernel arguments; unused without HAS_DROPOUT."""
+    if dropout is None:
+        return 0.0, 1.0, 0
+    p, seed = dropout
+    return float(p), 1.0 / (1.0 - p), int(seed)
+
+
 def meta_flags(meta: Optional[SeqMeta]) -> dict:
     return dict(
         IS_VARLEN=meta is not None,

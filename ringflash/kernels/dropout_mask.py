@@ -1,0 +1,49 @@
+"""The dropout keep mask as a tensor, for ``return_attn_probs`` (flash-attn's ``S_dmask``,
+a testing aid): the same Philox counters as the attention kernels (``common.dropout_keep``),
+so the mask returned is the one the forward and backward applied."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import check_device, dropout_keep
+
+
+@triton.jit
+def _dropout_mask_kernel(
+    Keep, rows, cols, nheads, first_sequence, dropout_p, dropout_seed,
+    stride_b, stride_h, stride_r,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Grid (cdiv(rows, BLOCK_R), cdiv(cols, BLOCK_C), batch * nheads). Keep (batch, nheads,
+    rows, cols) int8; entry (z, i, j) is sequence first_sequence + z // nheads, head z % nheads."""
+    z = tl.program_id(2)
+    b = first_sequence + z // nheads
+    h = z % nheads
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    keep = dropout_keep(dropout_seed, b, h, offs_r[:, None], offs_c[None, :], dropout_p)
+    ptrs = (Keep + (z // nheads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+            + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :])
+    tl.store(ptrs, keep.to(tl.int8), mask=(offs_r[:, None] < rows) & (offs_c[None, :] < cols))
+
+
+def dropout_keep_mask(
+    batch: int, nheads: int, rows: int, cols: int, dropout_p: float, seed: int, device: torch.device,
+    first_sequence: int = 0,
+) -> torch.Tensor:
+    """bool (batch, nheads, rows, cols): whether the attention kernels keep the probability of
+    query row i and key j of sequence ``first_sequence + b``, head h, for this seed."""
+    keep = torch.empty((batch, nheads, rows, cols), dtype=torch.int8, device=device)
+    if keep.numel() == 0:
+        return keep.bool()
+    check_device(keep, "q")
+    block = 32
+    grid = (triton.cdiv(rows, block), triton.cdiv(cols, block), batch * nheads)
+    _dropout_mask_kernel[grid](
+        keep, rows, cols, nheads, first_sequence, float(dropout_p), int(seed),
+        keep.stride(0), keep.stride(1), keep.stride(2), BLOCK_R=block, BLOCK_C=block,
+    )
+    return keep.bool()

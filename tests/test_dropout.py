@@ -1,0 +1,139 @@
+"""Dropout (flash-attn's ``dropout_p``) against float64: the kernels' mask comes back in
+``S_dmask`` (``return_attn_probs=True``: the probabilities, dropped entries negated), the
+output and every gradient are rebuilt from that mask in float64, and must match at the
+project's bar. Also: the dropped fraction, the same seed reproducing a run, and
+torch.compile."""
+
+import pytest
+import torch
+
+from attn_check import EPS
+from conftest import HAS_CUDA, cu_seqlens_from_lengths
+from ringflash import flash_attn_func, flash_attn_varlen_func
+from ringflash.reference import attention_probs_ref
+from ringflash.testing import assert_close
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if HAS_CUDA else [])
+
+
+def _dropped_reference(q, k, v, keep, p, options):
+    """float64 out (b, sq, h, d) = (P * keep / (1 - p)) V, with P from the reference."""
+    probs = attention_probs_ref(q, k, **options)  # (b, h, sq, sk)
+    group = q.shape[2] // k.shape[2]
+    vt = v.transpose(1, 2).repeat_interleave(group, dim=1)
+    return torch.matmul(probs * keep / (1 - p), vt).transpose(1, 2)
+
+
+def _check(got, want, baseline, dtype, name):
+    # PyTorch's own error in this dtype: the same rebuilt computation run in `dtype`.
+    assert_close(name, got, want, baseline=baseline, atol=EPS[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "sq,sk,heads,options",
+    [
+        (37, 37, (4, 2), dict(causal=True)),
+        (17, 45, (2, 2), dict(causal=False)),
+        (45, 17, (3, 1), dict(causal=True, window_size=(9, -1))),
+        (33, 33, (2, 1), dict(causal=True, softcap=3.0)),
+        (29, 29, (2, 2), dict(causal=True, alibi_slopes="per-head")),
+    ],
+    ids=["gqa-causal", "sq<sk", "mqa-window", "softcap", "alibi"],
+)
+def test_dense_dropout_matches_its_mask(gen, dtype, sq, sk, heads, options):
+    b, d, p = 2, 16, 0.25
+    h, hk = heads
+    options = dict(options)
+    if options.get("alibi_slopes") == "per-head":
+        options["alibi_slopes"] = torch.rand(h, generator=gen).to(DEVICE)
+    q64, k64, v64 = (torch.randn(b, n, nh, d, generator=gen, dtype=torch.float64).to(DEVICE)
+                     for n, nh in ((sq, h), (sk, hk), (sk, hk)))
+    dout = torch.randn(b, sq, h, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    leaves = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
+    out, lse, s_dmask = flash_attn_func(*leaves, dropout_p=p, return_attn_probs=True, **options)
+    grads = torch.autograd.grad(out, leaves, dout.to(dtype))
+    assert s_dmask.shape == (b, h, 128, 128) and s_dmask.dtype == torch.float32
+    keep = (s_dmask[:, :, :sq, :sk] >= 0).to(torch.float64)
+    assert torch.all(s_dmask[:, :, sq:] == 0) and torch.all(s_dmask[:, :, :, sk:] == 0)
+    results = []
+    for ref_dtype in (torch.float64, dtype):
+        ref_leaves = [t.to(ref_dtype).requires_grad_() for t in (q64, k64, v64)]
+        ref_out = _dropped_reference(*ref_leaves, keep.to(ref_dtype), p, options)
+        results.append((ref_out, torch.autograd.grad(ref_out, ref_leaves, dout.to(ref_dtype))))
+    (want, want_grads), (base, base_grads) = results
+    _check(out, want, base, dtype, "out")
+    for name, g, w, bs in zip(("dq", "dk", "dv"), grads, want_grads, base_grads):
+        _check(g, w, bs, dtype, name)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_dropout_matches_its_mask(gen, causal):
+    lengths, k_lengths, p = [9, 0, 30, 1], [14, 3, 30, 6], 0.4
+    cu_q, cu_k = cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE)
+    q64 = torch.randn(sum(lengths), 4, 16, generator=gen, dtype=torch.float64).to(DEVICE)
+    k64, v64 = (torch.randn(sum(k_lengths), 2, 16, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    dout = torch.randn_like(q64)
+    leaves = [t.float().requires_grad_() for t in (q64, k64, v64)]
+    out, _, s_dmask = flash_attn_varlen_func(*leaves, cu_q, cu_k, 30, 30, dropout_p=p, causal=causal,
+                                             return_attn_probs=True)
+    grads = torch.autograd.grad(out, leaves, dout.float())
+    assert s_dmask.shape == (4, 4, 128, 128)
+    ref_leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    outs = []
+    for i, (a, e, ka, ke) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])):
+        keep = (s_dmask[i, :, :e - a, :ke - ka] >= 0).double()
+        outs.append(_dropped_reference(ref_leaves[0][a:e][None], ref_leaves[1][ka:ke][None], ref_leaves[2][ka:ke][None],
+                                       keep, p, dict(causal=causal))[0])
+    want = torch.cat(outs)
+    want_grads = torch.autograd.grad(want, ref_leaves, dout)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=0)
+
+
+def test_dropped_fraction_and_seeds():
+    q = torch.randn(1, 128, 2, 16, device=DEVICE)
+    torch.manual_seed(3)
+    out_a, _, mask_a = flash_attn_func(q, q, q, dropout_p=0.3, return_attn_probs=True)
+    torch.manual_seed(3)
+    out_b = flash_attn_func(q, q, q, dropout_p=0.3)
+    out_c, _, mask_c = flash_attn_func(q, q, q, dropout_p=0.3, return_attn_probs=True)
+    assert torch.equal(out_a, out_b), "the same seed must reproduce the run"
+    assert not torch.equal(out_a, out_c), "the next call must draw a new mask"
+    dropped = (mask_a[:, :, :128, :128] < 0).float().mean().item()
+    assert abs(dropped - 0.3) < 0.02, dropped  # 32768 draws: 4 standard deviations is 0.01
+    assert not torch.equal(mask_a < 0, mask_c < 0)
+    no_dropout = flash_attn_func(q, q, q)
+    assert torch.equal(flash_attn_func(q, q, q, dropout_p=0.0), no_dropout)
+
+
+def test_dropout_under_torch_compile():
+    """Compiled like eager: a seed drawn per call from PyTorch's generator (a runtime value,
+    not a constant of the graph), the same for the same torch.manual_seed."""
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def attend(q, k, v):
+        return flash_attn_func(q, k, v, dropout_p=0.5, causal=True)
+
+    torch.manual_seed(11)
+    a = attend(q, k, v)
+    a.sum().backward()
+    torch.manual_seed(11)
+    b = attend(q, k, v)
+    c = attend(q, k, v)
+    torch.manual_seed(11)
+    eager = flash_attn_func(q, k, v, dropout_p=0.5, causal=True)
+    assert torch.equal(a, b) and not torch.equal(b, c)
+    torch.testing.assert_close(a, eager)
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("p,exc", [(1.0, ValueError), (-0.1, ValueError), (float("nan"), ValueError), ("0.1", TypeError)])
+def test_bad_dropout_p(p, exc):
+    q = torch.randn(1, 4, 2, 16, device=DEVICE)
+    with pytest.raises(exc, match="dropout_p"):
+        flash_attn_func(q, q, q, dropout_p=p)
