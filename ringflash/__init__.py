@@ -47,6 +47,7 @@ from .interface import (
     flash_attn_varlen_kvpacked_func,
     flash_attn_varlen_qkvpacked_func,
 )
+from .kvcache import flash_attn_with_kvcache
 from .pytorch_fa2 import FlashAttentionPyTorchFunc
 from .reference import attention_ref, attention_varlen_ref
 
@@ -61,6 +62,7 @@ __all__ = [
     "flash_attn_varlen_func",
     "flash_attn_varlen_kvpacked_func",
     "flash_attn_varlen_qkvpacked_func",
+    "flash_attn_with_kvcache",
     "grouped_flash_attn_varlen_func",
     "zigzag_group_ranges",
     "llama3_flash_attn_prepare_cu_seqlens",

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .kernels.bwd import attention_backward
-from .kernels.fwd import attention_forward
+from .kernels import dispatch
 from .kernels.guard import poison_if_invalid
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
@@ -76,8 +76,8 @@ def _attn_fwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    out, lse = attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes,
-                                 dropout=_dropout(dropout_p, dropout_seed))
+    out, lse = dispatch.forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes,
+                                dropout=_dropout(dropout_p, dropout_seed))
     if guard:
         _guard(meta, q, k, prob, (out, lse))
     return out, lse

@@ -1,0 +1,51 @@
+"""The one place that picks a forward kernel family for a call.
+
+* ``decode`` (``kernels.decode``): dense calls with few query rows per KV head (seqlen_q x
+  the GQA group <= ``DECODE_MAX_ROWS``) against at least ``DECODE_MIN_KEYS`` keys, without
+  dropout: the training forward would launch a mostly empty tile of query rows per
+  program and too few programs to fill the GPU.
+* ``fwd`` (``kernels.fwd``): everything else.
+
+``RINGFLASH_DECODE=0`` / ``1`` forces the choice for dense calls (A/B measurements). Both
+families write the same out and lse, so the backward is the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .decode import decode_forward
+from .fwd import attention_forward
+from .problem import AttnProblem, SeqMeta
+
+#: Packed query rows (seqlen_q x nheads / nheads_k) up to which the decode family runs.
+DECODE_MAX_ROWS = 64
+#: Fewest keys for which it is worth it (below, one training-forward tile covers them).
+DECODE_MIN_KEYS = 256
+
+
+def use_decode(q: torch.Tensor, k: torch.Tensor, prob: AttnProblem, meta: Optional[SeqMeta],
+               dropout: Optional[tuple]) -> bool:
+    if meta is not None or dropout is not None:
+        return False
+    forced = os.environ.get("RINGFLASH_DECODE")
+    if forced in ("0", "1"):
+        return forced == "1"
+    rows = q.shape[1] * (prob.nheads // prob.nheads_k)
+    return rows <= DECODE_MAX_ROWS and k.shape[1] >= DECODE_MIN_KEYS
+
+
+def forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta: Optional[SeqMeta] = None,
+    alibi_slopes: Optional[torch.Tensor] = None, dropout: Optional[tuple[float, int]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of one attention call, from the family ``use_decode`` picks."""
+    if use_decode(q, k, prob, meta, dropout):
+        batch = q.shape[0]
+        starts = torch.zeros(batch, dtype=torch.int32, device=q.device)
+        lengths = torch.full((batch,), k.shape[1], dtype=torch.int32, device=q.device)
+        return decode_forward(q, k, v, starts, lengths, k.shape[1], prob, alibi_slopes=alibi_slopes)
+    return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)

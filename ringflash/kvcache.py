@@ -1,0 +1,218 @@
+"""``flash_attn_with_kvcache``: flash-attn 2.8's attention against a KV cache, for generation,
+serving and RL rollouts (forward only).
+
+The call optionally appends new keys/values to the cache *in place* (rotating the new keys
+first when rotary tables are given), then runs the decode kernels
+(``ringflash.kernels.decode``): GQA heads packed into the rows, split-KV across SMs, a
+contiguous or paged cache. Every index is computed on the device from ``cache_seqlens``;
+nothing is read back to the host.
+
+Positions: sequence ``b`` keeps its keys in cache slots ``cache_leftpad[b] ..
+cache_seqlens[b] + seqlen_new - 1`` of its cache row (``cache_batch_idx[b]``, or ``b``; with
+a ``block_table``, slot ``s`` lives in block ``block_table[b, s // page_size]`` at offset
+``s % page_size``). New keys go to slots ``cache_seqlens[b] ..``. The rotary position of a
+slot is its distance from ``cache_leftpad[b]``; queries take the positions of the new
+tokens (``cache_seqlens[b] - cache_leftpad[b] + i``) when causal or windowed, else all sit
+at ``cache_seqlens[b] - cache_leftpad[b]``, as in flash-attn. Causal masks and windows are
+aligned to the bottom right of each sequence's keys.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from . import validation as V
+from .kernels.decode import decode_forward
+from .kernels.problem import make_problem
+
+
+def _as_lengths(name: str, value, batch: int, device: torch.device, default: int) -> torch.Tensor:
+    """An int, None (``default``) or an int32 (batch,) tensor, as an int32 (batch,) tensor."""
+    if value is None or V.integer_value(value) is not None and not isinstance(value, torch.Tensor):
+        n = default if value is None else V.integer_value(value)
+        if n < 0:
+            raise ValueError(f"{name}: got {n}; expected >= 0")
+        return torch.full((batch,), n, dtype=torch.int32, device=device)
+    V.check_rank(name, value, 1, "(batch,)")
+    if value.dtype != torch.int32:
+        raise TypeError(f"{name}: dtype {value.dtype} is not supported; expected int32")
+    if value.shape[0] != batch:
+        raise ValueError(f"{name}: has {value.shape[0]} entries; expected batch={batch}")
+    if value.device != device:
+        raise ValueError(f"{name}: is on device {value.device} but q is on {device}; expected {device}")
+    return value
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotary embedding of x (batch, n, heads, d) with per-token cos/sin (batch, n, rotary_dim / 2),
+    on the first rotary_dim dims: pairs (2i, 2i + 1) when interleaved (GPT-J), else (i,
+    i + rotary_dim / 2) (GPT-NeoX). Computed in float32; returns x's dtype."""
+    rot = 2 * cos.shape[-1]
+    head, tail = x[..., :rot].float(), x[..., rot:]
+    c, s = cos.float()[:, :, None, :], sin.float()[:, :, None, :]
+    if interleaved:
+        x1, x2 = head[..., 0::2], head[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
+    else:
+        x1, x2 = head[..., :rot // 2], head[..., rot // 2:]
+        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
+    return torch.cat((rotated.to(x.dtype), tail), dim=-1)
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: Optional[torch.Tensor] = None,
+    v: Optional[torch.Tensor] = None,
+    rotary_cos: Optional[torch.Tensor] = None,
+    rotary_sin: Optional[torch.Tensor] = None,
+    cache_seqlens: Optional[Union[int, torch.Tensor]] = None,
+    cache_batch_idx: Optional[torch.Tensor] = None,
+    cache_leftpad: Optional[torch.Tensor] = None,
+    block_table: Optional[torch.Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    rotary_interleaved: bool = True,
+    alibi_slopes: Optional[torch.Tensor] = None,
+    num_splits: int = 0,
+    return_softmax_lse: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of q (batch, seqlen_q, nheads, d) against a KV cache, after appending k/v.
+
+    Args:
+        k_cache, v_cache: (batch_cache, seqlen_cache, nheads_k, d), or with ``block_table``
+            (num_blocks, page_size, nheads_k, d). Updated in place when k/v are given.
+        k, v: optional new keys/values (batch, seqlen_new, nheads_k, d).
+        rotary_cos, rotary_sin: optional (seqlen_ro, rotary_dim / 2); seqlen_ro must cover
+            the cache's slots.
+        cache_seqlens: int or int32 (batch,): keys already in the cache (None: all of it).
+        cache_batch_idx: optional int32 (batch,): the cache row of each sequence.
+        cache_leftpad: optional int32 (batch,): the first used slot of each sequence.
+        block_table: optional int32 (batch, max_blocks): a paged cache.
+        num_splits: split-KV fan-out; 0 chooses.
+    Returns:
+        out (batch, seqlen_q, nheads, d), and with ``return_softmax_lse`` also lse (batch,
+        nheads, seqlen_q) float32 (natural log; -inf for rows that see no key).
+    """
+    V.check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
+    V.check_rank("k_cache", k_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim) or (num_blocks, page_size, "
+                 "nheads_k, headdim)")
+    V.check_rank("v_cache", v_cache, 4, "like k_cache")
+    V.check_dtype("q", q, V.KERNEL_DTYPES)
+    V.check_same_dtype(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    V.check_same_device(("q", "k_cache", "v_cache"), (q, k_cache, v_cache))
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache: shape {tuple(v_cache.shape)} differs from k_cache's {tuple(k_cache.shape)}")
+    batch, seqlen_q, nheads, d = q.shape
+    nheads_k = k_cache.shape[2]
+    if k_cache.shape[3] != d:
+        raise ValueError(f"k_cache: head dim {k_cache.shape[3]} differs from q's head dim {d}; expected {d}")
+    V.check_headdim("q", d, V.MAX_HEADDIM)
+    V.check_heads(nheads, nheads_k)
+    if (k is None) != (v is None):
+        raise ValueError("k, v: give both new keys and values, or neither")
+    if any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)) and torch.is_grad_enabled():
+        raise ValueError("q, k_cache, v_cache, k, v: flash_attn_with_kvcache has no backward, but an input "
+                         "requires grad; expected a call under torch.no_grad() or torch.inference_mode()")
+    device = q.device
+    paged = block_table is not None
+    if paged:
+        V.check_rank("block_table", block_table, 2, "(batch, max_blocks)")
+        if block_table.dtype != torch.int32:
+            raise TypeError(f"block_table: dtype {block_table.dtype} is not supported; expected int32")
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table: has {block_table.shape[0]} rows; expected batch={batch}")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx: not supported with a paged cache (block_table); expected None")
+        V.check_same_device(("q", "block_table"), (q, block_table))
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is not None:
+            V.check_tensor("cache_batch_idx", cache_batch_idx)
+            cache_batch_idx = _as_lengths("cache_batch_idx", cache_batch_idx, batch, device, 0)
+        elif k_cache.shape[0] != batch:
+            raise ValueError(f"k_cache: has {k_cache.shape[0]} rows but q has batch {batch}; expected {batch} "
+                             "(or cache_batch_idx)")
+    lengths = _as_lengths("cache_seqlens", cache_seqlens, batch, device, capacity)
+    leftpad = _as_lengths("cache_leftpad", cache_leftpad, batch, device, 0)
+    seqlen_new = 0
+    if k is not None:
+        V.check_rank("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
+        V.check_same_dtype(("q", "k", "v"), (q, k, v))
+        V.check_same_device(("q", "k", "v"), (q, k, v))
+        if k.shape[0] != batch or k.shape[2:] != (nheads_k, d) or v.shape != k.shape:
+            raise ValueError(f"k, v: shapes {tuple(k.shape)}, {tuple(v.shape)}; expected (batch={batch}, seqlen_new, "
+                             f"nheads_k={nheads_k}, headdim={d}) both")
+        seqlen_new = k.shape[1]
+    left, right = V.check_window(window_size)
+    causal = V.as_bool("causal", causal)
+    if causal:
+        right = 0
+    rotary = rotary_cos is not None or rotary_sin is not None
+    if rotary:
+        _check_rotary(rotary_cos, rotary_sin, d, capacity, q)
+    splits = V.integer_value(num_splits)
+    if splits is None or splits < 0:
+        raise ValueError(f"num_splits: got {num_splits!r}; expected 0 (choose) or a positive int")
+    slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, batch, nheads, device)
+    prob = make_problem(q, k_cache, None, seqlen_q, capacity, V.resolve_softmax_scale(softmax_scale, d), causal,
+                        left, right, V.check_softcap(softcap))
+    interleaved = V.as_bool("rotary_interleaved", rotary_interleaved)
+    return_lse = V.as_bool("return_softmax_lse", return_softmax_lse)
+
+    with torch.no_grad():
+        if k is not None:
+            new_slots = lengths[:, None].long() + torch.arange(seqlen_new, device=device)  # (batch, seqlen_new)
+            if rotary:
+                k = apply_rotary(k, *_rotary_rows(rotary_cos, rotary_sin, new_slots - leftpad[:, None]), interleaved)
+            _append(k_cache, k, new_slots, block_table, cache_batch_idx)
+            _append(v_cache, v, new_slots, block_table, cache_batch_idx)
+        if rotary:
+            base = (lengths - leftpad).long()[:, None]
+            positions = base + torch.arange(seqlen_q, device=device) if causal or left >= 0 or right >= 0 \
+                else base.expand(batch, seqlen_q)
+            q = apply_rotary(q, *_rotary_rows(rotary_cos, rotary_sin, positions), interleaved)
+        k_len = (lengths + seqlen_new - leftpad).to(torch.int32)
+        out, lse = decode_forward(q, k_cache, v_cache, leftpad, k_len, capacity, prob,
+                                  cache_rows=cache_batch_idx, block_table=block_table, alibi_slopes=slopes,
+                                  num_splits=splits)
+    return (out, lse) if return_lse else out
+
+
+def _check_rotary(cos, sin, d: int, capacity: int, q: torch.Tensor) -> None:
+    if cos is None or sin is None:
+        raise ValueError("rotary_cos, rotary_sin: give both or neither")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        V.check_rank(name, t, 2, "(seqlen_ro, rotary_dim / 2)")
+        V.check_same_device(("q", name), (q, t))
+    if cos.shape != sin.shape:
+        raise ValueError(f"rotary_sin: shape {tuple(sin.shape)} differs from rotary_cos's {tuple(cos.shape)}")
+    if 2 * cos.shape[1] > d:
+        raise ValueError(f"rotary_cos: rotary_dim {2 * cos.shape[1]} exceeds the head dim {d}; expected <= {d}")
+    if cos.shape[0] < capacity:
+        raise ValueError(f"rotary_cos: has {cos.shape[0]} positions but the cache has {capacity} slots; expected "
+                         f">= {capacity}")
+
+
+def _rotary_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin rows (batch, n, rotary_dim / 2) of (batch, n) positions (clamped into the table)."""
+    idx = positions.clamp(0, cos.shape[0] - 1)
+    return cos[idx], sin[idx]
+
+
+def _append(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, block_table: Optional[torch.Tensor],
+            cache_rows: Optional[torch.Tensor]) -> None:
+    """Write new (batch, n, heads, d) into cache slots (batch, n) in place."""
+    if block_table is not None:
+        page = cache.shape[1]
+        blocks = block_table.long().gather(1, (slots // page).clamp_max(block_table.shape[1] - 1))
+        cache[blocks, slots % page] = new.to(cache.dtype)
+    else:
+        rows = (cache_rows.long() if cache_rows is not None else torch.arange(new.shape[0], device=new.device))
+        cache[rows[:, None].expand_as(slots), slots] = new.to(cache.dtype)

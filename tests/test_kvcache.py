@@ -1,0 +1,167 @@
+"""flash_attn_with_kvcache against float64 attention over the updated cache: contiguous and
+paged caches, new keys appended in place, cache_batch_idx, cache_leftpad, rotary
+(interleaved or not), GQA, causal / windows / softcap / ALiBi, split-KV, seqlen_q 1 and
+more, and the cache contents after the call."""
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from ringflash import attention_ref, flash_attn_with_kvcache
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def _rotate64(x, cos, sin, positions, interleaved):
+    """float64 rotary of x (b, n, h, d) at positions (b, n), written independently of ringflash."""
+    rot = 2 * cos.shape[1]
+    out = x.clone()
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            c, s = cos[positions[b][t]].double(), sin[positions[b][t]].double()
+            for i in range(rot // 2):
+                a, bb = (2 * i, 2 * i + 1) if interleaved else (i, i + rot // 2)
+                x1, x2 = x[b, t, :, a], x[b, t, :, bb]
+                out[b, t, :, a], out[b, t, :, bb] = x1 * c[i] - x2 * s[i], x1 * s[i] + x2 * c[i]
+    return out
+
+
+def _case(gen, *, batch=3, seqlen_q=1, nheads=4, nheads_k=2, d=16, capacity=40, seqlen_new=0, paged=None,
+          batch_idx=False, leftpad=False, rotary=None, causal=True, window=(-1, -1), softcap=0.0, alibi=False,
+          num_splits=0, dtype=torch.float32):
+    mk = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    rows = batch + 2 if batch_idx else batch
+    k_full, v_full = mk(rows, capacity, nheads_k, d), mk(rows, capacity, nheads_k, d)
+    q = mk(batch, seqlen_q, nheads, d)
+    lengths = torch.randint(0, capacity - seqlen_new + 1, (batch,), generator=gen)
+    lengths[0] = capacity - seqlen_new  # one full cache
+    pad = torch.randint(0, 5, (batch,), generator=gen) if leftpad else torch.zeros(batch, dtype=torch.long)
+    pad = torch.minimum(pad, lengths)
+    cache_rows = torch.randperm(rows, generator=gen)[:batch] if batch_idx else torch.arange(batch)
+    new_k, new_v = (mk(batch, seqlen_new, nheads_k, d) for _ in range(2)) if seqlen_new else (None, None)
+    cos = sin = None
+    if rotary is not None:
+        angles = torch.rand(capacity, d // 4, generator=gen, dtype=torch.float64) * 6
+        cos, sin = angles.cos(), angles.sin()
+    slopes = torch.rand(nheads, generator=gen) if alibi else None
+
+    # float64 ground truth: append (rotated) new keys, rotate q, attend to slots [pad, len + new).
+    want_k, want_v = k_full.clone(), v_full.clone()
+    positions_new = [[int(lengths[b] - pad[b]) + t for t in range(seqlen_new)] for b in range(batch)]
+    if seqlen_new:
+        rk = _rotate64(new_k, cos, sin, positions_new, rotary) if rotary is not None else new_k
+        for b in range(batch):
+            n = int(lengths[b])
+            want_k[cache_rows[b], n:n + seqlen_new] = rk[b]
+            want_v[cache_rows[b], n:n + seqlen_new] = new_v[b]
+    q_ref = q
+    if rotary is not None:
+        local = causal or window != (-1, -1)
+        pos_q = [[int(lengths[b] - pad[b]) + (t if local else 0) for t in range(seqlen_q)] for b in range(batch)]
+        q_ref = _rotate64(q, cos, sin, pos_q, rotary)
+    outs = []
+    for b in range(batch):
+        lo, hi = int(pad[b]), int(lengths[b]) + seqlen_new
+        out_b, _ = attention_ref(q_ref[b:b + 1], want_k[cache_rows[b]:cache_rows[b] + 1, lo:hi],
+                                 want_v[cache_rows[b]:cache_rows[b] + 1, lo:hi], causal=causal, window_size=window,
+                                 softcap=softcap, alibi_slopes=None if slopes is None else slopes.double().float())
+        outs.append(out_b)
+    want = torch.cat(outs)
+
+    # ringflash, in dtype on the device.
+    dev = lambda t: None if t is None else t.to(DEVICE)  # noqa: E731
+    k_cache, v_cache = k_full.to(dtype), v_full.to(dtype)
+    block_table = None
+    if paged is not None:  # scatter each cache row over shuffled blocks of `paged` slots
+        per_row = capacity // paged
+        perm = torch.randperm(rows * per_row, generator=gen)
+        kb = torch.empty(rows * per_row, paged, nheads_k, d, dtype=dtype)
+        vb = torch.empty_like(kb)
+        for r in range(rows):
+            for j in range(per_row):
+                kb[perm[r * per_row + j]] = k_cache[r, j * paged:(j + 1) * paged]
+                vb[perm[r * per_row + j]] = v_cache[r, j * paged:(j + 1) * paged]
+        block_table = perm.view(rows, per_row)[cache_rows].to(torch.int32)
+        k_cache, v_cache = kb, vb
+    k_cache, v_cache = dev(k_cache), dev(v_cache)
+    out = flash_attn_with_kvcache(
+        dev(q.to(dtype)), k_cache, v_cache, dev(None if new_k is None else new_k.to(dtype)),
+        dev(None if new_v is None else new_v.to(dtype)),
+        rotary_cos=dev(None if cos is None else cos.float()), rotary_sin=dev(None if sin is None else sin.float()),
+        cache_seqlens=dev(lengths.to(torch.int32)), cache_batch_idx=dev(cache_rows.to(torch.int32)) if batch_idx else None,
+        cache_leftpad=dev(pad.to(torch.int32)) if leftpad else None, block_table=dev(block_table), causal=causal,
+        window_size=window, softcap=softcap, rotary_interleaved=bool(rotary), alibi_slopes=dev(slopes),
+        num_splits=num_splits,
+    )
+    tol = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double().cpu(), want, atol=tol * 4, rtol=tol)
+    if seqlen_new:  # the new keys landed in the cache, rotated
+        for b in range(batch):
+            n, row = int(lengths[b]), int(cache_rows[b])
+            for t in range(seqlen_new):
+                if paged is not None:
+                    slot = n + t
+                    got_k = k_cache[block_table[b, slot // paged], slot % paged]
+                else:
+                    got_k = k_cache[row, n + t]
+                torch.testing.assert_close(got_k.double().cpu(), want_k[row, n + t], atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("seqlen_q", [1, 3])
+def test_decode_contiguous(gen, dtype, seqlen_q):
+    _case(gen, seqlen_q=seqlen_q, dtype=dtype)
+
+
+@pytest.mark.parametrize("paged", [None, 8], ids=["contiguous", "paged"])
+def test_append_rotary_and_cache_rows(gen, paged):
+    _case(gen, seqlen_q=2, seqlen_new=2, paged=paged, batch_idx=paged is None, rotary="interleaved")
+
+
+def test_non_interleaved_rotary_non_causal_leftpad(gen):
+    _case(gen, seqlen_q=3, seqlen_new=3, rotary="", causal=False, leftpad=True)
+
+
+@pytest.mark.parametrize("options", [dict(window=(6, 0)), dict(softcap=1.5), dict(alibi=True),
+                                     dict(num_splits=3), dict(nheads=6, nheads_k=1, d=40)],
+                         ids=["window", "softcap", "alibi", "splits", "mqa-d40"])
+def test_decode_options(gen, options):
+    _case(gen, seqlen_q=2, seqlen_new=1, **options)
+
+
+def test_bad_arguments():
+    q = torch.randn(2, 1, 4, 16, device=DEVICE)
+    cache = torch.randn(2, 8, 2, 16, device=DEVICE)
+    with pytest.raises(ValueError, match="k, v: give both"):
+        flash_attn_with_kvcache(q, cache, cache, k=torch.randn(2, 1, 2, 16, device=DEVICE))
+    with pytest.raises(TypeError, match="cache_seqlens: dtype torch.int64 is not supported; expected int32"):
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=torch.tensor([1, 2], device=DEVICE))
+    with pytest.raises(ValueError, match="cache_batch_idx: not supported with a paged cache"):
+        flash_attn_with_kvcache(q, cache, cache, block_table=torch.zeros(2, 1, dtype=torch.int32, device=DEVICE),
+                                cache_batch_idx=torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="no backward"):
+        flash_attn_with_kvcache(q.requires_grad_(), cache, cache)
+
+
+@pytest.mark.parametrize("sq,causal,alibi", [(1, True, False), (5, False, True), (2, True, True)])
+def test_flash_attn_func_with_few_queries_runs_the_decode_kernels(gen, sq, causal, alibi):
+    """flash_attn_func with a few query rows per KV head against many keys dispatches to the
+    decode family (forward; the backward is the training one): same bar as every kernel."""
+    from attn_check import check_attention, dense64
+    from ringflash import flash_attn_func
+    from ringflash.kernels import dispatch
+    from ringflash.kernels.problem import make_problem
+
+    inputs = dense64(gen, DEVICE, 2, sq, 300, 8, 2, 32)
+    slopes = torch.rand(8, generator=gen).to(DEVICE) if alibi else None
+    prob = make_problem(inputs[0], inputs[1], None, sq, 300, 0.1, causal, -1, -1, 0.0)
+    assert dispatch.use_decode(inputs[0], inputs[1], prob, None, None)
+
+    def impl(q, k, v):
+        out, lse, _ = flash_attn_func(q, k, v, causal=causal, alibi_slopes=slopes, return_attn_probs=True)
+        return out, lse
+
+    def ref(q, k, v):
+        return attention_ref(q, k, v, causal=causal, alibi_slopes=slopes)
+
+    check_attention(impl, ref, inputs, torch.float32)
