@@ -144,7 +144,7 @@ def test_bad_arguments():
 
 
 @pytest.mark.parametrize("sq,causal,alibi", [(1, True, False), (5, False, True), (2, True, True)])
-def test_flash_attn_func_with_few_queries_runs_the_decode_kernels(gen, sq, causal, alibi):
+def test_flash_attn_func_with_few_queries_runs_the_decode_kernels(monkeypatch, gen, sq, causal, alibi):
     """flash_attn_func with a few query rows per KV head against many keys dispatches to the
     decode family (forward; the backward is the training one): same bar as every kernel."""
     from attn_check import check_attention, dense64
@@ -152,6 +152,7 @@ def test_flash_attn_func_with_few_queries_runs_the_decode_kernels(gen, sq, causa
     from ringflash.kernels import dispatch
     from ringflash.kernels.problem import make_problem
 
+    monkeypatch.setenv("RINGFLASH_DECODE", "1")
     inputs = dense64(gen, DEVICE, 2, sq, 300, 8, 2, 32)
     slopes = torch.rand(8, generator=gen).to(DEVICE) if alibi else None
     prob = make_problem(inputs[0], inputs[1], None, sq, 300, 0.1, causal, -1, -1, 0.0)
