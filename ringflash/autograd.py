@@ -37,6 +37,7 @@ class FlashAttnFunc(torch.autograd.Function):
         alibi_slopes: Optional[torch.Tensor] = None,
         dropout_p: float = 0.0,
         dropout_seed: Optional[torch.Tensor] = None,
+        deterministic: bool = False,
     ):
         seq = (None,) * 5 if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag)
         args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
@@ -44,14 +45,16 @@ class FlashAttnFunc(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, dropout_seed, *seq)
         ctx.args = args
         ctx.dropout_p = dropout_p
+        ctx.deterministic = deterministic
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
         q, k, v, out, lse, alibi_slopes, dropout_seed, *seq = ctx.saved_tensors
-        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *seq, *ctx.args, alibi_slopes, ctx.dropout_p, dropout_seed)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None
+        dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *seq, *ctx.args, alibi_slopes, ctx.dropout_p, dropout_seed,
+                             ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
 class FlashAttentionTritonFunc(torch.autograd.Function):

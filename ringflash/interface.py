@@ -15,8 +15,10 @@ scaled scores with ``softcap * tanh(s / softcap)``; ``alibi_slopes`` (float32, (
 or (batch, nheads)) then add ``-slope * |i + seqlen_k - seqlen_q - j|``; lse is float32 natural-log
 logsumexp, -inf (with out = 0) for rows that see no key. Head dims 1..256 (the kernels pad
 to the next power of two, so 64/128/256 are fastest); fp16, bf16 and fp32 (fp32 runs its
-matmuls as tf32 unless ``RINGFLASH_FP32_PRECISION=ieee``). ``deterministic`` is accepted
-for compatibility: the backward is always deterministic (no atomics).
+matmuls as tf32 unless ``RINGFLASH_FP32_PRECISION=ieee``). ``deterministic=True`` keeps the
+backward free of atomics (separate dK/dV and dQ kernels); otherwise the backward follows
+``configs.BACKWARD_DEFAULT`` / ``RINGFLASH_BACKWARD`` (the 5-GEMM backward accumulates dQ by
+atomics, whose order varies from run to run).
 """
 
 from __future__ import annotations
@@ -46,11 +48,11 @@ class _Options:
     dropout_p: float
     dropout_seed: Optional[torch.Tensor]  # CPU int64 (1,), drawn from PyTorch's generator
     return_attn_probs: bool
+    deterministic: bool
 
 
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
              batch, nheads, headdim, device) -> _Options:
-    V.as_bool("deterministic", deterministic)
     left, right = V.check_window(window_size)
     dropout_p = V.check_dropout_p(dropout_p)
     return _Options(
@@ -62,6 +64,7 @@ def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slope
         # the backward regenerates the forward's mask from the same seed.
         dropout_seed=torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None,
         return_attn_probs=V.as_bool("return_attn_probs", return_attn_probs),
+        deterministic=V.as_bool("deterministic", deterministic),
     )
 
 
@@ -124,7 +127,7 @@ def flash_attn_func(
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
     out, lse = FlashAttnFunc.apply(
         q, k, v, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap,
-        False, opts.alibi, opts.dropout_p, opts.dropout_seed,
+        False, opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,
     )
 
     def probs():
@@ -167,7 +170,7 @@ def flash_attn_varlen_func(
     out, lse = FlashAttnFunc.apply(
         q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), shape.max_seqlen_q,
         shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap, not shape.values_checked,
-        opts.alibi, opts.dropout_p, opts.dropout_seed,
+        opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,
     )
 
     def probs():

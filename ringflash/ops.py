@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 
 from .kernels.bwd import attention_backward
-from .kernels import dispatch
+from .kernels import configs, dispatch
 from .kernels.guard import poison_if_invalid
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
@@ -117,11 +117,13 @@ def _attn_bwd_impl(
     alibi_slopes: Optional[torch.Tensor] = None,
     dropout_p: float = 0.0,
     dropout_seed: Optional[torch.Tensor] = None,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
     dq, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes,
-                                    dropout=_dropout(dropout_p, dropout_seed))
+                                    dropout=_dropout(dropout_p, dropout_seed),
+                                    atomic_dq=configs.use_atomic_dq(deterministic))
     _guard(meta, q, k, prob, (dq, dk, dv))
     return dq, dk, dv
 
@@ -131,7 +133,8 @@ attn_bwd = torch.library.custom_op("ringflash::attn_bwd", mutates_args=())(_attn
 
 @attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
-      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None):
+      softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
+      deterministic=False):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             torch.empty(k.shape, dtype=k.dtype, device=k.device),
             torch.empty(v.shape, dtype=v.dtype, device=v.device))

@@ -130,16 +130,16 @@ def test_varlen_keys_past_seqused_get_zero_gradient(gen):
 
 def test_non_contiguous_inputs_take_no_copy(gen, monkeypatch):
     """Token/head strides are free: q, k, v sliced out of a fused projection reach the kernel as they are."""
-    import ringflash.ops
+    from ringflash.kernels import dispatch
 
     seen = []
-    real = ringflash.ops.attention_forward
+    real = dispatch.attention_forward
 
     def spy(q, k, v, *args, **kwargs):
         seen.append((q.data_ptr(), k.data_ptr(), v.data_ptr()))
         return real(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(ringflash.ops, "attention_forward", spy)
+    monkeypatch.setattr(dispatch, "attention_forward", spy)
     fused = torch.randn(2, 33, 3 * 2 + 3, 16, generator=gen).half().to(DEVICE)
     q, k, v = fused[:, :, :2], fused[:, :, 2:4], fused[:, :, 7:9]
     assert not q.is_contiguous()
@@ -283,7 +283,7 @@ def test_empty_inputs():
 @pytest.mark.parametrize(
     "kwargs,exc,pattern",
     [
-        ({"dropout_p": 0.1}, NotImplementedError, r"dropout_p: got 0.1"),
+        ({"dropout_p": 1.0}, ValueError, r"dropout_p: got 1.0; expected 0 <= dropout_p < 1"),
         ({"causal": "yes"}, TypeError, r"causal: expected a bool, got str 'yes'"),
         ({"causal": 2}, TypeError, r"causal: expected a bool, got int 2"),
         ({"deterministic": None}, TypeError, r"deterministic: expected a bool"),

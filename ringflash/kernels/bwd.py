@@ -62,15 +62,17 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_block_loop(
     dk, dv, k, v,
-    q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos,
+    q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos, dq_base, stride_dqs, softmax_scale,
     start, end, offs_n, offs_d,
     sq, diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_scale, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over query blocks [start, end)."""
+    """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over query blocks [start, end). With
+    ATOMIC_DQ also add this key block's share of dQ (scaled) into the float32 buffer at
+    ``dq_base`` by atomics: the 5-GEMM backward, with no separate dQ pass."""
     offs_mb = tl.arange(0, BLOCK_M)
     qT_ptrs = q_base + start.to(tl.int64) * stride_qs + offs_mb[None, :] * stride_qs + offs_d[:, None]
     do_ptrs = do_base + start.to(tl.int64) * stride_dos + offs_mb[:, None] * stride_dos + offs_d[None, :]
@@ -116,7 +118,15 @@ def _dkdv_block_loop(
         if HAS_SOFTCAP:
             t = sT / softcap_out  # tanh of the capped score
             dsT = dsT * (1.0 - t * t)
-        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        dsT = dsT.to(qT.dtype)
+        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION) * softmax_scale
+            dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < sq) & (offs_d[None, :] < HEADDIM), sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEADDIM, sem="relaxed")
         qT_ptrs += BLOCK_M * stride_qs
         do_ptrs += BLOCK_M * stride_dos
     return dk, dv
@@ -124,7 +134,7 @@ def _dkdv_block_loop(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOut, Lse2, Delta, DK, DV, DkvRows,
+    Q, K, V, DOut, Lse2, Delta, DK, DV, DkvRows, DQacc,
     QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
     Alibi, stride_alibi_b, stride_alibi_h,
     seqlen_q, seqlen_k, total_q, total_k,
@@ -134,6 +144,7 @@ def _bwd_dkdv_kernel(
     stride_dob, stride_dos, stride_doh,
     stride_dkb, stride_dks, stride_dkh,
     stride_dvb, stride_dvs, stride_dvh,
+    stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
     kv_group, num_groups,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
@@ -143,6 +154,7 @@ def _bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch).
 
@@ -185,29 +197,36 @@ def _bwd_dkdv_kernel(
         )
         alibi_slope = load_alibi_slope(Alibi, b, h, stride_alibi_b, stride_alibi_h, HAS_ALIBI, True)
         q_base = row_base(Q, b, h, q_start, stride_qb, stride_qh, stride_qs)
+        dq_base = row_base(DQacc, b, h, q_start, stride_dqab, stride_dqah, stride_dqas)
         do_base = row_base(DOut, b, h, q_start, stride_dob, stride_doh, stride_dos)
         l_off = row_base(0, b, h, q_start, stride_lb, stride_lh, 1)
         if HAS_RIGHT:
             dk, dv = _dkdv_block_loop(
                 dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+                dq_base, stride_dqas, softmax_scale,
                 m_lo, a_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
                 qk_scale_log2, softcap_in, softcap_out, alibi_slope,
                 b, h, dropout_p, dropout_scale, dropout_seed,
                 True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+                ATOMIC_DQ,
             )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+            dq_base, stride_dqas, softmax_scale,
             a_end, b_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_p, dropout_scale, dropout_seed,
             False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            ATOMIC_DQ,
         )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+            dq_base, stride_dqas, softmax_scale,
             b_end, m_hi, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_p, dropout_scale, dropout_seed,
             True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            ATOMIC_DQ,
         )
     dk = dk * softmax_scale
     if HAS_DKV_ROWS:
@@ -393,6 +412,7 @@ def attention_backward(
     dkv_rows: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
     dropout: Optional[tuple[float, int]] = None,
+    atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
 
@@ -405,7 +425,10 @@ def attention_backward(
     ``after_dkdv`` runs once dK/dV are enqueued and before dQ is, so that a caller can
     start communicating dK/dV while dQ computes (context parallelism). ``alibi_slopes`` and
     ``dropout`` (the forward's probability and seed, which regenerate its mask) as in
-    ``attention_forward``.
+    ``attention_forward``. ``atomic_dq``: the 5-GEMM backward, dQ accumulated in float32 by
+    atomics inside the dK/dV kernel instead of a separate dQ kernel (faster where the dQ
+    pass's recomputation dominates; the summation order then varies from run to run, so
+    not deterministic). Not with ``dkv_rows``.
     """
     check_device(q)
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
@@ -445,11 +468,18 @@ def attention_backward(
                    *dense_strides(v, prob.is_varlen), *dense_strides(dout, prob.is_varlen))
     kv_group = prob.nheads // prob.nheads_k
 
+    if atomic_dq and dkv_rows is not None:
+        raise ValueError("atomic_dq: not with dkv_rows (context parallelism keeps the two-kernel backward)")
+    # The float32 dQ accumulator of the 5-GEMM backward, in q's layout.
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
+
     def launch_dkdv(cfg: configs.KernelConfig) -> None:
         _bwd_dkdv_kernel[(triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)](
-            q, k, v, dout, lse2, delta, dk, dv, dkv_rows if dkv_rows is not None else delta,
-            *seq_args, *qkv_strides, *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen), lb, lh,
+            q, k, v, dout, lse2, delta, dk, dv, dkv_rows if dkv_rows is not None else delta, dq_acc,
+            *seq_args, *qkv_strides, *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen),
+            *(dense_strides(dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)), lb, lh,
             kv_group, prob.num_groups, *scalars, **cfg.launch_args(), **flags, HAS_DKV_ROWS=dkv_rows is not None,
+            ATOMIC_DQ=atomic_dq,
         )
 
     def launch_dq(cfg: configs.KernelConfig) -> None:
@@ -462,11 +492,17 @@ def attention_backward(
             GROUP_ORDER=cfg.group_order_code,
         )
 
-    launch_dkdv(configs.config_for("dkdv", q, prob, run=launch_dkdv))
+    cfg = configs.config_for("dkdv", q, prob, run=launch_dkdv)
+    if atomic_dq and configs.autotune_enabled():
+        dq_acc.zero_()  # the timing runs of the autotuner added into it
+    launch_dkdv(cfg)
     finish_output(results[1], dk)
     finish_output(results[2], dv)
     if after_dkdv is not None:
         after_dkdv()
-    launch_dq(configs.config_for("dq", q, prob, run=launch_dq))
-    finish_output(results[0], dq)
+    if atomic_dq:
+        results[0].copy_(dq_acc)
+    else:
+        launch_dq(configs.config_for("dq", q, prob, run=launch_dq))
+        finish_output(results[0], dq)
     return results

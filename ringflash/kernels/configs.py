@@ -317,6 +317,24 @@ def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: Kernel
     return max(1, min(-(-sms // work), key_blocks // 4, MAX_SPLITS))
 
 
+#: The backward's default: "deterministic" (separate dK/dV and dQ kernels, no atomics, 7
+#: GEMMs) or "atomic" (dQ accumulated by atomics in the dK/dV kernel, 5 GEMMs, as flash-attn,
+#: FA3 and cuDNN do). Deterministic until a GPU run has measured the two (docs/benchmarks.md);
+#: ``RINGFLASH_BACKWARD`` overrides it.
+BACKWARD_DEFAULT = "deterministic"
+
+
+def use_atomic_dq(deterministic: bool) -> bool:
+    """Whether a backward uses the atomic dQ path; ``deterministic=True`` (flash-attn's flag)
+    always refuses it."""
+    if deterministic:
+        return False
+    mode = os.environ.get("RINGFLASH_BACKWARD", BACKWARD_DEFAULT)
+    if mode not in ("deterministic", "atomic"):
+        raise ValueError(f"RINGFLASH_BACKWARD: got {mode!r}; expected deterministic or atomic")
+    return mode == "atomic"
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use tf32 matmuls unless RINGFLASH_FP32_PRECISION=ieee asks for exact fp32."""
     if dtype != torch.float32:

@@ -1,0 +1,63 @@
+"""The two backwards: the default separate dK/dV and dQ kernels (deterministic) and the
+5-GEMM one (``RINGFLASH_BACKWARD=atomic``: dQ accumulated by atomics inside the dK/dV
+kernel). Both against float64 over dense, varlen, GQA, windows, softcap, ALiBi and
+dropout; ``deterministic=True`` always takes the first."""
+
+import pytest
+import torch
+
+from attn_check import check_attention, dense64, dense_impl, dense_ref, varlen_impl, varlen_ref
+from conftest import HAS_CUDA, cu_seqlens_from_lengths
+from ringflash import flash_attn_func
+from ringflash.kernels import configs
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def atomic(monkeypatch):
+    monkeypatch.setenv("RINGFLASH_BACKWARD", "atomic")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("sq,sk,heads", [(37, 37, (4, 2)), (17, 70, (2, 2)), (70, 17, (3, 1))])
+@pytest.mark.parametrize("causal", [False, True])
+def test_atomic_dense(atomic, gen, dtype, sq, sk, heads, causal):
+    check_attention(dense_impl, dense_ref, dense64(gen, DEVICE, 2, sq, sk, *heads, 32), dtype, extra=(causal,))
+
+
+@pytest.mark.parametrize("window,softcap", [((7, 2), 0.0), ((-1, -1), 2.5)], ids=["window", "softcap"])
+def test_atomic_window_softcap(atomic, gen, window, softcap):
+    inputs = [t * (3 if softcap else 1) for t in dense64(gen, DEVICE, 1, 45, 45, 2, 1, 16)]
+    check_attention(dense_impl, dense_ref, inputs, torch.float32, extra=(True, window, softcap))
+
+
+def test_atomic_varlen(atomic, gen):
+    lengths, k_lengths = [9, 0, 40, 1], [14, 3, 40, 6]
+    mk = lambda n, h: torch.randn(n, h, 16, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    inputs = (mk(sum(lengths), 4), mk(sum(k_lengths), 2), mk(sum(k_lengths), 2))
+    meta = (cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE), 40, 40)
+    check_attention(varlen_impl, varlen_ref, inputs, torch.float32, extra=(*meta, True))
+
+
+def test_atomic_matches_deterministic_with_alibi_and_dropout(gen, monkeypatch):
+    """Same mask (same seed), same ALiBi: the two backwards agree to rounding."""
+    q, k, v = (t.float() for t in dense64(gen, DEVICE, 2, 33, 33, 4, 2, 16))
+    slopes = torch.rand(4, generator=gen).to(DEVICE)
+    grads = []
+    for mode in ("deterministic", "atomic"):
+        monkeypatch.setenv("RINGFLASH_BACKWARD", mode)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(7)
+        out = flash_attn_func(*leaves, dropout_p=0.2, causal=True, alibi_slopes=slopes)
+        grads.append(torch.autograd.grad(out.square().sum(), leaves))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_deterministic_flag_refuses_atomics(monkeypatch):
+    monkeypatch.setenv("RINGFLASH_BACKWARD", "atomic")
+    assert configs.use_atomic_dq(False) and not configs.use_atomic_dq(True)
+    monkeypatch.setenv("RINGFLASH_BACKWARD", "sometimes")
+    with pytest.raises(ValueError, match="RINGFLASH_BACKWARD: got 'sometimes'"):
+        configs.use_atomic_dq(False)
