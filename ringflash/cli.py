@@ -11,6 +11,9 @@ BENCHMARKS = {
     "cp": "ringflash.bench.cp",
     "tune": "ringflash.bench.tune",
     "sweep": "ringflash.bench.sweep",
+    "hf": "ringflash.bench.hf",
+    "decode": "ringflash.bench.decode",
+    "dropout": "ringflash.bench.dropout",
 }
 
 
@@ -23,7 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="local processes for the context-parallel run (0 skips it)")
     demo.add_argument("--cp-strategy", default="zigzag_llama3",
                       choices=["zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe"])
-    bench = sub.add_parser("bench", help="benchmarks (GPU; `sweep --device cpu` also runs on the CPU): "
+    bench = sub.add_parser("bench", help="benchmarks (GPU; `sweep`, `kernels --grid wide`, `hf`, `decode` and "
+                           "`dropout` also take `--device cpu --quick`, a smoke run at toy sizes): "
                            + ", ".join(BENCHMARKS))
     bench.add_argument("which", choices=sorted(BENCHMARKS))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options of that benchmark (--help for its list)")

@@ -2,6 +2,8 @@
 # One call on the GPU machine: the stages named on the command line, each under its own
 # time limit so that a slow or failing stage still leaves the others' output.
 #   scripts/device_run.sh env smoke tune bench tests
+#   scripts/device_run.sh wide                                       (about 7 min)
+#   REPORT_ARGS=--csv-only scripts/device_run.sh hf decode dropout   (about 4 min)
 # Logs and CSVs go to $OUT (the device tool brings them back).
 set -u
 OUT=${OUT:-/tmp/ringflash_out}
@@ -25,6 +27,14 @@ for s in "$@"; do
     cptests) stage cptests "${CPTESTS_LIMIT:-300}" env RINGFLASH_CP_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider tests/test_cp.py -k "${CPTESTS_K:-}" ;;
     profile) stage profile "${PROFILE_LIMIT:-400}" python3 scripts/profile_cp.py ${PROFILE_ARGS:-} ;;
     overhead) stage overhead 120 python3 -m ringflash bench tune --only-overhead ;;
+    # Issue 15/16 benchmarks: each writes its CSV (and, unless REPORT_ARGS=--csv-only, its
+    # markdown and PNG) into $OUT/<stage>/; the log holds the printed tables either way.
+    # $OUT brings back at most 8 files: `wide` alone gives 4, `hf decode dropout` with
+    # REPORT_ARGS=--csv-only gives 6 (redraw the rest with --from-csv on any machine).
+    wide) stage wide "${WIDE_LIMIT:-560}" python3 -m ringflash bench kernels --grid wide --out "$OUT/wide" ${REPORT_ARGS:-} ${WIDE_ARGS:-} ;;
+    hf) stage hf "${HF_LIMIT:-300}" python3 -m ringflash bench hf --out "$OUT/hf" ${REPORT_ARGS:-} ${HF_ARGS:-} ;;
+    decode) stage decode "${DECODE_LIMIT:-150}" python3 -m ringflash bench decode --out "$OUT/decode" ${REPORT_ARGS:-} ${DECODE_ARGS:-} ;;
+    dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
 done

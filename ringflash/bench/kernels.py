@@ -8,12 +8,18 @@ aten._flash_attention_forward/backward (FA2 varlen).
 
 ``--out DIR`` writes kernels.csv, kernels.md and kernels_speed_ratios.png (our TFLOP/s over
 each baseline's, per case); ``--from-csv`` redraws those from a saved CSV without a GPU.
+
+``--grid wide`` runs issue 15's wide grid instead (``ringflash.bench.kernels_wide``: more
+head dims and lengths, GQA, four varlen packs, the 3-D interface, the atomic backward,
+statuses for failing cells, ``--device cpu`` smoke runs); its CSV is long-format and
+``--from-csv`` recognises it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -24,6 +30,7 @@ from .common import (
     BWD_FLOP_FACTOR, AtenFlashVarlen, attn_flops, device_description, flex_baseline, format_table,
     read_csv_rows, sdpa_baseline, tflops, time_fwd_bwd, varlen_flops, write_csv, write_text,
 )
+from .kernels_wide import is_wide_csv
 from .progress import progress_bar, show, write
 
 TOTAL_TOKENS = 16384
@@ -194,7 +201,20 @@ def write_outputs(rows: Sequence[dict], out_dir: str, device: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--grid", choices=["default", "wide"], default="default")
+    pre.add_argument("--from-csv")
+    known, _ = pre.parse_known_args(argv)
+    if known.grid == "wide" or (known.grid == "default" and known.from_csv and os.path.isfile(known.from_csv)
+                                and "--grid" not in argv and is_wide_csv(known.from_csv)):
+        from .kernels_wide import main as wide_main
+
+        return wide_main(argv)
     parser = argparse.ArgumentParser(prog="ringflash bench kernels")
+    parser.add_argument("--grid", choices=["default", "wide"], default="default",
+                        help="wide: issue 15's wide grid (head dims 64-256, seqlen 512-64k, GQA, four varlen packs, "
+                             "the seed-004 3-D interface; atomic backward too); `--grid wide --help` lists its options")
     parser.add_argument("--csv", default="bench_out/kernels.csv")
     parser.add_argument("--out", metavar="DIR",
                         help="also write kernels.csv, kernels.md and kernels_speed_ratios.png into DIR")

@@ -103,8 +103,10 @@ def _finish(fig, title: str, note: str, path: str, handles, labels, ncol: int) -
     if note:
         fig.text(0.5, 1 - 0.45 / fig.get_figheight(), note, ha="center", va="top", fontsize=8, color="0.25")
     if handles:
-        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.02), ncol=ncol, fontsize=9,
-                   frameon=False)
+        # Anchored 0.08 in above the bottom edge (in inches, so that tall figures keep the
+        # legend clear of the x labels).
+        fig.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 0.08 / fig.get_figheight()), ncol=ncol,
+                   fontsize=9, frameon=False)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     return path
@@ -238,7 +240,7 @@ def ratio_bars(
         ax.set_yticklabels(panel.categories, fontsize=8)
         if shared and ax is not axes[0][0]:
             ax.tick_params(labelleft=False)
-        ax.invert_yaxis()  # first case at the top, as in the tables
+        ax.set_ylim(len(panel.categories) - 0.5, -0.5)  # first case at the top, as in the tables; no empty rows
         ax.set_xlabel(xlabel, fontsize=9)
         ax.set_title(panel.title, fontsize=10)
         ax.grid(True, axis="x", alpha=0.3)

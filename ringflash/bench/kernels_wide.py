@@ -1,0 +1,636 @@
+"""``ringflash bench kernels --grid wide`` (issue 15): our kernels against PyTorch's FA2
+(SDPA flash backend), cuDNN (SDPA cuDNN backend) and, for varlen, PyTorch's FA2 varlen
+kernels (``aten._flash_attention_forward/backward``), forward and backward, over a wide grid.
+
+Grid on a GPU (bf16; ``--quick`` a subset):
+
+* dense MHA: head dims 64, 80, 96, 128, 192, 256; causal and full; seqlen 512, 1k, 2k, 4k,
+  16k (and 64k for head dims 64 and 128 only, ``--long-headdims``, to fit the time budget);
+  64k tokens per case (batch = 64k / seqlen), nheads = 2048 // d as in the default grid;
+* dense GQA 32/8 heads, d=128, seqlen 512..16k, 64k tokens per case;
+* varlen 32/8 heads, d=128, 16k tokens: the Llama-3 pack of the default grid
+  (8192+4096+2048+1024+512+512), 64 x 256, 16 x 1024 and a seeded random mix;
+* the seed-004 3-D interface (``FlashAttentionTritonFunc``: one head, batch 4, n=8k, d=64,
+  causal) against SDPA on (batch, 1, n, d) views.
+
+Implementations: ``ours`` (flash_attn_func / flash_attn_varlen_func / the 3-D function; its
+backward is the library default, ``deterministic=True`` gives the same kernels today),
+``ours_atomic`` (the same calls under ``RINGFLASH_BACKWARD=atomic``: the 5-GEMM backward;
+backward only, the forward is ours), ``fa2`` and ``cudnn``. GQA baselines use
+``enable_gqa=True`` where the torch and backend accept it, else repeated K/V heads (the
+row's note says which). Each case also records the relative error of our output and
+gradients against FA2's (and of the atomic backward's against ours): a guard on the
+numbers, not a test.
+
+On a GPU the Triton variants of every case are first compiled in parallel worker
+processes (Triton's on-disk cache), so the timed pass only loads them. ``--estimate``
+prints the grid with its estimated time and exits.
+
+``--out DIR`` writes kernels_wide.csv (one row per case x implementation x pass), the
+markdown report and kernels_wide_speed_ratios.png; the CSV is rewritten after every case,
+so a run stopped by its time limit keeps the cases it finished. ``--from-csv`` redraws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .common import BWD_FLOP_FACTOR, AtenFlashVarlen, attn_flops, device_description, free_memory, tflops, write_csv
+from .harness import (
+    BASE_COLUMNS, GQA_NOTES, add_device_options, cell, classify_failure, cpu_threads, environ, first_working,
+    fmt_ratio, fmt_tflops, gqa_modes, index_rows, load_csv, make_timer, measure_passes, not_measured, ordered, rel_err,
+    resolve_device, rows_device_timer, sdpa_call, speed_ratio, sync, table, write_report,
+)
+from .progress import progress_bar, show, write
+
+NAME = "kernels_wide"
+COLUMNS = BASE_COLUMNS + ["tflops", "rel_err", "family", "headdim", "causal", "seqlen", "batch", "nheads",
+                          "nheads_k", "tokens"]
+IMPLS = ("ours", "ours_atomic", "fa2", "cudnn")
+IMPL_DESCRIPTIONS = {
+    "ours": "ringflash, default backward (deterministic: separate dK/dV and dQ kernels)",
+    "ours_atomic": "ringflash under RINGFLASH_BACKWARD=atomic (5-GEMM backward, dQ by atomics); backward only",
+    "fa2": "SDPA with SDPBackend.FLASH_ATTENTION (varlen: aten._flash_attention_forward/backward)",
+    "cudnn": "SDPA with SDPBackend.CUDNN_ATTENTION (no varlen entry point)",
+}
+
+# --- the grid ------------------------------------------------------------------------------
+
+HEADDIMS = [64, 80, 96, 128, 192, 256]
+SEQLENS = [512, 1024, 2048, 4096, 16384, 65536]
+TOKENS = 65536
+HIDDEN = 2048
+#: Sequence lengths from which a dense case runs only for LONG_HEADDIMS (time budget: one
+#: 64k case of each other head dim costs ~15 s with every implementation).
+LONG_SEQLEN = 65536
+LONG_HEADDIMS = [64, 128]
+GQA_HEADS = (32, 8, 128)
+GQA_SEQLENS = [512, 1024, 2048, 4096, 16384]
+VARLEN_TOKENS = 16384
+LLAMA_LENGTHS = [8192, 4096, 2048, 1024, 512, 512]
+PACKS = ["llama3", "64x256", "16x1024", "random"]
+SEED3D = dict(batch=4, seqlen=8192, headdim=64)
+
+QUICK_HEADDIMS = [64, 128]
+QUICK_SEQLENS = [1024, 16384]
+QUICK_GQA_SEQLENS = [4096]
+QUICK_PACKS = ["llama3", "random"]
+
+#: The CPU smoke grid (interpreted kernels, float32): the same families at toy sizes (a
+#: random pack of three documents: the interpreter's time grows with the documents).
+#: Head dim 24 is padded to 32 inside the kernels, as 80, 96 and 192 are on the GPU.
+CPU = dict(tokens=64, hidden=48, headdims=[24], seqlens=[32], gqa=(4, 2, 16), gqa_seqlens=[32],
+           varlen_tokens=64, packs=["random"], min_doc=8, seed3d=dict(batch=2, seqlen=32, headdim=16))
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str  # "dense", "gqa", "varlen" or "seed3d"
+    headdim: int
+    causal: bool
+    seqlen: int  # per sequence (varlen: the longest document)
+    batch: int  # sequences (varlen: documents)
+    nheads: int
+    nheads_k: int
+    lengths: tuple = ()  # varlen document lengths
+    pack: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths) if self.lengths else self.batch * self.seqlen
+
+    @property
+    def name(self) -> str:
+        mask = "causal" if self.causal else "full"
+        if self.family == "varlen":
+            return (f"varlen {self.pack} {mask} {self.nheads}/{self.nheads_k} d={self.headdim} "
+                    f"({len(self.lengths)} docs, {_size(self.tokens)})")
+        if self.family == "seed3d":
+            return f"seed3d {mask} b={self.batch} n={_size(self.seqlen)} d={self.headdim}"
+        heads = f"{self.nheads}/{self.nheads_k}" if self.family == "gqa" else f"h={self.nheads}"
+        prefix = "gqa " if self.family == "gqa" else ""
+        return f"{prefix}d={self.headdim} {mask} s={_size(self.seqlen)} b={self.batch} {heads}"
+
+    def fwd_flops(self) -> float:
+        if self.lengths:
+            return sum(attn_flops(1, self.nheads, n, n, self.headdim, self.causal) for n in self.lengths)
+        return attn_flops(self.batch, self.nheads, self.seqlen, self.seqlen, self.headdim, self.causal)
+
+
+def _size(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+def pack_lengths(pack: str, tokens: int, seed: int = 0, min_len: int = 1) -> list[int]:
+    """Document lengths of a varlen pack of ``tokens`` tokens: "llama3" (the default grid's
+    8192+4096+2048+1024+512+512, scaled to ``tokens``), "NxL" (N documents of L tokens), or
+    "random": log-uniform lengths between max(tokens/128, min_len) and tokens/2 drawn from a
+    seeded generator, the last one cut to fill the pack exactly (and merged into the one
+    before when that would leave it shorter than ``min_len``)."""
+    if pack == "llama3":
+        scale = tokens / sum(LLAMA_LENGTHS)
+        lengths = [max(1, int(n * scale)) for n in LLAMA_LENGTHS]
+        lengths[0] += tokens - sum(lengths)
+        return lengths
+    if pack == "random":
+        rng = random.Random(seed)
+        lo = max(1, min_len, tokens // 128)
+        hi = max(lo + 1, tokens // 2)
+        lengths: list[int] = []
+        while sum(lengths) < tokens:
+            n = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+            lengths.append(min(n, tokens - sum(lengths)))
+        if len(lengths) > 1 and lengths[-1] < min_len:
+            tail = lengths.pop()
+            lengths[-1] += tail
+        return lengths
+    count, length = (int(x) for x in pack.split("x"))
+    return [length] * count
+
+
+def build_grid(device: str, quick: bool, long_headdims: Sequence[int] = LONG_HEADDIMS,
+               headdims: Optional[Sequence[int]] = None, seqlens: Optional[Sequence[int]] = None,
+               families: Sequence[str] = ("dense", "gqa", "varlen", "seed3d")) -> list[Case]:
+    """The cases in the order they run: dense (head dim, causal, seqlen), GQA, varlen, seed3d."""
+    if device == "cpu":
+        tokens, hidden = CPU["tokens"], CPU["hidden"]
+        hds, sls = CPU["headdims"], CPU["seqlens"]
+        (gh, ghk, gd), gsl = CPU["gqa"], CPU["gqa_seqlens"]
+        vtokens, packs, s3 = CPU["varlen_tokens"], CPU["packs"], CPU["seed3d"]
+        causals, gqa_causals, vcausals = [False, True], [True], [True]
+    else:
+        tokens, hidden = TOKENS, HIDDEN
+        hds, sls = (QUICK_HEADDIMS, QUICK_SEQLENS) if quick else (HEADDIMS, SEQLENS)
+        (gh, ghk, gd), gsl = GQA_HEADS, (QUICK_GQA_SEQLENS if quick else GQA_SEQLENS)
+        vtokens, packs, s3 = VARLEN_TOKENS, (QUICK_PACKS if quick else PACKS), SEED3D
+        causals = gqa_causals = vcausals = [False, True]
+    hds, sls = list(headdims or hds), list(seqlens or sls)
+    cases: list[Case] = []
+    if "dense" in families:
+        for d in hds:
+            for causal in causals:
+                for s in sls:
+                    if s >= LONG_SEQLEN and d not in long_headdims:
+                        continue
+                    cases.append(Case("dense", d, causal, s, max(1, tokens // s), max(1, hidden // d),
+                                      max(1, hidden // d)))
+    if "gqa" in families:
+        for causal in gqa_causals:
+            for s in gsl:
+                cases.append(Case("gqa", gd, causal, s, max(1, tokens // s), gh, ghk))
+    if "varlen" in families:
+        for pack in packs:
+            lengths = pack_lengths(pack, vtokens, min_len=CPU["min_doc"] if device == "cpu" else 1)
+            for causal in vcausals:
+                cases.append(Case("varlen", gd, causal, max(lengths), len(lengths), gh, ghk, tuple(lengths), pack))
+    if "seed3d" in families:
+        cases.append(Case("seed3d", s3["headdim"], True, s3["seqlen"], s3["batch"], 1, 1))
+    # Run order: should a time limit stop the run, the small families and d=128, the head dim
+    # of issue 15's bars, are already measured (reports list the cases in grid order).
+    first = (128, 64)
+    return sorted(cases, key=lambda c: (RUN_FAMILIES.index(c.family),
+                                        first.index(c.headdim) if c.headdim in first else len(first)))
+
+
+#: The order families run in, and the order reports list them in.
+RUN_FAMILIES = ("seed3d", "varlen", "gqa", "dense")
+REPORT_FAMILIES = ("dense", "gqa", "varlen", "seed3d")
+
+
+# --- time estimate -----------------------------------------------------------------------
+
+#: Assumed rates for the estimate (TFLOP/s as counted: forward, backward) and per-case costs.
+EST_FWD_TFLOPS, EST_BWD_TFLOPS = 400.0, 300.0
+
+
+def _do_bench_s(ms: float, warmup: float = 25, rep: float = 100) -> float:
+    """Wall seconds of one do_bench: a first call, 5 estimate calls, warmup and rep calls
+    (each at least one), plus ~50 us of cache flush and host gap per call."""
+    ms = max(ms, 0.02)
+    calls = 6 + max(1, int(warmup / ms)) + max(1, int(rep / ms))
+    return calls * (ms + 0.05) / 1e3 + 0.02
+
+
+def estimate_seconds(cases: Sequence[Case], workers: int = 12) -> tuple[float, list[float]]:
+    """(total, per case) seconds on an H200, from FLOP counts at the rates above: every
+    do_bench, the sanity calls, allocation, and the parallel precompile phase."""
+    per_case = []
+    for c in cases:
+        width = 2 ** math.ceil(math.log2(c.headdim))  # the kernels pad d to a power of two
+        f = c.fwd_flops() * width / c.headdim
+        tf, tb = f / EST_FWD_TFLOPS / 1e9, BWD_FLOP_FACTOR * f / EST_BWD_TFLOPS / 1e9
+        baselines = 1 if c.family == "varlen" else 2
+        s = (1 + baselines) * (_do_bench_s(tf) + _do_bench_s(tb) + tf / 1e3)  # + the graph-building forward
+        s += _do_bench_s(tb)  # ours_atomic
+        s += (6 * tf + 6 * tb) / 1e3 + 0.3  # GQA-mode probes, sanity errors, allocation
+        s += 0.5 if c.family != "varlen" else 0.0  # cuDNN builds its graphs for each new shape
+        per_case.append(s)
+    precompile = 25.0 + 4.0 * len(cases) / max(1, workers)
+    return precompile + sum(per_case), per_case
+
+
+# --- inputs and implementations --------------------------------------------------------
+
+
+def make_inputs(case: Case, device: str, dtype: torch.dtype):
+    """(q, k, v) requiring grad, dout, and for varlen (cu_seqlens, max_seqlen)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def mk(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+
+    d = case.headdim
+    if case.family == "varlen":
+        total = case.tokens
+        q, k, v = mk(total, case.nheads, d), mk(total, case.nheads_k, d), mk(total, case.nheads_k, d)
+        dout = mk(total, case.nheads, d)
+        cu = torch.tensor([0] + list(torch.tensor(case.lengths).cumsum(0).tolist()), dtype=torch.int32,
+                          device=device)
+        extra = (cu, max(case.lengths))
+    elif case.family == "seed3d":
+        q, k, v = (mk(case.batch, case.seqlen, d) for _ in range(3))
+        dout, extra = mk(case.batch, case.seqlen, d), None
+    else:
+        q = mk(case.batch, case.seqlen, case.nheads, d)
+        k, v = mk(case.batch, case.seqlen, case.nheads_k, d), mk(case.batch, case.seqlen, case.nheads_k, d)
+        dout, extra = mk(case.batch, case.seqlen, case.nheads, d), None
+    return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), dout, extra
+
+
+def ours_fn(case: Case, extra) -> Callable[..., torch.Tensor]:
+    from ..autograd import FlashAttentionTritonFunc
+    from ..interface import flash_attn_func, flash_attn_varlen_func
+
+    if case.family == "varlen":
+        cu, max_len = extra
+        return lambda q, k, v: flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=case.causal)
+    if case.family == "seed3d":
+        return lambda q, k, v: FlashAttentionTritonFunc.apply(q, k, v, case.causal)
+    return lambda q, k, v: flash_attn_func(q, k, v, causal=case.causal)
+
+
+def baseline_fns(case: Case, extra, backend: str, q: torch.Tensor, k: torch.Tensor
+                 ) -> list[tuple[str, Callable[..., torch.Tensor]]]:
+    """[(note, fn)] to try in order for an SDPA baseline ("FLASH_ATTENTION" or
+    "CUDNN_ATTENTION"); empty when the baseline has no entry point for this case."""
+    if case.family == "varlen":
+        if backend != "FLASH_ATTENTION":
+            return []
+        cu, max_len = extra
+        return [("aten._flash_attention_forward/backward (FA2 varlen)",
+                 lambda q, k, v: AtenFlashVarlen.apply(q, k, v, cu, cu, max_len, max_len, case.causal))]
+    if case.family == "seed3d":
+        return [("SDPA on (batch, 1, n, d) views",
+                 lambda q, k, v: sdpa_call(q.unsqueeze(2), k.unsqueeze(2), v.unsqueeze(2), case.causal,
+                                           backend).squeeze(2))]
+    return [(GQA_NOTES[m] if case.nheads != case.nheads_k else "",
+             (lambda mode: lambda q, k, v: sdpa_call(q, k, v, case.causal, backend, gqa=mode))(m))
+            for m in gqa_modes(q, k)]
+
+
+def backward_mode() -> str:
+    from ..kernels import configs
+
+    return os.environ.get("RINGFLASH_BACKWARD", configs.BACKWARD_DEFAULT)
+
+
+# --- one case ------------------------------------------------------------------------------
+
+
+def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str, device_name: str) -> list[dict]:
+    """Every implementation and pass of one case, as CSV rows."""
+    inputs, dout, extra = make_inputs(case, device, dtype)
+    flops = case.fwd_flops()
+    base = dict(family=case.family, headdim=case.headdim, causal=case.causal, seqlen=case.seqlen, batch=case.batch,
+                nheads=case.nheads, nheads_k=case.nheads_k, tokens=case.tokens, timer=timer_name, device=device_name)
+    rows: list[dict] = []
+
+    def add(impl: str, results: dict, note: str = "", errs: Optional[dict] = None) -> None:
+        for p, (ms, status) in results.items():
+            pass_flops = flops if p == "fwd" else BWD_FLOP_FACTOR * flops
+            rows.append(dict(base, case=case.name, impl=impl, **{"pass": p}, ms=ms, status=status, note=note,
+                             tflops=tflops(pass_flops, ms) if ms else None, rel_err=(errs or {}).get(p)))
+
+    def grads(fn) -> tuple:
+        return torch.autograd.grad(fn(*inputs), inputs, dout)
+
+    # Baselines first: pick each one's working GQA mode with a forward+backward probe.
+    chosen: dict[str, tuple[Optional[Callable], str, Optional[str]]] = {}
+    for impl, backend in (("fa2", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION")):
+        candidates = baseline_fns(case, extra, backend, inputs[0], inputs[1])
+        if not candidates:
+            chosen[impl] = (None, "", "unsupported: no varlen entry point in SDPA's cuDNN backend")
+            continue
+        fns = dict(candidates)
+        name, status = first_working([(note, (lambda f: lambda: grads(f))(fn)) for note, fn in candidates])
+        chosen[impl] = (fns[name], name, None) if name is not None else (None, "", status)
+        if status is not None and device == "cuda":
+            free_memory()
+
+    ours = ours_fn(case, extra)
+    # Sanity: our output and gradients against FA2's (cuDNN's when FA2 did not run), and the
+    # atomic backward's gradients against the default one's.
+    errs: dict[str, dict] = {"ours": {}, "ours_atomic": {}}
+    ref_fn = chosen["fa2"][0] or chosen["cudnn"][0]
+    try:
+        with torch.no_grad():
+            out = ours(*inputs)
+        if ref_fn is not None:
+            with torch.no_grad():
+                errs["ours"]["fwd"] = rel_err(out, ref_fn(*inputs))
+        del out
+        g_ours = grads(ours)
+        if ref_fn is not None:
+            g_ref = grads(ref_fn)
+            errs["ours"]["bwd"] = max(rel_err(a, b) for a, b in zip(g_ours, g_ref))
+            del g_ref
+        with environ(RINGFLASH_BACKWARD="atomic"):
+            g_atomic = grads(ours)
+        errs["ours_atomic"]["bwd"] = max(rel_err(a, b) for a, b in zip(g_atomic, g_ours))
+        del g_ours, g_atomic
+    except Exception as exc:  # the timing below records the failure per pass
+        write(f"  {case.name}: sanity check failed ({classify_failure(exc)})")
+    if device == "cuda":
+        free_memory()
+
+    add("ours", measure_passes(ours, inputs, dout, timer, device), f"backward={backward_mode()}", errs["ours"])
+    with environ(RINGFLASH_BACKWARD="atomic"):
+        add("ours_atomic", measure_passes(ours, inputs, dout, timer, device, passes=("bwd",)),
+            "backward=atomic", errs["ours_atomic"])
+    for impl in ("fa2", "cudnn"):
+        fn, note, status = chosen[impl]
+        if fn is None:
+            add(impl, {"fwd": (None, status), "bwd": (None, status)})
+        else:
+            add(impl, measure_passes(fn, inputs, dout, timer, device), note)
+    return rows
+
+
+# --- precompile ----------------------------------------------------------------------------
+
+
+def _precompile_worker(job) -> Optional[str]:
+    """Run our forward, default backward and atomic backward of one case once, so that
+    Triton compiles their variants into its on-disk cache."""
+    case, dtype_name = job
+    try:
+        inputs, dout, extra = make_inputs(case, "cuda", getattr(torch, dtype_name))
+        fn = ours_fn(case, extra)
+        out = fn(*inputs)
+        torch.autograd.grad(out, inputs, dout, retain_graph=True)
+        with environ(RINGFLASH_BACKWARD="atomic"):
+            torch.autograd.grad(out, inputs, dout)
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # the timed pass records it
+        return f"{case.name}: {classify_failure(exc)}"
+
+
+def precompile(cases: Sequence[Case], dtype: torch.dtype, workers: int) -> None:
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    jobs = [(c, str(dtype).removeprefix("torch.")) for c in cases]
+    ctx = torch.multiprocessing.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+            failures = [f for f in pool.map(_precompile_worker, jobs) if f]
+    except Exception as exc:  # a broken pool costs only time: the timed pass compiles what is missing
+        write(f"precompile stopped ({classify_failure(exc)}); the timed pass compiles the rest")
+        return
+    write(f"precompiled {len(jobs)} cases in {workers} processes in {time.perf_counter() - start:.0f} s; "
+          f"{len(failures)} failed" + "".join(f"\n  {f}" for f in failures[:5]))
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def _cases(rows: Sequence[dict]) -> list[str]:
+    """Case names in grid order: dense then GQA by (head dim, causal, seqlen), then varlen
+    and seed3d in the order they ran."""
+    first: dict[str, tuple] = {}
+    for i, r in enumerate(rows):
+        name = str(r["case"])
+        if name in first:
+            continue
+        family = str(r.get("family") or "")
+        rank = REPORT_FAMILIES.index(family) if family in REPORT_FAMILIES else len(REPORT_FAMILIES)
+        if family in ("dense", "gqa"):
+            first[name] = (rank, r.get("headdim") or 0, bool(r.get("causal")), r.get("seqlen") or 0, i)
+        else:
+            first[name] = (rank, 0, False, 0, i)
+    return sorted(first, key=first.__getitem__)
+
+
+RATIO_COLUMNS = [  # (header, impl, baseline, pass)
+    ("fwd vs FA2", "ours", "fa2", "fwd"),
+    ("fwd vs cuDNN", "ours", "cudnn", "fwd"),
+    ("bwd vs FA2", "ours", "fa2", "bwd"),
+    ("bwd vs cuDNN", "ours", "cudnn", "bwd"),
+    ("atomic bwd vs FA2", "ours_atomic", "fa2", "bwd"),
+    ("atomic bwd vs cuDNN", "ours_atomic", "cudnn", "bwd"),
+    ("atomic vs default bwd", "ours_atomic", "ours", "bwd"),
+]
+
+
+def ratio_table(rows: Sequence[dict]) -> str:
+    """The compact table: our TFLOP/s and speed ratios (baseline ms / our ms) per case."""
+    index = index_rows(rows)
+    out = []
+    for c in _cases(rows):
+        tf = [cell(index.get((c, "ours", p)), "tflops", fmt_tflops) for p in ("fwd", "bwd")]
+        tf.append(cell(index.get((c, "ours_atomic", "bwd")), "tflops", fmt_tflops))
+        out.append([c] + tf + [fmt_ratio(speed_ratio(index, c, i, b, p)) for _, i, b, p in RATIO_COLUMNS])
+    header = ["case", "ours fwd TF/s", "ours bwd TF/s", "atomic bwd TF/s"] + [h for h, *_ in RATIO_COLUMNS]
+    return table(header, out)
+
+
+def _summary(rows: Sequence[dict]) -> list[str]:
+    """Geometric means (and ranges) of each ratio column over the cases that have it."""
+    index = index_rows(rows)
+    lines = []
+    for header, impl, base, p in RATIO_COLUMNS:
+        vals = [v for c in _cases(rows) if (v := speed_ratio(index, c, impl, base, p)) is not None]
+        if vals:
+            geo = math.exp(sum(math.log(v) for v in vals) / len(vals))
+            lines.append(f"- {header}: geometric mean {geo:.2f} over {len(vals)} cases (min {min(vals):.2f}, "
+                         f"max {max(vals):.2f})")
+    return lines
+
+
+def markdown_report(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
+    if not rows:
+        return "# ringflash bench kernels --grid wide\n\nNo results.\n"
+    devices, timers = rows_device_timer(rows)
+    index = index_rows(rows)
+    cases = _cases(rows)
+    impls = ordered((str(r["impl"]) for r in rows), IMPLS)
+    modes = ", ".join(ordered(str(r["note"]) for r in rows if r["impl"] == "ours" and r.get("note")))
+    out = ["# ringflash bench kernels --grid wide", "",
+           f"- Device: {devices}",
+           f"- Timer: {timers}; milliseconds per call",
+           "- FLOPs: forward 4*b*h*sq*sk*d (halved when causal; varlen summed per document), backward 2.5x; "
+           "TF/s = those FLOPs over the measured time",
+           "- Speed ratios: the baseline's time / ours in the same run (> 1: ours faster)",
+           f"- Our backward in the `ours` rows: {modes or 'not recorded'}",
+           "- Implementations: " + "; ".join(f"`{i}` = {IMPL_DESCRIPTIONS.get(i, i)}" for i in impls)]
+    gqa_notes = ordered(f"{r['impl']}: {r['note']}" for r in rows
+                        if r["impl"] in ("fa2", "cudnn") and r.get("family") == "gqa" and r.get("note"))
+    if gqa_notes:
+        out.append("- GQA baselines: " + "; ".join(gqa_notes))
+    errs = [r["rel_err"] for r in rows if isinstance(r.get("rel_err"), (int, float))]
+    if errs:
+        worst = max(rows, key=lambda r: r.get("rel_err") if isinstance(r.get("rel_err"), (int, float)) else -1)
+        out.append(f"- Sanity: largest relative error {max(errs):.2e} ({worst['impl']} {worst['pass']}, "
+                   f"{worst['case']}; ours against FA2, atomic against the default backward)")
+    out += [f"- {n}" for n in notes]
+    for p in ("fwd", "bwd"):
+        shown = [i for i in impls if (p == "bwd" or i != "ours_atomic")]
+        ms = [[c] + [cell(index.get((c, i, p))) for i in shown] for c in cases]
+        tf = [[c] + [cell(index.get((c, i, p)), "tflops", fmt_tflops) for i in shown] for c in cases]
+        out += ["", f"## {p} (ms)", "", table(["case"] + shown, ms),
+                "", f"## {p} (TFLOP/s)", "", table(["case"] + shown, tf)]
+    missing = not_measured(rows)
+    if missing:
+        out += ["", "## Not measured", ""] + missing
+    summary = _summary(rows)
+    if summary:
+        out += ["", "## Summary", ""] + summary
+    out += ["", "## Speed ratios (baseline ms / our ms; > 1: ours faster)", "", ratio_table(rows)]
+    return "\n".join(out) + "\n"
+
+
+def plot_ratios(rows: Sequence[dict], prefix: str) -> str:
+    from .plots import BarPanel, ratio_bars
+
+    index = index_rows(rows)
+    cases = _cases(rows)
+    panels = []
+    for title, impl, p in (("forward", "ours", "fwd"), ("backward (default)", "ours", "bwd"),
+                           ("backward (atomic)", "ours_atomic", "bwd")):
+        series = {f"ours / {label}": [speed_ratio(index, c, impl, base, p) for c in cases]
+                  for base, label in (("fa2", "FA2"), ("cudnn", "cuDNN"))}
+        panels.append(BarPanel(title, cases, {k: v for k, v in series.items() if any(x is not None for x in v)}))
+    devices, timers = rows_device_timer(rows)
+    return ratio_bars(f"{prefix}_speed_ratios.png", panels,
+                      "ringflash kernels, wide grid: speed relative to PyTorch's FA2 and cuDNN",
+                      "speed ratio (baseline time / our time; > 1: ours faster)", note=f"{devices} | {timers}",
+                      reference=1.0, reference_label="parity")
+
+
+def is_wide_csv(path: str) -> bool:
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    return "impl" in header and "pass" in header
+
+
+# --- command -------------------------------------------------------------------------------
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="ringflash bench kernels --grid wide", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--grid", choices=["wide"], default="wide")
+    add_device_options(parser, "a small subset (GPU: d 64/128, s 1k/16k, GQA at 4k, two varlen packs, seed3d)")
+    parser.add_argument("--headdims", type=int, nargs="+", help="dense head dims (overrides the grid's)")
+    parser.add_argument("--seqlens", type=int, nargs="+", help="dense sequence lengths (overrides the grid's)")
+    parser.add_argument("--long-headdims", type=int, nargs="+", default=LONG_HEADDIMS,
+                        help=f"head dims that also run seqlen >= {LONG_SEQLEN} (default: %(default)s)")
+    parser.add_argument("--families", nargs="+", default=["dense", "gqa", "varlen", "seed3d"],
+                        choices=["dense", "gqa", "varlen", "seed3d"])
+    parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
+                        help="processes compiling the Triton variants before the timed pass (GPU)")
+    parser.add_argument("--no-precompile", action="store_true")
+    parser.add_argument("--estimate", action="store_true",
+                        help="print the cases and the estimated H200 time, then exit (needs no GPU)")
+    args = parser.parse_args(argv)
+
+    if args.from_csv:
+        rows = load_csv(args.from_csv)
+        report = markdown_report(rows)
+        if args.out:
+            paths = write_report(args.out, NAME, COLUMNS, rows, report, lambda p: plot_ratios(rows, p),
+                                 csv_only=args.csv_only, plots=not args.no_plots)
+            print("wrote " + ", ".join(paths))
+        print(report)
+        return 0
+
+    device = "cuda" if args.estimate and args.device == "auto" else resolve_device(args.device)
+    cases = build_grid(device, args.quick, args.long_headdims, args.headdims, args.seqlens, args.families)
+    total, per_case = estimate_seconds(cases, args.workers)
+    if args.estimate:
+        for c, s in zip(cases, per_case):
+            print(f"{s:7.1f} s  {c.name}")
+        print(f"{len(cases)} cases: about {total:.0f} s on an H200 (model: {EST_FWD_TFLOPS:.0f}/{EST_BWD_TFLOPS:.0f} "
+              "TFLOP/s fwd/bwd, do_bench 25 + 100 ms per measurement, precompile included)")
+        return 0
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    timer, timer_name = make_timer(device)
+    device_name = device_description(device)
+    print(f"device: {device_name}", flush=True)
+    print(f"{len(cases)} cases" + (f"; estimated {total:.0f} s on an H200" if device == "cuda" else ""), flush=True)
+    notes = [f"Dense: {TOKENS if device == 'cuda' else CPU['tokens']} tokens per case, nheads = "
+             f"{HIDDEN if device == 'cuda' else CPU['hidden']} // d; seqlen >= {LONG_SEQLEN} only for d in "
+             f"{list(args.long_headdims)} (time budget)."]
+    if device == "cpu":
+        notes.append("CPU run: float32, Triton interpreted, wall-clock times of one thread; they check the "
+                     "report path and say nothing about GPU speed.")
+    rows: list[dict] = []
+    interrupted = False
+    previous = signal.signal(signal.SIGTERM, _sigterm)  # `timeout` sends SIGTERM: still write the report
+    start = time.perf_counter()
+    try:
+        if device == "cuda" and not args.no_precompile:
+            precompile(cases, dtype, args.workers)
+            start = time.perf_counter()
+        with cpu_threads(device), progress_bar(len(cases), "kernels wide") as bar:
+            for case in cases:
+                show(bar, case.name)
+                case_rows = run_case(case, device, dtype, timer, timer_name, device_name)
+                rows += case_rows
+                write("  " + _case_line(case_rows))
+                if args.out:  # keep what is measured if the run is stopped
+                    write_csv(os.path.join(args.out, f"{NAME}.csv"), COLUMNS, [[r.get(c) for c in COLUMNS]
+                                                                              for r in rows])
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+                bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+        notes.append("Interrupted (Ctrl-C or the time limit): the tables hold the cases measured before it.")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sync(device)
+    notes.append(f"Measured in {time.perf_counter() - start:.0f} s (precompile not included).")
+    report = markdown_report(rows, notes)
+    if args.out:
+        paths = write_report(args.out, NAME, COLUMNS, rows, report, lambda p: plot_ratios(rows, p),
+                             csv_only=args.csv_only, plots=not args.no_plots)
+        print("wrote " + ", ".join(paths))
+    print()
+    print(report)
+    return 130 if interrupted else 0
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _case_line(case_rows: Sequence[dict]) -> str:
+    index = index_rows(case_rows)
+    c = case_rows[0]["case"]
+    parts = []
+    for i in IMPLS:
+        vals = [cell(index.get((c, i, p))) for p in ("fwd", "bwd") if (c, i, p) in index]
+        if vals:
+            parts.append(f"{i} " + "/".join(vals))
+    return f"{c}: " + ", ".join(parts) + " ms (fwd/bwd)"

@@ -1,0 +1,250 @@
+"""The issue 15/16 benchmark commands end to end on the CPU (``--device cpu --quick --out``):
+``bench kernels --grid wide``, ``bench decode``, ``bench dropout`` and ``bench hf``. Each
+writes a CSV with one row per (case, implementation, pass) and a status, a markdown report
+and a PNG, and redraws them from the CSV. Spies check that the environment switches reach
+the library: ``RINGFLASH_BACKWARD=atomic`` selects the atomic backward for the
+``ours_atomic`` rows only, and ``RINGFLASH_DECODE=1`` routes ``func_decode`` to the decode
+kernels. The GPU grids are checked for their time budget from FLOP counts."""
+
+import csv
+
+import pytest
+
+from ringflash.bench import decode as decode_bench
+from ringflash.bench import dropout as dropout_bench
+from ringflash.bench import hf as hf_bench
+from ringflash.bench import kernels_wide
+from ringflash.bench.common import CPU_TIMER
+from ringflash.cli import BENCHMARKS
+from ringflash.cli import main as cli_main
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def valid_status(status: str) -> bool:
+    return status in ("ok", "oom") or status.startswith(("unsupported: ", "skipped: ", "error: "))
+
+
+def read_rows(path, columns):
+    assert path.is_file(), f"{path} was not written"
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == columns
+        rows = list(reader)
+    assert rows, f"{path} has no rows"
+    for r in rows:
+        assert valid_status(r["status"]), r
+        assert (r["status"] == "ok") == bool(r["ms"]), r
+        assert r["timer"] == CPU_TIMER and r["device"].startswith("CPU"), r
+    return rows
+
+
+def assert_png(path):
+    assert path.is_file(), f"{path} was not written"
+    data = path.read_bytes()
+    assert len(data) > 1000 and data.startswith(PNG_MAGIC)
+
+
+def tables(path):
+    return [line for line in path.read_text().splitlines() if line.startswith("|")]
+
+
+def assert_redraws(command, out, name, tmp_path):
+    """--from-csv rebuilds the same tables (run-time notes are not in the CSV)."""
+    redrawn = tmp_path / "redrawn"
+    assert cli_main(["bench"] + command + ["--from-csv", str(out / f"{name}.csv"), "--out", str(redrawn),
+                                           "--no-plots"]) == 0
+    assert tables(redrawn / f"{name}.md") == tables(out / f"{name}.md")
+
+
+def test_commands_are_registered():
+    assert {"hf", "decode", "dropout", "kernels"} <= set(BENCHMARKS)
+
+
+# --- bench kernels --grid wide ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def wide_run(tmp_path_factory):
+    """One CPU run; a spy records which backward each call chose and under which setting."""
+    from ringflash.kernels import configs
+
+    out = tmp_path_factory.mktemp("wide")
+    calls = []
+    real = configs.use_atomic_dq
+
+    def spy(deterministic):
+        import os
+
+        result = real(deterministic)
+        calls.append((os.environ.get("RINGFLASH_BACKWARD"), result))
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(configs, "use_atomic_dq", spy)
+        assert cli_main(["bench", "kernels", "--grid", "wide", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    return out, calls
+
+
+def test_wide_csv(wide_run):
+    out, _ = wide_run
+    rows = read_rows(out / "kernels_wide.csv", kernels_wide.COLUMNS)
+    families = {r["family"] for r in rows}
+    assert families == {"dense", "gqa", "varlen", "seed3d"}
+    by = {}
+    for r in rows:
+        by.setdefault((r["impl"], r["pass"]), []).append(r)
+    # Ours runs everywhere (interpreted), forward and both backwards; the atomic rows are backward only.
+    for key in (("ours", "fwd"), ("ours", "bwd"), ("ours_atomic", "bwd")):
+        assert by[key] and all(r["status"] == "ok" for r in by[key]), key
+    assert ("ours_atomic", "fwd") not in by
+    # SDPA's flash backend has a CPU kernel; cuDNN and the aten varlen kernels do not.
+    assert all(r["status"] == "ok" for r in by[("fa2", "fwd")] if r["family"] != "varlen")
+    assert all(r["status"].startswith("unsupported: ") for r in by[("cudnn", "fwd")])
+    assert all(r["status"].startswith("unsupported: ") for r in by[("fa2", "fwd")] if r["family"] == "varlen")
+    # The sanity errors: ours against FA2 and atomic against default, float32.
+    errs = [float(r["rel_err"]) for r in rows if r["rel_err"]]
+    assert errs and max(errs) < 1e-4
+
+
+def test_wide_atomic_setting_reaches_the_backward(wide_run):
+    _, calls = wide_run
+    assert any(result for _, result in calls), "no backward ran the atomic path"
+    assert any(not result for _, result in calls), "no backward ran the default path"
+    assert all(result == (env == "atomic") for env, result in calls)
+
+
+def test_wide_report_and_redraw(wide_run, tmp_path):
+    out, _ = wide_run
+    md = (out / "kernels_wide.md").read_text()
+    assert "## Speed ratios" in md and "atomic bwd vs FA2" in md and "## Not measured" in md
+    assert md.rstrip().splitlines()[-1].startswith("| seed3d")  # the ratio table comes last
+    assert_png(out / "kernels_wide_speed_ratios.png")
+    assert_redraws(["kernels", "--grid", "wide"], out, "kernels_wide", tmp_path)
+    # Without --grid, a long-format CSV is recognised as the wide grid's.
+    assert cli_main(["bench", "kernels", "--from-csv", str(out / "kernels_wide.csv")]) == 0
+
+
+def test_wide_gpu_grid_fits_its_budget(capsys):
+    cases = kernels_wide.build_grid("cuda", quick=False)
+    names = {c.name for c in cases}
+    assert {c.headdim for c in cases if c.family == "dense"} == {64, 80, 96, 128, 192, 256}
+    long = {c.headdim for c in cases if c.family == "dense" and c.seqlen == 65536}
+    assert long == set(kernels_wide.LONG_HEADDIMS)
+    assert all(c.tokens == kernels_wide.TOKENS for c in cases if c.family in ("dense", "gqa"))
+    assert {c.pack for c in cases if c.family == "varlen"} == set(kernels_wide.PACKS)
+    assert all(c.tokens == kernels_wide.VARLEN_TOKENS for c in cases if c.family == "varlen")
+    assert any(n.startswith("seed3d causal b=4 n=8k d=64") for n in names)
+    total, _ = kernels_wide.estimate_seconds(cases)
+    assert total < 8 * 60, f"the wide grid is estimated at {total:.0f} s"
+    quick, _ = kernels_wide.estimate_seconds(kernels_wide.build_grid("cuda", quick=True))
+    assert quick < 120
+    assert cli_main(["bench", "kernels", "--grid", "wide", "--estimate"]) == 0
+    assert "cases: about" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("pack", ["llama3", "64x256", "16x1024", "random"])
+def test_pack_lengths_fill_the_pack(pack):
+    lengths = kernels_wide.pack_lengths(pack, 16384)
+    assert sum(lengths) == 16384 and min(lengths) >= 1
+    assert kernels_wide.pack_lengths(pack, 16384) == lengths  # seeded
+    if pack == "llama3":
+        assert lengths == kernels_wide.LLAMA_LENGTHS
+    short = kernels_wide.pack_lengths("random", 64, min_len=8)
+    assert sum(short) == 64 and min(short) >= 8
+
+
+# --- bench decode ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def decode_run(tmp_path_factory):
+    """One CPU run; a spy counts the dense calls the dispatcher sends to the decode kernels."""
+    from ringflash.kernels import dispatch
+
+    out = tmp_path_factory.mktemp("decode")
+    routed = []
+    real = dispatch.decode_forward
+
+    def spy(*args, **kwargs):
+        import os
+
+        routed.append(os.environ.get("RINGFLASH_DECODE"))
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dispatch, "decode_forward", spy)
+        assert cli_main(["bench", "decode", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    return out, routed
+
+
+def test_decode_csv_and_report(decode_run, tmp_path):
+    out, routed = decode_run
+    rows = read_rows(out / "decode.csv", decode_bench.COLUMNS)
+    status = {(r["impl"], r["pass"]): r["status"] for r in rows}
+    for impl in decode_bench.OURS + ("fa2",):
+        assert status[(impl, "call")] == "ok", impl
+        assert status[(impl, "graph")].startswith("skipped: CUDA graphs need a GPU")
+    assert status[("cudnn", "call")].startswith("unsupported: ")
+    assert all(float(r["rel_err"]) < 1e-4 for r in rows if r["rel_err"])
+    assert "paged vs contiguous" in (out / "decode.md").read_text()
+    assert_png(out / "decode_speed_ratios.png")
+    assert_redraws(["decode"], out, "decode", tmp_path)
+    # Only the func_decode rows (RINGFLASH_DECODE=1) went through the dispatcher's decode route.
+    assert routed and all(env == "1" for env in routed)
+
+
+# --- bench dropout ---------------------------------------------------------------------
+
+
+def test_dropout_csv_and_report(tmp_path):
+    out = tmp_path / "dropout"
+    assert cli_main(["bench", "dropout", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    rows = read_rows(out / "dropout.csv", dropout_bench.COLUMNS)
+    status = {(r["impl"], r["pass"]): r["status"] for r in rows}
+    for impl in ("ours", "ours_dropout", "ours_alibi", "fa2"):
+        for p in dropout_bench.PASSES:
+            assert status[(impl, p)] == "ok", (impl, p)
+    assert {r["dropout_p"] for r in rows if r["impl"] == "ours_dropout"} == {str(dropout_bench.DROPOUT_P)}
+    md = (out / "dropout.md").read_text()
+    assert "ours: dropout 0.1 / none" in md and "issue 16 bar" in md
+    assert_png(out / "dropout_overhead.png")
+    assert_redraws(["dropout"], out, "dropout", tmp_path)
+
+
+# --- bench hf --------------------------------------------------------------------------
+
+
+def test_hf_csv_and_report(tmp_path):
+    pytest.importorskip("transformers", minversion="4.53")
+    out = tmp_path / "hf"
+    assert cli_main(["bench", "hf", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    rows = read_rows(out / "hf.csv", hf_bench.COLUMNS)
+    assert {r["case"] for r in rows} == {c.name for c in hf_bench.build_cases("cpu", quick=True)}
+    assert {r["layers"] for r in rows} == {"2"} and {r["tokens"] for r in rows} == {"64"}
+    for r in rows:
+        assert r["status"] == "ok", r
+    loss = {(r["case"], r["impl"]): float(r["loss"]) for r in rows}
+    for case in {r["case"] for r in rows}:  # the same model and tokens: the same loss, float32
+        assert loss[(case, "ringattn")] == pytest.approx(loss[(case, "sdpa")], rel=1e-4)
+    assert "ringattn vs sdpa_fa2" in (out / "hf.md").read_text()
+    assert_png(out / "hf_step_time.png")
+    assert_redraws(["hf"], out, "hf", tmp_path)
+
+
+def test_hf_without_transformers_records_unsupported(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_transformers(name, *args, **kwargs):
+        if name == "transformers" or name.startswith("transformers."):
+            raise ImportError("No module named 'transformers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_transformers)
+    out = tmp_path / "hf"
+    assert cli_main(["bench", "hf", "--device", "cpu", "--quick", "--out", str(out), "--csv-only"]) == 0
+    rows = read_rows(out / "hf.csv", hf_bench.COLUMNS)
+    assert all(r["status"].startswith("unsupported: ") for r in rows)
+    assert not (out / "hf.md").exists()  # --csv-only
