@@ -21,6 +21,7 @@ class CPCase:
     headdim: int = 16
     dtype: str = "float32"
     window: tuple = (-1, -1)
+    softcap: float = 0.0
     heads_k_stride: Optional[int] = None
     mode: Optional[str] = None
     keep_gathered_kv: bool = False
@@ -28,13 +29,19 @@ class CPCase:
     api: str = "plan"  # or the name of a ring-flash-attn-compatible function (test_cp_api)
     strided_cu: bool = False  # pass cu_seqlens as a non-contiguous view
     tag: str = ""  # distinguishes generated cases (fuzz) with otherwise equal ids
+    ulysses_degree: Optional[int] = None  # strategy "hybrid"
+    halves: bool = False  # each half of the ranks runs the case on its own group (a proper sub-group)
 
     @property
     def id(self) -> str:
         parts = [self.tag] if self.tag else []
         parts += [self.api if self.api != "plan" else self.strategy, "causal" if self.causal else "full"]
+        if self.ulysses_degree is not None:
+            parts.append(f"u{self.ulysses_degree}")
         if self.window != (-1, -1):
             parts.append(f"window{self.window[0]}_{self.window[1]}")
+        if self.softcap:
+            parts.append(f"softcap{self.softcap:g}")
         if self.heads_k_stride:
             parts.append(f"stride{self.heads_k_stride}")
         if self.mode:
@@ -45,10 +52,14 @@ class CPCase:
             parts.append(self.dtype)
         if self.heads != (2, 1):
             parts.append(f"h{self.heads[0]}-{self.heads[1]}")
+        if self.headdim != 16:
+            parts.append(f"d{self.headdim}")
         if self.lengths != CPCase.lengths:
             parts.append("len" + "_".join(map(str, self.lengths)))
         if self.strided_cu:
             parts.append("strided_cu")
+        if self.halves:
+            parts.append("halves")
         return "-".join(parts)
 
 
@@ -83,9 +94,23 @@ def reference(case: CPCase, cu, q, k, v, dout, dtype):
 
     leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     m = max(case.lengths)
-    out, lse = attention_varlen_ref(*leaves, cu, cu, m, m, causal=case.causal, window_size=case.window)
+    out, lse = attention_varlen_ref(*leaves, cu, cu, m, m, causal=case.causal, window_size=case.window,
+                                    softcap=case.softcap)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     return (out, lse, *grads)
+
+
+_HALVES: list = []
+
+
+def _half_group(rank: int, world_size: int):
+    """This rank's half of the world, as a process group (both made once, on every rank)."""
+    import torch.distributed as dist
+
+    if not _HALVES:
+        half = world_size // 2
+        _HALVES.extend([dist.new_group(list(range(half))), dist.new_group(list(range(half, world_size)))])
+    return _HALVES[rank // (world_size // 2)]
 
 
 def run_plan_case(case: CPCase, rank: int, world_size: int):
@@ -98,9 +123,10 @@ def run_plan_case(case: CPCase, rank: int, world_size: int):
     cu, q64, k64, v64, dout64 = global_data(case)
     if case.strided_cu:
         cu = torch.stack([cu, cu], 1)[:, 0]
-    plan = Plan(cu, strategy=case.strategy)
+    group = _half_group(rank, world_size) if case.halves else None
+    plan = Plan(cu, group, strategy=case.strategy, ulysses_degree=case.ulysses_degree)
     q, k, v = (plan.shard(t.to(dtype)).requires_grad_() for t in (q64, k64, v64))
-    out, lse = plan.attention(q, k, v, causal=case.causal, window_size=case.window,
+    out, lse = plan.attention(q, k, v, causal=case.causal, window_size=case.window, softcap=case.softcap,
                               heads_k_stride=case.heads_k_stride, mode=case.mode, return_lse=True,
                               keep_gathered_kv=case.keep_gathered_kv)
     grads = torch.autograd.grad(out, (q, k, v), plan.shard(dout64.to(dtype)))
@@ -226,4 +252,16 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
         local_mod.local_forward = real
         engines_mod.local_forward = real
     attempt("verify passes when modes agree", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), verify=True))
+    # Ulysses: heads that do not split over the ranks; the degree's own checks.
+    uly = Plan(cu, strategy="ulysses")
+    m = uly.num_local_tokens
+    attempt("ulysses heads", lambda: uly.attention(mk(m, 3), mk(m, 1), mk(m, 1)))
+    attempt("ulysses kv heads", lambda: uly.attention(mk(m, 6), mk(m, 3), mk(m, 3)))
+    attempt("ulysses_degree on llama3", lambda: Plan(cu, strategy="llama3", ulysses_degree=2))
+    attempt("hybrid without a degree", lambda: Plan(cu, strategy="hybrid"))
+    attempt("hybrid degree", lambda: Plan(cu, strategy="hybrid", ulysses_degree=3))
+    hybrid = Plan(cu, strategy="hybrid", ulysses_degree=2)
+    m = hybrid.num_local_tokens
+    attempt("hybrid heads", lambda: hybrid.attention(mk(m, 3), mk(m, 1), mk(m, 1)))
+    attempt("hybrid verify passes", lambda: hybrid.attention(mk(m, 4), mk(m, 2), mk(m, 2), verify=True))
     return report

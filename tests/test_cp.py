@@ -80,6 +80,38 @@ EDGE_CASES = [
 ]
 
 
+def _ulysses_cases(world_size: int) -> list:
+    """ulysses (and hybrid at 4 = 2 x 2) at one world size: nheads must divide by the Ulysses
+    degree, so the heads depend on it. Sharded GQA KV heads (kv_sharded), KV heads that
+    ranks share (kv_shared, summed in the backward) and MHA; ragged documents, documents
+    shorter than W and totals below W, one document, many short ones; windows and softcap."""
+    kv_sharded = {1: (4, 2), 2: (4, 2), 3: (6, 3), 4: (8, 4)}[world_size]
+    kv_shared = {1: (4, 1), 2: (4, 1), 3: (6, 1), 4: (8, 2)}[world_size]
+    cases = [
+        CPCase("ulysses", heads=kv_sharded, headdim=8),
+        CPCase("ulysses", causal=False, heads=kv_shared, headdim=8),
+        CPCase("ulysses", heads=kv_shared, headdim=8, lengths=(1, 2, 1), dtype="float16"),
+        CPCase("ulysses", causal=False, heads=kv_sharded, headdim=8, lengths=(0, 1)),
+        CPCase("ulysses", heads=kv_shared, headdim=8, lengths=(23,), window=(5, -1), softcap=3.0),
+        CPCase("ulysses", heads=(max(world_size, 2),) * 2, headdim=8, lengths=(1, 3, 1, 2, 1, 4, 1), dtype="float16"),
+    ]
+    if world_size == 4:
+        cases += [
+            CPCase("hybrid", ulysses_degree=2, heads=(4, 2), headdim=8),
+            CPCase("hybrid", ulysses_degree=2, causal=False, heads=(4, 1), headdim=8),
+            CPCase("hybrid", ulysses_degree=2, heads=(8, 4), headdim=8, heads_k_stride=1, mode="two_kernels",
+                   lengths=(1, 2, 1), keep_gathered_kv=True),
+            CPCase("hybrid", ulysses_degree=2, heads=(4, 1), headdim=8, lengths=(23, 1, 2, 1), dtype="float16",
+                   window=(4, -1), softcap=3.0),
+            # On a group of 2 of the 4 ranks: the sub-groups come from new_group's local mode.
+            CPCase("hybrid", ulysses_degree=1, heads=(4, 2), headdim=8, lengths=(5, 1, 7), halves=True),
+        ]
+    return cases
+
+
+ULYSSES_CASES = {w: _ulysses_cases(w) for w in (1, 2, 3, 4)}
+
+
 def _fuzz_cases(count_per_strategy: int = 2) -> list:
     """Random packed batches for every strategy, from the session seed (printed in the test
     header; RINGFLASH_TEST_SEED replays it): 1-5 documents of 0-140 tokens (mostly short,
@@ -127,7 +159,7 @@ def _reports(world_size: int) -> dict:
         cases = WIDE_CASES
     else:
         cases = BASE_CASES + (OPTION_CASES + API_CASES if world_size in OPTION_WORLD_SIZES else [])
-        cases = cases + EDGE_CASES + FUZZ_CASES
+        cases = cases + EDGE_CASES + FUZZ_CASES + ULYSSES_CASES.get(world_size, [])
     (report, *_) = run_local(cp_worker, world_size, cases, backend=BACKEND, timeout=900)
     return report
 
@@ -162,6 +194,16 @@ def test_cp_fuzz_matches_single_process(world_size, case):
     assert result == "ok", result
 
 
+_ULYSSES_PARAMS = [(w, c) for w in WORLD_SIZES for c in ULYSSES_CASES.get(w, [])]
+
+
+@pytest.mark.parametrize("world_size, case", _ULYSSES_PARAMS, ids=[f"{c.id}-{w}" for w, c in _ULYSSES_PARAMS])
+def test_cp_ulysses_matches_single_process(world_size, case):
+    """ulysses at every world size, hybrid at 4 = 2 x 2 (heads chosen per world size)."""
+    result = _reports(world_size)[case.id]
+    assert result == "ok", result
+
+
 @pytest.mark.parametrize("world_size", OPTION_WORLD_SIZES)
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c.id for c in OPTION_CASES])
 def test_cp_options_match_single_process(world_size, case):
@@ -187,6 +229,13 @@ ERRORS = {
     "keep_gathered_kv on ring": r"ValueError: keep_gathered_kv: ring passes K/V around the ring and gathers nothing",
     "verify catches a mismatch": r"RuntimeError: zigzag_llama3 verify: modes 'grouped' and 'two_kernels' disagree",
     "verify passes when modes agree": r"no error",
+    "ulysses heads": r"ValueError: q: nheads=3 is not divisible by world_size=2",
+    "ulysses kv heads": r"ValueError: k: nheads_k=3 neither divides nor is a multiple of world_size=2",
+    "hybrid heads": r"ValueError: q: nheads=3 is not divisible by ulysses_degree=2",
+    "ulysses_degree on llama3": r"ValueError: ulysses_degree: got 2 for strategy 'llama3'; expected None",
+    "hybrid without a degree": r"ValueError: ulysses_degree: got None; expected a divisor of world_size=2",
+    "hybrid degree": r"ValueError: ulysses_degree: got 3; expected a divisor of world_size=2",
+    "hybrid verify passes": r"no error",
 }
 
 

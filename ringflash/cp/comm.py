@@ -1,6 +1,7 @@
 """Communication for context parallelism over torch.distributed (NCCL on GPUs, gloo on
-the CPU): async all-gather and reduce-scatter of packed K/V, and the ring exchange
-(batched isend/irecv to the next rank, from the previous one).
+the CPU): async all-gather and reduce-scatter of packed K/V, the ring exchange (batched
+isend/irecv to the next rank, from the previous one), the all-to-all of Ulysses, and the
+sub-communicators of the hybrid strategy (``hybrid_comms``).
 
 Async collectives run on the process group's own stream (NCCL's communication stream), so
 the compute issued after them overlaps; ``wait()`` makes the current stream wait for them.
@@ -37,6 +38,12 @@ class Comm:
         """out (n, ...) <- sum over ranks of inp[rank * n : (rank + 1) * n]. Returns a work handle."""
         return _reduce_scatter_flat(out, inp, group=self.group, async_op=True)
 
+    def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_rows: list[int], inp_rows: list[int]):
+        """Rows ``inp[sum(inp_rows[:s]) :][: inp_rows[s]]`` go to rank s; ``out``'s rows are every
+        rank's in rank order, ``out_rows[s]`` from rank s (uneven splits; zeros allowed). Both
+        contiguous. Returns a work handle."""
+        return dist.all_to_all_single(out, inp, out_rows, inp_rows, group=self.group, async_op=True)
+
     def ring_exchange(self, send: torch.Tensor, recv: torch.Tensor) -> list:
         """Send ``send`` to the next rank and receive the previous rank's into ``recv``."""
         ops = [dist.P2POp(dist.isend, send, self.next_global, self.group),
@@ -47,3 +54,54 @@ class Comm:
 def wait_all(works) -> None:
     for w in works:
         w.wait()
+
+
+# Sub-communicators of hybrid plans, created once per (group, degree) and kept for the
+# life of the process (a training run builds a plan per batch on the same group). Each
+# entry holds its parent group, so that a parent's id can never be reused by another group
+# while the entry exists.
+_HYBRID: dict[tuple[int, int], tuple] = {}
+# Every sub-group made, by (creation mode, global ranks): the same ranks are never created
+# twice (new_group's local mode names a group by its ranks).
+_SUBGROUPS: dict[tuple[bool, tuple[int, ...]], dist.ProcessGroup] = {}
+
+
+def _subgroup(ranks: list[int], whole: bool) -> Optional[dist.ProcessGroup]:
+    """A group of these global ranks. ``whole``: the parent is the whole job, and every rank
+    makes this call (new_group's contract); else only the parent's ranks do, and new_group
+    synchronizes only the members."""
+    key = (whole, tuple(ranks))
+    if key not in _SUBGROUPS:
+        if whole:
+            _SUBGROUPS[key] = dist.new_group(ranks)
+        elif dist.get_rank() in ranks:
+            _SUBGROUPS[key] = dist.new_group(ranks, use_local_synchronization=True)
+        else:
+            return None
+    return _SUBGROUPS[key]
+
+
+def hybrid_comms(comm: Comm, degree: int) -> tuple[Comm, Comm]:
+    """(ulysses, across): the 2-D split of ``comm``'s W ranks used by the hybrid strategy.
+    ``ulysses`` is this rank's group of ``degree`` consecutive ranks (g * degree + j for
+    j < degree, where g = rank // degree); ``across`` holds the ranks at the same place j
+    in every Ulysses group (rank index g in it). Collective: every rank of ``comm`` calls
+    it with the same degree, in the same order as its other calls; the groups are created
+    on the first call for (group, degree), in one fixed order, and cached."""
+    key = (id(comm.group), degree)
+    hit = _HYBRID.get(key)
+    if hit is None or hit[0] is not comm.group:
+        w = comm.world_size
+        glob = [dist.get_global_rank(comm.group, i) for i in range(w)]
+        whole = w == dist.get_world_size()
+        lists = [glob[g * degree:(g + 1) * degree] for g in range(w // degree)]
+        lists += [glob[j::degree] for j in range(degree)]
+        made = [comm.group if ranks == glob else _subgroup(ranks, whole) for ranks in lists]
+        group, j = divmod(comm.rank, degree)
+        ulysses, across = Comm(made[group]), Comm(made[w // degree + j])
+        if (ulysses.rank, across.rank) != (j, group):
+            raise RuntimeError(f"group: rank order of the sub-groups ({ulysses.rank}, {across.rank}) differs from "
+                               f"the plan's ({j}, {group}); expected a group whose global ranks increase with "
+                               "the group rank")
+        hit = _HYBRID[key] = (comm.group, ulysses, across)
+    return hit[1], hit[2]

@@ -12,7 +12,9 @@ token layout and in the metadata their Plan feeds these engines.
   The backward sends K/V around again, with a float32 dK/dV accumulator travelling beside
   each block until it is back at its owner; dQ accumulates locally in float32.
 
-Gradients come back in the inputs' dtypes.
+Gradients come back in the inputs' dtypes. The all-gather engine's forward and backward
+are also plain functions (``allgather_forward``, ``allgather_backward``): the Ulysses engine
+(``ulysses``) runs them across its groups for the hybrid strategy.
 """
 
 from __future__ import annotations
@@ -109,76 +111,90 @@ class _AllGather:
         return kv[:, 0], kv[:, 1]
 
 
+def allgather_forward(q, k, v, spec: AllGatherSpec, params: LocalParams, comm: Comm, stride: int, mode: str,
+                      keep_gathered: bool = False) -> tuple:
+    """The all-gather engine's forward: (out, lse, saved tensors, setup) for ``allgather_backward``."""
+    n, h, _ = q.shape
+    hk = k.shape[1]
+    qh = h // hk * stride  # query heads per KV-head chunk
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(h, n, dtype=torch.float32, device=q.device)
+    packed = _pack_kv(k, v, stride, spec.n_max)
+    gather = _AllGather(comm, packed, spec)
+    gather.start(0)
+    # keep_gathered: the backward reuses the ordered K/V instead of gathering again,
+    # trading world_size x the local K/V per call for the re-gather's time.
+    kept: list[torch.Tensor] = []
+    for c in range(gather.chunks):
+        kc, vc = gather.keys(c)
+        rows = slice(c * qh, (c + 1) * qh)
+        local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
+                      out=out[:, rows], lse=lse[rows], mode=mode)
+        if keep_gathered:
+            kept += [kc, vc]
+    return out, lse, (q, packed, out, lse, *kept), (spec, params, comm, mode, k.shape, k.dtype, v.dtype)
+
+
+def allgather_backward(saved: tuple, setup: tuple, dout: torch.Tensor, dq: Optional[torch.Tensor] = None,
+                       dk: Optional[torch.Tensor] = None, dv: Optional[torch.Tensor] = None) -> tuple:
+    """(dq, dk, dv) of ``allgather_forward``'s call, written into the given buffers (views,
+    or float32 dk/dv, allowed) or new ones in the inputs' dtypes."""
+    q, packed, out, lse, *kept = saved
+    spec, params, comm, mode, k_shape, k_dtype, v_dtype = setup
+    n, h, _ = q.shape
+    chunks, stride = packed.shape[0], packed.shape[3]
+    qh = h // (chunks * stride) * stride
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
+    dk = torch.empty(k_shape, dtype=k_dtype, device=q.device) if dk is None else dk
+    dv = torch.empty(k_shape, dtype=v_dtype, device=q.device) if dv is None else dv
+    dout = dout.contiguous()
+    gather = _AllGather(comm, packed, spec)
+    if not kept:
+        gather.start(0)  # the first re-gather overlaps the preprocessing
+    prob = params.problem(q, packed[0, :, 0], spec.meta, spec.max_q, spec.max_k)
+    delta, lse2 = prepare_backward(dout, out, lse, prob)
+    # dK/dV of the gathered keys, float32, in the all-gather's rank-major layout: the
+    # kernel writes key i to row key_index[i] (no reordering copy), and the buffer is
+    # reduce-scattered to the owners as it is. With key_index every real row is written;
+    # padding rows are summed and never read. A key_slice leaves other ranks' rows zero.
+    rows_total = comm.world_size * spec.n_max
+    scattering: list = []
+    for c in range(gather.chunks):
+        kc, vc = (kept[2 * c], kept[2 * c + 1]) if kept else gather.keys(c)
+        rows = slice(c * qh, (c + 1) * qh)
+        heads = slice(c * stride, (c + 1) * stride)
+        if spec.key_index is not None:
+            full = torch.empty((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
+            dkv = full
+        else:
+            full = torch.zeros((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
+            dkv = full[spec.key_slice] if spec.key_slice is not None else full
+
+        def scatter_dkv(full=full, heads=heads):
+            mine = full.new_empty((spec.n_max,) + tuple(full.shape[1:]))
+            scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
+
+        local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
+                       spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
+                       prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv,
+                       dkv_rows=spec.key_index)
+        _finish_scatter(scattering, dk, dv, keep=1)
+    _finish_scatter(scattering, dk, dv, keep=0)
+    return dq, dk, dv
+
+
 class AllGatherAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec: AllGatherSpec, params: LocalParams, comm: Comm, stride: int, mode: str,
                 keep_gathered: bool = False):
-        n, h, _ = q.shape
-        hk = k.shape[1]
-        qh = h // hk * stride  # query heads per KV-head chunk
-        out = torch.empty_like(q)
-        lse = torch.empty(h, n, dtype=torch.float32, device=q.device)
-        packed = _pack_kv(k, v, stride, spec.n_max)
-        gather = _AllGather(comm, packed, spec)
-        gather.start(0)
-        # keep_gathered: the backward reuses the ordered K/V instead of gathering again,
-        # trading world_size x the local K/V per call for the re-gather's time.
-        kept: list[torch.Tensor] = []
-        for c in range(gather.chunks):
-            kc, vc = gather.keys(c)
-            rows = slice(c * qh, (c + 1) * qh)
-            local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
-                          out=out[:, rows], lse=lse[rows], mode=mode)
-            if keep_gathered:
-                kept += [kc, vc]
-        ctx.save_for_backward(q, packed, out, lse, *kept)
-        ctx.setup = (spec, params, comm, mode, k.shape, k.dtype, v.dtype)
+        out, lse, saved, ctx.setup = allgather_forward(q, k, v, spec, params, comm, stride, mode, keep_gathered)
+        ctx.save_for_backward(*saved)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, packed, out, lse, *kept = ctx.saved_tensors
-        spec, params, comm, mode, k_shape, k_dtype, v_dtype = ctx.setup
-        n, h, _ = q.shape
-        chunks, stride = packed.shape[0], packed.shape[3]
-        qh = h // (chunks * stride) * stride
-        dq = torch.empty_like(q)
-        dk = torch.empty(k_shape, dtype=k_dtype, device=q.device)
-        dv = torch.empty(k_shape, dtype=v_dtype, device=q.device)
-        dout = dout.contiguous()
-        gather = _AllGather(comm, packed, spec)
-        if not kept:
-            gather.start(0)  # the first re-gather overlaps the preprocessing
-        prob = params.problem(q, packed[0, :, 0], spec.meta, spec.max_q, spec.max_k)
-        delta, lse2 = prepare_backward(dout, out, lse, prob)
-        # dK/dV of the gathered keys, float32, in the all-gather's rank-major layout: the
-        # kernel writes key i to row key_index[i] (no reordering copy), and the buffer is
-        # reduce-scattered to the owners as it is. With key_index every real row is written;
-        # padding rows are summed and never read. A key_slice leaves other ranks' rows zero.
-        rows_total = comm.world_size * spec.n_max
-        scattering: list = []
-        for c in range(gather.chunks):
-            kc, vc = (kept[2 * c], kept[2 * c + 1]) if kept else gather.keys(c)
-            rows = slice(c * qh, (c + 1) * qh)
-            heads = slice(c * stride, (c + 1) * stride)
-            if spec.key_index is not None:
-                full = torch.empty((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
-                dkv = full
-            else:
-                full = torch.zeros((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
-                dkv = full[spec.key_slice] if spec.key_slice is not None else full
-
-            def scatter_dkv(full=full, heads=heads):
-                mine = full.new_empty((spec.n_max,) + tuple(full.shape[1:]))
-                scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
-
-            local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
-                           spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
-                           prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv,
-                           dkv_rows=spec.key_index)
-            _finish_scatter(scattering, dk, dv, keep=1)
-        _finish_scatter(scattering, dk, dv, keep=0)
+        dq, dk, dv = allgather_backward(ctx.saved_tensors, ctx.setup, dout)
         return dq, dk, dv, None, None, None, None, None, None
 
 

@@ -7,6 +7,12 @@ tokens at positions ``start, start + step, ...`` (``step`` is 1, or W for stripe
 pieces of one sequence are adjacent in the local order, so each rank's tokens of sequence
 i form one local segment.
 
+ulysses holds llama3's contiguous slices of the packed stream. hybrid (Ulysses degree u)
+groups ranks into W/u Ulysses groups of u consecutive ranks: group g holds zigzag_llama3's
+chunks of rank g in a world of W/u, and rank j of the group holds slice j of that group's
+stream (its pieces in order, cut into u slices), so that the group's all-to-all rebuilds
+the group's stream in order.
+
 Documents of any length: a sequence whose length does not divide into the strategy's
 chunks gets chunks that differ by at most one token (the first chunks take the
 remainder). Nothing is padded; ranks may hold different numbers of tokens.
@@ -15,8 +21,9 @@ remainder). Nothing is padded; ranks may hold different numbers of tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
-STRATEGIES = ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe")
+STRATEGIES = ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe", "ulysses", "hybrid")
 
 
 @dataclass(frozen=True)
@@ -41,8 +48,20 @@ def chunk_bounds(length: int, chunks: int) -> list[tuple[int, int]]:
     return out
 
 
-def rank_pieces(strategy: str, seqlens: list[int], rank: int, world_size: int) -> list[Piece]:
-    """The pieces rank ``rank`` holds, in local order."""
+def stream_slice(pieces: list[Piece], lo: int, hi: int) -> list[Piece]:
+    """The tokens at positions [lo, hi) of the stream that ``pieces`` form, in order (no empty pieces)."""
+    out, pos = [], 0
+    for p in pieces:
+        a, b = max(lo, pos), min(hi, pos + p.length)
+        if b > a:
+            out.append(Piece(p.seq, p.start + (a - pos) * p.step, b - a, p.step))
+        pos += p.length
+    return out
+
+
+def rank_pieces(strategy: str, seqlens: list[int], rank: int, world_size: int,
+                ulysses_degree: Optional[int] = None) -> list[Piece]:
+    """The pieces rank ``rank`` holds, in local order (``ulysses_degree``: hybrid's u)."""
     w = world_size
     pieces: list[Piece] = []
     if strategy in ("ring",):
@@ -57,16 +76,18 @@ def rank_pieces(strategy: str, seqlens: list[int], rank: int, world_size: int) -
     elif strategy == "stripe":
         for i, n in enumerate(seqlens):
             pieces.append(Piece(i, rank, len(range(rank, n, w)), w))
-    elif strategy == "llama3":
+    elif strategy in ("llama3", "ulysses"):
         # Contiguous slices of the whole packed stream; sequences may span ranks.
-        total = sum(seqlens)
-        lo, n_rank = chunk_bounds(total, w)[rank]
-        hi, seq_start = lo + n_rank, 0
-        for i, n in enumerate(seqlens):
-            a, b = max(lo, seq_start), min(hi, seq_start + n)
-            if b > a:
-                pieces.append(Piece(i, a - seq_start, b - a))
-            seq_start += n
+        lo, n_rank = chunk_bounds(sum(seqlens), w)[rank]
+        pieces = stream_slice([Piece(i, 0, n) for i, n in enumerate(seqlens)], lo, lo + n_rank)
+    elif strategy == "hybrid":
+        u = ulysses_degree
+        if u is None or u < 1 or w % u != 0:
+            raise ValueError(f"ulysses_degree: got {u!r}; expected a divisor of world_size={w}")
+        group, j = divmod(rank, u)
+        stream = rank_pieces("zigzag_llama3", seqlens, group, w // u)
+        lo, n_rank = chunk_bounds(sum(p.length for p in stream), u)[j]
+        pieces = stream_slice(stream, lo, lo + n_rank)
     else:
         raise ValueError(f"strategy: got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
     return pieces

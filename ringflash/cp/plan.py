@@ -18,6 +18,12 @@ check runs), so that a mismatch is an error on every rank rather than a hang.
 Documents may have any length, down to a single token: sequences are cut into chunks that
 differ by at most one token, and nothing is padded. Results equal single-GPU attention on
 the unpadded batch.
+
+Strategies (``layout`` has the token layouts): the all-gather engine (llama3,
+zigzag_llama3), the ring engine (ring, zigzag_ring, stripe), and the Ulysses engine
+(``ulysses``: all-to-all over heads, then the plain varlen kernel; ``hybrid`` with
+``ulysses_degree=u``: Ulysses inside groups of u consecutive ranks, zigzag_llama3's
+all-gather engine across the W/u groups).
 """
 
 from __future__ import annotations
@@ -32,10 +38,11 @@ import torch.distributed as dist
 from .. import validation as V
 from ..kernels.problem import WINDOW_CAP, SeqMeta
 from .checks import SignatureChecks, call_signature, check_agreement
-from .comm import Comm
+from .comm import Comm, hybrid_comms
 from .engines import AllGatherAttention, AllGatherSpec, RingAttention, RingStep
 from .layout import STRATEGIES, chunk_bounds, rank_pieces, segments
 from .local import MODES, LocalParams
+from .ulysses import AllGatherInner, HeadSplit, LocalInner, UlyssesAttention, check_heads
 
 #: diag value meaning "every key of the entry precedes every query row".
 ALL_VISIBLE = WINDOW_CAP
@@ -57,6 +64,44 @@ def _global_rows(pieces: list, seq_starts: list[int]) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.long)
 
 
+def _rank_major_index(pieces_by_rank: list, seq_starts: list[int], total: int, n_max: int) -> torch.Tensor:
+    """For each global token (packed order): its row in the rank-major buffer that gathers
+    every rank's tokens (in local order, padded to ``n_max``)."""
+    index = torch.empty(total, dtype=torch.long)
+    for s, ps in enumerate(pieces_by_rank):
+        rows = _global_rows(ps, seq_starts)
+        index[rows] = torch.arange(s * n_max, s * n_max + rows.numel())
+    return index
+
+
+def _allgather_spec(pieces_by_rank: list, me: int, seqlens: list[int], cu_seqlens: torch.Tensor,
+                    groups: int) -> AllGatherSpec:
+    """Rank ``me``'s queries against the gathered keys in global order; each query piece is a
+    group entry (``groups`` 2: zigzag's two chunks) whose diagonal is its first token's
+    position (query row i sees key j iff j <= start + i)."""
+    device, own = cu_seqlens.device, pieces_by_rank[me]
+    num_seqs = len(seqlens)
+    starts = [[0] * num_seqs for _ in range(groups)]
+    ends = [[0] * num_seqs for _ in range(groups)]
+    diag = [[0] * num_seqs for _ in range(groups)]
+    seen = [0] * num_seqs
+    pos = 0
+    for p in own:
+        g = seen[p.seq] if groups == 2 else 0
+        seen[p.seq] += 1
+        starts[g][p.seq], ends[g][p.seq], diag[g][p.seq] = pos, pos + p.length, p.start
+        pos += p.length
+    meta = SeqMeta(_tensor(starts, device), _tensor(ends, device), cu_seqlens, None, _tensor(diag, device))
+    n_max = max([sum(p.length for p in ps) for ps in pieces_by_rank] + [1])
+    seq_starts = [0]
+    for n in seqlens[:-1]:
+        seq_starts.append(seq_starts[-1] + n)
+    return AllGatherSpec(
+        meta=meta, n_max=n_max, max_q=max([p.length for p in own] + [1]), max_k=max(seqlens + [1]),
+        key_index=_rank_major_index(pieces_by_rank, seq_starts, sum(seqlens), n_max).to(device),
+    )
+
+
 def zigzag_mode(mode: Optional[str]) -> str:
     """The zigzag_llama3 execution mode: the argument, else RINGFLASH_ZIGZAG_MODE, else grouped."""
     mode = mode if mode is not None else os.environ.get("RINGFLASH_ZIGZAG_MODE", "grouped")
@@ -74,11 +119,13 @@ def zigzag_verify(verify: Optional[bool]) -> bool:
 
 class Plan:
     def __init__(self, cu_seqlens: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
-                 strategy: str = "zigzag_llama3"):
+                 strategy: str = "zigzag_llama3", *, ulysses_degree: Optional[int] = None):
         self.comm = Comm(group)
         self.group = self.comm.group
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.strategy = strategy
+        #: Ranks of a Ulysses group: W for ulysses, ``ulysses_degree`` for hybrid, else None.
+        self.ulysses_degree: Optional[int] = None
         # Every rank runs the same checks and then one collective, so that a bad argument on
         # one rank is an error on every rank instead of a hang in the next collective.
         error: Optional[BaseException] = None
@@ -86,6 +133,7 @@ class Plan:
         try:
             if strategy not in STRATEGIES:
                 raise ValueError(f"strategy: got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+            self.ulysses_degree = self._check_degree(strategy, ulysses_degree)
             V.check_cu_seqlens_shape("cu_seqlens", cu_seqlens)
             cu = cu_seqlens.tolist()  # the one host sync of a plan
             if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
@@ -102,7 +150,7 @@ class Plan:
         self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
         self.total = cu[-1]
         w = self.world_size
-        self.pieces = [rank_pieces(strategy, self.seqlens, s, w) for s in range(w)]
+        self.pieces = [rank_pieces(strategy, self.seqlens, s, w, self.ulysses_degree) for s in range(w)]
         self.num_local = [sum(p.length for p in ps) for ps in self.pieces]
         self.n_max = max(max(self.num_local), 1)
         self.segments = [segments(ps, len(self.seqlens)) for ps in self.pieces]
@@ -113,12 +161,31 @@ class Plan:
         self._gather_index: Optional[torch.Tensor] = None
         self._cache: dict[tuple, object] = {}
         self._checks = SignatureChecks(self.comm, self.device, "q, k, v or options")
+        if strategy == "hybrid":  # collective, on every rank: the layout check above passed everywhere
+            self._ulysses_comm, self._across_comm = hybrid_comms(self.comm, self.ulysses_degree)
+
+    def _check_degree(self, strategy: str, degree: object) -> Optional[int]:
+        """The Ulysses group size of the strategy (``ulysses_degree`` is hybrid's alone)."""
+        if strategy == "ulysses" and degree is None:
+            return self.world_size
+        if strategy != "hybrid":
+            if degree is not None:
+                raise ValueError(f"ulysses_degree: got {degree!r} for strategy {strategy!r}; expected None "
+                                 "(only strategy='hybrid' takes a Ulysses degree)")
+            return None
+        value = V.integer_value(degree)
+        if value is None or value < 1 or self.world_size % value != 0:
+            raise ValueError(f"ulysses_degree: got {degree!r}; expected a divisor of world_size={self.world_size} "
+                             "(strategy='hybrid' needs it)")
+        return int(value)
 
     def _layout_signature(self) -> str:
         """What every rank must agree on to build the same layout: the exact lengths (by
-        digest, so that no two different lists can pass as one), strategy and world size."""
+        digest, so that no two different lists can pass as one), strategy, Ulysses degree and
+        world size."""
         lengths = hashlib.sha256(",".join(map(str, self.seqlens)).encode()).hexdigest()
-        return (f"strategy={self.strategy} world_size={self.world_size} documents={len(self.seqlens)} "
+        return (f"strategy={self.strategy} ulysses_degree={self.ulysses_degree} world_size={self.world_size} "
+                f"documents={len(self.seqlens)} "
                 f"tokens={sum(self.seqlens)} lengths_sha256={lengths}")
 
     # -- layout ------------------------------------------------------------------------
@@ -136,10 +203,7 @@ class Plan:
     def _rank_major_index(self) -> torch.Tensor:
         """For each global token (packed order): its row in the rank-major all-gather buffer."""
         if self._gather_index is None:
-            index = torch.empty(self.total, dtype=torch.long)
-            for s, ps in enumerate(self.pieces):
-                rows = _global_rows(ps, self._seq_starts)
-                index[rows] = torch.arange(s * self.n_max, s * self.n_max + rows.numel())
+            index = _rank_major_index(self.pieces, self._seq_starts, self.total, self.n_max)
             self._gather_index = index.to(self.device)
         return self._gather_index
 
@@ -192,12 +256,14 @@ class Plan:
         as ``plan.shard`` lays them out. Returns out (num_local_tokens, nheads, headdim), and
         with ``return_lse`` also lse (nheads, num_local_tokens) float32. ``heads_k_stride``
         (all-gather strategies): KV heads gathered at a time, a divisor of nheads_k (default
-        all). ``mode`` (zigzag_llama3): "grouped" or "two_kernels"; ``verify`` recomputes
-        with the other mode and raises on a mismatch. ``keep_gathered_kv`` (all-gather
-        strategies): keep the gathered K/V from the forward for the backward instead of
-        gathering them again, which saves the backward's all-gather at the cost of
-        world_size x the local K/V of memory per call until the backward (off by default, as
-        in ring-flash-attn's llama3, which re-gathers).
+        all; for hybrid, of the KV heads a rank holds after its all-to-all). ``mode``
+        (zigzag_llama3, hybrid): "grouped" or "two_kernels"; ``verify`` recomputes with the
+        other mode and raises on a mismatch. ulysses and hybrid need nheads divisible by the
+        Ulysses degree (W, or ``ulysses_degree``) and nheads_k a multiple or a divisor of it.
+        ``keep_gathered_kv`` (all-gather strategies, hybrid): keep the gathered K/V from the
+        forward for the backward instead of gathering them again, which saves the backward's
+        all-gather at the cost of world_size x the local K/V of memory per call until the
+        backward (off by default, as in ring-flash-attn's llama3, which re-gathers).
 
         (``_caller_error``: a wrapper's own check that failed on this rank; it is raised
         after the collective check, so that every rank stops.)
@@ -221,62 +287,83 @@ class Plan:
                     "diagonal band per step; expected (-1, -1) (use llama3, zigzag_llama3 or ring for windows)")
             self._check_local(q, k, v, group)
             scale = V.resolve_softmax_scale(softmax_scale, q.shape[-1])
-            stride = k.shape[1] if heads_k_stride is None else heads_k_stride
-            if V.integer_value(stride) is None or stride < 1 or k.shape[1] % stride != 0:
-                raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of nheads_k={k.shape[1]}")
+            heads = None
+            if self.ulysses_degree is not None:
+                heads = check_heads(q.shape[1], k.shape[1], self.ulysses_degree,
+                                    "world_size" if self.strategy == "ulysses" else "ulysses_degree")
+            # hybrid gathers the KV heads a rank holds after its all-to-all
+            nheads_k = heads.kv_local if self.strategy == "hybrid" else k.shape[1]
+            stride = nheads_k if heads_k_stride is None else heads_k_stride
+            if V.integer_value(stride) is None or stride < 1 or nheads_k % stride != 0:
+                where = " per rank after the all-to-all" if self.strategy == "hybrid" else ""
+                raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of "
+                                 f"nheads_k={nheads_k}{where}")
             stride = int(stride)
-            mode = zigzag_mode(mode) if self.strategy == "zigzag_llama3" else "grouped"
+            zigzag = self.strategy in ("zigzag_llama3", "hybrid")
+            mode = zigzag_mode(mode) if zigzag else "grouped"
             keep_gathered_kv = V.as_bool("keep_gathered_kv", keep_gathered_kv)
-            if keep_gathered_kv and self.strategy not in ("llama3", "zigzag_llama3"):
-                raise ValueError(f"keep_gathered_kv: {self.strategy} passes K/V around the ring and gathers nothing; "
-                                 "expected False (or the llama3 / zigzag_llama3 strategies)")
-            verify = zigzag_verify(verify) if self.strategy == "zigzag_llama3" else False
+            if keep_gathered_kv and self.strategy not in ("llama3", "zigzag_llama3", "hybrid"):
+                how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
+                raise ValueError(f"keep_gathered_kv: {self.strategy} {how} and gathers nothing; expected False "
+                                 "(or the llama3, zigzag_llama3 or hybrid strategies)")
+            verify = zigzag_verify(verify) if zigzag else False
             return_lse = V.as_bool("return_lse", return_lse)
-            # Every rank must agree on all of it: the backward's re-gather is a collective too.
+            # Every rank must agree on all of it: the backward's re-gather is a collective
+            # too, and so is Ulysses' all-to-all of lse (with return_lse).
             signature = call_signature(q, k, v, (causal, left, right, softcap, scale, stride, mode,
-                                                 keep_gathered_kv, verify))
+                                                 keep_gathered_kv, verify, return_lse))
         except (ValueError, TypeError, NotImplementedError) as exc:
             error = exc
         self._checks.check(signature, error)
         params = LocalParams(scale, causal, left, right, softcap)
         if self.strategy in ("llama3", "zigzag_llama3"):
             spec = self._allgather_spec()
-            out, lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, mode, keep_gathered_kv)
-            if verify:
-                other = "two_kernels" if mode == "grouped" else "grouped"
-                with torch.no_grad():
-                    ref, ref_lse = AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, other)
-                _check_modes_agree(out, lse, ref, ref_lse, mode, other)
+
+            def run(mode, keep):
+                return AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, mode, keep)
+        elif heads is not None:
+            def run(mode, keep):
+                return self._ulysses(q, k, v, params, heads, stride, mode, keep, return_lse or verify)
         else:
-            out, lse = RingAttention.apply(q, k, v, self._ring_steps(causal, left, right), self.n_max, params, self.comm)
+            def run(mode, keep):
+                return RingAttention.apply(q, k, v, self._ring_steps(causal, left, right), self.n_max, params,
+                                           self.comm)
+        out, lse = run(mode, keep_gathered_kv)
+        if verify:
+            other = "two_kernels" if mode == "grouped" else "grouped"
+            with torch.no_grad():
+                ref, ref_lse = run(other, False)
+            _check_modes_agree(out, lse, ref, ref_lse, mode, other)
         return (out, lse) if return_lse else out
+
+    def _ulysses(self, q, k, v, params: LocalParams, heads: HeadSplit, stride: int, mode: str, keep: bool,
+                 need_lse: bool):
+        """ulysses: all-to-all over the whole group, the plain varlen kernel on every
+        document. hybrid: all-to-all inside this rank's Ulysses group, zigzag_llama3's
+        all-gather engine across the groups."""
+        u = self.ulysses_degree
+        first = self.rank - self.rank % u
+        counts = self.num_local[first:first + u]
+        if self.strategy == "ulysses":
+            if "ulysses" not in self._cache:
+                self._cache["ulysses"] = SeqMeta.from_cu_seqlens(self.cu_seqlens, self.cu_seqlens)
+            longest = max(self.seqlens + [1])
+            inner = LocalInner(self._cache["ulysses"], longest, params)  # type: ignore[arg-type]
+            return UlyssesAttention.apply(q, k, v, counts, self.comm, inner, heads, need_lse)
+        if "hybrid" not in self._cache:
+            across = self.world_size // u
+            streams = [rank_pieces("zigzag_llama3", self.seqlens, g, across) for g in range(across)]
+            self._cache["hybrid"] = _allgather_spec(streams, self.rank // u, self.seqlens, self.cu_seqlens, 2)
+        inner = AllGatherInner(self._cache["hybrid"], params, self._across_comm, stride, mode, keep)  # type: ignore
+        return UlyssesAttention.apply(q, k, v, counts, self._ulysses_comm, inner, heads, need_lse)
 
     # -- metadata --------------------------------------------------------------------------
 
     def _allgather_spec(self) -> AllGatherSpec:
-        """Local queries against the gathered keys in global order; each query piece is a
-        group entry whose diagonal is its first token's position (query row i sees key j
-        iff j <= start + i)."""
+        """Local queries against the gathered keys in global order (llama3, zigzag_llama3)."""
         if "allgather" not in self._cache:
-            own = self.pieces[self.rank]
             groups = 2 if self.strategy == "zigzag_llama3" else 1
-            num_seqs = len(self.seqlens)
-            starts = [[0] * num_seqs for _ in range(groups)]
-            ends = [[0] * num_seqs for _ in range(groups)]
-            diag = [[0] * num_seqs for _ in range(groups)]
-            seen = [0] * num_seqs
-            pos = 0
-            for p in own:
-                g = seen[p.seq] if groups == 2 else 0
-                seen[p.seq] += 1
-                starts[g][p.seq], ends[g][p.seq], diag[g][p.seq] = pos, pos + p.length, p.start
-                pos += p.length
-            meta = SeqMeta(_tensor(starts, self.device), _tensor(ends, self.device), self.cu_seqlens,
-                           None, _tensor(diag, self.device))
-            self._cache["allgather"] = AllGatherSpec(
-                meta=meta, n_max=self.n_max, max_q=max([p.length for p in own] + [1]),
-                max_k=max(self.seqlens + [1]), key_index=self._rank_major_index(),
-            )
+            self._cache["allgather"] = _allgather_spec(self.pieces, self.rank, self.seqlens, self.cu_seqlens, groups)
         return self._cache["allgather"]  # type: ignore[return-value]
 
     def _ring_steps(self, causal: bool, left: int, right: int) -> list[RingStep]:
