@@ -25,7 +25,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     demo.add_argument("--cp-world-size", type=int, default=2,
                       help="local processes for the context-parallel run (0 skips it)")
     demo.add_argument("--cp-strategy", default="zigzag_llama3",
-                      choices=["zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe"])
+                      choices=["zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe", "ulysses"])
     bench = sub.add_parser("bench", help="benchmarks (GPU; `sweep`, `kernels --grid wide`, `hf`, `decode` and "
                            "`dropout` also take `--device cpu --quick`, a smoke run at toy sizes): "
                            + ", ".join(BENCHMARKS))
