@@ -30,6 +30,7 @@ class CPCase:
     strided_cu: bool = False  # pass cu_seqlens as a non-contiguous view
     tag: str = ""  # distinguishes generated cases (fuzz) with otherwise equal ids
     ulysses_degree: Optional[int] = None  # strategy "hybrid"
+    min_piece: Optional[int] = None  # strategy "balanced"
     halves: bool = False  # each half of the ranks runs the case on its own group (a proper sub-group)
 
     @property
@@ -38,6 +39,8 @@ class CPCase:
         parts += [self.api if self.api != "plan" else self.strategy, "causal" if self.causal else "full"]
         if self.ulysses_degree is not None:
             parts.append(f"u{self.ulysses_degree}")
+        if self.min_piece is not None:
+            parts.append(f"min{self.min_piece}")
         if self.window != (-1, -1):
             parts.append(f"window{self.window[0]}_{self.window[1]}")
         if self.softcap:
@@ -124,7 +127,7 @@ def run_plan_case(case: CPCase, rank: int, world_size: int):
     if case.strided_cu:
         cu = torch.stack([cu, cu], 1)[:, 0]
     group = _half_group(rank, world_size) if case.halves else None
-    plan = Plan(cu, group, strategy=case.strategy, ulysses_degree=case.ulysses_degree)
+    plan = Plan(cu, group, strategy=case.strategy, ulysses_degree=case.ulysses_degree, min_piece=case.min_piece)
     q, k, v = (plan.shard(t.to(dtype)).requires_grad_() for t in (q64, k64, v64))
     out, lse = plan.attention(q, k, v, causal=case.causal, window_size=case.window, softcap=case.softcap,
                               heads_k_stride=case.heads_k_stride, mode=case.mode, return_lse=True,

@@ -25,6 +25,18 @@ if BACKEND == "nccl":
 
 BASE_CASES = [CPCase(s, causal=c) for s in ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe")
               for c in (True, False)]
+# The balanced layout with small pieces, so that the tiny test documents get cut: whole
+# short documents, zigzag pairs of long ones (several on a rank), a single token.
+BALANCED_CASES = [
+    CPCase("balanced", causal=c, min_piece=2, lengths=lengths)
+    for c in (True, False) for lengths in ((11, 1, 3, 17, 5), (40,), (3, 1, 2, 0, 29, 6))
+] + [
+    CPCase("balanced", min_piece=3, heads=(4, 2), heads_k_stride=1, window=(7, -1), lengths=(23, 9, 30)),
+    CPCase("balanced", lengths=(11, 1, 3, 17, 5)),  # the default min_piece: every document whole
+    CPCase("balanced", min_piece=2, lengths=(0, 1), mode="two_kernels"),
+    CPCase("balanced", min_piece=2, lengths=(33, 4), keep_gathered_kv=True, dtype="float16"),
+    CPCase("auto", min_piece=2, lengths=(23, 9, 30)),  # resolves to an all-gather strategy
+]
 OPTION_CASES = [
     CPCase("zigzag_llama3", mode="two_kernels"),
     CPCase("zigzag_llama3", heads=(4, 2), heads_k_stride=1),
@@ -159,7 +171,7 @@ def _reports(world_size: int) -> dict:
         cases = WIDE_CASES
     else:
         cases = BASE_CASES + (OPTION_CASES + API_CASES if world_size in OPTION_WORLD_SIZES else [])
-        cases = cases + EDGE_CASES + FUZZ_CASES + ULYSSES_CASES.get(world_size, [])
+        cases = cases + EDGE_CASES + FUZZ_CASES + ULYSSES_CASES.get(world_size, []) + BALANCED_CASES
     (report, *_) = run_local(cp_worker, world_size, cases, backend=BACKEND, timeout=900)
     return report
 
@@ -190,6 +202,13 @@ def test_cp_edge_cases_match_single_process(world_size, case):
 @pytest.mark.parametrize("case", FUZZ_CASES, ids=[c.id for c in FUZZ_CASES])
 def test_cp_fuzz_matches_single_process(world_size, case):
     """Random document lengths (see _fuzz_cases), forward and backward, every strategy."""
+    result = _reports(world_size)[case.id]
+    assert result == "ok", result
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("case", BALANCED_CASES, ids=[c.id for c in BALANCED_CASES])
+def test_cp_balanced_matches_single_process(world_size, case):
     result = _reports(world_size)[case.id]
     assert result == "ok", result
 

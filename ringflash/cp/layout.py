@@ -13,6 +13,12 @@ chunks of rank g in a world of W/u, and rank j of the group holds slice j of tha
 stream (its pieces in order, cut into u slices), so that the group's all-to-all rebuilds
 the group's stream in order.
 
+balanced (document-aware) keeps short documents whole and cuts long ones into zigzag
+pairs of chunks no shorter than ``min_piece`` tokens, then deals these units to ranks
+largest predicted cost first, each to the rank with the least cost that still has room
+for its tokens (``balanced_layout``, ``CostModel``). Keys travel by all-gather, as for
+llama3 and zigzag_llama3.
+
 Documents of any length: a sequence whose length does not divide into the strategy's
 chunks gets chunks that differ by at most one token (the first chunks take the
 remainder). Nothing is padded; ranks may hold different numbers of tokens.
@@ -23,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-STRATEGIES = ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe", "ulysses", "hybrid")
+STRATEGIES = ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe", "ulysses", "hybrid", "balanced")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ def rank_pieces(strategy: str, seqlens: list[int], rank: int, world_size: int,
         # Contiguous slices of the whole packed stream; sequences may span ranks.
         lo, n_rank = chunk_bounds(sum(seqlens), w)[rank]
         pieces = stream_slice([Piece(i, 0, n) for i, n in enumerate(seqlens)], lo, lo + n_rank)
+    elif strategy == "balanced":
+        pieces = balanced_layout(seqlens, w)[rank]
     elif strategy == "hybrid":
         u = ulysses_degree
         if u is None or u < 1 or w % u != 0:
@@ -102,3 +110,75 @@ def segments(pieces: list[Piece], num_seqs: int) -> list[tuple[int, int]]:
         out[p.seq] = (pos if length == 0 else start, length + p.length)
         pos += p.length
     return out
+
+
+#: Shortest chunk the balanced layout cuts a document into. Below about 256 query rows the
+#: kernels lose throughput (WLB-LLM reports the jump at 256; ours is to be measured on a
+#: GPU and set here).
+BALANCED_MIN_PIECE = 256
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Predicted attention time of one query piece under a causal mask, in arbitrary units:
+    ``pair`` per visible (query, key) pair, ``row`` per query row (loads, softmax and stores
+    that do not scale with the keys), ``piece`` per piece (a partial tile, a grid tail).
+    The defaults count visible pairs only; measured coefficients replace them per GPU."""
+
+    pair: float = 1.0
+    row: float = 0.0
+    piece: float = 0.0
+
+    def cost(self, start: int, length: int) -> float:
+        """Query rows at positions [start, start + length) of a document, each seeing every
+        key up to its own position."""
+        pairs = length * start + length * (length + 1) / 2
+        return self.pair * pairs + self.row * length + (self.piece if length else 0.0)
+
+
+def balanced_layout(seqlens: list[int], world_size: int, min_piece: int = BALANCED_MIN_PIECE,
+                    model: CostModel = CostModel()) -> list[list[Piece]]:
+    """Every rank's pieces (in document order) for the balanced strategy.
+
+    Units: a document of up to ``unit_max`` tokens stays whole; a longer one is cut into 2p
+    chunks and unit c pairs chunk c with chunk 2p-1-c (zigzag: every pair has the same
+    causal cost), with p a multiple of W (one pair per rank for a document of one share;
+    more for longer ones) unless chunks would fall below ``min_piece``. ``unit_max`` is a
+    eighth of a rank's share of tokens (at least 2 x min_piece), so that the whole
+    documents can even out the token counts. Units are dealt largest cost
+    first (ties: more tokens, then document order, so every rank computes the same
+    layout), each to the rank of least cost among those whose tokens stay within the
+    share plus half a unit; if none has room, to the rank with the fewest tokens.
+    """
+    w = world_size
+    total = sum(seqlens)
+    share = -(-total // w) if total else 0
+    unit_max = max(2 * min_piece, -(-share // 8), 1)
+    units = []  # (cost, tokens, document, pieces)
+    for i, n in enumerate(seqlens):
+        if n == 0:
+            continue
+        pairs = 1
+        if n > unit_max:
+            # A multiple of W pairs of equal cost: each rank can take the same number.
+            pairs = max(1, min(w * -(-n // (w * share)), n // (2 * min_piece)))
+        if pairs == 1 and n <= unit_max:
+            units.append((model.cost(0, n), n, i, [Piece(i, 0, n)]))
+            continue
+        bounds = chunk_bounds(n, 2 * pairs)
+        for c in range(pairs):
+            chunks = [Piece(i, *bounds[c]), Piece(i, *bounds[2 * pairs - 1 - c])]
+            units.append((sum(model.cost(p.start, p.length) for p in chunks), sum(p.length for p in chunks), i,
+                          chunks))
+    units.sort(key=lambda u: (-u[0], -u[1], u[2], u[3][0].start))
+    cap = share + unit_max // 2
+    loads = [[0.0, 0] for _ in range(w)]  # (cost, tokens) per rank
+    assigned: list[list[Piece]] = [[] for _ in range(w)]
+    for cost, tokens, _, chunks in units:
+        roomy = [r for r in range(w) if loads[r][1] + tokens <= cap]
+        rank = min(roomy, key=lambda r: (loads[r][0], loads[r][1], r)) if roomy else \
+            min(range(w), key=lambda r: (loads[r][1], loads[r][0], r))
+        loads[rank][0] += cost
+        loads[rank][1] += tokens
+        assigned[rank] += chunks
+    return [sorted(ps, key=lambda p: (p.seq, p.start)) for ps in assigned]

@@ -38,9 +38,10 @@ import torch.distributed as dist
 from .. import validation as V
 from ..kernels.problem import WINDOW_CAP, SeqMeta
 from .checks import SignatureChecks, call_signature, check_agreement
+from .cost import AUTO_CANDIDATES, Heads, choose, layout_work, predict
 from .comm import Comm, hybrid_comms
 from .engines import AllGatherAttention, AllGatherSpec, RingAttention, RingStep
-from .layout import STRATEGIES, chunk_bounds, rank_pieces, segments
+from .layout import BALANCED_MIN_PIECE, STRATEGIES, balanced_layout, chunk_bounds, rank_pieces, segments
 from .local import MODES, LocalParams
 from .ulysses import AllGatherInner, HeadSplit, LocalInner, UlyssesAttention, check_heads
 
@@ -87,7 +88,7 @@ def _allgather_spec(pieces_by_rank: list, me: int, seqlens: list[int], cu_seqlen
     seen = [0] * num_seqs
     pos = 0
     for p in own:
-        g = seen[p.seq] if groups == 2 else 0
+        g = seen[p.seq]
         seen[p.seq] += 1
         starts[g][p.seq], ends[g][p.seq], diag[g][p.seq] = pos, pos + p.length, p.start
         pos += p.length
@@ -102,9 +103,34 @@ def _allgather_spec(pieces_by_rank: list, me: int, seqlens: list[int], cu_seqlen
     )
 
 
+#: Strategies whose engine all-gathers K/V and attends the local pieces to them in one launch.
+ALL_GATHER_STRATEGIES = ("llama3", "zigzag_llama3", "balanced")
+
+
+def _check_min_piece(strategy: str, min_piece: object) -> Optional[int]:
+    """The balanced layout's shortest chunk (``min_piece`` is balanced's alone)."""
+    if strategy != "balanced":
+        if min_piece is not None:
+            raise ValueError(f"min_piece: got {min_piece!r} for strategy {strategy!r}; expected None (only "
+                             "strategy='balanced' takes it)")
+        return None
+    if min_piece is None:
+        return BALANCED_MIN_PIECE
+    value = V.integer_value(min_piece)
+    if value is None or value < 1:
+        raise ValueError(f"min_piece: got {min_piece!r}; expected a positive int")
+    return value
+
+
 def zigzag_mode(mode: Optional[str]) -> str:
-    """The zigzag_llama3 execution mode: the argument, else RINGFLASH_ZIGZAG_MODE, else grouped."""
-    mode = mode if mode is not None else os.environ.get("RINGFLASH_ZIGZAG_MODE", "grouped")
+    """The zigzag_llama3 execution mode: the argument, else RINGFLASH_ZIGZAG_MODE, else the
+    design notes' ZIGZAG_USE_FUSED_TRITON_V2 (1: grouped, 0: two_kernels), else grouped."""
+    if mode is None:
+        fused = os.environ.get("ZIGZAG_USE_FUSED_TRITON_V2")
+        if fused not in (None, "0", "1"):
+            raise ValueError(f"ZIGZAG_USE_FUSED_TRITON_V2: got {fused!r}; expected 1 (grouped) or 0 (two_kernels)")
+        default = "grouped" if fused in (None, "1") else "two_kernels"
+        mode = os.environ.get("RINGFLASH_ZIGZAG_MODE", default)
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; expected one of {', '.join(MODES)}")
     return mode
@@ -119,25 +145,41 @@ def zigzag_verify(verify: Optional[bool]) -> bool:
 
 class Plan:
     def __init__(self, cu_seqlens: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
-                 strategy: str = "zigzag_llama3", *, ulysses_degree: Optional[int] = None):
+                 strategy: str = "zigzag_llama3", *, ulysses_degree: Optional[int] = None,
+                 min_piece: Optional[int] = None, heads: Optional[Heads] = None):
         self.comm = Comm(group)
         self.group = self.comm.group
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
         self.strategy = strategy
+        self.requested_strategy = strategy
+        #: Why this strategy (``auto``'s reasoning; otherwise the caller's choice).
+        self.why = "requested"
+        self.heads = heads
         #: Ranks of a Ulysses group: W for ulysses, ``ulysses_degree`` for hybrid, else None.
         self.ulysses_degree: Optional[int] = None
+        self.min_piece: Optional[int] = None
         # Every rank runs the same checks and then one collective, so that a bad argument on
         # one rank is an error on every rank instead of a hang in the next collective.
         error: Optional[BaseException] = None
         cu: list[int] = []
         try:
-            if strategy not in STRATEGIES:
-                raise ValueError(f"strategy: got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-            self.ulysses_degree = self._check_degree(strategy, ulysses_degree)
+            if strategy not in STRATEGIES + ("auto",):
+                raise ValueError(f"strategy: got {strategy!r}; expected auto or one of {', '.join(STRATEGIES)}")
+            if heads is not None and not isinstance(heads, Heads):
+                raise TypeError(f"heads: expected a ringflash.cp.cost.Heads, got {type(heads).__name__}")
             V.check_cu_seqlens_shape("cu_seqlens", cu_seqlens)
             cu = cu_seqlens.tolist()  # the one host sync of a plan
             if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
                 raise ValueError(f"cu_seqlens: expected 0 then non-decreasing cumulative lengths, got {cu[:8]}...")
+            if strategy == "auto":  # the same lengths on every rank give the same choice
+                choice = choose([b - a for a, b in zip(cu, cu[1:])], self.world_size, heads,
+                                min_piece=_check_min_piece("balanced", min_piece))
+                strategy, self.why = choice.strategy, choice.why
+                self.strategy = strategy
+                if strategy != "balanced":
+                    min_piece = None
+            self.ulysses_degree = self._check_degree(strategy, ulysses_degree)
+            self.min_piece = _check_min_piece(strategy, min_piece)
         except (ValueError, TypeError) as exc:
             error = exc
         self.seqlens = [b - a for a, b in zip(cu, cu[1:])]
@@ -150,7 +192,10 @@ class Plan:
         self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
         self.total = cu[-1]
         w = self.world_size
-        self.pieces = [rank_pieces(strategy, self.seqlens, s, w, self.ulysses_degree) for s in range(w)]
+        if strategy == "balanced":
+            self.pieces = balanced_layout(self.seqlens, w, self.min_piece)
+        else:
+            self.pieces = [rank_pieces(strategy, self.seqlens, s, w, self.ulysses_degree) for s in range(w)]
         self.num_local = [sum(p.length for p in ps) for ps in self.pieces]
         self.n_max = max(max(self.num_local), 1)
         self.segments = [segments(ps, len(self.seqlens)) for ps in self.pieces]
@@ -184,9 +229,33 @@ class Plan:
         digest, so that no two different lists can pass as one), strategy, Ulysses degree and
         world size."""
         lengths = hashlib.sha256(",".join(map(str, self.seqlens)).encode()).hexdigest()
-        return (f"strategy={self.strategy} ulysses_degree={self.ulysses_degree} world_size={self.world_size} "
+        return (f"strategy={self.strategy} requested={self.requested_strategy} "
+                f"ulysses_degree={self.ulysses_degree} min_piece={self.min_piece} "
+                f"world_size={self.world_size} "
                 f"documents={len(self.seqlens)} "
                 f"tokens={sum(self.seqlens)} lengths_sha256={lengths}")
+
+    def describe(self) -> dict:
+        """The plan in numbers, the same on every rank: the strategy (and why: ``auto``'s
+        reasoning), each rank's tokens and predicted attention work (causal query-key pairs,
+        ``cost.layout_work``), their balance (max / mean), and for the strategies ``auto``
+        models, the predicted forward time split into compute and communication
+        (``cost.predict``, with ``cost.Machine``'s defaults and this plan's ``heads`` or
+        Llama-3-8B's)."""
+        work = layout_work(self.pieces)
+        mean = sum(work) / len(work) if work else 0.0
+        info = {
+            "strategy": self.strategy, "requested": self.requested_strategy, "why": self.why,
+            "world_size": self.world_size, "documents": len(self.seqlens), "tokens": self.total,
+            "rank_tokens": list(self.num_local), "rank_work": work,
+            "work_balance": max(work) / mean if mean else 1.0,
+        }
+        if self.strategy in AUTO_CANDIDATES:
+            pred = predict(self.strategy, self.seqlens, self.world_size, self.heads or Heads(),
+                           min_piece=self.min_piece or BALANCED_MIN_PIECE)
+            info["predicted_ms"] = {"compute": pred.compute_ms, "communication": pred.comm_ms,
+                                    "total": pred.total_ms}
+        return info
 
     # -- layout ------------------------------------------------------------------------
 
@@ -299,10 +368,10 @@ class Plan:
                 raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; expected a divisor of "
                                  f"nheads_k={nheads_k}{where}")
             stride = int(stride)
-            zigzag = self.strategy in ("zigzag_llama3", "hybrid")
+            zigzag = self.strategy in ("zigzag_llama3", "hybrid", "balanced")  # several query groups
             mode = zigzag_mode(mode) if zigzag else "grouped"
             keep_gathered_kv = V.as_bool("keep_gathered_kv", keep_gathered_kv)
-            if keep_gathered_kv and self.strategy not in ("llama3", "zigzag_llama3", "hybrid"):
+            if keep_gathered_kv and self.strategy not in ALL_GATHER_STRATEGIES + ("hybrid",):
                 how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
                 raise ValueError(f"keep_gathered_kv: {self.strategy} {how} and gathers nothing; expected False "
                                  "(or the llama3, zigzag_llama3 or hybrid strategies)")
@@ -316,7 +385,7 @@ class Plan:
             error = exc
         self._checks.check(signature, error)
         params = LocalParams(scale, causal, left, right, softcap)
-        if self.strategy in ("llama3", "zigzag_llama3"):
+        if self.strategy in ALL_GATHER_STRATEGIES:
             spec = self._allgather_spec()
 
             def run(mode, keep):
@@ -360,9 +429,14 @@ class Plan:
     # -- metadata --------------------------------------------------------------------------
 
     def _allgather_spec(self) -> AllGatherSpec:
-        """Local queries against the gathered keys in global order (llama3, zigzag_llama3)."""
+        """Local queries against the gathered keys in global order (llama3, zigzag_llama3, balanced)."""
         if "allgather" not in self._cache:
-            groups = 2 if self.strategy == "zigzag_llama3" else 1
+            # One query group per piece of a document on this rank: zigzag's two chunks,
+            # llama3's one, and as many zigzag pairs as the balanced layout dealt here.
+            counts: dict[int, int] = {}
+            for p in self.pieces[self.rank]:
+                counts[p.seq] = counts.get(p.seq, 0) + 1
+            groups = 2 if self.strategy == "zigzag_llama3" else max(list(counts.values()) + [1])
             self._cache["allgather"] = _allgather_spec(self.pieces, self.rank, self.seqlens, self.cu_seqlens, groups)
         return self._cache["allgather"]  # type: ignore[return-value]
 

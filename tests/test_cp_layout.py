@@ -1,0 +1,86 @@
+"""The balanced layout (strategy="balanced") as host-side arithmetic: every token placed once,
+long documents cut into zigzag pairs no shorter than min_piece, short ones whole, and the
+predicted cost and the token counts balanced across ranks on random packed batches (the
+distributed correctness of the strategy is in test_cp.py)."""
+
+import random
+
+import pytest
+
+from ringflash.cp.layout import CostModel, balanced_layout
+
+
+def _random_pack(rng: random.Random, tokens: int) -> list[int]:
+    lengths = []
+    while sum(lengths) < tokens:
+        lengths.append(min(tokens - sum(lengths), rng.choice(
+            [tokens // 2, tokens // 4, tokens // 8, tokens // 16, tokens // 32, 777, 100, rng.randint(1, 4000)])))
+    return lengths
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 8])
+def test_every_token_once_and_pieces_no_shorter_than_min_piece(world_size):
+    rng = random.Random(world_size)
+    for _ in range(50):
+        lengths = _random_pack(rng, 8192 * world_size) + [0, 1]
+        layout = balanced_layout(lengths, world_size, min_piece=256)
+        seen = {i: [0] * n for i, n in enumerate(lengths)}
+        for pieces in layout:
+            assert pieces == sorted(pieces, key=lambda p: (p.seq, p.start))  # document order
+            for p in pieces:
+                for pos in p.positions():
+                    seen[p.seq][pos] += 1
+                whole = p.start == 0 and p.length == lengths[p.seq]
+                assert whole or p.length >= 256, p
+        assert all(count == 1 for counts in seen.values() for count in counts)
+
+
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_balanced_cost_and_tokens(world_size):
+    """Predicted causal cost within 5% of the mean on every random pack (the issue's bar for
+    the measured time), tokens within 12%."""
+    model = CostModel()
+    rng = random.Random(100 + world_size)
+    for _ in range(100):
+        lengths = _random_pack(rng, 8192 * world_size)
+        layout = balanced_layout(lengths, world_size, min_piece=256, model=model)
+        costs = [sum(model.cost(p.start, p.length) for p in ps) for ps in layout]
+        tokens = [sum(p.length for p in ps) for ps in layout]
+        assert max(costs) <= 1.05 * sum(costs) / world_size, (lengths, costs)
+        assert max(tokens) <= 1.12 * sum(tokens) / world_size, (lengths, tokens)
+
+
+def test_one_document_is_zigzag_and_short_documents_stay_whole():
+    layout = balanced_layout([4096], 2, min_piece=256)
+    assert [[(p.start, p.length) for p in ps] for ps in layout] == [[(0, 1024), (3072, 1024)],
+                                                                      [(1024, 1024), (2048, 1024)]]
+    layout = balanced_layout([300] * 8, 4, min_piece=256)
+    assert all(p.start == 0 and p.length == 300 for ps in layout for p in ps)
+    assert [len(ps) for ps in layout] == [2, 2, 2, 2]
+
+
+def test_deterministic():
+    lengths = _random_pack(random.Random(5), 32768)
+    assert balanced_layout(lengths, 4) == balanced_layout(list(lengths), 4)
+
+
+def test_auto_choice_and_its_reasons():
+    """auto picks the least predicted time; the reasons name every candidate's figure."""
+    from ringflash.cp.cost import Heads, choose, predict
+
+    mixed = [8192] + [512] * 16  # llama3: one rank gets the long document, the other the short ones
+    choice = choose(mixed, 2)
+    assert choice.strategy == "balanced", choice.why
+    assert "zigzag_llama3" in choice.why and "llama3" in choice.why and "ulysses not considered" in choice.why
+    # llama3's contiguous slices give the rank holding the later tokens of long documents
+    # far more causal work: its predicted balance is the worst.
+    by_name = {p.strategy: p for p in choice.predictions}
+    assert by_name["llama3"].balance > by_name["zigzag_llama3"].balance >= by_name["balanced"].balance
+    # With heads that split over the ranks, ulysses is a candidate, evenly balanced.
+    with_heads = choose(mixed, 4, Heads(nheads=32, nheads_k=8))
+    assert "ulysses" in {p.strategy for p in with_heads.predictions}
+    assert predict("ulysses", mixed, 4, Heads()).balance == 1.0
+    # Heads that do not split: not a candidate, and the reason says so.
+    odd = choose(mixed, 4, Heads(nheads=6, nheads_k=3))
+    assert odd.strategy != "ulysses" and "not possible: ulysses" in odd.why
+    assert choose(mixed, 1).strategy == "llama3"
