@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # cross_entropy's default ignore_index: the label of each document's last token
 
-STRATEGIES = ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe", "ulysses")
+STRATEGIES = ("zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe", "ulysses", "balanced", "auto")
 
 # Small defaults per device. The CPU runs Triton's interpreter, which is slow: keep it tiny.
 DEFAULTS = {
