@@ -27,7 +27,6 @@ redraws them.
 from __future__ import annotations
 
 import argparse
-import signal
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -35,9 +34,10 @@ import torch
 
 from .common import device_description
 from .harness import (
+    interruptible, publish, redraw,
     BASE_COLUMNS, GQA_NOTES, add_device_options, cell, classify_failure, cpu_threads, environ, fmt_ratio, gqa_modes,
-    index_rows, load_csv, make_timer, not_measured, ordered, rel_err, repeat_kv, resolve_device, rows_device_timer,
-    run_timed, sdpa_call, speed_ratio, table, write_report,
+    index_rows, make_timer, not_measured, ordered, rel_err, repeat_kv, resolve_device, rows_device_timer,
+    run_timed, sdpa_call, speed_ratio, table,
 )
 from .progress import progress_bar, show
 
@@ -261,14 +261,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_device_options(parser, "GPU: only the batch 8 x 8k case")
     args = parser.parse_args(argv)
     if args.from_csv:
-        rows = load_csv(args.from_csv)
-        report = markdown_report(rows)
-        if args.out:
-            print("wrote " + ", ".join(write_report(args.out, NAME, COLUMNS, rows, report,
-                                                    lambda p: plot_ratios(rows, p), args.csv_only,
-                                                    not args.no_plots)))
-        print(report)
-        return 0
+        return redraw(args, NAME, COLUMNS, markdown_report, plot_ratios)
     device = resolve_device(args.device)
     cases = CPU_CASES if device == "cpu" else (GPU_CASES[:1] if args.quick else GPU_CASES)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -278,27 +271,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes = ["CPU run: float32, Triton interpreted, wall-clock times; they check the report path and say nothing "
              "about GPU speed."] if device == "cpu" else []
     rows: list[dict] = []
-    previous = signal.signal(signal.SIGTERM, _sigterm)
-    interrupted = False
-    try:
-        with cpu_threads(device), progress_bar(len(cases), "decode") as bar:
-            for case in cases:
-                show(bar, case.name)
-                rows += run_case(case, device, dtype, timer, timer_name, device_name)
-                bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
-        notes.append("Interrupted: the tables hold the cases measured before it.")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report = markdown_report(rows, notes)
-    if args.out:
-        print("wrote " + ", ".join(write_report(args.out, NAME, COLUMNS, rows, report, lambda p: plot_ratios(rows, p),
-                                                args.csv_only, not args.no_plots)))
-    print()
-    print(report)
-    return 130 if interrupted else 0
+    with interruptible(notes) as run, cpu_threads(device), progress_bar(len(cases), "decode") as bar:
+        for case in cases:
+            show(bar, case.name)
+            rows += run_case(case, device, dtype, timer, timer_name, device_name)
+            bar.update(1)
+    publish(args, NAME, COLUMNS, rows, markdown_report(rows, notes), plot_ratios)
+    return 130 if run["interrupted"] else 0
 
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt

@@ -20,7 +20,6 @@ overhead ratios (time with / time without) and whether forward+backward meets th
 from __future__ import annotations
 
 import argparse
-import signal
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -28,9 +27,9 @@ import torch
 
 from .common import BWD_FLOP_FACTOR, attn_flops, device_description, free_memory, tflops
 from .harness import (
-    BASE_COLUMNS, add_device_options, cell, cpu_threads, fmt_ratio, index_rows, load_csv, make_timer,
+    interruptible, publish, redraw,
+    BASE_COLUMNS, add_device_options, cell, cpu_threads, fmt_ratio, index_rows, make_timer,
     measure_passes, not_measured, ordered, rel_err, resolve_device, rows_device_timer, sdpa_call, table,
-    write_report,
 )
 from .progress import progress_bar, show
 
@@ -179,14 +178,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_device_options(parser, "GPU: batch 2 x 2k instead of 4 x 4k")
     args = parser.parse_args(argv)
     if args.from_csv:
-        rows = load_csv(args.from_csv)
-        report = markdown_report(rows)
-        if args.out:
-            print("wrote " + ", ".join(write_report(args.out, NAME, COLUMNS, rows, report,
-                                                    lambda p: plot_overheads(rows, p), args.csv_only,
-                                                    not args.no_plots)))
-        print(report)
-        return 0
+        return redraw(args, NAME, COLUMNS, markdown_report, plot_overheads)
     device = resolve_device(args.device)
     case = CPU_CASE if device == "cpu" else (QUICK_CASE if args.quick else GPU_CASE)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -196,27 +188,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes = ["CPU run: float32, Triton interpreted, wall-clock times; they check the report path and say nothing "
              "about GPU speed."] if device == "cpu" else []
     rows: list[dict] = []
-    previous = signal.signal(signal.SIGTERM, _sigterm)
-    interrupted = False
-    try:
-        with cpu_threads(device), progress_bar(1, "dropout") as bar:
-            show(bar, case.name)
-            rows = run_case(case, device, dtype, timer, timer_name, device_name)
-            bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
-        notes.append("Interrupted before the case finished.")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report = markdown_report(rows, notes)
-    if args.out:
-        print("wrote " + ", ".join(write_report(args.out, NAME, COLUMNS, rows, report,
-                                                lambda p: plot_overheads(rows, p), args.csv_only,
-                                                not args.no_plots)))
-    print()
-    print(report)
-    return 130 if interrupted else 0
+    with interruptible(notes, "passes") as run, cpu_threads(device), progress_bar(1, "dropout") as bar:
+        show(bar, case.name)
+        rows = run_case(case, device, dtype, timer, timer_name, device_name)
+        bar.update(1)
+    publish(args, NAME, COLUMNS, rows, markdown_report(rows, notes), plot_overheads)
+    return 130 if run["interrupted"] else 0
 
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt

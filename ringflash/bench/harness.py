@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import signal
 import os
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -375,3 +376,44 @@ def load_csv(path: str) -> list[dict]:
 
 def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return format_table(header, rows)
+
+
+# -- the shared ending of every benchmark command ------------------------------------------
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interruptible(notes: list, what: str = "cases") -> Iterator[dict]:
+    """Ctrl-C, and the SIGTERM that ``timeout`` sends, end the run early but still let it
+    write its report: yields a dict whose "interrupted" turns True, and adds a note."""
+    state = {"interrupted": False}
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield state
+    except KeyboardInterrupt:
+        state["interrupted"] = True
+        notes.append(f"Interrupted (Ctrl-C or the time limit): the tables hold the {what} measured before it.")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def publish(args: argparse.Namespace, name: str, columns: Sequence[str], rows: Sequence[dict], report: str,
+            plot: Callable[[list[dict], str], object]) -> None:
+    """Write the CSV, markdown and plot under ``--out`` (if given), then print the report."""
+    if args.out:
+        paths = write_report(args.out, name, columns, rows, report, lambda path: plot(list(rows), path),
+                             csv_only=args.csv_only, plots=not args.no_plots)
+        print("wrote " + ", ".join(paths))
+    print()
+    print(report)
+
+
+def redraw(args: argparse.Namespace, name: str, columns: Sequence[str], markdown_report: Callable[[list], str],
+           plot: Callable[[list[dict], str], object]) -> int:
+    """``--from-csv``: the report of a saved run, without measuring anything."""
+    rows = load_csv(args.from_csv)
+    publish(args, name, columns, rows, markdown_report(rows), plot)
+    return 0

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import signal
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -46,8 +45,9 @@ import torch
 
 from .common import device_description, free_memory
 from .harness import (
-    BASE_COLUMNS, add_device_options, cell, classify_failure, cpu_threads, fmt_ratio, index_rows, load_csv,
-    make_timer, not_measured, ordered, resolve_device, rows_device_timer, run_timed, speed_ratio, table, write_report,
+    interruptible, publish, redraw,
+    BASE_COLUMNS, add_device_options, cell, classify_failure, cpu_threads, fmt_ratio, index_rows,
+    make_timer, not_measured, ordered, resolve_device, rows_device_timer, run_timed, speed_ratio, table,
 )
 from .progress import progress_bar, show, write
 
@@ -298,14 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     add_device_options(parser, "GPU: dense 4k and packed 4k only; CPU: always the toy model")
     args = parser.parse_args(argv)
     if args.from_csv:
-        rows = load_csv(args.from_csv)
-        report = markdown_report(rows)
-        if args.out:
-            print("wrote " + ", ".join(write_report(args.out, NAME, COLUMNS, rows, report,
-                                                    lambda p: plot_steps(rows, p), args.csv_only,
-                                                    not args.no_plots)))
-        print(report)
-        return 0
+        return redraw(args, NAME, COLUMNS, markdown_report, plot_steps)
     device = resolve_device(args.device)
     cases = build_cases(device, args.quick)
     # Training steps take ~0.1-0.5 s on the GPU: longer budgets than the kernel benchmarks,
@@ -316,24 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes = ["CPU run: a 2-layer toy model in float32, Triton interpreted, wall-clock times; it checks the "
              "plumbing and says nothing about GPU speed."] if device == "cpu" else []
     rows: list[dict] = []
-    previous = signal.signal(signal.SIGTERM, _sigterm)
-    interrupted = False
-    try:
-        with cpu_threads(device), progress_bar(len(cases), "hf") as bar:
-            run_all(cases, device, timer, timer_name, device_name, bar, rows)
-    except KeyboardInterrupt:
-        interrupted = True
-        notes.append("Interrupted (Ctrl-C or the time limit): the tables hold the steps measured before it.")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    report = markdown_report(rows, notes)
-    if args.out:
-        print("wrote " + ", ".join(write_report(args.out, NAME, COLUMNS, rows, report, lambda p: plot_steps(rows, p),
-                                                args.csv_only, not args.no_plots)))
-    print()
-    print(report)
-    return 130 if interrupted else 0
+    with interruptible(notes, "steps") as run, cpu_threads(device), progress_bar(len(cases), "hf") as bar:
+        run_all(cases, device, timer, timer_name, device_name, bar, rows)
+    publish(args, NAME, COLUMNS, rows, markdown_report(rows, notes), plot_steps)
+    return 130 if run["interrupted"] else 0
 
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt

@@ -37,7 +37,6 @@ import argparse
 import math
 import os
 import random
-import signal
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -46,9 +45,10 @@ import torch
 
 from .common import BWD_FLOP_FACTOR, AtenFlashVarlen, attn_flops, device_description, free_memory, tflops, write_csv
 from .harness import (
+    interruptible, publish, redraw,
     BASE_COLUMNS, GQA_NOTES, add_device_options, cell, classify_failure, cpu_threads, environ, first_working,
-    fmt_ratio, fmt_tflops, gqa_modes, index_rows, load_csv, make_timer, measure_passes, not_measured, ordered, rel_err,
-    resolve_device, rows_device_timer, sdpa_call, speed_ratio, sync, table, write_report,
+    fmt_ratio, fmt_tflops, gqa_modes, index_rows, make_timer, measure_passes, not_measured, ordered, rel_err,
+    resolve_device, rows_device_timer, sdpa_call, speed_ratio, sync, table,
 )
 from .progress import progress_bar, show, write
 
@@ -554,14 +554,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        rows = load_csv(args.from_csv)
-        report = markdown_report(rows)
-        if args.out:
-            paths = write_report(args.out, NAME, COLUMNS, rows, report, lambda p: plot_ratios(rows, p),
-                                 csv_only=args.csv_only, plots=not args.no_plots)
-            print("wrote " + ", ".join(paths))
-        print(report)
-        return 0
+        return redraw(args, NAME, COLUMNS, markdown_report, plot_ratios)
 
     device = "cuda" if args.estimate and args.device == "auto" else resolve_device(args.device)
     cases = build_grid(device, args.quick, args.long_headdims, args.headdims, args.seqlens, args.families)
@@ -585,10 +578,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.append("CPU run: float32, Triton interpreted, wall-clock times of one thread; they check the "
                      "report path and say nothing about GPU speed.")
     rows: list[dict] = []
-    interrupted = False
-    previous = signal.signal(signal.SIGTERM, _sigterm)  # `timeout` sends SIGTERM: still write the report
     start = time.perf_counter()
-    try:
+    with interruptible(notes) as run:
         if device == "cuda" and not args.no_precompile:
             precompile(cases, dtype, args.workers)
             start = time.perf_counter()
@@ -604,25 +595,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if device == "cuda":
                     torch.cuda.empty_cache()
                 bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
-        notes.append("Interrupted (Ctrl-C or the time limit): the tables hold the cases measured before it.")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        sync(device)
+    sync(device)
     notes.append(f"Measured in {time.perf_counter() - start:.0f} s (precompile not included).")
-    report = markdown_report(rows, notes)
-    if args.out:
-        paths = write_report(args.out, NAME, COLUMNS, rows, report, lambda p: plot_ratios(rows, p),
-                             csv_only=args.csv_only, plots=not args.no_plots)
-        print("wrote " + ", ".join(paths))
-    print()
-    print(report)
-    return 130 if interrupted else 0
+    publish(args, NAME, COLUMNS, rows, markdown_report(rows, notes), plot_ratios)
+    return 130 if run["interrupted"] else 0
 
-
-def _sigterm(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _case_line(case_rows: Sequence[dict]) -> str:
