@@ -45,6 +45,7 @@ from .common import (
     BWD_FLOP_FACTOR, CPU_TIMER, CUDA_TIMER, attn_flops, bench_ms, cpu_wall_ms, device_description,
     format_table, free_memory, is_oom, read_csv_rows, tflops, write_csv, write_text,
 )
+from .harness import fmt_ms, short_status
 from .progress import progress_bar, show, write
 
 PASSES = ("forward", "backward", "end-to-end")
@@ -326,26 +327,6 @@ def run_sweep(cells: Sequence[Cell], impls: Sequence[Impl], opts: SweepOptions) 
 # --- report -------------------------------------------------------------------------
 
 
-def _fmt_ms(ms: float) -> str:
-    if ms >= 100:
-        return f"{ms:.0f}"
-    if ms >= 10:
-        return f"{ms:.1f}"
-    if ms >= 1:
-        return f"{ms:.2f}"
-    return f"{ms:.3g}"
-
-
-def short_status(status: str) -> str:
-    """The status as a table entry: OOM, skip, n/a (unsupported), err."""
-    if status == "oom":
-        return "OOM"
-    for prefix, short in (("skipped", "skip"), ("unsupported", "n/a"), ("error", "err")):
-        if status.startswith(prefix):
-            return short
-    return status
-
-
 def _ordered(values, order=None) -> list:
     present = list(dict.fromkeys(values))
     if order:
@@ -420,7 +401,7 @@ def markdown_report(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
                 if r is None:
                     entries.append("")
                 else:
-                    entries.append(_fmt_ms(r["ms"]) if r["status"] == "ok" else short_status(r["status"]))
+                    entries.append(fmt_ms(r["ms"]) if r["status"] == "ok" else short_status(r["status"]))
             table.append([dt, d, n] + entries)
         out += ["", f"## {p} (ms)", "", format_table(["dtype", "d", "n"] + impls, table)]
     others = [i for i in impls if i != BASELINE]
