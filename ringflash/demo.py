@@ -253,7 +253,8 @@ def run_demo(device_choice: str = "auto", cp_world_size: int = 2, cp_strategy: s
 
 
 #: Largest norm-wise relative error (out and every gradient) a row may show against the
-#: float64 reference: a few times the dtype's unit roundoff, and tf32 for float32 on a GPU.
+#: float64 reference: a few times the dtype's unit roundoff (float32 allows for tf32, which
+#: a user's torch.set_float32_matmul_precision may turn on).
 ROW_TOLERANCE = {torch.float32: 2e-3, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 

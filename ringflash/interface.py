@@ -14,8 +14,9 @@ Semantics (see ``ringflash.reference``): nheads % nheads_k == 0 (GQA/MQA); causa
 scaled scores with ``softcap * tanh(s / softcap)``; ``alibi_slopes`` (float32, (nheads,)
 or (batch, nheads)) then add ``-slope * |i + seqlen_k - seqlen_q - j|``; lse is float32 natural-log
 logsumexp, -inf (with out = 0) for rows that see no key. Head dims 1..256 (the kernels pad
-to the next power of two, so 64/128/256 are fastest); fp16, bf16 and fp32 (fp32 runs its
-matmuls as tf32 unless ``RINGFLASH_FP32_PRECISION=ieee``). ``deterministic=True`` keeps the
+to the next power of two, so 64/128/256 are fastest); fp16, bf16 and fp32 (fp32 matmuls follow
+``torch.get_float32_matmul_precision()``: exact by default, tf32 under "high"/"medium";
+``RINGFLASH_FP32_PRECISION`` overrides). ``deterministic=True`` keeps the
 backward free of atomics (separate dK/dV and dQ kernels); otherwise the backward follows
 ``configs.BACKWARD_DEFAULT`` / ``RINGFLASH_BACKWARD`` (the 5-GEMM backward accumulates dQ by
 atomics, whose order varies from run to run).

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import torch
 
 from ringflash import attention_ref, attention_varlen_ref, flash_attn_func, flash_attn_varlen_func
+from ringflash.kernels.configs import input_precision
 from ringflash.testing import assert_close
 
 #: The "small epsilon" added to 2x PyTorch's error, per dtype.
@@ -19,8 +20,9 @@ NAMES = ("dq", "dk", "dv")
 
 @contextlib.contextmanager
 def _matching_fp32_precision(dtype: torch.dtype, device: torch.device):
-    """On a GPU our fp32 kernels use tf32 matmuls; hold them against PyTorch in tf32 too."""
-    if dtype != torch.float32 or device.type != "cuda":
+    """Where our fp32 kernels run tf32 matmuls (on a GPU, when a setting allows it), hold
+    them against PyTorch in tf32 too; by default both are exact fp32."""
+    if dtype != torch.float32 or device.type != "cuda" or input_precision(dtype) == "ieee":
         yield
         return
     saved = torch.backends.cuda.matmul.allow_tf32

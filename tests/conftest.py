@@ -17,6 +17,32 @@ AWKWARD_SEQLENS = [1, 17, 129]
 AWKWARD_VARLEN_BATCHES = [[17], [5, 0, 33], [1, 129, 0, 16]]
 
 HAS_CUDA = torch.cuda.is_available()
+#: Whether this process runs the Triton kernels interpreted (decided before triton's import).
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def run_cpu_cli(args: list) -> int:
+    """``ringflash <args>`` for a ``--device cpu`` smoke run of a command.
+
+    In this process where it runs interpreted (CPU machines: fast, and spies can watch it);
+    on a GPU machine in a child with ``TRITON_INTERPRET=1``, as a user there would run it,
+    since the interpreter must be chosen before triton is first imported.
+    """
+    if INTERPRETING:
+        from ringflash.cli import main
+
+        return main(args)
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, "-m", "ringflash", *args], env=env, timeout=900).returncode
+
+
+#: For tests that watch an interpreted run from inside (spies, a patched import).
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETING, reason="watches an in-process interpreted run; this process compiles the kernels (GPU)"
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -29,7 +55,11 @@ def pytest_collection_modifyitems(config, items):
 
 
 #: Fresh random inputs on every run; set RINGFLASH_TEST_SEED to replay a failing run.
-SESSION_SEED = int(os.environ.get("RINGFLASH_TEST_SEED", str(int.from_bytes(os.urandom(4), "little"))))
+#: Drawn once and put in the environment, so that pytest-xdist's workers (which inherit it)
+#: agree with the controller: the fuzz cases are parametrized from it, and xdist requires
+#: every worker to collect the same tests.
+os.environ.setdefault("RINGFLASH_TEST_SEED", str(int.from_bytes(os.urandom(4), "little")))
+SESSION_SEED = int(os.environ["RINGFLASH_TEST_SEED"])
 
 
 def pytest_report_header(config):

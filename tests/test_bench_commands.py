@@ -18,6 +18,8 @@ from ringflash.bench.common import CPU_TIMER
 from ringflash.cli import BENCHMARKS
 from ringflash.cli import main as cli_main
 
+from conftest import INTERPRETING, needs_interpreter, run_cpu_cli
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -66,10 +68,15 @@ def test_commands_are_registered():
 
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory):
-    """One CPU run; a spy records which backward each call chose and under which setting."""
+    """One CPU run; a spy records which backward each call chose and under which setting
+    (None on a GPU machine, where the run is a child process)."""
     from ringflash.kernels import configs
 
     out = tmp_path_factory.mktemp("wide")
+    args = ["bench", "kernels", "--grid", "wide", "--device", "cpu", "--quick", "--out", str(out)]
+    if not INTERPRETING:
+        assert run_cpu_cli(args) == 0
+        return out, None
     calls = []
     real = configs.use_atomic_dq
 
@@ -82,7 +89,7 @@ def wide_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(configs, "use_atomic_dq", spy)
-        assert cli_main(["bench", "kernels", "--grid", "wide", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+        assert cli_main(args) == 0
     return out, calls
 
 
@@ -107,6 +114,7 @@ def test_wide_csv(wide_run):
     assert errs and max(errs) < 1e-4
 
 
+@needs_interpreter
 def test_wide_atomic_setting_reaches_the_backward(wide_run):
     _, calls = wide_run
     assert any(result for _, result in calls), "no backward ran the atomic path"
@@ -159,10 +167,15 @@ def test_pack_lengths_fill_the_pack(pack):
 
 @pytest.fixture(scope="module")
 def decode_run(tmp_path_factory):
-    """One CPU run; a spy counts the dense calls the dispatcher sends to the decode kernels."""
+    """One CPU run; a spy counts the dense calls the dispatcher sends to the decode kernels
+    (None on a GPU machine, where the run is a child process)."""
     from ringflash.kernels import dispatch
 
     out = tmp_path_factory.mktemp("decode")
+    args = ["bench", "decode", "--device", "cpu", "--quick", "--out", str(out)]
+    if not INTERPRETING:
+        assert run_cpu_cli(args) == 0
+        return out, None
     routed = []
     real = dispatch.decode_forward
 
@@ -174,7 +187,7 @@ def decode_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(dispatch, "decode_forward", spy)
-        assert cli_main(["bench", "decode", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+        assert cli_main(args) == 0
     return out, routed
 
 
@@ -191,7 +204,8 @@ def test_decode_csv_and_report(decode_run, tmp_path):
     assert_png(out / "decode_speed_ratios.png")
     assert_redraws(["decode"], out, "decode", tmp_path)
     # Only the func_decode rows (RINGFLASH_DECODE=1) went through the dispatcher's decode route.
-    assert routed and all(env == "1" for env in routed)
+    if routed is not None:
+        assert routed and all(env == "1" for env in routed)
 
 
 # --- bench dropout ---------------------------------------------------------------------
@@ -199,7 +213,7 @@ def test_decode_csv_and_report(decode_run, tmp_path):
 
 def test_dropout_csv_and_report(tmp_path):
     out = tmp_path / "dropout"
-    assert cli_main(["bench", "dropout", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    assert run_cpu_cli(["bench", "dropout", "--device", "cpu", "--quick", "--out", str(out)]) == 0
     rows = read_rows(out / "dropout.csv", dropout_bench.COLUMNS)
     status = {(r["impl"], r["pass"]): r["status"] for r in rows}
     for impl in ("ours", "ours_dropout", "ours_alibi", "fa2"):
@@ -218,7 +232,7 @@ def test_dropout_csv_and_report(tmp_path):
 def test_hf_csv_and_report(tmp_path):
     pytest.importorskip("transformers", minversion="4.53")
     out = tmp_path / "hf"
-    assert cli_main(["bench", "hf", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    assert run_cpu_cli(["bench", "hf", "--device", "cpu", "--quick", "--out", str(out)]) == 0
     rows = read_rows(out / "hf.csv", hf_bench.COLUMNS)
     assert {r["case"] for r in rows} == {c.name for c in hf_bench.build_cases("cpu", quick=True)}
     assert {r["layers"] for r in rows} == {"2"} and {r["tokens"] for r in rows} == {"64"}
@@ -232,6 +246,7 @@ def test_hf_csv_and_report(tmp_path):
     assert_redraws(["hf"], out, "hf", tmp_path)
 
 
+@needs_interpreter
 def test_hf_without_transformers_records_unsupported(monkeypatch, tmp_path):
     import builtins
 

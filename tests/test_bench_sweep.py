@@ -15,6 +15,8 @@ from ringflash.bench import sweep
 from ringflash.bench.common import CPU_TIMER, read_csv_rows, write_csv
 from ringflash.cli import main as cli_main
 
+from conftest import run_cpu_cli
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -32,7 +34,7 @@ def valid_status(status: str) -> bool:
 def sweep_out(tmp_path_factory):
     """One run of the command as a user types it; the tests below read what it wrote."""
     out = tmp_path_factory.mktemp("sweep")
-    assert cli_main(["bench", "sweep", "--device", "cpu", "--quick", "--out", str(out)]) == 0
+    assert run_cpu_cli(["bench", "sweep", "--device", "cpu", "--quick", "--out", str(out)]) == 0
     return out
 
 

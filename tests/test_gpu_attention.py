@@ -56,10 +56,31 @@ def test_fp32_exact(gen, monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-def test_fp32_default_is_tf32_accurate(gen):
-    """The documented default: fp32 inputs, tf32 matmuls. Triton hands fp32 bits to the tensor
-    cores, which truncate them to tf32 (probabilities included), so the error is ~1e-3
-    relative (measured 1.2e-3 on an H100), a few times cuBLAS-tf32's; checked at that level."""
+def test_fp32_tf32_when_pytorch_allows_it(gen, monkeypatch):
+    """fp32 inputs under torch.set_float32_matmul_precision("high"): tf32 matmuls. Triton hands
+    fp32 bits to the tensor cores, which truncate them to tf32 (probabilities included), so
+    the error is ~1e-3 relative (measured 1.2e-3 on an H100), a few times cuBLAS-tf32's;
+    checked at that level."""
+    from ringflash.kernels.configs import input_precision
+
+    monkeypatch.delenv("RINGFLASH_FP32_PRECISION", raising=False)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        assert input_precision(torch.float32) == "tf32"
+        _check_tf32(gen)
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
+def test_fp32_default_follows_pytorch_highest():
+    from ringflash.kernels.configs import input_precision
+
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert input_precision(torch.float32) == "ieee"
+
+
+def _check_tf32(gen):
     q, k, v = (t.float() for t in _dense64(gen, 1, 777, 777, 4, 2, 64))
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     out, lse = _dense_impl(qg, kg, vg, True)

@@ -575,10 +575,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         notes.append("CPU run: wall-clock times (one thread) of Triton's interpreter and of PyTorch's CPU "
                      "kernels; they check the report path and say nothing about GPU speed.")
     elif "fp32" in args.dtypes:
-        precision = os.environ.get("RINGFLASH_FP32_PRECISION", "tf32")
-        notes.append(f"fp32: `triton_fa2` runs its matmuls in {precision} (RINGFLASH_FP32_PRECISION); "
-                     f"PyTorch's fp32 matmuls use tf32 only if torch.backends allow it "
-                     f"(matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}).")
+        from ..kernels.configs import input_precision
+
+        notes.append(f"fp32: `triton_fa2` runs its matmuls in {input_precision(torch.float32)} "
+                     f"(torch.get_float32_matmul_precision() = {torch.get_float32_matmul_precision()!r}, "
+                     f"or RINGFLASH_FP32_PRECISION); PyTorch's fp32 matmuls use tf32 only if torch.backends "
+                     f"allow it (matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}).")
     print(f"device: {device_description(device)}", flush=True)
     print(f"{len(cells)} cells x {len(impls)} implementations x {len(PASSES)} passes", flush=True)
     rows, interrupted = run_sweep(cells, impls, opts)

@@ -68,7 +68,17 @@ def _entry(rank, world_size, port, backend, target, payload, queue, crash_log):
 def _child_environment(backend: str) -> Iterator[None]:
     """Environment variables the spawned children must see before they import anything
     (spawn copies the parent's environment when each process starts)."""
-    changes = {"TRITON_INTERPRET": "1"} if backend == "gloo" else {}
+    changes = {}
+    if backend == "gloo":
+        changes["TRITON_INTERPRET"] = "1"
+        # One thread per rank for the BLAS under NumPy (the interpreter's tl.dot) and for
+        # OpenMP: by default each rank starts as many threads as the machine has cores, so
+        # W ranks (times pytest-xdist's workers) oversubscribe the CPU many times over and
+        # the BLAS threads' spin-waits make a run tens of times slower (seen on a 16-core
+        # GPU machine). A value the user set is kept.
+        for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            if name not in os.environ:
+                changes[name] = "1"
     saved = {name: os.environ.get(name) for name in changes}
     os.environ.update(changes)
     try:

@@ -21,11 +21,17 @@ import triton
 import triton.language as tl
 from triton.language.random import uint_to_uniform_float
 
+from . import interpreter_compat
+
 LOG2E: float = 1.4426950408889634
 
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+if interpreting():
+    interpreter_compat.apply()
 
 
 #: Most rows any kernel covers with one tile. Offsets inside a tile (row x token stride)

@@ -335,11 +335,24 @@ def use_atomic_dq(deterministic: bool) -> bool:
     return mode == "atomic"
 
 
+#: PyTorch's float32 matmul precision setting -> the Triton dots' input precision.
+#: "highest" (PyTorch's default) is exact fp32; "high" and "medium" allow tf32, as they do
+#: for PyTorch's own matmuls (torch.set_float32_matmul_precision).
+_FP32_PRECISION_FOR_TORCH = {"highest": "ieee", "high": "tf32", "medium": "tf32"}
+
+
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use tf32 matmuls unless RINGFLASH_FP32_PRECISION=ieee asks for exact fp32."""
+    """The precision of the kernels' fp32 matmuls, following PyTorch's.
+
+    fp32 inputs use exact fp32 dots unless ``torch.set_float32_matmul_precision("high")``
+    (or "medium") allows tf32, about 1e-3 relative error and several times faster on tensor
+    cores. ``RINGFLASH_FP32_PRECISION`` (tf32, tf32x3 or ieee) overrides either way.
+    """
     if dtype != torch.float32:
         return "ieee"  # ignored by tl.dot for 16-bit operands
-    value = os.environ.get("RINGFLASH_FP32_PRECISION", "tf32")
+    value = os.environ.get("RINGFLASH_FP32_PRECISION")
+    if value is None:
+        return _FP32_PRECISION_FOR_TORCH.get(torch.get_float32_matmul_precision(), "ieee")
     if value not in ("tf32", "tf32x3", "ieee"):
         raise ValueError(f"RINGFLASH_FP32_PRECISION: got {value!r}; expected tf32, tf32x3 or ieee")
     return value
