@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import profile
+
 
 # torch 2.13 renamed the flat collectives (the old names warn); torch 2.11 has only the old ones.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -29,26 +31,31 @@ class Comm:
         self.world_size = dist.get_world_size(self.group)
         self.next_global = dist.get_global_rank(self.group, (self.rank + 1) % self.world_size)
         self.prev_global = dist.get_global_rank(self.group, (self.rank - 1) % self.world_size)
+        #: Times the waits on this communicator's collectives (``profile``); off by default.
+        self.profiler: profile.Profiler | profile._Off = profile.OFF
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor):
         """out (world * n, ...) <- every rank's inp (n, ...), rank-major. Returns a work handle."""
-        return _all_gather_flat(out, inp, group=self.group, async_op=True)
+        work = _all_gather_flat(out, inp, group=self.group, async_op=True)
+        return self.profiler.timed_wait(work, "all_gather", out.device)
 
     def reduce_scatter(self, out: torch.Tensor, inp: torch.Tensor):
         """out (n, ...) <- sum over ranks of inp[rank * n : (rank + 1) * n]. Returns a work handle."""
-        return _reduce_scatter_flat(out, inp, group=self.group, async_op=True)
+        work = _reduce_scatter_flat(out, inp, group=self.group, async_op=True)
+        return self.profiler.timed_wait(work, "reduce_scatter", out.device)
 
     def all_to_all(self, out: torch.Tensor, inp: torch.Tensor, out_rows: list[int], inp_rows: list[int]):
         """Rows ``inp[sum(inp_rows[:s]) :][: inp_rows[s]]`` go to rank s; ``out``'s rows are every
         rank's in rank order, ``out_rows[s]`` from rank s (uneven splits; zeros allowed). Both
         contiguous. Returns a work handle."""
-        return dist.all_to_all_single(out, inp, out_rows, inp_rows, group=self.group, async_op=True)
+        work = dist.all_to_all_single(out, inp, out_rows, inp_rows, group=self.group, async_op=True)
+        return self.profiler.timed_wait(work, "all_to_all", out.device)
 
     def ring_exchange(self, send: torch.Tensor, recv: torch.Tensor) -> list:
         """Send ``send`` to the next rank and receive the previous rank's into ``recv``."""
         ops = [dist.P2POp(dist.isend, send, self.next_global, self.group),
                dist.P2POp(dist.irecv, recv, self.prev_global, self.group)]
-        return dist.batch_isend_irecv(ops)
+        return [self.profiler.timed_wait(w, "ring", recv.device) for w in dist.batch_isend_irecv(ops)]
 
 
 def wait_all(works) -> None:

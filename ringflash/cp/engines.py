@@ -121,17 +121,21 @@ def allgather_forward(q, k, v, spec: AllGatherSpec, params: LocalParams, comm: C
     lse = torch.empty(h, n, dtype=torch.float32, device=q.device)
     packed = _pack_kv(k, v, stride, spec.n_max)
     gather = _AllGather(comm, packed, spec)
-    gather.start(0)
-    # keep_gathered: the backward reuses the ordered K/V instead of gathering again,
-    # trading world_size x the local K/V per call for the re-gather's time.
-    kept: list[torch.Tensor] = []
-    for c in range(gather.chunks):
-        kc, vc = gather.keys(c)
-        rows = slice(c * qh, (c + 1) * qh)
-        local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
-                      out=out[:, rows], lse=lse[rows], mode=mode)
-        if keep_gathered:
-            kept += [kc, vc]
+    prof = comm.profiler
+    with prof.pass_("forward"):
+        gather.start(0)
+        # keep_gathered: the backward reuses the ordered K/V instead of gathering again,
+        # trading world_size x the local K/V per call for the re-gather's time.
+        kept: list[torch.Tensor] = []
+        for c in range(gather.chunks):
+            prof.step = c if gather.chunks > 1 else None
+            kc, vc = gather.keys(c)
+            rows = slice(c * qh, (c + 1) * qh)
+            with prof.span("attention", q.device):
+                local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
+                              out=out[:, rows], lse=lse[rows], mode=mode)
+            if keep_gathered:
+                kept += [kc, vc]
     return out, lse, (q, packed, out, lse, *kept), (spec, params, comm, mode, k.shape, k.dtype, v.dtype)
 
 
@@ -141,18 +145,27 @@ def allgather_backward(saved: tuple, setup: tuple, dout: torch.Tensor, dq: Optio
     or float32 dk/dv, allowed) or new ones in the inputs' dtypes."""
     q, packed, out, lse, *kept = saved
     spec, params, comm, mode, k_shape, k_dtype, v_dtype = setup
-    n, h, _ = q.shape
-    chunks, stride = packed.shape[0], packed.shape[3]
-    qh = h // (chunks * stride) * stride
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
     dk = torch.empty(k_shape, dtype=k_dtype, device=q.device) if dk is None else dk
     dv = torch.empty(k_shape, dtype=v_dtype, device=q.device) if dv is None else dv
     dout = dout.contiguous()
     gather = _AllGather(comm, packed, spec)
+    with comm.profiler.pass_("backward"):
+        _allgather_backward_steps(gather, kept, spec, params, comm, mode, q, out, lse, dout, dq, dk, dv)
+    return dq, dk, dv
+
+
+def _allgather_backward_steps(gather, kept, spec, params, comm, mode, q, out, lse, dout, dq, dk, dv) -> None:
+    """The backward's work, one head chunk at a time (``allgather_backward``)."""
+    h = q.shape[1]
+    chunks, stride = gather.chunks, gather.packed.shape[3]
+    qh = h // (chunks * stride) * stride
+    prof = comm.profiler
     if not kept:
         gather.start(0)  # the first re-gather overlaps the preprocessing
-    prob = params.problem(q, packed[0, :, 0], spec.meta, spec.max_q, spec.max_k)
-    delta, lse2 = prepare_backward(dout, out, lse, prob)
+    prob = params.problem(q, gather.packed[0, :, 0], spec.meta, spec.max_q, spec.max_k)
+    with prof.span("prepare", q.device):
+        delta, lse2 = prepare_backward(dout, out, lse, prob)
     # dK/dV of the gathered keys, float32, in the all-gather's rank-major layout: the
     # kernel writes key i to row key_index[i] (no reordering copy), and the buffer is
     # reduce-scattered to the owners as it is. With key_index every real row is written;
@@ -160,6 +173,7 @@ def allgather_backward(saved: tuple, setup: tuple, dout: torch.Tensor, dq: Optio
     rows_total = comm.world_size * spec.n_max
     scattering: list = []
     for c in range(gather.chunks):
+        prof.step = c if gather.chunks > 1 else None
         kc, vc = (kept[2 * c], kept[2 * c + 1]) if kept else gather.keys(c)
         rows = slice(c * qh, (c + 1) * qh)
         heads = slice(c * stride, (c + 1) * stride)
@@ -174,13 +188,14 @@ def allgather_backward(saved: tuple, setup: tuple, dout: torch.Tensor, dq: Optio
             mine = full.new_empty((spec.n_max,) + tuple(full.shape[1:]))
             scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
 
-        local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
-                       spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
-                       prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv,
-                       dkv_rows=spec.key_index)
+        with prof.span("attention", q.device):
+            local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
+                           spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
+                           prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv,
+                           dkv_rows=spec.key_index)
         _finish_scatter(scattering, dk, dv, keep=1)
+    prof.step = None
     _finish_scatter(scattering, dk, dv, keep=0)
-    return dq, dk, dv
 
 
 class AllGatherAttention(torch.autograd.Function):
@@ -215,22 +230,28 @@ class RingAttention(torch.autograd.Function):
         out_acc = torch.zeros(n, h, d, dtype=torch.float32, device=q.device)
         lse_acc = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
         kv = own = _pack_kv(k, v, k.shape[1], n_max)[0]
-        for s, step in enumerate(steps):
-            works, nxt = [], None
-            if s + 1 < len(steps):
-                nxt = torch.empty_like(kv)
-                works = comm.ring_exchange(kv, nxt)
-            if not step.skip:
-                # Rows no entry covers must read as "no key seen" (0, -inf) in the merge.
-                out_s = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
-                lse_s = torch.empty(h, n, dtype=torch.float32, device=q.device)
-                if not step.covers_all:
-                    out_s.zero_()
-                    lse_s.fill_(float("-inf"))
-                local_forward(q, kv[:, 0], kv[:, 1], step.meta, params, step.max_q, step.max_k, out=out_s, lse=lse_s)
-                merge_partial_(out_acc, lse_acc, out_s, lse_s)
-            wait_all(works)
-            kv = nxt if nxt is not None else kv
+        prof = comm.profiler
+        with prof.pass_("forward"):
+            for s, step in enumerate(steps):
+                prof.step = s
+                works, nxt = [], None
+                if s + 1 < len(steps):
+                    nxt = torch.empty_like(kv)
+                    works = comm.ring_exchange(kv, nxt)
+                if not step.skip:
+                    # Rows no entry covers must read as "no key seen" (0, -inf) in the merge.
+                    out_s = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
+                    lse_s = torch.empty(h, n, dtype=torch.float32, device=q.device)
+                    if not step.covers_all:
+                        out_s.zero_()
+                        lse_s.fill_(float("-inf"))
+                    with prof.span("attention", q.device):
+                        local_forward(q, kv[:, 0], kv[:, 1], step.meta, params, step.max_q, step.max_k,
+                                      out=out_s, lse=lse_s)
+                    with prof.span("merge", q.device):
+                        merge_partial_(out_acc, lse_acc, out_s, lse_s)
+                wait_all(works)
+                kv = nxt if nxt is not None else kv
         out = out_acc.to(q.dtype)
         ctx.save_for_backward(q, own, out, lse_acc)
         ctx.setup = (steps, params, comm, k.shape[0], k.dtype, v.dtype)
@@ -241,40 +262,52 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout, _dlse):
         q, kv, out, lse = ctx.saved_tensors
         steps, params, comm, n_k, k_dtype, v_dtype = ctx.setup
-        n, h, d = q.shape
         dout = dout.contiguous()
-        prob = params.problem(q, kv[:, 0], steps[0].meta, steps[0].max_q, steps[0].max_k)
-        prepared = prepare_backward(dout, out, lse, prob)
-        dq_acc = torch.zeros(n, h, d, dtype=torch.float32, device=q.device)
-        # The float32 dK/dV accumulator of the block held at step s arrives from the previous
-        # rank while step s computes; after the last step, the one that arrives is our own.
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
-        incoming: Optional[tuple] = None
-        for s, step in enumerate(steps):
-            works, nxt = [], None
-            if s + 1 < len(steps):
-                nxt = torch.empty_like(kv)
-                works = comm.ring_exchange(kv, nxt)
-            dkv_s = None
-            if not step.skip:
-                dq_s = (torch.zeros if not step.covers_all else torch.empty)(n, h, d, dtype=torch.float32, device=q.device)
-                dkv_s = torch.empty_like(dkv)  # rows past the block's tokens stay unwritten and unread
-                local_backward(dout, q, kv[:, 0], kv[:, 1], out, lse, step.meta, params, step.max_q, step.max_k,
-                               dq=dq_s, dk=dkv_s[:, 0], dv=dkv_s[:, 1], prepared=prepared)
-                dq_acc.add_(dq_s)
-            if incoming is not None:
-                wait_all(incoming[0])
-                dkv = incoming[1]
-            if dkv_s is not None:
-                dkv.add_(dkv_s)
-            if comm.world_size > 1:
-                dkv_next = torch.empty_like(dkv)
-                incoming = (comm.ring_exchange(dkv, dkv_next), dkv_next)
-            wait_all(works)
-            kv = nxt if nxt is not None else kv
-        if incoming is not None:
-            wait_all(incoming[0])
-            dkv = incoming[1]
+        with comm.profiler.pass_("backward"):
+            dq_acc, dkv = _ring_backward_steps(steps, params, comm, q, kv, out, lse, dout)
         dk = dkv[:n_k, 0].to(k_dtype, memory_format=torch.contiguous_format)
         dv = dkv[:n_k, 1].to(v_dtype, memory_format=torch.contiguous_format)
         return dq_acc.to(q.dtype), dk, dv, None, None, None, None
+
+
+def _ring_backward_steps(steps: list, params: LocalParams, comm: Comm, q, kv, out, lse, dout) -> tuple:
+    """The ring backward's steps: (dq float32, this rank's float32 dK/dV block)."""
+    n, h, d = q.shape
+    prof = comm.profiler
+    prob = params.problem(q, kv[:, 0], steps[0].meta, steps[0].max_q, steps[0].max_k)
+    with prof.span("prepare", q.device):
+        prepared = prepare_backward(dout, out, lse, prob)
+    dq_acc = torch.zeros(n, h, d, dtype=torch.float32, device=q.device)
+    # The float32 dK/dV accumulator of the block held at step s arrives from the previous
+    # rank while step s computes; after the last step, the one that arrives is our own.
+    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
+    incoming: Optional[tuple] = None
+    for s, step in enumerate(steps):
+        prof.step = s
+        works, nxt = [], None
+        if s + 1 < len(steps):
+            nxt = torch.empty_like(kv)
+            works = comm.ring_exchange(kv, nxt)
+        dkv_s = None
+        if not step.skip:
+            dq_s = (torch.zeros if not step.covers_all else torch.empty)(n, h, d, dtype=torch.float32, device=q.device)
+            dkv_s = torch.empty_like(dkv)  # rows past the block's tokens stay unwritten and unread
+            with prof.span("attention", q.device):
+                local_backward(dout, q, kv[:, 0], kv[:, 1], out, lse, step.meta, params, step.max_q, step.max_k,
+                               dq=dq_s, dk=dkv_s[:, 0], dv=dkv_s[:, 1], prepared=prepared)
+            dq_acc.add_(dq_s)
+        if incoming is not None:
+            wait_all(incoming[0])
+            dkv = incoming[1]
+        if dkv_s is not None:
+            dkv.add_(dkv_s)
+        if comm.world_size > 1:
+            dkv_next = torch.empty_like(dkv)
+            incoming = (comm.ring_exchange(dkv, dkv_next), dkv_next)
+        wait_all(works)
+        kv = nxt if nxt is not None else kv
+    prof.step = None
+    if incoming is not None:
+        wait_all(incoming[0])
+        dkv = incoming[1]
+    return dq_acc, dkv

@@ -28,6 +28,7 @@ all-gather engine across the W/u groups).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from typing import Optional
@@ -37,6 +38,7 @@ import torch.distributed as dist
 
 from .. import validation as V
 from ..kernels.problem import WINDOW_CAP, SeqMeta
+from . import profile as cp_profile
 from .checks import SignatureChecks, call_signature, check_agreement
 from .cost import AUTO_CANDIDATES, Heads, choose, layout_work, predict
 from .comm import Comm, hybrid_comms
@@ -146,7 +148,8 @@ def zigzag_verify(verify: Optional[bool]) -> bool:
 class Plan:
     def __init__(self, cu_seqlens: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
                  strategy: str = "zigzag_llama3", *, ulysses_degree: Optional[int] = None,
-                 min_piece: Optional[int] = None, heads: Optional[Heads] = None):
+                 min_piece: Optional[int] = None, heads: Optional[Heads] = None,
+                 profile: Optional[bool] = None):
         self.comm = Comm(group)
         self.group = self.comm.group
         self.rank, self.world_size = self.comm.rank, self.comm.world_size
@@ -158,6 +161,7 @@ class Plan:
         #: Ranks of a Ulysses group: W for ulysses, ``ulysses_degree`` for hybrid, else None.
         self.ulysses_degree: Optional[int] = None
         self.min_piece: Optional[int] = None
+        profiling = False
         # Every rank runs the same checks and then one collective, so that a bad argument on
         # one rank is an error on every rank instead of a hang in the next collective.
         error: Optional[BaseException] = None
@@ -167,6 +171,7 @@ class Plan:
                 raise ValueError(f"strategy: got {strategy!r}; expected auto or one of {', '.join(STRATEGIES)}")
             if heads is not None and not isinstance(heads, Heads):
                 raise TypeError(f"heads: expected a ringflash.cp.cost.Heads, got {type(heads).__name__}")
+            profiling = cp_profile.requested() if profile is None else V.as_bool("profile", profile)
             V.check_cu_seqlens_shape("cu_seqlens", cu_seqlens)
             cu = cu_seqlens.tolist()  # the one host sync of a plan
             if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
@@ -206,8 +211,16 @@ class Plan:
         self._gather_index: Optional[torch.Tensor] = None
         self._cache: dict[tuple, object] = {}
         self._checks = SignatureChecks(self.comm, self.device, "q, k, v or options")
+        #: Per-step timings (``profile``): shared by the plans of this strategy on this group.
+        self.profiler = (cp_profile.shared(f"strategy {strategy}, {w} ranks, group {self._group_name()}", self.rank)
+                         if profiling else cp_profile.OFF)
+        self.comm.profiler = self.profiler
         if strategy == "hybrid":  # collective, on every rank: the layout check above passed everywhere
-            self._ulysses_comm, self._across_comm = hybrid_comms(self.comm, self.ulysses_degree)
+            ulysses, across = hybrid_comms(self.comm, self.ulysses_degree)
+            # The sub-communicators are shared by every hybrid plan on this group: this
+            # plan's copies carry its profiler.
+            self._ulysses_comm, self._across_comm = copy.copy(ulysses), copy.copy(across)
+            self._ulysses_comm.profiler = self._across_comm.profiler = self.profiler
 
     def _check_degree(self, strategy: str, degree: object) -> Optional[int]:
         """The Ulysses group size of the strategy (``ulysses_degree`` is hybrid's alone)."""
@@ -250,12 +263,43 @@ class Plan:
             "rank_tokens": list(self.num_local), "rank_work": work,
             "work_balance": max(work) / mean if mean else 1.0,
         }
+        if self.profiler.enabled:
+            # This rank's measured times (``profile``); the rest of the dict is the same everywhere.
+            info["profile"] = self.profiler.summary()
         if self.strategy in AUTO_CANDIDATES:
             pred = predict(self.strategy, self.seqlens, self.world_size, self.heads or Heads(),
                            min_piece=self.min_piece or BALANCED_MIN_PIECE)
             info["predicted_ms"] = {"compute": pred.compute_ms, "communication": pred.comm_ms,
                                     "total": pred.total_ms}
         return info
+
+    def _group_name(self) -> str:
+        """The group as its global ranks (a label for the shared profiler)."""
+        ranks = [dist.get_global_rank(self.group, i) for i in range(self.world_size)]
+        return ",".join(map(str, ranks)) if len(ranks) <= 8 else f"{ranks[0]}..{ranks[-1]} ({len(ranks)})"
+
+    def profile(self, all_ranks: bool = False):
+        """Measured time per step (``ZIGZAG_PROFILE_KERNELS=1`` or ``Plan(profile=True)``):
+        this rank's ``{"calls": {...}, "spans": {name: {count, total_ms, mean_ms, max_ms}}}``
+        summed over every plan of this strategy on this group since the first (or the last
+        ``reset_profile``). Span names are "<pass> [step s]: <what>", where what is
+        ``attention`` (kernels), ``wait <collective>`` (communication the compute stream
+        waited for), ``merge`` or ``prepare``. ``all_ranks=True`` returns the list of every
+        rank's, in rank order (collective: every rank must call it). Reading waits for the
+        recorded CUDA events, so call it outside the timed loop."""
+        if not self.profiler.enabled:
+            raise RuntimeError("profile: this plan does not profile; expected ZIGZAG_PROFILE_KERNELS=1 (or "
+                               "RINGFLASH_CP_PROFILE=1) when the plan is built, or Plan(..., profile=True)")
+        mine = self.profiler.summary()
+        if not all_ranks:
+            return mine
+        every: list = [None] * self.world_size
+        dist.all_gather_object(every, mine, group=self.group)
+        return every
+
+    def reset_profile(self) -> None:
+        """Clear the timings of this plan's profiler (shared with its strategy's other plans)."""
+        self.profiler.reset()
 
     # -- layout ------------------------------------------------------------------------
 
@@ -417,7 +461,7 @@ class Plan:
             if "ulysses" not in self._cache:
                 self._cache["ulysses"] = SeqMeta.from_cu_seqlens(self.cu_seqlens, self.cu_seqlens)
             longest = max(self.seqlens + [1])
-            inner = LocalInner(self._cache["ulysses"], longest, params)  # type: ignore[arg-type]
+            inner = LocalInner(self._cache["ulysses"], longest, params, self.profiler)  # type: ignore[arg-type]
             return UlyssesAttention.apply(q, k, v, counts, self.comm, inner, heads, need_lse)
         if "hybrid" not in self._cache:
             across = self.world_size // u

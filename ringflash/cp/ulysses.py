@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from ..kernels.problem import SeqMeta
+from . import profile
 from .comm import Comm
 from .engines import AllGatherSpec, allgather_backward, allgather_forward
 from .local import LocalParams, local_backward, local_forward
@@ -104,19 +105,21 @@ def _heads_major(recv: torch.Tensor) -> torch.Tensor:
 class LocalInner:
     """Strategy ulysses: the plain varlen kernel over every document of the stream."""
 
-    def __init__(self, meta: SeqMeta, max_len: int, params: LocalParams):
-        self.meta, self.max_len, self.params = meta, max_len, params
+    def __init__(self, meta: SeqMeta, max_len: int, params: LocalParams, profiler=profile.OFF):
+        self.meta, self.max_len, self.params, self.profiler = meta, max_len, params, profiler
 
     def forward(self, q, k, v) -> tuple:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
-        local_forward(q, k, v, self.meta, self.params, self.max_len, self.max_len, out=out, lse=lse)
+        with self.profiler.span("attention", q.device):
+            local_forward(q, k, v, self.meta, self.params, self.max_len, self.max_len, out=out, lse=lse)
         return out, lse, (q, k, v, out, lse), None
 
     def backward(self, saved: tuple, setup, dout, dq, dk, dv) -> None:
         q, k, v, out, lse = saved
-        local_backward(dout, q, k, v, out, lse, self.meta, self.params, self.max_len, self.max_len,
-                       dq=dq, dk=dk, dv=dv)
+        with self.profiler.span("attention", q.device):
+            local_backward(dout, q, k, v, out, lse, self.meta, self.params, self.max_len, self.max_len,
+                           dq=dq, dk=dk, dv=dv)
 
 
 class AllGatherInner:
@@ -138,6 +141,11 @@ class UlyssesAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, counts: list[int], comm: Comm, inner, heads: HeadSplit, need_lse: bool):
+        with comm.profiler.pass_("forward"):
+            return UlyssesAttention._forward(ctx, q, k, v, counts, comm, inner, heads, need_lse)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, counts: list[int], comm: Comm, inner, heads: HeadSplit, need_lse: bool):
         n = q.shape[0]
         hq, hk = heads.q_local, heads.kv_local
         qkv = _to_heads(comm, counts, heads, q, k, v)
@@ -158,6 +166,11 @@ class UlyssesAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        with ctx.setup[1].profiler.pass_("backward"):
+            return UlyssesAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
         counts, comm, inner, heads, setup, kv_dtype = ctx.setup
         n, _, d = dout.shape
         hq, hk = heads.q_local, heads.kv_local
