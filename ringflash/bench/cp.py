@@ -13,6 +13,11 @@ each rank's peak memory.
 (cp.csv, cp.md, cp_efficiency.png) can plot efficiency against W per strategy;
 ``--from-csv`` redraws the report from saved CSVs (for example one per machine size)
 without any GPU.
+
+``--simulate W [W ...]`` measures something else, on one device: the compute balance of
+every strategy's layout at those world sizes, each rank's local attention run alone, and
+the cost model's per-rank prediction against it (``cp_simulate``; issue 18). It takes
+``--device cpu --quick`` (toy sizes, interpreted kernels) like the other commands.
 """
 
 from __future__ import annotations
@@ -41,11 +46,36 @@ VARIANTS = [  # (label, strategy, options)
 ]
 
 
-def _lengths(world: int, case: str) -> list[int]:
-    total = TOKENS_PER_GPU * world
+#: The batches: one document, the mixed pack, many short documents (``batch_lengths``).
+CASES = ("single", "mixed", "short")
+
+
+def batch_lengths(case: str, world: int, tokens_per_gpu: int = TOKENS_PER_GPU) -> list[int]:
+    """Document lengths of a batch of T = ``tokens_per_gpu * world`` tokens: ``single`` one
+    document; ``mixed`` T/2, T/4, T/8, T/16, T/32 and the rest (T/32 when 32 divides T);
+    ``short`` documents of 1/64 to 1/4 of a GPU's tokens (128 to 2048 at 8k), a fixed
+    pseudo-random draw, the last one cut to fill the batch."""
+    total = tokens_per_gpu * world
     if case == "single":
         return [total]
-    return [total // 2, total // 4, total // 8, total // 16, total // 32, total // 32]
+    if case == "mixed":
+        head = [total // 2, total // 4, total // 8, total // 16, total // 32]
+        return head + [total - sum(head)]
+    if case == "short":
+        import random
+
+        rng = random.Random(18)
+        lo = max(1, tokens_per_gpu // 64)
+        hi = max(lo, tokens_per_gpu // 4)
+        out: list[int] = []
+        while sum(out) < total:
+            out.append(min(rng.randint(lo, hi), total - sum(out)))
+        return out
+    raise ValueError(f"case: got {case!r}; expected one of {', '.join(CASES)}")
+
+
+def _lengths(world: int, case: str) -> list[int]:
+    return batch_lengths(case, world)
 
 
 def _timed(fn, iters: int, chain: int = CHAIN) -> float:
@@ -231,24 +261,60 @@ def write_outputs(rows: Sequence[dict], out_dir: str, device: str) -> list[str]:
 
 
 def main(argv=None) -> int:
+    from ..cp.layout import STRATEGIES
+
     parser = argparse.ArgumentParser(prog="ringflash bench cp")
     parser.add_argument("--world-size", type=int, default=None, help="GPUs to use (default: all visible)")
     parser.add_argument("--world-sizes", type=int, nargs="+", default=None, metavar="W",
                         help="run once per world size (e.g. 2 4 8), for the efficiency-vs-W plot")
-    parser.add_argument("--cases", nargs="+", default=["mixed", "single"], choices=["mixed", "single"])
+    parser.add_argument("--cases", nargs="+", default=None, choices=list(CASES),
+                        help="batches (default: mixed single; with --simulate all three)")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=None, metavar="NAME",
                         help="run only these variants: a strategy name or a full variant label (default: all)")
-    parser.add_argument("--csv", default="bench_out/cp.csv")
-    parser.add_argument("--out", metavar="DIR", help="also write cp.csv, cp.md and cp_efficiency.png into DIR")
+    parser.add_argument("--csv", default=None, help="CSV of the results (default bench_out/cp.csv; with "
+                        "--simulate none unless given)")
+    parser.add_argument("--out", metavar="DIR", help="also write cp.csv, cp.md and cp_efficiency.png into DIR "
+                        "(--simulate: cp_simulate.csv, .md, _balance.png, _model.png)")
     parser.add_argument("--from-csv", nargs="+", metavar="CSV",
                         help="measure nothing: print the report of saved cp CSVs (several: e.g. one per world "
-                             "size) and with --out write it and the plot; needs no GPU")
+                             "size; or --simulate CSVs) and with --out write it and the plot; needs no GPU")
+    sim = parser.add_argument_group("--simulate: the compute balance of the layouts on one device (issue 18)")
+    sim.add_argument("--simulate", type=int, nargs="+", metavar="W",
+                     help="run every rank of W-rank plans alone on one device (no communication): per-rank "
+                          "forward and fwd+bwd times, max/mean balance and the cost model's error")
+    sim.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
+                     help="cuda: do_bench medians, bf16, Llama-3-8B heads; cpu: wall-clock medians of the "
+                          "interpreted kernels at toy sizes, float32 (a smoke test of the plumbing)")
+    sim.add_argument("--quick", action="store_true", help="GPU: 2k tokens per GPU instead of 8k; --device cpu: "
+                     "one strategy per engine (balanced, zigzag_ring, ulysses, hybrid) and auto, two batches")
+    sim.add_argument("--strategies", nargs="+", metavar="NAME", choices=list(STRATEGIES) + ["auto"],
+                     help="default: all, and auto's choice")
+    sim.add_argument("--tokens-per-gpu", type=int, default=None, help="default 8192 (--quick 2048, cpu 16)")
+    sim.add_argument("--ulysses-degree", type=int, default=2, help="hybrid's Ulysses group size (default 2)")
+    sim.add_argument("--min-piece", type=int, default=None,
+                     help="balanced's shortest chunk (default 256, scaled down with --tokens-per-gpu)")
+    sim.add_argument("--tflops", type=float, default=None,
+                     help="the model's kernel rate for the 'default rate' predictions (default cost.Machine's)")
+    sim.add_argument("--fit", action="store_true",
+                     help="also fit cost.Machine.tflops and layout.CostModel's row and piece terms to the "
+                          "measured ranks and print them (works with --from-csv)")
+    sim.add_argument("--estimate", action="store_true", help="measure nothing: print the run's estimated GPU time")
+    sim.add_argument("--csv-only", action="store_true", help="with --out, write only the CSV")
+    sim.add_argument("--no-plots", action="store_true", help="with --out, write no PNG")
     args = parser.parse_args(argv)
     from .common import device_description, read_csv_rows, write_csv
 
+    if args.simulate and not args.from_csv:
+        from . import cp_simulate
+
+        return cp_simulate.main(args)
     if args.from_csv:
         rows = read_csv_rows(args.from_csv)
+        from . import cp_simulate
+
+        if cp_simulate.is_simulate_csv(rows):
+            return cp_simulate.redraw(args, rows)
         devices = sorted({str(r["device"]) for r in rows if r.get("device")})
         device = ", ".join(devices) or "device not recorded in " + ", ".join(map(os.path.basename, args.from_csv))
         if args.out:
@@ -258,6 +324,8 @@ def main(argv=None) -> int:
         return 0
     from ..cp.launch import run_local
 
+    args.cases = args.cases or ["mixed", "single"]
+    args.csv = args.csv or "bench_out/cp.csv"
     variants = VARIANTS if args.variants is None else [
         v for v in VARIANTS if v[0] in args.variants or v[1] in args.variants]
     if not variants:
