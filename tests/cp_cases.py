@@ -25,6 +25,7 @@ class CPCase:
     heads_k_stride: Optional[int] = None
     mode: Optional[str] = None
     keep_gathered_kv: bool = False
+    local_first: bool = False  # own keys first, then the other ranks' (all-gather strategies)
     seed: int = 0
     api: str = "plan"  # or the name of a ring-flash-attn-compatible function (test_cp_api)
     strided_cu: bool = False  # pass cu_seqlens as a non-contiguous view
@@ -51,6 +52,8 @@ class CPCase:
             parts.append(self.mode)
         if self.keep_gathered_kv:
             parts.append("keep")
+        if self.local_first:
+            parts.append("local_first")
         if self.dtype != "float32":
             parts.append(self.dtype)
         if self.heads != (2, 1):
@@ -131,7 +134,7 @@ def run_plan_case(case: CPCase, rank: int, world_size: int):
     q, k, v = (plan.shard(t.to(dtype)).requires_grad_() for t in (q64, k64, v64))
     out, lse = plan.attention(q, k, v, causal=case.causal, window_size=case.window, softcap=case.softcap,
                               heads_k_stride=case.heads_k_stride, mode=case.mode, return_lse=True,
-                              keep_gathered_kv=case.keep_gathered_kv)
+                              keep_gathered_kv=case.keep_gathered_kv, local_first=case.local_first)
     grads = torch.autograd.grad(out, (q, k, v), plan.shard(dout64.to(dtype)))
     assert all(g.dtype == dtype for g in grads), [g.dtype for g in grads]
     gathered = [plan.gather(x) for x in (out, *grads)]
@@ -233,6 +236,9 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     attempt("wrong local size", lambda: plan.attention(mk(n + 1, 2), mk(n + 1, 1), mk(n + 1, 1)))
     # keep_gathered_kv where nothing is gathered.
     attempt("keep_gathered_kv on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), keep_gathered_kv=True))
+    attempt("local_first on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), local_first=True))
+    attempt("local_first with a window",
+            lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), window_size=(3, -1), local_first=True))
     # Sliding windows where a strategy cannot express them.
     stripe = Plan(cu, strategy="stripe")
     m = stripe.num_local_tokens

@@ -56,6 +56,13 @@ OPTION_CASES = [
     CPCase("ring", dtype="float16", heads=(4, 2)),
     CPCase("zigzag_ring", dtype="float16"),
     CPCase("stripe", heads=(2, 2)),
+    # The local-first split (own keys while the all-gather runs, then the others'): causal
+    # and full, head chunks, a document on one rank only, zero-token ranks, balanced pairs.
+    CPCase("zigzag_llama3", local_first=True),
+    CPCase("zigzag_llama3", causal=False, heads=(4, 2), heads_k_stride=1, local_first=True, mode="two_kernels"),
+    CPCase("llama3", local_first=True, keep_gathered_kv=True),
+    CPCase("llama3", causal=False, lengths=(1, 2, 1), local_first=True),
+    CPCase("balanced", min_piece=2, lengths=(3, 1, 2, 0, 29, 6), local_first=True, dtype="float16"),
 ]
 
 
@@ -256,6 +263,8 @@ ERRORS = {
     "wrong local size": r"ValueError: q: has \d+ tokens; expected this rank's \d+",
     "window on stripe": r"NotImplementedError: window_size: stripe interleaves",
     "keep_gathered_kv on ring": r"ValueError: keep_gathered_kv: ring passes K/V around the ring and gathers nothing",
+    "local_first on ring": r"ValueError: local_first: ring does not all-gather K/V; expected False",
+    "local_first with a window": r"ValueError: local_first: a sliding window \(3, -1\) is not a prefix",
     "verify catches a mismatch": r"RuntimeError: zigzag_llama3 verify: modes 'grouped' and 'two_kernels' disagree",
     "verify passes when modes agree": r"no error",
     "ulysses heads": r"ValueError: q: nheads=3 is not divisible by world_size=2",

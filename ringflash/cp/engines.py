@@ -32,6 +32,16 @@ from .merge import merge_partial_
 
 
 @dataclass(frozen=True)
+class LocalKeys:
+    """The local-first split's first part: this rank's queries against its own keys, a plain
+    varlen call over the local buffer (each document's local rows in position order, so a
+    causal mask in local order is the global one)."""
+
+    meta: SeqMeta
+    max_len: int
+
+
+@dataclass(frozen=True)
 class AllGatherSpec:
     """Local attention against the gathered keys.
 
@@ -39,6 +49,11 @@ class AllGatherSpec:
     local tokens, padded to ``n_max``). ``key_index`` (int64, rows of that buffer in global
     order) selects the keys ``meta`` describes; without it, ``key_slice`` of the buffer is
     already in order (equal-sized contiguous shards, llama3).
+
+    ``local`` (the local-first split): the queries attend to their own rank's keys first
+    (``local``, no communication, while the all-gather runs), then to the other ranks' keys
+    (``meta`` and ``key_index`` then select only those), and the two partial results merge
+    in float32.
     """
 
     meta: SeqMeta
@@ -47,6 +62,7 @@ class AllGatherSpec:
     max_k: int
     key_index: Optional[torch.Tensor] = None
     key_slice: Optional[slice] = None  # with key_index None: the rows to use (None: all)
+    local: Optional[LocalKeys] = None
 
 
 @dataclass(frozen=True)
@@ -117,8 +133,12 @@ def allgather_forward(q, k, v, spec: AllGatherSpec, params: LocalParams, comm: C
     n, h, _ = q.shape
     hk = k.shape[1]
     qh = h // hk * stride  # query heads per KV-head chunk
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    local = spec.local
+    # Local-first: both parts' partial results in float32, merged into out_acc.
+    out_acc = torch.empty(q.shape, dtype=torch.float32 if local else q.dtype, device=q.device)
     lse = torch.empty(h, n, dtype=torch.float32, device=q.device)
+    if local is not None:
+        out_remote, lse_remote = torch.empty_like(out_acc), torch.empty_like(lse)
     packed = _pack_kv(k, v, stride, spec.n_max)
     gather = _AllGather(comm, packed, spec)
     prof = comm.profiler
@@ -129,13 +149,22 @@ def allgather_forward(q, k, v, spec: AllGatherSpec, params: LocalParams, comm: C
         kept: list[torch.Tensor] = []
         for c in range(gather.chunks):
             prof.step = c if gather.chunks > 1 else None
-            kc, vc = gather.keys(c)
             rows = slice(c * qh, (c + 1) * qh)
+            if local is not None:  # while chunk c's gather runs
+                with prof.span("attention (own keys)", q.device):
+                    local_forward(q[:, rows], packed[c, :n, 0], packed[c, :n, 1], local.meta, params,
+                                  local.max_len, local.max_len, out=out_acc[:, rows], lse=lse[rows])
+            kc, vc = gather.keys(c)
+            part_out, part_lse = (out_remote, lse_remote) if local is not None else (out_acc, lse)
             with prof.span("attention", q.device):
                 local_forward(q[:, rows], kc, vc, spec.meta, params, spec.max_q, spec.max_k,
-                              out=out[:, rows], lse=lse[rows], mode=mode)
+                              out=part_out[:, rows], lse=part_lse[rows], mode=mode)
+            if local is not None:
+                with prof.span("merge", q.device):
+                    merge_partial_(out_acc[:, rows], lse[rows], out_remote[:, rows], lse_remote[rows])
             if keep_gathered:
                 kept += [kc, vc]
+    out = out_acc.to(q.dtype) if local is not None else out_acc
     return out, lse, (q, packed, out, lse, *kept), (spec, params, comm, mode, k.shape, k.dtype, v.dtype)
 
 
@@ -157,7 +186,7 @@ def allgather_backward(saved: tuple, setup: tuple, dout: torch.Tensor, dq: Optio
 
 def _allgather_backward_steps(gather, kept, spec, params, comm, mode, q, out, lse, dout, dq, dk, dv) -> None:
     """The backward's work, one head chunk at a time (``allgather_backward``)."""
-    h = q.shape[1]
+    n, h = q.shape[0], q.shape[1]
     chunks, stride = gather.chunks, gather.packed.shape[3]
     qh = h // (chunks * stride) * stride
     prof = comm.profiler
@@ -171,15 +200,28 @@ def _allgather_backward_steps(gather, kept, spec, params, comm, mode, q, out, ls
     # reduce-scattered to the owners as it is. With key_index every real row is written;
     # padding rows are summed and never read. A key_slice leaves other ranks' rows zero.
     rows_total = comm.world_size * spec.n_max
+    local = spec.local
+    if local is not None:  # the two parts' dq in float32, summed at the end
+        dq_parts = torch.empty((2,) + tuple(q.shape), dtype=torch.float32, device=q.device)
     scattering: list = []
     for c in range(gather.chunks):
         prof.step = c if gather.chunks > 1 else None
-        kc, vc = (kept[2 * c], kept[2 * c + 1]) if kept else gather.keys(c)
         rows = slice(c * qh, (c + 1) * qh)
         heads = slice(c * stride, (c + 1) * stride)
         if spec.key_index is not None:
             full = torch.empty((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
             dkv = full
+            if local is not None:
+                # dK/dV from this rank's own queries go straight to its own rows of the
+                # buffer (the other part writes only the other ranks' rows), before the
+                # re-gathered keys are needed.
+                me = comm.rank * spec.n_max
+                own = full[me:me + n]
+                with prof.span("attention (own keys)", q.device):
+                    local_backward(dout[:, rows], q[:, rows], gather.packed[c, :n, 0], gather.packed[c, :n, 1],
+                                   out[:, rows], lse[rows], local.meta, params, local.max_len, local.max_len,
+                                   dq=dq_parts[0][:, rows], dk=own[:, 0], dv=own[:, 1],
+                                   prepared=(delta[rows], lse2[rows]))
         else:
             full = torch.zeros((rows_total, 2, stride, q.shape[2]), dtype=torch.float32, device=q.device)
             dkv = full[spec.key_slice] if spec.key_slice is not None else full
@@ -188,13 +230,17 @@ def _allgather_backward_steps(gather, kept, spec, params, comm, mode, q, out, ls
             mine = full.new_empty((spec.n_max,) + tuple(full.shape[1:]))
             scattering.append((comm.reduce_scatter(mine, full), mine, full, heads))
 
+        kc, vc = (kept[2 * c], kept[2 * c + 1]) if kept else gather.keys(c)
         with prof.span("attention", q.device):
             local_backward(dout[:, rows], q[:, rows], kc, vc, out[:, rows], lse[rows], spec.meta, params,
-                           spec.max_q, spec.max_k, dq=dq[:, rows], dk=dkv[:, 0], dv=dkv[:, 1],
+                           spec.max_q, spec.max_k, dq=(dq_parts[1] if local is not None else dq)[:, rows],
+                           dk=dkv[:, 0], dv=dkv[:, 1],
                            prepared=(delta[rows], lse2[rows]), mode=mode, after_dkdv=scatter_dkv,
                            dkv_rows=spec.key_index)
         _finish_scatter(scattering, dk, dv, keep=1)
     prof.step = None
+    if local is not None:
+        dq.copy_(dq_parts[0].add_(dq_parts[1]))
     _finish_scatter(scattering, dk, dv, keep=0)
 
 

@@ -61,7 +61,10 @@ def local_backward(
     (key i to row ``dkv_rows[i]`` of dk/dv when given); ``after_dkdv`` runs once dk/dv are
     complete on the stream (before dq, when one call)."""
     if mode == "two_kernels" and meta.num_groups > 1:
-        dk_part, dv_part = torch.empty_like(dk), torch.empty_like(dv)
+        # With dkv_rows the kernels write only those rows; the rest of a part must add
+        # nothing (the local-first split keeps this rank's own dK/dV in the other rows).
+        part = torch.empty_like if dkv_rows is None else torch.zeros_like
+        dk_part, dv_part = part(dk), part(dv)
         for g in range(meta.num_groups):
             sub = _group(meta, g)
             prob = params.problem(q, k, sub, max_q, max_k)

@@ -42,7 +42,7 @@ from . import profile as cp_profile
 from .checks import SignatureChecks, call_signature, check_agreement
 from .cost import AUTO_CANDIDATES, Heads, choose, layout_work, predict
 from .comm import Comm, hybrid_comms
-from .engines import AllGatherAttention, AllGatherSpec, RingAttention, RingStep
+from .engines import AllGatherAttention, AllGatherSpec, LocalKeys, RingAttention, RingStep
 from .layout import BALANCED_MIN_PIECE, STRATEGIES, balanced_layout, chunk_bounds, rank_pieces, segments
 from .local import MODES, LocalParams
 from .ulysses import AllGatherInner, HeadSplit, LocalInner, UlyssesAttention, check_heads
@@ -105,6 +105,60 @@ def _allgather_spec(pieces_by_rank: list, me: int, seqlens: list[int], cu_seqlen
     )
 
 
+def _local_first_spec(pieces_by_rank: list, me: int, seqlens: list[int], cu_seqlens: torch.Tensor,
+                      groups: int, causal: bool) -> AllGatherSpec:
+    """The local-first split of rank ``me``'s attention (causal or full, no window).
+
+    Own keys: each document's local rows, in position order (every layout keeps a rank's
+    pieces of a document sorted), so the global causal mask is a causal mask in local
+    order: one plain varlen call. Other ranks' keys: the gathered buffer without this rank's
+    rows, in global order; a query piece starting at position p sees, of them, the ones
+    before p, which is a prefix (p minus its own rows before p): one group entry per piece
+    with that many keys used, all visible.
+    """
+    device, own = cu_seqlens.device, pieces_by_rank[me]
+    num_seqs = len(seqlens)
+    own_count = [0] * num_seqs
+    starts = [[0] * num_seqs for _ in range(groups)]
+    ends = [[0] * num_seqs for _ in range(groups)]
+    used = [[0] * num_seqs for _ in range(groups)]
+    seen = [0] * num_seqs
+    last_end = [0] * num_seqs
+    pos = 0
+    for p in own:
+        g = seen[p.seq]
+        seen[p.seq] += 1
+        if p.step != 1 or p.start < last_end[p.seq]:  # the layouts that reach here never do this
+            raise AssertionError(f"local-first split: piece {p} is strided or out of position order")
+        last_end[p.seq] = p.start + p.length
+        starts[g][p.seq], ends[g][p.seq] = pos, pos + p.length
+        used[g][p.seq] = p.start - own_count[p.seq]  # causal: the other ranks' keys before p
+        own_count[p.seq] += p.length
+        pos += p.length
+    remote = [n - o for n, o in zip(seqlens, own_count)]
+    if not causal:
+        used = [[remote[s] if ends[g][s] > starts[g][s] else 0 for s in range(num_seqs)] for g in range(groups)]
+    cu_local, cu_remote = [0], [0]
+    for o, r in zip(own_count, remote):
+        cu_local.append(cu_local[-1] + o)
+        cu_remote.append(cu_remote[-1] + r)
+    local_cu = _tensor(cu_local, device)
+    meta = SeqMeta(_tensor(starts, device), _tensor(ends, device), _tensor(cu_remote, device),
+                   _tensor(used, device), _tensor([[ALL_VISIBLE] * num_seqs] * groups, device))
+    n_max = max([sum(p.length for p in ps) for ps in pieces_by_rank] + [1])
+    seq_starts = [0]
+    for n in seqlens[:-1]:
+        seq_starts.append(seq_starts[-1] + n)
+    index = _rank_major_index(pieces_by_rank, seq_starts, sum(seqlens), n_max)
+    mine = torch.ones(sum(seqlens), dtype=torch.bool)
+    mine[_global_rows(own, seq_starts)] = False
+    return AllGatherSpec(
+        meta=meta, n_max=n_max, max_q=max([p.length for p in own] + [1]), max_k=max(remote + [1]),
+        key_index=index[mine].to(device),
+        local=LocalKeys(SeqMeta.from_cu_seqlens(local_cu, local_cu), max(own_count + [1])),
+    )
+
+
 #: Strategies whose engine all-gathers K/V and attends the local pieces to them in one launch.
 ALL_GATHER_STRATEGIES = ("llama3", "zigzag_llama3", "balanced")
 
@@ -136,6 +190,16 @@ def zigzag_mode(mode: Optional[str]) -> str:
     if mode not in MODES:
         raise ValueError(f"mode: got {mode!r}; expected one of {', '.join(MODES)}")
     return mode
+
+
+def _local_first(value: Optional[bool]) -> bool:
+    """The local-first split: the argument, else RINGFLASH_CP_LOCAL_FIRST (1/0), else off."""
+    if value is not None:
+        return V.as_bool("local_first", value)
+    env = os.environ.get("RINGFLASH_CP_LOCAL_FIRST", "0")
+    if env not in ("0", "1"):
+        raise ValueError(f"RINGFLASH_CP_LOCAL_FIRST: got {env!r}; expected 1 or 0")
+    return env == "1"
 
 
 def zigzag_verify(verify: Optional[bool]) -> bool:
@@ -361,6 +425,7 @@ class Plan:
         return_lse: bool = False,
         group: Optional[dist.ProcessGroup] = None,
         keep_gathered_kv: bool = False,
+        local_first: Optional[bool] = None,
         _caller_error: Optional[BaseException] = None,
     ):
         """Attention of this rank's queries to all keys of their sequences.
@@ -377,6 +442,10 @@ class Plan:
         forward for the backward instead of gathering them again, which saves the backward's
         all-gather at the cost of world_size x the local K/V of memory per call until the
         backward (off by default, as in ring-flash-attn's llama3, which re-gathers).
+        ``local_first`` (llama3, zigzag_llama3, balanced; causal or full, no window; default
+        ``RINGFLASH_CP_LOCAL_FIRST=1``, else off): attend to this rank's own keys while the
+        all-gather runs, then to the other ranks' keys, merging in float32; the backward
+        likewise computes the own keys' part while the re-gather runs.
 
         (``_caller_error``: a wrapper's own check that failed on this rank; it is raised
         after the collective check, so that every rank stops.)
@@ -419,18 +488,25 @@ class Plan:
                 how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
                 raise ValueError(f"keep_gathered_kv: {self.strategy} {how} and gathers nothing; expected False "
                                  "(or the llama3, zigzag_llama3 or hybrid strategies)")
+            local_first = _local_first(local_first)
+            if local_first and self.strategy not in ALL_GATHER_STRATEGIES:
+                raise ValueError(f"local_first: {self.strategy} does not all-gather K/V; expected False (or the "
+                                 f"{', '.join(ALL_GATHER_STRATEGIES)} strategies)")
+            if local_first and (left >= 0 or (right >= 0 and not causal)):
+                raise ValueError(f"local_first: a sliding window {tuple(window_size)} is not a prefix of the other "
+                                 "ranks' keys; expected window_size=(-1, -1) or local_first=False")
             verify = zigzag_verify(verify) if zigzag else False
             return_lse = V.as_bool("return_lse", return_lse)
             # Every rank must agree on all of it: the backward's re-gather is a collective
             # too, and so is Ulysses' all-to-all of lse (with return_lse).
             signature = call_signature(q, k, v, (causal, left, right, softcap, scale, stride, mode,
-                                                 keep_gathered_kv, verify, return_lse))
+                                                 keep_gathered_kv, verify, return_lse, local_first))
         except (ValueError, TypeError, NotImplementedError) as exc:
             error = exc
         self._checks.check(signature, error)
         params = LocalParams(scale, causal, left, right, softcap)
         if self.strategy in ALL_GATHER_STRATEGIES:
-            spec = self._allgather_spec()
+            spec = self._allgather_spec(local_first, causal)
 
             def run(mode, keep):
                 return AllGatherAttention.apply(q, k, v, spec, params, self.comm, stride, mode, keep)
@@ -472,17 +548,23 @@ class Plan:
 
     # -- metadata --------------------------------------------------------------------------
 
-    def _allgather_spec(self) -> AllGatherSpec:
-        """Local queries against the gathered keys in global order (llama3, zigzag_llama3, balanced)."""
-        if "allgather" not in self._cache:
+    def _allgather_spec(self, local_first: bool = False, causal: bool = True) -> AllGatherSpec:
+        """Local queries against the gathered keys in global order (llama3, zigzag_llama3,
+        balanced); with ``local_first``, split into own keys and the other ranks' keys."""
+        key = ("allgather", causal) if local_first else "allgather"
+        if key not in self._cache:
             # One query group per piece of a document on this rank: zigzag's two chunks,
             # llama3's one, and as many zigzag pairs as the balanced layout dealt here.
             counts: dict[int, int] = {}
             for p in self.pieces[self.rank]:
                 counts[p.seq] = counts.get(p.seq, 0) + 1
             groups = 2 if self.strategy == "zigzag_llama3" else max(list(counts.values()) + [1])
-            self._cache["allgather"] = _allgather_spec(self.pieces, self.rank, self.seqlens, self.cu_seqlens, groups)
-        return self._cache["allgather"]  # type: ignore[return-value]
+            if local_first:
+                self._cache[key] = _local_first_spec(self.pieces, self.rank, self.seqlens, self.cu_seqlens, groups,
+                                                     causal)
+            else:
+                self._cache[key] = _allgather_spec(self.pieces, self.rank, self.seqlens, self.cu_seqlens, groups)
+        return self._cache[key]  # type: ignore[return-value]
 
     def _ring_steps(self, causal: bool, left: int, right: int) -> list[RingStep]:
         key = ("ring", causal, left, right)
