@@ -166,3 +166,31 @@ def test_flash_attn_func_with_few_queries_runs_the_decode_kernels(monkeypatch, g
         return attention_ref(q, k, v, causal=causal, alibi_slopes=slopes)
 
     check_attention(impl, ref, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("sq,causal,used", [(1, True, False), (3, False, True), (2, True, True)])
+def test_varlen_with_one_length_of_queries_runs_the_decode_kernels(monkeypatch, gen, sq, causal, used):
+    """flash_attn_varlen_func whose sequences all hold max_seqlen_q queries (a serving batch)
+    dispatches to the decode family: keys of different lengths (one empty, one shorter than
+    its query count), seqused_k; a batch with one shorter query segment does not."""
+    from attn_check import check_attention, varlen_impl, varlen_ref
+    from conftest import cu_seqlens_from_lengths
+    from ringflash.kernels import dispatch
+    from ringflash.kernels.problem import SeqMeta, make_problem
+
+    monkeypatch.setenv("RINGFLASH_DECODE", "1")
+    k_lengths = [300, 0, 257, 2]
+    batch, h, hk, d = len(k_lengths), 8, 2, 32
+    cu_q = cu_seqlens_from_lengths([sq] * batch, DEVICE)
+    cu_k = cu_seqlens_from_lengths(k_lengths, DEVICE)
+    q = torch.randn(batch * sq, h, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    k, v = (torch.randn(sum(k_lengths), hk, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
+    seqused = torch.tensor([250, 0, 257, 1], dtype=torch.int32, device=DEVICE) if used else None
+    meta = SeqMeta.from_cu_seqlens(cu_q, cu_k, seqused)
+    prob = make_problem(q, k, meta, sq, max(k_lengths), 0.1, causal, -1, -1, 0.0)
+    assert dispatch.use_decode(q, k, prob, meta, None)
+    ragged = SeqMeta.from_cu_seqlens(cu_seqlens_from_lengths([sq] * (batch - 1) + [sq - 1], DEVICE), cu_k)
+    assert not dispatch.use_decode(q[:-1], k, make_problem(q[:-1], k, ragged, sq, 300, 0.1, causal, -1, -1, 0.0),
+                                   ragged, None)
+    check_attention(varlen_impl, varlen_ref, (q, k, v), torch.float32,
+                    extra=(cu_q, cu_k, sq, max(k_lengths), causal, (-1, -1), seqused))

@@ -10,6 +10,8 @@ Cases (GPU, bf16; ``--quick`` the first only): batch 8 x 8k cached keys and batc
 * ``func``: ``flash_attn_func`` with seqlen_q = 1 (the training forward);
 * ``func_decode``: the same call under ``RINGFLASH_DECODE=1``, which routes it to the decode
   kernels (``ringflash.kernels.dispatch``);
+* ``varlen_decode``: ``flash_attn_varlen_func`` on the same tokens packed (one query per
+  sequence), under ``RINGFLASH_DECODE=1`` (the decode kernels' varlen route);
 * ``fa2`` / ``cudnn``: SDPA restricted to the flash / cuDNN backend. GQA through
   ``enable_gqa=True`` when this torch and backend take it; otherwise K/V are repeated to 32
   heads once, outside the timed call (the note says which). ``is_causal=False``: SDPA's
@@ -43,14 +45,17 @@ from .progress import progress_bar, show
 
 NAME = "decode"
 COLUMNS = BASE_COLUMNS + ["gbps", "rel_err", "batch", "seqlen_k", "nheads", "nheads_k", "headdim", "page_size"]
-IMPLS = ("kvcache", "kvcache_paged", "func", "func_decode", "fa2", "cudnn")
-OURS = ("kvcache", "kvcache_paged", "func", "func_decode")
+IMPLS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode", "fa2", "cudnn")
+OURS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode")
+#: Implementations timed under RINGFLASH_DECODE=1.
+DECODE_ROUTED = ("func_decode", "varlen_decode")
 PASSES = ("call", "graph")
 IMPL_DESCRIPTIONS = {
     "kvcache": "flash_attn_with_kvcache, contiguous cache",
     "kvcache_paged": "flash_attn_with_kvcache, paged cache (block_table)",
     "func": "flash_attn_func, seqlen_q=1 (training forward kernels)",
     "func_decode": "flash_attn_func, seqlen_q=1, RINGFLASH_DECODE=1 (decode kernels)",
+    "varlen_decode": "flash_attn_varlen_func, one query per sequence, RINGFLASH_DECODE=1 (decode kernels)",
     "fa2": "SDPA, SDPBackend.FLASH_ATTENTION",
     "cudnn": "SDPA, SDPBackend.CUDNN_ATTENTION",
 }
@@ -99,11 +104,17 @@ def make_inputs(case: Case, device: str, dtype: torch.dtype) -> dict:
 
 def implementations(case: Case, t: dict) -> dict[str, tuple[Optional[Callable], str, Optional[str]]]:
     """{impl: (fn, note, failure status)}; a baseline whose every GQA mode fails gets its status."""
-    from ..interface import flash_attn_func
+    from ..interface import flash_attn_func, flash_attn_varlen_func
     from ..kernels.dispatch import DECODE_MAX_ROWS, DECODE_MIN_KEYS
     from ..kvcache import flash_attn_with_kvcache
 
     q, k, v = t["q"], t["k"], t["v"]
+    b, sk = case.batch, case.seqlen_k
+    # The same tokens packed: views, no copy; cu_seqlens built once, outside the timed call.
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device)
+    cu_k = cu_q * sk
+    q_packed, k_packed, v_packed = q.view(b, case.nheads, -1), k.view(b * sk, case.nheads_k, -1), \
+        v.view(b * sk, case.nheads_k, -1)
     rows = case.nheads // case.nheads_k
     takes_decode = rows <= DECODE_MAX_ROWS and case.seqlen_k >= DECODE_MIN_KEYS
     impls: dict[str, tuple[Optional[Callable], str, Optional[str]]] = {
@@ -116,6 +127,10 @@ def implementations(case: Case, t: dict) -> dict[str, tuple[Optional[Callable], 
                         "RINGFLASH_DECODE=1: " + ("decode kernels" if takes_decode else
                                                   "still the training forward (outside the dispatch thresholds)"),
                         None),
+        "varlen_decode": (lambda: flash_attn_varlen_func(q_packed, k_packed, v_packed, cu_q, cu_k, 1, sk,
+                                                         causal=True).unsqueeze(1),
+                          "RINGFLASH_DECODE=1: " + ("decode kernels" if takes_decode else "the training forward"),
+                          None),
     }
     for impl, backend in (("fa2", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION")):
         chosen, status = None, "unsupported: no GQA mode ran"
@@ -158,7 +173,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
             ref = None
         for impl in IMPLS:
             fn, note, status = impls[impl]
-            env = {"RINGFLASH_DECODE": "1" if impl == "func_decode" else None}
+            env = {"RINGFLASH_DECODE": "1" if impl in DECODE_ROUTED else None}
             err = None
             with environ(**env):
                 if fn is not None and ref is not None:
@@ -195,7 +210,8 @@ def ratio_table(rows: Sequence[dict]) -> str:
             for p in PASSES:
                 vals += [fmt_ratio(speed_ratio(index, c, impl, b, p)) for b, _ in RATIO_BASES]
             extra = {"kvcache_paged": ("kvcache", "paged vs contiguous"),
-                     "func_decode": ("func", "decode vs training fwd")}.get(impl)
+                     "func_decode": ("func", "decode vs training fwd"),
+                     "varlen_decode": ("func_decode", "varlen vs dense decode")}.get(impl)
             vs_own = "; ".join(f"{p} {fmt_ratio(speed_ratio(index, c, impl, extra[0], p))}" for p in PASSES) \
                 if extra else "-"
             out.append([c, impl] + vals + [f"{extra[1]}: {vs_own}" if extra else "-"])

@@ -1,9 +1,13 @@
 """The one place that picks a forward kernel family for a call.
 
-* ``decode`` (``kernels.decode``): dense calls with few query rows per KV head (seqlen_q x
-  the GQA group <= ``DECODE_MAX_ROWS``) against at least ``DECODE_MIN_KEYS`` keys, without
+* ``decode`` (``kernels.decode``): calls with few query rows per KV head (seqlen_q x the
+  GQA group <= ``DECODE_MAX_ROWS``) against at least ``DECODE_MIN_KEYS`` keys, without
   dropout: the training forward would launch a mostly empty tile of query rows per
-  program and too few programs to fill the GPU.
+  program and too few programs to fill the GPU. Dense calls, and plain varlen calls whose
+  sequences all have max_seqlen_q queries (a serving batch of one new token each): known
+  from the shapes alone (total_q == batch x max_seqlen_q, and no length exceeds
+  max_seqlen_q), so no host sync; the keys stay where they are (one cache row, each
+  sequence starting at its cu_seqlens_k entry).
 * ``fwd`` (``kernels.fwd``): everything else.
 
 Dense calls take the decode family only with ``RINGFLASH_DECODE=1`` for now: it has run
@@ -29,14 +33,24 @@ DECODE_MAX_ROWS = 64
 DECODE_MIN_KEYS = 256
 
 
+def _uniform_varlen(q: torch.Tensor, prob: AttnProblem, meta: SeqMeta) -> bool:
+    """Plain varlen metadata whose sequences all hold max_seqlen_q queries (valid metadata
+    has none longer, so total_q == batch x max_seqlen_q leaves no other way)."""
+    return (meta.num_groups == 1 and meta.diag is None and prob.max_seqlen_q > 0
+            and q.shape[0] == meta.batch * prob.max_seqlen_q)
+
+
 def use_decode(q: torch.Tensor, k: torch.Tensor, prob: AttnProblem, meta: Optional[SeqMeta],
                dropout: Optional[tuple]) -> bool:
-    if meta is not None or dropout is not None:
+    if dropout is not None:
         return False
     if os.environ.get("RINGFLASH_DECODE", "0") != "1":  # opt-in until measured on a GPU
         return False
-    rows = q.shape[1] * (prob.nheads // prob.nheads_k)
-    return rows <= DECODE_MAX_ROWS and k.shape[1] >= DECODE_MIN_KEYS
+    if meta is not None and not _uniform_varlen(q, prob, meta):
+        return False
+    seqlen_q = prob.max_seqlen_q if meta is not None else q.shape[1]
+    num_keys = prob.max_seqlen_k if meta is not None else k.shape[1]
+    return seqlen_q * (prob.nheads // prob.nheads_k) <= DECODE_MAX_ROWS and num_keys >= DECODE_MIN_KEYS
 
 
 def forward(
@@ -44,9 +58,27 @@ def forward(
     alibi_slopes: Optional[torch.Tensor] = None, dropout: Optional[tuple[float, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one attention call, from the family ``use_decode`` picks."""
+    if use_decode(q, k, prob, meta, dropout) and meta is not None:
+        return _varlen_decode(q, k, v, prob, meta, alibi_slopes)
     if use_decode(q, k, prob, meta, dropout):
         batch = q.shape[0]
         starts = torch.zeros(batch, dtype=torch.int32, device=q.device)
         lengths = torch.full((batch,), k.shape[1], dtype=torch.int32, device=q.device)
         return decode_forward(q, k, v, starts, lengths, k.shape[1], prob, alibi_slopes=alibi_slopes)
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
+
+
+def _varlen_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta: SeqMeta,
+                   alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A uniform varlen call through the decode kernels: q (batch x s, h, d) viewed as
+    (batch, s, h, d), the packed keys as one cache row that every sequence indexes from its
+    cu_seqlens_k start (seqused_k, when given, counts its keys). Returns varlen out and
+    lse (nheads, total_q)."""
+    batch, seqlen_q = meta.batch, prob.max_seqlen_q
+    total, nheads, d = q.shape
+    starts = meta.cu_seqlens_k[:-1]
+    lengths = meta.seqused_k[0] if meta.seqused_k is not None else meta.cu_seqlens_k[1:] - starts
+    rows = torch.zeros(batch, dtype=torch.int32, device=q.device)
+    out, lse = decode_forward(q.unflatten(0, (batch, seqlen_q)), k.unsqueeze(0), v.unsqueeze(0), starts,
+                              lengths, prob.max_seqlen_k, prob, cache_rows=rows, alibi_slopes=alibi_slopes)
+    return out.view(total, nheads, d), lse.permute(1, 0, 2).reshape(nheads, total)
