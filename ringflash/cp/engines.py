@@ -269,6 +269,15 @@ def _finish_scatter(scattering: list, dk: torch.Tensor, dv: torch.Tensor, keep: 
         dv[:, heads].copy_(mine[:n, 1])
 
 
+def _pass_block_on(comm: Comm, kv: torch.Tensor, more: bool) -> tuple[list, Optional[torch.Tensor]]:
+    """Start sending the K/V block to the next rank and receiving the previous rank's (the
+    next step's), unless this is the last step: (work handles, the receive buffer)."""
+    if not more:
+        return [], None
+    nxt = torch.empty_like(kv)
+    return comm.ring_exchange(kv, nxt), nxt
+
+
 class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, steps: list, n_max: int, params: LocalParams, comm: Comm):
@@ -280,10 +289,7 @@ class RingAttention(torch.autograd.Function):
         with prof.pass_("forward"):
             for s, step in enumerate(steps):
                 prof.step = s
-                works, nxt = [], None
-                if s + 1 < len(steps):
-                    nxt = torch.empty_like(kv)
-                    works = comm.ring_exchange(kv, nxt)
+                works, nxt = _pass_block_on(comm, kv, s + 1 < len(steps))
                 if not step.skip:
                     # Rows no entry covers must read as "no key seen" (0, -inf) in the merge.
                     out_s = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
@@ -330,10 +336,7 @@ def _ring_backward_steps(steps: list, params: LocalParams, comm: Comm, q, kv, ou
     incoming: Optional[tuple] = None
     for s, step in enumerate(steps):
         prof.step = s
-        works, nxt = [], None
-        if s + 1 < len(steps):
-            nxt = torch.empty_like(kv)
-            works = comm.ring_exchange(kv, nxt)
+        works, nxt = _pass_block_on(comm, kv, s + 1 < len(steps))
         dkv_s = None
         if not step.skip:
             dq_s = (torch.zeros if not step.covers_all else torch.empty)(n, h, d, dtype=torch.float32, device=q.device)

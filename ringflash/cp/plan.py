@@ -255,21 +255,9 @@ class Plan:
         device = cu_seqlens.device if isinstance(cu_seqlens, torch.Tensor) else torch.device("cpu")
         check_agreement(self.comm, None if error else self._layout_signature(), device,
                         "cu_seqlens and strategy", error)
-        self.device = device
-        # The plan's own copy: the caller's buffer may be refilled for the next batch (even
-        # behind its version counter) while this plan is still in use.
-        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
-        self.total = cu[-1]
+        self._build_layout(cu, device)
         w = self.world_size
-        if strategy == "balanced":
-            self.pieces = balanced_layout(self.seqlens, w, self.min_piece)
-        else:
-            self.pieces = [rank_pieces(strategy, self.seqlens, s, w, self.ulysses_degree) for s in range(w)]
-        self.num_local = [sum(p.length for p in ps) for ps in self.pieces]
-        self.n_max = max(max(self.num_local), 1)
-        self.segments = [segments(ps, len(self.seqlens)) for ps in self.pieces]
         own = self.pieces[self.rank]
-        self._seq_starts = cu[:-1]
         self.position_ids = _positions(own).to(self.device)
         self.local_index = _global_rows(own, self._seq_starts).to(self.device)
         self._gather_index: Optional[torch.Tensor] = None
@@ -285,6 +273,24 @@ class Plan:
             # plan's copies carry its profiler.
             self._ulysses_comm, self._across_comm = copy.copy(ulysses), copy.copy(across)
             self._ulysses_comm.profiler = self._across_comm.profiler = self.profiler
+
+    def _build_layout(self, cu: list[int], device: torch.device) -> None:
+        """Every rank's pieces and the sizes that follow from them (no communication:
+        ``cp.simulate`` builds one rank's share of a plan with it)."""
+        self.device = device
+        # The plan's own copy: the caller's buffer may be refilled for the next batch (even
+        # behind its version counter) while this plan is still in use.
+        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=device)
+        self.total = cu[-1]
+        w = self.world_size
+        if self.strategy == "balanced":
+            self.pieces = balanced_layout(self.seqlens, w, self.min_piece)
+        else:
+            self.pieces = [rank_pieces(self.strategy, self.seqlens, s, w, self.ulysses_degree) for s in range(w)]
+        self.num_local = [sum(p.length for p in ps) for ps in self.pieces]
+        self.n_max = max(max(self.num_local), 1)
+        self.segments = [segments(ps, len(self.seqlens)) for ps in self.pieces]
+        self._seq_starts = cu[:-1]
 
     def _check_degree(self, strategy: str, degree: object) -> Optional[int]:
         """The Ulysses group size of the strategy (``ulysses_degree`` is hybrid's alone)."""

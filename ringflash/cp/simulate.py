@@ -41,7 +41,7 @@ from ..validation import resolve_softmax_scale
 from .cost import Heads, Machine, choose, layout_work, predict
 from .engines import AllGatherSpec
 from .layout import (
-    BALANCED_MIN_PIECE, STRATEGIES, CostModel, Piece, balanced_layout, rank_pieces, segments,
+    BALANCED_MIN_PIECE, STRATEGIES, CostModel, Piece, balanced_layout, rank_pieces,
 )
 from .local import LocalParams, local_backward, local_forward
 from .plan import ALL_GATHER_STRATEGIES, Plan, _allgather_spec, _check_min_piece, zigzag_mode
@@ -57,8 +57,8 @@ class Unsupported(NotImplementedError):
 class _RankPlan(Plan):
     """A ``Plan``'s layout and metadata for rank ``rank`` of a ``world_size``-rank group,
     without a process group: the metadata methods (``_allgather_spec``, ``_ring_steps``)
-    run unchanged. Mirrors the layout part of ``Plan.__init__``, which needs a process
-    group for its checks and the hybrid sub-communicators (tests compare the two)."""
+    run unchanged, and so does ``Plan._build_layout`` (``Plan.__init__`` itself needs a
+    process group for its checks and the hybrid sub-communicators; tests compare the two)."""
 
     def __init__(self, seqlens: list[int], world_size: int, rank: int, strategy: str,
                  ulysses_degree: Optional[int] = None, min_piece: Optional[int] = None,
@@ -73,18 +73,7 @@ class _RankPlan(Plan):
         cu = [0]
         for n in self.seqlens:
             cu.append(cu[-1] + n)
-        self.device = torch.device(device)
-        self.cu_seqlens = torch.tensor(cu, dtype=torch.int32, device=self.device)
-        self.total = cu[-1]
-        w = world_size
-        if strategy == "balanced":
-            self.pieces = balanced_layout(self.seqlens, w, self.min_piece)
-        else:
-            self.pieces = [rank_pieces(strategy, self.seqlens, s, w, self.ulysses_degree) for s in range(w)]
-        self.num_local = [sum(p.length for p in ps) for ps in self.pieces]
-        self.n_max = max(max(self.num_local), 1)
-        self.segments = [segments(ps, len(self.seqlens)) for ps in self.pieces]
-        self._seq_starts = cu[:-1]
+        self._build_layout(cu, torch.device(device))
         self._cache: dict[tuple, object] = {}
 
 
