@@ -14,6 +14,7 @@ BENCHMARKS = {
     "hf": "ringflash.bench.hf",
     "decode": "ringflash.bench.decode",
     "dropout": "ringflash.bench.dropout",
+    "registers": "ringflash.bench.registers",
 }
 
 

@@ -28,6 +28,8 @@ for s in "$@"; do
     cptests) stage cptests "${CPTESTS_LIMIT:-300}" env RINGFLASH_CP_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider tests/test_cp.py -k "${CPTESTS_K:-}" ;;
     profile) stage profile "${PROFILE_LIMIT:-400}" python3 scripts/profile_cp.py ${PROFILE_ARGS:-} ;;
     overhead) stage overhead 120 python3 -m ringflash bench tune --only-overhead ;;
+    # Registers and spills of every compiled kernel variant (issue 15; ~1-2 min compiling).
+    registers) stage registers "${REGISTERS_LIMIT:-240}" python3 -m ringflash bench registers --csv "$OUT/registers.csv" ${REGISTERS_ARGS:-} ;;
     # Issue 15/16 benchmarks: each writes its CSV (and, unless REPORT_ARGS=--csv-only, its
     # markdown and PNG) into $OUT/<stage>/; the log holds the printed tables either way.
     # $OUT brings back at most 8 files: `wide` alone gives 4, `hf decode dropout` with

@@ -67,7 +67,9 @@ def _compile_worker(job) -> Optional[str]:
 def precompile(cases, workers: int) -> None:
     from ..kernels import configs
 
-    jobs = [(d, s, c, cfg) for (d, s, c) in cases for cfg in configs.candidates("fwd", d)]
+    # Every kind's candidates (a job compiles all three kernels with one config).
+    jobs = [(d, s, c, cfg) for (d, s, c) in cases
+            for cfg in dict.fromkeys(x for kind in configs.KINDS for x in configs.candidates(kind, d))]
     ctx = torch.multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         failures = [f for f in pool.map(_compile_worker, jobs) if f]

@@ -133,23 +133,47 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 }
 
 
+#: Registers per thread that a program's resident tiles may take (``tile_registers``): the
+#: rest of the 255 go to the score tile and addresses. The tuned sm_90 entries for d <= 128
+#: sit at or below it; the d=256 backward entries, at 256-384, are the ones measured at a
+#: third of FA2's speed.
+TILE_REGISTER_BUDGET = 192
+
+
+def tile_registers(kind: str, cfg: KernelConfig, block_d: int) -> float:
+    """32-bit registers per thread of the tiles a program keeps for its whole loop, 16-bit
+    inputs: the float32 accumulators (out for the forward, dK and dV, dQ) and the input
+    tiles held beside them (q; k and v; q and dO), spread over 32 x num_warps threads.
+    Above ``TILE_REGISTER_BUDGET`` the kernel spills."""
+    rows = cfg.block_n if kind == "dkdv" else cfg.block_m
+    words = {"fwd": 1.0 + 0.5, "dkdv": 2.0 + 1.0, "dq": 1.0 + 1.0}[kind]  # fp32 acc + packed 16-bit tiles
+    return words * rows * block_d / (32 * cfg.num_warps)
+
+
 def candidates(kind: str, headdim: int) -> list[KernelConfig]:
-    """The pruned autotune list of one kernel."""
-    if headdim > 128:
-        shapes = [(64, 32), (32, 64), (64, 64)]
-        stage_opts, warp_opts = (1, 2), (4, 8)
+    """The pruned autotune list of one kernel: tile shapes and warps whose resident tiles
+    fit the register budget at this head dim's padded width, and, among those, not more
+    warps than the tiles can use (8 warps for tiles under 64 x 64 rows x keys only where 4
+    would spill)."""
+    block_d = max(16, 1 << (max(headdim, 1) - 1).bit_length())
+    if block_d > 128:
+        shapes = [(32, 32), (64, 32), (32, 64), (64, 64), (16, 64), (64, 16)]
+        stage_opts = (1, 2)
     else:
         shapes = [(64, 64), (128, 64), (64, 128), (128, 128), (128, 32), (32, 128)]
-        stage_opts, warp_opts = (2, 3, 4), (4, 8)
+        stage_opts = (2, 3, 4)
     out = []
     for bm, bn in shapes:
-        for warps in warp_opts:
-            for stages in stage_opts:
-                if warps == 8 and bm * bn < 64 * 128:
-                    continue
-                if warps == 4 and bm * bn > 128 * 64:
-                    continue
-                out.append(KernelConfig(bm, bn, warps, stages))
+        for warps in (4, 8):
+            cfg = KernelConfig(bm, bn, warps, 1)
+            if tile_registers(kind, cfg, block_d) > TILE_REGISTER_BUDGET:
+                continue
+            if warps == 8 and bm * bn < 64 * 128 and \
+                    tile_registers(kind, replace(cfg, num_warps=4), block_d) <= TILE_REGISTER_BUDGET:
+                continue
+            if warps == 4 and bm * bn > 128 * 64:
+                continue
+            out += [replace(cfg, num_stages=s) for s in stage_opts]
     return out
 
 

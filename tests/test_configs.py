@@ -1,0 +1,68 @@
+"""Launch configuration helpers that need no GPU: the register-aware autotune candidates
+and the `bench registers` report's reading of compiled variants."""
+
+import types
+
+import pytest
+
+from ringflash.bench import registers
+from ringflash.kernels import configs
+
+
+@pytest.mark.parametrize("headdim", [32, 64, 80, 128, 192, 256])
+@pytest.mark.parametrize("kind", configs.KINDS)
+def test_candidates_fit_the_register_budget(kind, headdim):
+    block_d = max(16, 1 << (headdim - 1).bit_length())
+    cands = configs.candidates(kind, headdim)
+    assert cands, (kind, headdim)
+    assert len(set(cands)) == len(cands)
+    for cfg in cands:
+        assert configs.tile_registers(kind, cfg, block_d) <= configs.TILE_REGISTER_BUDGET, cfg
+
+
+def test_headdim_256_backward_gets_shapes_that_do_not_spill():
+    # The measured-slow d=256 entries are over the budget; the candidates offer 8 warps.
+    table = configs.TABLE[(9, 0)]
+    assert configs.tile_registers("dkdv", table["dkdv"][(256, True)], 256) > configs.TILE_REGISTER_BUDGET
+    for kind in ("dkdv", "dq"):
+        assert any(c.num_warps == 8 for c in configs.candidates(kind, 256)), kind
+
+
+def test_tile_registers_counts_accumulators_and_held_tiles():
+    cfg = configs.KernelConfig(128, 64, 8, 3)
+    # forward: out (128 x 128 fp32) + q (128 x 128 bf16) over 256 threads
+    assert configs.tile_registers("fwd", cfg, 128) == (128 * 128 + 128 * 128 / 2) / 256
+    # dK/dV keeps BLOCK_N = 64 key rows: dk, dv fp32 + k, v bf16
+    assert configs.tile_registers("dkdv", cfg, 128) == (2 * 64 * 128 + 64 * 128) / 256
+
+
+def test_registers_report_reads_compiled_variants():
+    """A stand-in for Triton's JIT cache: names come from the argument list, counts from
+    the compiled kernel."""
+    from triton.runtime.jit import JITFunction
+
+    class FakeKernel:
+        src = types.SimpleNamespace(constants={(2,): 64, (3,): 32, (4,): 128},
+                                    fn=types.SimpleNamespace(arg_names=["Q", "K", "BLOCK_M", "BLOCK_N", "BLOCK_D"]))
+        metadata = types.SimpleNamespace(num_warps=8, num_stages=2, shared=65536)
+        n_regs, n_spills = 255, 1024
+
+    fn = JITFunction.__new__(JITFunction)
+    fn.__name__ = "_bwd_dkdv_kernel"
+    fn.device_caches = {0: ({"key": FakeKernel()}, None, None, None, None)}
+    module = types.ModuleType("fake_kernels")
+    module._bwd_dkdv_kernel = fn
+    (variant,) = registers.compiled_variants([module])
+    assert variant["constants"] == {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_D": 128}
+    row = registers._row(variant, 128, True)
+    assert row[registers.COLUMNS.index("n_spills")] == 1024
+    assert row[registers.COLUMNS.index("estimated_tile_regs")] == round(3 * 32 * 128 / 256)
+
+
+def test_registers_command_needs_a_gpu():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the command runs for real (device_run.sh registers)")
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        registers.main([])
