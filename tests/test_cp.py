@@ -60,8 +60,7 @@ OPTION_CASES = [
     # and full, head chunks, a document on one rank only, zero-token ranks, balanced pairs.
     CPCase("zigzag_llama3", local_first=True),
     CPCase("zigzag_llama3", causal=False, heads=(4, 2), heads_k_stride=1, local_first=True, mode="two_kernels"),
-    CPCase("llama3", local_first=True, keep_gathered_kv=True),
-    CPCase("llama3", causal=False, lengths=(1, 2, 1), local_first=True),
+    CPCase("llama3", causal=False, lengths=(1, 2, 1), local_first=True, keep_gathered_kv=True),
     CPCase("balanced", min_piece=2, lengths=(3, 1, 2, 0, 29, 6), local_first=True, dtype="float16"),
 ]
 

@@ -22,7 +22,8 @@ EXPECTED = {
     "ring": {"forward [step 0]: attention", "forward [step 0]: wait ring", "forward [step 0]: merge",
              "backward [step 0]: attention", "backward [step 0]: wait ring", "backward: prepare"},
     "ulysses": {"forward: wait all_to_all", "backward: wait all_to_all"},
-    "hybrid": {"forward: wait all_to_all", "forward: wait all_gather", "backward: wait reduce_scatter"},
+    "hybrid": {"forward: wait all_to_all", "forward: wait all_gather", "backward: wait reduce_scatter",
+               "backward: wait all_to_all"},
 }
 
 
@@ -58,11 +59,11 @@ def _profile_worker(rank: int, world_size: int, payload):
     return results
 
 
-@pytest.mark.parametrize("world_size,payload", [
-    (2, [("zigzag_llama3", {}), ("ring", {}), ("ulysses", {})]),
-    (4, [("hybrid", {"ulysses_degree": 2})]),
-], ids=["W2", "W4-hybrid"])
-def test_profile_reports_each_engines_steps(world_size, payload):
+def test_profile_reports_each_engines_steps():
+    # One process group for every engine (CI time); hybrid at W=2 is one Ulysses group of 2
+    # and an all-gather "across" a single group, which still nests the two passes.
+    world_size = 2
+    payload = [("zigzag_llama3", {}), ("ring", {}), ("ulysses", {}), ("hybrid", {"ulysses_degree": 2})]
     reports = run_local(_profile_worker, world_size, payload, backend=BACKEND, timeout=600)
     for rank, results in enumerate(reports):
         for strategy, _ in payload:
