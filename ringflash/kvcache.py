@@ -11,9 +11,9 @@ Positions: sequence ``b`` keeps its keys in cache slots ``cache_leftpad[b] ..
 cache_seqlens[b] + seqlen_new - 1`` of its cache row (``cache_batch_idx[b]``, or ``b``; with
 a ``block_table``, slot ``s`` lives in block ``block_table[b, s // page_size]`` at offset
 ``s % page_size``). New keys go to slots ``cache_seqlens[b] ..``. The rotary position of a
-slot is its distance from ``cache_leftpad[b]``; queries take the positions of the new
-tokens (``cache_seqlens[b] - cache_leftpad[b] + i``) when causal or windowed, else all sit
-at ``cache_seqlens[b] - cache_leftpad[b]``, as in flash-attn. Causal masks and windows are
+slot is the slot itself, left padding included; queries take the positions of the new
+tokens (``cache_seqlens[b] + i``) when causal or windowed, else all sit at
+``cache_seqlens[b]``, as in flash-attn (its kernel and its tests' reference). Causal masks and windows are
 aligned to the bottom right of each sequence's keys.
 """
 
@@ -170,11 +170,12 @@ def flash_attn_with_kvcache(
         if k is not None:
             new_slots = lengths[:, None].long() + torch.arange(seqlen_new, device=device)  # (batch, seqlen_new)
             if rotary:
-                k = apply_rotary(k, *_rotary_rows(rotary_cos, rotary_sin, new_slots - leftpad[:, None]), interleaved)
+                # Positions are cache slots, left padding included, as in flash-attn.
+                k = apply_rotary(k, *_rotary_rows(rotary_cos, rotary_sin, new_slots), interleaved)
             _append(k_cache, k, new_slots, block_table, cache_batch_idx)
             _append(v_cache, v, new_slots, block_table, cache_batch_idx)
         if rotary:
-            base = (lengths - leftpad).long()[:, None]
+            base = lengths.long()[:, None]
             positions = base + torch.arange(seqlen_q, device=device) if causal or left >= 0 or right >= 0 \
                 else base.expand(batch, seqlen_q)
             q = apply_rotary(q, *_rotary_rows(rotary_cos, rotary_sin, positions), interleaved)

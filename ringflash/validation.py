@@ -135,8 +135,17 @@ def as_finite_float(name: str, value: object) -> float:
     return out
 
 
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
 def check_window(window_size: object) -> tuple[int, int]:
+    """(left, right) from a pair of ints: a tuple or list, or, as flash-attn takes it, a
+    2-element integer tensor or array (read on the host)."""
     sides = None
+    if isinstance(window_size, torch.Tensor) and window_size.shape == (2,) and window_size.dtype in _INT_DTYPES:
+        window_size = window_size.tolist()
+    elif isinstance(window_size, np.ndarray) and window_size.shape == (2,) and window_size.dtype.kind in "iu":
+        window_size = window_size.tolist()
     if isinstance(window_size, (tuple, list)) and len(window_size) == 2:
         sides = [integer_value(w) for w in window_size]
     if sides is None or None in sides:

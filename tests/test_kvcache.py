@@ -47,7 +47,8 @@ def _case(gen, *, batch=3, seqlen_q=1, nheads=4, nheads_k=2, d=16, capacity=40, 
 
     # float64 ground truth: append (rotated) new keys, rotate q, attend to slots [pad, len + new).
     want_k, want_v = k_full.clone(), v_full.clone()
-    positions_new = [[int(lengths[b] - pad[b]) + t for t in range(seqlen_new)] for b in range(batch)]
+    # Rotary positions are cache slots, left padding included (flash-attn's convention).
+    positions_new = [[int(lengths[b]) + t for t in range(seqlen_new)] for b in range(batch)]
     if seqlen_new:
         rk = _rotate64(new_k, cos, sin, positions_new, rotary) if rotary is not None else new_k
         for b in range(batch):
@@ -57,7 +58,7 @@ def _case(gen, *, batch=3, seqlen_q=1, nheads=4, nheads_k=2, d=16, capacity=40, 
     q_ref = q
     if rotary is not None:
         local = causal or window != (-1, -1)
-        pos_q = [[int(lengths[b] - pad[b]) + (t if local else 0) for t in range(seqlen_q)] for b in range(batch)]
+        pos_q = [[int(lengths[b]) + (t if local else 0) for t in range(seqlen_q)] for b in range(batch)]
         q_ref = _rotate64(q, cos, sin, pos_q, rotary)
     outs = []
     for b in range(batch):

@@ -129,3 +129,16 @@ def test_varlen_good_inputs_pass():
 def test_pytorch_fa2_bad_inputs(make, exc, pattern):
     with pytest.raises(exc, match=pattern):
         FlashAttentionPyTorchFunc.apply(*make(), False)
+
+
+def test_window_size_as_an_integer_tensor_or_array():
+    """flash-attn's tests pass window_size as a 2-element integer tensor."""
+    import numpy as np
+
+    from ringflash.validation import check_window
+
+    assert check_window(torch.tensor([3, -1])) == (3, -1)
+    assert check_window(np.array([2, 5], dtype=np.int64)) == (2, 5)
+    for bad in (torch.tensor([1.0, 2.0]), torch.tensor([1, 2, 3]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="window_size: expected a pair of ints"):
+            check_window(bad)
