@@ -172,8 +172,8 @@ def flash_attn_with_kvcache(
             if rotary:
                 # Positions are cache slots, left padding included, as in flash-attn.
                 k = apply_rotary(k, *_rotary_rows(rotary_cos, rotary_sin, new_slots), interleaved)
-            _append(k_cache, k, new_slots, block_table, cache_batch_idx)
-            _append(v_cache, v, new_slots, block_table, cache_batch_idx)
+            _append(k_cache, k, new_slots, block_table, cache_batch_idx, capacity)
+            _append(v_cache, v, new_slots, block_table, cache_batch_idx, capacity)
         if rotary:
             base = lengths.long()[:, None]
             positions = base + torch.arange(seqlen_q, device=device) if causal or left >= 0 or right >= 0 \
@@ -183,6 +183,11 @@ def flash_attn_with_kvcache(
         out, lse = decode_forward(q, k_cache, v_cache, leftpad, k_len, capacity, prob,
                                   cache_rows=cache_batch_idx, block_table=block_table, alibi_slopes=slopes,
                                   num_splits=splits)
+        # Device-side lengths past the cache (or the block table) or a pad past the length:
+        # the kernels stayed inside the cache; the sequence's results are NaN (no host sync).
+        bad = (lengths < 0) | (lengths + seqlen_new > capacity) | (leftpad < 0) | (leftpad > lengths)
+        out = torch.where(bad[:, None, None, None], float("nan"), out)
+        lse = torch.where(bad[:, None, None], float("nan"), lse)
     return (out, lse) if return_lse else out
 
 
@@ -208,12 +213,16 @@ def _rotary_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) 
 
 
 def _append(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, block_table: Optional[torch.Tensor],
-            cache_rows: Optional[torch.Tensor]) -> None:
-    """Write new (batch, n, heads, d) into cache slots (batch, n) in place."""
+            cache_rows: Optional[torch.Tensor], capacity: int) -> None:
+    """Write new (batch, n, heads, d) into cache slots (batch, n) in place. Slots past the
+    capacity (a bad cache_seqlens, whose sequence's output is NaN) write nothing: they
+    rewrite the last slot with its own value."""
+    valid = (slots >= 0) & (slots < capacity)
+    slots = slots.clamp(0, capacity - 1)
     if block_table is not None:
         page = cache.shape[1]
-        blocks = block_table.long().gather(1, (slots // page).clamp_max(block_table.shape[1] - 1))
-        cache[blocks, slots % page] = new.to(cache.dtype)
+        index = (block_table.long().gather(1, slots // page), slots % page)
     else:
         rows = (cache_rows.long() if cache_rows is not None else torch.arange(new.shape[0], device=new.device))
-        cache[rows[:, None].expand_as(slots), slots] = new.to(cache.dtype)
+        index = (rows[:, None].expand_as(slots), slots)
+    cache[index] = torch.where(valid[:, :, None, None], new.to(cache.dtype), cache[index])

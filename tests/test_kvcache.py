@@ -195,3 +195,37 @@ def test_varlen_with_one_length_of_queries_runs_the_decode_kernels(monkeypatch, 
                                    ragged, None)
     check_attention(varlen_impl, varlen_ref, (q, k, v), torch.float32,
                     extra=(cu_q, cu_k, sq, max(k_lengths), causal, (-1, -1), seqused))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+@pytest.mark.parametrize("append", [False, True])
+def test_lengths_past_the_cache_give_nan_and_stay_inside_it(gen, paged, append):
+    """cache_seqlens (a device tensor, unchecked on the host) past the cache or the block
+    table's pages: that sequence's output is NaN, the others are unaffected, nothing is
+    read or written outside the cache (flash-attn's block-table bounds test, without its
+    host sync). At exactly the capacity, without new keys, the call is fine."""
+    page, blocks_per_seq, batch, h, d = 16, 2, 2, 2, 16
+    capacity = page * blocks_per_seq
+    if paged:
+        k_cache = torch.randn(batch * blocks_per_seq + 1, page, h, d, generator=gen).to(DEVICE)
+        table = torch.arange(batch * blocks_per_seq, dtype=torch.int32).view(batch, blocks_per_seq).to(DEVICE)
+    else:
+        k_cache = torch.randn(batch, capacity, h, d, generator=gen).to(DEVICE)
+        table = None
+    v_cache = torch.randn(k_cache.shape, generator=gen).to(DEVICE)
+    spare = (k_cache[-1].clone(), v_cache[-1].clone())
+    q = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE)
+    new = (torch.randn(batch, 1, h, d, generator=gen).to(DEVICE),) * 2 if append else (None, None)
+    good_len = capacity - 1 if append else capacity
+    lengths = torch.tensor([good_len, capacity + 3], dtype=torch.int32, device=DEVICE)
+    before = (k_cache.clone(), v_cache.clone())
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, *new, cache_seqlens=lengths, block_table=table)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    ok = flash_attn_with_kvcache(q[:1], k_cache if paged else k_cache[:1], v_cache if paged else v_cache[:1],
+                                 cache_seqlens=lengths[:1] + (1 if append else 0),
+                                 block_table=None if table is None else table[:1])
+    torch.testing.assert_close(out[0], ok[0])
+    if paged:  # the unused block is untouched
+        assert torch.equal(k_cache[-1], spare[0]) and torch.equal(v_cache[-1], spare[1])
+    else:  # the bad sequence's row is untouched
+        assert torch.equal(k_cache[1], before[0][1]) and torch.equal(v_cache[1], before[1][1])

@@ -46,7 +46,7 @@ def _decode_kernel(
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
     stride_table_b, stride_alibi_b, stride_alibi_h,
-    seqlen_q, nheads_k, group, num_splits, page_size,
+    seqlen_q, nheads_k, group, num_splits, page_size, capacity,
     qk_scale_log2, softcap_in, softcap_out, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
@@ -59,8 +59,10 @@ def _decode_kernel(
     b = tl.program_id(1) // nheads_k
     hk = tl.program_id(1) % nheads_k
     split = tl.program_id(2)
-    sk = tl.maximum(tl.load(KLen + b), 0)
-    k_start = tl.maximum(tl.load(KStart + b), 0)
+    # Clamped into the row's (or the block table's) slots: a length past them is reported by
+    # the caller (NaN), never read out of bounds.
+    k_start = tl.minimum(tl.maximum(tl.load(KStart + b), 0), capacity)
+    sk = tl.minimum(tl.maximum(tl.load(KLen + b), 0), capacity - k_start)
     diag = sk - seqlen_q
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,6 +215,7 @@ def decode_forward(
         (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0,
         alibi_slopes.stride(1) if alibi_slopes is not None else 0,
         seqlen_q, nheads_k, group, splits, k_cache.shape[1] if paged else 1,
+        block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1],
         *prob.scalar_args(), prob.window_left, prob.window_right,
         HEADDIM=d, BLOCK_D=prob.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right,
