@@ -58,9 +58,9 @@ def forward(
     alibi_slopes: Optional[torch.Tensor] = None, dropout: Optional[tuple[float, int]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one attention call, from the family ``use_decode`` picks."""
-    if use_decode(q, k, prob, meta, dropout) and meta is not None:
-        return _varlen_decode(q, k, v, prob, meta, alibi_slopes)
     if use_decode(q, k, prob, meta, dropout):
+        if meta is not None:
+            return _varlen_decode(q, k, v, prob, meta, alibi_slopes)
         batch = q.shape[0]
         starts = torch.zeros(batch, dtype=torch.int32, device=q.device)
         lengths = torch.full((batch,), k.shape[1], dtype=torch.int32, device=q.device)
