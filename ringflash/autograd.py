@@ -87,3 +87,23 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
             None, None, None, None, None, *ctx.args,
         )
         return dq.squeeze(2), dk.squeeze(2), dv.squeeze(2), None
+
+
+class PagedKVAttnFunc(torch.autograd.Function):
+    """Varlen attention against a paged KV cache (``ops.paged_fwd``): forward only, as in
+    flash-attn. Inputs may require grad (the forward runs, as flash-attn's tests do), but a
+    backward through it raises rather than return gradients that were never computed."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                meta: SeqMeta, *args):
+        out, lse = ops.paged_fwd(q, k_cache, v_cache, block_table, meta, *args)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
+        raise NotImplementedError(
+            "flash_attn_varlen_func: block_table (a paged KV cache) is forward-only, as in flash-attn; expected "
+            "no backward through it (run it under torch.no_grad(), or pass contiguous k/v without block_table)"
+        )

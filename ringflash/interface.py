@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 
 from . import validation as V
-from .autograd import FlashAttnFunc
+from .autograd import FlashAttnFunc, PagedKVAttnFunc
 from .kernels.problem import SeqMeta
 
 AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
@@ -154,6 +154,7 @@ def flash_attn_varlen_func(
     alibi_slopes: Optional[torch.Tensor] = None,
     deterministic: bool = False,
     return_attn_probs: bool = False,
+    block_table: Optional[torch.Tensor] = None,
     seqused_k: Optional[torch.Tensor] = None,
 ) -> AttnOutput:
     """Packed variable-length attention. q (total_q, nheads, d), k/v (total_k, nheads_k, d).
@@ -162,9 +163,19 @@ def flash_attn_varlen_func(
     with ``seqused_k`` it uses only its first seqused_k[i] keys (and aligns causal masks
     to that length). Returns out (total_q, nheads, d), or (out, lse, None), lse
     (nheads, total_q) float32.
+
+    With ``block_table`` (int32 (batch, max_blocks), flash-attn's paged KV cache), k and v
+    are caches (num_blocks, page_size, nheads_k, d) of any page size: sequence i's keys are
+    slots 0 .. n_i - 1 of pages block_table[i], n_i = cu_seqlens_k[i+1] - cu_seqlens_k[i]
+    (or seqused_k[i]). Forward only, without dropout, as in flash-attn; rows of a sequence
+    whose keys leave its pages or meet an entry outside the cache are NaN.
     """
     if max_seqlen_q is None or max_seqlen_k is None:
         raise TypeError("max_seqlen_q, max_seqlen_k: expected ints, got None")
+    if block_table is not None:
+        return _paged_varlen(q, k, v, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
+                             softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                             return_attn_probs, seqused_k)
     shape = V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
@@ -182,6 +193,25 @@ def flash_attn_varlen_func(
                                      for b in range(shape.batch)))
 
     return _result(out, lse, opts, probs)
+
+
+def _paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                  dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                  return_attn_probs, seqused_k) -> AttnOutput:
+    """flash_attn_varlen_func with a block table (see its docstring)."""
+    shape = V.check_paged_varlen_qkv(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                     max_seqlen_k, seqused_k)
+    if V.check_dropout_p(dropout_p) > 0:
+        raise ValueError(f"dropout_p: got {dropout_p} with block_table; expected 0.0 (a paged KV cache is for "
+                         "inference: its kernels have no dropout)")
+    opts = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
+    out, lse = PagedKVAttnFunc.apply(
+        q, k_cache, v_cache, block_table, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k),
+        shape.max_seqlen_q, shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap,
+        not shape.values_checked, opts.alibi,
+    )
+    return _result(out, lse, opts, None)
 
 
 def _unpack(packed: torch.Tensor, name: str, count: int, layout: str, axis: int) -> tuple[torch.Tensor, ...]:

@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 
 from . import validation as V
-from .kernels.decode import decode_forward
+from .kernels.decode import append_to_cache, cache_capacity, decode_forward, invalid_sequences
 from .kernels.problem import make_problem
 
 
@@ -130,15 +130,14 @@ def flash_attn_with_kvcache(
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx: not supported with a paged cache (block_table); expected None")
         V.check_same_device(("q", "block_table"), (q, block_table))
-        capacity = block_table.shape[1] * k_cache.shape[1]
     else:
-        capacity = k_cache.shape[1]
         if cache_batch_idx is not None:
             V.check_tensor("cache_batch_idx", cache_batch_idx)
             cache_batch_idx = _as_lengths("cache_batch_idx", cache_batch_idx, batch, device, 0)
         elif k_cache.shape[0] != batch:
             raise ValueError(f"k_cache: has {k_cache.shape[0]} rows but q has batch {batch}; expected {batch} "
                              "(or cache_batch_idx)")
+    capacity = cache_capacity(k_cache, block_table)
     lengths = _as_lengths("cache_seqlens", cache_seqlens, batch, device, capacity)
     leftpad = _as_lengths("cache_leftpad", cache_leftpad, batch, device, 0)
     seqlen_new = 0
@@ -172,8 +171,8 @@ def flash_attn_with_kvcache(
             if rotary:
                 # Positions are cache slots, left padding included, as in flash-attn.
                 k = apply_rotary(k, *_rotary_rows(rotary_cos, rotary_sin, new_slots), interleaved)
-            _append(k_cache, k, new_slots, block_table, cache_batch_idx, capacity)
-            _append(v_cache, v, new_slots, block_table, cache_batch_idx, capacity)
+            append_to_cache(k_cache, k, new_slots, block_table, cache_batch_idx)
+            append_to_cache(v_cache, v, new_slots, block_table, cache_batch_idx)
         if rotary:
             base = lengths.long()[:, None]
             positions = base + torch.arange(seqlen_q, device=device) if causal or left >= 0 or right >= 0 \
@@ -183,9 +182,11 @@ def flash_attn_with_kvcache(
         out, lse = decode_forward(q, k_cache, v_cache, leftpad, k_len, capacity, prob,
                                   cache_rows=cache_batch_idx, block_table=block_table, alibi_slopes=slopes,
                                   num_splits=splits)
-        # Device-side lengths past the cache (or the block table) or a pad past the length:
-        # the kernels stayed inside the cache; the sequence's results are NaN (no host sync).
-        bad = (lengths < 0) | (lengths + seqlen_new > capacity) | (leftpad < 0) | (leftpad > lengths)
+        # Device-side lengths past the cache (or the block table), a pad past the length, a
+        # cache row or page outside the cache: the kernels stayed inside the cache; the
+        # sequence's results are NaN (no host sync).
+        bad = (lengths < 0) | (leftpad > lengths) | invalid_sequences(leftpad, k_len, k_cache, block_table,
+                                                                       cache_batch_idx)
         out = torch.where(bad[:, None, None, None], float("nan"), out)
         lse = torch.where(bad[:, None, None], float("nan"), lse)
     return (out, lse) if return_lse else out
@@ -210,19 +211,3 @@ def _rotary_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) 
     """cos/sin rows (batch, n, rotary_dim / 2) of (batch, n) positions (clamped into the table)."""
     idx = positions.clamp(0, cos.shape[0] - 1)
     return cos[idx], sin[idx]
-
-
-def _append(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor, block_table: Optional[torch.Tensor],
-            cache_rows: Optional[torch.Tensor], capacity: int) -> None:
-    """Write new (batch, n, heads, d) into cache slots (batch, n) in place. Slots past the
-    capacity (a bad cache_seqlens, whose sequence's output is NaN) write nothing: they
-    rewrite the last slot with its own value."""
-    valid = (slots >= 0) & (slots < capacity)
-    slots = slots.clamp(0, capacity - 1)
-    if block_table is not None:
-        page = cache.shape[1]
-        index = (block_table.long().gather(1, slots // page), slots % page)
-    else:
-        rows = (cache_rows.long() if cache_rows is not None else torch.arange(new.shape[0], device=new.device))
-        index = (rows[:, None].expand_as(slots), slots)
-    cache[index] = torch.where(valid[:, :, None, None], new.to(cache.dtype), cache[index])

@@ -243,13 +243,15 @@ def check_dense_qkv(
 
 def _check_qkv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layouts: tuple[str, str], kv_axes: str,
-    dtypes: Sequence[torch.dtype], max_headdim: Optional[int],
+    dtypes: Sequence[torch.dtype], max_headdim: Optional[int], ranks: Optional[tuple[int, int]] = None,
 ) -> None:
-    """What dense and packed inputs share: ranks, dtype, device, k/v agreement, head dim, GQA."""
+    """What dense and packed inputs share: ranks, dtype, device, k/v agreement, head dim, GQA.
+    ``ranks`` (q's, k's and v's) default to the number of axes of ``layouts[0]``."""
     ndim = layouts[0].count(",") + 1
-    check_rank("q", q, ndim, layouts[0])
-    check_rank("k", k, ndim, layouts[1])
-    check_rank("v", v, ndim, layouts[1])
+    q_rank, kv_rank = ranks if ranks is not None else (ndim, ndim)
+    check_rank("q", q, q_rank, layouts[0])
+    check_rank("k", k, kv_rank, layouts[1])
+    check_rank("v", v, kv_rank, layouts[1])
     check_dtype("q", q, dtypes)
     check_same_dtype(("q", "k", "v"), (q, k, v))
     check_same_device(("q", "k", "v"), (q, k, v))
@@ -321,6 +323,58 @@ def check_varlen_qkv(
     if seqused_k is not None:
         checked &= check_seqused_values(seqused_k, cu_seqlens_k)
     return VarlenShape(batch, total_q, k.shape[0], h, k.shape[1], d, max_seqlen_q, max_seqlen_k, checked)
+
+
+def check_paged_varlen_qkv(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Optional[int],
+    max_seqlen_k: Optional[int],
+    seqused_k: Optional[torch.Tensor] = None,
+) -> VarlenShape:
+    """q (total_q, nheads, d); k_cache, v_cache (num_blocks, page_size, nheads_k, d); block_table
+    int32 (batch, max_blocks); cu_seqlens int32 (batch + 1,), those of k counting each
+    sequence's keys (slots 0.. of its pages; the last entry is not a buffer size).
+    ``total_k`` of the result is the slots per sequence (max_blocks x page_size)."""
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_cu_seqlens_type(name, t)
+    check_tensor("block_table", block_table)
+    if seqused_k is not None:
+        check_tensor("seqused_k", seqused_k)
+    check_same_device(
+        ("q", "k", "v", "block_table", "cu_seqlens_q", "cu_seqlens_k", "seqused_k"),
+        (q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k),
+    )
+    _check_qkv(q, k_cache, v_cache, ("(total_q, nheads, headdim)", "(num_blocks, page_size, nheads_k, headdim) with "
+               "block_table"), "(num_blocks, page_size, nheads_k)", KERNEL_DTYPES, MAX_HEADDIM, ranks=(3, 4))
+    check_rank("block_table", block_table, 2, "(batch, max_blocks)")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table: dtype {block_table.dtype} is not supported; expected int32")
+    batch = check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q)
+    if check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k) != batch:
+        raise ValueError(f"cu_seqlens_k: has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has {batch + 1}; "
+                         "expected the same batch")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table: has {block_table.shape[0]} rows; expected batch={batch} (one per sequence)")
+    max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    if seqused_k is not None:
+        check_rank("seqused_k", seqused_k, 1, "(batch,)")
+        if seqused_k.dtype != torch.int32:
+            raise TypeError(f"seqused_k: dtype {seqused_k.dtype} is not supported; expected int32")
+        if seqused_k.shape[0] != batch:
+            raise ValueError(f"seqused_k: has {seqused_k.shape[0]} entries; expected batch={batch}")
+    capacity = block_table.shape[1] * k_cache.shape[1]
+    checked = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+    checked &= check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, None, "max_seqlen_k", max_seqlen_k, capacity)
+    if seqused_k is not None:
+        checked &= check_seqused_values(seqused_k, cu_seqlens_k)
+    return VarlenShape(batch, q.shape[0], capacity, q.shape[1], k_cache.shape[2], q.shape[2], max_seqlen_q,
+                       max_seqlen_k, checked)
 
 
 def check_packed_qkv(
@@ -413,13 +467,15 @@ def remember_checked(t: torch.Tensor, facts: tuple) -> None:
 
 
 def check_cu_seqlens_values(
-    name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: Optional[int]
+    name: str, cu: torch.Tensor, total: Optional[int], max_name: str, max_seqlen: Optional[int],
+    capacity: Optional[int] = None,
 ) -> bool:
-    """cu[0] == 0, non-decreasing, cu[-1] == total and max(diff) <= max_seqlen. One sync per
-    GPU tensor object. Returns whether the values were checked on the host at this call."""
+    """cu[0] == 0, non-decreasing, cu[-1] == total (unless None) and max(diff) <= max_seqlen
+    (and <= ``capacity``, a paged cache's slots per sequence, unless None). One sync per GPU
+    tensor object. Returns whether the values were checked on the host at this call."""
     if not value_checks_enabled(cu):
         return False
-    facts = ("cu", total, max_seqlen)
+    facts = ("cu", total, max_seqlen, capacity)
     if already_checked(cu, facts):
         return False
     diffs = cu[1:] - cu[:-1]
@@ -429,10 +485,13 @@ def check_cu_seqlens_values(
         raise ValueError(f"{name}: starts at {first}; expected 0")
     if min_len < 0:
         raise ValueError(f"{name}: is not non-decreasing (a step of {min_len}); expected cumulative sequence lengths")
-    if last != total:
+    if total is not None and last != total:
         raise ValueError(f"{name}: last entry is {last}; expected the token count {total}")
     if max_seqlen is not None and max_len > max_seqlen:
         raise ValueError(f"{max_name}: got {max_seqlen} but the longest sequence in {name} has {max_len} tokens; expected >= {max_len}")
+    if capacity is not None and max_len > capacity:
+        raise ValueError(f"{name}: a sequence has {max_len} keys but block_table holds {capacity} per sequence "
+                         f"(max_blocks x page_size); expected <= {capacity}")
     remember_checked(cu, facts)
     return True
 

@@ -170,10 +170,11 @@ def test_flash_attn_func_with_few_queries_runs_the_decode_kernels(monkeypatch, g
 
 
 @pytest.mark.parametrize("sq,causal,used", [(1, True, False), (3, False, True)])
-def test_varlen_with_one_length_of_queries_runs_the_decode_kernels(monkeypatch, gen, sq, causal, used):
-    """flash_attn_varlen_func whose sequences all hold max_seqlen_q queries (a serving batch)
-    dispatches to the decode family: keys of different lengths (one empty, one shorter than
-    its query count), seqused_k; a batch with one shorter query segment does not."""
+def test_varlen_with_few_queries_runs_the_decode_kernels(monkeypatch, gen, sq, causal, used):
+    """flash_attn_varlen_func with at most a few queries per sequence (a serving batch,
+    speculative decoding) dispatches to the decode family: query segments of different
+    lengths (one empty), keys of different lengths (one empty, one shorter than its query
+    count), seqused_k; grouped metadata does not."""
     from attn_check import check_attention, varlen_impl, varlen_ref
     from conftest import cu_seqlens_from_lengths
     from ringflash.kernels import dispatch
@@ -181,18 +182,19 @@ def test_varlen_with_one_length_of_queries_runs_the_decode_kernels(monkeypatch, 
 
     monkeypatch.setenv("RINGFLASH_DECODE", "1")
     k_lengths = [300, 0, 257, 2]
-    batch, h, hk, d = len(k_lengths), 8, 2, 32
-    cu_q = cu_seqlens_from_lengths([sq] * batch, DEVICE)
+    h, hk, d = 8, 2, 32
+    q_lengths = [sq, 0, sq, 1] if sq > 1 else [1, 0, 1, 1]
+    cu_q = cu_seqlens_from_lengths(q_lengths, DEVICE)
     cu_k = cu_seqlens_from_lengths(k_lengths, DEVICE)
-    q = torch.randn(batch * sq, h, d, generator=gen, dtype=torch.float64).to(DEVICE)
+    q = torch.randn(sum(q_lengths), h, d, generator=gen, dtype=torch.float64).to(DEVICE)
     k, v = (torch.randn(sum(k_lengths), hk, d, generator=gen, dtype=torch.float64).to(DEVICE) for _ in range(2))
     seqused = torch.tensor([250, 0, 257, 1], dtype=torch.int32, device=DEVICE) if used else None
     meta = SeqMeta.from_cu_seqlens(cu_q, cu_k, seqused)
     prob = make_problem(q, k, meta, sq, max(k_lengths), 0.1, causal, -1, -1, 0.0)
     assert dispatch.use_decode(q, k, prob, meta, None)
-    ragged = SeqMeta.from_cu_seqlens(cu_seqlens_from_lengths([sq] * (batch - 1) + [sq - 1], DEVICE), cu_k)
-    assert not dispatch.use_decode(q[:-1], k, make_problem(q[:-1], k, ragged, sq, 300, 0.1, causal, -1, -1, 0.0),
-                                   ragged, None)
+    grouped = SeqMeta(torch.stack([meta.q_starts[0]] * 2), torch.stack([meta.q_ends[0]] * 2), cu_k, None)
+    assert not dispatch.use_decode(q, k, make_problem(q, k, grouped, sq, 300, 0.1, causal, -1, -1, 0.0), grouped,
+                                   None)
     check_attention(varlen_impl, varlen_ref, (q, k, v), torch.float32,
                     extra=(cu_q, cu_k, sq, max(k_lengths), causal, (-1, -1), seqused))
 
@@ -229,3 +231,31 @@ def test_lengths_past_the_cache_give_nan_and_stay_inside_it(gen, paged, append):
         assert torch.equal(k_cache[-1], spare[0]) and torch.equal(v_cache[-1], spare[1])
     else:  # the bad sequence's row is untouched
         assert torch.equal(k_cache[1], before[0][1]) and torch.equal(v_cache[1], before[1][1])
+
+
+def test_cache_rows_and_pages_outside_the_cache_give_nan_and_write_nothing(gen):
+    """Device-side cache_batch_idx entries and block-table entries outside the cache (no
+    host check): that sequence's output is NaN, the other's is right, appends to it write
+    nothing, and nothing is read or written outside the cache."""
+    batch, h, d, page = 2, 2, 16, 8
+    q = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE)
+    new = torch.randn(batch, 2, h, d, generator=gen).to(DEVICE)
+    lengths = torch.tensor([5, 9], dtype=torch.int32, device=DEVICE)
+    # Contiguous cache, a cache row past the cache for sequence 1.
+    k_cache = torch.randn(3, 16, h, d, generator=gen).to(DEVICE)
+    v_cache = torch.randn(3, 16, h, d, generator=gen).to(DEVICE)
+    before = (k_cache.clone(), v_cache.clone())
+    rows = torch.tensor([2, 7], dtype=torch.int32, device=DEVICE)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=lengths, cache_batch_idx=rows)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    assert torch.equal(k_cache[:2], before[0][:2]) and torch.equal(v_cache[:2], before[1][:2])
+    assert torch.equal(k_cache[2, 5:7], new[0]) and torch.equal(k_cache[2, 7:], before[0][2, 7:])
+    # Paged, sequence 1's second page entry past the cache (its first is fine).
+    k_pages = torch.randn(4, page, h, d, generator=gen).to(DEVICE)
+    v_pages = torch.randn(4, page, h, d, generator=gen).to(DEVICE)
+    before = (k_pages.clone(), v_pages.clone())
+    table = torch.tensor([[0, 1], [2, 99]], dtype=torch.int32, device=DEVICE)
+    out = flash_attn_with_kvcache(q, k_pages, v_pages, new, new, cache_seqlens=lengths, block_table=table)
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    assert torch.equal(k_pages[3], before[0][3]) and torch.equal(v_pages[3], before[1][3])
+    assert torch.equal(k_pages[2], before[0][2])  # sequence 1's new keys (slots 9, 10) fell on the bad page

@@ -568,6 +568,18 @@ def test_varlen(case):
     check_varlen_case(case)
 
 
+def test_varlen_single_key_rounding():
+    """Found by CI: every query sees one key, so dq and dk are exactly 0 in float64 and in
+    PyTorch's fp32, while ours hold the rounding of ``dP - rowsum(dO * O)`` (see
+    check_attention's ``relative_eps``)."""
+    check_varlen_case(VarlenCase(
+        seed=863, lengths_q=(15,), lengths_k=(1,), seqused_k=None, nheads=9, nheads_k=3, headdim=165,
+        causal=False, window=(35, 25), softcap=4.861752927456142, softmax_scale=0.07552683713257569,
+        input_scale=3.0, dtype=torch.float32, extra_max_q=0, extra_max_k=0, cu_q="contiguous", cu_k="offset",
+        seqused_layout="strided_offset", qkv=("dim_major", "contiguous", "head_major"),
+    ))
+
+
 # ----------------------------------------------------------------------------- GPU tests
 
 

@@ -12,6 +12,8 @@ Cases (GPU, bf16; ``--quick`` the first only): batch 8 x 8k cached keys and batc
   kernels (``ringflash.kernels.dispatch``);
 * ``varlen_decode``: ``flash_attn_varlen_func`` on the same tokens packed (one query per
   sequence), under ``RINGFLASH_DECODE=1`` (the decode kernels' varlen route);
+* ``varlen_paged``: ``flash_attn_varlen_func`` with ``block_table`` on the paged cache (the
+  decode kernels with varlen queries, whatever RINGFLASH_DECODE says);
 * ``fa2`` / ``cudnn``: SDPA restricted to the flash / cuDNN backend. GQA through
   ``enable_gqa=True`` when this torch and backend take it; otherwise K/V are repeated to 32
   heads once, outside the timed call (the note says which). ``is_causal=False``: SDPA's
@@ -45,8 +47,8 @@ from .progress import progress_bar, show
 
 NAME = "decode"
 COLUMNS = BASE_COLUMNS + ["gbps", "rel_err", "batch", "seqlen_k", "nheads", "nheads_k", "headdim", "page_size"]
-IMPLS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode", "fa2", "cudnn")
-OURS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode")
+IMPLS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode", "varlen_paged", "fa2", "cudnn")
+OURS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode", "varlen_paged")
 #: Implementations timed under RINGFLASH_DECODE=1.
 DECODE_ROUTED = ("func_decode", "varlen_decode")
 PASSES = ("call", "graph")
@@ -56,6 +58,7 @@ IMPL_DESCRIPTIONS = {
     "func": "flash_attn_func, seqlen_q=1 (training forward kernels)",
     "func_decode": "flash_attn_func, seqlen_q=1, RINGFLASH_DECODE=1 (decode kernels)",
     "varlen_decode": "flash_attn_varlen_func, one query per sequence, RINGFLASH_DECODE=1 (decode kernels)",
+    "varlen_paged": "flash_attn_varlen_func, one query per sequence, block_table (paged cache)",
     "fa2": "SDPA, SDPBackend.FLASH_ATTENTION",
     "cudnn": "SDPA, SDPBackend.CUDNN_ATTENTION",
 }
@@ -131,6 +134,9 @@ def implementations(case: Case, t: dict) -> dict[str, tuple[Optional[Callable], 
                                                          causal=True).unsqueeze(1),
                           "RINGFLASH_DECODE=1: " + ("decode kernels" if takes_decode else "the training forward"),
                           None),
+        "varlen_paged": (lambda: flash_attn_varlen_func(q_packed, t["k_paged"], t["v_paged"], cu_q, cu_k, 1, sk,
+                                                        causal=True, block_table=t["block_table"]).unsqueeze(1),
+                         f"block_table, page size {case.page_size}", None),
     }
     for impl, backend in (("fa2", "FLASH_ATTENTION"), ("cudnn", "CUDNN_ATTENTION")):
         chosen, status = None, "unsupported: no GQA mode ran"
@@ -211,7 +217,8 @@ def ratio_table(rows: Sequence[dict]) -> str:
                 vals += [fmt_ratio(speed_ratio(index, c, impl, b, p)) for b, _ in RATIO_BASES]
             extra = {"kvcache_paged": ("kvcache", "paged vs contiguous"),
                      "func_decode": ("func", "decode vs training fwd"),
-                     "varlen_decode": ("func_decode", "varlen vs dense decode")}.get(impl)
+                     "varlen_decode": ("func_decode", "varlen vs dense decode"),
+                     "varlen_paged": ("varlen_decode", "paged vs contiguous varlen")}.get(impl)
             vs_own = "; ".join(f"{p} {fmt_ratio(speed_ratio(index, c, impl, extra[0], p))}" for p in PASSES) \
                 if extra else "-"
             out.append([c, impl] + vals + [f"{extra[1]}: {vs_own}" if extra else "-"])

@@ -39,22 +39,24 @@ from .problem import AttnProblem
 @triton.jit
 def _decode_kernel(
     Q, K, V, Out, Lse,
-    BlockTable, CacheRows, KStart, KLen, Alibi,
+    BlockTable, CacheRows, KStart, KLen, QStarts, QEnds, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
     stride_table_b, stride_alibi_b, stride_alibi_h,
-    seqlen_q, nheads_k, group, num_splits, page_size, capacity,
+    seqlen_q, total_q, nheads_k, group, num_splits, page_size, capacity, num_blocks,
     qk_scale_log2, softcap_in, softcap_out, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFT: tl.constexpr,
+    HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Grid (cdiv(seqlen_q * group, BLOCK_M), batch * nheads_k, num_splits). Scores in log2
     units. Writes out/lse of its packed rows, or with num_splits > 1 the float32 partials of
-    its key split (Out (split, batch, seqlen_q, nheads, d), Lse (split, batch, nheads, seqlen_q))."""
+    its key split (Out (split, batch, seqlen_q, nheads, d), Lse (split, batch, nheads, seqlen_q)).
+    With VARLEN_Q, sequence b owns query rows [QStarts[b], QEnds[b]) of q (total_q, nheads,
+    d) (batch strides 0, lse (nheads, total_q)) and ``seqlen_q`` is their longest."""
     pid_m = tl.program_id(0)
     b = tl.program_id(1) // nheads_k
     hk = tl.program_id(1) % nheads_k
@@ -63,15 +65,22 @@ def _decode_kernel(
     # the caller (NaN), never read out of bounds.
     k_start = tl.minimum(tl.maximum(tl.load(KStart + b), 0), capacity)
     sk = tl.minimum(tl.maximum(tl.load(KLen + b), 0), capacity - k_start)
-    diag = sk - seqlen_q
+    if VARLEN_Q:  # clamped likewise (the caller checks the metadata and reports NaN)
+        q_row0 = tl.minimum(tl.maximum(tl.load(QStarts + b), 0), total_q)
+        sq = tl.minimum(tl.minimum(tl.maximum(tl.load(QEnds + b), q_row0), total_q) - q_row0, seqlen_q)
+    else:
+        q_row0 = b * 0
+        sq = b * 0 + seqlen_q
+    diag = sk - sq
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pos = rows // group  # query position of each packed row
     head = hk * group + rows % group
-    row_ok = pos < seqlen_q
+    row_ok = pos < sq
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEADDIM
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + pos[:, None].to(tl.int64) * stride_qs
+    q_row = (q_row0 + pos).to(tl.int64)  # the row of q, out and lse within the batch entry
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + q_row[:, None] * stride_qs
                 + head[:, None].to(tl.int64) * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     slope = 0.0
@@ -81,10 +90,10 @@ def _decode_kernel(
 
     # Keys any row of this tile may see, then this split's share of them.
     first_pos = (pid_m * BLOCK_M) // group
-    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, seqlen_q - 1)
-    n_hi = sk
+    last_pos = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, sq - 1)
+    n_hi = tl.where(first_pos < sq, sk, 0)  # a tile past a short sequence's queries has no work
     if HAS_RIGHT:
-        n_hi = tl.maximum(tl.minimum(sk, last_pos + diag + window_right + 1), 0)
+        n_hi = tl.maximum(tl.minimum(n_hi, last_pos + diag + window_right + 1), 0)
     n_lo = 0
     if HAS_LEFT:
         n_lo = tl.maximum(first_pos + diag - window_left, 0) // BLOCK_N * BLOCK_N
@@ -92,8 +101,8 @@ def _decode_kernel(
     lo = n_lo + split * blocks_per_split * BLOCK_N
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, n_hi)
 
-    if HAS_CACHE_ROWS:
-        cache_row = tl.load(CacheRows + b).to(tl.int64)
+    if HAS_CACHE_ROWS:  # clamped like the block-table entries below
+        cache_row = tl.minimum(tl.maximum(tl.load(CacheRows + b), 0), num_blocks - 1).to(tl.int64)
     else:
         cache_row = b.to(tl.int64)
     k_base = K + hk.to(tl.int64) * stride_kh
@@ -108,6 +117,8 @@ def _decode_kernel(
         slot = (k_start + key).to(tl.int64)  # index within the sequence's cache row
         if PAGED:
             block = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + slot // page_size, mask=key_ok, other=0)
+            # An entry outside the cache is reported by the caller (NaN), never followed.
+            block = tl.minimum(tl.maximum(block, 0), num_blocks - 1)
             k_rows = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_ks
             v_rows = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vs
         else:
@@ -134,10 +145,10 @@ def _decode_kernel(
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
-              + pos[:, None].to(tl.int64) * stride_os + head[:, None].to(tl.int64) * stride_oh + offs_d[None, :])
+              + q_row[:, None] * stride_os + head[:, None].to(tl.int64) * stride_oh + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     l_ptrs = (Lse + split.to(tl.int64) * stride_lsplit + b.to(tl.int64) * stride_lb
-              + head.to(tl.int64) * stride_lh + pos)
+              + head.to(tl.int64) * stride_lh + q_row)
     tl.store(l_ptrs, lse, mask=row_ok)
 
 
@@ -165,24 +176,38 @@ def decode_forward(
     block_table: Optional[torch.Tensor] = None,
     alibi_slopes: Optional[torch.Tensor] = None,
     num_splits: int = 0,
+    q_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (batch, seqlen_q, nheads, d) against a KV cache (see the module doc).
 
     ``k_start``/``k_len``: int32 (batch,), the first cache slot and the number of keys of each
     sequence; ``max_keys`` bounds k_len (it sizes the split-KV heuristic only). ``prob``
     carries the scale, mask, window and softcap options (``max_seqlen_k`` unused).
-    ``alibi_slopes``: float32 (1 or batch, nheads). ``num_splits``: 0 chooses. Returns out
-    like q and lse (batch, nheads, seqlen_q) float32."""
+    ``alibi_slopes``: float32 (1 or batch, nheads). ``num_splits``: 0 chooses.
+    ``q_bounds``: varlen queries, (starts, ends) int32 (batch,) rows of q (total_q, nheads,
+    d), at most ``prob.max_seqlen_q`` each (``prob`` is then a varlen problem). Returns out
+    like q and lse (batch, nheads, seqlen_q), or (nheads, total_q) with ``q_bounds``, float32.
+    Lengths and block-table entries outside the cache are clamped into it, never followed;
+    ``invalid_sequences`` tells a caller which sequences had them."""
     check_device(q)
-    batch, seqlen_q, nheads, d = q.shape
+    varlen_q = q_bounds is not None
+    if varlen_q:
+        total_q, nheads, d = q.shape
+        batch, seqlen_q = k_start.shape[0], prob.max_seqlen_q
+        lse_shape: tuple = (nheads, total_q)
+    else:
+        batch, seqlen_q, nheads, d = q.shape
+        total_q = seqlen_q
+        lse_shape = (batch, nheads, seqlen_q)
     nheads_k = k_cache.shape[2]
     group = nheads // nheads_k
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or batch == 0 or seqlen_q == 0:
         lse.fill_(float("-inf"))
+        out.zero_()
         return out, lse
-    q = kernel_operand(q, 1)
+    q = kernel_operand(q, 0 if varlen_q else 1)
     k_cache, v_cache = kernel_operand(k_cache, 1), kernel_operand(v_cache, 1)
     if interpreting():
         block_m, block_n, warps, stages = 16, 16, 4, 1
@@ -201,25 +226,35 @@ def decode_forward(
         split_strides = (out_target.stride(0), lse_target.stride(0))
     out_view = out_target if splits == 1 else out_target[0]
     lse_view = lse_target if splits == 1 else lse_target[0]
+    if varlen_q:  # no batch axis: (token, head) strides, batch strides 0
+        q_strides = (0, q.stride(0), q.stride(1))
+        o_strides = (0, out_view.stride(0), out_view.stride(1))
+        l_strides = (0, lse_view.stride(0))
+    else:
+        q_strides = q.stride()[:3]
+        o_strides = out_view.stride()[:3]
+        l_strides = (lse_view.stride(0), lse_view.stride(1))
     paged = block_table is not None
     alibi = alibi_slopes if alibi_slopes is not None else lse
+    q_starts, q_ends = q_bounds if varlen_q else (k_len, k_len)
     _decode_kernel[(m_blocks, batch * nheads_k, splits)](
         q, k_cache, v_cache, out_target, lse_target,
-        block_table if paged else k_len, cache_rows if cache_rows is not None else k_len, k_start, k_len, alibi,
-        q.stride(0), q.stride(1), q.stride(2),
+        block_table if paged else k_len, cache_rows if cache_rows is not None else k_len, k_start, k_len,
+        q_starts, q_ends, alibi,
+        *q_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out_view.stride(0), out_view.stride(1), out_view.stride(2), split_strides[0],
-        lse_view.stride(0), lse_view.stride(1), split_strides[1],
+        *o_strides, split_strides[0],
+        *l_strides, split_strides[1],
         block_table.stride(0) if paged else 0,
         (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0,
         alibi_slopes.stride(1) if alibi_slopes is not None else 0,
-        seqlen_q, nheads_k, group, splits, k_cache.shape[1] if paged else 1,
-        block_table.shape[1] * k_cache.shape[1] if paged else k_cache.shape[1],
+        seqlen_q, total_q, nheads_k, group, splits, k_cache.shape[1] if paged else 1,
+        cache_capacity(k_cache, block_table), k_cache.shape[0],
         *prob.scalar_args(), prob.window_left, prob.window_right,
         HEADDIM=d, BLOCK_D=prob.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right,
-        HAS_SOFTCAP=prob.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, VARLEN_Q=varlen_q, HAS_LEFT=prob.has_left,
+        HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         INPUT_PRECISION=configs.input_precision(q.dtype), num_warps=warps, num_stages=stages,
     )
     if splits > 1:
@@ -227,3 +262,100 @@ def decode_forward(
     else:
         finish_output(out, out_target)
     return out, lse
+
+
+def cache_capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> int:
+    """Slots of one sequence's cache row: seqlen_cache, or max_blocks x page_size when paged."""
+    return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
+
+
+def invalid_sequences(k_start: torch.Tensor, k_len: torch.Tensor, k_cache: torch.Tensor,
+                      block_table: Optional[torch.Tensor], cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """bool (batch,): the sequences whose keys ``k_start .. k_start + k_len - 1`` do not lie
+    in their cache row, whose ``cache_rows`` entry is not a row of the cache, or (paged) whose
+    keys pass through a block-table entry outside ``[0, num_blocks)``. ``decode_forward``
+    clamps those reads into the cache, so their results are meaningless; callers turn them
+    into NaN. Device ops only (no host sync)."""
+    capacity = cache_capacity(k_cache, block_table)
+    start, length = k_start.long(), k_len.long()
+    bad = (start < 0) | (length < 0) | (start + length > capacity)
+    if cache_rows is not None:
+        bad = bad | (cache_rows < 0) | (cache_rows >= k_cache.shape[0])
+    if block_table is not None:
+        page = k_cache.shape[1]
+        end = (start + length).clamp(0, capacity)
+        cols = torch.arange(block_table.shape[1], device=block_table.device)
+        used = (cols[None, :] >= start.clamp(0)[:, None] // page) & (cols[None, :] * page < end[:, None])
+        outside = (block_table < 0) | (block_table >= k_cache.shape[0])
+        bad = bad | (used & outside).any(1)
+    return bad
+
+
+@triton.jit
+def _append_kernel(
+    Cache, New, Slots, BlockTable, CacheRows,
+    stride_cb, stride_cs, stride_ch, stride_nb, stride_ns, stride_nh, stride_table_b,
+    seqlen_new, nheads_k, page_size, capacity, num_blocks,
+    HEADDIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr,
+):
+    """Grid (batch * seqlen_new,): new token t of sequence b goes to slot Slots[b, t] of its
+    cache row (or block-table page). A slot outside the row, a row outside the cache or a
+    page entry outside it writes nothing (masked stores: no other slot is touched)."""
+    b = tl.program_id(0) // seqlen_new
+    t = tl.program_id(0) % seqlen_new
+    slot = tl.load(Slots + b.to(tl.int64) * seqlen_new + t)
+    ok = (slot >= 0) & (slot < capacity)
+    slot = tl.minimum(tl.maximum(slot, 0), capacity - 1).to(tl.int64)
+    if PAGED:
+        row = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + slot // page_size)
+        slot = slot % page_size
+    elif HAS_CACHE_ROWS:
+        row = tl.load(CacheRows + b)
+    else:
+        row = b
+    ok = ok & (row >= 0) & (row < num_blocks)
+    row = tl.minimum(tl.maximum(row, 0), num_blocks - 1).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    src = New + b.to(tl.int64) * stride_nb + t.to(tl.int64) * stride_ns
+    dst = Cache + row * stride_cb + slot * stride_cs
+    heads_written = tl.where(ok, nheads_k, 0)  # a dropped write stores no head
+    for h0 in range(0, nheads_k, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        mask = (offs_h[:, None] < nheads_k) & (offs_d[None, :] < HEADDIM)
+        x = tl.load(src + offs_h[:, None] * stride_nh + offs_d[None, :], mask=mask, other=0)
+        tl.store(dst + offs_h[:, None] * stride_ch + offs_d[None, :], x,
+                 mask=(offs_h[:, None] < heads_written) & (offs_d[None, :] < HEADDIM))
+
+
+def append_to_cache(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor,
+                    block_table: Optional[torch.Tensor] = None, cache_rows: Optional[torch.Tensor] = None) -> None:
+    """Write new (batch, seqlen_new, nheads_k, d) into ``cache`` in place at the int32/int64
+    slots (batch, seqlen_new) of each sequence's row (``cache_rows[b]`` or b; with a
+    ``block_table``, slot s is page ``block_table[b, s // page_size]`` at ``s % page_size``).
+    Writes whose slot, row or page lies outside the cache are dropped, on the device (no
+    host sync, and no clamped write that could land on another sequence's slot)."""
+    batch, seqlen_new, nheads_k, d = new.shape
+    if batch == 0 or seqlen_new == 0:
+        return
+    check_device(cache, "k_cache")
+    if cache.stride(-1) != 1:
+        raise ValueError(f"k_cache/v_cache: strides {tuple(cache.stride())}; expected unit stride on the head dim "
+                         "(the cache is written in place)")
+    new = new.to(cache.dtype)
+    new = new.contiguous() if new.stride(-1) != 1 else new
+    # A bit copy: integer views keep the interpreter away from its bf16 arithmetic.
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[cache.element_size()]
+    cache, new = cache.view(bits), new.view(bits)
+    slots = slots.to(torch.int32).contiguous()
+    paged = block_table is not None
+    dummy = slots
+    block_d = max(16, triton.next_power_of_2(d))
+    _append_kernel[(batch * seqlen_new,)](
+        cache, new, slots, block_table if paged else dummy, cache_rows if cache_rows is not None else dummy,
+        cache.stride(0), cache.stride(1), cache.stride(2), new.stride(0), new.stride(1), new.stride(2),
+        block_table.stride(0) if paged else 0,
+        seqlen_new, nheads_k, cache.shape[1] if paged else 1, cache_capacity(cache, block_table), cache.shape[0],
+        HEADDIM=d, BLOCK_H=min(triton.next_power_of_2(nheads_k), max(1, 4096 // block_d)), BLOCK_D=block_d,
+        PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None,
+    )

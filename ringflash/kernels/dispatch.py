@@ -3,11 +3,9 @@
 * ``decode`` (``kernels.decode``): calls with few query rows per KV head (seqlen_q x the
   GQA group <= ``DECODE_MAX_ROWS``) against at least ``DECODE_MIN_KEYS`` keys, without
   dropout: the training forward would launch a mostly empty tile of query rows per
-  program and too few programs to fill the GPU. Dense calls, and plain varlen calls whose
-  sequences all have max_seqlen_q queries (a serving batch of one new token each): known
-  from the shapes alone (total_q == batch x max_seqlen_q, and no length exceeds
-  max_seqlen_q), so no host sync; the keys stay where they are (one cache row, each
-  sequence starting at its cu_seqlens_k entry).
+  program and too few programs to fill the GPU. Dense calls, and plain varlen calls
+  (max_seqlen_q, a host int, bounds every sequence's queries, so no host sync; the keys
+  stay where they are: one cache row, each sequence starting at its cu_seqlens_k entry).
 * ``fwd`` (``kernels.fwd``): everything else.
 
 Dense calls take the decode family only with ``RINGFLASH_DECODE=1`` for now: it has run
@@ -33,11 +31,9 @@ DECODE_MAX_ROWS = 64
 DECODE_MIN_KEYS = 256
 
 
-def _uniform_varlen(q: torch.Tensor, prob: AttnProblem, meta: SeqMeta) -> bool:
-    """Plain varlen metadata whose sequences all hold max_seqlen_q queries (valid metadata
-    has none longer, so total_q == batch x max_seqlen_q leaves no other way)."""
-    return (meta.num_groups == 1 and meta.diag is None and prob.max_seqlen_q > 0
-            and q.shape[0] == meta.batch * prob.max_seqlen_q)
+def _plain_varlen(meta: SeqMeta) -> bool:
+    """One group of sequences with bottom-right alignment (not grouped or CP metadata)."""
+    return meta.num_groups == 1 and meta.diag is None
 
 
 def use_decode(q: torch.Tensor, k: torch.Tensor, prob: AttnProblem, meta: Optional[SeqMeta],
@@ -46,7 +42,7 @@ def use_decode(q: torch.Tensor, k: torch.Tensor, prob: AttnProblem, meta: Option
         return False
     if os.environ.get("RINGFLASH_DECODE", "0") != "1":  # opt-in until measured on a GPU
         return False
-    if meta is not None and not _uniform_varlen(q, prob, meta):
+    if meta is not None and not _plain_varlen(meta):
         return False
     seqlen_q = prob.max_seqlen_q if meta is not None else q.shape[1]
     num_keys = prob.max_seqlen_k if meta is not None else k.shape[1]
@@ -70,15 +66,11 @@ def forward(
 
 def _varlen_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta: SeqMeta,
                    alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A uniform varlen call through the decode kernels: q (batch x s, h, d) viewed as
-    (batch, s, h, d), the packed keys as one cache row that every sequence indexes from its
-    cu_seqlens_k start (seqused_k, when given, counts its keys). Returns varlen out and
-    lse (nheads, total_q)."""
-    batch, seqlen_q = meta.batch, prob.max_seqlen_q
-    total, nheads, d = q.shape
+    """A plain varlen call through the decode kernels: the packed keys as one cache row that
+    every sequence indexes from its cu_seqlens_k start (seqused_k, when given, counts its
+    keys). Returns varlen out and lse (nheads, total_q)."""
     starts = meta.cu_seqlens_k[:-1]
     lengths = meta.seqused_k[0] if meta.seqused_k is not None else meta.cu_seqlens_k[1:] - starts
-    rows = torch.zeros(batch, dtype=torch.int32, device=q.device)
-    out, lse = decode_forward(q.unflatten(0, (batch, seqlen_q)), k.unsqueeze(0), v.unsqueeze(0), starts,
-                              lengths, prob.max_seqlen_k, prob, cache_rows=rows, alibi_slopes=alibi_slopes)
-    return out.view(total, nheads, d), lse.permute(1, 0, 2).reshape(nheads, total)
+    rows = torch.zeros(meta.batch, dtype=torch.int32, device=q.device)
+    return decode_forward(q, k.unsqueeze(0), v.unsqueeze(0), starts, lengths, prob.max_seqlen_k, prob,
+                          cache_rows=rows, alibi_slopes=alibi_slopes, q_bounds=(meta.q_starts[0], meta.q_ends[0]))

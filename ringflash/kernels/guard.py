@@ -9,13 +9,14 @@ bad batch can never come back as a plausible wrong answer; a valid batch costs o
 launch that reads ``batch + 1`` integers per tensor.
 
 The facts are those the host checks: ``cu_seqlens_q`` and ``cu_seqlens_k`` start at 0,
-never decrease, end at the token counts and have no sequence longer than ``max_seqlen``;
+never decrease, end at the token counts (keys in a paged cache: anywhere) and have no
+sequence longer than ``max_seqlen``;
 ``0 <= seqused_k[i] <=`` the sequence's key count.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -41,7 +42,9 @@ def _varlen_guard_kernel(
 ):
     """Grid (1,). QStarts/QEnds are cu_seqlens_q[:-1] / [1:] (unit stride)."""
     bad = (tl.load(QStarts) != 0) | (tl.load(CuSeqlensK) != 0)
-    bad = bad | (tl.load(QEnds + batch - 1) != total_q) | (tl.load(CuSeqlensK + batch) != total_k)
+    bad = bad | (tl.load(QEnds + batch - 1) != total_q)
+    if total_k >= 0:  # -1: keys in a paged cache, whose cu_seqlens_k ends anywhere
+        bad = bad | (tl.load(CuSeqlensK + batch) != total_k)
     for b0 in range(0, batch, BLOCK_B):
         idx = b0 + tl.arange(0, BLOCK_B)
         live = idx < batch
@@ -65,11 +68,12 @@ def _varlen_guard_kernel(
 
 
 def poison_if_invalid(
-    meta: SeqMeta, total_q: int, total_k: int, max_seqlen_q: int, max_seqlen_k: int,
+    meta: SeqMeta, total_q: int, total_k: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
     outputs: Sequence[torch.Tensor],
 ) -> None:
     """Check plain varlen ``meta`` (one group, no diagonals) on the device; if invalid, fill
-    every tensor of ``outputs`` (1-3 contiguous tensors) with NaN. No host sync."""
+    every tensor of ``outputs`` (1-3 contiguous tensors) with NaN. No host sync.
+    ``total_k`` None: the keys live in a paged cache (cu_seqlens_k's end is not checked)."""
     if meta.num_groups != 1 or meta.diag is not None:
         raise ValueError("poison_if_invalid: expected plain varlen metadata (one group, no diagonals)")
     if not 1 <= len(outputs) <= 3 or not all(t.is_contiguous() for t in outputs):
@@ -82,7 +86,7 @@ def poison_if_invalid(
     used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
     _varlen_guard_kernel[(1,)](
         meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used,
-        batch, total_q, total_k, max_seqlen_q, max_seqlen_k,
+        batch, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k,
         outs[0], outs[0].numel(), outs[1], outs[1].numel(), outs[2], outs[2].numel(),
         HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
         BLOCK_B=min(1024, max(16, triton.next_power_of_2(batch))), BLOCK=1024,
