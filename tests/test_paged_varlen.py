@@ -45,10 +45,18 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("name", list(CASES))
-def test_paged_varlen_matches_the_reference(gen, name, dtype):
-    lq, lk, page, h, hk, d, opts = CASES[name]
+#: Real sizes for ``pytest -m gpu``: a serving batch of speculative-decoding lengths and a
+#: chunked prefill, flash-attn's page size and an odd one.
+GPU_CASES = {
+    "speculative_gqa": ([1, 4, 2, 3, 1, 4, 0, 2], [8191, 2048, 333, 4000, 1, 7777, 64, 1024], 256, 32, 8, 128,
+                        dict(causal=True)),
+    "chunked_prefill_window": ([512, 300, 77], [3000, 301, 900], 96, 16, 4, 64,
+                               dict(causal=True, window_size=(1024, 0), softcap=20.0)),
+}
+
+
+def _check_case(gen, name, dtype, case):
+    lq, lk, page, h, hk, d, opts = case
     opts = dict(opts)
     k, v, k_cache, v_cache, table = _paged(gen, lk, page, hk, d)
     q = torch.randn(sum(lq), h, d, generator=gen, dtype=torch.float64)
@@ -72,6 +80,19 @@ def test_paged_varlen_matches_the_reference(gen, name, dtype):
     assert out.shape == q.shape and out.dtype == dtype and lse.shape == (h, sum(lq))
     assert_close(f"{name} out", out, want_out, baseline=base_out, atol=EPS[dtype])
     assert_close(f"{name} lse", lse, want_lse, baseline=base_lse, atol=EPS[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_paged_varlen_matches_the_reference(gen, name, dtype):
+    _check_case(gen, name, dtype, CASES[name])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_paged_varlen_real_sizes(gen, name, dtype):
+    _check_case(gen, name, dtype, GPU_CASES[name])
 
 
 def test_split_kv_and_many_queries(gen):
