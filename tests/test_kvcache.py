@@ -3,8 +3,12 @@ paged caches, new keys appended in place, cache_batch_idx, cache_leftpad, rotary
 (interleaved or not), GQA, causal / windows / softcap / ALiBi, split-KV, seqlen_q 1 and
 more, and the cache contents after the call."""
 
+import os
+
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from conftest import HAS_CUDA
 from ringflash import attention_ref, flash_attn_with_kvcache
@@ -128,6 +132,35 @@ def test_non_interleaved_rotary_non_causal_leftpad(gen):
                          ids=["window", "softcap", "alibi", "splits", "mqa-d40"])
 def test_decode_options(gen, options):
     _case(gen, seqlen_q=2, seqlen_new=1, **options)
+
+
+@settings(max_examples=int(os.environ.get("RINGFLASH_HYPOTHESIS_EXAMPLES", "") or 6), deadline=None,
+          database=None, derandomize=False, print_blob=True, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_random_cache_calls(data):
+    """Random combinations of the options above (hypothesis), each against float64."""
+    paged = data.draw(st.sampled_from([None, None, 1, 4, 8]), "paged")
+    nheads_k = data.draw(st.integers(1, 3), "nheads_k")
+    options = dict(
+        batch=data.draw(st.integers(1, 4), "batch"), seqlen_q=data.draw(st.integers(1, 5), "seqlen_q"),
+        nheads_k=nheads_k, nheads=nheads_k * data.draw(st.integers(1, 3), "group"),
+        d=data.draw(st.sampled_from([8, 16, 40, 64]), "d"), capacity=data.draw(st.sampled_from([8, 24, 40]), "capacity"),
+        seqlen_new=data.draw(st.integers(0, 4), "seqlen_new"), paged=paged,
+        batch_idx=paged is None and data.draw(st.booleans(), "batch_idx"),
+        leftpad=data.draw(st.booleans(), "leftpad"),
+        rotary=data.draw(st.sampled_from([None, "interleaved", ""]), "rotary"),
+        causal=data.draw(st.booleans(), "causal"),
+        window=(data.draw(st.sampled_from([-1, 0, 5]), "left"), data.draw(st.sampled_from([-1, 0, 2]), "right")),
+        softcap=data.draw(st.sampled_from([0.0, 1.5]), "softcap"), alibi=data.draw(st.booleans(), "alibi"),
+        num_splits=data.draw(st.sampled_from([0, 1, 3]), "num_splits"),
+        dtype=data.draw(st.sampled_from([torch.float32, torch.float16]), "dtype"),
+    )
+    if options["seqlen_q"] > options["seqlen_new"]:
+        # Rotary positions of queries past the new keys would leave the table (it covers the
+        # cache's slots); flash-attn's tests append as many keys as queries.
+        options["rotary"] = None
+    _case(torch.Generator().manual_seed(data.draw(st.integers(0, 2**31), "seed")), **options)
 
 
 def test_bad_arguments():
