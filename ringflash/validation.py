@@ -304,12 +304,27 @@ def check_varlen_qkv(
         (q, k, v, cu_seqlens_q, cu_seqlens_k, seqused_k),
     )
     total_q, h, d = check_packed_qkv(q, k, v, dtypes=dtypes, max_headdim=max_headdim)
+    batch, max_seqlen_q, max_seqlen_k, checked = _check_varlen_metadata(
+        total_q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, k.shape[0])
+    return VarlenShape(batch, total_q, k.shape[0], h, k.shape[1], d, max_seqlen_q, max_seqlen_k, checked)
+
+
+def _check_varlen_metadata(
+    total_q: int, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: object,
+    max_seqlen_k: object, seqused_k: Optional[torch.Tensor], total_k: Optional[int],
+    block_table: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
+) -> tuple[int, Optional[int], Optional[int], bool]:
+    """The cu_seqlens / max_seqlen / seqused_k (/ block_table rows) checks that varlen calls
+    share. ``total_k`` None: keys in a paged cache of ``capacity`` slots per sequence.
+    Returns (batch, max_seqlen_q, max_seqlen_k, values checked on the host at this call)."""
     batch = check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q)
     batch_k = check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
     if batch_k != batch:
         raise ValueError(
             f"cu_seqlens_k: has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}; expected the same batch"
         )
+    if block_table is not None and block_table.shape[0] != batch:
+        raise ValueError(f"block_table: has {block_table.shape[0]} rows; expected batch={batch} (one per sequence)")
     max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if seqused_k is not None:
@@ -319,10 +334,10 @@ def check_varlen_qkv(
         if seqused_k.shape[0] != batch:
             raise ValueError(f"seqused_k: has {seqused_k.shape[0]} entries; expected batch={batch}")
     checked = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, total_q, "max_seqlen_q", max_seqlen_q)
-    checked &= check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    checked &= check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, total_k, "max_seqlen_k", max_seqlen_k, capacity)
     if seqused_k is not None:
         checked &= check_seqused_values(seqused_k, cu_seqlens_k)
-    return VarlenShape(batch, total_q, k.shape[0], h, k.shape[1], d, max_seqlen_q, max_seqlen_k, checked)
+    return batch, max_seqlen_q, max_seqlen_k, checked
 
 
 def check_paged_varlen_qkv(
@@ -354,25 +369,9 @@ def check_paged_varlen_qkv(
     check_rank("block_table", block_table, 2, "(batch, max_blocks)")
     if block_table.dtype != torch.int32:
         raise TypeError(f"block_table: dtype {block_table.dtype} is not supported; expected int32")
-    batch = check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q)
-    if check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k) != batch:
-        raise ValueError(f"cu_seqlens_k: has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has {batch + 1}; "
-                         "expected the same batch")
-    if block_table.shape[0] != batch:
-        raise ValueError(f"block_table: has {block_table.shape[0]} rows; expected batch={batch} (one per sequence)")
-    max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
-    max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
-    if seqused_k is not None:
-        check_rank("seqused_k", seqused_k, 1, "(batch,)")
-        if seqused_k.dtype != torch.int32:
-            raise TypeError(f"seqused_k: dtype {seqused_k.dtype} is not supported; expected int32")
-        if seqused_k.shape[0] != batch:
-            raise ValueError(f"seqused_k: has {seqused_k.shape[0]} entries; expected batch={batch}")
     capacity = block_table.shape[1] * k_cache.shape[1]
-    checked = check_cu_seqlens_values("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
-    checked &= check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, None, "max_seqlen_k", max_seqlen_k, capacity)
-    if seqused_k is not None:
-        checked &= check_seqused_values(seqused_k, cu_seqlens_k)
+    batch, max_seqlen_q, max_seqlen_k, checked = _check_varlen_metadata(
+        q.shape[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, None, block_table, capacity)
     return VarlenShape(batch, q.shape[0], capacity, q.shape[1], k_cache.shape[2], q.shape[2], max_seqlen_q,
                        max_seqlen_k, checked)
 
