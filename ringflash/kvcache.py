@@ -24,7 +24,7 @@ from typing import Optional, Union
 import torch
 
 from . import validation as V
-from .kernels.decode import append_to_cache, cache_capacity, decode_forward, invalid_sequences
+from .kernels.decode import append_to_cache, cache_capacity, decode_forward
 from .kernels.problem import make_problem
 
 
@@ -179,16 +179,13 @@ def flash_attn_with_kvcache(
                 else base.expand(batch, seqlen_q)
             q = apply_rotary(q, *_rotary_rows(rotary_cos, rotary_sin, positions), interleaved)
         k_len = (lengths + seqlen_new - leftpad).to(torch.int32)
+        # A bad device-side cache_seqlens / cache_leftpad / cache_batch_idx / block table (past
+        # the cache, a pad past the length, a row or page outside it) gives that sequence NaN
+        # inside the kernels, which stay in the cache (no host sync): k_len < seqlen_new is
+        # a pad past the length.
         out, lse = decode_forward(q, k_cache, v_cache, leftpad, k_len, capacity, prob,
                                   cache_rows=cache_batch_idx, block_table=block_table, alibi_slopes=slopes,
-                                  num_splits=splits)
-        # Device-side lengths past the cache (or the block table), a pad past the length, a
-        # cache row or page outside the cache: the kernels stayed inside the cache; the
-        # sequence's results are NaN (no host sync).
-        bad = (lengths < 0) | (leftpad > lengths) | invalid_sequences(leftpad, k_len, k_cache, block_table,
-                                                                       cache_batch_idx)
-        out = torch.where(bad[:, None, None, None], float("nan"), out)
-        lse = torch.where(bad[:, None, None], float("nan"), lse)
+                                  num_splits=splits, min_k_len=seqlen_new)
     return (out, lse) if return_lse else out
 
 

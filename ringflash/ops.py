@@ -25,7 +25,7 @@ import torch
 
 from .kernels.bwd import attention_backward
 from .kernels import configs, dispatch
-from .kernels.decode import decode_forward, invalid_sequences
+from .kernels.decode import decode_forward
 from .kernels.guard import poison_if_invalid
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
@@ -164,7 +164,7 @@ def paged_fwd(
     the decode kernels with varlen query rows. Sequence b's keys are slots 0 ..
     ``seqused_k[b]`` (else ``cu_seqlens_k[b+1] - cu_seqlens_k[b]``) - 1 of its pages. Rows
     of a sequence whose keys run past its pages or through a block-table entry outside the
-    cache are NaN (found on the device; those reads were clamped into the cache). Not a
+    cache are NaN (found in the kernels, whose reads stay in the cache). Not a
     custom op: like ``flash_attn_with_kvcache``, it is an eager inference call."""
     prob = make_problem(q, k_cache, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
                         window_right, softcap)
@@ -174,14 +174,6 @@ def paged_fwd(
     q_starts, q_ends = meta.q_starts[0], meta.q_ends[0]
     out, lse = decode_forward(q, k_cache, v_cache, k_start, k_len, max_seqlen_k, prob, block_table=block_table,
                               alibi_slopes=alibi_slopes, q_bounds=(q_starts, q_ends))
-    if q.shape[0] > 0:
-        bad = invalid_sequences(k_start, k_len, k_cache, block_table)
-        # The sequence of each query row: how many sequences end at or before it.
-        rows = torch.arange(q.shape[0], device=q.device, dtype=q_ends.dtype)
-        seq = torch.searchsorted(q_ends, rows, right=True).clamp_(max=meta.batch - 1)
-        bad_rows = bad[seq]
-        out = torch.where(bad_rows[:, None, None], float("nan"), out)
-        lse = torch.where(bad_rows[None, :], float("nan"), lse)
     if guard:
         poison_if_invalid(meta, q.shape[0], None, max_seqlen_q, max_seqlen_k, (out, lse))
     return out, lse

@@ -266,10 +266,12 @@ def test_lengths_past_the_cache_give_nan_and_stay_inside_it(gen, paged, append):
         assert torch.equal(k_cache[1], before[0][1]) and torch.equal(v_cache[1], before[1][1])
 
 
-def test_cache_rows_and_pages_outside_the_cache_give_nan_and_write_nothing(gen):
+@pytest.mark.parametrize("num_splits", [0, 2])
+def test_cache_rows_and_pages_outside_the_cache_give_nan_and_write_nothing(gen, num_splits):
     """Device-side cache_batch_idx entries and block-table entries outside the cache (no
     host check): that sequence's output is NaN, the other's is right, appends to it write
-    nothing, and nothing is read or written outside the cache."""
+    nothing, and nothing is read or written outside the cache. With split-KV, the NaN of
+    the splits that met the bad entry survives the merge."""
     batch, h, d, page = 2, 2, 16, 8
     q = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE)
     new = torch.randn(batch, 2, h, d, generator=gen).to(DEVICE)
@@ -279,7 +281,8 @@ def test_cache_rows_and_pages_outside_the_cache_give_nan_and_write_nothing(gen):
     v_cache = torch.randn(3, 16, h, d, generator=gen).to(DEVICE)
     before = (k_cache.clone(), v_cache.clone())
     rows = torch.tensor([2, 7], dtype=torch.int32, device=DEVICE)
-    out = flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=lengths, cache_batch_idx=rows)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, new, new, cache_seqlens=lengths, cache_batch_idx=rows,
+                                  num_splits=num_splits)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
     assert torch.equal(k_cache[:2], before[0][:2]) and torch.equal(v_cache[:2], before[1][:2])
     assert torch.equal(k_cache[2, 5:7], new[0]) and torch.equal(k_cache[2, 7:], before[0][2, 7:])
@@ -288,7 +291,8 @@ def test_cache_rows_and_pages_outside_the_cache_give_nan_and_write_nothing(gen):
     v_pages = torch.randn(4, page, h, d, generator=gen).to(DEVICE)
     before = (k_pages.clone(), v_pages.clone())
     table = torch.tensor([[0, 1], [2, 99]], dtype=torch.int32, device=DEVICE)
-    out = flash_attn_with_kvcache(q, k_pages, v_pages, new, new, cache_seqlens=lengths, block_table=table)
+    out = flash_attn_with_kvcache(q, k_pages, v_pages, new, new, cache_seqlens=lengths, block_table=table,
+                                  num_splits=num_splits)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
     assert torch.equal(k_pages[3], before[0][3]) and torch.equal(v_pages[3], before[1][3])
     assert torch.equal(k_pages[2], before[0][2])  # sequence 1's new keys (slots 9, 10) fell on the bad page

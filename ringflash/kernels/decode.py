@@ -46,7 +46,7 @@ def _decode_kernel(
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
     stride_table_b, stride_alibi_b, stride_alibi_h,
-    seqlen_q, total_q, nheads_k, group, num_splits, page_size, capacity, num_blocks,
+    seqlen_q, total_q, nheads_k, group, num_splits, page_size, capacity, num_blocks, min_k_len,
     qk_scale_log2, softcap_in, softcap_out, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFT: tl.constexpr,
@@ -61,10 +61,14 @@ def _decode_kernel(
     b = tl.program_id(1) // nheads_k
     hk = tl.program_id(1) % nheads_k
     split = tl.program_id(2)
-    # Clamped into the row's (or the block table's) slots: a length past them is reported by
-    # the caller (NaN), never read out of bounds.
-    k_start = tl.minimum(tl.maximum(tl.load(KStart + b), 0), capacity)
-    sk = tl.minimum(tl.maximum(tl.load(KLen + b), 0), capacity - k_start)
+    # Device-side values are clamped into the cache, never followed out of it; a sequence
+    # whose values were out of range gets NaN (out and lse) instead of a plausible answer.
+    raw_start = tl.load(KStart + b)
+    raw_len = tl.load(KLen + b)
+    k_start = tl.minimum(tl.maximum(raw_start, 0), capacity)
+    sk = tl.minimum(tl.maximum(raw_len, 0), capacity - k_start)
+    invalid = tl.where((raw_start < 0) | (raw_len < min_k_len)
+                       | (raw_start.to(tl.int64) + raw_len.to(tl.int64) > capacity), 1, 0)
     if VARLEN_Q:  # clamped likewise (the caller checks the metadata and reports NaN)
         q_row0 = tl.minimum(tl.maximum(tl.load(QStarts + b), 0), total_q)
         sq = tl.minimum(tl.minimum(tl.maximum(tl.load(QEnds + b), q_row0), total_q) - q_row0, seqlen_q)
@@ -101,13 +105,21 @@ def _decode_kernel(
     lo = n_lo + split * blocks_per_split * BLOCK_N
     hi = tl.minimum(lo + blocks_per_split * BLOCK_N, n_hi)
 
-    if HAS_CACHE_ROWS:  # clamped like the block-table entries below
-        cache_row = tl.minimum(tl.maximum(tl.load(CacheRows + b), 0), num_blocks - 1).to(tl.int64)
+    if HAS_CACHE_ROWS:
+        raw_row = tl.load(CacheRows + b)
+        invalid = tl.maximum(invalid, tl.where((raw_row < 0) | (raw_row >= num_blocks), 1, 0))
+        cache_row = tl.minimum(tl.maximum(raw_row, 0), num_blocks - 1).to(tl.int64)
     else:
         cache_row = b.to(tl.int64)
     k_base = K + hk.to(tl.int64) * stride_kh
     v_base = V + hk.to(tl.int64) * stride_vh
     offs_n = tl.arange(0, BLOCK_N)
+    if PAGED:  # every page of the sequence, not only this split's: NaN for the whole sequence
+        for p0 in range(k_start // page_size, tl.cdiv(k_start + sk, page_size), BLOCK_N):
+            pages = p0 + offs_n
+            entry = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + pages,
+                            mask=pages < tl.cdiv(k_start + sk, page_size), other=0)
+            invalid = tl.maximum(invalid, tl.max(tl.where((entry < 0) | (entry >= num_blocks), 1, 0), 0))
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -117,8 +129,7 @@ def _decode_kernel(
         slot = (k_start + key).to(tl.int64)  # index within the sequence's cache row
         if PAGED:
             block = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + slot // page_size, mask=key_ok, other=0)
-            # An entry outside the cache is reported by the caller (NaN), never followed.
-            block = tl.minimum(tl.maximum(block, 0), num_blocks - 1)
+            block = tl.minimum(tl.maximum(block, 0), num_blocks - 1)  # checked above
             k_rows = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_ks
             v_rows = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vs
         else:
@@ -144,6 +155,9 @@ def _decode_kernel(
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    invalid_rows = (tl.zeros([BLOCK_M], dtype=tl.int32) + invalid) > 0
+    out = tl.where(invalid_rows[:, None], float("nan"), out)
+    lse = tl.where(invalid_rows, float("nan"), lse)
     o_ptrs = (Out + split.to(tl.int64) * stride_osplit + b.to(tl.int64) * stride_ob
               + q_row[:, None] * stride_os + head[:, None].to(tl.int64) * stride_oh + offs_d[None, :])
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -177,6 +191,7 @@ def decode_forward(
     alibi_slopes: Optional[torch.Tensor] = None,
     num_splits: int = 0,
     q_bounds: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+    min_k_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (batch, seqlen_q, nheads, d) against a KV cache (see the module doc).
 
@@ -187,8 +202,10 @@ def decode_forward(
     ``q_bounds``: varlen queries, (starts, ends) int32 (batch,) rows of q (total_q, nheads,
     d), at most ``prob.max_seqlen_q`` each (``prob`` is then a varlen problem). Returns out
     like q and lse (batch, nheads, seqlen_q), or (nheads, total_q) with ``q_bounds``, float32.
-    Lengths and block-table entries outside the cache are clamped into it, never followed;
-    ``invalid_sequences`` tells a caller which sequences had them."""
+    Device-side values out of range are clamped into the cache, never followed, and the
+    sequence's out and lse are NaN: ``k_start < 0``, ``k_len < min_k_len``, keys past the
+    row's (or the block table's) slots, a ``cache_rows`` entry or (paged) a block-table
+    entry of one of its pages outside the cache. No host sync."""
     check_device(q)
     varlen_q = q_bounds is not None
     if varlen_q:
@@ -250,7 +267,7 @@ def decode_forward(
         (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0,
         alibi_slopes.stride(1) if alibi_slopes is not None else 0,
         seqlen_q, total_q, nheads_k, group, splits, k_cache.shape[1] if paged else 1,
-        cache_capacity(k_cache, block_table), k_cache.shape[0],
+        cache_capacity(k_cache, block_table), k_cache.shape[0], min_k_len,
         *prob.scalar_args(), prob.window_left, prob.window_right,
         HEADDIM=d, BLOCK_D=prob.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, VARLEN_Q=varlen_q, HAS_LEFT=prob.has_left,
@@ -267,28 +284,6 @@ def decode_forward(
 def cache_capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> int:
     """Slots of one sequence's cache row: seqlen_cache, or max_blocks x page_size when paged."""
     return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
-
-
-def invalid_sequences(k_start: torch.Tensor, k_len: torch.Tensor, k_cache: torch.Tensor,
-                      block_table: Optional[torch.Tensor], cache_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """bool (batch,): the sequences whose keys ``k_start .. k_start + k_len - 1`` do not lie
-    in their cache row, whose ``cache_rows`` entry is not a row of the cache, or (paged) whose
-    keys pass through a block-table entry outside ``[0, num_blocks)``. ``decode_forward``
-    clamps those reads into the cache, so their results are meaningless; callers turn them
-    into NaN. Device ops only (no host sync)."""
-    capacity = cache_capacity(k_cache, block_table)
-    start, length = k_start.long(), k_len.long()
-    bad = (start < 0) | (length < 0) | (start + length > capacity)
-    if cache_rows is not None:
-        bad = bad | (cache_rows < 0) | (cache_rows >= k_cache.shape[0])
-    if block_table is not None:
-        page = k_cache.shape[1]
-        end = (start + length).clamp(0, capacity)
-        cols = torch.arange(block_table.shape[1], device=block_table.device)
-        used = (cols[None, :] >= start.clamp(0)[:, None] // page) & (cols[None, :] * page < end[:, None])
-        outside = (block_table < 0) | (block_table >= k_cache.shape[0])
-        bad = bad | (used & outside).any(1)
-    return bad
 
 
 @triton.jit
