@@ -96,8 +96,8 @@ class PagedKVAttnFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                meta: SeqMeta, *args):
-        out, lse = ops.paged_fwd(q, k_cache, v_cache, block_table, meta, *args)
+                cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, seqused_k: Optional[torch.Tensor], *args):
+        out, lse = ops.paged_fwd(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k, *args)
         ctx.mark_non_differentiable(lse)
         return out, lse
 

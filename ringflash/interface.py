@@ -207,9 +207,9 @@ def _paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, 
     opts = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
     out, lse = PagedKVAttnFunc.apply(
-        q, k_cache, v_cache, block_table, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k),
-        shape.max_seqlen_q, shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap,
-        not shape.values_checked, opts.alibi,
+        q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k, shape.max_seqlen_q,
+        shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap, not shape.values_checked,
+        opts.alibi,
     )
     return _result(out, lse, opts, None)
 

@@ -23,9 +23,9 @@ from typing import Optional, Union
 
 import torch
 
+from . import ops
 from . import validation as V
-from .kernels.decode import append_to_cache, cache_capacity, decode_forward
-from .kernels.problem import make_problem
+from .kernels.decode import cache_capacity
 
 
 def _as_lengths(name: str, value, batch: int, device: torch.device, default: int) -> torch.Tensor:
@@ -43,22 +43,6 @@ def _as_lengths(name: str, value, batch: int, device: torch.device, default: int
     if value.device != device:
         raise ValueError(f"{name}: is on device {value.device} but q is on {device}; expected {device}")
     return value
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotary embedding of x (batch, n, heads, d) with per-token cos/sin (batch, n, rotary_dim / 2),
-    on the first rotary_dim dims: pairs (2i, 2i + 1) when interleaved (GPT-J), else (i,
-    i + rotary_dim / 2) (GPT-NeoX). Computed in float32; returns x's dtype."""
-    rot = 2 * cos.shape[-1]
-    head, tail = x[..., :rot].float(), x[..., rot:]
-    c, s = cos.float()[:, :, None, :], sin.float()[:, :, None, :]
-    if interleaved:
-        x1, x2 = head[..., 0::2], head[..., 1::2]
-        rotated = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1).flatten(-2)
-    else:
-        x1, x2 = head[..., :rot // 2], head[..., rot // 2:]
-        rotated = torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)
-    return torch.cat((rotated.to(x.dtype), tail), dim=-1)
 
 
 def flash_attn_with_kvcache(
@@ -140,7 +124,6 @@ def flash_attn_with_kvcache(
     capacity = cache_capacity(k_cache, block_table)
     lengths = _as_lengths("cache_seqlens", cache_seqlens, batch, device, capacity)
     leftpad = _as_lengths("cache_leftpad", cache_leftpad, batch, device, 0)
-    seqlen_new = 0
     if k is not None:
         V.check_rank("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
         V.check_same_dtype(("q", "k", "v"), (q, k, v))
@@ -148,7 +131,6 @@ def flash_attn_with_kvcache(
         if k.shape[0] != batch or k.shape[2:] != (nheads_k, d) or v.shape != k.shape:
             raise ValueError(f"k, v: shapes {tuple(k.shape)}, {tuple(v.shape)}; expected (batch={batch}, seqlen_new, "
                              f"nheads_k={nheads_k}, headdim={d}) both")
-        seqlen_new = k.shape[1]
     left, right = V.check_window(window_size)
     causal = V.as_bool("causal", causal)
     if causal:
@@ -160,32 +142,12 @@ def flash_attn_with_kvcache(
     if splits is None or splits < 0:
         raise ValueError(f"num_splits: got {num_splits!r}; expected 0 (choose) or a positive int")
     slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, batch, nheads, device)
-    prob = make_problem(q, k_cache, None, seqlen_q, capacity, V.resolve_softmax_scale(softmax_scale, d), causal,
-                        left, right, V.check_softcap(softcap))
+    scale, cap = V.resolve_softmax_scale(softmax_scale, d), V.check_softcap(softcap)
     interleaved = V.as_bool("rotary_interleaved", rotary_interleaved)
     return_lse = V.as_bool("return_softmax_lse", return_softmax_lse)
 
-    with torch.no_grad():
-        if k is not None:
-            new_slots = lengths[:, None].long() + torch.arange(seqlen_new, device=device)  # (batch, seqlen_new)
-            if rotary:
-                # Positions are cache slots, left padding included, as in flash-attn.
-                k = apply_rotary(k, *_rotary_rows(rotary_cos, rotary_sin, new_slots), interleaved)
-            append_to_cache(k_cache, k, new_slots, block_table, cache_batch_idx)
-            append_to_cache(v_cache, v, new_slots, block_table, cache_batch_idx)
-        if rotary:
-            base = lengths.long()[:, None]
-            positions = base + torch.arange(seqlen_q, device=device) if causal or left >= 0 or right >= 0 \
-                else base.expand(batch, seqlen_q)
-            q = apply_rotary(q, *_rotary_rows(rotary_cos, rotary_sin, positions), interleaved)
-        k_len = (lengths + seqlen_new - leftpad).to(torch.int32)
-        # A bad device-side cache_seqlens / cache_leftpad / cache_batch_idx / block table (past
-        # the cache, a pad past the length, a row or page outside it) gives that sequence NaN
-        # inside the kernels, which stay in the cache (no host sync): k_len < seqlen_new is
-        # a pad past the length.
-        out, lse = decode_forward(q, k_cache, v_cache, leftpad, k_len, capacity, prob,
-                                  cache_rows=cache_batch_idx, block_table=block_table, alibi_slopes=slopes,
-                                  num_splits=splits, min_k_len=seqlen_new)
+    out, lse = ops.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths, leftpad, cache_batch_idx,
+                           block_table, slopes, scale, causal, left, right, cap, interleaved, splits)
     return (out, lse) if return_lse else out
 
 
@@ -202,9 +164,3 @@ def _check_rotary(cos, sin, d: int, capacity: int, q: torch.Tensor) -> None:
     if cos.shape[0] < capacity:
         raise ValueError(f"rotary_cos: has {cos.shape[0]} positions but the cache has {capacity} slots; expected "
                          f">= {capacity}")
-
-
-def _rotary_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin rows (batch, n, rotary_dim / 2) of (batch, n) positions (clamped into the table)."""
-    idx = positions.clamp(0, cos.shape[0] - 1)
-    return cos[idx], sin[idx]

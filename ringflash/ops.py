@@ -2,7 +2,9 @@
 implementations, so that models calling them compile under ``torch.compile(fullgraph=True)``
 without graph breaks.
 
-``ringflash::attn_fwd`` -> (out, lse) and ``ringflash::attn_bwd`` -> (dq, dk, dv). Dense
+``ringflash::attn_fwd`` -> (out, lse) and ``ringflash::attn_bwd`` -> (dq, dk, dv); for
+inference, ``ringflash::kvcache_fwd`` (``flash_attn_with_kvcache``; mutates the caches) and
+``ringflash::paged_fwd`` (``flash_attn_varlen_func`` with ``block_table``). Dense
 when ``q_starts`` is None; varlen or grouped otherwise, with the metadata of
 ``ringflash.kernels.problem.SeqMeta`` (q_starts, q_ends, seqused_k, diag: (groups, batch)
 int32; cu_seqlens_k: (batch + 1,)). Layouts as in ``ringflash.interface``.
@@ -25,9 +27,10 @@ import torch
 
 from .kernels.bwd import attention_backward
 from .kernels import configs, dispatch
-from .kernels.decode import decode_forward
+from .kernels.decode import append_to_cache, cache_capacity, decode_forward
 from .kernels.guard import poison_if_invalid
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
+from .rotary import apply_rotary, rotary_rows
 
 
 def _guard(meta: Optional[SeqMeta], q: torch.Tensor, k: torch.Tensor, prob: AttnProblem,
@@ -155,17 +158,19 @@ def bwd(*args) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _attn_bwd_impl(*args)
 
 
-def paged_fwd(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, meta: SeqMeta,
+def _paged_fwd_impl(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, seqused_k: Optional[torch.Tensor],
     max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
     softcap: float, guard: bool = False, alibi_slopes: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Varlen queries against a paged KV cache (flash-attn's ``block_table``), forward only:
-    the decode kernels with varlen query rows. Sequence b's keys are slots 0 ..
-    ``seqused_k[b]`` (else ``cu_seqlens_k[b+1] - cu_seqlens_k[b]``) - 1 of its pages. Rows
-    of a sequence whose keys run past its pages or through a block-table entry outside the
-    cache are NaN (found in the kernels, whose reads stay in the cache). Not a
-    custom op: like ``flash_attn_with_kvcache``, it is an eager inference call."""
+    """``ringflash::paged_fwd``: varlen queries against a paged KV cache (flash-attn's
+    ``block_table``), forward only: the decode kernels with varlen query rows. Sequence b's
+    keys are slots 0 .. ``seqused_k[b]`` (else ``cu_seqlens_k[b+1] - cu_seqlens_k[b]``) - 1
+    of its pages. Rows of a sequence whose keys run past its pages or through a
+    block-table entry outside the cache are NaN (found in the kernels, whose reads stay in
+    the cache). Returns out like q and lse (nheads, total_q)."""
+    meta = SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k)
     prob = make_problem(q, k_cache, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
                         window_right, softcap)
     cu_k = meta.cu_seqlens_k
@@ -177,3 +182,78 @@ def paged_fwd(
     if guard:
         poison_if_invalid(meta, q.shape[0], None, max_seqlen_q, max_seqlen_k, (out, lse))
     return out, lse
+
+
+paged_fwd_op = torch.library.custom_op("ringflash::paged_fwd", mutates_args=())(_paged_fwd_impl)
+
+
+@paged_fwd_op.register_fake
+def _(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right, softcap, guard=False, alibi_slopes=None):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty(_lse_shape(q, True), dtype=torch.float32)
+
+
+def paged_fwd(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``paged_fwd_op``: through the custom op while compiling, directly otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ringflash.paged_fwd(*args)
+    return _paged_fwd_impl(*args)
+
+
+def _kvcache_fwd_impl(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
+    cache_seqlens: torch.Tensor, cache_leftpad: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
+    block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softmax_scale: float, causal: bool,
+    window_left: int, window_right: int, softcap: float, rotary_interleaved: bool, num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``ringflash::kvcache_fwd``: ``flash_attn_with_kvcache`` after its checks (see there
+    for the positions and the layouts): appends the new k/v (rotated) into the caches in
+    place, rotates q, and runs the decode kernels. Returns out like q and lse (batch,
+    nheads, seqlen_q). A registered custom op that mutates the caches, so that a compiled
+    decode step (``torch.compile``, CUDA graphs) keeps the call whole."""
+    batch, seqlen_q = q.shape[0], q.shape[1]
+    device = q.device
+    capacity = cache_capacity(k_cache, block_table)
+    seqlen_new = 0 if k is None else k.shape[1]
+    rotary = rotary_cos is not None
+    if k is not None:
+        new_slots = cache_seqlens[:, None].long() + torch.arange(seqlen_new, device=device)  # (batch, seqlen_new)
+        if rotary:  # positions are cache slots, left padding included, as in flash-attn
+            k = apply_rotary(k, *rotary_rows(rotary_cos, rotary_sin, new_slots), rotary_interleaved)
+        append_to_cache(k_cache, k, new_slots, block_table, cache_batch_idx)
+        append_to_cache(v_cache, v, new_slots, block_table, cache_batch_idx)
+    if rotary:
+        base = cache_seqlens.long()[:, None]
+        local = causal or window_left >= 0 or window_right >= 0
+        positions = base + torch.arange(seqlen_q, device=device) if local else base.expand(batch, seqlen_q)
+        q = apply_rotary(q, *rotary_rows(rotary_cos, rotary_sin, positions), rotary_interleaved)
+    prob = make_problem(q, k_cache, None, seqlen_q, capacity, softmax_scale, causal, window_left, window_right,
+                        softcap)
+    k_len = (cache_seqlens + seqlen_new - cache_leftpad).to(torch.int32)
+    # A bad device-side cache_seqlens / cache_leftpad / cache_batch_idx / block table (past
+    # the cache, a pad past the length, a row or page outside it) gives that sequence NaN
+    # inside the kernels, which stay in the cache (no host sync): k_len < seqlen_new is
+    # a pad past the length.
+    return decode_forward(q, k_cache, v_cache, cache_leftpad, k_len, capacity, prob, cache_rows=cache_batch_idx,
+                          block_table=block_table, alibi_slopes=alibi_slopes, num_splits=num_splits,
+                          min_k_len=seqlen_new)
+
+
+kvcache_fwd_op = torch.library.custom_op("ringflash::kvcache_fwd", mutates_args=("k_cache", "v_cache"))(
+    _kvcache_fwd_impl)
+
+
+@kvcache_fwd_op.register_fake
+def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
+      alibi_slopes, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved, num_splits):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            q.new_empty(_lse_shape(q, False), dtype=torch.float32))
+
+
+def kvcache(*args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``kvcache_fwd_op``: through the custom op while compiling, directly otherwise."""
+    if torch.compiler.is_compiling():
+        return torch.ops.ringflash.kvcache_fwd(*args)
+    with torch.no_grad():
+        return _kvcache_fwd_impl(*args)

@@ -296,3 +296,36 @@ def test_cache_rows_and_pages_outside_the_cache_give_nan_and_write_nothing(gen, 
     assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
     assert torch.equal(k_pages[3], before[0][3]) and torch.equal(v_pages[3], before[1][3])
     assert torch.equal(k_pages[2], before[0][2])  # sequence 1's new keys (slots 9, 10) fell on the bad page
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_compiled_decode_step_matches_eager(gen, paged):
+    """flash_attn_with_kvcache under torch.compile(fullgraph=True) (a registered custom op
+    that mutates the caches): the same output and the same appended cache as eager, over
+    two steps (the compiled graph is reused with new lengths)."""
+    torch._dynamo.reset()
+    batch, h, hk, d, page = 2, 4, 2, 16, 8
+    cos, sin = (torch.rand(32, 4, generator=gen).to(DEVICE) for _ in range(2))
+    if paged:
+        k_cache = torch.randn(9, page, hk, d, generator=gen).to(DEVICE)
+        table = torch.tensor([[3, 1, 7, 0], [2, 8, 5, 4]], dtype=torch.int32, device=DEVICE)
+    else:
+        k_cache, table = torch.randn(batch, 32, hk, d, generator=gen).to(DEVICE), None
+    v_cache = torch.randn(k_cache.shape, generator=gen).to(DEVICE)
+    caches = {"eager": (k_cache.clone(), v_cache.clone()), "compiled": (k_cache.clone(), v_cache.clone())}
+
+    def step(q, kc, vc, k, v, lengths):
+        return flash_attn_with_kvcache(q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lengths,
+                                       block_table=table, causal=True, return_softmax_lse=True)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for lengths in ([5, 9], [6, 10]):
+        lengths = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+        q = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE)
+        k, v = (torch.randn(batch, 1, hk, d, generator=gen).to(DEVICE) for _ in range(2))
+        want = step(q, *caches["eager"], k, v, lengths)
+        got = compiled(q, *caches["compiled"], k, v, lengths)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        for a, b in zip(caches["compiled"], caches["eager"]):
+            assert torch.equal(a, b)

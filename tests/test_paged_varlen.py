@@ -211,3 +211,15 @@ def test_backward_raises_instead_of_returning_no_gradient(gen):
     assert out.requires_grad  # the forward runs with inputs that require grad (flash-attn's tests do)
     with pytest.raises(NotImplementedError, match="block_table .* is forward-only"):
         out.sum().backward()
+
+
+def test_compiled_call_matches_eager(gen):
+    """flash_attn_varlen_func with block_table under torch.compile(fullgraph=True)."""
+    torch._dynamo.reset()
+    q, k_cache, v_cache, table, cu_q, cu_k = _small(gen)
+    args = [t.to(DEVICE) for t in (q, k_cache, v_cache, cu_q, cu_k)]
+
+    def call(q, kc, vc, cu_q, cu_k):
+        return flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 1, 10, causal=True, block_table=table.to(DEVICE))
+
+    torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(*args), call(*args))

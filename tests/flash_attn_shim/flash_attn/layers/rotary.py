@@ -1,5 +1,5 @@
 """``flash_attn.layers.rotary.apply_rotary_emb`` in PyTorch, on ringflash's rotary math
-(``ringflash.kvcache.apply_rotary``: float32 inside, the input's dtype out)."""
+(``ringflash.rotary.apply_rotary``: float32 inside, the input's dtype out)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from ringflash.kvcache import apply_rotary
+from ringflash.rotary import apply_rotary
 
 __all__ = ["apply_rotary_emb"]
 
