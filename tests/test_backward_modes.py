@@ -61,3 +61,52 @@ def test_deterministic_flag_refuses_atomics(monkeypatch):
     monkeypatch.setenv("RINGFLASH_BACKWARD", "sometimes")
     with pytest.raises(ValueError, match="RINGFLASH_BACKWARD: got 'sometimes'"):
         configs.use_atomic_dq(False)
+
+
+# --- the dK/dV kernel's query-head split (RINGFLASH_DKV_HEAD_SPLITS) -------------------------
+
+
+@pytest.mark.parametrize("splits", ["2", "3", "64"])
+@pytest.mark.parametrize("mode", ["deterministic", "atomic"])
+def test_dkv_head_splits_dense_and_varlen(gen, monkeypatch, splits, mode):
+    """Each KV head's key block shared by several programs, each summing some of its query
+    heads into a float32 partial: against float64 with GQA 6/2 (splits 2 and 3 uneven and
+    even over 3 query heads; 64 is clamped to 3), with both backwards, and bit-identical
+    across runs (the partials are added in a fixed order)."""
+    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", splits)
+    monkeypatch.setenv("RINGFLASH_BACKWARD", mode)
+    check_attention(dense_impl, dense_ref, dense64(gen, DEVICE, 2, 37, 45, 6, 2, 16), torch.float32,
+                    extra=(True, (9, -1), 0.0))
+    lengths, k_lengths = [9, 0, 40, 1], [14, 3, 40, 6]
+    mk = lambda n, h: torch.randn(n, h, 16, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
+    inputs = (mk(sum(lengths), 6), mk(sum(k_lengths), 2), mk(sum(k_lengths), 2))
+    meta = (cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE), 40, 40)
+    check_attention(varlen_impl, varlen_ref, inputs, torch.float16, extra=(*meta, True))
+    if mode == "deterministic":
+        q, k, v = (t.float() for t in dense64(gen, DEVICE, 1, 33, 33, 6, 2, 16))
+        runs = []
+        for _ in range(2):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            runs.append(torch.autograd.grad(flash_attn_func(*leaves, causal=True).square().sum(), leaves))
+        assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_dkv_head_splits_setting(monkeypatch):
+    from ringflash.kernels.problem import AttnProblem
+
+    prob = AttnProblem(batch=1, nheads=8, nheads_k=2, headdim=64, max_seqlen_q=100, max_seqlen_k=100,
+                       is_varlen=False, softmax_scale=0.1, causal=True, window_left=-1, window_right=0, softcap=0.0,
+                       num_groups=2)
+    cfg = configs.DEFAULT["dkdv"]
+    cpu = torch.device("cpu")
+    assert configs.dkv_head_splits(prob, cfg, cpu) == 1  # off by default until measured on a GPU
+    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", "5")
+    assert configs.dkv_head_splits(prob, cfg, cpu) == 5
+    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", "99")
+    assert configs.dkv_head_splits(prob, cfg, cpu) == 8  # 4 query heads per KV head x 2 groups
+    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", "auto")
+    assert configs.dkv_head_splits(prob, cfg, cpu) == 1  # no GPU to fill
+    for bad in ("0", "many"):
+        monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", bad)
+        with pytest.raises(ValueError, match="RINGFLASH_DKV_HEAD_SPLITS"):
+            configs.dkv_head_splits(prob, cfg, cpu)

@@ -102,9 +102,9 @@ def test_wide_csv(wide_run):
     for r in rows:
         by.setdefault((r["impl"], r["pass"]), []).append(r)
     # Ours runs everywhere (interpreted), forward and both backwards; the atomic rows are backward only.
-    for key in (("ours", "fwd"), ("ours", "bwd"), ("ours_atomic", "bwd")):
+    for key in (("ours", "fwd"), ("ours", "bwd"), ("ours_atomic", "bwd"), ("ours_split", "bwd")):
         assert by[key] and all(r["status"] == "ok" for r in by[key]), key
-    assert ("ours_atomic", "fwd") not in by
+    assert ("ours_atomic", "fwd") not in by and ("ours_split", "fwd") not in by
     # SDPA's flash backend has a CPU kernel; cuDNN and the aten varlen kernels do not.
     assert all(r["status"] == "ok" for r in by[("fa2", "fwd")] if r["family"] != "varlen")
     assert all(r["status"].startswith("unsupported: ") for r in by[("cudnn", "fwd")])
@@ -125,7 +125,8 @@ def test_wide_atomic_setting_reaches_the_backward(wide_run):
 def test_wide_report_and_redraw(wide_run, tmp_path):
     out, _ = wide_run
     md = (out / "kernels_wide.md").read_text()
-    assert "## Speed ratios" in md and "atomic bwd vs FA2" in md and "## Not measured" in md
+    assert "## Speed ratios" in md and "atomic bwd vs FA2" in md and "split vs default bwd" in md
+    assert "## Not measured" in md
     assert md.rstrip().splitlines()[-1].startswith("| seed3d")  # the ratio table comes last
     assert_png(out / "kernels_wide_speed_ratios.png")
     assert_redraws(["kernels", "--grid", "wide"], out, "kernels_wide", tmp_path)

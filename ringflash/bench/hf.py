@@ -9,6 +9,10 @@ optimizer (its time does not depend on the attention).
 Variants, on one model (``set_attn_implementation`` between them, so the weights are the same):
 
 * ``ringattn``: ``ringflash.integrations.hf.register()``;
+* ``ringattn_atomic`` / ``ringattn_split``: the same under ``RINGFLASH_BACKWARD=atomic`` (the
+  5-GEMM backward) / ``RINGFLASH_DKV_HEAD_SPLITS=auto`` (dK/dV programs share a KV head's
+  key block when the grid underfills the GPU, as this model's 4 KV heads at batch 1 do),
+  the backward choices that wait for a GPU measurement;
 * ``sdpa``: transformers' "sdpa", PyTorch choosing the backend;
 * ``sdpa_fa2``: "sdpa" inside ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``.
 
@@ -46,16 +50,24 @@ import torch
 from .common import device_description, free_memory
 from .harness import (
     interruptible, publish, redraw,
-    BASE_COLUMNS, add_device_options, cell, classify_failure, cpu_threads, fmt_ratio, index_rows,
+    BASE_COLUMNS, add_device_options, cell, classify_failure, cpu_threads, environ, fmt_ratio, index_rows,
     make_timer, not_measured, ordered, resolve_device, rows_device_timer, run_timed, speed_ratio, table,
 )
 from .progress import progress_bar, show, write
 
 NAME = "hf"
 COLUMNS = BASE_COLUMNS + ["tokens_per_s", "loss", "tokens", "docs", "layers", "hidden", "heads", "kv_heads", "dtype"]
-VARIANTS = ("ringattn", "sdpa", "sdpa_fa2")
+#: ringflash variants: the environment each one's steps run under.
+RING_VARIANTS = {
+    "ringattn": {},
+    "ringattn_atomic": {"RINGFLASH_BACKWARD": "atomic"},
+    "ringattn_split": {"RINGFLASH_DKV_HEAD_SPLITS": "auto"},
+}
+VARIANTS = (*RING_VARIANTS, "sdpa", "sdpa_fa2")
 VARIANT_DESCRIPTIONS = {
     "ringattn": "attn_implementation from ringflash.integrations.hf.register()",
+    "ringattn_atomic": "ringattn under RINGFLASH_BACKWARD=atomic",
+    "ringattn_split": "ringattn under RINGFLASH_DKV_HEAD_SPLITS=auto",
     "sdpa": "transformers' \"sdpa\", PyTorch's backend choice (packed: a 4D block-diagonal causal mask)",
     "sdpa_fa2": "\"sdpa\" inside sdpa_kernel(SDPBackend.FLASH_ATTENTION) (packed: one run per document)",
 }
@@ -138,7 +150,7 @@ def step_fn(model, case: Case, batch: dict, variant: str, last: dict) -> Callabl
         def step():
             model.zero_grad(set_to_none=True)
             return run(input_ids=ids, labels=ids)
-    elif variant == "ringattn":
+    elif variant in RING_VARIANTS:
         def step():
             model.zero_grad(set_to_none=True)
             return run(input_ids=ids, labels=ids, position_ids=batch["position_ids"])
@@ -165,6 +177,8 @@ def step_fn(model, case: Case, batch: dict, variant: str, last: dict) -> Callabl
 
 
 def _backend_ctx(variant: str):
+    if variant in RING_VARIANTS:
+        return environ(**RING_VARIANTS[variant])
     if variant != "sdpa_fa2":
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -201,9 +215,9 @@ def run_all(cases: Sequence[Case], device: str, timer, timer_name: str, device_n
                 add(case, v, None, status)
             bar.update(1)
         return rows
-    attn = {"ringattn": name, "sdpa": "sdpa", "sdpa_fa2": "sdpa"}
-    notes = {"ringattn": "packed: position_ids restarting at 0", "sdpa": "packed: 4D block-diagonal causal mask",
-             "sdpa_fa2": "packed: one forward+backward per document"}
+    attn = {**{v: name for v in RING_VARIANTS}, "sdpa": "sdpa", "sdpa_fa2": "sdpa"}
+    notes = {**{v: "packed: position_ids restarting at 0" for v in RING_VARIANTS},
+             "sdpa": "packed: 4D block-diagonal causal mask", "sdpa_fa2": "packed: one forward+backward per document"}
     for case in cases:
         show(bar, case.name)
         try:

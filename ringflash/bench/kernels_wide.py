@@ -15,11 +15,13 @@ Grid on a GPU (bf16; ``--quick`` a subset):
 
 Implementations: ``ours`` (flash_attn_func / flash_attn_varlen_func / the 3-D function; its
 backward is the library default, ``deterministic=True`` gives the same kernels today),
-``ours_atomic`` (the same calls under ``RINGFLASH_BACKWARD=atomic``: the 5-GEMM backward;
-backward only, the forward is ours), ``fa2`` and ``cudnn``. GQA baselines use
+the backward variants (backward only, the forward is ours): ``ours_atomic`` (the same
+calls under ``RINGFLASH_BACKWARD=atomic``: the 5-GEMM backward) and ``ours_split`` (under
+``RINGFLASH_DKV_HEAD_SPLITS=auto``: dK/dV programs share a KV head's key block where the
+grid underfills the GPU), ``fa2`` and ``cudnn``. GQA baselines use
 ``enable_gqa=True`` where the torch and backend accept it, else repeated K/V heads (the
 row's note says which). Each case also records the relative error of our output and
-gradients against FA2's (and of the atomic backward's against ours): a guard on the
+gradients against FA2's (and of each backward variant's against ours): a guard on the
 numbers, not a test.
 
 On a GPU the Triton variants of every case are first compiled in parallel worker
@@ -55,10 +57,18 @@ from .progress import progress_bar, show, write
 NAME = "kernels_wide"
 COLUMNS = BASE_COLUMNS + ["tflops", "rel_err", "family", "headdim", "causal", "seqlen", "batch", "nheads",
                           "nheads_k", "tokens"]
-IMPLS = ("ours", "ours_atomic", "fa2", "cudnn")
+#: Backward-only variants of ours: the same calls under an environment setting, for the
+#: A/B of backward choices that wait for a GPU measurement. impl -> (environment, label).
+BWD_VARIANTS = {
+    "ours_atomic": ({"RINGFLASH_BACKWARD": "atomic"}, "atomic"),
+    "ours_split": ({"RINGFLASH_DKV_HEAD_SPLITS": "auto"}, "head split"),
+}
+IMPLS = ("ours", *BWD_VARIANTS, "fa2", "cudnn")
 IMPL_DESCRIPTIONS = {
     "ours": "ringflash, default backward (deterministic: separate dK/dV and dQ kernels)",
     "ours_atomic": "ringflash under RINGFLASH_BACKWARD=atomic (5-GEMM backward, dQ by atomics); backward only",
+    "ours_split": "ringflash under RINGFLASH_DKV_HEAD_SPLITS=auto (several dK/dV programs per KV head's key block "
+                  "where the grid underfills the GPU); backward only",
     "fa2": "SDPA with SDPBackend.FLASH_ATTENTION (varlen: aten._flash_attention_forward/backward)",
     "cudnn": "SDPA with SDPBackend.CUDNN_ATTENTION (no varlen entry point)",
 }
@@ -230,7 +240,7 @@ def estimate_seconds(cases: Sequence[Case], workers: int = 12) -> tuple[float, l
         tf, tb = f / EST_FWD_TFLOPS / 1e9, BWD_FLOP_FACTOR * f / EST_BWD_TFLOPS / 1e9
         baselines = 1 if c.family == "varlen" else 2
         s = (1 + baselines) * (_do_bench_s(tf) + _do_bench_s(tb) + tf / 1e3)  # + the graph-building forward
-        s += _do_bench_s(tb)  # ours_atomic
+        s += len(BWD_VARIANTS) * _do_bench_s(tb)
         s += (6 * tf + 6 * tb) / 1e3 + 0.3  # GQA-mode probes, sanity errors, allocation
         s += 0.5 if c.family != "varlen" else 0.0  # cuDNN builds its graphs for each new shape
         per_case.append(s)
@@ -337,9 +347,9 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
             free_memory()
 
     ours = ours_fn(case, extra)
-    # Sanity: our output and gradients against FA2's (cuDNN's when FA2 did not run), and the
-    # atomic backward's gradients against the default one's.
-    errs: dict[str, dict] = {"ours": {}, "ours_atomic": {}}
+    # Sanity: our output and gradients against FA2's (cuDNN's when FA2 did not run), and each
+    # backward variant's gradients against the default one's.
+    errs: dict[str, dict] = {"ours": {}, **{impl: {} for impl in BWD_VARIANTS}}
     ref_fn = chosen["fa2"][0] or chosen["cudnn"][0]
     try:
         with torch.no_grad():
@@ -353,19 +363,22 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
             g_ref = grads(ref_fn)
             errs["ours"]["bwd"] = max(rel_err(a, b) for a, b in zip(g_ours, g_ref))
             del g_ref
-        with environ(RINGFLASH_BACKWARD="atomic"):
-            g_atomic = grads(ours)
-        errs["ours_atomic"]["bwd"] = max(rel_err(a, b) for a, b in zip(g_atomic, g_ours))
-        del g_ours, g_atomic
+        for impl, (env, _) in BWD_VARIANTS.items():
+            with environ(**env):
+                g_variant = grads(ours)
+            errs[impl]["bwd"] = max(rel_err(a, b) for a, b in zip(g_variant, g_ours))
+            del g_variant
+        del g_ours
     except Exception as exc:  # the timing below records the failure per pass
         write(f"  {case.name}: sanity check failed ({classify_failure(exc)})")
     if device == "cuda":
         free_memory()
 
     add("ours", measure_passes(ours, inputs, dout, timer, device), f"backward={backward_mode()}", errs["ours"])
-    with environ(RINGFLASH_BACKWARD="atomic"):
-        add("ours_atomic", measure_passes(ours, inputs, dout, timer, device, passes=("bwd",)),
-            "backward=atomic", errs["ours_atomic"])
+    for impl, (env, label) in BWD_VARIANTS.items():
+        with environ(**env):
+            add(impl, measure_passes(ours, inputs, dout, timer, device, passes=("bwd",)), f"backward: {label}",
+                errs[impl])
     for impl in ("fa2", "cudnn"):
         fn, note, status = chosen[impl]
         if fn is None:
@@ -379,16 +392,17 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
 
 
 def _precompile_worker(job) -> Optional[str]:
-    """Run our forward, default backward and atomic backward of one case once, so that
-    Triton compiles their variants into its on-disk cache."""
+    """Run our forward, default backward and the backward variants of one case once, so
+    that Triton compiles their kernels into its on-disk cache."""
     case, dtype_name = job
     try:
         inputs, dout, extra = make_inputs(case, "cuda", getattr(torch, dtype_name))
         fn = ours_fn(case, extra)
         out = fn(*inputs)
         torch.autograd.grad(out, inputs, dout, retain_graph=True)
-        with environ(RINGFLASH_BACKWARD="atomic"):
-            torch.autograd.grad(out, inputs, dout)
+        for env, _ in BWD_VARIANTS.values():
+            with environ(**env):
+                torch.autograd.grad(out, inputs, dout, retain_graph=True)
         torch.cuda.synchronize()
         return None
     except Exception as exc:  # the timed pass records it
@@ -439,6 +453,8 @@ RATIO_COLUMNS = [  # (header, impl, baseline, pass)
     ("atomic bwd vs FA2", "ours_atomic", "fa2", "bwd"),
     ("atomic bwd vs cuDNN", "ours_atomic", "cudnn", "bwd"),
     ("atomic vs default bwd", "ours_atomic", "ours", "bwd"),
+    ("split bwd vs FA2", "ours_split", "fa2", "bwd"),
+    ("split vs default bwd", "ours_split", "ours", "bwd"),
 ]
 
 
@@ -448,9 +464,10 @@ def ratio_table(rows: Sequence[dict]) -> str:
     out = []
     for c in _cases(rows):
         tf = [cell(index.get((c, "ours", p)), "tflops", fmt_tflops) for p in ("fwd", "bwd")]
-        tf.append(cell(index.get((c, "ours_atomic", "bwd")), "tflops", fmt_tflops))
+        tf += [cell(index.get((c, impl, "bwd")), "tflops", fmt_tflops) for impl in BWD_VARIANTS]
         out.append([c] + tf + [fmt_ratio(speed_ratio(index, c, i, b, p)) for _, i, b, p in RATIO_COLUMNS])
-    header = ["case", "ours fwd TF/s", "ours bwd TF/s", "atomic bwd TF/s"] + [h for h, *_ in RATIO_COLUMNS]
+    header = ["case", "ours fwd TF/s", "ours bwd TF/s"] + [f"{label} bwd TF/s" for _, label in BWD_VARIANTS.values()] \
+        + [h for h, *_ in RATIO_COLUMNS]
     return table(header, out)
 
 
@@ -491,10 +508,10 @@ def markdown_report(rows: Sequence[dict], notes: Sequence[str] = ()) -> str:
     if errs:
         worst = max(rows, key=lambda r: r.get("rel_err") if isinstance(r.get("rel_err"), (int, float)) else -1)
         out.append(f"- Sanity: largest relative error {max(errs):.2e} ({worst['impl']} {worst['pass']}, "
-                   f"{worst['case']}; ours against FA2, atomic against the default backward)")
+                   f"{worst['case']}; ours against FA2, the backward variants against the default backward)")
     out += [f"- {n}" for n in notes]
     for p in ("fwd", "bwd"):
-        shown = [i for i in impls if (p == "bwd" or i != "ours_atomic")]
+        shown = [i for i in impls if (p == "bwd" or i not in BWD_VARIANTS)]
         ms = [[c] + [cell(index.get((c, i, p))) for i in shown] for c in cases]
         tf = [[c] + [cell(index.get((c, i, p)), "tflops", fmt_tflops) for i in shown] for c in cases]
         out += ["", f"## {p} (ms)", "", table(["case"] + shown, ms),
@@ -516,7 +533,7 @@ def plot_ratios(rows: Sequence[dict], prefix: str) -> str:
     cases = _cases(rows)
     panels = []
     for title, impl, p in (("forward", "ours", "fwd"), ("backward (default)", "ours", "bwd"),
-                           ("backward (atomic)", "ours_atomic", "bwd")):
+                           ("backward (atomic)", "ours_atomic", "bwd"), ("backward (head split)", "ours_split", "bwd")):
         series = {f"ours / {label}": [speed_ratio(index, c, impl, base, p) for c in cases]
                   for base, label in (("fa2", "FA2"), ("cudnn", "cuDNN"))}
         panels.append(BarPanel(title, cases, {k: v for k, v in series.items() if any(x is not None for x in v)}))

@@ -146,7 +146,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh,
     stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
-    kv_group, num_groups,
+    kv_group, num_groups, head_splits, stride_dk_split, stride_dv_split,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     dropout_p, dropout_scale, dropout_seed,
@@ -156,7 +156,11 @@ def _bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
 ):
-    """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k, batch).
+    """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k * head_splits, batch).
+
+    With ``head_splits`` > 1 (never with HAS_DKV_ROWS), program ``split`` of a KV head sums
+    only every head_splits-th (query group, query head) and writes its float32 partial at
+    ``split * stride_d{k,v}_split`` of DK/DV, which the launcher adds up.
 
     Every group that sees this key block (grouped attention: several query groups
     attending to prefixes of one K/V sequence) adds its contribution here, so dK/dV of
@@ -165,7 +169,8 @@ def _bwd_dkdv_kernel(
     parallelism writes straight into its reduce-scatter buffer, in the ranks' layout.
     """
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
+    hk = tl.program_id(1) // head_splits
+    split = tl.program_id(1) % head_splits
     b = tl.program_id(2)
     _, _, k_start, _, sk_full, _ = sequence_bounds(
         b, 0, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
@@ -184,7 +189,7 @@ def _bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for gh in range(0, num_groups * kv_group):
+    for gh in range(split, num_groups * kv_group, head_splits):
         # gh runs over (query group, query head of this KV head's GQA group).
         grp = gh // kv_group
         h = hk * kv_group + gh % kv_group
@@ -236,8 +241,8 @@ def _bwd_dkdv_kernel(
     else:
         dk_ptrs = tile_ptrs(DK, b, hk, k_start + n0, stride_dkb, stride_dkh, stride_dks, BLOCK_N, BLOCK_D)
         dv_ptrs = tile_ptrs(DV, b, hk, k_start + n0, stride_dvb, stride_dvh, stride_dvs, BLOCK_N, BLOCK_D)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(dk_ptrs + split.to(tl.int64) * stride_dk_split, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs + split.to(tl.int64) * stride_dv_split, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -474,13 +479,23 @@ def attention_backward(
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
 
     def launch_dkdv(cfg: configs.KernelConfig) -> None:
-        _bwd_dkdv_kernel[(triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k, prob.batch)](
-            q, k, v, dout, lse2, delta, dk, dv, dkv_rows if dkv_rows is not None else delta, dq_acc,
-            *seq_args, *qkv_strides, *dense_strides(dk, prob.is_varlen), *dense_strides(dv, prob.is_varlen),
+        splits = 1 if dkv_rows is not None else configs.dkv_head_splits(prob, cfg, q.device)
+        # Split: float32 partials (splits, *k.shape), zeroed (rows no program writes add 0).
+        dk_out, dv_out = (dk, dv) if splits == 1 else \
+            (torch.zeros((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device) for _ in range(2))
+        dk_first, dv_first = (dk_out, dv_out) if splits == 1 else (dk_out[0], dv_out[0])
+        _bwd_dkdv_kernel[(triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch)](
+            q, k, v, dout, lse2, delta, dk_first, dv_first, dkv_rows if dkv_rows is not None else delta, dq_acc,
+            *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen),
+            *dense_strides(dv_first, prob.is_varlen),
             *(dense_strides(dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)), lb, lh,
-            kv_group, prob.num_groups, *scalars, **cfg.launch_args(), **flags, HAS_DKV_ROWS=dkv_rows is not None,
-            ATOMIC_DQ=atomic_dq,
+            kv_group, prob.num_groups, splits, dk_out.stride(0) if splits > 1 else 0,
+            dv_out.stride(0) if splits > 1 else 0, *scalars, **cfg.launch_args(), **flags,
+            HAS_DKV_ROWS=dkv_rows is not None, ATOMIC_DQ=atomic_dq,
         )
+        if splits > 1:  # a fixed order of additions: deterministic
+            dk.copy_(dk_out.sum(0))
+            dv.copy_(dv_out.sum(0))
 
     def launch_dq(cfg: configs.KernelConfig) -> None:
         cfg = configs.fit_grid(cfg, prob)

@@ -341,6 +341,42 @@ def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: Kernel
     return max(1, min(-(-sms // work), key_blocks // 4, MAX_SPLITS))
 
 
+#: The dK/dV kernel's query-head split (see ``dkv_head_splits``): "off" until a GPU run has
+#: measured it against one program per KV head; ``RINGFLASH_DKV_HEAD_SPLITS`` overrides it
+#: ("off", "auto", or a count).
+DKV_HEAD_SPLITS_DEFAULT = "off"
+
+
+def dkv_head_splits(prob, cfg: KernelConfig, device: torch.device) -> int:
+    """How many programs share one KV head's key block in the dK/dV kernel, each summing
+    the contribution of every ``splits``-th of the query heads (and query groups) that read
+    it into its own float32 partial, added up after the kernel (deterministically).
+
+    One program per (key block, KV head, sequence) underfills the GPU when those are few:
+    issue 15's profile had a 4k-token GQA 32/8 batch at 128 programs on 132 SMs. "auto"
+    splits until the launch has about two programs per SM, never past the number of query
+    heads per KV head times the query groups."""
+    mode = os.environ.get("RINGFLASH_DKV_HEAD_SPLITS", DKV_HEAD_SPLITS_DEFAULT)
+    heads = (prob.nheads // prob.nheads_k) * prob.num_groups
+    if mode == "off":
+        return 1
+    if mode != "auto":
+        try:
+            wanted = int(mode)
+        except ValueError:
+            raise ValueError(f"RINGFLASH_DKV_HEAD_SPLITS: got {mode!r}; expected off, auto or a positive int") from None
+        if wanted < 1:
+            raise ValueError(f"RINGFLASH_DKV_HEAD_SPLITS: got {mode!r}; expected off, auto or a positive int")
+        return max(1, min(wanted, heads))
+    if device.type != "cuda" or interpreting():
+        return 1
+    programs = -(-max(prob.max_seqlen_k, 1) // cfg.block_n) * prob.nheads_k * prob.batch
+    sms = sm_count(device)
+    if programs >= sms:
+        return 1
+    return max(1, min(heads, -(-2 * sms // programs)))
+
+
 #: The backward's default: "deterministic" (separate dK/dV and dQ kernels, no atomics, 7
 #: GEMMs) or "atomic" (dQ accumulated by atomics in the dK/dV kernel, 5 GEMMs, as flash-attn,
 #: FA3 and cuDNN do). Deterministic until a GPU run has measured the two (docs/benchmarks.md);
