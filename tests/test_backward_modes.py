@@ -63,20 +63,21 @@ def test_deterministic_flag_refuses_atomics(monkeypatch):
         configs.use_atomic_dq(False)
 
 
-# --- the dK/dV kernel's query-head split (RINGFLASH_DKV_HEAD_SPLITS) -------------------------
+# --- the dK/dV kernel's query split (RINGFLASH_DKV_SPLITS) -------------------------------
 
 
 @pytest.mark.parametrize("splits", ["2", "3", "64"])
 @pytest.mark.parametrize("mode", ["deterministic", "atomic"])
-def test_dkv_head_splits_dense_and_varlen(gen, monkeypatch, splits, mode):
-    """Each KV head's key block shared by several programs, each summing some of its query
-    heads into a float32 partial: against float64 with GQA 6/2 (splits 2 and 3 uneven and
-    even over 3 query heads; 64 is clamped to 3), with both backwards, and bit-identical
-    across runs (the partials are added in a fixed order)."""
-    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", splits)
+def test_dkv_splits_dense_and_varlen(gen, monkeypatch, splits, mode):
+    """Several programs per key block, each summing every N-th of its query blocks (of every
+    query head) into a float32 partial: against float64 with GQA 6/2 and one head, a causal
+    window and varlen, with both backwards (64 is clamped to the query blocks), and
+    bit-identical across runs (the partials are added in a fixed order)."""
+    monkeypatch.setenv("RINGFLASH_DKV_SPLITS", splits)
     monkeypatch.setenv("RINGFLASH_BACKWARD", mode)
     check_attention(dense_impl, dense_ref, dense64(gen, DEVICE, 2, 37, 45, 6, 2, 16), torch.float32,
                     extra=(True, (9, -1), 0.0))
+    check_attention(dense_impl, dense_ref, dense64(gen, DEVICE, 1, 70, 33, 1, 1, 16), torch.float32, extra=(True,))
     lengths, k_lengths = [9, 0, 40, 1], [14, 3, 40, 6]
     mk = lambda n, h: torch.randn(n, h, 16, generator=gen, dtype=torch.float64).to(DEVICE)  # noqa: E731
     inputs = (mk(sum(lengths), 6), mk(sum(k_lengths), 2), mk(sum(k_lengths), 2))
@@ -91,22 +92,21 @@ def test_dkv_head_splits_dense_and_varlen(gen, monkeypatch, splits, mode):
         assert all(torch.equal(a, b) for a, b in zip(*runs))
 
 
-def test_dkv_head_splits_setting(monkeypatch):
+def test_dkv_splits_setting(monkeypatch):
     from ringflash.kernels.problem import AttnProblem
 
-    prob = AttnProblem(batch=1, nheads=8, nheads_k=2, headdim=64, max_seqlen_q=100, max_seqlen_k=100,
-                       is_varlen=False, softmax_scale=0.1, causal=True, window_left=-1, window_right=0, softcap=0.0,
-                       num_groups=2)
+    prob = AttnProblem(batch=1, nheads=8, nheads_k=2, headdim=64, max_seqlen_q=1000, max_seqlen_k=1000,
+                       is_varlen=False, softmax_scale=0.1, causal=True, window_left=-1, window_right=0, softcap=0.0)
     cfg = configs.DEFAULT["dkdv"]
     cpu = torch.device("cpu")
-    assert configs.dkv_head_splits(prob, cfg, cpu) == 1  # off by default until measured on a GPU
-    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", "5")
-    assert configs.dkv_head_splits(prob, cfg, cpu) == 5
-    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", "99")
-    assert configs.dkv_head_splits(prob, cfg, cpu) == 8  # 4 query heads per KV head x 2 groups
-    monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", "auto")
-    assert configs.dkv_head_splits(prob, cfg, cpu) == 1  # no GPU to fill
+    assert configs.dkv_splits(prob, cfg, cpu) == 1  # off by default until measured on a GPU
+    monkeypatch.setenv("RINGFLASH_DKV_SPLITS", "5")
+    assert configs.dkv_splits(prob, cfg, cpu) == 5
+    monkeypatch.setenv("RINGFLASH_DKV_SPLITS", "999")
+    assert configs.dkv_splits(prob, cfg, cpu) == -(-1000 // cfg.block_m)  # at most one per query block
+    monkeypatch.setenv("RINGFLASH_DKV_SPLITS", "auto")
+    assert configs.dkv_splits(prob, cfg, cpu) == 1  # no GPU to fill
     for bad in ("0", "many"):
-        monkeypatch.setenv("RINGFLASH_DKV_HEAD_SPLITS", bad)
-        with pytest.raises(ValueError, match="RINGFLASH_DKV_HEAD_SPLITS"):
-            configs.dkv_head_splits(prob, cfg, cpu)
+        monkeypatch.setenv("RINGFLASH_DKV_SPLITS", bad)
+        with pytest.raises(ValueError, match="RINGFLASH_DKV_SPLITS"):
+            configs.dkv_splits(prob, cfg, cpu)

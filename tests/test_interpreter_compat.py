@@ -5,7 +5,7 @@ the interpreter's own behaviour, and triton.language must be restored after a la
 import pytest
 import torch
 
-import ringflash  # noqa: F401  (importing the kernels installs the change)
+from ringflash.kernels import common as kernels_common  # importing the kernels installs the change
 from conftest import INTERPRETING
 
 pytestmark = pytest.mark.skipif(not INTERPRETING, reason="about Triton's interpreter (CPU runs)")
@@ -27,6 +27,7 @@ def test_same_results_with_and_without_the_change_and_the_language_is_restored(m
     import triton.language as tl
     from triton.runtime import interpreter
 
+    assert kernels_common.interpreting()
     fast = interpreter._patch_lang
     assert getattr(fast, "_ringflash_fast", False), "the speed change is not installed"
     builtins_before = (tl.load, tl.dot, tl.core.load, tl.tensor.__add__)

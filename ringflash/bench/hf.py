@@ -10,7 +10,7 @@ Variants, on one model (``set_attn_implementation`` between them, so the weights
 
 * ``ringattn``: ``ringflash.integrations.hf.register()``;
 * ``ringattn_atomic`` / ``ringattn_split``: the same under ``RINGFLASH_BACKWARD=atomic`` (the
-  5-GEMM backward) / ``RINGFLASH_DKV_HEAD_SPLITS=auto`` (dK/dV programs share a KV head's
+  5-GEMM backward) / ``RINGFLASH_DKV_SPLITS=auto`` (several dK/dV programs share a
   key block when the grid underfills the GPU, as this model's 4 KV heads at batch 1 do),
   the backward choices that wait for a GPU measurement;
 * ``sdpa``: transformers' "sdpa", PyTorch choosing the backend;
@@ -61,13 +61,13 @@ COLUMNS = BASE_COLUMNS + ["tokens_per_s", "loss", "tokens", "docs", "layers", "h
 RING_VARIANTS = {
     "ringattn": {},
     "ringattn_atomic": {"RINGFLASH_BACKWARD": "atomic"},
-    "ringattn_split": {"RINGFLASH_DKV_HEAD_SPLITS": "auto"},
+    "ringattn_split": {"RINGFLASH_DKV_SPLITS": "auto"},
 }
 VARIANTS = (*RING_VARIANTS, "sdpa", "sdpa_fa2")
 VARIANT_DESCRIPTIONS = {
     "ringattn": "attn_implementation from ringflash.integrations.hf.register()",
     "ringattn_atomic": "ringattn under RINGFLASH_BACKWARD=atomic",
-    "ringattn_split": "ringattn under RINGFLASH_DKV_HEAD_SPLITS=auto",
+    "ringattn_split": "ringattn under RINGFLASH_DKV_SPLITS=auto",
     "sdpa": "transformers' \"sdpa\", PyTorch's backend choice (packed: a 4D block-diagonal causal mask)",
     "sdpa_fa2": "\"sdpa\" inside sdpa_kernel(SDPBackend.FLASH_ATTENTION) (packed: one run per document)",
 }

@@ -17,8 +17,8 @@ Implementations: ``ours`` (flash_attn_func / flash_attn_varlen_func / the 3-D fu
 backward is the library default, ``deterministic=True`` gives the same kernels today),
 the backward variants (backward only, the forward is ours): ``ours_atomic`` (the same
 calls under ``RINGFLASH_BACKWARD=atomic``: the 5-GEMM backward) and ``ours_split`` (under
-``RINGFLASH_DKV_HEAD_SPLITS=auto``: dK/dV programs share a KV head's key block where the
-grid underfills the GPU), ``fa2`` and ``cudnn``. GQA baselines use
+``RINGFLASH_DKV_SPLITS=auto``: several dK/dV programs share a key block, each over some
+of its query blocks, where the grid underfills the GPU), ``fa2`` and ``cudnn``. GQA baselines use
 ``enable_gqa=True`` where the torch and backend accept it, else repeated K/V heads (the
 row's note says which). Each case also records the relative error of our output and
 gradients against FA2's (and of each backward variant's against ours): a guard on the
@@ -61,14 +61,14 @@ COLUMNS = BASE_COLUMNS + ["tflops", "rel_err", "family", "headdim", "causal", "s
 #: A/B of backward choices that wait for a GPU measurement. impl -> (environment, label).
 BWD_VARIANTS = {
     "ours_atomic": ({"RINGFLASH_BACKWARD": "atomic"}, "atomic"),
-    "ours_split": ({"RINGFLASH_DKV_HEAD_SPLITS": "auto"}, "head split"),
+    "ours_split": ({"RINGFLASH_DKV_SPLITS": "auto"}, "split dK/dV"),
 }
 IMPLS = ("ours", *BWD_VARIANTS, "fa2", "cudnn")
 IMPL_DESCRIPTIONS = {
     "ours": "ringflash, default backward (deterministic: separate dK/dV and dQ kernels)",
     "ours_atomic": "ringflash under RINGFLASH_BACKWARD=atomic (5-GEMM backward, dQ by atomics); backward only",
-    "ours_split": "ringflash under RINGFLASH_DKV_HEAD_SPLITS=auto (several dK/dV programs per KV head's key block "
-                  "where the grid underfills the GPU); backward only",
+    "ours_split": "ringflash under RINGFLASH_DKV_SPLITS=auto (several dK/dV programs per key block, each over "
+                  "some of its query blocks, where the grid underfills the GPU); backward only",
     "fa2": "SDPA with SDPBackend.FLASH_ATTENTION (varlen: aten._flash_attention_forward/backward)",
     "cudnn": "SDPA with SDPBackend.CUDNN_ATTENTION (no varlen entry point)",
 }
@@ -533,7 +533,7 @@ def plot_ratios(rows: Sequence[dict], prefix: str) -> str:
     cases = _cases(rows)
     panels = []
     for title, impl, p in (("forward", "ours", "fwd"), ("backward (default)", "ours", "bwd"),
-                           ("backward (atomic)", "ours_atomic", "bwd"), ("backward (head split)", "ours_split", "bwd")):
+                           ("backward (atomic)", "ours_atomic", "bwd"), ("backward (split dK/dV)", "ours_split", "bwd")):
         series = {f"ours / {label}": [speed_ratio(index, c, impl, base, p) for c in cases]
                   for base, label in (("fa2", "FA2"), ("cudnn", "cuDNN"))}
         panels.append(BarPanel(title, cases, {k: v for k, v in series.items() if any(x is not None for x in v)}))

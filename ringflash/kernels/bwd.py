@@ -66,17 +66,20 @@ def _dkdv_block_loop(
     start, end, offs_n, offs_d,
     sq, diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_scale, dropout_seed,
+    split, splits,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over query blocks [start, end). With
-    ATOMIC_DQ also add this key block's share of dQ (scaled) into the float32 buffer at
-    ``dq_base`` by atomics: the 5-GEMM backward, with no separate dQ pass."""
+    """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over the query blocks in [start, end)
+    (block-aligned) whose index is ``split`` modulo ``splits``. With ATOMIC_DQ also add this
+    key block's share of dQ (scaled) into the float32 buffer at ``dq_base`` by atomics: the
+    5-GEMM backward, with no separate dQ pass."""
     offs_mb = tl.arange(0, BLOCK_M)
+    start = start + ((split - (start // BLOCK_M) % splits + splits) % splits) * BLOCK_M
     qT_ptrs = q_base + start.to(tl.int64) * stride_qs + offs_mb[None, :] * stride_qs + offs_d[:, None]
     do_ptrs = do_base + start.to(tl.int64) * stride_dos + offs_mb[:, None] * stride_dos + offs_d[None, :]
-    for m0 in range(start, end, BLOCK_M):
+    for m0 in range(start, end, BLOCK_M * splits):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + offs_mb
         if MASKED:
@@ -127,8 +130,8 @@ def _dkdv_block_loop(
                 tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < sq) & (offs_d[None, :] < HEADDIM), sem="relaxed")
             else:
                 tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEADDIM, sem="relaxed")
-        qT_ptrs += BLOCK_M * stride_qs
-        do_ptrs += BLOCK_M * stride_dos
+        qT_ptrs += BLOCK_M * splits * stride_qs
+        do_ptrs += BLOCK_M * splits * stride_dos
     return dk, dv
 
 
@@ -146,7 +149,7 @@ def _bwd_dkdv_kernel(
     stride_dvb, stride_dvs, stride_dvh,
     stride_dqab, stride_dqas, stride_dqah,
     stride_lb, stride_lh,
-    kv_group, num_groups, head_splits, stride_dk_split, stride_dv_split,
+    kv_group, num_groups, splits, stride_dk_split, stride_dv_split,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     dropout_p, dropout_scale, dropout_seed,
@@ -156,10 +159,11 @@ def _bwd_dkdv_kernel(
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
     ATOMIC_DQ: tl.constexpr,
 ):
-    """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k * head_splits, batch).
+    """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k * splits, batch).
 
-    With ``head_splits`` > 1 (never with HAS_DKV_ROWS), program ``split`` of a KV head sums
-    only every head_splits-th (query group, query head) and writes its float32 partial at
+    With ``splits`` > 1 (never with HAS_DKV_ROWS), program ``split`` of a key block sums
+    only the query blocks whose index is ``split`` modulo ``splits`` (interleaved, so that a
+    causal band's work spreads evenly) and writes its float32 partial at
     ``split * stride_d{k,v}_split`` of DK/DV, which the launcher adds up.
 
     Every group that sees this key block (grouped attention: several query groups
@@ -169,8 +173,8 @@ def _bwd_dkdv_kernel(
     parallelism writes straight into its reduce-scatter buffer, in the ranks' layout.
     """
     pid_n = tl.program_id(0)
-    hk = tl.program_id(1) // head_splits
-    split = tl.program_id(1) % head_splits
+    hk = tl.program_id(1) // splits
+    split = tl.program_id(1) % splits
     b = tl.program_id(2)
     _, _, k_start, _, sk_full, _ = sequence_bounds(
         b, 0, QStarts, QEnds, stride_qmeta_g, CuSeqlensK, SequsedK, Diag, stride_used_g,
@@ -189,7 +193,7 @@ def _bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for gh in range(split, num_groups * kv_group, head_splits):
+    for gh in range(0, num_groups * kv_group):
         # gh runs over (query group, query head of this KV head's GQA group).
         grp = gh // kv_group
         h = hk * kv_group + gh % kv_group
@@ -211,7 +215,7 @@ def _bwd_dkdv_kernel(
                 dq_base, stride_dqas, softmax_scale,
                 m_lo, a_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
                 qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-                b, h, dropout_p, dropout_scale, dropout_seed,
+                b, h, dropout_p, dropout_scale, dropout_seed, split, splits,
                 True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
                 ATOMIC_DQ,
             )
@@ -220,7 +224,7 @@ def _bwd_dkdv_kernel(
             dq_base, stride_dqas, softmax_scale,
             a_end, b_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            b, h, dropout_p, dropout_scale, dropout_seed,
+            b, h, dropout_p, dropout_scale, dropout_seed, split, splits,
             False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
             ATOMIC_DQ,
         )
@@ -229,7 +233,7 @@ def _bwd_dkdv_kernel(
             dq_base, stride_dqas, softmax_scale,
             b_end, m_hi, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            b, h, dropout_p, dropout_scale, dropout_seed,
+            b, h, dropout_p, dropout_scale, dropout_seed, split, splits,
             True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
             ATOMIC_DQ,
         )
@@ -479,7 +483,7 @@ def attention_backward(
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
 
     def launch_dkdv(cfg: configs.KernelConfig) -> None:
-        splits = 1 if dkv_rows is not None else configs.dkv_head_splits(prob, cfg, q.device)
+        splits = 1 if dkv_rows is not None else configs.dkv_splits(prob, cfg, q.device)
         # Split: float32 partials (splits, *k.shape), zeroed (rows no program writes add 0).
         dk_out, dv_out = (dk, dv) if splits == 1 else \
             (torch.zeros((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device) for _ in range(2))

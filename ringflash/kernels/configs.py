@@ -341,40 +341,41 @@ def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: Kernel
     return max(1, min(-(-sms // work), key_blocks // 4, MAX_SPLITS))
 
 
-#: The dK/dV kernel's query-head split (see ``dkv_head_splits``): "off" until a GPU run has
-#: measured it against one program per KV head; ``RINGFLASH_DKV_HEAD_SPLITS`` overrides it
-#: ("off", "auto", or a count).
-DKV_HEAD_SPLITS_DEFAULT = "off"
+#: The dK/dV kernel's query split (see ``dkv_splits``): "off" until a GPU run has measured
+#: it against one program per key block; ``RINGFLASH_DKV_SPLITS`` overrides it ("off",
+#: "auto", or a count).
+DKV_SPLITS_DEFAULT = "off"
 
 
-def dkv_head_splits(prob, cfg: KernelConfig, device: torch.device) -> int:
-    """How many programs share one KV head's key block in the dK/dV kernel, each summing
-    the contribution of every ``splits``-th of the query heads (and query groups) that read
-    it into its own float32 partial, added up after the kernel (deterministically).
+def dkv_splits(prob, cfg: KernelConfig, device: torch.device) -> int:
+    """How many programs share one (key block, KV head, sequence) in the dK/dV kernel, each
+    summing the query blocks whose index is its own modulo the count (every query head and
+    group) into a float32 partial; the launcher adds the partials in a fixed order
+    (deterministic).
 
-    One program per (key block, KV head, sequence) underfills the GPU when those are few:
-    issue 15's profile had a 4k-token GQA 32/8 batch at 128 programs on 132 SMs. "auto"
-    splits until the launch has about two programs per SM, never past the number of query
-    heads per KV head times the query groups."""
-    mode = os.environ.get("RINGFLASH_DKV_HEAD_SPLITS", DKV_HEAD_SPLITS_DEFAULT)
-    heads = (prob.nheads // prob.nheads_k) * prob.num_groups
+    One program per key block, KV head and sequence underfills the GPU when those are few:
+    issue 15's profile had a 4k-token GQA 16/4 batch at 128 programs on 132 SMs, and the
+    seed-004 interface has one head. "auto" splits until the launch has about two programs
+    per SM; never more splits than query blocks."""
+    mode = os.environ.get("RINGFLASH_DKV_SPLITS", DKV_SPLITS_DEFAULT)
     if mode == "off":
         return 1
+    query_blocks = max(1, -(-prob.max_seqlen_q // cfg.block_m))
     if mode != "auto":
         try:
             wanted = int(mode)
         except ValueError:
-            raise ValueError(f"RINGFLASH_DKV_HEAD_SPLITS: got {mode!r}; expected off, auto or a positive int") from None
+            wanted = 0
         if wanted < 1:
-            raise ValueError(f"RINGFLASH_DKV_HEAD_SPLITS: got {mode!r}; expected off, auto or a positive int")
-        return max(1, min(wanted, heads))
+            raise ValueError(f"RINGFLASH_DKV_SPLITS: got {mode!r}; expected off, auto or a positive int")
+        return min(wanted, query_blocks)
     if device.type != "cuda" or interpreting():
         return 1
     programs = -(-max(prob.max_seqlen_k, 1) // cfg.block_n) * prob.nheads_k * prob.batch
     sms = sm_count(device)
     if programs >= sms:
         return 1
-    return max(1, min(heads, -(-2 * sms // programs)))
+    return max(1, min(query_blocks, -(-2 * sms // programs)))
 
 
 #: The backward's default: "deterministic" (separate dK/dV and dQ kernels, no atomics, 7
