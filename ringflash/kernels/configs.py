@@ -373,7 +373,7 @@ def dkv_splits(prob, cfg: KernelConfig, device: torch.device) -> int:
         return 1
     programs = -(-max(prob.max_seqlen_k, 1) // cfg.block_n) * prob.nheads_k * prob.batch
     sms = sm_count(device)
-    if programs >= sms:
+    if programs >= 2 * sms:
         return 1
     return max(1, min(query_blocks, -(-2 * sms // programs)))
 
