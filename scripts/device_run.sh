@@ -2,7 +2,7 @@
 # One call on the GPU machine: the stages named on the command line, each under its own
 # time limit so that a slow or failing stage still leaves the others' output.
 #   scripts/device_run.sh env smoke tune bench tests
-#   scripts/device_run.sh wide                                       (about 7 min)
+#   scripts/device_run.sh wide                                       (about 8 min)
 #   REPORT_ARGS=--csv-only scripts/device_run.sh hf decode dropout   (about 4 min)
 #   scripts/device_run.sh simulate                                   (about 3-4 min, one GPU)
 # Logs and CSVs go to $OUT (the device tool brings them back).
