@@ -329,3 +329,37 @@ def test_compiled_decode_step_matches_eager(gen, paged):
             torch.testing.assert_close(a, b)
         for a, b in zip(caches["compiled"], caches["eager"]):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_strided_index_tensors_read_like_contiguous_ones(gen, paged):
+    """cache_seqlens, cache_leftpad, cache_batch_idx and block_table given as strided views
+    (a column of a bigger tensor): the same result and the same appended cache as with
+    contiguous copies (the kernels index them with unit stride, so views are copied)."""
+    batch, h, hk, d, page = 3, 4, 2, 16, 8
+
+    def strided(t):  # every other element of a twice-as-wide buffer, junk between
+        wide = torch.stack([t, torch.full_like(t, 7)], dim=-1)
+        return wide[..., 0]
+
+    q = torch.randn(batch, 1, h, d, generator=gen).to(DEVICE)
+    new = torch.randn(batch, 1, hk, d, generator=gen).to(DEVICE)
+    lengths = torch.tensor([5, 20, 9], dtype=torch.int32, device=DEVICE)
+    pad = torch.tensor([0, 3, 2], dtype=torch.int32, device=DEVICE)
+    if paged:
+        cache = torch.randn(12, page, hk, d, generator=gen).to(DEVICE)
+        extra = dict(block_table=torch.randperm(12, generator=gen)[:9].view(3, 3).to(torch.int32).to(DEVICE))
+        views = dict(block_table=strided(extra["block_table"]))
+    else:
+        cache = torch.randn(4, 24, hk, d, generator=gen).to(DEVICE)
+        extra = dict(cache_batch_idx=torch.tensor([3, 0, 2], dtype=torch.int32, device=DEVICE))
+        views = dict(cache_batch_idx=strided(extra["cache_batch_idx"]))
+    results = []
+    for lens, lpad, other in ((lengths, pad, extra), (strided(lengths), strided(pad), views)):
+        assert lens.stride(0) == 2 or lens is lengths
+        kc, vc = cache.clone(), cache.clone()
+        out = flash_attn_with_kvcache(q, kc, vc, new, new, cache_seqlens=lens, cache_leftpad=lpad, causal=True,
+                                      **other)
+        results.append((out, kc))
+    assert torch.isfinite(results[0][0]).all()
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])

@@ -207,6 +207,12 @@ def decode_forward(
     row's (or the block table's) slots, a ``cache_rows`` entry or (paged) a block-table
     entry of one of its pages outside the cache. No host sync."""
     check_device(q)
+    # The kernel reads these with unit stride: a strided view (a column of a bigger table,
+    # ``cache_leftpad[::2]``) is copied, never read wrongly.
+    k_start, k_len, cache_rows = (_unit_stride(t) for t in (k_start, k_len, cache_rows))
+    block_table = _unit_stride(block_table)
+    if q_bounds is not None:
+        q_bounds = (_unit_stride(q_bounds[0]), _unit_stride(q_bounds[1]))
     varlen_q = q_bounds is not None
     if varlen_q:
         total_q, nheads, d = q.shape
@@ -281,6 +287,11 @@ def decode_forward(
     return out, lse
 
 
+def _unit_stride(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` with unit stride along its last dim (a copy only when it has another)."""
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
 def cache_capacity(k_cache: torch.Tensor, block_table: Optional[torch.Tensor]) -> int:
     """Slots of one sequence's cache row: seqlen_cache, or max_blocks x page_size when paged."""
     return block_table.shape[1] * k_cache.shape[1] if block_table is not None else k_cache.shape[1]
@@ -334,6 +345,7 @@ def append_to_cache(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor,
     if batch == 0 or seqlen_new == 0:
         return
     check_device(cache, "k_cache")
+    block_table, cache_rows = _unit_stride(block_table), _unit_stride(cache_rows)
     if cache.stride(-1) != 1:
         raise ValueError(f"k_cache/v_cache: strides {tuple(cache.stride())}; expected unit stride on the head dim "
                          "(the cache is written in place)")
