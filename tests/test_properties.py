@@ -568,6 +568,17 @@ def test_varlen(case):
     check_varlen_case(case)
 
 
+@_settings(_examples(6))
+@given(case=dense_cases(), splits=st.sampled_from(["2", "3", "5"]), mode=st.sampled_from(["deterministic", "atomic"]))
+def test_dense_dkv_splits(case, splits, mode):
+    """The dK/dV query split (RINGFLASH_DKV_SPLITS) with either backward, on random cases."""
+    from ringflash.bench.harness import environ
+
+    _note(f"RINGFLASH_DKV_SPLITS={splits} RINGFLASH_BACKWARD={mode}")
+    with environ(RINGFLASH_DKV_SPLITS=splits, RINGFLASH_BACKWARD=mode):
+        check_dense_case(case)
+
+
 def test_varlen_single_key_rounding():
     """Found by CI: every query sees one key, so dq and dk are exactly 0 in float64 and in
     PyTorch's fp32, while ours hold the rounding of ``dP - rowsum(dO * O)`` (see
