@@ -106,11 +106,7 @@ def flash_attn_with_kvcache(
     device = q.device
     paged = block_table is not None
     if paged:
-        V.check_rank("block_table", block_table, 2, "(batch, max_blocks)")
-        if block_table.dtype != torch.int32:
-            raise TypeError(f"block_table: dtype {block_table.dtype} is not supported; expected int32")
-        if block_table.shape[0] != batch:
-            raise ValueError(f"block_table: has {block_table.shape[0]} rows; expected batch={batch}")
+        V.check_block_table(block_table, batch, k_cache)
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx: not supported with a paged cache (block_table); expected None")
         V.check_same_device(("q", "block_table"), (q, block_table))
@@ -118,6 +114,9 @@ def flash_attn_with_kvcache(
         if cache_batch_idx is not None:
             V.check_tensor("cache_batch_idx", cache_batch_idx)
             cache_batch_idx = _as_lengths("cache_batch_idx", cache_batch_idx, batch, device, 0)
+            if k_cache.shape[0] == 0:  # the kernels clamp a row into the cache: it needs one
+                raise ValueError(f"k_cache: shape {tuple(k_cache.shape)} has no row; expected at least one with "
+                                 "cache_batch_idx")
         elif k_cache.shape[0] != batch:
             raise ValueError(f"k_cache: has {k_cache.shape[0]} rows but q has batch {batch}; expected {batch} "
                              "(or cache_batch_idx)")

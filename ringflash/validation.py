@@ -312,10 +312,9 @@ def check_varlen_qkv(
 def _check_varlen_metadata(
     total_q: int, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: object,
     max_seqlen_k: object, seqused_k: Optional[torch.Tensor], total_k: Optional[int],
-    block_table: Optional[torch.Tensor] = None, capacity: Optional[int] = None,
+    capacity: Optional[int] = None,
 ) -> tuple[int, Optional[int], Optional[int], bool]:
-    """The cu_seqlens / max_seqlen / seqused_k (/ block_table rows) checks that varlen calls
-    share. ``total_k`` None: keys in a paged cache of ``capacity`` slots per sequence.
+    """The cu_seqlens / max_seqlen / seqused_k checks that varlen calls share. ``total_k`` None: keys in a paged cache of ``capacity`` slots per sequence.
     Returns (batch, max_seqlen_q, max_seqlen_k, values checked on the host at this call)."""
     batch = check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q)
     batch_k = check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
@@ -323,8 +322,6 @@ def _check_varlen_metadata(
         raise ValueError(
             f"cu_seqlens_k: has {batch_k + 1} entries but cu_seqlens_q has {batch + 1}; expected the same batch"
         )
-    if block_table is not None and block_table.shape[0] != batch:
-        raise ValueError(f"block_table: has {block_table.shape[0]} rows; expected batch={batch} (one per sequence)")
     max_seqlen_q = check_max_seqlen("max_seqlen_q", max_seqlen_q)
     max_seqlen_k = check_max_seqlen("max_seqlen_k", max_seqlen_k)
     if seqused_k is not None:
@@ -338,6 +335,19 @@ def _check_varlen_metadata(
     if seqused_k is not None:
         checked &= check_seqused_values(seqused_k, cu_seqlens_k)
     return batch, max_seqlen_q, max_seqlen_k, checked
+
+
+def check_block_table(block_table: torch.Tensor, batch: int, k_cache: torch.Tensor) -> None:
+    """int32 (batch, max_blocks) over a paged cache (num_blocks, page_size, ...) with at least
+    one page of at least one slot (the kernels clamp entries into the pages)."""
+    check_rank("block_table", block_table, 2, "(batch, max_blocks)")
+    if block_table.dtype != torch.int32:
+        raise TypeError(f"block_table: dtype {block_table.dtype} is not supported; expected int32")
+    if block_table.shape[0] != batch:
+        raise ValueError(f"block_table: has {block_table.shape[0]} rows; expected batch={batch} (one per sequence)")
+    if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
+        raise ValueError(f"k_cache: shape {tuple(k_cache.shape)} has no page or no slot per page; expected "
+                         "(num_blocks >= 1, page_size >= 1, nheads_k, headdim) with block_table")
 
 
 def check_paged_varlen_qkv(
@@ -366,12 +376,11 @@ def check_paged_varlen_qkv(
     )
     _check_qkv(q, k_cache, v_cache, ("(total_q, nheads, headdim)", "(num_blocks, page_size, nheads_k, headdim) with "
                "block_table"), "(num_blocks, page_size, nheads_k)", KERNEL_DTYPES, MAX_HEADDIM, ranks=(3, 4))
-    check_rank("block_table", block_table, 2, "(batch, max_blocks)")
-    if block_table.dtype != torch.int32:
-        raise TypeError(f"block_table: dtype {block_table.dtype} is not supported; expected int32")
+    batch = check_cu_seqlens_shape("cu_seqlens_q", cu_seqlens_q)
+    check_block_table(block_table, batch, k_cache)
     capacity = block_table.shape[1] * k_cache.shape[1]
     batch, max_seqlen_q, max_seqlen_k, checked = _check_varlen_metadata(
-        q.shape[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, None, block_table, capacity)
+        q.shape[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k, None, capacity)
     return VarlenShape(batch, q.shape[0], capacity, q.shape[1], k_cache.shape[2], q.shape[2], max_seqlen_q,
                        max_seqlen_k, checked)
 

@@ -166,6 +166,13 @@ def test_random_cache_calls(data):
 def test_bad_arguments():
     q = torch.randn(2, 1, 4, 16, device=DEVICE)
     cache = torch.randn(2, 8, 2, 16, device=DEVICE)
+    table = torch.zeros(2, 1, dtype=torch.int32, device=DEVICE)
+    for empty in (cache[:0], cache[:, :0]):  # a paged cache with no page, or pages of no slot
+        with pytest.raises(ValueError, match="k_cache: shape .* has no page or no slot per page"):
+            flash_attn_with_kvcache(q, empty, empty, cache_seqlens=1, block_table=table)
+    rows = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="k_cache: shape .* has no row; expected at least one with cache_batch_idx"):
+        flash_attn_with_kvcache(q, cache[:0], cache[:0], cache_seqlens=0, cache_batch_idx=rows)
     with pytest.raises(ValueError, match="k, v: give both"):
         flash_attn_with_kvcache(q, cache, cache, k=torch.randn(2, 1, 2, 16, device=DEVICE))
     with pytest.raises(TypeError, match="cache_seqlens: dtype torch.int64 is not supported; expected int32"):

@@ -201,6 +201,9 @@ def test_bad_arguments_raise(gen):
         flash_attn_varlen_func(args[0], args[1][0], args[2][0], *args[3:], block_table=dev(table))
     with pytest.raises(ValueError, match="dropout_p: got 0.1 with block_table"):
         flash_attn_varlen_func(*args, dropout_p=0.1, block_table=dev(table))
+    for empty in (args[1][:0], args[1][:, :0]):  # no page, or pages of no slot
+        with pytest.raises(ValueError, match="k_cache: shape .* has no page or no slot per page"):
+            flash_attn_varlen_func(args[0], empty, empty, *args[3:], block_table=dev(table))
 
 
 def test_backward_raises_instead_of_returning_no_gradient(gen):
