@@ -45,7 +45,26 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
+def pytest_configure(config):
+    # Under pytest-xdist (`pytest -n N`), tests marked `shared_run` must reach one worker per
+    # run (see pytest_collection_modifyitems), which only the "loadgroup" mode honours; the
+    # default "load" mode becomes it. Without -n, or with another mode chosen, nothing changes.
+    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "load":
+        config.option.dist = "loadgroup"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
+    # A test marked `shared_run` reads one cached multi-process run (per module and world
+    # size) holding every case: on one worker the run happens once, but each xdist worker
+    # that draws one of its tests repeats the whole run. On a 16-core GPU machine with
+    # `-n 14`, fourteen copies of each CP batch made every CP test take about 3 minutes.
+    for item in items:
+        if item.get_closest_marker("shared_run") is None:
+            continue
+        params = getattr(item, "callspec", None)
+        world_size = params.params.get("world_size") if params is not None else None
+        item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-w{world_size}"))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")

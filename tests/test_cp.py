@@ -13,6 +13,9 @@ from ringflash.cp.launch import run_local
 # On the GPU machine: RINGFLASH_CP_BACKEND=nccl runs the same cases on GPUs (one per rank),
 # with exact fp32 matmuls so that fp32 results meet the same bar as on the CPU.
 BACKEND = os.environ.get("RINGFLASH_CP_BACKEND", "gloo")
+#: Every test here reads one cached run per world size (`_reports`) or `_error_reports`.
+pytestmark = pytest.mark.shared_run
+
 WORLD_SIZES = [1, 2, 3, 4]
 #: Option variants run at two world sizes (one even, one odd) to keep CI short.
 OPTION_WORLD_SIZES = [2, 3]

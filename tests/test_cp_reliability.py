@@ -39,6 +39,7 @@ def _reports() -> list:
     return run_local(reliability_worker, 2, list(SCENARIOS), backend=BACKEND, timeout=600)
 
 
+@pytest.mark.shared_run
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_cp_reliability_scenario(scenario):
     for rank, report in enumerate(_reports()):

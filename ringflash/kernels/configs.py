@@ -117,26 +117,26 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
         "fwd": {
             (64, False): _C(64, 64, 4, 3), (64, True): _C(128, 64, 4, 3),
             (128, False): _C(128, 64, 8, 3), (128, True): _C(128, 64, 8, 3),
-            (256, False): _C(64, 64, 4, 2), (256, True): _C(64, 64, 4, 2),
+            (256, False): _C(128, 64, 8, 2), (256, True): _C(128, 64, 8, 2),
         },
         "dkdv": {
             (64, False): _C(64, 128, 4, 3), (64, True): _C(64, 64, 4, 2),
             (128, False): _C(64, 128, 8, 3), (128, True): _C(64, 64, 4, 2), (128, True, True): _C(64, 128, 8, 3),
-            (256, False): _C(32, 64, 4, 2), (256, True): _C(32, 64, 4, 2),
+            (256, False): _C(64, 64, 8, 2), (256, True): _C(64, 64, 8, 2),
         },
         "dq": {
             (64, False): _C(64, 64, 4, 3), (64, True): _C(128, 64, 4, 4),
             (128, False): _C(128, 64, 8, 4), (128, True): _C(128, 64, 8, 3), (128, True, True): _C(128, 64, 8, 4),
-            (256, False): _C(64, 32, 4, 2), (256, True): _C(64, 32, 4, 2),
+            (256, False): _C(32, 64, 4, 2), (256, True): _C(64, 64, 8, 2),
         },
     },
 }
 
 
 #: Registers per thread that a program's resident tiles may take (``tile_registers``): the
-#: rest of the 255 go to the score tile and addresses. The tuned sm_90 entries for d <= 128
-#: sit at or below it; the d=256 backward entries, at 256-384, are the ones measured at a
-#: third of FA2's speed.
+#: rest of the 255 go to the score tile and addresses. Every tuned sm_90 entry sits at or
+#: below it; the d=256 entries before run 27, at 192-384 (4 warps), ran the backward at 0.4x
+#: FA2's speed and the forward at 0.5-0.9x (docs/benchmarks.md).
 TILE_REGISTER_BUDGET = 192
 
 
@@ -157,7 +157,8 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
     would spill)."""
     block_d = max(16, 1 << (max(headdim, 1) - 1).bit_length())
     if block_d > 128:
-        shapes = [(32, 32), (64, 32), (32, 64), (64, 64), (16, 64), (64, 16)]
+        # 128-row tiles fit the budget only with 8 warps (the forward's: FA2's d=256 shape).
+        shapes = [(32, 32), (64, 32), (32, 64), (64, 64), (16, 64), (64, 16), (128, 32), (128, 64)]
         stage_opts = (1, 2)
     else:
         shapes = [(64, 64), (128, 64), (64, 128), (128, 128), (128, 32), (32, 128)]
@@ -342,8 +343,8 @@ def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: Kernel
 
 
 #: The dK/dV kernel's query split (see ``dkv_splits``): "off" until a GPU run has measured
-#: it against one program per key block; ``RINGFLASH_DKV_SPLITS`` overrides it ("off",
-#: "auto", or a count).
+#: it against one program per key block on a batch that underfills the GPU (run 26's wide
+#: grid has none); ``RINGFLASH_DKV_SPLITS`` overrides it ("off", "auto", or a count).
 DKV_SPLITS_DEFAULT = "off"
 
 
@@ -380,8 +381,8 @@ def dkv_splits(prob, cfg: KernelConfig, device: torch.device) -> int:
 
 #: The backward's default: "deterministic" (separate dK/dV and dQ kernels, no atomics, 7
 #: GEMMs) or "atomic" (dQ accumulated by atomics in the dK/dV kernel, 5 GEMMs, as flash-attn,
-#: FA3 and cuDNN do). Deterministic until a GPU run has measured the two (docs/benchmarks.md);
-#: ``RINGFLASH_BACKWARD`` overrides it.
+#: FA3 and cuDNN do). Deterministic: on an H200 it was the faster in 82 of the wide grid's 83
+#: cases (run 26 in docs/benchmarks.md); ``RINGFLASH_BACKWARD`` overrides it.
 BACKWARD_DEFAULT = "deterministic"
 
 
