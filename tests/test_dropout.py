@@ -109,6 +109,29 @@ def test_dropped_fraction_and_seeds():
     assert torch.equal(flash_attn_func(q, q, q, dropout_p=0.0), no_dropout)
 
 
+def test_mask_draws_are_uniform_and_independent_per_key():
+    """Eight keys share one Philox call (``common.dropout_keep``), each taking 16 of its 128
+    bits: every key position in the group must be dropped at the rate p, neighbours must not
+    be correlated, and the threshold must follow p in 2**-16 steps (p = 2**-16 drops about
+    one entry in 65536, not none and not a 1/256 step)."""
+    from ringflash.kernels.dropout_mask import dropout_keep_mask
+    from ringflash.kernels.problem import dropout_threshold
+
+    keep = dropout_keep_mask(2, 2, 128, 256, 0.3, seed=11, device=DEVICE).float()  # 131072 draws
+    dropped = 1 - keep
+    for lane in range(8):  # 16384 draws each: 6 standard deviations is 0.022
+        rate = dropped[..., lane::8].mean().item()
+        assert abs(rate - 0.3) < 0.022, (lane, rate)
+    centred = dropped - dropped.mean()
+    for shift in (1, 2, 8):  # within a word, within a draw, across draws
+        corr = (centred[..., shift:] * centred[..., :-shift]).mean() / centred.var()
+        assert abs(corr.item()) < 0.03, (shift, corr.item())
+    rows = dropped.reshape(-1, 256)
+    assert not torch.equal(rows[0], rows[1]) and not torch.equal(dropped[0, 0], dropped[0, 1])
+    assert dropout_threshold(2.0 ** -16) == 1 and dropout_threshold(0.5) == 32768
+    assert dropout_threshold(0.0) == 0 and dropout_threshold(1.0) == 65536
+
+
 def test_dropout_under_torch_compile():
     """Compiled like eager: a seed drawn per call from PyTorch's generator (a runtime value,
     not a constant of the graph), the same for the same torch.manual_seed."""

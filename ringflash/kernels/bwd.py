@@ -63,11 +63,11 @@ def _bwd_preprocess_kernel(
 def _dkdv_block_loop(
     dk, dv, k, v,
     q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos, dq_base, stride_dqs, softmax_scale,
-    start, end, offs_n, offs_d,
+    start, end, n0, offs_n, offs_d,
     sq, diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_scale, dropout_seed,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_scale, dropout_seed,
     split, splits,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
@@ -110,7 +110,7 @@ def _dkdv_block_loop(
             do = tl.load(do_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             delta = tl.load(delta_base + offs_m)
         if HAS_DROPOUT:  # dV sees the dropped, rescaled probabilities; dP only where kept
-            keepT = dropout_keep(dropout_seed, b, h, offs_m[None, :], offs_n[:, None], dropout_p)
+            keepT = dropout_keep(dropout_seed, b, h, offs_m, n0, dropout_threshold, BLOCK_N, True)
             dv = tl.dot(tl.where(keepT, pT * dropout_scale, 0.0).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
             dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
@@ -152,7 +152,7 @@ def _bwd_dkdv_kernel(
     kv_group, num_groups, splits, stride_dk_split, stride_dv_split,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
-    dropout_p, dropout_scale, dropout_seed,
+    dropout_threshold, dropout_scale, dropout_seed,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -213,28 +213,28 @@ def _bwd_dkdv_kernel(
             dk, dv = _dkdv_block_loop(
                 dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
                 dq_base, stride_dqas, softmax_scale,
-                m_lo, a_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
+                m_lo, a_end, n0, offs_n, offs_d, sq, diag, sk, window_left, window_right,
                 qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-                b, h, dropout_p, dropout_scale, dropout_seed, split, splits,
-                True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+                b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
+                True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
                 ATOMIC_DQ,
             )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             dq_base, stride_dqas, softmax_scale,
-            a_end, b_end, offs_n, offs_d, sq, diag, sk, window_left, window_right,
+            a_end, b_end, n0, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            b, h, dropout_p, dropout_scale, dropout_seed, split, splits,
-            False, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
+            False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
             ATOMIC_DQ,
         )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             dq_base, stride_dqas, softmax_scale,
-            b_end, m_hi, offs_n, offs_d, sq, diag, sk, window_left, window_right,
+            b_end, m_hi, n0, offs_n, offs_d, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            b, h, dropout_p, dropout_scale, dropout_seed, split, splits,
-            True, EVEN_D, HEADDIM, BLOCK_M, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
+            True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
             ATOMIC_DQ,
         )
     dk = dk * softmax_scale
@@ -255,7 +255,7 @@ def _dq_block_loop(
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
     diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_scale, dropout_seed,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_scale, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -286,7 +286,7 @@ def _dq_block_loop(
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(dropout_seed, b, h, offs_m[:, None], (n0 + offs_n)[None, :], dropout_p)
+            keep = dropout_keep(dropout_seed, b, h, offs_m, n0, dropout_threshold, BLOCK_N, False)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -313,7 +313,7 @@ def _bwd_dq_kernel(
     kv_group, num_m_blocks, num_groups,
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
-    dropout_p, dropout_scale, dropout_seed,
+    dropout_threshold, dropout_scale, dropout_seed,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -354,19 +354,19 @@ def _bwd_dq_kernel(
         dq = _dq_block_loop(
             dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, offs_m, offs_n, offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            b, h, dropout_p, dropout_scale, dropout_seed,
+            b, h, dropout_threshold, dropout_scale, dropout_seed,
             True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        b, h, dropout_p, dropout_scale, dropout_seed,
+        b, h, dropout_threshold, dropout_scale, dropout_seed,
         False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
     )
     dq = _dq_block_loop(
         dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        b, h, dropout_p, dropout_scale, dropout_seed,
+        b, h, dropout_threshold, dropout_scale, dropout_seed,
         True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
     )
     dq = dq * softmax_scale

@@ -19,7 +19,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.random import uint_to_uniform_float
 
 from . import interpreter_compat
 
@@ -271,16 +270,34 @@ def load_alibi_slope(Alibi, b, h, stride_b, stride_h, HAS_ALIBI: tl.constexpr, L
     return slope
 
 
+#: Keys that share one Philox call in ``dropout_keep``: its 128 output bits are eight 16-bit
+#: uniforms. Key blocks start at multiples of every block size, which are multiples of this.
+DROPOUT_KEYS_PER_DRAW = 8
+
+
 @triton.jit
-def dropout_keep(seed, b, h, m_idx, n_idx, dropout_p):
-    """Dropout's keep mask for query rows ``m_idx`` and keys ``n_idx`` (positions within the
-    sequence; broadcast shapes, as in ``visible``) of sequence ``b``, query head ``h``.
-    Philox on the counters (key, row, sequence, head): the mask depends only on the entry
-    and the seed, never on the tiling, so the forward and both backward kernels (and the
-    S_dmask kernel) regenerate the same one."""
-    zeros = m_idx * 0 + n_idx * 0
-    r, _, _, _ = tl.philox(seed, n_idx + zeros, m_idx + zeros, zeros + b, zeros + h)
-    return uint_to_uniform_float(r) >= dropout_p
+def dropout_keep(seed, b, h, offs_m, n0, threshold, BLOCK_N: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Dropout's keep mask, shape (len(offs_m), BLOCK_N), for query rows ``offs_m`` (1-D,
+    positions within the sequence) and keys ``n0 .. n0 + BLOCK_N - 1`` (``n0`` a multiple of
+    DROPOUT_KEYS_PER_DRAW) of sequence ``b``, query head ``h``.
+
+    One 10-round Philox call per (row, group of 8 keys), on the counters (key group, row,
+    sequence, head), gives four 32-bit words; key ``8g + 2w + c`` takes half ``c`` (low, then
+    high 16 bits) of word ``w``. An entry is kept when its 16-bit uniform is at least
+    ``threshold`` = round(p * 65536) (``problem.dropout_threshold``). Drawing one Philox per
+    entry and keeping one word of four made dropout cost 3x the attention itself on an H100
+    (run 29 in docs/benchmarks.md). The mask depends only on the entry and the seed, never on
+    the tiling, so the forward, both backward kernels and the S_dmask kernel regenerate it.
+    KEY_MAJOR returns the transpose, (BLOCK_N, len(offs_m)), for the dK/dV kernel's tiles."""
+    groups = n0 // 8 + tl.arange(0, BLOCK_N // 8)
+    zeros = offs_m[:, None] * 0 + groups[None, :] * 0
+    r0, r1, r2, r3 = tl.philox(seed, groups[None, :] + zeros, offs_m[:, None] + zeros, zeros + b, zeros + h)
+    # Word w = 2a + v lands at column 4g + w: interleave over a, then over v.
+    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
+    halves = tl.interleave(words & 0xFFFF, words >> 16).to(tl.int32)
+    if KEY_MAJOR:
+        halves = tl.trans(halves)
+    return halves >= threshold
 
 
 @triton.jit

@@ -9,11 +9,12 @@ import triton
 import triton.language as tl
 
 from .common import check_device, dropout_keep
+from .problem import dropout_threshold
 
 
 @triton.jit
 def _dropout_mask_kernel(
-    Keep, rows, cols, nheads, first_sequence, dropout_p, dropout_seed,
+    Keep, rows, cols, nheads, first_sequence, dropout_threshold, dropout_seed,
     stride_b, stride_h, stride_r,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -23,8 +24,9 @@ def _dropout_mask_kernel(
     b = first_sequence + z // nheads
     h = z % nheads
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    keep = dropout_keep(dropout_seed, b, h, offs_r[:, None], offs_c[None, :], dropout_p)
+    n0 = tl.program_id(1) * BLOCK_C
+    offs_c = n0 + tl.arange(0, BLOCK_C)
+    keep = dropout_keep(dropout_seed, b, h, offs_r, n0, dropout_threshold, BLOCK_C, False)
     ptrs = (Keep + (z // nheads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
             + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :])
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_r[:, None] < rows) & (offs_c[None, :] < cols))
@@ -43,7 +45,7 @@ def dropout_keep_mask(
     block = 32
     grid = (triton.cdiv(rows, block), triton.cdiv(cols, block), batch * nheads)
     _dropout_mask_kernel[grid](
-        keep, rows, cols, nheads, first_sequence, float(dropout_p), int(seed),
+        keep, rows, cols, nheads, first_sequence, dropout_threshold(dropout_p), int(seed),
         keep.stride(0), keep.stride(1), keep.stride(2), BLOCK_R=block, BLOCK_C=block,
     )
     return keep.bool()

@@ -29,7 +29,7 @@ def _fwd_block_loop(
     k_ptrs, v_ptrs, stride_ks, stride_vs,
     start, end, offs_m, offs_n, offs_d,
     diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_p, dropout_seed,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
@@ -77,7 +77,7 @@ def _fwd_block_loop(
         else:
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
         if HAS_DROPOUT:  # l_i keeps the undropped sum; the 1 / (1 - p) comes at the end
-            p = tl.where(dropout_keep(dropout_seed, b, h, offs_m[:, None], (n0 + offs_n)[None, :], dropout_p), p, 0.0)
+            p = tl.where(dropout_keep(dropout_seed, b, h, offs_m, n0, dropout_threshold, BLOCK_N, False), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
@@ -99,7 +99,7 @@ def _fwd_kernel(
     kv_group, num_m_blocks, num_groups, num_splits,
     qk_scale_log2, softcap_in, softcap_out,
     window_left, window_right,
-    dropout_p, dropout_scale, dropout_seed,
+    dropout_threshold, dropout_scale, dropout_seed,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
@@ -170,21 +170,21 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_block_loop(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, offs_m, offs_n, offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            b, h, dropout_p, dropout_seed,
+            b, h, dropout_threshold, dropout_seed,
             True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
             KV_CACHE, USE_EXP2,
         )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        b, h, dropout_p, dropout_seed,
+        b, h, dropout_threshold, dropout_seed,
         False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         KV_CACHE, USE_EXP2,
     )
     acc, l_i, m_i = _fwd_block_loop(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, offs_m, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        b, h, dropout_p, dropout_seed,
+        b, h, dropout_threshold, dropout_seed,
         True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         KV_CACHE, USE_EXP2,
     )

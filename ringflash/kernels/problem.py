@@ -175,12 +175,20 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> tup
     return alibi_slopes, alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0, alibi_slopes.stride(1)
 
 
+def dropout_threshold(p: float) -> int:
+    """The kernels' integer form of the dropout probability: an entry is kept when its 16-bit
+    uniform (``common.dropout_keep``) is at least round(p * 65536), so the probability is
+    applied in steps of 2**-16 (the kept ones are still scaled by exactly 1 / (1 - p))."""
+    return min(int(round(float(p) * 65536)), 65536)
+
+
 def dropout_args(dropout: Optional[tuple[float, int]]) -> tuple:
-    """(dropout_p, dropout_scale, dropout_seed) kernel arguments; unused without HAS_DROPOUT."""
+    """(dropout_threshold, dropout_scale, dropout_seed) kernel arguments; unused without
+    HAS_DROPOUT."""
     if dropout is None:
-        return 0.0, 1.0, 0
+        return 0, 1.0, 0
     p, seed = dropout
-    return float(p), 1.0 / (1.0 - p), int(seed)
+    return dropout_threshold(p), 1.0 / (1.0 - p), int(seed)
 
 
 def meta_flags(meta: Optional[SeqMeta]) -> dict:
