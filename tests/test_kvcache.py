@@ -209,6 +209,33 @@ def test_flash_attn_func_with_few_queries_runs_the_decode_kernels(monkeypatch, g
     check_attention(impl, ref, inputs, torch.float32)
 
 
+def test_decode_dispatch_default_and_switch(monkeypatch):
+    """Unset, RINGFLASH_DECODE sends dense few-query calls to the decode kernels (measured
+    faster on an H100) and leaves varlen calls on the training forward; 1 sends both, 0
+    neither, and any other value is an error naming the variable."""
+    from conftest import cu_seqlens_from_lengths
+    from ringflash.kernels import dispatch
+    from ringflash.kernels.problem import SeqMeta, make_problem
+
+    q, k = torch.randn(2, 1, 8, 32), torch.randn(2, 300, 2, 32)
+    dense = make_problem(q, k, None, 1, 300, 0.1, True, -1, -1, 0.0)
+    cu_q, cu_k = cu_seqlens_from_lengths([1, 1]), cu_seqlens_from_lengths([300, 300])
+    meta = SeqMeta.from_cu_seqlens(cu_q, cu_k, None)
+    qv, kv = q.reshape(2, 8, 32), k.reshape(600, 2, 32)
+    varlen = make_problem(qv, kv, meta, 1, 300, 0.1, True, -1, -1, 0.0)
+    for value, want_dense, want_varlen in ((None, True, False), ("1", True, True), ("0", False, False)):
+        if value is None:
+            monkeypatch.delenv("RINGFLASH_DECODE", raising=False)
+        else:
+            monkeypatch.setenv("RINGFLASH_DECODE", value)
+        assert dispatch.use_decode(q, k, dense, None, None) is want_dense, value
+        assert dispatch.use_decode(qv, kv, varlen, meta, None) is want_varlen, value
+        assert not dispatch.use_decode(q, k, dense, None, (0.1, 0)), "dropout stays on the training forward"
+    monkeypatch.setenv("RINGFLASH_DECODE", "yes")
+    with pytest.raises(ValueError, match="RINGFLASH_DECODE: got 'yes'"):
+        dispatch.use_decode(q, k, dense, None, None)
+
+
 @pytest.mark.parametrize("sq,causal,used", [(1, True, False), (3, False, True)])
 def test_varlen_with_few_queries_runs_the_decode_kernels(monkeypatch, gen, sq, causal, used):
     """flash_attn_varlen_func with at most a few queries per sequence (a serving batch,

@@ -7,9 +7,10 @@ Cases (GPU, bf16; ``--quick`` the first only): batch 8 x 8k cached keys and batc
   tensor, no new keys appended, causal);
 * ``kvcache_paged``: the same keys in a paged cache (pages of 256 slots, a shuffled
   ``block_table``);
-* ``func``: ``flash_attn_func`` with seqlen_q = 1 (the training forward);
+* ``func``: ``flash_attn_func`` with seqlen_q = 1 under ``RINGFLASH_DECODE=0`` (the training
+  forward);
 * ``func_decode``: the same call under ``RINGFLASH_DECODE=1``, which routes it to the decode
-  kernels (``ringflash.kernels.dispatch``);
+  kernels (``ringflash.kernels.dispatch``; dense calls' default since run 27);
 * ``varlen_decode``: ``flash_attn_varlen_func`` on the same tokens packed (one query per
   sequence), under ``RINGFLASH_DECODE=1`` (the decode kernels' varlen route);
 * ``varlen_paged``: ``flash_attn_varlen_func`` with ``block_table`` on the paged cache (the
@@ -49,13 +50,14 @@ NAME = "decode"
 COLUMNS = BASE_COLUMNS + ["gbps", "rel_err", "batch", "seqlen_k", "nheads", "nheads_k", "headdim", "page_size"]
 IMPLS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode", "varlen_paged", "fa2", "cudnn")
 OURS = ("kvcache", "kvcache_paged", "func", "func_decode", "varlen_decode", "varlen_paged")
-#: Implementations timed under RINGFLASH_DECODE=1.
+#: Implementations timed under RINGFLASH_DECODE=1, and the one forced onto the training forward.
 DECODE_ROUTED = ("func_decode", "varlen_decode")
+TRAINING_FORWARD = ("func",)
 PASSES = ("call", "graph")
 IMPL_DESCRIPTIONS = {
     "kvcache": "flash_attn_with_kvcache, contiguous cache",
     "kvcache_paged": "flash_attn_with_kvcache, paged cache (block_table)",
-    "func": "flash_attn_func, seqlen_q=1 (training forward kernels)",
+    "func": "flash_attn_func, seqlen_q=1, RINGFLASH_DECODE=0 (training forward kernels)",
     "func_decode": "flash_attn_func, seqlen_q=1, RINGFLASH_DECODE=1 (decode kernels)",
     "varlen_decode": "flash_attn_varlen_func, one query per sequence, RINGFLASH_DECODE=1 (decode kernels)",
     "varlen_paged": "flash_attn_varlen_func, one query per sequence, block_table (paged cache)",
@@ -125,7 +127,7 @@ def implementations(case: Case, t: dict) -> dict[str, tuple[Optional[Callable], 
         "kvcache_paged": (lambda: flash_attn_with_kvcache(q, t["k_paged"], t["v_paged"], cache_seqlens=t["lengths"],
                                                           block_table=t["block_table"], causal=True),
                           f"page size {case.page_size}", None),
-        "func": (lambda: flash_attn_func(q, k, v, causal=True), "RINGFLASH_DECODE unset: training forward", None),
+        "func": (lambda: flash_attn_func(q, k, v, causal=True), "RINGFLASH_DECODE=0: training forward", None),
         "func_decode": (lambda: flash_attn_func(q, k, v, causal=True),
                         "RINGFLASH_DECODE=1: " + ("decode kernels" if takes_decode else
                                                   "still the training forward (outside the dispatch thresholds)"),
@@ -179,7 +181,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
             ref = None
         for impl in IMPLS:
             fn, note, status = impls[impl]
-            env = {"RINGFLASH_DECODE": "1" if impl in DECODE_ROUTED else None}
+            env = {"RINGFLASH_DECODE": "1" if impl in DECODE_ROUTED else "0" if impl in TRAINING_FORWARD else None}
             err = None
             with environ(**env):
                 if fn is not None and ref is not None:

@@ -1,0 +1,207 @@
+"""Compile ringflash's kernels for Hopper (sm_90) on a machine without a GPU, and report each
+compiled kernel's registers and spills.
+
+Triton's interpreter accepts programs that its compiler rejects, and the CPU CI runs only the
+interpreter, so a kernel change can pass every CPU test and fail to compile on the GPU. This
+script runs the real host launchers on CPU tensors with every Triton launch turned into a
+compile for sm_90 (Triton's bundled ptxas; nothing is launched), using the sm_90 entries of
+``configs.TABLE`` as a GPU would. The numbers come from the installed Triton, which may differ
+from the GPU machine's: compare variants within one run, and confirm speed on the GPU.
+
+    python scripts/compile_sm90.py                       # d=64/128/256, causal and full, dropout on and off
+    python scripts/compile_sm90.py --headdims 128 --dropout on
+
+Prints one row per compiled kernel: registers per thread, stack bytes (spills and local
+arrays) and the SASS spill stores/loads (STL/LDL). Exit status 1 if any launch failed to
+compile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import types
+
+os.environ["TRITON_INTERPRET"] = "0"  # before ringflash (which defaults it to 1 without a GPU) and triton
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.backends.driver import DriverBase  # noqa: E402
+from triton.runtime import driver as triton_driver  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+#: What the fake device reports: an H100 SXM.
+SM_COUNT, SHARED_MEMORY_OPTIN = 132, 232448
+
+
+class CompileOnlyDriver(DriverBase):
+    """A Triton driver for a GPU that is not there: it names the sm_90 target, and nothing
+    else is asked of it because every launch below stops after compiling."""
+
+    @classmethod
+    def is_active(cls) -> bool:
+        return True
+
+    def map_python_to_cpp_type(self, ty: str) -> str:
+        return ty
+
+    def get_current_target(self) -> GPUTarget:
+        return GPUTarget("cuda", 90, 32)
+
+    def get_active_torch_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def get_benchmarker(self):
+        raise RuntimeError("compile_sm90: nothing is timed")
+
+    def get_current_device(self) -> int:
+        return 0
+
+    def get_current_stream(self, device=None) -> int:
+        return 0
+
+    def get_device_interface(self):
+        return torch.cuda
+
+
+compiled: list[tuple[str, object]] = []
+
+
+def _install() -> None:
+    """Route Triton and ringflash's device queries to the fake sm_90 device."""
+    triton_driver.set_active(CompileOnlyDriver())
+    run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    JITFunction.run = compile_only
+    props = types.SimpleNamespace(multi_processor_count=SM_COUNT, shared_memory_per_block_optin=SHARED_MEMORY_OPTIN,
+                                  name="compile-only sm_90", major=9, minor=0)
+    torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    torch.cuda.current_device = lambda: 0
+
+    import importlib
+
+    from ringflash.kernels import configs
+
+    # The launchers check that tensors are on a GPU (they are CPU tensors here, never read).
+    for name in ("common", "fwd", "bwd", "decode", "dropout_mask"):
+        module = importlib.import_module(f"ringflash.kernels.{name}")
+        if hasattr(module, "check_device"):
+            module.check_device = lambda *a, **k: None
+
+    class OnGpu:
+        """q as config_for sees it: on CUDA device 0 (so it reads the sm_90 table)."""
+
+        def __init__(self, q):
+            self.q, self.device = q, torch.device("cuda", 0)
+
+        def element_size(self) -> int:
+            return self.q.element_size()
+
+    config_for = configs.config_for
+    configs.config_for = lambda kind, q, prob, run=None: config_for(kind, OnGpu(q), prob, None)
+    configs._capability = lambda device: (9, 0)
+    configs._device_index = lambda device: 0
+
+
+def resource_usage(kernel) -> dict:
+    """Registers and stack from cuobjdump's resource usage; spill stores/loads counted in SASS."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    field = lambda name: int(m.group(1)) if (m := re.search(name + r":(\d+)", res)) else -1  # noqa: E731
+    return dict(regs=field("REG"), stack=field("STACK"), stl=len(re.findall(r"\bSTL\b", sass)),
+                ldl=len(re.findall(r"\bLDL\b", sass)), warps=kernel.metadata.num_warps,
+                stages=kernel.metadata.num_stages)
+
+
+def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512) -> list[tuple[str, dict]]:
+    """Compile the forward and backward of one bf16 dense call; returns (kernel, usage) rows."""
+    from ringflash import flash_attn_func
+
+    q, k, v = (torch.randn(1, seqlen, 4, headdim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
+    out.sum().backward()
+    rows = [(name, resource_usage(kernel)) for name, kernel in compiled if kernel is not None]
+    failed = [name for name, kernel in compiled if kernel is None]
+    compiled.clear()
+    if failed:
+        raise RuntimeError(f"did not compile: {failed}")
+    return rows
+
+
+def run_extras() -> list[tuple[str, dict]]:
+    """Compile the kernels outside the dense training path: the decode family (a paged KV
+    cache with new keys appended: the append and decode kernels) and the S_dmask kernel."""
+    from ringflash import flash_attn_func, flash_attn_with_kvcache
+
+    q = torch.randn(2, 1, 8, 128, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(8, 256, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+    block_table = torch.arange(8, dtype=torch.int32).reshape(2, 4)
+    new_kv = [torch.randn(2, 1, 2, 128, dtype=torch.bfloat16) for _ in range(2)]
+    flash_attn_with_kvcache(q, k_cache, v_cache, *new_kv, cache_seqlens=torch.tensor([5, 700], dtype=torch.int32),
+                            block_table=block_table, causal=True)
+    x = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16)
+    flash_attn_func(x, x, x, dropout_p=0.1, return_attn_probs=True)
+    rows = [(name, resource_usage(kernel)) for name, kernel in compiled if kernel is not None]
+    failed = [name for name, kernel in compiled if kernel is None]
+    compiled.clear()
+    if failed:
+        raise RuntimeError(f"did not compile: {failed}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="compile_sm90.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
+    parser.add_argument("--dropout", choices=["both", "on", "off"], default="both")
+    parser.add_argument("--no-extras", action="store_true", help="skip the decode and S_dmask kernels")
+    args = parser.parse_args(argv)
+    if not os.path.exists(CUOBJDUMP):
+        print(f"compile_sm90: {CUOBJDUMP} is missing (this Triton has no NVIDIA backend tools)", file=sys.stderr)
+        return 2
+    _install()
+    import warnings
+
+    warnings.simplefilter("ignore")
+    causals = {"both": (False, True), "causal": (True,), "full": (False,)}[args.causal]
+    dropouts = {"both": (0.0, 0.1), "on": (0.1,), "off": (0.0,)}[args.dropout]
+    print(f"triton {triton.__version__}, target sm_90 (compile only)")
+    print(f"| {'case':28s} | {'kernel':24s} | warps | stages | regs | stack | STL | LDL |")
+    print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|")
+    status = 0
+    cases = [(f"d={d} {'causal' if causal else 'full'}{' dropout' if p else ''}",
+              (lambda d=d, c=causal, p=p: run_case(d, c, p)))
+             for d in args.headdims for causal in causals for p in dropouts]
+    if not args.no_extras:
+        cases.append(("decode (paged) and S_dmask", run_extras))
+    for case, compile_case in cases:
+        try:
+            rows = compile_case()
+        except Exception as exc:  # report every case, then fail
+            print(f"| {case:28s} | FAILED: {type(exc).__name__}: {str(exc)[:200]}")
+            status = 1
+            continue
+        for name, u in rows:
+            print(f"| {case:28s} | {name:24s} | {u['warps']:5d} | {u['stages']:6d} | {u['regs']:4d} | "
+                  f"{u['stack']:5d} | {u['stl']:3d} | {u['ldl']:3d} |", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""The kernels compile for Hopper (sm_90). Triton's interpreter, which runs every other CPU
+test, accepts programs its compiler rejects; scripts/compile_sm90.py compiles the real
+launchers' kernels with the installed Triton's ptxas, no GPU needed (on a GPU machine the
+GPU tests compile them for real)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HAS_CUDA
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_sm90.py")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")
+def test_kernels_compile_for_sm90():
+    # One head dim with dropout (the forward and both backward kernels), plus the decode,
+    # append and S_dmask kernels: about a minute on two cores.
+    result = subprocess.run([sys.executable, SCRIPT, "--headdims", "64", "--causal", "causal", "--dropout", "on"],
+                            capture_output=True, text=True, timeout=900)
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-3000:]
+    for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel", "_append_kernel",
+                   "_dropout_mask_kernel"):
+        assert kernel in result.stdout, (kernel, report[-3000:])
