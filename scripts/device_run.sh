@@ -2,6 +2,7 @@
 # One call on the GPU machine: the stages named on the command line, each under its own
 # time limit so that a slow or failing stage still leaves the others' output.
 #   scripts/device_run.sh env smoke tune bench tests
+#   scripts/device_run.sh suite                                      (the whole suite, -n 14; stopped at 9 min)
 #   scripts/device_run.sh wide                                       (about 8 min)
 #   REPORT_ARGS=--csv-only scripts/device_run.sh hf decode dropout   (about 4 min)
 #   scripts/device_run.sh simulate                                   (about 3-4 min, one GPU)
@@ -21,6 +22,9 @@ for s in "$@"; do
     smoke) stage smoke 120 python3 -m ringflash demo ;;
     tune) stage tune "${TUNE_LIMIT:-300}" python3 -m ringflash bench tune ${TUNE_ARGS:-} ;;
     bench) stage bench "${BENCH_LIMIT:-300}" python3 -m ringflash bench kernels --csv "$OUT/kernels.csv" ${BENCH_ARGS:-} ;;
+    # The README's whole test command on the GPU machine (issue 14), in one call: the CP
+    # batches and the memory-heavy GPU tests each keep to one xdist worker (conftest).
+    suite) stage suite "${SUITE_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${SUITE_WORKERS:-14}" --tb=line -rfE --durations=15 tests ;;
     tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" tests ${TESTS_ARGS:-} ;;
     bigtests) stage bigtests "${BIG_LIMIT:-200}" python3 -m pytest -m big -q -p no:cacheprovider tests ;;
     grouped) stage grouped "${GROUPED_LIMIT:-300}" python3 -m ringflash bench grouped --csv "$OUT/grouped.csv" ;;

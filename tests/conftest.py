@@ -47,8 +47,9 @@ needs_interpreter = pytest.mark.skipif(
 
 def pytest_configure(config):
     # Under pytest-xdist (`pytest -n N`), tests marked `shared_run` must reach one worker per
-    # run (see pytest_collection_modifyitems), which only the "loadgroup" mode honours; the
-    # default "load" mode becomes it. Without -n, or with another mode chosen, nothing changes.
+    # run (see pytest_collection_modifyitems), and memory-heavy GPU tests share one worker
+    # (their xdist_group marks); only the "loadgroup" mode honours either, so the default
+    # "load" mode becomes it. Without -n, or with another mode chosen, nothing changes.
     if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "load":
         config.option.dist = "loadgroup"
 
