@@ -11,7 +11,10 @@ Grid on a GPU (bf16; ``--quick`` a subset):
 * varlen 32/8 heads, d=128, 16k tokens: the Llama-3 pack of the default grid
   (8192+4096+2048+1024+512+512), 64 x 256, 16 x 1024 and a seeded random mix;
 * the seed-004 3-D interface (``FlashAttentionTritonFunc``: one head, batch 4, n=8k, d=64,
-  causal) against SDPA on (batch, 1, n, d) views.
+  causal) against SDPA on (batch, 1, n, d) views;
+* underfill: GQA 16/4, d=128, one sequence of 4k or 8k tokens, causal and full: the
+  backward's dK/dV kernel then has fewer programs than two per SM (issue 15's profile),
+  the case ``ours_split`` exists for, which no other family reaches.
 
 Implementations: ``ours`` (flash_attn_func / flash_attn_varlen_func / the 3-D function; its
 backward is the library default, ``deterministic=True`` gives the same kernels today),
@@ -89,6 +92,11 @@ VARLEN_TOKENS = 16384
 LLAMA_LENGTHS = [8192, 4096, 2048, 1024, 512, 512]
 PACKS = ["llama3", "64x256", "16x1024", "random"]
 SEED3D = dict(batch=4, seqlen=8192, headdim=64)
+#: (nheads, nheads_k, headdim) and sequence lengths of the one-sequence "underfill" family.
+UNDERFILL_HEADS = (16, 4, 128)
+UNDERFILL_SEQLENS = [4096, 8192]
+#: Every family, in the order reports list them.
+FAMILIES = ("dense", "gqa", "varlen", "seed3d", "underfill")
 
 QUICK_HEADDIMS = [64, 128]
 QUICK_SEQLENS = [1024, 16384]
@@ -99,12 +107,13 @@ QUICK_PACKS = ["llama3", "random"]
 #: random pack of three documents: the interpreter's time grows with the documents).
 #: Head dim 24 is padded to 32 inside the kernels, as 80, 96 and 192 are on the GPU.
 CPU = dict(tokens=64, hidden=48, headdims=[24], seqlens=[32], gqa=(4, 2, 16), gqa_seqlens=[32],
-           varlen_tokens=64, packs=["random"], min_doc=8, seed3d=dict(batch=2, seqlen=32, headdim=16))
+           varlen_tokens=64, packs=["random"], min_doc=8, seed3d=dict(batch=2, seqlen=32, headdim=16),
+           underfill=(4, 2, 16), underfill_seqlens=[48])
 
 
 @dataclass(frozen=True)
 class Case:
-    family: str  # "dense", "gqa", "varlen" or "seed3d"
+    family: str  # "dense", "gqa", "varlen", "seed3d" or "underfill"
     headdim: int
     causal: bool
     seqlen: int  # per sequence (varlen: the longest document)
@@ -126,8 +135,8 @@ class Case:
                     f"({len(self.lengths)} docs, {_size(self.tokens)})")
         if self.family == "seed3d":
             return f"seed3d {mask} b={self.batch} n={_size(self.seqlen)} d={self.headdim}"
-        heads = f"{self.nheads}/{self.nheads_k}" if self.family == "gqa" else f"h={self.nheads}"
-        prefix = "gqa " if self.family == "gqa" else ""
+        heads = f"{self.nheads}/{self.nheads_k}" if self.nheads != self.nheads_k else f"h={self.nheads}"
+        prefix = {"gqa": "gqa ", "underfill": "underfill "}.get(self.family, "")
         return f"{prefix}d={self.headdim} {mask} s={_size(self.seqlen)} b={self.batch} {heads}"
 
     def fwd_flops(self) -> float:
@@ -169,19 +178,21 @@ def pack_lengths(pack: str, tokens: int, seed: int = 0, min_len: int = 1) -> lis
 
 def build_grid(device: str, quick: bool, long_headdims: Sequence[int] = LONG_HEADDIMS,
                headdims: Optional[Sequence[int]] = None, seqlens: Optional[Sequence[int]] = None,
-               families: Sequence[str] = ("dense", "gqa", "varlen", "seed3d")) -> list[Case]:
-    """The cases in the order they run: dense (head dim, causal, seqlen), GQA, varlen, seed3d."""
+               families: Sequence[str] = FAMILIES) -> list[Case]:
+    """The cases in the order they run (``RUN_FAMILIES``; d=128 and 64 first within a family)."""
     if device == "cpu":
         tokens, hidden = CPU["tokens"], CPU["hidden"]
         hds, sls = CPU["headdims"], CPU["seqlens"]
         (gh, ghk, gd), gsl = CPU["gqa"], CPU["gqa_seqlens"]
         vtokens, packs, s3 = CPU["varlen_tokens"], CPU["packs"], CPU["seed3d"]
+        (uh, uhk, ud), usl = CPU["underfill"], CPU["underfill_seqlens"]
         causals, gqa_causals, vcausals = [False, True], [True], [True]
     else:
         tokens, hidden = TOKENS, HIDDEN
         hds, sls = (QUICK_HEADDIMS, QUICK_SEQLENS) if quick else (HEADDIMS, SEQLENS)
         (gh, ghk, gd), gsl = GQA_HEADS, (QUICK_GQA_SEQLENS if quick else GQA_SEQLENS)
         vtokens, packs, s3 = VARLEN_TOKENS, (QUICK_PACKS if quick else PACKS), SEED3D
+        (uh, uhk, ud), usl = UNDERFILL_HEADS, UNDERFILL_SEQLENS[:1] if quick else UNDERFILL_SEQLENS
         causals = gqa_causals = vcausals = [False, True]
     hds, sls = list(headdims or hds), list(seqlens or sls)
     cases: list[Case] = []
@@ -204,6 +215,10 @@ def build_grid(device: str, quick: bool, long_headdims: Sequence[int] = LONG_HEA
                 cases.append(Case("varlen", gd, causal, max(lengths), len(lengths), gh, ghk, tuple(lengths), pack))
     if "seed3d" in families:
         cases.append(Case("seed3d", s3["headdim"], True, s3["seqlen"], s3["batch"], 1, 1))
+    if "underfill" in families:
+        for causal in gqa_causals:
+            for s in usl:
+                cases.append(Case("underfill", ud, causal, s, 1, uh, uhk))
     # Run order: should a time limit stop the run, the small families and d=128, the head dim
     # of issue 15's bars, are already measured (reports list the cases in grid order).
     first = (128, 64)
@@ -212,8 +227,8 @@ def build_grid(device: str, quick: bool, long_headdims: Sequence[int] = LONG_HEA
 
 
 #: The order families run in, and the order reports list them in.
-RUN_FAMILIES = ("seed3d", "varlen", "gqa", "dense")
-REPORT_FAMILIES = ("dense", "gqa", "varlen", "seed3d")
+RUN_FAMILIES = ("seed3d", "underfill", "varlen", "gqa", "dense")
+REPORT_FAMILIES = FAMILIES
 
 
 # --- time estimate -----------------------------------------------------------------------
@@ -429,8 +444,8 @@ def precompile(cases: Sequence[Case], dtype: torch.dtype, workers: int) -> None:
 
 
 def _cases(rows: Sequence[dict]) -> list[str]:
-    """Case names in grid order: dense then GQA by (head dim, causal, seqlen), then varlen
-    and seed3d in the order they ran."""
+    """Case names in grid order (``REPORT_FAMILIES``): dense, GQA and underfill cases by (head
+    dim, causal, seqlen), varlen and seed3d in the order they ran."""
     first: dict[str, tuple] = {}
     for i, r in enumerate(rows):
         name = str(r["case"])
@@ -438,7 +453,7 @@ def _cases(rows: Sequence[dict]) -> list[str]:
             continue
         family = str(r.get("family") or "")
         rank = REPORT_FAMILIES.index(family) if family in REPORT_FAMILIES else len(REPORT_FAMILIES)
-        if family in ("dense", "gqa"):
+        if family in ("dense", "gqa", "underfill"):
             first[name] = (rank, r.get("headdim") or 0, bool(r.get("causal")), r.get("seqlen") or 0, i)
         else:
             first[name] = (rank, 0, False, 0, i)
@@ -561,8 +576,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seqlens", type=int, nargs="+", help="dense sequence lengths (overrides the grid's)")
     parser.add_argument("--long-headdims", type=int, nargs="+", default=LONG_HEADDIMS,
                         help=f"head dims that also run seqlen >= {LONG_SEQLEN} (default: %(default)s)")
-    parser.add_argument("--families", nargs="+", default=["dense", "gqa", "varlen", "seed3d"],
-                        choices=["dense", "gqa", "varlen", "seed3d"])
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes compiling the Triton variants before the timed pass (GPU)")
     parser.add_argument("--no-precompile", action="store_true")
