@@ -129,6 +129,16 @@ def resource_usage(kernel) -> dict:
                 stages=kernel.metadata.num_stages)
 
 
+def collect() -> list[tuple[str, dict]]:
+    """(kernel, usage) of every launch compiled since the last call; raises if one did not."""
+    rows = [(name, resource_usage(kernel)) for name, kernel in compiled if kernel is not None]
+    failed = [name for name, kernel in compiled if kernel is None]
+    compiled.clear()
+    if failed:
+        raise RuntimeError(f"did not compile: {failed}")
+    return rows
+
+
 def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512) -> list[tuple[str, dict]]:
     """Compile the forward and backward of one bf16 dense call; returns (kernel, usage) rows."""
     from ringflash import flash_attn_func
@@ -136,12 +146,7 @@ def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512) ->
     q, k, v = (torch.randn(1, seqlen, 4, headdim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
     out.sum().backward()
-    rows = [(name, resource_usage(kernel)) for name, kernel in compiled if kernel is not None]
-    failed = [name for name, kernel in compiled if kernel is None]
-    compiled.clear()
-    if failed:
-        raise RuntimeError(f"did not compile: {failed}")
-    return rows
+    return collect()
 
 
 def run_extras() -> list[tuple[str, dict]]:
@@ -157,12 +162,7 @@ def run_extras() -> list[tuple[str, dict]]:
                             block_table=block_table, causal=True)
     x = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16)
     flash_attn_func(x, x, x, dropout_p=0.1, return_attn_probs=True)
-    rows = [(name, resource_usage(kernel)) for name, kernel in compiled if kernel is not None]
-    failed = [name for name, kernel in compiled if kernel is None]
-    compiled.clear()
-    if failed:
-        raise RuntimeError(f"did not compile: {failed}")
-    return rows
+    return collect()
 
 
 def main(argv=None) -> int:
