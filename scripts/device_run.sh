@@ -25,6 +25,8 @@ for s in "$@"; do
     # The README's whole test command on the GPU machine (issue 14), in one call: the CP
     # batches and the memory-heavy GPU tests each keep to one xdist worker (conftest).
     suite) stage suite "${SUITE_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${SUITE_WORKERS:-14}" --tb=line -rfE --durations=15 tests ;;
+    # Issue 14: the CP training example on one GPU (world size 1, NCCL): loss and tokens/s.
+    train1) stage train1 "${TRAIN_LIMIT:-240}" torchrun --standalone --nproc-per-node 1 examples/train_cp.py --device cuda --steps "${TRAIN_STEPS:-30}" ${TRAIN_ARGS:-} ;;
     tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" tests ${TESTS_ARGS:-} ;;
     bigtests) stage bigtests "${BIG_LIMIT:-200}" python3 -m pytest -m big -q -p no:cacheprovider tests ;;
     grouped) stage grouped "${GROUPED_LIMIT:-300}" python3 -m ringflash bench grouped --csv "$OUT/grouped.csv" ;;
