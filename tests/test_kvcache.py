@@ -397,3 +397,30 @@ def test_strided_index_tensors_read_like_contiguous_ones(gen, paged):
         results.append((out, kc))
     assert torch.isfinite(results[0][0]).all()
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_decode_grids_stay_within_cuda_limits(monkeypatch):
+    """CUDA caps grid axes 1 and 2 at 65535. A decode batch of 70000 sequences, or 9000
+    sequences x 8 KV heads, must put its batch on axis 0 in the decode kernel and in the
+    split merge: the interpreter has no such limit, so the launches' grids are checked."""
+    from ringflash.kernels import decode, fwd
+
+    grids = []
+
+    class RecordGrid:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.append((self.name, tuple(grid)))
+            return lambda *args, **kwargs: None  # nothing runs: only the grid is under test
+
+    monkeypatch.setattr(decode, "_decode_kernel", RecordGrid("decode"))
+    monkeypatch.setattr(fwd, "_combine_splits_kernel", RecordGrid("combine"))
+    for batch, nheads_k in ((70000, 1), (9000, 8)):
+        q = torch.zeros(batch, 1, nheads_k, 16, dtype=torch.float16, device=DEVICE)
+        cache = torch.zeros(batch, 1, nheads_k, 16, dtype=torch.float16, device=DEVICE)
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=1, num_splits=2)
+    assert {name for name, _ in grids} == {"decode", "combine"}
+    for name, grid in grids:
+        assert all(n <= 65535 for n in grid[1:]), (name, grid)

@@ -52,15 +52,18 @@ def _decode_kernel(
     PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """Grid (cdiv(seqlen_q * group, BLOCK_M), batch * nheads_k, num_splits). Scores in log2
-    units. Writes out/lse of its packed rows, or with num_splits > 1 the float32 partials of
+    """Grid (batch * nheads_k * m_blocks, num_splits), m_blocks = cdiv(seqlen_q * group,
+    BLOCK_M), the query block fastest (so the programs reading one K/V head run together);
+    batch x heads stay on axis 0, whose limit is 2**31 - 1 (axes 1 and 2 stop at 65535).
+    Scores in log2 units. Writes out/lse of its packed rows, or with num_splits > 1 the float32 partials of
     its key split (Out (split, batch, seqlen_q, nheads, d), Lse (split, batch, nheads, seqlen_q)).
     With VARLEN_Q, sequence b owns query rows [QStarts[b], QEnds[b]) of q (total_q, nheads,
     d) (batch strides 0, lse (nheads, total_q)) and ``seqlen_q`` is their longest."""
-    pid_m = tl.program_id(0)
-    b = tl.program_id(1) // nheads_k
-    hk = tl.program_id(1) % nheads_k
-    split = tl.program_id(2)
+    m_blocks = tl.cdiv(seqlen_q * group, BLOCK_M)
+    pid_m = tl.program_id(0) % m_blocks
+    b = tl.program_id(0) // m_blocks // nheads_k
+    hk = tl.program_id(0) // m_blocks % nheads_k
+    split = tl.program_id(1)
     # Device-side values are clamped into the cache, never followed out of it; a sequence
     # whose values were out of range gets NaN (out and lse) instead of a plausible answer.
     raw_start = tl.load(KStart + b)
@@ -260,7 +263,7 @@ def decode_forward(
     paged = block_table is not None
     alibi = alibi_slopes if alibi_slopes is not None else lse
     q_starts, q_ends = q_bounds if varlen_q else (k_len, k_len)
-    _decode_kernel[(m_blocks, batch * nheads_k, splits)](
+    _decode_kernel[(batch * nheads_k * m_blocks, splits)](
         q, k_cache, v_cache, out_target, lse_target,
         block_table if paged else k_len, cache_rows if cache_rows is not None else k_len, k_start, k_len,
         q_starts, q_ends, alibi,

@@ -223,11 +223,13 @@ def _combine_splits_kernel(
     """Merge per-split partial results through their lse: lse = logsumexp_s lse_s,
     out = sum_s exp(lse_s - lse) * out_s. Rows whose every split is empty stay 0 / -inf.
 
-    Grid (cdiv(rows, BLOCK_R), nheads, batch); varlen runs as batch 1 over all tokens.
+    Grid (batch * cdiv(rows, BLOCK_R), nheads): the batch on axis 0, whose limit is 2**31 - 1
+    (a decode batch can pass axis 1's and 2's 65535); varlen runs as batch 1 over all tokens.
     Partial out is (split, batch, row, head, d), partial lse (split, batch, head, row)."""
-    pid_r = tl.program_id(0)
+    row_blocks = tl.cdiv(rows, BLOCK_R)
+    pid_r = tl.program_id(0) % row_blocks
+    b = tl.program_id(0) // row_blocks
     h = tl.program_id(1)
-    b = tl.program_id(2)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_s = tl.arange(0, MAX_SPLITS)
     offs_d = tl.arange(0, BLOCK_D)
@@ -350,7 +352,9 @@ def combine_splits(
         o_strides = out.stride()[:3]
         l_strides = lse.stride()[:2]
     block_r = 16
-    grid = (triton.cdiv(rows, block_r), prob.nheads, batch)
+    if prob.nheads > configs.MAX_GRID_YZ:
+        raise ValueError(f"nheads: got {prob.nheads}; the kernels take at most {configs.MAX_GRID_YZ} per call")
+    grid = (batch * triton.cdiv(rows, block_r), prob.nheads)
     _combine_splits_kernel[grid](
         out_partial, lse_partial, out, lse, num_splits, rows,
         *p_strides, *q_strides, *o_strides, *l_strides,
