@@ -18,13 +18,14 @@ def _dropout_mask_kernel(
     stride_b, stride_h, stride_r,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Grid (cdiv(rows, BLOCK_R), cdiv(cols, BLOCK_C), batch * nheads). Keep (batch, nheads,
-    rows, cols) int8; entry (z, i, j) is sequence first_sequence + z // nheads, head z % nheads."""
-    z = tl.program_id(2)
+    """Grid (batch * nheads, cdiv(rows, BLOCK_R), cdiv(cols, BLOCK_C)): batch x heads on axis
+    0, whose limit is 2**31 - 1 (axes 1 and 2 stop at 65535). Keep (batch, nheads, rows, cols)
+    int8; entry (z, i, j) is sequence first_sequence + z // nheads, head z % nheads."""
+    z = tl.program_id(0)
     b = first_sequence + z // nheads
     h = z % nheads
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n0 = tl.program_id(1) * BLOCK_C
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n0 = tl.program_id(2) * BLOCK_C
     offs_c = n0 + tl.arange(0, BLOCK_C)
     keep = dropout_keep(dropout_seed, b, h, offs_r, n0, dropout_threshold, BLOCK_C, False)
     ptrs = (Keep + (z // nheads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
@@ -43,7 +44,7 @@ def dropout_keep_mask(
         return keep.bool()
     check_device(keep, "q")
     block = 32
-    grid = (triton.cdiv(rows, block), triton.cdiv(cols, block), batch * nheads)
+    grid = (batch * nheads, triton.cdiv(rows, block), triton.cdiv(cols, block))
     _dropout_mask_kernel[grid](
         keep, rows, cols, nheads, first_sequence, dropout_threshold(dropout_p), int(seed),
         keep.stride(0), keep.stride(1), keep.stride(2), BLOCK_R=block, BLOCK_C=block,
