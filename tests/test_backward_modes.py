@@ -104,6 +104,11 @@ def test_dkv_splits_setting(monkeypatch):
     assert configs.dkv_splits(prob, cfg, cpu) == 5
     monkeypatch.setenv("RINGFLASH_DKV_SPLITS", "999")
     assert configs.dkv_splits(prob, cfg, cpu) == -(-1000 // cfg.block_m)  # at most one per query block
+    # KV heads x splits is grid axis 1, which CUDA caps at 65535.
+    many_heads = AttnProblem(batch=1, nheads=4096, nheads_k=4096, headdim=64, max_seqlen_q=100000,
+                             max_seqlen_k=64, is_varlen=False, softmax_scale=0.1, causal=False, window_left=-1,
+                             window_right=-1, softcap=0.0)
+    assert 4096 * configs.dkv_splits(many_heads, cfg, cpu) <= configs.MAX_GRID_YZ
     monkeypatch.setenv("RINGFLASH_DKV_SPLITS", "auto")
     assert configs.dkv_splits(prob, cfg, cpu) == 1  # no GPU to fill
     for bad in ("0", "many"):

@@ -357,11 +357,12 @@ def dkv_splits(prob, cfg: KernelConfig, device: torch.device) -> int:
     One program per key block, KV head and sequence underfills the GPU when those are few:
     issue 15's profile had a 4k-token GQA 16/4 batch at 128 programs on 132 SMs, and the
     seed-004 interface has one head. "auto" splits until the launch has about two programs
-    per SM; never more splits than query blocks."""
+    per SM; never more splits than query blocks, nor than grid axis 1 (KV heads x splits)
+    holds."""
     mode = os.environ.get("RINGFLASH_DKV_SPLITS", DKV_SPLITS_DEFAULT)
     if mode == "off":
         return 1
-    query_blocks = max(1, -(-prob.max_seqlen_q // cfg.block_m))
+    query_blocks = max(1, min(-(-prob.max_seqlen_q // cfg.block_m), MAX_GRID_YZ // max(1, prob.nheads_k)))
     if mode != "auto":
         try:
             wanted = int(mode)
