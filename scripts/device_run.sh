@@ -16,6 +16,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 stage() { local name=$1 limit=$2; shift 2; echo "=== $name (limit ${limit}s)"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "=== $name rc=$rc in $((SECONDS - t0))s"; }
+# Appends to <stage>.log the count of test reports in <stage>_tests.tsv and its failures.
+test_log_summary() { local tsv="$OUT/$1_tests.tsv"; [ -f "$tsv" ] || return 0
+  { echo "--- $1_tests.tsv: $(grep -cE '^(passed|failed|skipped)' "$tsv") reports"
+    grep -A25 -E '^failed' "$tsv" | head -150; } >> "$OUT/$1.log"; }
 for s in "$@"; do
   case $s in
     env) stage env 60 bash -c 'nvidia-smi -L; python3 -c "import torch, triton, numpy; print(torch.__version__, triton.__version__, numpy.__version__, torch.cuda.get_device_name(0))"' ;;
@@ -24,10 +28,14 @@ for s in "$@"; do
     bench) stage bench "${BENCH_LIMIT:-300}" python3 -m ringflash bench kernels --csv "$OUT/kernels.csv" ${BENCH_ARGS:-} ;;
     # The README's whole test command on the GPU machine (issue 14), in one call: the CP
     # batches and the memory-heavy GPU tests each keep to one xdist worker (conftest).
-    suite) stage suite "${SUITE_LIMIT:-540}" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${SUITE_WORKERS:-14}" --tb=line -rfE --durations=15 tests ;;
+    # Each test's outcome and duration also go to suite_tests.tsv as it finishes, so a run
+    # cut by the limit still names its failures and the tests it never reached.
+    suite) stage suite "${SUITE_LIMIT:-540}" env RINGFLASH_TEST_LOG="$OUT/suite_tests.tsv" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${SUITE_WORKERS:-14}" --tb=line -rfE --durations=15 ${SUITE_ARGS:-tests}
+      test_log_summary suite ;;
     # Issue 14: the CP training example on one GPU (world size 1, NCCL): loss and tokens/s.
     train1) stage train1 "${TRAIN_LIMIT:-240}" torchrun --standalone --nproc-per-node 1 examples/train_cp.py --device cuda --steps "${TRAIN_STEPS:-30}" ${TRAIN_ARGS:-} ;;
-    tests) stage tests "${TESTS_LIMIT:-300}" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" tests ${TESTS_ARGS:-} ;;
+    tests) stage tests "${TESTS_LIMIT:-300}" env RINGFLASH_TEST_LOG="$OUT/tests_tests.tsv" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" tests ${TESTS_ARGS:-}
+      test_log_summary tests ;;
     bigtests) stage bigtests "${BIG_LIMIT:-200}" python3 -m pytest -m big -q -p no:cacheprovider tests ;;
     grouped) stage grouped "${GROUPED_LIMIT:-300}" python3 -m ringflash bench grouped --csv "$OUT/grouped.csv" ;;
     cpbench) stage cpbench "${CPBENCH_LIMIT:-300}" python3 -m ringflash bench cp --csv "$OUT/cp.csv" ${CPBENCH_ARGS:-} ;;

@@ -45,27 +45,7 @@ needs_interpreter = pytest.mark.skipif(
 )
 
 
-def pytest_configure(config):
-    # Under pytest-xdist (`pytest -n N`), tests marked `shared_run` must reach one worker per
-    # run (see pytest_collection_modifyitems), and memory-heavy GPU tests share one worker
-    # (their xdist_group marks); only the "loadgroup" mode honours either, so the default
-    # "load" mode becomes it. Without -n, or with another mode chosen, nothing changes.
-    if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", "no") == "load":
-        config.option.dist = "loadgroup"
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker hook reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
-    # A test marked `shared_run` reads one cached multi-process run (per module and world
-    # size) holding every case: on one worker the run happens once, but each xdist worker
-    # that draws one of its tests repeats the whole run. On a 16-core GPU machine with
-    # `-n 14`, fourteen copies of each CP batch made every CP test take about 3 minutes.
-    for item in items:
-        if item.get_closest_marker("shared_run") is None:
-            continue
-        params = getattr(item, "callspec", None)
-        world_size = params.params.get("world_size") if params is not None else None
-        item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-w{world_size}"))
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
@@ -99,3 +79,21 @@ def cu_seqlens_from_lengths(lengths, device="cpu"):
     for n in lengths:
         cu.append(cu[-1] + n)
     return torch.tensor(cu, dtype=torch.int32, device=device)
+
+
+#: RINGFLASH_TEST_LOG=<file>: each test's outcome, duration and failure text appended as it
+#: finishes. A run cut off by a time limit (the GPU machine's 10-minute calls) still says
+#: what failed, how long each test took and which tests never ran.
+_TEST_LOG = os.environ.get("RINGFLASH_TEST_LOG")
+
+
+def pytest_runtest_logreport(report):
+    if not _TEST_LOG or os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # under xdist the controller sees every worker's reports
+    if report.when != "call" and report.outcome == "passed":
+        return
+    line = f"{report.outcome}\t{report.when}\t{report.duration:.2f}\t{report.nodeid}\n"
+    if report.outcome == "failed":
+        line += "".join("    " + s + "\n" for s in str(report.longrepr).splitlines()[-25:])
+    with open(_TEST_LOG, "a") as f:
+        f.write(line)

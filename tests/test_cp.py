@@ -2,19 +2,19 @@
 1, 2, 3 and 4: every strategy against single-process attention on the same global data,
 for out, lse, dq, dk and dv. One process group per world size runs all of its cases."""
 
-import functools
 import os
 
 import pytest
 
 from cp_cases import CPCase, cp_worker, error_worker
 from ringflash.cp.launch import run_local
+from shared_run import once_per_session
 
 # On the GPU machine: RINGFLASH_CP_BACKEND=nccl runs the same cases on GPUs (one per rank),
 # with exact fp32 matmuls so that fp32 results meet the same bar as on the CPU.
 BACKEND = os.environ.get("RINGFLASH_CP_BACKEND", "gloo")
-#: Every test here reads one cached run per world size (`_reports`) or `_error_reports`.
-pytestmark = pytest.mark.shared_run
+#: Every test here reads one run per world size (`_reports`) or `_error_reports`, done once
+#: per session even under pytest-xdist (shared_run.once_per_session).
 
 WORLD_SIZES = [1, 2, 3, 4]
 #: Option variants run at two world sizes (one even, one odd) to keep CI short.
@@ -185,7 +185,7 @@ WIDE_WORLD_SIZE = 8
 WIDE_CASES = BASE_CASES + OPTION_CASES if BACKEND == "nccl" else [c for c in BASE_CASES if c.causal]
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_session
 def _reports(world_size: int) -> dict:
     if world_size == WIDE_WORLD_SIZE:
         cases = WIDE_CASES
@@ -293,7 +293,7 @@ ERRORS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_session
 def _error_reports() -> list:
     return run_local(error_worker, 2, None, backend=BACKEND, timeout=300)
 

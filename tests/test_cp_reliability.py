@@ -3,7 +3,6 @@ NCCL with RINGFLASH_CP_BACKEND=nccl), and fault tests of the local launcher: a r
 raises, exits or crashes must fail the run promptly with that rank's report, and a call
 that differs between ranks must fail on every rank, never hang."""
 
-import functools
 import os
 import re
 import time
@@ -12,6 +11,7 @@ import pytest
 
 from cp_reliability_cases import SCENARIOS, reliability_worker
 from ringflash.cp.launch import run_local
+from shared_run import once_per_session
 
 BACKEND = os.environ.get("RINGFLASH_CP_BACKEND", "gloo")
 
@@ -34,12 +34,11 @@ EXPECTED = {
 assert set(EXPECTED) == set(SCENARIOS)
 
 
-@functools.lru_cache(maxsize=None)
+@once_per_session
 def _reports() -> list:
     return run_local(reliability_worker, 2, list(SCENARIOS), backend=BACKEND, timeout=600)
 
 
-@pytest.mark.shared_run
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 def test_cp_reliability_scenario(scenario):
     for rank, report in enumerate(_reports()):

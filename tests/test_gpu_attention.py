@@ -9,6 +9,7 @@ import torch
 
 from attn_check import EPS, check_attention, dense64, dense_impl, dense_ref, varlen_impl, varlen_ref
 from conftest import cu_seqlens_from_lengths
+from shared_run import exclusive
 from ringflash import attention_ref, flash_attn_func, flash_attn_varlen_func
 from ringflash.testing import assert_close
 
@@ -94,12 +95,16 @@ def _check_tf32(gen):
 
 
 # About 20 GB each (float64 references of 3000-token sequences x 32 heads): under
-# `pytest -n 8` four of them at once ran an H100 out of memory (run 28), so they share one
-# pytest-xdist worker (conftest turns on the loadgroup mode).
-@pytest.mark.xdist_group("gpu_memory")
+# `pytest -n 8` four of them at once ran an H100 out of memory (run 28), so pytest-xdist's
+# workers take turns (a lock shared by the session's workers).
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_llama_gqa(gen, dtype, causal):
+    with exclusive("gpu_memory"):
+        _check_varlen_llama_gqa(gen, dtype, causal)
+
+
+def _check_varlen_llama_gqa(gen, dtype, causal):
     lengths = [3000, 17, 0, 2053, 1, 1024]
     total = sum(lengths)
     q = torch.randn(total, 32, 128, generator=gen, dtype=torch.float64).to(DEV)
