@@ -12,7 +12,8 @@ from the GPU machine's: compare variants within one run, and confirm speed on th
     python scripts/compile_sm90.py --headdims 128 --dropout on
 
 Prints one row per compiled kernel: registers per thread, stack bytes (spills and local
-arrays) and the SASS spill stores/loads (STL/LDL). Exit status 1 if any launch failed to
+arrays), the SASS spill stores/loads (STL/LDL), and the static counts of SASS instructions
+and of shared-memory stores/loads (STS/LDS). Exit status 1 if any launch failed to
 compile.
 """
 
@@ -124,9 +125,13 @@ def resource_usage(kernel) -> dict:
         res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([CUOBJDUMP, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     field = lambda name: int(m.group(1)) if (m := re.search(name + r":(\d+)", res)) else -1  # noqa: E731
-    return dict(regs=field("REG"), stack=field("STACK"), stl=len(re.findall(r"\bSTL\b", sass)),
-                ldl=len(re.findall(r"\bLDL\b", sass)), warps=kernel.metadata.num_warps,
-                stages=kernel.metadata.num_stages)
+    count = lambda op: len(re.findall(rf"\b{op}\b", sass))  # noqa: E731
+    # Static instruction counts (every loop phase once, not executed counts): a variant's
+    # added work, and its shared-memory round trips (STS/LDS: layout conversions among them).
+    instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
+    return dict(regs=field("REG"), stack=field("STACK"), stl=count("STL"), ldl=count("LDL"),
+                sass=instructions, sts=count("STS"), lds=count("LDS"),
+                warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages)
 
 
 def collect() -> list[tuple[str, dict]]:
@@ -182,8 +187,8 @@ def main(argv=None) -> int:
     causals = {"both": (False, True), "causal": (True,), "full": (False,)}[args.causal]
     dropouts = {"both": (0.0, 0.1), "on": (0.1,), "off": (0.0,)}[args.dropout]
     print(f"triton {triton.__version__}, target sm_90 (compile only)")
-    print(f"| {'case':28s} | {'kernel':24s} | warps | stages | regs | stack | STL | LDL |")
-    print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|")
+    print(f"| {'case':28s} | {'kernel':24s} | warps | stages | regs | stack | STL | LDL |  SASS |  STS |  LDS |")
+    print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|-------|------|------|")
     status = 0
     cases = [(f"d={d} {'causal' if causal else 'full'}{' dropout' if p else ''}",
               (lambda d=d, c=causal, p=p: run_case(d, c, p)))
@@ -199,7 +204,8 @@ def main(argv=None) -> int:
             continue
         for name, u in rows:
             print(f"| {case:28s} | {name:24s} | {u['warps']:5d} | {u['stages']:6d} | {u['regs']:4d} | "
-                  f"{u['stack']:5d} | {u['stl']:3d} | {u['ldl']:3d} |", flush=True)
+                  f"{u['stack']:5d} | {u['stl']:3d} | {u['ldl']:3d} | {u['sass']:5d} | {u['sts']:4d} | {u['lds']:4d} |",
+                  flush=True)
     return status
 
 

@@ -109,27 +109,52 @@ def test_dropped_fraction_and_seeds():
     assert torch.equal(flash_attn_func(q, q, q, dropout_p=0.0), no_dropout)
 
 
-def test_mask_draws_are_uniform_and_independent_per_key():
-    """Eight keys share one Philox call (``common.dropout_keep``), each taking 16 of its 128
-    bits: every key position in the group must be dropped at the rate p, neighbours must not
-    be correlated, and the threshold must follow p in 2**-16 steps (p = 2**-16 drops about
-    one entry in 65536, not none and not a 1/256 step)."""
+def test_mask_draws_are_uniform_and_independent():
+    """Each entry draws mix(R[row] ^ C[key]) (``common.dropout_keep``): every key position
+    and every row must be dropped at the rate p; neighbours along rows, keys and diagonals
+    must not be correlated; and, since the mixer's inputs over a rectangle of two rows and
+    two keys XOR to zero, the four corners' drops must still be independent (at p = 0.5 their
+    parity is a fair coin). The threshold follows p in 2**-32 steps."""
     from ringflash.kernels.dropout_mask import dropout_keep_mask
-    from ringflash.kernels.problem import dropout_threshold
+    from ringflash.kernels.problem import dropout_args, dropout_threshold
 
     keep = dropout_keep_mask(2, 2, 128, 256, 0.3, seed=11, device=DEVICE).float()  # 131072 draws
     dropped = 1 - keep
     for lane in range(8):  # 16384 draws each: 6 standard deviations is 0.022
         rate = dropped[..., lane::8].mean().item()
         assert abs(rate - 0.3) < 0.022, (lane, rate)
+        rate = dropped[..., lane::8, :].mean().item()
+        assert abs(rate - 0.3) < 0.022, (lane, rate)
     centred = dropped - dropped.mean()
-    for shift in (1, 2, 8):  # within a word, within a draw, across draws
+    for shift in (1, 2, 8, 16):
         corr = (centred[..., shift:] * centred[..., :-shift]).mean() / centred.var()
-        assert abs(corr.item()) < 0.03, (shift, corr.item())
+        assert abs(corr.item()) < 0.03, ("keys", shift, corr.item())
+        corr = (centred[..., shift:, :] * centred[..., :-shift, :]).mean() / centred.var()
+        assert abs(corr.item()) < 0.03, ("rows", shift, corr.item())
+        corr = (centred[..., shift:, shift:] * centred[..., :-shift, :-shift]).mean() / centred.var()
+        assert abs(corr.item()) < 0.03, ("diagonal", shift, corr.item())
     rows = dropped.reshape(-1, 256)
     assert not torch.equal(rows[0], rows[1]) and not torch.equal(dropped[0, 0], dropped[0, 1])
-    assert dropout_threshold(2.0 ** -16) == 1 and dropout_threshold(0.5) == 32768
-    assert dropout_threshold(0.0) == 0 and dropout_threshold(1.0) == 65536
+
+    coin = dropout_keep_mask(2, 2, 128, 256, 0.5, seed=5, device=DEVICE).int()
+    for di, dj in ((1, 1), (1, 7), (5, 64), (64, 3)):
+        parity = coin[..., di:, dj:] ^ coin[..., :-di, dj:] ^ coin[..., di:, :-dj] ^ coin[..., :-di, :-dj]
+        rate = parity.float().mean().item()  # over 100k rectangles: 6 standard deviations is 0.01
+        assert abs(rate - 0.5) < 0.01, ((di, dj), rate)
+
+    # Two rows' mixer inputs differ by the same word R[i] ^ R[i'] at every key: a weak mixer
+    # correlates such rows. Over every pair of 128 rows (2048 keys each), the squared
+    # z-scores of the pairs' correlations average 1 for independent rows (standard error
+    # 0.016); one multiply step instead of two gave 1.10.
+    wide = dropout_keep_mask(1, 1, 128, 2048, 0.5, seed=7, device=DEVICE)[0, 0].double()
+    z = (wide - wide.mean(1, keepdim=True)) / wide.std(1, keepdim=True)
+    pair_z = (z @ z.T / z.shape[1] ** 0.5)[torch.triu_indices(128, 128, 1).unbind()]
+    assert abs((pair_z**2).mean().item() - 1) < 0.08, (pair_z**2).mean().item()
+    assert pair_z.abs().max().item() < 6.5, pair_z.abs().max().item()
+
+    assert dropout_threshold(2.0 ** -32) == 1 and dropout_threshold(0.5) == 2**31
+    assert dropout_threshold(0.0) == 0 and dropout_threshold(1.0) == 2**32 - 1
+    assert dropout_args((0.75, 3))[0] == 3 * 2**30 - 2**32  # the same bits as an int32
 
 
 def test_dropout_under_torch_compile():

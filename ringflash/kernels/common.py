@@ -270,34 +270,47 @@ def load_alibi_slope(Alibi, b, h, stride_b, stride_h, HAS_ALIBI: tl.constexpr, L
     return slope
 
 
-#: Keys that share one Philox call in ``dropout_keep``: its 128 output bits are eight 16-bit
-#: uniforms. Key blocks start at multiples of every block size, which are multiples of this.
-DROPOUT_KEYS_PER_DRAW = 8
+@triton.jit
+def _mix32(x):
+    """A bijective 32-bit mixer: two multiply / xor-shift rounds (C. Wellons' "lowbias32"
+    constants, found by search for low avalanche bias). ``x`` uint32."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
 
 
 @triton.jit
 def dropout_keep(seed, b, h, offs_m, n0, threshold, BLOCK_N: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """Dropout's keep mask, shape (len(offs_m), BLOCK_N), for query rows ``offs_m`` (1-D,
-    positions within the sequence) and keys ``n0 .. n0 + BLOCK_N - 1`` (``n0`` a multiple of
-    DROPOUT_KEYS_PER_DRAW) of sequence ``b``, query head ``h``.
+    positions within the sequence) and keys ``n0 .. n0 + BLOCK_N - 1`` of sequence ``b``,
+    query head ``h``. KEY_MAJOR returns the transpose, (BLOCK_N, len(offs_m)), for the dK/dV
+    kernel's tiles.
 
-    One 10-round Philox call per (row, group of 8 keys), on the counters (key group, row,
-    sequence, head), gives four 32-bit words; key ``8g + 2w + c`` takes half ``c`` (low, then
-    high 16 bits) of word ``w``. An entry is kept when its 16-bit uniform is at least
-    ``threshold`` = round(p * 65536) (``problem.dropout_threshold``). Drawing one Philox per
-    entry and keeping one word of four made dropout cost 3x the attention itself on an H100
-    (run 29 in docs/benchmarks.md). The mask depends only on the entry and the seed, never on
-    the tiling, so the forward, both backward kernels and the S_dmask kernel regenerate it.
-    KEY_MAJOR returns the transpose, (BLOCK_N, len(offs_m)), for the dK/dV kernel's tiles."""
-    groups = n0 // 8 + tl.arange(0, BLOCK_N // 8)
-    zeros = offs_m[:, None] * 0 + groups[None, :] * 0
-    r0, r1, r2, r3 = tl.philox(seed, groups[None, :] + zeros, offs_m[:, None] + zeros, zeros + b, zeros + h)
-    # Word w = 2a + v lands at column 4g + w: interleave over a, then over v.
-    words = tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3))
-    halves = tl.interleave(words & 0xFFFF, words >> 16).to(tl.int32)
+    Entry (i, j) draws the 32-bit uniform mix(R[i] ^ C[j]): one Philox call on the seed and
+    (sequence, head) gives two keys, R[i] = lowbias32(i ^ key_r) and C[j] = lowbias32(j ^
+    key_c) are per-row and per-key words (a tile computes only len(offs_m) + BLOCK_N of
+    them), and mix is two multiply / xor-shift steps per entry. R and C are bijections of i
+    and j, so two entries of a row (or a column) never share a mixer input; an entry is kept
+    when its uniform is at least ``threshold`` (round(p * 2**32), ``problem.dropout_args``).
+    Per entry this is about seven integer instructions and no data exchange between threads.
+    A Philox call per entry made dropout cost 3x the attention on an H100 (run 29 in
+    docs/benchmarks.md), and one per 8 keys, whose 16-bit pieces had to be interleaved across
+    threads, 1.65x on an H200 (run 30). The mask depends only on the entry and the seed,
+    never on the tiling, so the forward, both backward kernels and the S_dmask kernel
+    regenerate it."""
+    key_r, key_c, _, _ = tl.philox(seed, b, h, 0, 0)
+    row_words = _mix32(offs_m.to(tl.uint32) ^ key_r)
+    key_words = _mix32((n0 + tl.arange(0, BLOCK_N)).to(tl.uint32) ^ key_c)
     if KEY_MAJOR:
-        halves = tl.trans(halves)
-    return halves >= threshold
+        x = key_words[:, None] ^ row_words[None, :]
+    else:
+        x = row_words[:, None] ^ key_words[None, :]
+    x = x * 0x9E3779B1
+    x = x ^ (x >> 15)
+    x = x * 0x85EBCA77
+    return x >= tl.cast(threshold, tl.uint32, bitcast=True)
 
 
 @triton.jit

@@ -1,5 +1,5 @@
 """The dropout keep mask as a tensor, for ``return_attn_probs`` (flash-attn's ``S_dmask``,
-a testing aid): the same Philox counters as the attention kernels (``common.dropout_keep``),
+a testing aid): the same draws as the attention kernels (``common.dropout_keep``),
 so the mask returned is the one the forward and backward applied."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from .common import check_device, dropout_keep
-from .problem import dropout_threshold
+from .problem import dropout_args
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def dropout_keep_mask(
     block = 32
     grid = (batch * nheads, triton.cdiv(rows, block), triton.cdiv(cols, block))
     _dropout_mask_kernel[grid](
-        keep, rows, cols, nheads, first_sequence, dropout_threshold(dropout_p), int(seed),
+        keep, rows, cols, nheads, first_sequence, *dropout_args((dropout_p, seed))[::2],
         keep.stride(0), keep.stride(1), keep.stride(2), BLOCK_R=block, BLOCK_C=block,
     )
     return keep.bool()

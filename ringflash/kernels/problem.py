@@ -176,19 +176,23 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> tup
 
 
 def dropout_threshold(p: float) -> int:
-    """The kernels' integer form of the dropout probability: an entry is kept when its 16-bit
-    uniform (``common.dropout_keep``) is at least round(p * 65536), so the probability is
-    applied in steps of 2**-16 (the kept ones are still scaled by exactly 1 / (1 - p))."""
-    return min(int(round(float(p) * 65536)), 65536)
+    """The kernels' integer form of the dropout probability: an entry is kept when its 32-bit
+    uniform (``common.dropout_keep``) is at least round(p * 2**32), so the probability is
+    applied in steps of 2**-32 (the kept ones are scaled by exactly 1 / (1 - p)). The kernels
+    take it as an int32 of the same bits (see ``dropout_args``)."""
+    return min(int(round(float(p) * 2.0**32)), 2**32 - 1)
 
 
 def dropout_args(dropout: Optional[tuple[float, int]]) -> tuple:
     """(dropout_threshold, dropout_scale, dropout_seed) kernel arguments; unused without
-    HAS_DROPOUT."""
+    HAS_DROPOUT. The threshold goes as the int32 with its bits (the kernel reads it back as
+    uint32): a value of 2**31 or more would make Triton type the argument int64 and the
+    comparison of every entry a 64-bit one."""
     if dropout is None:
         return 0, 1.0, 0
     p, seed = dropout
-    return dropout_threshold(p), 1.0 / (1.0 - p), int(seed)
+    threshold = dropout_threshold(p)
+    return threshold - 2**32 if threshold >= 2**31 else threshold, 1.0 / (1.0 - p), int(seed)
 
 
 def meta_flags(meta: Optional[SeqMeta]) -> dict:
