@@ -28,13 +28,21 @@ from . import validation as V
 from .kernels.decode import cache_capacity
 
 
-def _as_lengths(name: str, value, batch: int, device: torch.device, default: int) -> torch.Tensor:
-    """An int, None (``default``) or an int32 (batch,) tensor, as an int32 (batch,) tensor."""
+def _lengths_arg(name: str, value, batch: int, device: torch.device,
+                 default: int) -> tuple[Optional[torch.Tensor], int]:
+    """An int, None (``default``) or an int32 (batch,) tensor, as (tensor, 0) or (None, int):
+    a number stays a number, which the kernels add, rather than a filled tensor (one more
+    launch per call)."""
     if value is None or V.integer_value(value) is not None and not isinstance(value, torch.Tensor):
         n = default if value is None else V.integer_value(value)
         if n < 0:
             raise ValueError(f"{name}: got {n}; expected >= 0")
-        return torch.full((batch,), n, dtype=torch.int32, device=device)
+        return None, n
+    return _as_lengths(name, value, batch, device), 0
+
+
+def _as_lengths(name: str, value, batch: int, device: torch.device) -> torch.Tensor:
+    """An int32 (batch,) tensor on ``device``, else a clear error."""
     V.check_rank(name, value, 1, "(batch,)")
     if value.dtype != torch.int32:
         raise TypeError(f"{name}: dtype {value.dtype} is not supported; expected int32")
@@ -113,7 +121,7 @@ def flash_attn_with_kvcache(
     else:
         if cache_batch_idx is not None:
             V.check_tensor("cache_batch_idx", cache_batch_idx)
-            cache_batch_idx = _as_lengths("cache_batch_idx", cache_batch_idx, batch, device, 0)
+            cache_batch_idx = _as_lengths("cache_batch_idx", cache_batch_idx, batch, device)
             if k_cache.shape[0] == 0:  # the kernels clamp a row into the cache: it needs one
                 raise ValueError(f"k_cache: shape {tuple(k_cache.shape)} has no row; expected at least one with "
                                  "cache_batch_idx")
@@ -121,8 +129,10 @@ def flash_attn_with_kvcache(
             raise ValueError(f"k_cache: has {k_cache.shape[0]} rows but q has batch {batch}; expected {batch} "
                              "(or cache_batch_idx)")
     capacity = cache_capacity(k_cache, block_table)
-    lengths = _as_lengths("cache_seqlens", cache_seqlens, batch, device, capacity)
-    leftpad = _as_lengths("cache_leftpad", cache_leftpad, batch, device, 0)
+    lengths, lengths_int = _lengths_arg("cache_seqlens", cache_seqlens, batch, device, capacity)
+    leftpad, leftpad_int = _lengths_arg("cache_leftpad", cache_leftpad, batch, device, 0)
+    if leftpad_int:  # flash-attn takes a tensor only; a number is kept for convenience
+        leftpad = torch.full((batch,), leftpad_int, dtype=torch.int32, device=device)
     if k is not None:
         V.check_rank("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
         V.check_same_dtype(("q", "k", "v"), (q, k, v))
@@ -145,8 +155,8 @@ def flash_attn_with_kvcache(
     interleaved = V.as_bool("rotary_interleaved", rotary_interleaved)
     return_lse = V.as_bool("return_softmax_lse", return_softmax_lse)
 
-    out, lse = ops.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths, leftpad, cache_batch_idx,
-                           block_table, slopes, scale, causal, left, right, cap, interleaved, splits)
+    out, lse = ops.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths, lengths_int, leftpad,
+                           cache_batch_idx, block_table, slopes, scale, causal, left, right, cap, interleaved, splits)
     return (out, lse) if return_lse else out
 
 

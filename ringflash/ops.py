@@ -27,7 +27,7 @@ import torch
 
 from .kernels.bwd import attention_backward
 from .kernels import configs, dispatch
-from .kernels.decode import append_to_cache, cache_capacity, decode_forward
+from .kernels.decode import KeyRanges, append_to_cache, cache_capacity, decode_forward
 from .kernels.guard import poison_if_invalid
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
 from .rotary import apply_rotary, rotary_rows
@@ -174,10 +174,9 @@ def _paged_fwd_impl(
     prob = make_problem(q, k_cache, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
                         window_right, softcap)
     cu_k = meta.cu_seqlens_k
-    k_len = meta.seqused_k[0] if meta.seqused_k is not None else cu_k[1:] - cu_k[:-1]
-    k_start = torch.zeros_like(k_len)
+    keys = KeyRanges(ends=meta.seqused_k[0]) if meta.seqused_k is not None else KeyRanges(None, cu_k[1:], 0, cu_k)
     q_starts, q_ends = meta.q_starts[0], meta.q_ends[0]
-    out, lse = decode_forward(q, k_cache, v_cache, k_start, k_len, max_seqlen_k, prob, block_table=block_table,
+    out, lse = decode_forward(q, k_cache, v_cache, keys, max_seqlen_k, prob, block_table=block_table,
                               alibi_slopes=alibi_slopes, q_bounds=(q_starts, q_ends))
     if guard:
         poison_if_invalid(meta, q.shape[0], None, max_seqlen_q, max_seqlen_k, (out, lse))
@@ -203,39 +202,47 @@ def paged_fwd(*args) -> tuple[torch.Tensor, torch.Tensor]:
 def _kvcache_fwd_impl(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k: Optional[torch.Tensor],
     v: Optional[torch.Tensor], rotary_cos: Optional[torch.Tensor], rotary_sin: Optional[torch.Tensor],
-    cache_seqlens: torch.Tensor, cache_leftpad: torch.Tensor, cache_batch_idx: Optional[torch.Tensor],
-    block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor], softmax_scale: float, causal: bool,
-    window_left: int, window_right: int, softcap: float, rotary_interleaved: bool, num_splits: int,
+    cache_seqlens: Optional[torch.Tensor], cache_seqlens_int: int, cache_leftpad: Optional[torch.Tensor],
+    cache_batch_idx: Optional[torch.Tensor], block_table: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+    softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+    rotary_interleaved: bool, num_splits: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``ringflash::kvcache_fwd``: ``flash_attn_with_kvcache`` after its checks (see there
     for the positions and the layouts): appends the new k/v (rotated) into the caches in
-    place, rotates q, and runs the decode kernels. Returns out like q and lse (batch,
-    nheads, seqlen_q). A registered custom op that mutates the caches, so that a compiled
-    decode step (``torch.compile``, CUDA graphs) keeps the call whole."""
+    place, rotates q, and runs the decode kernels. ``cache_seqlens`` int32 (batch,), or
+    None for ``cache_seqlens_int`` keys in every sequence; ``cache_leftpad`` int32 (batch,)
+    or None (0). Returns out like q and lse (batch, nheads, seqlen_q). A registered custom
+    op that mutates the caches, so that a compiled decode step (``torch.compile``, CUDA
+    graphs) keeps the call whole."""
     batch, seqlen_q = q.shape[0], q.shape[1]
     device = q.device
     capacity = cache_capacity(k_cache, block_table)
     seqlen_new = 0 if k is None else k.shape[1]
     rotary = rotary_cos is not None
+    # Each sequence's first new slot, (batch, 1) or a broadcastable int (only for appending
+    # and rotary: a plain decode step runs no elementwise op on the host).
+    first_new = cache_seqlens_int
+    if cache_seqlens is not None and (k is not None or rotary):
+        first_new = cache_seqlens[:, None].long()
     if k is not None:
-        new_slots = cache_seqlens[:, None].long() + torch.arange(seqlen_new, device=device)  # (batch, seqlen_new)
+        new_slots = (first_new + torch.arange(seqlen_new, device=device)).expand(batch, seqlen_new)
         if rotary:  # positions are cache slots, left padding included, as in flash-attn
             k = apply_rotary(k, *rotary_rows(rotary_cos, rotary_sin, new_slots), rotary_interleaved)
         append_to_cache(k_cache, k, new_slots, block_table, cache_batch_idx)
         append_to_cache(v_cache, v, new_slots, block_table, cache_batch_idx)
     if rotary:
-        base = cache_seqlens.long()[:, None]
+        offsets = torch.arange(seqlen_q, device=device)
         local = causal or window_left >= 0 or window_right >= 0
-        positions = base + torch.arange(seqlen_q, device=device) if local else base.expand(batch, seqlen_q)
+        positions = (first_new + (offsets if local else 0 * offsets)).expand(batch, seqlen_q)
         q = apply_rotary(q, *rotary_rows(rotary_cos, rotary_sin, positions), rotary_interleaved)
     prob = make_problem(q, k_cache, None, seqlen_q, capacity, softmax_scale, causal, window_left, window_right,
                         softcap)
-    k_len = (cache_seqlens + seqlen_new - cache_leftpad).to(torch.int32)
+    keys = KeyRanges(cache_leftpad, cache_seqlens, cache_seqlens_int + seqlen_new, cache_leftpad)
     # A bad device-side cache_seqlens / cache_leftpad / cache_batch_idx / block table (past
     # the cache, a pad past the length, a row or page outside it) gives that sequence NaN
-    # inside the kernels, which stay in the cache (no host sync): k_len < seqlen_new is
-    # a pad past the length.
-    return decode_forward(q, k_cache, v_cache, cache_leftpad, k_len, capacity, prob, cache_rows=cache_batch_idx,
+    # inside the kernels, which stay in the cache (no host sync): fewer than seqlen_new keys
+    # is a pad past the length.
+    return decode_forward(q, k_cache, v_cache, keys, capacity, prob, cache_rows=cache_batch_idx,
                           block_table=block_table, alibi_slopes=alibi_slopes, num_splits=num_splits,
                           min_k_len=seqlen_new)
 
@@ -245,8 +252,9 @@ kvcache_fwd_op = torch.library.custom_op("ringflash::kvcache_fwd", mutates_args=
 
 
 @kvcache_fwd_op.register_fake
-def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_leftpad, cache_batch_idx, block_table,
-      alibi_slopes, softmax_scale, causal, window_left, window_right, softcap, rotary_interleaved, num_splits):
+def _(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_seqlens_int, cache_leftpad,
+      cache_batch_idx, block_table, alibi_slopes, softmax_scale, causal, window_left, window_right, softcap,
+      rotary_interleaved, num_splits):
     return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
             q.new_empty(_lse_shape(q, False), dtype=torch.float32))
 

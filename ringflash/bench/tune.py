@@ -203,22 +203,66 @@ def split_sweep() -> None:
 
 
 def host_overhead() -> None:
-    """Host time per call of each layer on a tiny problem (the GPU work is negligible), as
-    wall-clock microseconds per call over a loop, synchronizing once at the end."""
+    """Host time per call of each layer and entry point on tiny problems (the GPU work is
+    negligible, so a loop of calls measures the host), as wall-clock microseconds per call
+    over 500 calls, synchronizing once at the end; then cProfile of the launcher and of a
+    decode step."""
     import time
 
-    from ..interface import flash_attn_func
+    from ..interface import flash_attn_func, flash_attn_varlen_func
     from ..kernels.fwd import attention_forward, make_problem
+    from ..kvcache import flash_attn_with_kvcache
     from .common import format_table
 
-    q = torch.randn(1, 128, 4, 64, device="cuda", dtype=torch.bfloat16)
+    dev, bf16 = "cuda", torch.bfloat16
+    q = torch.randn(1, 128, 4, 64, device=dev, dtype=bf16)
     prob = make_problem(q, q, False, 128, 128, 0.125, False, -1, -1, 0.0, 1)
     qg = q.clone().requires_grad_()
+    grad = torch.randn_like(q)
+    # A decode step at b=8, 32/8 heads, d=128 with 256 cached keys (a few us of GPU work).
+    b, sk = 8, 256
+    dq = torch.randn(b, 1, 32, 128, device=dev, dtype=bf16)
+    kc, vc = (torch.randn(b, sk, 8, 128, device=dev, dtype=bf16) for _ in range(2))
+    seqlens = torch.full((b,), sk, dtype=torch.int32, device=dev)
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev)
+    cu_k = cu_q * sk
+    qp, kp, vp = dq.view(b, 32, 128), kc.view(b * sk, 8, 128), vc.view(b * sk, 8, 128)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_fa2_decode():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return torch.nn.functional.scaled_dot_product_attention(
+                dq.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True)
+
+    def varlen_decode():
+        old = os.environ.get("RINGFLASH_DECODE")
+        os.environ["RINGFLASH_DECODE"] = "1"
+        try:
+            return flash_attn_varlen_func(qp, kp, vp, cu_q, cu_k, 1, sk, causal=True)
+        finally:
+            if old is None:
+                del os.environ["RINGFLASH_DECODE"]
+            else:
+                os.environ["RINGFLASH_DECODE"] = old
+
+    import triton
+
+    @triton.jit
+    def _one_arg(X):
+        pass
+
     layers = {
         "flash_attn_func": lambda: flash_attn_func(q, q, q),
         "flash_attn_func (requires_grad)": lambda: flash_attn_func(qg, q, q),
+        "flash_attn_func fwd+bwd (requires_grad)": lambda: flash_attn_func(qg, q, q).backward(grad),
         "torch.ops.ringflash.attn_fwd": lambda: torch.ops.ringflash.attn_fwd(q, q, q, None, None, None, 128, 128, 0.125, False, -1, -1, 0.0),
         "attention_forward (launcher)": lambda: attention_forward(q, q, q, prob),
+        "decode b=8: flash_attn_with_kvcache": lambda: flash_attn_with_kvcache(dq, kc, vc, cache_seqlens=seqlens,
+                                                                               causal=True),
+        "decode b=8: flash_attn_func": lambda: flash_attn_func(dq, kc, vc, causal=True),
+        "decode b=8: varlen (RINGFLASH_DECODE=1)": varlen_decode,
+        "decode b=8: SDPA FA2": sdpa_fa2_decode,
+        "Triton launch floor (empty kernel, 1 arg)": lambda: _one_arg[(1,)](q),
         "torch.empty x2 (allocation floor)": lambda: (torch.empty_like(q), torch.empty(1, 4, 128, device="cuda")),
     }
     rows = []
@@ -231,18 +275,20 @@ def host_overhead() -> None:
             fn()
         torch.cuda.synchronize()
         rows.append([name, f"{(time.perf_counter() - t0) / 500 * 1e6:.1f}"])
-    print("\nhost overhead per call (1x128x4x64 bf16):")
+    print("\nhost overhead per call (us; 1x128x4x64 bf16, decode: b=8 sk=256 32/8 heads d=128):")
     print(format_table(["layer", "us/call"], rows))
     import cProfile
     import io
     import pstats
 
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(300):
-        attention_forward(q, q, q, prob)
-    prof.disable()
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
-    print("\nlauncher profile (300 calls, by own time):")
-    print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[-2500:])
+    for title, fn in (("launcher", lambda: attention_forward(q, q, q, prob)),
+                      ("decode step (flash_attn_with_kvcache)", layers["decode b=8: flash_attn_with_kvcache"])):
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            fn()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
+        print(f"\n{title} profile (300 calls, by own time):")
+        print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[-2500:])

@@ -25,8 +25,16 @@ from . import interpreter_compat
 LOG2E: float = 1.4426950408889634
 
 
+# Read once: Triton decides at ``@triton.jit`` time (this module's import) whether the
+# kernels are interpreted, so a later change of the variable changes nothing anyway, and the
+# launchers ask many times per call (an environment read each time was ~8% of a call's host
+# time).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether the kernels run in Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return _INTERPRETING
 
 
 if interpreting():

@@ -21,6 +21,7 @@ the bottom right of those ``k_len[b]`` keys, as everywhere in ringflash.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -39,18 +40,19 @@ from .problem import AttnProblem
 @triton.jit
 def _decode_kernel(
     Q, K, V, Out, Lse,
-    BlockTable, CacheRows, KStart, KLen, QStarts, QEnds, Alibi,
+    BlockTable, CacheRows, KStart, KEnd, KLenBase, QStarts, QEnds, Alibi,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh, stride_osplit,
     stride_lb, stride_lh, stride_lsplit,
     stride_table_b, stride_alibi_b, stride_alibi_h,
-    seqlen_q, total_q, nheads_k, group, num_splits, page_size, capacity, num_blocks, min_k_len,
+    seqlen_q, total_q, nheads_k, group, num_splits, page_size, capacity, num_blocks, min_k_len, k_len_offset,
     qk_scale_log2, softcap_in, softcap_out, window_left, window_right,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_K_START: tl.constexpr, HAS_K_END: tl.constexpr, HAS_K_LEN_BASE: tl.constexpr,
 ):
     """Grid (batch * nheads_k * m_blocks, num_splits), m_blocks = cdiv(seqlen_q * group,
     BLOCK_M), the query block fastest (so the programs reading one K/V head run together);
@@ -58,7 +60,9 @@ def _decode_kernel(
     Scores in log2 units. Writes out/lse of its packed rows, or with num_splits > 1 the float32 partials of
     its key split (Out (split, batch, seqlen_q, nheads, d), Lse (split, batch, nheads, seqlen_q)).
     With VARLEN_Q, sequence b owns query rows [QStarts[b], QEnds[b]) of q (total_q, nheads,
-    d) (batch strides 0, lse (nheads, total_q)) and ``seqlen_q`` is their longest."""
+    d) (batch strides 0, lse (nheads, total_q)) and ``seqlen_q`` is their longest.
+    Sequence b's keys (``KeyRanges``): slots from KStart[b] (0 without HAS_K_START), as many
+    as KEnd[b] + k_len_offset - KLenBase[b] (each pointer term 0 when its flag is off)."""
     m_blocks = tl.cdiv(seqlen_q * group, BLOCK_M)
     pid_m = tl.program_id(0) % m_blocks
     b = tl.program_id(0) // m_blocks // nheads_k
@@ -66,12 +70,17 @@ def _decode_kernel(
     split = tl.program_id(1)
     # Device-side values are clamped into the cache, never followed out of it; a sequence
     # whose values were out of range gets NaN (out and lse) instead of a plausible answer.
-    raw_start = tl.load(KStart + b)
-    raw_len = tl.load(KLen + b)
-    k_start = tl.minimum(tl.maximum(raw_start, 0), capacity)
-    sk = tl.minimum(tl.maximum(raw_len, 0), capacity - k_start)
-    invalid = tl.where((raw_start < 0) | (raw_len < min_k_len)
-                       | (raw_start.to(tl.int64) + raw_len.to(tl.int64) > capacity), 1, 0)
+    raw_start = b.to(tl.int64) * 0
+    if HAS_K_START:
+        raw_start += tl.load(KStart + b)
+    raw_len = raw_start * 0 + k_len_offset  # int64: a length near 2**31 plus new keys does not wrap
+    if HAS_K_END:
+        raw_len += tl.load(KEnd + b)
+    if HAS_K_LEN_BASE:
+        raw_len -= tl.load(KLenBase + b)
+    k_start = tl.minimum(tl.maximum(raw_start, 0), capacity).to(tl.int32)
+    sk = tl.minimum(tl.maximum(raw_len, 0), capacity - k_start).to(tl.int32)
+    invalid = tl.where((raw_start < 0) | (raw_len < min_k_len) | (raw_start + raw_len > capacity), 1, 0)
     if VARLEN_Q:  # clamped likewise (the caller checks the metadata and reports NaN)
         q_row0 = tl.minimum(tl.maximum(tl.load(QStarts + b), 0), total_q)
         sq = tl.minimum(tl.minimum(tl.maximum(tl.load(QEnds + b), q_row0), total_q) - q_row0, seqlen_q)
@@ -181,12 +190,32 @@ def choose_decode_splits(device: torch.device, programs: int, max_keys: int, blo
     return max(1, min(-(-2 * sms // programs), key_blocks // 4, configs.MAX_SPLITS))
 
 
+@dataclass(frozen=True)
+class KeyRanges:
+    """Where each sequence's keys lie in its cache row, read by the kernel from the caller's
+    own tensors: slots ``starts[b] ..`` (0 without ``starts``), ``ends[b] + offset -
+    len_base[b]`` of them (a missing tensor counts 0). Every form a caller has is one of
+    these without a single elementwise op on the host (each would be a kernel launch):
+
+    * the whole row: ``KeyRanges(offset=seqlen_cache)``;
+    * ``cache_seqlens`` (tensor or int) plus ``seqlen_new`` new keys after ``cache_leftpad``:
+      ``KeyRanges(leftpad, cache_seqlens, seqlen_new, leftpad)``;
+    * packed keys, sequence b at ``cu_seqlens_k[b] .. cu_seqlens_k[b+1]``:
+      ``KeyRanges(cu, cu[1:], 0, cu)``, or with ``seqused_k``: ``KeyRanges(cu, seqused_k)``.
+
+    Tensors are int32 (batch,) (or longer: the first batch entries are read); the sums are
+    64-bit in the kernel."""
+    starts: Optional[torch.Tensor] = None
+    ends: Optional[torch.Tensor] = None
+    offset: int = 0
+    len_base: Optional[torch.Tensor] = None
+
+
 def decode_forward(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    k_start: torch.Tensor,
-    k_len: torch.Tensor,
+    keys: KeyRanges,
     max_keys: int,
     prob: AttnProblem,
     cache_rows: Optional[torch.Tensor] = None,
@@ -198,28 +227,28 @@ def decode_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (batch, seqlen_q, nheads, d) against a KV cache (see the module doc).
 
-    ``k_start``/``k_len``: int32 (batch,), the first cache slot and the number of keys of each
-    sequence; ``max_keys`` bounds k_len (it sizes the split-KV heuristic only). ``prob``
+    ``keys``: the first cache slot and the number of keys of each sequence (``KeyRanges``);
+    ``max_keys`` bounds the number (it sizes the split-KV heuristic only). ``prob``
     carries the scale, mask, window and softcap options (``max_seqlen_k`` unused).
     ``alibi_slopes``: float32 (1 or batch, nheads). ``num_splits``: 0 chooses.
     ``q_bounds``: varlen queries, (starts, ends) int32 (batch,) rows of q (total_q, nheads,
     d), at most ``prob.max_seqlen_q`` each (``prob`` is then a varlen problem). Returns out
     like q and lse (batch, nheads, seqlen_q), or (nheads, total_q) with ``q_bounds``, float32.
     Device-side values out of range are clamped into the cache, never followed, and the
-    sequence's out and lse are NaN: ``k_start < 0``, ``k_len < min_k_len``, keys past the
+    sequence's out and lse are NaN: a start below 0, fewer than ``min_k_len`` keys, keys past the
     row's (or the block table's) slots, a ``cache_rows`` entry or (paged) a block-table
     entry of one of its pages outside the cache. No host sync."""
     check_device(q)
     # The kernel reads these with unit stride: a strided view (a column of a bigger table,
     # ``cache_leftpad[::2]``) is copied, never read wrongly.
-    k_start, k_len, cache_rows = (_unit_stride(t) for t in (k_start, k_len, cache_rows))
-    block_table = _unit_stride(block_table)
+    k_start, k_end, k_len_base, cache_rows, block_table = (
+        _unit_stride(t) for t in (keys.starts, keys.ends, keys.len_base, cache_rows, block_table))
     if q_bounds is not None:
         q_bounds = (_unit_stride(q_bounds[0]), _unit_stride(q_bounds[1]))
     varlen_q = q_bounds is not None
     if varlen_q:
         total_q, nheads, d = q.shape
-        batch, seqlen_q = k_start.shape[0], prob.max_seqlen_q
+        batch, seqlen_q = q_bounds[0].shape[0], prob.max_seqlen_q
         lse_shape: tuple = (nheads, total_q)
     else:
         batch, seqlen_q, nheads, d = q.shape
@@ -262,10 +291,10 @@ def decode_forward(
         l_strides = (lse_view.stride(0), lse_view.stride(1))
     paged = block_table is not None
     alibi = alibi_slopes if alibi_slopes is not None else lse
-    q_starts, q_ends = q_bounds if varlen_q else (k_len, k_len)
+    q_starts, q_ends = q_bounds if varlen_q else (lse, lse)
     _decode_kernel[(batch * nheads_k * m_blocks, splits)](
         q, k_cache, v_cache, out_target, lse_target,
-        block_table if paged else k_len, cache_rows if cache_rows is not None else k_len, k_start, k_len,
+        *(t if t is not None else lse for t in (block_table, cache_rows, k_start, k_end, k_len_base)),
         q_starts, q_ends, alibi,
         *q_strides,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -276,12 +305,13 @@ def decode_forward(
         (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0,
         alibi_slopes.stride(1) if alibi_slopes is not None else 0,
         seqlen_q, total_q, nheads_k, group, splits, k_cache.shape[1] if paged else 1,
-        cache_capacity(k_cache, block_table), k_cache.shape[0], min_k_len,
+        cache_capacity(k_cache, block_table), k_cache.shape[0], min_k_len, keys.offset,
         *prob.scalar_args(), prob.window_left, prob.window_right,
         HEADDIM=d, BLOCK_D=prob.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, VARLEN_Q=varlen_q, HAS_LEFT=prob.has_left,
         HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        INPUT_PRECISION=configs.input_precision(q.dtype), num_warps=warps, num_stages=stages,
+        INPUT_PRECISION=configs.input_precision(q.dtype), HAS_K_START=k_start is not None,
+        HAS_K_END=k_end is not None, HAS_K_LEN_BASE=k_len_base is not None, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         combine_splits(out_target, lse_target, out, lse, prob)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .decode import decode_forward
+from .decode import KeyRanges, decode_forward
 from .fwd import attention_forward
 from .problem import AttnProblem, SeqMeta
 
@@ -69,10 +69,7 @@ def forward(
     if use_decode(q, k, prob, meta, dropout):
         if meta is not None:
             return _varlen_decode(q, k, v, prob, meta, alibi_slopes)
-        batch = q.shape[0]
-        starts = torch.zeros(batch, dtype=torch.int32, device=q.device)
-        lengths = torch.full((batch,), k.shape[1], dtype=torch.int32, device=q.device)
-        return decode_forward(q, k, v, starts, lengths, k.shape[1], prob, alibi_slopes=alibi_slopes)
+        return decode_forward(q, k, v, KeyRanges(offset=k.shape[1]), k.shape[1], prob, alibi_slopes=alibi_slopes)
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
 
 
@@ -80,9 +77,10 @@ def _varlen_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: Attn
                    alibi_slopes: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """A plain varlen call through the decode kernels: the packed keys as one cache row that
     every sequence indexes from its cu_seqlens_k start (seqused_k, when given, counts its
-    keys). Returns varlen out and lse (nheads, total_q)."""
-    starts = meta.cu_seqlens_k[:-1]
-    lengths = meta.seqused_k[0] if meta.seqused_k is not None else meta.cu_seqlens_k[1:] - starts
-    rows = torch.zeros(meta.batch, dtype=torch.int32, device=q.device)
-    return decode_forward(q, k.unsqueeze(0), v.unsqueeze(0), starts, lengths, prob.max_seqlen_k, prob,
-                          cache_rows=rows, alibi_slopes=alibi_slopes, q_bounds=(meta.q_starts[0], meta.q_ends[0]))
+    keys); the row is broadcast over the batch (stride 0), so no row index is needed.
+    Returns varlen out and lse (nheads, total_q)."""
+    cu = meta.cu_seqlens_k
+    keys = KeyRanges(cu, meta.seqused_k[0]) if meta.seqused_k is not None else KeyRanges(cu, cu[1:], 0, cu)
+    k_row, v_row = (t.unsqueeze(0).expand(meta.batch, -1, -1, -1) for t in (k, v))
+    return decode_forward(q, k_row, v_row, keys, prob.max_seqlen_k, prob, alibi_slopes=alibi_slopes,
+                          q_bounds=(meta.q_starts[0], meta.q_ends[0]))
