@@ -6,6 +6,7 @@
 #   scripts/device_run.sh wide                                       (about 8 min)
 #   REPORT_ARGS=--csv-only scripts/device_run.sh hf decode dropout   (about 4 min)
 #   scripts/device_run.sh simulate                                   (about 3-4 min, one GPU)
+#   scripts/device_run.sh shim                                       (run() with carry [".cache"])
 # Logs and CSVs go to $OUT (the device tool brings them back).
 set -u
 OUT=${OUT:-/tmp/ringflash_out}
@@ -41,7 +42,11 @@ for s in "$@"; do
     cpbench) stage cpbench "${CPBENCH_LIMIT:-300}" python3 -m ringflash bench cp --csv "$OUT/cp.csv" ${CPBENCH_ARGS:-} ;;
     cptests) stage cptests "${CPTESTS_LIMIT:-300}" env RINGFLASH_CP_BACKEND=nccl python3 -m pytest -q -p no:cacheprovider tests/test_cp.py -k "${CPTESTS_K:-}" ;;
     profile) stage profile "${PROFILE_LIMIT:-400}" python3 scripts/profile_cp.py ${PROFILE_ARGS:-} ;;
-    overhead) stage overhead 120 python3 -m ringflash bench tune --only-overhead ;;
+    overhead) stage overhead "${OVERHEAD_LIMIT:-120}" python3 -m ringflash bench tune --only-overhead ;;
+    # Issue 16: flash-attn's own tests through the import shim, a sample of each function
+    # (`scripts/flash_attn_tests.py --prepare` here first; the call carries .cache).
+    shim) stage shim "${SHIM_LIMIT:-300}" python3 scripts/flash_attn_tests.py -n "${SHIM_WORKERS:-8}" \
+            --sample "${SHIM_SAMPLE:-8}" --time-limit "$(( ${SHIM_LIMIT:-300} - 25 ))" --results "$OUT/shim.jsonl" ;;
     # Registers and spills of every compiled kernel variant (issue 15; ~1-2 min compiling).
     registers) stage registers "${REGISTERS_LIMIT:-240}" python3 -m ringflash bench registers --csv "$OUT/registers.csv" ${REGISTERS_ARGS:-} ;;
     # Issue 15/16 benchmarks: each writes its CSV (and, unless REPORT_ARGS=--csv-only, its

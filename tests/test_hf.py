@@ -114,6 +114,27 @@ def test_unsupported_options_raise():
         rf_hf.attention_forward(layer, q, k, k, None, s_aux=torch.zeros(4, device=DEVICE))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed position_ids"])
+def test_autocast_with_float32_parameters(packed):
+    """float32 parameters under bf16 autocast (the training example's GPU setting): the
+    rotary embedding hands attention float32 queries and keys and bfloat16 values, which
+    ringattn casts to autocast's dtype as SDPA does (it used to raise a dtype mismatch).
+    Against eager attention under the same autocast, at bf16's tolerance."""
+    ref, ours = _models()
+    ids = torch.randint(0, VOCAB, (1, 40), device=DEVICE)
+    kwargs = {}
+    if packed:  # two documents, positions restarting at 0
+        kwargs["position_ids"] = torch.cat([torch.arange(25), torch.arange(15)]).to(DEVICE)[None]
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out_ref = ref(ids, **kwargs).logits.float()
+        out = ours(ids, **kwargs).logits.float()
+    if packed:  # eager sees one sequence: compare with the documents run separately
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out_ref = torch.cat([ref(ids[:, :25]).logits, ref(ids[:, 25:]).logits], 1).float()
+    err, scale = (out - out_ref).abs().max().item(), out_ref.abs().max().item()
+    assert err <= 5e-2 * max(scale, 1.0), f"logits: max |diff| {err:.3e} (scale {scale:.3e})"
+
+
 @pytest.mark.parametrize("strategy,world_size", [("zigzag_llama3", 2), ("llama3", 3), ("zigzag_ring", 2)])
 def test_context_parallel_matches_single_process_eager(strategy, world_size):
     """The model under rf_hf.context_parallel(plan) on gloo ranks: gathered logits and

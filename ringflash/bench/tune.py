@@ -102,7 +102,11 @@ def main(argv=None) -> int:
     parser.add_argument("--only-overhead", action="store_true", help="run only the host-overhead probe")
     parser.add_argument("--llama-varlen", action="store_true",
                         help="tune on the Llama-3-8B varlen case of `bench kernels` (GQA 32/8, d=128) instead")
+    parser.add_argument("--calls", type=int, default=500, help="timed calls per row of --only-overhead")
     args = parser.parse_args(argv)
+    if args.only_overhead and not torch.cuda.is_available():  # the whole path, interpreted (tests)
+        host_overhead("cpu", args.calls)
+        return 0
     if not torch.cuda.is_available():
         raise SystemExit("ringflash bench tune needs a CUDA GPU")
     from ..kernels import configs
@@ -113,7 +117,7 @@ def main(argv=None) -> int:
         split_sweep()
         return 0
     if args.only_overhead:
-        host_overhead()
+        host_overhead("cuda", args.calls)
         return 0
     if args.llama_varlen:
         cases = [(128, LLAMA_VARLEN, c) for c in (False, True)]
@@ -202,31 +206,35 @@ def split_sweep() -> None:
     print(format_table(["shape"] + [f"S={n}" for n in counts] + ["heuristic", "api (heuristic)"], rows))
 
 
-def host_overhead() -> None:
+def host_overhead(dev: str = "cuda", calls: int = 500) -> None:
     """Host time per call of each layer and entry point on tiny problems (the GPU work is
     negligible, so a loop of calls measures the host), as wall-clock microseconds per call
-    over 500 calls, synchronizing once at the end; then cProfile of the launcher and of a
-    decode step."""
+    over ``calls`` calls, synchronizing once at the end; then cProfile of the launcher and of
+    a decode step. ``dev="cpu"`` runs the same path interpreted (a test of this probe; its
+    times mean nothing)."""
     import time
 
     from ..interface import flash_attn_func, flash_attn_varlen_func
-    from ..kernels.fwd import attention_forward, make_problem
+    from ..kernels.fwd import attention_forward
+    from ..kernels.problem import make_problem
     from ..kvcache import flash_attn_with_kvcache
     from .common import format_table
 
-    dev, bf16 = "cuda", torch.bfloat16
+    bf16 = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
     q = torch.randn(1, 128, 4, 64, device=dev, dtype=bf16)
-    prob = make_problem(q, q, False, 128, 128, 0.125, False, -1, -1, 0.0, 1)
+    prob = make_problem(q, q, None, 128, 128, 0.125, False, -1, -1, 0.0)
     qg = q.clone().requires_grad_()
     grad = torch.randn_like(q)
     # A decode step at b=8, 32/8 heads, d=128 with 256 cached keys (a few us of GPU work).
     b, sk = 8, 256
-    dq = torch.randn(b, 1, 32, 128, device=dev, dtype=bf16)
-    kc, vc = (torch.randn(b, sk, 8, 128, device=dev, dtype=bf16) for _ in range(2))
+    hq, hk, d = (32, 8, 128) if dev == "cuda" else (4, 2, 16)  # interpreted: small
+    dq = torch.randn(b, 1, hq, d, device=dev, dtype=bf16)
+    kc, vc = (torch.randn(b, sk, hk, d, device=dev, dtype=bf16) for _ in range(2))
     seqlens = torch.full((b,), sk, dtype=torch.int32, device=dev)
     cu_q = torch.arange(b + 1, dtype=torch.int32, device=dev)
     cu_k = cu_q * sk
-    qp, kp, vp = dq.view(b, 32, 128), kc.view(b * sk, 8, 128), vc.view(b * sk, 8, 128)
+    qp, kp, vp = dq.view(b, hq, d), kc.view(b * sk, hk, d), vc.view(b * sk, hk, d)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa_fa2_decode():
@@ -255,7 +263,7 @@ def host_overhead() -> None:
         "flash_attn_func": lambda: flash_attn_func(q, q, q),
         "flash_attn_func (requires_grad)": lambda: flash_attn_func(qg, q, q),
         "flash_attn_func fwd+bwd (requires_grad)": lambda: flash_attn_func(qg, q, q).backward(grad),
-        "torch.ops.ringflash.attn_fwd": lambda: torch.ops.ringflash.attn_fwd(q, q, q, None, None, None, 128, 128, 0.125, False, -1, -1, 0.0),
+        "torch.ops.ringflash.attn_fwd": lambda: torch.ops.ringflash.attn_fwd(q, q, q, None, None, None, None, None, 128, 128, 0.125, False, -1, -1, 0.0),
         "attention_forward (launcher)": lambda: attention_forward(q, q, q, prob),
         "decode b=8: flash_attn_with_kvcache": lambda: flash_attn_with_kvcache(dq, kc, vc, cache_seqlens=seqlens,
                                                                                causal=True),
@@ -263,18 +271,18 @@ def host_overhead() -> None:
         "decode b=8: varlen (RINGFLASH_DECODE=1)": varlen_decode,
         "decode b=8: SDPA FA2": sdpa_fa2_decode,
         "Triton launch floor (empty kernel, 1 arg)": lambda: _one_arg[(1,)](q),
-        "torch.empty x2 (allocation floor)": lambda: (torch.empty_like(q), torch.empty(1, 4, 128, device="cuda")),
+        "torch.empty x2 (allocation floor)": lambda: (torch.empty_like(q), torch.empty(1, 4, 128, device=dev)),
     }
     rows = []
     for name, fn in layers.items():
-        for _ in range(20):
+        for _ in range(min(20, calls)):
             fn()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
-        for _ in range(500):
+        for _ in range(calls):
             fn()
-        torch.cuda.synchronize()
-        rows.append([name, f"{(time.perf_counter() - t0) / 500 * 1e6:.1f}"])
+        sync()
+        rows.append([name, f"{(time.perf_counter() - t0) / calls * 1e6:.1f}"])
     print("\nhost overhead per call (us; 1x128x4x64 bf16, decode: b=8 sk=256 32/8 heads d=128):")
     print(format_table(["layer", "us/call"], rows))
     import cProfile
@@ -285,10 +293,10 @@ def host_overhead() -> None:
                       ("decode step (flash_attn_with_kvcache)", layers["decode b=8: flash_attn_with_kvcache"])):
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(300):
+        for _ in range(min(300, calls)):
             fn()
         prof.disable()
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
-        print(f"\n{title} profile (300 calls, by own time):")
+        print(f"\n{title} profile ({min(300, calls)} calls, by own time):")
         print("\n".join(line for line in buf.getvalue().splitlines() if line.strip())[-2500:])

@@ -151,6 +151,18 @@ def _collator_cu_seqlens(cache: LastLayout, cu: torch.Tensor) -> torch.Tensor:
     return cache.get(cu, _as_int32)
 
 
+def _autocast_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """q, k, v in autocast's dtype when autocast is on for their device, as SDPA (an autocast
+    op) and transformers' flash-attention path take them. A model with float32 parameters
+    under autocast gives float32 queries and keys (its rotary tables are float32) but
+    bfloat16 values. Outside autocast, mixed dtypes reach the kernels' check and its error."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
+
+
 def attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -177,7 +189,7 @@ def attention_forward(
         raise ValueError(f"attention_mask: got a {attention_mask.dim()}D mask; expected None or the 2D padding "
                          f"mask (register() installs the matching mask builder)")
     causal = bool(module.is_causal if is_causal is None else is_causal)
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # (batch, len, heads, headdim)
+    q, k, v = _autocast_inputs(*(t.transpose(1, 2) for t in (query, key, value)))  # (batch, len, heads, headdim)
     batch, q_len = q.shape[:2]
     kv_len = k.shape[1]
     options = dict(
