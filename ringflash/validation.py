@@ -348,6 +348,9 @@ def check_block_table(block_table: torch.Tensor, batch: int, k_cache: torch.Tens
     if k_cache.shape[0] == 0 or k_cache.shape[1] == 0:
         raise ValueError(f"k_cache: shape {tuple(k_cache.shape)} has no page or no slot per page; expected "
                          "(num_blocks >= 1, page_size >= 1, nheads_k, headdim) with block_table")
+    if block_table.shape[1] * k_cache.shape[1] >= 2**31:  # the kernels index a sequence's slots in int32
+        raise ValueError(f"block_table: {block_table.shape[1]} blocks of {k_cache.shape[1]} slots per sequence; "
+                         f"expected fewer than 2**31 slots")
 
 
 def check_paged_varlen_qkv(

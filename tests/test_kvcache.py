@@ -118,9 +118,12 @@ def test_decode_contiguous(gen, dtype, seqlen_q):
     _case(gen, seqlen_q=seqlen_q, dtype=dtype)
 
 
-@pytest.mark.parametrize("paged", [None, 8], ids=["contiguous", "paged"])
+@pytest.mark.parametrize("paged", [None, 8, 16], ids=["contiguous", "paged", "paged-aligned"])
 def test_append_rotary_and_cache_rows(gen, paged):
-    _case(gen, seqlen_q=2, seqlen_new=2, paged=paged, batch_idx=paged is None, rotary="interleaved")
+    """Pages of 16 slots are a multiple of the interpreter's key block (the kernel's
+    one-page-per-block path); 8 are not."""
+    _case(gen, seqlen_q=2, seqlen_new=2, paged=paged, batch_idx=paged is None, rotary="interleaved",
+          capacity=48)
 
 
 def test_non_interleaved_rotary_non_causal_leftpad(gen):
@@ -140,12 +143,13 @@ def test_decode_options(gen, options):
 @given(data=st.data())
 def test_random_cache_calls(data):
     """Random combinations of the options above (hypothesis), each against float64."""
-    paged = data.draw(st.sampled_from([None, None, 1, 4, 8]), "paged")
+    paged = data.draw(st.sampled_from([None, None, 1, 4, 8, 16]), "paged")
     nheads_k = data.draw(st.integers(1, 3), "nheads_k")
     options = dict(
         batch=data.draw(st.integers(1, 4), "batch"), seqlen_q=data.draw(st.integers(1, 5), "seqlen_q"),
         nheads_k=nheads_k, nheads=nheads_k * data.draw(st.integers(1, 3), "group"),
-        d=data.draw(st.sampled_from([8, 16, 40, 64]), "d"), capacity=data.draw(st.sampled_from([8, 24, 40]), "capacity"),
+        d=data.draw(st.sampled_from([8, 16, 40, 64]), "d"),
+        capacity=data.draw(st.sampled_from([8, 24, 40] if paged != 16 else [16, 32, 48]), "capacity"),
         seqlen_new=data.draw(st.integers(0, 4), "seqlen_new"), paged=paged,
         batch_idx=paged is None and data.draw(st.booleans(), "batch_idx"),
         leftpad=data.draw(st.booleans(), "leftpad"),

@@ -52,7 +52,7 @@ def _decode_kernel(
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    HAS_K_START: tl.constexpr, HAS_K_END: tl.constexpr, HAS_K_LEN_BASE: tl.constexpr,
+    HAS_K_START: tl.constexpr, HAS_K_END: tl.constexpr, HAS_K_LEN_BASE: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
 ):
     """Grid (batch * nheads_k * m_blocks, num_splits), m_blocks = cdiv(seqlen_q * group,
     BLOCK_M), the query block fastest (so the programs reading one K/V head run together);
@@ -62,7 +62,9 @@ def _decode_kernel(
     With VARLEN_Q, sequence b owns query rows [QStarts[b], QEnds[b]) of q (total_q, nheads,
     d) (batch strides 0, lse (nheads, total_q)) and ``seqlen_q`` is their longest.
     Sequence b's keys (``KeyRanges``): slots from KStart[b] (0 without HAS_K_START), as many
-    as KEnd[b] + k_len_offset - KLenBase[b] (each pointer term 0 when its flag is off)."""
+    as KEnd[b] + k_len_offset - KLenBase[b] (each pointer term 0 when its flag is off).
+    PAGE_ALIGNED (paged, no KStart, page_size a multiple of BLOCK_N): every key block lies
+    in one page (key blocks start at multiples of BLOCK_N)."""
     m_blocks = tl.cdiv(seqlen_q * group, BLOCK_M)
     pid_m = tl.program_id(0) % m_blocks
     b = tl.program_id(0) // m_blocks // nheads_k
@@ -138,15 +140,24 @@ def _decode_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         key = n0 + offs_n
         key_ok = key < sk
-        slot = (k_start + key).to(tl.int64)  # index within the sequence's cache row
-        if PAGED:
+        slot = k_start + key  # index within the sequence's cache row (int32: capacity < 2**31)
+        if PAGE_ALIGNED:
+            # The block's keys lie in one page: one scalar table read, no division per key
+            # (a division by the runtime page size is a long integer routine per element).
+            block = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + n0 // page_size)
+            block = tl.minimum(tl.maximum(block, 0), num_blocks - 1).to(tl.int64)  # checked above
+            in_page = (n0 % page_size + offs_n).to(tl.int64)
+            k_rows = block * stride_kb + in_page * stride_ks
+            v_rows = block * stride_vb + in_page * stride_vs
+        elif PAGED:
             block = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + slot // page_size, mask=key_ok, other=0)
             block = tl.minimum(tl.maximum(block, 0), num_blocks - 1)  # checked above
-            k_rows = block.to(tl.int64) * stride_kb + (slot % page_size) * stride_ks
-            v_rows = block.to(tl.int64) * stride_vb + (slot % page_size) * stride_vs
+            in_page = (slot % page_size).to(tl.int64)
+            k_rows = block.to(tl.int64) * stride_kb + in_page * stride_ks
+            v_rows = block.to(tl.int64) * stride_vb + in_page * stride_vs
         else:
-            k_rows = cache_row * stride_kb + slot * stride_ks
-            v_rows = cache_row * stride_vb + slot * stride_vs
+            k_rows = cache_row * stride_kb + slot.to(tl.int64) * stride_ks
+            v_rows = cache_row * stride_vb + slot.to(tl.int64) * stride_vs
         kv_mask = key_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
         s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in,
@@ -311,7 +322,8 @@ def decode_forward(
         PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, VARLEN_Q=varlen_q, HAS_LEFT=prob.has_left,
         HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
         INPUT_PRECISION=configs.input_precision(q.dtype), HAS_K_START=k_start is not None,
-        HAS_K_END=k_end is not None, HAS_K_LEN_BASE=k_len_base is not None, num_warps=warps, num_stages=stages,
+        HAS_K_END=k_end is not None, HAS_K_LEN_BASE=k_len_base is not None,
+        PAGE_ALIGNED=paged and k_start is None and k_cache.shape[1] % block_n == 0, num_warps=warps, num_stages=stages,
     )
     if splits > 1:
         combine_splits(out_target, lse_target, out, lse, prob)
