@@ -27,7 +27,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import validation as V
-from .autograd import FlashAttnFunc
+from .autograd import apply_flash_attn
 from .kernels.problem import SeqMeta
 
 
@@ -103,7 +103,7 @@ def grouped_flash_attn_varlen_func(
         cu_seqlens_k=cu_seqlens_k,
         seqused_k=torch.stack([key_lens if u is None else u for u in seqused_k_list]),
     )
-    out, lse = FlashAttnFunc.apply(
+    out, lse = apply_flash_attn(
         q_all, k, v, meta, max(max_seqlen_q_list), max_seqlen_k, scale, causal, left, right, softcap
     )
     out_list = list(out.split(sizes))

@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 
 from . import validation as V
-from .autograd import FlashAttnFunc, PagedKVAttnFunc
+from .autograd import PagedKVAttnFunc, apply_flash_attn
 from .kernels.problem import SeqMeta
 
 AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
@@ -126,7 +126,7 @@ def flash_attn_func(
     shape = V.check_dense_qkv(q, k, v)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
-    out, lse = FlashAttnFunc.apply(
+    out, lse = apply_flash_attn(
         q, k, v, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap,
         False, opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,
     )
@@ -179,7 +179,7 @@ def flash_attn_varlen_func(
     shape = V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
-    out, lse = FlashAttnFunc.apply(
+    out, lse = apply_flash_attn(
         q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), shape.max_seqlen_q,
         shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap, not shape.values_checked,
         opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,

@@ -141,6 +141,9 @@ _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 def check_window(window_size: object) -> tuple[int, int]:
     """(left, right) from a pair of ints: a tuple or list, or, as flash-attn takes it, a
     2-element integer tensor or array (read on the host)."""
+    if type(window_size) is tuple and len(window_size) == 2 and type(window_size[0]) is int \
+            and type(window_size[1]) is int and window_size[0] >= -1 and window_size[1] >= -1:
+        return window_size  # the common case, without the general path's conversions (host time per call)
     sides = None
     if isinstance(window_size, torch.Tensor) and window_size.shape == (2,) and window_size.dtype in _INT_DTYPES:
         window_size = window_size.tolist()
