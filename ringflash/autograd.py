@@ -39,8 +39,8 @@ class FlashAttnFunc(torch.autograd.Function):
         dropout_seed: Optional[torch.Tensor] = None,
         deterministic: bool = False,
     ):
-        seq, args = _fwd_args(meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right,
-                              softcap)
+        seq = _seq_args(meta)
+        args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
         out, lse = ops.fwd(q, k, v, *seq, *args, guard, alibi_slopes, dropout_p, dropout_seed)
         ctx.save_for_backward(q, k, v, out, lse, alibi_slopes, dropout_seed, *seq)
         ctx.args = args
@@ -57,24 +57,25 @@ class FlashAttnFunc(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
 
 
-def _fwd_args(meta: Optional[SeqMeta], *args) -> tuple[tuple, tuple]:
-    seq = (None,) * 5 if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag)
-    return seq, args
+def _seq_args(meta: Optional[SeqMeta]) -> tuple:
+    """The op's five metadata arguments (all None for a dense call)."""
+    return (None,) * 5 if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag)
 
 
-def apply_flash_attn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Optional[SeqMeta], max_seqlen_q: int,
-               max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
-               softcap: float, guard: bool = False, alibi_slopes: Optional[torch.Tensor] = None,
-               dropout_p: float = 0.0, dropout_seed: Optional[torch.Tensor] = None,
-               deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_flash_attn(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Optional[SeqMeta], max_seqlen_q: int,
+    max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+    guard: bool = False, alibi_slopes: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None, deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``FlashAttnFunc.apply`` (same arguments), or the forward op alone when no gradient can
     flow (inference, decoding): the autograd Function's bookkeeping is a fixed host cost
     per call (about 25 us on a CPU), which a call with nothing to differentiate skips."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return FlashAttnFunc.apply(q, k, v, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
                                    window_right, softcap, guard, alibi_slopes, dropout_p, dropout_seed, deterministic)
-    seq, args = _fwd_args(meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    return ops.fwd(q, k, v, *seq, *args, guard, alibi_slopes, dropout_p, dropout_seed)
+    return ops.fwd(q, k, v, *_seq_args(meta), max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
+                   window_right, softcap, guard, alibi_slopes, dropout_p, dropout_seed)
 
 
 class FlashAttentionTritonFunc(torch.autograd.Function):

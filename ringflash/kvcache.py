@@ -140,6 +140,10 @@ def flash_attn_with_kvcache(
         if k.shape[0] != batch or k.shape[2:] != (nheads_k, d) or v.shape != k.shape:
             raise ValueError(f"k, v: shapes {tuple(k.shape)}, {tuple(v.shape)}; expected (batch={batch}, seqlen_new, "
                              f"nheads_k={nheads_k}, headdim={d}) both")
+    seqlen_new = 0 if k is None else k.shape[1]
+    if lengths is None and lengths_int + seqlen_new > capacity:  # a host number: say so here, not NaN later
+        raise ValueError(f"cache_seqlens: {lengths_int} cached keys plus {seqlen_new} new ones exceed the cache's "
+                         f"{capacity} slots; expected at most {capacity - seqlen_new}")
     left, right = V.check_window(window_size)
     causal = V.as_bool("causal", causal)
     if causal:

@@ -177,6 +177,12 @@ def test_bad_arguments():
     rows = torch.zeros(2, dtype=torch.int32, device=DEVICE)
     with pytest.raises(ValueError, match="k_cache: shape .* has no row; expected at least one with cache_batch_idx"):
         flash_attn_with_kvcache(q, cache[:0], cache[:0], cache_seqlens=0, cache_batch_idx=rows)
+    with pytest.raises(ValueError, match="cache_seqlens: 8 cached keys plus 1 new ones exceed the cache's 8 slots; "
+                       "expected at most 7"):
+        new = torch.randn(2, 1, 2, 16, device=DEVICE)
+        flash_attn_with_kvcache(q, cache.clone(), cache.clone(), new, new, cache_seqlens=8)
+    with pytest.raises(ValueError, match="cache_seqlens: 9 cached keys"):
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=9)
     with pytest.raises(ValueError, match="k, v: give both"):
         flash_attn_with_kvcache(q, cache, cache, k=torch.randn(2, 1, 2, 16, device=DEVICE))
     with pytest.raises(TypeError, match="cache_seqlens: dtype torch.int64 is not supported; expected int32"):
