@@ -142,15 +142,18 @@ def test_mask_draws_are_uniform_and_independent():
         rate = parity.float().mean().item()  # over 100k rectangles: 6 standard deviations is 0.01
         assert abs(rate - 0.5) < 0.01, ((di, dj), rate)
 
-    # Two rows' mixer inputs differ by the same word R[i] ^ R[i'] at every key: a weak mixer
-    # correlates such rows. Over every pair of 128 rows (2048 keys each), the squared
-    # z-scores of the pairs' correlations average 1 for independent rows (standard error
-    # 0.016); one multiply step instead of two gave 1.10.
+    # Two rows' mixer inputs differ by the same word R[i] ^ R[i'] at every key (and two keys'
+    # by C[j] ^ C[j'] at every row): a weak mixer correlates such rows (keys). Over every
+    # pair of 128 rows of 2048 keys (and of 128 keys of 2048 rows), the squared z-scores of
+    # the pairs' correlations average 1 for independent lines (standard error 0.016); one
+    # multiply step instead of two gave 1.10.
     wide = dropout_keep_mask(1, 1, 128, 2048, 0.5, seed=7, device=DEVICE)[0, 0].double()
-    z = (wide - wide.mean(1, keepdim=True)) / wide.std(1, keepdim=True)
-    pair_z = (z @ z.T / z.shape[1] ** 0.5)[torch.triu_indices(128, 128, 1).unbind()]
-    assert abs((pair_z**2).mean().item() - 1) < 0.08, (pair_z**2).mean().item()
-    assert pair_z.abs().max().item() < 6.5, pair_z.abs().max().item()
+    tall = dropout_keep_mask(1, 1, 2048, 128, 0.5, seed=8, device=DEVICE)[0, 0].double().T
+    for lines in (wide, tall):
+        z = (lines - lines.mean(1, keepdim=True)) / lines.std(1, keepdim=True)
+        pair_z = (z @ z.T / z.shape[1] ** 0.5)[torch.triu_indices(128, 128, 1).unbind()]
+        assert abs((pair_z**2).mean().item() - 1) < 0.08, (pair_z**2).mean().item()
+        assert pair_z.abs().max().item() < 6.5, pair_z.abs().max().item()
 
     assert dropout_threshold(2.0 ** -32) == 1 and dropout_threshold(0.5) == 2**31
     assert dropout_threshold(0.0) == 0 and dropout_threshold(1.0) == 2**32 - 1

@@ -279,13 +279,11 @@ def load_alibi_slope(Alibi, b, h, stride_b, stride_h, HAS_ALIBI: tl.constexpr, L
 
 
 @triton.jit
-def _mix32(x):
-    """A bijective 32-bit mixer: two multiply / xor-shift rounds (C. Wellons' "lowbias32"
-    constants, found by search for low avalanche bias). ``x`` uint32."""
-    x = x ^ (x >> 16)
-    x = x * 0x7FEB352D
-    x = x ^ (x >> 15)
-    x = x * 0x846CA68B
+def _position_word(pos, key, MULTIPLIER: tl.constexpr):
+    """A row's or key's 32-bit word for the dropout mixer: (pos * odd + key), then the high
+    half folded into the low (an IMAD, a shift and an xor). A bijection of ``pos``; weak on
+    its own, since the per-entry mixer of ``dropout_keep`` does the mixing."""
+    x = pos.to(tl.uint32) * MULTIPLIER + key
     return x ^ (x >> 16)
 
 
@@ -297,20 +295,23 @@ def dropout_keep(seed, b, h, offs_m, n0, threshold, BLOCK_N: tl.constexpr, KEY_M
     kernel's tiles.
 
     Entry (i, j) draws the 32-bit uniform mix(R[i] ^ C[j]): one Philox call on the seed and
-    (sequence, head) gives two keys, R[i] = lowbias32(i ^ key_r) and C[j] = lowbias32(j ^
-    key_c) are per-row and per-key words (a tile computes only len(offs_m) + BLOCK_N of
-    them), and mix is two multiply / xor-shift steps per entry. R and C are bijections of i
-    and j, so two entries of a row (or a column) never share a mixer input; an entry is kept
-    when its uniform is at least ``threshold`` (round(p * 2**32), ``problem.dropout_args``).
-    Per entry this is about seven integer instructions and no data exchange between threads.
-    A Philox call per entry made dropout cost 3x the attention on an H100 (run 29 in
-    docs/benchmarks.md), and one per 8 keys, whose 16-bit pieces had to be interleaved across
-    threads, 1.65x on an H200 (run 30). The mask depends only on the entry and the seed,
-    never on the tiling, so the forward, both backward kernels and the S_dmask kernel
-    regenerate it."""
+    (sequence, head) gives two keys, R[i] and C[j] are per-row and per-key words
+    (``_position_word``: bijections of i and j, so two entries of a row or a column never
+    share a mixer input), and mix is two multiply / xor-shift steps per entry. An entry is
+    kept when its uniform is at least ``threshold`` (round(p * 2**32),
+    ``problem.dropout_args``). The words are cheap on purpose: in the MMA layout a thread
+    holds 2 rows and BLOCK_N / 8 keys of a tile (the transpose in the dK/dV kernel), so
+    every thread computes its own keys' words, once per entry pair; a strong word
+    (Wellons' lowbias32, 8 instructions) made those words half of the mask's cost (SASS of
+    the d=128 forward: 15 instructions per entry against 9). The statistical checks are in
+    tests/test_dropout.py. A Philox call per entry made dropout cost 3x the attention on an
+    H100 (run 29 in docs/benchmarks.md), and one per 8 keys, whose 16-bit pieces had to be
+    interleaved across threads, 1.65x on an H200 (run 30). The mask depends only on the
+    entry and the seed, never on the tiling, so the forward, both backward kernels and the
+    S_dmask kernel regenerate it."""
     key_r, key_c, _, _ = tl.philox(seed, b, h, 0, 0)
-    row_words = _mix32(offs_m.to(tl.uint32) ^ key_r)
-    key_words = _mix32((n0 + tl.arange(0, BLOCK_N)).to(tl.uint32) ^ key_c)
+    row_words = _position_word(offs_m, key_r, 0x9E3779B1)
+    key_words = _position_word(n0 + tl.arange(0, BLOCK_N), key_c, 0x85EBCA6B)
     if KEY_MAJOR:
         x = key_words[:, None] ^ row_words[None, :]
     else:
