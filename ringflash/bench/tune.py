@@ -214,10 +214,12 @@ def host_overhead(dev: str = "cuda", calls: int = 500) -> None:
     times mean nothing)."""
     import time
 
-    from ..interface import flash_attn_func, flash_attn_varlen_func
+    from .. import ops
+    from ..interface import _options, flash_attn_func, flash_attn_varlen_func
     from ..kernels.fwd import attention_forward
     from ..kernels.problem import make_problem
     from ..kvcache import flash_attn_with_kvcache
+    from ..validation import check_dense_qkv
     from .common import format_table
 
     bf16 = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
@@ -263,6 +265,13 @@ def host_overhead(dev: str = "cuda", calls: int = 500) -> None:
         "flash_attn_func": lambda: flash_attn_func(q, q, q),
         "flash_attn_func (requires_grad)": lambda: flash_attn_func(qg, q, q),
         "flash_attn_func fwd+bwd (requires_grad)": lambda: flash_attn_func(qg, q, q).backward(grad),
+        # The layers above the launcher, one at a time (what flash_attn_func adds to it).
+        "  validation: check_dense_qkv": lambda: check_dense_qkv(q, q, q),
+        "  options (interface._options)": lambda: _options(0.0, None, False, (-1, -1), 0.0, None, False, False, 1, 4,
+                                                           64, q.device),
+        "  make_problem": lambda: make_problem(q, q, None, 128, 128, 0.125, False, -1, -1, 0.0),
+        "  ops.fwd (the op's implementation, no dispatcher)": lambda: ops.fwd(
+            q, q, q, None, None, None, None, None, 128, 128, 0.125, False, -1, -1, 0.0),
         "torch.ops.ringflash.attn_fwd": lambda: torch.ops.ringflash.attn_fwd(q, q, q, None, None, None, None, None, 128, 128, 0.125, False, -1, -1, 0.0),
         "attention_forward (launcher)": lambda: attention_forward(q, q, q, prob),
         "decode b=8: flash_attn_with_kvcache": lambda: flash_attn_with_kvcache(dq, kc, vc, cache_seqlens=seqlens,
