@@ -193,27 +193,35 @@ def test_simulate_redraws_from_csv(sim_out, tmp_path):
 
 
 def test_fit_recovers_the_constants():
-    """Rank times made from known constants come back from the fit."""
+    """Rank times made from known constants come back from the fit, and cost.py's step
+    model predicts a rank's fwd+bwd time from the same terms."""
     rows = []
     for case in CASES:
         for strategy in ("balanced", "zigzag_llama3", "llama3", "ulysses"):
             for w in (2, 4):
                 seqlens = batch_lengths(case, w, 256)
                 work = {k: sim.model_work(strategy, seqlens, w, Heads(), 8, 2, cp_simulate.CostModel(*c))
-                        for k, c in (("pairs", (1, 0, 0)), ("model_rows", (0, 1, 0)), ("model_pieces", (0, 0, 1)))}
+                        for k, c in cp_simulate.MODEL_TERMS.items()}
                 for r in range(w):
                     x = {k: v[r] for k, v in work.items()}
                     flops = 4 * 128 * 32
-                    fwd = (x["pairs"] + 40 * x["model_rows"] + 3000 * x["model_pieces"]) * flops / 300 / 1e9
+                    fwd = (x["pairs"] + 40 * x["model_rows"] + 3000 * x["model_pieces"]
+                           + 7 * x["model_key_rows"]) * flops / 300 / 1e9
                     rows.append(dict(batch=case, strategy=strategy, world=w, rank=r, status="ok", fwd_ms=fwd,
                                      fwd_bwd_ms=4 * fwd, nheads=32, headdim=128, **x))
     fits = cp_simulate.fit_constants(rows)
     assert fits["fwd"]["tflops"] == pytest.approx(300) and fits["fwd+bwd"]["tflops"] == pytest.approx(75)
     assert fits["fwd"]["row"] == pytest.approx(40) and fits["fwd"]["piece"] == pytest.approx(3000)
+    assert fits["fwd"]["key_row"] == pytest.approx(7)
     assert fits["fwd"]["max_err"] < 1e-9
     rate = cp_simulate.fit_rates(rows)["fwd"]
     assert 100 < rate < 300  # the rows' and pieces' time, folded into one rate
-    assert "CostModel(pair=1.0, row=40, piece=3000)" in "\n".join(cp_simulate.fit_report(rows))
+    assert "CostModel(pair=1.0, row=40, piece=3000, key_row=7)" in "\n".join(cp_simulate.fit_report(rows))
+    # The step model's prediction is its coefficients over these terms.
+    machine = cp_simulate.Machine(step_tflops=75, step_model=cp_simulate.CostModel(1, 40, 3000, 7))
+    assert cp_simulate.step_ms(rows[5], machine) == pytest.approx(rows[5]["fwd_bwd_ms"])
+    summary = cp_simulate.summarize([dict(r, fwd_bwd_ms=cp_simulate.step_ms(r)) for r in rows])
+    assert max(s["err_step"] for s in summary) < 1e-9
 
 
 def test_estimate(capsys):

@@ -84,3 +84,19 @@ def test_auto_choice_and_its_reasons():
     odd = choose(mixed, 4, Heads(nheads=6, nheads_k=3))
     assert odd.strategy != "ulysses" and "not possible: ulysses" in odd.why
     assert choose(mixed, 1).strategy == "llama3"
+
+
+def test_auto_ranks_the_training_step_by_the_fitted_model():
+    """Run 33 (every rank simulated on an H200): on many short documents ulysses's slowest
+    rank ran 1.3-2.5x faster than zigzag_llama3's and balanced's, fwd+bwd, which a
+    pairs-only model could not see (it predicted the same compute for all three); the
+    step model with the fitted row, piece and key-row terms ranks ulysses first."""
+    from ringflash.bench.cp import batch_lengths
+    from ringflash.cp.cost import Heads, choose, predict
+
+    for w in (2, 4, 8):
+        short = batch_lengths("short", w)
+        assert choose(short, w, Heads()).strategy == "ulysses"
+        by_name = {s: predict(s, short, w, Heads()) for s in ("balanced", "zigzag_llama3", "ulysses")}
+        assert by_name["ulysses"].compute_ms < min(by_name["balanced"].compute_ms, by_name["zigzag_llama3"].compute_ms)
+

@@ -47,7 +47,7 @@ MODEL_BAR = 0.10
 PASSES = {"fwd": "fwd_ms", "fwd+bwd": "fwd_bwd_ms"}
 CASE_NAMES = {"single": "one document", "mixed": "mixed pack", "short": "many short documents"}
 COLUMNS = ["batch", "strategy", "chosen", "world", "rank", "status", "fwd_ms", "fwd_bwd_ms", "pred_fwd_ms",
-           "pred_fwd_bwd_ms", "pairs", "kernel_pairs", "model_rows", "model_pieces", "tokens", "q_rows", "key_rows",
+           "pred_fwd_bwd_ms", "pairs", "kernel_pairs", "model_rows", "model_pieces", "model_key_rows", "tokens", "q_rows", "key_rows",
            "q_heads", "calls", "documents", "total_tokens", "nheads", "nheads_k", "headdim", "dtype", "tflops",
            "ulysses_degree", "min_piece", "timer", "device", "note"]
 
@@ -73,6 +73,23 @@ def _ok(row: dict) -> bool:
     return row.get("status") == "ok"
 
 
+#: The CSV's model columns: a rank's work under each ``CostModel`` term alone.
+MODEL_TERMS = {"pairs": (1, 0, 0, 0), "model_rows": (0, 1, 0, 0), "model_pieces": (0, 0, 1, 0),
+               "model_key_rows": (0, 0, 0, 1)}
+
+
+def _terms(row: dict) -> list[float]:
+    """The row's work per model term (a CSV of an older run has no key rows: 0)."""
+    return [float(row.get(k) or 0.0) for k in MODEL_TERMS]
+
+
+def step_ms(row: dict, machine: Machine = Machine()) -> float:
+    """``cost.predict``'s fwd+bwd compute time of the rank (``Machine.step_model``)."""
+    m = machine.step_model
+    units = sum(c * x for c, x in zip((m.pair, m.row, m.piece, m.key_row), _terms(row)))
+    return units * _flops_per_pair(row) / machine.step_tflops / 1e9
+
+
 # --- measuring --------------------------------------------------------------------------------
 
 
@@ -89,7 +106,7 @@ def _rank_rows(case: str, strategy: str, world: int, seqlens: list[int], heads: 
                 note="")
     try:
         work = {k: sim.model_work(strategy, seqlens, world, heads, min_piece, ulysses_degree, CostModel(*c))
-                for k, c in (("pairs", (1, 0, 0)), ("model_rows", (0, 1, 0)), ("model_pieces", (0, 0, 1)))}
+                for k, c in MODEL_TERMS.items()}
     except Exception as exc:
         work, failed = None, classify_failure(exc)
     rows = []
@@ -99,8 +116,7 @@ def _rank_rows(case: str, strategy: str, world: int, seqlens: list[int], heads: 
         status = failed if work is None else "ok"
         if work is not None:
             row.update({k: v[rank] for k, v in work.items()})
-            pred = sim.predicted_ms(row["pairs"], heads)
-            row.update(pred_fwd_ms=pred, pred_fwd_bwd_ms=pred * (1 + BWD_FLOP_FACTOR))
+            row.update(pred_fwd_ms=sim.predicted_ms(row["pairs"], heads), pred_fwd_bwd_ms=step_ms(row))
             try:
                 r = sim.simulate_rank(strategy, seqlens, world, rank, heads, dtype, device,
                                       ulysses_degree=ulysses_degree, min_piece=min_piece)
@@ -191,24 +207,25 @@ def _fit_rows(rows: Sequence[dict], key: str) -> list[dict]:
 
 
 def fit_constants(rows: Sequence[dict]) -> dict[str, dict]:
-    """{pass: fit}: measured ms = (pairs + row x rows + piece x pieces) x 4 d nheads / rate,
-    fitted by least squares of the relative error over ``auto``'s candidates' ranks: the
-    rate is ``cost.Machine.tflops``' counterpart, row and piece ``layout.CostModel``'s
-    (relative to one pair). Each fit also gives its largest relative error."""
+    """{pass: fit}: measured ms = (pairs + row x rows + piece x pieces + key_row x key rows)
+    x 4 d nheads / rate, fitted by least squares of the relative error over ``auto``'s
+    candidates' ranks: the rate is ``cost.Machine.tflops``' (fwd) or ``step_tflops``' (fwd+bwd)
+    counterpart, row, piece and key_row ``layout.CostModel``'s (relative to one pair). Each
+    fit also gives its largest relative error."""
     out = {}
     for p, key in PASSES.items():
         fit_rows = _fit_rows(rows, key)
         if len(fit_rows) < 3:
             continue
-        a = torch.tensor([[float(r[k]) * _flops_per_pair(r) for k in ("pairs", "model_rows", "model_pieces")]
-                          for r in fit_rows], dtype=torch.float64)
+        a = torch.tensor([[x * _flops_per_pair(r) for x in _terms(r)] for r in fit_rows], dtype=torch.float64)
         y = torch.tensor([float(r[key]) for r in fit_rows], dtype=torch.float64)
         coef = torch.linalg.lstsq(a / y[:, None], torch.ones_like(y)[:, None]).solution[:, 0]
         err = ((a @ coef - y).abs() / y).max().item()
         alpha = coef[0].item()
         out[p] = dict(tflops=1 / alpha / 1e9 if alpha > 0 else None,
                       row=coef[1].item() / alpha if alpha else None,
-                      piece=coef[2].item() / alpha if alpha else None, max_err=err, ranks=len(fit_rows))
+                      piece=coef[2].item() / alpha if alpha else None,
+                      key_row=coef[3].item() / alpha if alpha else None, max_err=err, ranks=len(fit_rows))
     return out
 
 
@@ -241,6 +258,8 @@ def summarize(rows: Sequence[dict], tflops: Optional[float] = None) -> list[dict
                 if rates.get(p):
                     s[f"err_fit_{p}"] = max(abs(float(r["pairs"]) * _flops_per_pair(r) / rates[p] / 1e9 - m) / m
                                             for r, m in zip(rs, ms))
+            if all(r.get("model_key_rows") not in (None, "") for r in rs):  # runs that recorded every term
+                s["err_step"] = max(abs(step_ms(r) - float(r["fwd_bwd_ms"])) / float(r["fwd_bwd_ms"]) for r in rs)
         out.append(s)
     order = list(PRIORITY) + ["auto"]
     return sorted(out, key=lambda s: (CASES.index(s["batch"]) if s["batch"] in CASES else len(CASES), s["world"],
@@ -276,15 +295,16 @@ def summary_table(summary: Sequence[dict]) -> str:
         bal, model = _verdicts(s)
         strategy = s["strategy"] + (f" ({s['chosen']})" if s["strategy"] == "auto" else "")
         if s["status"] != "ok":
-            body.append([s["batch"], s["world"], strategy, s["status"][:60]] + ["-"] * 8)
+            body.append([s["batch"], s["world"], strategy, s["status"][:60]] + ["-"] * 9)
             continue
         body.append([s["batch"], s["world"], strategy, f"{s['max_fwd_bwd_ms']:.3g} / {s['mean_fwd_bwd_ms']:.3g}",
                      _num(s["balance_fwd"]), _num(s["balance_fwd+bwd"]), _num(s.get("model_balance")),
                      _pct(s.get("err_fwd")), _pct(s.get("err_fit_fwd")), _pct(s.get("err_fit_fwd+bwd")),
-                     bal, model])
+                     _pct(s.get("err_step")), bal, model])
     return table(["batch", "W", "strategy", "fwd+bwd ms (max / mean rank)", "balance fwd", "balance fwd+bwd",
                   "model balance", "model err fwd (default rate)", "model err fwd (fitted rate)",
-                  "model err fwd+bwd (fitted rate)", f"balance <= {BALANCE_BAR}", f"model <= {MODEL_BAR:.0%}"], body)
+                  "model err fwd+bwd (fitted rate)", "model err fwd+bwd (cost.py step model)",
+                  f"balance <= {BALANCE_BAR}", f"model <= {MODEL_BAR:.0%}"], body)
 
 
 def fit_report(rows: Sequence[dict]) -> list[str]:
@@ -302,14 +322,17 @@ def fit_report(rows: Sequence[dict]) -> list[str]:
         line = f"- {p}: rate only: `Machine(tflops={rates[p]:.4g})` (max rank error {_pct(err_rate)})"
         f = fits.get(p)
         if f and f["tflops"]:
-            line += (f"; rate, row and piece terms: `Machine(tflops={f['tflops']:.4g})`, "
-                     f"`CostModel(pair=1.0, row={f['row']:.4g}, piece={f['piece']:.4g})` "
+            line += (f"; rate, row, piece and key-row terms: `Machine({'tflops' if p == 'fwd' else 'step_tflops'}"
+                     f"={f['tflops']:.4g})`, `CostModel(pair=1.0, row={f['row']:.4g}, piece={f['piece']:.4g}, "
+                     f"key_row={f['key_row']:.4g})` "
                      f"(max rank error {_pct(f['max_err'])}, {f['ranks']} ranks)")
         elif f:
-            line += (f"; rate, row and piece terms: no positive pair term (the times do not follow the pairs; "
+            line += (f"; rate, row, piece and key-row terms: no positive pair term (the times do not follow the pairs; "
                      f"max rank error {_pct(f['max_err'])})")
         out.append(line)
-    out += ["", f"cost.py's defaults: `Machine(tflops={Machine().tflops})` (forward), `CostModel()` (pairs only). "
+    m = Machine()
+    out += ["", f"cost.py's defaults: `Machine(tflops={m.tflops})` (forward, pairs only) and, for the training step "
+                f"that `auto` ranks, `step_tflops={m.step_tflops}`, `step_model={m.step_model}`. "
                 "The fwd rate is what `Machine.tflops` means; the fwd+bwd rate counts forward FLOPs over the "
                 f"step's time (x{1 + BWD_FLOP_FACTOR} for the usual fwd+bwd FLOP count). Negative row or piece "
                 "terms are not physical: keep the defaults then."]
@@ -343,7 +366,8 @@ def markdown_report(rows: Sequence[dict], notes: Sequence[str] = (), fit: bool =
         "rate\"), or the rate fitted to this run per pass (\"fitted rate\": " + ", ".join(
             f"{p} {_num(v, '.4g')}" for p, v in rates.items()) + " TFLOP/s in forward FLOPs). The model has no "
         f"backward: fwd+bwd at the default rate is {1 + BWD_FLOP_FACTOR:g} x the forward. Errors: the largest "
-        "|predicted - measured| / measured over the ranks.",
+        "|predicted - measured| / measured over the ranks. \"cost.py step model\": what `auto` ranks, "
+        "`cost.Machine.step_model` (pairs, query rows, pieces and K/V rows) at `step_tflops`, against fwd+bwd.",
         f"- Issue 18's bars: balanced's max / mean rank time <= {BALANCE_BAR} (forward and forward+backward); the "
         f"model's per-rank time within {MODEL_BAR:.0%} (fitted rate, both passes).",
     ]

@@ -1,23 +1,32 @@
 """Predicted cost of a context-parallel layout, and ``strategy="auto"``'s choice.
 
-A strategy's step is modelled as its slowest rank's attention work plus the communication
-the engine leaves exposed:
+A strategy's training step (forward and backward) is modelled as its slowest rank's
+attention work plus its communication:
 
-* compute: the causal (query, key) pairs of each rank's pieces (``layout.CostModel``),
-  times 4 x headdim x nheads FLOPs per pair, at ``Machine.tflops``;
-* all-gather strategies (llama3, zigzag_llama3, balanced): every rank receives the other
-  ranks' K/V; the forward's gather is exposed (measured: docs/benchmarks.md), so it counts
-  whole, at ``Machine.link_gbs``;
-* ulysses: two all-to-alls (q, k, v out, then the output back) of (W-1)/W of the local
-  tokens' heads; compute is every document for nheads / W heads, evenly split;
+* compute: ``Machine.step_model`` (``layout.CostModel``) over each rank's pieces, in units
+  of one causal (query, key) pair: the pairs, plus terms per query row, per piece and per
+  row of the K/V buffer the rank reads, times 4 x headdim x nheads FLOPs per pair, at
+  ``Machine.step_tflops`` (forward FLOPs over the step's time). The coefficients are fitted
+  to every rank of run 33's ``bench cp --simulate`` on an H200 (docs/benchmarks.md): a
+  pairs-only model missed the short-document batches by up to 81%, since there the pieces,
+  rows and gathered keys cost more than the pairs; the fitted one is within 16% on every
+  rank of zigzag_llama3, llama3 and ulysses (balanced's short-document ranks ran up to
+  44% slower than it predicts: they held four query groups, which ``balanced_layout`` now
+  avoids);
+* all-gather strategies (llama3, zigzag_llama3, balanced): each rank receives the other
+  ranks' K/V in the forward, again in the backward, and reduce-scatters float32 dK/dV;
+* ulysses: all-to-alls of (W-1)/W of the local tokens' heads: q, k, v out and the output
+  back in the forward, dout out and dq, dk, dv back in the backward; compute is every
+  document for nheads / W heads, evenly split;
+* communication counts whole, at ``Machine.link_gbs`` (the engines overlap some of it;
+  how much is measured only on multi-GPU runs);
 * ring strategies are not candidates: their layouts cut every document into W or 2W
   chunks, so their compute balance is zigzag_llama3's or worse, and the all-gather engine
   measured faster than the ring on the same layout.
 
-The ``Machine`` defaults are H200 figures from this project's own runs (about 400 TFLOP/s
-for the bf16 kernels, about 200 GB/s for an all-gather of K/V beside them on 2x H200); they
-are inputs to a ranking, not measurements of a new machine. ``ringflash bench cp
---simulate`` is meant to calibrate them per GPU.
+The ``Machine`` defaults are H200 figures from this project's own runs; they are inputs to
+a ranking, not measurements of a new machine. ``ringflash bench cp --simulate --fit``
+calibrates them per GPU.
 """
 
 from __future__ import annotations
@@ -33,8 +42,11 @@ AUTO_CANDIDATES = ("balanced", "zigzag_llama3", "llama3", "ulysses")
 
 @dataclass(frozen=True)
 class Machine:
-    tflops: float = 400.0  # attention kernels, forward
+    tflops: float = 400.0  # attention kernels, forward, counting causal pairs only
     link_gbs: float = 200.0  # one rank's all-gather / all-to-all bandwidth beside compute
+    #: The training step's rate and cost model (see the module doc; H200, run 33).
+    step_tflops: float = 118.7
+    step_model: CostModel = CostModel(pair=1.0, row=373.0, piece=7.42e4, key_row=134.0)
 
 
 @dataclass(frozen=True)
@@ -49,10 +61,12 @@ class Heads:
 
 @dataclass
 class Prediction:
+    """The modelled training step (forward and backward) of one strategy."""
+
     strategy: str
     tokens: list[int]  # per rank
     work: list[float]  # causal (query, key) pairs per rank
-    compute_ms: float  # slowest rank
+    compute_ms: float  # slowest rank, by Machine.step_model
     comm_ms: float
     feasible: bool = True
     note: str = ""
@@ -68,31 +82,38 @@ class Prediction:
         return max(self.work) / mean if mean else 1.0
 
 
-def layout_work(pieces_by_rank: list[list[Piece]], model: CostModel = CostModel()) -> list[float]:
-    return [sum(model.cost(p.start, p.length) if p.step == 1 else _strided_pairs(p) for p in ps)
-            for ps in pieces_by_rank]
+def layout_work(pieces_by_rank: list[list[Piece]], model: CostModel = CostModel(), key_rows: float = 0.0) -> list[float]:
+    """Each rank's cost under ``model`` (causal pairs by default); ``key_rows``: rows of the
+    K/V buffer every rank reads (``CostModel.key_row``)."""
+    return [sum(model.cost(p.start, p.length) if p.step == 1 else _strided_pairs(p, model) for p in ps)
+            + model.key_row * key_rows for ps in pieces_by_rank]
 
 
-def _strided_pairs(p: Piece) -> float:
-    return float(sum(pos + 1 for pos in p.positions()))
+def _strided_pairs(p: Piece, model: CostModel) -> float:
+    pairs = float(sum(pos + 1 for pos in p.positions()))
+    return model.pair * pairs + model.row * p.length + (model.piece if p.length else 0.0)
 
 
 def predict(strategy: str, seqlens: list[int], world_size: int, heads: Heads = Heads(),
             machine: Machine = Machine(), min_piece: int = BALANCED_MIN_PIECE) -> Prediction:
-    """The modelled forward step of ``strategy`` on this batch (see the module doc)."""
+    """The modelled training step of ``strategy`` on this batch (see the module doc)."""
     w = world_size
+    total = sum(seqlens)
     flops_per_pair = 4.0 * heads.headdim * heads.nheads
+    ms_per_unit = flops_per_pair / machine.step_tflops / 1e9
+    model = machine.step_model
     kv_bytes_per_token = 2 * heads.nheads_k * heads.headdim * heads.bytes_per_element
     if strategy == "ulysses":
-        total = sum(seqlens)
         tokens = [n for _, n in _slices(total, w)]
-        work = layout_work([[Piece(i, 0, n)] for i, n in enumerate(seqlens)])
-        per_rank = sum(work) / w
+        whole = [[Piece(i, 0, n)] for i, n in enumerate(seqlens)]
+        pairs = sum(layout_work(whole)) / w
+        # Every document for nheads / W heads: a W-th of the whole batch's cost, keys included.
+        per_rank = sum(layout_work(whole, model)) / w + model.key_row * total / w
         feasible = heads.nheads % w == 0 and (heads.nheads_k % w == 0 or w % heads.nheads_k == 0)
         qkvo = (2 * heads.nheads + 2 * heads.nheads_k) * heads.headdim * heads.bytes_per_element
-        comm = max(tokens) * (w - 1) / w * qkvo
-        return Prediction(strategy, tokens, [per_rank] * w, per_rank * flops_per_pair / machine.tflops / 1e9,
-                          comm / machine.link_gbs / 1e6, feasible,
+        comm = 2 * max(tokens) * (w - 1) / w * qkvo  # forward: q, k, v, out; backward: dout, dq, dk, dv
+        return Prediction(strategy, tokens, [pairs] * w, per_rank * ms_per_unit, comm / machine.link_gbs / 1e6,
+                          feasible,
                           "" if feasible else f"nheads={heads.nheads}, nheads_k={heads.nheads_k} do not split "
                                               f"over {w} ranks")
     if strategy == "balanced":
@@ -100,10 +121,12 @@ def predict(strategy: str, seqlens: list[int], world_size: int, heads: Heads = H
     else:
         pieces = [rank_pieces(strategy, seqlens, r, w) for r in range(w)]
     tokens = [sum(p.length for p in ps) for ps in pieces]
-    work = layout_work(pieces)
+    cost = layout_work(pieces, model, key_rows=total)
     gathered = (w - 1) * max(tokens + [0]) * kv_bytes_per_token  # padded to the largest rank
-    return Prediction(strategy, tokens, work, max(work + [0.0]) * flops_per_pair / machine.tflops / 1e9,
-                      gathered / machine.link_gbs / 1e6)
+    # K/V gathered in the forward and again in the backward, dK/dV reduce-scattered in float32.
+    comm = gathered * (2 + 4 / heads.bytes_per_element)
+    return Prediction(strategy, tokens, layout_work(pieces), max(cost + [0.0]) * ms_per_unit,
+                      comm / machine.link_gbs / 1e6)
 
 
 def _slices(total: int, w: int) -> list[tuple[int, int]]:
@@ -130,7 +153,7 @@ def choose(seqlens: list[int], world_size: int, heads: Optional[Heads] = None, m
     best = min(feasible, key=lambda p: (round(p.total_ms, 6), candidates.index(p.strategy)))
     others = ", ".join(f"{p.strategy} {p.total_ms:.3f} ms (balance {p.balance:.3f})" for p in feasible
                        if p is not best)
-    why = (f"least predicted forward time {best.total_ms:.3f} ms (compute {best.compute_ms:.3f} + communication "
+    why = (f"least predicted step time (forward and backward) {best.total_ms:.3f} ms (compute {best.compute_ms:.3f} + communication "
            f"{best.comm_ms:.3f}; rank balance {best.balance:.3f}) against {others or 'no other candidate'}")
     skipped = [p for p in preds if not p.feasible]
     if skipped:

@@ -120,14 +120,19 @@ BALANCED_MIN_PIECE = 256
 
 @dataclass(frozen=True)
 class CostModel:
-    """Predicted attention time of one query piece under a causal mask, in arbitrary units:
-    ``pair`` per visible (query, key) pair, ``row`` per query row (loads, softmax and stores
-    that do not scale with the keys), ``piece`` per piece (a partial tile, a grid tail).
-    The defaults count visible pairs only; measured coefficients replace them per GPU."""
+    """Predicted attention time of a rank's work, in units of one visible (query, key) pair:
+    ``pair`` per visible pair, ``row`` per query row (loads, softmax and stores that do not
+    scale with the keys), ``piece`` per piece (a partial tile, a grid tail), and
+    ``key_row`` per row of the K/V buffer the rank's kernel calls read (charged once per
+    rank by ``cost.layout_work``: the backward's dK/dV programs and float32 buffers cover
+    every gathered key, whether or not the rank's queries see it). The defaults count
+    visible pairs only (``balanced_layout`` deals by them); ``cost.Machine`` holds the
+    coefficients measured per GPU."""
 
     pair: float = 1.0
     row: float = 0.0
     piece: float = 0.0
+    key_row: float = 0.0
 
     def cost(self, start: int, length: int) -> float:
         """Query rows at positions [start, start + length) of a document, each seeing every

@@ -123,23 +123,26 @@ def model_work(strategy: str, seqlens: list[int], world_size: int, heads: Heads,
     """The cost model's work per rank (``model`` units: causal pairs by default), in units
     of all nheads query heads: ``cost.predict``'s ``work`` for the strategies it covers
     (``layout_work`` of the rank's pieces; ulysses: every document's work / W). hybrid:
-    the rank's Ulysses group's zigzag stream, for nheads / u heads."""
+    the rank's Ulysses group's zigzag stream, for nheads / u heads. ``model.key_row``
+    charges the K/V rows a rank reads: the whole batch's keys (all-gather and ring
+    strategies), for nheads / W heads (ulysses) or nheads / u (hybrid)."""
     w = world_size
+    total = sum(seqlens)
     if strategy == "hybrid":
         u = ulysses_degree
         if u is None or w % u:
             raise Unsupported(f"ulysses_degree: got {u!r}; expected a divisor of world_size={w}")
         streams = [rank_pieces("zigzag_llama3", seqlens, g, w // u) for g in range(w // u)]
-        work = layout_work(streams, model)
+        work = layout_work(streams, model, key_rows=total)
         return [work[r // u] / u for r in range(w)]
     if strategy == "ulysses":
         whole = layout_work([[Piece(i, 0, n)] for i, n in enumerate(seqlens)], model)
-        return [sum(whole) / w] * w
+        return [(sum(whole) + model.key_row * total) / w] * w
     if model == CostModel():
         return list(predict(strategy, seqlens, w, heads, min_piece=min_piece).work)
     pieces = balanced_layout(seqlens, w, min_piece) if strategy == "balanced" else \
         [rank_pieces(strategy, seqlens, r, w) for r in range(w)]
-    return layout_work(pieces, model)
+    return layout_work(pieces, model, key_rows=total)
 
 
 def predicted_ms(pairs: float, heads: Heads, machine: Machine = Machine()) -> float:
