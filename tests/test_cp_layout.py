@@ -100,3 +100,20 @@ def test_auto_ranks_the_training_step_by_the_fitted_model():
         by_name = {s: predict(s, short, w, Heads()) for s in ("balanced", "zigzag_llama3", "ulysses")}
         assert by_name["ulysses"].compute_ms < min(by_name["balanced"].compute_ms, by_name["zigzag_llama3"].compute_ms)
 
+
+def test_balanced_keeps_query_groups_to_two():
+    """Plan gives each piece of a document on a rank its own query group, and the grouped
+    kernels' time grows with groups x documents: in run 33 (H200 simulation, short
+    documents) balanced's ranks with 4 groups ran 4.6 ms against 3.1 ms for those with 2 at
+    W=8 (2.2 against 3.0 ms at W=4, 64 against 128 group entries). So a rank gets a second
+    pair of one document only when no rank without it has room; on bench cp's batches no
+    rank holds more than one pair (two pieces) of a document."""
+    from ringflash.bench.cp import batch_lengths
+
+    for w in (2, 4, 8):
+        for case in ("single", "mixed", "short"):
+            for ps in balanced_layout(batch_lengths(case, w), w, 256):
+                per_doc: dict[int, int] = {}
+                for p in ps:
+                    per_doc[p.seq] = per_doc.get(p.seq, 0) + 1
+                assert max(per_doc.values()) <= 2, (case, w, per_doc)

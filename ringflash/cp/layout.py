@@ -179,11 +179,17 @@ def balanced_layout(seqlens: list[int], world_size: int, min_piece: int = BALANC
     cap = share + unit_max // 2
     loads = [[0.0, 0] for _ in range(w)]  # (cost, tokens) per rank
     assigned: list[list[Piece]] = [[] for _ in range(w)]
-    for cost, tokens, _, chunks in units:
+    held: list[set[int]] = [set() for _ in range(w)]  # documents with a piece on each rank
+    for cost, tokens, doc, chunks in units:
         roomy = [r for r in range(w) if loads[r][1] + tokens <= cap]
+        # A second pair of one document on a rank doubles its query groups (Plan gives each
+        # piece of a document its own group), and the grouped kernels' time grows with
+        # groups x documents: prefer ranks without this document while one has room.
+        roomy = [r for r in roomy if doc not in held[r]] or roomy
         rank = min(roomy, key=lambda r: (loads[r][0], loads[r][1], r)) if roomy else \
             min(range(w), key=lambda r: (loads[r][1], loads[r][0], r))
         loads[rank][0] += cost
         loads[rank][1] += tokens
         assigned[rank] += chunks
+        held[rank].add(doc)
     return [sorted(ps, key=lambda p: (p.seq, p.start)) for ps in assigned]
