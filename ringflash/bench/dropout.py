@@ -8,6 +8,9 @@ Issue 16's bar: dropout may cost at most 15% over no dropout, forward+backward. 
 * ``ours_dropout``: dropout_p=0.1 (Philox keep mask in the forward, regenerated in the
   backward);
 * ``ours_alibi``: ALiBi slopes (the usual 2^(-8 i / nheads), float32), no dropout;
+* ``ours_atomic`` / ``ours_dropout_atomic``: ``ours`` and ``ours_dropout`` under
+  ``RINGFLASH_BACKWARD=atomic``, the backward whose dK/dV kernel also accumulates dQ, so
+  the dropout mask is regenerated once in the backward instead of twice (once per kernel);
 * ``fa2`` / ``fa2_dropout``: SDPA's flash backend at dropout_p 0 and 0.1, for reference
   (FA2's own dropout overhead; SDPA has no ALiBi on that backend).
 
@@ -28,7 +31,7 @@ import torch
 from .common import BWD_FLOP_FACTOR, attn_flops, device_description, free_memory, tflops
 from .harness import (
     interruptible, publish, redraw,
-    BASE_COLUMNS, add_device_options, cell, cpu_threads, fmt_ratio, index_rows, make_timer,
+    BASE_COLUMNS, add_device_options, cell, cpu_threads, environ, fmt_ratio, index_rows, make_timer,
     measure_passes, not_measured, ordered, rel_err, resolve_device, rows_device_timer, sdpa_call, table,
 )
 from .progress import progress_bar, show
@@ -36,12 +39,13 @@ from .progress import progress_bar, show
 NAME = "dropout"
 COLUMNS = BASE_COLUMNS + ["tflops", "rel_err", "dropout_p", "alibi", "batch", "seqlen", "nheads", "headdim", "causal"]
 PASSES = ("fwd", "bwd", "fwd+bwd")
-IMPLS = ("ours", "ours_dropout", "ours_alibi", "fa2", "fa2_dropout")
+IMPLS = ("ours", "ours_dropout", "ours_alibi", "ours_atomic", "ours_dropout_atomic", "fa2", "fa2_dropout")
 DROPOUT_P = 0.1
 #: Issue 16: dropout's forward+backward time at most 15% over no dropout.
 BAR = 1.15
 #: (ratio label, impl, its no-op counterpart, the bar or None)
 OVERHEADS = (("ours: dropout 0.1 / none", "ours_dropout", "ours", BAR),
+             ("ours, atomic backward: dropout 0.1 / none", "ours_dropout_atomic", "ours_atomic", BAR),
              ("ours: ALiBi / none", "ours_alibi", "ours", None),
              ("FA2 (SDPA): dropout 0.1 / none", "fa2_dropout", "fa2", None))
 
@@ -79,9 +83,13 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
     dout = mk()
     slopes = alibi_slopes(case.nheads, device)
     c = case.causal
+    plain = lambda q, k, v: flash_attn_func(q, k, v, causal=c)  # noqa: E731
+    dropped = lambda q, k, v: flash_attn_func(q, k, v, dropout_p=DROPOUT_P, causal=c)  # noqa: E731
     fns = {
-        "ours": (lambda q, k, v: flash_attn_func(q, k, v, causal=c), 0.0, False),
-        "ours_dropout": (lambda q, k, v: flash_attn_func(q, k, v, dropout_p=DROPOUT_P, causal=c), DROPOUT_P, False),
+        "ours": (plain, 0.0, False),
+        "ours_dropout": (dropped, DROPOUT_P, False),
+        "ours_atomic": (plain, 0.0, False),
+        "ours_dropout_atomic": (dropped, DROPOUT_P, False),
         "ours_alibi": (lambda q, k, v: flash_attn_func(q, k, v, causal=c, alibi_slopes=slopes), 0.0, True),
         "fa2": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION"), 0.0, False),
         "fa2_dropout": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION", dropout_p=DROPOUT_P), DROPOUT_P,
@@ -97,10 +105,12 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
         pass
     rows = []
     for impl, (fn, p, alibi) in fns.items():
-        results = measure_passes(fn, inputs, dout, timer, device, passes=PASSES)
+        with environ(RINGFLASH_BACKWARD="atomic" if impl.endswith("_atomic") else None):
+            results = measure_passes(fn, inputs, dout, timer, device, passes=PASSES)
         for ps, (ms, status) in results.items():
             rows.append(dict(case=case.name, impl=impl, **{"pass": ps}, ms=ms, status=status,
-                             note="RINGFLASH_BACKWARD default" if impl.startswith("ours") else "",
+                             note=("RINGFLASH_BACKWARD=atomic" if impl.endswith("_atomic") else
+                                   "RINGFLASH_BACKWARD default" if impl.startswith("ours") else ""),
                              timer=timer_name, device=device_name,
                              tflops=tflops(pass_flops[ps], ms) if ms else None,
                              rel_err=err if impl == "ours" else None, dropout_p=p, alibi=alibi, batch=case.batch,
