@@ -418,6 +418,12 @@ def _bars(summary: Sequence[dict]) -> list[str]:
             lines.append(f"- model (fitted rate), {label}: largest per-rank error {_pct(e)} ({s['batch']} "
                          f"{s['strategy']} W={s['world']}): bar <= {MODEL_BAR:.0%} "
                          f"{'met' if e <= MODEL_BAR else 'NOT met'}")
+    step = [(s["err_step"], s) for s in summary if s.get("err_step") is not None and s["strategy"] in AUTO_CANDIDATES]
+    if step:
+        e, s = max(step, key=lambda t: t[0])
+        lines.append(f"- cost.py's step model (what auto ranks), auto's candidates: largest per-rank fwd+bwd error "
+                     f"{_pct(e)} ({s['batch']} {s['strategy']} W={s['world']}): bar <= {MODEL_BAR:.0%} "
+                     f"{'met' if e <= MODEL_BAR else 'NOT met'}")
     return [""] + lines if lines else []
 
 
