@@ -60,9 +60,16 @@ def make_calls(dev: str) -> dict:
     return calls
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"got {value}; expected at least 1")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--calls", type=_positive, default=200, help="timed calls per row (at least 1)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/ringflash_out"))
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import astuple
 from typing import Optional, Sequence
 
 import torch
@@ -47,8 +48,8 @@ MODEL_BAR = 0.10
 PASSES = {"fwd": "fwd_ms", "fwd+bwd": "fwd_bwd_ms"}
 CASE_NAMES = {"single": "one document", "mixed": "mixed pack", "short": "many short documents"}
 COLUMNS = ["batch", "strategy", "chosen", "world", "rank", "status", "fwd_ms", "fwd_bwd_ms", "pred_fwd_ms",
-           "pred_fwd_bwd_ms", "pairs", "kernel_pairs", "model_rows", "model_pieces", "model_key_rows", "tokens", "q_rows", "key_rows",
-           "q_heads", "calls", "documents", "total_tokens", "nheads", "nheads_k", "headdim", "dtype", "tflops",
+           "pred_fwd_bwd_ms", "pairs", "kernel_pairs", "model_rows", "model_pieces", "model_key_rows", "tokens",
+           "q_rows", "key_rows", "q_heads", "calls", "documents", "total_tokens", "nheads", "nheads_k", "headdim", "dtype", "tflops",
            "ulysses_degree", "min_piece", "timer", "device", "note"]
 
 QUICK_TOKENS_PER_GPU = 2048
@@ -73,7 +74,7 @@ def _ok(row: dict) -> bool:
     return row.get("status") == "ok"
 
 
-#: The CSV's model columns: a rank's work under each ``CostModel`` term alone.
+#: The CSV's model columns: a rank's work under each ``CostModel`` term alone (field order).
 MODEL_TERMS = {"pairs": (1, 0, 0, 0), "model_rows": (0, 1, 0, 0), "model_pieces": (0, 0, 1, 0),
                "model_key_rows": (0, 0, 0, 1)}
 
@@ -85,8 +86,7 @@ def _terms(row: dict) -> list[float]:
 
 def step_ms(row: dict, machine: Machine = Machine()) -> float:
     """``cost.predict``'s fwd+bwd compute time of the rank (``Machine.step_model``)."""
-    m = machine.step_model
-    units = sum(c * x for c, x in zip((m.pair, m.row, m.piece, m.key_row), _terms(row)))
+    units = sum(c * x for c, x in zip(astuple(machine.step_model), _terms(row)))
     return units * _flops_per_pair(row) / machine.step_tflops / 1e9
 
 

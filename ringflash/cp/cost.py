@@ -82,16 +82,16 @@ class Prediction:
         return max(self.work) / mean if mean else 1.0
 
 
-def layout_work(pieces_by_rank: list[list[Piece]], model: CostModel = CostModel(), key_rows: float = 0.0) -> list[float]:
+def layout_work(pieces_by_rank: list[list[Piece]], model: CostModel = CostModel(),
+                key_rows: float = 0.0) -> list[float]:
     """Each rank's cost under ``model`` (causal pairs by default); ``key_rows``: rows of the
     K/V buffer every rank reads (``CostModel.key_row``)."""
-    return [sum(model.cost(p.start, p.length) if p.step == 1 else _strided_pairs(p, model) for p in ps)
+    return [sum(model.cost(p.start, p.length) if p.step == 1 else _strided_cost(p, model) for p in ps)
             + model.key_row * key_rows for ps in pieces_by_rank]
 
 
-def _strided_pairs(p: Piece, model: CostModel) -> float:
-    pairs = float(sum(pos + 1 for pos in p.positions()))
-    return model.pair * pairs + model.row * p.length + (model.piece if p.length else 0.0)
+def _strided_cost(p: Piece, model: CostModel) -> float:
+    return model.piece_cost(float(sum(pos + 1 for pos in p.positions())), p.length)
 
 
 def predict(strategy: str, seqlens: list[int], world_size: int, heads: Heads = Heads(),
@@ -153,8 +153,9 @@ def choose(seqlens: list[int], world_size: int, heads: Optional[Heads] = None, m
     best = min(feasible, key=lambda p: (round(p.total_ms, 6), candidates.index(p.strategy)))
     others = ", ".join(f"{p.strategy} {p.total_ms:.3f} ms (balance {p.balance:.3f})" for p in feasible
                        if p is not best)
-    why = (f"least predicted step time (forward and backward) {best.total_ms:.3f} ms (compute {best.compute_ms:.3f} + communication "
-           f"{best.comm_ms:.3f}; rank balance {best.balance:.3f}) against {others or 'no other candidate'}")
+    why = (f"least predicted step time (forward and backward) {best.total_ms:.3f} ms (compute "
+           f"{best.compute_ms:.3f} + communication {best.comm_ms:.3f}; rank balance {best.balance:.3f}) against "
+           f"{others or 'no other candidate'}")
     skipped = [p for p in preds if not p.feasible]
     if skipped:
         why += "; not possible: " + "; ".join(f"{p.strategy} ({p.note})" for p in skipped)

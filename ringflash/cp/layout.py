@@ -137,7 +137,10 @@ class CostModel:
     def cost(self, start: int, length: int) -> float:
         """Query rows at positions [start, start + length) of a document, each seeing every
         key up to its own position."""
-        pairs = length * start + length * (length + 1) / 2
+        return self.piece_cost(length * start + length * (length + 1) / 2, length)
+
+    def piece_cost(self, pairs: float, length: int) -> float:
+        """A piece of ``length`` query rows that see ``pairs`` (query, key) pairs in all."""
         return self.pair * pairs + self.row * length + (self.piece if length else 0.0)
 
 
