@@ -114,7 +114,7 @@ def test_mask_draws_are_uniform_and_independent():
     and every row must be dropped at the rate p; neighbours along rows, keys and diagonals
     must not be correlated; and, since the mixer's inputs over a rectangle of two rows and
     two keys XOR to zero, the four corners' drops must still be independent (at p = 0.5 their
-    parity is a fair coin). The threshold follows p in 2**-32 steps."""
+    parity is a fair coin). The threshold follows p in 2**-16 steps."""
     from ringflash.kernels.dropout_mask import dropout_keep_mask
     from ringflash.kernels.problem import dropout_args, dropout_threshold
 
@@ -142,6 +142,20 @@ def test_mask_draws_are_uniform_and_independent():
         rate = parity.float().mean().item()  # over 100k rectangles: 6 standard deviations is 0.01
         assert abs(rate - 0.5) < 0.01, ((di, dj), rate)
 
+    # Keys 16 g + c and 16 g + 8 + c share a draw (its low and high halves): their drops
+    # must be independent, at every row and over rectangles spanning a shared draw.
+    first = coin.reshape(2, 2, 128, 16, 2, 8)[..., 0, :].double()
+    second = coin.reshape(2, 2, 128, 16, 2, 8)[..., 1, :].double()
+    both = (first * second).mean().item()  # 65536 pairs: 6 standard deviations is 0.01
+    assert abs(both - 0.25) < 0.01, both
+    for di, dj in ((1, 8), (2, 8), (0, 8)):
+        di_end, dj_end = coin.shape[-2] - di, coin.shape[-1] - dj
+        parity = coin[..., di:, dj:] ^ coin[..., :di_end, dj:] ^ coin[..., di:, :dj_end] ^ coin[..., :di_end, :dj_end]
+        if di == 0:  # two entries, j and j + 8, of one row
+            parity = coin[..., dj:] ^ coin[..., :dj_end]
+        rate = parity.float().mean().item()
+        assert abs(rate - 0.5) < 0.01, ((di, dj), rate)
+
     # Two rows' mixer inputs differ by the same word R[i] ^ R[i'] at every key (and two keys'
     # by C[j] ^ C[j'] at every row): a weak mixer correlates such rows (keys). Over every
     # pair of 128 rows of 2048 keys (and of 128 keys of 2048 rows), the squared z-scores of
@@ -155,9 +169,8 @@ def test_mask_draws_are_uniform_and_independent():
         assert abs((pair_z**2).mean().item() - 1) < 0.08, (pair_z**2).mean().item()
         assert pair_z.abs().max().item() < 6.5, pair_z.abs().max().item()
 
-    assert dropout_threshold(2.0 ** -32) == 1 and dropout_threshold(0.5) == 2**31
-    assert dropout_threshold(0.0) == 0 and dropout_threshold(1.0) == 2**32 - 1
-    assert dropout_args((0.75, 3))[0] == 3 * 2**30 - 2**32  # the same bits as an int32
+    assert dropout_threshold(2.0 ** -16) == 1 and dropout_threshold(0.5) == 2**15
+    assert dropout_threshold(0.0) == 0 and dropout_args((0.75, 3))[:2] == (3 * 2**14, 4.0)
 
 
 def test_dropout_under_torch_compile():

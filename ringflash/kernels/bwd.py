@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
+    alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
     key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
 from .problem import (
@@ -110,7 +110,7 @@ def _dkdv_block_loop(
             do = tl.load(do_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             delta = tl.load(delta_base + offs_m)
         if HAS_DROPOUT:  # dV sees the dropped, rescaled probabilities; dP only where kept
-            keepT = dropout_keep(dropout_seed, b, h, offs_m, n0, dropout_threshold, BLOCK_N, True)
+            keepT = dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, True)
             dv = tl.dot(tl.where(keepT, pT * dropout_scale, 0.0).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
             dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
@@ -253,14 +253,15 @@ def _bwd_dkdv_kernel(
 def _dq_block_loop(
     dq, q, do, lse2, delta,
     k_ptrs, v_ptrs, stride_ks, stride_vs,
-    start, end, offs_m, offs_n, offs_d,
+    start, end, m0, offs_n, offs_d,
     diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_scale, dropout_seed,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ (BLOCK_M x D) over key blocks [start, end)."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     k_ptrs += start.to(tl.int64) * stride_ks
     v_ptrs += start.to(tl.int64) * stride_vs
     for n0 in range(start, end, BLOCK_N):
@@ -286,7 +287,7 @@ def _dq_block_loop(
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
-            keep = dropout_keep(dropout_seed, b, h, offs_m, n0, dropout_threshold, BLOCK_N, False)
+            keep = dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, False)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
@@ -352,22 +353,22 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_LEFT:
         dq = _dq_block_loop(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, offs_m, offs_n, offs_d,
+            dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, m0, offs_n, offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_scale, dropout_seed,
-            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         )
     dq = _dq_block_loop(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, offs_m, offs_n, offs_d,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, m0, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_scale, dropout_seed,
-        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
     )
     dq = _dq_block_loop(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, offs_m, offs_n, offs_d,
+        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, m0, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_scale, dropout_seed,
-        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
     )
     dq = dq * softmax_scale
     tl.store(tile_ptrs(DQ, b, h, q_start + m0, stride_dqb, stride_dqh, stride_dqs, BLOCK_M, BLOCK_D),
@@ -396,7 +397,7 @@ def prepare_backward(
     _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
     lb, lh = lse_strides(lse, prob.is_varlen)
     block_r = 16 if interpreting() else 64
-    _bwd_preprocess_kernel[(triton.cdiv(rows, block_r), prob.nheads, batch)](
+    _bwd_preprocess_kernel[(cdiv(rows, block_r), prob.nheads, batch)](
         out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
     )
@@ -488,7 +489,7 @@ def attention_backward(
         dk_out, dv_out = (dk, dv) if splits == 1 else \
             (torch.zeros((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device) for _ in range(2))
         dk_first, dv_first = (dk_out, dv_out) if splits == 1 else (dk_out[0], dv_out[0])
-        _bwd_dkdv_kernel[(triton.cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch)](
+        _bwd_dkdv_kernel[(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch)](
             q, k, v, dout, lse2, delta, dk_first, dv_first, dkv_rows if dkv_rows is not None else delta, dq_acc,
             *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen),
             *dense_strides(dv_first, prob.is_varlen),
@@ -503,7 +504,7 @@ def attention_backward(
 
     def launch_dq(cfg: configs.KernelConfig) -> None:
         cfg = configs.fit_grid(cfg, prob)
-        num_m_blocks = triton.cdiv(prob.max_seqlen_q, cfg.block_m)
+        num_m_blocks = cdiv(prob.max_seqlen_q, cfg.block_m)
         _bwd_dq_kernel[configs.program_grid(cfg, num_m_blocks, prob)](
             q, k, v, dout, lse2, delta, dq, *seq_args, *qkv_strides,
             *dense_strides(dq, prob.is_varlen), lb, lh,

@@ -47,6 +47,18 @@ MAX_TILE_ROWS = 256
 _INT32_LIMIT = 2**31
 
 
+def cdiv(x: int, y: int) -> int:
+    """Host-side ceil(x / y). ``triton.cdiv`` is a constexpr function, which costs about
+    3 us a call on the host (a launch computes several grids)."""
+    return -(-x // y)
+
+
+def next_power_of_2(n: int) -> int:
+    """Host-side smallest power of 2 >= n (1 for n <= 1), without ``triton.next_power_of_2``'s
+    constexpr-function overhead."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def kernel_operand(x, token_dim: int):
     """``x`` as the kernels read it: unit stride on the head dim, and a token stride small
     enough that ``MAX_TILE_ROWS`` rows of offsets fit in int32 (a huge-stride view, e.g. an
@@ -288,38 +300,52 @@ def _position_word(pos, key, MULTIPLIER: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, b, h, offs_m, n0, threshold, BLOCK_N: tl.constexpr, KEY_MAJOR: tl.constexpr):
-    """Dropout's keep mask, shape (len(offs_m), BLOCK_N), for query rows ``offs_m`` (1-D,
-    positions within the sequence) and keys ``n0 .. n0 + BLOCK_N - 1`` of sequence ``b``,
-    query head ``h``. KEY_MAJOR returns the transpose, (BLOCK_N, len(offs_m)), for the dK/dV
-    kernel's tiles.
+def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MAJOR: tl.constexpr):
+    """Dropout's keep mask, shape (BLOCK_M, BLOCK_N), for query rows m0 .. m0 + BLOCK_M - 1
+    (positions within the sequence) and keys n0 .. n0 + BLOCK_N - 1 of sequence ``b``, query
+    head ``h``; m0 and BLOCK_M are multiples of 16. KEY_MAJOR returns the transpose,
+    (BLOCK_N, BLOCK_M), for the dK/dV kernel's tiles.
 
-    Entry (i, j) draws the 32-bit uniform mix(R[i] ^ C[j]): one Philox call on the seed and
-    (sequence, head) gives two keys, R[i] and C[j] are per-row and per-key words
-    (``_position_word``: bijections of i and j, so two entries of a row or a column never
-    share a mixer input), and mix is two multiply / xor-shift steps per entry. An entry is
-    kept when its uniform is at least ``threshold`` (round(p * 2**32),
-    ``problem.dropout_args``). The words are cheap on purpose: in the MMA layout a thread
-    holds 2 rows and BLOCK_N / 8 keys of a tile (the transpose in the dK/dV kernel), so
-    every thread computes its own keys' words, once per entry pair; a strong word
-    (Wellons' lowbias32, 8 instructions) made those words half of the mask's cost (SASS of
-    the d=128 forward: 15 instructions per entry against 9). The statistical checks are in
-    tests/test_dropout.py. A Philox call per entry made dropout cost 3x the attention on an
-    H100 (run 29 in docs/benchmarks.md), and one per 8 keys, whose 16-bit pieces had to be
-    interleaved across threads, 1.65x on an H200 (run 30). The mask depends only on the
-    entry and the seed, never on the tiling, so the forward, both backward kernels and the
-    S_dmask kernel regenerate it."""
+    Rows 16 g + c and 16 g + 8 + c (c < 8) share one 32-bit draw per key j,
+    x = mix(R[8 g + c] ^ C[j]): the first row's entry is kept when the low 16 bits of x are at
+    least ``threshold`` (round(p * 2**16), ``problem.dropout_threshold``), the second's when
+    the high 16 bits are. The two rows sit in one thread in the MMA accumulator layouts (a
+    warp's rows r and r + 8 of the forward's and dQ kernel's tiles; columns j and j + 8 of the
+    dK/dV kernel's transposed ones, whose wgmma tiles keep each 16 columns in a warp), so the
+    join below moves no data between threads, and a draw serves two entries (SASS of the
+    d=128 forward: 9 instructions of mask per entry against 12.5). Pairing keys instead
+    moved the mask through shared memory in the d=256 dQ kernel, whose 32-row mma tiles
+    split columns between warps. One Philox call on the seed and (sequence, head) gives the
+    keys of the per-row-pair and per-key words (``_position_word``: bijections, so two
+    entries of a row or a column never share a mixer input); mix is two multiply / xor-shift
+    steps and a final xor-shift that folds the well-mixed high half into the low one (free:
+    it joins the mask of the low half in one LOP3). The words are cheap on purpose: every
+    thread computes its own keys' words, and a strong word (Wellons' lowbias32, 8
+    instructions) made them half of the mask's cost. A Philox call per entry made dropout
+    cost 3x the attention on an H100 (run 29 in docs/benchmarks.md), and one per 8 keys,
+    whose 16-bit pieces had to be interleaved across threads, 1.65x on an H200 (run 30). The
+    mask depends only on the entry and the seed, never on the tiling, so the forward, both
+    backward kernels and the S_dmask kernel regenerate it. The statistical checks are in
+    tests/test_dropout.py."""
+    tl.static_assert(BLOCK_M % 16 == 0)
     key_r, key_c, _, _ = tl.philox(seed, b, h, 0, 0)
-    row_words = _position_word(offs_m, key_r, 0x9E3779B1)
+    pairs = (m0 // 16 + tl.arange(0, BLOCK_M // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]
+    pair_words = _position_word(pairs, key_r, 0x9E3779B1)  # (BLOCK_M // 16, 8)
     key_words = _position_word(n0 + tl.arange(0, BLOCK_N), key_c, 0x85EBCA6B)
     if KEY_MAJOR:
-        x = key_words[:, None] ^ row_words[None, :]
+        x = key_words[:, None, None] ^ pair_words[None, :, :]
     else:
-        x = row_words[:, None] ^ key_words[None, :]
+        x = pair_words[:, :, None] ^ key_words[None, None, :]
     x = x * 0x9E3779B1
     x = x ^ (x >> 15)
     x = x * 0x85EBCA77
-    return x >= tl.cast(threshold, tl.uint32, bitcast=True)
+    x = x ^ (x >> 16)
+    t = threshold.to(tl.uint32)
+    keep = tl.join((x & 0xFFFF) >= t, (x >> 16) >= t)  # [..., 0]: row 16 g + c, [..., 1]: + 8
+    if KEY_MAJOR:  # (N, G, 8, 2) -> (N, G, 2, 8)
+        return tl.reshape(tl.permute(keep, (0, 1, 3, 2)), (BLOCK_N, BLOCK_M))
+    else:  # (G, 8, N, 2) -> (G, 2, 8, N)
+        return tl.reshape(tl.permute(keep, (0, 3, 1, 2)), (BLOCK_M, BLOCK_N))
 
 
 @triton.jit

@@ -30,8 +30,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, check_device, finish_output, interpreter_output, interpreting, kernel_operand, scaled_scores,
-    visible,
+    alibi_bias, cdiv, check_device, finish_output, interpreter_output, interpreting, kernel_operand, scaled_scores,
+    next_power_of_2, visible,
 )
 from .fwd import combine_splits
 from .problem import AttnProblem
@@ -280,7 +280,7 @@ def decode_forward(
     else:
         block_m = 16 if seqlen_q * group <= 16 else 64
         block_n, warps, stages = (64 if d <= 128 else 32), 4, 2
-    m_blocks = triton.cdiv(seqlen_q * group, block_m)
+    m_blocks = cdiv(seqlen_q * group, block_m)
     splits = num_splits if num_splits > 0 else choose_decode_splits(q.device, m_blocks * batch * nheads_k, max_keys,
                                                                      block_n)
     splits = max(1, min(splits, configs.MAX_SPLITS))
@@ -402,12 +402,12 @@ def append_to_cache(cache: torch.Tensor, new: torch.Tensor, slots: torch.Tensor,
     slots = slots.to(torch.int32).contiguous()
     paged = block_table is not None
     dummy = slots
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, next_power_of_2(d))
     _append_kernel[(batch * seqlen_new,)](
         cache, new, slots, block_table if paged else dummy, cache_rows if cache_rows is not None else dummy,
         cache.stride(0), cache.stride(1), cache.stride(2), new.stride(0), new.stride(1), new.stride(2),
         block_table.stride(0) if paged else 0,
         seqlen_new, nheads_k, cache.shape[1] if paged else 1, cache_capacity(cache, block_table), cache.shape[0],
-        HEADDIM=d, BLOCK_H=min(triton.next_power_of_2(nheads_k), max(1, 4096 // block_d)), BLOCK_D=block_d,
+        HEADDIM=d, BLOCK_H=min(next_power_of_2(nheads_k), max(1, 4096 // block_d)), BLOCK_D=block_d,
         PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None,
     )

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_device, dropout_keep
+from .common import cdiv, check_device, dropout_keep
 from .problem import dropout_args
 
 
@@ -27,7 +27,7 @@ def _dropout_mask_kernel(
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     n0 = tl.program_id(2) * BLOCK_C
     offs_c = n0 + tl.arange(0, BLOCK_C)
-    keep = dropout_keep(dropout_seed, b, h, offs_r, n0, dropout_threshold, BLOCK_C, False)
+    keep = dropout_keep(dropout_seed, b, h, tl.program_id(1) * BLOCK_R, n0, dropout_threshold, BLOCK_R, BLOCK_C, False)
     ptrs = (Keep + (z // nheads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
             + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :])
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_r[:, None] < rows) & (offs_c[None, :] < cols))
@@ -44,7 +44,7 @@ def dropout_keep_mask(
         return keep.bool()
     check_device(keep, "q")
     block = 32
-    grid = (batch * nheads, triton.cdiv(rows, block), triton.cdiv(cols, block))
+    grid = (batch * nheads, cdiv(rows, block), cdiv(cols, block))
     _dropout_mask_kernel[grid](
         keep, rows, cols, nheads, first_sequence, *dropout_args((dropout_p, seed))[::2],
         keep.stride(0), keep.stride(1), keep.stride(2), BLOCK_R=block, BLOCK_C=block,

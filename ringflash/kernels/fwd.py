@@ -15,8 +15,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
-    row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
+    alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
+    next_power_of_2, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
@@ -27,10 +27,10 @@ from .problem import (
 def _fwd_block_loop(
     acc, l_i, m_i, q,
     k_ptrs, v_ptrs, stride_ks, stride_vs,
-    start, end, offs_m, offs_n, offs_d,
+    start, end, m0, offs_n, offs_d,
     diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_seed,
-    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
 ):
@@ -38,6 +38,7 @@ def _fwd_block_loop(
 
     Scores are in log2 units when USE_EXP2, natural units otherwise (the host scales them);
     ``alibi_slope`` is in the same units."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
     k_ptrs += start.to(tl.int64) * stride_ks
     v_ptrs += start.to(tl.int64) * stride_vs
     for n0 in range(start, end, BLOCK_N):
@@ -77,7 +78,7 @@ def _fwd_block_loop(
         else:
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
         if HAS_DROPOUT:  # l_i keeps the undropped sum; the 1 / (1 - p) comes at the end
-            p = tl.where(dropout_keep(dropout_seed, b, h, offs_m, n0, dropout_threshold, BLOCK_N, False), p, 0.0)
+            p = tl.where(dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, False), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
@@ -168,24 +169,24 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_LEFT:
         acc, l_i, m_i = _fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, offs_m, offs_n, offs_d,
+            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, m0, offs_n, offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_seed,
-            True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
             KV_CACHE, USE_EXP2,
         )
     acc, l_i, m_i = _fwd_block_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, offs_m, offs_n, offs_d,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, m0, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_seed,
-        False, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         KV_CACHE, USE_EXP2,
     )
     acc, l_i, m_i = _fwd_block_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, offs_m, offs_n, offs_d,
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, m0, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_seed,
-        True, EVEN_D, HEADDIM, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
         KV_CACHE, USE_EXP2,
     )
 
@@ -301,7 +302,7 @@ def attention_forward(
 
     def launch(cfg: configs.KernelConfig) -> None:
         cfg = configs.fit_grid(cfg, prob)
-        num_m_blocks = triton.cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
+        num_m_blocks = cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
         num_splits = configs.choose_num_splits(q.device, prob, num_m_blocks, cfg)
         if num_splits == 1:
             out_target, lse_target = out, lse
@@ -354,10 +355,10 @@ def combine_splits(
     block_r = 16
     if prob.nheads > configs.MAX_GRID_YZ:
         raise ValueError(f"nheads: got {prob.nheads}; the kernels take at most {configs.MAX_GRID_YZ} per call")
-    grid = (batch * triton.cdiv(rows, block_r), prob.nheads)
+    grid = (batch * cdiv(rows, block_r), prob.nheads)
     _combine_splits_kernel[grid](
         out_partial, lse_partial, out, lse, num_splits, rows,
         *p_strides, *q_strides, *o_strides, *l_strides,
         HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
-        MAX_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+        MAX_SPLITS=max(2, next_power_of_2(num_splits)),
     )

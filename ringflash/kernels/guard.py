@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import check_device
+from .common import check_device, next_power_of_2
 from .problem import SeqMeta
 
 
@@ -89,5 +89,5 @@ def poison_if_invalid(
         batch, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k,
         outs[0], outs[0].numel(), outs[1], outs[1].numel(), outs[2], outs[2].numel(),
         HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
-        BLOCK_B=min(1024, max(16, triton.next_power_of_2(batch))), BLOCK=1024,
+        BLOCK_B=min(1024, max(16, next_power_of_2(batch))), BLOCK=1024,
     )

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import triton
 
-from .common import LOG2E
+from .common import LOG2E, next_power_of_2
 
 #: Largest window (and diag offset) the kernels distinguish; sequences are shorter than this.
 WINDOW_CAP = 1 << 29
@@ -102,7 +101,7 @@ class AttnProblem:
 
     @property
     def block_d(self) -> int:
-        return max(16, triton.next_power_of_2(self.headdim))
+        return max(16, next_power_of_2(self.headdim))
 
     def scalar_args(self, log2_units: bool = True) -> tuple:
         """(qk_scale, softcap_in, softcap_out): the score transform, in log2 units by default."""
@@ -176,23 +175,21 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> tup
 
 
 def dropout_threshold(p: float) -> int:
-    """The kernels' integer form of the dropout probability: an entry is kept when its 32-bit
-    uniform (``common.dropout_keep``) is at least round(p * 2**32), so the probability is
-    applied in steps of 2**-32 (the kept ones are scaled by exactly 1 / (1 - p)). The kernels
-    take it as an int32 of the same bits (see ``dropout_args``)."""
-    return min(int(round(float(p) * 2.0**32)), 2**32 - 1)
+    """The kernels' integer form of the dropout probability: an entry is kept when its 16-bit
+    uniform (``common.dropout_keep``) is at least round(p * 2**16), so the probability is
+    applied in steps of 2**-16 (flash-attn's are 2**-8) and the kept ones are scaled by
+    exactly 1 / (1 - p): the expected output is off by at most 2**-17 / (1 - p) relative,
+    and ``S_dmask`` with 1 / (1 - p) rebuilds the output exactly."""
+    return int(round(float(p) * 2.0**16))
 
 
 def dropout_args(dropout: Optional[tuple[float, int]]) -> tuple:
     """(dropout_threshold, dropout_scale, dropout_seed) kernel arguments; unused without
-    HAS_DROPOUT. The threshold goes as the int32 with its bits (the kernel reads it back as
-    uint32): a value of 2**31 or more would make Triton type the argument int64 and the
-    comparison of every entry a 64-bit one."""
+    HAS_DROPOUT."""
     if dropout is None:
         return 0, 1.0, 0
     p, seed = dropout
-    threshold = dropout_threshold(p)
-    return threshold - 2**32 if threshold >= 2**31 else threshold, 1.0 / (1.0 - p), int(seed)
+    return dropout_threshold(p), 1.0 / (1.0 - p), int(seed)
 
 
 def meta_flags(meta: Optional[SeqMeta]) -> dict:
