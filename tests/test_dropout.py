@@ -142,19 +142,20 @@ def test_mask_draws_are_uniform_and_independent():
         rate = parity.float().mean().item()  # over 100k rectangles: 6 standard deviations is 0.01
         assert abs(rate - 0.5) < 0.01, ((di, dj), rate)
 
-    # Keys 16 g + c and 16 g + 8 + c share a draw (its low and high halves): their drops
-    # must be independent, at every row and over rectangles spanning a shared draw.
-    first = coin.reshape(2, 2, 128, 16, 2, 8)[..., 0, :].double()
-    second = coin.reshape(2, 2, 128, 16, 2, 8)[..., 1, :].double()
-    both = (first * second).mean().item()  # 65536 pairs: 6 standard deviations is 0.01
-    assert abs(both - 0.25) < 0.01, both
-    for di, dj in ((1, 8), (2, 8), (0, 8)):
+    # Keys 16 g + c and 16 g + 8 + c of a row share a draw (its low and high halves): their
+    # drops must be independent (and, whichever pairing a change picks, so must rows 8
+    # apart), also over rectangles spanning a shared draw.
+    for first, second in ((coin.reshape(2, 2, 128, 16, 2, 8)[..., 0, :], coin.reshape(2, 2, 128, 16, 2, 8)[..., 1, :]),
+                          (coin.reshape(2, 2, 8, 2, 8, 256)[..., 0, :, :], coin.reshape(2, 2, 8, 2, 8, 256)[..., 1, :, :])):
+        both = (first * second).double().mean().item()  # 65536 pairs: 6 standard deviations is 0.01
+        assert abs(both - 0.25) < 0.01, both
+    for di, dj in ((1, 8), (2, 8), (8, 1), (8, 3)):
         di_end, dj_end = coin.shape[-2] - di, coin.shape[-1] - dj
         parity = coin[..., di:, dj:] ^ coin[..., :di_end, dj:] ^ coin[..., di:, :dj_end] ^ coin[..., :di_end, :dj_end]
-        if di == 0:  # two entries, j and j + 8, of one row
-            parity = coin[..., dj:] ^ coin[..., :dj_end]
         rate = parity.float().mean().item()
         assert abs(rate - 0.5) < 0.01, ((di, dj), rate)
+    for parity in (coin[..., 8:] ^ coin[..., :-8], coin[..., 8:, :] ^ coin[..., :-8, :]):
+        assert abs(parity.float().mean().item() - 0.5) < 0.01
 
     # Two rows' mixer inputs differ by the same word R[i] ^ R[i'] at every key (and two keys'
     # by C[j] ^ C[j'] at every row): a weak mixer correlates such rows (keys). Over every

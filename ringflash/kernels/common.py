@@ -329,23 +329,23 @@ def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: 
     tests/test_dropout.py."""
     tl.static_assert(BLOCK_M % 16 == 0)
     key_r, key_c, _, _ = tl.philox(seed, b, h, 0, 0)
-    pairs = (m0 // 16 + tl.arange(0, BLOCK_M // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]
-    pair_words = _position_word(pairs, key_r, 0x9E3779B1)  # (BLOCK_M // 16, 8)
-    key_words = _position_word(n0 + tl.arange(0, BLOCK_N), key_c, 0x85EBCA6B)
+    row_words = _position_word(m0 + tl.arange(0, BLOCK_M), key_r, 0x9E3779B1)
+    pairs = (n0 // 16 + tl.arange(0, BLOCK_N // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]
+    pair_words = _position_word(pairs, key_c, 0x85EBCA6B)  # (BLOCK_N // 16, 8)
     if KEY_MAJOR:
-        x = key_words[:, None, None] ^ pair_words[None, :, :]
+        x = pair_words[:, :, None] ^ row_words[None, None, :]
     else:
-        x = pair_words[:, :, None] ^ key_words[None, None, :]
+        x = row_words[:, None, None] ^ pair_words[None, :, :]
     x = x * 0x9E3779B1
     x = x ^ (x >> 15)
     x = x * 0x85EBCA77
     x = x ^ (x >> 16)
     t = threshold.to(tl.uint32)
-    keep = tl.join((x & 0xFFFF) >= t, (x >> 16) >= t)  # [..., 0]: row 16 g + c, [..., 1]: + 8
-    if KEY_MAJOR:  # (N, G, 8, 2) -> (N, G, 2, 8)
-        return tl.reshape(tl.permute(keep, (0, 1, 3, 2)), (BLOCK_N, BLOCK_M))
-    else:  # (G, 8, N, 2) -> (G, 2, 8, N)
-        return tl.reshape(tl.permute(keep, (0, 3, 1, 2)), (BLOCK_M, BLOCK_N))
+    keep = tl.join((x & 0xFFFF) >= t, (x >> 16) >= t)  # [..., 0]: key 16 g + c, [..., 1]: + 8
+    if KEY_MAJOR:  # (G, 8, M, 2) -> (G, 2, 8, M)
+        return tl.reshape(tl.permute(keep, (0, 3, 1, 2)), (BLOCK_N, BLOCK_M))
+    else:  # (M, G, 8, 2) -> (M, G, 2, 8)
+        return tl.reshape(tl.permute(keep, (0, 1, 3, 2)), (BLOCK_M, BLOCK_N))
 
 
 @triton.jit
