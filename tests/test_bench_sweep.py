@@ -224,3 +224,22 @@ def test_grouped_speedup_plot(tmp_path):
     path = tmp_path / "grouped_speedups.png"
     assert grouped_bench.plot_speedups(rows, str(path)) == str(path)
     assert_png(path)
+
+
+def test_sweep_keeps_its_rows_when_timeout_stops_it():
+    """`timeout` sends SIGTERM: the sweep stops there and returns the cells measured so far
+    (run 34 lost a cut GPU sweep's cells when only Ctrl-C was caught)."""
+    import os
+    import signal
+
+    def sdpa_then_terminated(q, k, v):
+        if q.shape[-2] == 32:  # the second cell's first call
+            os.kill(os.getpid(), signal.SIGTERM)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    impls = [sweep.Impl("sdpa_once", "sdpa_once", sdpa_then_terminated)]
+    opts = sweep.SweepOptions(device="cpu", pytorch_max_seqlen=16)
+    previous = signal.getsignal(signal.SIGTERM)
+    rows, interrupted = sweep.run_sweep(sweep.grid([16, 32, 64], [16], ["fp32"]), impls, opts)
+    assert interrupted and signal.getsignal(signal.SIGTERM) is previous
+    assert rows and {r["seqlen"] for r in rows} == {16}, rows

@@ -45,7 +45,7 @@ from .common import (
     BWD_FLOP_FACTOR, CPU_TIMER, CUDA_TIMER, attn_flops, bench_ms, cpu_wall_ms, device_description,
     format_table, free_memory, is_oom, read_csv_rows, tflops, write_csv, write_text,
 )
-from .harness import fmt_ms, short_status
+from .harness import fmt_ms, interruptible, short_status
 from .progress import progress_bar, show, write
 
 PASSES = ("forward", "backward", "end-to-end")
@@ -274,50 +274,51 @@ def measure(fn: Callable, inputs: Sequence[torch.Tensor], dout: torch.Tensor,
 
 
 def run_sweep(cells: Sequence[Cell], impls: Sequence[Impl], opts: SweepOptions) -> tuple[list[dict], bool]:
-    """Measure every (cell, implementation); returns (rows, interrupted). Ctrl-C stops the
-    sweep and returns the rows measured so far, so a long run still leaves a report."""
+    """Measure every (cell, implementation); returns (rows, interrupted). Ctrl-C or SIGTERM
+    stops the sweep and returns the rows measured so far, so a long run still leaves a report."""
     timer, timer_name = make_timer(opts.device)
     device_name = device_description(opts.device)
     rows: list[dict] = []
     bar = progress_bar(len(cells) * len(impls), "sweep", unit="cell")
-    interrupted = False
     threads = torch.get_num_threads()
     if opts.device == "cpu":
         # One intra-op thread: at toy sizes threads buy nothing, and on a CPU shared with
         # other processes waiting threads turn contention into 100x outliers.
         torch.set_num_threads(1)
+    # interruptible: Ctrl-C and the SIGTERM of `timeout` (run 34 lost a cut sweep's cells to
+    # the latter) both end the loop with the rows so far.
     try:
-        for cell in cells:
-            inputs, dout = _cell_inputs(cell, opts.device)
-            flops = attn_flops(1, 1, cell.seqlen, cell.seqlen, cell.headdim, causal=True)
-            pass_flops = {"forward": flops, "backward": BWD_FLOP_FACTOR * flops,
-                          "end-to-end": (1 + BWD_FLOP_FACTOR) * flops}
-            for impl in impls:
-                show(bar, f"{cell.describe()} {impl.name}")
-                skipped = skip_status(impl.name, cell, opts)
-                if skipped is not None:
-                    results = {p: (None, skipped, None) for p in PASSES}
-                else:
-                    results = measure(impl.fn, inputs, dout, timer)
-                note = sdpa_backend_note(inputs[0]) if impl.name == "sdpa" else ""
-                for p in PASSES:
-                    ms, status, peak = results[p]
-                    rows.append(dict(
-                        impl=impl.name, dtype=cell.dtype, headdim=cell.headdim, seqlen=cell.seqlen, batch=1,
-                        causal=True, **{"pass": p}, ms=ms, tflops=tflops(pass_flops[p], ms) if ms else None,
-                        peak_mib=peak, status=status, note=note, timer=timer_name, device=device_name,
-                    ))
+        with interruptible([]) as state:
+            for cell in cells:
+                inputs, dout = _cell_inputs(cell, opts.device)
+                flops = attn_flops(1, 1, cell.seqlen, cell.seqlen, cell.headdim, causal=True)
+                pass_flops = {"forward": flops, "backward": BWD_FLOP_FACTOR * flops,
+                              "end-to-end": (1 + BWD_FLOP_FACTOR) * flops}
+                for impl in impls:
+                    show(bar, f"{cell.describe()} {impl.name}")
+                    skipped = skip_status(impl.name, cell, opts)
+                    if skipped is not None:
+                        results = {p: (None, skipped, None) for p in PASSES}
+                    else:
+                        results = measure(impl.fn, inputs, dout, timer)
+                    note = sdpa_backend_note(inputs[0]) if impl.name == "sdpa" else ""
+                    for p in PASSES:
+                        ms, status, peak = results[p]
+                        rows.append(dict(
+                            impl=impl.name, dtype=cell.dtype, headdim=cell.headdim, seqlen=cell.seqlen, batch=1,
+                            causal=True, **{"pass": p}, ms=ms, tflops=tflops(pass_flops[p], ms) if ms else None,
+                            peak_mib=peak, status=status, note=note, timer=timer_name, device=device_name,
+                        ))
+                    if opts.device == "cuda":
+                        torch.cuda.empty_cache()
+                    bar.update(1)
+                del inputs, dout
                 if opts.device == "cuda":
-                    torch.cuda.empty_cache()
-                bar.update(1)
-            del inputs, dout
-            if opts.device == "cuda":
-                # gc.collect takes ~0.2 s with torch and triton loaded: once per cell on the
-                # GPU (and after every failure, in measure), never per call. On the CPU,
-                # reference counting already returns the memory.
-                free_memory()
-    except KeyboardInterrupt:
-        interrupted = True
+                    # gc.collect takes ~0.2 s with torch and triton loaded: once per cell on the
+                    # GPU (and after every failure, in measure), never per call. On the CPU,
+                    # reference counting already returns the memory.
+                    free_memory()
+        interrupted = state["interrupted"]
     finally:
         bar.close()
         torch.set_num_threads(threads)

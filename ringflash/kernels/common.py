@@ -303,31 +303,31 @@ def _position_word(pos, key, MULTIPLIER: tl.constexpr):
 def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """Dropout's keep mask, shape (BLOCK_M, BLOCK_N), for query rows m0 .. m0 + BLOCK_M - 1
     (positions within the sequence) and keys n0 .. n0 + BLOCK_N - 1 of sequence ``b``, query
-    head ``h``; m0 and BLOCK_M are multiples of 16. KEY_MAJOR returns the transpose,
-    (BLOCK_N, BLOCK_M), for the dK/dV kernel's tiles.
+    head ``h``; m0, n0, BLOCK_M and BLOCK_N are multiples of 16. KEY_MAJOR returns the
+    transpose, (BLOCK_N, BLOCK_M), for the dK/dV kernel's tiles.
 
-    Rows 16 g + c and 16 g + 8 + c (c < 8) share one 32-bit draw per key j,
-    x = mix(R[8 g + c] ^ C[j]): the first row's entry is kept when the low 16 bits of x are at
-    least ``threshold`` (round(p * 2**16), ``problem.dropout_threshold``), the second's when
-    the high 16 bits are. The two rows sit in one thread in the MMA accumulator layouts (a
-    warp's rows r and r + 8 of the forward's and dQ kernel's tiles; columns j and j + 8 of the
-    dK/dV kernel's transposed ones, whose wgmma tiles keep each 16 columns in a warp), so the
-    join below moves no data between threads, and a draw serves two entries (SASS of the
-    d=128 forward: 9 instructions of mask per entry against 12.5). Pairing keys instead
-    moved the mask through shared memory in the d=256 dQ kernel, whose 32-row mma tiles
-    split columns between warps. One Philox call on the seed and (sequence, head) gives the
-    keys of the per-row-pair and per-key words (``_position_word``: bijections, so two
-    entries of a row or a column never share a mixer input); mix is two multiply / xor-shift
-    steps and a final xor-shift that folds the well-mixed high half into the low one (free:
-    it joins the mask of the low half in one LOP3). The words are cheap on purpose: every
-    thread computes its own keys' words, and a strong word (Wellons' lowbias32, 8
-    instructions) made them half of the mask's cost. A Philox call per entry made dropout
-    cost 3x the attention on an H100 (run 29 in docs/benchmarks.md), and one per 8 keys,
-    whose 16-bit pieces had to be interleaved across threads, 1.65x on an H200 (run 30). The
-    mask depends only on the entry and the seed, never on the tiling, so the forward, both
-    backward kernels and the S_dmask kernel regenerate it. The statistical checks are in
+    Keys 16 g + c and 16 g + 8 + c (c < 8) of row i share one 32-bit draw
+    x = mix(R[i] ^ C[8 g + c]): the first key's entry is kept when the low 16 bits of x are
+    at least ``threshold`` (round(p * 2**16), ``problem.dropout_threshold``), the second's
+    when the high 16 bits are. Both keys sit in one thread of the wgmma accumulator layouts
+    (columns j and j + 8 of the forward's and dQ kernel's tiles, rows r and r + 8 of the dK/dV
+    kernel's transposed ones), so the join below moves no data between threads there, and a
+    draw serves two entries. Where warps split a tile's columns 8 at a time (the mma.sync
+    layout of 32-row dQ tiles at d=256) the compiler moves the mask through shared memory;
+    pairing rows instead avoided that but made the d=128 forward slower on an H200 (1.02 ms
+    against 0.90; run 34 in docs/benchmarks.md). One Philox call on the seed and (sequence,
+    head) gives the keys of the per-row and per-key-pair words (``_position_word``:
+    bijections, so two entries of a row or a column never share a mixer input); mix is two
+    multiply / xor-shift steps and a final xor-shift that folds the well-mixed high half into
+    the low one (free: it joins the low half's mask in one LOP3). The words are cheap on
+    purpose: every thread computes its own keys' words, and a strong word (Wellons'
+    lowbias32, 8 instructions) made them half of the mask's cost. A Philox call per entry
+    made dropout cost 3x the attention on an H100 (run 29), and one per 8 keys, whose 16-bit
+    pieces had to be interleaved across threads, 1.65x on an H200 (run 30). The mask depends
+    only on the entry and the seed, never on the tiling, so the forward, both backward
+    kernels and the S_dmask kernel regenerate it. The statistical checks are in
     tests/test_dropout.py."""
-    tl.static_assert(BLOCK_M % 16 == 0)
+    tl.static_assert((BLOCK_M % 16 == 0) & (BLOCK_N % 16 == 0))
     key_r, key_c, _, _ = tl.philox(seed, b, h, 0, 0)
     row_words = _position_word(m0 + tl.arange(0, BLOCK_M), key_r, 0x9E3779B1)
     pairs = (n0 // 16 + tl.arange(0, BLOCK_N // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]
