@@ -2,7 +2,9 @@
 process. A broken context-parallel run (the gradient all-reduce skipped) must fail the check.
 
 Each run starts its own process group under a timeout, so a hang fails the test instead of
-blocking CI (about 45 s and 25 s on 2 CPU cores)."""
+blocking CI. They use 96 tokens instead of the CPU default's 160 (still several documents
+per rank): the two take about 80 s on 2 CPU cores alone (the passing run 47 s, against 63 s
+at 160 tokens)."""
 
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def _torchrun(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_train_cp_check_passes():
-    run = _torchrun("--steps", "2", "--check")
+    run = _torchrun("--steps", "2", "--check", "--tokens", "96")
     assert run.returncode == 0, f"exit code {run.returncode}; output:\n{run.stdout[-4000:]}"
     assert "check passed" in run.stdout, run.stdout[-4000:]
     assert "step 2/2" in run.stdout and "tokens/s" in run.stdout, run.stdout[-4000:]
@@ -51,7 +53,7 @@ def test_train_cp_check_passes():
 def test_train_cp_check_catches_a_broken_run():
     """Without the gradient all-reduce each rank holds only its partial gradient: the
     losses still agree, the gradient norms do not, and the check must exit non-zero."""
-    run = _torchrun("--steps", "1", "--check", "--break-for-test")
+    run = _torchrun("--steps", "1", "--check", "--break-for-test", "--tokens", "96")
     assert run.returncode != 0, f"the broken run passed the check; output:\n{run.stdout[-4000:]}"
     assert "check FAILED at step 1" in run.stdout, run.stdout[-4000:]
     assert "check passed" not in run.stdout
