@@ -156,7 +156,8 @@ def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512) ->
 
 def run_extras() -> list[tuple[str, dict]]:
     """Compile the kernels outside the dense training path: the decode family (a paged KV
-    cache with new keys appended: the append and decode kernels) and the S_dmask kernel."""
+    cache with new keys appended: the append and decode kernels) and the S_dmask kernel
+    (with the forward) at a dropout threshold of 1."""
     from ringflash import flash_attn_func, flash_attn_with_kvcache
 
     q = torch.randn(2, 1, 8, 128, dtype=torch.bfloat16)
@@ -165,8 +166,10 @@ def run_extras() -> list[tuple[str, dict]]:
     new_kv = [torch.randn(2, 1, 2, 128, dtype=torch.bfloat16) for _ in range(2)]
     flash_attn_with_kvcache(q, k_cache, v_cache, *new_kv, cache_seqlens=torch.tensor([5, 700], dtype=torch.int32),
                             block_table=block_table, causal=True)
+    # dropout_p = 2**-16 makes the threshold argument 1, which Triton specializes into a
+    # constexpr: the mask must compile with it (a `.to()` on it did not).
     x = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16)
-    flash_attn_func(x, x, x, dropout_p=0.1, return_attn_probs=True)
+    flash_attn_func(x, x, x, dropout_p=2.0**-16, return_attn_probs=True)
     return collect()
 
 

@@ -340,7 +340,7 @@ def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: 
     x = x ^ (x >> 15)
     x = x * 0x85EBCA77
     x = x ^ (x >> 16)
-    t = threshold.to(tl.uint32)
+    t = tl.cast(threshold, tl.uint32)  # a threshold of 1 arrives as a constexpr (Triton specializes 1)
     keep = tl.join((x & 0xFFFF) >= t, (x >> 16) >= t)  # [..., 0]: key 16 g + c, [..., 1]: + 8
     if KEY_MAJOR:  # (G, 8, M, 2) -> (G, 2, 8, M)
         return tl.reshape(tl.permute(keep, (0, 3, 1, 2)), (BLOCK_N, BLOCK_M))
