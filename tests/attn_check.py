@@ -79,16 +79,6 @@ def check_attention(
     low = [t.to(dtype) for t in inputs64]
     with _matching_fp32_precision(dtype, low[0].device):
         base_out, base_lse, base_grads = _run(reference, low, extra, dout64)
-    # The exact result on the rounded inputs: no implementation given ``low`` can be expected
-    # to beat its error (large at large scores, e.g. test_softcap's fp16 case).
-    rounded_out, rounded_lse, rounded_grads = _run(reference, [t.to(inputs64[0].dtype) for t in low], extra, dout64)
-
-    def worse(base, rounded, want):
-        """Of PyTorch's run and the input-rounding floor, the one further from ``want``."""
-        return rounded if error_stats(rounded, want).max_abs > error_stats(base, want).max_abs else base
-
-    base_out, base_lse = worse(base_out, rounded_out, want_out), worse(base_lse, rounded_lse, want_lse)
-    base_grads = [worse(b, r, w) for b, r, w in zip(base_grads, rounded_grads, want_grads)]
     out, lse, grads = _run(impl, low, extra, dout64)
     if results is not None:
         results.update(out=out, lse=lse, grads=grads)
@@ -105,12 +95,31 @@ def check_attention(
                     scale = max(scale, finite.abs().max().item())
         return EPS[dtype] * scale
 
-    assert_close(prefix + "out", out, want_out, baseline=base_out, atol=eps(want_out))
-    assert_close(prefix + "lse", lse, want_lse, baseline=base_lse, atol=eps(want_lse))
+    floor: list = []  # the input-rounding floor, computed only when a check needs it
+
+    def check(name: str, got: torch.Tensor, want: torch.Tensor, base: torch.Tensor, atol: float, pick) -> None:
+        """Hold ``got`` to 2x PyTorch's error; where that fails, to 2x the error of the exact
+        result on the rounded inputs if that is larger: no implementation given ``low`` can
+        beat it (large at large scores, e.g. test_softcap's fp16 case, where PyTorch's own
+        errors sometimes cancel part of it by chance). Computed on demand: it is a third
+        reference run, 20% of a test file's time if done for every check."""
+        try:
+            assert_close(name, got, want, baseline=base, atol=atol)
+            return
+        except AssertionError:
+            if not floor:
+                floor.append(_run(reference, [t.to(inputs64[0].dtype) for t in low], extra, dout64))
+            rounded = pick(floor[0])
+            if error_stats(rounded, want).max_abs <= error_stats(base, want).max_abs:
+                raise
+        assert_close(name + " (bound: the input-rounding floor)", got, want, baseline=rounded, atol=atol)
+
+    check(prefix + "out", out, want_out, base_out, eps(want_out), lambda f: f[0])
+    check(prefix + "lse", lse, want_lse, base_lse, eps(want_lse), lambda f: f[1])
     grad_eps = eps(*want_grads)
-    for name, g, want, base in zip(NAMES, grads, want_grads, base_grads):
+    for i, (name, g, want, base) in enumerate(zip(NAMES, grads, want_grads, base_grads)):
         assert g.dtype == dtype and g.shape == want.shape
-        assert_close(prefix + name, g, want, baseline=base, atol=grad_eps)
+        check(prefix + name, g, want, base, grad_eps, lambda f, i=i: f[2][i])
 
 
 # -- the kernels and the reference behind one calling convention: (q, k, v, *options) -> (out, lse)
