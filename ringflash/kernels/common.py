@@ -303,8 +303,9 @@ def _position_word(pos, key, MULTIPLIER: tl.constexpr):
 def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """Dropout's keep mask, shape (BLOCK_M, BLOCK_N), for query rows m0 .. m0 + BLOCK_M - 1
     (positions within the sequence) and keys n0 .. n0 + BLOCK_N - 1 of sequence ``b``, query
-    head ``h``; m0, n0, BLOCK_M and BLOCK_N are multiples of 16. KEY_MAJOR returns the
-    transpose, (BLOCK_N, BLOCK_M), for the dK/dV kernel's tiles.
+    head ``h``; n0 and BLOCK_N are multiples of 16 (the key pairs below are aligned to 16),
+    BLOCK_M is any tile height. KEY_MAJOR returns the transpose, (BLOCK_N, BLOCK_M), for the
+    dK/dV kernel's tiles.
 
     Keys 16 g + c and 16 g + 8 + c (c < 8) of row i share one 32-bit draw
     x = mix(R[i] ^ C[8 g + c]): the first key's entry is kept when the low 16 bits of x are
@@ -327,7 +328,7 @@ def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: 
     only on the entry and the seed, never on the tiling, so the forward, both backward
     kernels and the S_dmask kernel regenerate it. The statistical checks are in
     tests/test_dropout.py."""
-    tl.static_assert((BLOCK_M % 16 == 0) & (BLOCK_N % 16 == 0))
+    tl.static_assert(BLOCK_N % 16 == 0)
     key_r, key_c, _, _ = tl.philox(seed, b, h, 0, 0)
     row_words = _position_word(m0 + tl.arange(0, BLOCK_M), key_r, 0x9E3779B1)
     pairs = (n0 // 16 + tl.arange(0, BLOCK_N // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]

@@ -24,10 +24,11 @@ def _dropout_mask_kernel(
     z = tl.program_id(0)
     b = first_sequence + z // nheads
     h = z % nheads
-    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r0 = tl.program_id(1) * BLOCK_R
+    offs_r = r0 + tl.arange(0, BLOCK_R)
     n0 = tl.program_id(2) * BLOCK_C
     offs_c = n0 + tl.arange(0, BLOCK_C)
-    keep = dropout_keep(dropout_seed, b, h, tl.program_id(1) * BLOCK_R, n0, dropout_threshold, BLOCK_R, BLOCK_C, False)
+    keep = dropout_keep(dropout_seed, b, h, r0, n0, dropout_threshold, BLOCK_R, BLOCK_C, False)
     ptrs = (Keep + (z // nheads).to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
             + offs_r[:, None].to(tl.int64) * stride_r + offs_c[None, :])
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_r[:, None] < rows) & (offs_c[None, :] < cols))
