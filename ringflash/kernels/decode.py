@@ -34,6 +34,7 @@ from .common import (
     next_power_of_2, visible,
 )
 from .fwd import combine_splits
+from .launch import cached_launch, int_class
 from .problem import AttnProblem
 
 
@@ -222,6 +223,116 @@ class KeyRanges:
     len_base: Optional[torch.Tensor] = None
 
 
+@dataclass(frozen=True)
+class _DecodePlan:
+    """One decode call's launches but for its tensors and two per-call integers, worked out
+    once per key (``_plan_key``): shapes, split count, grid, strides and constexprs. A decode
+    loop calls with the same shapes at every step, so a step's host work is its allocations
+    and launches."""
+    out_shape: tuple
+    lse_shape: tuple
+    splits: int
+    grid: tuple
+    int_args: tuple  # the kernel's strides .. num_blocks
+    scalar_args: tuple  # qk_scale_log2 .. window_right
+    constexprs: dict
+    empty: bool
+
+
+def _plan_key(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnProblem, cache_rows, block_table,
+              alibi_slopes, num_splits: int, q_bounds, min_k_len: int) -> tuple:
+    """What a plan and its compiled kernels depend on: each shape, stride and dtype the
+    host reads, the options, and Triton's classes of the two per-call integers."""
+    return (
+        q.get_device(), q.shape, q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype,
+        v_cache.stride(), v_cache.dtype, prob, max_keys, num_splits, int_class(min_k_len), int_class(keys.offset),
+        # Index tensors are read with unit stride from entry b on: their dtypes only.
+        *(None if t is None else t.dtype for t in (keys.starts, keys.ends, keys.len_base, cache_rows)),
+        None if block_table is None else (block_table.dtype, block_table.shape[1], block_table.stride(0)),
+        None if alibi_slopes is None else (alibi_slopes.dtype, alibi_slopes.shape[0], alibi_slopes.stride()),
+        None if q_bounds is None else (q_bounds[0].shape[0], q_bounds[0].dtype, q_bounds[1].dtype),
+    )
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnProblem, cache_rows, block_table,
+               alibi_slopes, num_splits: int, q_bounds) -> _DecodePlan:
+    varlen_q = q_bounds is not None
+    if varlen_q:
+        total_q, nheads, d = q.shape
+        batch, seqlen_q = q_bounds[0].shape[0], prob.max_seqlen_q
+        lse_shape: tuple = (nheads, total_q)
+    else:
+        batch, seqlen_q, nheads, d = q.shape
+        total_q = seqlen_q
+        lse_shape = (batch, nheads, seqlen_q)
+    out_shape = tuple(q.shape)
+    nheads_k = k_cache.shape[2]
+    group = nheads // nheads_k
+    if interpreting():
+        block_m, block_n, warps, stages = 16, 16, 4, 1
+    else:
+        block_m = 16 if seqlen_q * group <= 16 else 64
+        block_n, warps, stages = (64 if d <= 128 else 32), 4, 2
+    m_blocks = cdiv(seqlen_q * group, block_m)
+    splits = num_splits if num_splits > 0 else choose_decode_splits(q.device, m_blocks * batch * nheads_k, max_keys,
+                                                                     block_n)
+    splits = max(1, min(splits, configs.MAX_SPLITS))
+    # The strides of the buffers decode_forward allocates: torch.empty's contiguous ones,
+    # with a leading split axis for the float32 partials.
+    split_axis = (splits,) if splits > 1 else ()
+    out_strides = _contiguous_strides(split_axis + out_shape)
+    lse_strides = _contiguous_strides(split_axis + lse_shape)
+    split_strides = (out_strides[0], lse_strides[0]) if splits > 1 else (0, 0)
+    out_strides, lse_strides = out_strides[len(split_axis):], lse_strides[len(split_axis):]
+    if varlen_q:  # no batch axis: (token, head) strides, batch strides 0
+        q_strides = (0, q.stride(0), q.stride(1))
+        o_strides = (0, out_strides[0], out_strides[1])
+        l_strides = (0, lse_strides[0])
+    else:
+        q_strides = q.stride()[:3]
+        o_strides = out_strides[:3]
+        l_strides = lse_strides[:2]
+    paged = block_table is not None
+    int_args = (
+        *q_strides,
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        *o_strides, split_strides[0],
+        *l_strides, split_strides[1],
+        block_table.stride(0) if paged else 0,
+        (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0,
+        alibi_slopes.stride(1) if alibi_slopes is not None else 0,
+        seqlen_q, total_q, nheads_k, group, splits, k_cache.shape[1] if paged else 1,
+        cache_capacity(k_cache, block_table), k_cache.shape[0],
+    )
+    constexprs = dict(
+        HEADDIM=d, BLOCK_D=prob.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, VARLEN_Q=varlen_q, HAS_LEFT=prob.has_left,
+        HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        INPUT_PRECISION=configs.input_precision(q.dtype), HAS_K_START=keys.starts is not None,
+        HAS_K_END=keys.ends is not None, HAS_K_LEN_BASE=keys.len_base is not None,
+        PAGE_ALIGNED=paged and keys.starts is None and k_cache.shape[1] % block_n == 0,
+        num_warps=warps, num_stages=stages,
+    )
+    return _DecodePlan(
+        out_shape=out_shape, lse_shape=lse_shape, splits=splits, grid=(batch * nheads_k * m_blocks, splits, 1),
+        int_args=int_args, scalar_args=(*prob.scalar_args(), prob.window_left, prob.window_right),
+        constexprs=constexprs, empty=q.numel() == 0 or batch == 0 or seqlen_q == 0,
+    )
+
+
+#: Plans by key (``_plan_key``); dropped whole when full, like ``cached_launch``'s table.
+_PLANS: dict[tuple, _DecodePlan] = {}
+
+
 def decode_forward(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -248,84 +359,47 @@ def decode_forward(
     Device-side values out of range are clamped into the cache, never followed, and the
     sequence's out and lse are NaN: a start below 0, fewer than ``min_k_len`` keys, keys past the
     row's (or the block table's) slots, a ``cache_rows`` entry or (paged) a block-table
-    entry of one of its pages outside the cache. No host sync."""
+    entry of one of its pages outside the cache. No host sync; the host work of a call
+    with the shapes of an earlier one is its allocations and two launches (``_DecodePlan``)."""
     check_device(q)
     # The kernel reads these with unit stride: a strided view (a column of a bigger table,
     # ``cache_leftpad[::2]``) is copied, never read wrongly.
     k_start, k_end, k_len_base, cache_rows, block_table = (
         _unit_stride(t) for t in (keys.starts, keys.ends, keys.len_base, cache_rows, block_table))
-    if q_bounds is not None:
-        q_bounds = (_unit_stride(q_bounds[0]), _unit_stride(q_bounds[1]))
+    keys = KeyRanges(k_start, k_end, keys.offset, k_len_base)
     varlen_q = q_bounds is not None
     if varlen_q:
-        total_q, nheads, d = q.shape
-        batch, seqlen_q = q_bounds[0].shape[0], prob.max_seqlen_q
-        lse_shape: tuple = (nheads, total_q)
-    else:
-        batch, seqlen_q, nheads, d = q.shape
-        total_q = seqlen_q
-        lse_shape = (batch, nheads, seqlen_q)
-    nheads_k = k_cache.shape[2]
-    group = nheads // nheads_k
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or batch == 0 or seqlen_q == 0:
+        q_bounds = (_unit_stride(q_bounds[0]), _unit_stride(q_bounds[1]))
+    q = kernel_operand(q, 0 if varlen_q else 1)
+    k_cache, v_cache = kernel_operand(k_cache, 1), kernel_operand(v_cache, 1)
+    key = _plan_key(q, k_cache, v_cache, keys, max_keys, prob, cache_rows, block_table, alibi_slopes, num_splits,
+                    q_bounds, min_k_len)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _make_plan(q, k_cache, v_cache, keys, max_keys, prob, cache_rows, block_table, alibi_slopes,
+                          num_splits, q_bounds)
+        if len(_PLANS) >= 256:
+            _PLANS.clear()
+        _PLANS[key] = plan
+    device = q.device
+    out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
+    lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
+    if plan.empty:
         lse.fill_(float("-inf"))
         out.zero_()
         return out, lse
-    q = kernel_operand(q, 0 if varlen_q else 1)
-    k_cache, v_cache = kernel_operand(k_cache, 1), kernel_operand(v_cache, 1)
-    if interpreting():
-        block_m, block_n, warps, stages = 16, 16, 4, 1
+    if plan.splits == 1:
+        out_target, lse_target = interpreter_output(out), lse
     else:
-        block_m = 16 if seqlen_q * group <= 16 else 64
-        block_n, warps, stages = (64 if d <= 128 else 32), 4, 2
-    m_blocks = cdiv(seqlen_q * group, block_m)
-    splits = num_splits if num_splits > 0 else choose_decode_splits(q.device, m_blocks * batch * nheads_k, max_keys,
-                                                                     block_n)
-    splits = max(1, min(splits, configs.MAX_SPLITS))
-    if splits == 1:
-        out_target, lse_target, split_strides = interpreter_output(out), lse, (0, 0)
-    else:
-        out_target = torch.empty((splits,) + tuple(q.shape), dtype=torch.float32, device=q.device)
-        lse_target = torch.empty((splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
-        split_strides = (out_target.stride(0), lse_target.stride(0))
-    out_view = out_target if splits == 1 else out_target[0]
-    lse_view = lse_target if splits == 1 else lse_target[0]
-    if varlen_q:  # no batch axis: (token, head) strides, batch strides 0
-        q_strides = (0, q.stride(0), q.stride(1))
-        o_strides = (0, out_view.stride(0), out_view.stride(1))
-        l_strides = (0, lse_view.stride(0))
-    else:
-        q_strides = q.stride()[:3]
-        o_strides = out_view.stride()[:3]
-        l_strides = (lse_view.stride(0), lse_view.stride(1))
-    paged = block_table is not None
-    alibi = alibi_slopes if alibi_slopes is not None else lse
+        out_target = torch.empty((plan.splits,) + plan.out_shape, dtype=torch.float32, device=device)
+        lse_target = torch.empty((plan.splits,) + plan.lse_shape, dtype=torch.float32, device=device)
     q_starts, q_ends = q_bounds if varlen_q else (lse, lse)
-    _decode_kernel[(batch * nheads_k * m_blocks, splits)](
+    cached_launch(_decode_kernel, key, plan.grid, (
         q, k_cache, v_cache, out_target, lse_target,
         *(t if t is not None else lse for t in (block_table, cache_rows, k_start, k_end, k_len_base)),
-        q_starts, q_ends, alibi,
-        *q_strides,
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        *o_strides, split_strides[0],
-        *l_strides, split_strides[1],
-        block_table.stride(0) if paged else 0,
-        (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0,
-        alibi_slopes.stride(1) if alibi_slopes is not None else 0,
-        seqlen_q, total_q, nheads_k, group, splits, k_cache.shape[1] if paged else 1,
-        cache_capacity(k_cache, block_table), k_cache.shape[0], min_k_len, keys.offset,
-        *prob.scalar_args(), prob.window_left, prob.window_right,
-        HEADDIM=d, BLOCK_D=prob.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, VARLEN_Q=varlen_q, HAS_LEFT=prob.has_left,
-        HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
-        INPUT_PRECISION=configs.input_precision(q.dtype), HAS_K_START=k_start is not None,
-        HAS_K_END=k_end is not None, HAS_K_LEN_BASE=k_len_base is not None,
-        PAGE_ALIGNED=paged and k_start is None and k_cache.shape[1] % block_n == 0, num_warps=warps, num_stages=stages,
-    )
-    if splits > 1:
+        q_starts, q_ends, alibi_slopes if alibi_slopes is not None else lse,
+        *plan.int_args, min_k_len, keys.offset, *plan.scalar_args), plan.constexprs)
+    if plan.splits > 1:
         combine_splits(out_target, lse_target, out, lse, prob)
     else:
         finish_output(out, out_target)

@@ -18,6 +18,7 @@ from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
     next_power_of_2, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
+from .launch import cached_launch
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
 )
@@ -355,10 +356,10 @@ def combine_splits(
     block_r = 16
     if prob.nheads > configs.MAX_GRID_YZ:
         raise ValueError(f"nheads: got {prob.nheads}; the kernels take at most {configs.MAX_GRID_YZ} per call")
-    grid = (batch * cdiv(rows, block_r), prob.nheads)
-    _combine_splits_kernel[grid](
-        out_partial, lse_partial, out, lse, num_splits, rows,
-        *p_strides, *q_strides, *o_strides, *l_strides,
-        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
-        MAX_SPLITS=max(2, next_power_of_2(num_splits)),
-    )
+    grid = (batch * cdiv(rows, block_r), prob.nheads, 1)
+    ints = (num_splits, rows, *p_strides, *q_strides, *o_strides, *l_strides)
+    constexprs = dict(HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
+                      MAX_SPLITS=max(2, next_power_of_2(num_splits)))
+    # Every non-tensor argument is in the key, so a decode loop's combine skips Triton's binding.
+    key = (out_partial.dtype, lse_partial.dtype, out.dtype, lse.dtype, ints, prob.headdim)
+    cached_launch(_combine_splits_kernel, key, grid, (out_partial, lse_partial, out, lse, *ints), constexprs)

@@ -1,0 +1,119 @@
+"""Launching a Triton kernel again without Triton's per-call work.
+
+``kernel[grid](*args, **constexprs)`` binds every argument by name, specializes each one (its
+type, whether an integer is 1 or a multiple of 16, whether a pointer is 16-byte aligned),
+hashes the result and looks the compiled kernel up: about 10-20 us a launch on an H200's
+host, as much as a whole decode step's kernel (docs/benchmarks.md, runs 33-34). A caller
+that already knows the answer, because its own cache key fixes every non-tensor argument,
+can launch the compiled kernel directly: ``cached_launch`` does that from the second call with a
+given key on. Triton versions whose compiled-kernel object lacks that launch form, the
+interpreter, and an installed launch hook (a profiler) take Triton's own path."""
+
+from __future__ import annotations
+
+from typing import Any, Hashable, Optional, Sequence
+
+import torch
+
+from .common import interpreting
+
+#: (kernel, key, device, pointer alignment) -> (launcher, function, metadata, constexpr values).
+_COMPILED: dict[tuple, tuple] = {}
+#: Entries kept before the table is dropped and refilled (a decode loop uses one or two keys
+#: a kernel; a key names a shape, so a stream of new shapes must not grow it forever).
+MAX_ENTRIES = 512
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # an older Triton: its own launch path always
+    _knobs = None
+
+try:
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:
+    def _raw_stream(device: int) -> int:
+        return torch.cuda.current_stream(device).cuda_stream
+
+
+def _hook_set(hook) -> bool:
+    """Triton 3.6 keeps launch hooks in a chain (empty: none); older ones use None."""
+    if hook is None:
+        return False
+    return bool(getattr(hook, "calls", True))
+
+
+def _hooked() -> bool:
+    """A launch hook (e.g. proton's) wants the metadata Triton's own path builds."""
+    if _knobs is None:
+        return True
+    runtime = _knobs.runtime
+    return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
+
+
+def _alignment(args: Sequence[Any]) -> Hashable:
+    """What Triton's specialization reads of the tensor arguments beyond their dtypes: which
+    are 16-byte aligned (True in the usual case of all of them, else a tuple of flags)."""
+    bits = 0
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            bits |= a.data_ptr() & 15
+    if bits == 0:
+        return True
+    return tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+
+
+def cached_launch(kernel, key: Hashable, grid: tuple, args: Sequence[Any], constexprs: dict) -> None:
+    """``kernel[grid](*args, **constexprs)`` on the current device and stream.
+
+    ``key`` must fix everything Triton specializes ``kernel`` on except the tensors'
+    alignment and the device (both read here): each tensor argument's dtype, each integer
+    argument's value up to whether it is 1, a multiple of 16 or beyond int32, and every
+    value in ``constexprs`` (``num_warps`` and ``num_stages`` included). The first launch
+    with a key goes through Triton (compiling if need be) and keeps the compiled kernel it
+    returns; later ones call its launcher with the same arguments, skipping Triton's
+    binding and lookup. ``args`` are the kernel's leading positional parameters;
+    ``constexprs`` name all the others. ``grid`` has three entries."""
+    if interpreting():
+        kernel[grid](*args, **constexprs)
+        return
+    device = torch.cuda.current_device()
+    full_key = (kernel, key, device, _alignment(args))
+    entry = _COMPILED.get(full_key)
+    if entry is not None and not _hooked():
+        run, function, metadata, tail = entry
+        run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *tail)
+        return
+    compiled = kernel[grid](*args, **constexprs)
+    tail = _constexpr_tail(kernel, len(args), constexprs)
+    # Kept only when it is Triton's CompiledKernel, loaded (an async compile returns a
+    # future; other versions may return something else).
+    run = getattr(compiled, "run", None) if hasattr(compiled, "packed_metadata") else None
+    if tail is None or run is None or not hasattr(compiled, "packed_metadata") or not hasattr(compiled, "function"):
+        return
+    if len(_COMPILED) >= MAX_ENTRIES:
+        _COMPILED.clear()
+    _COMPILED[full_key] = (run, compiled.function, compiled.packed_metadata, tail)
+
+
+def _constexpr_tail(kernel, n_args: int, constexprs: dict) -> Optional[tuple]:
+    """The values of ``kernel``'s parameters after the first ``n_args``, in its signature's
+    order, from ``constexprs``; None if one is left to its default (then not cached)."""
+    names = getattr(kernel, "arg_names", None)
+    if names is None:
+        return None
+    rest = names[n_args:]
+    if any(n not in constexprs for n in rest):
+        return None
+    return tuple(constexprs[n] for n in rest)
+
+
+def clear() -> None:
+    """Forget the compiled kernels kept (tests; a changed Triton knob)."""
+    _COMPILED.clear()
+
+
+def int_class(n: int) -> tuple[bool, bool, bool, bool]:
+    """What Triton specializes an integer argument on: whether it is 1, whether it is a
+    multiple of 16, and its type (int32, int64 or uint64). A key holding this instead of the value lets a
+    per-call number (a cache length) reuse the compiled kernel."""
+    return n == 1, n % 16 == 0, -2**31 <= n < 2**31, n < 2**63

@@ -1,0 +1,85 @@
+"""The launch cache (``kernels.launch.cached_launch``) and the decode plans built on it: a
+call reusing an earlier call's compiled kernel and plan must still give the float64 answer
+when what Triton specializes on differs between the calls (a per-call integer of another
+class, a tensor at an unaligned address), and its bookkeeping must follow Triton's rules."""
+
+import pytest
+import torch
+
+from conftest import HAS_CUDA
+from ringflash import attention_ref, flash_attn_func, flash_attn_with_kvcache
+from ringflash.kernels import launch as L
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def test_int_class_follows_tritons_specialization():
+    assert L.int_class(1) != L.int_class(17)  # 1 becomes a constant
+    assert L.int_class(32) != L.int_class(33)  # multiples of 16 are marked
+    assert L.int_class(2**31) != L.int_class(2**31 - 16)  # int64 past int32
+    assert L.int_class(48) == L.int_class(2**20)
+    assert L.int_class(7) == L.int_class(9)
+
+
+def test_alignment_names_each_unaligned_tensor():
+    buf = torch.zeros(64, dtype=torch.float16)
+    aligned, off = buf[:16], buf[1:17]
+    assert L._alignment((aligned, 3, aligned)) is True
+    assert L._alignment((aligned, off)) == (True, False)
+    assert L._alignment((off, aligned)) == (False, True)
+
+
+def test_constexpr_tail_is_in_signature_order_or_none():
+    class Fake:
+        arg_names = ["X", "n", "A", "B"]
+    assert L._constexpr_tail(Fake, 2, dict(B=2, A=1, num_warps=4)) == (1, 2)
+    assert L._constexpr_tail(Fake, 2, dict(B=2)) is None  # A left to its default: not kept
+
+
+def _decode_ref(q, k_cache, v_cache, n_keys):
+    out, _ = attention_ref(q.double(), k_cache[:, :n_keys].double(), v_cache[:, :n_keys].double(), causal=True)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_repeated_decode_calls_across_key_classes_and_alignments(dtype):
+    """The same shapes call after call (one plan, one compiled kernel per class), with the
+    cache length crossing Triton's integer classes (1, a multiple of 16, neither) and q at an
+    unaligned address: each call matches float64."""
+    gen = torch.Generator().manual_seed(5)
+    b, cap, hq, hk, d = 3, 48, 4, 2, 16
+    k_cache = torch.randn(b, cap, hk, d, generator=gen).to(dtype).to(DEVICE)
+    v_cache = torch.randn(b, cap, hk, d, generator=gen).to(dtype).to(DEVICE)
+    store = torch.randn(b * hq * d + 8, generator=gen).to(dtype).to(DEVICE)
+    q_aligned = store[:b * hq * d].view(b, 1, hq, d)
+    q_unaligned = store[1:1 + b * hq * d].view(b, 1, hq, d)  # 2 or 4 bytes past a 16-byte boundary
+    assert q_unaligned.data_ptr() % 16 != 0
+    tol = dict(atol=8e-3, rtol=2e-3) if dtype == torch.float16 else dict(atol=1e-4, rtol=1e-4)
+    for n_keys in (16, 1, 7, 32, 33, 16):
+        for q in (q_aligned, q_unaligned, q_aligned):
+            out = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=n_keys, causal=True)
+            torch.testing.assert_close(out.double().cpu(), _decode_ref(q, k_cache, v_cache, n_keys).cpu(), **tol)
+        tensor_lengths = torch.full((b,), n_keys, dtype=torch.int32, device=DEVICE)
+        out = flash_attn_with_kvcache(q_unaligned, k_cache, v_cache, cache_seqlens=tensor_lengths, causal=True)
+        torch.testing.assert_close(out.double().cpu(), _decode_ref(q_unaligned, k_cache, v_cache, n_keys).cpu(),
+                                   **tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
+def test_decode_reuses_the_compiled_kernel_and_stays_exact():
+    """On the GPU the second identical decode call goes through the kept kernel (the table
+    holds the decode and combine kernels), and every call with new contents is exact."""
+    from ringflash.kernels import decode as D
+    L.clear()
+    gen = torch.Generator().manual_seed(3)
+    b, cap, hq, hk, d = 2, 4096, 32, 8, 128
+    k_cache = torch.randn(b, cap, hk, d, generator=gen).to(torch.bfloat16).cuda()
+    v_cache = torch.randn(b, cap, hk, d, generator=gen).to(torch.bfloat16).cuda()
+    for step in range(4):
+        q = torch.randn(b, 1, hq, d, generator=gen).to(torch.bfloat16).cuda()
+        out = flash_attn_func(q, k_cache, v_cache, causal=True)
+        torch.testing.assert_close(out.double().cpu(), _decode_ref(q, k_cache, v_cache, cap).cpu(),
+                                   atol=2e-2, rtol=2e-2)
+    kernels = {k[0] for k in L._COMPILED}
+    assert D._decode_kernel in kernels
