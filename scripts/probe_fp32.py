@@ -36,11 +36,16 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--causal", choices=["both", "causal", "full"], default="both")
+    ap.add_argument("--shapes", nargs="+", default=None,
+                    help="tiles as BMxBNxWARPSxSTAGES (e.g. 32x32x4x2); default: the built-in list")
     args = ap.parse_args()
+    shapes = [tuple(int(x) for x in t.split("x")) for t in args.shapes] if args.shapes else SHAPES
+    causal_opts = {"both": (True, False), "causal": (True,), "full": (False,)}[args.causal]
     torch.manual_seed(0)
     best = []
     for d in args.headdims:
-        for causal in (True, False):
+        for causal in causal_opts:
             shape = (args.batch, args.seqlen, args.heads, d)
             q, k, v = (torch.randn(shape, device="cuda", requires_grad=True) for _ in range(3))
             do = torch.randn(shape, device="cuda")
@@ -55,7 +60,7 @@ def main() -> None:
             print(f"d={d} causal={causal}: SDPA fwd {sdpa_f:.3f} bwd {sdpa_b:.3f} ms; ours (table) fwd "
                   f"{ours_default_f:.3f} bwd {ours_default_b:.3f} ms", flush=True)
             rows = {"fwd": [], "bwd": []}
-            for bm, bn, w, s in SHAPES:
+            for bm, bn, w, s in shapes:
                 cfg = KernelConfig(bm, bn, w, s)
                 try:
                     with configs.override(fwd=cfg):

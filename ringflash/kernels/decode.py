@@ -196,7 +196,7 @@ def choose_decode_splits(device: torch.device, programs: int, max_keys: int, blo
     if device.type != "cuda" or interpreting():
         return 1
     sms = configs.sm_count(device)
-    if programs >= sms:
+    if programs <= 0 or programs >= sms:
         return 1
     key_blocks = -(-max(max_keys, 1) // block_n)
     return max(1, min(-(-2 * sms // programs), key_blocks // 4, configs.MAX_SPLITS))
@@ -282,8 +282,12 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
         block_m = 16 if seqlen_q * group <= 16 else 64
         block_n, warps, stages = (64 if d <= 128 else 32), 4, 2
     m_blocks = cdiv(seqlen_q * group, block_m)
-    splits = num_splits if num_splits > 0 else choose_decode_splits(q.device, m_blocks * batch * nheads_k, max_keys,
-                                                                     block_n)
+    empty = q.numel() == 0 or batch == 0 or seqlen_q == 0
+    if empty:  # nothing is launched (and no program to split)
+        splits = 1
+    else:
+        splits = num_splits if num_splits > 0 else choose_decode_splits(q.device, m_blocks * batch * nheads_k,
+                                                                         max_keys, block_n)
     splits = max(1, min(splits, configs.MAX_SPLITS))
     # The strides of the buffers decode_forward allocates: torch.empty's contiguous ones,
     # with a leading split axis for the float32 partials.
@@ -325,7 +329,7 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
     return _DecodePlan(
         out_shape=out_shape, lse_shape=lse_shape, splits=splits, grid=(batch * nheads_k * m_blocks, splits, 1),
         int_args=int_args, scalar_args=(*prob.scalar_args(), prob.window_left, prob.window_right),
-        constexprs=constexprs, empty=q.numel() == 0 or batch == 0 or seqlen_q == 0,
+        constexprs=constexprs, empty=empty,
     )
 
 
