@@ -131,8 +131,8 @@ def test_non_interleaved_rotary_non_causal_leftpad(gen):
 
 
 @pytest.mark.parametrize("options", [dict(window=(6, 0)), dict(softcap=1.5), dict(alibi=True),
-                                     dict(num_splits=3), dict(nheads=6, nheads_k=1, d=40)],
-                         ids=["window", "softcap", "alibi", "splits", "mqa-d40"])
+                                     dict(num_splits=3), dict(num_splits=40), dict(nheads=6, nheads_k=1, d=40)],
+                         ids=["window", "softcap", "alibi", "splits", "splits40", "mqa-d40"])
 def test_decode_options(gen, options):
     _case(gen, seqlen_q=2, seqlen_new=1, **options)
 

@@ -321,6 +321,10 @@ def _shared_memory_limit(device_index: int) -> int:
 
 #: Upper bound on split-KV fan-out (the combine kernel holds all splits of a row at once).
 MAX_SPLITS = 16
+#: The decode kernels' bound: one long sequence (b=1, 8 KV heads, 32k keys) has 8 programs
+#: before splitting, and 16 splits left it at 0.75x FA2's speed (run 35,
+#: ``scripts/probe_decode_splits.py``); the combine kernel loops over the splits.
+MAX_DECODE_SPLITS = 64
 
 
 def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: KernelConfig) -> int:

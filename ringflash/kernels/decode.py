@@ -199,7 +199,7 @@ def choose_decode_splits(device: torch.device, programs: int, max_keys: int, blo
     if programs <= 0 or programs >= sms:
         return 1
     key_blocks = -(-max(max_keys, 1) // block_n)
-    return max(1, min(-(-2 * sms // programs), key_blocks // 4, configs.MAX_SPLITS))
+    return max(1, min(-(-2 * sms // programs), key_blocks // 4, configs.MAX_DECODE_SPLITS))
 
 
 @dataclass(frozen=True)
@@ -288,7 +288,7 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
     else:
         splits = num_splits if num_splits > 0 else choose_decode_splits(q.device, m_blocks * batch * nheads_k,
                                                                          max_keys, block_n)
-    splits = max(1, min(splits, configs.MAX_SPLITS))
+    splits = max(1, min(splits, configs.MAX_DECODE_SPLITS))
     # The strides of the buffers decode_forward allocates: torch.empty's contiguous ones,
     # with a leading split axis for the float32 partials.
     split_axis = (splits,) if splits > 1 else ()
