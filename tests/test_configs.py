@@ -69,3 +69,37 @@ def test_registers_command_needs_a_gpu():
         pytest.skip("this machine has a GPU: the command runs for real (device_run.sh registers)")
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         registers.main([])
+
+
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+def test_exact_fp32_takes_the_small_register_tiles(monkeypatch, headdim):
+    """Exact fp32 dots are FMA loops on register tiles: the 16-bit tables' shapes spilled
+    (run 35: 9x slower at d=128). fp32 under tf32 and 16-bit inputs keep the tables."""
+    import torch
+    from ringflash.kernels.problem import make_problem
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(configs, "_device_index", lambda device: 0)
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda index: 227 * 1024)
+    monkeypatch.delenv("RINGFLASH_FP32_PRECISION", raising=False)
+    configs.fit_shared_memory.cache_clear()
+
+    def fake(dtype):
+        t = torch.empty(1, 128, 4, headdim, dtype=dtype)
+        return types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0), dtype=dtype,
+                                     element_size=t.element_size, shape=t.shape)
+    q32 = fake(torch.float32)
+    prob = make_problem(q32, q32, None, 128, 128, 1.0, True, -1, -1, 0.0)
+    try:
+        for kind in configs.KINDS:
+            assert configs.config_for(kind, q32, prob) == configs.FP32_EXACT[headdim][kind]
+            assert configs.config_for(kind, fake(torch.bfloat16), prob) == configs.TABLE[(9, 0)][kind][(headdim, True)]
+        prev = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")  # tf32: tensor cores, the table's shapes
+        try:
+            table_cfg = configs.TABLE[(9, 0)]["fwd"][(headdim, True)]
+            assert configs.config_for("fwd", q32, prob) == configs.fit_shared_memory("fwd", table_cfg, prob.block_d, 4, 0)
+        finally:
+            torch.set_float32_matmul_precision(prev)
+    finally:
+        configs.fit_shared_memory.cache_clear()

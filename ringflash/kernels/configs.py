@@ -133,6 +133,20 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 }
 
 
+# Exact fp32 (ieee dots, the default for fp32 inputs: ``input_precision``) runs its dots
+# as FMA loops on tiles held in registers, not on tensor cores, so the 16-bit tables' big
+# tiles spill. Run 35 on an H200 (``scripts/probe_fp32.py``, b=2 s=4k h=8 causal): at d=64
+# the table's shapes took 7.49 ms forward and 67.2 ms backward, (64, 64, 4, 1) forward 2.40
+# ms and (32, 32, 4, 2) backward 12.5 ms; at d=128 the table's 79.0 / 273 ms, (32, 32, 4, 1)
+# 8.49 / 25.3 ms. d=256 halves the d=128 rows (not measured). Any GPU: head-dim bucket ->
+# kind -> config.
+FP32_EXACT: dict[int, dict[str, KernelConfig]] = {
+    64: {"fwd": _C(64, 64, 4, 1), "dkdv": _C(32, 32, 4, 2), "dq": _C(32, 32, 4, 2)},
+    128: {"fwd": _C(32, 32, 4, 1), "dkdv": _C(32, 32, 4, 1), "dq": _C(32, 32, 4, 1)},
+    256: {"fwd": _C(16, 32, 4, 1), "dkdv": _C(32, 16, 4, 1), "dq": _C(16, 32, 4, 1)},
+}
+
+
 #: Registers per thread that a program's resident tiles may take (``tile_registers``): the
 #: rest of the 255 go to the score tile and addresses. Every tuned sm_90 entry sits at or
 #: below it; the d=256 entries before run 27, at 192-384 (4 warps), ran the backward at 0.4x
@@ -271,6 +285,9 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
         return INTERPRETER[kind]
     if run is not None and autotune_enabled():
         return pick_fastest(tuning_key(kind, q, prob), candidates(kind, prob.headdim), run)
+    if q.dtype == torch.float32 and input_precision(q.dtype) == "ieee":
+        cfg = FP32_EXACT[headdim_bucket(prob.headdim)][kind]
+        return fit_shared_memory(kind, cfg, prob.block_d, q.element_size(), _device_index(q.device))
     table = TABLE.get(_capability(q.device), {}).get(kind, {})
     # A sliding window behaves like the causal band: few blocks per row, masked edges.
     banded = prob.causal or prob.has_left or prob.has_right
