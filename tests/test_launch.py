@@ -27,6 +27,17 @@ def test_alignment_names_each_unaligned_tensor():
     assert L._alignment((aligned, 3, aligned)) is True
     assert L._alignment((aligned, off)) == (True, False)
     assert L._alignment((off, aligned)) == (False, True)
+    assert L._alignment((aligned, off, 3), pointers=2) == (True, False)
+    assert L._alignment((aligned, aligned, 3), pointers=2) is True
+
+
+def test_a_wrong_pointer_count_is_refused():
+    t = torch.zeros(4)
+    L._check_pointers((t, t, 1), 2)
+    with pytest.raises(ValueError, match="pointers=1"):
+        L._check_pointers((t, t, 1), 1)
+    with pytest.raises(ValueError, match="pointers=3"):
+        L._check_pointers((t, t, 1), 3)
 
 
 def test_constexpr_tail_is_in_signature_order_or_none():

@@ -402,7 +402,7 @@ def decode_forward(
         q, k_cache, v_cache, out_target, lse_target,
         *(t if t is not None else lse for t in (block_table, cache_rows, k_start, k_end, k_len_base)),
         q_starts, q_ends, alibi_slopes if alibi_slopes is not None else lse,
-        *plan.int_args, min_k_len, keys.offset, *plan.scalar_args), plan.constexprs)
+        *plan.int_args, min_k_len, keys.offset, *plan.scalar_args), plan.constexprs, pointers=13)
     if plan.splits > 1:
         combine_splits(out_target, lse_target, out, lse, prob)
     else:

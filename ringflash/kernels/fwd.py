@@ -362,4 +362,4 @@ def combine_splits(
                       MAX_SPLITS=max(2, next_power_of_2(num_splits)))
     # Every non-tensor argument is in the key, so a decode loop's combine skips Triton's binding.
     key = (out_partial.dtype, lse_partial.dtype, out.dtype, lse.dtype, ints, prob.headdim)
-    cached_launch(_combine_splits_kernel, key, grid, (out_partial, lse_partial, out, lse, *ints), constexprs)
+    cached_launch(_combine_splits_kernel, key, grid, (out_partial, lse_partial, out, lse, *ints), constexprs, pointers=4)

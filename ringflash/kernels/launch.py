@@ -50,19 +50,22 @@ def _hooked() -> bool:
     return _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook)
 
 
-def _alignment(args: Sequence[Any]) -> Hashable:
+def _alignment(args: Sequence[Any], pointers: Optional[int] = None) -> Hashable:
     """What Triton's specialization reads of the tensor arguments beyond their dtypes: which
-    are 16-byte aligned (True in the usual case of all of them, else a tuple of flags)."""
+    are 16-byte aligned (True in the usual case of all of them, else a tuple of flags).
+    ``pointers``: the tensors are exactly the first ``pointers`` arguments (else all are
+    looked at: an isinstance test each, a third of a decode step's launch on the host)."""
+    tensors = args[:pointers] if pointers is not None else [a for a in args if isinstance(a, torch.Tensor)]
     bits = 0
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            bits |= a.data_ptr() & 15
-    if bits == 0:
+    for t in tensors:
+        bits |= t.data_ptr()
+    if bits & 15 == 0:
         return True
-    return tuple(a.data_ptr() % 16 == 0 for a in args if isinstance(a, torch.Tensor))
+    return tuple(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def cached_launch(kernel, key: Hashable, grid: tuple, args: Sequence[Any], constexprs: dict) -> None:
+def cached_launch(kernel, key: Hashable, grid: tuple, args: Sequence[Any], constexprs: dict,
+                  pointers: Optional[int] = None) -> None:
     """``kernel[grid](*args, **constexprs)`` on the current device and stream.
 
     ``key`` must fix everything Triton specializes ``kernel`` on except the tensors'
@@ -72,17 +75,21 @@ def cached_launch(kernel, key: Hashable, grid: tuple, args: Sequence[Any], const
     with a key goes through Triton (compiling if need be) and keeps the compiled kernel it
     returns; later ones call its launcher with the same arguments, skipping Triton's
     binding and lookup. ``args`` are the kernel's leading positional parameters;
-    ``constexprs`` name all the others. ``grid`` has three entries."""
+    ``constexprs`` name all the others. ``grid`` has three entries. ``pointers``: the
+    number of leading arguments that are tensors, when no later one is (saves a type test
+    per argument)."""
     if interpreting():
+        _check_pointers(args, pointers)  # the interpreted tests check every caller's count
         kernel[grid](*args, **constexprs)
         return
     device = torch.cuda.current_device()
-    full_key = (kernel, key, device, _alignment(args))
+    full_key = (kernel, key, device, _alignment(args, pointers))
     entry = _COMPILED.get(full_key)
     if entry is not None and not _hooked():
         run, function, metadata, tail = entry
         run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *tail)
         return
+    _check_pointers(args, pointers)
     compiled = kernel[grid](*args, **constexprs)
     tail = _constexpr_tail(kernel, len(args), constexprs)
     # Kept only when it is Triton's CompiledKernel, loaded (an async compile returns a
@@ -93,6 +100,16 @@ def cached_launch(kernel, key: Hashable, grid: tuple, args: Sequence[Any], const
     if len(_COMPILED) >= MAX_ENTRIES:
         _COMPILED.clear()
     _COMPILED[full_key] = (run, compiled.function, compiled.packed_metadata, tail)
+
+
+def _check_pointers(args: Sequence[Any], pointers: Optional[int]) -> None:
+    """A wrong ``pointers`` count would leave a tensor's alignment out of the key."""
+    if pointers is None:
+        return
+    if not all(isinstance(a, torch.Tensor) for a in args[:pointers]) or \
+            any(isinstance(a, torch.Tensor) for a in args[pointers:]):
+        raise ValueError(f"cached_launch: pointers={pointers}, but the tensors are at arguments "
+                         f"{[i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]}")
 
 
 def _constexpr_tail(kernel, n_args: int, constexprs: dict) -> Optional[tuple]:
