@@ -94,3 +94,16 @@ def test_decode_reuses_the_compiled_kernel_and_stays_exact():
                                    atol=2e-2, rtol=2e-2)
     kernels = {k[0] for k in L._COMPILED}
     assert D._decode_kernel in kernels
+
+
+def test_bf16_decode_returns_bf16():
+    """The interpreter computes bf16 in float32 (kernel_operand): the plan's outputs keep the
+    caller's dtype all the same (an early version of the plans returned float32 on the CPU)."""
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(2, 1, 4, 16, generator=gen).to(torch.bfloat16).to(DEVICE)
+    k = torch.randn(2, 300, 2, 16, generator=gen).to(torch.bfloat16).to(DEVICE)
+    v = torch.randn(2, 300, 2, 16, generator=gen).to(torch.bfloat16).to(DEVICE)
+    for out in (flash_attn_with_kvcache(q, k, v, cache_seqlens=37, causal=True), flash_attn_func(q, k, v)):
+        assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(flash_attn_func(q, k, v).double().cpu(),
+                               attention_ref(q.double(), k.double(), v.double())[0].cpu(), atol=2e-2, rtol=2e-2)

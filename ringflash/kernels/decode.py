@@ -374,6 +374,7 @@ def decode_forward(
     varlen_q = q_bounds is not None
     if varlen_q:
         q_bounds = (_unit_stride(q_bounds[0]), _unit_stride(q_bounds[1]))
+    out_dtype = q.dtype  # the interpreter computes bf16 in float32 (kernel_operand); out stays bf16
     q = kernel_operand(q, 0 if varlen_q else 1)
     k_cache, v_cache = kernel_operand(k_cache, 1), kernel_operand(v_cache, 1)
     key = _plan_key(q, k_cache, v_cache, keys, max_keys, prob, cache_rows, block_table, alibi_slopes, num_splits,
@@ -386,7 +387,7 @@ def decode_forward(
             _PLANS.clear()
         _PLANS[key] = plan
     device = q.device
-    out = torch.empty(plan.out_shape, dtype=q.dtype, device=device)
+    out = torch.empty(plan.out_shape, dtype=out_dtype, device=device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)
     if plan.empty:
         lse.fill_(float("-inf"))
