@@ -16,11 +16,13 @@ from ringflash.bench.common import CPU_TIMER, read_csv_rows
 from ringflash.bench.cp import CASES, batch_lengths
 from ringflash.cli import main as cli_main
 from ringflash.cp import simulate as sim
-from ringflash.cp.cost import AUTO_CANDIDATES, Heads, layout_work, predict
+from ringflash.cp.cost import AUTO_CANDIDATES, Heads, Machine, call_shape, layout_work, predict
 from ringflash.cp.launch import run_local
-from ringflash.cp.layout import STRATEGIES, balanced_layout, rank_pieces
+from ringflash.cp.layout import STRATEGIES, CostModel, balanced_layout, rank_pieces
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUN35_CSV = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "measurements",
+                         "2026-12-03-h200-bench-cp-simulate-run35.csv")
 HEADS = Heads(nheads=4, nheads_k=2, headdim=16)
 #: Batches with uneven splits, one-token and empty documents, and one long document.
 BATCHES = [[37], [20, 9, 5, 1, 3], [7] * 9 + [30], [0, 11, 1, 0, 6]]
@@ -60,11 +62,23 @@ def test_simulated_work_is_the_layouts_work(strategy):
                 assert work == predict(strategy, seqlens, w, HEADS, min_piece=2).work
             if strategy not in ("ulysses", "hybrid"):
                 assert work == layout_work(pieces)
+            # The model's query groups are the kernel calls' (the entries term counts groups x documents).
+            entries = sim.model_work(strategy, seqlens, w, HEADS, 2, u, CostModel(0, 0, 0, 0, 1))
+            if strategy == "hybrid":
+                groups = [2] * w
+            elif strategy == "ulysses":
+                groups = [1] * w
+            else:
+                groups = call_shape(strategy, pieces, len(seqlens))[0]
             for r in range(w):
                 s = sim.simulate_rank(strategy, seqlens, w, r, HEADS, torch.float32, "cpu", ulysses_degree=u,
                                       min_piece=2)
                 assert s.tokens == sum(p.length for p in pieces[r])
                 assert s.kernel_pairs == pytest.approx(work[r], abs=1e-9), (strategy, seqlens, w, r)
+                assert s.query_groups == groups[r], (strategy, seqlens, w, r)
+                calls = w if strategy in sim.RING_STRATEGIES else 1
+                heads_share = s.q_heads / HEADS.nheads
+                assert entries[r] == pytest.approx(s.query_groups * len(seqlens) * calls * heads_share)
     # Summed over ranks, every strategy does the whole batch's causal work once.
     seqlens = [20, 9, 5, 1, 3]
     whole = sum(n * (n + 1) // 2 for n in seqlens)
@@ -166,7 +180,8 @@ def test_simulate_csv(sim_out):
     summary = cp_simulate.summarize(read_csv_rows([str(sim_out / "cp_simulate.csv")]))
     assert len(summary) == len(cp_simulate.CPU_QUICK_CASES) * len(strategies)
     for s in summary:
-        for key in ("balance_fwd", "balance_fwd+bwd", "model_balance", "err_fwd", "err_fit_fwd", "err_fit_fwd+bwd"):
+        for key in ("balance_fwd", "balance_fwd+bwd", "model_balance", "err_fwd", "err_fit_fwd", "err_fit_fwd+bwd",
+                    "err_model_fwd", "err_model_fwd+bwd"):
             assert math.isfinite(s[key]), (key, s)
         assert s["balance_fwd"] >= 1.0 and s["balance_fwd+bwd"] >= 1.0 and s["model_balance"] >= 1.0
 
@@ -193,40 +208,122 @@ def test_simulate_redraws_from_csv(sim_out, tmp_path):
 
 
 def test_fit_recovers_the_constants():
-    """Rank times made from known constants come back from the fit, and cost.py's step
-    model predicts a rank's fwd+bwd time from the same terms."""
+    """Rank times made from known constants come back from the fit (each pass with its own
+    terms), and cost.py's models predict a rank's time from the same terms."""
     rows = []
     for case in CASES:
-        for strategy in ("balanced", "zigzag_llama3", "llama3", "ulysses"):
+        for strategy in cp_simulate.FIT_STRATEGIES:
             for w in (2, 4):
                 seqlens = batch_lengths(case, w, 256)
-                work = {k: sim.model_work(strategy, seqlens, w, Heads(), 8, 2, cp_simulate.CostModel(*c))
+                work = {k: sim.model_work(strategy, seqlens, w, Heads(), 8, 2, CostModel(*c))
                         for k, c in cp_simulate.MODEL_TERMS.items()}
                 for r in range(w):
                     x = {k: v[r] for k, v in work.items()}
                     flops = 4 * 128 * 32
                     fwd = (x["pairs"] + 40 * x["model_rows"] + 3000 * x["model_pieces"]
-                           + 7 * x["model_key_rows"]) * flops / 300 / 1e9
+                           + 900 * x["model_entries"]) * flops / 300 / 1e9
+                    step = (x["pairs"] + 50 * x["model_rows"] + 2000 * x["model_pieces"]
+                            + 7 * x["model_group_key_rows"]) * flops / 75 / 1e9
                     rows.append(dict(batch=case, strategy=strategy, world=w, rank=r, status="ok", fwd_ms=fwd,
-                                     fwd_bwd_ms=4 * fwd, nheads=32, headdim=128, **x))
+                                     fwd_bwd_ms=step, nheads=32, headdim=128, **x))
     fits = cp_simulate.fit_constants(rows)
     assert fits["fwd"]["tflops"] == pytest.approx(300) and fits["fwd+bwd"]["tflops"] == pytest.approx(75)
-    assert fits["fwd"]["row"] == pytest.approx(40) and fits["fwd"]["piece"] == pytest.approx(3000)
-    assert fits["fwd"]["key_row"] == pytest.approx(7)
-    assert fits["fwd"]["max_err"] < 1e-9
+    fwd, step = fits["fwd"]["model"], fits["fwd+bwd"]["model"]
+    assert (fwd.row, fwd.piece, fwd.group_key_row, fwd.entry) == pytest.approx((40, 3000, 0, 900))
+    assert (step.row, step.piece, step.group_key_row, step.entry) == pytest.approx((50, 2000, 7, 0))
+    assert fits["fwd"]["max_err"] < 1e-9 and fits["fwd+bwd"]["max_err"] < 1e-9
+    assert set(fits["fwd"]["by_strategy"]) == set(cp_simulate.FIT_STRATEGIES)
     rate = cp_simulate.fit_rates(rows)["fwd"]
     assert 100 < rate < 300  # the rows' and pieces' time, folded into one rate
-    assert "CostModel(pair=1.0, row=40, piece=3000, key_row=7)" in "\n".join(cp_simulate.fit_report(rows))
-    # The step model's prediction is its coefficients over these terms.
-    machine = cp_simulate.Machine(step_tflops=75, step_model=cp_simulate.CostModel(1, 40, 3000, 7))
+    report = "\n".join(cp_simulate.fit_report(rows))
+    assert "fwd_model=CostModel(pair=1, row=40, piece=3000, entry=900)" in report
+    assert "step_model=CostModel(pair=1, row=50, piece=2000, group_key_row=7)" in report
+    assert "per strategy: balanced 0.0%, zigzag_llama3 0.0%, llama3 0.0%, ulysses 0.0%, hybrid 0.0%" in report
+    # cost.py's models predict a rank from its coefficients over these terms.
+    machine = Machine(fwd_tflops=300, fwd_model=fwd, step_tflops=75, step_model=step)
+    assert cp_simulate.model_ms(rows[5], "fwd", machine) == pytest.approx(rows[5]["fwd_ms"])
     assert cp_simulate.step_ms(rows[5], machine) == pytest.approx(rows[5]["fwd_bwd_ms"])
-    summary = cp_simulate.summarize([dict(r, fwd_bwd_ms=cp_simulate.step_ms(r)) for r in rows])
-    assert max(s["err_step"] for s in summary) < 1e-9
+    made = [dict(r, fwd_ms=cp_simulate.model_ms(r, "fwd"), fwd_bwd_ms=cp_simulate.step_ms(r)) for r in rows]
+    summary = cp_simulate.summarize(made)
+    assert max(max(s["err_model_fwd"], s["err_model_fwd+bwd"], s["err_step"]) for s in summary) < 1e-9
 
 
+@pytest.fixture(scope="module")
+def run35():
+    """Run 35's simulation on an H200 (every rank of five strategies, W = 2, 4, 8), with the
+    model columns its CSV predates computed from the same layouts."""
+    rows = read_csv_rows([RUN35_CSV])
+    assert cp_simulate.fill_model_terms(rows) == len(rows) == 210
+    return rows
+
+
+def _worst(rows, p, machine=Machine()):
+    key = cp_simulate.PASSES[p]
+    by = {}
+    for r in rows:
+        e = abs(cp_simulate.model_ms(r, p, machine) - float(r[key])) / float(r[key])
+        by[r["strategy"]] = max(by.get(r["strategy"], 0.0), e)
+    return by
+
+
+def test_cost_model_predicts_run35_within_issue_18s_bar(run35):
+    """Issue 18: cost.py's models (its defaults, fitted to this run) predict every rank's
+    time within 10%, forward (fwd_model) and forward+backward (step_model), for each of the
+    five strategies (held here to 7%: the fit gives 6.2% and 6.3%); and the fit from the
+    CSV gives the defaults back."""
+    assert {r["strategy"] for r in run35} == set(cp_simulate.FIT_STRATEGIES)
+    for p in cp_simulate.PASSES:
+        worst = _worst(run35, p)
+        assert max(worst.values()) < 0.07, (p, worst)
+    fits = cp_simulate.fit_constants(run35)
+    m = Machine()
+    assert fits["fwd"]["tflops"] == pytest.approx(m.fwd_tflops, rel=1e-3)
+    assert fits["fwd+bwd"]["tflops"] == pytest.approx(m.step_tflops, rel=1e-3)
+    for p, name in (("fwd", "fwd_model"), ("fwd+bwd", "step_model")):
+        got, want = fits[p]["model"], getattr(m, name)
+        for field in ("row", "piece", "group_key_row", "entry"):
+            assert getattr(got, field) == pytest.approx(getattr(want, field), rel=2e-3, abs=1e-9), (p, field)
+        assert fits[p]["max_err"] < 0.07
+
+
+def test_run35_needs_the_query_group_terms(run35):
+    """Without the query groups the run is not within the bar: the previous step model (the
+    K/V rows once per rank) refitted to run 35 missed balanced's short-document ranks by
+    20%; the forward without its entries term (documents once per rank) by 13%. Balanced and
+    zigzag_llama3 have two query groups, llama3 and ulysses one."""
+    plain = []
+    for r in run35:
+        g = 2 if r["strategy"] in ("balanced", "zigzag_llama3", "hybrid") else 1
+        if r["strategy"] in ("balanced", "zigzag_llama3", "llama3"):  # all the keys, g query groups
+            assert r["model_group_key_rows"] == g * r["total_tokens"]
+        plain.append(dict(r, model_group_key_rows=r["model_group_key_rows"] / g, model_entries=r["model_entries"] / g))
+    fits = cp_simulate.fit_constants(plain)
+    assert fits["fwd+bwd"]["max_err"] > 0.15 and fits["fwd"]["max_err"] > 0.10, fits
 def test_estimate(capsys):
     assert cli_main(["bench", "cp", "--simulate", "2", "4", "8", "--estimate"]) == 0
     text = capsys.readouterr().out
     assert "estimated GPU time" in text and "per W: 2:" in text
     est = cp_simulate.estimate_seconds([2, 4, 8], CASES, list(STRATEGIES) + ["auto"], Heads(), 8192)
     assert 60 < est["total"] < 240 and est["per W"][8] > est["per W"][2]
+
+
+def test_auto_picks_what_run35_measured(run35):
+    """On bench cp's batches at W = 2, 4, 8, with and without heads, auto's pick is the
+    candidate whose run-35 slowest rank (measured, fwd+bwd) plus the same modelled
+    communication is least, or within 2.5% of it (balanced and zigzag_llama3 have the same
+    layout for one document: a tie). The previous step model missed twice by more (one
+    document at W=2 with heads: balanced, 2.8% slower than ulysses; short documents at W=2:
+    ulysses, 1.7% slower than llama3)."""
+    from ringflash.cp.cost import choose
+
+    slowest: dict[tuple, float] = {}
+    for r in run35:
+        key = (r["batch"], int(r["world"]), r["strategy"])
+        slowest[key] = max(slowest.get(key, 0.0), float(r["fwd_bwd_ms"]))
+    for heads in (None, Heads()):
+        for case in CASES:
+            for w in (2, 4, 8):
+                seqlens = batch_lengths(case, w)
+                choice = choose(seqlens, w, heads)
+                step = {p.strategy: slowest[(case, w, p.strategy)] + p.comm_ms for p in choice.predictions}
+                assert step[choice.strategy] <= 1.025 * min(step.values()), (case, w, heads, step, choice.why)

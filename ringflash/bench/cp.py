@@ -297,8 +297,9 @@ def main(argv=None) -> int:
     sim.add_argument("--tflops", type=float, default=None,
                      help="the model's kernel rate for the 'default rate' predictions (default cost.Machine's)")
     sim.add_argument("--fit", action="store_true",
-                     help="also fit cost.Machine.tflops and layout.CostModel's row and piece terms to the "
-                          "measured ranks and print them (works with --from-csv)")
+                     help="also fit cost.Machine's forward and step models (rates and layout.CostModel "
+                          "terms) to the measured ranks and print them, with the largest error per strategy "
+                          "(works with --from-csv; an older CSV's model columns are computed from its layouts)")
     sim.add_argument("--estimate", action="store_true", help="measure nothing: print the run's estimated GPU time")
     sim.add_argument("--csv-only", action="store_true", help="with --out, write only the CSV")
     sim.add_argument("--no-plots", action="store_true", help="with --out, write no PNG")

@@ -10,13 +10,14 @@ CPU wall-clock timer with ``--device cpu``). Communication is not simulated: the
 compute times, and max/mean over the ranks is the layout's compute balance.
 
 Reported per (batch, strategy, W): the balance of the measured rank times, the cost
-model's balance (causal pairs per rank, ``cost.layout_work``), and the model's per-rank
-time (``cost.predict``'s compute term: pairs x 4 d nheads FLOPs at ``Machine.tflops``)
-against the measured one, as the largest |predicted - measured| / measured over the ranks:
-with ``cost.Machine``'s default rate, and with one rate per pass fitted to the run (the
-calibration this command exists for; ``--fit`` also fits ``layout.CostModel``'s row and
-piece terms). Issue 18's bars: balanced's max/mean rank time at most 1.05; the model
-within 10% per rank.
+model's balance (causal pairs per rank, ``cost.layout_work``), and the models' per-rank
+times against the measured ones, as the largest |predicted - measured| / measured over the
+ranks: pairs only (4 d nheads FLOPs per pair) at ``Machine.tflops`` and at one rate per
+pass fitted to the run, and cost.py's models (``Machine.fwd_model`` at ``fwd_tflops`` for
+the forward, ``step_model`` at ``step_tflops`` for forward+backward: pairs, query rows,
+pieces, and the call's terms per query group). ``--fit`` fits those models' rates and
+terms to the run (the calibration this command exists for). Issue 18's bars: balanced's
+max/mean rank time at most 1.05; cost.py's models within 10% per rank.
 
 ``--out DIR`` writes cp_simulate.csv (one row per rank), cp_simulate.md,
 cp_simulate_balance.png and cp_simulate_model.png; ``bench cp --from-csv`` redraws them.
@@ -48,9 +49,10 @@ MODEL_BAR = 0.10
 PASSES = {"fwd": "fwd_ms", "fwd+bwd": "fwd_bwd_ms"}
 CASE_NAMES = {"single": "one document", "mixed": "mixed pack", "short": "many short documents"}
 COLUMNS = ["batch", "strategy", "chosen", "world", "rank", "status", "fwd_ms", "fwd_bwd_ms", "pred_fwd_ms",
-           "pred_fwd_bwd_ms", "pairs", "kernel_pairs", "model_rows", "model_pieces", "model_key_rows", "tokens",
-           "q_rows", "key_rows", "q_heads", "calls", "documents", "total_tokens", "nheads", "nheads_k", "headdim", "dtype", "tflops",
-           "ulysses_degree", "min_piece", "timer", "device", "note"]
+           "pred_fwd_bwd_ms", "pairs", "kernel_pairs", "model_rows", "model_pieces", "model_group_key_rows",
+           "model_entries", "tokens", "q_rows", "key_rows", "q_heads", "query_groups", "calls", "documents",
+           "total_tokens", "nheads", "nheads_k", "headdim", "dtype", "tflops", "ulysses_degree", "min_piece", "timer",
+           "device", "note"]
 
 QUICK_TOKENS_PER_GPU = 2048
 #: --device cpu: tiny sizes (the interpreter runs ~0.1-0.5 s per kernel call whatever the size).
@@ -75,19 +77,73 @@ def _ok(row: dict) -> bool:
 
 
 #: The CSV's model columns: a rank's work under each ``CostModel`` term alone (field order).
-MODEL_TERMS = {"pairs": (1, 0, 0, 0), "model_rows": (0, 1, 0, 0), "model_pieces": (0, 0, 1, 0),
-               "model_key_rows": (0, 0, 0, 1)}
+MODEL_TERMS = {"pairs": (1, 0, 0, 0, 0), "model_rows": (0, 1, 0, 0, 0), "model_pieces": (0, 0, 1, 0, 0),
+               "model_group_key_rows": (0, 0, 0, 1, 0), "model_entries": (0, 0, 0, 0, 1)}
+#: Each pass's model in cost.py (``Machine`` fields: rate, model) and the terms it is fitted
+#: with (the others stay 0): the forward's launch grid holds programs for every (query group,
+#: document) entry; the backward's dK/dV programs loop over every query group per key block.
+PASS_MODELS = {"fwd": ("fwd_tflops", "fwd_model"), "fwd+bwd": ("step_tflops", "step_model")}
+PASS_TERMS = {"fwd": ("pairs", "model_rows", "model_pieces", "model_entries"),
+              "fwd+bwd": ("pairs", "model_rows", "model_pieces", "model_group_key_rows")}
+#: The strategies whose work ``sim.model_work`` models as their engines run it (the ring
+#: strategies' W calls are not measured against it yet): the fits use their ranks.
+FIT_STRATEGIES = AUTO_CANDIDATES + ("hybrid",)
+
+
+def _has_terms(row: dict) -> bool:
+    return all(row.get(k) not in (None, "") for k in MODEL_TERMS)
 
 
 def _terms(row: dict) -> list[float]:
-    """The row's work per model term (a CSV of an older run has no key rows: 0)."""
-    return [float(row.get(k) or 0.0) for k in MODEL_TERMS]
+    """The row's work per model term (``fill_model_terms`` completes an older run's CSV)."""
+    return [float(row[k]) for k in MODEL_TERMS]
+
+
+def model_ms(row: dict, p: str, machine: Machine = Machine()) -> float:
+    """cost.py's predicted time of pass ``p`` ("fwd" or "fwd+bwd") of the rank."""
+    rate, model = (getattr(machine, a) for a in PASS_MODELS[p])
+    units = sum(c * x for c, x in zip(astuple(model), _terms(row)))
+    return units * _flops_per_pair(row) / rate / 1e9
 
 
 def step_ms(row: dict, machine: Machine = Machine()) -> float:
     """``cost.predict``'s fwd+bwd compute time of the rank (``Machine.step_model``)."""
-    units = sum(c * x for c, x in zip(astuple(machine.step_model), _terms(row)))
-    return units * _flops_per_pair(row) / machine.step_tflops / 1e9
+    return model_ms(row, "fwd+bwd", machine)
+
+
+def fill_model_terms(rows: Sequence[dict]) -> int:
+    """Computes the model columns that a CSV of an older run lacks (runs 33 to 35 have no
+    group key rows or entries) from the same layouts (deterministic: ``batch_lengths`` of
+    the row's batch, W and tokens, ``sim.model_work``); rows whose batch does not rebuild
+    (another document count) are left as they are. Returns how many rows it filled."""
+    from ..cp import simulate as sim
+
+    cache: dict[tuple, Optional[dict]] = {}
+    filled = 0
+    for r in rows:
+        if _has_terms(r) or not _ok(r) or r.get("total_tokens") in (None, ""):
+            continue
+        w = int(r["world"])
+        strategy = str(r.get("chosen") or r["strategy"])
+        u = int(r["ulysses_degree"]) if r.get("ulysses_degree") not in (None, "") else DEFAULT_ULYSSES_DEGREE
+        min_piece = int(r["min_piece"]) if r.get("min_piece") not in (None, "") else BALANCED_MIN_PIECE
+        heads = Heads(int(r["nheads"]), int(r["nheads_k"]), int(r["headdim"]))
+        key = (str(r["batch"]), strategy, w, int(r["total_tokens"]), u, min_piece, heads)
+        if key not in cache:
+            work = None
+            try:
+                seqlens = batch_lengths(key[0], w, key[3] // w)
+                if sum(seqlens) == key[3] and len(seqlens) == int(r.get("documents") or len(seqlens)):
+                    work = {k: sim.model_work(strategy, seqlens, w, heads, min_piece, u, CostModel(*c))
+                            for k, c in MODEL_TERMS.items()}
+            except (ValueError, sim.Unsupported):
+                pass
+            cache[key] = work
+        work = cache[key]
+        if work is not None:
+            r.update({k: v[int(r["rank"])] for k, v in work.items()})
+            filled += 1
+    return filled
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -116,12 +172,12 @@ def _rank_rows(case: str, strategy: str, world: int, seqlens: list[int], heads: 
         status = failed if work is None else "ok"
         if work is not None:
             row.update({k: v[rank] for k, v in work.items()})
-            row.update(pred_fwd_ms=sim.predicted_ms(row["pairs"], heads), pred_fwd_bwd_ms=step_ms(row))
+            row.update(pred_fwd_ms=model_ms(row, "fwd"), pred_fwd_bwd_ms=step_ms(row))
             try:
                 r = sim.simulate_rank(strategy, seqlens, world, rank, heads, dtype, device,
                                       ulysses_degree=ulysses_degree, min_piece=min_piece)
                 row.update(tokens=r.tokens, q_rows=r.q_rows, key_rows=r.key_rows, q_heads=r.q_heads, calls=r.calls,
-                           kernel_pairs=r.kernel_pairs)
+                           query_groups=r.query_groups, kernel_pairs=r.kernel_pairs)
                 row["fwd_ms"], status = run_timed(timer, r.forward, device)
                 if status == "ok":
                     row["fwd_bwd_ms"], status = run_timed(timer, r.forward_backward, device)
@@ -189,9 +245,9 @@ def _print_group(rows: list[dict]) -> None:
 
 def fit_rates(rows: Sequence[dict]) -> dict[str, Optional[float]]:
     """{pass: TFLOP/s}: the one kernel rate per pass that best predicts the measured rank
-    times of ``auto``'s candidates (least squares of the relative error), in the cost
-    model's units (forward FLOPs: 4 d nheads per causal pair; for fwd+bwd, the forward
-    FLOPs over the step's time)."""
+    times of ``FIT_STRATEGIES`` (least squares of the relative error), in the cost model's
+    units (forward FLOPs: 4 d nheads per causal pair; for fwd+bwd, the forward FLOPs over
+    the step's time)."""
     rates: dict[str, Optional[float]] = {}
     for p, key in PASSES.items():
         xs = [(float(r["pairs"]) * _flops_per_pair(r), float(r[key])) for r in _fit_rows(rows, key)]
@@ -202,36 +258,47 @@ def fit_rates(rows: Sequence[dict]) -> dict[str, Optional[float]]:
 
 
 def _fit_rows(rows: Sequence[dict], key: str) -> list[dict]:
-    return [r for r in rows if _ok(r) and r["strategy"] in AUTO_CANDIDATES and r.get(key)
+    return [r for r in rows if _ok(r) and r["strategy"] in FIT_STRATEGIES and r.get(key)
             and float(r[key]) > 0 and float(r.get("pairs") or 0) > 0]
 
 
+def _rel_err(predicted: float, measured: float) -> float:
+    return abs(predicted - measured) / measured
+
+
 def fit_constants(rows: Sequence[dict]) -> dict[str, dict]:
-    """{pass: fit}: measured ms = (pairs + row x rows + piece x pieces + key_row x key rows)
-    x 4 d nheads / rate, fitted by least squares of the relative error over ``auto``'s
-    candidates' ranks: the rate is ``cost.Machine.tflops``' (fwd) or ``step_tflops``' (fwd+bwd)
-    counterpart, row, piece and key_row ``layout.CostModel``'s (relative to one pair). Each
-    fit also gives its largest relative error."""
+    """{pass: fit}: measured ms = (pairs + the pass's other ``PASS_TERMS``, each times its
+    coefficient) x 4 d nheads / rate, fitted by least squares of the relative error over the
+    ranks of ``FIT_STRATEGIES``: the rate is ``cost.Machine.fwd_tflops``' or
+    ``step_tflops``' counterpart, ``model`` the ``layout.CostModel`` (relative to one pair)
+    of ``fwd_model`` or ``step_model``. Each fit also gives its largest relative error,
+    overall (``max_err``) and per strategy (``by_strategy``)."""
     out = {}
     for p, key in PASSES.items():
-        fit_rows = _fit_rows(rows, key)
-        if len(fit_rows) < 3:
+        fit_rows = [r for r in _fit_rows(rows, key) if _has_terms(r)]
+        terms = PASS_TERMS[p]
+        if len(fit_rows) < len(terms) + 1:
             continue
-        a = torch.tensor([[x * _flops_per_pair(r) for x in _terms(r)] for r in fit_rows], dtype=torch.float64)
+        a = torch.tensor([[float(r[k]) * _flops_per_pair(r) for k in terms] for r in fit_rows], dtype=torch.float64)
         y = torch.tensor([float(r[key]) for r in fit_rows], dtype=torch.float64)
         coef = torch.linalg.lstsq(a / y[:, None], torch.ones_like(y)[:, None]).solution[:, 0]
-        err = ((a @ coef - y).abs() / y).max().item()
+        errs = ((a @ coef - y).abs() / y).tolist()
+        by_strategy: dict[str, float] = {}
+        for r, e in zip(fit_rows, errs):
+            by_strategy[r["strategy"]] = max(by_strategy.get(r["strategy"], 0.0), e)
         alpha = coef[0].item()
-        out[p] = dict(tflops=1 / alpha / 1e9 if alpha > 0 else None,
-                      row=coef[1].item() / alpha if alpha else None,
-                      piece=coef[2].item() / alpha if alpha else None,
-                      key_row=coef[3].item() / alpha if alpha else None, max_err=err, ranks=len(fit_rows))
+        fields = {k: 0.0 for k in MODEL_TERMS}
+        fields.update({k: c / alpha for k, c in zip(terms, coef.tolist())} if alpha else {})
+        model = CostModel(*(fields[k] for k in MODEL_TERMS)) if alpha > 0 else None
+        out[p] = dict(tflops=1 / alpha / 1e9 if alpha > 0 else None, model=model, max_err=max(errs),
+                      by_strategy=by_strategy, ranks=len(fit_rows))
     return out
 
 
 def summarize(rows: Sequence[dict], tflops: Optional[float] = None) -> list[dict]:
     """One entry per (batch, strategy, W), in the rows' order: balances, the model's
-    balance and its largest per-rank error (default or given rate, and the fitted rates)."""
+    balance and its largest per-rank error (pairs only at the default or given rate and at
+    the fitted rates; cost.py's forward and step models)."""
     rates = fit_rates(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -241,11 +308,12 @@ def summarize(rows: Sequence[dict], tflops: Optional[float] = None) -> list[dict
         rs = sorted(rs, key=lambda r: int(r["rank"]))
         s = dict(batch=batch, strategy=strategy, world=world, chosen=rs[0].get("chosen") or strategy,
                  status=next((str(r["status"]) for r in rs if not _ok(r)), "ok"))
-        pairs = [float(r["pairs"]) for r in rs if r.get("pairs") is not None]
+        pairs = [float(r["pairs"]) for r in rs if r.get("pairs") not in (None, "")]
         if pairs and len(pairs) == len(rs):
             mean = sum(pairs) / len(pairs)
             s["model_balance"] = max(pairs) / mean if mean else 1.0
         if s["status"] == "ok":
+            terms = all(_has_terms(r) for r in rs)  # runs that recorded (or filled) every term
             for p, key in PASSES.items():
                 ms = [float(r[key]) for r in rs]
                 mean = sum(ms) / len(ms)
@@ -253,13 +321,15 @@ def summarize(rows: Sequence[dict], tflops: Optional[float] = None) -> list[dict
                 s[f"balance_{p}"] = max(ms) / mean if mean else 1.0
                 factor = 1.0 if p == "fwd" else 1 + BWD_FLOP_FACTOR
                 rate = tflops or float(rs[0].get("tflops") or Machine().tflops)
-                s[f"err_{p}"] = max(abs(float(r["pairs"]) * _flops_per_pair(r) * factor / rate / 1e9 - m) / m
+                s[f"err_{p}"] = max(_rel_err(float(r["pairs"]) * _flops_per_pair(r) * factor / rate / 1e9, m)
                                     for r, m in zip(rs, ms))
                 if rates.get(p):
-                    s[f"err_fit_{p}"] = max(abs(float(r["pairs"]) * _flops_per_pair(r) / rates[p] / 1e9 - m) / m
+                    s[f"err_fit_{p}"] = max(_rel_err(float(r["pairs"]) * _flops_per_pair(r) / rates[p] / 1e9, m)
                                             for r, m in zip(rs, ms))
-            if all(r.get("model_key_rows") not in (None, "") for r in rs):  # runs that recorded every term
-                s["err_step"] = max(abs(step_ms(r) - float(r["fwd_bwd_ms"])) / float(r["fwd_bwd_ms"]) for r in rs)
+                if terms:
+                    s[f"err_model_{p}"] = max(_rel_err(model_ms(r, p), m) for r, m in zip(rs, ms))
+            if terms:
+                s["err_step"] = s["err_model_fwd+bwd"]
         out.append(s)
     order = list(PRIORITY) + ["auto"]
     return sorted(out, key=lambda s: (CASES.index(s["batch"]) if s["batch"] in CASES else len(CASES), s["world"],
@@ -283,7 +353,7 @@ def _verdicts(s: dict) -> tuple[str, str]:
         worst = max(s["balance_fwd"], s["balance_fwd+bwd"])
         bal = "met" if worst <= BALANCE_BAR else "NOT met"
     model = "-"
-    errs = [s.get("err_fit_fwd"), s.get("err_fit_fwd+bwd")]
+    errs = [s.get(f"err_model_{p}") for p in PASSES]
     if all(e is not None for e in errs):
         model = "met" if max(errs) <= MODEL_BAR else "NOT met"
     return bal, model
@@ -295,47 +365,74 @@ def summary_table(summary: Sequence[dict]) -> str:
         bal, model = _verdicts(s)
         strategy = s["strategy"] + (f" ({s['chosen']})" if s["strategy"] == "auto" else "")
         if s["status"] != "ok":
-            body.append([s["batch"], s["world"], strategy, s["status"][:60]] + ["-"] * 9)
+            body.append([s["batch"], s["world"], strategy, s["status"][:60]] + ["-"] * 10)
             continue
         body.append([s["batch"], s["world"], strategy, f"{s['max_fwd_bwd_ms']:.3g} / {s['mean_fwd_bwd_ms']:.3g}",
                      _num(s["balance_fwd"]), _num(s["balance_fwd+bwd"]), _num(s.get("model_balance")),
                      _pct(s.get("err_fwd")), _pct(s.get("err_fit_fwd")), _pct(s.get("err_fit_fwd+bwd")),
-                     _pct(s.get("err_step")), bal, model])
+                     _pct(s.get("err_model_fwd")), _pct(s.get("err_model_fwd+bwd")), bal, model])
     return table(["batch", "W", "strategy", "fwd+bwd ms (max / mean rank)", "balance fwd", "balance fwd+bwd",
-                  "model balance", "model err fwd (default rate)", "model err fwd (fitted rate)",
-                  "model err fwd+bwd (fitted rate)", "model err fwd+bwd (cost.py step model)",
-                  f"balance <= {BALANCE_BAR}", f"model <= {MODEL_BAR:.0%}"], body)
+                  "model balance", "pairs err fwd (default rate)", "pairs err fwd (fitted rate)",
+                  "pairs err fwd+bwd (fitted rate)", "model err fwd (cost.py forward model)",
+                  "model err fwd+bwd (cost.py step model)", f"balance <= {BALANCE_BAR}", f"model <= {MODEL_BAR:.0%}"],
+                 body)
+
+
+def _model_repr(model: CostModel) -> str:
+    fields = ", ".join(f"{k}={_num(v, '.4g')}" for k, v in zip(("pair", "row", "piece", "group_key_row", "entry"),
+                                                                astuple(model)) if v or k == "pair")
+    return f"CostModel({fields})"
+
+
+def _by_strategy(errs: dict[str, float]) -> str:
+    return ", ".join(f"{k} {_pct(v)}" for k, v in sorted(errs.items(), key=lambda t: PRIORITY.index(t[0])
+                                                           if t[0] in PRIORITY else len(PRIORITY)))
 
 
 def fit_report(rows: Sequence[dict]) -> list[str]:
-    """Markdown lines: the fitted constants and how well each model fits."""
+    """Markdown lines: the fitted constants and how well each model fits, overall and per
+    strategy."""
     rates = fit_rates(rows)
     fits = fit_constants(rows)
-    out = ["## Calibration (fitted to this run's ranks of " + ", ".join(AUTO_CANDIDATES) + ")", ""]
+    out = ["## Calibration (fitted to this run's ranks of " + ", ".join(FIT_STRATEGIES) + ")", ""]
     for p in PASSES:
         if not rates.get(p):
             out.append(f"- {p}: nothing to fit")
             continue
         key = PASSES[p]
-        err_rate = max(abs(float(r["pairs"]) * _flops_per_pair(r) / rates[p] / 1e9 - float(r[key])) / float(r[key])
+        err_rate = max(_rel_err(float(r["pairs"]) * _flops_per_pair(r) / rates[p] / 1e9, float(r[key]))
                        for r in _fit_rows(rows, key))
-        line = f"- {p}: rate only: `Machine(tflops={rates[p]:.4g})` (max rank error {_pct(err_rate)})"
+        rate_name, model_name = PASS_MODELS[p]
+        line = f"- {p}: pairs only: `Machine(tflops={rates[p]:.4g})` (max rank error {_pct(err_rate)})"
         f = fits.get(p)
         if f and f["tflops"]:
-            line += (f"; rate, row, piece and key-row terms: `Machine({'tflops' if p == 'fwd' else 'step_tflops'}"
-                     f"={f['tflops']:.4g})`, `CostModel(pair=1.0, row={f['row']:.4g}, piece={f['piece']:.4g}, "
-                     f"key_row={f['key_row']:.4g})` "
-                     f"(max rank error {_pct(f['max_err'])}, {f['ranks']} ranks)")
+            line += (f"; cost.py's terms ({', '.join(PASS_TERMS[p])}): `Machine({rate_name}={f['tflops']:.4g}, "
+                     f"{model_name}={_model_repr(f['model'])})` (max rank error {_pct(f['max_err'])} over "
+                     f"{f['ranks']} ranks; per strategy: {_by_strategy(f['by_strategy'])})")
         elif f:
-            line += (f"; rate, row, piece and key-row terms: no positive pair term (the times do not follow the pairs; "
+            line += (f"; cost.py's terms: no positive pair term (the times do not follow the pairs; "
                      f"max rank error {_pct(f['max_err'])})")
+        else:
+            line += "; cost.py's terms: not recorded in these rows"
         out.append(line)
     m = Machine()
-    out += ["", f"cost.py's defaults: `Machine(tflops={m.tflops})` (forward, pairs only) and, for the training step "
-                f"that `auto` ranks, `step_tflops={m.step_tflops}`, `step_model={m.step_model}`. "
-                "The fwd rate is what `Machine.tflops` means; the fwd+bwd rate counts forward FLOPs over the "
-                f"step's time (x{1 + BWD_FLOP_FACTOR} for the usual fwd+bwd FLOP count). Negative row or piece "
-                "terms are not physical: keep the defaults then."]
+    defaults = {}
+    for p, key in PASSES.items():
+        fit_rows = [r for r in _fit_rows(rows, key) if _has_terms(r)]
+        by: dict[str, float] = {}
+        for r in fit_rows:
+            by[r["strategy"]] = max(by.get(r["strategy"], 0.0), _rel_err(model_ms(r, p, m), float(r[key])))
+        if by:
+            defaults[p] = f"{_pct(max(by.values()))} ({_by_strategy(by)})"
+    out += ["", f"cost.py's defaults: `Machine(tflops={m.tflops})` (forward, pairs only: rough estimates), the "
+                f"forward's `fwd_tflops={m.fwd_tflops}`, `fwd_model={_model_repr(m.fwd_model)}` and, for the "
+                f"training step that `auto` ranks, `step_tflops={m.step_tflops}`, "
+                f"`step_model={_model_repr(m.step_model)}`"
+                + (": largest rank error on this run " + "; ".join(f"{p} {v}" for p, v in defaults.items())
+                   if defaults else "")
+                + ". The rates count forward FLOPs (4 d nheads per pair) over the pass's time (x"
+                f"{1 + BWD_FLOP_FACTOR} for the usual fwd+bwd FLOP count). Negative terms are not physical: keep "
+                "the defaults then."]
     return out
 
 
@@ -361,15 +458,16 @@ def markdown_report(rows: Sequence[dict], notes: Sequence[str] = (), fit: bool =
         "mean over the ranks is the layout's compute balance.",
         f"- Attention: {r0['nheads']} / {r0['nheads_k']} heads, d={r0['headdim']}, {r0['dtype']}, causal. "
         f"Batches ({_tokens_per_gpu(rows)} tokens per GPU): {batches}.",
-        f"- Model: causal (query, key) pairs per rank (`cost.layout_work`; ulysses every document's pairs / W, "
-        f"hybrid its group's / u) x 4 d nheads FLOPs at a rate: `cost.Machine`'s {rate:g} TFLOP/s (\"default "
+        f"- Pairs model: causal (query, key) pairs per rank (`cost.layout_work`; ulysses every document's pairs / "
+        f"W, hybrid its group's / u) x 4 d nheads FLOPs at a rate: `cost.Machine`'s {rate:g} TFLOP/s (\"default "
         "rate\"), or the rate fitted to this run per pass (\"fitted rate\": " + ", ".join(
-            f"{p} {_num(v, '.4g')}" for p, v in rates.items()) + " TFLOP/s in forward FLOPs). The model has no "
-        f"backward: fwd+bwd at the default rate is {1 + BWD_FLOP_FACTOR:g} x the forward. Errors: the largest "
-        "|predicted - measured| / measured over the ranks. \"cost.py step model\": what `auto` ranks, "
-        "`cost.Machine.step_model` (pairs, query rows, pieces and K/V rows) at `step_tflops`, against fwd+bwd.",
-        f"- Issue 18's bars: balanced's max / mean rank time <= {BALANCE_BAR} (forward and forward+backward); the "
-        f"model's per-rank time within {MODEL_BAR:.0%} (fitted rate, both passes).",
+            f"{p} {_num(v, '.4g')}" for p, v in rates.items()) + " TFLOP/s in forward FLOPs). Errors: the largest "
+        "|predicted - measured| / measured over the ranks.",
+        "- cost.py's models: the forward's (`cost.Machine.fwd_model` at `fwd_tflops`) and the training step's, "
+        "which `auto` ranks (`step_model` at `step_tflops`, against fwd+bwd): pairs, query rows, pieces, and the "
+        "kernel call's terms per query group (the forward: per (group, document) entry; the step: per K/V row).",
+        f"- Issue 18's bars: balanced's max / mean rank time <= {BALANCE_BAR} (forward and forward+backward); "
+        f"cost.py's models' per-rank time within {MODEL_BAR:.0%} (both passes).",
     ]
     out += [f"- {n}" for n in notes]
     bars = _bars(summary)
@@ -409,21 +507,23 @@ def _bars(summary: Sequence[dict]) -> list[str]:
         value = max(worst["balance_fwd"], worst["balance_fwd+bwd"])
         lines.append(f"- balanced: largest max/mean rank time {value:.3f} ({worst['batch']}, W={worst['world']}) "
                      f"over {len(bal)} (batch, W): bar <= {BALANCE_BAR} {'met' if value <= BALANCE_BAR else 'NOT met'}")
+    for p, name in (("fwd", "forward model"), ("fwd+bwd", "step model (what auto ranks)")):
+        errs = [(s[f"err_model_{p}"], s) for s in summary
+                if s.get(f"err_model_{p}") is not None and s["strategy"] in FIT_STRATEGIES]
+        if errs:
+            e, s = max(errs, key=lambda t: t[0])
+            by: dict[str, float] = {}
+            for x, t in errs:
+                by[t["strategy"]] = max(by.get(t["strategy"], 0.0), x)
+            lines.append(f"- cost.py's {name}, {p}: largest per-rank error {_pct(e)} ({s['batch']} {s['strategy']} "
+                         f"W={s['world']}; per strategy: {_by_strategy(by)}): bar <= {MODEL_BAR:.0%} "
+                         f"{'met' if e <= MODEL_BAR else 'NOT met'}")
     errs = [(max(s["err_fit_fwd"], s["err_fit_fwd+bwd"]), s) for s in summary
             if s.get("err_fit_fwd") is not None and s.get("err_fit_fwd+bwd") is not None and s["strategy"] != "auto"]
-    cand = [(e, s) for e, s in errs if s["strategy"] in AUTO_CANDIDATES]
-    for label, group in (("auto's candidates", cand), ("all strategies", errs)):
-        if group:
-            e, s = max(group, key=lambda t: t[0])
-            lines.append(f"- model (fitted rate), {label}: largest per-rank error {_pct(e)} ({s['batch']} "
-                         f"{s['strategy']} W={s['world']}): bar <= {MODEL_BAR:.0%} "
-                         f"{'met' if e <= MODEL_BAR else 'NOT met'}")
-    step = [(s["err_step"], s) for s in summary if s.get("err_step") is not None and s["strategy"] in AUTO_CANDIDATES]
-    if step:
-        e, s = max(step, key=lambda t: t[0])
-        lines.append(f"- cost.py's step model (what auto ranks), auto's candidates: largest per-rank fwd+bwd error "
-                     f"{_pct(e)} ({s['batch']} {s['strategy']} W={s['world']}): bar <= {MODEL_BAR:.0%} "
-                     f"{'met' if e <= MODEL_BAR else 'NOT met'}")
+    if errs:
+        e, s = max(errs, key=lambda t: t[0])
+        lines.append(f"- for comparison, pairs only at the fitted rates, all strategies: largest per-rank error "
+                     f"{_pct(e)} ({s['batch']} {s['strategy']} W={s['world']})")
     return [""] + lines if lines else []
 
 
@@ -451,18 +551,21 @@ def plot_balance(rows: Sequence[dict], prefix: str) -> Optional[str]:
 
 
 def plot_model(rows: Sequence[dict], prefix: str) -> Optional[str]:
-    """The model's largest per-rank error (fitted rate) against W, one line per strategy."""
+    """cost.py's models' largest per-rank error against W, one line per strategy (pairs
+    only at the fitted rate for rows without the models' terms)."""
     from .plots import LinePanel, line_grid
 
     summary = summarize(rows)
     batches = ordered(s["batch"] for s in summary)
-    panels = [[LinePanel(f"{CASE_NAMES.get(b, b)}: {p}", _series(summary, b, f"err_fit_{p}", 100.0)) for b in batches]
+    key = "err_model" if any(s.get("err_model_fwd") is not None for s in summary) else "err_fit"
+    panels = [[LinePanel(f"{CASE_NAMES.get(b, b)}: {p}", _series(summary, b, f"{key}_{p}", 100.0)) for b in batches]
               for p in PASSES]
     if not any(pl.series for row in panels for pl in row):
         return None
     top = max([100 * MODEL_BAR] + [y for row in panels for pl in row for pts in pl.series.values() for _, y in pts])
+    title = "cost.py's forward and step models" if key == "err_model" else "pairs only, rate fitted per pass"
     return line_grid(f"{prefix}_model.png", panels, "Cost model: largest per-rank |predicted - measured| / measured "
-                     "(rate fitted per pass)", "world size W", "error (%)", note=_note(rows),
+                     f"({title})", "world size W", "error (%)", note=_note(rows),
                      series_order=list(STRATEGIES), ylog=False, hline=100 * MODEL_BAR,
                      hline_label=f"issue 18 bar ({MODEL_BAR:.0%})", ylim=(0, top * 1.05))
 
@@ -582,7 +685,9 @@ def redraw(args: argparse.Namespace, rows: list[dict]) -> int:
     for r in rows:
         r["note"] = r.get("note") or ""
         r["status"] = r.get("status") or ""
-    publish(args, rows)
+    filled = fill_model_terms(rows)
+    publish(args, rows, [f"The model columns of {filled} rows were computed from their layouts (the CSV predates "
+                         "them)."] if filled else [])
     return 0
 
 
@@ -590,5 +695,5 @@ def is_simulate_csv(rows: Sequence[dict]) -> bool:
     return bool(rows) and "rank" in rows[0] and "fwd_bwd_ms" in rows[0]
 
 
-__all__ = ["COLUMNS", "estimate_seconds", "fit_constants", "fit_rates", "is_simulate_csv", "main",
-           "markdown_report", "plot_balance", "plot_model", "redraw", "run_grid", "summarize"]
+__all__ = ["COLUMNS", "estimate_seconds", "fill_model_terms", "fit_constants", "fit_rates", "is_simulate_csv", "main",
+           "markdown_report", "model_ms", "plot_balance", "plot_model", "redraw", "run_grid", "step_ms", "summarize"]

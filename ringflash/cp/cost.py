@@ -3,16 +3,25 @@
 A strategy's training step (forward and backward) is modelled as its slowest rank's
 attention work plus its communication:
 
-* compute: ``Machine.step_model`` (``layout.CostModel``) over each rank's pieces, in units
-  of one causal (query, key) pair: the pairs, plus terms per query row, per piece and per
-  row of the K/V buffer the rank reads, times 4 x headdim x nheads FLOPs per pair, at
-  ``Machine.step_tflops`` (forward FLOPs over the step's time). The coefficients are fitted
-  to every rank of run 33's ``bench cp --simulate`` on an H200 (docs/benchmarks.md): a
-  pairs-only model missed the short-document batches by up to 81%, since there the pieces,
-  rows and gathered keys cost more than the pairs; the fitted one is within 16% on every
-  rank of zigzag_llama3, llama3 and ulysses (balanced's short-document ranks ran up to
-  44% slower than it predicts: they held four query groups, which ``balanced_layout`` now
-  avoids);
+* compute: ``Machine.step_model`` (``layout.CostModel``) over each rank's pieces and its
+  kernel call, in units of one causal (query, key) pair: the pairs, plus terms per query
+  row, per piece and per row of the K/V buffer the call reads *per query group* (the
+  backward's dK/dV program of every key block loops over every query group of the call,
+  empty ones included), times 4 x headdim x nheads FLOPs per pair, at
+  ``Machine.step_tflops`` (forward FLOPs over the step's time). The forward alone has its
+  own rate and model (``Machine.fwd_tflops``, ``fwd_model``: a term per (query group,
+  document) entry of the call, whose programs fill the forward's launch grid, empty
+  entries included, in place of the key rows). Both are fitted to every rank of run 35's
+  ``bench cp --simulate`` on an H200 (balanced, zigzag_llama3, llama3, ulysses and hybrid,
+  210 ranks: docs/measurements/2026-12-03-h200-bench-cp-simulate-run35.csv; ``ringflash
+  bench cp --from-csv THAT.csv --fit`` prints the fit) and predict every rank within 6.3%
+  (forward and backward; 6.1% for zigzag_llama3, 5.0% balanced) and 6.2% (forward). The
+  previous step model charged the K/V rows once per rank (not per query group) and
+  missed by up to 18.5% (balanced on short documents, under-predicted; llama3, one query
+  group where zigzag_llama3 and balanced have two, over-predicted by up to 15%); pairs
+  alone miss by up to 74%. The same constants predict runs 33 and 34 (other commits;
+  run 33's balanced layout gave some ranks four query groups, 1.5x slower) within 8.9%
+  and 5.9% (step), 11.0% and 5.6% (forward);
 * all-gather strategies (llama3, zigzag_llama3, balanced): each rank receives the other
   ranks' K/V in the forward, again in the backward, and reduce-scatters float32 dK/dV;
 * ulysses: all-to-alls of (W-1)/W of the local tokens' heads: q, k, v out and the output
@@ -34,7 +43,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .layout import BALANCED_MIN_PIECE, CostModel, Piece, balanced_layout, rank_pieces
+from .layout import (
+    BALANCED_MIN_PIECE, RING_STRATEGIES, CostModel, Piece, balanced_layout, query_groups, rank_pieces,
+)
 
 #: The strategies ``auto`` chooses among (see the module doc for why not the ring ones).
 AUTO_CANDIDATES = ("balanced", "zigzag_llama3", "llama3", "ulysses")
@@ -42,11 +53,16 @@ AUTO_CANDIDATES = ("balanced", "zigzag_llama3", "llama3", "ulysses")
 
 @dataclass(frozen=True)
 class Machine:
-    tflops: float = 400.0  # attention kernels, forward, counting causal pairs only
+    tflops: float = 400.0  # attention kernels, forward, counting causal pairs only (rough estimates)
     link_gbs: float = 200.0  # one rank's all-gather / all-to-all bandwidth beside compute
-    #: The training step's rate and cost model (see the module doc; H200, run 33).
-    step_tflops: float = 118.7
-    step_model: CostModel = CostModel(pair=1.0, row=373.0, piece=7.42e4, key_row=134.0)
+    #: The forward's and the training step's rates and cost models (see the module doc):
+    #: H200, fitted to all 210 ranks of run 35's simulation (five strategies, W = 2, 4, 8;
+    #: docs/measurements/2026-12-03-h200-bench-cp-simulate-run35.csv), largest rank error
+    #: 6.2% (forward) and 6.3% (forward and backward).
+    fwd_tflops: float = 480.7
+    fwd_model: CostModel = CostModel(pair=1.0, row=408.0, piece=1.006e4, entry=3.075e4)
+    step_tflops: float = 120.7
+    step_model: CostModel = CostModel(pair=1.0, row=462.9, piece=2.588e4, group_key_row=99.93)
 
 
 @dataclass(frozen=True)
@@ -82,12 +98,25 @@ class Prediction:
         return max(self.work) / mean if mean else 1.0
 
 
-def layout_work(pieces_by_rank: list[list[Piece]], model: CostModel = CostModel(),
-                key_rows: float = 0.0) -> list[float]:
-    """Each rank's cost under ``model`` (causal pairs by default); ``key_rows``: rows of the
-    K/V buffer every rank reads (``CostModel.key_row``)."""
+def layout_work(pieces_by_rank: list[list[Piece]], model: CostModel = CostModel(), key_rows: float = 0.0,
+                documents: float = 0, groups: Optional[list[int]] = None) -> list[float]:
+    """Each rank's cost under ``model`` (causal pairs by default): its pieces, plus its
+    kernel call's terms (``CostModel.call_cost``) for ``key_rows`` rows of the K/V buffer
+    and ``documents`` documents, with ``groups[r]`` query groups on rank r (default: one
+    per piece of a document, ``layout.query_groups``; ``call_shape`` gives a strategy's)."""
     return [sum(model.cost(p.start, p.length) if p.step == 1 else _strided_cost(p, model) for p in ps)
-            + model.key_row * key_rows for ps in pieces_by_rank]
+            + model.call_cost(key_rows, documents, query_groups("", ps) if groups is None else groups[r])
+            for r, ps in enumerate(pieces_by_rank)]
+
+
+def call_shape(strategy: str, pieces_by_rank: list[list[Piece]], num_docs: int) -> tuple[list[int], int]:
+    """(query groups per rank, documents per rank's calls) of the engines' kernel calls:
+    the all-gather call has ``layout.query_groups`` groups over every document; a ring
+    rank makes W calls of one group over every document (not measured yet)."""
+    w = len(pieces_by_rank)
+    if strategy in RING_STRATEGIES:
+        return [1] * w, w * num_docs
+    return [query_groups(strategy, ps) for ps in pieces_by_rank], num_docs
 
 
 def _strided_cost(p: Piece, model: CostModel) -> float:
@@ -108,7 +137,7 @@ def predict(strategy: str, seqlens: list[int], world_size: int, heads: Heads = H
         whole = [[Piece(i, 0, n)] for i, n in enumerate(seqlens)]
         pairs = sum(layout_work(whole)) / w
         # Every document for nheads / W heads: a W-th of the whole batch's cost, keys included.
-        per_rank = sum(layout_work(whole, model)) / w + model.key_row * total / w
+        per_rank = (sum(layout_work(whole, model)) + model.call_cost(total, len(seqlens), 1)) / w
         feasible = heads.nheads % w == 0 and (heads.nheads_k % w == 0 or w % heads.nheads_k == 0)
         qkvo = (2 * heads.nheads + 2 * heads.nheads_k) * heads.headdim * heads.bytes_per_element
         comm = 2 * max(tokens) * (w - 1) / w * qkvo  # forward: q, k, v, out; backward: dout, dq, dk, dv
@@ -121,7 +150,8 @@ def predict(strategy: str, seqlens: list[int], world_size: int, heads: Heads = H
     else:
         pieces = [rank_pieces(strategy, seqlens, r, w) for r in range(w)]
     tokens = [sum(p.length for p in ps) for ps in pieces]
-    cost = layout_work(pieces, model, key_rows=total)
+    groups, documents = call_shape(strategy, pieces, len(seqlens))
+    cost = layout_work(pieces, model, key_rows=total, documents=documents, groups=groups)
     gathered = (w - 1) * max(tokens + [0]) * kv_bytes_per_token  # padded to the largest rank
     # K/V gathered in the forward and again in the backward, dK/dV reduce-scattered in float32.
     comm = gathered * (2 + 4 / heads.bytes_per_element)

@@ -122,17 +122,25 @@ BALANCED_MIN_PIECE = 256
 class CostModel:
     """Predicted attention time of a rank's work, in units of one visible (query, key) pair:
     ``pair`` per visible pair, ``row`` per query row (loads, softmax and stores that do not
-    scale with the keys), ``piece`` per piece (a partial tile, a grid tail), and
-    ``key_row`` per row of the K/V buffer the rank's kernel calls read (charged once per
-    rank by ``cost.layout_work``: the backward's dK/dV programs and float32 buffers cover
-    every gathered key, whether or not the rank's queries see it). The defaults count
-    visible pairs only (``balanced_layout`` deals by them); ``cost.Machine`` holds the
-    coefficients measured per GPU."""
+    scale with the keys), ``piece`` per piece (a partial tile, a grid tail), and two terms
+    of the rank's kernel call as a whole, each per query group of the call
+    (``query_groups``; ``cost.layout_work`` charges them once per rank):
+
+    * ``group_key_row`` per row of the K/V buffer the call reads, per query group: the
+      backward's dK/dV kernel runs one program per key block of every document, and each
+      loops over every query group (and the query heads of its KV head), whether or not
+      the group has queries in that document;
+    * ``entry`` per (query group, document) entry of the call's metadata: the forward's
+      launch grid holds query blocks x heads programs for every entry, empty ones included.
+
+    The defaults count visible pairs only (``balanced_layout`` deals by them);
+    ``cost.Machine`` holds the coefficients measured per GPU."""
 
     pair: float = 1.0
     row: float = 0.0
     piece: float = 0.0
-    key_row: float = 0.0
+    group_key_row: float = 0.0
+    entry: float = 0.0
 
     def cost(self, start: int, length: int) -> float:
         """Query rows at positions [start, start + length) of a document, each seeing every
@@ -142,6 +150,28 @@ class CostModel:
     def piece_cost(self, pairs: float, length: int) -> float:
         """A piece of ``length`` query rows that see ``pairs`` (query, key) pairs in all."""
         return self.pair * pairs + self.row * length + (self.piece if length else 0.0)
+
+    def call_cost(self, key_rows: float, documents: float, groups: float) -> float:
+        """The terms of a kernel call over ``key_rows`` K/V rows and ``documents``
+        documents with ``groups`` query groups."""
+        return groups * (self.group_key_row * key_rows + self.entry * documents)
+
+
+#: Strategies whose engine passes K/V around a ring: W calls a step, one query group each.
+RING_STRATEGIES = ("ring", "zigzag_ring", "stripe")
+
+
+def query_groups(strategy: str, pieces: list[Piece]) -> int:
+    """Query groups of a rank's all-gather kernel call (``Plan._allgather_spec``): one per
+    piece of a document on the rank, at least one (llama3: one; balanced: two for each
+    zigzag pair of one document dealt there), and always two for zigzag_llama3 (its two
+    chunks of every document)."""
+    if strategy == "zigzag_llama3":
+        return 2
+    counts: dict[int, int] = {}
+    for p in pieces:
+        counts[p.seq] = counts.get(p.seq, 0) + 1
+    return max(list(counts.values()) + [1])
 
 
 def balanced_layout(seqlens: list[int], world_size: int, min_piece: int = BALANCED_MIN_PIECE,

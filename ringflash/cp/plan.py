@@ -43,7 +43,9 @@ from .checks import SignatureChecks, call_signature, check_agreement
 from .cost import AUTO_CANDIDATES, Heads, choose, layout_work, predict
 from .comm import Comm, hybrid_comms
 from .engines import AllGatherAttention, AllGatherSpec, LocalKeys, RingAttention, RingStep
-from .layout import BALANCED_MIN_PIECE, STRATEGIES, balanced_layout, chunk_bounds, rank_pieces, segments
+from .layout import (
+    BALANCED_MIN_PIECE, STRATEGIES, balanced_layout, chunk_bounds, query_groups, rank_pieces, segments,
+)
 from .local import MODES, LocalParams
 from .ulysses import AllGatherInner, HeadSplit, LocalInner, UlyssesAttention, check_heads
 
@@ -561,10 +563,7 @@ class Plan:
         if key not in self._cache:
             # One query group per piece of a document on this rank: zigzag's two chunks,
             # llama3's one, and as many zigzag pairs as the balanced layout dealt here.
-            counts: dict[int, int] = {}
-            for p in self.pieces[self.rank]:
-                counts[p.seq] = counts.get(p.seq, 0) + 1
-            groups = 2 if self.strategy == "zigzag_llama3" else max(list(counts.values()) + [1])
+            groups = query_groups(self.strategy, self.pieces[self.rank])
             if local_first:
                 self._cache[key] = _local_first_spec(self.pieces, self.rank, self.seqlens, self.cu_seqlens, groups,
                                                      causal)

@@ -38,16 +38,14 @@ import torch
 from ..kernels.bwd import prepare_backward
 from ..kernels.problem import SeqMeta
 from ..validation import resolve_softmax_scale
-from .cost import Heads, Machine, choose, layout_work, predict
+from .cost import Heads, Machine, call_shape, choose, layout_work, predict
 from .engines import AllGatherSpec
 from .layout import (
-    BALANCED_MIN_PIECE, STRATEGIES, CostModel, Piece, balanced_layout, rank_pieces,
+    BALANCED_MIN_PIECE, RING_STRATEGIES, STRATEGIES, CostModel, Piece, balanced_layout, rank_pieces,
 )
 from .local import LocalParams, local_backward, local_forward
 from .plan import ALL_GATHER_STRATEGIES, Plan, _allgather_spec, _check_min_piece, zigzag_mode
 from .ulysses import check_heads
-
-RING_STRATEGIES = ("ring", "zigzag_ring", "stripe")
 
 
 class Unsupported(NotImplementedError):
@@ -123,9 +121,10 @@ def model_work(strategy: str, seqlens: list[int], world_size: int, heads: Heads,
     """The cost model's work per rank (``model`` units: causal pairs by default), in units
     of all nheads query heads: ``cost.predict``'s ``work`` for the strategies it covers
     (``layout_work`` of the rank's pieces; ulysses: every document's work / W). hybrid:
-    the rank's Ulysses group's zigzag stream, for nheads / u heads. ``model.key_row``
-    charges the K/V rows a rank reads: the whole batch's keys (all-gather and ring
-    strategies), for nheads / W heads (ulysses) or nheads / u (hybrid)."""
+    the rank's Ulysses group's zigzag stream, for nheads / u heads. The call terms
+    (``CostModel.call_cost``) count the whole batch's keys and documents (all-gather and
+    ring strategies), for nheads / W heads (ulysses, one query group) or nheads / u
+    (hybrid, zigzag's two groups), with ``cost.call_shape``'s query groups."""
     w = world_size
     total = sum(seqlens)
     if strategy == "hybrid":
@@ -133,16 +132,18 @@ def model_work(strategy: str, seqlens: list[int], world_size: int, heads: Heads,
         if u is None or w % u:
             raise Unsupported(f"ulysses_degree: got {u!r}; expected a divisor of world_size={w}")
         streams = [rank_pieces("zigzag_llama3", seqlens, g, w // u) for g in range(w // u)]
-        work = layout_work(streams, model, key_rows=total)
+        groups, documents = call_shape("zigzag_llama3", streams, len(seqlens))
+        work = layout_work(streams, model, key_rows=total, documents=documents, groups=groups)
         return [work[r // u] / u for r in range(w)]
     if strategy == "ulysses":
         whole = layout_work([[Piece(i, 0, n)] for i, n in enumerate(seqlens)], model)
-        return [(sum(whole) + model.key_row * total) / w] * w
+        return [(sum(whole) + model.call_cost(total, len(seqlens), 1)) / w] * w
     if model == CostModel():
         return list(predict(strategy, seqlens, w, heads, min_piece=min_piece).work)
     pieces = balanced_layout(seqlens, w, min_piece) if strategy == "balanced" else \
         [rank_pieces(strategy, seqlens, r, w) for r in range(w)]
-    return layout_work(pieces, model, key_rows=total)
+    groups, documents = call_shape(strategy, pieces, len(seqlens))
+    return layout_work(pieces, model, key_rows=total, documents=documents, groups=groups)
 
 
 def predicted_ms(pairs: float, heads: Heads, machine: Machine = Machine()) -> float:
@@ -162,6 +163,7 @@ class RankSim:
     key_rows: int  # rows of the K/V buffer its calls read
     q_heads: int  # query heads of its kernel calls
     calls: int  # local_forward calls of one forward
+    query_groups: int  # query groups of each call's metadata
     kernel_pairs: float  # causal pairs of the calls' metadata, in units of all query heads
     forward: Callable[[], None] = field(repr=False)
     forward_backward: Callable[[], None] = field(repr=False)
@@ -234,7 +236,8 @@ def simulate_rank(strategy: str, seqlens: list[int], world_size: int, rank: int,
         kv = _rand((plan.total, 2, hk, d), dtype, device, gen)  # the gathered keys, in global order
         fwd, fwd_bwd = _allgather_runner(q, kv, spec, params, mode, w, dtype, device, gen)
         return RankSim(**common, q_rows=n, key_rows=plan.total, q_heads=h, calls=1,
-                       kernel_pairs=float(meta_pairs(spec.meta)), forward=fwd, forward_backward=fwd_bwd)
+                       query_groups=spec.meta.num_groups, kernel_pairs=float(meta_pairs(spec.meta)), forward=fwd,
+                       forward_backward=fwd_bwd)
 
     if strategy == "hybrid":
         u = split.degree
@@ -251,7 +254,8 @@ def simulate_rank(strategy: str, seqlens: list[int], world_size: int, rank: int,
         fwd, fwd_bwd = _allgather_runner(qkv[:, :hq], kv, spec, params, mode, across, dtype, device, gen,
                                          dq=grads[:, :hq])
         return RankSim(**common, q_rows=m, key_rows=plan.total, q_heads=hq, calls=1,
-                       kernel_pairs=meta_pairs(spec.meta) * hq / h, forward=fwd, forward_backward=fwd_bwd)
+                       query_groups=spec.meta.num_groups, kernel_pairs=meta_pairs(spec.meta) * hq / h, forward=fwd,
+                       forward_backward=fwd_bwd)
 
     if strategy == "ulysses":
         total = plan.total
@@ -281,7 +285,8 @@ def simulate_rank(strategy: str, seqlens: list[int], world_size: int, rank: int,
                            dv=dkv[:, hkl:])
 
         return RankSim(**common, q_rows=total, key_rows=total, q_heads=hq, calls=1,
-                       kernel_pairs=meta_pairs(meta) * hq / h, forward=forward, forward_backward=forward_backward)
+                       query_groups=meta.num_groups, kernel_pairs=meta_pairs(meta) * hq / h, forward=forward,
+                       forward_backward=forward_backward)
 
     if strategy in RING_STRATEGIES:
         steps = [s for s in plan._ring_steps(True, -1, 0) if not s.skip]
@@ -315,6 +320,7 @@ def simulate_rank(strategy: str, seqlens: list[int], world_size: int, rank: int,
                                dq=dq_s, dk=dkv_s[:, 0], dv=dkv_s[:, 1], prepared=prepared)
 
         return RankSim(**common, q_rows=n, key_rows=plan.n_max, q_heads=h, calls=len(steps),
+                       query_groups=max([s.meta.num_groups for s in steps] + [1]),
                        kernel_pairs=float(sum(meta_pairs(s.meta) for s in steps)), forward=forward,
                        forward_backward=forward_backward)
     raise ValueError(f"strategy: got {strategy!r}; expected one of {', '.join(STRATEGIES)}")
