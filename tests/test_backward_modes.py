@@ -66,8 +66,10 @@ def test_deterministic_flag_refuses_atomics(monkeypatch):
 # --- the dK/dV kernel's query split (RINGFLASH_DKV_SPLITS) -------------------------------
 
 
-@pytest.mark.parametrize("splits", ["2", "3", "64"])
-@pytest.mark.parametrize("mode", ["deterministic", "atomic"])
+# Which query blocks a split visits is the same code in both backwards (the atomic one only
+# adds each block's dQ share), so the atomic backward runs one split count (CI time).
+@pytest.mark.parametrize("mode,splits", [("deterministic", "2"), ("deterministic", "3"), ("deterministic", "64"),
+                                         ("atomic", "3")])
 def test_dkv_splits_dense_and_varlen(gen, monkeypatch, splits, mode):
     """Several programs per key block, each summing every N-th of its query blocks (of every
     query head) into a float32 partial: against float64 with GQA 6/2 and one head, a causal

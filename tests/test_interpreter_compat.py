@@ -37,3 +37,23 @@ def test_same_results_with_and_without_the_change_and_the_language_is_restored(m
     without = _run(0)
     for a, b in zip(with_change, without):
         assert torch.equal(a, b)
+
+
+def test_results_do_not_depend_on_the_skipped_overflow_checks(monkeypatch):
+    """tests/interpreter_options.py turns the interpreter's (dead) int32 overflow checks off
+    for CI time; the kernels' results are the same bit for bit with them on."""
+    import dataclasses
+
+    from triton.runtime import interpreter
+
+    import interpreter_options
+
+    builder = interpreter.interpreter_builder
+    if not interpreter_options.skip_dead_overflow_checks():
+        pytest.skip("this Triton's interpreter keeps its overflow checks (they can fail a run)")
+    assert not builder.options.sanitize_overflow
+    without = _run(1)
+    monkeypatch.setattr(builder, "options", dataclasses.replace(builder.options, sanitize_overflow=True))
+    with_checks = _run(1)
+    for a, b in zip(with_checks, without):
+        assert torch.equal(a, b)
