@@ -106,7 +106,7 @@ def _install() -> None:
         """q as config_for sees it: on CUDA device 0 (so it reads the sm_90 table)."""
 
         def __init__(self, q):
-            self.q, self.device = q, torch.device("cuda", 0)
+            self.q, self.device, self.dtype = q, torch.device("cuda", 0), q.dtype
 
         def element_size(self) -> int:
             return self.q.element_size()
