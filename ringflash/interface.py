@@ -31,7 +31,8 @@ import torch
 
 from . import validation as V
 from .autograd import PagedKVAttnFunc, apply_flash_attn
-from .kernels.problem import SeqMeta
+from .kernels import dispatch
+from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
 AttnOutput = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
 
@@ -75,6 +76,44 @@ def _result(out: torch.Tensor, lse: torch.Tensor, opts: _Options, probs) -> Attn
     if not opts.return_attn_probs:
         return out
     return out, lse, probs() if opts.dropout_p > 0 else None
+
+
+#: Validated inference calls of ``flash_attn_func``: (the tensors' metadata, the options and
+#: their types) -> (options, problem). A decode loop calls with the same shapes at every
+#: step, and on a GPU host its checks, options and problem took about 20 us a call
+#: (``bench tune --only-overhead``, run 35), a quarter of a decode step's host time, which
+#: decides an eager step's speed when the kernels take less. Everything those checks read
+#: is in the key, so a call that matches one that passed them passes them too.
+_INFERENCE_CALLS: dict[tuple, tuple[_Options, AttnProblem]] = {}
+#: Entries kept before the table is dropped and refilled (a key names a shape).
+_MAX_INFERENCE_CALLS = 256
+_SCALAR_TYPES = (bool, int, float, type(None))
+
+
+def _inference_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+                   return_attn_probs) -> Optional[tuple]:
+    """The memo key of a ``flash_attn_func`` call that needs no autograd, dropout, ALiBi or
+    tracing, or None for any other call (which then takes the whole path). The option
+    values go in with their types: ``softcap=True`` equals ``softcap=1.0`` but is refused."""
+    if alibi_slopes is not None or type(window_size) is not tuple or len(window_size) != 2:
+        return None
+    scalars = (dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap, deterministic,
+               return_attn_probs)
+    types = tuple(type(x) for x in scalars)
+    if not all(t in _SCALAR_TYPES for t in types) or dropout_p != 0 or torch.compiler.is_compiling():
+        return None
+    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+            v.shape, v.stride(), v.dtype, v.device, scalars, types)
+
+
+def _remember_inference_call(key: tuple, opts: _Options, prob: AttnProblem) -> None:
+    if len(_INFERENCE_CALLS) >= _MAX_INFERENCE_CALLS:
+        _INFERENCE_CALLS.clear()
+    _INFERENCE_CALLS[key] = (opts, prob)
 
 
 def _round128(n: int) -> int:
@@ -123,6 +162,12 @@ def flash_attn_func(
     Returns out (batch, seqlen_q, nheads, d), or (out, lse, None) with return_attn_probs,
     lse (batch, nheads, seqlen_q) float32.
     """
+    memo_key = _inference_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                              deterministic, return_attn_probs)
+    known = _INFERENCE_CALLS.get(memo_key) if memo_key is not None else None
+    if known is not None:
+        out, lse = dispatch.forward(q, k, v, known[1])
+        return _result(out, lse, known[0], None)
     shape = V.check_dense_qkv(q, k, v)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
@@ -130,6 +175,9 @@ def flash_attn_func(
         q, k, v, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap,
         False, opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,
     )
+    if memo_key is not None:  # the problem apply_flash_attn's op builds (ops._attn_fwd_impl)
+        _remember_inference_call(memo_key, opts, make_problem(
+            q, k, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap))
 
     def probs():
         rows = lambda b: opts.alibi[b if opts.alibi.shape[0] > 1 else 0] if opts.alibi is not None else None  # noqa: E731
