@@ -78,42 +78,27 @@ def _result(out: torch.Tensor, lse: torch.Tensor, opts: _Options, probs) -> Attn
     return out, lse, probs() if opts.dropout_p > 0 else None
 
 
-#: Validated inference calls of ``flash_attn_func``: (the tensors' metadata, the options and
-#: their types) -> (options, problem). A decode loop calls with the same shapes at every
-#: step, and on a GPU host its checks, options and problem took about 20 us a call
-#: (``bench tune --only-overhead``, run 35), a quarter of a decode step's host time, which
-#: decides an eager step's speed when the kernels take less. Everything those checks read
-#: is in the key, so a call that matches one that passed them passes them too.
+#: Validated inference calls of ``flash_attn_func`` (``V.call_key``) -> (options, problem).
+#: A decode loop calls with the same shapes at every step, and on a GPU host its checks,
+#: options and problem took about 20 us a call (``bench tune --only-overhead``, run 35), a
+#: quarter of a decode step's host time, which decides an eager step's speed when the
+#: kernels take less.
 _INFERENCE_CALLS: dict[tuple, tuple[_Options, AttnProblem]] = {}
-#: Entries kept before the table is dropped and refilled (a key names a shape).
-_MAX_INFERENCE_CALLS = 256
-_SCALAR_TYPES = (bool, int, float, type(None))
 
 
 def _inference_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                    return_attn_probs) -> Optional[tuple]:
     """The memo key of a ``flash_attn_func`` call that needs no autograd, dropout, ALiBi or
-    tracing, or None for any other call (which then takes the whole path). The option
-    values go in with their types: ``softcap=True`` equals ``softcap=1.0`` but is refused."""
+    tracing, or None for any other call (which then takes the whole path)."""
     if alibi_slopes is not None or type(window_size) is not tuple or len(window_size) != 2:
         return None
-    scalars = (dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap, deterministic,
-               return_attn_probs)
-    types = tuple(type(x) for x in scalars)
-    if not all(t in _SCALAR_TYPES for t in types) or dropout_p != 0 or torch.compiler.is_compiling():
-        return None
-    if not (type(q) is torch.Tensor and type(k) is torch.Tensor and type(v) is torch.Tensor):
+    key = V.call_key((q, k, v), (dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
+                                 deterministic, return_attn_probs))
+    if key is None or dropout_p != 0 or torch.compiler.is_compiling():
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None
-    return (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
-            v.shape, v.stride(), v.dtype, v.device, scalars, types)
-
-
-def _remember_inference_call(key: tuple, opts: _Options, prob: AttnProblem) -> None:
-    if len(_INFERENCE_CALLS) >= _MAX_INFERENCE_CALLS:
-        _INFERENCE_CALLS.clear()
-    _INFERENCE_CALLS[key] = (opts, prob)
+    return key
 
 
 def _round128(n: int) -> int:
@@ -176,8 +161,8 @@ def flash_attn_func(
         False, opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,
     )
     if memo_key is not None:  # the problem apply_flash_attn's op builds (ops._attn_fwd_impl)
-        _remember_inference_call(memo_key, opts, make_problem(
-            q, k, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap))
+        V.remember(_INFERENCE_CALLS, memo_key, (opts, make_problem(
+            q, k, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap)))
 
     def probs():
         rows = lambda b: opts.alibi[b if opts.alibi.shape[0] > 1 else 0] if opts.alibi is not None else None  # noqa: E731

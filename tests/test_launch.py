@@ -194,3 +194,49 @@ def test_decode_plans_follow_the_float32_matmul_precision():
     finally:
         torch.set_float32_matmul_precision(old)
     assert seen == {"ieee", "tf32"}
+
+
+def test_kvcache_steps_skip_the_checks_they_already_passed(monkeypatch):
+    """``flash_attn_with_kvcache`` remembers a call's checked options the same way: a repeated
+    step skips the checks and matches float64 (an int ``cache_leftpad`` is still turned into
+    the kernels' tensor at each call), while a new value of an int argument, an option of
+    another type or other shapes is checked again."""
+    from ringflash import kvcache as KV
+
+    KV._CHECKED_STEPS.clear()
+    q, k, v = _memo_inputs()
+    lengths = torch.full((2,), 290, dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        first = flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=5, causal=True, softcap=1.0)
+        real_check = KV._check_step
+
+        def checked_again(*args, **kwargs):
+            raise AssertionError("checked again")
+        monkeypatch.setattr(KV, "_check_step", checked_again)
+        again = flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=5, causal=True, softcap=1.0)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        ref = attention_ref(q.double(), k[:, 5:290].double(), v[:, 5:290].double(), causal=True, softcap=1.0)[0]
+        torch.testing.assert_close(again.double().cpu(), ref.cpu(), atol=8e-3, rtol=2e-3)
+        for changed in (dict(cache_leftpad=6), dict(softcap=True), dict(cache_seqlens=lengths[:1])):
+            with pytest.raises(AssertionError, match="checked again"):
+                flash_attn_with_kvcache(q, k, v, **{**dict(cache_seqlens=lengths, cache_leftpad=5, causal=True,
+                                                            softcap=1.0), **changed})
+        monkeypatch.setattr(KV, "_check_step", real_check)
+        flash_attn_with_kvcache(q, k, v, cache_seqlens=280, causal=True)
+        with pytest.raises(ValueError, match="exceed"):
+            flash_attn_with_kvcache(q, k, v, cache_seqlens=301, causal=True)  # the int's value is in the key
+        with pytest.raises(TypeError, match="softcap"):
+            flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=5, causal=True, softcap=True)
+
+
+def test_call_key_takes_only_plain_options_and_tensors():
+    """Memo keys exist only for what the checks read by metadata and value alone."""
+    import numpy as np
+    from ringflash import validation as V
+
+    t = torch.zeros(2, 3)
+    assert V.call_key((t, None), (1.0, True, None)) == V.call_key((torch.ones(2, 3), None), (1.0, True, None))
+    assert V.call_key((t,), (1.0,)) != V.call_key((t.t(),), (1.0,))  # strides
+    assert V.call_key((t,), (1,)) != V.call_key((t,), (1.0,))  # types
+    assert V.call_key((torch.nn.Parameter(t),), ()) is None  # a subclass
+    assert V.call_key((t,), (np.float64(1.0),)) is None  # a numpy scalar
