@@ -224,6 +224,7 @@ def alibi_rows(alibi_slopes: torch.Tensor, nheads: int) -> torch.Tensor:
 #: Option types that a memo of validated calls keys on by value, along with the type
 #: (``softcap=True`` equals ``softcap=1.0`` but is refused).
 _PLAIN_TYPES = frozenset((bool, int, float, type(None)))
+_SUBCLASS = object()
 #: Entries a memo of validated calls keeps before it is dropped and refilled (a key names
 #: a shape, so a stream of new shapes must not grow it forever).
 MEMO_ENTRIES = 256
@@ -237,10 +238,10 @@ def call_key(tensors: Sequence[Optional[torch.Tensor]], scalars: tuple) -> Optio
     types = tuple(map(type, scalars))
     if not _PLAIN_TYPES.issuperset(types):
         return None
-    # One comprehension (host time per call): a subclass leaves its type object in the list.
-    meta = [t if t is None else (t.shape, t.stride(), t.dtype, t.device) if type(t) is torch.Tensor else type(t)
+    # One comprehension (host time per call); a subclass leaves the marker in the list.
+    meta = [t if t is None else (t.shape, t.stride(), t.dtype, t.device) if type(t) is torch.Tensor else _SUBCLASS
             for t in tensors]
-    if any(type(m) is type for m in meta):
+    if _SUBCLASS in meta:
         return None
     return scalars, types, *meta
 
