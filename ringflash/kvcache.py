@@ -19,6 +19,7 @@ aligned to the bottom right of each sequence's keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -91,6 +92,74 @@ def flash_attn_with_kvcache(
         out (batch, seqlen_q, nheads, d), and with ``return_softmax_lse`` also lse (batch,
         nheads, seqlen_q) float32 (natural log; -inf for rows that see no key).
     """
+    key = _step_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                    block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes,
+                    num_splits, return_softmax_lse)
+    step = _CHECKED_STEPS.get(key) if key is not None else None
+    if step is None:
+        step = _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx,
+                           cache_leftpad, block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved,
+                           alibi_slopes, num_splits, return_softmax_lse)
+        if key is not None:
+            V.remember(_CHECKED_STEPS, key, step)
+    lengths = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
+    leftpad = cache_leftpad
+    if step.leftpad_int:  # flash-attn takes a tensor only; a number is kept for convenience
+        leftpad = torch.full((q.shape[0],), step.leftpad_int, dtype=torch.int32, device=q.device)
+    elif not isinstance(leftpad, torch.Tensor):
+        leftpad = None
+    slopes = None if alibi_slopes is None else V.alibi_rows(alibi_slopes, q.shape[2])
+    out, lse = ops.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths, step.lengths_int, leftpad,
+                           cache_batch_idx, block_table, slopes, step.scale, step.causal, step.left, step.right,
+                           step.softcap, step.rotary_interleaved, step.num_splits)
+    return (out, lse) if step.return_lse else out
+
+
+@dataclass(frozen=True)
+class _Step:
+    """The checked options of a call: everything ``ops.kvcache`` takes but the tensors."""
+    lengths_int: int  # cached keys when cache_seqlens is an int or None (else 0)
+    leftpad_int: int  # cache_leftpad given as an int (else 0)
+    scale: float
+    causal: bool
+    left: int
+    right: int
+    softcap: float
+    rotary_interleaved: bool
+    num_splits: int
+    return_lse: bool
+
+
+#: Checked calls by ``_step_key`` -> their ``_Step``: a generation loop calls with the same
+#: shapes at every step, and the checks' host time per call is what an eager decode step pays
+#: over the kernels' (``bench tune --only-overhead``).
+_CHECKED_STEPS: dict[tuple, _Step] = {}
+
+
+def _step_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+              block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+              return_softmax_lse) -> Optional[tuple]:
+    """``V.call_key`` of a call whose checks read only metadata and option values (an int
+    ``cache_seqlens`` or ``cache_leftpad`` goes in by value), or None: while tracing, or
+    with an input that requires grad (refused, each time, by the checks)."""
+    if type(window_size) is not tuple or len(window_size) != 2 or torch.compiler.is_compiling():
+        return None
+    lengths = (cache_seqlens, cache_leftpad)
+    key = V.call_key(
+        (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, block_table, alibi_slopes,
+         *(t if isinstance(t, torch.Tensor) else None for t in lengths)),
+        (*(None if isinstance(t, torch.Tensor) else t for t in lengths), softmax_scale, causal, window_size[0],
+         window_size[1], softcap, rotary_interleaved, num_splits, return_softmax_lse))
+    if key is None or torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
+        return None
+    return key
+
+
+def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
+                block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
+                return_softmax_lse) -> _Step:
+    """Every check of ``flash_attn_with_kvcache``'s arguments; a clear error, or its ``_Step``."""
     V.check_rank("q", q, 4, "(batch, seqlen_q, nheads, headdim)")
     V.check_rank("k_cache", k_cache, 4, "(batch_cache, seqlen_cache, nheads_k, headdim) or (num_blocks, page_size, "
                  "nheads_k, headdim)")
@@ -130,9 +199,7 @@ def flash_attn_with_kvcache(
                              "(or cache_batch_idx)")
     capacity = cache_capacity(k_cache, block_table)
     lengths, lengths_int = _lengths_arg("cache_seqlens", cache_seqlens, batch, device, capacity)
-    leftpad, leftpad_int = _lengths_arg("cache_leftpad", cache_leftpad, batch, device, 0)
-    if leftpad_int:  # flash-attn takes a tensor only; a number is kept for convenience
-        leftpad = torch.full((batch,), leftpad_int, dtype=torch.int32, device=device)
+    _, leftpad_int = _lengths_arg("cache_leftpad", cache_leftpad, batch, device, 0)
     if k is not None:
         V.check_rank("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
         V.check_same_dtype(("q", "k", "v"), (q, k, v))
@@ -154,14 +221,12 @@ def flash_attn_with_kvcache(
     splits = V.integer_value(num_splits)
     if splits is None or splits < 0:
         raise ValueError(f"num_splits: got {num_splits!r}; expected 0 (choose) or a positive int")
-    slopes = None if alibi_slopes is None else V.check_alibi_slopes(alibi_slopes, batch, nheads, device)
+    if alibi_slopes is not None:
+        V.check_alibi_slopes(alibi_slopes, batch, nheads, device)
     scale, cap = V.resolve_softmax_scale(softmax_scale, d), V.check_softcap(softcap)
     interleaved = V.as_bool("rotary_interleaved", rotary_interleaved)
     return_lse = V.as_bool("return_softmax_lse", return_softmax_lse)
-
-    out, lse = ops.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths, lengths_int, leftpad,
-                           cache_batch_idx, block_table, slopes, scale, causal, left, right, cap, interleaved, splits)
-    return (out, lse) if return_lse else out
+    return _Step(lengths_int, leftpad_int, scale, causal, left, right, cap, interleaved, splits, return_lse)
 
 
 def _check_rotary(cos, sin, d: int, capacity: int, q: torch.Tensor) -> None:

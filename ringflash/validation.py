@@ -213,7 +213,44 @@ def check_alibi_slopes(alibi_slopes: object, batch: int, nheads: int, device: to
                          f"or (batch, nheads) = ({batch}, {nheads})")
     if alibi_slopes.device != device:
         raise ValueError(f"alibi_slopes: is on device {alibi_slopes.device} but q is on {device}; expected {device}")
+    return alibi_rows(alibi_slopes, nheads)
+
+
+def alibi_rows(alibi_slopes: torch.Tensor, nheads: int) -> torch.Tensor:
+    """Checked ALiBi slopes as the kernels read them: contiguous (1 or batch, nheads)."""
     return alibi_slopes.reshape(-1, nheads).contiguous()
+
+
+#: Option types that a memo of validated calls keys on by value, along with the type
+#: (``softcap=True`` equals ``softcap=1.0`` but is refused).
+_PLAIN_TYPES = frozenset((bool, int, float, type(None)))
+_SUBCLASS = object()
+#: Entries a memo of validated calls keeps before it is dropped and refilled (a key names
+#: a shape, so a stream of new shapes must not grow it forever).
+MEMO_ENTRIES = 256
+
+
+def call_key(tensors: Sequence[Optional[torch.Tensor]], scalars: tuple) -> Optional[tuple]:
+    """The key under which a memo may remember that a call passed its checks, for calls
+    whose checks read nothing but the metadata of their tensors (presence, shape, strides,
+    dtype, device) and the values of their options. None (do not remember) when an option
+    is not a plain bool, int, float or None, or a tensor is a subclass."""
+    types = tuple(map(type, scalars))
+    if not _PLAIN_TYPES.issuperset(types):
+        return None
+    # One comprehension (host time per call); a subclass leaves the marker in the list.
+    meta = [t if t is None else (t.shape, t.stride(), t.dtype, t.device) if type(t) is torch.Tensor else _SUBCLASS
+            for t in tensors]
+    if _SUBCLASS in meta:
+        return None
+    return scalars, types, *meta
+
+
+def remember(memo: dict, key: tuple, value: object) -> None:
+    """memo[key] = value, dropping the whole memo first when it holds ``MEMO_ENTRIES``."""
+    if len(memo) >= MEMO_ENTRIES:
+        memo.clear()
+    memo[key] = value
 
 
 @dataclass(frozen=True)

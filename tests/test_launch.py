@@ -117,3 +117,126 @@ def test_a_launch_hook_sends_launches_through_triton():
     assert not L._hook_set(types.SimpleNamespace(calls=[]))
     assert L._hook_set(types.SimpleNamespace(calls=[print]))
     assert L._hook_set(print)
+
+
+def _memo_inputs(dtype=torch.float16, seed=11):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda *s: torch.randn(*s, generator=gen).to(dtype).to(DEVICE)  # noqa: E731
+    return mk(2, 1, 4, 16), mk(2, 300, 2, 16), mk(2, 300, 2, 16)  # 300 keys: the decode family
+
+
+def test_inference_calls_skip_the_checks_they_already_passed(monkeypatch):
+    """``flash_attn_func`` without autograd remembers a call's validated options by its
+    tensors' metadata: the same call again skips the checks (here: they would raise) and
+    gives the same answer; a call with other shapes is checked again."""
+    from ringflash import interface as I
+    from ringflash import validation as V
+
+    I._INFERENCE_CALLS.clear()
+    q, k, v = _memo_inputs()
+    ref = attention_ref(q.double(), k.double(), v.double(), causal=True)[0].cpu()
+    with torch.no_grad():
+        first = flash_attn_func(q, k, v, causal=True)
+        assert len(I._INFERENCE_CALLS) == 1
+
+        def checked_again(*args, **kwargs):
+            raise AssertionError("check_dense_qkv ran for a remembered call")
+        monkeypatch.setattr(V, "check_dense_qkv", checked_again)
+        again = flash_attn_func(q, k, v, causal=True)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        torch.testing.assert_close(again.double().cpu(), ref, atol=8e-3, rtol=2e-3)
+        with pytest.raises(AssertionError, match="check_dense_qkv ran"):
+            flash_attn_func(q[:1], k[:1], v[:1], causal=True)  # new shapes: checked
+
+
+def test_inference_memo_refuses_what_the_checks_refuse():
+    """A remembered call does not let through an argument the checks refuse: option values
+    equal to accepted ones but of another type, and tensors differing in dtype, layout or
+    autograd needs, all take the checked path."""
+    from ringflash import interface as I
+
+    I._INFERENCE_CALLS.clear()
+    q, k, v = _memo_inputs()
+    with torch.no_grad():
+        flash_attn_func(q, k, v, softcap=1.0, window_size=(8, 0), softmax_scale=0.5)
+        flash_attn_func(q, k, v, softcap=1.0, window_size=(8, 0), softmax_scale=0.5)  # remembered
+        with pytest.raises(TypeError, match="softcap"):
+            flash_attn_func(q, k, v, softcap=True, window_size=(8, 0), softmax_scale=0.5)  # True == 1.0
+        with pytest.raises(TypeError, match="softmax_scale"):
+            flash_attn_func(q, k, v, softcap=1.0, window_size=(8, 0), softmax_scale="0.5")
+        with pytest.raises(TypeError, match="window_size"):
+            flash_attn_func(q, k, v, softcap=1.0, window_size=(8.0, 0), softmax_scale=0.5)
+        with pytest.raises(TypeError, match="dtype"):
+            flash_attn_func(q, k.float(), v, softcap=1.0, window_size=(8, 0), softmax_scale=0.5)
+        k_strided = torch.randn(2, 2, 300, 16).to(k.dtype).to(DEVICE).transpose(1, 2)  # another layout
+        k_strided.copy_(k)
+        torch.testing.assert_close(flash_attn_func(q, k_strided, v), flash_attn_func(q, k, v), rtol=0, atol=0)
+    qg = q.clone().requires_grad_()
+    assert flash_attn_func(qg, k, v).grad_fn is not None  # autograd: never the remembered path
+
+
+def test_decode_plans_follow_the_float32_matmul_precision():
+    """An fp32 decode call's plan fixes the dots' precision, which follows
+    ``torch.set_float32_matmul_precision``: changing the setting between two calls of the
+    same shapes must change the plan (a plan keyed on shapes alone kept the first one)."""
+    from ringflash.kernels import decode as D
+
+    q, k, v = _memo_inputs(torch.float32)
+    old = torch.get_float32_matmul_precision()
+    seen = set()
+    D._PLANS.clear()
+    try:
+        for setting in ("highest", "high"):
+            torch.set_float32_matmul_precision(setting)
+            with torch.no_grad():
+                flash_attn_func(q, k, v, causal=True)
+            seen |= {plan.constexprs["INPUT_PRECISION"] for plan in D._PLANS.values()}
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert seen == {"ieee", "tf32"}
+
+
+def test_kvcache_steps_skip_the_checks_they_already_passed(monkeypatch):
+    """``flash_attn_with_kvcache`` remembers a call's checked options the same way: a repeated
+    step skips the checks and matches float64 (an int ``cache_leftpad`` is still turned into
+    the kernels' tensor at each call), while a new value of an int argument, an option of
+    another type or other shapes is checked again."""
+    from ringflash import kvcache as KV
+
+    KV._CHECKED_STEPS.clear()
+    q, k, v = _memo_inputs()
+    lengths = torch.full((2,), 290, dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        first = flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=5, causal=True, softcap=1.0)
+        real_check = KV._check_step
+
+        def checked_again(*args, **kwargs):
+            raise AssertionError("checked again")
+        monkeypatch.setattr(KV, "_check_step", checked_again)
+        again = flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=5, causal=True, softcap=1.0)
+        torch.testing.assert_close(again, first, rtol=0, atol=0)
+        ref = attention_ref(q.double(), k[:, 5:290].double(), v[:, 5:290].double(), causal=True, softcap=1.0)[0]
+        torch.testing.assert_close(again.double().cpu(), ref.cpu(), atol=8e-3, rtol=2e-3)
+        for changed in (dict(cache_leftpad=6), dict(softcap=True), dict(cache_seqlens=lengths[:1])):
+            with pytest.raises(AssertionError, match="checked again"):
+                flash_attn_with_kvcache(q, k, v, **{**dict(cache_seqlens=lengths, cache_leftpad=5, causal=True,
+                                                            softcap=1.0), **changed})
+        monkeypatch.setattr(KV, "_check_step", real_check)
+        flash_attn_with_kvcache(q, k, v, cache_seqlens=280, causal=True)
+        with pytest.raises(ValueError, match="exceed"):
+            flash_attn_with_kvcache(q, k, v, cache_seqlens=301, causal=True)  # the int's value is in the key
+        with pytest.raises(TypeError, match="softcap"):
+            flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=5, causal=True, softcap=True)
+
+
+def test_call_key_takes_only_plain_options_and_tensors():
+    """Memo keys exist only for what the checks read by metadata and value alone."""
+    import numpy as np
+    from ringflash import validation as V
+
+    t = torch.zeros(2, 3)
+    assert V.call_key((t, None), (1.0, True, None)) == V.call_key((torch.ones(2, 3), None), (1.0, True, None))
+    assert V.call_key((t,), (1.0,)) != V.call_key((t.t(),), (1.0,))  # strides
+    assert V.call_key((t,), (1,)) != V.call_key((t,), (1.0,))  # types
+    assert V.call_key((torch.nn.Parameter(t),), ()) is None  # a subclass
+    assert V.call_key((t,), (np.float64(1.0),)) is None  # a numpy scalar

@@ -109,15 +109,17 @@ def _dkdv_block_loop(
         else:
             do = tl.load(do_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             delta = tl.load(delta_base + offs_m)
-        if HAS_DROPOUT:  # dV sees the dropped, rescaled probabilities; dP only where kept
+        if HAS_DROPOUT:
+            # dV sees the dropped probabilities (the kernel scales dV by 1 / (1 - p) once, at
+            # the end); dP counts only where kept, scaled in the same multiply-add as delta.
             keepT = dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, True)
-            dv = tl.dot(tl.where(keepT, pT * dropout_scale, 0.0).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            dpT = tl.where(keepT, dpT * dropout_scale, 0.0)
+            dsT = pT * (tl.where(keepT, dpT, 0.0) * dropout_scale - delta[None, :])
         else:
             dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
+            dsT = pT * (dpT - delta[None, :])
         if HAS_SOFTCAP:
             t = sT / softcap_out  # tanh of the capped score
             dsT = dsT * (1.0 - t * t)
@@ -238,6 +240,8 @@ def _bwd_dkdv_kernel(
             ATOMIC_DQ,
         )
     dk = dk * softmax_scale
+    if HAS_DROPOUT:
+        dv = dv * dropout_scale
     if HAS_DKV_ROWS:
         rows = tl.load(DkvRows + k_start + offs_n, mask=offs_n < sk_full, other=0).to(tl.int64)
         dk_ptrs = DK + hk.to(tl.int64) * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :]
@@ -288,8 +292,9 @@ def _dq_block_loop(
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, False)
-            dp = tl.where(keep, dp * dropout_scale, 0.0)
-        ds = p * (dp - delta[:, None])
+            ds = p * (tl.where(keep, dp, 0.0) * dropout_scale - delta[:, None])
+        else:
+            ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
             t = s / softcap_out
             ds = ds * (1.0 - t * t)

@@ -246,6 +246,7 @@ def _plan_key(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPro
     return (
         q.get_device(), q.shape, q.stride(), q.dtype, k_cache.shape, k_cache.stride(), k_cache.dtype,
         v_cache.stride(), v_cache.dtype, prob, max_keys, num_splits, int_class(min_k_len), int_class(keys.offset),
+        configs.input_precision(q.dtype),  # fp32 follows torch's matmul precision, which may change between calls
         # Index tensors are read with unit stride from entry b on: their dtypes only.
         *(None if t is None else t.dtype for t in (keys.starts, keys.ends, keys.len_base, cache_rows)),
         None if block_table is None else (block_table.dtype, block_table.shape[1], block_table.stride(0)),
