@@ -90,11 +90,12 @@ def _inference_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softc
                    return_attn_probs) -> Optional[tuple]:
     """The memo key of a ``flash_attn_func`` call that needs no autograd, dropout, ALiBi or
     tracing, or None for any other call (which then takes the whole path)."""
-    if alibi_slopes is not None or type(window_size) is not tuple or len(window_size) != 2:
+    if torch.compiler.is_compiling() or alibi_slopes is not None or type(window_size) is not tuple or \
+            len(window_size) != 2:
         return None
     key = V.call_key((q, k, v), (dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
                                  deterministic, return_attn_probs))
-    if key is None or dropout_p != 0 or torch.compiler.is_compiling():
+    if key is None or dropout_p != 0:
         return None
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return None

@@ -142,7 +142,7 @@ def _step_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
     """``V.call_key`` of a call whose checks read only metadata and option values (an int
     ``cache_seqlens`` or ``cache_leftpad`` goes in by value), or None: while tracing, or
     with an input that requires grad (refused, each time, by the checks)."""
-    if type(window_size) is not tuple or len(window_size) != 2 or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or type(window_size) is not tuple or len(window_size) != 2:
         return None
     lengths = (cache_seqlens, cache_leftpad)
     key = V.call_key(

@@ -103,3 +103,32 @@ def test_exact_fp32_takes_the_small_register_tiles(monkeypatch, headdim):
             torch.set_float32_matmul_precision(prev)
     finally:
         configs.fit_shared_memory.cache_clear()
+
+
+def test_dropout_takes_its_own_measured_tiles(monkeypatch):
+    """With dropout the d=128 causal forward and dK/dV kernels take ``DROPOUT_TABLE``'s tiles
+    (run 37: the forward 14% faster than with the table's); other keys and calls without
+    dropout keep the table."""
+    import torch
+    from ringflash.kernels.problem import make_problem
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(configs, "_device_index", lambda device: 0)
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda index: 227 * 1024)
+    configs.fit_shared_memory.cache_clear()
+    try:
+        for headdim, causal in ((128, True), (128, False), (64, True)):
+            t = torch.empty(1, 128, 4, headdim, dtype=torch.bfloat16)
+            q = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0), dtype=t.dtype,
+                                      element_size=t.element_size, shape=t.shape)
+            prob = make_problem(q, q, None, 128, 128, 1.0, causal, -1, -1, 0.0)
+            for kind in configs.KINDS:
+                plain = configs.config_for(kind, q, prob)
+                assert plain == configs.fit_shared_memory(kind, configs.TABLE[(9, 0)][kind][(headdim, causal)],
+                                                          prob.block_d, 2, 0)
+                entry = configs.DROPOUT_TABLE[(9, 0)].get(kind, {}).get((headdim, causal))
+                want = plain if entry is None else configs.fit_shared_memory(kind, entry, prob.block_d, 2, 0)
+                assert configs.config_for(kind, q, prob, dropout=True) == want
+        assert configs.DROPOUT_TABLE[(9, 0)]["fwd"][(128, True)] != configs.TABLE[(9, 0)]["fwd"][(128, True)]
+    finally:
+        configs.fit_shared_memory.cache_clear()

@@ -517,7 +517,7 @@ def attention_backward(
             GROUP_ORDER=cfg.group_order_code,
         )
 
-    cfg = configs.config_for("dkdv", q, prob, run=launch_dkdv)
+    cfg = configs.config_for("dkdv", q, prob, run=launch_dkdv, dropout=dropout is not None)
     if atomic_dq and configs.autotune_enabled():
         dq_acc.zero_()  # the timing runs of the autotuner added into it
     launch_dkdv(cfg)
@@ -528,6 +528,6 @@ def attention_backward(
     if atomic_dq:
         results[0].copy_(dq_acc)
     else:
-        launch_dq(configs.config_for("dq", q, prob, run=launch_dq))
+        launch_dq(configs.config_for("dq", q, prob, run=launch_dq, dropout=dropout is not None))
         finish_output(results[0], dq)
     return results

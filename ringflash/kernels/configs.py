@@ -133,6 +133,20 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 }
 
 
+# With dropout the kernels also compute the mask's words per score entry: more registers
+# and integer work, so other tiles win. Run 37 on an H200 (``scripts/probe_dropout.py``,
+# b=4 s=4k h=16 d=128 causal bf16, dropout 0.1): the forward took 0.909 ms with the table's
+# (128, 64, 8, 3) and 0.779 ms with (64, 64, 4, 3); dK/dV 2.572 -> 2.511 ms (the whole
+# backward) with (64, 128, 8, 4); dQ's table entry was already the fastest. Only measured
+# keys are here: (compute capability) -> kind -> (head-dim bucket, causal) -> config.
+DROPOUT_TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
+    (9, 0): {
+        "fwd": {(128, True): _C(64, 64, 4, 3)},
+        "dkdv": {(128, True): _C(64, 128, 8, 4)},
+    },
+}
+
+
 # Exact fp32 (ieee dots, the default for fp32 inputs: ``input_precision``) runs its dots
 # as FMA loops on tiles held in registers, not on tensor cores, so the 16-bit tables' big
 # tiles spill. Run 35 on an H200 (``scripts/probe_fp32.py``, b=2 s=4k h=8 causal): at d=64
@@ -277,14 +291,16 @@ def pick_fastest(key: tuple, cands: list[KernelConfig], run: Callable[[KernelCon
     return best
 
 
-def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelConfig], object]] = None) -> KernelConfig:
-    """The launch configuration of kernel ``kind`` for this problem (see the module doc)."""
+def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelConfig], object]] = None,
+               dropout: bool = False) -> KernelConfig:
+    """The launch configuration of kernel ``kind`` for this problem (see the module doc);
+    ``dropout``: the kernel generates a dropout mask (``DROPOUT_TABLE`` first)."""
     if kind in _override:
         return _override[kind]  # type: ignore[return-value]
     if interpreting() or q.device.type != "cuda":
         return INTERPRETER[kind]
     if run is not None and autotune_enabled():
-        return pick_fastest(tuning_key(kind, q, prob), candidates(kind, prob.headdim), run)
+        return pick_fastest(tuning_key(kind, q, prob) + (dropout,), candidates(kind, prob.headdim), run)
     if q.dtype == torch.float32 and input_precision(q.dtype) == "ieee":
         cfg = FP32_EXACT[headdim_bucket(prob.headdim)][kind]
         return fit_shared_memory(kind, cfg, prob.block_d, q.element_size(), _device_index(q.device))
@@ -294,6 +310,8 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
     key = (headdim_bucket(prob.headdim), banded)
     gqa_key = key + (prob.nheads > prob.nheads_k,)
     cfg = table.get(gqa_key, table.get(key, DEFAULT[kind]))
+    if dropout:
+        cfg = DROPOUT_TABLE.get(_capability(q.device), {}).get(kind, {}).get(key, cfg)
     return fit_shared_memory(kind, cfg, prob.block_d, q.element_size(), _device_index(q.device))
 
 

@@ -331,7 +331,7 @@ def attention_forward(
         if num_splits > 1:
             combine_splits(out_target, lse_target, out, lse, prob)
 
-    launch(configs.config_for("fwd", q, prob, run=launch))
+    launch(configs.config_for("fwd", q, prob, run=launch, dropout=dropout is not None))
     finish_output(result, out)
     return result, lse
 
