@@ -48,7 +48,12 @@ def _bwd_preprocess_kernel(
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(tile_ptrs(DOut, b, h, r0, stride_dob, stride_doh, stride_dor, BLOCK_R, BLOCK_D),
                  mask=mask, other=0.0).to(tl.float32)
-    delta = tl.sum(o * do, 1)
+    # The row sums as an FMA dot against ones, whose k loop runs in one fixed order: tl.sum's
+    # order follows the loads' layout, which Triton picks from the strides' divisibility, so
+    # an expanded or sliced dO rounded delta differently from a contiguous one and changed
+    # the last bit of dQ and dK (run 36). The columns of the product are equal: max is exact.
+    ones = tl.full((BLOCK_D, 16), 1.0, tl.float32)
+    delta = tl.max(tl.dot(o * do, ones, input_precision="ieee"), 1)
     l_off = row_base(0, b, h, r0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rows
     lse = tl.load(Lse + l_off, mask=r_mask, other=0.0)
