@@ -152,8 +152,9 @@ DROPOUT_TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 # tiles spill. Run 35 on an H200 (``scripts/probe_fp32.py``, b=2 s=4k h=8 causal): at d=64
 # the table's shapes took 7.49 ms forward and 67.2 ms backward, (64, 64, 4, 1) forward 2.40
 # ms and (32, 32, 4, 2) backward 12.5 ms; at d=128 the table's 79.0 / 273 ms, (32, 32, 4, 1)
-# 8.49 / 25.3 ms. d=256 halves the d=128 rows (not measured). Any GPU: head-dim bucket ->
-# kind -> config.
+# 8.49 / 25.3 ms. d=256 halves the d=128 rows: 24.0 / 81.3 ms in run 36 (SDPA: 3.59 /
+# 10.6), ahead of (16, 64, 4, 1) and (32, 32, 4, 1) at 129 and 178 ms forward, the only
+# other tiles timed. Any GPU: head-dim bucket -> kind -> config.
 FP32_EXACT: dict[int, dict[str, KernelConfig]] = {
     64: {"fwd": _C(64, 64, 4, 1), "dkdv": _C(32, 32, 4, 2), "dq": _C(32, 32, 4, 2)},
     128: {"fwd": _C(32, 32, 4, 1), "dkdv": _C(32, 32, 4, 1), "dq": _C(32, 32, 4, 1)},
@@ -358,7 +359,8 @@ def _shared_memory_limit(device_index: int) -> int:
 MAX_SPLITS = 16
 #: The decode kernels' bound: one long sequence (b=1, 8 KV heads, 32k keys) has 8 programs
 #: before splitting, and 16 splits left it at 0.75x FA2's speed (run 35,
-#: ``scripts/probe_decode_splits.py``); the combine kernel loops over the splits.
+#: ``scripts/probe_decode_splits.py``); with up to 64 the heuristic's choice took 48.2 us
+#: against FA2's 46.9 (run 36). The combine kernel loops over the splits.
 MAX_DECODE_SPLITS = 64
 
 
