@@ -132,3 +132,24 @@ def test_dropout_takes_its_own_measured_tiles(monkeypatch):
         assert configs.DROPOUT_TABLE[(9, 0)]["fwd"][(128, True)] != configs.TABLE[(9, 0)]["fwd"][(128, True)]
     finally:
         configs.fit_shared_memory.cache_clear()
+
+
+def test_decode_splits_finish_the_busiest_sm_first():
+    """The decode fan-out (H200: 132 SMs, 32/8 heads, key blocks of 64): at b=8 sk=8k the
+    old rule's 5 splits ran 72 us and 6-8 ran 70 (run 35); every choice keeps at least two
+    programs per SM where it can, at least four key blocks per split and at most
+    ``MAX_DECODE_SPLITS``, and a launch that fills the GPU is not split."""
+    from ringflash.kernels.decode import decode_splits_for
+    assert decode_splits_for(132, 64, 128) == 6  # b=8 sk=8k
+    assert decode_splits_for(132, 128, 64) == 3  # b=16 sk=4k: run 35's best, 3-4
+    assert decode_splits_for(132, 8, 512) == 33  # b=1 sk=32k: run 36's 48.2 us, best 47.7 (32)
+    assert decode_splits_for(132, 512, 32) == 1  # b=64 sk=2k
+    for programs in (1, 3, 8, 64, 131, 132, 1000):
+        for key_blocks in (1, 3, 4, 17, 128, 4096):
+            s = decode_splits_for(132, programs, key_blocks)
+            most = max(1, min(key_blocks // 4, configs.MAX_DECODE_SPLITS))
+            assert 1 <= s <= most
+            if programs >= 132:
+                assert s == 1
+            elif programs * most >= 2 * 132:
+                assert programs * s >= 2 * 132

@@ -362,6 +362,11 @@ MAX_SPLITS = 16
 #: ``scripts/probe_decode_splits.py``); with up to 64 the heuristic's choice took 48.2 us
 #: against FA2's 46.9 (run 36). The combine kernel loops over the splits.
 MAX_DECODE_SPLITS = 64
+#: A decode program's fixed cost (its query rows, its partial output) in key blocks of 64:
+#: run 35's fan-out sweep at b=8 sk=8k on an H200 took 5.3 us more with 16 splits than
+#: with 8 (the same keys per SM, twice the programs) and 2.6 us more with 5 than with 6
+#: (12 more key blocks on the busiest SM, as many programs), about 6 blocks a program.
+DECODE_PROGRAM_BLOCKS = 6
 
 
 def choose_num_splits(device: torch.device, prob, num_m_blocks: int, cfg: KernelConfig) -> int:

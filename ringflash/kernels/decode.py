@@ -191,15 +191,28 @@ def _decode_kernel(
 
 
 def choose_decode_splits(device: torch.device, programs: int, max_keys: int, block_n: int) -> int:
-    """Split the keys until the launch has about two programs per SM, keeping at least four
-    key blocks per split (the same rule as the training forward's split-KV)."""
+    """The split-KV fan-out of a decode launch of ``programs`` programs over ``max_keys`` keys."""
     if device.type != "cuda" or interpreting():
         return 1
-    sms = configs.sm_count(device)
+    return decode_splits_for(configs.sm_count(device), programs, -(-max(max_keys, 1) // block_n))
+
+
+def decode_splits_for(sms: int, programs: int, key_blocks: int) -> int:
+    """Split the keys so that the launch has at least two programs per SM (fewer left the
+    memory system idle: b=8 sk=8k ran 75 us at 2 per SM, 70 us at 3-4; run 35), keeping at
+    least four key blocks per split, and among those fan-outs take the one whose busiest
+    SM finishes first: ceil(programs x splits / sms) programs in a row, each reading
+    ceil(key_blocks / splits) blocks plus a fixed cost (``configs.DECODE_PROGRAM_BLOCKS``);
+    ties go to fewer splits. The first rule alone took 5 splits at b=8 sk=8k (72 us), where
+    this takes 6 (70 us; FA2: 74 us; ``scripts/probe_decode_splits.py``, runs 35 and 36)."""
     if programs <= 0 or programs >= sms:
         return 1
-    key_blocks = -(-max(max_keys, 1) // block_n)
-    return max(1, min(-(-2 * sms // programs), key_blocks // 4, configs.MAX_DECODE_SPLITS))
+    most = max(1, min(key_blocks // 4, configs.MAX_DECODE_SPLITS))
+    fewest = min(-(-2 * sms // programs), most)
+
+    def busiest(s: int) -> int:
+        return -(-programs * s // sms) * (-(-key_blocks // s) + configs.DECODE_PROGRAM_BLOCKS)
+    return min(range(fewest, most + 1), key=lambda s: (busiest(s), s))
 
 
 @dataclass(frozen=True)
