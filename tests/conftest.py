@@ -99,6 +99,11 @@ def pytest_runtest_logreport(report):
         return
     line = f"{report.outcome}\t{report.when}\t{report.duration:.2f}\t{report.nodeid}\n"
     if report.outcome == "failed":
+        # The exception's own line first: a long report (hypothesis's, with its example and
+        # replay) pushes it out of the last lines (run 36 lost which output differed).
+        crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)
+        if crash:
+            line += "".join("    E " + s + "\n" for s in crash.splitlines()[:20])
         line += "".join("    " + s + "\n" for s in str(report.longrepr).splitlines()[-25:])
     with open(_TEST_LOG, "a") as f:
         f.write(line)
