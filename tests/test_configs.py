@@ -107,7 +107,7 @@ def test_exact_fp32_takes_the_small_register_tiles(monkeypatch, headdim):
 
 def test_dropout_takes_its_own_measured_tiles(monkeypatch):
     """With dropout the d=128 causal forward and dK/dV kernels take ``DROPOUT_TABLE``'s tiles
-    (run 37: the forward 14% faster than with the table's); other keys and calls without
+    (run 36: the forward 14% faster than with the table's); other keys and calls without
     dropout keep the table."""
     import torch
     from ringflash.kernels.problem import make_problem
