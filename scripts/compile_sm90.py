@@ -131,6 +131,9 @@ def resource_usage(kernel) -> dict:
     instructions = len(re.findall(r"^\s+/\*[0-9a-f]{4,}\*/\s+\S", sass, re.M))
     return dict(regs=field("REG"), stack=field("STACK"), stl=count("STL"), ldl=count("LDL"),
                 sass=instructions, sts=count("STS"), lds=count("LDS"),
+                # Hopper's warpgroup MMAs against the older per-warp ones (tiles too small
+                # for a warpgroup fall back to HMMA, at a fraction of the throughput).
+                hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
                 warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages)
 
 
@@ -179,19 +182,30 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     parser.add_argument("--dropout", choices=["both", "on", "off"], default="both")
     parser.add_argument("--no-extras", action="store_true", help="skip the decode and S_dmask kernels")
+    parser.add_argument("--dkdv", default=None, metavar="BMxBNxWARPSxSTAGES[xPASSES]",
+                        help="the dK/dV kernel's config instead of the table's (e.g. 64x64x8x2x2: two passes)")
     args = parser.parse_args(argv)
     if not os.path.exists(CUOBJDUMP):
         print(f"compile_sm90: {CUOBJDUMP} is missing (this Triton has no NVIDIA backend tools)", file=sys.stderr)
         return 2
     _install()
+    import contextlib
     import warnings
+
+    from ringflash.kernels import configs
+    forced = contextlib.nullcontext
+    if args.dkdv:
+        bm, bn, warps, stages, *passes = (int(x) for x in args.dkdv.split("x"))
+        dkdv = configs.KernelConfig(bm, bn, warps, stages, dkdv_passes=passes[0] if passes else 1)
+        forced = lambda: configs.override(dkdv=dkdv)  # noqa: E731
 
     warnings.simplefilter("ignore")
     causals = {"both": (False, True), "causal": (True,), "full": (False,)}[args.causal]
     dropouts = {"both": (0.0, 0.1), "on": (0.1,), "off": (0.0,)}[args.dropout]
     print(f"triton {triton.__version__}, target sm_90 (compile only)")
-    print(f"| {'case':28s} | {'kernel':24s} | warps | stages | regs | stack | STL | LDL |  SASS |  STS |  LDS |")
-    print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|-------|------|------|")
+    print(f"| {'case':28s} | {'kernel':24s} | warps | stages | regs | stack | STL | LDL |  SASS |  STS |  LDS "
+          f"| HGMMA | HMMA |")
+    print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|-------|------|------|-------|------|")
     status = 0
     cases = [(f"d={d} {'causal' if causal else 'full'}{' dropout' if p else ''}",
               (lambda d=d, c=causal, p=p: run_case(d, c, p)))
@@ -200,14 +214,16 @@ def main(argv=None) -> int:
         cases.append(("decode (paged) and S_dmask", run_extras))
     for case, compile_case in cases:
         try:
-            rows = compile_case()
+            with forced():
+                rows = compile_case()
         except Exception as exc:  # report every case, then fail
             print(f"| {case:28s} | FAILED: {type(exc).__name__}: {str(exc)[:200]}")
             status = 1
             continue
         for name, u in rows:
             print(f"| {case:28s} | {name:24s} | {u['warps']:5d} | {u['stages']:6d} | {u['regs']:4d} | "
-                  f"{u['stack']:5d} | {u['stl']:3d} | {u['ldl']:3d} | {u['sass']:5d} | {u['sts']:4d} | {u['lds']:4d} |",
+                  f"{u['stack']:5d} | {u['stl']:3d} | {u['ldl']:3d} | {u['sass']:5d} | {u['sts']:4d} | {u['lds']:4d} | "
+                  f"{u['hgmma']:5d} | {u['hmma']:4d} |",
                   flush=True)
     return status
 

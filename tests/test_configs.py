@@ -1,6 +1,7 @@
 """Launch configuration helpers that need no GPU: the register-aware autotune candidates
 and the `bench registers` report's reading of compiled variants."""
 
+import dataclasses
 import types
 
 import pytest
@@ -153,3 +154,18 @@ def test_decode_splits_finish_the_busiest_sm_first():
                 assert s == 1
             elif programs * most >= 2 * 132:
                 assert programs * s >= 2 * 132
+
+
+def test_d256_dkdv_candidates_include_two_passes_and_eight_warps():
+    """The tuner's d=256 dK/dV list holds the two-pass variant of every shape and the 8-warp
+    small tiles whose 4-warp twins spill on Hopper; d<=128 lists are unchanged by either."""
+    big = configs.candidates("dkdv", 256)
+    shapes = {(c.block_m, c.block_n, c.num_warps) for c in big}
+    assert (64, 32, 8) in shapes
+    for cfg in big:
+        if cfg.dkdv_passes == 1:
+            assert dataclasses.replace(cfg, dkdv_passes=2) in big
+    for d in (64, 128):
+        assert all(c.dkdv_passes == 1 for c in configs.candidates("dkdv", d))
+    with pytest.raises(ValueError, match="dkdv_passes"):
+        configs.KernelConfig(64, 64, 4, 2, dkdv_passes=3)

@@ -75,11 +75,13 @@ def _dkdv_block_loop(
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
 ):
     """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over the query blocks in [start, end)
-    (block-aligned) whose index is ``split`` modulo ``splits``. With ATOMIC_DQ also add this
-    key block's share of dQ (scaled) into the float32 buffer at ``dq_base`` by atomics: the
-    5-GEMM backward, with no separate dQ pass."""
+    (block-aligned) whose index is ``split`` modulo ``splits``; WANT_DK / WANT_DV: which of
+    the two (a pass of one keeps half the accumulators). With ATOMIC_DQ (and WANT_DK) also
+    add this key block's share of dQ (scaled) into the float32 buffer at ``dq_base`` by
+    atomics: the 5-GEMM backward, with no separate dQ pass."""
     offs_mb = tl.arange(0, BLOCK_M)
     start = start + ((split - (start // BLOCK_M) % splits + splits) % splits) * BLOCK_M
     qT_ptrs = q_base + start.to(tl.int64) * stride_qs + offs_mb[None, :] * stride_qs + offs_d[:, None]
@@ -115,28 +117,31 @@ def _dkdv_block_loop(
             do = tl.load(do_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             delta = tl.load(delta_base + offs_m)
         if HAS_DROPOUT:
-            # dV sees the dropped probabilities (the kernel scales dV by 1 / (1 - p) once, at
-            # the end); dP counts only where kept, scaled in the same multiply-add as delta.
             keepT = dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, True)
-            dv = tl.dot(tl.where(keepT, pT, 0.0).to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        if WANT_DV:
+            # With dropout dV sees the dropped probabilities (the kernel scales dV by
+            # 1 / (1 - p) once, at the end).
+            pT_kept = tl.where(keepT, pT, 0.0) if HAS_DROPOUT else pT
+            dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+        if WANT_DK:
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            dsT = pT * (tl.where(keepT, dpT, 0.0) * dropout_scale - delta[None, :])
-        else:
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
-            dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
-            dsT = pT * (dpT - delta[None, :])
-        if HAS_SOFTCAP:
-            t = sT / softcap_out  # tanh of the capped score
-            dsT = dsT * (1.0 - t * t)
-        dsT = dsT.to(qT.dtype)
-        dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
-        if ATOMIC_DQ:
-            dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION) * softmax_scale
-            dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :]
-            if MASKED:
-                tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < sq) & (offs_d[None, :] < HEADDIM), sem="relaxed")
+            if HAS_DROPOUT:  # dP counts only where kept, scaled in the same multiply-add as delta
+                dsT = pT * (tl.where(keepT, dpT, 0.0) * dropout_scale - delta[None, :])
             else:
-                tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEADDIM, sem="relaxed")
+                dsT = pT * (dpT - delta[None, :])
+            if HAS_SOFTCAP:
+                t = sT / softcap_out  # tanh of the capped score
+                dsT = dsT * (1.0 - t * t)
+            dsT = dsT.to(qT.dtype)
+            dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+            if ATOMIC_DQ:
+                dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION) * softmax_scale
+                dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :]
+                if MASKED:
+                    tl.atomic_add(dq_ptrs, dq, mask=(offs_m[:, None] < sq) & (offs_d[None, :] < HEADDIM),
+                                  sem="relaxed")
+                else:
+                    tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEADDIM, sem="relaxed")
         qT_ptrs += BLOCK_M * splits * stride_qs
         do_ptrs += BLOCK_M * splits * stride_dos
     return dk, dv
@@ -164,7 +169,7 @@ def _bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k * splits, batch).
 
@@ -178,6 +183,8 @@ def _bwd_dkdv_kernel(
     the shared buffer are complete without atomics. Keys no group sees get zeros. With
     HAS_DKV_ROWS (varlen), key row i goes to row DkvRows[i] of DK/DV: context
     parallelism writes straight into its reduce-scatter buffer, in the ranks' layout.
+    WANT_DK / WANT_DV: which of the two this launch computes and writes (a config with
+    ``dkdv_passes=2`` launches it twice, each holding one accumulator).
     """
     pid_n = tl.program_id(0)
     hk = tl.program_id(1) // splits
@@ -224,7 +231,7 @@ def _bwd_dkdv_kernel(
                 qk_scale_log2, softcap_in, softcap_out, alibi_slope,
                 b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
                 True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-                ATOMIC_DQ,
+                ATOMIC_DQ, WANT_DK, WANT_DV,
             )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
@@ -233,7 +240,7 @@ def _bwd_dkdv_kernel(
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
             False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-            ATOMIC_DQ,
+            ATOMIC_DQ, WANT_DK, WANT_DV,
         )
         dk, dv = _dkdv_block_loop(
             dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
@@ -242,11 +249,8 @@ def _bwd_dkdv_kernel(
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
             True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-            ATOMIC_DQ,
+            ATOMIC_DQ, WANT_DK, WANT_DV,
         )
-    dk = dk * softmax_scale
-    if HAS_DROPOUT:
-        dv = dv * dropout_scale
     if HAS_DKV_ROWS:
         rows = tl.load(DkvRows + k_start + offs_n, mask=offs_n < sk_full, other=0).to(tl.int64)
         dk_ptrs = DK + hk.to(tl.int64) * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :]
@@ -254,8 +258,13 @@ def _bwd_dkdv_kernel(
     else:
         dk_ptrs = tile_ptrs(DK, b, hk, k_start + n0, stride_dkb, stride_dkh, stride_dks, BLOCK_N, BLOCK_D)
         dv_ptrs = tile_ptrs(DV, b, hk, k_start + n0, stride_dvb, stride_dvh, stride_dvs, BLOCK_N, BLOCK_D)
-    tl.store(dk_ptrs + split.to(tl.int64) * stride_dk_split, dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs + split.to(tl.int64) * stride_dv_split, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    if WANT_DK:
+        dk = dk * softmax_scale
+        tl.store(dk_ptrs + split.to(tl.int64) * stride_dk_split, dk.to(DK.dtype.element_ty), mask=kv_mask)
+    if WANT_DV:
+        if HAS_DROPOUT:
+            dv = dv * dropout_scale
+        tl.store(dv_ptrs + split.to(tl.int64) * stride_dv_split, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -499,15 +508,18 @@ def attention_backward(
         dk_out, dv_out = (dk, dv) if splits == 1 else \
             (torch.zeros((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device) for _ in range(2))
         dk_first, dv_first = (dk_out, dv_out) if splits == 1 else (dk_out[0], dv_out[0])
-        _bwd_dkdv_kernel[(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch)](
-            q, k, v, dout, lse2, delta, dk_first, dv_first, dkv_rows if dkv_rows is not None else delta, dq_acc,
-            *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen),
-            *dense_strides(dv_first, prob.is_varlen),
-            *(dense_strides(dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)), lb, lh,
-            kv_group, prob.num_groups, splits, dk_out.stride(0) if splits > 1 else 0,
-            dv_out.stride(0) if splits > 1 else 0, *scalars, **cfg.launch_args(), **flags,
-            HAS_DKV_ROWS=dkv_rows is not None, ATOMIC_DQ=atomic_dq,
-        )
+        # Two passes hold one accumulator each (dV, then dK and the atomic dQ), for head
+        # dims whose two accumulators and K/V tiles spill; each pass recomputes P.
+        for want_dk, want_dv in ((False, True), (True, False)) if cfg.dkdv_passes == 2 else ((True, True),):
+            _bwd_dkdv_kernel[(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch)](
+                q, k, v, dout, lse2, delta, dk_first, dv_first, dkv_rows if dkv_rows is not None else delta, dq_acc,
+                *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen),
+                *dense_strides(dv_first, prob.is_varlen),
+                *(dense_strides(dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)), lb, lh,
+                kv_group, prob.num_groups, splits, dk_out.stride(0) if splits > 1 else 0,
+                dv_out.stride(0) if splits > 1 else 0, *scalars, **cfg.launch_args(), **flags,
+                HAS_DKV_ROWS=dkv_rows is not None, ATOMIC_DQ=atomic_dq and want_dk, WANT_DK=want_dk, WANT_DV=want_dv,
+            )
         if splits > 1:  # a fixed order of additions: deterministic
             dk.copy_(dk_out.sum(0))
             dv.copy_(dv_out.sum(0))

@@ -41,10 +41,16 @@ class KernelConfig:
     # Grouped attention (forward and dQ): the order in which the groups' programs launch,
     # one of GROUP_ORDERS (see ``common.schedule``); with one group all orders are the same.
     group_order: str = "global"
+    # dK/dV kernel: 1 computes dK and dV in one pass; 2 launches it twice, dV and then dK,
+    # each pass holding one float32 accumulator (and recomputing P): for head dims where
+    # both accumulators and the K/V tiles do not fit the registers (d=256 spills).
+    dkdv_passes: int = 1
 
     def __post_init__(self) -> None:
         if self.group_order not in GROUP_ORDERS:
             raise ValueError(f"KernelConfig.group_order: got {self.group_order!r}; expected one of {GROUP_ORDERS}")
+        if self.dkdv_passes not in (1, 2):
+            raise ValueError(f"KernelConfig.dkdv_passes: got {self.dkdv_passes!r}; expected 1 or 2")
 
     @property
     def group_order_code(self) -> int:
@@ -198,12 +204,18 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
             cfg = KernelConfig(bm, bn, warps, 1)
             if tile_registers(kind, cfg, block_d) > TILE_REGISTER_BUDGET:
                 continue
-            if warps == 8 and bm * bn < 64 * 128 and \
+            # At d=256 a 4-warp tile at the budget still spills: (64, 32, 4) dK/dV kernel
+            # took 1056 bytes of stack, the 8-warp one 24 (scripts/compile_sm90.py).
+            if warps == 8 and bm * bn < 64 * 128 and block_d <= 128 and \
                     tile_registers(kind, replace(cfg, num_warps=4), block_d) <= TILE_REGISTER_BUDGET:
                 continue
             if warps == 4 and bm * bn > 128 * 64:
                 continue
             out += [replace(cfg, num_stages=s) for s in stage_opts]
+    if kind == "dkdv" and block_d > 128:
+        # dK and dV in two passes, one accumulator each: the one-pass d=256 kernel spills
+        # (64, 64, 8, 2: 592 bytes of stack; two passes: 128 and 304).
+        out += [replace(cfg, dkdv_passes=2) for cfg in out]
     return out
 
 
