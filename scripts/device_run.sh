@@ -65,7 +65,8 @@ for s in "$@"; do
     # Issue 16: where an eager decode call's time goes (wall, do_bench, torch.profiler;
     # four chrome traces in $OUT/profdecode).
     probesplits) stage probesplits "${PROBESPLITS_LIMIT:-150}" python3 scripts/probe_decode_splits.py ${PROBESPLITS_ARGS:-} ;;
-    probedropout) stage probedropout "${PROBEDROPOUT_LIMIT:-300}" python3 scripts/probe_dropout.py ${PROBEDROPOUT_ARGS:-} ;;
+    # Issues 15/16: every candidate tile of the training kernels on one case (probe_tiles.py --help).
+    probetiles) stage probetiles "${PROBETILES_LIMIT:-300}" python3 scripts/probe_tiles.py ${PROBETILES_ARGS:-} ;;
     probefp32) stage probefp32 "${PROBEFP32_LIMIT:-240}" python3 scripts/probe_fp32.py ${PROBEFP32_ARGS:-} ;;
     profdecode) stage profdecode "${PROFDECODE_LIMIT:-150}" python3 scripts/profile_decode.py --out "$OUT/profdecode" ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;

@@ -140,7 +140,7 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 
 
 # With dropout the kernels also compute the mask's words per score entry: more registers
-# and integer work, so other tiles win. Run 36 on an H200 (``scripts/probe_dropout.py``,
+# and integer work, so other tiles win. Run 36 on an H200 (``scripts/probe_tiles.py``,
 # b=4 s=4k h=16 d=128 causal bf16, dropout 0.1): the forward took 0.909 ms with the table's
 # (128, 64, 8, 3) and 0.779 ms with (64, 64, 4, 3); dK/dV 2.572 -> 2.511 ms (the whole
 # backward) with (64, 128, 8, 4); dQ's table entry was already the fastest. Only measured

@@ -1,0 +1,137 @@
+"""Launch shapes of the three training kernels on the GPU, for one dense case: time the
+forward with each forward candidate, and the backward with each dK/dV or dQ candidate (the
+other kernel from the table), then all three fastest together, against the table's
+configs and SDPA's FA2 and cuDNN backends on the same tensors.
+
+The tables were tuned without dropout, and d=256's dK/dV kernel spills, so the candidates
+of ``configs.candidates`` (with d=256's two-pass dK/dV among them) may beat them. Run 36
+(then ``scripts/probe_dropout.py``) measured issue 16's dropout case with it; the d=256
+backward is issue 15's. Candidates compile first in worker processes (Triton's disk
+cache), then each is timed. Prints a line per candidate and a table last.
+
+    python scripts/probe_tiles.py                                 # b=4 s=4k h=16 d=128 causal, dropout 0.1
+    python scripts/probe_tiles.py --dropout 0 --headdim 256 --seqlen 8192 --batch 1 --kinds dkdv dq
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from ringflash import flash_attn_func
+from ringflash.kernels import configs
+
+
+def bench(fn) -> float:
+    return float(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median"))
+
+
+def inputs(args):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shape = (args.batch, args.seqlen, args.heads, args.headdim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3))
+    return q, k, v, torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+
+def _compile(job) -> str:
+    args, kind, cfg = job
+    try:
+        with configs.override(**{kind: cfg}):
+            q, k, v, do = inputs(args)
+            out = flash_attn_func(q, k, v, dropout_p=args.dropout, causal=args.causal)
+            if kind != "fwd":
+                torch.autograd.grad(out, (q, k, v), do)
+        torch.cuda.synchronize()
+        return ""
+    except Exception as exc:  # out of resources: the timing pass skips it too
+        return f"{kind} {cfg}: {type(exc).__name__}"
+
+
+def name(cfg: configs.KernelConfig) -> str:
+    passes = " 2 passes" if cfg.dkdv_passes == 2 else ""
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{passes}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--headdim", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--full", dest="causal", action="store_false", help="full attention instead of causal")
+    ap.add_argument("--kinds", nargs="+", choices=configs.KINDS, default=list(configs.KINDS))
+    ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    args = ap.parse_args()
+    jobs = [(args, kind, cfg) for kind in args.kinds for cfg in configs.candidates(kind, args.headdim)]
+    with ProcessPoolExecutor(max_workers=args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
+        failed = [f for f in pool.map(_compile, jobs) if f]
+    print(f"compiled {len(jobs)} variants; {len(failed)} did not run: {failed}", flush=True)
+
+    q, k, v, do = inputs(args)
+    fwd = lambda p: flash_attn_func(q, k, v, dropout_p=p, causal=args.causal)  # noqa: E731
+
+    def bwd_ms(p: float) -> float:
+        torch.manual_seed(0)
+        out = fwd(p)
+        return bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
+
+    sdpa = {}
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    for label, backend in (("FA2", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                call = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
+                    qt, kt, vt, is_causal=args.causal, dropout_p=args.dropout)
+                f = bench(call)
+                o = call()
+                sdpa[label] = (f, bench(lambda: torch.autograd.grad(o, (qt, kt, vt), do.transpose(1, 2),
+                                                                     retain_graph=True)))
+        except Exception as exc:  # a backend that refuses the case
+            print(f"{label}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+    probs = sorted({0.0, args.dropout})
+    base = {p: (bench(lambda: fwd(p)), bwd_ms(p)) for p in probs}
+    for p, (f, b) in base.items():
+        print(f"table, dropout {p}: fwd {f:.3f} bwd {b:.3f} fwd+bwd {f + b:.3f} ms", flush=True)
+    best = {}
+    for _, kind, cfg in jobs:
+        try:
+            with configs.override(**{kind: cfg}):
+                ms = bench(lambda: fwd(args.dropout)) if kind == "fwd" else bwd_ms(args.dropout)
+        except Exception as exc:
+            print(f"  {kind} {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        print(f"  {kind} {name(cfg)}: {ms:.3f} ms", flush=True)
+        if kind not in best or ms < best[kind][0]:
+            best[kind] = (ms, cfg)
+    # The fastest of each kind together (the backward kernels' times are not additive).
+    with configs.override(**{kind: cfg for kind, (_, cfg) in best.items()}):
+        f, b = bench(lambda: fwd(args.dropout)), bwd_ms(args.dropout)
+    table_f, table_b = base[args.dropout]
+    print(f"\ncase b={args.batch} s={args.seqlen} h={args.heads} d={args.headdim} causal={args.causal}, bf16, "
+          f"dropout {args.dropout}")
+    print("| kernel | fastest | ms (the backward's for dK/dV, dQ) | the table's ms |")
+    print("|---|---|---|---|")
+    for kind in args.kinds:
+        ms, c = best[kind]
+        print(f"| {kind} | {name(c)} | {ms:.3f} | {table_f if kind == 'fwd' else table_b:.3f} |")
+    print(f"\ntable: {table_f:.3f} + {table_b:.3f} = {table_f + table_b:.3f} ms; fastest of each: "
+          f"{f:.3f} + {b:.3f} = {f + b:.3f} ms")
+    if args.dropout:
+        none = sum(base[0.0])
+        print(f"dropout's cost: table {sum(base[args.dropout]) / none:.3f}x, fastest {(f + b) / none:.3f}x "
+              f"(no dropout, table: {none:.3f} ms)")
+    for label, (sf, sb) in sdpa.items():
+        print(f"SDPA {label}: fwd {sf:.3f} bwd {sb:.3f} ms; its speed / ours (fastest): fwd {f / sf:.2f}, "
+              f"bwd {b / sb:.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
