@@ -182,8 +182,9 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     parser.add_argument("--dropout", choices=["both", "on", "off"], default="both")
     parser.add_argument("--no-extras", action="store_true", help="skip the decode and S_dmask kernels")
-    parser.add_argument("--dkdv", default=None, metavar="BMxBNxWARPSxSTAGES[xPASSES]",
-                        help="the dK/dV kernel's config instead of the table's (e.g. 64x64x8x2x2: two passes)")
+    parser.add_argument("--config", action="append", default=[], metavar="KIND=BMxBNxWARPSxSTAGES[xPASSES]",
+                        help="a kernel's config instead of the table's, e.g. dkdv=64x64x8x2x2 (two passes); "
+                             "repeatable")
     args = parser.parse_args(argv)
     if not os.path.exists(CUOBJDUMP):
         print(f"compile_sm90: {CUOBJDUMP} is missing (this Triton has no NVIDIA backend tools)", file=sys.stderr)
@@ -193,11 +194,12 @@ def main(argv=None) -> int:
     import warnings
 
     from ringflash.kernels import configs
-    forced = contextlib.nullcontext
-    if args.dkdv:
-        bm, bn, warps, stages, *passes = (int(x) for x in args.dkdv.split("x"))
-        dkdv = configs.KernelConfig(bm, bn, warps, stages, dkdv_passes=passes[0] if passes else 1)
-        forced = lambda: configs.override(dkdv=dkdv)  # noqa: E731
+    chosen = {}
+    for spec in args.config:
+        kind, _, tiles = spec.partition("=")
+        bm, bn, warps, stages, *passes = (int(x) for x in tiles.split("x"))
+        chosen[kind] = configs.KernelConfig(bm, bn, warps, stages, dkdv_passes=passes[0] if passes else 1)
+    forced = (lambda: configs.override(**chosen)) if chosen else contextlib.nullcontext
 
     warnings.simplefilter("ignore")
     causals = {"both": (False, True), "causal": (True,), "full": (False,)}[args.causal]

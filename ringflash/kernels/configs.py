@@ -212,11 +212,21 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
             if warps == 4 and bm * bn > 128 * 64:
                 continue
             out += [replace(cfg, num_stages=s) for s in stage_opts]
-    if kind == "dkdv" and block_d > 128:
-        # dK and dV in two passes, one accumulator each: the one-pass d=256 kernel spills
-        # (64, 64, 8, 2: 592 bytes of stack; two passes: 128 and 304).
-        out += [replace(cfg, dkdv_passes=2) for cfg in out]
-    return out
+    if block_d > 128:
+        out += [KernelConfig(bm, bn, 8, s) for bm, bn in WIDE_HEAD_EXTRA_SHAPES.get(kind, ()) for s in stage_opts]
+        if kind == "dkdv":  # every shape in two passes too
+            out = [replace(cfg, dkdv_passes=p) for cfg in out for p in (1, 2)]
+    return list(dict.fromkeys(out))
+
+
+#: Head dims above 128, 8 warps: (BLOCK_M, BLOCK_N) shapes that the register estimate
+#: refuses but that compile for sm_90 without spilling and on warpgroup MMAs
+#: (``scripts/compile_sm90.py``, d=256, 2 stages): dQ (128, 32); dK/dV at (16, 128) and
+#: (32, 128) in two passes (one accumulator each; (16, 64) as well). The tuner takes them as
+#: candidates (``candidates``). The one-pass d=256 dK/dV kernel spills at every shape on
+#: warpgroup MMAs: the table's (64, 64, 8, 2) took 592 bytes of stack, 128 and 304 in two
+#: passes; (64, 32, 8, 2) has 24 but runs per-warp MMAs (a 32-key tile is too small).
+WIDE_HEAD_EXTRA_SHAPES: dict[str, list[tuple[int, int]]] = {"dq": [(128, 32)], "dkdv": [(16, 128), (32, 128)]}
 
 
 _override: dict[str, object] = {}
