@@ -213,6 +213,20 @@ def test_decode_csv_and_report(decode_run, tmp_path):
         assert routed and all(env == "1" for env in routed)
 
 
+def test_decode_rounds_take_each_cells_median():
+    """With rounds, every implementation is timed once per round and a cell is the median
+    of its rounds: with a timer that counts its calls, round r of the k timed cells reads
+    r * k + j, so the medians are round 1's, k .. 2k - 1."""
+    import torch
+
+    calls = iter(range(10_000))
+    rows = decode_bench.run_case(decode_bench.CPU_CASES[0], "cpu", torch.float32, lambda fn: float(next(calls)),
+                                 "counting", "cpu", rounds=3)
+    timed = sorted(r["ms"] for r in rows if r["status"] == "ok")
+    k = len(timed)
+    assert k >= len(decode_bench.OURS) and timed == [float(x) for x in range(k, 2 * k)]
+
+
 # --- bench dropout ---------------------------------------------------------------------
 
 
