@@ -33,7 +33,7 @@ def _bwd_preprocess_kernel(
     stride_ob, stride_or, stride_oh,
     stride_dob, stride_dor, stride_doh,
     stride_lb, stride_lh,
-    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, LOG2_BLOCK_D: tl.constexpr,
 ):
     """Grid (cdiv(rows, BLOCK_R), nheads, batch); varlen runs as batch 1 over all tokens.
     Delta and Lse2 share lse's layout (token stride 1)."""
@@ -48,12 +48,15 @@ def _bwd_preprocess_kernel(
                 mask=mask, other=0.0).to(tl.float32)
     do = tl.load(tile_ptrs(DOut, b, h, r0, stride_dob, stride_doh, stride_dor, BLOCK_R, BLOCK_D),
                  mask=mask, other=0.0).to(tl.float32)
-    # The row sums as an FMA dot against ones, whose k loop runs in one fixed order: tl.sum's
-    # order follows the loads' layout, which Triton picks from the strides' divisibility, so
-    # an expanded or sliced dO rounded delta differently from a contiguous one and changed
-    # the last bit of dQ and dK (run 36). The columns of the product are equal: max is exact.
-    ones = tl.full((BLOCK_D, 16), 1.0, tl.float32)
-    delta = tl.max(tl.dot(o * do, ones, input_precision="ieee"), 1)
+    # The row sums in one fixed order, a pairwise tree: each step adds column j and column
+    # j + w/2 (a sum over an axis of two, exact in either order). tl.sum over the whole row
+    # adds in an order that follows the loads' layout, which Triton picks from the strides'
+    # divisibility, so an expanded or sliced dO rounded delta differently from a contiguous
+    # one and changed the last bit of dQ and dK (run 36).
+    x = o * do
+    for _ in tl.static_range(LOG2_BLOCK_D):
+        x = tl.sum(tl.reshape(x, (BLOCK_R, 2, x.shape[1] // 2)), 1)
+    delta = tl.reshape(x, (BLOCK_R,))
     l_off = row_base(0, b, h, r0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rows
     lse = tl.load(Lse + l_off, mask=r_mask, other=0.0)
@@ -418,7 +421,7 @@ def prepare_backward(
     block_r = 16 if interpreting() else 64
     _bwd_preprocess_kernel[(cdiv(rows, block_r), prob.nheads, batch)](
         out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
-        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
+        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r, LOG2_BLOCK_D=prob.block_d.bit_length() - 1,
     )
     return delta, lse2
 
