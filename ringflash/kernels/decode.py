@@ -35,7 +35,7 @@ from .common import (
 )
 from .fwd import combine_splits
 from .launch import cached_launch, int_class
-from .problem import AttnProblem
+from .problem import AttnProblem, dense_strides
 
 
 @triton.jit
@@ -310,12 +310,11 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
     lse_strides = _contiguous_strides(split_axis + lse_shape)
     split_strides = (out_strides[0], lse_strides[0]) if splits > 1 else (0, 0)
     out_strides, lse_strides = out_strides[len(split_axis):], lse_strides[len(split_axis):]
+    q_strides = dense_strides(q, varlen_q)
     if varlen_q:  # no batch axis: (token, head) strides, batch strides 0
-        q_strides = (0, q.stride(0), q.stride(1))
         o_strides = (0, out_strides[0], out_strides[1])
         l_strides = (0, lse_strides[0])
     else:
-        q_strides = q.stride()[:3]
         o_strides = out_strides[:3]
         l_strides = lse_strides[:2]
     paged = block_table is not None
