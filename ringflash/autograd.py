@@ -78,6 +78,15 @@ def apply_flash_attn(
                    window_right, softcap, guard, alibi_slopes, dropout_p, dropout_seed)
 
 
+def apply_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``PagedKVAttnFunc.apply`` (same arguments), or the op alone when no gradient can flow,
+    as ``apply_flash_attn`` does: serving calls run without autograd, and the Function's
+    bookkeeping is a fixed host cost per call."""
+    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+        return PagedKVAttnFunc.apply(q, k_cache, v_cache, *args)
+    return ops.paged_fwd(q, k_cache, v_cache, *args)
+
+
 class FlashAttentionTritonFunc(torch.autograd.Function):
     """The Triton kernels behind the seed's 3-D interface: ``.apply(Q, K, V, is_causal)``.
 

@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 
 from . import validation as V
-from .autograd import PagedKVAttnFunc, apply_flash_attn
+from .autograd import apply_flash_attn, apply_paged_kv
 from .kernels import dispatch
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
@@ -240,7 +240,7 @@ def _paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, 
                          "inference: its kernels have no dropout)")
     opts = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
-    out, lse = PagedKVAttnFunc.apply(
+    out, lse = apply_paged_kv(
         q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k, shape.max_seqlen_q,
         shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap, not shape.values_checked,
         opts.alibi,

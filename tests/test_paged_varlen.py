@@ -226,3 +226,32 @@ def test_compiled_call_matches_eager(gen):
         return flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 1, 10, causal=True, block_table=table.to(DEVICE))
 
     torch.testing.assert_close(torch.compile(call, backend="aot_eager", fullgraph=True)(*args), call(*args))
+
+
+def test_inference_calls_skip_the_autograd_function(monkeypatch):
+    """Without a gradient to track, a paged call runs the op alone (the Function's
+    bookkeeping is host time per serving step); with one, the Function, whose backward
+    refuses."""
+    from ringflash import autograd as A
+
+    entered = []
+    real = A.PagedKVAttnFunc.forward
+
+    def spy(ctx, *args):
+        entered.append(True)
+        return real(ctx, *args)
+    monkeypatch.setattr(A.PagedKVAttnFunc, "forward", staticmethod(spy))
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(3, 2, 16, generator=gen).half().to(DEVICE)
+    k_cache = torch.randn(4, 16, 1, 16, generator=gen).half().to(DEVICE)
+    v_cache = torch.randn(4, 16, 1, 16, generator=gen).half().to(DEVICE)
+    block_table = torch.tensor([[0, 1], [2, 3], [1, 0]], dtype=torch.int32, device=DEVICE)
+    cu_q = torch.tensor([0, 1, 2, 3], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 20, 25, 57], dtype=torch.int32, device=DEVICE)
+    with torch.no_grad():
+        plain = flash_attn_varlen_func(q, k_cache, v_cache, cu_q, cu_k, 1, 32, block_table=block_table)
+    assert not entered
+    tracked = flash_attn_varlen_func(q.clone().requires_grad_(), k_cache, v_cache, cu_q, cu_k, 1, 32,
+                                     block_table=block_table)
+    assert entered and tracked.requires_grad
+    torch.testing.assert_close(tracked.detach(), plain, rtol=0, atol=0)
