@@ -244,6 +244,12 @@ def host_overhead(dev: str = "cuda", calls: int = 500) -> None:
             return torch.nn.functional.scaled_dot_product_attention(
                 dq.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2), enable_gqa=True)
 
+    qgt, qt, gradt = (x.transpose(1, 2) for x in (qg, q, grad))
+
+    def sdpa_fa2_step():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION if dev == "cuda" else SDPBackend.MATH):
+            torch.nn.functional.scaled_dot_product_attention(qgt, qt, qt).backward(gradt)
+
     def varlen_decode():
         old = os.environ.get("RINGFLASH_DECODE")
         os.environ["RINGFLASH_DECODE"] = "1"
@@ -265,6 +271,7 @@ def host_overhead(dev: str = "cuda", calls: int = 500) -> None:
         "flash_attn_func": lambda: flash_attn_func(q, q, q),
         "flash_attn_func (requires_grad)": lambda: flash_attn_func(qg, q, q),
         "flash_attn_func fwd+bwd (requires_grad)": lambda: flash_attn_func(qg, q, q).backward(grad),
+        "SDPA FA2 fwd+bwd (requires_grad)": sdpa_fa2_step,
         # The layers above the launcher, one at a time (what flash_attn_func adds to it).
         "  validation: check_dense_qkv": lambda: check_dense_qkv(q, q, q),
         "  options (interface._options)": lambda: _options(0.0, None, False, (-1, -1), 0.0, None, False, False, 1, 4,
@@ -299,7 +306,8 @@ def host_overhead(dev: str = "cuda", calls: int = 500) -> None:
     import pstats
 
     for title, fn in (("launcher", lambda: attention_forward(q, q, q, prob)),
-                      ("decode step (flash_attn_with_kvcache)", layers["decode b=8: flash_attn_with_kvcache"])):
+                      ("decode step (flash_attn_with_kvcache)", layers["decode b=8: flash_attn_with_kvcache"]),
+                      ("training step (flash_attn_func fwd+bwd)", layers["flash_attn_func fwd+bwd (requires_grad)"])):
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(min(300, calls)):
