@@ -251,8 +251,16 @@ def override(
         _override.update(saved)
 
 
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
 def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    """The device's compute capability, read once per device (a few us per call otherwise,
+    three calls a training step)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _capabilities:
+        _capabilities[idx] = torch.cuda.get_device_capability(idx)
+    return _capabilities[idx]
 
 
 _sm_count: dict[int, int] = {}
