@@ -6,7 +6,10 @@ interpreter, so a kernel change can pass every CPU test and fail to compile on t
 script runs the real host launchers on CPU tensors with every Triton launch turned into a
 compile for sm_90 (Triton's bundled ptxas; nothing is launched), using the sm_90 entries of
 ``configs.TABLE`` as a GPU would. The numbers come from the installed Triton, which may differ
-from the GPU machine's: compare variants within one run, and confirm speed on the GPU.
+from the GPU machine's (Triton 3.9 gave the d=256 dK/dV tile 592 bytes of stack, 3.6 576):
+for the GPU machine's figures run it from a virtual environment with that Triton
+(``pip install torch==2.13.0 triton==3.6.0 numpy``); compare variants within one run, and
+confirm speed on the GPU.
 
     python scripts/compile_sm90.py                       # d=64/128/256, causal and full, dropout on and off
     python scripts/compile_sm90.py --headdims 128 --dropout on

@@ -204,8 +204,8 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
             cfg = KernelConfig(bm, bn, warps, 1)
             if tile_registers(kind, cfg, block_d) > TILE_REGISTER_BUDGET:
                 continue
-            # At d=256 a 4-warp tile at the budget still spills: (64, 32, 4) dK/dV kernel
-            # took 1056 bytes of stack, the 8-warp one 24 (scripts/compile_sm90.py).
+            # At d=256 a 4-warp tile at the budget still spills: the (64, 32, 4) dK/dV kernel
+            # took 1016 bytes of stack, the 8-warp one 16 (scripts/compile_sm90.py, Triton 3.6).
             if warps == 8 and bm * bn < 64 * 128 and block_d <= 128 and \
                     tile_registers(kind, replace(cfg, num_warps=4), block_d) <= TILE_REGISTER_BUDGET:
                 continue
@@ -220,12 +220,13 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
 
 
 #: Head dims above 128, 8 warps: (BLOCK_M, BLOCK_N) shapes that the register estimate
-#: refuses but that compile for sm_90 without spilling and on warpgroup MMAs
-#: (``scripts/compile_sm90.py``, d=256, 2 stages): dQ (128, 32); dK/dV at (16, 128) and
-#: (32, 128) in two passes (one accumulator each; (16, 64) as well). The tuner takes them as
-#: candidates (``candidates``). The one-pass d=256 dK/dV kernel spills at every shape on
-#: warpgroup MMAs: the table's (64, 64, 8, 2) took 592 bytes of stack, 128 and 304 in two
-#: passes; (64, 32, 8, 2) has 24 but runs per-warp MMAs (a 32-key tile is too small).
+#: refuses but that compile for sm_90 without (or with few) spills and on warpgroup MMAs
+#: (``scripts/compile_sm90.py`` with Triton 3.6, d=256, 2 stages): dQ (128, 32); dK/dV at
+#: (16, 128) and (32, 128) in two passes (one accumulator each; (16, 64) as well). The
+#: tuner takes them as candidates (``candidates``). The one-pass d=256 dK/dV kernel spills
+#: at every shape on warpgroup MMAs: the table's (64, 64, 8, 2) took 576 bytes of stack,
+#: 48 and 208 in two passes; (64, 32, 8, 2) has 16 but runs per-warp MMAs (a 32-key tile
+#: is too small). docs/benchmarks.md, after run 36, has the table.
 WIDE_HEAD_EXTRA_SHAPES: dict[str, list[tuple[int, int]]] = {"dq": [(128, 32)], "dkdv": [(16, 128), (32, 128)]}
 
 
