@@ -102,14 +102,15 @@ def flash_attn_with_kvcache(
                            alibi_slopes, num_splits, return_softmax_lse)
         if key is not None:
             V.remember(_CHECKED_STEPS, key, step)
+    lengths_int, leftpad_int = _int_lengths(cache_seqlens, cache_leftpad, step)
     lengths = cache_seqlens if isinstance(cache_seqlens, torch.Tensor) else None
     leftpad = cache_leftpad
-    if step.leftpad_int:  # flash-attn takes a tensor only; a number is kept for convenience
-        leftpad = torch.full((q.shape[0],), step.leftpad_int, dtype=torch.int32, device=q.device)
+    if leftpad_int:  # flash-attn takes a tensor only; a number is kept for convenience
+        leftpad = torch.full((q.shape[0],), leftpad_int, dtype=torch.int32, device=q.device)
     elif not isinstance(leftpad, torch.Tensor):
         leftpad = None
     slopes = None if alibi_slopes is None else V.alibi_rows(alibi_slopes, q.shape[2])
-    out, lse = ops.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths, step.lengths_int, leftpad,
+    out, lse = ops.kvcache(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, lengths, lengths_int, leftpad,
                            cache_batch_idx, block_table, slopes, step.scale, step.causal, step.left, step.right,
                            step.softcap, step.rotary_interleaved, step.num_splits)
     return (out, lse) if step.return_lse else out
@@ -117,9 +118,10 @@ def flash_attn_with_kvcache(
 
 @dataclass(frozen=True)
 class _Step:
-    """The checked options of a call: everything ``ops.kvcache`` takes but the tensors."""
-    lengths_int: int  # cached keys when cache_seqlens is an int or None (else 0)
-    leftpad_int: int  # cache_leftpad given as an int (else 0)
+    """The checked options of a call: everything ``ops.kvcache`` takes but the tensors and
+    the numbers given for ``cache_seqlens`` / ``cache_leftpad`` (``_int_lengths``)."""
+    capacity: int  # slots per sequence
+    seqlen_new: int  # new keys appended
     scale: float
     causal: bool
     left: int
@@ -139,17 +141,18 @@ _CHECKED_STEPS: dict[tuple, _Step] = {}
 def _step_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
               block_table, softmax_scale, causal, window_size, softcap, rotary_interleaved, alibi_slopes, num_splits,
               return_softmax_lse) -> Optional[tuple]:
-    """``V.call_key`` of a call whose checks read only metadata and option values (an int
-    ``cache_seqlens`` or ``cache_leftpad`` goes in by value), or None: while tracing, or
-    with an input that requires grad (refused, each time, by the checks)."""
+    """``V.call_key`` of a call whose checks read only metadata and option values, or None:
+    while tracing, or with an input that requires grad (refused, each time, by the checks).
+    An int ``cache_seqlens`` or ``cache_leftpad`` goes in by its type alone (as 0): its value
+    changes from step to step and is checked at every call (``_int_lengths``)."""
     if torch.compiler.is_compiling() or type(window_size) is not tuple or len(window_size) != 2:
         return None
     lengths = (cache_seqlens, cache_leftpad)
     key = V.call_key(
         (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_batch_idx, block_table, alibi_slopes,
          *(t if isinstance(t, torch.Tensor) else None for t in lengths)),
-        (*(None if isinstance(t, torch.Tensor) else t for t in lengths), softmax_scale, causal, window_size[0],
-         window_size[1], softcap, rotary_interleaved, num_splits, return_softmax_lse))
+        (*(None if isinstance(t, torch.Tensor) else 0 if type(t) is int else t for t in lengths), softmax_scale,
+         causal, window_size[0], window_size[1], softcap, rotary_interleaved, num_splits, return_softmax_lse))
     if key is None or torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
         return None
@@ -199,7 +202,7 @@ def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
                              "(or cache_batch_idx)")
     capacity = cache_capacity(k_cache, block_table)
     lengths, lengths_int = _lengths_arg("cache_seqlens", cache_seqlens, batch, device, capacity)
-    _, leftpad_int = _lengths_arg("cache_leftpad", cache_leftpad, batch, device, 0)
+    _lengths_arg("cache_leftpad", cache_leftpad, batch, device, 0)
     if k is not None:
         V.check_rank("k", k, 4, "(batch, seqlen_new, nheads_k, headdim)")
         V.check_same_dtype(("q", "k", "v"), (q, k, v))
@@ -208,9 +211,8 @@ def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
             raise ValueError(f"k, v: shapes {tuple(k.shape)}, {tuple(v.shape)}; expected (batch={batch}, seqlen_new, "
                              f"nheads_k={nheads_k}, headdim={d}) both")
     seqlen_new = 0 if k is None else k.shape[1]
-    if lengths is None and lengths_int + seqlen_new > capacity:  # a host number: say so here, not NaN later
-        raise ValueError(f"cache_seqlens: {lengths_int} cached keys plus {seqlen_new} new ones exceed the cache's "
-                         f"{capacity} slots; expected at most {capacity - seqlen_new}")
+    if lengths is None:
+        _check_room(lengths_int, seqlen_new, capacity)
     left, right = V.check_window(window_size)
     causal = V.as_bool("causal", causal)
     if causal:
@@ -226,7 +228,28 @@ def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
     scale, cap = V.resolve_softmax_scale(softmax_scale, d), V.check_softcap(softcap)
     interleaved = V.as_bool("rotary_interleaved", rotary_interleaved)
     return_lse = V.as_bool("return_softmax_lse", return_softmax_lse)
-    return _Step(lengths_int, leftpad_int, scale, causal, left, right, cap, interleaved, splits, return_lse)
+    return _Step(capacity, seqlen_new, scale, causal, left, right, cap, interleaved, splits, return_lse)
+
+
+def _check_room(lengths_int: int, seqlen_new: int, capacity: int) -> None:
+    if lengths_int + seqlen_new > capacity:  # a host number: say so here, not NaN later
+        raise ValueError(f"cache_seqlens: {lengths_int} cached keys plus {seqlen_new} new ones exceed the cache's "
+                         f"{capacity} slots; expected at most {capacity - seqlen_new}")
+
+
+def _int_lengths(cache_seqlens, cache_leftpad, step: "_Step") -> tuple[int, int]:
+    """(cached keys, left padding) given as numbers (0 for a tensor; None: the whole cache,
+    no padding), checked at every call: a generation loop passing an int ``cache_seqlens``
+    changes it at every step, so the memo keys on its type and this checks its value.
+    Only called after ``_check_step`` passed a call of the same key, which settled that
+    each is an int, None or a tensor."""
+    lengths_int = leftpad_int = 0
+    if not isinstance(cache_seqlens, torch.Tensor):
+        _, lengths_int = _lengths_arg("cache_seqlens", cache_seqlens, 0, None, step.capacity)
+        _check_room(lengths_int, step.seqlen_new, step.capacity)
+    if not isinstance(cache_leftpad, torch.Tensor):
+        _, leftpad_int = _lengths_arg("cache_leftpad", cache_leftpad, 0, None, 0)
+    return lengths_int, leftpad_int
 
 
 def _check_rotary(cos, sin, d: int, capacity: int, q: torch.Tensor) -> None:

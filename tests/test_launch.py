@@ -199,8 +199,10 @@ def test_decode_plans_follow_the_float32_matmul_precision():
 def test_kvcache_steps_skip_the_checks_they_already_passed(monkeypatch):
     """``flash_attn_with_kvcache`` remembers a call's checked options the same way: a repeated
     step skips the checks and matches float64 (an int ``cache_leftpad`` is still turned into
-    the kernels' tensor at each call), while a new value of an int argument, an option of
-    another type or other shapes is checked again."""
+    the kernels' tensor at each call), while an option of another type or other shapes is
+    checked again. An int ``cache_seqlens`` / ``cache_leftpad`` is remembered by its type:
+    a generation loop's next value skips the checks too, and its own value checks (>= 0,
+    room in the cache) run at every call."""
     from ringflash import kvcache as KV
 
     KV._CHECKED_STEPS.clear()
@@ -217,14 +219,27 @@ def test_kvcache_steps_skip_the_checks_they_already_passed(monkeypatch):
         torch.testing.assert_close(again, first, rtol=0, atol=0)
         ref = attention_ref(q.double(), k[:, 5:290].double(), v[:, 5:290].double(), causal=True, softcap=1.0)[0]
         torch.testing.assert_close(again.double().cpu(), ref.cpu(), atol=8e-3, rtol=2e-3)
-        for changed in (dict(cache_leftpad=6), dict(softcap=True), dict(cache_seqlens=lengths[:1])):
+        for changed in (dict(softcap=True), dict(cache_seqlens=lengths[:1]), dict(cache_leftpad=None)):
             with pytest.raises(AssertionError, match="checked again"):
                 flash_attn_with_kvcache(q, k, v, **{**dict(cache_seqlens=lengths, cache_leftpad=5, causal=True,
                                                             softcap=1.0), **changed})
+        # Another int padding: the same key, the checks skipped, the new value used and checked.
+        shifted = flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=6, causal=True, softcap=1.0)
+        ref = attention_ref(q.double(), k[:, 6:290].double(), v[:, 6:290].double(), causal=True, softcap=1.0)[0]
+        torch.testing.assert_close(shifted.double().cpu(), ref.cpu(), atol=8e-3, rtol=2e-3)
+        with pytest.raises(ValueError, match="cache_leftpad: got -1"):
+            flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=-1, causal=True, softcap=1.0)
         monkeypatch.setattr(KV, "_check_step", real_check)
         flash_attn_with_kvcache(q, k, v, cache_seqlens=280, causal=True)
+        monkeypatch.setattr(KV, "_check_step", checked_again)
+        grown = flash_attn_with_kvcache(q, k, v, cache_seqlens=281, causal=True)  # the next step: remembered
+        ref = attention_ref(q.double(), k[:, :281].double(), v[:, :281].double(), causal=True)[0]
+        torch.testing.assert_close(grown.double().cpu(), ref.cpu(), atol=8e-3, rtol=2e-3)
         with pytest.raises(ValueError, match="exceed"):
-            flash_attn_with_kvcache(q, k, v, cache_seqlens=301, causal=True)  # the int's value is in the key
+            flash_attn_with_kvcache(q, k, v, cache_seqlens=301, causal=True)  # its value checked at every call
+        with pytest.raises(ValueError, match="cache_seqlens: got -2"):
+            flash_attn_with_kvcache(q, k, v, cache_seqlens=-2, causal=True)
+        monkeypatch.setattr(KV, "_check_step", real_check)
         with pytest.raises(TypeError, match="softcap"):
             flash_attn_with_kvcache(q, k, v, cache_seqlens=lengths, cache_leftpad=5, causal=True, softcap=True)
 

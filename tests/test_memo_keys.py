@@ -27,6 +27,8 @@ SETTINGS = settings(max_examples=300, deadline=None, database=None, derandomize=
 FLAGS = [True, False, 1, 0, 2, np.bool_(True), "yes", None, 1.0]
 FLOATS = [0.0, 0, 1.0, 1, 0.5, True, False, None, -1.0, float("nan"), float("inf"), "1", np.float64(1.0)]
 WINDOWS = [(-1, -1), (2, 0), (-2, 0), (2.0, 0), [2, 0], (np.int64(2), 0), (3, 1), (-1, -1, 0)]
+#: Numbers for cache_seqlens / cache_leftpad: in the caches (6 or 12 slots), past them, negative.
+LENGTHS = [0, 3, 5, 6, 7, 11, 12, 13, -1, None, 2.0, True]
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int32]
 
 
@@ -103,9 +105,12 @@ def look_alikes(draw, calls):
     tensors, and one option redrawn (often a value equal to the first's, of another type)."""
     tensors_, opts = draw(calls)
     twin = dict(opts)
-    name = draw(st.sampled_from(sorted(opts)))
-    if draw(st.booleans()) and not isinstance(opts[name], torch.Tensor):
-        pool = WINDOWS if name == "window_size" else FLAGS if isinstance(opts[name], (bool, np.bool_)) else FLOATS
+    # The step-to-step numbers (cache_seqlens, cache_leftpad) are redrawn more often: the memo
+    # keys them by type and checks their values at every call.
+    name = draw(st.sampled_from(sorted(opts) + [n for n in sorted(opts) if n.startswith("cache_")] * 4))
+    if (name.startswith("cache_") or draw(st.booleans())) and not isinstance(opts[name], torch.Tensor):
+        pool = WINDOWS if name == "window_size" else LENGTHS if name.startswith("cache_") else \
+            FLAGS if isinstance(opts[name], (bool, np.bool_)) else FLOATS
         twin[name] = draw(st.sampled_from(pool + [opts[name]]))
     return (tensors_, opts), (tuple(_same_metadata(t) for t in tensors_), twin)
 
@@ -148,7 +153,7 @@ def kvcache_calls(draw):
     new = draw(st.sampled_from([0, 1, 2]))
     k = draw(tensors((b, new, 2, d), dtype)) if new else None
     v = k if pick(draw, [True], [False]) else (None if k is not None else draw(tensors((b, 1, 2, d), dtype)))
-    lengths = pick(draw, ["int", "tensor", "none"], ["int64", "short"])
+    lengths = pick(draw, ["int", "int", "tensor", "none"], ["int64", "short"])
     seqlens = {"int": pick(draw, [0, 3], [cap, cap + 1, -1]), "none": None,
                "tensor": torch.full((b,), 2, dtype=torch.int32), "int64": torch.full((b,), 2),
                "short": torch.full((b + 1,), 2, dtype=torch.int32)}[lengths]
@@ -172,9 +177,14 @@ def _kv_args(tensors_, opts):
             None, opts["num_splits"], opts["return_softmax_lse"])
 
 
-def _kv_verdict(tensors_, opts):
+def _kv_verdict(tensors_, opts, step=None):
+    """What the checks make of a call: every check (``step`` None), or the remembered
+    ``step`` of another call with its key and this call's own int checks (the memo's path).
+    The step and the int lengths the kernels get, or the error."""
     try:
-        return "ok", KV._check_step(*_kv_args(tensors_, opts))
+        if step is None:
+            step = KV._check_step(*_kv_args(tensors_, opts))
+        return "ok", step, KV._int_lengths(opts["cache_seqlens"], opts["cache_leftpad"], step)
     except Exception as exc:  # noqa: BLE001
         return "error", type(exc), str(exc)
 
@@ -186,8 +196,9 @@ def test_kvcache_calls_under_one_key_get_one_verdict(pair):
     key_a, key_b = KV._step_key(*_kv_args(*a)), KV._step_key(*_kv_args(*b))
     if key_a is None or key_a != key_b:
         return
-    verdict_a, verdict_b = _kv_verdict(*a), _kv_verdict(*b)
-    assert verdict_a == verdict_b
+    verdict_a = _kv_verdict(*a)
+    if verdict_a[0] == "ok":  # b through the memo (a's step) must get what b's own checks give
+        assert _kv_verdict(*b, step=verdict_a[1]) == _kv_verdict(*b)
 
 
 def test_the_property_can_fail():
