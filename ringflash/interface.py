@@ -80,9 +80,9 @@ def _result(out: torch.Tensor, lse: torch.Tensor, opts: _Options, probs) -> Attn
 
 #: Validated inference calls of ``flash_attn_func`` (``V.call_key``) -> (options, problem).
 #: A decode loop calls with the same shapes at every step, and on a GPU host its checks,
-#: options and problem took about 20 us a call (``bench tune --only-overhead``, run 35), a
-#: quarter of a decode step's host time, which decides an eager step's speed when the
-#: kernels take less.
+#: options and problem took about 22 us a call (``bench tune --only-overhead``, run 35), a
+#: fifth of a decode step's host time, which decides an eager step's speed when the kernels
+#: take less.
 _INFERENCE_CALLS: dict[tuple, tuple[_Options, AttnProblem]] = {}
 
 

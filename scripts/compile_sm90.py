@@ -200,8 +200,14 @@ def main(argv=None) -> int:
     chosen = {}
     for spec in args.config:
         kind, _, tiles = spec.partition("=")
-        bm, bn, warps, stages, *passes = (int(x) for x in tiles.split("x"))
-        chosen[kind] = configs.KernelConfig(bm, bn, warps, stages, dkdv_passes=passes[0] if passes else 1)
+        try:
+            bm, bn, warps, stages, *passes = (int(x) for x in tiles.split("x"))
+            if kind not in configs.KINDS or len(passes) > 1:
+                raise ValueError(spec)
+            chosen[kind] = configs.KernelConfig(bm, bn, warps, stages, dkdv_passes=passes[0] if passes else 1)
+        except ValueError:
+            parser.error(f"--config: got {spec!r}; expected KIND=BMxBNxWARPSxSTAGES[xPASSES], KIND one of "
+                         f"{', '.join(configs.KINDS)}, PASSES 1 or 2 (dkdv)")
     forced = (lambda: configs.override(**chosen)) if chosen else contextlib.nullcontext
 
     warnings.simplefilter("ignore")
