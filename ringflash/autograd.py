@@ -62,6 +62,18 @@ def _seq_args(meta: Optional[SeqMeta]) -> tuple:
     return (None,) * 5 if meta is None else (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag)
 
 
+def tracks_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether autograd would record a call on these tensors (None entries ignored): the
+    calls that skip the autograd Functions, and the memos of validated calls, need it
+    false."""
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:  # a plain loop (torch.compile traces it)
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
 def apply_flash_attn(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Optional[SeqMeta], max_seqlen_q: int,
     max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
@@ -71,7 +83,7 @@ def apply_flash_attn(
     """``FlashAttnFunc.apply`` (same arguments), or the forward op alone when no gradient can
     flow (inference, decoding): the autograd Function's bookkeeping is a fixed host cost
     per call (about 25 us on a CPU), which a call with nothing to differentiate skips."""
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+    if tracks_grad(q, k, v):
         return FlashAttnFunc.apply(q, k, v, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
                                    window_right, softcap, guard, alibi_slopes, dropout_p, dropout_seed, deterministic)
     return ops.fwd(q, k, v, *_seq_args(meta), max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left,
@@ -82,7 +94,7 @@ def apply_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """``PagedKVAttnFunc.apply`` (same arguments), or the op alone when no gradient can flow,
     as ``apply_flash_attn`` does: serving calls run without autograd, and the Function's
     bookkeeping is a fixed host cost per call."""
-    if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+    if tracks_grad(q, k_cache, v_cache):
         return PagedKVAttnFunc.apply(q, k_cache, v_cache, *args)
     return ops.paged_fwd(q, k_cache, v_cache, *args)
 

@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 
 from . import validation as V
-from .autograd import apply_flash_attn, apply_paged_kv
+from .autograd import apply_flash_attn, apply_paged_kv, tracks_grad
 from .kernels import dispatch
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
@@ -97,9 +97,7 @@ def _inference_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softc
                                  deterministic, return_attn_probs))
     if key is None or dropout_p != 0:
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None
-    return key
+    return None if tracks_grad(q, k, v) else key
 
 
 def _round128(n: int) -> int:

@@ -25,6 +25,7 @@ from typing import Optional, Union
 import torch
 
 from . import ops
+from .autograd import tracks_grad
 from . import validation as V
 from .kernels.decode import cache_capacity
 
@@ -153,10 +154,7 @@ def _step_key(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, 
          *(t if isinstance(t, torch.Tensor) else None for t in lengths)),
         (*(None if isinstance(t, torch.Tensor) else 0 if type(t) is int else t for t in lengths), softmax_scale,
          causal, window_size[0], window_size[1], softcap, rotary_interleaved, num_splits, return_softmax_lse))
-    if key is None or torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)):
-        return None
-    return key
+    return None if key is None or tracks_grad(q, k_cache, v_cache, k, v) else key
 
 
 def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens, cache_batch_idx, cache_leftpad,
@@ -180,7 +178,7 @@ def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
     V.check_heads(nheads, nheads_k)
     if (k is None) != (v is None):
         raise ValueError("k, v: give both new keys and values, or neither")
-    if any(t is not None and t.requires_grad for t in (q, k_cache, v_cache, k, v)) and torch.is_grad_enabled():
+    if tracks_grad(q, k_cache, v_cache, k, v):
         raise ValueError("q, k_cache, v_cache, k, v: flash_attn_with_kvcache has no backward, but an input "
                          "requires grad; expected a call under torch.no_grad() or torch.inference_mode()")
     device = q.device

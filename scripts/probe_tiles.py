@@ -110,6 +110,9 @@ def main() -> None:
         print(f"  {kind} {name(cfg)}: {ms:.3f} ms", flush=True)
         if kind not in best or ms < best[kind][0]:
             best[kind] = (ms, cfg)
+    missing = [kind for kind in args.kinds if kind not in best]
+    if missing:
+        sys.exit(f"probe_tiles: no candidate of {missing} ran (see the lines above)")
     # The fastest of each kind together (the backward kernels' times are not additive).
     with configs.override(**{kind: cfg for kind, (_, cfg) in best.items()}):
         f, b = bench(lambda: fwd(args.dropout)), bwd_ms(args.dropout)
