@@ -67,6 +67,9 @@ for s in "$@"; do
     probesplits) stage probesplits "${PROBESPLITS_LIMIT:-150}" python3 scripts/probe_decode_splits.py ${PROBESPLITS_ARGS:-} ;;
     # Issues 15/16: every candidate tile of the training kernels on one case (probe_tiles.py --help).
     probetiles) stage probetiles "${PROBETILES_LIMIT:-300}" python3 scripts/probe_tiles.py ${PROBETILES_ARGS:-} ;;
+    # Issue 15: the Gluon Hopper forward: its error, then its time against the portable
+    # forward, FA2 and cuDNN (scripts/probe_sm90.py --help).
+    probesm90) stage probesm90 "${PROBESM90_LIMIT:-240}" python3 scripts/probe_sm90.py ${PROBESM90_ARGS:-} ;;
     probefp32) stage probefp32 "${PROBEFP32_LIMIT:-240}" python3 scripts/probe_fp32.py ${PROBEFP32_ARGS:-} ;;
     profdecode) stage profdecode "${PROFDECODE_LIMIT:-150}" python3 scripts/profile_decode.py --out "$OUT/profdecode" ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;

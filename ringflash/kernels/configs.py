@@ -168,6 +168,22 @@ FP32_EXACT: dict[int, dict[str, KernelConfig]] = {
 }
 
 
+# The Gluon sm_90 forward (``kernels.sm90``): (head dim, causal) -> config. 128 query rows
+# over 8 warps (two warpgroups of 64 rows, the wgmma's M per warpgroup), 128 keys per block,
+# and ``num_stages`` K/V buffers in the TMA ring: at d=128, Q and two stages of K and V take
+# 160 KB of shared memory. Not yet tuned on a GPU.
+SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
+    (64, False): _C(128, 128, 8, 2), (64, True): _C(128, 128, 8, 2),
+    (128, False): _C(128, 128, 8, 2), (128, True): _C(128, 128, 8, 2),
+}
+
+
+def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:
+    """The Gluon sm_90 forward's config (an ``override(fwd=...)`` context wins, as for the
+    portable kernels)."""
+    return _override.get("fwd") or SM90_FORWARD[(headdim, causal)]
+
+
 #: Registers per thread that a program's resident tiles may take (``tile_registers``): the
 #: rest of the 255 go to the score tile and addresses. Every tuned sm_90 entry sits at or
 #: below it; the d=256 entries before run 27, at 192-384 (4 warps), ran the backward at 0.4x

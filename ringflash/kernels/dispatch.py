@@ -6,6 +6,11 @@
   program and too few programs to fill the GPU. Dense calls, and plain varlen calls
   (max_seqlen_q, a host int, bounds every sequence's queries, so no host sync; the keys
   stay where they are: one cache row, each sequence starting at its cu_seqlens_k entry).
+* ``sm90`` (``kernels.sm90``): the Gluon Hopper forward (TMA, warpgroup MMAs, a software
+  pipelined loop), for the dense calls inside its scope (``sm90.supports``), when
+  ``RINGFLASH_BACKEND=sm90`` asks for it: opt-in until a GPU run shows it faster than the
+  portable forward (docs/benchmarks.md). ``RINGFLASH_BACKEND=portable`` (or unset) keeps
+  the portable kernels.
 * ``fwd`` (``kernels.fwd``): everything else.
 
 Dense calls take the decode family by default: on an H100 (run 27 in docs/benchmarks.md) it
@@ -25,6 +30,7 @@ from typing import Optional
 import torch
 
 from .decode import KeyRanges, decode_forward
+from . import sm90
 from .fwd import attention_forward
 from .problem import AttnProblem, SeqMeta
 
@@ -45,6 +51,17 @@ def decode_mode() -> str:
     if mode not in ("", "0", "1"):
         raise ValueError(f"RINGFLASH_DECODE: got {mode!r}; expected 0, 1 or unset")
     return mode
+
+
+BACKENDS = ("", "portable", "sm90")
+
+
+def backend() -> str:
+    """``RINGFLASH_BACKEND``: "" (unset: the default choice), "portable" or "sm90"."""
+    name = os.environ.get("RINGFLASH_BACKEND", "")
+    if name not in BACKENDS:
+        raise ValueError(f"RINGFLASH_BACKEND: got {name!r}; expected portable, sm90 or unset")
+    return name
 
 
 def use_decode(q: torch.Tensor, k: torch.Tensor, prob: AttnProblem, meta: Optional[SeqMeta],
@@ -70,6 +87,8 @@ def forward(
         if meta is not None:
             return _varlen_decode(q, k, v, prob, meta, alibi_slopes)
         return decode_forward(q, k, v, KeyRanges(offset=k.shape[1]), k.shape[1], prob, alibi_slopes=alibi_slopes)
+    if backend() == "sm90" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
+        return sm90.attention_forward_sm90(q, k, v, prob)
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
 
 

@@ -1,0 +1,82 @@
+"""The Gluon Hopper forward's host side on any machine: which calls the dispatcher sends it
+(``RINGFLASH_BACKEND``), and that everything outside its scope stays on the portable
+kernels. Its numerics are checked on the GPU (test_gpu_attention.py::test_sm90_forward); its
+compilation for sm_90 in test_compile_sm90.py."""
+
+import pytest
+import torch
+
+from ringflash.kernels import dispatch, sm90
+from ringflash.kernels.problem import make_problem
+
+
+def test_backend_names(monkeypatch):
+    monkeypatch.setenv("RINGFLASH_BACKEND", "gluon")
+    with pytest.raises(ValueError, match=r"RINGFLASH_BACKEND: got 'gluon'; expected portable, sm90 or unset"):
+        dispatch.backend()
+    for name in ("portable", "sm90"):
+        monkeypatch.setenv("RINGFLASH_BACKEND", name)
+        assert dispatch.backend() == name
+    monkeypatch.delenv("RINGFLASH_BACKEND")
+    assert dispatch.backend() == ""
+
+
+def _problem(q, k, causal=True, window=(-1, -1), softcap=0.0, scale=None):
+    return make_problem(q, k, None, q.shape[1], k.shape[1], scale or q.shape[-1] ** -0.5, causal, *window, softcap)
+
+
+class _OnHopper:
+    """A stand-in for a CUDA tensor on an sm_90 GPU (``supports`` reads only metadata)."""
+
+    def __init__(self, t):
+        self.t = t
+        self.device = torch.device("cuda", 0)
+        self.dtype, self.shape = t.dtype, t.shape
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
+
+
+@pytest.fixture
+def on_hopper(monkeypatch):
+    if not sm90.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper module")
+    monkeypatch.setattr(sm90.configs, "_capability", lambda device: (9, 0))
+
+
+def test_scope(on_hopper):
+    q = torch.zeros(2, 100, 8, 128, dtype=torch.bfloat16)
+    k = torch.zeros(2, 300, 2, 128, dtype=torch.bfloat16)
+    wrap = _OnHopper
+    supported = lambda q, k, v, prob, **kw: sm90.supports(wrap(q), wrap(k), wrap(v), prob,  # noqa: E731
+                                                           kw.get("meta"), kw.get("alibi"), kw.get("dropout"))
+    assert supported(q, k, k, _problem(q, k))
+    assert supported(q, k, k, _problem(q, k, causal=False))
+    # Outside the scope: each falls back to the portable forward.
+    assert not supported(q, k, k, _problem(q, k, causal=False, window=(64, 64)))
+    assert not supported(q, k, k, _problem(q, k, softcap=30.0))
+    assert not supported(q, k, k, _problem(q, k, scale=-0.1))
+    assert not supported(q, k, k, _problem(q, k), alibi=torch.zeros(8))
+    assert not supported(q, k, k, _problem(q, k), dropout=(0.1, 0))
+    q96, k96 = q[..., :96].contiguous(), k[..., :96].contiguous()
+    assert not supported(q96, k96, k96, _problem(q96, k96))
+    q32, k32 = q.float(), k.float()
+    assert not supported(q32, k32, k32, _problem(q32, k32))
+    # TMA needs 16-byte strides: a token stride of 8 heads x 100 columns (200 bytes) is not.
+    odd = torch.zeros(2, 100, 8, 100, dtype=torch.bfloat16)[..., :64]
+    assert not supported(odd, k[..., :64], k[..., :64], _problem(odd, k[..., :64]))
+
+
+def test_not_on_other_gpus(monkeypatch):
+    if not sm90.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper module")
+    monkeypatch.setattr(sm90.configs, "_capability", lambda device: (10, 0))
+    q = torch.zeros(1, 64, 2, 64, dtype=torch.float16)
+    assert not sm90.supports(_OnHopper(q), _OnHopper(q), _OnHopper(q), _problem(q, q), None, None, None)
+
+
+def test_cpu_calls_stay_portable(monkeypatch):
+    """On the CPU (the interpreter) RINGFLASH_BACKEND=sm90 changes nothing."""
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    q = torch.randn(1, 40, 2, 64, dtype=torch.float16)
+    assert not sm90.supports(q, q, q, _problem(q, q), None, None, None)
