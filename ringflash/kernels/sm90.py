@@ -23,6 +23,7 @@ Writes the same out and lse as ``kernels.fwd.attention_forward``, so the backwar
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -88,72 +89,56 @@ if AVAILABLE:
         _tma_load(v_desc, [b, n0, hk, 0], v_bars.index(slot), v_bufs.index(slot), pred=pred)
 
     @gluon.jit
-    def _fwd_sm90_kernel(
-        q_desc, k_desc, v_desc, o_desc, Lse,
-        seqlen_q, seqlen_k, kv_group, num_m_blocks,
-        stride_lb, stride_lh,
-        qk_scale_log2,
-        HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    def _attend_rows(
+        q_rows, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
+        k_desc, v_desc, o_desc, Lse,
+        b, h, hk, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+        HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr,
+        TURN: gl.constexpr,
     ):
-        """Grid (query blocks, heads, batch); causal programs start from the last query block
-        (the longest) so the short ones fill the tail. Writes out through ``o_desc`` and lse
-        (float32 (batch, heads, seqlen_q), natural log; -inf and out = 0 for a row that sees
-        no key)."""
-        pid = gl.program_id(0)
-        h = gl.program_id(1)
-        b = gl.program_id(2)
-        m_block = num_m_blocks - 1 - pid if CAUSAL else pid
-        m0 = m_block * BLOCK_M
-        hk = h // kv_group
-        dtype: gl.constexpr = q_desc.dtype
+        """Query rows [r0, r0 + ROWS) of one head against key blocks [0, n_blocks), by the
+        WARPS warps running it (a multiple of 4: one warpgroup per 64 rows); writes their out
+        and lse.
 
+        ``q_rows``: the rows' (1, ROWS, 1, d) box in shared memory, loaded by whoever signals
+        ``q_bar``; block j's K and V come in ring slot j % STAGES, signalled by ``k_bars`` /
+        ``v_bars``. With REFILL this code refills a slot itself once it is done with it (the
+        whole CTA runs it); otherwise it arrives on ``kv_free`` for a loader partition. With
+        PINGPONG two consumers take turns (``turns``, TURN = 0 or 1) to issue their MMAs, so
+        that one's softmax runs while the other's MMAs occupy the tensor cores (FA3)."""
+        dtype: gl.constexpr = k_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16])
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEADDIM, 16])
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEADDIM, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        q_tile = q_rows.reshape([ROWS, HEADDIM])
 
-        # The TMA descriptors move (1, rows, 1, d) boxes; the MMAs read them as (rows, d).
-        q_box = gl.allocate_shared_memory(dtype, [1, BLOCK_M, 1, HEADDIM], q_desc.layout)
-        q_tile = q_box.reshape([BLOCK_M, HEADDIM])
-        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
-
-        # Key blocks this query block sees: [0, n_blocks); from n_full on they need the mask.
+        # From block n_full on, some of these rows' keys are masked.
         diag = seqlen_k - seqlen_q
         if CAUSAL:
-            n_end = gl.minimum(seqlen_k, m0 + BLOCK_M + diag)
-            n_full = gl.maximum(gl.minimum(seqlen_k, m0 + diag + 1), 0) // BLOCK_N
+            n_full = gl.maximum(gl.minimum(seqlen_k, r0 + diag + 1), 0) // BLOCK_N
         else:
-            n_end = seqlen_k
             n_full = seqlen_k // BLOCK_N
-        n_blocks = gl.cdiv(gl.maximum(n_end, 0), BLOCK_N)
-
-        mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-        _tma_load(q_desc, [b, m0, h, 0], q_bar, q_box)
-        for i in gl.static_range(STAGES):
-            _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, hk, n_blocks, BLOCK_N, STAGES)
-
-        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([BLOCK_M, HEADDIM], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([ROWS, HEADDIM], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        turn_phase = 0
         mbarrier.wait(q_bar, 0)
 
         if n_blocks > 0:
             # Block 0 alone: its S, then its softmax (nothing to overlap yet).
+            if PINGPONG:
+                mbarrier.wait(turns.index(TURN), turn_phase)
+                turn_phase ^= 1
             mbarrier.wait(k_bars.index(0), 0)
             k_tile = k_bufs.index(0).reshape([BLOCK_N, HEADDIM])
             s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turns.index(1 - TURN))
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
             if n_full <= 0:
                 s = _causal_mask(s, 0, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
@@ -163,12 +148,17 @@ if AVAILABLE:
             for j in range(1, n_blocks):
                 slot = j % STAGES
                 prev = (j - 1) % STAGES
+                if PINGPONG:
+                    mbarrier.wait(turns.index(TURN), turn_phase)
+                    turn_phase ^= 1
                 mbarrier.wait(k_bars.index(slot), (j // STAGES) & 1)
                 k_tile = k_bufs.index(slot).reshape([BLOCK_N, HEADDIM])
                 s_tok = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
                 mbarrier.wait(v_bars.index(prev), ((j - 1) // STAGES) & 1)
                 v_tile = v_bufs.index(prev).reshape([BLOCK_N, HEADDIM])
                 acc_tok = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+                if PINGPONG:
+                    mbarrier.arrive(turns.index(1 - TURN))
                 # S_j is the older group: waiting down to one outstanding leaves P V running.
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 if j >= n_full:
@@ -178,19 +168,22 @@ if AVAILABLE:
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 # Block j-1's slot is free: both MMAs that read it are done.
-                _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j - 1 + STAGES, b, hk, n_blocks,
-                         BLOCK_N, STAGES)
+                if REFILL:
+                    _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j - 1 + STAGES, b, hk, n_blocks,
+                             BLOCK_N, STAGES)
+                else:
+                    mbarrier.arrive(kv_free.index(prev))
 
             last = n_blocks - 1
+            if PINGPONG:
+                mbarrier.wait(turns.index(TURN), turn_phase)
+                turn_phase ^= 1
             mbarrier.wait(v_bars.index(last % STAGES), (last // STAGES) & 1)
             v_tile = v_bufs.index(last % STAGES).reshape([BLOCK_N, HEADDIM])
             acc_tok = warpgroup_mma(p_op, v_tile, acc, is_async=True)
+            if PINGPONG:
+                mbarrier.arrive(turns.index(1 - TURN))
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))[0]
-
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-            mbarrier.invalidate(v_bars.index(i))
 
         empty = l_i == 0.0
         l_safe = gl.where(empty, 1.0, l_i)
@@ -198,11 +191,110 @@ if AVAILABLE:
         lse = (gl.where(empty, 0.0, m_i * qk_scale_log2) + gl.log2(l_safe)) * 0.6931471805599453
         lse = gl.where(empty, float("-inf"), lse)
         gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
-        # Q's buffer is free (every MMA that read it has finished): stage the output there.
+        # The rows' Q buffer is free (every MMA that read it has finished): stage out there.
         q_tile.store(out.to(dtype))
         fence_async_shared()
-        _tma_store(o_desc, [b, m0, h, 0], q_box)
+        _tma_store(o_desc, [b, r0, h, 0], q_rows)
         tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _load_all(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
+                  b, h, hk, m0, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PARTS: gl.constexpr,
+                  STAGES: gl.constexpr):
+        """The loader partition: Q's PARTS boxes of ROWS rows once, then every key block, each
+        into its ring slot once both consumers have released the block that held it
+        (``kv_free``)."""
+        mbarrier.expect(q_bar, PARTS * q_desc.block_type.nbytes)
+        for i in gl.static_range(PARTS):
+            _tma_load(q_desc, [b, m0 + i * ROWS, h, 0], q_bar, q_bufs.index(i))
+        for i in range(n_blocks):
+            mbarrier.wait(kv_free.index(i % STAGES), ((i // STAGES) + 1) & 1, pred=i >= STAGES)
+            _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, hk, n_blocks, BLOCK_N, STAGES)
+
+    @gluon.jit
+    def _fwd_sm90_kernel(
+        q_desc, k_desc, v_desc, o_desc, Lse,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks,
+        stride_lb, stride_lh,
+        qk_scale_log2,
+        HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, SPECIALIZED: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Grid (query blocks, heads, batch); causal programs start from the last query block
+        (the longest) so the short ones fill the tail. Writes out through ``o_desc`` and lse
+        (float32 (batch, heads, seqlen_q), natural log; -inf and out = 0 for a row that sees
+        no key).
+
+        Without SPECIALIZED, the CTA's ``num_warps`` warps run the BLOCK_M rows together and
+        issue the loads themselves. With it, ``num_warps`` = 4: this warpgroup and a second
+        one each take BLOCK_M / 2 rows, and one more warp issues every load (FA3's producer /
+        consumer split), optionally with PINGPONG."""
+        pid = gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        m_block = num_m_blocks - 1 - pid if CAUSAL else pid
+        m0 = m_block * BLOCK_M
+        hk = h // kv_group
+        dtype: gl.constexpr = q_desc.dtype
+
+        # Q in PARTS boxes of ROWS rows, one per consumer (a reshape of a slice is not allowed).
+        PARTS: gl.constexpr = 2 if SPECIALIZED else 1
+        ROWS: gl.constexpr = BLOCK_M // PARTS
+        q_bufs = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], q_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        turns = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+            mbarrier.init(kv_free.index(i), count=2)  # both consumers release each slot
+        for i in gl.static_range(2):
+            mbarrier.init(turns.index(i), count=1)
+
+        # Key blocks this query block sees: [0, n_blocks).
+        if CAUSAL:
+            n_end = gl.minimum(seqlen_k, m0 + BLOCK_M + seqlen_k - seqlen_q)
+        else:
+            n_end = seqlen_k
+        n_blocks = gl.cdiv(gl.maximum(n_end, 0), BLOCK_N)
+
+        if SPECIALIZED:
+            if PINGPONG:
+                mbarrier.arrive(turns.index(0))  # consumer 0 issues first
+            gl.warp_specialize([
+                (_attend_rows, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
+                                k_desc, v_desc, o_desc, Lse, b, h, hk, m0, n_blocks, seqlen_q, seqlen_k,
+                                stride_lb, stride_lh, qk_scale_log2,
+                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 0)),
+                (_attend_rows, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
+                                k_desc, v_desc, o_desc, Lse, b, h, hk, m0 + ROWS, n_blocks, seqlen_q, seqlen_k,
+                                stride_lb, stride_lh, qk_scale_log2,
+                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1)),
+                (_load_all, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
+                             b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
+            ], [4, 1], [240, 24])
+        else:
+            mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+            _tma_load(q_desc, [b, m0, h, 0], q_bar, q_bufs.index(0))
+            for i in gl.static_range(STAGES):
+                _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, hk, n_blocks, BLOCK_N, STAGES)
+            _attend_rows(q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
+                         k_desc, v_desc, o_desc, Lse, b, h, hk, m0, n_blocks, seqlen_q, seqlen_k,
+                         stride_lb, stride_lh, qk_scale_log2,
+                         HEADDIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, num_warps, True, False, 0)
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+            mbarrier.invalidate(v_bars.index(i))
+            mbarrier.invalidate(kv_free.index(i))
+        for i in gl.static_range(2):
+            mbarrier.invalidate(turns.index(i))
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta, alibi_slopes,
@@ -232,8 +324,15 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout)
 
 
-def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           prob: AttnProblem) -> tuple[torch.Tensor, torch.Tensor]:
+#: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
+#: loads), "specialized" (a loader warp and two consumer warpgroups) or "pingpong" (the
+#: consumers also take turns at the tensor cores). Measured in scripts/probe_sm90.py.
+VARIANTS = ("pipelined", "specialized", "pingpong")
+DEFAULT_VARIANT = "pipelined"
+
+
+def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem,
+                           variant: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d), where ``supports``.
 
     Returns out (q's shape and dtype, contiguous) and lse (float32 (batch, nheads, seqlen_q),
@@ -250,15 +349,20 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    variant = variant or DEFAULT_VARIANT
+    if variant not in VARIANTS:
+        raise ValueError(f"variant: got {variant!r}; expected one of {VARIANTS}")
     cfg = configs.sm90_forward_config(headdim, prob.causal)
+    specialized = variant != "pipelined"
     num_m_blocks = math.ceil(seqlen_q / cfg.block_m)
     grid = (num_m_blocks, nheads, batch)
+    rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
     _fwd_sm90_kernel[grid](
-        _descriptor(q, cfg.block_m), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n),
-        _descriptor(out, cfg.block_m), lse,
+        _descriptor(q, rows), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), _descriptor(out, rows), lse,
         seqlen_q, seqlen_k, nheads // k.shape[2], num_m_blocks, lse.stride(0), lse.stride(1),
         prob.softmax_scale * LOG2E,
         HEADDIM=headdim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
-        CAUSAL=prob.causal, num_warps=cfg.num_warps,
+        CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong",
+        num_warps=4 if specialized else cfg.num_warps,
     )
     return out, lse
