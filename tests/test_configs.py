@@ -25,12 +25,15 @@ def test_candidates_fit_the_register_budget(kind, headdim):
 
 def test_headdim_256_entries_fit_the_register_budget():
     # The d=256 entries before `bench tune --headdims 256` (run 27) were over the budget and
-    # ran the backward at 0.4x FA2; every entry the tuning chose fits it, and is a candidate.
+    # ran the backward at 0.4x FA2; every entry chosen since is a candidate, and fits it or
+    # is one of the shapes the estimate refuses but the compiler does not spill
+    # (WIDE_HEAD_EXTRA_SHAPES: run 37's dQ 128x32 and two-pass dK/dV 32x128, fastest).
     table = configs.TABLE[(9, 0)]
     for kind in configs.KINDS:
         for causal in (False, True):
             cfg = table[kind][(256, causal)]
-            assert configs.tile_registers(kind, cfg, 256) <= configs.TILE_REGISTER_BUDGET, (kind, causal, cfg)
+            if (cfg.block_m, cfg.block_n) not in configs.WIDE_HEAD_EXTRA_SHAPES.get(kind, ()):
+                assert configs.tile_registers(kind, cfg, 256) <= configs.TILE_REGISTER_BUDGET, (kind, causal, cfg)
             assert cfg in configs.candidates(kind, 256), (kind, causal, cfg)
 
 

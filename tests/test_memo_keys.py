@@ -128,7 +128,9 @@ def test_flash_attn_func_calls_under_one_key_get_one_verdict(pair):
 def test_remembered_problem_is_the_checked_one():
     """The memo's entry holds exactly what the checks made of the call."""
     I._INFERENCE_CALLS.clear()
-    q, k, v = torch.randn(2, 3, 4, 16), torch.randn(2, 300, 2, 16), torch.randn(2, 300, 2, 16)
+    # On the GPU where there is one (CPU tensors run only in the interpreter, off on a GPU machine).
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    q, k, v = (torch.randn(s, device=device) for s in ((2, 3, 4, 16), (2, 300, 2, 16), (2, 300, 2, 16)))
     opts = dict(dropout_p=0.0, softmax_scale=0.3, causal=True, window_size=(5, 0), softcap=2.0, deterministic=False,
                 return_attn_probs=False)
     with torch.no_grad():

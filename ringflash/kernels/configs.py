@@ -128,15 +128,22 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
         "dkdv": {
             (64, False): _C(64, 128, 4, 3), (64, True): _C(64, 64, 4, 2),
             (128, False): _C(64, 128, 8, 3), (128, True): _C(64, 64, 4, 2), (128, True, True): _C(64, 128, 8, 3),
-            (256, False): _C(64, 64, 8, 2), (256, True): _C(64, 64, 8, 2),
+            # Two passes (dV, then dK): run 37, below.
+            (256, False): _C(32, 128, 8, 2, dkdv_passes=2), (256, True): _C(32, 128, 8, 2, dkdv_passes=2),
         },
         "dq": {
             (64, False): _C(64, 64, 4, 3), (64, True): _C(128, 64, 4, 4),
             (128, False): _C(128, 64, 8, 4), (128, True): _C(128, 64, 8, 3), (128, True, True): _C(128, 64, 8, 4),
-            (256, False): _C(32, 64, 4, 2), (256, True): _C(64, 64, 8, 2),
+            (256, False): _C(128, 32, 8, 2), (256, True): _C(128, 32, 8, 2),
         },
     },
 }
+# The d=256 backward entries (d=192 shares them): run 37 on an H200 timed every candidate
+# (``scripts/probe_tiles.py --dropout 0 --headdim 256 --seqlen 8192 --batch 1``, causal,
+# 16 heads): the backward took 7.75 ms with the previous entries (64x64 dK/dV, which spills
+# 576 bytes, and 64x64 dQ), 6.83 ms with the two-pass 32x128 dK/dV, and 5.71 ms with the
+# 128x32 dQ as well (SDPA FA2: 5.54 ms). The one-pass 32x128 dK/dV took 16.5 ms. Full
+# attention was not probed; it takes the same tiles, whose register use is the same.
 
 
 # With dropout the kernels also compute the mask's words per score entry: more registers
