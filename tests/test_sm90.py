@@ -80,3 +80,26 @@ def test_cpu_calls_stay_portable(monkeypatch):
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     q = torch.randn(1, 40, 2, 64, dtype=torch.float16)
     assert not sm90.supports(q, q, q, _problem(q, q), None, None, None)
+
+
+def test_preferred_where_measured_faster():
+    """The default backend takes the sm90 forward from the measured seqlen thresholds on,
+    and not inside a configs.override(fwd=...) block (that forces the portable forward)."""
+    from ringflash.kernels import configs
+
+    for d, threshold in configs.SM90_MIN_SEQLEN_Q.items():
+        short, long_ = (torch.zeros(1, n, 2, d, dtype=torch.bfloat16) for n in (threshold - 1, threshold))
+        assert not sm90.preferred(_problem(short, short))
+        assert sm90.preferred(_problem(long_, long_))
+        with configs.override(fwd=configs.KernelConfig(64, 64, 4, 2)):
+            assert not sm90.preferred(_problem(long_, long_))
+        with configs.override(sm90_fwd=configs.KernelConfig(128, 64, 4, 2)):
+            assert sm90.preferred(_problem(long_, long_))
+            assert configs.sm90_forward_config(d, True) == configs.KernelConfig(128, 64, 4, 2)
+    assert set(configs.SM90_MIN_SEQLEN_Q) == {d for d, _ in configs.SM90_FORWARD}
+
+
+def test_variant_names():
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"variant: got 'ws'; expected one of"):
+        sm90.attention_forward_sm90(q, q, q, _problem(q, q), variant="ws")

@@ -176,19 +176,31 @@ FP32_EXACT: dict[int, dict[str, KernelConfig]] = {
 
 
 # The Gluon sm_90 forward (``kernels.sm90``): (head dim, causal) -> config. 128 query rows
-# over 8 warps (two warpgroups of 64 rows, the wgmma's M per warpgroup), 128 keys per block,
-# and ``num_stages`` K/V buffers in the TMA ring: at d=128, Q and two stages of K and V take
-# 160 KB of shared memory. Not yet tuned on a GPU.
+# (64 per consumer warpgroup in the specialized variants, whose warps the kernel sets; 8
+# warps in the pipelined one), 128 keys per block, and ``num_stages`` K/V buffers in the TMA
+# ring: at d=128, Q and three stages of K and V take 224 KB of shared memory. Run 37 on an
+# H200 (``scripts/probe_sm90.py``, docs/benchmarks.md) timed three variants and three
+# tiles; the pingpong variant with three stages was the fastest in all 12 cases.
 SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
-    (64, False): _C(128, 128, 8, 2), (64, True): _C(128, 128, 8, 2),
-    (128, False): _C(128, 128, 8, 2), (128, True): _C(128, 128, 8, 2),
+    (64, False): _C(128, 128, 4, 3), (64, True): _C(128, 128, 4, 3),
+    (128, False): _C(128, 128, 4, 3), (128, True): _C(128, 128, 4, 3),
 }
+#: Fewest query rows (seqlen_q) from which the default backend takes the Gluon sm_90
+#: forward, per head dim. Run 37 (pingpong, 3 stages, against the portable forward, bf16,
+#: 16k tokens): d=128 1.31-1.41x at seqlen 1k-16k; d=64 1.14-1.24x at 4k-16k, but at 1k
+#: 1.02x full and 0.82x causal (short causal programs: the warp-specialized prologue and
+#: the 12 warps do not pay off).
+SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 128: 1024}
 
 
 def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:
-    """The Gluon sm_90 forward's config (an ``override(fwd=...)`` context wins, as for the
-    portable kernels)."""
-    return _override.get("fwd") or SM90_FORWARD[(headdim, causal)]
+    """The Gluon sm_90 forward's config (an ``override(sm90_fwd=...)`` context wins)."""
+    return _override.get("sm90_fwd") or SM90_FORWARD[(headdim, causal)]
+
+
+def portable_forward_forced() -> bool:
+    """Whether an ``override(fwd=...)`` context names the portable forward's tiles."""
+    return "fwd" in _override
 
 
 #: Registers per thread that a program's resident tiles may take (``tile_registers``): the
@@ -262,10 +274,13 @@ def override(
     dkdv: Optional[KernelConfig] = None,
     dq: Optional[KernelConfig] = None,
     num_splits: Optional[int] = None,
+    sm90_fwd: Optional[KernelConfig] = None,
 ) -> Iterator[None]:
-    """Force configurations inside the block (tests, tuning)."""
+    """Force configurations inside the block (tests, tuning). ``fwd`` is the portable
+    forward's, and also keeps the default backend on the portable forward (a test forcing
+    its tiles means that kernel); ``sm90_fwd`` is the Gluon sm_90 forward's."""
     saved = dict(_override)
-    for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits)):
+    for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits), ("sm90_fwd", sm90_fwd)):
         if value is not None:
             _override[key] = value
     try:

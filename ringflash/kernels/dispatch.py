@@ -6,11 +6,11 @@
   program and too few programs to fill the GPU. Dense calls, and plain varlen calls
   (max_seqlen_q, a host int, bounds every sequence's queries, so no host sync; the keys
   stay where they are: one cache row, each sequence starting at its cu_seqlens_k entry).
-* ``sm90`` (``kernels.sm90``): the Gluon Hopper forward (TMA, warpgroup MMAs, a software
-  pipelined loop), for the dense calls inside its scope (``sm90.supports``), when
-  ``RINGFLASH_BACKEND=sm90`` asks for it: opt-in until a GPU run shows it faster than the
-  portable forward (docs/benchmarks.md). ``RINGFLASH_BACKEND=portable`` (or unset) keeps
-  the portable kernels.
+* ``sm90`` (``kernels.sm90``): the Gluon Hopper forward (TMA, warpgroup MMAs, a loader
+  warp and two consumer warpgroups taking turns at the tensor cores), for the dense calls
+  inside its scope (``sm90.supports``) where it measured faster than the portable forward
+  (``sm90.preferred``: run 37 in docs/benchmarks.md, 1.1-1.4x). ``RINGFLASH_BACKEND=sm90``
+  takes it for every call in scope, ``RINGFLASH_BACKEND=portable`` never.
 * ``fwd`` (``kernels.fwd``): everything else.
 
 Dense calls take the decode family by default: on an H100 (run 27 in docs/benchmarks.md) it
@@ -87,7 +87,9 @@ def forward(
         if meta is not None:
             return _varlen_decode(q, k, v, prob, meta, alibi_slopes)
         return decode_forward(q, k, v, KeyRanges(offset=k.shape[1]), k.shape[1], prob, alibi_slopes=alibi_slopes)
-    if backend() == "sm90" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
+    chosen = backend()
+    if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
+            (chosen == "sm90" or sm90.preferred(prob)):
         return sm90.attention_forward_sm90(q, k, v, prob)
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
 

@@ -14,8 +14,9 @@ family writes it out, as FA3 does within one warpgroup pair:
 
 Scope (``supports``): dense (batch, seqlen, heads, d) bf16/fp16 calls, d = 64 or 128,
 causal (bottom-right) or full, GQA/MQA, positive softmax scale; no window, softcap, ALiBi,
-dropout or varlen. Everything else stays on the portable kernels, and so does every call
-unless ``RINGFLASH_BACKEND`` asks for this family (``kernels.dispatch``).
+dropout or varlen. Everything else stays on the portable kernels. The dispatcher
+(``kernels.dispatch``) takes this family where it measured faster (``preferred``), or for
+every call in scope with ``RINGFLASH_BACKEND=sm90``.
 
 Writes the same out and lse as ``kernels.fwd.attention_forward``, so the backward is shared.
 """
@@ -317,6 +318,13 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     return True
 
 
+def preferred(prob: AttnProblem) -> bool:
+    """Whether the default backend takes this family for a call it ``supports``: where it
+    measured faster than the portable forward (``configs.SM90_MIN_SEQLEN_Q``), unless a
+    ``configs.override(fwd=...)`` context forces the portable forward's tiles."""
+    return prob.max_seqlen_q >= configs.SM90_MIN_SEQLEN_Q[prob.headdim] and not configs.portable_forward_forced()
+
+
 def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     """A TMA descriptor over (batch, seqlen, heads, d) moving (1, rows, 1, d) boxes."""
     box = [1, rows, 1, x.shape[-1]]
@@ -326,9 +334,11 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
 
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
 #: loads), "specialized" (a loader warp and two consumer warpgroups) or "pingpong" (the
-#: consumers also take turns at the tensor cores). Measured in scripts/probe_sm90.py.
+#: consumers also take turns at the tensor cores). Run 37 (scripts/probe_sm90.py, H200):
+#: pingpong was the fastest in every case, at 1.10-1.41x the portable forward at d=128 and
+#: 1.05-1.24x at d=64 from seqlen 4k; pipelined was the slowest (0.71-1.13x).
 VARIANTS = ("pipelined", "specialized", "pingpong")
-DEFAULT_VARIANT = "pipelined"
+DEFAULT_VARIANT = "pingpong"
 
 
 def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem,
