@@ -334,9 +334,10 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
 
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
 #: loads), "specialized" (a loader warp and two consumer warpgroups) or "pingpong" (the
-#: consumers also take turns at the tensor cores). Run 37 (scripts/probe_sm90.py, H200):
-#: pingpong was the fastest in every case, at 1.10-1.41x the portable forward at d=128 and
-#: 1.05-1.24x at d=64 from seqlen 4k; pipelined was the slowest (0.71-1.13x).
+#: consumers also take turns at the tensor cores). Run 37 (scripts/probe_sm90.py, H200,
+#: 12 cases): pingpong with three K/V stages was the fastest variant in every case, at
+#: 1.31-1.41x the portable forward at d=128 and 1.14-1.24x at d=64 from seqlen 4k; the
+#: pipelined one reached 0.74-1.13x.
 VARIANTS = ("pipelined", "specialized", "pingpong")
 DEFAULT_VARIANT = "pingpong"
 
