@@ -25,7 +25,6 @@ from typing import Optional
 
 import torch
 
-from .kernels.bwd import attention_backward
 from .kernels import configs, dispatch
 from .kernels.decode import KeyRanges, append_to_cache, cache_capacity, decode_forward
 from .kernels.guard import poison_if_invalid
@@ -125,9 +124,9 @@ def _attn_bwd_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     meta = _meta(q_starts, q_ends, cu_seqlens_k, seqused_k, diag)
     prob = make_problem(q, k, meta, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window_left, window_right, softcap)
-    dq, dk, dv = attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes,
-                                    dropout=_dropout(dropout_p, dropout_seed),
-                                    atomic_dq=configs.use_atomic_dq(deterministic))
+    dq, dk, dv = dispatch.backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes,
+                                   dropout=_dropout(dropout_p, dropout_seed),
+                                   atomic_dq=configs.use_atomic_dq(deterministic))
     _guard(meta, q, k, prob, (dq, dk, dv))
     return dq, dk, dv
 

@@ -163,7 +163,7 @@ def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512) ->
 def run_extras() -> list[tuple[str, dict]]:
     """Compile the kernels outside the dense training path: the decode family (a paged KV
     cache with new keys appended: the append and decode kernels), the S_dmask kernel
-    (with the forward) at a dropout threshold of 1, and the Gluon Hopper forward."""
+    (with the forward) at a dropout threshold of 1, and the Gluon Hopper kernels."""
     from ringflash import flash_attn_func, flash_attn_with_kvcache
 
     q = torch.randn(2, 1, 8, 128, dtype=torch.bfloat16)
@@ -176,13 +176,13 @@ def run_extras() -> list[tuple[str, dict]]:
     # constexpr: the mask must compile with it (a `.to()` on it did not).
     x = torch.randn(1, 256, 2, 64, dtype=torch.bfloat16)
     flash_attn_func(x, x, x, dropout_p=2.0**-16, return_attn_probs=True)
-    collect_sm90_forward()
+    collect_sm90()
     return collect()
 
 
-def collect_sm90_forward(headdims=(128,), causals=(True,)) -> None:
-    """Compile the Gluon Hopper forward (``kernels.sm90``), which a GPU call takes only with
-    RINGFLASH_BACKEND=sm90: lengths off its tiles, GQA."""
+def collect_sm90(headdims=(128,), causals=(True,)) -> None:
+    """Compile the Gluon Hopper kernels (``kernels.sm90``): the forward and both backward
+    kernels, lengths off their tiles, GQA."""
     from ringflash.kernels import sm90
     from ringflash.kernels.problem import make_problem
 
@@ -192,7 +192,9 @@ def collect_sm90_forward(headdims=(128,), causals=(True,)) -> None:
         for causal in causals:
             q = torch.randn(2, 300, 4, d, dtype=torch.bfloat16)
             k = torch.randn(2, 500, 2, d, dtype=torch.bfloat16)
-            sm90.attention_forward_sm90(q, k, k, make_problem(q, k, None, 300, 500, d**-0.5, causal, -1, -1, 0.0))
+            prob = make_problem(q, k, None, 300, 500, d**-0.5, causal, -1, -1, 0.0)
+            sm90.attention_forward_sm90(q, k, k, prob)
+            sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob)
 
 
 def main(argv=None) -> int:
@@ -202,7 +204,7 @@ def main(argv=None) -> int:
     parser.add_argument("--dropout", choices=["both", "on", "off"], default="both")
     parser.add_argument("--no-extras", action="store_true", help="skip the decode, S_dmask and Gluon kernels")
     parser.add_argument("--sm90", action="store_true",
-                        help="also the Gluon Hopper forward at d=64/128, causal and full")
+                        help="also the Gluon Hopper kernels at d=64/128, causal and full")
     parser.add_argument("--config", action="append", default=[], metavar="KIND=BMxBNxWARPSxSTAGES[xPASSES]",
                         help="a kernel's config instead of the table's, e.g. dkdv=64x64x8x2x2 (two passes); "
                              "repeatable")
@@ -240,9 +242,9 @@ def main(argv=None) -> int:
               (lambda d=d, c=causal, p=p: run_case(d, c, p)))
              for d in args.headdims for causal in causals for p in dropouts]
     if not args.no_extras:
-        cases.append(("decode, S_dmask, sm90 fwd", run_extras))
+        cases.append(("decode, S_dmask, sm90", run_extras))
     if args.sm90:
-        cases.append(("sm90 fwd d=64/128, both", lambda: (collect_sm90_forward((64, 128), (False, True)), collect())[1]))
+        cases.append(("sm90 d=64/128, both", lambda: (collect_sm90((64, 128), (False, True)), collect())[1]))
     for case, compile_case in cases:
         try:
             with forced():

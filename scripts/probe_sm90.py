@@ -1,12 +1,13 @@
-"""The Gluon Hopper forward (``kernels.sm90``) on the GPU: its error against the portable
-forward and a float64 reference on a small case per variant, then its forward time against
-the portable forward, SDPA's FA2 and cuDNN on the same tensors, for each variant
-(``sm90.VARIANTS``) and a few candidate tiles.
+"""The Gluon Hopper kernels (``kernels.sm90``) on the GPU: their errors against a float64
+reference on a small case (the portable kernels' beside them), then their times against the
+portable kernels, SDPA's FA2 and cuDNN on the same tensors: the forward for each variant
+(``sm90.VARIANTS``) and tile given, the backward (dK/dV and dQ kernels) for each pair of
+tiles given.
 
     python scripts/probe_sm90.py                  # bf16, d=64/128, causal and full, 16k tokens
-    python scripts/probe_sm90.py --headdims 128 --seqlens 4096 16384 --tiles pipelined:128x128x8x2 pingpong:128x128x4x2
+    python scripts/probe_sm90.py --parts bwd --headdims 128 --seqlens 4096 --bwd-tiles 64x128x2/128x64x3
 
-Prints a line per measurement as it goes and a table of forward TFLOP/s and ratios last.
+Prints a line per measurement as it goes and the tables of TFLOP/s and ratios last.
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import torch  # noqa: E402
 
 from ringflash import attention_ref, flash_attn_func  # noqa: E402
-from ringflash.bench.common import attn_flops, bench_ms, format_table, sdpa_baseline, tflops  # noqa: E402
+from ringflash.bench.common import (  # noqa: E402
+    BWD_FLOP_FACTOR, attn_flops, bench_ms, format_table, sdpa_baseline, tflops, time_fwd_bwd,
+)
 from ringflash.kernels import configs, sm90  # noqa: E402
+from ringflash.kernels.bwd import attention_backward  # noqa: E402
 from ringflash.kernels.problem import make_problem  # noqa: E402
 
 
@@ -52,20 +56,85 @@ def check(d: int, causal: bool, variant: str, cfg: configs.KernelConfig) -> str:
             f"lse {err(lse, want_lse):.2e} (portable {err(ref_lse, want_lse):.2e})")
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / seqlen")
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--tiles", nargs="+", metavar="VARIANT:BMxBNxWxS",
-                        default=["pipelined:128x128x8x2", "pipelined:128x64x8x2", "pipelined:128x128x8x3",
-                                 "specialized:128x128x4x2", "pingpong:128x128x4x2", "pingpong:128x128x4x3"])
-    args = parser.parse_args(argv)
-    # flash_attn_func is the portable baseline here (the sm90 calls go to its launcher).
-    os.environ["RINGFLASH_BACKEND"] = "portable"
+def bwd_candidate(spec: str) -> tuple[configs.KernelConfig, configs.KernelConfig]:
+    """"BMxBNxSTAGES/BMxBNxSTAGES": the dK/dV kernel's tiles, then the dQ kernel's."""
+    pair = []
+    for part in spec.split("/"):
+        bm, bn, stages = (int(x) for x in part.split("x"))
+        pair.append(configs.KernelConfig(bm, bn, 4, stages))
+    return pair[0], pair[1]
+
+
+def _problem(q, k, causal):
+    return make_problem(q, k, None, q.shape[1], k.shape[1], q.shape[-1] ** -0.5, causal, -1, -1, 0.0)
+
+
+def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg) -> str:
+    """Max errors of dq, dk, dv against float64, next to the portable backward's."""
+    gen = torch.Generator(device="cuda").manual_seed(d + causal + 1)
+    shapes = [(2, 1000, 8, d), (2, 1537, 2, d), (2, 1537, 2, d), (2, 1000, 8, d)]
+    q64, k64, v64, do64 = (torch.randn(s, device="cuda", dtype=torch.float64, generator=gen) for s in shapes)
+    leaves = [t.clone().requires_grad_() for t in (q64, k64, v64)]
+    want = torch.autograd.grad(attention_ref(*leaves, causal=causal)[0], leaves, do64)
+    q, k, v, do = (t.bfloat16() for t in (q64, k64, v64, do64))
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    prob = _problem(q, k, causal)
+    ours = attention_backward(do, q, k, v, out, lse, prob)
+    with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg):
+        got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob)
+    err = lambda a, b: (a.double() - b).abs().max().item()  # noqa: E731
+    return ", ".join(f"{n} {err(g, w):.2e} (portable {err(o, w):.2e})"
+                     for n, g, o, w in zip(("dq", "dk", "dv"), got, ours, want))
+
+
+def _tiles(cfg) -> str:
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
+
+
+def backward_section(args, fa2, cudnn) -> list:
+    cands = [bwd_candidate(s) for s in args.bwd_tiles]
+    rows = []
+    for d in args.headdims:
+        for causal in (False, True):
+            for dkdv_cfg, dq_cfg in cands:
+                label = f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}"
+                try:
+                    print(f"check bwd d={d} causal={causal} {label}: {check_bwd(d, causal, dkdv_cfg, dq_cfg)}",
+                          flush=True)
+                except Exception as exc:
+                    print(f"check bwd d={d} causal={causal} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}",
+                          flush=True)
+            for seqlen in args.seqlens:
+                batch = max(1, args.tokens // seqlen)
+                gen = torch.Generator(device="cuda").manual_seed(seqlen)
+                q, k, v, do = (torch.randn(batch, seqlen, args.heads, d, device="cuda", dtype=torch.bfloat16,
+                                           generator=gen) for _ in range(4))
+                out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+                prob = _problem(q, k, causal)
+                flops = BWD_FLOP_FACTOR * attn_flops(batch, args.heads, seqlen, seqlen, d, causal)
+                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+                base = {"portable": bench_ms(lambda: attention_backward(do, q, k, v, out, lse, prob)),
+                        "FA2": time_fwd_bwd(lambda *t: fa2(*t, causal), leaves, do)[1],
+                        "cuDNN": time_fwd_bwd(lambda *t: cudnn(*t, causal), leaves, do)[1]}
+                for dkdv_cfg, dq_cfg in cands:
+                    name = f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}"
+                    try:
+                        with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg):
+                            ms = bench_ms(lambda: sm90.attention_backward_sm90(do, q, k, v, out, lse, prob))
+                    except Exception as exc:
+                        print(f"time bwd d={d} causal={causal} s={seqlen} {name}: FAILED {type(exc).__name__}",
+                              flush=True)
+                        continue
+                    row = [d, "causal" if causal else "full", seqlen, batch, name, f"{tflops(flops, ms):.0f}",
+                           *(f"{tflops(flops, base[n]):.0f}" for n in ("portable", "FA2", "cuDNN")),
+                           *(f"{base[n] / ms:.2f}" for n in ("portable", "FA2", "cuDNN"))]
+                    print("time bwd", row, flush=True)
+                    rows.append(row)
+    return rows
+
+
+def forward_section(args, fa2, cudnn) -> list:
     cfgs = [candidate(s) for s in args.tiles]
-    fa2, cudnn = sdpa_baseline("FLASH_ATTENTION"), sdpa_baseline("CUDNN_ATTENTION")
     rows = []
     for d in args.headdims:
         for causal in (False, True):
@@ -94,13 +163,41 @@ def main(argv=None) -> int:
                         print(f"time d={d} causal={causal} s={seqlen} {name}: FAILED {type(exc).__name__}", flush=True)
                         continue
                     row = [d, "causal" if causal else "full", seqlen, batch, name, f"{tflops(flops, ms):.0f}",
-                           f"{tflops(flops, base['portable']):.0f}", f"{tflops(flops, base['FA2']):.0f}",
-                           f"{tflops(flops, base['cuDNN']):.0f}", f"{base['portable'] / ms:.2f}",
-                           f"{base['FA2'] / ms:.2f}", f"{base['cuDNN'] / ms:.2f}"]
+                           *(f"{tflops(flops, base[n]):.0f}" for n in ("portable", "FA2", "cuDNN")),
+                           *(f"{base[n] / ms:.2f}" for n in ("portable", "FA2", "cuDNN"))]
                     print("time", row, flush=True)
                     rows.append(row)
-    print(format_table(["d", "mask", "s", "b", "sm90 variant:tile", "sm90 TF/s", "portable", "FA2", "cuDNN",
-                        "vs portable", "vs FA2", "vs cuDNN"], rows))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
+    parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / seqlen")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--tiles", nargs="+", metavar="VARIANT:BMxBNxWxS",
+                        default=["pingpong:128x128x4x3", "pingpong:128x128x4x2"])
+    parser.add_argument("--bwd-tiles", nargs="+", metavar="BMxBNxS/BMxBNxS",
+                        default=["64x128x2/128x64x3", "64x128x3/128x64x2", "64x128x2/128x128x2"],
+                        help="dK/dV kernel's tiles (query rows per step x keys owned x stages), then dQ's "
+                             "(query rows owned x keys per step x stages)")
+    args = parser.parse_args(argv)
+    # flash_attn_func and attention_backward are the portable baselines here (the sm90
+    # calls go to their launchers).
+    os.environ["RINGFLASH_BACKEND"] = "portable"
+    fa2, cudnn = sdpa_baseline("FLASH_ATTENTION"), sdpa_baseline("CUDNN_ATTENTION")
+    header = ["d", "mask", "s", "b", "{} tiles", "sm90 TF/s", "portable", "FA2", "cuDNN", "vs portable", "vs FA2",
+              "vs cuDNN"]
+    tables = []
+    if "fwd" in args.parts:
+        rows = forward_section(args, fa2, cudnn)
+        tables.append("forward\n" + format_table([h.format("variant:") for h in header], rows))
+    if "bwd" in args.parts:
+        rows = backward_section(args, fa2, cudnn)
+        tables.append("backward (dK/dV / dQ tiles)\n" + format_table([h.format("bwd") for h in header], rows))
+    print("\n\n".join(tables))
     return 0
 
 

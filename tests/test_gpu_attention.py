@@ -205,20 +205,20 @@ def _sm90_available() -> bool:
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 2048, 2048, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1),
                                           (3, 1, 700, 2, 2), (1, 129, 1, 2, 1)])
-def test_sm90_forward(gen, monkeypatch, variant, dtype, headdim, causal, b, sq, sk, h, hk):
-    """The Gluon Hopper forward (RINGFLASH_BACKEND=sm90) against the float64 reference: out
-    and lse, and the gradients through the shared backward from its out and lse. Lengths
-    off the 128-row tiles, seqlen_q > seqlen_k under causal (rows that see no key), one
-    query, one key, GQA and MQA; each variant (``sm90.VARIANTS``); the call must go through
-    the sm90 family."""
+def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, causal, b, sq, sk, h, hk):
+    """The Gluon Hopper kernels (RINGFLASH_BACKEND=sm90) against the float64 reference: out
+    and lse from its forward, dq, dk and dv from its backward. Lengths off the tiles,
+    seqlen_q > seqlen_k under causal (rows that see no key), one query, one key, GQA and
+    MQA; each forward variant (``sm90.VARIANTS``); the call must go through both."""
     from ringflash.kernels import sm90
 
     calls = []
-    real = sm90.attention_forward_sm90
-    monkeypatch.setattr(sm90, "attention_forward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     monkeypatch.setattr(sm90, "DEFAULT_VARIANT", variant)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")  # one-query calls too, not the decode family
     inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
     check_attention(_dense_impl, _dense_ref, inputs, dtype, extra=(causal,))
-    assert calls, "the call did not reach the sm90 forward"
+    assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls

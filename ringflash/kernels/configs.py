@@ -193,6 +193,19 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
 SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 128: 1024}
 
 
+# The Gluon sm_90 backward (``kernels.sm90``), one config per kernel: dK/dV owns block_n
+# keys (two consumer warpgroups of block_n / 2) and streams block_m query rows per step; dQ
+# owns block_m query rows (two of block_m / 2) and streams block_n keys. At d=128 each takes
+# 128-160 KB of shared memory with these stages. Not yet measured on a GPU.
+SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(128, 64, 4, 3)}
+
+
+def sm90_backward_config(kind: str) -> KernelConfig:
+    """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"); an
+    ``override(sm90_dkdv=..., sm90_dq=...)`` context wins."""
+    return _override.get(f"sm90_{kind}") or SM90_BACKWARD[kind]
+
+
 def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:
     """The Gluon sm_90 forward's config (an ``override(sm90_fwd=...)`` context wins)."""
     return _override.get("sm90_fwd") or SM90_FORWARD[(headdim, causal)]
@@ -275,12 +288,15 @@ def override(
     dq: Optional[KernelConfig] = None,
     num_splits: Optional[int] = None,
     sm90_fwd: Optional[KernelConfig] = None,
+    sm90_dkdv: Optional[KernelConfig] = None,
+    sm90_dq: Optional[KernelConfig] = None,
 ) -> Iterator[None]:
     """Force configurations inside the block (tests, tuning). ``fwd`` is the portable
     forward's, and also keeps the default backend on the portable forward (a test forcing
-    its tiles means that kernel); ``sm90_fwd`` is the Gluon sm_90 forward's."""
+    its tiles means that kernel); ``sm90_*`` are the Gluon sm_90 kernels'."""
     saved = dict(_override)
-    for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits), ("sm90_fwd", sm90_fwd)):
+    for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits), ("sm90_fwd", sm90_fwd),
+                       ("sm90_dkdv", sm90_dkdv), ("sm90_dq", sm90_dq)):
         if value is not None:
             _override[key] = value
     try:

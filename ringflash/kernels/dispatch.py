@@ -13,6 +13,11 @@
   takes it for every call in scope, ``RINGFLASH_BACKEND=portable`` never.
 * ``fwd`` (``kernels.fwd``): everything else.
 
+The backward (``backward``) has two families: the portable one (``kernels.bwd``) and, with
+``RINGFLASH_BACKEND=sm90`` only, the Gluon Hopper one (``sm90.attention_backward_sm90``)
+for calls in the forward's scope: opt-in until a GPU run has measured it. Either backward
+takes either forward's out and lse.
+
 Dense calls take the decode family by default: on an H100 (run 27 in docs/benchmarks.md) it
 ran one-query calls 1.45-1.57x faster than the training forward as a Python call and
 2.8-3.2x in kernel time. Varlen calls take it only with ``RINGFLASH_DECODE=1``: their call
@@ -31,6 +36,7 @@ import torch
 
 from .decode import KeyRanges, decode_forward
 from . import sm90
+from .bwd import attention_backward
 from .fwd import attention_forward
 from .problem import AttnProblem, SeqMeta
 
@@ -105,3 +111,16 @@ def _varlen_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: Attn
     k_row, v_row = (t.unsqueeze(0).expand(meta.batch, -1, -1, -1) for t in (k, v))
     return decode_forward(q, k_row, v_row, keys, prob.max_seqlen_k, prob, alibi_slopes=alibi_slopes,
                           q_bounds=(meta.q_starts[0], meta.q_ends[0]))
+
+
+def backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    prob: AttnProblem, meta: Optional[SeqMeta] = None, alibi_slopes: Optional[torch.Tensor] = None,
+    dropout: Optional[tuple[float, int]] = None, atomic_dq: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of one attention call, from the family the module docstring names (the
+    atomic 5-GEMM backward, ``atomic_dq``, is the portable kernels' alone)."""
+    if backend() == "sm90" and not atomic_dq and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
+        return sm90.attention_backward_sm90(dout, q, k, v, out, lse, prob)
+    return attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout,
+                              atomic_dq=atomic_dq)

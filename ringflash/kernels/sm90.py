@@ -78,16 +78,20 @@ if AVAILABLE:
         return gl.where(keep, s, float("-inf"))
 
     @gluon.jit
+    def _load_pair(a_desc, b_desc, a_bufs, b_bufs, a_bars, b_bars, slot, b, row0, head, pred):
+        """Start the TMA loads of rows [row0, row0 + box) of sequence ``b``, head ``head``, of
+        two tensors (K and V, or Q and dO) into ring slot ``slot``, each on its own barrier."""
+        mbarrier.expect(a_bars.index(slot), a_desc.block_type.nbytes, pred=pred)
+        _tma_load(a_desc, [b, row0, head, 0], a_bars.index(slot), a_bufs.index(slot), pred=pred)
+        mbarrier.expect(b_bars.index(slot), b_desc.block_type.nbytes, pred=pred)
+        _tma_load(b_desc, [b, row0, head, 0], b_bars.index(slot), b_bufs.index(slot), pred=pred)
+
+    @gluon.jit
     def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block, b, hk, n_blocks,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """Start the TMA loads of key block ``block`` into its ring slot (skipped past the last)."""
-        slot = block % STAGES
-        pred = block < n_blocks
-        n0 = block * BLOCK_N
-        mbarrier.expect(k_bars.index(slot), k_desc.block_type.nbytes, pred=pred)
-        _tma_load(k_desc, [b, n0, hk, 0], k_bars.index(slot), k_bufs.index(slot), pred=pred)
-        mbarrier.expect(v_bars.index(slot), v_desc.block_type.nbytes, pred=pred)
-        _tma_load(v_desc, [b, n0, hk, 0], v_bars.index(slot), v_bufs.index(slot), pred=pred)
+        _load_pair(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block % STAGES, b, block * BLOCK_N, hk,
+                   block < n_blocks)
 
     @gluon.jit
     def _attend_rows(
@@ -298,6 +302,287 @@ if AVAILABLE:
             mbarrier.invalidate(turns.index(i))
 
 
+    # --- backward: dK/dV and dQ, each a loader warp and two consumer warpgroups ------------
+    #
+    # The deterministic two-kernel backward of ``kernels.bwd`` (no atomics), laid out as the
+    # forward: the rows a CTA owns (keys for dK/dV, queries for dQ) stay in shared memory,
+    # the other side streams through a TMA ring. Scores are recomputed from lse2 (lse in
+    # log2 units) and delta = rowsum(dO * O) of ``bwd.prepare_backward``.
+
+    @gluon.jit
+    def _store_rows(tile, acc, desc, b, row0, head):
+        """acc -> ``tile``'s shared memory (free: every MMA that read it has finished) -> TMA
+        store of rows [row0, row0 + box) (rows past the sequence are clipped)."""
+        tile.reshape(acc.shape).store(acc.to(desc.dtype))
+        fence_async_shared()
+        _tma_store(desc, [b, row0, head, 0], tile)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _dkdv_rows(
+        k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
+        Lse2, Delta, b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+        stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr,
+    ):
+        """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over the query heads
+        of its group and the query blocks from ``m_start`` (``n_steps`` = heads x
+        ``m_blocks`` steps, in the loader's order), in key-major tiles: S^T = K Q^T,
+        P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+        dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``."""
+        dtype: gl.constexpr = dk_desc.dtype
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEADDIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        k_tile = k_part.reshape([ROWS, HEADDIM])
+        v_tile = v_part.reshape([ROWS, HEADDIM])
+        keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+        diag = seqlen_k - seqlen_q
+        dk = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
+        dv = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
+        st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=st_layout)
+        mbarrier.wait(fixed_bar, 0)
+        for i in range(n_steps):
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            h = hk * kv_group + i // m_blocks
+            m0 = (m_start + i % m_blocks) * BLOCK_M
+            mbarrier.wait(q_bars.index(slot), phase)
+            q_tile = q_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
+            st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            mbarrier.wait(do_bars.index(slot), phase)
+            do_tile = do_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
+            dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            # Rows past seqlen_q: lse2 = +inf gives P = 0 there (their Q and dO are zero-filled).
+            cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+            row_ptr = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + cols
+            lse2 = gl.load(Lse2 + row_ptr, mask=cols < seqlen_q, other=float("inf"))
+            delta = gl.load(Delta + row_ptr, mask=cols < seqlen_q, other=0.0)
+            st = warpgroup_mma_wait(num_outstanding=1, deps=(st, ))
+            pt = gl.exp2(st * qk_scale_log2 - lse2[None, :])
+            # A query block whose first row does not see the CTA's last key holds masked
+            # entries (rows that see no key at all, lse2 = -inf, among them).
+            if CAUSAL:
+                if m0 + diag < cta_last_key:
+                    pt = gl.where(keys[:, None] <= cols[None, :] + diag, pt, 0.0)
+            pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+            dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
+            dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
+            dst = pt * (dpt - delta[None, :])
+            ds_op = gl.convert_layout(dst.to(dtype), op_layout)
+            dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
+            dv, dk, pt_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_op, ds_op))
+            mbarrier.arrive(free_bars.index(slot))
+        _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
+        _store_rows(v_part, dv, dv_desc, b, n0, hk)
+
+    @gluon.jit
+    def _load_dkdv(k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs,
+                   q_bars, do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps,
+                   ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr):
+        """The dK/dV loader: each consumer's K and V rows once, then Q and dO of every step."""
+        mbarrier.expect(fixed_bar, PARTS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
+        for p in gl.static_range(PARTS):
+            _tma_load(k_desc, [b, n0 + p * ROWS, hk, 0], fixed_bar, k_parts.index(p))
+            _tma_load(v_desc, [b, n0 + p * ROWS, hk, 0], fixed_bar, v_parts.index(p))
+        for i in range(n_steps):
+            slot = i % STAGES
+            mbarrier.wait(free_bars.index(slot), ((i // STAGES) + 1) & 1, pred=i >= STAGES)
+            _load_pair(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, slot, b,
+                       (m_start + i % m_blocks) * BLOCK_M, hk * kv_group + i // m_blocks, True)
+
+    @gluon.jit
+    def _bwd_dkdv_sm90_kernel(
+        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta,
+        seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Grid (key blocks of BLOCK_N, KV heads, batch); ``num_warps`` = 4. Two consumer
+        warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query blocks of
+        every query head of the group. Writes dK, dV (the inputs' dtype)."""
+        n_block = gl.program_id(0)
+        hk = gl.program_id(1)
+        b = gl.program_id(2)
+        n0 = n_block * BLOCK_N
+        dtype: gl.constexpr = q_desc.dtype
+        PARTS: gl.constexpr = 2
+        ROWS: gl.constexpr = BLOCK_N // PARTS
+        k_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], k_desc.layout)
+        v_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], v_desc.layout)
+        q_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEADDIM], q_desc.layout)
+        do_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEADDIM], do_desc.layout)
+        fixed_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(fixed_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(q_bars.index(i), count=1)
+            mbarrier.init(do_bars.index(i), count=1)
+            mbarrier.init(free_bars.index(i), count=PARTS)
+
+        # Query blocks that see any of these keys: key n is seen from query n - diag on.
+        diag = seqlen_k - seqlen_q
+        m_blocks_total = gl.cdiv(seqlen_q, BLOCK_M)
+        if CAUSAL:
+            m_start = gl.minimum(gl.maximum(n0 - diag, 0) // BLOCK_M, m_blocks_total)
+        else:
+            m_start = 0
+        m_blocks = m_blocks_total - m_start
+        n_steps = kv_group * m_blocks
+        cta_last_key = gl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+
+        gl.warp_specialize([
+            (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
+                          dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, kv_group, m_start, m_blocks,
+                          n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4)),
+            (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
+                          dk_desc, dv_desc, Lse2, Delta, b, hk, n0 + ROWS, cta_last_key, kv_group, m_start,
+                          m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+                          softmax_scale, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4)),
+            (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
+                          do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
+                          STAGES)),
+        ], [4, 1], [240, 24])
+
+        mbarrier.invalidate(fixed_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(q_bars.index(i))
+            mbarrier.invalidate(do_bars.index(i))
+            mbarrier.invalidate(free_bars.index(i))
+
+    @gluon.jit
+    def _dq_rows(
+        q_part, do_part, fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars, dq_desc,
+        Lse2, Delta, b, h, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr,
+    ):
+        """dQ of query rows [r0, r0 + ROWS) of head ``h`` over key blocks [0, n_blocks):
+        S = Q K^T, P = exp2(S - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K (scaled
+        at the end). Releases each K/V slot on ``free_bars``."""
+        dtype: gl.constexpr = dq_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HEADDIM, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        q_tile = q_part.reshape([ROWS, HEADDIM])
+        do_tile = do_part.reshape([ROWS, HEADDIM])
+        rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        row_ptr = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
+        lse2 = gl.load(Lse2 + row_ptr, mask=rows < seqlen_q, other=float("inf"))
+        delta = gl.load(Delta + row_ptr, mask=rows < seqlen_q, other=0.0)
+        diag = seqlen_k - seqlen_q
+        # From key block n_full on, some entries of these rows are masked (keys past
+        # seqlen_k, zero-filled, included; rows that see no key, lse2 = -inf, as well).
+        if CAUSAL:
+            n_full = gl.maximum(gl.minimum(seqlen_k, r0 + diag + 1), 0) // BLOCK_N
+        else:
+            n_full = seqlen_k // BLOCK_N
+        dq = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
+        s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        mbarrier.wait(fixed_bar, 0)
+        for j in range(n_blocks):
+            slot = j % STAGES
+            phase = (j // STAGES) & 1
+            mbarrier.wait(k_bars.index(slot), phase)
+            k_tile = k_bufs.index(slot).reshape([BLOCK_N, HEADDIM])
+            s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            mbarrier.wait(v_bars.index(slot), phase)
+            v_tile = v_bufs.index(slot).reshape([BLOCK_N, HEADDIM])
+            dp = warpgroup_mma(do_tile, v_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            p = gl.exp2(s * qk_scale_log2 - lse2[:, None])
+            if j >= n_full:
+                cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                keep = cols[None, :] < seqlen_k
+                if CAUSAL:
+                    keep = keep & (cols[None, :] <= rows[:, None] + diag)
+                p = gl.where(keep, p, 0.0)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+            ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+            dq_tok = warpgroup_mma(ds_op, k_tile, dq, is_async=True)
+            dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
+            mbarrier.arrive(free_bars.index(slot))
+        _store_rows(q_part, dq * softmax_scale, dq_desc, b, r0, h)
+
+    @gluon.jit
+    def _load_dq(q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
+                 free_bars, b, h, hk, m0, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PARTS: gl.constexpr,
+                 STAGES: gl.constexpr):
+        """The dQ loader: each consumer's Q and dO rows once, then K and V of every key block."""
+        mbarrier.expect(fixed_bar, PARTS * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
+        for p in gl.static_range(PARTS):
+            _tma_load(q_desc, [b, m0 + p * ROWS, h, 0], fixed_bar, q_parts.index(p))
+            _tma_load(do_desc, [b, m0 + p * ROWS, h, 0], fixed_bar, do_parts.index(p))
+        for j in range(n_blocks):
+            slot = j % STAGES
+            mbarrier.wait(free_bars.index(slot), ((j // STAGES) + 1) & 1, pred=j >= STAGES)
+            _load_pair(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, slot, b, j * BLOCK_N, hk, True)
+
+    @gluon.jit
+    def _bwd_dq_sm90_kernel(
+        q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+    ):
+        """Grid (query blocks of BLOCK_M, heads, batch), the longest causal blocks first;
+        ``num_warps`` = 4. Two consumer warpgroups own BLOCK_M / 2 query rows each; one loader
+        warp streams the key blocks. Writes dQ (the inputs' dtype)."""
+        pid = gl.program_id(0)
+        h = gl.program_id(1)
+        b = gl.program_id(2)
+        m_block = num_m_blocks - 1 - pid if CAUSAL else pid
+        m0 = m_block * BLOCK_M
+        hk = h // kv_group
+        dtype: gl.constexpr = q_desc.dtype
+        PARTS: gl.constexpr = 2
+        ROWS: gl.constexpr = BLOCK_M // PARTS
+        q_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], q_desc.layout)
+        do_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], do_desc.layout)
+        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], k_desc.layout)
+        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], v_desc.layout)
+        fixed_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(fixed_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+            mbarrier.init(v_bars.index(i), count=1)
+            mbarrier.init(free_bars.index(i), count=PARTS)
+
+        if CAUSAL:
+            n_end = gl.minimum(seqlen_k, m0 + BLOCK_M + seqlen_k - seqlen_q)
+        else:
+            n_end = seqlen_k
+        n_blocks = gl.cdiv(gl.maximum(n_end, 0), BLOCK_N)
+
+        gl.warp_specialize([
+            (_dq_rows, (q_parts.index(0), do_parts.index(0), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
+                        dq_desc, Lse2, Delta, b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4)),
+            (_dq_rows, (q_parts.index(1), do_parts.index(1), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
+                        dq_desc, Lse2, Delta, b, h, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4)),
+            (_load_dq, (q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
+                        free_bars, b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
+        ], [4, 1], [240, 24])
+
+        mbarrier.invalidate(fixed_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+            mbarrier.invalidate(v_bars.index(i))
+            mbarrier.invalidate(free_bars.index(i))
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta, alibi_slopes,
              dropout) -> bool:
     """Whether this family computes the call (see the module docstring for the scope)."""
@@ -377,3 +662,52 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         num_warps=4 if specialized else cfg.num_warps,
     )
     return out, lse
+
+
+def _tma_operand(x: torch.Tensor) -> torch.Tensor:
+    """``x``, or a contiguous copy where TMA cannot read it (a stride of 0, e.g. an expanded
+    gradient, or one not a multiple of 16 bytes)."""
+    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
+            all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1]):
+        return x
+    return x.contiguous()
+
+
+def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            out: torch.Tensor, lse: torch.Tensor,
+                            prob: AttnProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv), contiguous in the inputs' dtypes, of a call ``supports``
+    takes: q/dout/out (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d), lse
+    float32 (batch, nheads, seqlen_q) from either forward. Deterministic (no atomics): the
+    dK/dV kernel sums over the query heads of each KV head itself."""
+    from .bwd import prepare_backward
+
+    batch, seqlen_q, nheads, headdim = q.shape
+    seqlen_k = k.shape[1]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dout, out = _tma_operand(dout), _tma_operand(out)
+    delta, lse2 = prepare_backward(dout, out, lse, prob)
+    kv_group = nheads // k.shape[2]
+    scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
+    dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
+    _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), k.shape[2], batch)](
+        _descriptor(q, dkdv_cfg.block_m), _descriptor(k, dkdv_cfg.block_n // 2), _descriptor(v, dkdv_cfg.block_n // 2),
+        _descriptor(dout, dkdv_cfg.block_m), _descriptor(dk, dkdv_cfg.block_n // 2),
+        _descriptor(dv, dkdv_cfg.block_n // 2), lse2, delta,
+        seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), *scalars,
+        HEADDIM=headdim, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
+        CAUSAL=prob.causal, num_warps=4,
+    )
+    num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
+    _bwd_dq_sm90_kernel[(num_m_blocks, nheads, batch)](
+        _descriptor(q, dq_cfg.block_m // 2), _descriptor(k, dq_cfg.block_n), _descriptor(v, dq_cfg.block_n),
+        _descriptor(dout, dq_cfg.block_m // 2), _descriptor(dq, dq_cfg.block_m // 2), lse2, delta,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks, lse2.stride(0), lse2.stride(1), *scalars,
+        HEADDIM=headdim, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
+        CAUSAL=prob.causal, num_warps=4,
+    )
+    return dq, dk, dv
