@@ -201,7 +201,7 @@ def _sm90_available() -> bool:
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("variant", ["pipelined", "specialized", "pingpong"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim", [64, 128, 96])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 2048, 2048, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1),
                                           (3, 1, 700, 2, 2), (1, 129, 1, 2, 1)])
@@ -209,7 +209,8 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
     """The Gluon Hopper kernels (RINGFLASH_BACKEND=sm90) against the float64 reference: out
     and lse from its forward, dq, dk and dv from its backward. Lengths off the tiles,
     seqlen_q > seqlen_k under causal (rows that see no key), one query, one key, GQA and
-    MQA; each forward variant (``sm90.VARIANTS``); the call must go through both."""
+    MQA, d=96 on 128-column tiles; each forward variant (``sm90.VARIANTS``); the call must
+    go through both."""
     from ringflash.kernels import sm90
 
     calls = []

@@ -58,8 +58,10 @@ def test_scope(on_hopper):
     assert not supported(q, k, k, _problem(q, k, scale=-0.1))
     assert not supported(q, k, k, _problem(q, k), alibi=torch.zeros(8))
     assert not supported(q, k, k, _problem(q, k), dropout=(0.1, 0))
-    q96, k96 = q[..., :96].contiguous(), k[..., :96].contiguous()
-    assert not supported(q96, k96, k96, _problem(q96, k96))
+    # Head dims 40..128 in steps of 8 (padded tiles); others stay portable.
+    for d, want in ((96, True), (80, True), (40, True), (36, False), (32, False), (136, False), (256, False)):
+        qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
+        assert supported(qd, kd, kd, _problem(qd, kd)) == want, d
     q32, k32 = q.float(), k.float()
     assert not supported(q32, k32, k32, _problem(q32, k32))
     # TMA needs 16-byte strides: a token stride of 8 heads x 100 columns (200 bytes) is not.
@@ -87,6 +89,8 @@ def test_preferred_where_measured_faster():
     and not inside a configs.override(fwd=...) block (that forces the portable forward)."""
     from ringflash.kernels import configs
 
+    unmeasured = torch.zeros(1, 1 << 15, 2, 96, dtype=torch.bfloat16)
+    assert not sm90.preferred(_problem(unmeasured, unmeasured))  # d=96: only with RINGFLASH_BACKEND=sm90
     for d, threshold in configs.SM90_MIN_SEQLEN_Q.items():
         short, long_ = (torch.zeros(1, n, 2, d, dtype=torch.bfloat16) for n in (threshold - 1, threshold))
         assert not sm90.preferred(_problem(short, short))

@@ -12,9 +12,10 @@ family writes it out, as FA3 does within one warpgroup pair:
 * the loop is software pipelined: block j's S = Q K_j^T and block j-1's O += P V are issued
   together, and block j's softmax runs while the P V MMA is still in flight.
 
-Scope (``supports``): dense (batch, seqlen, heads, d) bf16/fp16 calls, d = 64 or 128,
-causal (bottom-right) or full, GQA/MQA, positive softmax scale; no window, softcap, ALiBi,
-dropout or varlen. Everything else stays on the portable kernels. The dispatcher
+Scope (``supports``): dense (batch, seqlen, heads, d) bf16/fp16 calls, d = 40 to 128 in
+steps of 8 (tiles of 64 or 128 columns, the missing ones zero-filled by TMA), causal
+(bottom-right) or full, GQA/MQA, positive softmax scale; no window, softcap, ALiBi, dropout
+or varlen. Everything else stays on the portable kernels. The dispatcher
 (``kernels.dispatch``) takes this family where it measured faster (``preferred``), or for
 every call in scope with ``RINGFLASH_BACKEND=sm90``.
 
@@ -590,7 +591,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
         return False
     if meta is not None or alibi_slopes is not None or dropout is not None:
         return False
-    if q.dtype not in _GL_DTYPES or not (k.dtype == v.dtype == q.dtype) or prob.headdim not in (64, 128):
+    # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
+    # (``_block_d``): TMA zero-fills the missing columns and clips them on store.
+    if q.dtype not in _GL_DTYPES or not (k.dtype == v.dtype == q.dtype) or \
+            not (40 <= prob.headdim <= 128 and prob.headdim % 8 == 0):
         return False
     if prob.has_left or prob.softcap > 0 or not prob.softmax_scale > 0:
         return False
@@ -605,14 +609,22 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
 
 def preferred(prob: AttnProblem) -> bool:
     """Whether the default backend takes this family for a call it ``supports``: where it
-    measured faster than the portable forward (``configs.SM90_MIN_SEQLEN_Q``), unless a
+    measured faster than the portable forward (``configs.SM90_MIN_SEQLEN_Q``: d = 64 and
+    128; other head dims only with RINGFLASH_BACKEND=sm90 until measured), unless a
     ``configs.override(fwd=...)`` context forces the portable forward's tiles."""
-    return prob.max_seqlen_q >= configs.SM90_MIN_SEQLEN_Q[prob.headdim] and not configs.portable_forward_forced()
+    threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
+    return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_forward_forced()
+
+
+def _block_d(headdim: int) -> int:
+    """The tiles' head-dim width: 64 or 128 (a power of two, as Gluon's tensor shapes are)."""
+    return 64 if headdim <= 64 else 128
 
 
 def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
-    """A TMA descriptor over (batch, seqlen, heads, d) moving (1, rows, 1, d) boxes."""
-    box = [1, rows, 1, x.shape[-1]]
+    """A TMA descriptor over (batch, seqlen, heads, d) moving (1, rows, 1, ``_block_d(d)``)
+    boxes (columns past d read as zeros and are not written)."""
+    box = [1, rows, 1, _block_d(x.shape[-1])]
     layout = gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[x.dtype])
     return TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout)
 
@@ -648,7 +660,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     variant = variant or DEFAULT_VARIANT
     if variant not in VARIANTS:
         raise ValueError(f"variant: got {variant!r}; expected one of {VARIANTS}")
-    cfg = configs.sm90_forward_config(headdim, prob.causal)
+    cfg = configs.sm90_forward_config(_block_d(headdim), prob.causal)
     specialized = variant != "pipelined"
     num_m_blocks = math.ceil(seqlen_q / cfg.block_m)
     grid = (num_m_blocks, nheads, batch)
@@ -657,7 +669,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         _descriptor(q, rows), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), _descriptor(out, rows), lse,
         seqlen_q, seqlen_k, nheads // k.shape[2], num_m_blocks, lse.stride(0), lse.stride(1),
         prob.softmax_scale * LOG2E,
-        HEADDIM=headdim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
+        HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
         CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong",
         num_warps=4 if specialized else cfg.num_warps,
     )
@@ -699,7 +711,7 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         _descriptor(dout, dkdv_cfg.block_m), _descriptor(dk, dkdv_cfg.block_n // 2),
         _descriptor(dv, dkdv_cfg.block_n // 2), lse2, delta,
         seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), *scalars,
-        HEADDIM=headdim, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
+        HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
         CAUSAL=prob.causal, num_warps=4,
     )
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
@@ -707,7 +719,7 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         _descriptor(q, dq_cfg.block_m // 2), _descriptor(k, dq_cfg.block_n), _descriptor(v, dq_cfg.block_n),
         _descriptor(dout, dq_cfg.block_m // 2), _descriptor(dq, dq_cfg.block_m // 2), lse2, delta,
         seqlen_q, seqlen_k, kv_group, num_m_blocks, lse2.stride(0), lse2.stride(1), *scalars,
-        HEADDIM=headdim, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
+        HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
         CAUSAL=prob.causal, num_warps=4,
     )
     return dq, dk, dv
