@@ -320,6 +320,38 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
+    def _fixed_and_ring(fixed_a_desc, fixed_b_desc, ring_a_desc, ring_b_desc, PARTS: gl.constexpr,
+                        FIXED_ROWS: gl.constexpr, RING_ROWS: gl.constexpr, HEADDIM: gl.constexpr,
+                        STAGES: gl.constexpr):
+        """A backward CTA's shared memory: two tensors' rows it owns (PARTS boxes of
+        FIXED_ROWS, one per consumer, all on one barrier), and a ring of STAGES slots of
+        RING_ROWS rows of the two it streams (a barrier per slot and tensor, and one that
+        both consumers arrive on to free the slot)."""
+        dtype: gl.constexpr = fixed_a_desc.dtype
+        fixed_a = gl.allocate_shared_memory(dtype, [PARTS, 1, FIXED_ROWS, 1, HEADDIM], fixed_a_desc.layout)
+        fixed_b = gl.allocate_shared_memory(dtype, [PARTS, 1, FIXED_ROWS, 1, HEADDIM], fixed_b_desc.layout)
+        ring_a = gl.allocate_shared_memory(dtype, [STAGES, 1, RING_ROWS, 1, HEADDIM], ring_a_desc.layout)
+        ring_b = gl.allocate_shared_memory(dtype, [STAGES, 1, RING_ROWS, 1, HEADDIM], ring_b_desc.layout)
+        fixed_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        a_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        b_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(fixed_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(a_bars.index(i), count=1)
+            mbarrier.init(b_bars.index(i), count=1)
+            mbarrier.init(free_bars.index(i), count=PARTS)
+        return fixed_a, fixed_b, ring_a, ring_b, fixed_bar, a_bars, b_bars, free_bars
+
+    @gluon.jit
+    def _invalidate_ring(fixed_bar, a_bars, b_bars, free_bars, STAGES: gl.constexpr):
+        mbarrier.invalidate(fixed_bar)
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(a_bars.index(i))
+            mbarrier.invalidate(b_bars.index(i))
+            mbarrier.invalidate(free_bars.index(i))
+
+    @gluon.jit
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
         Lse2, Delta, b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
@@ -409,22 +441,10 @@ if AVAILABLE:
         hk = gl.program_id(1)
         b = gl.program_id(2)
         n0 = n_block * BLOCK_N
-        dtype: gl.constexpr = q_desc.dtype
         PARTS: gl.constexpr = 2
         ROWS: gl.constexpr = BLOCK_N // PARTS
-        k_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], k_desc.layout)
-        v_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], v_desc.layout)
-        q_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEADDIM], q_desc.layout)
-        do_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEADDIM], do_desc.layout)
-        fixed_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        q_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        do_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(fixed_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(q_bars.index(i), count=1)
-            mbarrier.init(do_bars.index(i), count=1)
-            mbarrier.init(free_bars.index(i), count=PARTS)
+        k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars = _fixed_and_ring(
+            k_desc, v_desc, q_desc, do_desc, PARTS, ROWS, BLOCK_M, HEADDIM, STAGES)
 
         # Query blocks that see any of these keys: key n is seen from query n - diag on.
         diag = seqlen_k - seqlen_q
@@ -451,11 +471,7 @@ if AVAILABLE:
                           STAGES)),
         ], [4, 1], [240, 24])
 
-        mbarrier.invalidate(fixed_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(q_bars.index(i))
-            mbarrier.invalidate(do_bars.index(i))
-            mbarrier.invalidate(free_bars.index(i))
+        _invalidate_ring(fixed_bar, q_bars, do_bars, free_bars, STAGES)
 
     @gluon.jit
     def _dq_rows(
@@ -543,22 +559,10 @@ if AVAILABLE:
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
-        dtype: gl.constexpr = q_desc.dtype
         PARTS: gl.constexpr = 2
         ROWS: gl.constexpr = BLOCK_M // PARTS
-        q_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], q_desc.layout)
-        do_parts = gl.allocate_shared_memory(dtype, [PARTS, 1, ROWS, 1, HEADDIM], do_desc.layout)
-        k_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], k_desc.layout)
-        v_bufs = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_N, 1, HEADDIM], v_desc.layout)
-        fixed_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        free_bars = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(fixed_bar, count=1)
-        for i in gl.static_range(STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-            mbarrier.init(v_bars.index(i), count=1)
-            mbarrier.init(free_bars.index(i), count=PARTS)
+        q_parts, do_parts, k_bufs, v_bufs, fixed_bar, k_bars, v_bars, free_bars = _fixed_and_ring(
+            q_desc, do_desc, k_desc, v_desc, PARTS, ROWS, BLOCK_N, HEADDIM, STAGES)
 
         if CAUSAL:
             n_end = gl.minimum(seqlen_k, m0 + BLOCK_M + seqlen_k - seqlen_q)
@@ -577,11 +581,7 @@ if AVAILABLE:
                         free_bars, b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
         ], [4, 1], [240, 24])
 
-        mbarrier.invalidate(fixed_bar)
-        for i in gl.static_range(STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-            mbarrier.invalidate(v_bars.index(i))
-            mbarrier.invalidate(free_bars.index(i))
+        _invalidate_ring(fixed_bar, k_bars, v_bars, free_bars, STAGES)
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta, alibi_slopes,
