@@ -64,6 +64,13 @@ def test_scope(on_hopper):
         assert supported(qd, kd, kd, _problem(qd, kd)) == want, d
     q32, k32 = q.float(), k.float()
     assert not supported(q32, k32, k32, _problem(q32, k32))
+    # Grid axes 1 and 2 (heads, batch) stop at 65535: the portable kernels handle more.
+    many = torch.zeros(65536, 4, 1, 64, dtype=torch.bfloat16)
+    assert not supported(many, many, many, _problem(many, many))
+    assert supported(many[:65535], many[:65535], many[:65535], _problem(many[:65535], many[:65535]))
+    # A broadcast (stride 0) dimension: TMA does not take it.
+    expanded = torch.zeros(1, 100, 1, 64, dtype=torch.bfloat16).expand(2, 100, 8, 64)
+    assert not supported(expanded, k[..., :64], k[..., :64], _problem(expanded, k[..., :64]))
     # TMA needs 16-byte strides: a token stride of 8 heads x 100 columns (200 bytes) is not.
     odd = torch.zeros(2, 100, 8, 100, dtype=torch.bfloat16)[..., :64]
     assert not supported(odd, k[..., :64], k[..., :64], _problem(odd, k[..., :64]))

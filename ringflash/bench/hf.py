@@ -13,6 +13,8 @@ Variants, on one model (``set_attn_implementation`` between them, so the weights
   5-GEMM backward) / ``RINGFLASH_DKV_SPLITS=auto`` (several dK/dV programs share a
   key block when the grid underfills the GPU, as this model's 4 KV heads at batch 1 do),
   the backward choices that wait for a GPU measurement;
+* ``ringattn_sm90``: the same under ``RINGFLASH_BACKEND=sm90``: the Gluon Hopper kernels
+  (``kernels.sm90``), the backward included, for every call in their scope;
 * ``sdpa``: transformers' "sdpa", PyTorch choosing the backend;
 * ``sdpa_fa2``: "sdpa" inside ``sdpa_kernel(SDPBackend.FLASH_ATTENTION)``.
 
@@ -62,12 +64,14 @@ RING_VARIANTS = {
     "ringattn": {},
     "ringattn_atomic": {"RINGFLASH_BACKWARD": "atomic"},
     "ringattn_split": {"RINGFLASH_DKV_SPLITS": "auto"},
+    "ringattn_sm90": {"RINGFLASH_BACKEND": "sm90"},
 }
 VARIANTS = (*RING_VARIANTS, "sdpa", "sdpa_fa2")
 VARIANT_DESCRIPTIONS = {
     "ringattn": "attn_implementation from ringflash.integrations.hf.register()",
     "ringattn_atomic": "ringattn under RINGFLASH_BACKWARD=atomic",
     "ringattn_split": "ringattn under RINGFLASH_DKV_SPLITS=auto",
+    "ringattn_sm90": "ringattn under RINGFLASH_BACKEND=sm90 (the Gluon Hopper forward and backward where in scope)",
     "sdpa": "transformers' \"sdpa\", PyTorch's backend choice (packed: a 4D block-diagonal causal mask)",
     "sdpa_fa2": "\"sdpa\" inside sdpa_kernel(SDPBackend.FLASH_ATTENTION) (packed: one run per document)",
 }

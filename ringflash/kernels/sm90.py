@@ -598,13 +598,17 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
         return False
     if prob.has_left or prob.softcap > 0 or not prob.softmax_scale > 0:
         return False
+    if max(prob.batch, prob.nheads) > configs.MAX_GRID_YZ:  # grid axes 1 and 2
+        return False
     if prob.has_right and not (prob.causal and prob.window_right == 0):
         return False
-    # TMA: 16-byte aligned bases and strides, unit stride on d.
-    for x in (q, k, v):
-        if x.stride(-1) != 1 or x.data_ptr() % 16 or any(s * x.element_size() % 16 for s in x.stride()[:-1]):
-            return False
-    return True
+    # TMA: 16-byte aligned bases and strides, unit stride on d, no broadcast (stride 0) dims.
+    return all(_tma_readable(x) for x in (q, k, v))
+
+
+def _tma_readable(x: torch.Tensor) -> bool:
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
+        all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
 
 
 def preferred(prob: AttnProblem) -> bool:
@@ -679,10 +683,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
 def _tma_operand(x: torch.Tensor) -> torch.Tensor:
     """``x``, or a contiguous copy where TMA cannot read it (a stride of 0, e.g. an expanded
     gradient, or one not a multiple of 16 bytes)."""
-    if x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
-            all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1]):
-        return x
-    return x.contiguous()
+    return x if _tma_readable(x) else x.contiguous()
 
 
 def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
