@@ -133,3 +133,32 @@ def test_backward_routing(monkeypatch):
     monkeypatch.setattr(sm90, "supports", lambda *a: False)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     assert dispatch.backward(*args) == "portable"
+
+
+def test_failure_falls_back_under_the_default_backend(monkeypatch):
+    """A Gluon kernel that raises (a Triton it does not suit) turns the family off with a
+    warning under the default backend, and the portable kernels answer; with
+    RINGFLASH_BACKEND=sm90 the error propagates."""
+    monkeypatch.setattr(sm90, "disabled_reason", None)
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    with pytest.raises(RuntimeError, match="PassManager"):
+        sm90.run_or_disable(broken)
+    assert sm90.disabled_reason is None
+    monkeypatch.delenv("RINGFLASH_BACKEND")
+    with pytest.warns(RuntimeWarning, match=r"Gluon sm_90 kernels failed \(RuntimeError: PassManager::run failed\)"):
+        assert sm90.run_or_disable(broken) is None
+    assert sm90.disabled_reason.startswith("RuntimeError")
+    # Off for the rest of the process: supports() says no before anything else.
+    q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
+    assert not sm90.supports(_OnHopper(q), _OnHopper(q), _OnHopper(q), _problem(q, q), None, None, None)
+
+
+def test_triton_version_gate():
+    import triton
+
+    version = tuple(int(x) for x in triton.__version__.split(".")[:2])
+    assert sm90.AVAILABLE == (version >= sm90.MIN_TRITON and sm90.gluon is not None)

@@ -200,6 +200,18 @@ SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 128: 1024}
 SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(128, 64, 4, 3)}
 
 
+BACKENDS = ("", "portable", "sm90")
+
+
+def backend() -> str:
+    """``RINGFLASH_BACKEND``: "" (unset: the default choice of ``kernels.dispatch``),
+    "portable" or "sm90"."""
+    name = os.environ.get("RINGFLASH_BACKEND", "")
+    if name not in BACKENDS:
+        raise ValueError(f"RINGFLASH_BACKEND: got {name!r}; expected portable, sm90 or unset")
+    return name
+
+
 def sm90_backward_config(kind: str) -> KernelConfig:
     """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"); an
     ``override(sm90_dkdv=..., sm90_dq=...)`` context wins."""

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from .decode import KeyRanges, decode_forward
-from . import sm90
+from . import configs, sm90
 from .bwd import attention_backward
 from .fwd import attention_forward
 from .problem import AttnProblem, SeqMeta
@@ -59,15 +59,7 @@ def decode_mode() -> str:
     return mode
 
 
-BACKENDS = ("", "portable", "sm90")
-
-
-def backend() -> str:
-    """``RINGFLASH_BACKEND``: "" (unset: the default choice), "portable" or "sm90"."""
-    name = os.environ.get("RINGFLASH_BACKEND", "")
-    if name not in BACKENDS:
-        raise ValueError(f"RINGFLASH_BACKEND: got {name!r}; expected portable, sm90 or unset")
-    return name
+backend = configs.backend
 
 
 def use_decode(q: torch.Tensor, k: torch.Tensor, prob: AttnProblem, meta: Optional[SeqMeta],
@@ -96,7 +88,9 @@ def forward(
     chosen = backend()
     if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
             (chosen == "sm90" or sm90.preferred(prob)):
-        return sm90.attention_forward_sm90(q, k, v, prob)
+        result = sm90.run_or_disable(sm90.attention_forward_sm90, q, k, v, prob)
+        if result is not None:
+            return result
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
 
 
@@ -121,6 +115,8 @@ def backward(
     """(dq, dk, dv) of one attention call, from the family the module docstring names (the
     atomic 5-GEMM backward, ``atomic_dq``, is the portable kernels' alone)."""
     if backend() == "sm90" and not atomic_dq and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
-        return sm90.attention_backward_sm90(dout, q, k, v, out, lse, prob)
+        result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob)
+        if result is not None:
+            return result
     return attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout,
                               atomic_dq=atomic_dq)

@@ -25,14 +25,23 @@ Writes the same out and lse as ``kernels.fwd.attention_forward``, so the backwar
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
+import triton
 
 from . import configs
 from .problem import LOG2E, AttnProblem
 
+#: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
+#: 3.9 compiles them too). Gluon's API changes between releases (3.5's warp_specialize
+#: took other arguments), so older releases keep the portable kernels.
+MIN_TRITON = (3, 6)
+
 try:  # Gluon ships with Triton >= 3.5; without it (or its Hopper module) this family is absent.
+    if tuple(int(x) for x in triton.__version__.split(".")[:2]) < MIN_TRITON:
+        raise ImportError(f"Triton {triton.__version__} is older than {MIN_TRITON}")
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
@@ -584,10 +593,34 @@ if AVAILABLE:
         _invalidate_ring(fixed_bar, k_bars, v_bars, free_bars, STAGES)
 
 
+#: Why the family turned itself off in this process (a kernel that failed to compile or
+#: launch under the default backend), or None.
+disabled_reason: Optional[str] = None
+
+
+def run_or_disable(launch, *args):
+    """``launch(*args)``; if it raises under the default backend, turn the family off for
+    this process with a warning naming the error and return None, so the caller runs the
+    portable kernels instead (a Gluon compiler or driver that these kernels do not suit
+    must not stop training). Under ``RINGFLASH_BACKEND=sm90`` the error propagates."""
+    global disabled_reason
+    if configs.backend() == "sm90":
+        return launch(*args)
+    try:
+        return launch(*args)
+    except Exception as exc:  # noqa: BLE001 - reported, then the portable kernels run
+        disabled_reason = f"{type(exc).__name__}: {str(exc)[:500]}"
+        warnings.warn(f"ringflash: the Gluon sm_90 kernels failed ({disabled_reason}); using the portable "
+                      "Triton kernels for the rest of this process (RINGFLASH_BACKEND=sm90 raises instead)",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta, alibi_slopes,
              dropout) -> bool:
     """Whether this family computes the call (see the module docstring for the scope)."""
-    if not AVAILABLE or q.device.type != "cuda" or configs._capability(q.device) != (9, 0):
+    if not AVAILABLE or disabled_reason is not None or q.device.type != "cuda" or \
+            configs._capability(q.device) != (9, 0):
         return False
     if meta is not None or alibi_slopes is not None or dropout is not None:
         return False
