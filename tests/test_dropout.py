@@ -43,7 +43,12 @@ def _check(got, want, baseline, dtype, name):
     ids=["gqa-causal", "sq<sk", "mqa-window", "softcap", "alibi"],
 )
 def test_dense_dropout_matches_its_mask(gen, dtype, sq, sk, heads, options):
-    b, d, p = 2, 16, 0.25
+    _check_dense_dropout(gen, dtype, 2, 16, sq, sk, heads, options)
+
+
+def _check_dense_dropout(gen, dtype, b, d, sq, sk, heads, options, p=0.25):
+    """One dense call with dropout, its out and gradients against the float64 rebuild from
+    its S_dmask."""
     h, hk = heads
     options = dict(options)
     if options.get("alibi_slopes") == "per-head":
@@ -54,7 +59,8 @@ def test_dense_dropout_matches_its_mask(gen, dtype, sq, sk, heads, options):
     leaves = [t.to(dtype).requires_grad_() for t in (q64, k64, v64)]
     out, lse, s_dmask = flash_attn_func(*leaves, dropout_p=p, return_attn_probs=True, **options)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
-    assert s_dmask.shape == (b, h, 128, 128) and s_dmask.dtype == torch.float32
+    rounded = lambda n: -(-n // 128) * 128  # noqa: E731
+    assert s_dmask.shape == (b, h, rounded(sq), rounded(sk)) and s_dmask.dtype == torch.float32
     keep = (s_dmask[:, :, :sq, :sk] >= 0).to(torch.float64)
     assert torch.all(s_dmask[:, :, sq:] == 0) and torch.all(s_dmask[:, :, :, sk:] == 0)
     results = []
@@ -66,6 +72,30 @@ def test_dense_dropout_matches_its_mask(gen, dtype, sq, sk, heads, options):
     _check(out, want, base, dtype, "out")
     for name, g, w, bs in zip(("dq", "dk", "dv"), grads, want_grads, base_grads):
         _check(g, w, bs, dtype, name)
+
+
+def _sm90_available() -> bool:
+    from ringflash.kernels import sm90
+
+    return HAS_CUDA and sm90.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal):
+    """The Gluon kernels' dropout (RINGFLASH_BACKEND=sm90) draws the portable kernels' mask:
+    out and gradients rebuilt from S_dmask (which the portable mask kernel writes)."""
+    from ringflash.kernels import sm90
+
+    calls = []
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    _check_dense_dropout(gen, torch.bfloat16, 2, headdim, 300, 555, (4, 2), dict(causal=causal))
+    assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
 
 
 @pytest.mark.parametrize("causal", [False, True])

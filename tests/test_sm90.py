@@ -57,7 +57,7 @@ def test_scope(on_hopper):
     assert not supported(q, k, k, _problem(q, k, softcap=30.0))
     assert not supported(q, k, k, _problem(q, k, scale=-0.1))
     assert not supported(q, k, k, _problem(q, k), alibi=torch.zeros(8))
-    assert not supported(q, k, k, _problem(q, k), dropout=(0.1, 0))
+    assert supported(q, k, k, _problem(q, k), dropout=(0.1, 0))  # the portable kernels' mask
     # Head dims 40..128 in steps of 8 (padded tiles); others stay portable.
     for d, want in ((96, True), (80, True), (40, True), (36, False), (32, False), (136, False), (256, False)):
         qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
@@ -98,6 +98,9 @@ def test_preferred_where_measured_faster():
 
     unmeasured = torch.zeros(1, 1 << 15, 2, 96, dtype=torch.bfloat16)
     assert not sm90.preferred(_problem(unmeasured, unmeasured))  # d=96: only with RINGFLASH_BACKEND=sm90
+    measured = torch.zeros(1, 1 << 15, 2, 128, dtype=torch.bfloat16)
+    assert sm90.preferred(_problem(measured, measured))
+    assert not sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout: likewise
     for d, threshold in configs.SM90_MIN_SEQLEN_Q.items():
         short, long_ = (torch.zeros(1, n, 2, d, dtype=torch.bfloat16) for n in (threshold - 1, threshold))
         assert not sm90.preferred(_problem(short, short))
@@ -121,7 +124,7 @@ def test_backward_routing(monkeypatch):
     the atomic 5-GEMM backward, and only where the forward's scope test passes."""
     taken = []
     monkeypatch.setattr(sm90, "supports", lambda *a: True)
-    monkeypatch.setattr(sm90, "attention_backward_sm90", lambda *a: taken.append("sm90") or "sm90")
+    monkeypatch.setattr(sm90, "attention_backward_sm90", lambda *a, **k: taken.append("sm90") or "sm90")
     monkeypatch.setattr(dispatch, "attention_backward", lambda *a, **k: taken.append("portable") or "portable")
     q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
     args = (q, q, q, q, q, torch.zeros(1, 2, 8), _problem(q, q))
@@ -162,3 +165,33 @@ def test_triton_version_gate():
 
     version = tuple(int(x) for x in triton.__version__.split(".")[:2])
     assert sm90.AVAILABLE == (version >= sm90.MIN_TRITON and sm90.gluon is not None)
+
+
+def test_dropout_keys_rebuild_the_portable_mask():
+    """The Gluon kernels draw dropout's mask entry by entry from the Philox words of
+    ``dropout_keys`` (``sm90._dropout_keep``); that formula, written here in torch, gives the
+    portable kernels' mask (``dropout_keep_mask``, the S_dmask kernel) bit for bit: seeds
+    past 32 bits, keys past 16 (the pairs), rows and keys off the tiles."""
+    from ringflash.kernels.dropout_mask import dropout_keep_mask, dropout_keys
+    from ringflash.kernels.problem import dropout_threshold
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m32 = 0xFFFFFFFF
+
+    def word(pos, key, multiplier):
+        x = (pos * multiplier + key) & m32
+        return x ^ (x >> 16)
+
+    for seed, p, rows, cols in ((0, 0.3, 37, 70), (11, 0.1, 5, 33), (2**40 + 3, 0.5, 64, 130)):
+        keys = dropout_keys(2, 3, seed, device).cpu().to(torch.int64) & m32
+        i, j = torch.arange(rows), torch.arange(cols)
+        row_words = word(i, keys[..., 0, None], 0x9E3779B1)  # (b, h, rows)
+        pair_words = word((j // 16) * 8 + j % 8, keys[..., 1, None], 0x85EBCA6B)  # (b, h, cols)
+        x = row_words[..., :, None] ^ pair_words[..., None, :]
+        x = (x * 0x9E3779B1) & m32
+        x ^= x >> 15
+        x = (x * 0x85EBCA77) & m32
+        x ^= x >> 16
+        bits = torch.where((j % 16 >= 8), x >> 16, x & 0xFFFF)
+        want = dropout_keep_mask(2, 3, rows, cols, p, seed, device).cpu()
+        assert torch.equal(bits >= dropout_threshold(p), want), seed

@@ -87,8 +87,8 @@ def forward(
         return decode_forward(q, k, v, KeyRanges(offset=k.shape[1]), k.shape[1], prob, alibi_slopes=alibi_slopes)
     chosen = backend()
     if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
-            (chosen == "sm90" or sm90.preferred(prob)):
-        result = sm90.run_or_disable(sm90.attention_forward_sm90, q, k, v, prob)
+            (chosen == "sm90" or sm90.preferred(prob, dropout)):
+        result = sm90.run_or_disable(sm90.attention_forward_sm90, q, k, v, prob, dropout=dropout)
         if result is not None:
             return result
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
@@ -115,7 +115,7 @@ def backward(
     """(dq, dk, dv) of one attention call, from the family the module docstring names (the
     atomic 5-GEMM backward, ``atomic_dq``, is the portable kernels' alone)."""
     if backend() == "sm90" and not atomic_dq and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
-        result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob)
+        result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob, dropout=dropout)
         if result is not None:
             return result
     return attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout,

@@ -51,3 +51,24 @@ def dropout_keep_mask(
         keep.stride(0), keep.stride(1), keep.stride(2), BLOCK_R=block, BLOCK_C=block,
     )
     return keep.bool()
+
+
+@triton.jit
+def _dropout_keys_kernel(Keys, nheads, dropout_seed):
+    """Grid (batch * nheads,): entry z = b * nheads + h of Keys (int32 (batch * nheads, 2))
+    gets the two Philox words ``common.dropout_keep`` derives its row and key words from for
+    sequence b, head h (stored bit for bit)."""
+    z = tl.program_id(0)
+    key_r, key_c, _, _ = tl.philox(dropout_seed, z // nheads, z % nheads, 0, 0)
+    tl.store(Keys + 2 * z, key_r.to(tl.int32, bitcast=True))
+    tl.store(Keys + 2 * z + 1, key_c.to(tl.int32, bitcast=True))
+
+
+def dropout_keys(batch: int, nheads: int, seed: int, device: torch.device) -> torch.Tensor:
+    """int32 (batch, nheads, 2): the per-(sequence, head) Philox words of the dropout mask
+    (``common.dropout_keep``), for kernels that build the mask from them without calling
+    Philox themselves (the Gluon kernels of ``kernels.sm90``). One launch per call."""
+    keys = torch.empty((batch, nheads, 2), dtype=torch.int32, device=device)
+    if keys.numel():
+        _dropout_keys_kernel[(batch * nheads,)](keys, nheads, int(seed))
+    return keys

@@ -14,8 +14,9 @@ family writes it out, as FA3 does within one warpgroup pair:
 
 Scope (``supports``): dense (batch, seqlen, heads, d) bf16/fp16 calls, d = 40 to 128 in
 steps of 8 (tiles of 64 or 128 columns, the missing ones zero-filled by TMA), causal
-(bottom-right) or full, GQA/MQA, positive softmax scale; no window, softcap, ALiBi, dropout
-or varlen. Everything else stays on the portable kernels. The dispatcher
+(bottom-right) or full, GQA/MQA, positive softmax scale, dropout (the portable kernels'
+mask, entry for entry, from the Philox words of ``dropout_mask.dropout_keys``); no window,
+softcap, ALiBi or varlen. Everything else stays on the portable kernels. The dispatcher
 (``kernels.dispatch``) takes this family where it measured faster (``preferred``), or for
 every call in scope with ``RINGFLASH_BACKEND=sm90``.
 
@@ -32,7 +33,7 @@ import torch
 import triton
 
 from . import configs
-from .problem import LOG2E, AttnProblem
+from .problem import LOG2E, AttnProblem, dropout_args
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
 #: 3.9 compiles them too). Gluon's API changes between releases (3.5's warp_specialize
@@ -88,6 +89,48 @@ if AVAILABLE:
         return gl.where(keep, s, float("-inf"))
 
     @gluon.jit
+    def _keep_word(pos, key, MULTIPLIER: gl.constexpr):
+        """``common._position_word``: (pos * odd + key), high half folded into the low."""
+        x = pos.to(gl.uint32) * MULTIPLIER + key
+        return x ^ (x >> 16)
+
+    @gluon.jit
+    def _dropout_keep(DropKeys, key_index, rows, cols, threshold, KEY_MAJOR: gl.constexpr):
+        """The keep mask of ``common.dropout_keep``, entry by entry: query positions ``rows``
+        and key positions ``cols`` (two vectors sliced from one tile layout), (rows, cols) or
+        with KEY_MAJOR (cols, rows); the Philox words of the sequence and head come from
+        ``DropKeys`` (``dropout_mask.dropout_keys``) at ``key_index``. Keys 16 g + c and
+        16 g + 8 + c share the draw of pair 8 g + c, its low and high 16 bits; each entry
+        computes its pair's draw (a thread holds both keys of a pair in the wgmma
+        accumulator layouts, but splitting them would need a join Gluon leaves to us)."""
+        key_r = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
+        key_c = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
+        row_words = _keep_word(rows, key_r, 0x9E3779B1)
+        pair_words = _keep_word((cols // 16) * 8 + cols % 8, key_c, 0x85EBCA6B)
+        high = (cols % 16) >= 8
+        if KEY_MAJOR:
+            x = pair_words[:, None] ^ row_words[None, :]
+            high_half = high[:, None]
+        else:
+            x = row_words[:, None] ^ pair_words[None, :]
+            high_half = high[None, :]
+        x = x * 0x9E3779B1
+        x = x ^ (x >> 15)
+        x = x * 0x85EBCA77
+        x = x ^ (x >> 16)
+        bits = gl.where(high_half, x >> 16, x & 0xFFFF)
+        return bits >= gl.cast(threshold, gl.uint32)
+
+    @gluon.jit
+    def _dropped(p, DropKeys, key_index, rows, n0, threshold, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
+                 HAS_DROPOUT: gl.constexpr):
+        """A (query rows x keys n0..) probability tile with its dropped entries zeroed."""
+        if HAS_DROPOUT:
+            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            p = gl.where(_dropout_keep(DropKeys, key_index, rows, cols, threshold, False), p, 0.0)
+        return p
+
+    @gluon.jit
     def _load_pair(a_desc, b_desc, a_bufs, b_bufs, a_bars, b_bars, slot, b, row0, head, pred):
         """Start the TMA loads of rows [row0, row0 + box) of sequence ``b``, head ``head``, of
         two tensors (K and V, or Q and dO) into ring slot ``slot``, each on its own barrier."""
@@ -106,11 +149,11 @@ if AVAILABLE:
     @gluon.jit
     def _attend_rows(
         q_rows, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
-        k_desc, v_desc, o_desc, Lse,
+        k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
         b, h, hk, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-        TURN: gl.constexpr,
+        TURN: gl.constexpr, HAS_DROPOUT: gl.constexpr,
     ):
         """Query rows [r0, r0 + ROWS) of one head against key blocks [0, n_blocks), by the
         WARPS warps running it (a multiple of 4: one warpgroup per 64 rows); writes their out
@@ -121,7 +164,9 @@ if AVAILABLE:
         ``v_bars``. With REFILL this code refills a slot itself once it is done with it (the
         whole CTA runs it); otherwise it arrives on ``kv_free`` for a loader partition. With
         PINGPONG two consumers take turns (``turns``, TURN = 0 or 1) to issue their MMAs, so
-        that one's softmax runs while the other's MMAs occupy the tensor cores (FA3)."""
+        that one's softmax runs while the other's MMAs occupy the tensor cores (FA3). With
+        HAS_DROPOUT the P V product sees the kept probabilities (the row sums all of them)
+        and out is scaled by 1 / (1 - p) at the end, as in ``kernels.fwd``."""
         dtype: gl.constexpr = k_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
@@ -158,6 +203,7 @@ if AVAILABLE:
             if n_full <= 0:
                 s = _causal_mask(s, 0, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
             p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
+            p = _dropped(p, DropKeys, key_index, rows, 0, dropout_threshold, BLOCK_N, s_layout, HAS_DROPOUT)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
             for j in range(1, n_blocks):
@@ -179,6 +225,8 @@ if AVAILABLE:
                 if j >= n_full:
                     s = _causal_mask(s, j * BLOCK_N, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
                 p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
+                p = _dropped(p, DropKeys, key_index, rows, j * BLOCK_N, dropout_threshold, BLOCK_N, s_layout,
+                             HAS_DROPOUT)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -203,6 +251,8 @@ if AVAILABLE:
         empty = l_i == 0.0
         l_safe = gl.where(empty, 1.0, l_i)
         out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        if HAS_DROPOUT:
+            out = out * dropout_scale
         lse = (gl.where(empty, 0.0, m_i * qk_scale_log2) + gl.log2(l_safe)) * 0.6931471805599453
         lse = gl.where(empty, float("-inf"), lse)
         gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
@@ -228,12 +278,13 @@ if AVAILABLE:
 
     @gluon.jit
     def _fwd_sm90_kernel(
-        q_desc, k_desc, v_desc, o_desc, Lse,
+        q_desc, k_desc, v_desc, o_desc, Lse, DropKeys,
         seqlen_q, seqlen_k, kv_group, num_m_blocks,
-        stride_lb, stride_lh,
-        qk_scale_log2,
+        stride_lb, stride_lh, stride_keys_b,
+        qk_scale_log2, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, SPECIALIZED: gl.constexpr, PINGPONG: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, SPECIALIZED: gl.constexpr, PINGPONG: gl.constexpr, HAS_DROPOUT: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Grid (query blocks, heads, batch); causal programs start from the last query block
         (the longest) so the short ones fill the tail. Writes out through ``o_desc`` and lse
@@ -250,6 +301,7 @@ if AVAILABLE:
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
+        key_index = b * stride_keys_b + 2 * h  # this (sequence, head)'s dropout words
         dtype: gl.constexpr = q_desc.dtype
 
         # Q in PARTS boxes of ROWS rows, one per consumer (a reshape of a slice is not allowed).
@@ -283,13 +335,14 @@ if AVAILABLE:
                 mbarrier.arrive(turns.index(0))  # consumer 0 issues first
             gl.warp_specialize([
                 (_attend_rows, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
-                                k_desc, v_desc, o_desc, Lse, b, h, hk, m0, n_blocks, seqlen_q, seqlen_k,
-                                stride_lb, stride_lh, qk_scale_log2,
-                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 0)),
+                                k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
+                                b, h, hk, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 0, HAS_DROPOUT)),
                 (_attend_rows, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
-                                k_desc, v_desc, o_desc, Lse, b, h, hk, m0 + ROWS, n_blocks, seqlen_q, seqlen_k,
-                                stride_lb, stride_lh, qk_scale_log2,
-                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1)),
+                                k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
+                                b, h, hk, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                                qk_scale_log2, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1,
+                                HAS_DROPOUT)),
                 (_load_all, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
                              b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
             ], [4, 1], [240, 24])
@@ -299,9 +352,9 @@ if AVAILABLE:
             for i in gl.static_range(STAGES):
                 _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, hk, n_blocks, BLOCK_N, STAGES)
             _attend_rows(q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
-                         k_desc, v_desc, o_desc, Lse, b, h, hk, m0, n_blocks, seqlen_q, seqlen_k,
-                         stride_lb, stride_lh, qk_scale_log2,
-                         HEADDIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, num_warps, True, False, 0)
+                         k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
+                         b, h, hk, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+                         HEADDIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, num_warps, True, False, 0, HAS_DROPOUT)
 
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
@@ -363,16 +416,19 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
-        Lse2, Delta, b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+        Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+        b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
         stride_lb, stride_lh, qk_scale_log2, softmax_scale,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, WARPS: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over the query heads
         of its group and the query blocks from ``m_start`` (``n_steps`` = heads x
         ``m_blocks`` steps, in the loader's order), in key-major tiles: S^T = K Q^T,
         P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
-        dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``."""
+        dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
+        HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, scaled by
+        1 / (1 - p) (dV once, at the end), as in ``kernels.bwd``."""
         dtype: gl.constexpr = dk_desc.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
@@ -410,15 +466,24 @@ if AVAILABLE:
             if CAUSAL:
                 if m0 + diag < cta_last_key:
                     pt = gl.where(keys[:, None] <= cols[None, :] + diag, pt, 0.0)
-            pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+            if HAS_DROPOUT:
+                keep = _dropout_keep(DropKeys, b * stride_keys_b + 2 * h, cols, keys, dropout_threshold, True)
+                pt_op = gl.convert_layout(gl.where(keep, pt, 0.0).to(dtype), op_layout)
+            else:
+                pt_op = gl.convert_layout(pt.to(dtype), op_layout)
             dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
             dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
-            dst = pt * (dpt - delta[None, :])
+            if HAS_DROPOUT:
+                dst = pt * (gl.where(keep, dpt, 0.0) * dropout_scale - delta[None, :])
+            else:
+                dst = pt * (dpt - delta[None, :])
             ds_op = gl.convert_layout(dst.to(dtype), op_layout)
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
             dv, dk, pt_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_op, ds_op))
             mbarrier.arrive(free_bars.index(slot))
         _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
+        if HAS_DROPOUT:
+            dv = dv * dropout_scale
         _store_rows(v_part, dv, dv_desc, b, n0, hk)
 
     @gluon.jit
@@ -438,10 +503,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _bwd_dkdv_sm90_kernel(
-        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta,
-        seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys,
+        seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, qk_scale_log2, softmax_scale,
+        dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (key blocks of BLOCK_N, KV heads, batch); ``num_warps`` = 4. Two consumer
         warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query blocks of
@@ -468,13 +534,15 @@ if AVAILABLE:
 
         gl.warp_specialize([
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
-                          dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, kv_group, m_start, m_blocks,
-                          n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4)),
+                          dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+                          b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+                          stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
-                          dk_desc, dv_desc, Lse2, Delta, b, hk, n0 + ROWS, cta_last_key, kv_group, m_start,
-                          m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                          softmax_scale, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4)),
+                          dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+                          b, hk, n0 + ROWS, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q,
+                          seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
                           do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
                           STAGES)),
@@ -485,13 +553,15 @@ if AVAILABLE:
     @gluon.jit
     def _dq_rows(
         q_part, do_part, fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars, dq_desc,
-        Lse2, Delta, b, h, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
+        b, h, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, WARPS: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr,
     ):
         """dQ of query rows [r0, r0 + ROWS) of head ``h`` over key blocks [0, n_blocks):
         S = Q K^T, P = exp2(S - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K (scaled
-        at the end). Releases each K/V slot on ``free_bars``."""
+        at the end). Releases each K/V slot on ``free_bars``. With HAS_DROPOUT, dP counts
+        only where kept, scaled by 1 / (1 - p)."""
         dtype: gl.constexpr = dq_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
@@ -532,6 +602,10 @@ if AVAILABLE:
                     keep = keep & (cols[None, :] <= rows[:, None] + diag)
                 p = gl.where(keep, p, 0.0)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
+            if HAS_DROPOUT:
+                cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+                keep = _dropout_keep(DropKeys, key_index, rows, cols, dropout_threshold, False)
+                dp = gl.where(keep, dp, 0.0) * dropout_scale
             ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
             dq_tok = warpgroup_mma(ds_op, k_tile, dq, is_async=True)
             dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
@@ -554,10 +628,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _bwd_dq_sm90_kernel(
-        q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta,
-        seqlen_q, seqlen_k, kv_group, num_m_blocks, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, DropKeys,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks, stride_lb, stride_lh, stride_keys_b, qk_scale_log2,
+        softmax_scale, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (query blocks of BLOCK_M, heads, batch), the longest causal blocks first;
         ``num_warps`` = 4. Two consumer warpgroups own BLOCK_M / 2 query rows each; one loader
@@ -568,6 +643,7 @@ if AVAILABLE:
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
+        key_index = b * stride_keys_b + 2 * h
         PARTS: gl.constexpr = 2
         ROWS: gl.constexpr = BLOCK_M // PARTS
         q_parts, do_parts, k_bufs, v_bufs, fixed_bar, k_bars, v_bars, free_bars = _fixed_and_ring(
@@ -581,11 +657,13 @@ if AVAILABLE:
 
         gl.warp_specialize([
             (_dq_rows, (q_parts.index(0), do_parts.index(0), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
-                        dq_desc, Lse2, Delta, b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4)),
+                        dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
+                        b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT)),
             (_dq_rows, (q_parts.index(1), do_parts.index(1), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
-                        dq_desc, Lse2, Delta, b, h, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4)),
+                        dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
+                        b, h, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
+                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT)),
             (_load_dq, (q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
                         free_bars, b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
         ], [4, 1], [240, 24])
@@ -598,16 +676,16 @@ if AVAILABLE:
 disabled_reason: Optional[str] = None
 
 
-def run_or_disable(launch, *args):
+def run_or_disable(launch, *args, **kwargs):
     """``launch(*args)``; if it raises under the default backend, turn the family off for
     this process with a warning naming the error and return None, so the caller runs the
     portable kernels instead (a Gluon compiler or driver that these kernels do not suit
     must not stop training). Under ``RINGFLASH_BACKEND=sm90`` the error propagates."""
     global disabled_reason
     if configs.backend() == "sm90":
-        return launch(*args)
+        return launch(*args, **kwargs)
     try:
-        return launch(*args)
+        return launch(*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - reported, then the portable kernels run
         disabled_reason = f"{type(exc).__name__}: {str(exc)[:500]}"
         warnings.warn(f"ringflash: the Gluon sm_90 kernels failed ({disabled_reason}); using the portable "
@@ -622,7 +700,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     if not AVAILABLE or disabled_reason is not None or q.device.type != "cuda" or \
             configs._capability(q.device) != (9, 0):
         return False
-    if meta is not None or alibi_slopes is not None or dropout is not None:
+    if meta is not None or alibi_slopes is not None:
         return False
     # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
     # (``_block_d``): TMA zero-fills the missing columns and clips them on store.
@@ -644,11 +722,13 @@ def _tma_readable(x: torch.Tensor) -> bool:
         all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
 
 
-def preferred(prob: AttnProblem) -> bool:
+def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None) -> bool:
     """Whether the default backend takes this family for a call it ``supports``: where it
     measured faster than the portable forward (``configs.SM90_MIN_SEQLEN_Q``: d = 64 and
-    128; other head dims only with RINGFLASH_BACKEND=sm90 until measured), unless a
-    ``configs.override(fwd=...)`` context forces the portable forward's tiles."""
+    128; other head dims, and dropout, only with RINGFLASH_BACKEND=sm90 until measured),
+    unless a ``configs.override(fwd=...)`` context forces the portable forward's tiles."""
+    if dropout is not None:
+        return False
     threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
     return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_forward_forced()
 
@@ -676,9 +756,22 @@ VARIANTS = ("pipelined", "specialized", "pingpong")
 DEFAULT_VARIANT = "pingpong"
 
 
+def _dropout_inputs(dropout: Optional[tuple[float, int]], batch: int, nheads: int, device) -> tuple:
+    """(keys, keys' batch stride, threshold, scale) kernel arguments: the per-(sequence, head)
+    Philox words (``dropout_mask.dropout_keys``; a dummy without dropout)."""
+    from .dropout_mask import dropout_keys
+
+    threshold, scale, seed = dropout_args(dropout)
+    if dropout is None:
+        return torch.empty(2, dtype=torch.int32, device=device), 0, threshold, scale
+    return dropout_keys(batch, nheads, seed, device), 2 * nheads, threshold, scale
+
+
 def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem,
-                           variant: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                           variant: Optional[str] = None,
+                           dropout: Optional[tuple[float, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d), where ``supports``.
+    ``dropout``: (probability, seed), the same mask as the portable kernels draw.
 
     Returns out (q's shape and dtype, contiguous) and lse (float32 (batch, nheads, seqlen_q),
     natural log). Causal is aligned bottom-right (key j visible to query i when
@@ -702,12 +795,13 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     num_m_blocks = math.ceil(seqlen_q / cfg.block_m)
     grid = (num_m_blocks, nheads, batch)
     rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
+    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, batch, nheads, q.device)
     _fwd_sm90_kernel[grid](
         _descriptor(q, rows), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), _descriptor(out, rows), lse,
-        seqlen_q, seqlen_k, nheads // k.shape[2], num_m_blocks, lse.stride(0), lse.stride(1),
-        prob.softmax_scale * LOG2E,
+        keys, seqlen_q, seqlen_k, nheads // k.shape[2], num_m_blocks, lse.stride(0), lse.stride(1), keys_stride,
+        prob.softmax_scale * LOG2E, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
-        CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong",
+        CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=dropout is not None,
         num_warps=4 if specialized else cfg.num_warps,
     )
     return out, lse
@@ -720,8 +814,9 @@ def _tma_operand(x: torch.Tensor) -> torch.Tensor:
 
 
 def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            out: torch.Tensor, lse: torch.Tensor,
-                            prob: AttnProblem) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            out: torch.Tensor, lse: torch.Tensor, prob: AttnProblem,
+                            dropout: Optional[tuple[float, int]] = None,
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), contiguous in the inputs' dtypes, of a call ``supports``
     takes: q/dout/out (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d), lse
     float32 (batch, nheads, seqlen_q) from either forward. Deterministic (no atomics): the
@@ -740,20 +835,22 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     kv_group = nheads // k.shape[2]
     scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
     dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
+    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, batch, nheads, q.device)
     _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), k.shape[2], batch)](
         _descriptor(q, dkdv_cfg.block_m), _descriptor(k, dkdv_cfg.block_n // 2), _descriptor(v, dkdv_cfg.block_n // 2),
         _descriptor(dout, dkdv_cfg.block_m), _descriptor(dk, dkdv_cfg.block_n // 2),
-        _descriptor(dv, dkdv_cfg.block_n // 2), lse2, delta,
-        seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), *scalars,
+        _descriptor(dv, dkdv_cfg.block_n // 2), lse2, delta, keys,
+        seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), keys_stride, *scalars, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
-        CAUSAL=prob.causal, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=dropout is not None, num_warps=4,
     )
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
     _bwd_dq_sm90_kernel[(num_m_blocks, nheads, batch)](
         _descriptor(q, dq_cfg.block_m // 2), _descriptor(k, dq_cfg.block_n), _descriptor(v, dq_cfg.block_n),
-        _descriptor(dout, dq_cfg.block_m // 2), _descriptor(dq, dq_cfg.block_m // 2), lse2, delta,
-        seqlen_q, seqlen_k, kv_group, num_m_blocks, lse2.stride(0), lse2.stride(1), *scalars,
+        _descriptor(dout, dq_cfg.block_m // 2), _descriptor(dq, dq_cfg.block_m // 2), lse2, delta, keys,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks, lse2.stride(0), lse2.stride(1), keys_stride, *scalars,
+        threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
-        CAUSAL=prob.causal, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=dropout is not None, num_warps=4,
     )
     return dq, dk, dv
