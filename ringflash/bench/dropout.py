@@ -11,6 +11,9 @@ Issue 16's bar: dropout may cost at most 15% over no dropout, forward+backward. 
 * ``ours_atomic`` / ``ours_dropout_atomic``: ``ours`` and ``ours_dropout`` under
   ``RINGFLASH_BACKWARD=atomic``, the backward whose dK/dV kernel also accumulates dQ, so
   the dropout mask is regenerated once in the backward instead of twice (once per kernel);
+* ``ours_sm90`` / ``ours_dropout_sm90``: ``ours`` and ``ours_dropout`` under
+  ``RINGFLASH_BACKEND=sm90``, the Gluon Hopper kernels forward and backward (where the
+  default backend takes only their no-dropout forward);
 * ``fa2`` / ``fa2_dropout``: SDPA's flash backend at dropout_p 0 and 0.1, for reference
   (FA2's own dropout overhead; SDPA has no ALiBi on that backend).
 
@@ -39,13 +42,18 @@ from .progress import progress_bar, show
 NAME = "dropout"
 COLUMNS = BASE_COLUMNS + ["tflops", "rel_err", "dropout_p", "alibi", "batch", "seqlen", "nheads", "headdim", "causal"]
 PASSES = ("fwd", "bwd", "fwd+bwd")
-IMPLS = ("ours", "ours_dropout", "ours_alibi", "ours_atomic", "ours_dropout_atomic", "fa2", "fa2_dropout")
+IMPLS = ("ours", "ours_dropout", "ours_alibi", "ours_atomic", "ours_dropout_atomic", "ours_sm90", "ours_dropout_sm90",
+         "fa2", "fa2_dropout")
+#: The environment of each ringflash variant (the rest run under the defaults).
+IMPL_ENV = {"ours_atomic": {"RINGFLASH_BACKWARD": "atomic"}, "ours_dropout_atomic": {"RINGFLASH_BACKWARD": "atomic"},
+            "ours_sm90": {"RINGFLASH_BACKEND": "sm90"}, "ours_dropout_sm90": {"RINGFLASH_BACKEND": "sm90"}}
 DROPOUT_P = 0.1
 #: Issue 16: dropout's forward+backward time at most 15% over no dropout.
 BAR = 1.15
 #: (ratio label, impl, its no-op counterpart, the bar or None)
 OVERHEADS = (("ours: dropout 0.1 / none", "ours_dropout", "ours", BAR),
              ("ours, atomic backward: dropout 0.1 / none", "ours_dropout_atomic", "ours_atomic", BAR),
+             ("ours, sm90 kernels: dropout 0.1 / none", "ours_dropout_sm90", "ours_sm90", BAR),
              ("ours: ALiBi / none", "ours_alibi", "ours", None),
              ("FA2 (SDPA): dropout 0.1 / none", "fa2_dropout", "fa2", None))
 
@@ -90,6 +98,8 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
         "ours_dropout": (dropped, DROPOUT_P, False),
         "ours_atomic": (plain, 0.0, False),
         "ours_dropout_atomic": (dropped, DROPOUT_P, False),
+        "ours_sm90": (plain, 0.0, False),
+        "ours_dropout_sm90": (dropped, DROPOUT_P, False),
         "ours_alibi": (lambda q, k, v: flash_attn_func(q, k, v, causal=c, alibi_slopes=slopes), 0.0, True),
         "fa2": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION"), 0.0, False),
         "fa2_dropout": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION", dropout_p=DROPOUT_P), DROPOUT_P,
@@ -105,12 +115,13 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
         pass
     rows = []
     for impl, (fn, p, alibi) in fns.items():
-        with environ(RINGFLASH_BACKWARD="atomic" if impl.endswith("_atomic") else None):
+        env = IMPL_ENV.get(impl, {})
+        with environ(**env):
             results = measure_passes(fn, inputs, dout, timer, device, passes=PASSES)
         for ps, (ms, status) in results.items():
             rows.append(dict(case=case.name, impl=impl, **{"pass": ps}, ms=ms, status=status,
-                             note=("RINGFLASH_BACKWARD=atomic" if impl.endswith("_atomic") else
-                                   "RINGFLASH_BACKWARD default" if impl.startswith("ours") else ""),
+                             note=(" ".join(f"{k}={v}" for k, v in env.items()) if env else
+                                   "defaults" if impl.startswith("ours") else ""),
                              timer=timer_name, device=device_name,
                              tflops=tflops(pass_flops[ps], ms) if ms else None,
                              rel_err=err if impl == "ours" else None, dropout_p=p, alibi=alibi, batch=case.batch,
