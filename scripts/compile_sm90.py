@@ -100,7 +100,7 @@ def _install() -> None:
     from ringflash.kernels import configs
 
     # The launchers check that tensors are on a GPU (they are CPU tensors here, never read).
-    for name in ("common", "fwd", "bwd", "decode", "dropout_mask"):
+    for name in ("common", "fwd", "bwd", "decode", "dropout_mask", "sm90"):
         module = importlib.import_module(f"ringflash.kernels.{name}")
         if hasattr(module, "check_device"):
             module.check_device = lambda *a, **k: None
@@ -182,7 +182,7 @@ def run_extras() -> list[tuple[str, dict]]:
 
 def collect_sm90(headdims=(128,), causals=(True,)) -> None:
     """Compile the Gluon Hopper kernels (``kernels.sm90``): the forward and both backward
-    kernels, lengths off their tiles, GQA."""
+    kernels, with and without dropout, and the atomic backward; lengths off their tiles, GQA."""
     from ringflash.kernels import sm90
     from ringflash.kernels.problem import make_problem
 
@@ -195,6 +195,9 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
             prob = make_problem(q, k, None, 300, 500, d**-0.5, causal, -1, -1, 0.0)
             sm90.attention_forward_sm90(q, k, k, prob)
             sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob)
+            # With dropout (and its Philox-words kernel), and the atomic 5-GEMM backward.
+            sm90.attention_forward_sm90(q, k, k, prob, dropout=(0.1, 5))
+            sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob, dropout=(0.1, 5), atomic_dq=True)
 
 
 def main(argv=None) -> int:

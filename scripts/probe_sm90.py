@@ -56,20 +56,22 @@ def check(d: int, causal: bool, variant: str, cfg: configs.KernelConfig) -> str:
             f"lse {err(lse, want_lse):.2e} (portable {err(ref_lse, want_lse):.2e})")
 
 
-def bwd_candidate(spec: str) -> tuple[configs.KernelConfig, configs.KernelConfig]:
-    """"BMxBNxSTAGES/BMxBNxSTAGES": the dK/dV kernel's tiles, then the dQ kernel's."""
+def bwd_candidate(spec: str) -> tuple[configs.KernelConfig, configs.KernelConfig, bool]:
+    """"BMxBNxSTAGES/BMxBNxSTAGES[+atomic]": the dK/dV kernel's tiles, then the dQ kernel's
+    (unused by the atomic 5-GEMM backward, which ``+atomic`` picks)."""
+    spec, atomic = (spec[: -len("+atomic")], True) if spec.endswith("+atomic") else (spec, False)
     pair = []
     for part in spec.split("/"):
         bm, bn, stages = (int(x) for x in part.split("x"))
         pair.append(configs.KernelConfig(bm, bn, 4, stages))
-    return pair[0], pair[1]
+    return pair[0], pair[1], atomic
 
 
 def _problem(q, k, causal):
     return make_problem(q, k, None, q.shape[1], k.shape[1], q.shape[-1] ** -0.5, causal, -1, -1, 0.0)
 
 
-def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg) -> str:
+def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg, atomic: bool) -> str:
     """Max errors of dq, dk, dv against float64, next to the portable backward's."""
     gen = torch.Generator(device="cuda").manual_seed(d + causal + 1)
     shapes = [(2, 1000, 8, d), (2, 1537, 2, d), (2, 1537, 2, d), (2, 1000, 8, d)]
@@ -81,7 +83,7 @@ def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg) -> str:
     prob = _problem(q, k, causal)
     ours = attention_backward(do, q, k, v, out, lse, prob)
     with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg):
-        got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob)
+        got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob, atomic_dq=atomic)
     err = lambda a, b: (a.double() - b).abs().max().item()  # noqa: E731
     return ", ".join(f"{n} {err(g, w):.2e} (portable {err(o, w):.2e})"
                      for n, g, o, w in zip(("dq", "dk", "dv"), got, ours, want))
@@ -91,16 +93,20 @@ def _tiles(cfg) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
 
 
+def _bwd_label(dkdv_cfg, dq_cfg, atomic: bool) -> str:
+    return f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}" + ("+atomic" if atomic else "")
+
+
 def backward_section(args, fa2, cudnn) -> list:
     cands = [bwd_candidate(s) for s in args.bwd_tiles]
     rows = []
     for d in args.headdims:
         for causal in (False, True):
-            for dkdv_cfg, dq_cfg in cands:
-                label = f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}"
+            for dkdv_cfg, dq_cfg, atomic in cands:
+                label = _bwd_label(dkdv_cfg, dq_cfg, atomic)
                 try:
-                    print(f"check bwd d={d} causal={causal} {label}: {check_bwd(d, causal, dkdv_cfg, dq_cfg)}",
-                          flush=True)
+                    print(f"check bwd d={d} causal={causal} {label}: "
+                          f"{check_bwd(d, causal, dkdv_cfg, dq_cfg, atomic)}", flush=True)
                 except Exception as exc:
                     print(f"check bwd d={d} causal={causal} {label}: FAILED {type(exc).__name__}: {str(exc)[:300]}",
                           flush=True)
@@ -116,11 +122,12 @@ def backward_section(args, fa2, cudnn) -> list:
                 base = {"portable": bench_ms(lambda: attention_backward(do, q, k, v, out, lse, prob)),
                         "FA2": time_fwd_bwd(lambda *t: fa2(*t, causal), leaves, do)[1],
                         "cuDNN": time_fwd_bwd(lambda *t: cudnn(*t, causal), leaves, do)[1]}
-                for dkdv_cfg, dq_cfg in cands:
-                    name = f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}"
+                for dkdv_cfg, dq_cfg, atomic in cands:
+                    name = _bwd_label(dkdv_cfg, dq_cfg, atomic)
                     try:
                         with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg):
-                            ms = bench_ms(lambda: sm90.attention_backward_sm90(do, q, k, v, out, lse, prob))
+                            ms = bench_ms(lambda: sm90.attention_backward_sm90(do, q, k, v, out, lse, prob,
+                                                                               atomic_dq=atomic))
                     except Exception as exc:
                         print(f"time bwd d={d} causal={causal} s={seqlen} {name}: FAILED {type(exc).__name__}",
                               flush=True)
@@ -180,9 +187,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tiles", nargs="+", metavar="VARIANT:BMxBNxWxS",
                         default=["pingpong:128x128x4x3", "pingpong:128x128x4x2"])
     parser.add_argument("--bwd-tiles", nargs="+", metavar="BMxBNxS/BMxBNxS",
-                        default=["64x128x2/128x64x3", "64x128x3/128x64x2", "64x128x2/128x128x2"],
+                        default=["64x128x2/128x64x3", "64x128x3/128x64x2", "64x128x2/128x128x2",
+                                 "64x128x2/128x64x3+atomic"],
                         help="dK/dV kernel's tiles (query rows per step x keys owned x stages), then dQ's "
-                             "(query rows owned x keys per step x stages)")
+                             "(query rows owned x keys per step x stages); +atomic: the 5-GEMM backward")
     args = parser.parse_args(argv)
     # flash_attn_func and attention_backward are the portable baselines here (the sm90
     # calls go to their launchers).

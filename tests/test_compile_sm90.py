@@ -23,5 +23,5 @@ def test_kernels_compile_for_sm90():
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-3000:]
     for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel", "_append_kernel",
-                   "_dropout_mask_kernel", "_fwd_sm90_kernel", "_bwd_dkdv_sm90_kernel", "_bwd_dq_sm90_kernel"):
+                   "_dropout_mask_kernel", "_fwd_sm90_kernel", "_bwd_dkdv_sm90_kernel", "_bwd_dq_sm90_kernel", "_dropout_keys_kernel"):
         assert kernel in result.stdout, (kernel, report[-3000:])

@@ -120,16 +120,16 @@ def test_variant_names():
 
 
 def test_backward_routing(monkeypatch):
-    """The Gluon backward only with RINGFLASH_BACKEND=sm90 (opt-in until measured), never for
-    the atomic 5-GEMM backward, and only where the forward's scope test passes."""
+    """The Gluon backward (deterministic or atomic) only with RINGFLASH_BACKEND=sm90 (opt-in
+    until measured), and only where the forward's scope test passes."""
     taken = []
     monkeypatch.setattr(sm90, "supports", lambda *a: True)
     monkeypatch.setattr(sm90, "attention_backward_sm90", lambda *a, **k: taken.append("sm90") or "sm90")
     monkeypatch.setattr(dispatch, "attention_backward", lambda *a, **k: taken.append("portable") or "portable")
     q = torch.zeros(1, 8, 2, 64, dtype=torch.bfloat16)
     args = (q, q, q, q, q, torch.zeros(1, 2, 8), _problem(q, q))
-    for env, atomic, want in (("sm90", False, "sm90"), ("sm90", True, "portable"), ("", False, "portable"),
-                              ("portable", False, "portable")):
+    for env, atomic, want in (("sm90", False, "sm90"), ("sm90", True, "sm90"), ("", False, "portable"),
+                              ("", True, "portable"), ("portable", False, "portable")):
         monkeypatch.setenv("RINGFLASH_BACKEND", env)
         taken.clear()
         assert dispatch.backward(*args, atomic_dq=atomic) == want and taken == [want], (env, atomic)

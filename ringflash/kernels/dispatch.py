@@ -112,10 +112,11 @@ def backward(
     prob: AttnProblem, meta: Optional[SeqMeta] = None, alibi_slopes: Optional[torch.Tensor] = None,
     dropout: Optional[tuple[float, int]] = None, atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of one attention call, from the family the module docstring names (the
-    atomic 5-GEMM backward, ``atomic_dq``, is the portable kernels' alone)."""
-    if backend() == "sm90" and not atomic_dq and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
-        result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob, dropout=dropout)
+    """(dq, dk, dv) of one attention call, from the family the module docstring names;
+    ``atomic_dq``: the 5-GEMM backward (dQ by atomics) of either family."""
+    if backend() == "sm90" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
+        result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob, dropout=dropout,
+                                     atomic_dq=atomic_dq)
         if result is not None:
             return result
     return attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout,

@@ -417,10 +417,11 @@ if AVAILABLE:
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
         Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+        ds_buf, DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
         b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
         stride_lb, stride_lh, qk_scale_log2, softmax_scale,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over the query heads
         of its group and the query blocks from ``m_start`` (``n_steps`` = heads x
@@ -428,7 +429,10 @@ if AVAILABLE:
         P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
         dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
         HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, scaled by
-        1 / (1 - p) (dV once, at the end), as in ``kernels.bwd``."""
+        1 / (1 - p) (dV once, at the end), as in ``kernels.bwd``. With ATOMIC_DQ, also these
+        keys' share of dQ = dS K (scaled), added into the float32 ``DQAcc`` by atomics: dS^T
+        goes through shared memory (``ds_buf``, this consumer's own) to be read transposed
+        as the MMA's left operand: the 5-GEMM backward, no dQ kernel."""
         dtype: gl.constexpr = dk_desc.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
@@ -442,6 +446,10 @@ if AVAILABLE:
         dk = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
         dv = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
         st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=st_layout)
+        HALF_D: gl.constexpr = HEADDIM // 2
+        dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HALF_D, 16])
+        dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, layout=dq_layout)
         mbarrier.wait(fixed_bar, 0)
         for i in range(n_steps):
             slot = i % STAGES
@@ -477,9 +485,24 @@ if AVAILABLE:
                 dst = pt * (gl.where(keep, dpt, 0.0) * dropout_scale - delta[None, :])
             else:
                 dst = pt * (dpt - delta[None, :])
-            ds_op = gl.convert_layout(dst.to(dtype), op_layout)
+            ds16 = dst.to(dtype)
+            ds_op = gl.convert_layout(ds16, op_layout)
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
             dv, dk, pt_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_op, ds_op))
+            if ATOMIC_DQ:
+                # dQ = dS K in column halves of d (32 registers each instead of 64 for the
+                # whole: beside dK and dV the whole tile spilled).
+                ds_buf.store(ds16)
+                fence_async_shared()
+                # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
+                dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
+                q_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
+                for half in gl.static_range(2):
+                    dq = warpgroup_mma(ds_buf.permute((1, 0)), k_tile.slice(half * HALF_D, HALF_D, dim=1), dq_zero,
+                                       use_acc=False)
+                    dims = half * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, dq_layout))
+                    gl.atomic_add(dq_base + (q_rows[:, None] * stride_dqs + dims[None, :]), dq * softmax_scale,
+                                  mask=(q_rows[:, None] < seqlen_q) & (dims[None, :] < headdim), sem="relaxed")
             mbarrier.arrive(free_bars.index(slot))
         _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
         if HAS_DROPOUT:
@@ -503,11 +526,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _bwd_dkdv_sm90_kernel(
-        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys,
-        seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, qk_scale_log2, softmax_scale,
-        dropout_threshold, dropout_scale,
+        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, DQAcc,
+        seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, stride_dqb, stride_dqs, stride_dqh, headdim,
+        qk_scale_log2, softmax_scale, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (key blocks of BLOCK_N, KV heads, batch); ``num_warps`` = 4. Two consumer
         warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query blocks of
@@ -520,6 +543,11 @@ if AVAILABLE:
         ROWS: gl.constexpr = BLOCK_N // PARTS
         k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars = _fixed_and_ring(
             k_desc, v_desc, q_desc, do_desc, PARTS, ROWS, BLOCK_M, HEADDIM, STAGES)
+        # Each consumer's dS^T tile for the atomic dQ (a (1, 16)-element stub without it).
+        DS_ROWS: gl.constexpr = ROWS if ATOMIC_DQ else 16
+        DS_COLS: gl.constexpr = BLOCK_M if ATOMIC_DQ else 16
+        ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [PARTS, DS_ROWS, DS_COLS],
+                                            gl.NVMMASharedLayout.get_default_for([DS_ROWS, DS_COLS], q_desc.dtype))
 
         # Query blocks that see any of these keys: key n is seen from query n - diag on.
         diag = seqlen_k - seqlen_q
@@ -535,14 +563,16 @@ if AVAILABLE:
         gl.warp_specialize([
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+                          ds_bufs.index(0), DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
                           b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
                           stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT)),
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+                          ds_bufs.index(1), DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
                           b, hk, n0 + ROWS, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q,
                           seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT)),
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
                           do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
                           STAGES)),
@@ -815,12 +845,14 @@ def _tma_operand(x: torch.Tensor) -> torch.Tensor:
 
 def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, prob: AttnProblem,
-                            dropout: Optional[tuple[float, int]] = None,
+                            dropout: Optional[tuple[float, int]] = None, atomic_dq: bool = False,
                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), contiguous in the inputs' dtypes, of a call ``supports``
     takes: q/dout/out (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d), lse
     float32 (batch, nheads, seqlen_q) from either forward. Deterministic (no atomics): the
-    dK/dV kernel sums over the query heads of each KV head itself."""
+    dK/dV kernel sums over the query heads of each KV head itself, and a dQ kernel follows.
+    With ``atomic_dq`` the dK/dV kernel also adds dQ into a float32 buffer by atomics (5
+    GEMMs instead of 7, no dQ kernel; the summation order then varies: not deterministic)."""
     from .bwd import prepare_backward
 
     batch, seqlen_q, nheads, headdim = q.shape
@@ -836,14 +868,22 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
     dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
     keys, keys_stride, threshold, scale = _dropout_inputs(dropout, batch, nheads, q.device)
+    # The atomic dQ's float32 accumulator (a dummy without it), addressed with 32-bit offsets
+    # within a (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
+    atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
+    dq_acc = torch.zeros(q.shape if atomic_dq else (1, 1, 1, 1), dtype=torch.float32, device=q.device)
     _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), k.shape[2], batch)](
         _descriptor(q, dkdv_cfg.block_m), _descriptor(k, dkdv_cfg.block_n // 2), _descriptor(v, dkdv_cfg.block_n // 2),
         _descriptor(dout, dkdv_cfg.block_m), _descriptor(dk, dkdv_cfg.block_n // 2),
-        _descriptor(dv, dkdv_cfg.block_n // 2), lse2, delta, keys,
-        seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), keys_stride, *scalars, threshold, scale,
+        _descriptor(dv, dkdv_cfg.block_n // 2), lse2, delta, keys, dq_acc,
+        seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), keys_stride,
+        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), headdim, *scalars, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=dropout is not None, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=dropout is not None, ATOMIC_DQ=atomic_dq, num_warps=4,
     )
+    if atomic_dq:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
     _bwd_dq_sm90_kernel[(num_m_blocks, nheads, batch)](
         _descriptor(q, dq_cfg.block_m // 2), _descriptor(k, dq_cfg.block_n), _descriptor(v, dq_cfg.block_n),
