@@ -786,14 +786,19 @@ VARIANTS = ("pipelined", "specialized", "pingpong")
 DEFAULT_VARIANT = "pingpong"
 
 
+_NO_KEYS: dict = {}
+
+
 def _dropout_inputs(dropout: Optional[tuple[float, int]], batch: int, nheads: int, device) -> tuple:
     """(keys, keys' batch stride, threshold, scale) kernel arguments: the per-(sequence, head)
     Philox words (``dropout_mask.dropout_keys``; a dummy without dropout)."""
     from .dropout_mask import dropout_keys
 
     threshold, scale, seed = dropout_args(dropout)
-    if dropout is None:
-        return torch.empty(2, dtype=torch.int32, device=device), 0, threshold, scale
+    if dropout is None:  # never read (HAS_DROPOUT off): one per device, not one per call
+        if device not in _NO_KEYS:
+            _NO_KEYS[device] = torch.zeros(2, dtype=torch.int32, device=device)
+        return _NO_KEYS[device], 0, threshold, scale
     return dropout_keys(batch, nheads, seed, device), 2 * nheads, threshold, scale
 
 
