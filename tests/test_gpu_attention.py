@@ -240,3 +240,27 @@ def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
     inputs = _dense64(gen, 1, 2048, 2048, 4, 2, 128)
     check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(True,))
     assert calls and sm90.disabled_reason is None, sm90.disabled_reason
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_varlen_forward(gen, monkeypatch, headdim, causal):
+    """The Gluon forward on packed sequences (RINGFLASH_BACKEND=sm90; the backward is the
+    portable one): lengths off the tiles, an empty sequence, one of a single token, keys
+    longer than queries (bottom-right causal), GQA; the tiles past a sequence's end hold
+    the next sequence's rows, which must neither count nor be overwritten."""
+    from ringflash.kernels import sm90
+
+    calls = []
+    real = sm90.attention_forward_sm90
+    monkeypatch.setattr(sm90, "attention_forward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    monkeypatch.setenv("RINGFLASH_DECODE", "0")
+    q_lengths, k_lengths = [700, 0, 1, 129, 1300], [900, 5, 1, 129, 1301]
+    q = torch.randn(sum(q_lengths), 8, headdim, generator=gen, dtype=torch.float64).to(DEV)
+    k, v = (torch.randn(sum(k_lengths), 2, headdim, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2))
+    cu_q, cu_k = cu_seqlens_from_lengths(q_lengths, DEV), cu_seqlens_from_lengths(k_lengths, DEV)
+    check_attention(varlen_impl, varlen_ref, (q, k, v), torch.bfloat16,
+                    extra=(cu_q, cu_k, max(q_lengths), max(k_lengths), causal))
+    assert calls, "the call did not reach the sm90 forward"

@@ -76,6 +76,26 @@ def test_scope(on_hopper):
     assert not supported(odd, k[..., :64], k[..., :64], _problem(odd, k[..., :64]))
 
 
+def test_varlen_scope(on_hopper):
+    """Plain varlen calls are in scope (forward only); grouped, context-parallel (explicit
+    diagonals) and seqused_k metadata are not; none are preferred until measured."""
+    from ringflash.kernels.problem import SeqMeta
+
+    cu = torch.tensor([0, 100, 250], dtype=torch.int32)
+    q, k = torch.zeros(250, 8, 128, dtype=torch.bfloat16), torch.zeros(250, 2, 128, dtype=torch.bfloat16)
+    wrap = _OnHopper
+    for meta, want in ((SeqMeta.from_cu_seqlens(cu, cu), True),
+                       (SeqMeta.from_cu_seqlens(cu, cu, torch.tensor([90, 150], dtype=torch.int32)), False)):
+        prob = make_problem(q, k, meta, 150, 150, 0.1, True, -1, -1, 0.0)
+        assert sm90.supports(wrap(q), wrap(k), wrap(k), prob, meta, None, None) == want
+        assert not sm90.preferred(prob)
+    import dataclasses
+
+    meta = dataclasses.replace(SeqMeta.from_cu_seqlens(cu, cu), diag=torch.zeros(1, 2, dtype=torch.int32))
+    prob = make_problem(q, k, meta, 150, 150, 0.1, True, -1, -1, 0.0)
+    assert not sm90.supports(wrap(q), wrap(k), wrap(k), prob, meta, None, None)
+
+
 def test_not_on_other_gpus(monkeypatch):
     if not sm90.AVAILABLE:
         pytest.skip("this Triton has no Gluon Hopper module")
@@ -133,8 +153,12 @@ def test_backward_routing(monkeypatch):
         monkeypatch.setenv("RINGFLASH_BACKEND", env)
         taken.clear()
         assert dispatch.backward(*args, atomic_dq=atomic) == want and taken == [want], (env, atomic)
-    monkeypatch.setattr(sm90, "supports", lambda *a: False)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    from ringflash.kernels.problem import SeqMeta
+
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    assert dispatch.backward(*args[:-1], args[-1], SeqMeta.from_cu_seqlens(cu, cu)) == "portable"  # varlen
+    monkeypatch.setattr(sm90, "supports", lambda *a: False)
     assert dispatch.backward(*args) == "portable"
 
 

@@ -88,7 +88,7 @@ def forward(
     chosen = backend()
     if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
             (chosen == "sm90" or sm90.preferred(prob, dropout)):
-        result = sm90.run_or_disable(sm90.attention_forward_sm90, q, k, v, prob, dropout=dropout)
+        result = sm90.run_or_disable(sm90.attention_forward_sm90, q, k, v, prob, dropout=dropout, meta=meta)
         if result is not None:
             return result
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
@@ -114,7 +114,7 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one attention call, from the family the module docstring names;
     ``atomic_dq``: the 5-GEMM backward (dQ by atomics) of either family."""
-    if backend() == "sm90" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
+    if backend() == "sm90" and meta is None and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout):
         result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob, dropout=dropout,
                                      atomic_dq=atomic_dq)
         if result is not None:

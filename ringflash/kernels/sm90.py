@@ -140,20 +140,23 @@ if AVAILABLE:
         _tma_load(b_desc, [b, row0, head, 0], b_bars.index(slot), b_bufs.index(slot), pred=pred)
 
     @gluon.jit
-    def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block, b, hk, n_blocks,
+    def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block, b, k_base, hk, n_blocks,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Start the TMA loads of key block ``block`` into its ring slot (skipped past the last)."""
-        _load_pair(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block % STAGES, b, block * BLOCK_N, hk,
+        """Start the TMA loads of key block ``block`` into its ring slot (skipped past the
+        last); the sequence's keys start at row ``k_base`` of batch entry ``b`` (varlen: of
+        the one packed entry)."""
+        _load_pair(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block % STAGES, b, k_base + block * BLOCK_N, hk,
                    block < n_blocks)
 
     @gluon.jit
     def _attend_rows(
         q_rows, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
         k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
+        Out, stride_os, stride_oh, headdim, q_base, k_base,
         b, h, hk, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-        TURN: gl.constexpr, HAS_DROPOUT: gl.constexpr,
+        TURN: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr,
     ):
         """Query rows [r0, r0 + ROWS) of one head against key blocks [0, n_blocks), by the
         WARPS warps running it (a multiple of 4: one warpgroup per 64 rows); writes their out
@@ -166,7 +169,12 @@ if AVAILABLE:
         PINGPONG two consumers take turns (``turns``, TURN = 0 or 1) to issue their MMAs, so
         that one's softmax runs while the other's MMAs occupy the tensor cores (FA3). With
         HAS_DROPOUT the P V product sees the kept probabilities (the row sums all of them)
-        and out is scaled by 1 / (1 - p) at the end, as in ``kernels.fwd``."""
+        and out is scaled by 1 / (1 - p) at the end, as in ``kernels.fwd``.
+
+        Rows and keys are positions within the sequence, whose queries start at row
+        ``q_base`` and keys at ``k_base`` of batch entry ``b`` of the descriptors. Varlen
+        (IS_VARLEN; one packed entry) stores out by masked pointer stores to ``Out``: a TMA
+        box past the sequence's end would overwrite the next sequence's rows."""
         dtype: gl.constexpr = k_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
@@ -232,7 +240,7 @@ if AVAILABLE:
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
                 # Block j-1's slot is free: both MMAs that read it are done.
                 if REFILL:
-                    _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j - 1 + STAGES, b, hk, n_blocks,
+                    _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j - 1 + STAGES, b, k_base, hk, n_blocks,
                              BLOCK_N, STAGES)
                 else:
                     mbarrier.arrive(kv_free.index(prev))
@@ -255,36 +263,44 @@ if AVAILABLE:
             out = out * dropout_scale
         lse = (gl.where(empty, 0.0, m_i * qk_scale_log2) + gl.log2(l_safe)) * 0.6931471805599453
         lse = gl.where(empty, float("-inf"), lse)
-        gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
-        # The rows' Q buffer is free (every MMA that read it has finished): stage out there.
-        q_tile.store(out.to(dtype))
-        fence_async_shared()
-        _tma_store(o_desc, [b, r0, h, 0], q_rows)
-        tma.store_wait(pendings=0)
+        gl.store(Lse + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_base + rows, lse,
+                 mask=rows < seqlen_q)
+        if IS_VARLEN:
+            o_rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, o_layout))
+            dims = gl.arange(0, HEADDIM, layout=gl.SliceLayout(0, o_layout))
+            o_base = Out + h.to(gl.int64) * stride_oh + q_base.to(gl.int64) * stride_os
+            gl.store(o_base + o_rows[:, None].to(gl.int64) * stride_os + dims[None, :], out.to(dtype),
+                     mask=(o_rows[:, None] < seqlen_q) & (dims[None, :] < headdim))
+        else:
+            # The rows' Q buffer is free (every MMA that read it has finished): stage out there.
+            q_tile.store(out.to(dtype))
+            fence_async_shared()
+            _tma_store(o_desc, [b, q_base + r0, h, 0], q_rows)
+            tma.store_wait(pendings=0)
 
     @gluon.jit
     def _load_all(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
-                  b, h, hk, m0, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PARTS: gl.constexpr,
-                  STAGES: gl.constexpr):
+                  b, h, hk, m0, q_base, k_base, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  PARTS: gl.constexpr, STAGES: gl.constexpr):
         """The loader partition: Q's PARTS boxes of ROWS rows once, then every key block, each
         into its ring slot once both consumers have released the block that held it
         (``kv_free``)."""
         mbarrier.expect(q_bar, PARTS * q_desc.block_type.nbytes)
         for i in gl.static_range(PARTS):
-            _tma_load(q_desc, [b, m0 + i * ROWS, h, 0], q_bar, q_bufs.index(i))
+            _tma_load(q_desc, [b, q_base + m0 + i * ROWS, h, 0], q_bar, q_bufs.index(i))
         for i in range(n_blocks):
             mbarrier.wait(kv_free.index(i % STAGES), ((i // STAGES) + 1) & 1, pred=i >= STAGES)
-            _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, hk, n_blocks, BLOCK_N, STAGES)
+            _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, k_base, hk, n_blocks, BLOCK_N, STAGES)
 
     @gluon.jit
     def _fwd_sm90_kernel(
-        q_desc, k_desc, v_desc, o_desc, Lse, DropKeys,
+        q_desc, k_desc, v_desc, o_desc, Lse, DropKeys, Out, QStarts, QEnds, CuSeqlensK,
         seqlen_q, seqlen_k, kv_group, num_m_blocks,
-        stride_lb, stride_lh, stride_keys_b,
+        stride_lb, stride_lh, stride_keys_b, stride_os, stride_oh, headdim,
         qk_scale_log2, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, SPECIALIZED: gl.constexpr, PINGPONG: gl.constexpr, HAS_DROPOUT: gl.constexpr,
-        num_warps: gl.constexpr,
+        IS_VARLEN: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (query blocks, heads, batch); causal programs start from the last query block
         (the longest) so the short ones fill the tail. Writes out through ``o_desc`` and lse
@@ -294,14 +310,32 @@ if AVAILABLE:
         Without SPECIALIZED, the CTA's ``num_warps`` warps run the BLOCK_M rows together and
         issue the loads themselves. With it, ``num_warps`` = 4: this warpgroup and a second
         one each take BLOCK_M / 2 rows, and one more warp issues every load (FA3's producer /
-        consumer split), optionally with PINGPONG."""
+        consumer split), optionally with PINGPONG.
+
+        IS_VARLEN: one packed batch entry (the descriptors' batch is 1), sequence b's queries
+        at rows QStarts[b] .. QEnds[b] and keys at CuSeqlensK[b] .. CuSeqlensK[b + 1];
+        ``seqlen_q`` (the longest, which sizes the grid) and ``seqlen_k`` become the
+        sequence's."""
         pid = gl.program_id(0)
         h = gl.program_id(1)
-        b = gl.program_id(2)
+        seq = gl.program_id(2)
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
-        key_index = b * stride_keys_b + 2 * h  # this (sequence, head)'s dropout words
+        key_index = seq * stride_keys_b + 2 * h  # this (sequence, head)'s dropout words
+        zero = seq * 0  # an int32 scalar: both branches below must give the same types
+        if IS_VARLEN:
+            b = zero
+            q_base = gl.load(QStarts + seq)
+            seqlen_q = gl.load(QEnds + seq) - q_base
+            k_base = gl.load(CuSeqlensK + seq)
+            seqlen_k = gl.load(CuSeqlensK + seq + 1) - k_base
+        else:
+            b = seq
+            q_base = zero
+            k_base = zero
+        if m0 >= seqlen_q:  # varlen: past this sequence's queries
+            return
         dtype: gl.constexpr = q_desc.dtype
 
         # Q in PARTS boxes of ROWS rows, one per consumer (a reshape of a slice is not allowed).
@@ -336,25 +370,27 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_attend_rows, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
                                 k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
-                                b, h, hk, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 0, HAS_DROPOUT)),
+                                Out, stride_os, stride_oh, headdim, q_base, k_base, b, h, hk, m0, n_blocks,
+                                seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 0, HAS_DROPOUT, IS_VARLEN)),
                 (_attend_rows, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
                                 k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
-                                b, h, hk, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                                qk_scale_log2, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1,
-                                HAS_DROPOUT)),
+                                Out, stride_os, stride_oh, headdim, q_base, k_base, b, h, hk, m0 + ROWS, n_blocks,
+                                seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1, HAS_DROPOUT, IS_VARLEN)),
                 (_load_all, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
-                             b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
+                             b, h, hk, m0, q_base, k_base, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
             ], [4, 1], [240, 24])
         else:
             mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-            _tma_load(q_desc, [b, m0, h, 0], q_bar, q_bufs.index(0))
+            _tma_load(q_desc, [b, q_base + m0, h, 0], q_bar, q_bufs.index(0))
             for i in gl.static_range(STAGES):
-                _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, hk, n_blocks, BLOCK_N, STAGES)
+                _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, i, b, k_base, hk, n_blocks, BLOCK_N, STAGES)
             _attend_rows(q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
                          k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
-                         b, h, hk, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                         HEADDIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, num_warps, True, False, 0, HAS_DROPOUT)
+                         Out, stride_os, stride_oh, headdim, q_base, k_base, b, h, hk, m0, n_blocks,
+                         seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+                         HEADDIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, num_warps, True, False, 0, HAS_DROPOUT, IS_VARLEN)
 
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
@@ -730,7 +766,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     if not AVAILABLE or disabled_reason is not None or q.device.type != "cuda" or \
             configs._capability(q.device) != (9, 0):
         return False
-    if meta is not None or alibi_slopes is not None:
+    if alibi_slopes is not None:
+        return False
+    # Varlen: one group of sequences, bottom-right aligned, every key counted (not grouped
+    # or context-parallel metadata, no seqused_k); forward only (``dispatch.backward``).
+    if meta is not None and (meta.num_groups != 1 or meta.diag is not None or meta.seqused_k is not None):
         return False
     # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
     # (``_block_d``): TMA zero-fills the missing columns and clips them on store.
@@ -755,9 +795,10 @@ def _tma_readable(x: torch.Tensor) -> bool:
 def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None) -> bool:
     """Whether the default backend takes this family for a call it ``supports``: where it
     measured faster than the portable forward (``configs.SM90_MIN_SEQLEN_Q``: d = 64 and
-    128; other head dims, and dropout, only with RINGFLASH_BACKEND=sm90 until measured),
+    128; other head dims, dropout and varlen only with RINGFLASH_BACKEND=sm90 until
+    measured),
     unless a ``configs.override(fwd=...)`` context forces the portable forward's tiles."""
-    if dropout is not None:
+    if dropout is not None or prob.is_varlen:
         return False
     threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
     return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_forward_forced()
@@ -803,22 +844,24 @@ def _dropout_inputs(dropout: Optional[tuple[float, int]], batch: int, nheads: in
 
 
 def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem,
-                           variant: Optional[str] = None,
-                           dropout: Optional[tuple[float, int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d), where ``supports``.
-    ``dropout``: (probability, seed), the same mask as the portable kernels draw.
+                           variant: Optional[str] = None, dropout: Optional[tuple[float, int]] = None,
+                           meta=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense: q (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d); varlen
+    (``meta``, plain ``SeqMeta``): q (total_q, nheads, d), k/v (total_k, nheads_k, d); where
+    ``supports``. ``dropout``: (probability, seed), the same mask as the portable kernels draw.
 
-    Returns out (q's shape and dtype, contiguous) and lse (float32 (batch, nheads, seqlen_q),
-    natural log). Causal is aligned bottom-right (key j visible to query i when
-    j <= i + seqlen_k - seqlen_q)."""
-    batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k = k.shape[1]
+    Returns out (q's shape and dtype, contiguous) and lse (float32, natural log:
+    (batch, nheads, seqlen_q) dense, (nheads, total_q) varlen). Causal is aligned
+    bottom-right (key j visible to query i when j <= i + seqlen_k - seqlen_q, per sequence)."""
+    varlen = meta is not None
+    nheads, headdim = q.shape[-2], q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, nheads, seqlen_q), dtype=torch.float32, device=q.device)
+    lse_shape = (nheads, q.shape[0]) if varlen else (q.shape[0], nheads, q.shape[1])
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         lse.fill_(float("-inf"))
         return out, lse
-    if seqlen_k == 0:
+    if k.shape[-3] == 0:  # no keys anywhere
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
@@ -827,17 +870,29 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         raise ValueError(f"variant: got {variant!r}; expected one of {VARIANTS}")
     cfg = configs.sm90_forward_config(_block_d(headdim), prob.causal)
     specialized = variant != "pipelined"
-    num_m_blocks = math.ceil(seqlen_q / cfg.block_m)
-    grid = (num_m_blocks, nheads, batch)
+    num_m_blocks = math.ceil(prob.max_seqlen_q / cfg.block_m)
+    grid = (num_m_blocks, nheads, prob.batch)
     rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
-    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, batch, nheads, q.device)
+    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
+    if varlen:  # one packed batch entry for the descriptors; lse (nheads, total_q)
+        q4, k4, v4, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
+        seq_ptrs = (meta.q_starts[0], meta.q_ends[0], meta.cu_seqlens_k)
+        lse_strides, out_strides = (0, lse.stride(0)), (out.stride(0), out.stride(1))
+        seqlen_q, seqlen_k = prob.max_seqlen_q, prob.max_seqlen_k
+    else:
+        q4, k4, v4, out4 = q, k, v, out
+        seq_ptrs = (lse, lse, lse)  # not read
+        lse_strides, out_strides = (lse.stride(0), lse.stride(1)), (out.stride(1), out.stride(2))
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     _fwd_sm90_kernel[grid](
-        _descriptor(q, rows), _descriptor(k, cfg.block_n), _descriptor(v, cfg.block_n), _descriptor(out, rows), lse,
-        keys, seqlen_q, seqlen_k, nheads // k.shape[2], num_m_blocks, lse.stride(0), lse.stride(1), keys_stride,
+        _descriptor(q4, rows), _descriptor(k4, cfg.block_n), _descriptor(v4, cfg.block_n), _descriptor(out4, rows),
+        lse, keys, out, *seq_ptrs,
+        seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, *lse_strides, keys_stride, *out_strides, headdim,
         prob.softmax_scale * LOG2E, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
         CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=dropout is not None,
-        num_warps=4 if specialized else cfg.num_warps,
+        # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
+        IS_VARLEN=varlen, num_warps=4 if specialized else cfg.block_m // 16,
     )
     return out, lse
 
