@@ -21,6 +21,11 @@ softcap, ALiBi or varlen. Everything else stays on the portable kernels. The dis
 every call in scope with ``RINGFLASH_BACKEND=sm90``.
 
 Writes the same out and lse as ``kernels.fwd.attention_forward``, so the backward is shared.
+
+Varlen tiles read past a sequence's end into the next sequence's rows (TMA boxes are
+bounded by the packed tensor, not by the sequence): those scores are masked and those query
+rows never stored, but a NaN or Inf in the next sequence's V would still reach this one's
+output through 0 x NaN in the P V product, where the portable kernels read zeros.
 """
 
 from __future__ import annotations
