@@ -30,8 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from ..kernels.bwd import attention_backward
-from ..kernels.fwd import attention_forward
+from ..kernels import dispatch
 from ..kernels.problem import SeqMeta, make_problem
 from ..validation import tensor_version
 
@@ -142,8 +141,7 @@ def layout_attn_fwd(
     q_index, k_index = lay[0], lay[3]
     q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
     meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
-    out_rows, lse_rows = attention_forward(q_rows, k_rows, v_rows, prob, meta,
-                                           dropout=_dropout(dropout_p, dropout_seed))
+    out_rows, lse_rows = dispatch.forward(q_rows, k_rows, v_rows, prob, meta, dropout=_dropout(dropout_p, dropout_seed))
     out = _unrows(out_rows, q_index, q)
     lse = lse_rows.new_full((h, b * q_len), float("-inf"))
     lse = (lse.index_copy_(1, q_index, lse_rows) if q_index is not None else lse_rows).view(h, b, q_len)
@@ -170,8 +168,8 @@ def layout_attn_bwd(
     if q_index is not None:
         lse_rows = lse_rows.index_select(1, q_index)
     meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
-    dq, dk, dv = attention_backward(_rows(dout, q_index), q_rows, k_rows, v_rows, _rows(out, q_index),
-                                    lse_rows.contiguous(), prob, meta, dropout=_dropout(dropout_p, dropout_seed))
+    dq, dk, dv = dispatch.backward(_rows(dout, q_index), q_rows, k_rows, v_rows, _rows(out, q_index),
+                                   lse_rows.contiguous(), prob, meta, dropout=_dropout(dropout_p, dropout_seed))
     return _unrows(dq, q_index, q), _unrows(dk, k_index, k), _unrows(dv, k_index, v)
 
 
