@@ -339,8 +339,6 @@ if AVAILABLE:
             b = seq
             q_base = zero
             k_base = zero
-        if m0 >= seqlen_q:  # varlen: past this sequence's queries
-            return
         dtype: gl.constexpr = q_desc.dtype
 
         # Q in PARTS boxes of ROWS rows, one per consumer (a reshape of a slice is not allowed).
@@ -368,6 +366,11 @@ if AVAILABLE:
         else:
             n_end = seqlen_k
         n_blocks = gl.cdiv(gl.maximum(n_end, 0), BLOCK_N)
+        # A varlen program past its sequence's queries runs no key block and stores nothing
+        # (rows past the sequence are masked): no early return, which the warp-specialized
+        # region's worker warps would not see.
+        if m0 >= seqlen_q:
+            n_blocks = 0
 
         if SPECIALIZED:
             if PINGPONG:
