@@ -835,19 +835,14 @@ VARIANTS = ("pipelined", "specialized", "pingpong")
 DEFAULT_VARIANT = "pingpong"
 
 
-_NO_KEYS: dict = {}
-
-
 def _dropout_inputs(dropout: Optional[tuple[float, int]], batch: int, nheads: int, device) -> tuple:
     """(keys, keys' batch stride, threshold, scale) kernel arguments: the per-(sequence, head)
-    Philox words (``dropout_mask.dropout_keys``; a dummy without dropout)."""
+    Philox words (``dropout_mask.dropout_keys``; None without dropout: pass any tensor)."""
     from .dropout_mask import dropout_keys
 
     threshold, scale, seed = dropout_args(dropout)
-    if dropout is None:  # never read (HAS_DROPOUT off): one per device, not one per call
-        if device not in _NO_KEYS:
-            _NO_KEYS[device] = torch.zeros(2, dtype=torch.int32, device=device)
-        return _NO_KEYS[device], 0, threshold, scale
+    if dropout is None:  # never read (HAS_DROPOUT off): the caller's dummy pointer
+        return None, 0, threshold, scale
     return dropout_keys(batch, nheads, seed, device), 2 * nheads, threshold, scale
 
 
@@ -882,6 +877,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     grid = (num_m_blocks, nheads, prob.batch)
     rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
     keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
+    keys = lse if keys is None else keys
     if varlen:  # one packed batch entry for the descriptors; lse (nheads, total_q)
         q4, k4, v4, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
         seq_ptrs = (meta.q_starts[0], meta.q_ends[0], meta.cu_seqlens_k)
@@ -936,6 +932,7 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
     dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
     keys, keys_stride, threshold, scale = _dropout_inputs(dropout, batch, nheads, q.device)
+    keys = delta if keys is None else keys
     # The atomic dQ's float32 accumulator (a dummy without it), addressed with 32-bit offsets
     # within a (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
     atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
