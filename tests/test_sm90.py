@@ -219,3 +219,15 @@ def test_dropout_keys_rebuild_the_portable_mask():
         bits = torch.where((j % 16 >= 8), x >> 16, x & 0xFFFF)
         want = dropout_keep_mask(2, 3, rows, cols, p, seed, device).cpu()
         assert torch.equal(bits >= dropout_threshold(p), want), seed
+
+
+def test_recording_families():
+    """``dispatch.recording_families`` names the family of each call (benchmarks report it)."""
+    from ringflash import flash_attn_func
+
+    q = torch.randn(1, 40, 2, 16, requires_grad=True)
+    with dispatch.recording_families() as log:
+        flash_attn_func(q, q, q, causal=True).sum().backward()
+    assert log == [("fwd", "portable"), ("bwd", "portable")]
+    flash_attn_func(q, q, q)  # outside the block: not recorded
+    assert len(log) == 2

@@ -48,6 +48,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..kernels import dispatch
 from .common import BWD_FLOP_FACTOR, AtenFlashVarlen, attn_flops, device_description, free_memory, tflops, write_csv
 from .harness import (
     interruptible, publish, redraw,
@@ -366,14 +367,18 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
     # backward variant's gradients against the default one's.
     errs: dict[str, dict] = {"ours": {}, **{impl: {} for impl in BWD_VARIANTS}}
     ref_fn = chosen["fa2"][0] or chosen["cudnn"][0]
+    families = []  # which kernel families ran ours (kernels.dispatch), for the note
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dispatch.recording_families() as fwd_log:
             out = ours(*inputs)
+        families.append("fwd " + ("+".join(dict.fromkeys(f for _, f in fwd_log)) or "not via dispatch"))
         if ref_fn is not None:
             with torch.no_grad():
                 errs["ours"]["fwd"] = rel_err(out, ref_fn(*inputs))
         del out
-        g_ours = grads(ours)
+        with dispatch.recording_families() as log:
+            g_ours = grads(ours)
+        families.append("bwd " + ("+".join(dict.fromkeys(f for kind, f in log if kind == "bwd")) or "not via dispatch"))
         if ref_fn is not None:
             g_ref = grads(ref_fn)
             errs["ours"]["bwd"] = max(rel_err(a, b) for a, b in zip(g_ours, g_ref))
@@ -389,7 +394,8 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
     if device == "cuda":
         free_memory()
 
-    add("ours", measure_passes(ours, inputs, dout, timer, device), f"backward={backward_mode()}", errs["ours"])
+    add("ours", measure_passes(ours, inputs, dout, timer, device),
+        "; ".join([f"backward={backward_mode()}"] + families), errs["ours"])
     for impl, (env, label) in BWD_VARIANTS.items():
         with environ(**env):
             add(impl, measure_passes(ours, inputs, dout, timer, device, passes=("bwd",)), f"backward: {label}",

@@ -29,8 +29,9 @@ backward is the same either way.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -61,6 +62,26 @@ def decode_mode() -> str:
 
 backend = configs.backend
 
+#: While ``recording_families`` runs: the (pass, family) of every call, in order.
+_family_log: Optional[list] = None
+
+
+@contextlib.contextmanager
+def recording_families() -> Iterator[list]:
+    """Collect ("fwd" or "bwd", "portable" / "sm90" / "decode") for each call made inside the
+    block (benchmarks report which kernels ran)."""
+    global _family_log
+    saved, _family_log = _family_log, []
+    try:
+        yield _family_log
+    finally:
+        _family_log = saved
+
+
+def _ran(kind: str, family: str) -> None:
+    if _family_log is not None:
+        _family_log.append((kind, family))
+
 
 def use_decode(q: torch.Tensor, k: torch.Tensor, prob: AttnProblem, meta: Optional[SeqMeta],
                dropout: Optional[tuple]) -> bool:
@@ -82,6 +103,7 @@ def forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of one attention call, from the family ``use_decode`` picks."""
     if use_decode(q, k, prob, meta, dropout):
+        _ran("fwd", "decode")
         if meta is not None:
             return _varlen_decode(q, k, v, prob, meta, alibi_slopes)
         return decode_forward(q, k, v, KeyRanges(offset=k.shape[1]), k.shape[1], prob, alibi_slopes=alibi_slopes)
@@ -90,7 +112,9 @@ def forward(
             (chosen == "sm90" or sm90.preferred(prob, dropout)):
         result = sm90.run_or_disable(sm90.attention_forward_sm90, q, k, v, prob, dropout=dropout, meta=meta)
         if result is not None:
+            _ran("fwd", "sm90")
             return result
+    _ran("fwd", "portable")
     return attention_forward(q, k, v, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout)
 
 
@@ -118,6 +142,8 @@ def backward(
         result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob, dropout=dropout,
                                      atomic_dq=atomic_dq)
         if result is not None:
+            _ran("bwd", "sm90")
             return result
+    _ran("bwd", "portable")
     return attention_backward(dout, q, k, v, out, lse, prob, meta, alibi_slopes=alibi_slopes, dropout=dropout,
                               atomic_dq=atomic_dq)
