@@ -2,7 +2,7 @@
 reference on a small case (the portable kernels' beside them), then their times against the
 portable kernels, SDPA's FA2 and cuDNN on the same tensors: the forward for each variant
 (``sm90.VARIANTS``) and tile given, the backward (dK/dV and dQ kernels) for each pair of
-tiles given.
+tiles given, and the varlen forward on packed documents against FA2's varlen kernel.
 
     python scripts/probe_sm90.py                  # bf16, d=64/128, causal and full, 16k tokens
     python scripts/probe_sm90.py --parts bwd --headdims 128 --seqlens 4096 --bwd-tiles 64x128x2/128x64x3
@@ -177,9 +177,48 @@ def forward_section(args, fa2, cudnn) -> list:
     return rows
 
 
+def varlen_section(args, fa2_varlen) -> list:
+    """The forward on packed documents (GQA 32/8, d=128): the sm90 varlen forward against the
+    portable one and FA2's varlen kernel, with its error against the portable forward."""
+    from ringflash import flash_attn_varlen_func
+    from ringflash.bench.kernels_wide import pack_lengths
+    from ringflash.kernels.problem import SeqMeta
+
+    rows = []
+    for pack in args.packs:
+        for causal in (False, True):
+            lengths = pack_lengths(pack, args.tokens)
+            cu = torch.tensor([0] + lengths, device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
+            gen = torch.Generator(device="cuda").manual_seed(len(lengths))
+            q = torch.randn(args.tokens, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+            k, v = (torch.randn(args.tokens, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    for _ in range(2))
+            longest = max(lengths)
+            meta = SeqMeta.from_cu_seqlens(cu, cu)
+            prob = make_problem(q, k, meta, longest, longest, 128 ** -0.5, causal, -1, -1, 0.0)
+            sm90_fn = lambda: sm90.attention_forward_sm90(q, k, v, prob, meta=meta)  # noqa: E731
+            portable_fn = lambda: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=causal)  # noqa: E731
+            try:
+                err = (sm90_fn()[0].float() - portable_fn().float()).abs().max().item()
+                times = {name: bench_ms(fn) for name, fn in (
+                    ("sm90", sm90_fn), ("portable", portable_fn),
+                    ("FA2", lambda: fa2_varlen(q, k, v, cu, cu, longest, longest, causal)))}
+            except Exception as exc:
+                print(f"varlen {pack} causal={causal}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
+                continue
+            row = [pack, "causal" if causal else "full", len(lengths), f"{err:.2e}",
+                   *(f"{times[n]:.3f}" for n in ("sm90", "portable", "FA2")),
+                   f"{times['portable'] / times['sm90']:.2f}", f"{times['FA2'] / times['sm90']:.2f}"]
+            print("varlen", row, flush=True)
+            rows.append(row)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--parts", nargs="+", choices=["fwd", "bwd"], default=["fwd", "bwd"])
+    parser.add_argument("--parts", nargs="+", choices=["fwd", "bwd", "varlen"], default=["fwd", "bwd", "varlen"])
+    parser.add_argument("--packs", nargs="+", default=["llama3", "16x1024", "random"],
+                        help="varlen packs of --tokens tokens (bench kernels --grid wide's names)")
     parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / seqlen")
@@ -205,6 +244,13 @@ def main(argv=None) -> int:
     if "bwd" in args.parts:
         rows = backward_section(args, fa2, cudnn)
         tables.append("backward (dK/dV / dQ tiles)\n" + format_table([h.format("bwd") for h in header], rows))
+    if "varlen" in args.parts:
+        from ringflash.bench.common import AtenFlashVarlen
+
+        rows = varlen_section(args, AtenFlashVarlen.apply)
+        tables.append("varlen forward (GQA 32/8, d=128; ms)\n" + format_table(
+            ["pack", "mask", "docs", "max err vs portable", "sm90", "portable", "FA2 varlen", "vs portable", "vs FA2"],
+            rows))
     print("\n\n".join(tables))
     return 0
 
