@@ -198,6 +198,7 @@ def _sm90_available() -> bool:
     return sm90.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)
 
 
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 # Every compiled variant costs seconds of Gluon compilation: both dtypes for the default
 # variant, bf16 for the others.
@@ -230,6 +231,7 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
     assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
 
 
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
     """Under the default backend a d=128 call of 2k query rows runs the Gluon forward (not
@@ -245,6 +247,7 @@ def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
     assert calls and sm90.disabled_reason is None, sm90.disabled_reason
 
 
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
