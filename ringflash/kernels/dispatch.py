@@ -7,10 +7,11 @@
   (max_seqlen_q, a host int, bounds every sequence's queries, so no host sync; the keys
   stay where they are: one cache row, each sequence starting at its cu_seqlens_k entry).
 * ``sm90`` (``kernels.sm90``): the Gluon Hopper forward (TMA, warpgroup MMAs, a loader
-  warp and two consumer warpgroups taking turns at the tensor cores), for the dense calls
-  inside its scope (``sm90.supports``) where it measured faster than the portable forward
-  (``sm90.preferred``: run 37 in docs/benchmarks.md, 1.1-1.4x). ``RINGFLASH_BACKEND=sm90``
-  takes it for every call in scope, ``RINGFLASH_BACKEND=portable`` never.
+  warp and two consumer warpgroups taking turns at the tensor cores), for the calls inside
+  its scope (``sm90.supports``) where it measured faster than the portable forward
+  (``sm90.preferred``, dense calls without dropout: run 37 in docs/benchmarks.md,
+  1.14-1.41x). ``RINGFLASH_BACKEND=sm90`` takes it for every call in scope (dropout and
+  plain varlen included), ``RINGFLASH_BACKEND=portable`` never.
 * ``fwd`` (``kernels.fwd``): everything else.
 
 The backward (``backward``) has two families: the portable one (``kernels.bwd``) and, with

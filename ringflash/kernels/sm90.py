@@ -1,26 +1,28 @@
-"""FlashAttention forward for Hopper (sm_90) in Gluon, and its host launcher.
+"""FlashAttention for Hopper (sm_90) in Gluon: a forward, a backward (dK/dV and dQ
+kernels, or the atomic 5-GEMM one), and their host launchers.
 
 The portable forward (``kernels.fwd``) leaves the schedule to Triton's compiler. This
 family writes it out, as FA3 does within one warpgroup pair:
 
 * Q, K and V arrive by TMA (one 4-D descriptor per tensor over (batch, seqlen, heads, d),
-  so rows past a sequence's end are zero-filled and never stored), K/V through a ring of
-  ``STAGES`` shared-memory buffers, each with its own mbarrier, refilled as soon as the
-  MMAs that read it have finished;
+  so in dense calls rows past a sequence's end are zero-filled and never stored), K/V
+  through a ring of ``STAGES`` shared-memory buffers, each with its own mbarrier, refilled
+  as soon as the MMAs that read it have finished;
 * both GEMMs are warpgroup MMAs (wgmma): S = Q K^T from shared memory, O += P V with P
   from registers;
 * the loop is software pipelined: block j's S = Q K_j^T and block j-1's O += P V are issued
   together, and block j's softmax runs while the P V MMA is still in flight.
 
-Scope (``supports``): dense (batch, seqlen, heads, d) bf16/fp16 calls, d = 40 to 128 in
-steps of 8 (tiles of 64 or 128 columns, the missing ones zero-filled by TMA), causal
-(bottom-right) or full, GQA/MQA, positive softmax scale, dropout (the portable kernels'
-mask, entry for entry, from the Philox words of ``dropout_mask.dropout_keys``); no window,
-softcap, ALiBi or varlen. Everything else stays on the portable kernels. The dispatcher
+Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen
+(forward only), d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
+zero-filled by TMA), causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
+(the portable kernels' mask, entry for entry, from the Philox words of
+``dropout_mask.dropout_keys``); no window, softcap or ALiBi. Everything else stays on the portable kernels. The dispatcher
 (``kernels.dispatch``) takes this family where it measured faster (``preferred``), or for
 every call in scope with ``RINGFLASH_BACKEND=sm90``.
 
-Writes the same out and lse as ``kernels.fwd.attention_forward``, so the backward is shared.
+Writes the same out and lse as ``kernels.fwd.attention_forward``, so either backward
+takes either forward's results.
 
 Varlen tiles read past a sequence's end into the next sequence's rows (TMA boxes are
 bounded by the packed tensor, not by the sequence): those scores are masked and those query
@@ -804,8 +806,8 @@ def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None) ->
     """Whether the default backend takes this family for a call it ``supports``: where it
     measured faster than the portable forward (``configs.SM90_MIN_SEQLEN_Q``: d = 64 and
     128; other head dims, dropout and varlen only with RINGFLASH_BACKEND=sm90 until
-    measured),
-    unless a ``configs.override(fwd=...)`` context forces the portable forward's tiles."""
+    measured), unless a ``configs.override(fwd=...)`` context forces the portable
+    forward's tiles."""
     if dropout is not None or prob.is_varlen:
         return False
     threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
