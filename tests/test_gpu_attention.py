@@ -234,17 +234,20 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
-    """Under the default backend a d=128 call of 2k query rows runs the Gluon forward (not
-    the portable one after a fallback): the family must not have turned itself off."""
+    """Under the default backend a d=128 call of 2k query rows runs the Gluon forward and
+    backward (not the portable ones after a fallback): the family must not have turned
+    itself off."""
     from ringflash.kernels import sm90
 
     monkeypatch.delenv("RINGFLASH_BACKEND", raising=False)
     calls = []
-    real = sm90.attention_forward_sm90
-    monkeypatch.setattr(sm90, "attention_forward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     inputs = _dense64(gen, 1, 2048, 2048, 4, 2, 128)
     check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(True,))
-    assert calls and sm90.disabled_reason is None, sm90.disabled_reason
+    assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"} and sm90.disabled_reason is None, \
+        (calls, sm90.disabled_reason)
 
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run

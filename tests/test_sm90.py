@@ -112,8 +112,9 @@ def test_cpu_calls_stay_portable(monkeypatch):
 
 
 def test_preferred_where_measured_faster():
-    """The default backend takes the sm90 forward from the measured seqlen thresholds on,
-    and not inside a configs.override(fwd=...) block (that forces the portable forward)."""
+    """The default backend takes the sm90 forward and backward from the measured seqlen
+    thresholds on, and not inside a configs.override block naming the portable kernel's
+    tiles (fwd= for the forward, dkdv=/dq= for the backward)."""
     from ringflash.kernels import configs
 
     unmeasured = torch.zeros(1, 1 << 15, 2, 96, dtype=torch.bfloat16)
@@ -123,10 +124,16 @@ def test_preferred_where_measured_faster():
     assert not sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout: likewise
     for d, threshold in configs.SM90_MIN_SEQLEN_Q.items():
         short, long_ = (torch.zeros(1, n, 2, d, dtype=torch.bfloat16) for n in (threshold - 1, threshold))
-        assert not sm90.preferred(_problem(short, short))
-        assert sm90.preferred(_problem(long_, long_))
+        for kind in ("fwd", "bwd"):
+            assert not sm90.preferred(_problem(short, short), kind=kind)
+            assert sm90.preferred(_problem(long_, long_), kind=kind)
         with configs.override(fwd=configs.KernelConfig(64, 64, 4, 2)):
             assert not sm90.preferred(_problem(long_, long_))
+            assert sm90.preferred(_problem(long_, long_), kind="bwd")
+        for portable_bwd in ({"dkdv": configs.KernelConfig(64, 64, 4, 2)}, {"dq": configs.KernelConfig(64, 64, 4, 2)}):
+            with configs.override(**portable_bwd):
+                assert sm90.preferred(_problem(long_, long_))
+                assert not sm90.preferred(_problem(long_, long_), kind="bwd")
         with configs.override(sm90_fwd=configs.KernelConfig(128, 64, 4, 2)):
             assert sm90.preferred(_problem(long_, long_))
             assert configs.sm90_forward_config(d, True) == configs.KernelConfig(128, 64, 4, 2)

@@ -186,7 +186,9 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
     (128, False): _C(128, 128, 4, 3), (128, True): _C(128, 128, 4, 3),
 }
 #: Fewest query rows (seqlen_q) from which the default backend takes the Gluon sm_90
-#: forward, per head dim. Run 37 (pingpong, 3 stages, against the portable forward, bf16,
+#: forward and backward, per head dim. Backward, run 38 (64x128x2 / 128x128x2 tiles): d=128
+#: 1.15-1.34x the portable backward at seqlen 1k-16k; d=64 1.04-1.13x at 4k-16k, and at 1k
+#: 0.97x full, 1.08x causal. Forward, Run 37 (pingpong, 3 stages, against the portable forward, bf16,
 #: 16k tokens): d=128 1.31-1.41x at seqlen 1k-16k; d=64 1.14-1.24x at 4k-16k, but at 1k
 #: 1.02x full and 0.82x causal (short causal programs: the warp-specialized prologue and
 #: the 12 warps do not pay off).
@@ -196,8 +198,11 @@ SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 128: 1024}
 # The Gluon sm_90 backward (``kernels.sm90``), one config per kernel: dK/dV owns block_n
 # keys (two consumer warpgroups of block_n / 2) and streams block_m query rows per step; dQ
 # owns block_m query rows (two of block_m / 2) and streams block_n keys. At d=128 each takes
-# 128-160 KB of shared memory with these stages. Not yet measured on a GPU.
-SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(128, 64, 4, 3)}
+# 128-160 KB of shared memory with these stages. Run 38 on an H200 (``scripts/probe_sm90.py
+# --parts bwd``, docs/benchmarks.md) timed three tile pairs and the atomic 5-GEMM variant at
+# d=64/128, seqlen 1k-16k: 64x128x2 / 128x128x2 was the fastest or within 1% in all 12
+# cases; the atomic variant ran at 0.62-0.75x of it.
+SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
 
 
 BACKENDS = ("", "portable", "sm90")
@@ -223,9 +228,10 @@ def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:
     return _override.get("sm90_fwd") or SM90_FORWARD[(headdim, causal)]
 
 
-def portable_forward_forced() -> bool:
-    """Whether an ``override(fwd=...)`` context names the portable forward's tiles."""
-    return "fwd" in _override
+def portable_tiles_forced(kind: str) -> bool:
+    """Whether an ``override`` context names the portable kernels' tiles for ``kind``:
+    "fwd" (``fwd=``) or "bwd" (``dkdv=`` or ``dq=``); a test forcing them means that kernel."""
+    return "fwd" in _override if kind == "fwd" else ("dkdv" in _override or "dq" in _override)
 
 
 #: Registers per thread that a program's resident tiles may take (``tile_registers``): the

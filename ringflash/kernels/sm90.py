@@ -802,16 +802,16 @@ def _tma_readable(x: torch.Tensor) -> bool:
         all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
 
 
-def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None) -> bool:
-    """Whether the default backend takes this family for a call it ``supports``: where it
-    measured faster than the portable forward (``configs.SM90_MIN_SEQLEN_Q``: d = 64 and
-    128; other head dims, dropout and varlen only with RINGFLASH_BACKEND=sm90 until
-    measured), unless a ``configs.override(fwd=...)`` context forces the portable
-    forward's tiles."""
+def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, kind: str = "fwd") -> bool:
+    """Whether the default backend takes this family's ``kind`` ("fwd" or "bwd") for a call
+    it ``supports``: where it measured faster than the portable kernel
+    (``configs.SM90_MIN_SEQLEN_Q``: d = 64 and 128, runs 37 and 38; other head dims,
+    dropout and varlen only with RINGFLASH_BACKEND=sm90 until measured), unless a
+    ``configs.override`` context forces the portable kernel's tiles for ``kind``."""
     if dropout is not None or prob.is_varlen:
         return False
     threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
-    return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_forward_forced()
+    return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_tiles_forced(kind)
 
 
 def _block_d(headdim: int) -> int:
