@@ -608,6 +608,18 @@ def test_gpu_dense_layouts(case):
     check_layout_case(case)
 
 
+@pytest.mark.parametrize("dout", ["expand_heads", "expand_batch", "sbhd"])
+def test_strided_dout_matches_contiguous_bit_for_bit(dout):
+    """Run 38's failing example of test_gpu_dense_layouts, and its kin: one query and one
+    key, so dP - delta cancels to rounding noise and dQ shows any change in the order of
+    a float32 dot's sums; a dO expanded over heads loaded with other layouts than a
+    contiguous one and changed dQ's last bit on an H200 (fixed: dispatch.backward copies a
+    strided dO)."""
+    case = DenseCase(seed=0, batch=1, seqlen_q=1, seqlen_k=1, nheads=2, nheads_k=1, headdim=24, causal=False,
+                     window=(-1, -1), softcap=0.0, softmax_scale=None, input_scale=1.0, dtype=torch.float32)
+    check_layout_case(LayoutCase(case, "contiguous", "contiguous", "contiguous", "separate", dout))
+
+
 @pytest.mark.gpu
 @_settings(_gpu_examples(20))
 @given(case=varlen_cases(dtypes=DTYPES_GPU, max_seqs=8, max_len=700, max_heads_k=4, big=True))

@@ -139,6 +139,12 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of one attention call, from the family the module docstring names;
     ``atomic_dq``: the 5-GEMM backward (dQ by atomics) of either family."""
+    # A gradient that is not contiguous (an expanded one, as out.sum() gives, or a strided
+    # view) is copied once: the kernels' load layouts follow the strides' divisibility, and
+    # with them the order in which a float32 dot (on FMAs) sums, so dQ and dK would differ
+    # in the last bit from a run on the same values laid out contiguously (run 38,
+    # test_properties::test_gpu_dense_layouts); the Gluon kernels cannot read a stride 0.
+    dout = dout.contiguous()
     chosen = backend()
     if chosen != "portable" and meta is None and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
             (chosen == "sm90" or sm90.preferred(prob, dropout, "bwd")):
