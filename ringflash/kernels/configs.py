@@ -200,7 +200,7 @@ SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 128: 1024}
 # owns block_m query rows (two of block_m / 2) and streams block_n keys. At d=128 each takes
 # 128-160 KB of shared memory with these stages. Run 38 on an H200 (``scripts/probe_sm90.py
 # --parts bwd``, docs/benchmarks.md) timed three tile pairs and the atomic 5-GEMM variant at
-# d=64/128, seqlen 1k-16k: 64x128x2 / 128x128x2 was the fastest or within 1% in all 12
+# d=64/128, seqlen 1k-16k: 64x128x2 / 128x128x2 was the fastest or within 1.4% in all 12
 # cases; the atomic variant ran at 0.62-0.75x of it.
 SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
 
