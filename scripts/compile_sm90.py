@@ -195,8 +195,9 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
             prob = make_problem(q, k, None, 300, 500, d**-0.5, causal, -1, -1, 0.0)
             sm90.attention_forward_sm90(q, k, k, prob)
             sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob)
-            # With dropout (and its Philox-words kernel), and the atomic 5-GEMM backward.
+            # With dropout (and its Philox-words kernel): both backwards; the atomic 5-GEMM one.
             sm90.attention_forward_sm90(q, k, k, prob, dropout=(0.1, 5))
+            sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob, dropout=(0.1, 5))
             sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob, dropout=(0.1, 5), atomic_dq=True)
 
 

@@ -85,11 +85,14 @@ def _sm90_available() -> bool:
 @pytest.mark.skipif(not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal):
-    """The Gluon kernels' dropout (RINGFLASH_BACKEND=sm90) draws the portable kernels' mask:
+@pytest.mark.parametrize("mask", ["ops", "asm"])
+def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal, mask):
+    """The Gluon kernels' dropout (RINGFLASH_BACKEND=sm90) draws the portable kernels' mask,
+    in Gluon ops or in inline PTX (which relies on the wgmma accumulator's register order):
     out and gradients rebuilt from S_dmask (which the portable mask kernel writes)."""
     from ringflash.kernels import sm90
 
+    monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", mask)
     calls = []
     for name in ("attention_forward_sm90", "attention_backward_sm90"):
         real = getattr(sm90, name)

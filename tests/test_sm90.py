@@ -58,6 +58,9 @@ def test_scope(on_hopper):
     assert not supported(q, k, k, _problem(q, k, scale=-0.1))
     assert not supported(q, k, k, _problem(q, k), alibi=torch.zeros(8))
     assert supported(q, k, k, _problem(q, k), dropout=(0.1, 0))  # the portable kernels' mask
+    assert supported(q, k, k, _problem(q, k), dropout=(1 - 2.0**-16, 0))  # threshold 2**16 - 1
+    # A probability that rounds to threshold 2**16 (drop all) does not fit the assembly's 16 bits.
+    assert not supported(q, k, k, _problem(q, k), dropout=(1 - 2.0**-18, 0))
     # Head dims 40..128 in steps of 8 (padded tiles); others stay portable.
     for d, want in ((96, True), (80, True), (40, True), (36, False), (32, False), (136, False), (256, False)):
         qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
@@ -199,8 +202,8 @@ def test_triton_version_gate():
 
 
 def test_dropout_keys_rebuild_the_portable_mask():
-    """The Gluon kernels draw dropout's mask entry by entry from the Philox words of
-    ``dropout_keys`` (``sm90._dropout_keep``); that formula, written here in torch, gives the
+    """The Gluon kernels draw dropout's mask from the Philox words of ``dropout_keys``
+    (``sm90._dropout_factor``); that formula, written here in torch, gives the
     portable kernels' mask (``dropout_keep_mask``, the S_dmask kernel) bit for bit: seeds
     past 32 bits, keys past 16 (the pairs), rows and keys off the tiles."""
     from ringflash.kernels.dropout_mask import dropout_keep_mask, dropout_keys
@@ -228,6 +231,80 @@ def test_dropout_keys_rebuild_the_portable_mask():
         assert torch.equal(bits >= dropout_threshold(p), want), seed
 
 
+def _run_dropout_asm(asm: str, operands: list) -> list:
+    """The eight outputs ($0-$7) of ``sm90._dropout_asm``'s PTX on its 32 input operands
+    ($8-$39): an interpreter for the few instructions it uses (a new one fails the test)."""
+    m32 = 0xFFFFFFFF
+    regs = {f"${8 + i}": v & m32 for i, v in enumerate(operands)}
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        dst, *src = [a.strip() for a in rest.split(",")]
+        val = lambda a: regs[a] if a in regs else int(a) & m32  # noqa: E731
+        if op == "xor.b32":
+            regs[dst] = val(src[0]) ^ val(src[1])
+        elif op == "mul.lo.s32":
+            regs[dst] = val(src[0]) * val(src[1]) & m32
+        elif op == "shr.b32":
+            regs[dst] = val(src[0]) >> int(src[1])
+        elif op == "shl.b32":
+            regs[dst] = val(src[0]) << int(src[1]) & m32
+        elif op == "setp.hs.u32":
+            regs[dst] = val(src[0]) >= val(src[1])
+        elif op == "selp.b32":
+            regs[dst] = val(src[0]) if regs[src[2]] else val(src[1])
+        else:
+            raise AssertionError(f"unknown instruction {op}")
+    return [regs[f"${i}"] for i in range(8)]
+
+
+@pytest.mark.parametrize("key_major", [False, True])
+def test_dropout_assembly_sets_the_portable_mask(key_major):
+    """``sm90._dropout_factor``'s assembly, run here on the registers of an m64nNk16 wgmma
+    accumulator (thread t of warp w, register r: row 16 w + (t // 4) + 8 ((r // 2) % 2),
+    column 8 (r // 4) + 2 (t % 4) + r % 2), eight at a time as ``pack=8`` hands them over,
+    gives the portable kernels' mask entry for entry: queries as rows for the forward and
+    dQ tiles, keys as rows for the dK/dV ones. (That the registers arrive in this order is
+    the GPU test ``test_sm90_dropout_matches_its_mask``'s to show.)"""
+    from ringflash.kernels.dropout_mask import dropout_keep_mask, dropout_keys
+    from ringflash.kernels.problem import dropout_threshold
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    m32, p, seed = 0xFFFFFFFF, 0.3, 2**33 + 5
+    queries, keys_n = 192, 256
+    want = dropout_keep_mask(1, 1, queries, keys_n, p, seed, device)[0, 0].cpu()
+    key_r, key_c = (int(x) & m32 for x in dropout_keys(1, 1, seed, device).cpu().view(-1)[:2])
+
+    def word(pos, key, multiplier):
+        x = (pos * multiplier + key) & m32
+        return x ^ (x >> 16)
+
+    asm = (sm90._DROPOUT_ASM_KEY_MAJOR if key_major else sm90._DROPOUT_ASM_QUERY_MAJOR).value
+    kept = 0x3F800000  # 1.0f
+    threshold_hi = dropout_threshold(p) << 16
+    rows, cols, row0, col0 = (64, 64, 128, 64) if key_major else (64, 128, 128, 128)  # tiles off the origin
+    seen = 0
+    for thread in range(128):
+        warp, lane = divmod(thread, 32)
+        for group in range(rows * cols // 128 // 8):
+            entries = []
+            for r in range(8 * group, 8 * group + 8):
+                row = row0 + 16 * warp + lane // 4 + 8 * ((r // 2) % 2)
+                col = col0 + 8 * (r // 4) + 2 * (lane % 4) + r % 2
+                entries.append((col, row) if key_major else (row, col))  # (query, key)
+            operands = ([word(q, key_r, 0x9E3779B1) for q, _ in entries]
+                        + [word((k // 16) * 8 + k % 8, key_c, 0x85EBCA6B) for _, k in entries]
+                        + [threshold_hi] * 8 + [kept] * 8)
+            got = _run_dropout_asm(asm, operands)
+            for (q, k), factor in zip(entries, got):
+                assert factor in (0, kept)
+                assert (factor == kept) == bool(want[q, k]), (q, k)
+                seen += 1
+    assert seen == rows * cols
+
+
 def test_recording_families():
     """``dispatch.recording_families`` names the family of each call (benchmarks report it)."""
     from ringflash import flash_attn_func
@@ -239,3 +316,15 @@ def test_recording_families():
     assert log == [("fwd", "portable"), ("bwd", "portable")]
     flash_attn_func(q, q, q)  # outside the block: not recorded
     assert len(log) == 2
+
+
+def test_dropout_mask_choice(monkeypatch):
+    """RINGFLASH_SM90_DROPOUT_MASK picks the Gluon kernels' mask code (HAS_DROPOUT 1 or 2);
+    anything else is refused by name."""
+    monkeypatch.delenv("RINGFLASH_SM90_DROPOUT_MASK", raising=False)
+    assert sm90._dropout_mode(None) == 0 and sm90._dropout_mode((0.1, 0)) == 1
+    monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", "asm")
+    assert sm90._dropout_mode((0.1, 0)) == 2
+    monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", "ptx")
+    with pytest.raises(ValueError, match="RINGFLASH_SM90_DROPOUT_MASK: got 'ptx'; expected ops or asm"):
+        sm90._dropout_mode((0.1, 0))

@@ -13,7 +13,9 @@ Issue 16's bar: dropout may cost at most 15% over no dropout, forward+backward. 
   the dropout mask is regenerated once in the backward instead of twice (once per kernel);
 * ``ours_sm90`` / ``ours_dropout_sm90``: ``ours`` and ``ours_dropout`` under
   ``RINGFLASH_BACKEND=sm90``, the Gluon Hopper kernels forward and backward (where the
-  default backend takes only their no-dropout forward);
+  default backend takes only their no-dropout ones);
+* ``ours_dropout_sm90_asm``: ``ours_dropout_sm90`` with the mask drawn by inline PTX
+  (``RINGFLASH_SM90_DROPOUT_MASK=asm``: each key pair's draw mixed once);
 * ``fa2`` / ``fa2_dropout``: SDPA's flash backend at dropout_p 0 and 0.1, for reference
   (FA2's own dropout overhead; SDPA has no ALiBi on that backend).
 
@@ -43,10 +45,11 @@ NAME = "dropout"
 COLUMNS = BASE_COLUMNS + ["tflops", "rel_err", "dropout_p", "alibi", "batch", "seqlen", "nheads", "headdim", "causal"]
 PASSES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("ours", "ours_dropout", "ours_alibi", "ours_atomic", "ours_dropout_atomic", "ours_sm90", "ours_dropout_sm90",
-         "fa2", "fa2_dropout")
+         "ours_dropout_sm90_asm", "fa2", "fa2_dropout")
 #: The environment of each ringflash variant (the rest run under the defaults).
 IMPL_ENV = {"ours_atomic": {"RINGFLASH_BACKWARD": "atomic"}, "ours_dropout_atomic": {"RINGFLASH_BACKWARD": "atomic"},
-            "ours_sm90": {"RINGFLASH_BACKEND": "sm90"}, "ours_dropout_sm90": {"RINGFLASH_BACKEND": "sm90"}}
+            "ours_sm90": {"RINGFLASH_BACKEND": "sm90"}, "ours_dropout_sm90": {"RINGFLASH_BACKEND": "sm90"},
+            "ours_dropout_sm90_asm": {"RINGFLASH_BACKEND": "sm90", "RINGFLASH_SM90_DROPOUT_MASK": "asm"}}
 DROPOUT_P = 0.1
 #: Issue 16: dropout's forward+backward time at most 15% over no dropout.
 BAR = 1.15
@@ -54,6 +57,7 @@ BAR = 1.15
 OVERHEADS = (("ours: dropout 0.1 / none", "ours_dropout", "ours", BAR),
              ("ours, atomic backward: dropout 0.1 / none", "ours_dropout_atomic", "ours_atomic", BAR),
              ("ours, sm90 kernels: dropout 0.1 / none", "ours_dropout_sm90", "ours_sm90", BAR),
+             ("ours, sm90 kernels, PTX mask: dropout 0.1 / none", "ours_dropout_sm90_asm", "ours_sm90", BAR),
              ("ours: ALiBi / none", "ours_alibi", "ours", None),
              ("FA2 (SDPA): dropout 0.1 / none", "fa2_dropout", "fa2", None))
 
@@ -100,6 +104,7 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
         "ours_dropout_atomic": (dropped, DROPOUT_P, False),
         "ours_sm90": (plain, 0.0, False),
         "ours_dropout_sm90": (dropped, DROPOUT_P, False),
+        "ours_dropout_sm90_asm": (dropped, DROPOUT_P, False),
         "ours_alibi": (lambda q, k, v: flash_attn_func(q, k, v, causal=c, alibi_slopes=slopes), 0.0, True),
         "fa2": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION"), 0.0, False),
         "fa2_dropout": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION", dropout_p=DROPOUT_P), DROPOUT_P,

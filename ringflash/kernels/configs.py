@@ -217,6 +217,16 @@ def backend() -> str:
     return name
 
 
+def sm90_dropout_mask() -> str:
+    """``RINGFLASH_SM90_DROPOUT_MASK``: how the Gluon sm_90 kernels draw dropout's mask (the
+    same mask either way): "ops" (Gluon operations, the default: run 38 measured it) or
+    "asm" (inline PTX mixing each key pair's draw once; not yet timed on a GPU)."""
+    mode = os.environ.get("RINGFLASH_SM90_DROPOUT_MASK", "ops")
+    if mode not in ("ops", "asm"):
+        raise ValueError(f"RINGFLASH_SM90_DROPOUT_MASK: got {mode!r}; expected ops or asm")
+    return mode
+
+
 def sm90_backward_config(kind: str) -> KernelConfig:
     """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"); an
     ``override(sm90_dkdv=..., sm90_dq=...)`` context wins."""

@@ -17,7 +17,9 @@ Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain 
 (forward only), d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
 zero-filled by TMA), causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
 (the portable kernels' mask, entry for entry, from the Philox words of
-``dropout_mask.dropout_keys``); no window, softcap or ALiBi. Everything else stays on the portable kernels. The dispatcher
+``dropout_mask.dropout_keys``, each key pair's draw mixed once by inline PTX:
+``_dropout_factor``); no window, softcap or ALiBi. Everything else stays on the portable
+kernels. The dispatcher
 (``kernels.dispatch``) takes this family where it measured faster (``preferred``), or for
 every call in scope with ``RINGFLASH_BACKEND=sm90``.
 
@@ -40,7 +42,7 @@ import torch
 import triton
 
 from . import configs
-from .problem import LOG2E, AttnProblem, dropout_args
+from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
 #: 3.9 compiles them too). Gluon's API changes between releases (3.5's warp_specialize
@@ -65,6 +67,41 @@ else:
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
 
 AVAILABLE = gluon is not None
+
+def _dropout_asm(partner: int) -> str:
+    """PTX for ``_dropout_factor``: eight entries of a thread's wgmma accumulator registers
+    per call (``pack=8``: registers 8 i .. 8 i + 7, consecutive in the layout's register
+    order). In an m64nNk16 accumulator, register r of a thread holds column 2 (lane % 4) +
+    (r % 2) + 8 (r // 4) and row lane / 4 + 8 ((r // 2) % 2) of its warp's 16 rows, so a
+    key and the key 8 further (one pair) sit ``partner`` registers apart: 4 in the
+    query-major tiles (keys are columns), 2 in the key-major ones (keys are rows).
+    Operands: $0-7 the factors, $8-15 row words, $16-23 pair words, $24-31 the threshold
+    in the top 16 bits, $32-39 the kept value. The mix is ``common.dropout_keep``'s."""
+    lines = ["{", ".reg .b32 h, t;", ".reg .pred k;"]
+    for low in (e for e in range(8) if not e & partner):
+        high = low + partner
+        lines += [
+            f"xor.b32 h, ${8 + low}, ${16 + low};",
+            "mul.lo.s32 h, h, -1640531535;",  # 0x9E3779B1
+            "shr.b32 t, h, 15;",
+            "xor.b32 h, h, t;",
+            "mul.lo.s32 h, h, -2048144777;",  # 0x85EBCA77
+            "shr.b32 t, h, 16;",
+            "xor.b32 h, h, t;",
+            f"setp.hs.u32 k, h, ${24 + low};",  # the high half: key 16 g + 8 + c
+            f"selp.b32 ${high}, ${32 + low}, 0, k;",
+            "shl.b32 t, h, 16;",
+            f"setp.hs.u32 k, t, ${24 + low};",  # the low half: key 16 g + c
+            f"selp.b32 ${low}, ${32 + low}, 0, k;",
+        ]
+    return "\n".join(lines + ["}"])
+
+
+# constexpr: a Gluon kernel reads no other global.
+_DROPOUT_CONSTRAINTS = triton.language.constexpr(",".join(["=r"] * 8 + ["r"] * 32))
+_DROPOUT_ASM_QUERY_MAJOR = triton.language.constexpr(_dropout_asm(4))
+_DROPOUT_ASM_KEY_MAJOR = triton.language.constexpr(_dropout_asm(2))
+
 
 _GL_DTYPES = {}
 if AVAILABLE:
@@ -103,13 +140,14 @@ if AVAILABLE:
 
     @gluon.jit
     def _dropout_keep(DropKeys, key_index, rows, cols, threshold, KEY_MAJOR: gl.constexpr):
-        """The keep mask of ``common.dropout_keep``, entry by entry: query positions ``rows``
-        and key positions ``cols`` (two vectors sliced from one tile layout), (rows, cols) or
-        with KEY_MAJOR (cols, rows); the Philox words of the sequence and head come from
-        ``DropKeys`` (``dropout_mask.dropout_keys``) at ``key_index``. Keys 16 g + c and
-        16 g + 8 + c share the draw of pair 8 g + c, its low and high 16 bits; each entry
-        computes its pair's draw (a thread holds both keys of a pair in the wgmma
-        accumulator layouts, but splitting them would need a join Gluon leaves to us)."""
+        """The keep mask of ``common.dropout_keep`` in Gluon ops (HAS_DROPOUT 1): query
+        positions ``rows`` and key positions ``cols`` (two vectors sliced from one tile
+        layout), (rows, cols) or with KEY_MAJOR (cols, rows); the Philox words of the
+        sequence and head come from ``DropKeys`` (``dropout_mask.dropout_keys``) at
+        ``key_index``. Keys 16 g + c and 16 g + 8 + c share the draw of pair 8 g + c, its low
+        and high 16 bits; written entry by entry (the join and reshape that split a pair's
+        draw in the portable kernel have no layouts Gluon infers), the compiler merges the
+        mixes it proves equal."""
         key_r = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
         key_c = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
         row_words = _keep_word(rows, key_r, 0x9E3779B1)
@@ -129,12 +167,39 @@ if AVAILABLE:
         return bits >= gl.cast(threshold, gl.uint32)
 
     @gluon.jit
+    def _dropout_factor(DropKeys, key_index, rows, cols, threshold, kept, KEY_MAJOR: gl.constexpr):
+        """The same mask as ``_dropout_keep`` (HAS_DROPOUT 2), as a factor tile: ``kept`` (a
+        float) where the entry is kept, 0.0 where dropped. Inline PTX (``_DROPOUT_ASM_*``)
+        gets eight of a thread's accumulator registers at a time, both keys of a pair among
+        them, and mixes each pair's draw once. ``configs.sm90_dropout_mask`` picks it until
+        a GPU run has timed both (compiled for sm_90, d=128: the forward's added
+        instructions fell by a quarter, the dQ kernel's rose by a tenth)."""
+        key_r = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
+        key_c = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
+        row_words = _keep_word(rows, key_r, 0x9E3779B1)
+        pair_words = _keep_word((cols // 16) * 8 + cols % 8, key_c, 0x85EBCA6B)
+        # Compared against the threshold in the top 16 bits: (x >> 16) >= t is x >= t << 16,
+        # and (x & 0xFFFF) >= t is (x << 16) >= t << 16 (``supports`` keeps t < 2**16).
+        threshold_hi = gl.cast(threshold, gl.uint32) << 16
+        if KEY_MAJOR:
+            return gl.inline_asm_elementwise(_DROPOUT_ASM_KEY_MAJOR, _DROPOUT_CONSTRAINTS,
+                                             [row_words[None, :], pair_words[:, None], threshold_hi, kept],
+                                             dtype=gl.float32, is_pure=True, pack=8)
+        else:
+            return gl.inline_asm_elementwise(_DROPOUT_ASM_QUERY_MAJOR, _DROPOUT_CONSTRAINTS,
+                                             [row_words[:, None], pair_words[None, :], threshold_hi, kept],
+                                             dtype=gl.float32, is_pure=True, pack=8)
+
+    @gluon.jit
     def _dropped(p, DropKeys, key_index, rows, n0, threshold, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
                  HAS_DROPOUT: gl.constexpr):
         """A (query rows x keys n0..) probability tile with its dropped entries zeroed."""
         if HAS_DROPOUT:
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            p = gl.where(_dropout_keep(DropKeys, key_index, rows, cols, threshold, False), p, 0.0)
+            if HAS_DROPOUT == 2:
+                p = p * _dropout_factor(DropKeys, key_index, rows, cols, threshold, 1.0, False)
+            else:
+                p = gl.where(_dropout_keep(DropKeys, key_index, rows, cols, threshold, False), p, 0.0)
         return p
 
     @gluon.jit
@@ -475,7 +540,8 @@ if AVAILABLE:
         P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
         dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
         HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, scaled by
-        1 / (1 - p) (dV once, at the end), as in ``kernels.bwd``. With ATOMIC_DQ, also these
+        1 / (1 - p): dV once at the end, as in ``kernels.bwd`` (HAS_DROPOUT 1), or entry by
+        entry through the PTX mask's factor (2). With ATOMIC_DQ, also these
         keys' share of dQ = dS K (scaled), added into the float32 ``DQAcc`` by atomics: dS^T
         goes through shared memory (``ds_buf``, this consumer's own) to be read transposed
         as the MMA's left operand: the 5-GEMM backward, no dQ kernel."""
@@ -520,17 +586,27 @@ if AVAILABLE:
             if CAUSAL:
                 if m0 + diag < cta_last_key:
                     pt = gl.where(keys[:, None] <= cols[None, :] + diag, pt, 0.0)
-            if HAS_DROPOUT:
-                keep = _dropout_keep(DropKeys, b * stride_keys_b + 2 * h, cols, keys, dropout_threshold, True)
-                pt_op = gl.convert_layout(gl.where(keep, pt, 0.0).to(dtype), op_layout)
+            if HAS_DROPOUT == 2:
+                # The PTX mask as a factor, 1 / (1 - p) or 0, spent on dV's and dS's operands at
+                # once after waiting for dP too: held across that wait beside P it spilled.
+                factor = _dropout_factor(DropKeys, b * stride_keys_b + 2 * h, cols, keys, dropout_threshold,
+                                         dropout_scale, True)
+                dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt, ))
+                pt_op = gl.convert_layout((pt * factor).to(dtype), op_layout)
+                dst = pt * (dpt * factor - delta[None, :])
+                dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
             else:
-                pt_op = gl.convert_layout(pt.to(dtype), op_layout)
-            dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
-            dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
-            if HAS_DROPOUT:
-                dst = pt * (gl.where(keep, dpt, 0.0) * dropout_scale - delta[None, :])
-            else:
-                dst = pt * (dpt - delta[None, :])
+                if HAS_DROPOUT:
+                    keep = _dropout_keep(DropKeys, b * stride_keys_b + 2 * h, cols, keys, dropout_threshold, True)
+                    pt_op = gl.convert_layout(gl.where(keep, pt, 0.0).to(dtype), op_layout)
+                else:
+                    pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+                dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
+                dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
+                if HAS_DROPOUT:
+                    dst = pt * (gl.where(keep, dpt, 0.0) * dropout_scale - delta[None, :])
+                else:
+                    dst = pt * (dpt - delta[None, :])
             ds16 = dst.to(dtype)
             ds_op = gl.convert_layout(ds16, op_layout)
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
@@ -551,7 +627,7 @@ if AVAILABLE:
                                   mask=(q_rows[:, None] < seqlen_q) & (dims[None, :] < headdim), sem="relaxed")
             mbarrier.arrive(free_bars.index(slot))
         _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
-        if HAS_DROPOUT:
+        if HAS_DROPOUT == 1:  # the PTX mask's factor scaled P already
             dv = dv * dropout_scale
         _store_rows(v_part, dv, dv_desc, b, n0, hk)
 
@@ -680,8 +756,11 @@ if AVAILABLE:
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
             if HAS_DROPOUT:
                 cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                keep = _dropout_keep(DropKeys, key_index, rows, cols, dropout_threshold, False)
-                dp = gl.where(keep, dp, 0.0) * dropout_scale
+                if HAS_DROPOUT == 2:
+                    dp = dp * _dropout_factor(DropKeys, key_index, rows, cols, dropout_threshold, dropout_scale, False)
+                else:
+                    keep = _dropout_keep(DropKeys, key_index, rows, cols, dropout_threshold, False)
+                    dp = gl.where(keep, dp, 0.0) * dropout_scale
             ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
             dq_tok = warpgroup_mma(ds_op, k_tile, dq, is_async=True)
             dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
@@ -778,6 +857,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
         return False
     if alibi_slopes is not None:
         return False
+    # A dropout probability within 2**-17 of 1 rounds to the threshold 2**16, which the
+    # mask's assembly cannot hold in the top 16 bits (the portable kernels drop everything).
+    if dropout is not None and dropout_threshold(dropout[0]) >= 1 << 16:
+        return False
     # Varlen: one group of sequences, bottom-right aligned, every key counted (not grouped
     # or context-parallel metadata, no seqused_k); forward only (``dispatch.backward``).
     if meta is not None and (meta.num_groups != 1 or meta.diag is not None or meta.seqused_k is not None):
@@ -835,6 +918,14 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
 #: pipelined one reached 0.74-1.13x.
 VARIANTS = ("pipelined", "specialized", "pingpong")
 DEFAULT_VARIANT = "pingpong"
+
+
+def _dropout_mode(dropout: Optional[tuple[float, int]]) -> int:
+    """The kernels' HAS_DROPOUT: 0 without dropout; with it, 1 for the mask in Gluon ops
+    and 2 for the inline PTX (``_dropout_factor``, ``configs.sm90_dropout_mask``)."""
+    if dropout is None:
+        return 0
+    return 2 if configs.sm90_dropout_mask() == "asm" else 1
 
 
 def _dropout_inputs(dropout: Optional[tuple[float, int]], batch: int, nheads: int, device) -> tuple:
@@ -896,7 +987,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, *lse_strides, keys_stride, *out_strides, headdim,
         prob.softmax_scale * LOG2E, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
-        CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=dropout is not None,
+        CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=_dropout_mode(dropout),
         # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
         IS_VARLEN=varlen, num_warps=4 if specialized else cfg.block_m // 16,
     )
@@ -946,7 +1037,7 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), keys_stride,
         dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), headdim, *scalars, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=dropout is not None, ATOMIC_DQ=atomic_dq, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, num_warps=4,
     )
     if atomic_dq:
         dq.copy_(dq_acc)
@@ -958,6 +1049,6 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         seqlen_q, seqlen_k, kv_group, num_m_blocks, lse2.stride(0), lse2.stride(1), keys_stride, *scalars,
         threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=dropout is not None, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), num_warps=4,
     )
     return dq, dk, dv
