@@ -184,7 +184,7 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
     """Compile the Gluon Hopper kernels (``kernels.sm90``): the forward and both backward
     kernels, with and without dropout, and the atomic backward; lengths off their tiles, GQA."""
     from ringflash.kernels import sm90
-    from ringflash.kernels.problem import make_problem
+    from ringflash.kernels.problem import SeqMeta, make_problem
 
     if not sm90.AVAILABLE:
         return
@@ -199,6 +199,13 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
             sm90.attention_forward_sm90(q, k, k, prob, dropout=(0.1, 5))
             sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob, dropout=(0.1, 5))
             sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob, dropout=(0.1, 5), atomic_dq=True)
+            # The varlen forward (per-sequence K/V descriptors made in the kernel), GQA and MQA.
+            cu = torch.tensor([0, 100, 250, 300], dtype=torch.int32)
+            meta = SeqMeta.from_cu_seqlens(cu, cu)
+            for kv_heads in (2, 1):
+                qv, kv = q[0], k[0, :300, :kv_heads]
+                sm90.attention_forward_sm90(qv, kv, kv, make_problem(qv, kv, meta, 150, 150, d**-0.5, causal, -1, -1, 0.0),
+                                            meta=meta)
 
 
 def main(argv=None) -> int:

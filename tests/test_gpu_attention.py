@@ -273,3 +273,33 @@ def test_sm90_varlen_forward(gen, monkeypatch, headdim, causal):
     check_attention(varlen_impl, varlen_ref, (q, k, v), torch.bfloat16,
                     extra=(cu_q, cu_k, max(q_lengths), max(k_lengths), causal))
     assert calls, "the call did not reach the sm90 forward"
+
+
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("causal", [False, True])
+def test_sm90_varlen_keeps_sequences_apart(gen, monkeypatch, causal):
+    """A NaN and an Inf in one sequence's values reach no other sequence's output through
+    the Gluon varlen forward: its tiles past a sequence's end read zeros (per-sequence
+    descriptors), not the next sequence's rows (0 x NaN would be NaN). Lengths off the
+    128-row tiles, so every sequence's last tile runs into the next one."""
+    from ringflash.kernels import sm90
+
+    calls = []
+    real = sm90.attention_forward_sm90
+    monkeypatch.setattr(sm90, "attention_forward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    monkeypatch.setenv("RINGFLASH_DECODE", "0")
+    lengths = [200, 77, 300, 129]
+    total = sum(lengths)
+    cu = cu_seqlens_from_lengths(lengths, DEV)
+    q, k, v = (torch.randn(total, 4, 128, generator=gen, dtype=torch.float64).to(DEV, torch.bfloat16) for _ in range(3))
+    poisoned = v.clone()
+    poisoned[200] = float("nan")  # sequence 1's first key
+    poisoned[277 + 5] = float("inf")  # sequence 2
+    clean = flash_attn_varlen_func(q, k, v, cu, cu, 300, 300, causal=causal)
+    dirty = flash_attn_varlen_func(q, k, poisoned, cu, cu, 300, 300, causal=causal)
+    assert calls, "the calls did not reach the sm90 forward"
+    for first, last in ((0, 200), (577, total)):  # sequences 0 and 3 share no value with 1 and 2
+        assert torch.isfinite(dirty[first:last]).all(), (first, last)
+        assert torch.equal(dirty[first:last], clean[first:last]), (first, last)

@@ -26,10 +26,10 @@ every call in scope with ``RINGFLASH_BACKEND=sm90``.
 Writes the same out and lse as ``kernels.fwd.attention_forward``, so either backward
 takes either forward's results.
 
-Varlen tiles read past a sequence's end into the next sequence's rows (TMA boxes are
-bounded by the packed tensor, not by the sequence): those scores are masked and those query
-rows never stored, but a NaN or Inf in the next sequence's V would still reach this one's
-output through 0 x NaN in the P V product, where the portable kernels read zeros.
+Varlen programs read their sequence's keys and values through descriptors made in the
+kernel over that sequence alone (TMA zero-fills past its end, as the portable kernels'
+masked loads do), so no row of another sequence enters the P V product. Their query tiles
+may still cover the next sequence's rows: those rows' results are never stored.
 """
 
 from __future__ import annotations
@@ -366,8 +366,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _fwd_sm90_kernel(
-        q_desc, k_desc, v_desc, o_desc, Lse, DropKeys, Out, QStarts, QEnds, CuSeqlensK,
-        seqlen_q, seqlen_k, kv_group, num_m_blocks,
+        q_desc, k_desc, v_desc, o_desc, Lse, DropKeys, Out, QStarts, QEnds, CuSeqlensK, KPtr, VPtr,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks, nheads_k, stride_ks, stride_kh, stride_vs, stride_vh,
         stride_lb, stride_lh, stride_keys_b, stride_os, stride_oh, headdim,
         qk_scale_log2, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
@@ -387,7 +387,10 @@ if AVAILABLE:
         IS_VARLEN: one packed batch entry (the descriptors' batch is 1), sequence b's queries
         at rows QStarts[b] .. QEnds[b] and keys at CuSeqlensK[b] .. CuSeqlensK[b + 1];
         ``seqlen_q`` (the longest, which sizes the grid) and ``seqlen_k`` become the
-        sequence's."""
+        sequence's. Its keys and values are read through descriptors made here over that
+        sequence alone (``KPtr``/``VPtr`` (total_k, nheads_k, d) with the given strides), so
+        TMA zero-fills a tile's rows past its end: over the packed tensor they would hold the
+        next sequence's, whose NaN or Inf would reach this output through 0 x NaN in P V."""
         pid = gl.program_id(0)
         h = gl.program_id(1)
         seq = gl.program_id(2)
@@ -402,6 +405,16 @@ if AVAILABLE:
             seqlen_q = gl.load(QEnds + seq) - q_base
             k_base = gl.load(CuSeqlensK + seq)
             seqlen_k = gl.load(CuSeqlensK + seq + 1) - k_base
+            # At least one row: a descriptor has no empty dimension (no block of an empty
+            # sequence is loaded). The batch dimension has size 1; its stride is unused.
+            k_rows = gl.maximum(seqlen_k, 1)
+            k_desc = tma.make_tensor_descriptor(
+                KPtr + k_base.to(gl.int64) * stride_ks, [1, k_rows, nheads_k, headdim],
+                [stride_ks, stride_ks, stride_kh, 1], [1, BLOCK_N, 1, HEADDIM], k_desc.layout)
+            v_desc = tma.make_tensor_descriptor(
+                VPtr + k_base.to(gl.int64) * stride_vs, [1, k_rows, nheads_k, headdim],
+                [stride_vs, stride_vs, stride_vh, 1], [1, BLOCK_N, 1, HEADDIM], v_desc.layout)
+            k_base = zero  # rows of the sequence's own descriptors
         else:
             b = seq
             q_base = zero
@@ -972,6 +985,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
     keys = lse if keys is None else keys
     if varlen:  # one packed batch entry for the descriptors; lse (nheads, total_q)
+        _ensure_scratch_allocator()  # the per-sequence K/V descriptors live in global scratch
         q4, k4, v4, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
         seq_ptrs = (meta.q_starts[0], meta.q_ends[0], meta.cu_seqlens_k)
         lse_strides, out_strides = (0, lse.stride(0)), (out.stride(0), out.stride(1))
@@ -983,8 +997,9 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     _fwd_sm90_kernel[grid](
         _descriptor(q4, rows), _descriptor(k4, cfg.block_n), _descriptor(v4, cfg.block_n), _descriptor(out4, rows),
-        lse, keys, out, *seq_ptrs,
-        seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, *lse_strides, keys_stride, *out_strides, headdim,
+        lse, keys, out, *seq_ptrs, k, v,
+        seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, k.shape[-2], k.stride(-3), k.stride(-2),
+        v.stride(-3), v.stride(-2), *lse_strides, keys_stride, *out_strides, headdim,
         prob.softmax_scale * LOG2E, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
         CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=_dropout_mode(dropout),
@@ -992,6 +1007,19 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         IS_VARLEN=varlen, num_warps=4 if specialized else cfg.block_m // 16,
     )
     return out, lse
+
+
+def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_scratch_allocator() -> None:
+    """Register a torch allocator for the global scratch of device-made TMA descriptors
+    (Triton asks for it at launch) unless the caller has registered one of their own."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _tma_operand(x: torch.Tensor) -> torch.Tensor:
