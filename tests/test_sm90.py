@@ -92,6 +92,12 @@ def test_varlen_scope(on_hopper):
         prob = make_problem(q, k, meta, 150, 150, 0.1, True, -1, -1, 0.0)
         assert sm90.supports(wrap(q), wrap(k), wrap(k), prob, meta, None, None) == want
         assert not sm90.preferred(prob)
+    # A grid whose descriptors' scratch would pass 256 MB: 64 query blocks x 8 heads x 4096
+    # sequences x 256 bytes.
+    many = torch.arange(0, 4097, dtype=torch.int32)
+    many_meta = SeqMeta.from_cu_seqlens(many, many)
+    assert not sm90.supports(wrap(q), wrap(k), wrap(k), make_problem(q, k, many_meta, 8192, 8192, 0.1, True, -1, -1, 0.0),
+                             many_meta, None, None)
     import dataclasses
 
     meta = dataclasses.replace(SeqMeta.from_cu_seqlens(cu, cu), diag=torch.zeros(1, 2, dtype=torch.int32))

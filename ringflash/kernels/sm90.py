@@ -878,6 +878,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     # or context-parallel metadata, no seqused_k); forward only (``dispatch.backward``).
     if meta is not None and (meta.num_groups != 1 or meta.diag is not None or meta.seqused_k is not None):
         return False
+    # Varlen programs make their K/V descriptors in global scratch, 256 bytes each, for the
+    # whole grid (query blocks of the longest sequence x heads x sequences): past 256 MB of
+    # it (a long sequence packed with thousands of short ones), the portable kernels run.
+    if meta is not None and math.ceil(prob.max_seqlen_q / 128) * prob.nheads * prob.batch * 256 > 1 << 28:
+        return False
     # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
     # (``_block_d``): TMA zero-fills the missing columns and clips them on store.
     if q.dtype not in _GL_DTYPES or not (k.dtype == v.dtype == q.dtype) or \
