@@ -334,3 +334,21 @@ def test_dropout_mask_choice(monkeypatch):
     monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", "ptx")
     with pytest.raises(ValueError, match="RINGFLASH_SM90_DROPOUT_MASK: got 'ptx'; expected ops or asm"):
         sm90._dropout_mode((0.1, 0))
+
+
+def test_scratch_allocator_is_registered_once(monkeypatch):
+    """The varlen forward's device-made descriptors need Triton's scratch allocator: ours is
+    registered where none is, and a caller's own is left in place."""
+    import triton
+    from triton.runtime import _allocation
+
+    monkeypatch.setattr(_allocation, "_allocator", type(_allocation._allocator)("test", default=_allocation._NULL_ALLOCATOR))
+    sm90._ensure_scratch_allocator()
+    assert _allocation._allocator.get() is sm90._scratch
+
+    def theirs(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    triton.set_allocator(theirs)
+    sm90._ensure_scratch_allocator()
+    assert _allocation._allocator.get() is theirs

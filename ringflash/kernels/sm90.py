@@ -1021,9 +1021,13 @@ def _scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
 def _ensure_scratch_allocator() -> None:
     """Register a torch allocator for the global scratch of device-made TMA descriptors
     (Triton asks for it at launch) unless the caller has registered one of their own."""
-    from triton.runtime import _allocation
+    try:  # Triton's own registry (3.6-3.9); where it moved, register ours
+        from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
         triton.set_allocator(_scratch)
 
 
