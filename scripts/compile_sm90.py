@@ -204,8 +204,9 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
             meta = SeqMeta.from_cu_seqlens(cu, cu)
             for kv_heads in (2, 1):
                 qv, kv = q[0], k[0, :300, :kv_heads]
-                sm90.attention_forward_sm90(qv, kv, kv, make_problem(qv, kv, meta, 150, 150, d**-0.5, causal, -1, -1, 0.0),
-                                            meta=meta)
+                vprob = make_problem(qv, kv, meta, 150, 150, d**-0.5, causal, -1, -1, 0.0)
+                sm90.attention_forward_sm90(qv, kv, kv, vprob, meta=meta)
+                sm90.attention_backward_sm90(qv, qv, kv, kv, qv, torch.zeros(4, 300), vprob, meta=meta)
 
 
 def main(argv=None) -> int:

@@ -254,16 +254,17 @@ def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sm90_varlen_forward(gen, monkeypatch, headdim, causal):
-    """The Gluon forward on packed sequences (RINGFLASH_BACKEND=sm90; the backward is the
-    portable one): lengths off the tiles, an empty sequence, one of a single token, keys
-    longer than queries (bottom-right causal), GQA; the tiles past a sequence's end hold
-    the next sequence's rows, which must neither count nor be overwritten."""
+def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, causal):
+    """The Gluon forward and backward on packed sequences (RINGFLASH_BACKEND=sm90): lengths
+    off the tiles, an empty sequence, one of a single token, keys longer than queries
+    (bottom-right causal), GQA; the tiles past a sequence's end must neither count nor
+    overwrite the next sequence's rows (out, dq, dk, dv)."""
     from ringflash.kernels import sm90
 
     calls = []
-    real = sm90.attention_forward_sm90
-    monkeypatch.setattr(sm90, "attention_forward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     q_lengths, k_lengths = [700, 0, 1, 129, 1300], [900, 5, 1, 129, 1301]
@@ -272,7 +273,7 @@ def test_sm90_varlen_forward(gen, monkeypatch, headdim, causal):
     cu_q, cu_k = cu_seqlens_from_lengths(q_lengths, DEV), cu_seqlens_from_lengths(k_lengths, DEV)
     check_attention(varlen_impl, varlen_ref, (q, k, v), torch.bfloat16,
                     extra=(cu_q, cu_k, max(q_lengths), max(k_lengths), causal))
-    assert calls, "the call did not reach the sm90 forward"
+    assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
 
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run

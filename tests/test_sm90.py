@@ -156,8 +156,9 @@ def test_variant_names():
 
 
 def test_backward_routing(monkeypatch):
-    """The Gluon backward (deterministic or atomic) only with RINGFLASH_BACKEND=sm90 (opt-in
-    until measured), and only where the forward's scope test passes."""
+    """The Gluon backward (deterministic or atomic) with RINGFLASH_BACKEND=sm90 wherever the
+    scope test passes, plain varlen included; under the default backend only where
+    ``preferred`` (not this 8-row call, nor varlen), and never with =portable."""
     taken = []
     monkeypatch.setattr(sm90, "supports", lambda *a: True)
     monkeypatch.setattr(sm90, "attention_backward_sm90", lambda *a, **k: taken.append("sm90") or "sm90")
@@ -173,7 +174,14 @@ def test_backward_routing(monkeypatch):
     from ringflash.kernels.problem import SeqMeta
 
     cu = torch.tensor([0, 8], dtype=torch.int32)
-    assert dispatch.backward(*args[:-1], args[-1], SeqMeta.from_cu_seqlens(cu, cu)) == "portable"  # varlen
+    assert dispatch.backward(*args[:-1], args[-1], SeqMeta.from_cu_seqlens(cu, cu)) == "sm90"  # varlen
+    monkeypatch.setenv("RINGFLASH_BACKEND", "")
+    long_q = torch.zeros(1, 4096, 2, 64, dtype=torch.bfloat16)
+    varlen_prob = make_problem(long_q[0], long_q[0], SeqMeta.from_cu_seqlens(cu, cu), 4096, 4096, 0.1, True, -1, -1,
+                               0.0)
+    assert varlen_prob.is_varlen  # long enough for the dense threshold, but varlen: portable
+    assert dispatch.backward(*args[:-1], varlen_prob, SeqMeta.from_cu_seqlens(cu, cu)) == "portable"
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setattr(sm90, "supports", lambda *a: False)
     assert dispatch.backward(*args) == "portable"
 

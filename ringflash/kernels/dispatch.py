@@ -15,8 +15,8 @@
 * ``fwd`` (``kernels.fwd``): everything else.
 
 The backward (``backward``) has two families: the portable one (``kernels.bwd``) and the
-Gluon Hopper one (``sm90.attention_backward_sm90``), for dense calls in the forward's scope,
-by default where ``sm90.preferred(..., "bwd")`` (run 38: 1.04-1.34x the portable backward at
+Gluon Hopper one (``sm90.attention_backward_sm90``), for the calls in the forward's scope
+(plain varlen ones with ``RINGFLASH_BACKEND=sm90`` only), by default where ``sm90.preferred(..., "bwd")`` (run 38: 1.04-1.34x the portable backward at
 d=64 from seqlen 4k and d=128 from 1k). Either backward takes either forward's out and lse.
 
 Dense calls take the decode family by default: on an H100 (run 27 in docs/benchmarks.md) it
@@ -146,13 +146,13 @@ def backward(
     # test_properties::test_gpu_dense_layouts); the Gluon kernels cannot read a stride 0.
     dout = dout.contiguous()
     chosen = backend()
-    if chosen != "portable" and meta is None and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
+    if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
             (chosen == "sm90" or sm90.preferred(prob, dropout, "bwd")):
         # Under the default backend the deterministic Gluon backward runs even where atomic_dq
         # asks for the 5-GEMM one: run 38 timed it 1.3-1.6x faster than the Gluon atomic one
         # (a speed request, so the faster deterministic kernel answers it).
         result = sm90.run_or_disable(sm90.attention_backward_sm90, dout, q, k, v, out, lse, prob, dropout=dropout,
-                                     atomic_dq=atomic_dq and chosen == "sm90")
+                                     atomic_dq=atomic_dq and chosen == "sm90", meta=meta)
         if result is not None:
             _ran("bwd", "sm90")
             return result

@@ -13,8 +13,8 @@ family writes it out, as FA3 does within one warpgroup pair:
 * the loop is software pipelined: block j's S = Q K_j^T and block j-1's O += P V are issued
   together, and block j's softmax runs while the P V MMA is still in flight.
 
-Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen
-(forward only), d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
+Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen,
+d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
 zero-filled by TMA), causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
 (the portable kernels' mask, entry for entry, from the Philox words of
 ``dropout_mask.dropout_keys``, each key pair's draw mixed once by inline PTX:
@@ -137,6 +137,26 @@ if AVAILABLE:
         """``common._position_word``: (pos * odd + key), high half folded into the low."""
         x = pos.to(gl.uint32) * MULTIPLIER + key
         return x ^ (x >> 16)
+
+    @gluon.jit
+    def _varlen_sequence(QStarts, QEnds, CuSeqlensK, seq):
+        """(first query row, queries, first key row, keys) of sequence ``seq`` of a plain
+        varlen batch."""
+        q_base = gl.load(QStarts + seq)
+        k_base = gl.load(CuSeqlensK + seq)
+        return q_base, gl.load(QEnds + seq) - q_base, k_base, gl.load(CuSeqlensK + seq + 1) - k_base
+
+    @gluon.jit
+    def _sequence_descriptor(Ptr, row0, rows, heads, headdim, stride_s, stride_h, like):
+        """A descriptor with ``like``'s box and layout over rows [row0, row0 + rows) of a
+        packed (total, heads, headdim) tensor: TMA zero-fills reads past them and clips
+        writes there, where the packed tensor's descriptor would reach the next sequence.
+        At least one row (a descriptor has no empty dimension): callers read nothing of an
+        empty sequence that counts, and write nothing of it. Its batch dimension has size 1
+        (stride unused)."""
+        return tma.make_tensor_descriptor(
+            Ptr + row0.to(gl.int64) * stride_s, [1, gl.maximum(rows, 1), heads, headdim],
+            [stride_s, stride_s, stride_h, 1], like.block_type.shape, like.layout)
 
     @gluon.jit
     def _dropout_keep(DropKeys, key_index, rows, cols, threshold, KEY_MAJOR: gl.constexpr):
@@ -401,19 +421,9 @@ if AVAILABLE:
         zero = seq * 0  # an int32 scalar: both branches below must give the same types
         if IS_VARLEN:
             b = zero
-            q_base = gl.load(QStarts + seq)
-            seqlen_q = gl.load(QEnds + seq) - q_base
-            k_base = gl.load(CuSeqlensK + seq)
-            seqlen_k = gl.load(CuSeqlensK + seq + 1) - k_base
-            # At least one row: a descriptor has no empty dimension (no block of an empty
-            # sequence is loaded). The batch dimension has size 1; its stride is unused.
-            k_rows = gl.maximum(seqlen_k, 1)
-            k_desc = tma.make_tensor_descriptor(
-                KPtr + k_base.to(gl.int64) * stride_ks, [1, k_rows, nheads_k, headdim],
-                [stride_ks, stride_ks, stride_kh, 1], [1, BLOCK_N, 1, HEADDIM], k_desc.layout)
-            v_desc = tma.make_tensor_descriptor(
-                VPtr + k_base.to(gl.int64) * stride_vs, [1, k_rows, nheads_k, headdim],
-                [stride_vs, stride_vs, stride_vh, 1], [1, BLOCK_N, 1, HEADDIM], v_desc.layout)
+            q_base, seqlen_q, k_base, seqlen_k = _varlen_sequence(QStarts, QEnds, CuSeqlensK, seq)
+            k_desc = _sequence_descriptor(KPtr, k_base, seqlen_k, nheads_k, headdim, stride_ks, stride_kh, k_desc)
+            v_desc = _sequence_descriptor(VPtr, k_base, seqlen_k, nheads_k, headdim, stride_vs, stride_vh, v_desc)
             k_base = zero  # rows of the sequence's own descriptors
         else:
             b = seq
@@ -546,6 +556,7 @@ if AVAILABLE:
         stride_lb, stride_lh, qk_scale_log2, softmax_scale,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+        IS_VARLEN: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over the query heads
         of its group and the query blocks from ``m_start`` (``n_steps`` = heads x
@@ -639,10 +650,18 @@ if AVAILABLE:
                     gl.atomic_add(dq_base + (q_rows[:, None] * stride_dqs + dims[None, :]), dq * softmax_scale,
                                   mask=(q_rows[:, None] < seqlen_q) & (dims[None, :] < headdim), sem="relaxed")
             mbarrier.arrive(free_bars.index(slot))
-        _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
         if HAS_DROPOUT == 1:  # the PTX mask's factor scaled P already
             dv = dv * dropout_scale
-        _store_rows(v_part, dv, dv_desc, b, n0, hk)
+        # Keys past seqlen_k are clipped by the descriptors. Under IS_VARLEN a consumer with
+        # none stores nothing: its sequence's descriptor has at least one row, which for an
+        # empty sequence is the next one's.
+        if IS_VARLEN:
+            if n0 < seqlen_k:
+                _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
+                _store_rows(v_part, dv, dv_desc, b, n0, hk)
+        else:
+            _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
+            _store_rows(v_part, dv, dv_desc, b, n0, hk)
 
     @gluon.jit
     def _load_dkdv(k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs,
@@ -662,18 +681,41 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dkdv_sm90_kernel(
         q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, DQAcc,
+        QStarts, QEnds, CuSeqlensK, QPtr, KPtr, VPtr, DOPtr, DKPtr, DVPtr, nheads_k,
         seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, stride_dqb, stride_dqs, stride_dqh, headdim,
         qk_scale_log2, softmax_scale, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Grid (key blocks of BLOCK_N, KV heads, batch); ``num_warps`` = 4. Two consumer
         warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query blocks of
-        every query head of the group. Writes dK, dV (the inputs' dtype)."""
+        every query head of the group. Writes dK, dV (the inputs' dtype).
+
+        IS_VARLEN: sequence b of a plain varlen batch (``_varlen_sequence``; contiguous
+        packed tensors at ``QPtr`` .. ``DVPtr``, lse2/delta (nheads, total_q)); ``seqlen_q``
+        and ``seqlen_k`` (the longest, which size the grid) become the sequence's."""
         n_block = gl.program_id(0)
         hk = gl.program_id(1)
         b = gl.program_id(2)
         n0 = n_block * BLOCK_N
+        if IS_VARLEN:
+            nheads = nheads_k * kv_group
+            q_base, seqlen_q, k_base, seqlen_k = _varlen_sequence(QStarts, QEnds, CuSeqlensK, b)
+            q_desc = _sequence_descriptor(QPtr, q_base, seqlen_q, nheads, headdim, nheads * headdim, headdim, q_desc)
+            do_desc = _sequence_descriptor(DOPtr, q_base, seqlen_q, nheads, headdim, nheads * headdim, headdim,
+                                           do_desc)
+            k_stride = nheads_k * headdim
+            k_desc = _sequence_descriptor(KPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, k_desc)
+            v_desc = _sequence_descriptor(VPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, v_desc)
+            dk_desc = _sequence_descriptor(DKPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, dk_desc)
+            dv_desc = _sequence_descriptor(DVPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, dv_desc)
+            # This sequence's rows of lse2/delta and its dropout words; every descriptor's
+            # batch index is then 0.
+            Lse2 = Lse2 + q_base
+            Delta = Delta + q_base
+            DropKeys = DropKeys + b * stride_keys_b
+            b = b * 0
         PARTS: gl.constexpr = 2
         ROWS: gl.constexpr = BLOCK_N // PARTS
         k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars = _fixed_and_ring(
@@ -692,6 +734,9 @@ if AVAILABLE:
         else:
             m_start = 0
         m_blocks = m_blocks_total - m_start
+        if IS_VARLEN:
+            if n0 >= seqlen_k:  # a program past its sequence's keys: no step
+                m_blocks = 0
         n_steps = kv_group * m_blocks
         cta_last_key = gl.minimum(n0 + BLOCK_N, seqlen_k) - 1
 
@@ -701,13 +746,13 @@ if AVAILABLE:
                           ds_bufs.index(0), DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
                           b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
                           stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ)),
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(1), DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
                           b, hk, n0 + ROWS, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q,
                           seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ)),
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
                           do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
                           STAGES)),
@@ -721,7 +766,7 @@ if AVAILABLE:
         Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
         b, h, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr,
     ):
         """dQ of query rows [r0, r0 + ROWS) of head ``h`` over key blocks [0, n_blocks):
         S = Q K^T, P = exp2(S - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K (scaled
@@ -778,7 +823,11 @@ if AVAILABLE:
             dq_tok = warpgroup_mma(ds_op, k_tile, dq, is_async=True)
             dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
             mbarrier.arrive(free_bars.index(slot))
-        _store_rows(q_part, dq * softmax_scale, dq_desc, b, r0, h)
+        if IS_VARLEN:
+            if r0 < seqlen_q:  # as in ``_dkdv_rows``
+                _store_rows(q_part, dq * softmax_scale, dq_desc, b, r0, h)
+        else:
+            _store_rows(q_part, dq * softmax_scale, dq_desc, b, r0, h)
 
     @gluon.jit
     def _load_dq(q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
@@ -797,14 +846,16 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dq_sm90_kernel(
         q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, DropKeys,
-        seqlen_q, seqlen_k, kv_group, num_m_blocks, stride_lb, stride_lh, stride_keys_b, qk_scale_log2,
+        QStarts, QEnds, CuSeqlensK, QPtr, KPtr, VPtr, DOPtr, DQPtr, nheads_k,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks, stride_lb, stride_lh, stride_keys_b, headdim, qk_scale_log2,
         softmax_scale, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (query blocks of BLOCK_M, heads, batch), the longest causal blocks first;
         ``num_warps`` = 4. Two consumer warpgroups own BLOCK_M / 2 query rows each; one loader
-        warp streams the key blocks. Writes dQ (the inputs' dtype)."""
+        warp streams the key blocks. Writes dQ (the inputs' dtype). IS_VARLEN as in
+        ``_bwd_dkdv_sm90_kernel``."""
         pid = gl.program_id(0)
         h = gl.program_id(1)
         b = gl.program_id(2)
@@ -812,6 +863,19 @@ if AVAILABLE:
         m0 = m_block * BLOCK_M
         hk = h // kv_group
         key_index = b * stride_keys_b + 2 * h
+        if IS_VARLEN:
+            nheads = nheads_k * kv_group
+            q_base, seqlen_q, k_base, seqlen_k = _varlen_sequence(QStarts, QEnds, CuSeqlensK, b)
+            q_stride = nheads * headdim
+            q_desc = _sequence_descriptor(QPtr, q_base, seqlen_q, nheads, headdim, q_stride, headdim, q_desc)
+            do_desc = _sequence_descriptor(DOPtr, q_base, seqlen_q, nheads, headdim, q_stride, headdim, do_desc)
+            dq_desc = _sequence_descriptor(DQPtr, q_base, seqlen_q, nheads, headdim, q_stride, headdim, dq_desc)
+            k_stride = nheads_k * headdim
+            k_desc = _sequence_descriptor(KPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, k_desc)
+            v_desc = _sequence_descriptor(VPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, v_desc)
+            Lse2 = Lse2 + q_base
+            Delta = Delta + q_base
+            b = b * 0
         PARTS: gl.constexpr = 2
         ROWS: gl.constexpr = BLOCK_M // PARTS
         q_parts, do_parts, k_bufs, v_bufs, fixed_bar, k_bars, v_bars, free_bars = _fixed_and_ring(
@@ -822,16 +886,21 @@ if AVAILABLE:
         else:
             n_end = seqlen_k
         n_blocks = gl.cdiv(gl.maximum(n_end, 0), BLOCK_N)
+        if IS_VARLEN:
+            if m0 >= seqlen_q:  # a program past its sequence's queries: no key block
+                n_blocks = 0
 
         gl.warp_specialize([
             (_dq_rows, (q_parts.index(0), do_parts.index(0), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
                         dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
                         b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT)),
+                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT,
+                        IS_VARLEN)),
             (_dq_rows, (q_parts.index(1), do_parts.index(1), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
                         dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
                         b, h, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT)),
+                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT,
+                        IS_VARLEN)),
             (_load_dq, (q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
                         free_bars, b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
         ], [4, 1], [240, 24])
@@ -875,13 +944,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     if dropout is not None and dropout_threshold(dropout[0]) >= 1 << 16:
         return False
     # Varlen: one group of sequences, bottom-right aligned, every key counted (not grouped
-    # or context-parallel metadata, no seqused_k); forward only (``dispatch.backward``).
+    # or context-parallel metadata, no seqused_k).
     if meta is not None and (meta.num_groups != 1 or meta.diag is not None or meta.seqused_k is not None):
         return False
-    # Varlen programs make their K/V descriptors in global scratch, 256 bytes each, for the
-    # whole grid (query blocks of the longest sequence x heads x sequences): past 256 MB of
-    # it (a long sequence packed with thousands of short ones), the portable kernels run.
-    if meta is not None and math.ceil(prob.max_seqlen_q / 128) * prob.nheads * prob.batch * 256 > 1 << 28:
+    if meta is not None and _varlen_scratch_bytes(prob) > 1 << 28:
         return False
     # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
     # (``_block_d``): TMA zero-fills the missing columns and clips them on store.
@@ -896,6 +962,17 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
         return False
     # TMA: 16-byte aligned bases and strides, unit stride on d, no broadcast (stride 0) dims.
     return all(_tma_readable(x) for x in (q, k, v))
+
+
+def _varlen_scratch_bytes(prob: AttnProblem) -> int:
+    """Global scratch that varlen programs' descriptors take (128 bytes each, for every
+    program of the grid, which the longest sequence sizes), in the larger of the forward
+    (2 per program) and the backward (6 per dK/dV program, 5 per dQ one). Past 256 MB (a
+    long sequence packed with thousands of short ones) ``supports`` leaves the call to the
+    portable kernels."""
+    q_programs = math.ceil(prob.max_seqlen_q / 128) * prob.nheads * prob.batch
+    k_programs = math.ceil(prob.max_seqlen_k / 128) * prob.nheads_k * prob.batch
+    return 128 * max(2 * q_programs, 6 * k_programs + 5 * q_programs)
 
 
 def _tma_readable(x: torch.Tensor) -> bool:
@@ -1040,17 +1117,23 @@ def _tma_operand(x: torch.Tensor) -> torch.Tensor:
 def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             out: torch.Tensor, lse: torch.Tensor, prob: AttnProblem,
                             dropout: Optional[tuple[float, int]] = None, atomic_dq: bool = False,
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            meta=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dq, dk, dv), contiguous in the inputs' dtypes, of a call ``supports``
-    takes: q/dout/out (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k, d), lse
-    float32 (batch, nheads, seqlen_q) from either forward. Deterministic (no atomics): the
-    dK/dV kernel sums over the query heads of each KV head itself, and a dQ kernel follows.
-    With ``atomic_dq`` the dK/dV kernel also adds dQ into a float32 buffer by atomics (5
-    GEMMs instead of 7, no dQ kernel; the summation order then varies: not deterministic)."""
+    takes. Dense: q/dout/out (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k,
+    d), lse float32 (batch, nheads, seqlen_q); plain varlen (``meta``): q/dout/out
+    (total_q, nheads, d), k/v (total_k, nheads_k, d), lse (nheads, total_q); from either
+    forward. Deterministic (no atomics): the dK/dV kernel sums over the query heads of each
+    KV head itself, and a dQ kernel follows. With ``atomic_dq`` (dense only) the dK/dV
+    kernel also adds dQ into a float32 buffer by atomics (5 GEMMs instead of 7, no dQ
+    kernel; the summation order then varies: not deterministic)."""
     from .bwd import prepare_backward
 
-    batch, seqlen_q, nheads, headdim = q.shape
-    seqlen_k = k.shape[1]
+    varlen = meta is not None
+    nheads, headdim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    if varlen:
+        # The kernels make each sequence's descriptors from contiguous packed tensors.
+        q, k, v, dout = (x.contiguous() for x in (q, k, v, dout))
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
@@ -1058,27 +1141,51 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, out = _tma_operand(dout), _tma_operand(out)
     delta, lse2 = prepare_backward(dout, out, lse, prob)
-    kv_group = nheads // k.shape[2]
+    kv_group = nheads // nheads_k
     scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
     dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
-    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, batch, nheads, q.device)
+    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
     keys = delta if keys is None else keys
+    if varlen:
+        _ensure_scratch_allocator()
+        q4, k4, v4, do4, dq4, dk4, dv4 = (x.unsqueeze(0) for x in (q, k, v, dout, dq, dk, dv))
+        seq_ptrs = (meta.q_starts[0], meta.q_ends[0], meta.cu_seqlens_k)
+        lse_strides = (0, lse2.stride(0))
+        seqlen_q, seqlen_k = prob.max_seqlen_q, prob.max_seqlen_k
+        atomic_dq = False
+    else:
+        q4, k4, v4, do4, dq4, dk4, dv4 = q, k, v, dout, dq, dk, dv
+        seq_ptrs = (lse2, lse2, lse2)  # not read
+        lse_strides = (lse2.stride(0), lse2.stride(1))
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     # The atomic dQ's float32 accumulator (a dummy without it), addressed with 32-bit offsets
     # within a (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
     atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
     dq_acc = torch.zeros(q.shape if atomic_dq else (1, 1, 1, 1), dtype=torch.float32, device=q.device)
-    _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), k.shape[2], batch)](
-        _descriptor(q, dkdv_cfg.block_m), _descriptor(k, dkdv_cfg.block_n // 2), _descriptor(v, dkdv_cfg.block_n // 2),
-        _descriptor(dout, dkdv_cfg.block_m), _descriptor(dk, dkdv_cfg.block_n // 2),
-        _descriptor(dv, dkdv_cfg.block_n // 2), lse2, delta, keys, dq_acc,
-        seqlen_q, seqlen_k, kv_group, lse2.stride(0), lse2.stride(1), keys_stride,
+    _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), nheads_k, prob.batch)](
+        _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2), _descriptor(v4, dkdv_cfg.block_n // 2),
+        _descriptor(do4, dkdv_cfg.block_m), _descriptor(dk4, dkdv_cfg.block_n // 2),
+        _descriptor(dv4, dkdv_cfg.block_n // 2), lse2, delta, keys, dq_acc,
+        *seq_ptrs, q, k, v, dout, dk, dv, nheads_k,
+        seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride,
         dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), headdim, *scalars, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen, num_warps=4,
     )
     if atomic_dq:
         dq.copy_(dq_acc)
         return dq, dk, dv
+    num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
+    _bwd_dq_sm90_kernel[(num_m_blocks, nheads, prob.batch)](
+        _descriptor(q4, dq_cfg.block_m // 2), _descriptor(k4, dq_cfg.block_n), _descriptor(v4, dq_cfg.block_n),
+        _descriptor(do4, dq_cfg.block_m // 2), _descriptor(dq4, dq_cfg.block_m // 2), lse2, delta, keys,
+        *seq_ptrs, q, k, v, dout, dq, nheads_k,
+        seqlen_q, seqlen_k, kv_group, num_m_blocks, *lse_strides, keys_stride, headdim, *scalars,
+        threshold, scale,
+        HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
+        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, num_warps=4,
+    )
+    return dq, dk, dv
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
     _bwd_dq_sm90_kernel[(num_m_blocks, nheads, batch)](
         _descriptor(q, dq_cfg.block_m // 2), _descriptor(k, dq_cfg.block_n), _descriptor(v, dq_cfg.block_n),
