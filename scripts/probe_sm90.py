@@ -2,7 +2,8 @@
 reference on a small case (the portable kernels' beside them), then their times against the
 portable kernels, SDPA's FA2 and cuDNN on the same tensors: the forward for each variant
 (``sm90.VARIANTS``) and tile given, the backward (dK/dV and dQ kernels) for each pair of
-tiles given, and the varlen forward on packed documents against FA2's varlen kernel.
+tiles given, and the varlen forward and backward on packed documents against FA2's varlen
+kernels.
 
     python scripts/probe_sm90.py                  # bf16, d=64/128, causal and full, 16k tokens
     python scripts/probe_sm90.py --parts bwd --headdims 128 --seqlens 4096 --bwd-tiles 64x128x2/128x64x3
@@ -178,8 +179,9 @@ def forward_section(args, fa2, cudnn) -> list:
 
 
 def varlen_section(args, fa2_varlen) -> list:
-    """The forward on packed documents (GQA 32/8, d=128): the sm90 varlen forward against the
-    portable one and FA2's varlen kernel, with its error against the portable forward."""
+    """Packed documents (GQA 32/8, d=128): the sm90 varlen forward and backward against the
+    portable kernels and FA2's varlen ones (``aten._flash_attention_forward/backward``),
+    with the largest difference of out, dq, dk and dv from the portable kernels'."""
     from ringflash import flash_attn_varlen_func
     from ringflash.bench.kernels_wide import pack_lengths
     from ringflash.kernels.problem import SeqMeta
@@ -190,25 +192,38 @@ def varlen_section(args, fa2_varlen) -> list:
             lengths = pack_lengths(pack, args.tokens)
             cu = torch.tensor([0] + lengths, device="cuda", dtype=torch.int32).cumsum(0, dtype=torch.int32)
             gen = torch.Generator(device="cuda").manual_seed(len(lengths))
-            q = torch.randn(args.tokens, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+            q, do = (torch.randn(args.tokens, 32, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+                     for _ in range(2))
             k, v = (torch.randn(args.tokens, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
                     for _ in range(2))
             longest = max(lengths)
             meta = SeqMeta.from_cu_seqlens(cu, cu)
             prob = make_problem(q, k, meta, longest, longest, 128 ** -0.5, causal, -1, -1, 0.0)
             sm90_fn = lambda: sm90.attention_forward_sm90(q, k, v, prob, meta=meta)  # noqa: E731
-            portable_fn = lambda: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=causal)  # noqa: E731
+            portable_fn = lambda: flash_attn_varlen_func(q, k, v, cu, cu, longest, longest, causal=causal,  # noqa: E731
+                                                         return_attn_probs=True)[:2]
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
             try:
-                err = (sm90_fn()[0].float() - portable_fn().float()).abs().max().item()
+                out, lse = portable_fn()
+                got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob, meta=meta)
+                want = attention_backward(do, q, k, v, out, lse, prob, meta)
+                err = max((a.float() - b.float()).abs().max().item()
+                          for a, b in zip((sm90_fn()[0], *got), (out, *want)))
                 times = {name: bench_ms(fn) for name, fn in (
                     ("sm90", sm90_fn), ("portable", portable_fn),
-                    ("FA2", lambda: fa2_varlen(q, k, v, cu, cu, longest, longest, causal)))}
+                    ("FA2", lambda: fa2_varlen(q, k, v, cu, cu, longest, longest, causal)),
+                    ("sm90 bwd", lambda: sm90.attention_backward_sm90(do, q, k, v, out, lse, prob, meta=meta)),
+                    ("portable bwd", lambda: attention_backward(do, q, k, v, out, lse, prob, meta)))}
+                times["FA2 bwd"] = time_fwd_bwd(lambda *t: fa2_varlen(*t, cu, cu, longest, longest, causal),
+                                                leaves, do)[1]
             except Exception as exc:
                 print(f"varlen {pack} causal={causal}: FAILED {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
-            row = [pack, "causal" if causal else "full", len(lengths), f"{err:.2e}",
-                   *(f"{times[n]:.3f}" for n in ("sm90", "portable", "FA2")),
-                   f"{times['portable'] / times['sm90']:.2f}", f"{times['FA2'] / times['sm90']:.2f}"]
+            row = [pack, "causal" if causal else "full", len(lengths), f"{err:.2e}"]
+            for pas in ("", " bwd"):
+                row += [*(f"{times[n + pas]:.3f}" for n in ("sm90", "portable", "FA2")),
+                        f"{times['portable' + pas] / times['sm90' + pas]:.2f}",
+                        f"{times['FA2' + pas] / times['sm90' + pas]:.2f}"]
             print("varlen", row, flush=True)
             rows.append(row)
     return rows
@@ -248,9 +263,9 @@ def main(argv=None) -> int:
         from ringflash.bench.common import AtenFlashVarlen
 
         rows = varlen_section(args, AtenFlashVarlen.apply)
-        tables.append("varlen forward (GQA 32/8, d=128; ms)\n" + format_table(
-            ["pack", "mask", "docs", "max err vs portable", "sm90", "portable", "FA2 varlen", "vs portable", "vs FA2"],
-            rows))
+        tables.append("varlen forward and backward (GQA 32/8, d=128; ms)\n" + format_table(
+            ["pack", "mask", "docs", "max err vs portable", "sm90", "portable", "FA2 varlen", "vs portable", "vs FA2",
+             "sm90 bwd", "portable bwd", "FA2 varlen bwd", "bwd vs portable", "bwd vs FA2"], rows))
     print("\n\n".join(tables))
     return 0
 
