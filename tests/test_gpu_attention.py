@@ -267,7 +267,9 @@ def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, causal):
         monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
-    q_lengths, k_lengths = [700, 0, 1, 129, 1300], [900, 5, 1, 129, 1301]
+    # Two empty query sequences last, the final one with no keys either: their descriptors
+    # start at the packed tensors' ends.
+    q_lengths, k_lengths = [700, 0, 1, 129, 1300, 0, 0], [900, 5, 1, 129, 1301, 7, 0]
     q = torch.randn(sum(q_lengths), 8, headdim, generator=gen, dtype=torch.float64).to(DEV)
     k, v = (torch.randn(sum(k_lengths), 2, headdim, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2))
     cu_q, cu_k = cu_seqlens_from_lengths(q_lengths, DEV), cu_seqlens_from_lengths(k_lengths, DEV)

@@ -151,11 +151,13 @@ if AVAILABLE:
         """A descriptor with ``like``'s box and layout over rows [row0, row0 + rows) of a
         packed (total, heads, headdim) tensor: TMA zero-fills reads past them and clips
         writes there, where the packed tensor's descriptor would reach the next sequence.
-        At least one row (a descriptor has no empty dimension): callers read nothing of an
-        empty sequence that counts, and write nothing of it. Its batch dimension has size 1
-        (stride unused)."""
+        Its batch dimension has size 1 (stride unused). An empty sequence gets one row (a
+        descriptor has no empty dimension) that lies inside the tensor even when the
+        sequence starts at its end: row0 - 1 (the loaders may read it, nothing counts it,
+        and nothing is stored there)."""
+        start = row0 - ((rows == 0) & (row0 > 0)).to(gl.int32)
         return tma.make_tensor_descriptor(
-            Ptr + row0.to(gl.int64) * stride_s, [1, gl.maximum(rows, 1), heads, headdim],
+            Ptr + start.to(gl.int64) * stride_s, [1, gl.maximum(rows, 1), heads, headdim],
             [stride_s, stride_s, stride_h, 1], like.block_type.shape, like.layout)
 
     @gluon.jit
