@@ -237,8 +237,8 @@ if AVAILABLE:
     def _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block, b, k_base, hk, n_blocks,
                  BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
         """Start the TMA loads of key block ``block`` into its ring slot (skipped past the
-        last); the sequence's keys start at row ``k_base`` of batch entry ``b`` (varlen: of
-        the one packed entry)."""
+        last); the sequence's keys start at row ``k_base`` of batch entry ``b`` (varlen: 0,
+        of the sequence's own descriptors)."""
         _load_pair(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, block % STAGES, b, k_base + block * BLOCK_N, hk,
                    block < n_blocks)
 
@@ -553,12 +553,12 @@ if AVAILABLE:
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
         Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-        ds_buf, DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
+        ds_buf, ds_other, k_other, ds_bars, DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
         b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
         stride_lb, stride_lh, qk_scale_log2, softmax_scale,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-        IS_VARLEN: gl.constexpr,
+        IS_VARLEN: gl.constexpr, PART: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over the query heads
         of its group and the query blocks from ``m_start`` (``n_steps`` = heads x
@@ -567,10 +567,11 @@ if AVAILABLE:
         dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
         HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, scaled by
         1 / (1 - p): dV once at the end, as in ``kernels.bwd`` (HAS_DROPOUT 1), or entry by
-        entry through the PTX mask's factor (2). With ATOMIC_DQ, also these
-        keys' share of dQ = dS K (scaled), added into the float32 ``DQAcc`` by atomics: dS^T
-        goes through shared memory (``ds_buf``, this consumer's own) to be read transposed
-        as the MMA's left operand: the 5-GEMM backward, no dQ kernel."""
+        entry through the PTX mask's factor (2). With ATOMIC_DQ, also column half PART of
+        the CTA's share of dQ = dS K (scaled, both consumers' keys), added into the float32
+        ``DQAcc`` by atomics: each dS^T goes through shared memory (``ds_buf``, this
+        consumer's, and ``ds_other`` beside the other's keys ``k_other``) to be read
+        transposed as the MMA's left operand: the 5-GEMM backward, no dQ kernel."""
         dtype: gl.constexpr = dk_desc.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
@@ -585,9 +586,10 @@ if AVAILABLE:
         dv = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
         st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=st_layout)
         HALF_D: gl.constexpr = HEADDIM // 2
+        DQ_COLS: gl.constexpr = HEADDIM // 4
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HALF_D, 16])
-        dq_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, layout=dq_layout)
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, DQ_COLS, 16])
+        dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
         mbarrier.wait(fixed_bar, 0)
         for i in range(n_steps):
             slot = i % STAGES
@@ -638,19 +640,32 @@ if AVAILABLE:
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
             dv, dk, pt_op, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, pt_op, ds_op))
             if ATOMIC_DQ:
-                # dQ = dS K in column halves of d (32 registers each instead of 64 for the
-                # whole: beside dK and dV the whole tile spilled).
+                # The query block's dQ over both consumers' keys, dS K = dS_0 K_0 + dS_1 K_1: each
+                # consumer stages its dS^T, waits for the other's, and adds its own column half
+                # PART of d (the whole tile beside dK and dV spilled). One float32
+                # atomic per dQ element per 128 keys: each consumer adding its own keys' share
+                # (both halves) took twice as many and ran at 0.62-0.75x the deterministic pair
+                # (run 38). ds_bars[0]: both tiles staged; [1]: both read (before restaging).
+                mbarrier.wait(ds_bars.index(1), (i - 1) & 1, pred=i > 0)
                 ds_buf.store(ds16)
                 fence_async_shared()
+                mbarrier.arrive(ds_bars.index(0))
+                mbarrier.wait(ds_bars.index(0), i & 1)
                 # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
                 dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
                 q_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
-                for half in gl.static_range(2):
-                    dq = warpgroup_mma(ds_buf.permute((1, 0)), k_tile.slice(half * HALF_D, HALF_D, dim=1), dq_zero,
+                # The half in two quarters of d: 16 registers of dQ at a time beside dK and dV.
+                for quarter in gl.static_range(2):
+                    dq = warpgroup_mma(ds_buf.permute((1, 0)),
+                                       k_tile.slice(PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq_zero,
                                        use_acc=False)
-                    dims = half * HALF_D + gl.arange(0, HALF_D, layout=gl.SliceLayout(0, dq_layout))
+                    dq = warpgroup_mma(ds_other.permute((1, 0)), k_other.reshape([ROWS, HEADDIM]).slice(
+                        PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq)
+                    dims = PART * HALF_D + quarter * DQ_COLS + gl.arange(0, DQ_COLS,
+                                                                         layout=gl.SliceLayout(0, dq_layout))
                     gl.atomic_add(dq_base + (q_rows[:, None] * stride_dqs + dims[None, :]), dq * softmax_scale,
                                   mask=(q_rows[:, None] < seqlen_q) & (dims[None, :] < headdim), sem="relaxed")
+                mbarrier.arrive(ds_bars.index(1))
             mbarrier.arrive(free_bars.index(slot))
         if HAS_DROPOUT == 1:  # the PTX mask's factor scaled P already
             dv = dv * dropout_scale
@@ -727,6 +742,9 @@ if AVAILABLE:
         DS_COLS: gl.constexpr = BLOCK_M if ATOMIC_DQ else 16
         ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [PARTS, DS_ROWS, DS_COLS],
                                             gl.NVMMASharedLayout.get_default_for([DS_ROWS, DS_COLS], q_desc.dtype))
+        ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_bars.index(i), count=PARTS)  # both consumers arrive
 
         # Query blocks that see any of these keys: key n is seen from query n - diag on.
         diag = seqlen_k - seqlen_q
@@ -745,22 +763,26 @@ if AVAILABLE:
         gl.warp_specialize([
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-                          ds_bufs.index(0), DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
+                          ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, stride_dqb,
+                          stride_dqs, stride_dqh, headdim,
                           b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
                           stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN)),
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-                          ds_bufs.index(1), DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
+                          ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, stride_dqb,
+                          stride_dqs, stride_dqh, headdim,
                           b, hk, n0 + ROWS, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q,
                           seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN)),
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
                           do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
                           STAGES)),
         ], [4, 1], [240, 24])
 
         _invalidate_ring(fixed_bar, q_bars, do_bars, free_bars, STAGES)
+        for i in gl.static_range(2):
+            mbarrier.invalidate(ds_bars.index(i))
 
     @gluon.jit
     def _dq_rows(
