@@ -296,7 +296,7 @@ def test_dropout_assembly_sets_the_portable_mask(key_major):
         return x ^ (x >> 16)
 
     asm = (sm90._DROPOUT_ASM_KEY_MAJOR if key_major else sm90._DROPOUT_ASM_QUERY_MAJOR).value
-    kept = 0x3F800000  # 1.0f
+    kept = 0x3F800000  # 1.0f, in every entry but the group's last (its own value: a probability)
     threshold_hi = dropout_threshold(p) << 16
     rows, cols, row0, col0 = (64, 64, 128, 64) if key_major else (64, 128, 128, 128)  # tiles off the origin
     seen = 0
@@ -308,13 +308,14 @@ def test_dropout_assembly_sets_the_portable_mask(key_major):
                 row = row0 + 16 * warp + lane // 4 + 8 * ((r // 2) % 2)
                 col = col0 + 8 * (r // 4) + 2 * (lane % 4) + r % 2
                 entries.append((col, row) if key_major else (row, col))  # (query, key)
+            values = [kept] * 7 + [0x3E99999A]  # 0.3f: entries keep their own operand
             operands = ([word(q, key_r, 0x9E3779B1) for q, _ in entries]
                         + [word((k // 16) * 8 + k % 8, key_c, 0x85EBCA6B) for _, k in entries]
-                        + [threshold_hi] * 8 + [kept] * 8)
+                        + [threshold_hi] * 8 + values)
             got = _run_dropout_asm(asm, operands)
-            for (q, k), factor in zip(entries, got):
-                assert factor in (0, kept)
-                assert (factor == kept) == bool(want[q, k]), (q, k)
+            for (q, k), value, factor in zip(entries, values, got):
+                assert factor in (0, value)
+                assert (factor == value) == bool(want[q, k]), (q, k)
                 seen += 1
     assert seen == rows * cols
 

@@ -75,8 +75,9 @@ def _dropout_asm(partner: int) -> str:
     (r % 2) + 8 (r // 4) and row lane / 4 + 8 ((r // 2) % 2) of its warp's 16 rows, so a
     key and the key 8 further (one pair) sit ``partner`` registers apart: 4 in the
     query-major tiles (keys are columns), 2 in the key-major ones (keys are rows).
-    Operands: $0-7 the factors, $8-15 row words, $16-23 pair words, $24-31 the threshold
-    in the top 16 bits, $32-39 the kept value. The mix is ``common.dropout_keep``'s."""
+    Operands: $0-7 the results, $8-15 row words, $16-23 pair words, $24-31 the threshold
+    in the top 16 bits, $32-39 each entry's kept value (a scalar's, or the entry's own
+    probability). The mix is ``common.dropout_keep``'s."""
     lines = ["{", ".reg .b32 h, t;", ".reg .pred k;"]
     for low in (e for e in range(8) if not e & partner):
         high = low + partner
@@ -89,7 +90,7 @@ def _dropout_asm(partner: int) -> str:
             "shr.b32 t, h, 16;",
             "xor.b32 h, h, t;",
             f"setp.hs.u32 k, h, ${24 + low};",  # the high half: key 16 g + 8 + c
-            f"selp.b32 ${high}, ${32 + low}, 0, k;",
+            f"selp.b32 ${high}, ${32 + high}, 0, k;",
             "shl.b32 t, h, 16;",
             f"setp.hs.u32 k, t, ${24 + low};",  # the low half: key 16 g + c
             f"selp.b32 ${low}, ${32 + low}, 0, k;",
@@ -190,8 +191,9 @@ if AVAILABLE:
 
     @gluon.jit
     def _dropout_factor(DropKeys, key_index, rows, cols, threshold, kept, KEY_MAJOR: gl.constexpr):
-        """The same mask as ``_dropout_keep`` (HAS_DROPOUT 2), as a factor tile: ``kept`` (a
-        float) where the entry is kept, 0.0 where dropped. Inline PTX (``_DROPOUT_ASM_*``)
+        """The same mask as ``_dropout_keep`` (HAS_DROPOUT 2), applied: ``kept`` (a float, or
+        a tile of the same shape: the probabilities themselves) where the entry is kept, 0.0
+        where dropped. Inline PTX (``_DROPOUT_ASM_*``)
         gets eight of a thread's accumulator registers at a time, both keys of a pair among
         them, and mixes each pair's draw once. ``configs.sm90_dropout_mask`` picks it until
         a GPU run has timed both (compiled for sm_90, d=128: the forward's added
@@ -219,7 +221,7 @@ if AVAILABLE:
         if HAS_DROPOUT:
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             if HAS_DROPOUT == 2:
-                p = p * _dropout_factor(DropKeys, key_index, rows, cols, threshold, 1.0, False)
+                p = _dropout_factor(DropKeys, key_index, rows, cols, threshold, p, False)
             else:
                 p = gl.where(_dropout_keep(DropKeys, key_index, rows, cols, threshold, False), p, 0.0)
         return p
