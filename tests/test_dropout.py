@@ -262,7 +262,8 @@ def test_sm90_varlen_dropout_matches_the_portable_kernels(monkeypatch, causal, m
         calls = []
         for name in ("attention_forward_sm90", "attention_backward_sm90"):
             real = getattr(sm90, name)
-            monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+            monkeypatch.setattr(sm90, name,
+                                lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         torch.manual_seed(11)
         out = flash_attn_varlen_func(*leaves, cu, cu, 500, 500, dropout_p=0.3, causal=causal)

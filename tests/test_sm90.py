@@ -96,8 +96,8 @@ def test_varlen_scope(on_hopper):
     # sequences x 256 bytes.
     many = torch.arange(0, 4097, dtype=torch.int32)
     many_meta = SeqMeta.from_cu_seqlens(many, many)
-    assert not sm90.supports(wrap(q), wrap(k), wrap(k), make_problem(q, k, many_meta, 8192, 8192, 0.1, True, -1, -1, 0.0),
-                             many_meta, None, None)
+    many_prob = make_problem(q, k, many_meta, 8192, 8192, 0.1, True, -1, -1, 0.0)
+    assert not sm90.supports(wrap(q), wrap(k), wrap(k), many_prob, many_meta, None, None)
     import dataclasses
 
     meta = dataclasses.replace(SeqMeta.from_cu_seqlens(cu, cu), diag=torch.zeros(1, 2, dtype=torch.int32))
@@ -351,7 +351,8 @@ def test_scratch_allocator_is_registered_once(monkeypatch):
     import triton
     from triton.runtime import _allocation
 
-    monkeypatch.setattr(_allocation, "_allocator", type(_allocation._allocator)("test", default=_allocation._NULL_ALLOCATOR))
+    fresh = type(_allocation._allocator)("test", default=_allocation._NULL_ALLOCATOR)
+    monkeypatch.setattr(_allocation, "_allocator", fresh)
     sm90._ensure_scratch_allocator()
     assert _allocation._allocator.get() is sm90._scratch
 

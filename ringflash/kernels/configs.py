@@ -186,12 +186,12 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
     (128, False): _C(128, 128, 4, 3), (128, True): _C(128, 128, 4, 3),
 }
 #: Fewest query rows (seqlen_q) from which the default backend takes the Gluon sm_90
-#: forward and backward, per head dim. Backward, run 38 (64x128x2 / 128x128x2 tiles): d=128
-#: 1.15-1.34x the portable backward at seqlen 1k-16k; d=64 1.04-1.13x at 4k-16k, and at 1k
-#: 0.97x full, 1.08x causal. Forward, Run 37 (pingpong, 3 stages, against the portable forward, bf16,
-#: 16k tokens): d=128 1.31-1.41x at seqlen 1k-16k; d=64 1.14-1.24x at 4k-16k, but at 1k
-#: 1.02x full and 0.82x causal (short causal programs: the warp-specialized prologue and
-#: the 12 warps do not pay off).
+#: forward and backward, per head dim (bf16, 16k tokens per call, against the portable
+#: kernels). Forward, run 37 (pingpong, 3 stages): d=128 1.31-1.41x at seqlen 1k-16k; d=64
+#: 1.14-1.24x at 4k-16k, but at 1k 1.02x full and 0.82x causal (short causal programs: the
+#: warp-specialized prologue and the 12 warps do not pay off). Backward, run 38 (64x128x2 /
+#: 128x128x2 tiles): d=128 1.15-1.34x at 1k-16k; d=64 1.04-1.13x at 4k-16k, and at 1k 0.97x
+#: full, 1.08x causal.
 SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 128: 1024}
 
 

@@ -16,8 +16,9 @@
 
 The backward (``backward``) has two families: the portable one (``kernels.bwd``) and the
 Gluon Hopper one (``sm90.attention_backward_sm90``), for the calls in the forward's scope
-(plain varlen ones with ``RINGFLASH_BACKEND=sm90`` only), by default where ``sm90.preferred(..., "bwd")`` (run 38: 1.04-1.34x the portable backward at
-d=64 from seqlen 4k and d=128 from 1k). Either backward takes either forward's out and lse.
+(plain varlen ones with ``RINGFLASH_BACKEND=sm90`` only), by default where
+``sm90.preferred(..., "bwd")`` (run 38: 1.04-1.34x the portable backward at d=64 from
+seqlen 4k and d=128 from 1k). Either backward takes either forward's out and lse.
 
 Dense calls take the decode family by default: on an H100 (run 27 in docs/benchmarks.md) it
 ran one-query calls 1.45-1.57x faster than the training forward as a Python call and

@@ -162,6 +162,16 @@ if AVAILABLE:
             [stride_s, stride_s, stride_h, 1], like.block_type.shape, like.layout)
 
     @gluon.jit
+    def _dropout_words(DropKeys, key_index, rows, cols):
+        """The per-row and per-key-pair words of ``common.dropout_keep`` for query positions
+        ``rows`` and key positions ``cols``, from the sequence and head's two Philox words
+        at ``DropKeys + key_index`` (``dropout_mask.dropout_keys``)."""
+        key_r = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
+        key_c = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
+        return (_keep_word(rows, key_r, 0x9E3779B1),
+                _keep_word((cols // 16) * 8 + cols % 8, key_c, 0x85EBCA6B))
+
+    @gluon.jit
     def _dropout_keep(DropKeys, key_index, rows, cols, threshold, KEY_MAJOR: gl.constexpr):
         """The keep mask of ``common.dropout_keep`` in Gluon ops (HAS_DROPOUT 1): query
         positions ``rows`` and key positions ``cols`` (two vectors sliced from one tile
@@ -171,10 +181,7 @@ if AVAILABLE:
         and high 16 bits; written entry by entry (the join and reshape that split a pair's
         draw in the portable kernel have no layouts Gluon infers), the compiler merges the
         mixes it proves equal."""
-        key_r = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
-        key_c = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
-        row_words = _keep_word(rows, key_r, 0x9E3779B1)
-        pair_words = _keep_word((cols // 16) * 8 + cols % 8, key_c, 0x85EBCA6B)
+        row_words, pair_words = _dropout_words(DropKeys, key_index, rows, cols)
         high = (cols % 16) >= 8
         if KEY_MAJOR:
             x = pair_words[:, None] ^ row_words[None, :]
@@ -199,10 +206,7 @@ if AVAILABLE:
         (compiled for sm_90, d=128: the instructions dropout adds fell by a third in the
         forward and by three fifths in the dK/dV kernel, and rose by a third in the dQ
         kernel, where the compiler had merged the pairs' equal mixes itself)."""
-        key_r = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
-        key_c = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
-        row_words = _keep_word(rows, key_r, 0x9E3779B1)
-        pair_words = _keep_word((cols // 16) * 8 + cols % 8, key_c, 0x85EBCA6B)
+        row_words, pair_words = _dropout_words(DropKeys, key_index, rows, cols)
         # Compared against the threshold in the top 16 bits: (x >> 16) >= t is x >= t << 16,
         # and (x & 0xFFFF) >= t is (x << 16) >= t << 16 (``supports`` keeps t < 2**16).
         threshold_hi = gl.cast(threshold, gl.uint32) << 16
@@ -1190,7 +1194,8 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
     dq_acc = torch.zeros(q.shape if atomic_dq else (1, 1, 1, 1), dtype=torch.float32, device=q.device)
     _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), nheads_k, prob.batch)](
-        _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2), _descriptor(v4, dkdv_cfg.block_n // 2),
+        _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2),
+        _descriptor(v4, dkdv_cfg.block_n // 2),
         _descriptor(do4, dkdv_cfg.block_m), _descriptor(dk4, dkdv_cfg.block_n // 2),
         _descriptor(dv4, dkdv_cfg.block_n // 2), lse2, delta, keys, dq_acc,
         *seq_ptrs, q, k, v, dout, dk, dv, nheads_k,
