@@ -126,8 +126,8 @@ def test_preferred_where_measured_faster():
     tiles (fwd= for the forward, dkdv=/dq= for the backward)."""
     from ringflash.kernels import configs
 
-    unmeasured = torch.zeros(1, 1 << 15, 2, 96, dtype=torch.bfloat16)
-    assert not sm90.preferred(_problem(unmeasured, unmeasured))  # d=96: only with RINGFLASH_BACKEND=sm90
+    unmeasured = torch.zeros(1, 1 << 15, 2, 112, dtype=torch.bfloat16)
+    assert not sm90.preferred(_problem(unmeasured, unmeasured))  # d=112: only with RINGFLASH_BACKEND=sm90
     measured = torch.zeros(1, 1 << 15, 2, 128, dtype=torch.bfloat16)
     assert sm90.preferred(_problem(measured, measured))
     assert not sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout: likewise
@@ -146,7 +146,8 @@ def test_preferred_where_measured_faster():
         with configs.override(sm90_fwd=configs.KernelConfig(128, 64, 4, 2)):
             assert sm90.preferred(_problem(long_, long_))
             assert configs.sm90_forward_config(d, True) == configs.KernelConfig(128, 64, 4, 2)
-    assert set(configs.SM90_MIN_SEQLEN_Q) == {d for d, _ in configs.SM90_FORWARD}
+    # every measured head dim runs on a tuned tile width
+    assert {sm90._block_d(d) for d in configs.SM90_MIN_SEQLEN_Q} == {d for d, _ in configs.SM90_FORWARD}
 
 
 def test_variant_names():

@@ -1014,7 +1014,7 @@ def _tma_readable(x: torch.Tensor) -> bool:
 def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, kind: str = "fwd") -> bool:
     """Whether the default backend takes this family's ``kind`` ("fwd" or "bwd") for a call
     it ``supports``: where it measured faster than the portable kernel
-    (``configs.SM90_MIN_SEQLEN_Q``: d = 64 and 128, runs 37 and 38; other head dims,
+    (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96 and 128, runs 37-39; other head dims,
     dropout and varlen only with RINGFLASH_BACKEND=sm90 until measured), unless a
     ``configs.override`` context forces the portable kernel's tiles for ``kind``."""
     if dropout is not None or prob.is_varlen:
