@@ -72,6 +72,8 @@ for s in "$@"; do
     # forward, FA2 and cuDNN (scripts/probe_sm90.py --help).
     probesm90) stage probesm90 "${PROBESM90_LIMIT:-240}" python3 scripts/probe_sm90.py ${PROBESM90_ARGS:-} ;;
     probefp32) stage probefp32 "${PROBEFP32_LIMIT:-240}" python3 scripts/probe_fp32.py ${PROBEFP32_ARGS:-} ;;
+    # Issue 15: where an HF Llama training step's time goes, ringattn against sdpa.
+    profhf) stage profhf "${PROFHF_LIMIT:-240}" python3 scripts/profile_hf.py ${PROFHF_ARGS:-} ;;
     profdecode) stage profdecode "${PROFDECODE_LIMIT:-150}" python3 scripts/profile_decode.py --out "$OUT/profdecode" ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;

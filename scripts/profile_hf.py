@@ -1,0 +1,139 @@
+"""Where does a transformers training step's time go with ringflash against SDPA? (a
+development tool, not part of the package; issue 15's end-to-end bar)
+
+`bench hf` measured the 8-layer Llama step (batch 1, 16/4 heads, d=128) at 0.88x SDPA's
+speed at 4k and at 16k tokens, while the kernels alone ran at or above cuDNN's speed. For
+each (tokens, variant) this prints:
+
+  * wall-clock time per step over back-to-back steps, against the summed CUDA kernel time
+    (a step whose wall time is well above its kernel time waits on the host);
+  * torch.profiler's kernels of one step, by CUDA time (attention kernels and the rest);
+  * which path each attention call took (``ringflash.kernels.dispatch`` records).
+
+Then the attention alone at the model's shape (b=1, 16/4 heads, d=128, causal), through
+the calls the step makes: ringflash's ``flash_attn_func`` (dense) and its HF attention
+function (the position_ids layout), against SDPA cuDNN, as wall time per fwd+bwd over
+back-to-back calls and as do_bench's median.
+
+    python scripts/profile_hf.py [--tokens 4096 16384] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def _kernel_table(prof, top: int) -> tuple[float, list[tuple[str, float, int]]]:
+    """(total CUDA ms, [(kernel name, ms, calls)] of the top kernels) of a profile."""
+    rows = []
+    for evt in prof.key_averages():
+        cuda_us = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if evt.device_type == torch.autograd.DeviceType.CUDA and cuda_us > 0:
+            rows.append((evt.key, cuda_us / 1e3, evt.count))
+    rows.sort(key=lambda r: -r[1])
+    return sum(r[1] for r in rows), rows[:top]
+
+
+def _wall_ms(fn, reps: int) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3 / reps
+
+
+def profile_steps(tokens_list, steps: int, top: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from ringflash.bench.hf import GPU_MODEL, Case, build_model, make_batch, step_fn
+    from ringflash.integrations.hf import register
+    from ringflash.kernels import dispatch
+
+    name = register()
+    model = build_model(GPU_MODEL, max(tokens_list), "cuda", torch.bfloat16)
+    for tokens in tokens_list:
+        case = Case(tokens)
+        batch = make_batch(case, GPU_MODEL["vocab_size"], "cuda")
+        for variant, impl in (("ringattn", name), ("sdpa", "sdpa")):
+            model.set_attn_implementation(impl)
+            step = step_fn(model, case, batch, "ringattn" if variant == "ringattn" else "sdpa", {})
+            for _ in range(2):
+                step()
+            wall = _wall_ms(step, steps)
+            from collections import Counter
+
+            with dispatch.recording_families() as ran:
+                step()
+            paths = dict(Counter(ran))
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            total, rows = _kernel_table(prof, top)
+            print(f"\n== {tokens} tokens, {variant}: wall {wall:.1f} ms/step, CUDA kernels {total:.1f} ms/step "
+                  f"({wall - total:+.1f} ms not covered by kernels); paths {paths}")
+            for key, ms, count in rows:
+                print(f"   {ms:8.2f} ms {count:5d}x  {key[:110]}")
+
+
+def attention_alone(tokens_list) -> None:
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from ringflash import flash_attn_func
+    from ringflash.integrations.hf import attention_forward
+
+    class _Module:
+        is_causal = True
+
+    print("\n== attention alone, b=1 16/4 heads d=128 causal, fwd+bwd (ms): wall per call / do_bench median")
+    for tokens in tokens_list:
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        # transformers' layout: (batch, heads, tokens, d)
+        q = torch.randn(1, 16, tokens, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+        k, v = (torch.randn(1, 4, tokens, 128, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+                for _ in range(2))
+        pos = torch.arange(tokens, device="cuda")[None]
+        dout = torch.randn(1, tokens, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+        def ours_dense():
+            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            out.backward(dout)
+
+        def ours_hf():
+            out, _ = attention_forward(_Module(), q, k, v, None, position_ids=pos)
+            out.backward(dout)
+
+        def cudnn():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = sdpa(q, k, v, is_causal=True, enable_gqa=True)
+            out.backward(dout.transpose(1, 2))
+
+        for label, fn in (("ours flash_attn_func", ours_dense), ("ours HF function (position_ids)", ours_hf),
+                          ("SDPA cuDNN", cudnn)):
+            try:
+                fn()
+                wall = _wall_ms(fn, 20)
+                bench = triton.testing.do_bench(fn, warmup=25, rep=200)
+                print(f"   {tokens:6d} {label:34s} {wall:7.3f} / {bench:7.3f}")
+            except Exception as exc:  # noqa: BLE001 - a development probe reports and goes on
+                print(f"   {tokens:6d} {label:34s} error: {type(exc).__name__}: {str(exc)[:160]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--top", type=int, default=14)
+    args = parser.parse_args()
+    attention_alone(args.tokens)
+    profile_steps(args.tokens, args.steps, args.top)
+
+
+if __name__ == "__main__":
+    main()
