@@ -114,8 +114,18 @@ def attention_alone(tokens_list) -> None:
                 out = sdpa(q, k, v, is_causal=True, enable_gqa=True)
             out.backward(dout.transpose(1, 2))
 
-        for label, fn in (("ours flash_attn_func", ours_dense), ("ours HF function (position_ids)", ours_hf),
-                          ("SDPA cuDNN", cudnn)):
+        qc, kc, vc = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+
+        def ours_contiguous():
+            flash_attn_func(qc, kc, vc, causal=True).backward(dout)
+
+        def ours_forward():
+            with torch.no_grad():
+                flash_attn_func(qc, kc, vc, causal=True)
+
+        for label, fn in (("ours flash_attn_func", ours_dense), ("ours flash_attn_func, contiguous", ours_contiguous),
+                          ("ours forward alone, contiguous", ours_forward),
+                          ("ours HF function (position_ids)", ours_hf), ("SDPA cuDNN", cudnn)):
             try:
                 fn()
                 wall = _wall_ms(fn, 20)
@@ -125,14 +135,59 @@ def attention_alone(tokens_list) -> None:
                 print(f"   {tokens:6d} {label:34s} error: {type(exc).__name__}: {str(exc)[:160]}")
 
 
+def host_profile(tokens: int, calls: int = 20) -> None:
+    """cProfile of back-to-back fwd+bwd calls of flash_attn_func (contiguous, b=1 16/4 d=128
+    causal) and torch.profiler's kernels of one call: where a call's host time goes."""
+    import cProfile
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from ringflash import flash_attn_func
+    from ringflash.kernels import dispatch
+
+    q = torch.randn(1, tokens, 16, 128, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    k, v = (torch.randn(1, tokens, 4, 128, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(2))
+    dout = torch.randn_like(q)
+
+    def call():
+        flash_attn_func(q, k, v, causal=True).backward(dout)
+
+    for _ in range(3):
+        call()
+    with dispatch.recording_families() as ran:
+        call()
+    print(f"\n== host profile, {tokens} tokens, {calls} fwd+bwd calls; paths {ran}")
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        call()
+    torch.cuda.synchronize()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(28)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+        call()
+        torch.cuda.synchronize()
+    total, rows = _kernel_table(tprof, 12)
+    print(f"   kernels of one call: {total:.3f} ms")
+    for key, ms, count in rows:
+        print(f"   {ms:8.3f} ms {count:5d}x  {key[:110]}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
+    parser.add_argument("--only", choices=["alone", "host", "steps"], nargs="+", default=["alone", "steps"])
     args = parser.parse_args()
-    attention_alone(args.tokens)
-    profile_steps(args.tokens, args.steps, args.top)
+    if "alone" in args.only:
+        attention_alone(args.tokens)
+    if "host" in args.only:
+        host_profile(args.tokens[0])
+    if "steps" in args.only:
+        profile_steps(args.tokens, args.steps, args.top)
 
 
 if __name__ == "__main__":
