@@ -114,6 +114,43 @@ def test_unsupported_options_raise():
         rf_hf.attention_forward(layer, q, k, k, None, s_aux=torch.zeros(4, device=DEVICE))
 
 
+@pytest.mark.parametrize("positions", [[37], [20, 17]], ids=["one document", "two documents"])
+def test_position_ids_of_one_document_take_the_dense_kernels(monkeypatch, positions):
+    """transformers hands position_ids to every attention call, so an unpacked batch-1 row
+    arrives with them: one document runs the dense kernels (the Gluon ones on Hopper; the
+    varlen path measured 1.3x slower there in an HF step), bit for bit flash_attn_func's
+    output and gradients; two documents run varlen."""
+    from ringflash import flash_attn_func
+    from ringflash.kernels import dispatch
+
+    layer = tiny_model(rf_hf.register(), device=DEVICE).model.layers[0].self_attn
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n = sum(positions)
+    q, k, v = (torch.randn(1, h, n, 16, generator=gen).to(DEVICE).requires_grad_() for h in (4, 2, 2))
+    pos = torch.cat([torch.arange(p) for p in positions]).to(DEVICE)[None]
+    dout = torch.randn(1, n, 4, 16, generator=gen).to(DEVICE)
+    seen = []
+    real_forward = dispatch.forward
+
+    def forward(q_, k_, v_, prob, meta=None, **kwargs):
+        seen.append(meta)
+        return real_forward(q_, k_, v_, prob, meta, **kwargs)
+
+    monkeypatch.setattr(dispatch, "forward", forward)
+    out, _ = rf_hf.attention_forward(layer, q, k, v, None, position_ids=pos)
+    out.backward(dout)
+    assert (seen[0] is None) == (len(positions) == 1), seen
+    if len(positions) == 1:
+        grads = [t.grad.clone() for t in (q, k, v)]
+        for t in (q, k, v):
+            t.grad = None
+        expected = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
+        expected.backward(dout)
+        assert torch.equal(out, expected)
+        for got, t, name in zip(grads, (q, k, v), "qkv"):
+            assert torch.equal(got, t.grad), f"d{name}"
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed position_ids"])
 def test_autocast_with_float32_parameters(packed):
     """float32 parameters under bf16 autocast (the training example's GPU setting): the

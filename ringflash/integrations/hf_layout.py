@@ -16,7 +16,8 @@ Layouts:
   each row; queries are the kept tokens among the row's last q_len positions (q_len <
   kv_len during generation with a KV cache). Padded query rows get out = 0, lse = -inf.
 * ``"positions"``: (1, n) position_ids of one packed row: a document starts wherever the
-  position is 0 (or the row is one document when it never restarts).
+  position is 0 (or the row is one document when it never restarts). A row that is one
+  document runs the dense kernels.
 
 Shapes: q (batch, q_len, nheads, d), k/v (batch, kv_len, nheads_k, d); out like q; lse
 (batch, nheads, q_len) float32, natural log. Causal masks and windows are aligned to the
@@ -130,6 +131,19 @@ def _dropout(dropout_p: float, dropout_seed: Optional[torch.Tensor]) -> Optional
     return None if dropout_p == 0.0 else (dropout_p, int(dropout_seed.item()))  # a CPU tensor: no sync
 
 
+def _one_sequence(q: torch.Tensor, lay: tuple) -> bool:
+    """Whether the layout is the whole of one row (batch 1, nothing unpadded, one document):
+    a plain dense call, which the dense kernels take (the Gluon sm_90 ones on Hopper, which
+    the varlen path does not default to). transformers passes position_ids to every
+    attention call, so an ordinary unpacked batch-1 row arrives here (a shape test, no sync)."""
+    q_index, cu_q, _, k_index, cu_k, _ = lay
+    return q.shape[0] == 1 and q_index is None and k_index is None and cu_q.numel() == 2 and cu_k.numel() == 2
+
+
+def _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softcap):
+    return make_problem(q, k, None, q.shape[1], k.shape[1], softmax_scale, causal, window_left, window_right, softcap)
+
+
 @torch.library.custom_op("ringflash::layout_attn_fwd", mutates_args=())
 def layout_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, layout_kind: str,
@@ -138,6 +152,9 @@ def layout_attn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, q_len, h, _ = q.shape
     lay = _layout(layout, layout_kind, q_len, k.shape[1])
+    if _one_sequence(q, lay):
+        prob = _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softcap)
+        return dispatch.forward(q, k, v, prob, None, dropout=_dropout(dropout_p, dropout_seed))
     q_index, k_index = lay[0], lay[3]
     q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
     meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
@@ -162,6 +179,9 @@ def layout_attn_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, q_len, h, _ = q.shape
     lay = _layout(layout, layout_kind, q_len, k.shape[1])
+    if _one_sequence(q, lay):
+        prob = _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softcap)
+        return dispatch.backward(dout, q, k, v, out, lse, prob, None, dropout=_dropout(dropout_p, dropout_seed))
     q_index, k_index = lay[0], lay[3]
     q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
     lse_rows = lse.transpose(0, 1).reshape(h, b * q_len)
