@@ -34,6 +34,7 @@ may still cover the next sequence's rows: those rows' results are never stored.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Optional
@@ -1028,12 +1029,20 @@ def _block_d(headdim: int) -> int:
     return 64 if headdim <= 64 else 128
 
 
+@functools.lru_cache(maxsize=None)
+def _box_layout(rows: int, block_d: int, dtype: torch.dtype) -> "gl.NVMMASharedLayout":
+    """The shared-memory layout of a (1, rows, 1, block_d) box: a handful of distinct ones,
+    made once (building one took about half of a descriptor's 11 us of host time, and a
+    training step's backward makes 11 descriptors per call)."""
+    return gl.NVMMASharedLayout.get_default_for([1, rows, 1, block_d], _GL_DTYPES[dtype])
+
+
 def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     """A TMA descriptor over (batch, seqlen, heads, d) moving (1, rows, 1, ``_block_d(d)``)
     boxes (columns past d read as zeros and are not written)."""
-    box = [1, rows, 1, _block_d(x.shape[-1])]
-    layout = gl.NVMMASharedLayout.get_default_for(box, _GL_DTYPES[x.dtype])
-    return TensorDescriptor(x, list(x.shape), list(x.stride()), box, layout)
+    block_d = _block_d(x.shape[-1])
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, block_d],
+                            _box_layout(rows, block_d, x.dtype))
 
 
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
@@ -1192,7 +1201,9 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     # The atomic dQ's float32 accumulator (a dummy without it), addressed with 32-bit offsets
     # within a (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
     atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
-    dq_acc = torch.zeros(q.shape if atomic_dq else (1, 1, 1, 1), dtype=torch.float32, device=q.device)
+    # Without it the kernel never reads the pointer: delta stands in (no allocation per call).
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
+    dq_acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if atomic_dq else (0, 0, 0)
     _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), nheads_k, prob.batch)](
         _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2),
         _descriptor(v4, dkdv_cfg.block_n // 2),
@@ -1200,7 +1211,7 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         _descriptor(dv4, dkdv_cfg.block_n // 2), lse2, delta, keys, dq_acc,
         *seq_ptrs, q, k, v, dout, dk, dv, nheads_k,
         seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride,
-        dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2), headdim, *scalars, threshold, scale,
+        *dq_acc_strides, headdim, *scalars, threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
         CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen, num_warps=4,
     )
@@ -1216,15 +1227,5 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
         CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, num_warps=4,
-    )
-    return dq, dk, dv
-    num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
-    _bwd_dq_sm90_kernel[(num_m_blocks, nheads, batch)](
-        _descriptor(q, dq_cfg.block_m // 2), _descriptor(k, dq_cfg.block_n), _descriptor(v, dq_cfg.block_n),
-        _descriptor(dout, dq_cfg.block_m // 2), _descriptor(dq, dq_cfg.block_m // 2), lse2, delta, keys,
-        seqlen_q, seqlen_k, kv_group, num_m_blocks, lse2.stride(0), lse2.stride(1), keys_stride, *scalars,
-        threshold, scale,
-        HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), num_warps=4,
     )
     return dq, dk, dv
