@@ -280,6 +280,22 @@ def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, causal):
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_sm90_head_splits_against_the_reference(gen, monkeypatch, splits):
+    """The Gluon dK/dV kernel with each GQA group's query heads split across 1, 2 or 4
+    programs (``configs.sm90_dkdv_head_splits``: transformers' Llama shape at batch 1, 16/4
+    heads, which underfills the GPU), lengths off the tiles, causal: dq, dk and dv against
+    the float64 reference at the project's bar."""
+    from ringflash.kernels import configs
+
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    inputs = _dense64(gen, 1, 1000, 1000, 16, 4, 128)
+    with configs.override(sm90_head_splits=splits):
+        check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(True,))
+
+
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("causal", [False, True])
 def test_sm90_varlen_keeps_sequences_apart(gen, monkeypatch, causal):
     """A NaN and an Inf in one sequence's values reach no other sequence's output through

@@ -363,3 +363,25 @@ def test_scratch_allocator_is_registered_once(monkeypatch):
     triton.set_allocator(theirs)
     sm90._ensure_scratch_allocator()
     assert _allocation._allocator.get() is theirs
+
+
+def test_dkdv_head_splits_fill_the_gpu(monkeypatch):
+    """The Gluon dK/dV kernel splits a GQA group's query heads across programs only where
+    the launch has fewer than two programs per SM, by the smallest divisor of the group
+    that reaches two (the whole group where none does); never for MHA or off the GPU; an
+    override must divide the group."""
+    from ringflash.kernels import configs
+
+    monkeypatch.setattr(configs, "sm_count", lambda device: 132)
+    gpu = torch.device("cuda", 0)
+    assert configs.sm90_dkdv_head_splits(128, 4, gpu) == 4  # Llama 16/4 at 4k, batch 1: 128 programs
+    assert configs.sm90_dkdv_head_splits(132, 4, gpu) == 2
+    assert configs.sm90_dkdv_head_splits(264, 4, gpu) == 1
+    assert configs.sm90_dkdv_head_splits(64, 4, gpu) == 4  # none reaches two per SM: the whole group
+    assert configs.sm90_dkdv_head_splits(100, 6, gpu) == 3
+    assert configs.sm90_dkdv_head_splits(16, 1, gpu) == 1  # MHA: nothing to split
+    assert configs.sm90_dkdv_head_splits(16, 4, torch.device("cpu")) == 1
+    with configs.override(sm90_head_splits=2):
+        assert configs.sm90_dkdv_head_splits(10_000, 4, gpu) == 2
+        with pytest.raises(ValueError, match="sm90_head_splits: got 2; expected a divisor of the group size 3"):
+            configs.sm90_dkdv_head_splits(10, 3, gpu)

@@ -239,6 +239,29 @@ def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:
     return _override.get("sm90_fwd") or SM90_FORWARD[(headdim, causal)]
 
 
+def sm90_dkdv_head_splits(programs: int, kv_group: int, device: torch.device) -> int:
+    """How many programs share one (key block, KV head, sequence) of the Gluon dK/dV
+    kernel, each over its own slice of the group's query heads into a float32 partial that
+    the launcher sums (in a fixed order: deterministic). One program per key block and KV
+    head underfills the GPU when those are few: transformers' Llama step at batch 1 (16/4
+    heads, 4k tokens) launched 128 programs on 132 SMs, and the causal ones run from one
+    query block to all of them, so its dK/dV kernel took 0.41 ms of a 0.77 ms fwd+bwd
+    (run 39's profile). The smallest divisor of the group that brings the launch to two
+    programs per SM; the whole group where none does; 1 from two programs per SM on. An
+    ``override(sm90_head_splits=...)`` context wins (it must divide the group)."""
+    forced = _override.get("sm90_head_splits")
+    if forced is not None:
+        if kv_group % int(forced):  # type: ignore[arg-type]
+            raise ValueError(f"sm90_head_splits: got {forced}; expected a divisor of the group size {kv_group}")
+        return int(forced)  # type: ignore[arg-type]
+    if kv_group == 1 or device.type != "cuda":
+        return 1
+    wanted = 2 * sm_count(device)
+    if programs >= wanted:
+        return 1
+    return next((d for d in range(2, kv_group + 1) if kv_group % d == 0 and programs * d >= wanted), kv_group)
+
+
 def portable_tiles_forced(kind: str) -> bool:
     """Whether an ``override`` context names the portable kernels' tiles for ``kind``:
     "fwd" (``fwd=``) or "bwd" (``dkdv=`` or ``dq=``); a test forcing them means that kernel."""
@@ -319,13 +342,15 @@ def override(
     sm90_fwd: Optional[KernelConfig] = None,
     sm90_dkdv: Optional[KernelConfig] = None,
     sm90_dq: Optional[KernelConfig] = None,
+    sm90_head_splits: Optional[int] = None,
 ) -> Iterator[None]:
     """Force configurations inside the block (tests, tuning). ``fwd`` is the portable
     forward's, and also keeps the default backend on the portable forward (a test forcing
-    its tiles means that kernel); ``sm90_*`` are the Gluon sm_90 kernels'."""
+    its tiles means that kernel); ``sm90_*`` are the Gluon sm_90 kernels' (``sm90_head_splits``:
+    ``sm90_dkdv_head_splits``)."""
     saved = dict(_override)
     for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits), ("sm90_fwd", sm90_fwd),
-                       ("sm90_dkdv", sm90_dkdv), ("sm90_dq", sm90_dq)):
+                       ("sm90_dkdv", sm90_dkdv), ("sm90_dq", sm90_dq), ("sm90_head_splits", sm90_head_splits)):
         if value is not None:
             _override[key] = value
     try:

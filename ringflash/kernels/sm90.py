@@ -562,15 +562,16 @@ if AVAILABLE:
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
         Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
         ds_buf, ds_other, k_other, ds_bars, DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
-        b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-        stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+        stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
         IS_VARLEN: gl.constexpr, PART: gl.constexpr,
     ):
-        """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over the query heads
-        of its group and the query blocks from ``m_start`` (``n_steps`` = heads x
-        ``m_blocks`` steps, in the loader's order), in key-major tiles: S^T = K Q^T,
+        """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over query heads
+        ``h_first``.. (its group's, or a slice of them) and the query blocks
+        from ``m_start`` (``n_steps`` = heads x ``m_blocks`` steps, in the loader's order), in
+        key-major tiles: S^T = K Q^T,
         P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
         dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
         HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, scaled by
@@ -579,7 +580,8 @@ if AVAILABLE:
         the CTA's share of dQ = dS K (scaled, both consumers' keys), added into the float32
         ``DQAcc`` by atomics: each dS^T goes through shared memory (``ds_buf``, this
         consumer's, and ``ds_other`` beside the other's keys ``k_other``) to be read
-        transposed as the MMA's left operand: the 5-GEMM backward, no dQ kernel."""
+        transposed as the MMA's left operand: the 5-GEMM backward, no dQ kernel. dK and dV go
+        to batch index ``b_out`` of their descriptors (``b``, or a slice's partial)."""
         dtype: gl.constexpr = dk_desc.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
@@ -602,7 +604,7 @@ if AVAILABLE:
         for i in range(n_steps):
             slot = i % STAGES
             phase = (i // STAGES) & 1
-            h = hk * kv_group + i // m_blocks
+            h = h_first + i // m_blocks
             m0 = (m_start + i % m_blocks) * BLOCK_M
             mbarrier.wait(q_bars.index(slot), phase)
             q_tile = q_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
@@ -682,15 +684,15 @@ if AVAILABLE:
         # empty sequence is the next one's.
         if IS_VARLEN:
             if n0 < seqlen_k:
-                _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
-                _store_rows(v_part, dv, dv_desc, b, n0, hk)
+                _store_rows(k_part, dk * softmax_scale, dk_desc, b_out, n0, hk)
+                _store_rows(v_part, dv, dv_desc, b_out, n0, hk)
         else:
-            _store_rows(k_part, dk * softmax_scale, dk_desc, b, n0, hk)
-            _store_rows(v_part, dv, dv_desc, b, n0, hk)
+            _store_rows(k_part, dk * softmax_scale, dk_desc, b_out, n0, hk)
+            _store_rows(v_part, dv, dv_desc, b_out, n0, hk)
 
     @gluon.jit
     def _load_dkdv(k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs,
-                   q_bars, do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps,
+                   q_bars, do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps,
                    ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr):
         """The dK/dV loader: each consumer's K and V rows once, then Q and dO of every step."""
         mbarrier.expect(fixed_bar, PARTS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
@@ -701,27 +703,32 @@ if AVAILABLE:
             slot = i % STAGES
             mbarrier.wait(free_bars.index(slot), ((i // STAGES) + 1) & 1, pred=i >= STAGES)
             _load_pair(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, slot, b,
-                       (m_start + i % m_blocks) * BLOCK_M, hk * kv_group + i // m_blocks, True)
+                       (m_start + i % m_blocks) * BLOCK_M, h_first + i // m_blocks, True)
 
     @gluon.jit
     def _bwd_dkdv_sm90_kernel(
         q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, DQAcc,
         QStarts, QEnds, CuSeqlensK, QPtr, KPtr, VPtr, DOPtr, DKPtr, DVPtr, nheads_k,
         seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, stride_dqb, stride_dqs, stride_dqh, headdim,
-        qk_scale_log2, softmax_scale, dropout_threshold, dropout_scale,
+        qk_scale_log2, softmax_scale, dropout_threshold, dropout_scale, head_splits,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
         num_warps: gl.constexpr,
     ):
-        """Grid (key blocks of BLOCK_N, KV heads, batch); ``num_warps`` = 4. Two consumer
-        warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query blocks of
-        every query head of the group. Writes dK, dV (the inputs' dtype).
+        """Grid (key blocks of BLOCK_N, KV heads x ``head_splits``, batch); ``num_warps`` = 4.
+        Two consumer warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query
+        blocks of every query head of the group, or with ``head_splits`` > 1 of this
+        program's slice of them. Writes dK, dV (the inputs' dtype); with ``head_splits`` > 1
+        (dense only) each slice's partial sums instead, through descriptors over
+        (head_splits x batch, seqlen_k, nheads_k, d) at batch index slice x batch + b.
 
         IS_VARLEN: sequence b of a plain varlen batch (``_varlen_sequence``; contiguous
         packed tensors at ``QPtr`` .. ``DVPtr``, lse2/delta (nheads, total_q)); ``seqlen_q``
         and ``seqlen_k`` (the longest, which size the grid) become the sequence's."""
         n_block = gl.program_id(0)
-        hk = gl.program_id(1)
+        hk = gl.program_id(1) // head_splits
+        heads = kv_group // head_splits  # this program's query heads, from h_first on
+        h_first = hk * kv_group + (gl.program_id(1) % head_splits) * heads
         b = gl.program_id(2)
         n0 = n_block * BLOCK_N
         if IS_VARLEN:
@@ -741,6 +748,8 @@ if AVAILABLE:
             Delta = Delta + q_base
             DropKeys = DropKeys + b * stride_keys_b
             b = b * 0
+        # Where dK and dV go: a slice's partial sums at batch index slice x batch + b.
+        b_out = (gl.program_id(1) % head_splits) * gl.num_programs(2) + b
         PARTS: gl.constexpr = 2
         ROWS: gl.constexpr = BLOCK_N // PARTS
         k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars = _fixed_and_ring(
@@ -765,7 +774,7 @@ if AVAILABLE:
         if IS_VARLEN:
             if n0 >= seqlen_k:  # a program past its sequence's keys: no step
                 m_blocks = 0
-        n_steps = kv_group * m_blocks
+        n_steps = heads * m_blocks
         cta_last_key = gl.minimum(n0 + BLOCK_N, seqlen_k) - 1
 
         gl.warp_specialize([
@@ -773,18 +782,18 @@ if AVAILABLE:
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, stride_dqb,
                           stride_dqs, stride_dqh, headdim,
-                          b, hk, n0, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-                          stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+                          b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+                          stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, stride_dqb,
                           stride_dqs, stride_dqh, headdim,
-                          b, hk, n0 + ROWS, cta_last_key, kv_group, m_start, m_blocks, n_steps, seqlen_q,
-                          seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+                          b, hk, n0 + ROWS, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
+                          seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
-                          do_bars, free_bars, b, hk, n0, kv_group, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
+                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
                           STAGES)),
         ], [4, 1], [240, 24])
 
@@ -1204,17 +1213,30 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     # Without it the kernel never reads the pointer: delta stands in (no allocation per call).
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
     dq_acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if atomic_dq else (0, 0, 0)
-    _bwd_dkdv_sm90_kernel[(math.ceil(seqlen_k / dkdv_cfg.block_n), nheads_k, prob.batch)](
+    # An underfilled launch splits each group's query heads across programs (dense, two-kernel
+    # backward only), each slice's partial dK/dV summed below in float32 in a fixed order.
+    key_blocks = math.ceil(seqlen_k / dkdv_cfg.block_n)
+    head_splits = 1 if varlen or atomic_dq else \
+        configs.sm90_dkdv_head_splits(key_blocks * nheads_k * prob.batch, kv_group, q.device)
+    if head_splits > 1:
+        # In the inputs' dtype, as flash-attn's per-head dK/dV of a GQA backward: stored
+        # through descriptors as dK and dV themselves are (no float32 tile in registers to
+        # address: storing one that way spilled in the kernel's loop).
+        dk4, dv4 = torch.empty((2, head_splits * prob.batch) + tuple(k.shape[1:]), dtype=k.dtype, device=k.device)
+    _bwd_dkdv_sm90_kernel[(key_blocks, nheads_k * head_splits, prob.batch)](
         _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2),
         _descriptor(v4, dkdv_cfg.block_n // 2),
         _descriptor(do4, dkdv_cfg.block_m), _descriptor(dk4, dkdv_cfg.block_n // 2),
         _descriptor(dv4, dkdv_cfg.block_n // 2), lse2, delta, keys, dq_acc,
         *seq_ptrs, q, k, v, dout, dk, dv, nheads_k,
         seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride,
-        *dq_acc_strides, headdim, *scalars, threshold, scale,
+        *dq_acc_strides, headdim, *scalars, threshold, scale, head_splits,
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
         CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen, num_warps=4,
     )
+    if head_splits > 1:
+        for grad, part in ((dk, dk4), (dv, dv4)):
+            grad.copy_(part.view(head_splits, *k.shape).sum(0, dtype=torch.float32))
     if atomic_dq:
         dq.copy_(dq_acc)
         return dq, dk, dv
