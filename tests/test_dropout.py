@@ -85,14 +85,12 @@ def _sm90_available() -> bool:
 @pytest.mark.skipif(not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("mask", ["ops", "asm"])
-def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal, mask):
-    """The Gluon kernels' dropout (RINGFLASH_BACKEND=sm90) draws the portable kernels' mask,
-    in Gluon ops or in inline PTX (which relies on the wgmma accumulator's register order):
-    out and gradients rebuilt from S_dmask (which the portable mask kernel writes)."""
+def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal):
+    """The Gluon kernels' dropout (RINGFLASH_BACKEND=sm90) draws the portable kernels' mask
+    in inline PTX (which relies on the wgmma accumulator's register order): out and
+    gradients rebuilt from S_dmask (which the portable mask kernel writes)."""
     from ringflash.kernels import sm90
 
-    monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", mask)
     calls = []
     for name in ("attention_forward_sm90", "attention_backward_sm90"):
         real = getattr(sm90, name)
@@ -242,8 +240,7 @@ def test_bad_dropout_p(p, exc):
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("mask", ["ops", "asm"])
-def test_sm90_varlen_dropout_matches_the_portable_kernels(monkeypatch, causal, mask):
+def test_sm90_varlen_dropout_matches_the_portable_kernels(monkeypatch, causal):
     """Packed sequences with dropout through the Gluon forward and backward draw each
     sequence's own mask (its Philox words, positions within the sequence): out and grads
     equal the portable kernels' for the same seed, to bf16 rounding (another sequence's or
@@ -256,7 +253,6 @@ def test_sm90_varlen_dropout_matches_the_portable_kernels(monkeypatch, causal, m
     q, k, v, dout = (torch.randn(sum(lengths), h, 128, generator=gen).to(DEVICE, torch.bfloat16)
                      for h in (4, 2, 2, 4))
     results = {}
-    monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", mask)
     for backend in ("portable", "sm90"):
         monkeypatch.setenv("RINGFLASH_BACKEND", backend)
         calls = []

@@ -130,7 +130,8 @@ def test_preferred_where_measured_faster():
     assert not sm90.preferred(_problem(unmeasured, unmeasured))  # d=112: only with RINGFLASH_BACKEND=sm90
     measured = torch.zeros(1, 1 << 15, 2, 128, dtype=torch.bfloat16)
     assert sm90.preferred(_problem(measured, measured))
-    assert not sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout: likewise
+    assert sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout measured at d=128
+    assert not sm90.preferred(_problem(unmeasured, unmeasured), dropout=(0.1, 3))
     for d, threshold in configs.SM90_MIN_SEQLEN_Q.items():
         short, long_ = (torch.zeros(1, n, 2, d, dtype=torch.bfloat16) for n in (threshold - 1, threshold))
         for kind in ("fwd", "bwd"):
@@ -334,16 +335,17 @@ def test_recording_families():
     assert len(log) == 2
 
 
-def test_dropout_mask_choice(monkeypatch):
-    """RINGFLASH_SM90_DROPOUT_MASK picks the Gluon kernels' mask code (HAS_DROPOUT 1 or 2);
-    anything else is refused by name."""
-    monkeypatch.delenv("RINGFLASH_SM90_DROPOUT_MASK", raising=False)
-    assert sm90._dropout_mode(None) == 0 and sm90._dropout_mode((0.1, 0)) == 1
-    monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", "asm")
-    assert sm90._dropout_mode((0.1, 0)) == 2
-    monkeypatch.setenv("RINGFLASH_SM90_DROPOUT_MASK", "ptx")
-    with pytest.raises(ValueError, match="RINGFLASH_SM90_DROPOUT_MASK: got 'ptx'; expected ops or asm"):
-        sm90._dropout_mode((0.1, 0))
+def test_dropout_preference():
+    """The Gluon kernels draw dropout's mask in inline PTX (HAS_DROPOUT 2), and the default
+    backend takes them with dropout only at the measured head dims
+    (``configs.SM90_DROPOUT_HEADDIMS``), from the same seqlen as without."""
+    from ringflash.kernels import configs
+
+    assert sm90._dropout_mode(None) == 0 and sm90._dropout_mode((0.1, 0)) == 2
+    for d in configs.SM90_MIN_SEQLEN_Q:
+        x = torch.zeros(1, 1 << 13, 2, d, dtype=torch.bfloat16)
+        for kind in ("fwd", "bwd"):
+            assert sm90.preferred(_problem(x, x), (0.1, 3), kind) == (d in configs.SM90_DROPOUT_HEADDIMS)
 
 
 def test_scratch_allocator_is_registered_once(monkeypatch):

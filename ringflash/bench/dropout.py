@@ -12,10 +12,8 @@ Issue 16's bar: dropout may cost at most 15% over no dropout, forward+backward. 
   ``RINGFLASH_BACKWARD=atomic``, the backward whose dK/dV kernel also accumulates dQ, so
   the dropout mask is regenerated once in the backward instead of twice (once per kernel);
 * ``ours_sm90`` / ``ours_dropout_sm90``: ``ours`` and ``ours_dropout`` under
-  ``RINGFLASH_BACKEND=sm90``, the Gluon Hopper kernels forward and backward (where the
-  default backend takes only their no-dropout ones);
-* ``ours_dropout_sm90_asm``: ``ours_dropout_sm90`` with the mask drawn by inline PTX
-  (``RINGFLASH_SM90_DROPOUT_MASK=asm``: each key pair's draw mixed once);
+  ``RINGFLASH_BACKEND=sm90``, the Gluon Hopper kernels forward and backward (their dropout
+  mask drawn by inline PTX, each key pair's draw mixed once);
 * ``fa2`` / ``fa2_dropout``: SDPA's flash backend at dropout_p 0 and 0.1, for reference
   (FA2's own dropout overhead; SDPA has no ALiBi on that backend).
 
@@ -45,11 +43,10 @@ NAME = "dropout"
 COLUMNS = BASE_COLUMNS + ["tflops", "rel_err", "dropout_p", "alibi", "batch", "seqlen", "nheads", "headdim", "causal"]
 PASSES = ("fwd", "bwd", "fwd+bwd")
 IMPLS = ("ours", "ours_dropout", "ours_alibi", "ours_atomic", "ours_dropout_atomic", "ours_sm90", "ours_dropout_sm90",
-         "ours_dropout_sm90_asm", "fa2", "fa2_dropout")
+         "fa2", "fa2_dropout")
 #: The environment of each ringflash variant (the rest run under the defaults).
 IMPL_ENV = {"ours_atomic": {"RINGFLASH_BACKWARD": "atomic"}, "ours_dropout_atomic": {"RINGFLASH_BACKWARD": "atomic"},
-            "ours_sm90": {"RINGFLASH_BACKEND": "sm90"}, "ours_dropout_sm90": {"RINGFLASH_BACKEND": "sm90"},
-            "ours_dropout_sm90_asm": {"RINGFLASH_BACKEND": "sm90", "RINGFLASH_SM90_DROPOUT_MASK": "asm"}}
+            "ours_sm90": {"RINGFLASH_BACKEND": "sm90"}, "ours_dropout_sm90": {"RINGFLASH_BACKEND": "sm90"}}
 DROPOUT_P = 0.1
 #: Issue 16: dropout's forward+backward time at most 15% over no dropout.
 BAR = 1.15
@@ -57,7 +54,6 @@ BAR = 1.15
 OVERHEADS = (("ours: dropout 0.1 / none", "ours_dropout", "ours", BAR),
              ("ours, atomic backward: dropout 0.1 / none", "ours_dropout_atomic", "ours_atomic", BAR),
              ("ours, sm90 kernels: dropout 0.1 / none", "ours_dropout_sm90", "ours_sm90", BAR),
-             ("ours, sm90 kernels, PTX mask: dropout 0.1 / none", "ours_dropout_sm90_asm", "ours_sm90", BAR),
              ("ours: ALiBi / none", "ours_alibi", "ours", None),
              ("FA2 (SDPA): dropout 0.1 / none", "fa2_dropout", "fa2", None))
 

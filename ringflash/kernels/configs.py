@@ -194,6 +194,10 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
 #: full, 1.08x causal. Run 39 added d=80 and 96 (the d=128 tiles, padded): forward
 #: 1.20-1.44x and backward 1.17-1.36x the portable kernels at every seqlen 1k-16k.
 SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 80: 1024, 96: 1024, 128: 1024}
+#: Head dims at which the default backend also takes the Gluon kernels with dropout (from
+#: the same seqlen): run 39's `bench dropout` (b=4 s=4k h=16 d=128 causal) timed their
+#: fwd+bwd with the PTX mask at 3.19 ms against the portable kernels' 3.28. Others unmeasured.
+SM90_DROPOUT_HEADDIMS: tuple[int, ...] = (128,)
 
 
 # The Gluon sm_90 backward (``kernels.sm90``), one config per kernel: dK/dV owns block_n
@@ -216,16 +220,6 @@ def backend() -> str:
     if name not in BACKENDS:
         raise ValueError(f"RINGFLASH_BACKEND: got {name!r}; expected portable, sm90 or unset")
     return name
-
-
-def sm90_dropout_mask() -> str:
-    """``RINGFLASH_SM90_DROPOUT_MASK``: how the Gluon sm_90 kernels draw dropout's mask (the
-    same mask either way): "ops" (Gluon operations, the default: run 38 measured it) or
-    "asm" (inline PTX mixing each key pair's draw once; not yet timed on a GPU)."""
-    mode = os.environ.get("RINGFLASH_SM90_DROPOUT_MASK", "ops")
-    if mode not in ("ops", "asm"):
-        raise ValueError(f"RINGFLASH_SM90_DROPOUT_MASK: got {mode!r}; expected ops or asm")
-    return mode
 
 
 def sm90_backward_config(kind: str) -> KernelConfig:

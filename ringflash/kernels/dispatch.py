@@ -9,9 +9,9 @@
 * ``sm90`` (``kernels.sm90``): the Gluon Hopper forward (TMA, warpgroup MMAs, a loader
   warp and two consumer warpgroups taking turns at the tensor cores), for the calls inside
   its scope (``sm90.supports``) where it measured faster than the portable forward
-  (``sm90.preferred``, dense calls without dropout: run 37 in docs/benchmarks.md,
-  1.14-1.41x). ``RINGFLASH_BACKEND=sm90`` takes it for every call in scope (dropout and
-  plain varlen included), ``RINGFLASH_BACKEND=portable`` never.
+  (``sm90.preferred``, dense calls, with dropout at d=128 only: runs 37-39 in
+  docs/benchmarks.md). ``RINGFLASH_BACKEND=sm90`` takes it for every call in scope (other
+  dropout calls and plain varlen included), ``RINGFLASH_BACKEND=portable`` never.
 * ``fwd`` (``kernels.fwd``): everything else.
 
 The backward (``backward``) has two families: the portable one (``kernels.bwd``) and the

@@ -173,40 +173,19 @@ if AVAILABLE:
                 _keep_word((cols // 16) * 8 + cols % 8, key_c, 0x85EBCA6B))
 
     @gluon.jit
-    def _dropout_keep(DropKeys, key_index, rows, cols, threshold, KEY_MAJOR: gl.constexpr):
-        """The keep mask of ``common.dropout_keep`` in Gluon ops (HAS_DROPOUT 1): query
-        positions ``rows`` and key positions ``cols`` (two vectors sliced from one tile
-        layout), (rows, cols) or with KEY_MAJOR (cols, rows); the Philox words of the
-        sequence and head come from ``DropKeys`` (``dropout_mask.dropout_keys``) at
-        ``key_index``. Keys 16 g + c and 16 g + 8 + c share the draw of pair 8 g + c, its low
-        and high 16 bits; written entry by entry (the join and reshape that split a pair's
-        draw in the portable kernel have no layouts Gluon infers), the compiler merges the
-        mixes it proves equal."""
-        row_words, pair_words = _dropout_words(DropKeys, key_index, rows, cols)
-        high = (cols % 16) >= 8
-        if KEY_MAJOR:
-            x = pair_words[:, None] ^ row_words[None, :]
-            high_half = high[:, None]
-        else:
-            x = row_words[:, None] ^ pair_words[None, :]
-            high_half = high[None, :]
-        x = x * 0x9E3779B1
-        x = x ^ (x >> 15)
-        x = x * 0x85EBCA77
-        x = x ^ (x >> 16)
-        bits = gl.where(high_half, x >> 16, x & 0xFFFF)
-        return bits >= gl.cast(threshold, gl.uint32)
-
-    @gluon.jit
     def _dropout_factor(DropKeys, key_index, rows, cols, threshold, kept, KEY_MAJOR: gl.constexpr):
-        """The same mask as ``_dropout_keep`` (HAS_DROPOUT 2), applied: ``kept`` (a float, or
-        a tile of the same shape: the probabilities themselves) where the entry is kept, 0.0
-        where dropped. Inline PTX (``_DROPOUT_ASM_*``) gets eight of a thread's accumulator
-        registers at a time, both keys of a pair among them, and mixes each pair's draw
-        once. ``configs.sm90_dropout_mask`` picks it until a GPU run has timed both
-        (compiled for sm_90, d=128: the instructions dropout adds fell by a third in the
-        forward and by three fifths in the dK/dV kernel, and rose by a third in the dQ
-        kernel, where the compiler had merged the pairs' equal mixes itself)."""
+        """The keep mask of ``common.dropout_keep`` (HAS_DROPOUT 2), applied: ``kept`` (a float,
+        or a tile of the same shape: the probabilities themselves) where the entry is kept,
+        0.0 where dropped; query positions ``rows`` and key positions ``cols`` (two vectors
+        sliced from one tile layout), (rows, cols) or with KEY_MAJOR (cols, rows), the
+        sequence and head's Philox words at ``DropKeys + key_index``. Keys 16 g + c and
+        16 g + 8 + c share the draw of pair 8 g + c (its low and high 16 bits): inline PTX
+        (``_DROPOUT_ASM_*``) gets eight of a thread's accumulator registers at a time, both
+        keys of a pair among them, and mixes each pair's draw once. It replaced a mask in
+        Gluon ops, entry by entry (HAS_DROPOUT 1 until run 39), which it beat in both passes
+        on an H200 (b=4 s=4k h=16 d=128 causal, ms, fwd / bwd: 0.712 / 2.50 against 1.08 /
+        2.65); compiled, dropout's added instructions fell by a third in the forward and by
+        three fifths in the dK/dV kernel, and rose by a third in the dQ kernel."""
         row_words, pair_words = _dropout_words(DropKeys, key_index, rows, cols)
         # Compared against the threshold in the top 16 bits: (x >> 16) >= t is x >= t << 16,
         # and (x & 0xFFFF) >= t is (x << 16) >= t << 16 (``supports`` keeps t < 2**16).
@@ -226,10 +205,7 @@ if AVAILABLE:
         """A (query rows x keys n0..) probability tile with its dropped entries zeroed."""
         if HAS_DROPOUT:
             cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            if HAS_DROPOUT == 2:
-                p = _dropout_factor(DropKeys, key_index, rows, cols, threshold, p, False)
-            else:
-                p = gl.where(_dropout_keep(DropKeys, key_index, rows, cols, threshold, False), p, 0.0)
+            p = _dropout_factor(DropKeys, key_index, rows, cols, threshold, p, False)
         return p
 
     @gluon.jit
@@ -574,9 +550,8 @@ if AVAILABLE:
         key-major tiles: S^T = K Q^T,
         P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
         dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
-        HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, scaled by
-        1 / (1 - p): dV once at the end, as in ``kernels.bwd`` (HAS_DROPOUT 1), or entry by
-        entry through the PTX mask's factor (2). With ATOMIC_DQ, also column half PART of
+        HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, both
+        scaled by 1 / (1 - p) entry by entry through the PTX mask's factor. With ATOMIC_DQ, also column half PART of
         the CTA's share of dQ = dS K (scaled, both consumers' keys), added into the float32
         ``DQAcc`` by atomics: each dS^T goes through shared memory (``ds_buf``, this
         consumer's, and ``ds_other`` beside the other's keys ``k_other``) to be read
@@ -624,7 +599,7 @@ if AVAILABLE:
             if CAUSAL:
                 if m0 + diag < cta_last_key:
                     pt = gl.where(keys[:, None] <= cols[None, :] + diag, pt, 0.0)
-            if HAS_DROPOUT == 2:
+            if HAS_DROPOUT:
                 # The PTX mask as a factor, 1 / (1 - p) or 0, spent on dV's and dS's operands at
                 # once after waiting for dP too: held across that wait beside P it spilled.
                 factor = _dropout_factor(DropKeys, b * stride_keys_b + 2 * h, cols, keys, dropout_threshold,
@@ -634,17 +609,10 @@ if AVAILABLE:
                 dst = pt * (dpt * factor - delta[None, :])
                 dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
             else:
-                if HAS_DROPOUT:
-                    keep = _dropout_keep(DropKeys, b * stride_keys_b + 2 * h, cols, keys, dropout_threshold, True)
-                    pt_op = gl.convert_layout(gl.where(keep, pt, 0.0).to(dtype), op_layout)
-                else:
-                    pt_op = gl.convert_layout(pt.to(dtype), op_layout)
+                pt_op = gl.convert_layout(pt.to(dtype), op_layout)
                 dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
                 dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
-                if HAS_DROPOUT:
-                    dst = pt * (gl.where(keep, dpt, 0.0) * dropout_scale - delta[None, :])
-                else:
-                    dst = pt * (dpt - delta[None, :])
+                dst = pt * (dpt - delta[None, :])
             ds16 = dst.to(dtype)
             ds_op = gl.convert_layout(ds16, op_layout)
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
@@ -677,8 +645,6 @@ if AVAILABLE:
                                   mask=(q_rows[:, None] < seqlen_q) & (dims[None, :] < headdim), sem="relaxed")
                 mbarrier.arrive(ds_bars.index(1))
             mbarrier.arrive(free_bars.index(slot))
-        if HAS_DROPOUT == 1:  # the PTX mask's factor scaled P already
-            dv = dv * dropout_scale
         # Keys past seqlen_k are clipped by the descriptors. Under IS_VARLEN a consumer with
         # none stores nothing: its sequence's descriptor has at least one row, which for an
         # empty sequence is the next one's.
@@ -855,11 +821,7 @@ if AVAILABLE:
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
             if HAS_DROPOUT:
                 cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                if HAS_DROPOUT == 2:
-                    dp = dp * _dropout_factor(DropKeys, key_index, rows, cols, dropout_threshold, dropout_scale, False)
-                else:
-                    keep = _dropout_keep(DropKeys, key_index, rows, cols, dropout_threshold, False)
-                    dp = gl.where(keep, dp, 0.0) * dropout_scale
+                dp = dp * _dropout_factor(DropKeys, key_index, rows, cols, dropout_threshold, dropout_scale, False)
             ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
             dq_tok = warpgroup_mma(ds_op, k_tile, dq, is_async=True)
             dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
@@ -1024,10 +986,11 @@ def _tma_readable(x: torch.Tensor) -> bool:
 def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, kind: str = "fwd") -> bool:
     """Whether the default backend takes this family's ``kind`` ("fwd" or "bwd") for a call
     it ``supports``: where it measured faster than the portable kernel
-    (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96 and 128, runs 37-39; other head dims,
-    dropout and varlen only with RINGFLASH_BACKEND=sm90 until measured), unless a
-    ``configs.override`` context forces the portable kernel's tiles for ``kind``."""
-    if dropout is not None or prob.is_varlen:
+    (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96 and 128, runs 37-39; dropout at the head
+    dims of ``configs.SM90_DROPOUT_HEADDIMS``; other head dims, other dropout calls and
+    varlen only with RINGFLASH_BACKEND=sm90 until measured), unless a ``configs.override``
+    context forces the portable kernel's tiles for ``kind``."""
+    if prob.is_varlen or (dropout is not None and prob.headdim not in configs.SM90_DROPOUT_HEADDIMS):
         return False
     threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
     return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_tiles_forced(kind)
@@ -1065,11 +1028,9 @@ DEFAULT_VARIANT = "pingpong"
 
 
 def _dropout_mode(dropout: Optional[tuple[float, int]]) -> int:
-    """The kernels' HAS_DROPOUT: 0 without dropout; with it, 1 for the mask in Gluon ops
-    and 2 for the inline PTX (``_dropout_factor``, ``configs.sm90_dropout_mask``)."""
-    if dropout is None:
-        return 0
-    return 2 if configs.sm90_dropout_mask() == "asm" else 1
+    """The kernels' HAS_DROPOUT: 0 without dropout, 2 with it (the inline-PTX mask,
+    ``_dropout_factor``; 1 was the Gluon-ops mask it replaced)."""
+    return 0 if dropout is None else 2
 
 
 def _dropout_inputs(dropout: Optional[tuple[float, int]], batch: int, nheads: int, device) -> tuple:
