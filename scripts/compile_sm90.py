@@ -211,6 +211,30 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
                 sm90.attention_backward_sm90(qv, qv, kv, kv, qv, torch.zeros(4, 300), vprob, meta=meta)
 
 
+def host_time(calls: int = 300) -> None:
+    """Host time per call of the Gluon launchers (b=1, 4k tokens, 16/4 heads, d=128, causal):
+    everything a call does on the CPU but the driver's launch itself (descriptors, argument
+    specialization, the JIT cache lookup, allocations). At batch 1 and 4k tokens an H200
+    training step was bound by host time (docs/benchmarks.md, run 39)."""
+    import time
+
+    from ringflash.kernels import sm90
+    from ringflash.kernels.problem import make_problem
+
+    q = torch.randn(1, 4096, 16, 128, dtype=torch.bfloat16)
+    k = torch.randn(1, 4096, 4, 128, dtype=torch.bfloat16)
+    prob = make_problem(q, k, None, 4096, 4096, 128**-0.5, True, -1, -1, 0.0)
+    lse = torch.zeros(1, 16, 4096)
+    for name, call in (("forward", lambda: sm90.attention_forward_sm90(q, k, k, prob)),
+                       ("backward", lambda: sm90.attention_backward_sm90(q, q, k, k, q, lse, prob))):
+        call()  # compiles
+        start = time.perf_counter()
+        for _ in range(calls):
+            call()
+        compiled.clear()
+        print(f"host time, Gluon {name} launcher: {(time.perf_counter() - start) / calls * 1e6:.0f} us per call")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="compile_sm90.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--headdims", type=int, nargs="+", default=[64, 128, 256])
@@ -219,6 +243,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-extras", action="store_true", help="skip the decode, S_dmask and Gluon kernels")
     parser.add_argument("--sm90", action="store_true",
                         help="also the Gluon Hopper kernels at d=64/128, causal and full")
+    parser.add_argument("--host-time", action="store_true",
+                        help="only time the Gluon launchers' host work per call (no compiling report)")
     parser.add_argument("--config", action="append", default=[], metavar="KIND=BMxBNxWARPSxSTAGES[xPASSES]",
                         help="a kernel's config instead of the table's, e.g. dkdv=64x64x8x2x2 (two passes); "
                              "repeatable")
@@ -227,6 +253,9 @@ def main(argv=None) -> int:
         print(f"compile_sm90: {CUOBJDUMP} is missing (this Triton has no NVIDIA backend tools)", file=sys.stderr)
         return 2
     _install()
+    if args.host_time:
+        host_time()
+        return 0
     import contextlib
     import warnings
 
