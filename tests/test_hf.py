@@ -121,6 +121,7 @@ def test_position_ids_of_one_document_take_the_dense_kernels(monkeypatch, positi
     varlen path measured 1.3x slower there in an HF step), bit for bit flash_attn_func's
     output and gradients; two documents run varlen."""
     from ringflash import flash_attn_func
+    from ringflash.integrations.hf_layout import layout_attention
     from ringflash.kernels import dispatch
 
     layer = tiny_model(rf_hf.register(), device=DEVICE).model.layers[0].self_attn
@@ -141,14 +142,18 @@ def test_position_ids_of_one_document_take_the_dense_kernels(monkeypatch, positi
     out.backward(dout)
     assert (seen[0] is None) == (len(positions) == 1), seen
     if len(positions) == 1:
-        grads = [t.grad.clone() for t in (q, k, v)]
-        for t in (q, k, v):
-            t.grad = None
         expected = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), causal=True)
-        expected.backward(dout)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), dout)
         assert torch.equal(out, expected)
-        for got, t, name in zip(grads, (q, k, v), "qkv"):
-            assert torch.equal(got, t.grad), f"d{name}"
+        for got, want, name in zip((q.grad, k.grad, v.grad), expected_grads, "qkv"):
+            assert torch.equal(got, want), f"d{name}"
+        # The custom ops (what a compiled model calls) take the same dense route.
+        seen.clear()
+        via_op = layout_attention(*(t.transpose(1, 2) for t in (q, k, v)), pos, "positions", 16**-0.5, True,
+                                  -1, 0, 0.0)
+        assert seen == [None] and torch.equal(via_op, expected)
+        for got, want, name in zip(torch.autograd.grad(via_op, (q, k, v), dout), expected_grads, "qkv"):
+            assert torch.equal(got, want), f"custom op d{name}"
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed position_ids"])

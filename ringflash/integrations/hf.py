@@ -53,7 +53,7 @@ import torch
 
 from .. import validation as V
 from ..interface import flash_attn_func, flash_attn_varlen_func
-from .hf_layout import LastLayout, layout_attention
+from .hf_layout import LastLayout, layout_attention, one_document_row
 
 NAME = "ringattn"
 
@@ -215,6 +215,11 @@ def attention_forward(
     position_ids = kwargs.get("position_ids")
     packed_row = attention_mask is None and position_ids is not None and batch == 1 and q_len == kv_len and q_len > 1
     if attention_mask is None and not packed_row:
+        return flash_attn_func(q, k, v, **options), None
+    if packed_row and not torch.compiler.is_compiling() and one_document_row(position_ids):
+        # transformers passes position_ids to every call: an unpacked row is one document.
+        # Eager, its layout is read here (once per forward) and the dense call skips the
+        # custom ops; compiled, the custom op reads it and runs the same dense kernels.
         return flash_attn_func(q, k, v, **options), None
 
     # Packed documents in one row (position_ids restarting at 0), or a padded batch (keys
