@@ -282,3 +282,15 @@ def test_hf_without_transformers_records_unsupported(monkeypatch, tmp_path):
     rows = read_rows(out / "hf.csv", hf_bench.COLUMNS)
     assert all(r["status"].startswith("unsupported: ") for r in rows)
     assert not (out / "hf.md").exists()  # --csv-only
+
+
+def test_wide_times_small_cases_twice():
+    """The wide grid times a case a second time (reverse order, each cell its faster round)
+    when our forward+backward took under SECOND_ROUND_MS, and only then."""
+    from ringflash.bench import kernels_wide as kw
+
+    limit = kw.SECOND_ROUND_MS
+    assert kw._small({"fwd": (0.2, "ok"), "bwd": (limit / 2, "ok")})
+    assert not kw._small({"fwd": (0.2, "ok"), "bwd": (limit, "ok")})
+    assert not kw._small({"fwd": (None, "failed"), "bwd": (0.1, "ok")})
+    assert not kw._small({})

@@ -236,6 +236,13 @@ REPORT_FAMILIES = FAMILIES
 
 #: Assumed rates for the estimate (TFLOP/s as counted: forward, backward) and per-case costs.
 EST_FWD_TFLOPS, EST_BWD_TFLOPS = 400.0, 300.0
+#: ``run_case`` times a case a second time when our forward+backward took less (ms).
+SECOND_ROUND_MS = 3.0
+
+
+def _small(ours_cells: dict) -> bool:
+    times = [ours_cells.get(p, (None,))[0] for p in ("fwd", "bwd")]
+    return all(t is not None for t in times) and sum(times) < SECOND_ROUND_MS
 
 
 def _do_bench_s(ms: float, warmup: float = 25, rep: float = 100) -> float:
@@ -255,8 +262,9 @@ def estimate_seconds(cases: Sequence[Case], workers: int = 12) -> tuple[float, l
         f = c.fwd_flops() * width / c.headdim
         tf, tb = f / EST_FWD_TFLOPS / 1e9, BWD_FLOP_FACTOR * f / EST_BWD_TFLOPS / 1e9
         baselines = 1 if c.family == "varlen" else 2
-        s = (1 + baselines) * (_do_bench_s(tf) + _do_bench_s(tb) + tf / 1e3)  # + the graph-building forward
-        s += len(BWD_VARIANTS) * _do_bench_s(tb)
+        rounds = 2 if tf + tb < SECOND_ROUND_MS else 1  # tf, tb: ms
+        s = rounds * (1 + baselines) * (_do_bench_s(tf) + _do_bench_s(tb) + tf / 1e3)  # + the graph's forward
+        s += rounds * len(BWD_VARIANTS) * _do_bench_s(tb)
         s += (6 * tf + 6 * tb) / 1e3 + 0.3  # GQA-mode probes, sanity errors, allocation
         s += 0.5 if c.family != "varlen" else 0.0  # cuDNN builds its graphs for each new shape
         per_case.append(s)
@@ -394,18 +402,38 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
     if device == "cuda":
         free_memory()
 
-    add("ours", measure_passes(ours, inputs, dout, timer, device),
-        "; ".join([f"backward={backward_mode()}"] + families), errs["ours"])
-    for impl, (env, label) in BWD_VARIANTS.items():
-        with environ(**env):
-            add(impl, measure_passes(ours, inputs, dout, timer, device, passes=("bwd",)), f"backward: {label}",
-                errs[impl])
+    # A small case (ours under SECOND_ROUND_MS forward+backward) is timed twice, the second
+    # round in the reverse order, each cell keeping its faster round: in run 39 a small
+    # case's first-timed implementation ran slow (the same Gluon kernels timed 1.16, 0.87
+    # and 0.74 ms in a row as three "variants" of the 4k underfill case's backward); the
+    # 8k one showed no such spread.
+    def measure(impl: str) -> dict:
+        if impl == "ours":
+            return measure_passes(ours, inputs, dout, timer, device)
+        if impl in BWD_VARIANTS:
+            with environ(**BWD_VARIANTS[impl][0]):
+                return measure_passes(ours, inputs, dout, timer, device, passes=("bwd",))
+        return measure_passes(chosen[impl][0], inputs, dout, timer, device)
+
+    timed = ["ours", *BWD_VARIANTS] + [impl for impl in ("fa2", "cudnn") if chosen[impl][0] is not None]
+    best: dict[str, dict] = {}
+    for round_index in range(2):
+        if round_index == 1 and not (device == "cuda" and _small(best.get("ours", {}))):
+            break
+        for impl in (timed if round_index == 0 else timed[::-1]):
+            for p, (ms, status) in measure(impl).items():
+                kept = best.setdefault(impl, {}).get(p)
+                if kept is None or kept[0] is None or (ms is not None and ms < kept[0]):
+                    best[impl][p] = (ms, status)
+    add("ours", best["ours"], "; ".join([f"backward={backward_mode()}"] + families), errs["ours"])
+    for impl, (_, label) in BWD_VARIANTS.items():
+        add(impl, best[impl], f"backward: {label}", errs[impl])
     for impl in ("fa2", "cudnn"):
         fn, note, status = chosen[impl]
         if fn is None:
             add(impl, {"fwd": (None, status), "bwd": (None, status)})
         else:
-            add(impl, measure_passes(fn, inputs, dout, timer, device), note)
+            add(impl, best[impl], note)
     return rows
 
 
