@@ -149,3 +149,25 @@ def test_dkdv_in_two_passes(gen, monkeypatch, mode):
     exact = mode == "deterministic" and not HAS_CUDA
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-5)
+
+
+def test_atomic_request_past_d128_runs_the_two_kernel_backward(gen, atomic, monkeypatch):
+    """RINGFLASH_BACKWARD=atomic at d=192 (its kernel does not fit an H200's shared memory,
+    run 39) runs the dQ kernel, as the deterministic backward does, against float64; at
+    d=128 it runs none."""
+    from ringflash.kernels import bwd
+
+    launched = []
+    real = bwd._bwd_dq_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(bwd, "_bwd_dq_kernel", Spy())
+    for headdim, dq_kernel in ((192, True), (128, False)):
+        launched.clear()
+        inputs = dense64(gen, DEVICE, 1, 9, 11, 2, 1, headdim)
+        check_attention(dense_impl, dense_ref, inputs, torch.float32, extra=(True,))
+        assert bool(launched) == dq_kernel, (headdim, launched)

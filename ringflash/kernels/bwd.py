@@ -404,6 +404,10 @@ def _row_view_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int, 
     return x.shape[1], x.shape[0], x.stride(0), x.stride(1), x.stride(2)
 
 
+#: The widest (padded) head dim the atomic 5-GEMM backward takes (see ``attention_backward``).
+ATOMIC_DQ_MAX_BLOCK_D = 128
+
+
 def prepare_backward(
     dout: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, prob: AttnProblem
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -502,6 +506,11 @@ def attention_backward(
 
     if atomic_dq and dkv_rows is not None:
         raise ValueError("atomic_dq: not with dkv_rows (context parallelism keeps the two-kernel backward)")
+    # The atomic dQ's tiles outgrow shared memory past d=128: run 39's wide grid could not
+    # launch it at d=192 or 256 (278784 bytes needed against an H200's 232448), where it
+    # had also been the slower backward (run 26). Wider heads keep the two-kernel backward:
+    # the same gradients, deterministic.
+    atomic_dq = atomic_dq and prob.block_d <= ATOMIC_DQ_MAX_BLOCK_D
     # The float32 dQ accumulator of the 5-GEMM backward, in q's layout.
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
 
