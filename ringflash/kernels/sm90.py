@@ -545,14 +545,13 @@ if AVAILABLE:
         IS_VARLEN: gl.constexpr, PART: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over query heads
-        ``h_first``.. (its group's, or a slice of them) and the query blocks
-        from ``m_start`` (``n_steps`` = heads x ``m_blocks`` steps, in the loader's order), in
-        key-major tiles: S^T = K Q^T,
-        P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
-        dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
+        ``h_first``.. (its group's, or a slice of them) and the query blocks from ``m_start``
+        (``n_steps`` = heads x ``m_blocks`` steps, in the loader's order), in key-major
+        tiles: S^T = K Q^T, P^T = exp2(S^T - lse2), dV += P^T dO, dP^T = V dO^T,
+        dS^T = P^T (dP^T - delta), dK += dS^T Q (scaled at the end). Releases each Q/dO slot on ``free_bars``. With
         HAS_DROPOUT, dV takes the kept probabilities and dP counts only where kept, both
-        scaled by 1 / (1 - p) entry by entry through the PTX mask's factor. With ATOMIC_DQ, also column half PART of
-        the CTA's share of dQ = dS K (scaled, both consumers' keys), added into the float32
+        scaled by 1 / (1 - p) entry by entry through the PTX mask's factor. With ATOMIC_DQ,
+        also column half PART of the CTA's share of dQ = dS K (scaled, both consumers' keys), added into the float32
         ``DQAcc`` by atomics: each dS^T goes through shared memory (``ds_buf``, this
         consumer's, and ``ds_other`` beside the other's keys ``k_other``) to be read
         transposed as the MMA's left operand: the 5-GEMM backward, no dQ kernel. dK and dV go
