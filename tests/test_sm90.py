@@ -387,3 +387,22 @@ def test_dkdv_head_splits_fill_the_gpu(monkeypatch):
         assert configs.sm90_dkdv_head_splits(10_000, 4, gpu) == 2
         with pytest.raises(ValueError, match="sm90_head_splits: got 2; expected a divisor of the group size 3"):
             configs.sm90_dkdv_head_splits(10, 3, gpu)
+
+
+def test_heads_first_order_for_small_causal_launches():
+    """The Gluon forward orders a causal launch query block by query block across heads
+    and sequences only while all of K and V fit SM90_HEADS_FIRST_MAX_KV_BYTES (L2 keeps
+    them whatever the order); full masks and larger problems keep the head-by-head order."""
+    from ringflash.kernels import configs
+
+    def problem(b, s, h, hk, d, causal=True):
+        one = torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16)  # only the shapes are read
+        return _problem(one.expand(b, s, h, d), one.expand(b, s, hk, d), causal=causal)
+
+    seed004 = problem(4, 8192, 1, 1, 64)  # 8 MB of K and V
+    llama_step = problem(1, 4096, 16, 4, 128)  # 8 MB
+    wide = problem(16, 4096, 16, 16, 128)  # 512 MB
+    assert configs.sm90_heads_first(seed004, 2, 64) and configs.sm90_heads_first(llama_step, 2, 32)
+    assert not configs.sm90_heads_first(wide, 2, 32)
+    assert not configs.sm90_heads_first(problem(4, 8192, 1, 1, 64, causal=False), 2, 64)
+    assert not configs.sm90_heads_first(seed004, 2, configs.MAX_GRID_YZ + 1)

@@ -378,10 +378,11 @@ if AVAILABLE:
         qk_scale_log2, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, SPECIALIZED: gl.constexpr, PINGPONG: gl.constexpr, HAS_DROPOUT: gl.constexpr,
-        IS_VARLEN: gl.constexpr, num_warps: gl.constexpr,
+        IS_VARLEN: gl.constexpr, HEADS_FIRST: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Grid (query blocks, heads, batch); causal programs start from the last query block
-        (the longest) so the short ones fill the tail. Writes out through ``o_desc`` and lse
+        """Grid (query blocks, heads, batch), or with HEADS_FIRST (heads, batch, query
+        blocks) (``configs.sm90_heads_first``); causal programs start from the last query
+        block (the longest) so the short ones fill the tail. Writes out through ``o_desc`` and lse
         (float32 (batch, heads, seqlen_q), natural log; -inf and out = 0 for a row that sees
         no key).
 
@@ -397,9 +398,14 @@ if AVAILABLE:
         sequence alone (``KPtr``/``VPtr`` (total_k, nheads_k, d) with the given strides), so
         TMA zero-fills a tile's rows past its end: over the packed tensor they would hold the
         next sequence's, whose NaN or Inf would reach this output through 0 x NaN in P V."""
-        pid = gl.program_id(0)
-        h = gl.program_id(1)
-        seq = gl.program_id(2)
+        if HEADS_FIRST:  # grid (heads, batch, query blocks): each block for every head first
+            h = gl.program_id(0)
+            seq = gl.program_id(1)
+            pid = gl.program_id(2)
+        else:
+            pid = gl.program_id(0)
+            h = gl.program_id(1)
+            seq = gl.program_id(2)
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
@@ -1089,7 +1095,8 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     cfg = configs.sm90_forward_config(_block_d(headdim), prob.causal)
     specialized = variant != "pipelined"
     num_m_blocks = math.ceil(prob.max_seqlen_q / cfg.block_m)
-    grid = (num_m_blocks, nheads, prob.batch)
+    heads_first = configs.sm90_heads_first(prob, q.element_size(), num_m_blocks)
+    grid = (nheads, prob.batch, num_m_blocks) if heads_first else (num_m_blocks, nheads, prob.batch)
     rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
     keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
     keys = lse if keys is None else keys
@@ -1114,7 +1121,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
         CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=_dropout_mode(dropout),
         # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
-        IS_VARLEN=varlen, num_warps=4 if specialized else cfg.block_m // 16,
+        IS_VARLEN=varlen, HEADS_FIRST=heads_first, num_warps=4 if specialized else cfg.block_m // 16,
     )
     return out, lse
 
