@@ -390,19 +390,19 @@ def test_dkdv_head_splits_fill_the_gpu(monkeypatch):
 
 
 def test_heads_first_order_for_small_causal_launches():
-    """The Gluon forward orders a causal launch query block by query block across heads
-    and sequences only while all of K and V fit SM90_HEADS_FIRST_MAX_KV_BYTES (L2 keeps
-    them whatever the order); full masks and larger problems keep the head-by-head order."""
+    """The Gluon kernels order a causal launch block by block across heads and sequences
+    only while the tensors their programs stream in common fit SM90_HEADS_FIRST_MAX_BYTES
+    (L2 keeps them whatever the order); full masks and larger problems keep the
+    head-by-head order, and the block count must fit grid axis 2."""
     from ringflash.kernels import configs
 
-    def problem(b, s, h, hk, d, causal=True):
-        one = torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16)  # only the shapes are read
-        return _problem(one.expand(b, s, h, d), one.expand(b, s, hk, d), causal=causal)
+    def kv_bytes(b, s, hk, d):
+        one = torch.zeros(1, 1, 1, 1, dtype=torch.bfloat16)  # only the sizes are read
+        return sm90._streamed_bytes(one.expand(b, s, hk, d), one.expand(b, s, hk, d))
 
-    seed004 = problem(4, 8192, 1, 1, 64)  # 8 MB of K and V
-    llama_step = problem(1, 4096, 16, 4, 128)  # 8 MB
-    wide = problem(16, 4096, 16, 16, 128)  # 512 MB
-    assert configs.sm90_heads_first(seed004, 2, 64) and configs.sm90_heads_first(llama_step, 2, 32)
-    assert not configs.sm90_heads_first(wide, 2, 32)
-    assert not configs.sm90_heads_first(problem(4, 8192, 1, 1, 64, causal=False), 2, 64)
-    assert not configs.sm90_heads_first(seed004, 2, configs.MAX_GRID_YZ + 1)
+    seed004, llama_step, wide = kv_bytes(4, 8192, 1, 64), kv_bytes(1, 4096, 4, 128), kv_bytes(16, 4096, 16, 128)
+    assert seed004 == llama_step == 8 << 20 and wide == 512 << 20
+    assert configs.sm90_heads_first(True, seed004, 64) and configs.sm90_heads_first(True, llama_step, 32)
+    assert not configs.sm90_heads_first(True, wide, 32)
+    assert not configs.sm90_heads_first(False, seed004, 64)
+    assert not configs.sm90_heads_first(True, seed004, configs.MAX_GRID_YZ + 1)

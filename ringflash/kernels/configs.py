@@ -233,24 +233,25 @@ def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:
     return _override.get("sm90_fwd") or SM90_FORWARD[(headdim, causal)]
 
 
-#: The most bytes of K and V (all heads and sequences) for which the Gluon forward orders a
-#: causal launch's programs heaviest query block first across every head and sequence
-#: (``sm90_heads_first``); past it, each head's blocks stay together so that the programs in
-#: flight share their K/V in L2 (50 MB on an H100, 60 MB on an H200).
-SM90_HEADS_FIRST_MAX_KV_BYTES = 24 << 20
+#: The most bytes a Gluon kernel's programs stream in common (K and V for the forward and
+#: dQ, Q and dO for dK/dV; all heads and sequences) for which a causal launch orders its
+#: programs heaviest block first across every head and sequence (``sm90_heads_first``);
+#: past it, each head's blocks stay together so that the programs in flight share their
+#: streams in L2 (50 MB on an H100, 60 MB on an H200).
+SM90_HEADS_FIRST_MAX_BYTES = 24 << 20
 
 
-def sm90_heads_first(prob, element_size: int, query_blocks: int) -> bool:
-    """Whether the Gluon forward launches its programs query block by query block (heaviest
-    first, every head and sequence of one block before the next) rather than head by head.
-    Causal programs range from one key block to all of them; head by head, the heaviest
-    programs of the last heads start late. Run 39's one-head case (4 sequences of 8k, 256
-    programs, forward 0.41x FA2's speed) and transformers' batch-1 step (16 heads of 4k)
-    are such launches; a longest-first order over all of them bounds the tail by one
-    program. Small problems only (their K/V fit L2 whatever the order), causal only (full
-    programs are alike); the block count must fit grid axis 2. Not yet measured."""
-    kv_bytes = 2 * prob.batch * prob.nheads_k * prob.max_seqlen_k * prob.headdim * element_size
-    return prob.causal and kv_bytes <= SM90_HEADS_FIRST_MAX_KV_BYTES and query_blocks <= MAX_GRID_YZ
+def sm90_heads_first(causal: bool, streamed_bytes: int, blocks: int) -> bool:
+    """Whether a Gluon kernel launches its programs block by block (heaviest first, every
+    head and sequence of one block before the next: grid (heads, batch, blocks)) rather
+    than head by head. Causal programs range from one block of the other side to all of
+    them; head by head, the heaviest programs of the last heads start late. Run 39's
+    one-head case (4 sequences of 8k, 256 programs, forward 0.41x FA2's speed) and
+    transformers' batch-1 step (16 heads of 4k) are such launches; a longest-first order
+    over all of them bounds the tail by one program. Small problems only (their streams
+    fit L2 whatever the order), causal only (full programs are alike); ``blocks`` must fit
+    grid axis 2. Compiled, not yet timed."""
+    return causal and streamed_bytes <= SM90_HEADS_FIRST_MAX_BYTES and blocks <= MAX_GRID_YZ
 
 
 def sm90_dkdv_head_splits(programs: int, kv_group: int, device: torch.device) -> int:

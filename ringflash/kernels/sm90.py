@@ -684,9 +684,10 @@ if AVAILABLE:
         qk_scale_log2, softmax_scale, dropout_threshold, dropout_scale, head_splits,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-        num_warps: gl.constexpr,
+        HEADS_FIRST: gl.constexpr, num_warps: gl.constexpr,
     ):
-        """Grid (key blocks of BLOCK_N, KV heads x ``head_splits``, batch); ``num_warps`` = 4.
+        """Grid (key blocks of BLOCK_N, KV heads x ``head_splits``, batch), or with HEADS_FIRST
+        (KV heads x ``head_splits``, batch, key blocks); ``num_warps`` = 4.
         Two consumer warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query
         blocks of every query head of the group, or with ``head_splits`` > 1 of this
         program's slice of them. Writes dK, dV (the inputs' dtype); with ``head_splits`` > 1
@@ -696,11 +697,19 @@ if AVAILABLE:
         IS_VARLEN: sequence b of a plain varlen batch (``_varlen_sequence``; contiguous
         packed tensors at ``QPtr`` .. ``DVPtr``, lse2/delta (nheads, total_q)); ``seqlen_q``
         and ``seqlen_k`` (the longest, which size the grid) become the sequence's."""
-        n_block = gl.program_id(0)
-        hk = gl.program_id(1) // head_splits
+        if HEADS_FIRST:  # grid (KV heads x splits, batch, key blocks): block 0, the longest, first
+            head_slot = gl.program_id(0)
+            b = gl.program_id(1)
+            n_block = gl.program_id(2)
+            batch = gl.num_programs(1)
+        else:
+            n_block = gl.program_id(0)
+            head_slot = gl.program_id(1)
+            b = gl.program_id(2)
+            batch = gl.num_programs(2)
+        hk = head_slot // head_splits
         heads = kv_group // head_splits  # this program's query heads, from h_first on
-        h_first = hk * kv_group + (gl.program_id(1) % head_splits) * heads
-        b = gl.program_id(2)
+        h_first = hk * kv_group + (head_slot % head_splits) * heads
         n0 = n_block * BLOCK_N
         if IS_VARLEN:
             nheads = nheads_k * kv_group
@@ -720,7 +729,7 @@ if AVAILABLE:
             DropKeys = DropKeys + b * stride_keys_b
             b = b * 0
         # Where dK and dV go: a slice's partial sums at batch index slice x batch + b.
-        b_out = (gl.program_id(1) % head_splits) * gl.num_programs(2) + b
+        b_out = (head_slot % head_splits) * batch + b
         PARTS: gl.constexpr = 2
         ROWS: gl.constexpr = BLOCK_N // PARTS
         k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars = _fixed_and_ring(
@@ -858,15 +867,21 @@ if AVAILABLE:
         seqlen_q, seqlen_k, kv_group, num_m_blocks, stride_lb, stride_lh, stride_keys_b, headdim, qk_scale_log2,
         softmax_scale, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr, num_warps: gl.constexpr,
+        CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr, HEADS_FIRST: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Grid (query blocks of BLOCK_M, heads, batch), the longest causal blocks first;
         ``num_warps`` = 4. Two consumer warpgroups own BLOCK_M / 2 query rows each; one loader
         warp streams the key blocks. Writes dQ (the inputs' dtype). IS_VARLEN as in
         ``_bwd_dkdv_sm90_kernel``."""
-        pid = gl.program_id(0)
-        h = gl.program_id(1)
-        b = gl.program_id(2)
+        if HEADS_FIRST:  # as in the forward
+            h = gl.program_id(0)
+            b = gl.program_id(1)
+            pid = gl.program_id(2)
+        else:
+            pid = gl.program_id(0)
+            h = gl.program_id(1)
+            b = gl.program_id(2)
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
@@ -1006,6 +1021,11 @@ def _block_d(headdim: int) -> int:
     return 64 if headdim <= 64 else 128
 
 
+def _streamed_bytes(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Bytes of the two tensors a launch's programs stream in common (``configs.sm90_heads_first``)."""
+    return a.numel() * a.element_size() + b.numel() * b.element_size()
+
+
 @functools.lru_cache(maxsize=None)
 def _box_layout(rows: int, block_d: int, dtype: torch.dtype) -> "gl.NVMMASharedLayout":
     """The shared-memory layout of a (1, rows, 1, block_d) box: a handful of distinct ones,
@@ -1095,7 +1115,7 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
     cfg = configs.sm90_forward_config(_block_d(headdim), prob.causal)
     specialized = variant != "pipelined"
     num_m_blocks = math.ceil(prob.max_seqlen_q / cfg.block_m)
-    heads_first = configs.sm90_heads_first(prob, q.element_size(), num_m_blocks)
+    heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
     grid = (nheads, prob.batch, num_m_blocks) if heads_first else (num_m_blocks, nheads, prob.batch)
     rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
     keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
@@ -1210,7 +1230,10 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         # through descriptors as dK and dV themselves are (no float32 tile in registers to
         # address: storing one that way spilled in the kernel's loop).
         dk4, dv4 = torch.empty((2, head_splits * prob.batch) + tuple(k.shape[1:]), dtype=k.dtype, device=k.device)
-    _bwd_dkdv_sm90_kernel[(key_blocks, nheads_k * head_splits, prob.batch)](
+    dkdv_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(q, dout), key_blocks)
+    dkdv_grid = (nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else \
+        (key_blocks, nheads_k * head_splits, prob.batch)
+    _bwd_dkdv_sm90_kernel[dkdv_grid](
         _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2),
         _descriptor(v4, dkdv_cfg.block_n // 2),
         _descriptor(do4, dkdv_cfg.block_m), _descriptor(dk4, dkdv_cfg.block_n // 2),
@@ -1219,7 +1242,8 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride,
         *dq_acc_strides, headdim, *scalars, threshold, scale, head_splits,
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen,
+        HEADS_FIRST=dkdv_heads_first, num_warps=4,
     )
     if head_splits > 1:
         for grad, part in ((dk, dk4), (dv, dv4)):
@@ -1228,13 +1252,15 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         dq.copy_(dq_acc)
         return dq, dk, dv
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
-    _bwd_dq_sm90_kernel[(num_m_blocks, nheads, prob.batch)](
+    dq_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
+    _bwd_dq_sm90_kernel[(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch)](
         _descriptor(q4, dq_cfg.block_m // 2), _descriptor(k4, dq_cfg.block_n), _descriptor(v4, dq_cfg.block_n),
         _descriptor(do4, dq_cfg.block_m // 2), _descriptor(dq4, dq_cfg.block_m // 2), lse2, delta, keys,
         *dq_ptrs, nheads_k,
         seqlen_q, seqlen_k, kv_group, num_m_blocks, *lse_strides, keys_stride, headdim, *scalars,
         threshold, scale,
         HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, num_warps=4,
+        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=dq_heads_first,
+        num_warps=4,
     )
     return dq, dk, dv
