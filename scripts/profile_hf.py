@@ -123,7 +123,14 @@ def attention_alone(tokens_list) -> None:
             with torch.no_grad():
                 flash_attn_func(qc, kc, vc, causal=True)
 
+        def ours_head_major():
+            from ringflash.kernels import configs
+
+            with configs.override(sm90_heads_first=False):
+                ours_contiguous()
+
         for label, fn in (("ours flash_attn_func", ours_dense), ("ours flash_attn_func, contiguous", ours_contiguous),
+                          ("ours contiguous, head-by-head order", ours_head_major),
                           ("ours forward alone, contiguous", ours_forward),
                           ("ours HF function (position_ids)", ours_hf), ("SDPA cuDNN", cudnn)):
             try:

@@ -406,3 +406,5 @@ def test_heads_first_order_for_small_causal_launches():
     assert not configs.sm90_heads_first(True, wide, 32)
     assert not configs.sm90_heads_first(False, seed004, 64)
     assert not configs.sm90_heads_first(True, seed004, configs.MAX_GRID_YZ + 1)
+    with configs.override(sm90_heads_first=False):  # the probes' A/B
+        assert not configs.sm90_heads_first(True, seed004, 64)

@@ -250,7 +250,10 @@ def sm90_heads_first(causal: bool, streamed_bytes: int, blocks: int) -> bool:
     transformers' batch-1 step (16 heads of 4k) are such launches; a longest-first order
     over all of them bounds the tail by one program. Small problems only (their streams
     fit L2 whatever the order), causal only (full programs are alike); ``blocks`` must fit
-    grid axis 2. Compiled, not yet timed."""
+    grid axis 2. Compiled, not yet timed; an ``override(sm90_heads_first=False)`` context
+    keeps the head-by-head order (an A/B for the probes)."""
+    if _override.get("sm90_heads_first") is False:
+        return False
     return causal and streamed_bytes <= SM90_HEADS_FIRST_MAX_BYTES and blocks <= MAX_GRID_YZ
 
 
@@ -359,6 +362,7 @@ def override(
     sm90_dkdv: Optional[KernelConfig] = None,
     sm90_dq: Optional[KernelConfig] = None,
     sm90_head_splits: Optional[int] = None,
+    sm90_heads_first: Optional[bool] = None,
 ) -> Iterator[None]:
     """Force configurations inside the block (tests, tuning). ``fwd`` is the portable
     forward's, and also keeps the default backend on the portable forward (a test forcing
@@ -366,7 +370,8 @@ def override(
     ``sm90_dkdv_head_splits``)."""
     saved = dict(_override)
     for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits), ("sm90_fwd", sm90_fwd),
-                       ("sm90_dkdv", sm90_dkdv), ("sm90_dq", sm90_dq), ("sm90_head_splits", sm90_head_splits)):
+                       ("sm90_dkdv", sm90_dkdv), ("sm90_dq", sm90_dq), ("sm90_head_splits", sm90_head_splits),
+                       ("sm90_heads_first", sm90_heads_first)):
         if value is not None:
             _override[key] = value
     try:
