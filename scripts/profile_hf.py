@@ -15,7 +15,11 @@ the calls the step makes: ringflash's ``flash_attn_func`` (dense) and its HF att
 function (the position_ids layout), against SDPA cuDNN, as wall time per fwd+bwd over
 back-to-back calls and as do_bench's median.
 
-    python scripts/profile_hf.py [--tokens 4096 16384] [--steps 5]
+Also: the Gluon kernels' heads-first order and dK/dV head split against their
+alternatives at that shape, and seed 004's one-head case in both orders against FA2
+(``--only order``); ``--only host`` adds a cProfile of the calls.
+
+    python scripts/profile_hf.py [--tokens 4096 16384] [--steps 5] [--only alone order host steps]
 """
 
 from __future__ import annotations
@@ -123,14 +127,17 @@ def attention_alone(tokens_list) -> None:
             with torch.no_grad():
                 flash_attn_func(qc, kc, vc, causal=True)
 
-        def ours_head_major():
+        def ours_with(**forced):
             from ringflash.kernels import configs
 
-            with configs.override(sm90_heads_first=False):
-                ours_contiguous()
+            def run():
+                with configs.override(**forced):
+                    ours_contiguous()
+            return run
 
         for label, fn in (("ours flash_attn_func", ours_dense), ("ours flash_attn_func, contiguous", ours_contiguous),
-                          ("ours contiguous, head-by-head order", ours_head_major),
+                          ("ours contiguous, head-by-head order", ours_with(sm90_heads_first=False)),
+                          ("ours contiguous, no dK/dV head split", ours_with(sm90_head_splits=1)),
                           ("ours forward alone, contiguous", ours_forward),
                           ("ours HF function (position_ids)", ours_hf), ("SDPA cuDNN", cudnn)):
             try:
@@ -140,6 +147,51 @@ def attention_alone(tokens_list) -> None:
                 print(f"   {tokens:6d} {label:34s} {wall:7.3f} / {bench:7.3f}")
             except Exception as exc:  # noqa: BLE001 - a development probe reports and goes on
                 print(f"   {tokens:6d} {label:34s} error: {type(exc).__name__}: {str(exc)[:160]}")
+
+
+def order_ab() -> None:
+    """Seed 004's one-head case (b=4, n=8k, d=64, causal; run 39: forward 0.41x FA2) through
+    its 3-D interface, the Gluon kernels' heads-first order against head by head, and SDPA
+    FA2 on the same tensors (ms, do_bench median)."""
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    from ringflash.autograd import FlashAttentionTritonFunc
+    from ringflash.kernels import configs
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(4, 8192, 64, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_()
+               for _ in range(3))
+    dout = torch.randn_like(q)
+
+    def ours(heads_first: bool, backward: bool):
+        def run():
+            with configs.override(sm90_heads_first=None if heads_first else False):
+                if backward:
+                    FlashAttentionTritonFunc.apply(q, k, v, True).backward(dout)
+                else:
+                    with torch.no_grad():
+                        FlashAttentionTritonFunc.apply(q, k, v, True)
+        return run
+
+    def fa2(backward: bool):
+        def run():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                if backward:
+                    sdpa(q[:, None], k[:, None], v[:, None], is_causal=True).backward(dout[:, None])
+                else:
+                    with torch.no_grad():
+                        sdpa(q[:, None], k[:, None], v[:, None], is_causal=True)
+        return run
+
+    print("\n== seed 004 one-head case, b=4 n=8k d=64 causal (ms, do_bench median): forward / fwd+bwd")
+    for label, fwd, both in (("ours, heads-first order", ours(True, False), ours(True, True)),
+                             ("ours, head-by-head order", ours(False, False), ours(False, True)),
+                             ("SDPA FA2", fa2(False), fa2(True))):
+        fwd(), both()
+        print(f"   {label:26s} {triton.testing.do_bench(fwd, warmup=25, rep=200):7.3f} / "
+              f"{triton.testing.do_bench(both, warmup=25, rep=200):7.3f}")
 
 
 def host_profile(tokens: int, calls: int = 20) -> None:
@@ -187,10 +239,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=14)
-    parser.add_argument("--only", choices=["alone", "host", "steps"], nargs="+", default=["alone", "steps"])
+    parser.add_argument("--only", choices=["alone", "order", "host", "steps"], nargs="+",
+                        default=["alone", "order", "steps"])
     args = parser.parse_args()
     if "alone" in args.only:
         attention_alone(args.tokens)
+    if "order" in args.only:
+        order_ab()
     if "host" in args.only:
         host_profile(args.tokens[0])
     if "steps" in args.only:
