@@ -100,7 +100,6 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
         "ours_dropout_atomic": (dropped, DROPOUT_P, False),
         "ours_sm90": (plain, 0.0, False),
         "ours_dropout_sm90": (dropped, DROPOUT_P, False),
-        "ours_dropout_sm90_asm": (dropped, DROPOUT_P, False),
         "ours_alibi": (lambda q, k, v: flash_attn_func(q, k, v, causal=c, alibi_slopes=slopes), 0.0, True),
         "fa2": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION"), 0.0, False),
         "fa2_dropout": (lambda q, k, v: sdpa_call(q, k, v, c, "FLASH_ATTENTION", dropout_p=DROPOUT_P), DROPOUT_P,

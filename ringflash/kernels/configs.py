@@ -237,7 +237,7 @@ def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:
 #: dQ, Q and dO for dK/dV; all heads and sequences) for which a causal launch orders its
 #: programs heaviest block first across every head and sequence (``sm90_heads_first``);
 #: past it, each head's blocks stay together so that the programs in flight share their
-#: streams in L2 (50 MB on an H100, 60 MB on an H200).
+#: streams in L2 (50 MB on an H100 or H200).
 SM90_HEADS_FIRST_MAX_BYTES = 24 << 20
 
 

@@ -163,6 +163,23 @@ if AVAILABLE:
             [stride_s, stride_s, stride_h, 1], like.block_type.shape, like.layout)
 
     @gluon.jit
+    def _program_ids(HEADS_FIRST: gl.constexpr):
+        """(block, head, sequence, sequences) of this program: the grid is (blocks, heads,
+        batch), or with HEADS_FIRST (heads, batch, blocks), every head and sequence of a
+        block launched before the next block (``configs.sm90_heads_first``)."""
+        if HEADS_FIRST:
+            block = gl.program_id(2)
+            head = gl.program_id(0)
+            seq = gl.program_id(1)
+            seqs = gl.num_programs(1)
+        else:
+            block = gl.program_id(0)
+            head = gl.program_id(1)
+            seq = gl.program_id(2)
+            seqs = gl.num_programs(2)
+        return block, head, seq, seqs
+
+    @gluon.jit
     def _dropout_words(DropKeys, key_index, rows, cols):
         """The per-row and per-key-pair words of ``common.dropout_keep`` for query positions
         ``rows`` and key positions ``cols``, from the sequence and head's two Philox words
@@ -398,14 +415,7 @@ if AVAILABLE:
         sequence alone (``KPtr``/``VPtr`` (total_k, nheads_k, d) with the given strides), so
         TMA zero-fills a tile's rows past its end: over the packed tensor they would hold the
         next sequence's, whose NaN or Inf would reach this output through 0 x NaN in P V."""
-        if HEADS_FIRST:  # grid (heads, batch, query blocks): each block for every head first
-            h = gl.program_id(0)
-            seq = gl.program_id(1)
-            pid = gl.program_id(2)
-        else:
-            pid = gl.program_id(0)
-            h = gl.program_id(1)
-            seq = gl.program_id(2)
+        pid, h, seq, _ = _program_ids(HEADS_FIRST)
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
@@ -697,16 +707,7 @@ if AVAILABLE:
         IS_VARLEN: sequence b of a plain varlen batch (``_varlen_sequence``; contiguous
         packed tensors at ``QPtr`` .. ``DVPtr``, lse2/delta (nheads, total_q)); ``seqlen_q``
         and ``seqlen_k`` (the longest, which size the grid) become the sequence's."""
-        if HEADS_FIRST:  # grid (KV heads x splits, batch, key blocks): block 0, the longest, first
-            head_slot = gl.program_id(0)
-            b = gl.program_id(1)
-            n_block = gl.program_id(2)
-            batch = gl.num_programs(1)
-        else:
-            n_block = gl.program_id(0)
-            head_slot = gl.program_id(1)
-            b = gl.program_id(2)
-            batch = gl.num_programs(2)
+        n_block, head_slot, b, batch = _program_ids(HEADS_FIRST)  # head slots: KV heads x splits
         hk = head_slot // head_splits
         heads = kv_group // head_splits  # this program's query heads, from h_first on
         h_first = hk * kv_group + (head_slot % head_splits) * heads
@@ -874,14 +875,7 @@ if AVAILABLE:
         ``num_warps`` = 4. Two consumer warpgroups own BLOCK_M / 2 query rows each; one loader
         warp streams the key blocks. Writes dQ (the inputs' dtype). IS_VARLEN as in
         ``_bwd_dkdv_sm90_kernel``."""
-        if HEADS_FIRST:  # as in the forward
-            h = gl.program_id(0)
-            b = gl.program_id(1)
-            pid = gl.program_id(2)
-        else:
-            pid = gl.program_id(0)
-            h = gl.program_id(1)
-            b = gl.program_id(2)
+        pid, h, b, _ = _program_ids(HEADS_FIRST)
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
