@@ -50,6 +50,20 @@ def _wall_ms(fn, reps: int) -> float:
     return (time.perf_counter() - t0) * 1e3 / reps
 
 
+def _host_us(fn, calls: int) -> float:
+    """Host microseconds per call of ``fn`` alone: the calls are queued behind a GPU sleep
+    that outlasts them, so neither the kernels nor a full launch queue hold the host back
+    (a host-device sync inside a call shows here as the sleep's length)."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(400_000_000)  # about 0.2 s at Hopper's clocks
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
+
+
 def profile_steps(tokens_list, steps: int, top: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -196,10 +210,13 @@ def order_ab() -> None:
 
 def host_profile(tokens: int, calls: int = 20) -> None:
     """cProfile of back-to-back fwd+bwd calls of flash_attn_func (contiguous, b=1 16/4 d=128
-    causal) and torch.profiler's kernels of one call: where a call's host time goes."""
+    causal) and torch.profiler's kernels of one call: where a call's host time goes. First,
+    whether a call syncs with the GPU, and its host time alone against SDPA cuDNN's."""
     import cProfile
     import pstats
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
     from torch.profiler import ProfilerActivity, profile
 
     from ringflash import flash_attn_func
@@ -217,6 +234,30 @@ def host_profile(tokens: int, calls: int = 20) -> None:
     with dispatch.recording_families() as ran:
         call()
     print(f"\n== host profile, {tokens} tokens, {calls} fwd+bwd calls; paths {ran}")
+    # A host-device sync inside a call would make the host wait for the kernels queued
+    # before it: wall time per call = host + GPU time instead of the larger of the two.
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call()
+        print("   host-device syncs in a call: none (torch's sync debug mode)")
+    except RuntimeError as exc:
+        print(f"   host-device sync in a call: {str(exc)[:300]}")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    def cudnn():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+        out.backward(dout.transpose(1, 2))
+
+    def forward():
+        with torch.no_grad():
+            flash_attn_func(q, k, v, causal=True)
+
+    for label, fn in (("ours fwd+bwd", call), ("ours forward", forward), ("SDPA cuDNN fwd+bwd", cudnn)):
+        fn()
+        print(f"   host time per call, the GPU busy elsewhere, {label}: {_host_us(fn, calls):.0f} us")
     torch.cuda.synchronize()
     prof = cProfile.Profile()
     prof.enable()

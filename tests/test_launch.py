@@ -255,3 +255,101 @@ def test_call_key_takes_only_plain_options_and_tensors():
     assert V.call_key((t,), (1,)) != V.call_key((t,), (1.0,))  # types
     assert V.call_key((torch.nn.Parameter(t),), ()) is None  # a subclass
     assert V.call_key((t,), (np.float64(1.0),)) is None  # a numpy scalar
+
+
+def test_specialization_key_separates_what_triton_specializes_on():
+    """``fast_launch``'s key, read off the arguments: integers by Triton's class (1, a
+    multiple of 16, beyond int32), tensors by dtype and 16-byte alignment, floats by type,
+    None and bools by value; an argument it cannot key is refused, not guessed."""
+    buf = torch.zeros(64, dtype=torch.float16)
+    key = lambda *args: L.specialization_key(args)  # noqa: E731
+    assert key(buf[:8], 7, 2.0) == key(buf[8:16], 9, 3.5)  # same dtype, both aligned; same classes
+    for a, b in ((1, 7), (32, 33), (2**31 - 16, 2**31), (2**62, 2**63), (-16, -15)):
+        assert key(a) != key(b), (a, b)
+    assert key(48) == key(2**20) and key(-32) == key(16)
+    assert key(buf[:8]) != key(buf[1:9])  # unaligned
+    assert key(buf[:8]) != key(buf.float()[:8])  # dtype
+    assert key(2) != key(2.0) and key(None) != key(buf) and key(True) != key(False)
+    with pytest.raises(TypeError, match="object"):
+        key(object())
+    assert L.specialization_key((object(),), other_key=lambda a: "k") == ("k",)
+
+
+class _FakeCompiled:
+    """What Triton's launch returns: a compiled kernel whose ``run`` launches it again."""
+
+    def __init__(self, log):
+        self.log, self.packed_metadata, self.function = log, "meta", "fn"
+
+    def run(self, *launch_args):
+        self.log.append(("kept", launch_args))
+
+
+class _FakeKernel:
+    arg_names = ["X", "n", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        self.log = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **constexprs):
+            self.log.append(("triton", grid, args, constexprs))
+            return _FakeCompiled(self.log)
+        return launch
+
+
+def test_fast_launch_keeps_the_compiled_kernel_per_specialization(monkeypatch):
+    """The first launch of a specialization goes through Triton; a later one with the same
+    key calls the kept kernel's launcher with the grid, the arguments and the constexprs in
+    signature order; an integer of another class, an unaligned tensor or another constexpr
+    goes through Triton again."""
+    monkeypatch.setattr(L, "interpreting", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(L, "_raw_stream", lambda device: 123)
+    monkeypatch.setattr(L, "_hooked", lambda: False)
+    L.clear()
+    kernel, buf = _FakeKernel(), torch.zeros(64, dtype=torch.float16)
+    calls = [((buf[:8], 5), dict(BLOCK=16, FLAG=True)),
+             ((buf[8:16], 7), dict(BLOCK=16, FLAG=True)),   # same key: kept
+             ((buf[:8], 32), dict(BLOCK=16, FLAG=True)),    # a multiple of 16: Triton
+             ((buf[1:9], 5), dict(BLOCK=16, FLAG=True)),    # unaligned: Triton
+             ((buf[:8], 5), dict(BLOCK=32, FLAG=True)),     # another constexpr: Triton
+             ((buf[:8], 3), dict(BLOCK=32, FLAG=True))]     # kept
+    for args, constexprs in calls:
+        L.fast_launch(kernel, (4, 2, 1), args, constexprs)
+    assert [entry[0] for entry in kernel.log] == ["triton", "kept", "triton", "triton", "triton", "kept"]
+    kept = kernel.log[1][1]
+    assert kept[:9] == (4, 2, 1, 123, "fn", "meta", None, None, None)
+    assert kept[9] is calls[1][0][0] and kept[10:] == (7, 16, True)
+    L.clear()
+
+
+def test_fast_launch_refuses_a_call_site_that_leaves_a_parameter_to_its_default(monkeypatch):
+    """Interpreted, every call site is checked: one that would never be kept on a GPU fails."""
+    monkeypatch.setattr(L, "interpreting", lambda: True)
+    kernel = _FakeKernel()
+    with pytest.raises(ValueError, match="do not name every parameter"):
+        L.fast_launch(kernel, (1, 1, 1), (torch.zeros(4), 3), dict(BLOCK=16))
+
+
+def test_descriptor_key_follows_tritons_specialization():
+    """The Gluon launchers key a TMA descriptor by dtype and block shape: descriptors with
+    equal keys get the same specialization from Triton (whatever their shapes and strides),
+    and those Triton tells apart get different keys."""
+    from ringflash.kernels import sm90
+    if not sm90.AVAILABLE:
+        pytest.skip("this Triton has no Gluon")
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    def triton_key(d):
+        return native_specialize_impl(BaseBackend, d, False, True, True)[0]
+
+    x = [torch.zeros(2, 300, 4, 128, dtype=torch.bfloat16), torch.zeros(1, 77, 2, 128, dtype=torch.bfloat16),
+         torch.zeros(1, 77, 2, 64, dtype=torch.bfloat16), torch.zeros(1, 77, 2, 96, dtype=torch.float16)]
+    descs = [sm90._descriptor(t, rows) for t in x for rows in (64, 128)]
+    for a in descs:
+        for b in descs:
+            assert (sm90._descriptor_key(a) == sm90._descriptor_key(b)) == (triton_key(a) == triton_key(b))
+    with pytest.raises(TypeError, match="TensorDescriptor"):
+        sm90._descriptor_key(x[0])

@@ -21,6 +21,7 @@ from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
     key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
+from .launch import fast_launch
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
 )
@@ -423,10 +424,9 @@ def prepare_backward(
     _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
     lb, lh = lse_strides(lse, prob.is_varlen)
     block_r = 16 if interpreting() else 64
-    _bwd_preprocess_kernel[(cdiv(rows, block_r), prob.nheads, batch)](
+    fast_launch(_bwd_preprocess_kernel, (cdiv(rows, block_r), prob.nheads, batch), (
         out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
-        HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r, LOG2_BLOCK_D=prob.block_d.bit_length() - 1,
-    )
+    ), dict(HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r, LOG2_BLOCK_D=prob.block_d.bit_length() - 1))
     return delta, lse2
 
 
@@ -523,15 +523,15 @@ def attention_backward(
         # Two passes hold one accumulator each (dV, then dK and the atomic dQ), for head
         # dims whose two accumulators and K/V tiles spill; each pass recomputes P.
         for want_dk, want_dv in ((False, True), (True, False)) if cfg.dkdv_passes == 2 else ((True, True),):
-            _bwd_dkdv_kernel[(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch)](
+            fast_launch(_bwd_dkdv_kernel, (cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch), (
                 q, k, v, dout, lse2, delta, dk_first, dv_first, dkv_rows if dkv_rows is not None else delta, dq_acc,
                 *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen),
                 *dense_strides(dv_first, prob.is_varlen),
                 *(dense_strides(dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)), lb, lh,
                 kv_group, prob.num_groups, splits, dk_out.stride(0) if splits > 1 else 0,
-                dv_out.stride(0) if splits > 1 else 0, *scalars, **cfg.launch_args(), **flags,
-                HAS_DKV_ROWS=dkv_rows is not None, ATOMIC_DQ=atomic_dq and want_dk, WANT_DK=want_dk, WANT_DV=want_dv,
-            )
+                dv_out.stride(0) if splits > 1 else 0, *scalars,
+            ), dict(**cfg.launch_args(), **flags, HAS_DKV_ROWS=dkv_rows is not None, ATOMIC_DQ=atomic_dq and want_dk,
+                    WANT_DK=want_dk, WANT_DV=want_dv))
         if splits > 1:  # a fixed order of additions: deterministic
             dk.copy_(dk_out.sum(0))
             dv.copy_(dv_out.sum(0))
@@ -539,12 +539,11 @@ def attention_backward(
     def launch_dq(cfg: configs.KernelConfig) -> None:
         cfg = configs.fit_grid(cfg, prob)
         num_m_blocks = cdiv(prob.max_seqlen_q, cfg.block_m)
-        _bwd_dq_kernel[configs.program_grid(cfg, num_m_blocks, prob)](
+        fast_launch(_bwd_dq_kernel, configs.program_grid(cfg, num_m_blocks, prob), (
             q, k, v, dout, lse2, delta, dq, *seq_args, *qkv_strides,
             *dense_strides(dq, prob.is_varlen), lb, lh,
-            kv_group, num_m_blocks, prob.num_groups, *scalars, **cfg.launch_args(), **flags,
-            GROUP_ORDER=cfg.group_order_code,
-        )
+            kv_group, num_m_blocks, prob.num_groups, *scalars,
+        ), dict(**cfg.launch_args(), **flags, GROUP_ORDER=cfg.group_order_code))
 
     cfg = configs.config_for("dkdv", q, prob, run=launch_dkdv, dropout=dropout is not None)
     if atomic_dq and configs.autotune_enabled():

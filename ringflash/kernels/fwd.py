@@ -18,7 +18,7 @@ from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
     next_power_of_2, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .launch import cached_launch
+from .launch import cached_launch, fast_launch
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
 )
@@ -314,20 +314,22 @@ def attention_forward(
             out_view, lse_view = out_target[0], lse_target[0]
             split_strides = (out_target.stride(0), lse_target.stride(0))
         grid = configs.program_grid(cfg, num_m_blocks * num_splits, prob)
-        _fwd_kernel[grid](
+        fast_launch(_fwd_kernel, grid, (
             q, k, v, out_target, lse_target, *seq_args[:7], *alibi_args(alibi_slopes, lse), *seq_args[7:],
             *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
             *dense_strides(out_view, prob.is_varlen), split_strides[0],
             *lse_strides(lse_view, prob.is_varlen), split_strides[1],
             prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
             *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right, *dropout_args(dropout),
+        ), dict(
             HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
             **meta_flags(meta),
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
-            HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None, IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
+            HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None, IS_SPLIT=num_splits > 1,
+            INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
             SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_ORDER=cfg.group_order_code,
             **cfg.launch_args(),
-        )
+        ))
         if num_splits > 1:
             combine_splits(out_target, lse_target, out, lse, prob)
 

@@ -6,18 +6,22 @@ hashes the result and looks the compiled kernel up: about 10-20 us a launch on a
 host, as much as a whole decode step's kernel (docs/benchmarks.md, runs 33-34). A caller
 that already knows the answer, because its own cache key fixes every non-tensor argument,
 can launch the compiled kernel directly: ``cached_launch`` does that from the second call with a
-given key on. Triton versions whose compiled-kernel object lacks that launch form, the
-interpreter, and an installed launch hook (a profiler) take Triton's own path."""
+given key on. ``fast_launch`` reads the key off the arguments instead, for the training kernels,
+whose integer arguments change with every shape: a training step at batch 1 and 4k tokens
+was bound by host time on an H200 (run 39). Triton versions whose compiled-kernel object
+lacks that launch form, the interpreter, and an installed launch hook (a profiler) take
+Triton's own path."""
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
 import torch
 
 from .common import interpreting
 
-#: (kernel, key, device, pointer alignment) -> (launcher, function, metadata, constexpr values).
+#: (kernel, key, device, pointer alignment) from ``cached_launch``, or (kernel, argument
+#: key, constexprs, device) from ``fast_launch`` -> (launcher, function, metadata, constexpr values).
 _COMPILED: dict[tuple, tuple] = {}
 #: Entries kept before the table is dropped and refilled (a decode loop uses one or two keys
 #: a kernel; a key names a shape, so a stream of new shapes must not grow it forever).
@@ -84,18 +88,76 @@ def cached_launch(kernel, key: Hashable, grid: tuple, args: Sequence[Any], const
         return
     device = torch.cuda.current_device()
     full_key = (kernel, key, device, _alignment(args, pointers))
-    entry = _COMPILED.get(full_key)
-    if entry is not None and not _hooked():
-        run, function, metadata, tail = entry
-        run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *tail)
+    if not _launch_kept(full_key, grid, args, device):
+        _check_pointers(args, pointers)
+        _launch_and_keep(full_key, kernel, grid, args, constexprs)
+
+
+def fast_launch(kernel, grid: tuple, args: Sequence[Any], constexprs: dict,
+           other_key: Optional[Callable[[Any], Hashable]] = None) -> None:
+    """``kernel[grid](*args, **constexprs)`` through ``cached_launch``'s table, its key read
+    off the arguments (``specialization_key``) instead of given by the caller: for the
+    training kernels, whose dozens of integer arguments change with every shape. Costs a
+    pass over the arguments (a few us on the host) against Triton's binding (about 20 us a
+    launch on a CPU where a decode step's took 10-20 us on an H200's host)."""
+    if interpreting():
+        # The interpreted tests see every call site: one that leaves a parameter to its
+        # default would never be kept on a GPU (``_constexpr_tail``), so it is refused here.
+        names = getattr(kernel, "arg_names", None)
+        if names is not None and _constexpr_tail(kernel, len(args), constexprs) is None:
+            raise ValueError(f"fast_launch: {len(args)} positional arguments and constexprs {sorted(constexprs)} "
+                             f"do not name every parameter of {names}")
+        kernel[grid](*args, **constexprs)
         return
-    _check_pointers(args, pointers)
+    device = torch.cuda.current_device()
+    full_key = (kernel, specialization_key(args, other_key), tuple(constexprs.items()), device)
+    if not _launch_kept(full_key, grid, args, device):
+        _launch_and_keep(full_key, kernel, grid, args, constexprs)
+
+
+def specialization_key(args: Sequence[Any], other_key: Optional[Callable[[Any], Hashable]] = None) -> tuple:
+    """Per argument, what Triton specializes it on: a tensor's dtype and whether it is
+    16-byte aligned, an integer's ``int_class``, a float's type, None and bools by value;
+    any other argument (a TMA descriptor) through ``other_key``, which must return what
+    Triton specializes that argument on (or raise TypeError for one it does not know)."""
+    parts = []
+    for a in args:
+        kind = type(a)
+        if kind is int:  # ``int_class`` as one small int (no tuple per argument)
+            code = 1 if a == 1 else 2 if a & 15 == 0 else 3
+            parts.append(code if -0x80000000 <= a <= 0x7FFFFFFF else code + 4 if a < 1 << 63 else code + 8)
+        elif kind is float:
+            parts.append(float)
+        elif a is None or kind is bool:
+            parts.append(a)
+        elif isinstance(a, torch.Tensor):
+            parts.append((a.dtype, a.data_ptr() % 16 == 0))
+        elif other_key is not None:
+            parts.append(other_key(a))
+        else:
+            raise TypeError(f"specialization_key: no key for an argument of type {kind.__name__}")
+    return tuple(parts)
+
+
+def _launch_kept(full_key: tuple, grid: tuple, args: Sequence[Any], device: int) -> bool:
+    """Launch the compiled kernel kept under ``full_key``; False if there is none (or a
+    launch hook wants Triton's own path)."""
+    entry = _COMPILED.get(full_key)
+    if entry is None or _hooked():
+        return False
+    run, function, metadata, tail = entry
+    run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *tail)
+    return True
+
+
+def _launch_and_keep(full_key: tuple, kernel, grid: tuple, args: Sequence[Any], constexprs: dict) -> None:
+    """Triton's own launch (compiling if need be); keeps the compiled kernel under ``full_key``."""
     compiled = kernel[grid](*args, **constexprs)
     tail = _constexpr_tail(kernel, len(args), constexprs)
     # Kept only when it is Triton's CompiledKernel, loaded (an async compile returns a
     # future; other versions may return something else).
     run = getattr(compiled, "run", None) if hasattr(compiled, "packed_metadata") else None
-    if tail is None or run is None or not hasattr(compiled, "packed_metadata") or not hasattr(compiled, "function"):
+    if tail is None or run is None or not hasattr(compiled, "function"):
         return
     if len(_COMPILED) >= MAX_ENTRIES:
         _COMPILED.clear()

@@ -44,6 +44,7 @@ import triton
 
 from . import configs
 from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold
+from .launch import fast_launch
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
 #: 3.9 compiles them too). Gluon's API changes between releases (3.5's warp_specialize
@@ -1054,6 +1055,14 @@ def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return descriptor
 
 
+def _descriptor_key(descriptor: "TensorDescriptor") -> tuple:
+    """What Triton specializes a descriptor argument on (``launch.fast_launch``): its dtype,
+    block shape and shared layout; ``_descriptor``'s layout follows from the other two."""
+    if type(descriptor) is not TensorDescriptor:
+        raise TypeError(f"_descriptor_key: got a {type(descriptor).__name__}; expected a TensorDescriptor")
+    return descriptor.base.dtype, tuple(descriptor.block_shape)
+
+
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
 #: loads), "specialized" (a loader warp and two consumer warpgroups) or "pingpong" (the
 #: consumers also take turns at the tensor cores). Run 37 (scripts/probe_sm90.py, H200,
@@ -1126,17 +1135,18 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
         varlen_ptrs = (None,) * 6
         lse_strides, out_strides = (lse.stride(0), lse.stride(1)), (out.stride(1), out.stride(2))
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    _fwd_sm90_kernel[grid](
+    fast_launch(_fwd_sm90_kernel, grid, (
         _descriptor(q4, rows), _descriptor(k4, cfg.block_n), _descriptor(v4, cfg.block_n), _descriptor(out4, rows),
         lse, keys, *varlen_ptrs,
         seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, k.shape[-2], k.stride(-3), k.stride(-2),
         v.stride(-3), v.stride(-2), *lse_strides, keys_stride, *out_strides, headdim,
         prob.softmax_scale * LOG2E, threshold, scale,
+    ), dict(
         HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
         CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=_dropout_mode(dropout),
         # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
         IS_VARLEN=varlen, HEADS_FIRST=heads_first, num_warps=4 if specialized else cfg.block_m // 16,
-    )
+    ), _descriptor_key)
     return out, lse
 
 
@@ -1227,7 +1237,7 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     dkdv_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(q, dout), key_blocks)
     dkdv_grid = (nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else \
         (key_blocks, nheads_k * head_splits, prob.batch)
-    _bwd_dkdv_sm90_kernel[dkdv_grid](
+    fast_launch(_bwd_dkdv_sm90_kernel, dkdv_grid, (
         _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2),
         _descriptor(v4, dkdv_cfg.block_n // 2),
         _descriptor(do4, dkdv_cfg.block_m), _descriptor(dk4, dkdv_cfg.block_n // 2),
@@ -1235,10 +1245,11 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         *dkdv_ptrs, nheads_k,
         seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride,
         *dq_acc_strides, headdim, *scalars, threshold, scale, head_splits,
+    ), dict(
         HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
         CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen,
         HEADS_FIRST=dkdv_heads_first, num_warps=4,
-    )
+    ), _descriptor_key)
     if head_splits > 1:
         for grad, part in ((dk, dk4), (dv, dv4)):
             grad.copy_(part.view(head_splits, *k.shape).sum(0, dtype=torch.float32))
@@ -1247,14 +1258,16 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
         return dq, dk, dv
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
     dq_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
-    _bwd_dq_sm90_kernel[(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch)](
+    dq_grid = (nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch)
+    fast_launch(_bwd_dq_sm90_kernel, dq_grid, (
         _descriptor(q4, dq_cfg.block_m // 2), _descriptor(k4, dq_cfg.block_n), _descriptor(v4, dq_cfg.block_n),
         _descriptor(do4, dq_cfg.block_m // 2), _descriptor(dq4, dq_cfg.block_m // 2), lse2, delta, keys,
         *dq_ptrs, nheads_k,
         seqlen_q, seqlen_k, kv_group, num_m_blocks, *lse_strides, keys_stride, headdim, *scalars,
         threshold, scale,
+    ), dict(
         HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
         CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=dq_heads_first,
         num_warps=4,
-    )
+    ), _descriptor_key)
     return dq, dk, dv
