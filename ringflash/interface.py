@@ -30,7 +30,7 @@ from typing import Optional, Union
 import torch
 
 from . import validation as V
-from .autograd import apply_flash_attn, apply_paged_kv, tracks_grad
+from .autograd import FlashAttnFunc, apply_flash_attn, apply_paged_kv, tracks_grad
 from .kernels import dispatch
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
 
@@ -78,26 +78,26 @@ def _result(out: torch.Tensor, lse: torch.Tensor, opts: _Options, probs) -> Attn
     return out, lse, probs() if opts.dropout_p > 0 else None
 
 
-#: Validated inference calls of ``flash_attn_func`` (``V.call_key``) -> (options, problem).
-#: A decode loop calls with the same shapes at every step, and on a GPU host its checks,
-#: options and problem took about 22 us a call (``bench tune --only-overhead``, run 35), a
-#: fifth of a decode step's host time, which decides an eager step's speed when the kernels
-#: take less.
-_INFERENCE_CALLS: dict[tuple, tuple[_Options, AttnProblem]] = {}
+#: Validated calls of ``flash_attn_func`` (``V.call_key``) -> (options, problem). A decode
+#: loop calls with the same shapes at every step, and on a GPU host its checks, options and
+#: problem took about 22 us a call (``bench tune --only-overhead``, run 35), a fifth of a
+#: decode step's host time, which decides an eager step's speed when the kernels take less;
+#: a training step at batch 1 and 4k tokens was bound by host time as well (run 39).
+_CHECKED_CALLS: dict[tuple, tuple[_Options, AttnProblem]] = {}
 
 
-def _inference_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                   return_attn_probs) -> Optional[tuple]:
-    """The memo key of a ``flash_attn_func`` call that needs no autograd, dropout, ALiBi or
-    tracing, or None for any other call (which then takes the whole path)."""
+def _memo_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+              return_attn_probs) -> Optional[tuple]:
+    """The memo key of a ``flash_attn_func`` call that needs no dropout (whose seed is drawn
+    at every call), ALiBi or tracing, or None for any other call (which then takes the whole
+    path). The checks read only the tensors' metadata and the options, so a call with
+    autograd and one without share the entry."""
     if torch.compiler.is_compiling() or alibi_slopes is not None or type(window_size) is not tuple or \
             len(window_size) != 2:
         return None
     key = V.call_key((q, k, v), (dropout_p, softmax_scale, causal, window_size[0], window_size[1], softcap,
                                  deterministic, return_attn_probs))
-    if key is None or dropout_p != 0:
-        return None
-    return None if tracks_grad(q, k, v) else key
+    return None if key is None or dropout_p != 0 else key
 
 
 def _round128(n: int) -> int:
@@ -146,12 +146,18 @@ def flash_attn_func(
     Returns out (batch, seqlen_q, nheads, d), or (out, lse, None) with return_attn_probs,
     lse (batch, nheads, seqlen_q) float32.
     """
-    memo_key = _inference_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                              deterministic, return_attn_probs)
-    known = _INFERENCE_CALLS.get(memo_key) if memo_key is not None else None
+    memo_key = _memo_key(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
+                         deterministic, return_attn_probs)
+    known = _CHECKED_CALLS.get(memo_key) if memo_key is not None else None
     if known is not None:
-        out, lse = dispatch.forward(q, k, v, known[1])
-        return _result(out, lse, known[0], None)
+        opts, prob = known
+        if tracks_grad(q, k, v):
+            out, lse = FlashAttnFunc.apply(q, k, v, None, prob.max_seqlen_q, prob.max_seqlen_k, opts.scale,
+                                           opts.causal, opts.left, opts.right, opts.softcap, False, None, 0.0, None,
+                                           opts.deterministic)
+        else:
+            out, lse = dispatch.forward(q, k, v, prob)
+        return _result(out, lse, opts, None)
     shape = V.check_dense_qkv(q, k, v)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
                     return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
@@ -160,7 +166,7 @@ def flash_attn_func(
         False, opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,
     )
     if memo_key is not None:  # the problem apply_flash_attn's op builds (ops._attn_fwd_impl)
-        V.remember(_INFERENCE_CALLS, memo_key, (opts, make_problem(
+        V.remember(_CHECKED_CALLS, memo_key, (opts, make_problem(
             q, k, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap)))
 
     def probs():

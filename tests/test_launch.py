@@ -132,12 +132,12 @@ def test_inference_calls_skip_the_checks_they_already_passed(monkeypatch):
     from ringflash import interface as I
     from ringflash import validation as V
 
-    I._INFERENCE_CALLS.clear()
+    I._CHECKED_CALLS.clear()
     q, k, v = _memo_inputs()
     ref = attention_ref(q.double(), k.double(), v.double(), causal=True)[0].cpu()
     with torch.no_grad():
         first = flash_attn_func(q, k, v, causal=True)
-        assert len(I._INFERENCE_CALLS) == 1
+        assert len(I._CHECKED_CALLS) == 1
 
         def checked_again(*args, **kwargs):
             raise AssertionError("check_dense_qkv ran for a remembered call")
@@ -149,13 +149,37 @@ def test_inference_calls_skip_the_checks_they_already_passed(monkeypatch):
             flash_attn_func(q[:1], k[:1], v[:1], causal=True)  # new shapes: checked
 
 
+def test_autograd_calls_share_the_memo_and_stay_exact(monkeypatch):
+    """A training call (autograd on) remembered by an earlier call with the same metadata
+    skips the checks too, and its output and gradients still match float64."""
+    from ringflash import interface as I
+    from ringflash import validation as V
+
+    I._CHECKED_CALLS.clear()
+    q, k, v = (t.float() for t in _memo_inputs(seed=12))
+    dout = torch.randn_like(q)
+    ref_leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = attention_ref(*ref_leaves, causal=True)[0]
+    ref.backward(dout.double())
+    with torch.no_grad():
+        flash_attn_func(q, k, v, causal=True)  # remembered without autograd
+    monkeypatch.setattr(V, "check_dense_qkv", lambda *a, **kw: pytest.fail("checked again"))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = flash_attn_func(*leaves, causal=True)
+    assert out.grad_fn is not None
+    out.backward(dout)
+    torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_inference_memo_refuses_what_the_checks_refuse():
     """A remembered call does not let through an argument the checks refuse: option values
     equal to accepted ones but of another type, and tensors differing in dtype, layout or
     autograd needs, all take the checked path."""
     from ringflash import interface as I
 
-    I._INFERENCE_CALLS.clear()
+    I._CHECKED_CALLS.clear()
     q, k, v = _memo_inputs()
     with torch.no_grad():
         flash_attn_func(q, k, v, softcap=1.0, window_size=(8, 0), softmax_scale=0.5)

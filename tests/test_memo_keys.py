@@ -86,7 +86,7 @@ def _dense_verdict(tensors_, opts):
 
 def _dense_key(tensors_, opts):
     try:
-        return I._inference_key(*tensors_, alibi_slopes=None, **opts)
+        return I._memo_key(*tensors_, alibi_slopes=None, **opts)
     except Exception as exc:  # noqa: BLE001
         pytest.fail(f"the key itself raised {type(exc).__name__}: {exc} for {opts}")
 
@@ -127,7 +127,7 @@ def test_flash_attn_func_calls_under_one_key_get_one_verdict(pair):
 
 def test_remembered_problem_is_the_checked_one():
     """The memo's entry holds exactly what the checks made of the call."""
-    I._INFERENCE_CALLS.clear()
+    I._CHECKED_CALLS.clear()
     # On the GPU where there is one (CPU tensors run only in the interpreter, off on a GPU machine).
     device = "cuda" if torch.cuda.is_available() else "cpu"
     q, k, v = (torch.randn(s, device=device) for s in ((2, 3, 4, 16), (2, 300, 2, 16), (2, 300, 2, 16)))
@@ -135,7 +135,7 @@ def test_remembered_problem_is_the_checked_one():
                 return_attn_probs=False)
     with torch.no_grad():
         I.flash_attn_func(q, k, v, **opts)
-    (entry,) = I._INFERENCE_CALLS.values()
+    (entry,) = I._CHECKED_CALLS.values()
     _, o, prob = _dense_verdict((q, k, v), opts)
     assert entry == (o, prob)
 
