@@ -55,6 +55,12 @@ for s in "$@"; do
     # $OUT brings back at most 8 files: `wide` alone gives 4, `hf decode dropout` with
     # REPORT_ARGS=--csv-only gives 6 (redraw the rest with --from-csv on any machine).
     wide) stage wide "${WIDE_LIMIT:-560}" python3 -m ringflash bench kernels --grid wide --out "$OUT/wide" ${REPORT_ARGS:-} ${WIDE_ARGS:-} ;;
+    # Issue 15: the portable kernels with the head dim in two parts (RINGFLASH_HEAD_PARTS)
+    # against one padded tile, on the dense cases it changes (d=80/96 take the Gluon kernels
+    # from 1k); compare the two CSVs (`bench kernels --from-csv`).
+    headparts) for hp in 0 1; do stage "headparts$hp" "${HEADPARTS_LIMIT:-200}" env RINGFLASH_HEAD_PARTS=$hp \
+                 python3 -m ringflash bench kernels --grid wide --families dense --headdims ${HEADPARTS_DIMS:-80 96 192} \
+                 --seqlens ${HEADPARTS_SEQLENS:-512 2048 8192} --out "$OUT/headparts$hp" --csv-only; done ;;
     hf) stage hf "${HF_LIMIT:-300}" python3 -m ringflash bench hf --out "$OUT/hf" ${REPORT_ARGS:-} ${HF_ARGS:-} ;;
     decode) stage decode "${DECODE_LIMIT:-150}" python3 -m ringflash bench decode --out "$OUT/decode" ${REPORT_ARGS:-} ${DECODE_ARGS:-} ;;
     # Issue 18: every rank of 2-, 4- and 8-rank plans alone on one GPU (compute balance and

@@ -70,26 +70,30 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_block_loop(
-    dk, dv, k, v,
+    dk, dv, k, v, dk2, dv2, k2, v2,
     q_base, do_base, lse2_base, delta_base, stride_qs, stride_dos, dq_base, stride_dqs, softmax_scale,
-    start, end, n0, offs_n, offs_d,
+    start, end, n0, offs_n, offs_d, offs_d2,
     sq, diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_scale, dropout_seed,
     split, splits,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+    WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """Accumulate dK, dV (key-major tiles, BLOCK_N x D) over the query blocks in [start, end)
     (block-aligned) whose index is ``split`` modulo ``splits``; WANT_DK / WANT_DV: which of
     the two (a pass of one keeps half the accumulators). With ATOMIC_DQ (and WANT_DK) also
     add this key block's share of dQ (scaled) into the float32 buffer at ``dq_base`` by
-    atomics: the 5-GEMM backward, with no separate dQ pass."""
+    atomics: the 5-GEMM backward, with no separate dQ pass. With a second head-dim part
+    (BLOCK_D2 > 0) also dk2 and dv2, its columns offs_d2, from k2 and v2 (unused otherwise)."""
     offs_mb = tl.arange(0, BLOCK_M)
     start = start + ((split - (start // BLOCK_M) % splits + splits) % splits) * BLOCK_M
     qT_ptrs = q_base + start.to(tl.int64) * stride_qs + offs_mb[None, :] * stride_qs + offs_d[:, None]
     do_ptrs = do_base + start.to(tl.int64) * stride_dos + offs_mb[:, None] * stride_dos + offs_d[None, :]
+    if BLOCK_D2 > 0:
+        qT2_ptrs = q_base + start.to(tl.int64) * stride_qs + offs_mb[None, :] * stride_qs + offs_d2[:, None]
+        do2_ptrs = do_base + start.to(tl.int64) * stride_dos + offs_mb[:, None] * stride_dos + offs_d2[None, :]
     for m0 in range(start, end, BLOCK_M * splits):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + offs_mb
@@ -103,8 +107,16 @@ def _dkdv_block_loop(
         else:
             qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
             lse2 = tl.load(lse2_base + offs_m)
-        sT = scaled_scores(tl.dot(k, qT, input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out,
-                           HAS_SOFTCAP)
+        kq = tl.dot(k, qT, input_precision=INPUT_PRECISION)
+        if BLOCK_D2 > 0:  # the second part's columns (always masked past the head dim)
+            if MASKED:
+                qT2 = tl.load(qT2_ptrs, mask=(offs_m[None, :] < sq) & (offs_d2[:, None] < HEADDIM), other=0.0)
+                do2 = tl.load(do2_ptrs, mask=(offs_m[:, None] < sq) & (offs_d2[None, :] < HEADDIM), other=0.0)
+            else:
+                qT2 = tl.load(qT2_ptrs, mask=offs_d2[:, None] < HEADDIM, other=0.0)
+                do2 = tl.load(do2_ptrs, mask=offs_d2[None, :] < HEADDIM, other=0.0)
+            kq = tl.dot(k2, qT2, kq, input_precision=INPUT_PRECISION)
+        sT = scaled_scores(kq, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if HAS_ALIBI:  # after the cap, whose derivative below needs the capped score alone
             pT = tl.math.exp2(sT + alibi_bias(offs_m[None, :], offs_n[:, None], diag, alibi_slope) - lse2[None, :])
         else:
@@ -127,8 +139,12 @@ def _dkdv_block_loop(
             # 1 / (1 - p) once, at the end).
             pT_kept = tl.where(keepT, pT, 0.0) if HAS_DROPOUT else pT
             dv = tl.dot(pT_kept.to(do.dtype), do, dv, input_precision=INPUT_PRECISION)
+            if BLOCK_D2 > 0:
+                dv2 = tl.dot(pT_kept.to(do2.dtype), do2, dv2, input_precision=INPUT_PRECISION)
         if WANT_DK:
             dpT = tl.dot(v, tl.trans(do), input_precision=INPUT_PRECISION)
+            if BLOCK_D2 > 0:
+                dpT = tl.dot(v2, tl.trans(do2), dpT, input_precision=INPUT_PRECISION)
             if HAS_DROPOUT:  # dP counts only where kept, scaled in the same multiply-add as delta
                 dsT = pT * (tl.where(keepT, dpT, 0.0) * dropout_scale - delta[None, :])
             else:
@@ -138,6 +154,8 @@ def _dkdv_block_loop(
                 dsT = dsT * (1.0 - t * t)
             dsT = dsT.to(qT.dtype)
             dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
+            if BLOCK_D2 > 0:
+                dk2 = tl.dot(dsT, tl.trans(qT2), dk2, input_precision=INPUT_PRECISION)
             if ATOMIC_DQ:
                 dq = tl.dot(tl.trans(dsT), k, input_precision=INPUT_PRECISION) * softmax_scale
                 dq_ptrs = dq_base + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d[None, :]
@@ -146,9 +164,16 @@ def _dkdv_block_loop(
                                   sem="relaxed")
                 else:
                     tl.atomic_add(dq_ptrs, dq, mask=offs_d[None, :] < HEADDIM, sem="relaxed")
+                if BLOCK_D2 > 0:
+                    dq2 = tl.dot(tl.trans(dsT), k2, input_precision=INPUT_PRECISION) * softmax_scale
+                    tl.atomic_add(dq_base + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d2[None, :], dq2,
+                                  mask=(offs_m[:, None] < sq) & (offs_d2[None, :] < HEADDIM), sem="relaxed")
         qT_ptrs += BLOCK_M * splits * stride_qs
         do_ptrs += BLOCK_M * splits * stride_dos
-    return dk, dv
+        if BLOCK_D2 > 0:
+            qT2_ptrs += BLOCK_M * splits * stride_qs
+            do2_ptrs += BLOCK_M * splits * stride_dos
+    return dk, dv, dk2, dv2
 
 
 @triton.jit
@@ -169,7 +194,7 @@ def _bwd_dkdv_kernel(
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     dropout_threshold, dropout_scale, dropout_seed,
-    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
@@ -203,7 +228,7 @@ def _bwd_dkdv_kernel(
         return
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_D: tl.constexpr = BLOCK_D <= HEADDIM  # the first (or only) head-dim part lies inside the head dim
     kv_mask = (offs_n[:, None] < sk_full) & (offs_d[None, :] < HEADDIM)
     k = tl.load(tile_ptrs(K, b, hk, k_start + n0, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D),
                 mask=kv_mask, other=0.0)
@@ -211,6 +236,17 @@ def _bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. BLOCK_D + BLOCK_D2 - 1
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        kv_mask2 = (offs_n[:, None] < sk_full) & (offs_d2[None, :] < HEADDIM)
+        k2 = tl.load(tile_ptrs(K, b, hk, k_start + n0, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D2) + BLOCK_D,
+                     mask=kv_mask2, other=0.0)
+        v2 = tl.load(tile_ptrs(V, b, hk, k_start + n0, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D2) + BLOCK_D,
+                     mask=kv_mask2, other=0.0)
+        dk2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+        dv2 = tl.zeros([BLOCK_N, BLOCK_D2], dtype=tl.float32)
+    else:  # placeholders the loops pass along untouched
+        offs_d2, k2, v2, dk2, dv2 = offs_d, k, v, dk, dv
     for gh in range(0, num_groups * kv_group):
         # gh runs over (query group, query head of this KV head's GQA group).
         grp = gh // kv_group
@@ -228,64 +264,92 @@ def _bwd_dkdv_kernel(
         do_base = row_base(DOut, b, h, q_start, stride_dob, stride_doh, stride_dos)
         l_off = row_base(0, b, h, q_start, stride_lb, stride_lh, 1)
         if HAS_RIGHT:
-            dk, dv = _dkdv_block_loop(
-                dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+            dk, dv, dk2, dv2 = _dkdv_block_loop(
+                dk, dv, k, v, dk2, dv2, k2, v2, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
                 dq_base, stride_dqas, softmax_scale,
-                m_lo, a_end, n0, offs_n, offs_d, sq, diag, sk, window_left, window_right,
+                m_lo, a_end, n0, offs_n, offs_d, offs_d2, sq, diag, sk, window_left, window_right,
                 qk_scale_log2, softcap_in, softcap_out, alibi_slope,
                 b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
                 True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-                ATOMIC_DQ, WANT_DK, WANT_DV,
+                ATOMIC_DQ, WANT_DK, WANT_DV, BLOCK_D2,
             )
-        dk, dv = _dkdv_block_loop(
-            dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+        dk, dv, dk2, dv2 = _dkdv_block_loop(
+            dk, dv, k, v, dk2, dv2, k2, v2, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             dq_base, stride_dqas, softmax_scale,
-            a_end, b_end, n0, offs_n, offs_d, sq, diag, sk, window_left, window_right,
+            a_end, b_end, n0, offs_n, offs_d, offs_d2, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
             False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-            ATOMIC_DQ, WANT_DK, WANT_DV,
+            ATOMIC_DQ, WANT_DK, WANT_DV, BLOCK_D2,
         )
-        dk, dv = _dkdv_block_loop(
-            dk, dv, k, v, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
+        dk, dv, dk2, dv2 = _dkdv_block_loop(
+            dk, dv, k, v, dk2, dv2, k2, v2, q_base, do_base, Lse2 + l_off, Delta + l_off, stride_qs, stride_dos,
             dq_base, stride_dqas, softmax_scale,
-            b_end, m_hi, n0, offs_n, offs_d, sq, diag, sk, window_left, window_right,
+            b_end, m_hi, n0, offs_n, offs_d, offs_d2, sq, diag, sk, window_left, window_right,
             qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_scale, dropout_seed, split, splits,
             True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-            ATOMIC_DQ, WANT_DK, WANT_DV,
+            ATOMIC_DQ, WANT_DK, WANT_DV, BLOCK_D2,
         )
     if HAS_DKV_ROWS:
         rows = tl.load(DkvRows + k_start + offs_n, mask=offs_n < sk_full, other=0).to(tl.int64)
-        dk_ptrs = DK + hk.to(tl.int64) * stride_dkh + rows[:, None] * stride_dks + offs_d[None, :]
-        dv_ptrs = DV + hk.to(tl.int64) * stride_dvh + rows[:, None] * stride_dvs + offs_d[None, :]
     else:
-        dk_ptrs = tile_ptrs(DK, b, hk, k_start + n0, stride_dkb, stride_dkh, stride_dks, BLOCK_N, BLOCK_D)
-        dv_ptrs = tile_ptrs(DV, b, hk, k_start + n0, stride_dvb, stride_dvh, stride_dvs, BLOCK_N, BLOCK_D)
+        rows = offs_n  # unused
+    _store_key_grads(DK, DV, dk, dv, rows, offs_d, kv_mask, b, hk, k_start + n0, split, stride_dkb, stride_dkh,
+                     stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_dk_split, stride_dv_split, softmax_scale,
+                     dropout_scale, 0, BLOCK_D, BLOCK_N, HAS_DKV_ROWS, HAS_DROPOUT, WANT_DK, WANT_DV)
+    if BLOCK_D2 > 0:
+        _store_key_grads(DK, DV, dk2, dv2, rows, offs_d2, kv_mask2, b, hk, k_start + n0, split, stride_dkb,
+                         stride_dkh, stride_dks, stride_dvb, stride_dvh, stride_dvs, stride_dk_split, stride_dv_split,
+                         softmax_scale, dropout_scale, BLOCK_D, BLOCK_D2, BLOCK_N, HAS_DKV_ROWS, HAS_DROPOUT, WANT_DK,
+                         WANT_DV)
+
+
+@triton.jit
+def _store_key_grads(
+    DK, DV, dk, dv, rows, cols, mask, b, hk, row0, split, stride_dkb, stride_dkh, stride_dks,
+    stride_dvb, stride_dvh, stride_dvs, stride_dk_split, stride_dv_split, softmax_scale, dropout_scale,
+    COL0: tl.constexpr, WIDTH: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+):
+    """Store one head-dim part (columns ``cols``, COL0 .. COL0 + WIDTH - 1) of a key block's
+    dK and dV, scaled, at rows row0.. of (batch b, KV head hk), or with HAS_DKV_ROWS at the
+    rows ``rows`` of the given buffers; ``split``'s partial at its split stride."""
+    if HAS_DKV_ROWS:
+        dk_ptrs = DK + hk.to(tl.int64) * stride_dkh + rows[:, None] * stride_dks + cols[None, :]
+        dv_ptrs = DV + hk.to(tl.int64) * stride_dvh + rows[:, None] * stride_dvs + cols[None, :]
+    else:
+        dk_ptrs = tile_ptrs(DK, b, hk, row0, stride_dkb, stride_dkh, stride_dks, BLOCK_N, WIDTH) + COL0
+        dv_ptrs = tile_ptrs(DV, b, hk, row0, stride_dvb, stride_dvh, stride_dvs, BLOCK_N, WIDTH) + COL0
     if WANT_DK:
         dk = dk * softmax_scale
-        tl.store(dk_ptrs + split.to(tl.int64) * stride_dk_split, dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(dk_ptrs + split.to(tl.int64) * stride_dk_split, dk.to(DK.dtype.element_ty), mask=mask)
     if WANT_DV:
         if HAS_DROPOUT:
             dv = dv * dropout_scale
-        tl.store(dv_ptrs + split.to(tl.int64) * stride_dv_split, dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(dv_ptrs + split.to(tl.int64) * stride_dv_split, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _dq_block_loop(
-    dq, q, do, lse2, delta,
-    k_ptrs, v_ptrs, stride_ks, stride_vs,
-    start, end, m0, offs_n, offs_d,
+    dq, q, do, dq2, q2, do2, lse2, delta,
+    k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs,
+    start, end, m0, offs_n, offs_d, offs_d2,
     diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_scale, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
-    """Accumulate dQ (BLOCK_M x D) over key blocks [start, end)."""
+    """Accumulate dQ (BLOCK_M x D) over key blocks [start, end); with a second head-dim part
+    (BLOCK_D2 > 0) also dq2, its columns offs_d2, from q2, do2 and the K/V columns at
+    k2_ptrs / v2_ptrs (unused otherwise)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     k_ptrs += start.to(tl.int64) * stride_ks
     v_ptrs += start.to(tl.int64) * stride_vs
+    if BLOCK_D2 > 0:
+        k2_ptrs += start.to(tl.int64) * stride_ks
+        v2_ptrs += start.to(tl.int64) * stride_vs
     for n0 in range(start, end, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         if MASKED:
@@ -298,8 +362,16 @@ def _dq_block_loop(
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
             v = tl.load(v_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0)
-        s = scaled_scores(tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION), qk_scale_log2, softcap_in, softcap_out,
-                          HAS_SOFTCAP)
+        qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if BLOCK_D2 > 0:
+            if MASKED:
+                kv_mask2 = (n0 + offs_n[:, None] < sk) & (offs_d2[None, :] < HEADDIM)
+            else:
+                kv_mask2 = offs_d2[None, :] < HEADDIM
+            k2 = tl.load(k2_ptrs, mask=kv_mask2, other=0.0)
+            v2 = tl.load(v2_ptrs, mask=kv_mask2, other=0.0)
+            qk = tl.dot(q2, tl.trans(k2), qk, input_precision=INPUT_PRECISION)
+        s = scaled_scores(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if HAS_ALIBI:  # after the cap, whose derivative below needs the capped score alone
             p = tl.math.exp2(s + alibi_bias(offs_m[:, None], (n0 + offs_n)[None, :], diag, alibi_slope) - lse2[:, None])
         else:
@@ -308,6 +380,8 @@ def _dq_block_loop(
             mask = visible(offs_m[:, None], (n0 + offs_n)[None, :], diag, sk, window_left, window_right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(mask, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=INPUT_PRECISION)
+        if BLOCK_D2 > 0:
+            dp = tl.dot(do2, tl.trans(v2), dp, input_precision=INPUT_PRECISION)
         if HAS_DROPOUT:
             keep = dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, False)
             ds = p * (tl.where(keep, dp, 0.0) * dropout_scale - delta[:, None])
@@ -317,9 +391,13 @@ def _dq_block_loop(
             t = s / softcap_out
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
+        if BLOCK_D2 > 0:
+            dq2 = tl.dot(ds.to(k2.dtype), k2, dq2, input_precision=INPUT_PRECISION)
+            k2_ptrs += BLOCK_N * stride_ks
+            v2_ptrs += BLOCK_N * stride_vs
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
-    return dq
+    return dq, dq2
 
 
 @triton.jit
@@ -338,7 +416,7 @@ def _bwd_dq_kernel(
     qk_scale_log2, softcap_in, softcap_out, softmax_scale,
     window_left, window_right,
     dropout_threshold, dropout_scale, dropout_seed,
-    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_ORDER: tl.constexpr,
@@ -357,7 +435,7 @@ def _bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_D: tl.constexpr = BLOCK_D <= HEADDIM  # the first (or only) head-dim part lies inside the head dim
     row_ok = offs_m < sq
     tile_mask = row_ok[:, None] & (offs_d[None, :] < HEADDIM)
     q = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D),
@@ -374,28 +452,50 @@ def _bwd_dq_kernel(
     )
     alibi_slope = load_alibi_slope(Alibi, b, h, stride_alibi_b, stride_alibi_h, HAS_ALIBI, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. BLOCK_D + BLOCK_D2 - 1
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        tile_mask2 = row_ok[:, None] & (offs_d2[None, :] < HEADDIM)
+        q2 = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D2) + BLOCK_D,
+                     mask=tile_mask2, other=0.0)
+        do2 = tl.load(tile_ptrs(DOut, b, h, q_start + m0, stride_dob, stride_doh, stride_dos, BLOCK_M, BLOCK_D2)
+                      + BLOCK_D, mask=tile_mask2, other=0.0)
+        k2_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D2) + BLOCK_D
+        v2_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D2) + BLOCK_D
+        dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    else:  # placeholders the loops pass along untouched
+        offs_d2, q2, do2, k2_ptrs, v2_ptrs, dq2 = offs_d, q, do, k_ptrs, v_ptrs, dq
     if HAS_LEFT:
-        dq = _dq_block_loop(
-            dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, n_lo, a_end, m0, offs_n, offs_d,
+        dq, dq2 = _dq_block_loop(
+            dq, q, do, dq2, q2, do2, lse2, delta, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, n_lo, a_end,
+            m0, offs_n, offs_d, offs_d2,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_scale, dropout_seed,
             True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+            BLOCK_D2,
         )
-    dq = _dq_block_loop(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, a_end, b_end, m0, offs_n, offs_d,
+    dq, dq2 = _dq_block_loop(
+        dq, q, do, dq2, q2, do2, lse2, delta, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, a_end, b_end,
+        m0, offs_n, offs_d, offs_d2,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_scale, dropout_seed,
         False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        BLOCK_D2,
     )
-    dq = _dq_block_loop(
-        dq, q, do, lse2, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, b_end, n_hi, m0, offs_n, offs_d,
+    dq, dq2 = _dq_block_loop(
+        dq, q, do, dq2, q2, do2, lse2, delta, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, b_end, n_hi,
+        m0, offs_n, offs_d, offs_d2,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_scale, dropout_seed,
         True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
+        BLOCK_D2,
     )
     dq = dq * softmax_scale
     tl.store(tile_ptrs(DQ, b, h, q_start + m0, stride_dqb, stride_dqh, stride_dqs, BLOCK_M, BLOCK_D),
              dq.to(DQ.dtype.element_ty), mask=tile_mask)
+    if BLOCK_D2 > 0:
+        dq2 = dq2 * softmax_scale
+        tl.store(tile_ptrs(DQ, b, h, q_start + m0, stride_dqb, stride_dqh, stride_dqs, BLOCK_M, BLOCK_D2) + BLOCK_D,
+                 dq2.to(DQ.dtype.element_ty), mask=tile_mask2)
 
 
 def _row_view_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int, int, int]:
@@ -492,8 +592,9 @@ def attention_backward(
 
     seq_args = seqlen_args(q, k, meta)
     seq_args = (*seq_args[:7], *alibi_args(alibi_slopes, delta), *seq_args[7:])
+    block_d, block_d2 = configs.head_parts(prob.headdim)
     flags = dict(
-        HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
+        HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
         **meta_flags(meta),
         HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None,

@@ -309,7 +309,8 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
     fit the register budget at this head dim's padded width, and, among those, not more
     warps than the tiles can use (8 warps for tiles under 64 x 64 rows x keys only where 4
     would spill)."""
-    block_d = max(16, 1 << (max(headdim, 1) - 1).bit_length())
+    # The tiles' width: the padded head dim, or its two parts' sum (``head_parts``).
+    block_d = sum(head_parts(headdim))
     if block_d > 128:
         # 128-row tiles fit the budget only with 8 warps (the forward's: FA2's d=256 shape).
         shapes = [(32, 32), (64, 32), (32, 64), (64, 64), (16, 64), (64, 16), (128, 32), (128, 64)]
@@ -363,15 +364,17 @@ def override(
     sm90_dq: Optional[KernelConfig] = None,
     sm90_head_splits: Optional[int] = None,
     sm90_heads_first: Optional[bool] = None,
+    head_parts: Optional[bool] = None,
 ) -> Iterator[None]:
     """Force configurations inside the block (tests, tuning). ``fwd`` is the portable
     forward's, and also keeps the default backend on the portable forward (a test forcing
     its tiles means that kernel); ``sm90_*`` are the Gluon sm_90 kernels' (``sm90_head_splits``:
-    ``sm90_dkdv_head_splits``)."""
+    ``sm90_dkdv_head_splits``); ``head_parts``: whether the portable kernels split the head
+    dim in two (``head_parts``)."""
     saved = dict(_override)
     for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits), ("sm90_fwd", sm90_fwd),
                        ("sm90_dkdv", sm90_dkdv), ("sm90_dq", sm90_dq), ("sm90_head_splits", sm90_head_splits),
-                       ("sm90_heads_first", sm90_heads_first)):
+                       ("sm90_heads_first", sm90_heads_first), ("head_parts", head_parts)):
         if value is not None:
             _override[key] = value
     try:
@@ -379,6 +382,28 @@ def override(
     finally:
         _override.clear()
         _override.update(saved)
+
+
+def head_parts(headdim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D2): the widths of the two head-dim parts the portable kernels hold
+    as separate tiles, columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2); BLOCK_D2 = 0
+    is one tile, the head dim padded to a power of two (Triton's tiles have power-of-two
+    shapes). Padding runs every GEMM on zero columns: d=192 as 256 costs a third more work
+    and the registers of 256 columns, which forced the d=256 tiles' two-pass dK/dV on it
+    (run 39's wide grid: d=192 cost 0.91x d=256's time per head, its backward 0.62-0.75x
+    FA2's speed). Split, d=192 is 128 + 64 and d=160 128 + 32, d=96 64 + 32 and d=80
+    64 + 16. Off by default until measured on a GPU: ``RINGFLASH_HEAD_PARTS=1`` or
+    ``override(head_parts=True)`` turns it on for every head dim it shortens by at least a
+    quarter."""
+    padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
+    enabled = _override.get("head_parts")
+    if enabled is None:
+        enabled = os.environ.get("RINGFLASH_HEAD_PARTS", "0") == "1"
+    if not enabled or headdim <= 16:
+        return padded, 0
+    first = padded // 2
+    second = max(16, 1 << (headdim - first - 1).bit_length())
+    return (first, second) if 4 * (first + second) <= 3 * padded else (padded, 0)
 
 
 _capabilities: dict[int, tuple[int, int]] = {}

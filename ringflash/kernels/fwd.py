@@ -26,22 +26,28 @@ from .problem import (
 
 @triton.jit
 def _fwd_block_loop(
-    acc, l_i, m_i, q,
-    k_ptrs, v_ptrs, stride_ks, stride_vs,
-    start, end, m0, offs_n, offs_d,
+    acc, l_i, m_i, q, acc2, q2,
+    k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs,
+    start, end, m0, offs_n, offs_d, offs_d2,
     diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
+    BLOCK_D2: tl.constexpr,
 ):
-    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end).
+    """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); with a second
+    head-dim part (BLOCK_D2 > 0: ``problem.head_parts``) also of acc2, the output's columns
+    offs_d2, from q2 and the K/V columns at k2_ptrs / v2_ptrs (unused otherwise).
 
     Scores are in log2 units when USE_EXP2, natural units otherwise (the host scales them);
     ``alibi_slope`` is in the same units."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     k_ptrs += start.to(tl.int64) * stride_ks
     v_ptrs += start.to(tl.int64) * stride_vs
+    if BLOCK_D2 > 0:
+        k2_ptrs += start.to(tl.int64) * stride_ks
+        v2_ptrs += start.to(tl.int64) * stride_vs
     for n0 in range(start, end, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         if MASKED:
@@ -52,6 +58,13 @@ def _fwd_block_loop(
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
+        if BLOCK_D2 > 0:  # the second part's columns (always masked past the head dim)
+            if MASKED:
+                kv_mask2 = (n0 + offs_n[:, None] < sk) & (offs_d2[None, :] < HEADDIM)
+            else:
+                kv_mask2 = offs_d2[None, :] < HEADDIM
+            k2 = tl.load(k2_ptrs, mask=kv_mask2, other=0.0, cache_modifier=KV_CACHE)
+            qk = tl.dot(q2, tl.trans(k2), qk, input_precision=INPUT_PRECISION)
         s = scaled_scores(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if HAS_ALIBI:
             s += alibi_bias(offs_m[:, None], (n0 + offs_n)[None, :], diag, alibi_slope)
@@ -72,6 +85,8 @@ def _fwd_block_loop(
             alpha = tl.exp(m_i - m_sub)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
+        if BLOCK_D2 > 0:
+            acc2 = acc2 * alpha[:, None]
         if MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
         elif EVEN_D:
@@ -81,10 +96,15 @@ def _fwd_block_loop(
         if HAS_DROPOUT:  # l_i keeps the undropped sum; the 1 / (1 - p) comes at the end
             p = tl.where(dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, False), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
+        if BLOCK_D2 > 0:
+            v2 = tl.load(v2_ptrs, mask=kv_mask2, other=0.0, cache_modifier=KV_CACHE)
+            acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=INPUT_PRECISION)
+            k2_ptrs += BLOCK_N * stride_ks
+            v2_ptrs += BLOCK_N * stride_vs
         m_i = m_new
         k_ptrs += BLOCK_N * stride_ks
         v_ptrs += BLOCK_N * stride_vs
-    return acc, l_i, m_i
+    return acc, l_i, m_i, acc2
 
 
 @triton.jit
@@ -102,7 +122,7 @@ def _fwd_kernel(
     qk_scale_log2, softcap_in, softcap_out,
     window_left, window_right,
     dropout_threshold, dropout_scale, dropout_seed,
-    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
@@ -132,7 +152,7 @@ def _fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    EVEN_D: tl.constexpr = HEADDIM == BLOCK_D
+    EVEN_D: tl.constexpr = BLOCK_D <= HEADDIM  # the first (or only) head-dim part lies inside the head dim
 
     row_mask = offs_m < sq
     q = tl.load(
@@ -141,6 +161,16 @@ def _fwd_kernel(
     )
     k_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D)
     v_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. BLOCK_D + BLOCK_D2 - 1
+        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
+        q2 = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D2) + BLOCK_D,
+                     mask=row_mask[:, None] & (offs_d2[None, :] < HEADDIM), other=0.0)
+        k2_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D2) + BLOCK_D
+        v2_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D2) + BLOCK_D
+        acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
+    else:  # placeholders the loops pass along untouched
+        offs_d2, q2, k2_ptrs, v2_ptrs, acc2 = offs_d, q, k_ptrs, v_ptrs, acc
 
     n_lo, a_end, b_end, n_hi = key_block_ranges(
         m0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
@@ -167,28 +197,30 @@ def _fwd_kernel(
     alibi_slope = load_alibi_slope(Alibi, b, h, stride_alibi_b, stride_alibi_h, HAS_ALIBI, USE_EXP2)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if HAS_LEFT:
-        acc, l_i, m_i = _fwd_block_loop(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, a_lo, a_end, m0, offs_n, offs_d,
+        acc, l_i, m_i, acc2 = _fwd_block_loop(
+            acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, a_lo, a_end, m0, offs_n,
+            offs_d, offs_d2,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_seed,
             True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-            KV_CACHE, USE_EXP2,
+            KV_CACHE, USE_EXP2, BLOCK_D2,
         )
-    acc, l_i, m_i = _fwd_block_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, b_lo, b_end, m0, offs_n, offs_d,
+    acc, l_i, m_i, acc2 = _fwd_block_loop(
+        acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, b_lo, b_end, m0, offs_n,
+        offs_d, offs_d2,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_seed,
         False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-        KV_CACHE, USE_EXP2,
+        KV_CACHE, USE_EXP2, BLOCK_D2,
     )
-    acc, l_i, m_i = _fwd_block_loop(
-        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, c_lo, n_hi, m0, offs_n, offs_d,
+    acc, l_i, m_i, acc2 = _fwd_block_loop(
+        acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, c_lo, n_hi, m0, offs_n,
+        offs_d, offs_d2,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_seed,
         True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-        KV_CACHE, USE_EXP2,
+        KV_CACHE, USE_EXP2, BLOCK_D2,
     )
 
     # Rows that saw no key: out = 0, lse = -inf.
@@ -209,6 +241,12 @@ def _fwd_kernel(
         l_base = Lse
     tl.store(tile_ptrs(o_base, b, h, q_start + m0, stride_ob, stride_oh, stride_os, BLOCK_M, BLOCK_D),
              out.to(o_base.dtype.element_ty), mask=row_mask[:, None] & (offs_d[None, :] < HEADDIM))
+    if BLOCK_D2 > 0:
+        out2 = acc2 / tl.where(empty, 1.0, l_i)[:, None]
+        if HAS_DROPOUT:
+            out2 = out2 * dropout_scale
+        tl.store(tile_ptrs(o_base, b, h, q_start + m0, stride_ob, stride_oh, stride_os, BLOCK_M, BLOCK_D2) + BLOCK_D,
+                 out2.to(o_base.dtype.element_ty), mask=row_mask[:, None] & (offs_d2[None, :] < HEADDIM))
     tl.store(row_base(l_base, b, h, q_start + m0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_M), lse, mask=row_mask)
 
 
@@ -300,6 +338,7 @@ def attention_forward(
         return out, lse
     result, out = out, interpreter_output(out)
     seq_args = seqlen_args(q, k, meta)
+    block_d, block_d2 = configs.head_parts(prob.headdim)
 
     def launch(cfg: configs.KernelConfig) -> None:
         cfg = configs.fit_grid(cfg, prob)
@@ -322,7 +361,7 @@ def attention_forward(
             prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
             *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right, *dropout_args(dropout),
         ), dict(
-            HEADDIM=prob.headdim, BLOCK_D=prob.block_d,
+            HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
             **meta_flags(meta),
             HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
             HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None, IS_SPLIT=num_splits > 1,
