@@ -579,6 +579,27 @@ def test_dense_dkv_splits(case, splits, mode):
         check_dense_case(case)
 
 
+@_settings(_examples(6))
+@given(case=dense_cases())
+def test_dense_head_parts(case):
+    """The head dim in two tiles (``configs.head_parts``, RINGFLASH_HEAD_PARTS) on random
+    cases: most random head dims split."""
+    from ringflash.kernels import configs
+
+    with configs.override(head_parts=True):
+        _note(f"head parts {configs.head_parts(case.headdim)}")
+        check_dense_case(case)
+
+
+@_settings(_examples(5))
+@given(case=varlen_cases())
+def test_varlen_head_parts(case):
+    from ringflash.kernels import configs
+
+    with configs.override(head_parts=True):
+        check_varlen_case(case)
+
+
 def test_varlen_single_key_rounding():
     """Found by CI: every query sees one key, so dq and dk are exactly 0 in float64 and in
     PyTorch's fp32, while ours hold the rounding of ``dP - rowsum(dO * O)`` (see

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from .common import cdiv, check_device, dropout_keep
+from .launch import fast_launch
 from .problem import dropout_args
 
 
@@ -70,5 +71,5 @@ def dropout_keys(batch: int, nheads: int, seed: int, device: torch.device) -> to
     Philox themselves (the Gluon kernels of ``kernels.sm90``). One launch per call."""
     keys = torch.empty((batch, nheads, 2), dtype=torch.int32, device=device)
     if keys.numel():
-        _dropout_keys_kernel[(batch * nheads,)](keys, nheads, int(seed))
+        fast_launch(_dropout_keys_kernel, (batch * nheads, 1, 1), (keys, nheads, int(seed)), {})
     return keys

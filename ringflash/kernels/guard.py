@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import check_device, next_power_of_2
+from .launch import fast_launch
 from .problem import SeqMeta
 
 
@@ -84,10 +85,9 @@ def poison_if_invalid(
         return
     outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
     used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
-    _varlen_guard_kernel[(1,)](
+    fast_launch(_varlen_guard_kernel, (1, 1, 1), (
         meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used,
         batch, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k,
         outs[0], outs[0].numel(), outs[1], outs[1].numel(), outs[2], outs[2].numel(),
-        HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
-        BLOCK_B=min(1024, max(16, next_power_of_2(batch))), BLOCK=1024,
-    )
+    ), dict(HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
+            BLOCK_B=min(1024, max(16, next_power_of_2(batch))), BLOCK=1024))
