@@ -437,7 +437,8 @@ def _seqlen_bucket(n: int) -> int:
 
 def tuning_key(kind: str, q: torch.Tensor, prob) -> tuple:
     return (
-        kind, _capability(q.device), q.dtype, headdim_bucket(prob.headdim), prob.causal,
+        # The head-dim tiles (``head_parts``) as well: a split d=192 runs other kernels.
+        kind, _capability(q.device), q.dtype, headdim_bucket(prob.headdim), head_parts(prob.headdim), prob.causal,
         prob.has_left, prob.softcap > 0, prob.is_varlen,
         _seqlen_bucket(prob.max_seqlen_q), _seqlen_bucket(prob.max_seqlen_k),
     )
