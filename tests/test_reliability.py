@@ -115,6 +115,28 @@ def test_unchecked_bad_cu_seqlens_turn_every_output_into_nan(monkeypatch, cu_val
         assert t.grad.isnan().all()
 
 
+def test_unchecked_bad_cu_seqlens_poison_gradients_laid_out_like_transposed_inputs(monkeypatch):
+    """Gradients of transposed views come back in the views' layout (a permutation of a
+    contiguous block): the device-side check must still fill all of them with NaN."""
+    monkeypatch.setenv("RINGFLASH_CHECK_CU_SEQLENS", "0")
+    leaves = [torch.randn(2, 20, 16, device=DEVICE, requires_grad=True) for _ in range(3)]
+    cu = torch.tensor([0, 8, 14], dtype=torch.int32, device=DEVICE)
+    out = flash_attn_varlen_func(*(t.transpose(0, 1) for t in leaves), cu, cu, 12, 12)
+    assert out.isnan().all()
+    out.sum().backward()
+    for t in leaves:
+        assert t.grad.isnan().all()
+
+
+def test_the_guard_poisons_only_single_blocks_of_memory():
+    from ringflash.kernels.guard import _one_block
+
+    base = torch.zeros(4, 6, 8)
+    assert _one_block(base) and _one_block(base.transpose(0, 1)) and _one_block(base.permute(2, 0, 1))
+    assert _one_block(torch.zeros(3, 1, 5)[:, :, :]) and _one_block(torch.zeros(0, 3, 4).expand(0, 3, 4))
+    assert not _one_block(base[:, ::2]) and not _one_block(torch.zeros(4, 1, 8).expand(4, 6, 8))
+
+
 def test_unchecked_good_cu_seqlens_are_not_poisoned(monkeypatch, gen):
     monkeypatch.setenv("RINGFLASH_CHECK_CU_SEQLENS", "0")
     lengths = [3, 11, 0, 6]

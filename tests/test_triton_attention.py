@@ -161,6 +161,28 @@ def test_strided_views_match_contiguous(gen):
     assert torch.equal(flash_attn_func(qt, k, v, causal=True), out_contig)
 
 
+def test_gradients_keep_the_inputs_layout(gen):
+    """transformers' layout, (b, h, s, d) tensors passed as transposed views: the gradients
+    come back laid out as the views (flash-attn's empty_like), so autograd has nothing to
+    copy to fit them to the leaves, and they match the float64 reference; a slice of a
+    fused projection, which is not dense, gets contiguous gradients."""
+    b, s, h, hk, d = 2, 37, 4, 2, 16
+    leaves = [torch.randn(b, n, s, d, generator=gen).to(DEVICE).requires_grad_() for n in (h, hk, hk)]
+    dout = torch.randn(b, s, h, d, generator=gen).to(DEVICE)
+    views = [t.transpose(1, 2) for t in leaves]
+    grads = torch.autograd.grad(flash_attn_func(*views, causal=True), views, dout)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    ref_views = [t.transpose(1, 2) for t in ref_leaves]
+    want = torch.autograd.grad(attention_ref(*ref_views, causal=True)[0], ref_views, dout.double())
+    for got, view, ref in zip(grads, views, want):
+        assert got.stride() == view.stride(), (got.stride(), view.stride())
+        torch.testing.assert_close(got.double(), ref, atol=1e-4, rtol=1e-4)
+    fused = torch.randn(b, s, 3, h, d, generator=gen).to(DEVICE).requires_grad_()
+    parts = fused.unbind(2)
+    for got in torch.autograd.grad(flash_attn_func(*parts, causal=True), parts, dout):
+        assert got.is_contiguous()
+
+
 def test_packed_variants_match_unpacked(gen):
     b, s, h, d = 2, 21, 2, 16
     qkv = torch.randn(b, s, 3, h, d, generator=gen).half().to(DEVICE).requires_grad_()

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, interpreting, kernel_operand,
+    alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, grad_buffer,
+    interpreter_output, interpreting, kernel_operand,
     key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
 from .launch import fast_launch
@@ -550,7 +551,8 @@ def attention_backward(
     dropout: Optional[tuple[float, int]] = None,
     atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv) in the inputs' dtypes and shapes (contiguous).
+    """Gradients (dq, dk, dv) in the inputs' dtypes and shapes, laid out as the inputs where
+    those are dense and writable (``common.grad_buffer``), contiguous otherwise.
 
     ``out`` and ``lse`` are the forward's results (lse float32 in the forward's layout).
     Given ``dq``/``dk``/``dv`` (views allowed; float32 allowed), the gradients are written
@@ -567,12 +569,12 @@ def attention_backward(
     not deterministic). Not with ``dkv_rows``.
     """
     check_device(q)
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq is None else dq
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device) if dk is None else dk
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device) if dv is None else dv
+    token_dim = 0 if prob.is_varlen else 1
+    dq = grad_buffer(q, token_dim) if dq is None else dq
+    dk = grad_buffer(k, token_dim) if dk is None else dk
+    dv = grad_buffer(v, token_dim) if dv is None else dv
     if dkv_rows is not None and meta is None:
         raise ValueError("dkv_rows: given for a dense problem; expected varlen metadata")
-    token_dim = 0 if prob.is_varlen else 1
     for name, buf in (("dq", dq), ("dk", dk), ("dv", dv)):
         check_output_buffer(buf, name, token_dim)
     dout, q, k, v, out = (kernel_operand(x, token_dim) for x in (dout, q, k, v, out))

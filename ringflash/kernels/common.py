@@ -86,6 +86,19 @@ def finish_output(x, written) -> None:
         x.copy_(written)
 
 
+def grad_buffer(x: torch.Tensor, token_dim: int) -> torch.Tensor:
+    """An uninitialized gradient for input ``x``, laid out as ``x`` where ``x`` is a dense
+    permutation of its shape that the kernels can write (transformers hands over
+    (batch, heads, tokens, d) tensors viewed as (batch, tokens, heads, d)), so that autograd
+    keeps it as it is instead of copying a gradient whose strides differ from its leaf's
+    (flash-attn's ``empty_like``); contiguous otherwise (a slice of a fused projection)."""
+    if x.stride(-1) == 1:
+        buf = torch.empty_like(x)
+        if abs(buf.stride(token_dim)) * MAX_TILE_ROWS < _INT32_LIMIT:
+            return buf
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
 def check_output_buffer(x, name: str, token_dim: int) -> None:
     """A caller-given output buffer must already be in a layout the kernels can write."""
     if x.stride(-1) != 1 or abs(x.stride(token_dim)) * MAX_TILE_ROWS >= _INT32_LIMIT:

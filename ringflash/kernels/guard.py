@@ -68,17 +68,35 @@ def _varlen_guard_kernel(
             _poison(Out2, numel2, BLOCK)
 
 
+def _one_block(t: torch.Tensor) -> bool:
+    """Whether ``t`` covers exactly the ``numel`` elements from its first one: positive
+    strides that, sorted, are those of a contiguous tensor (dims of size 1 aside); an empty
+    tensor has nothing to cover."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def poison_if_invalid(
     meta: SeqMeta, total_q: int, total_k: Optional[int], max_seqlen_q: int, max_seqlen_k: int,
     outputs: Sequence[torch.Tensor],
 ) -> None:
     """Check plain varlen ``meta`` (one group, no diagonals) on the device; if invalid, fill
-    every tensor of ``outputs`` (1-3 contiguous tensors) with NaN. No host sync.
+    every tensor of ``outputs`` (1-3 tensors, each filling one block of memory from its first
+    element: contiguous, or a permutation of a contiguous layout, as gradients laid out like
+    transposed inputs are) with NaN. No host sync.
     ``total_k`` None: the keys live in a paged cache (cu_seqlens_k's end is not checked)."""
     if meta.num_groups != 1 or meta.diag is not None:
         raise ValueError("poison_if_invalid: expected plain varlen metadata (one group, no diagonals)")
-    if not 1 <= len(outputs) <= 3 or not all(t.is_contiguous() for t in outputs):
-        raise ValueError("poison_if_invalid: expected 1 to 3 contiguous outputs")
+    if not 1 <= len(outputs) <= 3 or not all(_one_block(t) for t in outputs):
+        raise ValueError("poison_if_invalid: expected 1 to 3 outputs, each a dense block of memory")
     check_device(meta.cu_seqlens_k, "cu_seqlens_k")
     batch = meta.batch
     if batch == 0:

@@ -44,6 +44,7 @@ import triton
 
 from . import configs
 from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold
+from .common import grad_buffer
 from .launch import fast_launch
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
@@ -1177,8 +1178,8 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                             out: torch.Tensor, lse: torch.Tensor, prob: AttnProblem,
                             dropout: Optional[tuple[float, int]] = None, atomic_dq: bool = False,
                             meta=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dq, dk, dv), contiguous in the inputs' dtypes, of a call ``supports``
-    takes. Dense: q/dout/out (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k,
+    """Gradients (dq, dk, dv), in the inputs' dtypes and layouts (``common.grad_buffer``), of
+    a call ``supports`` takes. Dense: q/dout/out (batch, seqlen_q, nheads, d), k/v (batch, seqlen_k, nheads_k,
     d), lse float32 (batch, nheads, seqlen_q); plain varlen (``meta``): q/dout/out
     (total_q, nheads, d), k/v (total_k, nheads_k, d), lse (nheads, total_q); from either
     forward. Deterministic (no atomics): the dK/dV kernel sums over the query heads of each
@@ -1193,9 +1194,9 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     if varlen:
         # The kernels make each sequence's descriptors from contiguous packed tensors.
         q, k, v, dout = (x.contiguous() for x in (q, k, v, dout))
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # Laid out as the inputs where those are dense (``common.grad_buffer``): TMA reads the
+    # inputs with those strides, so it writes the gradients with them too.
+    dq, dk, dv = (grad_buffer(x, 0 if varlen else 1) for x in (q, k, v))
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, out = _tma_operand(dout), _tma_operand(out)
