@@ -109,8 +109,12 @@ def fast_launch(kernel, grid: tuple, args: Sequence[Any], constexprs: dict,
                              f"do not name every parameter of {names}")
         kernel[grid](*args, **constexprs)
         return
+    arg_key = specialization_key(args, other_key)
+    if arg_key is None:
+        kernel[grid](*args, **constexprs)
+        return
     device = torch.cuda.current_device()
-    full_key = (kernel, specialization_key(args, other_key), tuple(constexprs.items()), device)
+    full_key = (kernel, arg_key, tuple(constexprs.items()), device)
     if not _launch_kept(full_key, grid, args, device):
         _launch_and_keep(full_key, kernel, grid, args, constexprs)
 
@@ -119,7 +123,8 @@ def specialization_key(args: Sequence[Any], other_key: Optional[Callable[[Any], 
     """Per argument, what Triton specializes it on: a tensor's dtype and whether it is
     16-byte aligned, an integer's ``int_class``, a float's type, None and bools by value;
     any other argument (a TMA descriptor) through ``other_key``, which must return what
-    Triton specializes that argument on (or raise TypeError for one it does not know)."""
+    Triton specializes that argument on (or raise TypeError for one it does not know).
+    None when an argument is of another type (``fast_launch`` then takes Triton's path)."""
     parts = []
     for a in args:
         kind = type(a)
@@ -134,8 +139,8 @@ def specialization_key(args: Sequence[Any], other_key: Optional[Callable[[Any], 
             parts.append((a.dtype, a.data_ptr() % 16 == 0))
         elif other_key is not None:
             parts.append(other_key(a))
-        else:
-            raise TypeError(f"specialization_key: no key for an argument of type {kind.__name__}")
+        else:  # a numpy scalar or the like: Triton's own launch decides
+            return None
     return tuple(parts)
 
 
