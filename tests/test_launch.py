@@ -1,7 +1,8 @@
-"""The launch cache (``kernels.launch.cached_launch``, ``fast_launch``) and the decode plans built on it: a
-call reusing an earlier call's compiled kernel and plan must still give the float64 answer
-when what Triton specializes on differs between the calls (a per-call integer of another
-class, a tensor at an unaligned address), and its bookkeeping must follow Triton's rules."""
+"""The launch cache (``kernels.launch.cached_launch`` and ``fast_launch``) and the decode
+plans built on it: a call reusing an earlier call's compiled kernel and plan must still give
+the float64 answer when what Triton specializes on differs between the calls (a per-call
+integer of another class, a tensor at an unaligned address), and its bookkeeping must
+follow Triton's rules."""
 
 import numpy as np
 import pytest
