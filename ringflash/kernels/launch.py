@@ -119,7 +119,8 @@ def fast_launch(kernel, grid: tuple, args: Sequence[Any], constexprs: dict,
         _launch_and_keep(full_key, kernel, grid, args, constexprs)
 
 
-def specialization_key(args: Sequence[Any], other_key: Optional[Callable[[Any], Hashable]] = None) -> tuple:
+def specialization_key(args: Sequence[Any],
+                       other_key: Optional[Callable[[Any], Hashable]] = None) -> Optional[tuple]:
     """Per argument, what Triton specializes it on: a tensor's dtype and whether it is
     16-byte aligned, an integer's ``int_class``, a float's type, None and bools by value;
     any other argument (a TMA descriptor) through ``other_key``, which must return what
