@@ -379,3 +379,41 @@ def test_descriptor_key_follows_tritons_specialization():
             assert (sm90._descriptor_key(a) == sm90._descriptor_key(b)) == (triton_key(a) == triton_key(b))
     with pytest.raises(TypeError, match="TensorDescriptor"):
         sm90._descriptor_key(x[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")
+@pytest.mark.parametrize("backend", ["portable", "sm90"])
+def test_training_launches_go_through_the_kept_kernels_and_stay_exact(monkeypatch, backend):
+    """``fast_launch`` on the GPU: repeated forward+backward calls, with sequence lengths
+    crossing Triton's integer classes (a multiple of 16 or not) and a transposed layout,
+    run the kept kernels (the table holds the training kernels) and give bitwise the same
+    results as the first call, which matches float64."""
+    from ringflash.kernels import bwd, fwd, sm90
+
+    if backend == "sm90" and not (sm90.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)):
+        pytest.skip("needs Hopper (sm_90) and Gluon")
+    monkeypatch.setenv("RINGFLASH_BACKEND", backend)
+    L.clear()
+    gen = torch.Generator().manual_seed(21)
+    for seqlen in (1024, 1040, 1037, 1024):
+        for transposed in (False, True):
+            shape = (2, 4, seqlen, 128) if transposed else (2, seqlen, 4, 128)
+            leaves = [torch.randn(shape, generator=gen).to("cuda", torch.bfloat16).requires_grad_() for _ in range(3)]
+            views = [t.transpose(1, 2) if transposed else t for t in leaves]
+            dout = torch.randn(views[0].shape, generator=gen).to("cuda", torch.bfloat16)
+            runs = []
+            for _ in range(2):
+                out = flash_attn_func(*views, causal=True)
+                runs.append((out, *torch.autograd.grad(out, leaves, dout)))
+            for first, again in zip(*runs):
+                assert torch.equal(first, again)
+            ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+            want = attention_ref(*(t.transpose(1, 2) if transposed else t for t in ref_leaves), causal=True)[0]
+            want_grads = torch.autograd.grad(want, ref_leaves, dout.double())
+            for got, ref in zip(runs[0], (want, *want_grads)):
+                torch.testing.assert_close(got.double(), ref, atol=3e-2, rtol=3e-2)
+    kept = {key[0] for key in L._COMPILED}
+    expected = {sm90._fwd_sm90_kernel, sm90._bwd_dkdv_sm90_kernel, sm90._bwd_dq_sm90_kernel} if backend == "sm90" \
+        else {fwd._fwd_kernel, bwd._bwd_dkdv_kernel, bwd._bwd_dq_kernel}
+    assert expected | {bwd._bwd_preprocess_kernel} <= kept, kept
