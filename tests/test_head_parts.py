@@ -32,6 +32,11 @@ def test_head_parts_widths(monkeypatch):
                 16: (16, 0), 24: (32, 0), 64: (64, 0), 112: (128, 0), 128: (128, 0), 224: (256, 0), 256: (256, 0)}
     for d, parts in expected.items():
         assert configs.head_parts(d) == parts, d
+    monkeypatch.delitem(configs._override, "head_parts")  # the environment decides
+    assert configs.head_parts(192) == (128, 64)
+    monkeypatch.setenv("RINGFLASH_HEAD_PARTS", "yes")
+    with pytest.raises(ValueError, match="RINGFLASH_HEAD_PARTS: got 'yes'; expected 0 or 1"):
+        configs.head_parts(192)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -59,13 +59,19 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def kernel_layout(x: torch.Tensor, token_dim: int) -> bool:
+    """Whether the kernels can address ``x`` as it is: unit stride on the head dim, and a
+    token stride small enough that ``MAX_TILE_ROWS`` rows of offsets fit in int32."""
+    return x.stride(-1) == 1 and abs(x.stride(token_dim)) * MAX_TILE_ROWS < _INT32_LIMIT
+
+
 def kernel_operand(x, token_dim: int):
     """``x`` as the kernels read it: unit stride on the head dim, and a token stride small
     enough that ``MAX_TILE_ROWS`` rows of offsets fit in int32 (a huge-stride view, e.g. an
     sbhd buffer with batch x heads x headdim past 2**31 / 256, is copied instead of read
     with overflowing offsets). Under the interpreter, bf16 is computed in float32: its
     bf16 ``tl.dot`` gives wrong results, while float32 only rounds less than the GPU."""
-    if x.stride(-1) != 1 or abs(x.stride(token_dim)) * MAX_TILE_ROWS >= _INT32_LIMIT:
+    if not kernel_layout(x, token_dim):
         x = x.contiguous()
     if interpreting() and x.dtype == torch.bfloat16:
         x = x.float()
@@ -94,14 +100,14 @@ def grad_buffer(x: torch.Tensor, token_dim: int) -> torch.Tensor:
     (flash-attn's ``empty_like``); contiguous otherwise (a slice of a fused projection)."""
     if x.stride(-1) == 1:
         buf = torch.empty_like(x)
-        if abs(buf.stride(token_dim)) * MAX_TILE_ROWS < _INT32_LIMIT:
+        if kernel_layout(buf, token_dim):
             return buf
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def check_output_buffer(x, name: str, token_dim: int) -> None:
     """A caller-given output buffer must already be in a layout the kernels can write."""
-    if x.stride(-1) != 1 or abs(x.stride(token_dim)) * MAX_TILE_ROWS >= _INT32_LIMIT:
+    if not kernel_layout(x, token_dim):
         raise ValueError(f"{name}: strides {tuple(x.stride())} are not writable by the kernels; expected unit stride "
                          f"on the last dim and a token stride below {_INT32_LIMIT // MAX_TILE_ROWS}")
 

@@ -398,7 +398,10 @@ def head_parts(headdim: int) -> tuple[int, int]:
     padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
     enabled = _override.get("head_parts")
     if enabled is None:
-        enabled = os.environ.get("RINGFLASH_HEAD_PARTS", "0") == "1"
+        mode = os.environ.get("RINGFLASH_HEAD_PARTS", "0")
+        if mode not in ("0", "1"):
+            raise ValueError(f"RINGFLASH_HEAD_PARTS: got {mode!r}; expected 0 or 1")
+        enabled = mode == "1"
     if not enabled or headdim <= 16:
         return padded, 0
     first = padded // 2

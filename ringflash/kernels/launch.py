@@ -129,9 +129,8 @@ def specialization_key(args: Sequence[Any],
     parts = []
     for a in args:
         kind = type(a)
-        if kind is int:  # ``int_class`` as one small int (no tuple per argument)
-            code = 1 if a == 1 else 2 if a & 15 == 0 else 3
-            parts.append(code if -0x80000000 <= a <= 0x7FFFFFFF else code + 4 if a < 1 << 63 else code + 8)
+        if kind is int:
+            parts.append(int_class(a))
         elif kind is float:
             parts.append(float)
         elif a is None or kind is bool:
@@ -197,8 +196,10 @@ def clear() -> None:
     _COMPILED.clear()
 
 
-def int_class(n: int) -> tuple[bool, bool, bool, bool]:
-    """What Triton specializes an integer argument on: whether it is 1, whether it is a
-    multiple of 16, and its type (int32, int64 or uint64). A key holding this instead of the value lets a
+def int_class(n: int) -> int:
+    """What Triton specializes an integer argument on, as one small int (keys are built per
+    argument of every launch): whether it is 1, else whether it is a multiple of 16, and
+    its type (int32, int64 or uint64). A key holding this instead of the value lets a
     per-call number (a cache length) reuse the compiled kernel."""
-    return n == 1, n % 16 == 0, -2**31 <= n < 2**31, n < 2**63
+    code = 1 if n == 1 else 2 if n % 16 == 0 else 3
+    return code if -2**31 <= n < 2**31 else code + 4 if n < 2**63 else code + 8
