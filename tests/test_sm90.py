@@ -408,3 +408,89 @@ def test_heads_first_order_for_small_causal_launches():
     assert not configs.sm90_heads_first(True, seed004, configs.MAX_GRID_YZ + 1)
     with configs.override(sm90_heads_first=False):  # the probes' A/B
         assert not configs.sm90_heads_first(True, seed004, 64)
+
+
+def _record_planned_launches(monkeypatch) -> list:
+    """Every ``PlannedLaunch`` becomes a record of its launch (nothing runs): (kernel, grid,
+    arguments as geometry and values, constexprs). A descriptor must describe the tensor
+    it is launched over (the template's shape and strides are that tensor's)."""
+    from ringflash.kernels import launch as L
+
+    launches = []
+
+    def describe(a):
+        if isinstance(a, torch.Tensor):
+            return ("tensor", tuple(a.shape), a.stride(), a.dtype)
+        if isinstance(a, sm90.TensorDescriptor):
+            assert list(a.shape) == list(a.base.shape) and list(a.strides) == list(a.base.stride()), \
+                "a descriptor's template does not describe its tensor"
+            return ("descriptor", tuple(a.shape), tuple(a.strides), tuple(a.block_shape), a.base.dtype)
+        return a
+
+    def record(site, grid, args):
+        launches.append((site.kernel, tuple(grid), tuple(describe(a) for a in args), tuple(site.constexprs.items())))
+
+    monkeypatch.setattr(L.PlannedLaunch, "__call__", record)
+    return launches
+
+
+def test_plans_launch_what_a_fresh_plan_would(monkeypatch):
+    """The Gluon launchers work each call signature's launches out once (``_PLANS``): a
+    call that reuses a plan made by an earlier one launches exactly what a plan made for
+    it alone would, across lengths on and off Triton's integer classes, GQA, transposed
+    layouts, full and causal masks, dropout probabilities, an override context, a head
+    split and varlen metadata."""
+    from ringflash.kernels import configs
+    from ringflash.kernels import launch as L
+    from ringflash.kernels.problem import SeqMeta
+
+    if not sm90.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper module")
+    launches = _record_planned_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(3)
+
+    def dense(b, sq, sk, h, hk, d, transposed=False):
+        def make(s, heads):
+            x = torch.randn((b, heads, s, d) if transposed else (b, s, heads, d), generator=gen, dtype=torch.float16)
+            return x.transpose(1, 2) if transposed else x
+        return make(sq, h), make(sk, hk), make(sk, hk)
+
+    cases = []
+    for shapes in [(1, 64, 64, 4, 4, 64), (1, 77, 64, 4, 4, 64), (2, 77, 93, 4, 2, 128), (2, 77, 93, 4, 2, 80)]:
+        for transposed in (False, True):
+            for causal in (False, True):
+                cases.append((dense(*shapes, transposed=transposed), causal, None, {}, None))
+    q, k, v = dense(2, 77, 93, 4, 2, 128)
+    q_t, k_t, v_t = dense(2, 77, 93, 4, 2, 128, transposed=True)
+    cases += [((q_t, k, v), True, None, {}, None), ((q, k_t, v), True, None, {}, None), ((q, k, v_t), True, None, {}, None)]
+    cases += [((q, k, v), True, (0.1, 5), {}, None), ((q, k, v), True, (0.25, 9), {}, None),
+              ((q, k, v), True, None, dict(sm90_head_splits=2), None),
+              ((q, k, v), True, None, dict(sm90_fwd=configs.KernelConfig(64, 64, 4, 2)), None)]
+    cu = torch.tensor([0, 30, 30, 77], dtype=torch.int32)
+    meta = SeqMeta.from_cu_seqlens(cu, cu)
+    cases.append(((q[0], k[0, :77], v[0, :77]), True, None, {}, meta))
+
+    def run(case):
+        (q, k, v), causal, dropout, forced, meta = case
+        if meta is None:
+            prob = make_problem(q, k, None, q.shape[1], k.shape[1], q.shape[-1] ** -0.5, causal, -1, -1, 0.0)
+        else:
+            prob = make_problem(q, k, meta, 77, 77, q.shape[-1] ** -0.5, causal, -1, -1, 0.0)
+        start = len(launches)
+        with configs.override(**forced):
+            out, lse = sm90.attention_forward_sm90(q, k, v, prob, dropout=dropout, meta=meta)
+            sm90.attention_backward_sm90(torch.randn_like(q), q, k, v, out, lse, prob,
+                                         dropout=dropout, meta=meta)
+        return launches[start:]
+
+    fresh = []
+    for case in cases:
+        L.clear()  # every plan table
+        fresh.append(run(case))
+    L.clear()
+    for _ in range(2):  # plans made by earlier cases, then all of them reused
+        for case, want in zip(cases, fresh):
+            assert run(case) == want
+    from ringflash.kernels import bwd
+    assert [launch[0] for launch in fresh[0]] == [sm90._fwd_sm90_kernel, bwd._bwd_preprocess_kernel,
+                                                  sm90._bwd_dkdv_sm90_kernel, sm90._bwd_dq_sm90_kernel]

@@ -22,7 +22,7 @@ from .common import (
     interpreter_output, interpreting, kernel_operand,
     key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .launch import fast_launch
+from .launch import PlannedLaunch, PlanTable, fast_launch
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
 )
@@ -515,20 +515,31 @@ def prepare_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(delta, lse2): delta = rowsum(dout * out) and lse in log2 units, both float32 in
     lse's layout. The backward of one forward needs them once, however many calls it makes
-    (context parallelism)."""
+    (context parallelism). The launch is worked out once per signature (``_PREPARE_PLANS``)."""
     lse = lse.contiguous()  # delta and lse2 are written with lse's strides (a (nheads, n) copy at most)
     delta = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     lse2 = torch.empty(lse.shape, dtype=torch.float32, device=lse.device)
     if lse.numel() == 0:
         return delta, lse2
-    rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
-    _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
-    lb, lh = lse_strides(lse, prob.is_varlen)
-    block_r = 16 if interpreting() else 64
-    fast_launch(_bwd_preprocess_kernel, (cdiv(rows, block_r), prob.nheads, batch), (
-        out, dout, lse, delta, lse2, rows, ob, or_, oh, dob, dor, doh, lb, lh,
-    ), dict(HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r, LOG2_BLOCK_D=prob.block_d.bit_length() - 1))
+    key = (out.shape, out.stride(), dout.stride(), lse.shape, out.dtype, dout.dtype, out.device, prob.is_varlen,
+           prob.headdim, prob.nheads, out.data_ptr() % 16 == 0, dout.data_ptr() % 16 == 0, lse.data_ptr() % 16 == 0)
+    plan = _PREPARE_PLANS.get(key)
+    if plan is None:
+        rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
+        _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
+        block_r = 16 if interpreting() else 64
+        plan = _PREPARE_PLANS.keep(key, (
+            (cdiv(rows, block_r), prob.nheads, batch), (rows, ob, or_, oh, dob, dor, doh, *lse_strides(lse, prob.is_varlen)),
+            PlannedLaunch(_bwd_preprocess_kernel, dict(HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
+                                                       LOG2_BLOCK_D=prob.block_d.bit_length() - 1)),
+        ))
+    grid, scalars, launch = plan
+    launch(grid, (out, dout, lse, delta, lse2, *scalars))
     return delta, lse2
+
+
+#: ``prepare_backward``'s (grid, scalar arguments, launch) by signature.
+_PREPARE_PLANS = PlanTable()
 
 
 def attention_backward(

@@ -384,6 +384,13 @@ def override(
         _override.update(saved)
 
 
+def override_key() -> tuple:
+    """The ``override`` context in force, hashable (empty outside one): part of the key of a
+    launcher's memo of its host work (``sm90._PLANS``), so that a test's forced tiles
+    never reuse a plan made without them."""
+    return tuple(_override.items()) if _override else ()
+
+
 def head_parts(headdim: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_D2): the widths of the two head-dim parts the portable kernels hold
     as separate tiles, columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2); BLOCK_D2 = 0

@@ -34,7 +34,7 @@ from .common import (
     next_power_of_2, visible,
 )
 from .fwd import combine_splits
-from .launch import cached_launch, int_class
+from .launch import PlanTable, cached_launch, int_class
 from .problem import AttnProblem, dense_strides
 
 
@@ -346,8 +346,8 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
     )
 
 
-#: Plans by key (``_plan_key``); dropped whole when full, like ``cached_launch``'s table.
-_PLANS: dict[tuple, _DecodePlan] = {}
+#: Plans by key (``_plan_key``).
+_PLANS = PlanTable()
 
 
 def decode_forward(
@@ -394,11 +394,8 @@ def decode_forward(
                     q_bounds, min_k_len)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _make_plan(q, k_cache, v_cache, keys, max_keys, prob, cache_rows, block_table, alibi_slopes,
-                          num_splits, q_bounds)
-        if len(_PLANS) >= 256:
-            _PLANS.clear()
-        _PLANS[key] = plan
+        plan = _PLANS.keep(key, _make_plan(q, k_cache, v_cache, keys, max_keys, prob, cache_rows, block_table,
+                                           alibi_slopes, num_splits, q_bounds))
     device = q.device
     out = torch.empty(plan.out_shape, dtype=out_dtype, device=device)
     lse = torch.empty(plan.lse_shape, dtype=torch.float32, device=device)

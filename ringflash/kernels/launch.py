@@ -119,6 +119,64 @@ def fast_launch(kernel, grid: tuple, args: Sequence[Any], constexprs: dict,
         _launch_and_keep(full_key, kernel, grid, args, constexprs)
 
 
+class PlanTable(dict):
+    """A launcher's plans (its host work for one call signature: shapes, strides, grid,
+    constexprs, ``PlannedLaunch`` sites) by key. A training step or a decode loop repeats
+    each signature every layer and step, so the work is done once; a stream of new shapes
+    must not grow the table forever, so it is dropped whole when full. ``clear`` empties
+    every table."""
+
+    def __init__(self, limit: int = 256) -> None:
+        super().__init__()
+        self.limit = limit
+        _PLAN_TABLES.append(self)
+
+    def keep(self, key: Hashable, plan):
+        """Keep ``plan`` under ``key``; returns it."""
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = plan
+        return plan
+
+
+_PLAN_TABLES: list[PlanTable] = []
+
+
+class PlannedLaunch:
+    """One launch of a launcher's plan (its host work for one call signature, done once):
+    the kernel, its constexprs, and after the first launch the compiled kernel Triton
+    returned, which later launches call directly, without building a key.
+
+    The contract, which the plan's key guarantees: every launch through one instance
+    passes arguments that Triton specializes alike (the same dtypes, integers of the same
+    ``int_class``, descriptors of the same dtype and block shape) and tensors that are all
+    16-byte aligned. The first launch goes through ``fast_launch`` (so a call site that
+    breaks the contract still compiles the right kernel there); a launch on another device,
+    under a launch hook or in the interpreter goes through it too."""
+
+    __slots__ = ("kernel", "constexprs", "other_key", "entry", "device")
+
+    def __init__(self, kernel, constexprs: dict, other_key: Optional[Callable[[Any], Hashable]] = None) -> None:
+        self.kernel, self.constexprs, self.other_key = kernel, constexprs, other_key
+        self.entry: Optional[tuple] = None
+        self.device = -1
+
+    def __call__(self, grid: tuple, args: Sequence[Any]) -> None:
+        entry = self.entry
+        if entry is not None and not _hooked():
+            device = torch.cuda.current_device()
+            if device == self.device:
+                run, function, metadata, tail = entry
+                run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *tail)
+                return
+        fast_launch(self.kernel, grid, args, self.constexprs, self.other_key)
+        if not interpreting():
+            arg_key = specialization_key(args, self.other_key)
+            if arg_key is not None and all(t.data_ptr() % 16 == 0 for t in args if isinstance(t, torch.Tensor)):
+                self.device = torch.cuda.current_device()
+                self.entry = _COMPILED.get((self.kernel, arg_key, tuple(self.constexprs.items()), self.device))
+
+
 def specialization_key(args: Sequence[Any],
                        other_key: Optional[Callable[[Any], Hashable]] = None) -> Optional[tuple]:
     """Per argument, what Triton specializes it on: a tensor's dtype and whether it is
@@ -192,8 +250,10 @@ def _constexpr_tail(kernel, n_args: int, constexprs: dict) -> Optional[tuple]:
 
 
 def clear() -> None:
-    """Forget the compiled kernels kept (tests; a changed Triton knob)."""
+    """Forget the compiled kernels kept (tests; a changed Triton knob), with every plan."""
     _COMPILED.clear()
+    for table in _PLAN_TABLES:
+        table.clear()
 
 
 def int_class(n: int) -> int:

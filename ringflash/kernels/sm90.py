@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -45,7 +46,7 @@ import triton
 from . import configs
 from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold
 from .common import grad_buffer
-from .launch import fast_launch
+from .launch import PlannedLaunch, PlanTable
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
 #: 3.9 compiles them too). Gluon's API changes between releases (3.5's warp_specialize
@@ -1030,38 +1031,56 @@ def _box_layout(rows: int, block_d: int, dtype: torch.dtype) -> "gl.NVMMASharedL
     return gl.NVMMASharedLayout.get_default_for([1, rows, 1, block_d], _GL_DTYPES[dtype])
 
 
-#: Descriptors already validated, by (shape, strides, rows, dtype), with no tensor: a call
-#: copies one and sets its base. Building and validating one took about 11 us of host time
-#: (CPU, Triton 3.6), and a training step's fwd+bwd makes 13; at batch 1 and 4k tokens an
-#: H200 step was bound by that host time (run 39).
-_descriptor_templates: dict[tuple, "TensorDescriptor"] = {}
+class _AlignedBase:
+    """Stands in for a tensor while a descriptor template is validated: the templates are
+    made from shapes and strides alone, and every tensor a plan puts under one is 16-byte
+    aligned (``supports`` checks the inputs; outputs and gradients are fresh allocations)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def data_ptr(self) -> int:
+        return 0
 
 
-def _descriptor(x: torch.Tensor, rows: int) -> "TensorDescriptor":
-    """A TMA descriptor over (batch, seqlen, heads, d) moving (1, rows, 1, ``_block_d(d)``)
-    boxes (columns past d read as zeros and are not written). ``x``'s base is 16-byte
-    aligned (``supports`` checks the inputs; the outputs are fresh allocations)."""
-    key = (tuple(x.shape), x.stride(), rows, x.dtype)
-    template = _descriptor_templates.get(key)
-    if template is None:
-        block_d = _block_d(x.shape[-1])
-        template = TensorDescriptor(x, list(x.shape), list(x.stride()), [1, rows, 1, block_d],
-                                    _box_layout(rows, block_d, x.dtype))
-        template.base = None  # the template holds no tensor alive
-        if len(_descriptor_templates) >= 1024:  # varlen totals change every batch
-            _descriptor_templates.clear()
-        _descriptor_templates[key] = template
-    descriptor = object.__new__(TensorDescriptor)  # no __init__: the template was validated
+def _descriptor_template(shape: tuple, strides: tuple, dtype: torch.dtype, rows: int) -> "TensorDescriptor":
+    """A validated TMA descriptor over a (batch, seqlen, heads, d) tensor of this geometry
+    moving (1, rows, 1, ``_block_d(d)``) boxes (columns past d read as zeros and are not
+    written), with no base: ``_with_base`` gives it the call's tensor. Building and
+    validating one took about 11 us of host time (CPU, Triton 3.6)."""
+    block_d = _block_d(shape[-1])
+    template = TensorDescriptor(_AlignedBase(dtype), list(shape), list(strides), [1, rows, 1, block_d],
+                                _box_layout(rows, block_d, dtype))
+    template.base = None  # a plan holds no tensor alive
+    return template
+
+
+def _with_base(template: "TensorDescriptor", x: torch.Tensor) -> "TensorDescriptor":
+    """``template`` over ``x`` (which has the template's geometry): a copy, no validation."""
+    descriptor = object.__new__(TensorDescriptor)
     descriptor.__dict__.update(template.__dict__, base=x)
     return descriptor
 
 
+def _template_of(x: torch.Tensor, rows: int) -> "TensorDescriptor":
+    return _descriptor_template(tuple(x.shape), x.stride(), x.dtype, rows)
+
+
 def _descriptor_key(descriptor: "TensorDescriptor") -> tuple:
     """What Triton specializes a descriptor argument on (``launch.fast_launch``): its dtype,
-    block shape and shared layout; ``_descriptor``'s layout follows from the other two."""
+    block shape and shared layout; ``_descriptor_template``'s layout follows from the other two."""
     if type(descriptor) is not TensorDescriptor:
         raise TypeError(f"_descriptor_key: got a {type(descriptor).__name__}; expected a TensorDescriptor")
     return descriptor.base.dtype, tuple(descriptor.block_shape)
+
+
+def _contiguous_strides(shape: tuple) -> tuple:
+    """The strides ``torch.empty(shape)`` gives."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
@@ -1080,15 +1099,83 @@ def _dropout_mode(dropout: Optional[tuple[float, int]]) -> int:
     return 0 if dropout is None else 2
 
 
-def _dropout_inputs(dropout: Optional[tuple[float, int]], batch: int, nheads: int, device) -> tuple:
-    """(keys, keys' batch stride, threshold, scale) kernel arguments: the per-(sequence, head)
-    Philox words (``dropout_mask.dropout_keys``; None without dropout: pass any tensor)."""
+def _dropout_keys(dropout: Optional[tuple[float, int]], batch: int, nheads: int, like: torch.Tensor) -> torch.Tensor:
+    """The per-(sequence, head) Philox words of this call's mask (``dropout_mask.dropout_keys``);
+    without dropout the kernels never read the pointer, and ``like`` stands in."""
+    if dropout is None:
+        return like
     from .dropout_mask import dropout_keys
 
-    threshold, scale, seed = dropout_args(dropout)
-    if dropout is None:  # never read (HAS_DROPOUT off): the caller's dummy pointer
-        return None, 0, threshold, scale
-    return dropout_keys(batch, nheads, seed, device), 2 * nheads, threshold, scale
+    return dropout_keys(batch, nheads, dropout_args(dropout)[2], like.device)
+
+
+#: Plans by call signature (``_forward_plan``, ``_backward_plan``): at batch 1 and 4k tokens
+#: an H200 training step was bound by host time (run 39), which working each launch out
+#: per call made larger than the kernels of a small call.
+_PLANS = PlanTable()
+
+
+def _varlen_alignment(meta) -> Optional[tuple]:
+    """Which of a varlen call's metadata tensors are 16-byte aligned (in a plan's key: Triton
+    specializes on it, and the caller owns them)."""
+    if meta is None:
+        return None
+    return tuple(t.data_ptr() % 16 == 0 for t in (meta.q_starts, meta.q_ends, meta.cu_seqlens_k))
+
+
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """``attention_forward_sm90``'s launch but for its tensors."""
+    grid: tuple
+    descriptors: tuple  # templates over q, k, v and out
+    scalars: tuple  # the kernel's arguments after its pointers
+    launch: PlannedLaunch
+
+
+def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, variant: str,
+                  dropout: Optional[tuple[float, int]], meta) -> _ForwardPlan:
+    key = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, prob, variant,
+           None if dropout is None else dropout[0], _varlen_alignment(meta), configs.override_key())
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    varlen = meta is not None
+    nheads, headdim = q.shape[-2], q.shape[-1]
+    cfg = configs.sm90_forward_config(_block_d(headdim), prob.causal)
+    specialized = variant != "pipelined"
+    num_m_blocks = math.ceil(prob.max_seqlen_q / cfg.block_m)
+    heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
+    rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
+    threshold, scale, _ = dropout_args(dropout)
+    keys_stride = 2 * nheads if dropout is not None else 0  # the keys' batch stride (read with dropout only)
+    # The buffers the call allocates: out like q, lse (batch, nheads, seqlen_q) or varlen
+    # (nheads, total_q), both contiguous.
+    out_strides = _contiguous_strides(tuple(q.shape))
+    if varlen:  # one packed batch entry for the descriptors
+        q4, k4, v4 = (x.unsqueeze(0) for x in (q, k, v))
+        out4 = ((1,) + tuple(q.shape), (q.numel(),) + out_strides)
+        lse_strides, out_tail = (0, q.shape[0]), out_strides[:2]
+        seqlen_q, seqlen_k = prob.max_seqlen_q, prob.max_seqlen_k
+    else:
+        q4, k4, v4 = q, k, v
+        out4 = (tuple(q.shape), out_strides)
+        lse_strides, out_tail = (nheads * q.shape[1], q.shape[1]), out_strides[1:3]
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    return _PLANS.keep(key, _ForwardPlan(
+        grid=(nheads, prob.batch, num_m_blocks) if heads_first else (num_m_blocks, nheads, prob.batch),
+        descriptors=(_template_of(q4, rows), _template_of(k4, cfg.block_n), _template_of(v4, cfg.block_n),
+                     _descriptor_template(*out4, q.dtype, rows)),
+        scalars=(seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, k.shape[-2], k.stride(-3), k.stride(-2),
+                 v.stride(-3), v.stride(-2), *lse_strides, keys_stride, *out_tail, headdim,
+                 prob.softmax_scale * LOG2E, threshold, scale),
+        launch=PlannedLaunch(_fwd_sm90_kernel, dict(
+            HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
+            CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong",
+            HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=heads_first,
+            # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
+            num_warps=4 if specialized else cfg.block_m // 16,
+        ), _descriptor_key),
+    ))
 
 
 def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem,
@@ -1100,54 +1187,37 @@ def attention_forward_sm90(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pr
 
     Returns out (q's shape and dtype, contiguous) and lse (float32, natural log:
     (batch, nheads, seqlen_q) dense, (nheads, total_q) varlen). Causal is aligned
-    bottom-right (key j visible to query i when j <= i + seqlen_k - seqlen_q, per sequence)."""
+    bottom-right (key j visible to query i when j <= i + seqlen_k - seqlen_q, per sequence).
+    The host work that depends only on the call's shapes and options is done once per
+    signature (``_forward_plan``)."""
     varlen = meta is not None
-    nheads, headdim = q.shape[-2], q.shape[-1]
+    nheads = q.shape[-2]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse_shape = (nheads, q.shape[0]) if varlen else (q.shape[0], nheads, q.shape[1])
-    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
-        lse.fill_(float("-inf"))
-        return out, lse
-    if k.shape[-3] == 0:  # no keys anywhere
-        out.zero_()
+    lse = torch.empty((nheads, q.shape[0]) if varlen else (q.shape[0], nheads, q.shape[1]), dtype=torch.float32,
+                      device=q.device)
+    if out.numel() == 0 or k.shape[-3] == 0:  # no rows, or no keys anywhere
+        if out.numel():
+            out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
     variant = variant or DEFAULT_VARIANT
     if variant not in VARIANTS:
         raise ValueError(f"variant: got {variant!r}; expected one of {VARIANTS}")
-    cfg = configs.sm90_forward_config(_block_d(headdim), prob.causal)
-    specialized = variant != "pipelined"
-    num_m_blocks = math.ceil(prob.max_seqlen_q / cfg.block_m)
-    heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
-    grid = (nheads, prob.batch, num_m_blocks) if heads_first else (num_m_blocks, nheads, prob.batch)
-    rows = cfg.block_m // 2 if specialized else cfg.block_m  # per consumer
-    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
-    keys = lse if keys is None else keys
-    if varlen:  # one packed batch entry for the descriptors; lse (nheads, total_q)
+    plan = _forward_plan(q, k, v, prob, variant, dropout, meta)
+    keys = _dropout_keys(dropout, prob.batch, nheads, lse)
+    tq, tk, tv, to = plan.descriptors
+    if varlen:
         _ensure_scratch_allocator()  # the per-sequence K/V descriptors live in global scratch
-        q4, k4, v4, out4 = (x.unsqueeze(0) for x in (q, k, v, out))
+        bases = tuple(x.unsqueeze(0) for x in (q, k, v, out))
         varlen_ptrs = (out, meta.q_starts[0], meta.q_ends[0], meta.cu_seqlens_k, k, v)
-        lse_strides, out_strides = (0, lse.stride(0)), (out.stride(0), out.stride(1))
-        seqlen_q, seqlen_k = prob.max_seqlen_q, prob.max_seqlen_k
     else:
-        q4, k4, v4, out4 = q, k, v, out
+        bases = (q, k, v, out)
         # Read under IS_VARLEN only: None costs the launch nothing to specialize.
         varlen_ptrs = (None,) * 6
-        lse_strides, out_strides = (lse.stride(0), lse.stride(1)), (out.stride(1), out.stride(2))
-        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    fast_launch(_fwd_sm90_kernel, grid, (
-        _descriptor(q4, rows), _descriptor(k4, cfg.block_n), _descriptor(v4, cfg.block_n), _descriptor(out4, rows),
-        lse, keys, *varlen_ptrs,
-        seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, k.shape[-2], k.stride(-3), k.stride(-2),
-        v.stride(-3), v.stride(-2), *lse_strides, keys_stride, *out_strides, headdim,
-        prob.softmax_scale * LOG2E, threshold, scale,
-    ), dict(
-        HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
-        CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong", HAS_DROPOUT=_dropout_mode(dropout),
-        # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
-        IS_VARLEN=varlen, HEADS_FIRST=heads_first, num_warps=4 if specialized else cfg.block_m // 16,
-    ), _descriptor_key)
+    plan.launch(plan.grid, (
+        _with_base(tq, bases[0]), _with_base(tk, bases[1]), _with_base(tv, bases[2]), _with_base(to, bases[3]),
+        lse, keys, *varlen_ptrs, *plan.scalars,
+    ))
     return out, lse
 
 
@@ -1169,9 +1239,104 @@ def _ensure_scratch_allocator() -> None:
 
 
 def _tma_operand(x: torch.Tensor) -> torch.Tensor:
-    """``x``, or a contiguous copy where TMA cannot read it (a stride of 0, e.g. an expanded
-    gradient, or one not a multiple of 16 bytes)."""
-    return x if _tma_readable(x) else x.contiguous()
+    """``x``, or a contiguous, aligned copy where TMA cannot read it (a stride of 0, e.g. an
+    expanded gradient, a stride not a multiple of 16 bytes, or a base off 16 bytes:
+    ``contiguous()`` would return such a tensor as it is)."""
+    return x if _tma_readable(x) else x.clone(memory_format=torch.contiguous_format)
+
+
+@dataclass(frozen=True)
+class _BackwardPlan:
+    """``attention_backward_sm90``'s launches but for their tensors."""
+    atomic_dq: bool
+    head_splits: int
+    partials_shape: tuple  # the float32-summed partial dK/dV of a head split: (2, splits x batch, ...)
+    dkdv_grid: tuple
+    dkdv_descriptors: tuple  # templates over q, k, v, dout, dk, dv (or the partials)
+    dkdv_scalars: tuple
+    dkdv_launch: PlannedLaunch
+    dq_grid: tuple
+    dq_descriptors: tuple  # templates over q, k, v, dout, dq
+    dq_scalars: tuple
+    dq_launch: PlannedLaunch
+
+
+def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, grads: tuple, prob: AttnProblem, dropout: Optional[tuple[float, int]],
+                   atomic_dq: bool, meta) -> _BackwardPlan:
+    """``grads``: the call's (dq, dk, dv) buffers, whose layouts follow from q's, k's and v's."""
+    key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), out.stride(), lse.shape,
+           q.dtype, q.device, prob, None if dropout is None else dropout[0], atomic_dq, _varlen_alignment(meta),
+           configs.override_key())
+    plan = _PLANS.get(key)
+    if plan is not None:
+        return plan
+    varlen = meta is not None
+    nheads, headdim = q.shape[-2], q.shape[-1]
+    nheads_k = k.shape[-2]
+    kv_group = nheads // nheads_k
+    scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
+    dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
+    threshold, scale, _ = dropout_args(dropout)
+    keys_stride = 2 * nheads if dropout is not None else 0  # the keys' batch stride (read with dropout only)
+    lse_strides_all = _contiguous_strides(tuple(lse.shape))  # delta's and lse2's (``prepare_backward``)
+    if varlen:
+        q4, k4, v4, do4, dq4, dk4, dv4 = (x.unsqueeze(0) for x in (q, k, v, dout, *grads))
+        lse_strides = (0, lse_strides_all[0])
+        seqlen_q, seqlen_k = prob.max_seqlen_q, prob.max_seqlen_k
+        atomic_dq = False
+    else:
+        q4, k4, v4, do4, dq4, dk4, dv4 = q, k, v, dout, *grads
+        lse_strides = lse_strides_all[:2]
+        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
+    # The atomic dQ's float32 accumulator is addressed with 32-bit offsets within a
+    # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
+    atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
+    dq_acc_strides = _contiguous_strides(tuple(q.shape))[:3] if atomic_dq else (0, 0, 0)
+    # An underfilled launch splits each group's query heads across programs (dense, two-kernel
+    # backward only), each slice's partial dK/dV summed in float32 in a fixed order.
+    key_blocks = math.ceil(seqlen_k / dkdv_cfg.block_n)
+    head_splits = 1 if varlen or atomic_dq else \
+        configs.sm90_dkdv_head_splits(key_blocks * nheads_k * prob.batch, kv_group, q.device)
+    partials_shape = (2, head_splits * prob.batch) + tuple(k.shape[1:])
+    if head_splits > 1:
+        # In the inputs' dtype, as flash-attn's per-head dK/dV of a GQA backward: stored
+        # through descriptors as dK and dV themselves are (no float32 tile in registers to
+        # address: storing one that way spilled in the kernel's loop).
+        partial = (partials_shape[1:], _contiguous_strides(partials_shape)[1:], k.dtype)
+        dk_template = dv_template = _descriptor_template(*partial, dkdv_cfg.block_n // 2)
+    else:
+        dk_template, dv_template = _template_of(dk4, dkdv_cfg.block_n // 2), _template_of(dv4, dkdv_cfg.block_n // 2)
+    dkdv_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(q, dout), key_blocks)
+    num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
+    dq_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
+    block_d = _block_d(headdim)
+    return _PLANS.keep(key, _BackwardPlan(
+        atomic_dq=atomic_dq, head_splits=head_splits, partials_shape=partials_shape,
+        dkdv_grid=(nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else
+        (key_blocks, nheads_k * head_splits, prob.batch),
+        dkdv_descriptors=(_template_of(q4, dkdv_cfg.block_m), _template_of(k4, dkdv_cfg.block_n // 2),
+                          _template_of(v4, dkdv_cfg.block_n // 2), _template_of(do4, dkdv_cfg.block_m),
+                          dk_template, dv_template),
+        dkdv_scalars=(nheads_k, seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride, *dq_acc_strides, headdim,
+                      *scalars, threshold, scale, head_splits),
+        dkdv_launch=PlannedLaunch(_bwd_dkdv_sm90_kernel, dict(
+            HEADDIM=block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
+            CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen,
+            HEADS_FIRST=dkdv_heads_first, num_warps=4,
+        ), _descriptor_key),
+        dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
+        dq_descriptors=(_template_of(q4, dq_cfg.block_m // 2), _template_of(k4, dq_cfg.block_n),
+                        _template_of(v4, dq_cfg.block_n), _template_of(do4, dq_cfg.block_m // 2),
+                        _template_of(dq4, dq_cfg.block_m // 2)),
+        dq_scalars=(nheads_k, seqlen_q, seqlen_k, kv_group, num_m_blocks, *lse_strides, keys_stride, headdim,
+                    *scalars, threshold, scale),
+        dq_launch=PlannedLaunch(_bwd_dq_sm90_kernel, dict(
+            HEADDIM=block_d, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
+            CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=dq_heads_first,
+            num_warps=4,
+        ), _descriptor_key),
+    ))
 
 
 def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -1185,12 +1350,12 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     forward. Deterministic (no atomics): the dK/dV kernel sums over the query heads of each
     KV head itself, and a dQ kernel follows. With ``atomic_dq`` (dense only) the dK/dV
     kernel also adds dQ into a float32 buffer by atomics (5 GEMMs instead of 7, no dQ
-    kernel; the summation order then varies: not deterministic)."""
+    kernel; the summation order then varies: not deterministic). The host work that
+    depends only on the call's shapes and options is done once per signature
+    (``_backward_plan``)."""
     from .bwd import prepare_backward
 
     varlen = meta is not None
-    nheads, headdim = q.shape[-2], q.shape[-1]
-    nheads_k = k.shape[-2]
     if varlen:
         # The kernels make each sequence's descriptors from contiguous packed tensors.
         q, k, v, dout = (x.contiguous() for x in (q, k, v, dout))
@@ -1200,77 +1365,40 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     dout, out = _tma_operand(dout), _tma_operand(out)
+    plan = _backward_plan(dout, q, k, v, out, lse, (dq, dk, dv), prob, dropout, atomic_dq, meta)
     delta, lse2 = prepare_backward(dout, out, lse, prob)
-    kv_group = nheads // nheads_k
-    scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
-    dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
-    keys, keys_stride, threshold, scale = _dropout_inputs(dropout, prob.batch, nheads, q.device)
-    keys = delta if keys is None else keys
+    keys = _dropout_keys(dropout, prob.batch, q.shape[-2], delta)
+    # Without the atomic dQ the kernel never reads its accumulator: delta stands in.
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if plan.atomic_dq else delta
+    if plan.head_splits > 1:
+        partials = torch.empty(plan.partials_shape, dtype=k.dtype, device=k.device)
+        dk_out, dv_out = partials
+    else:
+        dk_out, dv_out = dk, dv
     if varlen:
         _ensure_scratch_allocator()
-        q4, k4, v4, do4, dq4, dk4, dv4 = (x.unsqueeze(0) for x in (q, k, v, dout, dq, dk, dv))
+        bases = tuple(x.unsqueeze(0) for x in (q, k, v, dout, dq, dk_out, dv_out))
         seq_ptrs = (meta.q_starts[0], meta.q_ends[0], meta.cu_seqlens_k)
         dkdv_ptrs, dq_ptrs = (*seq_ptrs, q, k, v, dout, dk, dv), (*seq_ptrs, q, k, v, dout, dq)
-        lse_strides = (0, lse2.stride(0))
-        seqlen_q, seqlen_k = prob.max_seqlen_q, prob.max_seqlen_k
-        atomic_dq = False
     else:
-        q4, k4, v4, do4, dq4, dk4, dv4 = q, k, v, dout, dq, dk, dv
+        bases = (q, k, v, dout, dq, dk_out, dv_out)
         dkdv_ptrs, dq_ptrs = (None,) * 9, (None,) * 8  # read under IS_VARLEN only
-        lse_strides = (lse2.stride(0), lse2.stride(1))
-        seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    # The atomic dQ's float32 accumulator (a dummy without it), addressed with 32-bit offsets
-    # within a (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
-    atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
-    # Without it the kernel never reads the pointer: delta stands in (no allocation per call).
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
-    dq_acc_strides = (dq_acc.stride(0), dq_acc.stride(1), dq_acc.stride(2)) if atomic_dq else (0, 0, 0)
-    # An underfilled launch splits each group's query heads across programs (dense, two-kernel
-    # backward only), each slice's partial dK/dV summed below in float32 in a fixed order.
-    key_blocks = math.ceil(seqlen_k / dkdv_cfg.block_n)
-    head_splits = 1 if varlen or atomic_dq else \
-        configs.sm90_dkdv_head_splits(key_blocks * nheads_k * prob.batch, kv_group, q.device)
-    if head_splits > 1:
-        # In the inputs' dtype, as flash-attn's per-head dK/dV of a GQA backward: stored
-        # through descriptors as dK and dV themselves are (no float32 tile in registers to
-        # address: storing one that way spilled in the kernel's loop).
-        partials = torch.empty((2, head_splits * prob.batch) + tuple(k.shape[1:]), dtype=k.dtype, device=k.device)
-        dk4, dv4 = partials
-    dkdv_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(q, dout), key_blocks)
-    dkdv_grid = (nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else \
-        (key_blocks, nheads_k * head_splits, prob.batch)
-    fast_launch(_bwd_dkdv_sm90_kernel, dkdv_grid, (
-        _descriptor(q4, dkdv_cfg.block_m), _descriptor(k4, dkdv_cfg.block_n // 2),
-        _descriptor(v4, dkdv_cfg.block_n // 2),
-        _descriptor(do4, dkdv_cfg.block_m), _descriptor(dk4, dkdv_cfg.block_n // 2),
-        _descriptor(dv4, dkdv_cfg.block_n // 2), lse2, delta, keys, dq_acc,
-        *dkdv_ptrs, nheads_k,
-        seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride,
-        *dq_acc_strides, headdim, *scalars, threshold, scale, head_splits,
-    ), dict(
-        HEADDIM=_block_d(headdim), BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen,
-        HEADS_FIRST=dkdv_heads_first, num_warps=4,
-    ), _descriptor_key)
-    if head_splits > 1:  # dK's and dV's partials in one sum (one launch fewer per call)
-        sums = partials.view(2, head_splits, *k.shape).sum(1, dtype=torch.float32)
+    t = plan.dkdv_descriptors
+    plan.dkdv_launch(plan.dkdv_grid, (
+        _with_base(t[0], bases[0]), _with_base(t[1], bases[1]), _with_base(t[2], bases[2]),
+        _with_base(t[3], bases[3]), _with_base(t[4], bases[5]), _with_base(t[5], bases[6]),
+        lse2, delta, keys, dq_acc, *dkdv_ptrs, *plan.dkdv_scalars,
+    ))
+    if plan.head_splits > 1:  # dK's and dV's partials in one sum (one launch fewer per call)
+        sums = partials.view(2, plan.head_splits, *k.shape).sum(1, dtype=torch.float32)
         dk.copy_(sums[0])
         dv.copy_(sums[1])
-    if atomic_dq:
+    if plan.atomic_dq:
         dq.copy_(dq_acc)
         return dq, dk, dv
-    num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
-    dq_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
-    dq_grid = (nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch)
-    fast_launch(_bwd_dq_sm90_kernel, dq_grid, (
-        _descriptor(q4, dq_cfg.block_m // 2), _descriptor(k4, dq_cfg.block_n), _descriptor(v4, dq_cfg.block_n),
-        _descriptor(do4, dq_cfg.block_m // 2), _descriptor(dq4, dq_cfg.block_m // 2), lse2, delta, keys,
-        *dq_ptrs, nheads_k,
-        seqlen_q, seqlen_k, kv_group, num_m_blocks, *lse_strides, keys_stride, headdim, *scalars,
-        threshold, scale,
-    ), dict(
-        HEADDIM=_block_d(headdim), BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
-        CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=dq_heads_first,
-        num_warps=4,
-    ), _descriptor_key)
+    t = plan.dq_descriptors
+    plan.dq_launch(plan.dq_grid, (
+        _with_base(t[0], bases[0]), _with_base(t[1], bases[1]), _with_base(t[2], bases[2]),
+        _with_base(t[3], bases[3]), _with_base(t[4], bases[4]), lse2, delta, keys, *dq_ptrs, *plan.dq_scalars,
+    ))
     return dq, dk, dv
