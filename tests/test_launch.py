@@ -417,3 +417,118 @@ def test_training_launches_go_through_the_kept_kernels_and_stay_exact(monkeypatc
     expected = {sm90._fwd_sm90_kernel, sm90._bwd_dkdv_sm90_kernel, sm90._bwd_dq_sm90_kernel} if backend == "sm90" \
         else {fwd._fwd_kernel, bwd._bwd_dkdv_kernel, bwd._bwd_dq_kernel}
     assert expected | {bwd._bwd_preprocess_kernel} <= kept, kept
+
+
+def test_portable_plans_launch_what_a_fresh_plan_would(monkeypatch):
+    """The portable launchers work each call signature's launches out once (``fwd._PLANS``,
+    ``bwd._PLANS``): a call that reuses a plan made by an earlier one launches exactly what
+    a plan made for it alone would (kernel, grid, every argument, constexprs), across
+    lengths on and off Triton's integer classes, layouts, GQA, masks, windows, softcap,
+    ALiBi, dropout probabilities and seeds, varlen metadata, output buffers given (as
+    context parallelism does), dK/dV rows, the atomic dQ, split-KV, split and two-pass
+    dK/dV, and the head-dim split; and every launch through one plan's site is specialized
+    alike by Triton (the seed's integer class among it)."""
+    from ringflash.kernels import configs, launch as L
+    from ringflash.kernels.bwd import attention_backward, prepare_backward
+    from ringflash.kernels.fwd import attention_forward
+    from ringflash.kernels.problem import SeqMeta, make_problem
+
+    launches = []
+
+    def describe(a):
+        return ("tensor", tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+
+    specializations = {}
+
+    def record(site, grid, args):
+        launches.append((site.kernel, tuple(grid), tuple(describe(a) for a in args), tuple(site.constexprs.items())))
+        # PlannedLaunch's own check under the interpreter: one specialization per site.
+        key = L.specialization_key(args)
+        assert specializations.setdefault(site, key) == key, "a plan's key misses something Triton specializes on"
+
+    monkeypatch.setattr(L.PlannedLaunch, "__call__", record)
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape, transposed=False):
+        if transposed:  # (b, s, h, d) viewed from (b, h, s, d)
+            b, s, h, d = shape
+            return torch.randn(b, h, s, d, generator=gen).transpose(1, 2)
+        return torch.randn(*shape, generator=gen)
+
+    cases = []  # (q, k, v, meta, causal, window, softcap, alibi, dropout, extra, env)
+    for sq, sk in ((32, 32), (37, 50)):
+        for transposed in (False, True):
+            for causal in (False, True):
+                cases.append((rand(2, sq, 4, 16, transposed=transposed), rand(2, sk, 2, 16, transposed=transposed),
+                              rand(2, sk, 2, 16, transposed=transposed), None, causal, (-1, -1), 0.0, None, None,
+                              {}, {}))
+    q, k, v = rand(2, 37, 4, 16), rand(2, 50, 2, 16), rand(2, 50, 2, 16)
+    plain = (q, k, v, None, True, (-1, -1), 0.0, None, None, {}, {})
+
+    def variant(**changes):
+        fields = dict(zip(("q", "k", "v", "meta", "causal", "window", "softcap", "alibi", "dropout", "extra", "env"),
+                          plain))
+        fields.update(changes)
+        return tuple(fields.values())
+
+    cases += [
+        variant(q=rand(2, 37, 4, 16, transposed=True)), variant(v=rand(2, 50, 2, 16, transposed=True)),
+        variant(q=torch.randn(2 * 37 * 4 * 16 + 1, generator=gen)[1:].view(2, 37, 4, 16)),  # off 16 bytes
+        variant(causal=False, window=(8, 3)), variant(softcap=5.0),
+        variant(alibi=torch.rand(1, 4)), variant(alibi=torch.rand(2, 4)),
+        variant(dropout=(0.1, 5)), variant(dropout=(0.1, 32)), variant(dropout=(0.1, 1)), variant(dropout=(0.2, 5)),
+        variant(dropout=(0.1, 2**40)), variant(extra=dict(atomic_dq=True)),
+        variant(env=dict(RINGFLASH_DKV_SPLITS="2")),
+        variant(q=rand(2, 37, 4, 48), k=rand(2, 50, 2, 48), v=rand(2, 50, 2, 48)),
+        variant(q=rand(2, 37, 4, 48), k=rand(2, 50, 2, 48), v=rand(2, 50, 2, 48), env=dict(RINGFLASH_HEAD_PARTS="1")),
+        variant(extra=dict(override=dict(num_splits=2))),
+        variant(extra=dict(override=dict(dkdv=configs.KernelConfig(16, 16, 4, 1, dkdv_passes=2)))),
+    ]
+    cu = torch.tensor([0, 20, 20, 57], dtype=torch.int32)
+    qv, kv = rand(57, 4, 16), rand(57, 2, 16)
+    for used in (None, torch.tensor([20, 0, 30], dtype=torch.int32)):
+        meta = SeqMeta.from_cu_seqlens(cu, cu, used)
+        cases.append((qv, kv, kv.clone(), meta, True, (-1, -1), 0.0, None, None, {}, {}))
+    meta = SeqMeta.from_cu_seqlens(cu, cu)
+    big = torch.zeros(80, 2, 16)
+    cases += [
+        (qv, kv, kv, meta, True, (-1, -1), 0.0, None, None, dict(buffers=True), {}),
+        (qv, kv, kv, meta, True, (-1, -1), 0.0, None, None, dict(buffers=True, rows=torch.arange(57) + 10, big=big), {}),
+    ]
+
+    def run(case):
+        q, k, v, meta, causal, window, softcap, alibi, dropout, extra, env = case
+        for name in ("RINGFLASH_DKV_SPLITS", "RINGFLASH_HEAD_PARTS"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        if meta is None:
+            prob = make_problem(q, k, None, q.shape[1], k.shape[1], 0.25, causal, *window, softcap)
+        else:
+            prob = make_problem(q, k, meta, 37, 37, 0.25, causal, *window, softcap)
+        start = len(launches)
+        with configs.override(**extra.get("override", {})):
+            kwargs = {}
+            if extra.get("buffers"):  # context parallelism's: float32 out and gradients, strided views
+                kwargs = dict(out=torch.zeros(q.shape[0], 2 * q.shape[1], q.shape[2])[:, ::2],
+                              lse=torch.zeros(q.shape[1], q.shape[0]))
+            out, lse = attention_forward(q, k, v, prob, meta, alibi_slopes=alibi, dropout=dropout, **kwargs)
+            grads = {}
+            if extra.get("buffers"):
+                rows = extra.get("big", k).shape[0]
+                grads = dict(dq=torch.zeros(q.shape), dk=torch.zeros(rows, *k.shape[1:]),
+                             dv=torch.zeros(rows, *k.shape[1:]), prepared=prepare_backward(out, out, lse, prob))
+                if "rows" in extra:
+                    grads["dkv_rows"] = extra["rows"]
+            attention_backward(torch.randn_like(out), q, k, v, out, lse, prob, meta, alibi_slopes=alibi, dropout=dropout,
+                               atomic_dq=extra.get("atomic_dq", False), **grads)
+        return launches[start:]
+
+    fresh = []
+    for case in cases:
+        L.clear()
+        fresh.append(run(case))
+    L.clear()
+    for _ in range(2):  # plans made by earlier cases, then all of them reused
+        for i, (case, want) in enumerate(zip(cases, fresh)):
+            assert run(case) == want, i

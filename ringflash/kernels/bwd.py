@@ -10,6 +10,8 @@ one program, so the result is deterministic by construction.
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -22,9 +24,10 @@ from .common import (
     interpreter_output, interpreting, kernel_operand,
     key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .launch import PlannedLaunch, PlanTable, fast_launch
+from .launch import ArgTemplate, PlannedLaunch, PlanTable, int_class
 from .problem import (
-    AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
+    AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, meta_signature,
+    seq_pointers, seqlen_args,
 )
 
 
@@ -601,23 +604,6 @@ def attention_backward(
     results = (dq, dk, dv)
     dq, dk, dv = (interpreter_output(x) for x in results)
     delta, lse2 = prepare_backward(dout, out, lse, prob) if prepared is None else prepared
-    lb, lh = lse_strides(lse2, prob.is_varlen)
-
-    seq_args = seqlen_args(q, k, meta)
-    seq_args = (*seq_args[:7], *alibi_args(alibi_slopes, delta), *seq_args[7:])
-    block_d, block_d2 = configs.head_parts(prob.headdim)
-    flags = dict(
-        HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
-        **meta_flags(meta),
-        HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None,
-        INPUT_PRECISION=configs.input_precision(q.dtype),
-    )
-    scalars = (*prob.scalar_args(), prob.softmax_scale, prob.window_left, prob.window_right, *dropout_args(dropout))
-    qkv_strides = (*dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen),
-                   *dense_strides(v, prob.is_varlen), *dense_strides(dout, prob.is_varlen))
-    kv_group = prob.nheads // prob.nheads_k
-
     if atomic_dq and dkv_rows is not None:
         raise ValueError("atomic_dq: not with dkv_rows (context parallelism keeps the two-kernel backward)")
     # The atomic dQ's tiles outgrow shared memory past d=128: run 39's wide grid could not
@@ -627,42 +613,25 @@ def attention_backward(
     atomic_dq = atomic_dq and prob.block_d <= ATOMIC_DQ_MAX_BLOCK_D
     # The float32 dQ accumulator of the 5-GEMM backward, in q's layout.
     dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else delta
-
-    def launch_dkdv(cfg: configs.KernelConfig) -> None:
-        splits = 1 if dkv_rows is not None else configs.dkv_splits(prob, cfg, q.device)
-        # Split: float32 partials (splits, *k.shape), zeroed (rows no program writes add 0).
-        dk_out, dv_out = (dk, dv) if splits == 1 else \
-            (torch.zeros((splits,) + tuple(k.shape), dtype=torch.float32, device=k.device) for _ in range(2))
-        dk_first, dv_first = (dk_out, dv_out) if splits == 1 else (dk_out[0], dv_out[0])
-        # Two passes hold one accumulator each (dV, then dK and the atomic dQ), for head
-        # dims whose two accumulators and K/V tiles spill; each pass recomputes P.
-        for want_dk, want_dv in ((False, True), (True, False)) if cfg.dkdv_passes == 2 else ((True, True),):
-            fast_launch(_bwd_dkdv_kernel, (cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch), (
-                q, k, v, dout, lse2, delta, dk_first, dv_first, dkv_rows if dkv_rows is not None else delta, dq_acc,
-                *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen),
-                *dense_strides(dv_first, prob.is_varlen),
-                *(dense_strides(dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)), lb, lh,
-                kv_group, prob.num_groups, splits, dk_out.stride(0) if splits > 1 else 0,
-                dv_out.stride(0) if splits > 1 else 0, *scalars,
-            ), dict(**cfg.launch_args(), **flags, HAS_DKV_ROWS=dkv_rows is not None, ATOMIC_DQ=atomic_dq and want_dk,
-                    WANT_DK=want_dk, WANT_DV=want_dv))
-        if splits > 1:  # a fixed order of additions: deterministic
-            dk.copy_(dk_out.sum(0))
-            dv.copy_(dv_out.sum(0))
-
-    def launch_dq(cfg: configs.KernelConfig) -> None:
-        cfg = configs.fit_grid(cfg, prob)
-        num_m_blocks = cdiv(prob.max_seqlen_q, cfg.block_m)
-        fast_launch(_bwd_dq_kernel, configs.program_grid(cfg, num_m_blocks, prob), (
-            q, k, v, dout, lse2, delta, dq, *seq_args, *qkv_strides,
-            *dense_strides(dq, prob.is_varlen), lb, lh,
-            kv_group, num_m_blocks, prob.num_groups, *scalars,
-        ), dict(**cfg.launch_args(), **flags, GROUP_ORDER=cfg.group_order_code))
-
-    cfg = configs.config_for("dkdv", q, prob, run=launch_dkdv, dropout=dropout is not None)
-    if atomic_dq and configs.autotune_enabled():
-        dq_acc.zero_()  # the timing runs of the autotuner added into it
-    launch_dkdv(cfg)
+    io = _BackwardTensors(q, k, v, dout, lse2, delta, dq, dk, dv, dkv_rows, dq_acc, meta, alibi_slopes, dropout)
+    key = _backward_key(io, prob, atomic_dq)
+    plan = _PLANS.get(key)
+    if plan is None:
+        # Made once per signature; under RINGFLASH_AUTOTUNE the tuner first times each
+        # candidate through a plan of its own.
+        dkdv_cfg = configs.config_for("dkdv", q, prob, run=lambda cfg: _launch_dkdv(_dkdv_plan(cfg, io, prob, atomic_dq),
+                                                                                     io, prob),
+                                      dropout=dropout is not None)
+        if atomic_dq and configs.autotune_enabled():
+            dq_acc.zero_()  # the timing runs of the autotuner added into it
+        dq_plan = None
+        if not atomic_dq:
+            dq_cfg = configs.config_for("dq", q, prob, run=lambda cfg: _launch_dq(_dq_plan(cfg, io, prob), io),
+                                        dropout=dropout is not None)
+            dq_plan = _dq_plan(dq_cfg, io, prob)
+        plan = _PLANS.keep(key, (_dkdv_plan(dkdv_cfg, io, prob, atomic_dq), dq_plan))
+    dkdv_plan, dq_plan = plan
+    _launch_dkdv(dkdv_plan, io, prob)
     finish_output(results[1], dk)
     finish_output(results[2], dv)
     if after_dkdv is not None:
@@ -670,6 +639,153 @@ def attention_backward(
     if atomic_dq:
         results[0].copy_(dq_acc)
     else:
-        launch_dq(configs.config_for("dq", q, prob, run=launch_dq, dropout=dropout is not None))
+        _launch_dq(dq_plan, io)
         finish_output(results[0], dq)
     return results
+
+
+@dataclass(frozen=True)
+class _BackwardTensors:
+    """One backward call's tensors as its kernels take them (after ``kernel_operand``), and
+    its metadata, ALiBi slopes and dropout."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    dout: torch.Tensor
+    lse2: torch.Tensor
+    delta: torch.Tensor
+    dq: torch.Tensor
+    dk: torch.Tensor
+    dv: torch.Tensor
+    dkv_rows: Optional[torch.Tensor]
+    dq_acc: torch.Tensor
+    meta: Optional[SeqMeta]
+    alibi_slopes: Optional[torch.Tensor]
+    dropout: Optional[tuple[float, int]]
+
+    def pointers(self) -> tuple:
+        """The tensors among ``seqlen_args`` and ``alibi_args``, in the kernels' order."""
+        alibi = self.alibi_slopes if self.alibi_slopes is not None else self.delta
+        return (*seq_pointers(self.q, self.meta), alibi)
+
+
+def _backward_key(io: _BackwardTensors, prob: AttnProblem, atomic_dq: bool) -> tuple:
+    """Everything the backward's plans read, and what Triton specializes their launches on
+    beyond it (as ``fwd._forward_key``), with the dK/dV split setting."""
+    tensors = (io.q, io.k, io.v, io.dout, io.lse2, io.delta, io.dq, io.dk, io.dv)
+    return (
+        tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in tensors), io.q.device, prob,
+        meta_signature(io.meta), atomic_dq,
+        None if io.dkv_rows is None else (io.dkv_rows.shape, io.dkv_rows.dtype, io.dkv_rows.data_ptr() % 16 == 0),
+        None if io.alibi_slopes is None else
+        (io.alibi_slopes.shape, io.alibi_slopes.stride(), io.alibi_slopes.data_ptr() % 16 == 0),
+        None if io.dropout is None else (io.dropout[0], int_class(int(io.dropout[1]))),
+        configs.override_key(), configs.head_parts(prob.headdim), configs.input_precision(io.q.dtype),
+        configs.autotune_enabled(), os.environ.get("RINGFLASH_DKV_SPLITS"),
+    )
+
+
+def _flags(io: _BackwardTensors, prob: AttnProblem) -> dict:
+    """The constexprs both backward kernels share."""
+    block_d, block_d2 = configs.head_parts(prob.headdim)
+    return dict(
+        HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
+        **meta_flags(io.meta),
+        HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+        HAS_ALIBI=io.alibi_slopes is not None, HAS_DROPOUT=io.dropout is not None,
+        INPUT_PRECISION=configs.input_precision(io.q.dtype),
+    )
+
+
+def _shared_args(io: _BackwardTensors, prob: AttnProblem) -> tuple:
+    """(sequence and ALiBi arguments, q/k/v/dout strides, scalars) of both kernels."""
+    seq_args = seqlen_args(io.q, io.k, io.meta)
+    seq_args = (*seq_args[:7], *alibi_args(io.alibi_slopes, io.delta), *seq_args[7:])
+    qkv_strides = tuple(s for x in (io.q, io.k, io.v, io.dout) for s in dense_strides(x, prob.is_varlen))
+    scalars = (*prob.scalar_args(), prob.softmax_scale, prob.window_left, prob.window_right,
+               *dropout_args(io.dropout))
+    return seq_args, qkv_strides, scalars
+
+
+@dataclass(frozen=True)
+class _KernelPlan:
+    """One backward kernel's launches (two passes of the dK/dV kernel, or one) but for the
+    call's tensors and dropout seed; ``splits``: the dK/dV kernel's float32 partials."""
+    grid: tuple
+    args: ArgTemplate
+    launches: tuple
+    splits: int = 1
+
+
+#: Backward plans by call signature (``attention_backward``): (dK/dV plan, dQ plan or None).
+_PLANS = PlanTable()
+
+
+def _dkdv_plan(cfg: configs.KernelConfig, io: _BackwardTensors, prob: AttnProblem, atomic_dq: bool) -> _KernelPlan:
+    splits = 1 if io.dkv_rows is not None else configs.dkv_splits(prob, cfg, io.q.device)
+    if splits == 1:
+        dk_first, dv_first, split_strides = io.dk, io.dv, (0, 0)
+    else:  # the float32 partials' layout (the call allocates them)
+        partial = torch.empty((splits,) + tuple(io.k.shape), dtype=torch.float32, device="meta")
+        dk_first = dv_first = partial[0]
+        split_strides = (partial.stride(0), partial.stride(0))
+    seq_args, qkv_strides, scalars = _shared_args(io, prob)
+    args = (
+        io.q, io.k, io.v, io.dout, io.lse2, io.delta, dk_first, dv_first,
+        io.dkv_rows if io.dkv_rows is not None else io.delta, io.dq_acc,
+        *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen), *dense_strides(dv_first, prob.is_varlen),
+        *(dense_strides(io.dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)),
+        *lse_strides(io.lse2, prob.is_varlen),
+        prob.nheads // prob.nheads_k, prob.num_groups, splits, *split_strides, *scalars,
+    )
+    flags = _flags(io, prob)
+    # Two passes hold one accumulator each (dV, then dK and the atomic dQ), for head dims
+    # whose two accumulators and K/V tiles spill; each pass recomputes P.
+    passes = ((False, True), (True, False)) if cfg.dkdv_passes == 2 else ((True, True),)
+    return _KernelPlan(
+        grid=(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch), args=ArgTemplate(args),
+        launches=tuple(PlannedLaunch(_bwd_dkdv_kernel, dict(
+            **cfg.launch_args(), **flags, HAS_DKV_ROWS=io.dkv_rows is not None, ATOMIC_DQ=atomic_dq and want_dk,
+            WANT_DK=want_dk, WANT_DV=want_dv)) for want_dk, want_dv in passes),
+        splits=splits,
+    )
+
+
+def _launch_dkdv(plan: _KernelPlan, io: _BackwardTensors, prob: AttnProblem) -> None:
+    if plan.splits == 1:
+        dk_out, dv_out = io.dk, io.dv
+    else:  # float32 partials (splits, *k.shape), zeroed (rows no program writes add 0)
+        dk_out, dv_out = (torch.zeros((plan.splits,) + tuple(io.k.shape), dtype=torch.float32, device=io.k.device)
+                          for _ in range(2))
+    dk_first, dv_first = (dk_out, dv_out) if plan.splits == 1 else (dk_out[0], dv_out[0])
+    # The tensors in the order of the kernel's pointer arguments (``_dkdv_plan``'s args).
+    args = plan.args.fill((io.q, io.k, io.v, io.dout, io.lse2, io.delta, dk_first, dv_first,
+                           io.dkv_rows if io.dkv_rows is not None else io.delta, io.dq_acc, *io.pointers()))
+    if io.dropout is not None:
+        args[-1] = int(io.dropout[1])  # the seed, the last argument (``dropout_args``)
+    for launch in plan.launches:
+        launch(plan.grid, args)
+    if plan.splits > 1:  # a fixed order of additions: deterministic
+        io.dk.copy_(dk_out.sum(0))
+        io.dv.copy_(dv_out.sum(0))
+
+
+def _dq_plan(cfg: configs.KernelConfig, io: _BackwardTensors, prob: AttnProblem) -> _KernelPlan:
+    cfg = configs.fit_grid(cfg, prob)
+    num_m_blocks = cdiv(prob.max_seqlen_q, cfg.block_m)
+    seq_args, qkv_strides, scalars = _shared_args(io, prob)
+    args = (
+        io.q, io.k, io.v, io.dout, io.lse2, io.delta, io.dq, *seq_args, *qkv_strides,
+        *dense_strides(io.dq, prob.is_varlen), *lse_strides(io.lse2, prob.is_varlen),
+        prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, *scalars,
+    )
+    return _KernelPlan(grid=configs.program_grid(cfg, num_m_blocks, prob), args=ArgTemplate(args),
+                       launches=(PlannedLaunch(_bwd_dq_kernel, dict(**cfg.launch_args(), **_flags(io, prob),
+                                                                     GROUP_ORDER=cfg.group_order_code)),))
+
+
+def _launch_dq(plan: _KernelPlan, io: _BackwardTensors) -> None:
+    args = plan.args.fill((io.q, io.k, io.v, io.dout, io.lse2, io.delta, io.dq, *io.pointers()))
+    if io.dropout is not None:
+        args[-1] = int(io.dropout[1])
+    plan.launches[0](plan.grid, args)

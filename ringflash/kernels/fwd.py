@@ -7,6 +7,7 @@ units (the softmax scale is pre-multiplied by log2(e)) so the exponentials are e
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -18,9 +19,10 @@ from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
     next_power_of_2, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
 )
-from .launch import cached_launch, fast_launch
+from .launch import ArgTemplate, PlannedLaunch, PlanTable, cached_launch, int_class
 from .problem import (
-    AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, seqlen_args,
+    AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, meta_signature,
+    seq_pointers, seqlen_args,
 )
 
 
@@ -336,45 +338,101 @@ def attention_forward(
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
+    key = _forward_key(q, k, v, out, lse, prob, meta, alibi_slopes, dropout)
     result, out = out, interpreter_output(out)
-    seq_args = seqlen_args(q, k, meta)
-    block_d, block_d2 = configs.head_parts(prob.headdim)
+    plan = _PLANS.get(key)
+    if plan is None:
+        # Made once per signature; under RINGFLASH_AUTOTUNE the tuner first times each
+        # candidate through a plan of its own.
+        def run(cfg: configs.KernelConfig) -> None:
+            _launch_forward(_forward_plan(cfg, q, k, v, out, lse, prob, meta, alibi_slopes, dropout),
+                            q, k, v, out, lse, prob, meta, alibi_slopes, dropout)
 
-    def launch(cfg: configs.KernelConfig) -> None:
-        cfg = configs.fit_grid(cfg, prob)
-        num_m_blocks = cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
-        num_splits = configs.choose_num_splits(q.device, prob, num_m_blocks, cfg)
-        if num_splits == 1:
-            out_target, lse_target = out, lse
-            out_view, lse_view, split_strides = out, lse, (0, 0)
-        else:
-            out_target = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
-            lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
-            out_view, lse_view = out_target[0], lse_target[0]
-            split_strides = (out_target.stride(0), lse_target.stride(0))
-        grid = configs.program_grid(cfg, num_m_blocks * num_splits, prob)
-        fast_launch(_fwd_kernel, grid, (
-            q, k, v, out_target, lse_target, *seq_args[:7], *alibi_args(alibi_slopes, lse), *seq_args[7:],
-            *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
-            *dense_strides(out_view, prob.is_varlen), split_strides[0],
-            *lse_strides(lse_view, prob.is_varlen), split_strides[1],
-            prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
-            *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right, *dropout_args(dropout),
-        ), dict(
-            HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
-            **meta_flags(meta),
-            HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
-            HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None, IS_SPLIT=num_splits > 1,
-            INPUT_PRECISION=configs.input_precision(q.dtype), KV_CACHE=cfg.kv_cache,
-            SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2, GROUP_ORDER=cfg.group_order_code,
-            **cfg.launch_args(),
-        ))
-        if num_splits > 1:
-            combine_splits(out_target, lse_target, out, lse, prob)
-
-    launch(configs.config_for("fwd", q, prob, run=launch, dropout=dropout is not None))
+        cfg = configs.config_for("fwd", q, prob, run=run, dropout=dropout is not None)
+        plan = _PLANS.keep(key, _forward_plan(cfg, q, k, v, out, lse, prob, meta, alibi_slopes, dropout))
+    _launch_forward(plan, q, k, v, out, lse, prob, meta, alibi_slopes, dropout)
     finish_output(result, out)
     return result, lse
+
+
+@dataclass(frozen=True)
+class _ForwardPlan:
+    """``attention_forward``'s launch but for its tensors (and the dropout seed)."""
+    num_splits: int
+    grid: tuple
+    args: ArgTemplate
+    launch: PlannedLaunch
+
+
+#: Forward plans by call signature (``attention_forward``).
+_PLANS = PlanTable()
+
+
+def _forward_key(q, k, v, out, lse, prob, meta, alibi_slopes, dropout) -> tuple:
+    """Everything ``_forward_plan`` reads, and what Triton specializes the launch on beyond
+    it: the tensors' shapes, strides, dtypes and 16-byte alignment, the options, and the
+    configuration state (an override context, the head-dim split, the fp32 precision,
+    autotuning)."""
+    return (
+        q.shape, q.stride(), k.shape, k.stride(), v.stride(), out.shape, out.stride(), lse.stride(),
+        q.dtype, k.dtype, out.dtype, q.device, prob, meta_signature(meta),
+        None if alibi_slopes is None else (alibi_slopes.shape, alibi_slopes.stride()),
+        None if dropout is None else (dropout[0], int_class(int(dropout[1]))),
+        tuple(t.data_ptr() % 16 == 0 for t in (q, k, v, out, lse)),
+        alibi_slopes is None or alibi_slopes.data_ptr() % 16 == 0,
+        configs.override_key(), configs.head_parts(prob.headdim), configs.input_precision(q.dtype),
+        configs.autotune_enabled(),
+    )
+
+
+def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProblem, meta, alibi_slopes,
+                  dropout) -> _ForwardPlan:
+    cfg = configs.fit_grid(cfg, prob)
+    block_d, block_d2 = configs.head_parts(prob.headdim)
+    num_m_blocks = cdiv(max(prob.max_seqlen_q, 1), cfg.block_m)
+    num_splits = configs.choose_num_splits(q.device, prob, num_m_blocks, cfg)
+    if num_splits == 1:
+        out_target, lse_target, split_strides = out, lse, (0, 0)
+    else:  # the float32 partials' layout (the call allocates them)
+        out_target = torch.empty((num_splits,) + tuple(out.shape), dtype=torch.float32, device="meta")
+        lse_target = torch.empty((num_splits,) + tuple(lse.shape), dtype=torch.float32, device="meta")
+        split_strides = (out_target.stride(0), lse_target.stride(0))
+    out_view, lse_view = (out, lse) if num_splits == 1 else (out_target[0], lse_target[0])
+    seq_args = seqlen_args(q, k, meta)
+    args = (
+        q, k, v, out_target, lse_target, *seq_args[:7], *alibi_args(alibi_slopes, lse), *seq_args[7:],
+        *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
+        *dense_strides(out_view, prob.is_varlen), split_strides[0],
+        *lse_strides(lse_view, prob.is_varlen), split_strides[1],
+        prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
+        *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right, *dropout_args(dropout),
+    )
+    return _ForwardPlan(num_splits=num_splits, grid=configs.program_grid(cfg, num_m_blocks * num_splits, prob),
+                        args=ArgTemplate(args), launch=PlannedLaunch(_fwd_kernel, dict(
+                            HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
+                            **meta_flags(meta),
+                            HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+                            HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None,
+                            IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype),
+                            KV_CACHE=cfg.kv_cache, SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,
+                            GROUP_ORDER=cfg.group_order_code, **cfg.launch_args(),
+                        )))
+
+
+def _launch_forward(plan: _ForwardPlan, q, k, v, out, lse, prob: AttnProblem, meta, alibi_slopes, dropout) -> None:
+    if plan.num_splits == 1:
+        out_target, lse_target = out, lse
+    else:
+        out_target = torch.empty((plan.num_splits,) + tuple(out.shape), dtype=torch.float32, device=q.device)
+        lse_target = torch.empty((plan.num_splits,) + tuple(lse.shape), dtype=torch.float32, device=q.device)
+    # The tensors in the order of the kernel's pointer arguments (``_forward_plan``'s args).
+    args = plan.args.fill((q, k, v, out_target, lse_target, *seq_pointers(q, meta),
+                           alibi_slopes if alibi_slopes is not None else lse))
+    if dropout is not None:
+        args[-1] = int(dropout[1])  # the seed, the last argument (``dropout_args``)
+    plan.launch(plan.grid, args)
+    if plan.num_splits > 1:
+        combine_splits(out_target, lse_target, out, lse, prob)
 
 
 def combine_splits(

@@ -147,12 +147,11 @@ class PlannedLaunch:
     the kernel, its constexprs, and after the first launch the compiled kernel Triton
     returned, which later launches call directly, without building a key.
 
-    The contract, which the plan's key guarantees: every launch through one instance
-    passes arguments that Triton specializes alike (the same dtypes, integers of the same
-    ``int_class``, descriptors of the same dtype and block shape) and tensors that are all
-    16-byte aligned. The first launch goes through ``fast_launch`` (so a call site that
-    breaks the contract still compiles the right kernel there); a launch on another device,
-    under a launch hook or in the interpreter goes through it too."""
+    The contract, which the plan's key must guarantee: every launch through one instance
+    passes arguments that Triton specializes alike (tensors of the same dtypes and 16-byte
+    alignment, integers of the same ``int_class``, descriptors of the same dtype and block
+    shape). Under the interpreter (the CPU tests) each launch checks it. The first launch
+    goes through ``fast_launch``, as does a launch on another device or under a launch hook."""
 
     __slots__ = ("kernel", "constexprs", "other_key", "entry", "device")
 
@@ -162,6 +161,17 @@ class PlannedLaunch:
         self.device = -1
 
     def __call__(self, grid: tuple, args: Sequence[Any]) -> None:
+        if interpreting():
+            # The interpreted tests hold every plan to the contract: one specialization per site.
+            arg_key = specialization_key(args, self.other_key)
+            if self.entry is None:
+                self.entry = arg_key
+            elif self.entry != arg_key:
+                raise RuntimeError(f"PlannedLaunch: {getattr(self.kernel, '__name__', self.kernel)} was launched "
+                                   f"with arguments specialized as {arg_key}; expected {self.entry} (the plan's key "
+                                   "misses something Triton specializes on)")
+            fast_launch(self.kernel, grid, args, self.constexprs, self.other_key)
+            return
         entry = self.entry
         if entry is not None and not _hooked():
             device = torch.cuda.current_device()
@@ -170,11 +180,34 @@ class PlannedLaunch:
                 run(grid[0], grid[1], grid[2], _raw_stream(device), function, metadata, None, None, None, *args, *tail)
                 return
         fast_launch(self.kernel, grid, args, self.constexprs, self.other_key)
-        if not interpreting():
-            arg_key = specialization_key(args, self.other_key)
-            if arg_key is not None and all(t.data_ptr() % 16 == 0 for t in args if isinstance(t, torch.Tensor)):
-                self.device = torch.cuda.current_device()
-                self.entry = _COMPILED.get((self.kernel, arg_key, tuple(self.constexprs.items()), self.device))
+        arg_key = specialization_key(args, self.other_key)
+        if arg_key is not None:
+            self.device = torch.cuda.current_device()
+            self.entry = _COMPILED.get((self.kernel, arg_key, tuple(self.constexprs.items()), self.device))
+
+
+class ArgTemplate:
+    """A launch's arguments with its tensors left out, made once per plan: ``fill`` puts a
+    call's tensors back, in the order they held in the arguments the template was made
+    from. For kernels whose pointers and integers interleave (the portable ones), where
+    building the arguments per call would redo the plan's work."""
+
+    __slots__ = ("values", "slots")
+
+    def __init__(self, args: Sequence[Any]) -> None:
+        self.slots = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        values = list(args)
+        for i in self.slots:
+            values[i] = None  # a plan holds no tensor alive
+        self.values = values
+
+    def fill(self, tensors: Sequence[torch.Tensor]) -> list:
+        if len(tensors) != len(self.slots):
+            raise ValueError(f"ArgTemplate.fill: got {len(tensors)} tensors; expected {len(self.slots)}")
+        args = self.values.copy()
+        for i, t in zip(self.slots, tensors):
+            args[i] = t
+        return args
 
 
 def specialization_key(args: Sequence[Any],

@@ -156,13 +156,32 @@ def seqlen_args(q: torch.Tensor, k: torch.Tensor, meta: Optional[SeqMeta]) -> tu
     CuSeqlensK, SequsedK, Diag, stride_used_g, seqlen_q, seqlen_k, total_q, total_k.
     SequsedK and Diag are (G, B) contiguous, hence one row stride. Unused pointers are
     dummies that the compile-time flags keep from being read."""
+    starts, ends, cu_k, used, diag = seq_pointers(q, meta)
     if meta is not None:
-        used, diag = meta.seqused_k, meta.diag
-        row = used if used is not None else diag
-        return (meta.q_starts, meta.q_ends, meta.q_starts.stride(0), meta.cu_seqlens_k,
-                used if used is not None else meta.q_starts, diag if diag is not None else meta.q_starts,
-                row.stride(0) if row is not None else 0, 0, 0, q.shape[0], k.shape[0])
-    return q, q, 0, q, q, q, 0, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+        row = meta.seqused_k if meta.seqused_k is not None else meta.diag
+        return (starts, ends, meta.q_starts.stride(0), cu_k, used, diag, row.stride(0) if row is not None else 0,
+                0, 0, q.shape[0], k.shape[0])
+    return starts, ends, 0, cu_k, used, diag, 0, q.shape[1], k.shape[1], q.shape[1], k.shape[1]
+
+
+def seq_pointers(q: torch.Tensor, meta: Optional[SeqMeta]) -> tuple:
+    """The tensors among ``seqlen_args``: QStarts, QEnds, CuSeqlensK, SequsedK, Diag (q
+    where the call has none: never read)."""
+    if meta is None:
+        return q, q, q, q, q
+    used, diag = meta.seqused_k, meta.diag
+    return (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used if used is not None else meta.q_starts,
+            diag if diag is not None else meta.q_starts)
+
+
+def meta_signature(meta: Optional[SeqMeta]) -> Optional[tuple]:
+    """What a launch plan reads of varlen metadata besides its values (``sm90``/``fwd``/``bwd``
+    plans): which tensors are present, their shapes and strides, and which are 16-byte
+    aligned (Triton specializes on it)."""
+    if meta is None:
+        return None
+    return tuple(None if t is None else (t.shape, t.stride(), t.data_ptr() % 16 == 0)
+                 for t in (meta.q_starts, meta.q_ends, meta.cu_seqlens_k, meta.seqused_k, meta.diag))
 
 
 def alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple:

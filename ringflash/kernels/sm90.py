@@ -44,7 +44,7 @@ import torch
 import triton
 
 from . import configs
-from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold
+from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold, meta_signature
 from .common import grad_buffer
 from .launch import PlannedLaunch, PlanTable
 
@@ -1115,14 +1115,6 @@ def _dropout_keys(dropout: Optional[tuple[float, int]], batch: int, nheads: int,
 _PLANS = PlanTable()
 
 
-def _varlen_alignment(meta) -> Optional[tuple]:
-    """Which of a varlen call's metadata tensors are 16-byte aligned (in a plan's key: Triton
-    specializes on it, and the caller owns them)."""
-    if meta is None:
-        return None
-    return tuple(t.data_ptr() % 16 == 0 for t in (meta.q_starts, meta.q_ends, meta.cu_seqlens_k))
-
-
 @dataclass(frozen=True)
 class _ForwardPlan:
     """``attention_forward_sm90``'s launch but for its tensors."""
@@ -1135,7 +1127,7 @@ class _ForwardPlan:
 def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, variant: str,
                   dropout: Optional[tuple[float, int]], meta) -> _ForwardPlan:
     key = ("fwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), q.dtype, q.device, prob, variant,
-           None if dropout is None else dropout[0], _varlen_alignment(meta), configs.override_key())
+           None if dropout is None else dropout[0], meta_signature(meta), configs.override_key())
     plan = _PLANS.get(key)
     if plan is not None:
         return plan
@@ -1266,7 +1258,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    atomic_dq: bool, meta) -> _BackwardPlan:
     """``grads``: the call's (dq, dk, dv) buffers, whose layouts follow from q's, k's and v's."""
     key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), out.stride(), lse.shape,
-           q.dtype, q.device, prob, None if dropout is None else dropout[0], atomic_dq, _varlen_alignment(meta),
+           q.dtype, q.device, prob, None if dropout is None else dropout[0], atomic_dq, meta_signature(meta),
            configs.override_key())
     plan = _PLANS.get(key)
     if plan is not None:
