@@ -99,6 +99,10 @@ def apply_paged_kv(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     return ops.paged_fwd(q, k_cache, v_cache, *args)
 
 
+#: Validated calls of ``FlashAttentionTritonFunc`` (``V.call_key``) -> the op's arguments.
+_SEED_CALLS: dict[tuple, tuple] = {}
+
+
 class FlashAttentionTritonFunc(torch.autograd.Function):
     """The Triton kernels behind the seed's 3-D interface: ``.apply(Q, K, V, is_causal)``.
 
@@ -109,12 +113,19 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, Q: torch.Tensor, K: torch.Tensor, Vt: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
-        is_causal = V.as_bool("is_causal", is_causal)
-        V.check_rank("Q", Q, 3, "(batch, n_queries, d)")
-        V.check_rank("K", K, 3, "(batch, n_keys, d)")
-        V.check_rank("V", Vt, 3, "(batch, n_keys, d)")
-        shape = V.check_dense_qkv(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2))
-        args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, is_causal, -1, -1, 0.0)
+        # A repeated call's checks are remembered, as flash_attn_func's are (its host time
+        # decides a small call's speed: run 39 timed seed 004's one-head case at 0.41x FA2).
+        key = V.call_key((Q, K, Vt), (is_causal,))
+        args = _SEED_CALLS.get(key) if key is not None else None
+        if args is None:
+            is_causal = V.as_bool("is_causal", is_causal)
+            V.check_rank("Q", Q, 3, "(batch, n_queries, d)")
+            V.check_rank("K", K, 3, "(batch, n_keys, d)")
+            V.check_rank("V", Vt, 3, "(batch, n_keys, d)")
+            shape = V.check_dense_qkv(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2))
+            args = (shape.seqlen_q, shape.seqlen_k, shape.headdim ** -0.5, is_causal, -1, -1, 0.0)
+            if key is not None:
+                V.remember(_SEED_CALLS, key, args)
         out, lse = ops.fwd(Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), None, None, None, None, None, *args)
         O, L = out.squeeze(2), lse.squeeze(1)
         ctx.save_for_backward(Q, K, Vt, O, L)

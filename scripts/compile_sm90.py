@@ -211,28 +211,110 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
                 sm90.attention_backward_sm90(qv, qv, kv, kv, qv, torch.zeros(4, 300), vprob, meta=meta)
 
 
-def host_time(calls: int = 300) -> None:
-    """Host time per call of the Gluon launchers (b=1, 4k tokens, 16/4 heads, d=128, causal):
-    everything a call does on the CPU but the driver's launch itself (descriptors, argument
-    specialization, the JIT cache lookup, allocations). At batch 1 and 4k tokens an H200
-    training step was bound by host time (docs/benchmarks.md, run 39)."""
+def host_time(calls: int = 300, repeats: int = 5) -> None:
+    """Host time per call (us) of the training path on this CPU, every launch but the driver's
+    own: each kernel compiles once for sm_90, is kept as ``launch`` keeps it, and later
+    launches call a no-op in place of Triton's launcher. Layers from the launchers up to
+    ``flash_attn_func`` with autograd, on the Gluon and the portable kernels, at transformers'
+    batch-1 Llama step (4k tokens, 16/4 heads, d=128, causal), seed 004's one-head 3-D call
+    (4 x 8k, d=64) and a varlen pack of 64 documents of 256 (32/8 heads). Best of
+    ``repeats`` rounds of ``calls``. At batch 1 and 4k tokens an H200 training step was
+    bound by host time (docs/benchmarks.md, run 39); CPU tensors stand in for the GPU's,
+    so large allocations cost more here than in a GPU's caching allocator."""
     import time
 
-    from ringflash.kernels import sm90
+    from ringflash import FlashAttentionTritonFunc, flash_attn_func, flash_attn_varlen_func, validation
+    from ringflash.kernels import bwd, fwd, guard, launch, sm90
     from ringflash.kernels.problem import make_problem
 
-    q = torch.randn(1, 4096, 16, 128, dtype=torch.bfloat16)
-    k = torch.randn(1, 4096, 4, 128, dtype=torch.bfloat16)
-    prob = make_problem(q, k, None, 4096, 4096, 128**-0.5, True, -1, -1, 0.0)
-    lse = torch.zeros(1, 16, 4096)
-    for name, call in (("forward", lambda: sm90.attention_forward_sm90(q, k, k, prob)),
-                       ("backward", lambda: sm90.attention_backward_sm90(q, q, k, k, q, lse, prob))):
-        call()  # compiles
-        start = time.perf_counter()
-        for _ in range(calls):
-            call()
-        compiled.clear()
-        print(f"host time, Gluon {name} launcher: {(time.perf_counter() - start) / calls * 1e6:.0f} us per call")
+    def keep_noop(full_key, kernel, grid, args, constexprs):
+        kernel[grid](*args, **constexprs)  # compiles (compile_only)
+        launch._COMPILED[full_key] = (lambda *a: None, None, None, launch._constexpr_tail(kernel, len(args), constexprs))
+
+    launch._launch_and_keep = keep_noop
+    launch._raw_stream = lambda device: 0
+    torch.Tensor.is_cuda = property(lambda self: True)  # the launchers' device checks
+    torch.cuda.is_current_stream_capturing = lambda: False
+    guard.check_device = lambda *a, **k: None
+    # As on a GPU, cu_seqlens values a call has already checked are not read again.
+    validation.value_checks_enabled = lambda t: False
+    in_scope = sm90.supports
+    sm90.supports = lambda q, *a, **k: in_scope(_OnGpu(q), *a, **k) if q.dim() == 4 else in_scope(q, *a, **k)
+
+    def timed(fn) -> float:
+        for _ in range(5):
+            fn()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            best = min(best, (time.perf_counter() - start) / calls * 1e6)
+        return best
+
+    gen = torch.Generator().manual_seed(0)
+    leaf = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.bfloat16).requires_grad_()  # noqa: E731
+    q, k, v = leaf(1, 4096, 16, 128), leaf(1, 4096, 4, 128), leaf(1, 4096, 4, 128)
+    dout = torch.randn(q.shape, generator=gen, dtype=torch.bfloat16)
+    qd, kd, vd = q.detach(), k.detach(), v.detach()
+    prob = make_problem(qd, kd, None, 4096, 4096, 128**-0.5, True, -1, -1, 0.0)
+    out, lse = flash_attn_func(qd, kd, vd, causal=True, return_attn_probs=True)[:2]
+    seed_q, seed_k, seed_v = leaf(4, 8192, 64), leaf(4, 8192, 64), leaf(4, 8192, 64)
+    seed_do = torch.randn(4, 8192, 64, generator=gen, dtype=torch.bfloat16)
+    cu = torch.arange(0, 64 * 256 + 1, 256, dtype=torch.int32)
+    vq, vk, vv = leaf(64 * 256, 32, 128), leaf(64 * 256, 8, 128), leaf(64 * 256, 8, 128)
+    vdo = torch.randn(vq.shape, generator=gen, dtype=torch.bfloat16)
+
+    def dense_fwd_bwd():
+        flash_attn_func(q, k, v, causal=True).backward(dout)
+        q.grad = k.grad = v.grad = None
+
+    def dense_fwd():
+        with torch.no_grad():
+            flash_attn_func(qd, kd, vd, causal=True)
+
+    def seed_fwd_bwd():
+        FlashAttentionTritonFunc.apply(seed_q, seed_k, seed_v, True).backward(seed_do)
+        seed_q.grad = seed_k.grad = seed_v.grad = None
+
+    def varlen_fwd():
+        with torch.no_grad():
+            flash_attn_varlen_func(vq.detach(), vk.detach(), vv.detach(), cu, cu, 256, 256, causal=True)
+
+    def varlen_fwd_bwd():
+        flash_attn_varlen_func(vq, vk, vv, cu, cu, 256, 256, causal=True).backward(vdo)
+        vq.grad = vk.grad = vv.grad = None
+
+    rows = []
+    for backend in ("sm90", "portable"):
+        os.environ["RINGFLASH_BACKEND"] = backend
+        if backend == "sm90":
+            rows += [("Gluon forward launcher", lambda: sm90.attention_forward_sm90(qd, kd, vd, prob)),
+                     ("Gluon backward launcher", lambda: sm90.attention_backward_sm90(dout, qd, kd, vd, out, lse, prob))]
+        else:
+            rows += [("portable forward launcher", lambda: fwd.attention_forward(qd, kd, vd, prob)),
+                     ("portable backward launcher", lambda: bwd.attention_backward(dout, qd, kd, vd, out, lse, prob))]
+        rows += [(f"flash_attn_func forward, no grad ({backend})", dense_fwd),
+                 (f"flash_attn_func forward+backward ({backend})", dense_fwd_bwd),
+                 (f"seed 004 3-D forward+backward, one head ({backend})", seed_fwd_bwd)]
+        for name, fn in rows:
+            print(f"{name:52s} {timed(fn):8.1f} us per call", flush=True)
+        rows = []
+    del os.environ["RINGFLASH_BACKEND"]
+    for name, fn in (("varlen forward, 64 x 256, no grad (portable)", varlen_fwd),
+                     ("varlen forward+backward, 64 x 256 (portable)", varlen_fwd_bwd)):
+        print(f"{name:52s} {timed(fn):8.1f} us per call", flush=True)
+    compiled.clear()
+
+
+class _OnGpu:
+    """A CPU tensor as ``sm90.supports`` sees it on the fake sm_90 device."""
+
+    def __init__(self, t):
+        self.t, self.device = t, torch.device("cuda", 0)
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
 
 
 def main(argv=None) -> int:
@@ -244,7 +326,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sm90", action="store_true",
                         help="also the Gluon Hopper kernels at d=64/128, causal and full")
     parser.add_argument("--host-time", action="store_true",
-                        help="only time the Gluon launchers' host work per call (no compiling report)")
+                        help="only time the host work per call of the training path, launchers to flash_attn_func "
+                             "(no compiling report)")
     parser.add_argument("--config", action="append", default=[], metavar="KIND=BMxBNxWARPSxSTAGES[xPASSES]",
                         help="a kernel's config instead of the table's, e.g. dkdv=64x64x8x2x2 (two passes); "
                              "repeatable")

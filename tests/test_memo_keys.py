@@ -231,3 +231,27 @@ def test_look_alikes_share_keys_often():
                 shared[name + " ok"] += verdict(*a)[0] == "ok"
     count()
     assert min(shared.values()) >= 10, shared
+
+
+# --- the seed's 3-D interface (FlashAttentionTritonFunc) -----------------------------------
+
+
+def test_seed_interface_remembers_only_checked_calls():
+    """``FlashAttentionTritonFunc`` remembers a call's checks under its inputs' metadata and
+    ``is_causal`` (type and value): a remembered call gets the op's arguments the checks
+    made, and a call that differs in any of them is checked again."""
+    from ringflash import autograd as A
+
+    A._SEED_CALLS.clear()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.randn(2, 5, 16, device=device)
+    with torch.no_grad():
+        A.FlashAttentionTritonFunc.apply(x, x, x, True)
+        A.FlashAttentionTritonFunc.apply(x, x, x, True)
+    assert list(A._SEED_CALLS.values()) == [(5, 5, 0.25, True, -1, -1, 0.0)]
+    with pytest.raises(TypeError, match="is_causal: expected a bool, got int 2"):
+        A.FlashAttentionTritonFunc.apply(x, x, x, 2)
+    with pytest.raises(ValueError, match="v: head dim 8 differs from q.s head dim 16"):
+        A.FlashAttentionTritonFunc.apply(x, x, x[..., :8].contiguous(), True)
+    with pytest.raises(ValueError, match=r"Q: expected a 3-D tensor"):
+        A.FlashAttentionTritonFunc.apply(x[0], x, x, True)
