@@ -59,6 +59,16 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def contiguous_strides(shape: tuple) -> tuple:
+    """The strides ``torch.empty(shape)`` gives (launch plans work out the layouts of the
+    buffers a call will allocate)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def kernel_layout(x: torch.Tensor, token_dim: int) -> bool:
     """Whether the kernels can address ``x`` as it is: unit stride on the head dim, and a
     token stride small enough that ``MAX_TILE_ROWS`` rows of offsets fit in int32."""

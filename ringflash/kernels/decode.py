@@ -30,7 +30,8 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, cdiv, check_device, finish_output, interpreter_output, interpreting, kernel_operand, scaled_scores,
+    alibi_bias, cdiv, check_device, contiguous_strides, finish_output, interpreter_output, interpreting, kernel_operand,
+    scaled_scores,
     next_power_of_2, visible,
 )
 from .fwd import combine_splits
@@ -268,14 +269,6 @@ def _plan_key(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPro
     )
 
 
-def _contiguous_strides(shape: tuple) -> tuple:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnProblem, cache_rows, block_table,
                alibi_slopes, num_splits: int, q_bounds) -> _DecodePlan:
     varlen_q = q_bounds is not None
@@ -306,8 +299,8 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
     # The strides of the buffers decode_forward allocates: torch.empty's contiguous ones,
     # with a leading split axis for the float32 partials.
     split_axis = (splits,) if splits > 1 else ()
-    out_strides = _contiguous_strides(split_axis + out_shape)
-    lse_strides = _contiguous_strides(split_axis + lse_shape)
+    out_strides = contiguous_strides(split_axis + out_shape)
+    lse_strides = contiguous_strides(split_axis + lse_shape)
     split_strides = (out_strides[0], lse_strides[0]) if splits > 1 else (0, 0)
     out_strides, lse_strides = out_strides[len(split_axis):], lse_strides[len(split_axis):]
     q_strides = dense_strides(q, varlen_q)

@@ -45,7 +45,7 @@ import triton
 
 from . import configs
 from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold, meta_signature
-from .common import grad_buffer
+from .common import contiguous_strides, grad_buffer
 from .launch import PlannedLaunch, PlanTable
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
@@ -1074,15 +1074,6 @@ def _descriptor_key(descriptor: "TensorDescriptor") -> tuple:
     return descriptor.base.dtype, tuple(descriptor.block_shape)
 
 
-def _contiguous_strides(shape: tuple) -> tuple:
-    """The strides ``torch.empty(shape)`` gives."""
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
 #: loads), "specialized" (a loader warp and two consumer warpgroups) or "pingpong" (the
 #: consumers also take turns at the tensor cores). Run 37 (scripts/probe_sm90.py, H200,
@@ -1142,7 +1133,7 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnP
     keys_stride = 2 * nheads if dropout is not None else 0  # the keys' batch stride (read with dropout only)
     # The buffers the call allocates: out like q, lse (batch, nheads, seqlen_q) or varlen
     # (nheads, total_q), both contiguous.
-    out_strides = _contiguous_strides(tuple(q.shape))
+    out_strides = contiguous_strides(tuple(q.shape))
     if varlen:  # one packed batch entry for the descriptors
         q4, k4, v4 = (x.unsqueeze(0) for x in (q, k, v))
         out4 = ((1,) + tuple(q.shape), (q.numel(),) + out_strides)
@@ -1271,7 +1262,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
     threshold, scale, _ = dropout_args(dropout)
     keys_stride = 2 * nheads if dropout is not None else 0  # the keys' batch stride (read with dropout only)
-    lse_strides_all = _contiguous_strides(tuple(lse.shape))  # delta's and lse2's (``prepare_backward``)
+    lse_strides_all = contiguous_strides(tuple(lse.shape))  # delta's and lse2's (``prepare_backward``)
     if varlen:
         q4, k4, v4, do4, dq4, dk4, dv4 = (x.unsqueeze(0) for x in (q, k, v, dout, *grads))
         lse_strides = (0, lse_strides_all[0])
@@ -1284,7 +1275,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     # The atomic dQ's float32 accumulator is addressed with 32-bit offsets within a
     # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
     atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
-    dq_acc_strides = _contiguous_strides(tuple(q.shape))[:3] if atomic_dq else (0, 0, 0)
+    dq_acc_strides = contiguous_strides(tuple(q.shape))[:3] if atomic_dq else (0, 0, 0)
     # An underfilled launch splits each group's query heads across programs (dense, two-kernel
     # backward only), each slice's partial dK/dV summed in float32 in a fixed order.
     key_blocks = math.ceil(seqlen_k / dkdv_cfg.block_n)
@@ -1295,7 +1286,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         # In the inputs' dtype, as flash-attn's per-head dK/dV of a GQA backward: stored
         # through descriptors as dK and dV themselves are (no float32 tile in registers to
         # address: storing one that way spilled in the kernel's loop).
-        partial = (partials_shape[1:], _contiguous_strides(partials_shape)[1:], k.dtype)
+        partial = (partials_shape[1:], contiguous_strides(partials_shape)[1:], k.dtype)
         dk_template = dv_template = _descriptor_template(*partial, dkdv_cfg.block_n // 2)
     else:
         dk_template, dv_template = _template_of(dk4, dkdv_cfg.block_n // 2), _template_of(dv4, dkdv_cfg.block_n // 2)
