@@ -25,3 +25,20 @@ def test_kernels_compile_for_sm90():
     for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel", "_append_kernel",
                    "_dropout_mask_kernel", "_fwd_sm90_kernel", "_bwd_dkdv_sm90_kernel", "_bwd_dq_sm90_kernel", "_dropout_keys_kernel"):
         assert kernel in result.stdout, (kernel, report[-3000:])
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")
+def test_dropout_sass_reports_each_kernels_loops():
+    """scripts/dropout_sass.py finds the Gluon kernels' inner loops, with and without dropout,
+    and reports what the mask adds per entry (docs/benchmarks.md's dropout analysis)."""
+    from ringflash.kernels import sm90
+
+    if not sm90.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper module")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "dropout_sass.py")
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| _")]
+    for kernel in ("_fwd_sm90_kernel", "_bwd_dkdv_sm90_kernel", "_bwd_dq_sm90_kernel"):
+        added = [float(row[4]) for row in rows if row[1].strip() == kernel]
+        assert added and max(added) > 2, (kernel, result.stdout)  # the mask's mix alone is 3 per entry
