@@ -142,11 +142,11 @@ def test_dropped_fraction_and_seeds():
 
 
 def test_mask_draws_are_uniform_and_independent():
-    """Each entry draws mix(R[row] ^ C[key]) (``common.dropout_keep``): every key position
+    """Each draw is mix(R[query pair] ^ C[key pair]) (``common.dropout_keep``): every key position
     and every row must be dropped at the rate p; neighbours along rows, keys and diagonals
     must not be correlated; and, since the mixer's inputs over a rectangle of two rows and
     two keys XOR to zero, the four corners' drops must still be independent (at p = 0.5 their
-    parity is a fair coin). The threshold follows p in 2**-16 steps."""
+    parity is a fair coin). The threshold follows p in 2**-8 steps."""
     from ringflash.kernels.dropout_mask import dropout_keep_mask
     from ringflash.kernels.problem import dropout_args, dropout_threshold
 
@@ -174,12 +174,16 @@ def test_mask_draws_are_uniform_and_independent():
         rate = parity.float().mean().item()  # over 100k rectangles: 6 standard deviations is 0.01
         assert abs(rate - 0.5) < 0.01, ((di, dj), rate)
 
-    # Keys 16 g + c and 16 g + 8 + c of a row share a draw (its low and high halves): their
-    # drops must be independent (and, whichever pairing a change picks, so must rows 8
-    # apart), also over rectangles spanning a shared draw.
+    # Queries i and i + 8 with keys j and j + 8 (i, j % 16 < 8) share a draw (its four
+    # bytes): their drops must be independent, also over rectangles spanning a shared draw.
     for first, second in ((coin.reshape(2, 2, 128, 16, 2, 8)[..., 0, :], coin.reshape(2, 2, 128, 16, 2, 8)[..., 1, :]),
                           (coin.reshape(2, 2, 8, 2, 8, 256)[..., 0, :, :], coin.reshape(2, 2, 8, 2, 8, 256)[..., 1, :, :])):
         both = (first * second).double().mean().item()  # 65536 pairs: 6 standard deviations is 0.01
+        assert abs(both - 0.25) < 0.01, both
+    quads = coin.reshape(2, 2, 8, 2, 8, 16, 2, 8)  # (.., query half, .., key half, ..)
+    for first, second in ((quads[:, :, :, 0, :, :, 0], quads[:, :, :, 1, :, :, 1]),
+                          (quads[:, :, :, 0, :, :, 1], quads[:, :, :, 1, :, :, 0])):  # a draw's diagonals
+        both = (first * second).double().mean().item()
         assert abs(both - 0.25) < 0.01, both
     for di, dj in ((1, 8), (2, 8), (8, 1), (8, 3)):
         di_end, dj_end = coin.shape[-2] - di, coin.shape[-1] - dj
@@ -202,8 +206,8 @@ def test_mask_draws_are_uniform_and_independent():
         assert abs((pair_z**2).mean().item() - 1) < 0.08, (pair_z**2).mean().item()
         assert pair_z.abs().max().item() < 6.5, pair_z.abs().max().item()
 
-    assert dropout_threshold(2.0 ** -16) == 1 and dropout_threshold(0.5) == 2**15
-    assert dropout_threshold(0.0) == 0 and dropout_args((0.75, 3))[:2] == (3 * 2**14, 4.0)
+    assert dropout_threshold(2.0 ** -8) == 1 and dropout_threshold(0.5) == 128 and dropout_threshold(1.0) == 256
+    assert dropout_threshold(0.0) == 0 and dropout_args((0.75, 3))[:2] == (192, 4.0)
 
 
 def test_dropout_under_torch_compile():

@@ -58,9 +58,9 @@ def test_scope(on_hopper):
     assert not supported(q, k, k, _problem(q, k, scale=-0.1))
     assert not supported(q, k, k, _problem(q, k), alibi=torch.zeros(8))
     assert supported(q, k, k, _problem(q, k), dropout=(0.1, 0))  # the portable kernels' mask
-    assert supported(q, k, k, _problem(q, k), dropout=(1 - 2.0**-16, 0))  # threshold 2**16 - 1
-    # A probability that rounds to threshold 2**16 (drop all) does not fit the assembly's 16 bits.
-    assert not supported(q, k, k, _problem(q, k), dropout=(1 - 2.0**-18, 0))
+    assert supported(q, k, k, _problem(q, k), dropout=(1 - 2.0**-8, 0))  # threshold 255
+    # A probability that rounds to threshold 256 (drop all) does not fit the assembly's bytes.
+    assert not supported(q, k, k, _problem(q, k), dropout=(1 - 2.0**-10, 0))
     # Head dims 40..128 in steps of 8 (padded tiles); others stay portable.
     for d, want in ((96, True), (80, True), (40, True), (36, False), (32, False), (136, False), (256, False)):
         qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
@@ -221,7 +221,7 @@ def test_dropout_keys_rebuild_the_portable_mask():
     """The Gluon kernels draw dropout's mask from the Philox words of ``dropout_keys``
     (``sm90._dropout_factor``); that formula, written here in torch, gives the
     portable kernels' mask (``dropout_keep_mask``, the S_dmask kernel) bit for bit: seeds
-    past 32 bits, keys past 16 (the pairs), rows and keys off the tiles."""
+    past 32 bits, rows and keys past 16 (the pairs), off the tiles."""
     from ringflash.kernels.dropout_mask import dropout_keep_mask, dropout_keys
     from ringflash.kernels.problem import dropout_threshold
 
@@ -232,17 +232,18 @@ def test_dropout_keys_rebuild_the_portable_mask():
         x = (pos * multiplier + key) & m32
         return x ^ (x >> 16)
 
-    for seed, p, rows, cols in ((0, 0.3, 37, 70), (11, 0.1, 5, 33), (2**40 + 3, 0.5, 64, 130)):
+    for seed, p, rows, cols in ((0, 0.3, 37, 70), (11, 0.1, 5, 33), (2**40 + 3, 0.5, 64, 130), (7, 0.75, 40, 48)):
         keys = dropout_keys(2, 3, seed, device).cpu().to(torch.int64) & m32
         i, j = torch.arange(rows), torch.arange(cols)
-        row_words = word(i, keys[..., 0, None], 0x9E3779B1)  # (b, h, rows)
-        pair_words = word((j // 16) * 8 + j % 8, keys[..., 1, None], 0x85EBCA6B)  # (b, h, cols)
-        x = row_words[..., :, None] ^ pair_words[..., None, :]
+        query_words = word((i // 16) * 8 + i % 8, keys[..., 0, None], 0x9E3779B1)  # (b, h, rows)
+        key_words = word((j // 16) * 8 + j % 8, keys[..., 1, None], 0x85EBCA6B)  # (b, h, cols)
+        x = query_words[..., :, None] ^ key_words[..., None, :]
         x = (x * 0x9E3779B1) & m32
         x ^= x >> 15
         x = (x * 0x85EBCA77) & m32
         x ^= x >> 16
-        bits = torch.where((j % 16 >= 8), x >> 16, x & 0xFFFF)
+        byte = 2 * (i % 16 >= 8)[:, None] + (j % 16 >= 8)[None, :]
+        bits = (x >> (8 * byte)) & 0xFF
         want = dropout_keep_mask(2, 3, rows, cols, p, seed, device).cpu()
         assert torch.equal(bits >= dropout_threshold(p), want), seed
 
@@ -258,26 +259,39 @@ def _run_dropout_asm(asm: str, operands: list) -> list:
             continue
         op, rest = line.split(None, 1)
         dst, *src = [a.strip() for a in rest.split(",")]
-        val = lambda a: regs[a] if a in regs else int(a) & m32  # noqa: E731
+        val = lambda a: regs[a] if a in regs else int(a, 0) & m32  # noqa: E731
         if op == "xor.b32":
             regs[dst] = val(src[0]) ^ val(src[1])
+        elif op == "and.b32":
+            regs[dst] = val(src[0]) & val(src[1])
+        elif op == "or.b32":
+            regs[dst] = val(src[0]) | val(src[1])
+        elif op == "sub.u32":
+            regs[dst] = (val(src[0]) - val(src[1])) & m32
         elif op == "mul.lo.s32":
             regs[dst] = val(src[0]) * val(src[1]) & m32
         elif op == "shr.b32":
             regs[dst] = val(src[0]) >> int(src[1])
-        elif op == "shl.b32":
-            regs[dst] = val(src[0]) << int(src[1]) & m32
-        elif op == "setp.hs.u32":
-            regs[dst] = val(src[0]) >= val(src[1])
-        elif op == "selp.b32":
-            regs[dst] = val(src[0]) if regs[src[2]] else val(src[1])
+        elif op == "lop3.b32":  # bit i: table[a_i << 2 | b_i << 1 | c_i]
+            a, b, c, table = val(src[0]), val(src[1]), val(src[2]), int(src[3], 0)
+            regs[dst] = sum(((table >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i
+                            for i in range(32))
+        elif op == "prmt.b32":  # default mode: selector nibble k picks byte k of {b, a}; bit 3 spreads its sign
+            data, selector = val(src[0]) | val(src[1]) << 32, int(src[2], 0)
+            out = 0
+            for k in range(4):
+                nibble = selector >> (4 * k) & 0xF
+                byte = data >> (8 * (nibble & 7)) & 0xFF
+                out |= (0xFF if byte & 0x80 else 0) << (8 * k) if nibble & 8 else byte << (8 * k)
+            regs[dst] = out
         else:
             raise AssertionError(f"unknown instruction {op}")
     return [regs[f"${i}"] for i in range(8)]
 
 
+@pytest.mark.parametrize("p", [0.3, 0.75, 2.0**-8, 255 / 256], ids=["p0.3", "p0.75", "t1", "t255"])
 @pytest.mark.parametrize("key_major", [False, True])
-def test_dropout_assembly_sets_the_portable_mask(key_major):
+def test_dropout_assembly_sets_the_portable_mask(key_major, p):
     """``sm90._dropout_factor``'s assembly, run here on the registers of an m64nNk16 wgmma
     accumulator (thread t of warp w, register r: row 16 w + (t // 4) + 8 ((r // 2) % 2),
     column 8 (r // 4) + 2 (t % 4) + r % 2), eight at a time as ``pack=8`` hands them over,
@@ -288,7 +302,7 @@ def test_dropout_assembly_sets_the_portable_mask(key_major):
     from ringflash.kernels.problem import dropout_threshold
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    m32, p, seed = 0xFFFFFFFF, 0.3, 2**33 + 5
+    m32, seed = 0xFFFFFFFF, 2**33 + 5
     queries, keys_n = 192, 256
     want = dropout_keep_mask(1, 1, queries, keys_n, p, seed, device)[0, 0].cpu()
     key_r, key_c = (int(x) & m32 for x in dropout_keys(1, 1, seed, device).cpu().view(-1)[:2])
@@ -299,7 +313,7 @@ def test_dropout_assembly_sets_the_portable_mask(key_major):
 
     asm = (sm90._DROPOUT_ASM_KEY_MAJOR if key_major else sm90._DROPOUT_ASM_QUERY_MAJOR).value
     kept = 0x3F800000  # 1.0f, in every entry but the group's last (its own value: a probability)
-    threshold_hi = dropout_threshold(p) << 16
+    threshold_bytes = dropout_threshold(p) * 0x01010101
     rows, cols, row0, col0 = (64, 64, 128, 64) if key_major else (64, 128, 128, 128)  # tiles off the origin
     seen = 0
     for thread in range(128):
@@ -311,9 +325,9 @@ def test_dropout_assembly_sets_the_portable_mask(key_major):
                 col = col0 + 8 * (r // 4) + 2 * (lane % 4) + r % 2
                 entries.append((col, row) if key_major else (row, col))  # (query, key)
             values = [kept] * 7 + [0x3E99999A]  # 0.3f: entries keep their own operand
-            operands = ([word(q, key_r, 0x9E3779B1) for q, _ in entries]
+            operands = ([word((q // 16) * 8 + q % 8, key_r, 0x9E3779B1) for q, _ in entries]
                         + [word((k // 16) * 8 + k % 8, key_c, 0x85EBCA6B) for _, k in entries]
-                        + [threshold_hi] * 8 + values)
+                        + [threshold_bytes] * 8 + values)
             got = _run_dropout_asm(asm, operands)
             for (q, k), value, factor in zip(entries, values, got):
                 assert factor in (0, value)

@@ -321,61 +321,65 @@ def load_alibi_slope(Alibi, b, h, stride_b, stride_h, HAS_ALIBI: tl.constexpr, L
 
 @triton.jit
 def _position_word(pos, key, MULTIPLIER: tl.constexpr):
-    """A row's or key's 32-bit word for the dropout mixer: (pos * odd + key), then the high
-    half folded into the low (an IMAD, a shift and an xor). A bijection of ``pos``; weak on
-    its own, since the per-entry mixer of ``dropout_keep`` does the mixing."""
+    """A query pair's or key pair's 32-bit word for the dropout mixer: (pos * odd + key), then
+    the high half folded into the low (an IMAD, a shift and an xor). A bijection of ``pos``;
+    weak on its own, since the per-draw mixer of ``dropout_keep`` does the mixing."""
     x = pos.to(tl.uint32) * MULTIPLIER + key
     return x ^ (x >> 16)
+
+
+@triton.jit
+def _pair_positions(start, COUNT: tl.constexpr):
+    """(COUNT // 16, 8): the pair index (i // 16) * 8 + i % 8 of positions start + 16 g + c,
+    c < 8 (``start`` a multiple of 16); position i + 8 shares i's pair."""
+    return (start // 16 + tl.arange(0, COUNT // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]
 
 
 @triton.jit
 def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_MAJOR: tl.constexpr):
     """Dropout's keep mask, shape (BLOCK_M, BLOCK_N), for query rows m0 .. m0 + BLOCK_M - 1
     (positions within the sequence) and keys n0 .. n0 + BLOCK_N - 1 of sequence ``b``, query
-    head ``h``; n0 and BLOCK_N are multiples of 16 (the key pairs below are aligned to 16),
-    BLOCK_M is any tile height. KEY_MAJOR returns the transpose, (BLOCK_N, BLOCK_M), for the
-    dK/dV kernel's tiles.
+    head ``h``; m0, n0, BLOCK_M and BLOCK_N are multiples of 16. KEY_MAJOR returns the
+    transpose, (BLOCK_N, BLOCK_M), for the dK/dV kernel's tiles.
 
-    Keys 16 g + c and 16 g + 8 + c (c < 8) of row i share one 32-bit draw
-    x = mix(R[i] ^ C[8 g + c]): the first key's entry is kept when the low 16 bits of x are
-    at least ``threshold`` (round(p * 2**16), ``problem.dropout_threshold``), the second's
-    when the high 16 bits are. Both keys sit in one thread of the wgmma accumulator layouts
-    (columns j and j + 8 of the forward's and dQ kernel's tiles, rows r and r + 8 of the dK/dV
-    kernel's transposed ones), so the join below moves no data between threads there, and a
-    draw serves two entries. Where warps split a tile's columns 8 at a time (the mma.sync
-    layout of 32-row dQ tiles at d=256) the compiler moves the mask through shared memory;
-    pairing rows instead avoided that but made the d=128 forward slower on an H200 (1.02 ms
-    against 0.90; run 34 in docs/benchmarks.md). One Philox call on the seed and (sequence,
-    head) gives the keys of the per-row and per-key-pair words (``_position_word``:
+    One 32-bit draw serves four entries: queries 16 a + u and 16 a + 8 + u with keys
+    16 g + c and 16 g + 8 + c (u, c < 8), x = mix(R[8 a + u] ^ C[8 g + c]). Byte
+    2 s + t of x decides the entry with query half s and key half t (0 for the first of a
+    pair, 1 for the one 8 further): kept when the byte is at least ``threshold``
+    (round(p * 256), ``problem.dropout_threshold``: flash-attn's granularity). The four
+    entries sit in one thread of both wgmma accumulator layouts (rows r and r + 8, columns
+    j and j + 8 of the query-major tiles of the forward and dQ kernels, and of the key-major
+    ones of the dK/dV kernel), so the Gluon kernels mix each draw once and compare its four
+    bytes at once (``sm90._dropout_factor``). One Philox call on the seed and (sequence, head)
+    gives the keys of the per-query-pair and per-key-pair words (``_position_word``:
     bijections, so two entries of a row or a column never share a mixer input); mix is two
-    multiply / xor-shift steps and a final xor-shift that folds the well-mixed high half into
-    the low one (free: it joins the low half's mask in one LOP3). The words are cheap on
-    purpose: every thread computes its own keys' words, and a strong word (Wellons'
-    lowbias32, 8 instructions) made them half of the mask's cost. A Philox call per entry
-    made dropout cost 3x the attention on an H100 (run 29), and one per 8 keys, whose 16-bit
-    pieces had to be interleaved across threads, 1.65x on an H200 (run 30). The mask depends
-    only on the entry and the seed, never on the tiling, so the forward, both backward
-    kernels and the S_dmask kernel regenerate it. The statistical checks are in
-    tests/test_dropout.py."""
+    multiply / xor-shift steps and a final xor-shift that folds the well-mixed high half
+    into the low one. The words are cheap on purpose: every thread computes its own, and a
+    strong word (Wellons' lowbias32, 8 instructions) made them half of the mask's cost. The
+    mask's cost is integer throughput (docs/benchmarks.md, ``scripts/dropout_sass.py``): a
+    draw per key pair cost ~8 added instructions per entry in the Gluon forward and made
+    dropout 1.41x the attention on an H200 (run 39); a Philox call per entry made it 3x
+    (run 29). The mask depends only on the entry and the seed, never on the tiling, so the
+    forward, both backward kernels and the S_dmask kernel regenerate it. The statistical
+    checks are in tests/test_dropout.py."""
+    tl.static_assert(BLOCK_M % 16 == 0)
     tl.static_assert(BLOCK_N % 16 == 0)
     key_r, key_c, _, _ = tl.philox(seed, b, h, 0, 0)
-    row_words = _position_word(m0 + tl.arange(0, BLOCK_M), key_r, 0x9E3779B1)
-    pairs = (n0 // 16 + tl.arange(0, BLOCK_N // 16))[:, None] * 8 + tl.arange(0, 8)[None, :]
-    pair_words = _position_word(pairs, key_c, 0x85EBCA6B)  # (BLOCK_N // 16, 8)
-    if KEY_MAJOR:
-        x = pair_words[:, :, None] ^ row_words[None, None, :]
-    else:
-        x = row_words[:, None, None] ^ pair_words[None, :, :]
+    query_words = _position_word(_pair_positions(m0, BLOCK_M), key_r, 0x9E3779B1)  # (M // 16, 8)
+    key_words = _position_word(_pair_positions(n0, BLOCK_N), key_c, 0x85EBCA6B)  # (N // 16, 8)
+    x = query_words[:, :, None, None] ^ key_words[None, None, :, :]  # (M // 16, 8, N // 16, 8)
     x = x * 0x9E3779B1
     x = x ^ (x >> 15)
     x = x * 0x85EBCA77
     x = x ^ (x >> 16)
     t = tl.cast(threshold, tl.uint32)  # a threshold of 1 arrives as a constexpr (Triton specializes 1)
-    keep = tl.join((x & 0xFFFF) >= t, (x >> 16) >= t)  # [..., 0]: key 16 g + c, [..., 1]: + 8
-    if KEY_MAJOR:  # (G, 8, M, 2) -> (G, 2, 8, M)
-        return tl.reshape(tl.permute(keep, (0, 3, 1, 2)), (BLOCK_N, BLOCK_M))
-    else:  # (M, G, 8, 2) -> (M, G, 2, 8)
-        return tl.reshape(tl.permute(keep, (0, 1, 3, 2)), (BLOCK_M, BLOCK_N))
+    first_query = tl.join((x & 0xFF) >= t, ((x >> 8) & 0xFF) >= t)  # [..., key half]
+    second_query = tl.join(((x >> 16) & 0xFF) >= t, (x >> 24) >= t)
+    keep = tl.join(first_query, second_query)  # (M // 16, 8, N // 16, 8, key half, query half)
+    if KEY_MAJOR:  # -> (N // 16, key half, 8, M // 16, query half, 8)
+        return tl.reshape(tl.permute(keep, (2, 4, 3, 0, 5, 1)), (BLOCK_N, BLOCK_M))
+    else:  # -> (M // 16, query half, 8, N // 16, key half, 8)
+        return tl.reshape(tl.permute(keep, (0, 5, 1, 2, 4, 3)), (BLOCK_M, BLOCK_N))
 
 
 @triton.jit

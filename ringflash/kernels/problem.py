@@ -194,12 +194,13 @@ def alibi_args(alibi_slopes: Optional[torch.Tensor], dummy: torch.Tensor) -> tup
 
 
 def dropout_threshold(p: float) -> int:
-    """The kernels' integer form of the dropout probability: an entry is kept when its 16-bit
-    uniform (``common.dropout_keep``) is at least round(p * 2**16), so the probability is
-    applied in steps of 2**-16 (flash-attn's are 2**-8) and the kept ones are scaled by
-    exactly 1 / (1 - p): the expected output is off by at most 2**-17 / (1 - p) relative,
-    and ``S_dmask`` with 1 / (1 - p) rebuilds the output exactly."""
-    return int(round(float(p) * 2.0**16))
+    """The kernels' integer form of the dropout probability: an entry is kept when its 8-bit
+    uniform (a byte of ``common.dropout_keep``'s draw) is at least round(p * 256), so the
+    probability is applied in steps of 2**-8, as flash-attn's is, and the kept ones are scaled
+    by exactly 1 / (1 - p) (flash-attn's scale): the expected output is off by at most
+    2**-9 / (1 - p) relative, and ``S_dmask`` with 1 / (1 - p) rebuilds the output exactly.
+    256 (p within 2**-9 of 1) drops every entry."""
+    return int(round(float(p) * 256.0))
 
 
 def dropout_args(dropout: Optional[tuple[float, int]]) -> tuple:

@@ -72,40 +72,52 @@ else:
 
 AVAILABLE = gluon is not None
 
-def _dropout_asm(partner: int) -> str:
+def _dropout_asm(key_major: bool) -> str:
     """PTX for ``_dropout_factor``: eight entries of a thread's wgmma accumulator registers
     per call (``pack=8``: registers 8 i .. 8 i + 7, consecutive in the layout's register
     order). In an m64nNk16 accumulator, register r of a thread holds column 2 (lane % 4) +
-    (r % 2) + 8 (r // 4) and row lane / 4 + 8 ((r // 2) % 2) of its warp's 16 rows, so a
-    key and the key 8 further (one pair) sit ``partner`` registers apart: 4 in the
-    query-major tiles (keys are columns), 2 in the key-major ones (keys are rows).
-    Operands: $0-7 the results, $8-15 row words, $16-23 pair words, $24-31 the threshold
-    in the top 16 bits, $32-39 each entry's kept value (a scalar's, or the entry's own
-    probability). The mix is ``common.dropout_keep``'s."""
-    lines = ["{", ".reg .b32 h, t;", ".reg .pred k;"]
-    for low in (e for e in range(8) if not e & partner):
-        high = low + partner
+    (r % 2) + 8 (r // 4) and row lane / 4 + 8 ((r // 2) % 2) of its warp's 16 rows, so
+    registers {0, 2, 4, 6} are two rows 8 apart by two columns 8 apart: one draw of
+    ``common.dropout_keep`` (its queries i, i + 8 and keys j, j + 8), and {1, 3, 5, 7} the
+    next column's draw. Register r takes byte 2 s + t of its draw, s the query half and t
+    the key half: s = (r // 2) % 2 and t = r // 4 in the query-major tiles (queries are
+    rows), the other way round in the key-major ones. Each draw is mixed once; its four
+    bytes are compared with the threshold at once (bit 7 of each byte: x | 0x80 minus the
+    threshold's low 7 bits carries no borrow across bytes and leaves bit 7 set where the low
+    7 bits are at least the threshold's, and one LOP3 folds in bit 7 of x and of the
+    threshold), and PRMT spreads a byte's bit 7 over a register-wide mask for the AND with
+    the entry's kept value. Operands: $0-7 the results, $8-15 query-pair words, $16-23
+    key-pair words, $24-31 the threshold in each byte, $32-39 each entry's kept value (a
+    scalar's, or the entry's own probability). Added cost: ~4.75 instructions per entry,
+    against ~8 for a draw per key pair (``scripts/dropout_sass.py``)."""
+    lines = ["{", ".reg .b32 x, a, lo, hi, m;",
+             "and.b32 lo, $24, 0x7f7f7f7f;",  # the threshold's low 7 bits, in each byte
+             "and.b32 hi, $24, 0x80808080;"]  # and its bit 7
+    for first in (0, 1):  # the draws of registers {0, 2, 4, 6} and {1, 3, 5, 7}
         lines += [
-            f"xor.b32 h, ${8 + low}, ${16 + low};",
-            "mul.lo.s32 h, h, -1640531535;",  # 0x9E3779B1
-            "shr.b32 t, h, 15;",
-            "xor.b32 h, h, t;",
-            "mul.lo.s32 h, h, -2048144777;",  # 0x85EBCA77
-            "shr.b32 t, h, 16;",
-            "xor.b32 h, h, t;",
-            f"setp.hs.u32 k, h, ${24 + low};",  # the high half: key 16 g + 8 + c
-            f"selp.b32 ${high}, ${32 + high}, 0, k;",
-            "shl.b32 t, h, 16;",
-            f"setp.hs.u32 k, t, ${24 + low};",  # the low half: key 16 g + c
-            f"selp.b32 ${low}, ${32 + low}, 0, k;",
+            f"xor.b32 x, ${8 + first}, ${16 + first};",
+            "mul.lo.s32 x, x, -1640531535;",  # 0x9E3779B1
+            "shr.b32 a, x, 15;",
+            "xor.b32 x, x, a;",
+            "mul.lo.s32 x, x, -2048144777;",  # 0x85EBCA77
+            "shr.b32 a, x, 16;",
+            "xor.b32 x, x, a;",
+            "or.b32 a, x, 0x80808080;",
+            "sub.u32 a, a, lo;",  # bit 7 of each byte: x's low 7 bits >= the threshold's
+            "lop3.b32 a, x, a, hi, 0xD4;",  # threshold >= 128: x's bit 7 and that; else: either
         ]
+        for reg in range(first, 8, 2):
+            half_q, half_k = ((reg // 4), (reg // 2) % 2) if key_major else ((reg // 2) % 2, reg // 4)
+            byte = 2 * half_q + half_k
+            lines += [f"prmt.b32 m, a, 0, {hex(0x1111 * (8 + byte))};",  # bit 7 of the byte, everywhere
+                      f"and.b32 ${reg}, ${32 + reg}, m;"]
     return "\n".join(lines + ["}"])
 
 
 # constexpr: a Gluon kernel reads no other global.
 _DROPOUT_CONSTRAINTS = triton.language.constexpr(",".join(["=r"] * 8 + ["r"] * 32))
-_DROPOUT_ASM_QUERY_MAJOR = triton.language.constexpr(_dropout_asm(4))
-_DROPOUT_ASM_KEY_MAJOR = triton.language.constexpr(_dropout_asm(2))
+_DROPOUT_ASM_QUERY_MAJOR = triton.language.constexpr(_dropout_asm(False))
+_DROPOUT_ASM_KEY_MAJOR = triton.language.constexpr(_dropout_asm(True))
 
 
 _GL_DTYPES = {}
@@ -136,12 +148,6 @@ if AVAILABLE:
         if CAUSAL:
             keep = keep & (cols[None, :] <= rows[:, None] + diag)
         return gl.where(keep, s, float("-inf"))
-
-    @gluon.jit
-    def _keep_word(pos, key, MULTIPLIER: gl.constexpr):
-        """``common._position_word``: (pos * odd + key), high half folded into the low."""
-        x = pos.to(gl.uint32) * MULTIPLIER + key
-        return x ^ (x >> 16)
 
     @gluon.jit
     def _varlen_sequence(QStarts, QEnds, CuSeqlensK, seq):
@@ -183,49 +189,62 @@ if AVAILABLE:
         return block, head, seq, seqs
 
     @gluon.jit
-    def _dropout_words(DropKeys, key_index, rows, cols):
-        """The per-row and per-key-pair words of ``common.dropout_keep`` for query positions
-        ``rows`` and key positions ``cols``, from the sequence and head's two Philox words
-        at ``DropKeys + key_index`` (``dropout_mask.dropout_keys``)."""
-        key_r = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
-        key_c = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
-        return (_keep_word(rows, key_r, 0x9E3779B1),
-                _keep_word((cols // 16) * 8 + cols % 8, key_c, 0x85EBCA6B))
+    def _dropout_keys_at(DropKeys, key_index, HAS_DROPOUT: gl.constexpr):
+        """The sequence and head's two Philox words at ``DropKeys + key_index``
+        (``dropout_mask.dropout_keys``): the keys of ``common.dropout_keep``'s query-pair and
+        key-pair words; zeros without dropout (the pointer is then a dummy, never read)."""
+        if HAS_DROPOUT:
+            key_q = gl.load(DropKeys + key_index).to(gl.uint32, bitcast=True)
+            key_k = gl.load(DropKeys + key_index + 1).to(gl.uint32, bitcast=True)
+        else:
+            key_q = gl.cast(0, gl.uint32)
+            key_k = gl.cast(0, gl.uint32)
+        return key_q, key_k
 
     @gluon.jit
-    def _dropout_factor(DropKeys, key_index, rows, cols, threshold, kept, KEY_MAJOR: gl.constexpr):
+    def _pair_word_base(offsets, MULTIPLIER: gl.constexpr):
+        """The loop-invariant part of ``_pair_words`` for positions start + ``offsets``: the
+        offsets' pair indices times the multiplier."""
+        return ((offsets // 16) * 8 + offsets % 8).to(gl.uint32) * MULTIPLIER
+
+    @gluon.jit
+    def _pair_words(base, start, key, MULTIPLIER: gl.constexpr):
+        """``common._position_word`` of the pairs of positions start + offsets (``base`` from
+        ``_pair_word_base``; ``start`` a multiple of 16, whose pair index is start / 2): one
+        add, a shift and an xor per word in a loop, where working the pair index out per
+        position cost twice that (the dK/dV kernel's 16 query words per thread per step)."""
+        x = base + (gl.cast(start // 2, gl.uint32) * MULTIPLIER + key)
+        return x ^ (x >> 16)
+
+    @gluon.jit
+    def _dropout_factor(query_words, key_words, threshold, kept, KEY_MAJOR: gl.constexpr):
         """The keep mask of ``common.dropout_keep`` (HAS_DROPOUT 2), applied: ``kept`` (a float,
         or a tile of the same shape: the probabilities themselves) where the entry is kept,
-        0.0 where dropped; query positions ``rows`` and key positions ``cols`` (two vectors
-        sliced from one tile layout), (rows, cols) or with KEY_MAJOR (cols, rows), the
-        sequence and head's Philox words at ``DropKeys + key_index``. Keys 16 g + c and
-        16 g + 8 + c share the draw of pair 8 g + c (its low and high 16 bits): inline PTX
-        (``_DROPOUT_ASM_*``) gets eight of a thread's accumulator registers at a time, both
-        keys of a pair among them, and mixes each pair's draw once. It replaced a mask in
-        Gluon ops, entry by entry (HAS_DROPOUT 1 until run 39), which it beat in both passes
-        on an H200 (b=4 s=4k h=16 d=128 causal, ms, fwd / bwd: 0.712 / 2.50 against 1.08 /
-        2.65); compiled, dropout's added instructions fell by a third in the forward and by
-        three fifths in the dK/dV kernel, and rose by a third in the dQ kernel."""
-        row_words, pair_words = _dropout_words(DropKeys, key_index, rows, cols)
-        # Compared against the threshold in the top 16 bits: (x >> 16) >= t is x >= t << 16,
-        # and (x & 0xFFFF) >= t is (x << 16) >= t << 16 (``supports`` keeps t < 2**16).
-        threshold_hi = gl.cast(threshold, gl.uint32) << 16
+        0.0 where dropped; ``query_words`` and ``key_words`` (``_pair_words``: two vectors
+        sliced from one tile layout), (queries, keys) or with KEY_MAJOR (keys, queries).
+        Queries i, i + 8 and keys j, j + 8 share a draw (its four bytes): inline PTX
+        (``_DROPOUT_ASM_*``) gets eight of a thread's accumulator registers at a time, two
+        draws' entries, and mixes each draw once. A draw per key pair (its two 16-bit
+        halves) cost ~8 added instructions per entry in the forward and ~11 in each backward
+        kernel (``scripts/dropout_sass.py``), and dropout 1.41x the attention on an H200
+        (run 39)."""
+        # The threshold (at most 255: ``supports``) in each byte, for the draws' four bytes.
+        threshold_bytes = gl.cast(threshold, gl.uint32) * 0x01010101
         if KEY_MAJOR:
             return gl.inline_asm_elementwise(_DROPOUT_ASM_KEY_MAJOR, _DROPOUT_CONSTRAINTS,
-                                             [row_words[None, :], pair_words[:, None], threshold_hi, kept],
+                                             [query_words[None, :], key_words[:, None], threshold_bytes, kept],
                                              dtype=gl.float32, is_pure=True, pack=8)
         else:
             return gl.inline_asm_elementwise(_DROPOUT_ASM_QUERY_MAJOR, _DROPOUT_CONSTRAINTS,
-                                             [row_words[:, None], pair_words[None, :], threshold_hi, kept],
+                                             [query_words[:, None], key_words[None, :], threshold_bytes, kept],
                                              dtype=gl.float32, is_pure=True, pack=8)
 
     @gluon.jit
-    def _dropped(p, DropKeys, key_index, rows, n0, threshold, BLOCK_N: gl.constexpr, s_layout: gl.constexpr,
-                 HAS_DROPOUT: gl.constexpr):
-        """A (query rows x keys n0..) probability tile with its dropped entries zeroed."""
+    def _dropped(p, query_words, key_base, key_k, n0, threshold, HAS_DROPOUT: gl.constexpr):
+        """A (query rows x keys n0..) probability tile with its dropped entries zeroed
+        (``key_base``: ``_pair_word_base`` of the tile's key offsets)."""
         if HAS_DROPOUT:
-            cols = n0 + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            p = _dropout_factor(DropKeys, key_index, rows, cols, threshold, p, False)
+            p = _dropout_factor(query_words, _pair_words(key_base, n0, key_k, 0x85EBCA6B), threshold, p, False)
         return p
 
     @gluon.jit
@@ -288,6 +307,10 @@ if AVAILABLE:
         else:
             n_full = seqlen_k // BLOCK_N
         rows = r0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, s_layout))
+        # Dropout's words: the rows' (fixed), and the loop-invariant part of the keys'.
+        key_q, key_k = _dropout_keys_at(DropKeys, key_index, HAS_DROPOUT)
+        query_words = _pair_words(_pair_word_base(rows - r0, 0x9E3779B1), r0, key_q, 0x9E3779B1)
+        key_base = _pair_word_base(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0x85EBCA6B)
         m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([ROWS], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([ROWS, HEADDIM], gl.float32, layout=o_layout)
@@ -309,7 +332,7 @@ if AVAILABLE:
             if n_full <= 0:
                 s = _causal_mask(s, 0, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
             p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
-            p = _dropped(p, DropKeys, key_index, rows, 0, dropout_threshold, BLOCK_N, s_layout, HAS_DROPOUT)
+            p = _dropped(p, query_words, key_base, key_k, 0, dropout_threshold, HAS_DROPOUT)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
 
             for j in range(1, n_blocks):
@@ -331,8 +354,7 @@ if AVAILABLE:
                 if j >= n_full:
                     s = _causal_mask(s, j * BLOCK_N, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
                 p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
-                p = _dropped(p, DropKeys, key_index, rows, j * BLOCK_N, dropout_threshold, BLOCK_N, s_layout,
-                             HAS_DROPOUT)
+                p = _dropped(p, query_words, key_base, key_k, j * BLOCK_N, dropout_threshold, HAS_DROPOUT)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -584,6 +606,10 @@ if AVAILABLE:
         k_tile = k_part.reshape([ROWS, HEADDIM])
         v_tile = v_part.reshape([ROWS, HEADDIM])
         keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+        # Dropout's words, loop-invariant parts: the keys' (fixed positions; each query head
+        # has its own Philox words) and the query blocks'.
+        key_base = _pair_word_base(keys - n0, 0x85EBCA6B)
+        query_base = _pair_word_base(gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout)), 0x9E3779B1)
         diag = seqlen_k - seqlen_q
         dk = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
         dv = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
@@ -620,7 +646,9 @@ if AVAILABLE:
             if HAS_DROPOUT:
                 # The PTX mask as a factor, 1 / (1 - p) or 0, spent on dV's and dS's operands at
                 # once after waiting for dP too: held across that wait beside P it spilled.
-                factor = _dropout_factor(DropKeys, b * stride_keys_b + 2 * h, cols, keys, dropout_threshold,
+                key_q, key_k = _dropout_keys_at(DropKeys, b * stride_keys_b + 2 * h, HAS_DROPOUT)
+                factor = _dropout_factor(_pair_words(query_base, m0, key_q, 0x9E3779B1),
+                                         _pair_words(key_base, n0, key_k, 0x85EBCA6B), dropout_threshold,
                                          dropout_scale, True)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt, ))
                 pt_op = gl.convert_layout((pt * factor).to(dtype), op_layout)
@@ -818,6 +846,10 @@ if AVAILABLE:
             n_full = seqlen_k // BLOCK_N
         dq = gl.zeros([ROWS, HEADDIM], gl.float32, layout=acc_layout)
         s_zero = gl.zeros([ROWS, BLOCK_N], gl.float32, layout=s_layout)
+        # Dropout's words: the rows' (fixed), and the loop-invariant part of the keys'.
+        key_q, key_k = _dropout_keys_at(DropKeys, key_index, HAS_DROPOUT)
+        query_words = _pair_words(_pair_word_base(rows - r0, 0x9E3779B1), r0, key_q, 0x9E3779B1)
+        key_base = _pair_word_base(gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout)), 0x85EBCA6B)
         mbarrier.wait(fixed_bar, 0)
         for j in range(n_blocks):
             slot = j % STAGES
@@ -838,8 +870,8 @@ if AVAILABLE:
                 p = gl.where(keep, p, 0.0)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp, ))
             if HAS_DROPOUT:
-                cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-                dp = dp * _dropout_factor(DropKeys, key_index, rows, cols, dropout_threshold, dropout_scale, False)
+                key_words = _pair_words(key_base, j * BLOCK_N, key_k, 0x85EBCA6B)
+                dp = dp * _dropout_factor(query_words, key_words, dropout_threshold, dropout_scale, False)
             ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
             dq_tok = warpgroup_mma(ds_op, k_tile, dq, is_async=True)
             dq, ds_op = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ds_op))
@@ -959,9 +991,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
         return False
     if alibi_slopes is not None:
         return False
-    # A dropout probability within 2**-17 of 1 rounds to the threshold 2**16, which the
-    # mask's assembly cannot hold in the top 16 bits (the portable kernels drop everything).
-    if dropout is not None and dropout_threshold(dropout[0]) >= 1 << 16:
+    # A dropout probability within 2**-9 of 1 rounds to the threshold 256, which the mask's
+    # assembly cannot hold in a byte (the portable kernels drop everything).
+    if dropout is not None and dropout_threshold(dropout[0]) >= 256:
         return False
     # Varlen: one group of sequences, bottom-right aligned, every key counted (not grouped
     # or context-parallel metadata, no seqused_k).
