@@ -352,7 +352,7 @@ def dropout_keep(seed, b, h, m0, n0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: 
     ones of the dK/dV kernel), so the Gluon kernels mix each draw once and compare its four
     bytes at once (``sm90._dropout_factor``). One Philox call on the seed and (sequence, head)
     gives the keys of the per-query-pair and per-key-pair words (``_position_word``:
-    bijections, so two entries of a row or a column never share a mixer input); mix is two
+    bijections, so two draws of a query pair or of a key pair never share a mixer input); mix is two
     multiply / xor-shift steps and a final xor-shift that folds the well-mixed high half
     into the low one. The words are cheap on purpose: every thread computes its own, and a
     strong word (Wellons' lowbias32, 8 instructions) made them half of the mask's cost. The

@@ -17,7 +17,7 @@ Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain 
 d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
 zero-filled by TMA), causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
 (the portable kernels' mask, entry for entry, from the Philox words of
-``dropout_mask.dropout_keys``, each key pair's draw mixed once by inline PTX:
+``dropout_mask.dropout_keys``, each four entries' draw mixed once by inline PTX:
 ``_dropout_factor``); no window, softcap or ALiBi. Everything else stays on the portable
 kernels. The dispatcher
 (``kernels.dispatch``) takes this family where it measured faster (``preferred``), or for
