@@ -23,8 +23,8 @@ import triton
 import triton.language as tl
 
 from .common import check_device, next_power_of_2
-from .launch import fast_launch
-from .problem import SeqMeta
+from .launch import ArgTemplate, PlannedLaunch, PlanTable
+from .problem import SeqMeta, meta_signature
 
 
 @triton.jit
@@ -92,20 +92,36 @@ def poison_if_invalid(
     every tensor of ``outputs`` (1-3 tensors, each filling one block of memory from its first
     element: contiguous, or a permutation of a contiguous layout, as gradients laid out like
     transposed inputs are) with NaN. No host sync.
-    ``total_k`` None: the keys live in a paged cache (cu_seqlens_k's end is not checked)."""
+    ``total_k`` None: the keys live in a paged cache (cu_seqlens_k's end is not checked).
+    The launch is worked out once per signature (``_PLANS``): a varlen training call runs
+    the check in its forward and its backward."""
     if meta.num_groups != 1 or meta.diag is not None:
         raise ValueError("poison_if_invalid: expected plain varlen metadata (one group, no diagonals)")
-    if not 1 <= len(outputs) <= 3 or not all(_one_block(t) for t in outputs):
+    key = (meta_signature(meta), total_q, total_k, max_seqlen_q, max_seqlen_k,
+           tuple((t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0) for t in outputs))
+    plan = _PLANS.get(key)
+    if plan is None and (not 1 <= len(outputs) <= 3 or not all(_one_block(t) for t in outputs)):
         raise ValueError("poison_if_invalid: expected 1 to 3 outputs, each a dense block of memory")
     check_device(meta.cu_seqlens_k, "cu_seqlens_k")
     batch = meta.batch
     if batch == 0:
         return
-    outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
+    if plan is None:
+        outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
+        used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
+        plan = _PLANS.keep(key, (ArgTemplate((
+            meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used,
+            batch, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k,
+            outs[0], outs[0].numel(), outs[1], outs[1].numel(), outs[2], outs[2].numel(),
+        )), PlannedLaunch(_varlen_guard_kernel, dict(
+            HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
+            BLOCK_B=min(1024, max(16, next_power_of_2(batch))), BLOCK=1024))))
+    args, launch = plan
     used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
-    fast_launch(_varlen_guard_kernel, (1, 1, 1), (
-        meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used,
-        batch, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k,
-        outs[0], outs[0].numel(), outs[1], outs[1].numel(), outs[2], outs[2].numel(),
-    ), dict(HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
-            BLOCK_B=min(1024, max(16, next_power_of_2(batch))), BLOCK=1024))
+    outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
+    # The tensors in the order of the kernel's pointer arguments (the template's).
+    launch((1, 1, 1), args.fill((meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used, outs[0], outs[1], outs[2])))
+
+
+#: ``poison_if_invalid``'s (argument template, launch) by signature.
+_PLANS = PlanTable()
