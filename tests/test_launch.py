@@ -7,6 +7,8 @@ follow Triton's rules."""
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from conftest import HAS_CUDA
 from ringflash import attention_ref, flash_attn_func, flash_attn_with_kvcache
@@ -419,6 +421,24 @@ def test_training_launches_go_through_the_kept_kernels_and_stay_exact(monkeypatc
     assert expected | {bwd._bwd_preprocess_kernel} <= kept, kept
 
 
+def _record_planned_launches(monkeypatch) -> list:
+    """Every ``PlannedLaunch`` becomes a record of its launch (nothing runs): (kernel, grid,
+    arguments, tensors by shape, strides and dtype, constexprs). Each launch also checks
+    what ``PlannedLaunch`` checks under the interpreter: one Triton specialization per site."""
+    launches, specializations = [], {}
+
+    def describe(a):
+        return ("tensor", tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
+
+    def record(site, grid, args):
+        launches.append((site.kernel, tuple(grid), tuple(describe(a) for a in args), tuple(site.constexprs.items())))
+        key = L.specialization_key(args)
+        assert specializations.setdefault(site, key) == key, "a plan's key misses something Triton specializes on"
+
+    monkeypatch.setattr(L.PlannedLaunch, "__call__", record)
+    return launches
+
+
 def test_portable_plans_launch_what_a_fresh_plan_would(monkeypatch):
     """The portable launchers work each call signature's launches out once (``fwd._PLANS``,
     ``bwd._PLANS``): a call that reuses a plan made by an earlier one launches exactly what
@@ -428,25 +448,12 @@ def test_portable_plans_launch_what_a_fresh_plan_would(monkeypatch):
     context parallelism does), dK/dV rows, the atomic dQ, split-KV, split and two-pass
     dK/dV, and the head-dim split; and every launch through one plan's site is specialized
     alike by Triton (the seed's integer class among it)."""
-    from ringflash.kernels import configs, launch as L
+    from ringflash.kernels import configs
     from ringflash.kernels.bwd import attention_backward, prepare_backward
     from ringflash.kernels.fwd import attention_forward
     from ringflash.kernels.problem import SeqMeta, make_problem
 
-    launches = []
-
-    def describe(a):
-        return ("tensor", tuple(a.shape), a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a
-
-    specializations = {}
-
-    def record(site, grid, args):
-        launches.append((site.kernel, tuple(grid), tuple(describe(a) for a in args), tuple(site.constexprs.items())))
-        # PlannedLaunch's own check under the interpreter: one specialization per site.
-        key = L.specialization_key(args)
-        assert specializations.setdefault(site, key) == key, "a plan's key misses something Triton specializes on"
-
-    monkeypatch.setattr(L.PlannedLaunch, "__call__", record)
+    launches = _record_planned_launches(monkeypatch)
     gen = torch.Generator().manual_seed(4)
 
     def rand(*shape, transposed=False):
@@ -532,3 +539,72 @@ def test_portable_plans_launch_what_a_fresh_plan_would(monkeypatch):
     for _ in range(2):  # plans made by earlier cases, then all of them reused
         for i, (case, want) in enumerate(zip(cases, fresh)):
             assert run(case) == want, i
+
+
+@st.composite
+def _portable_call_sequences(draw):
+    """A few dense calls for the plan property below: one small, awkward call, then calls
+    that each redraw one of its fields (a layout, the lengths or an option), so that the
+    calls share all of a plan's key but what was redrawn."""
+    b, h, group = draw(st.sampled_from([1, 2])), draw(st.sampled_from([2, 4])), draw(st.sampled_from([1, 2]))
+    d = draw(st.sampled_from([16, 24, 48]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    choices = dict(
+        q_layout=["contiguous", "transposed", "offset"], k_layout=["contiguous", "transposed", "offset"],
+        v_layout=["contiguous", "transposed", "offset"], lengths=[(17, 31), (16, 48), (1, 16)],
+        causal=[False, True], window=[(-1, -1), (4, 0), (3, 5)], softcap=[0.0, 4.0],
+        alibi=[None, (1, h), (b, h)], dropout=[None, (0.2, 5), (0.2, 32), (0.5, 1), (0.75, 2**33)],
+        atomic_dq=[False, True],
+    )
+
+    def tensor(s, heads, layout):
+        if layout == "transposed":
+            return torch.randn(b, heads, s, d, generator=gen).transpose(1, 2)
+        if layout == "offset":  # contiguous, 4 bytes off 16-byte alignment
+            return torch.randn(b * s * heads * d + 1, generator=gen)[1:].view(b, s, heads, d)
+        return torch.randn(b, s, heads, d, generator=gen)
+
+    fields = {name: draw(st.sampled_from(values)) for name, values in choices.items()}
+    calls = []
+    for i in range(draw(st.integers(2, 6))):
+        if i:
+            name = draw(st.sampled_from(sorted(choices)))
+            fields = dict(fields, **{name: draw(st.sampled_from(choices[name]))})
+        sq, sk = fields["lengths"]
+        calls.append((tensor(sq, h, fields["q_layout"]), tensor(sk, h // group, fields["k_layout"]),
+                      tensor(sk, h // group, fields["v_layout"]),
+                      {name: fields[name] for name in ("causal", "window", "softcap", "alibi", "dropout", "atomic_dq")}))
+    return calls
+
+
+@settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(calls=_portable_call_sequences())
+def test_portable_plans_in_any_call_order(calls):
+    """Any sequence of dense calls launches, through the plans earlier calls left, what each
+    call's own fresh plans would (forward and backward), and one specialization per site."""
+    from ringflash.kernels.bwd import attention_backward
+    from ringflash.kernels.fwd import attention_forward
+    from ringflash.kernels.problem import make_problem
+
+    def run(q, k, v, options):
+        if options["causal"] and options["window"] != (-1, -1):
+            window = (options["window"][0], 0)
+        else:
+            window = options["window"]
+        prob = make_problem(q, k, None, q.shape[1], k.shape[1], 0.3, options["causal"], *window, options["softcap"])
+        alibi = None if options["alibi"] is None else torch.rand(*options["alibi"])
+        start = len(launches)
+        out, lse = attention_forward(q, k, v, prob, alibi_slopes=alibi, dropout=options["dropout"])
+        attention_backward(torch.ones_like(out), q, k, v, out, lse, prob, alibi_slopes=alibi,
+                           dropout=options["dropout"], atomic_dq=options["atomic_dq"])
+        return launches[start:]
+
+    with pytest.MonkeyPatch.context() as patch:
+        launches = _record_planned_launches(patch)
+        fresh = []
+        for call in calls:
+            L.clear()
+            fresh.append(run(*call))
+        L.clear()
+        for call, want in zip(calls, fresh):
+            assert run(*call) == want
