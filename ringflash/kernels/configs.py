@@ -399,7 +399,9 @@ def head_parts(headdim: int) -> tuple[int, int]:
     and the registers of 256 columns, which forced the d=256 tiles' two-pass dK/dV on it
     (run 39's wide grid: d=192 cost 0.91x d=256's time per head, its backward 0.62-0.75x
     FA2's speed). Split, d=192 is 128 + 64 and d=160 128 + 32, d=96 64 + 32 and d=80
-    64 + 16. Off by default until measured on a GPU: ``RINGFLASH_HEAD_PARTS=1`` or
+    64 + 16. Off by default: on an H200 (run 40) it ran d=192 15-25% faster, but the GPU
+    property tests hit an illegal memory access with it in a backward (the interpreter
+    checks no bounds), to be found before it is the default. ``RINGFLASH_HEAD_PARTS=1`` or
     ``override(head_parts=True)`` turns it on for every head dim it shortens by at least a
     quarter."""
     padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
