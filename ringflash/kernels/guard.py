@@ -106,9 +106,10 @@ def poison_if_invalid(
     batch = meta.batch
     if batch == 0:
         return
+    # The kernel takes three outputs (the first one stands in for missing ones).
+    outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
+    used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
     if plan is None:
-        outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
-        used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
         plan = _PLANS.keep(key, (ArgTemplate((
             meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used,
             batch, total_q, -1 if total_k is None else total_k, max_seqlen_q, max_seqlen_k,
@@ -117,8 +118,6 @@ def poison_if_invalid(
             HAS_SEQUSED=meta.seqused_k is not None, NUM_OUT=len(outputs),
             BLOCK_B=min(1024, max(16, next_power_of_2(batch))), BLOCK=1024))))
     args, launch = plan
-    used = meta.seqused_k if meta.seqused_k is not None else meta.cu_seqlens_k
-    outs = list(outputs) + [outputs[0]] * (3 - len(outputs))
     # The tensors in the order of the kernel's pointer arguments (the template's).
     launch((1, 1, 1), args.fill((meta.q_starts, meta.q_ends, meta.cu_seqlens_k, used, outs[0], outs[1], outs[2])))
 

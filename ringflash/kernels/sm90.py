@@ -88,8 +88,9 @@ def _dropout_asm(key_major: bool) -> str:
     threshold), and PRMT spreads a byte's bit 7 over a register-wide mask for the AND with
     the entry's kept value. Operands: $0-7 the results, $8-15 query-pair words, $16-23
     key-pair words, $24-31 the threshold in each byte, $32-39 each entry's kept value (a
-    scalar's, or the entry's own probability). Added cost: ~4.75 instructions per entry,
-    against ~8 for a draw per key pair (``scripts/dropout_sass.py``)."""
+    scalar's, or the entry's own probability). With the loops' words, the mask adds 5.0
+    SASS instructions per entry to the forward's loop, 5.7-7.5 to dK/dV's and 5.0 to dQ's,
+    against 7.4-8.8, 11.2-12.4 and 10.6 for a draw per key pair (``scripts/dropout_sass.py``)."""
     lines = ["{", ".reg .b32 x, a, lo, hi, m;",
              "and.b32 lo, $24, 0x7f7f7f7f;",  # the threshold's low 7 bits, in each byte
              "and.b32 hi, $24, 0x80808080;"]  # and its bit 7
