@@ -28,7 +28,8 @@ Knobs: ``RINGFLASH_HYPOTHESIS_EXAMPLES=N`` sets every CPU-sized test's example c
 defaults take about 60 s of CPU time under Triton's interpreter, under 2 minutes on 2
 busy cores); ``RINGFLASH_HYPOTHESIS_GPU_EXAMPLES=N`` does the same for the gpu tests;
 ``RINGFLASH_HYPOTHESIS_SHRINK=1/0`` turns shrinking on/off (default: off without a GPU,
-where shrinking one failure re-runs the interpreted kernels for minutes).
+where shrinking one failure re-runs the interpreted kernels for minutes);
+``RINGFLASH_HYPOTHESIS_ECHO=1`` prints each example's replay line to stderr as it starts.
 
 A failing example prints its case (a dataclass whose repr is valid Python once ``torch``
 and this module are imported) and a one-line replay, e.g.
@@ -41,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -85,8 +87,16 @@ def _settings(max_examples: int, **kwargs) -> settings:
     )
 
 
+#: RINGFLASH_HYPOTHESIS_ECHO=1: every note (each example's replay line) also goes to stderr
+#: as the example starts, so that a failure that kills the process or its CUDA context
+#: (an illegal memory access) still names its example (run pytest with -s).
+ECHO = os.environ.get("RINGFLASH_HYPOTHESIS_ECHO", "0") == "1"
+
+
 def _note(text: str) -> None:
     """hypothesis.note inside a test; nothing when a case is replayed by hand."""
+    if ECHO:
+        print(text, file=sys.stderr, flush=True)
     try:
         note(text)
     except Exception:
