@@ -1,0 +1,55 @@
+"""Replay the last example a property-test log names (``RINGFLASH_HYPOTHESIS_ECHO=1`` prints
+each example's replay line as it starts), each replay in a fresh process, under several
+environments, and print how each ended. For a failure that kills the CUDA context (an
+illegal memory access), where hypothesis itself can report nothing:
+
+    RINGFLASH_HYPOTHESIS_ECHO=1 python -m pytest -s ... > log 2>&1
+    python scripts/replay_last_example.py log RINGFLASH_HEAD_PARTS=1 RINGFLASH_HEAD_PARTS=0
+
+Each further argument is one environment (VAR=VALUE[,VAR=VALUE...]); every replay also runs
+with CUDA_LAUNCH_BLOCKING=1, so that a faulting kernel is named where it is launched.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def last_replays(log_path: str, count: int = 2) -> list[str]:
+    """The last ``count`` replay lines of the log, oldest first (an asynchronous fault may
+    surface only in the example after the one that caused it)."""
+    lines = []
+    with open(log_path, errors="replace") as f:
+        for text in f:
+            if text.startswith("replay: "):
+                lines.append(text[len("replay: "):].strip())
+    return lines[-count:]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 1:
+        print(__doc__)
+        return 2
+    calls = last_replays(argv[0])
+    if not calls:
+        print(f"replay_last_example: no 'replay:' line in {argv[0]}")
+        return 1
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    for call, spec in ((call, spec) for call in calls for spec in argv[1:] or [""]):
+        print(f"example: {call}", flush=True)
+        code = (f"import torch\nfrom test_properties import *\n{call}\n"
+                "if torch.cuda.is_available():\n    torch.cuda.synchronize()\nprint('REPLAY OK')")
+        env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
+        env.update(kv.split("=", 1) for kv in spec.split(",") if kv)
+        done = subprocess.run([sys.executable, "-c", code], cwd=tests, env=env, capture_output=True, text=True,
+                              timeout=300)
+        tail = (done.stdout + done.stderr).strip().splitlines()[-25:]
+        print(f"=== {spec or '(as is)'}: rc={done.returncode}")
+        print("\n".join(tail), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
