@@ -8,6 +8,8 @@ illegal memory access), where hypothesis itself can report nothing:
 
 Each further argument is one environment (VAR=VALUE[,VAR=VALUE...]); every replay also runs
 with CUDA_LAUNCH_BLOCKING=1, so that a faulting kernel is named where it is launched.
+REPLAY_ONE_STAGE=1 in an environment runs the portable kernels' configurations with one
+pipeline stage (Triton's software pipelining off), to tell a pipelining fault from others.
 """
 
 from __future__ import annotations
@@ -28,6 +30,16 @@ def last_replays(log_path: str, count: int = 2) -> list[str]:
     return lines[-count:]
 
 
+#: With REPLAY_ONE_STAGE=1: every portable kernel configuration with num_stages=1.
+_ONE_STAGE = """
+import dataclasses, os
+from ringflash.kernels import configs as _configs
+if os.environ.get("REPLAY_ONE_STAGE") == "1":
+    _config_for = _configs.config_for
+    _configs.config_for = lambda *a, **k: dataclasses.replace(_config_for(*a, **k), num_stages=1)
+"""
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 1:
         print(__doc__)
@@ -39,7 +51,7 @@ def main(argv: list[str]) -> int:
     tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
     for call, spec in ((call, spec) for call in calls for spec in argv[1:] or [""]):
         print(f"example: {call}", flush=True)
-        code = (f"import torch\nfrom test_properties import *\n{call}\n"
+        code = (f"import torch\nfrom test_properties import *\n{_ONE_STAGE}{call}\n"
                 "if torch.cuda.is_available():\n    torch.cuda.synchronize()\nprint('REPLAY OK')")
         env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
         env.update(kv.split("=", 1) for kv in spec.split(",") if kv)
