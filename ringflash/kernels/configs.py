@@ -391,6 +391,13 @@ def override_key() -> tuple:
     return tuple(_override.items()) if _override else ()
 
 
+#: The narrowest second head-dim part (``head_parts``). Triton 3.6's sm_90 code for a
+#: 16-column part faults: an illegal memory access in the forward at d=72 (64 + 16) on one
+#: query and one key, bf16, with or without software pipelining (run 41; the portable
+#: kernels' masks hold in the interpreter). 32 columns and wider ran clean.
+HEAD_PART_MIN = 32
+
+
 def head_parts(headdim: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_D2): the widths of the two head-dim parts the portable kernels hold
     as separate tiles, columns [0, BLOCK_D) and [BLOCK_D, BLOCK_D + BLOCK_D2); BLOCK_D2 = 0
@@ -414,7 +421,7 @@ def head_parts(headdim: int) -> tuple[int, int]:
     if not enabled or headdim <= 16:
         return padded, 0
     first = padded // 2
-    second = max(16, 1 << (headdim - first - 1).bit_length())
+    second = max(HEAD_PART_MIN, 1 << (headdim - first - 1).bit_length())
     return (first, second) if 4 * (first + second) <= 3 * padded else (padded, 0)
 
 
