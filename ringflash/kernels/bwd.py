@@ -112,13 +112,13 @@ def _dkdv_block_loop(
             qT = tl.load(qT_ptrs, mask=offs_d[:, None] < HEADDIM, other=0.0)
             lse2 = tl.load(lse2_base + offs_m)
         kq = tl.dot(k, qT, input_precision=INPUT_PRECISION)
-        if BLOCK_D2 > 0:  # the second part's columns (always masked past the head dim)
+        if BLOCK_D2 > 0:  # the second part's columns, all inside the head dim
             if MASKED:
-                qT2 = tl.load(qT2_ptrs, mask=(offs_m[None, :] < sq) & (offs_d2[:, None] < HEADDIM), other=0.0)
-                do2 = tl.load(do2_ptrs, mask=(offs_m[:, None] < sq) & (offs_d2[None, :] < HEADDIM), other=0.0)
+                qT2 = tl.load(qT2_ptrs, mask=row_ok[None, :], other=0.0)
+                do2 = tl.load(do2_ptrs, mask=row_ok[:, None], other=0.0)
             else:
-                qT2 = tl.load(qT2_ptrs, mask=offs_d2[:, None] < HEADDIM, other=0.0)
-                do2 = tl.load(do2_ptrs, mask=offs_d2[None, :] < HEADDIM, other=0.0)
+                qT2 = tl.load(qT2_ptrs)
+                do2 = tl.load(do2_ptrs)
             kq = tl.dot(k2, qT2, kq, input_precision=INPUT_PRECISION)
         sT = scaled_scores(kq, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if HAS_ALIBI:  # after the cap, whose derivative below needs the capped score alone
@@ -171,7 +171,7 @@ def _dkdv_block_loop(
                 if BLOCK_D2 > 0:
                     dq2 = tl.dot(tl.trans(dsT), k2, input_precision=INPUT_PRECISION) * softmax_scale
                     tl.atomic_add(dq_base + offs_m[:, None].to(tl.int64) * stride_dqs + offs_d2[None, :], dq2,
-                                  mask=(offs_m[:, None] < sq) & (offs_d2[None, :] < HEADDIM), sem="relaxed")
+                                  mask=offs_m[:, None] < sq, sem="relaxed")
         qT_ptrs += BLOCK_M * splits * stride_qs
         do_ptrs += BLOCK_M * splits * stride_dos
         if BLOCK_D2 > 0:
@@ -240,9 +240,10 @@ def _bwd_dkdv_kernel(
                 mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. BLOCK_D + BLOCK_D2 - 1
+    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. HEADDIM - 1 (``configs.head_parts``)
+        tl.static_assert(BLOCK_D + BLOCK_D2 == HEADDIM)
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        kv_mask2 = (offs_n[:, None] < sk_full) & (offs_d2[None, :] < HEADDIM)
+        kv_mask2 = offs_n[:, None] < sk_full
         k2 = tl.load(tile_ptrs(K, b, hk, k_start + n0, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D2) + BLOCK_D,
                      mask=kv_mask2, other=0.0)
         v2 = tl.load(tile_ptrs(V, b, hk, k_start + n0, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D2) + BLOCK_D,
@@ -369,11 +370,11 @@ def _dq_block_loop(
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
         if BLOCK_D2 > 0:
             if MASKED:
-                kv_mask2 = (n0 + offs_n[:, None] < sk) & (offs_d2[None, :] < HEADDIM)
+                k2 = tl.load(k2_ptrs, mask=n0 + offs_n[:, None] < sk, other=0.0)
+                v2 = tl.load(v2_ptrs, mask=n0 + offs_n[:, None] < sk, other=0.0)
             else:
-                kv_mask2 = offs_d2[None, :] < HEADDIM
-            k2 = tl.load(k2_ptrs, mask=kv_mask2, other=0.0)
-            v2 = tl.load(v2_ptrs, mask=kv_mask2, other=0.0)
+                k2 = tl.load(k2_ptrs)
+                v2 = tl.load(v2_ptrs)
             qk = tl.dot(q2, tl.trans(k2), qk, input_precision=INPUT_PRECISION)
         s = scaled_scores(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if HAS_ALIBI:  # after the cap, whose derivative below needs the capped score alone
@@ -456,9 +457,10 @@ def _bwd_dq_kernel(
     )
     alibi_slope = load_alibi_slope(Alibi, b, h, stride_alibi_b, stride_alibi_h, HAS_ALIBI, True)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. BLOCK_D + BLOCK_D2 - 1
+    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. HEADDIM - 1 (``configs.head_parts``)
+        tl.static_assert(BLOCK_D + BLOCK_D2 == HEADDIM)
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
-        tile_mask2 = row_ok[:, None] & (offs_d2[None, :] < HEADDIM)
+        tile_mask2 = row_ok[:, None]
         q2 = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D2) + BLOCK_D,
                      mask=tile_mask2, other=0.0)
         do2 = tl.load(tile_ptrs(DOut, b, h, q_start + m0, stride_dob, stride_doh, stride_dos, BLOCK_M, BLOCK_D2)

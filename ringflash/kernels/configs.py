@@ -391,10 +391,7 @@ def override_key() -> tuple:
     return tuple(_override.items()) if _override else ()
 
 
-#: The narrowest second head-dim part (``head_parts``). Triton 3.6's sm_90 code for a
-#: 16-column part faults: an illegal memory access in the forward at d=72 (64 + 16) on one
-#: query and one key, bf16, with or without software pipelining (run 41; the portable
-#: kernels' masks hold in the interpreter). 32 columns and wider ran clean.
+#: The narrowest second head-dim part (``head_parts``).
 HEAD_PART_MIN = 32
 
 
@@ -405,24 +402,29 @@ def head_parts(headdim: int) -> tuple[int, int]:
     shapes). Padding runs every GEMM on zero columns: d=192 as 256 costs a third more work
     and the registers of 256 columns, which forced the d=256 tiles' two-pass dK/dV on it
     (run 39's wide grid: d=192 cost 0.91x d=256's time per head, its backward 0.62-0.75x
-    FA2's speed). Split, d=192 is 128 + 64 and d=160 128 + 32, d=96 64 + 32 and d=80
-    64 + 16. Off by default: on an H200 (run 40) it ran d=192 15-25% faster, but the GPU
-    property tests hit an illegal memory access with it in a backward (the interpreter
-    checks no bounds), to be found before it is the default. ``RINGFLASH_HEAD_PARTS=1`` or
-    ``override(head_parts=True)`` turns it on for every head dim it shortens by at least a
-    quarter."""
+    FA2's speed). Split, d=96 is 64 + 32, d=160 128 + 32 and d=192 128 + 64: on an H200
+    (runs 40 and 41) 15-25% faster at d=192.
+
+    Only head dims that are exactly two powers of two, the second at least
+    ``HEAD_PART_MIN`` wide, split: a second part that pads (columns past the head dim,
+    masked) miscompiles in Triton 3.6 for sm_90. Run 41 (``scripts/probe_head_parts.py``)
+    found an illegal memory access at d=80 as 64 + 16 and d=136 as 128 + 32, and wrong
+    outputs at d=40 as 32 + 16 and d=72 as 64 + 32, where the interpreter's runs and the
+    unsplit kernels are right; d=96 as 64 + 32 ran clean. The kernels therefore load the
+    second part without column masks. ``RINGFLASH_HEAD_PARTS=0`` or
+    ``override(head_parts=False)`` turns the split off."""
     padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
     enabled = _override.get("head_parts")
     if enabled is None:
-        mode = os.environ.get("RINGFLASH_HEAD_PARTS", "0")
+        mode = os.environ.get("RINGFLASH_HEAD_PARTS", "1")
         if mode not in ("0", "1"):
             raise ValueError(f"RINGFLASH_HEAD_PARTS: got {mode!r}; expected 0 or 1")
         enabled = mode == "1"
-    if not enabled or headdim <= 16:
-        return padded, 0
     first = padded // 2
-    second = max(HEAD_PART_MIN, 1 << (headdim - first - 1).bit_length())
-    return (first, second) if 4 * (first + second) <= 3 * padded else (padded, 0)
+    second = headdim - first
+    if not enabled or headdim == padded or second < HEAD_PART_MIN or second & (second - 1):
+        return padded, 0
+    return first, second
 
 
 _capabilities: dict[int, tuple[int, int]] = {}

@@ -60,12 +60,11 @@ def _fwd_block_loop(
         else:
             k = tl.load(k_ptrs, mask=offs_d[None, :] < HEADDIM, other=0.0, cache_modifier=KV_CACHE)
         qk = tl.dot(q, tl.trans(k), input_precision=INPUT_PRECISION)
-        if BLOCK_D2 > 0:  # the second part's columns (always masked past the head dim)
+        if BLOCK_D2 > 0:  # the second part's columns, all inside the head dim
             if MASKED:
-                kv_mask2 = (n0 + offs_n[:, None] < sk) & (offs_d2[None, :] < HEADDIM)
+                k2 = tl.load(k2_ptrs, mask=n0 + offs_n[:, None] < sk, other=0.0, cache_modifier=KV_CACHE)
             else:
-                kv_mask2 = offs_d2[None, :] < HEADDIM
-            k2 = tl.load(k2_ptrs, mask=kv_mask2, other=0.0, cache_modifier=KV_CACHE)
+                k2 = tl.load(k2_ptrs, cache_modifier=KV_CACHE)
             qk = tl.dot(q2, tl.trans(k2), qk, input_precision=INPUT_PRECISION)
         s = scaled_scores(qk, qk_scale_log2, softcap_in, softcap_out, HAS_SOFTCAP)
         if HAS_ALIBI:
@@ -99,7 +98,10 @@ def _fwd_block_loop(
             p = tl.where(dropout_keep(dropout_seed, b, h, m0, n0, dropout_threshold, BLOCK_M, BLOCK_N, False), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=INPUT_PRECISION)
         if BLOCK_D2 > 0:
-            v2 = tl.load(v2_ptrs, mask=kv_mask2, other=0.0, cache_modifier=KV_CACHE)
+            if MASKED:
+                v2 = tl.load(v2_ptrs, mask=n0 + offs_n[:, None] < sk, other=0.0, cache_modifier=KV_CACHE)
+            else:
+                v2 = tl.load(v2_ptrs, cache_modifier=KV_CACHE)
             acc2 = tl.dot(p.to(v2.dtype), v2, acc2, input_precision=INPUT_PRECISION)
             k2_ptrs += BLOCK_N * stride_ks
             v2_ptrs += BLOCK_N * stride_vs
@@ -164,10 +166,11 @@ def _fwd_kernel(
     k_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D)
     v_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. BLOCK_D + BLOCK_D2 - 1
+    if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. HEADDIM - 1 (``configs.head_parts``)
+        tl.static_assert(BLOCK_D + BLOCK_D2 == HEADDIM)
         offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         q2 = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D2) + BLOCK_D,
-                     mask=row_mask[:, None] & (offs_d2[None, :] < HEADDIM), other=0.0)
+                     mask=row_mask[:, None], other=0.0)
         k2_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D2) + BLOCK_D
         v2_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D2) + BLOCK_D
         acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
@@ -248,7 +251,7 @@ def _fwd_kernel(
         if HAS_DROPOUT:
             out2 = out2 * dropout_scale
         tl.store(tile_ptrs(o_base, b, h, q_start + m0, stride_ob, stride_oh, stride_os, BLOCK_M, BLOCK_D2) + BLOCK_D,
-                 out2.to(o_base.dtype.element_ty), mask=row_mask[:, None] & (offs_d2[None, :] < HEADDIM))
+                 out2.to(o_base.dtype.element_ty), mask=row_mask[:, None])
     tl.store(row_base(l_base, b, h, q_start + m0, stride_lb, stride_lh, 1) + tl.arange(0, BLOCK_M), lse, mask=row_mask)
 
 
