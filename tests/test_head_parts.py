@@ -24,7 +24,7 @@ def head_parts():
 
 def test_head_parts_widths(monkeypatch):
     """On by default; a split only where the head dim is exactly two powers of two, the
-    second at least ``HEAD_PART_MIN`` wide (a padded second part miscompiles in Triton 3.6
+    second at least ``HEAD_PART_MIN`` wide (other splits miscompile in Triton 3.6
     for sm_90: run 41), one padded tile elsewhere."""
     with configs.override(head_parts=False):
         assert configs.head_parts(192) == (256, 0)

@@ -406,13 +406,12 @@ def head_parts(headdim: int) -> tuple[int, int]:
     (runs 40 and 41) 15-25% faster at d=192.
 
     Only head dims that are exactly two powers of two, the second at least
-    ``HEAD_PART_MIN`` wide, split: a second part that pads (columns past the head dim,
-    masked) miscompiles in Triton 3.6 for sm_90. Run 41 (``scripts/probe_head_parts.py``)
-    found an illegal memory access at d=80 as 64 + 16 and d=136 as 128 + 32, and wrong
-    outputs at d=40 as 32 + 16 and d=72 as 64 + 32, where the interpreter's runs and the
-    unsplit kernels are right; d=96 as 64 + 32 ran clean. The kernels therefore load the
-    second part without column masks. ``RINGFLASH_HEAD_PARTS=0`` or
-    ``override(head_parts=False)`` turns the split off."""
+    ``HEAD_PART_MIN`` wide, split: other splits miscompile in Triton 3.6 for sm_90. Run 41
+    (``scripts/probe_head_parts.py``) found an illegal memory access at d=80 as 64 + 16 (no
+    padding) and d=136 as 128 + 32, and wrong outputs at d=40 as 32 + 16 and d=72 as
+    64 + 32, where the interpreter's runs and the unsplit kernels are right; d=96 as 64 + 32
+    ran clean. The kernels load the second part without column masks.
+    ``RINGFLASH_HEAD_PARTS=0`` or ``override(head_parts=False)`` turns the split off."""
     padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
     enabled = _override.get("head_parts")
     if enabled is None:
