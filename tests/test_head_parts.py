@@ -23,9 +23,9 @@ def head_parts():
 
 
 def test_head_parts_widths(monkeypatch):
-    """On by default; a split only where the head dim is exactly two powers of two, the
-    second at least ``HEAD_PART_MIN`` wide (other splits miscompile in Triton 3.6
-    for sm_90: run 41), one padded tile elsewhere."""
+    """Off by default for now (``HEAD_PARTS_DEFAULT``); on, a split only where the head dim
+    is exactly two powers of two, the second at least ``HEAD_PART_MIN`` wide (other splits
+    miscompile in Triton 3.6 for sm_90: run 41), one padded tile elsewhere."""
     with configs.override(head_parts=False):
         assert configs.head_parts(192) == (256, 0)
         monkeypatch.setenv("RINGFLASH_HEAD_PARTS", "1")
@@ -36,9 +36,12 @@ def test_head_parts_widths(monkeypatch):
     for d, parts in expected.items():
         assert configs.head_parts(d) == parts, d
     monkeypatch.delitem(configs._override, "head_parts")  # the environment decides
+    monkeypatch.setenv("RINGFLASH_HEAD_PARTS", "1")
     assert configs.head_parts(192) == (128, 64)
     monkeypatch.setenv("RINGFLASH_HEAD_PARTS", "0")
     assert configs.head_parts(192) == (256, 0)
+    monkeypatch.delenv("RINGFLASH_HEAD_PARTS")
+    assert configs.head_parts(192) == ((128, 64) if configs.HEAD_PARTS_DEFAULT == "1" else (256, 0))
     monkeypatch.setenv("RINGFLASH_HEAD_PARTS", "yes")
     with pytest.raises(ValueError, match="RINGFLASH_HEAD_PARTS: got 'yes'; expected 0 or 1"):
         configs.head_parts(192)
