@@ -123,3 +123,17 @@ def test_scattered_key_gradient_rows(gen):
     untouched = torch.ones(rows_total, dtype=torch.bool, device=DEVICE)
     untouched[rows] = False
     assert torch.all(full[untouched] == 7.0)
+
+
+def test_every_split_is_exact():
+    """No head dim gets a second part with padding or narrower than ``HEAD_PART_MIN``: the
+    splits Triton 3.6 miscompiles for sm_90 (run 41). The kernels load the second part
+    without column masks, so a padded one would also read past the head dim."""
+    for d in range(1, 257):
+        first, second = configs.head_parts(d)
+        padded = max(16, 1 << (d - 1).bit_length())
+        if second == 0:
+            assert first == padded, d
+        else:
+            assert first + second == d and second >= configs.HEAD_PART_MIN, (d, first, second)
+            assert first & (first - 1) == 0 and second & (second - 1) == 0, (d, first, second)
