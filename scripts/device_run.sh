@@ -61,6 +61,13 @@ for s in "$@"; do
     headparts) for hp in 0 1; do stage "headparts$hp" "${HEADPARTS_LIMIT:-200}" env RINGFLASH_HEAD_PARTS=$hp \
                  python3 -m ringflash bench kernels --grid wide --families dense --headdims ${HEADPARTS_DIMS:-80 96 192} \
                  --seqlens ${HEADPARTS_SEQLENS:-512 2048 8192} --out "$OUT/headparts$hp" --csv-only; done ;;
+    # Issue 15: whether the head-dim splits that configs.head_parts allows (d=96, 160, 192)
+    # run clean at real sizes (run 41 found other splits miscompiled), then their GPU tests;
+    # both clean is what configs.HEAD_PARTS_DEFAULT = "1" waits for.
+    headprobe) stage headprobe "${HEADPROBE_LIMIT:-100}" python3 scripts/probe_head_parts.py --headdims 96 160 192
+               stage headtests "${HEADTESTS_LIMIT:-150}" env RINGFLASH_TEST_LOG="$OUT/headtests_tests.tsv" python3 -m pytest \
+                 -m gpu -q -p no:cacheprovider -n 3 tests/test_head_parts.py tests/test_properties.py -k head_parts
+               test_log_summary headtests ;;
     hf) stage hf "${HF_LIMIT:-300}" python3 -m ringflash bench hf --out "$OUT/hf" ${REPORT_ARGS:-} ${HF_ARGS:-} ;;
     decode) stage decode "${DECODE_LIMIT:-150}" python3 -m ringflash bench decode --out "$OUT/decode" ${REPORT_ARGS:-} ${DECODE_ARGS:-} ;;
     # Issue 18: every rank of 2-, 4- and 8-rank plans alone on one GPU (compute balance and
