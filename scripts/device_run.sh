@@ -56,10 +56,10 @@ for s in "$@"; do
     # REPORT_ARGS=--csv-only gives 6 (redraw the rest with --from-csv on any machine).
     wide) stage wide "${WIDE_LIMIT:-560}" python3 -m ringflash bench kernels --grid wide --out "$OUT/wide" ${REPORT_ARGS:-} ${WIDE_ARGS:-} ;;
     # Issue 15: the portable kernels with the head dim in two parts (RINGFLASH_HEAD_PARTS)
-    # against one padded tile, on the dense cases it changes (d=80/96 take the Gluon kernels
+    # against one padded tile, on the dense cases it changes (d=96 takes the Gluon kernels
     # from 1k); compare the two CSVs (`bench kernels --from-csv`).
     headparts) for hp in 0 1; do stage "headparts$hp" "${HEADPARTS_LIMIT:-200}" env RINGFLASH_HEAD_PARTS=$hp \
-                 python3 -m ringflash bench kernels --grid wide --families dense --headdims ${HEADPARTS_DIMS:-80 96 192} \
+                 python3 -m ringflash bench kernels --grid wide --families dense --headdims ${HEADPARTS_DIMS:-96 160 192} \
                  --seqlens ${HEADPARTS_SEQLENS:-512 2048 8192} --out "$OUT/headparts$hp" --csv-only; done ;;
     # Issue 15: whether the head-dim splits that configs.head_parts allows (d=96, 160, 192)
     # run clean at real sizes (run 41 found other splits miscompiled), then their GPU tests;
