@@ -339,7 +339,7 @@ def _store_key_grads(
 def _dq_block_loop(
     dq, q, do, dq2, q2, do2, lse2, delta,
     k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs,
-    start, end, m0, offs_n, offs_d, offs_d2,
+    start, end, m0, offs_n, offs_d,
     diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_scale, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -347,7 +347,7 @@ def _dq_block_loop(
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_D2: tl.constexpr,
 ):
     """Accumulate dQ (BLOCK_M x D) over key blocks [start, end); with a second head-dim part
-    (BLOCK_D2 > 0) also dq2, its columns offs_d2, from q2, do2 and the K/V columns at
+    (BLOCK_D2 > 0) also dq2, its columns BLOCK_D.., from q2, do2 and the K/V columns at
     k2_ptrs / v2_ptrs (unused otherwise)."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
     k_ptrs += start.to(tl.int64) * stride_ks
@@ -459,7 +459,6 @@ def _bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. HEADDIM - 1 (``configs.head_parts``)
         tl.static_assert(BLOCK_D + BLOCK_D2 == HEADDIM)
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         tile_mask2 = row_ok[:, None]
         q2 = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D2) + BLOCK_D,
                      mask=tile_mask2, other=0.0)
@@ -469,11 +468,11 @@ def _bwd_dq_kernel(
         v2_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D2) + BLOCK_D
         dq2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     else:  # placeholders the loops pass along untouched
-        offs_d2, q2, do2, k2_ptrs, v2_ptrs, dq2 = offs_d, q, do, k_ptrs, v_ptrs, dq
+        q2, do2, k2_ptrs, v2_ptrs, dq2 = q, do, k_ptrs, v_ptrs, dq
     if HAS_LEFT:
         dq, dq2 = _dq_block_loop(
             dq, q, do, dq2, q2, do2, lse2, delta, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, n_lo, a_end,
-            m0, offs_n, offs_d, offs_d2,
+            m0, offs_n, offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_scale, dropout_seed,
             True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
@@ -481,7 +480,7 @@ def _bwd_dq_kernel(
         )
     dq, dq2 = _dq_block_loop(
         dq, q, do, dq2, q2, do2, lse2, delta, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, a_end, b_end,
-        m0, offs_n, offs_d, offs_d2,
+        m0, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_scale, dropout_seed,
         False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
@@ -489,7 +488,7 @@ def _bwd_dq_kernel(
     )
     dq, dq2 = _dq_block_loop(
         dq, q, do, dq2, q2, do2, lse2, delta, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, b_end, n_hi,
-        m0, offs_n, offs_d, offs_d2,
+        m0, offs_n, offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_scale, dropout_seed,
         True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,

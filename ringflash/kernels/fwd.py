@@ -30,7 +30,7 @@ from .problem import (
 def _fwd_block_loop(
     acc, l_i, m_i, q, acc2, q2,
     k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs,
-    start, end, m0, offs_n, offs_d, offs_d2,
+    start, end, m0, offs_n, offs_d,
     diag, sk, window_left, window_right,
     qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_seed,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -39,8 +39,8 @@ def _fwd_block_loop(
     BLOCK_D2: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); with a second
-    head-dim part (BLOCK_D2 > 0: ``problem.head_parts``) also of acc2, the output's columns
-    offs_d2, from q2 and the K/V columns at k2_ptrs / v2_ptrs (unused otherwise).
+    head-dim part (BLOCK_D2 > 0: ``configs.head_parts``) also of acc2, the output's columns
+    BLOCK_D.., from q2 and the K/V columns at k2_ptrs / v2_ptrs (unused otherwise).
 
     Scores are in log2 units when USE_EXP2, natural units otherwise (the host scales them);
     ``alibi_slope`` is in the same units."""
@@ -168,14 +168,13 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. HEADDIM - 1 (``configs.head_parts``)
         tl.static_assert(BLOCK_D + BLOCK_D2 == HEADDIM)
-        offs_d2 = BLOCK_D + tl.arange(0, BLOCK_D2)
         q2 = tl.load(tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D2) + BLOCK_D,
                      mask=row_mask[:, None], other=0.0)
         k2_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D2) + BLOCK_D
         v2_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D2) + BLOCK_D
         acc2 = tl.zeros([BLOCK_M, BLOCK_D2], dtype=tl.float32)
     else:  # placeholders the loops pass along untouched
-        offs_d2, q2, k2_ptrs, v2_ptrs, acc2 = offs_d, q, k_ptrs, v_ptrs, acc
+        q2, k2_ptrs, v2_ptrs, acc2 = q, k_ptrs, v_ptrs, acc
 
     n_lo, a_end, b_end, n_hi = key_block_ranges(
         m0, sq, sk, diag, window_left, window_right, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT
@@ -205,7 +204,7 @@ def _fwd_kernel(
     if HAS_LEFT:
         acc, l_i, m_i, acc2 = _fwd_block_loop(
             acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, a_lo, a_end, m0, offs_n,
-            offs_d, offs_d2,
+            offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
             b, h, dropout_threshold, dropout_seed,
             True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
@@ -213,7 +212,7 @@ def _fwd_kernel(
         )
     acc, l_i, m_i, acc2 = _fwd_block_loop(
         acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, b_lo, b_end, m0, offs_n,
-        offs_d, offs_d2,
+        offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_seed,
         False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
@@ -221,7 +220,7 @@ def _fwd_kernel(
     )
     acc, l_i, m_i, acc2 = _fwd_block_loop(
         acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, c_lo, n_hi, m0, offs_n,
-        offs_d, offs_d2,
+        offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
         b, h, dropout_threshold, dropout_seed,
         True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
