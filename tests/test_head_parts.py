@@ -23,7 +23,7 @@ def head_parts():
 
 
 def test_head_parts_widths(monkeypatch):
-    """Off by default for now (``HEAD_PARTS_DEFAULT``); on, a split only where the head dim
+    """On by default (``HEAD_PARTS_DEFAULT``): a split only where the head dim
     is exactly two powers of two, the second at least ``HEAD_PART_MIN`` wide (other splits
     miscompile in Triton 3.6 for sm_90: run 41), one padded tile elsewhere."""
     with configs.override(head_parts=False):

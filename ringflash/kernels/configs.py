@@ -394,9 +394,10 @@ def override_key() -> tuple:
 #: The narrowest second head-dim part (``head_parts``).
 HEAD_PART_MIN = 32
 #: Whether ``head_parts`` splits by default ("1") or only under RINGFLASH_HEAD_PARTS=1 ("0").
-#: Off until a GPU run has checked the splits it now allows at real sizes: run 41 checked
-#: d=96 (64 + 32) at four shapes in bf16, but no device time was left for d=160 and 192.
-HEAD_PARTS_DEFAULT = "0"
+#: On since run 42 (H100): every split it allows (d=96, 160, 192) matched the float64
+#: reference in bf16 and fp16 (``scripts/probe_head_parts.py``, the GPU property test) and
+#: ran the wide grid's d=160/192 rows clean, 15-30% faster than one padded tile.
+HEAD_PARTS_DEFAULT = "1"
 
 
 def head_parts(headdim: int) -> tuple[int, int]:
@@ -415,8 +416,8 @@ def head_parts(headdim: int) -> tuple[int, int]:
     padding) and d=136 as 128 + 32, and wrong outputs at d=40 as 32 + 16 and d=72 as
     64 + 32, where the interpreter's runs and the unsplit kernels are right; d=96 as 64 + 32
     ran clean. The kernels load the second part without column masks.
-    ``RINGFLASH_HEAD_PARTS=1`` or ``override(head_parts=True)`` turns the split on
-    (``HEAD_PARTS_DEFAULT``: off by default for now)."""
+    ``override(head_parts=True/False)`` forces the split on or off;
+    (``HEAD_PARTS_DEFAULT``: on by default), ``RINGFLASH_HEAD_PARTS=0`` turns it off."""
     padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
     enabled = _override.get("head_parts")
     if enabled is None:
