@@ -108,6 +108,8 @@ def pytest_runtest_logreport(report):
         return
     line = f"{report.outcome}\t{report.when}\t{report.duration:.2f}\t{report.nodeid}\n"
     if report.outcome == "failed":
+        # The seed first: `pytest -q` prints no header, and without it the inputs are lost.
+        line += f"    seed: RINGFLASH_TEST_SEED={SESSION_SEED}\n"
         # The exception's own line first: a long report (hypothesis's, with its example and
         # replay) pushes it out of the last lines (run 36 lost which output differed).
         crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)

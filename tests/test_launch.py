@@ -10,7 +10,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, needs_interpreter
 from ringflash import attention_ref, flash_attn_func, flash_attn_with_kvcache
 from ringflash.kernels import launch as L
 
@@ -439,6 +439,7 @@ def _record_planned_launches(monkeypatch) -> list:
     return launches
 
 
+@needs_interpreter  # CPU tensors, nothing launched: the launchers refuse them outside the interpreter
 def test_portable_plans_launch_what_a_fresh_plan_would(monkeypatch):
     """The portable launchers work each call signature's launches out once (``fwd._PLANS``,
     ``bwd._PLANS``): a call that reuses a plan made by an earlier one launches exactly what
@@ -577,6 +578,7 @@ def _portable_call_sequences(draw):
     return calls
 
 
+@needs_interpreter
 @settings(max_examples=40, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(calls=_portable_call_sequences())
 def test_portable_plans_in_any_call_order(calls):
