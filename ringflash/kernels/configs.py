@@ -396,7 +396,7 @@ HEAD_PART_MIN = 32
 #: Whether ``head_parts`` splits by default ("1") or only under RINGFLASH_HEAD_PARTS=1 ("0").
 #: On since run 42 (H100): every split it allows (d=96, 160, 192) matched the float64
 #: reference in bf16 and fp16 (``scripts/probe_head_parts.py``, the GPU property test) and
-#: ran the wide grid's d=160/192 rows clean, 15-30% faster than one padded tile.
+#: ran the wide grid's d=160/192 rows clean, 16-28% faster than one padded tile.
 HEAD_PARTS_DEFAULT = "1"
 
 
@@ -407,17 +407,17 @@ def head_parts(headdim: int) -> tuple[int, int]:
     shapes). Padding runs every GEMM on zero columns: d=192 as 256 costs a third more work
     and the registers of 256 columns, which forced the d=256 tiles' two-pass dK/dV on it
     (run 39's wide grid: d=192 cost 0.91x d=256's time per head, its backward 0.62-0.75x
-    FA2's speed). Split, d=96 is 64 + 32, d=160 128 + 32 and d=192 128 + 64: on an H200
-    (runs 40 and 41) 15-25% faster at d=192.
+    FA2's speed). Split, d=96 is 64 + 32, d=160 128 + 32 and d=192 128 + 64: d=192 15-25%
+    faster on an H200 (runs 40 and 41), d=160 and 192 16-28% on an H100 (run 42).
 
     Only head dims that are exactly two powers of two, the second at least
     ``HEAD_PART_MIN`` wide, split: other splits miscompile in Triton 3.6 for sm_90. Run 41
     (``scripts/probe_head_parts.py``) found an illegal memory access at d=80 as 64 + 16 (no
     padding) and d=136 as 128 + 32, and wrong outputs at d=40 as 32 + 16 and d=72 as
     64 + 32, where the interpreter's runs and the unsplit kernels are right; d=96 as 64 + 32
-    ran clean. The kernels load the second part without column masks.
-    ``override(head_parts=True/False)`` forces the split on or off;
-    (``HEAD_PARTS_DEFAULT``: on by default), ``RINGFLASH_HEAD_PARTS=0`` turns it off."""
+    ran clean, and run 42 (H100) checked d=96, 160 and 192 at real sizes. The kernels load
+    the second part without column masks. On by default (``HEAD_PARTS_DEFAULT``):
+    ``RINGFLASH_HEAD_PARTS=0`` turns it off, ``override(head_parts=...)`` forces either way."""
     padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
     enabled = _override.get("head_parts")
     if enabled is None:
