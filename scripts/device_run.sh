@@ -68,6 +68,9 @@ for s in "$@"; do
                stage headtests "${HEADTESTS_LIMIT:-150}" env RINGFLASH_TEST_LOG="$OUT/headtests_tests.tsv" python3 -m pytest \
                  -m gpu -q -p no:cacheprovider -n 3 tests/test_head_parts.py tests/test_properties.py -k head_parts
                test_log_summary headtests ;;
+    # Run 42's suite failure: the Gluon atomic backward's dQ error per seed and its spread
+    # over repeats (rounding or a race between the consumers' staged dS tiles).
+    probeatomic) stage probeatomic "${PROBEATOMIC_LIMIT:-150}" python3 scripts/probe_atomic_dq.py ${PROBEATOMIC_ARGS:-} ;;
     hf) stage hf "${HF_LIMIT:-300}" python3 -m ringflash bench hf --out "$OUT/hf" ${REPORT_ARGS:-} ${HF_ARGS:-} ;;
     decode) stage decode "${DECODE_LIMIT:-150}" python3 -m ringflash bench decode --out "$OUT/decode" ${REPORT_ARGS:-} ${DECODE_ARGS:-} ;;
     # Issue 18: every rank of 2-, 4- and 8-rank plans alone on one GPU (compute balance and
