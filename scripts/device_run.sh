@@ -32,7 +32,8 @@ for s in "$@"; do
     # and duration also go to suite_tests.tsv as it finishes, so a run cut by the limit
     # still names its failures and the tests it never reached. The whole suite takes more
     # than one call (run 42): SUITE_ARGS="tests --ignore=tests/test_properties.py", then
-    # SUITE_ARGS=tests/test_properties.py.
+    # SUITE_ARGS=tests/test_properties.py. RINGFLASH_TEST_RESUME=<a suite_tests.tsv brought
+    # back and committed> leaves out the tests it records as passed (tests/conftest.py).
     suite) stage suite "${SUITE_LIMIT:-540}" env RINGFLASH_TEST_LOG="$OUT/suite_tests.tsv" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${SUITE_WORKERS:-14}" --tb=line -rfE --durations=15 ${SUITE_ARGS:-tests}
       test_log_summary suite ;;
     # Issue 14: the CP training example on one GPU (world size 1, NCCL): loss and tokens/s.

@@ -57,9 +57,33 @@ needs_interpreter = pytest.mark.skipif(
 LONG_FIRST = ("tests/test_properties.py", "tests/test_examples.py")
 
 
+def passed_in_log(path: str) -> set[str]:
+    """The node ids that a ``RINGFLASH_TEST_LOG`` file records as passed or skipped, less any
+    it also records as failed (a teardown, a rerun)."""
+    if not os.path.isfile(path):
+        raise pytest.UsageError(f"RINGFLASH_TEST_RESUME: got {path!r}; expected a RINGFLASH_TEST_LOG file")
+    done, failed = set(), set()
+    with open(path) as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) < 4 or line.startswith(" "):  # a failure's text
+                continue
+            outcome, nodeid = fields[0], fields[3]
+            (failed if outcome == "failed" else done if outcome in ("passed", "skipped") else set()).add(nodeid)
+    return done - failed
+
+
 def pytest_collection_modifyitems(config, items):
     # Stable, and the same in every xdist worker (each collects and must agree).
     items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))
+    # RINGFLASH_TEST_RESUME=<an earlier RINGFLASH_TEST_LOG file>: leave out what it passed,
+    # so that a GPU suite cut by a call's time limit goes on in the next call (run 42).
+    resume = os.environ.get("RINGFLASH_TEST_RESUME")
+    if resume:
+        done = passed_in_log(resume)
+        kept = [item for item in items if item.nodeid not in done]
+        config.hook.pytest_deselected(items=[item for item in items if item.nodeid in done])
+        items[:] = kept
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the GPU machine)")

@@ -1,0 +1,53 @@
+"""The suite's own bookkeeping for GPU runs cut by a call's time limit: the per-test log
+(``RINGFLASH_TEST_LOG``) and the resumed run that leaves out what a log says passed
+(``RINGFLASH_TEST_RESUME``)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import passed_in_log
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = "tests/test_configs.py"
+
+
+def _run(*args, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", *args],
+                          cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+
+
+def _collected(**env) -> list[str]:
+    done = _run("--collect-only", "-q", TARGET, **env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line for line in done.stdout.splitlines() if line.startswith(TARGET + "::")]
+
+
+def test_log_records_are_read_back(tmp_path):
+    """Passed and skipped tests count as done, a failed one (in any phase) does not, and a
+    failure's indented text is not a record."""
+    log = tmp_path / "log.tsv"
+    log.write_text("passed\tcall\t0.10\ta.py::t1\n"
+                   "skipped\tsetup\t0.00\ta.py::t2\n"
+                   "failed\tcall\t1.00\ta.py::t3\n"
+                   "    seed: RINGFLASH_TEST_SEED=1\n"
+                   "    E passed\tcall\t0\ta.py::t5\n"
+                   "passed\tcall\t0.20\ta.py::t4\n"
+                   "failed\tteardown\t0.00\ta.py::t4\n")
+    assert passed_in_log(str(log)) == {"a.py::t1", "a.py::t2"}
+    with pytest.raises(pytest.UsageError, match="RINGFLASH_TEST_RESUME: got '/nonexistent'"):
+        passed_in_log("/nonexistent")
+
+
+def test_a_resumed_run_leaves_out_what_passed(tmp_path):
+    """A real log of part of a file, then a collection under RINGFLASH_TEST_RESUME: exactly
+    the tests that did not pass remain."""
+    every = _collected()
+    assert len(every) > 3
+    log = tmp_path / "log.tsv"
+    ran = _run("-q", every[0], every[1], RINGFLASH_TEST_LOG=str(log))
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert passed_in_log(str(log)) == set(every[:2])
+    assert _collected(RINGFLASH_TEST_RESUME=str(log)) == every[2:]
