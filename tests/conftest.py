@@ -69,7 +69,10 @@ def passed_in_log(path: str) -> set[str]:
             if len(fields) < 4 or line.startswith(" "):  # a failure's text
                 continue
             outcome, nodeid = fields[0], fields[3]
-            (failed if outcome == "failed" else done if outcome in ("passed", "skipped") else set()).add(nodeid)
+            if outcome == "failed":
+                failed.add(nodeid)
+            elif outcome in ("passed", "skipped"):
+                done.add(nodeid)
     return done - failed
 
 
@@ -132,10 +135,10 @@ def pytest_runtest_logreport(report):
         return
     line = f"{report.outcome}\t{report.when}\t{report.duration:.2f}\t{report.nodeid}\n"
     if report.outcome == "failed":
-        # The seed first: `pytest -q` prints no header, and without it the inputs are lost.
-        line += f"    seed: RINGFLASH_TEST_SEED={SESSION_SEED}\n"
-        # The exception's own line first: a long report (hypothesis's, with its example and
+        # The seed (`pytest -q` prints no header; without it the inputs are lost), then the
+        # exception's own line: a long report (hypothesis's, with its example and
         # replay) pushes it out of the last lines (run 36 lost which output differed).
+        line += f"    seed: RINGFLASH_TEST_SEED={SESSION_SEED}\n"
         crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)
         if crash:
             line += "".join("    E " + s + "\n" for s in crash.splitlines()[:20])

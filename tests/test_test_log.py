@@ -51,3 +51,19 @@ def test_a_resumed_run_leaves_out_what_passed(tmp_path):
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert passed_in_log(str(log)) == set(every[:2])
     assert _collected(RINGFLASH_TEST_RESUME=str(log)) == every[2:]
+
+
+def test_a_failure_is_logged_with_its_seed(tmp_path):
+    """A failing test's record carries the session seed (the GPU calls run `pytest -q`,
+    which prints no header) and the exception's line."""
+    (tmp_path / "test_fails.py").write_text("def test_fails():\n    assert 1 == 2, 'the planted failure'\n")
+    log = tmp_path / "log.tsv"
+    tests_dir = os.path.join(ROOT, "tests")
+    done = _run("-q", "-p", "conftest", "--rootdir", str(tmp_path), str(tmp_path / "test_fails.py"),
+                RINGFLASH_TEST_LOG=str(log), RINGFLASH_TEST_SEED="12345",
+                PYTHONPATH=tests_dir + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    assert done.returncode == 1, done.stdout + done.stderr
+    record = log.read_text()
+    assert record.startswith("failed\tcall\t") and "test_fails.py::test_fails\n" in record, record
+    assert "    seed: RINGFLASH_TEST_SEED=12345\n" in record and "the planted failure" in record, record
+    assert passed_in_log(str(log)) == set()
