@@ -190,6 +190,38 @@ def plan_cache_is_bounded(rank: int, world: int) -> str:
     return "ok" if held <= api._MAX_PLANS else f"{held} plans held after {steps} steps"
 
 
+def step_error_leaves_the_group_usable(rank: int, world: int) -> str:
+    """A local kernel that raises inside a CP step (out of memory, say), caught by the caller
+    to retry: the group must stay usable. Every engine, the error in the forward and in the
+    backward, each time on every rank's first local call. The ring engine used to leave
+    that step's K/V exchange in flight, and the next Plan's agreement check hung."""
+    import torch
+
+    from ringflash.cp import Plan, local
+
+    cu = torch.tensor([0, 9, 16], dtype=torch.int32)
+    for strategy in ("ring", "zigzag_ring", "stripe", "zigzag_llama3", "llama3", "ulysses"):
+        for kernel in ("attention_forward", "attention_backward"):
+            real = getattr(local, kernel)
+
+            def planted(*args, **kwargs):
+                raise RuntimeError("planted")
+
+            plan = Plan(cu, strategy=strategy)
+            n = plan.num_local_tokens
+            q = _mk(n, 2, requires_grad=True)
+            setattr(local, kernel, planted)
+            try:
+                text = _error_text(lambda: plan.attention(q, _mk(n, 1), _mk(n, 1)).sum().backward())
+            finally:
+                setattr(local, kernel, real)
+            if text != "RuntimeError: planted":
+                return f"{strategy}, {kernel}: {text}"
+            plan = Plan(cu, strategy=strategy)  # collectives of its own before the attention's
+            plan.attention(q, _mk(n, 1), _mk(n, 1)).sum().backward()
+    return "ok"
+
+
 SCENARIOS = {
     "refilled cu_seqlens": refilled_cu_seqlens,
     "fooled layout check": fooled_layout_check,
@@ -202,6 +234,7 @@ SCENARIOS = {
     "backward mismatch": backward_mismatch,
     "local error on one rank": local_error_on_one_rank,
     "plan cache is bounded": plan_cache_is_bounded,
+    "step error leaves the group usable": step_error_leaves_the_group_usable,
 }
 
 

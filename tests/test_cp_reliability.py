@@ -30,6 +30,7 @@ EXPECTED = {
     "local error on one rank": {0: r"ValueError: .*rank\(s\) \[1\] rejected their inputs",
                                 1: r"ValueError: q: has \d+ tokens; expected this rank's \d+"},
     "plan cache is bounded": r"ok$",
+    "step error leaves the group usable": r"ok$",
 }
 assert set(EXPECTED) == set(SCENARIOS)
 

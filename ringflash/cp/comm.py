@@ -9,7 +9,8 @@ the compute issued after them overlaps; ``wait()`` makes the current stream wait
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -61,6 +62,26 @@ class Comm:
 def wait_all(works) -> None:
     for w in works:
         w.wait()
+
+
+@contextlib.contextmanager
+def settled_on_error(posted: list) -> Iterator[None]:
+    """On an exception inside the block, wait for the work handles in ``posted`` (those
+    already waited for return at once) before it propagates. A ring loop that raises
+    between posting an exchange and waiting for it (the local kernel failing, out of memory)
+    leaves a send and a receive in flight; every rank posted the same ones, and unwaited
+    they blocked the group's next collective (the next Plan's checks hung, for a caller that
+    caught the error to retry). Errors of these waits are dropped: the exception raised in
+    the block is the one to report."""
+    try:
+        yield
+    except BaseException:
+        for w in posted:
+            try:
+                w.wait()
+            except Exception:
+                pass  # the block's exception is the one to report
+        raise
 
 
 # Sub-communicators of hybrid plans, created once per (group, degree) and kept for the

@@ -26,7 +26,7 @@ import torch
 
 from ..kernels.bwd import prepare_backward
 from ..kernels.problem import SeqMeta
-from .comm import Comm, wait_all
+from .comm import Comm, settled_on_error, wait_all
 from .local import LocalParams, local_backward, local_forward
 from .merge import merge_partial_
 
@@ -286,10 +286,12 @@ class RingAttention(torch.autograd.Function):
         lse_acc = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
         kv = own = _pack_kv(k, v, k.shape[1], n_max)[0]
         prof = comm.profiler
-        with prof.pass_("forward"):
+        posted: list = []  # the exchanges' work handles, waited for if a step raises
+        with prof.pass_("forward"), settled_on_error(posted):
             for s, step in enumerate(steps):
                 prof.step = s
                 works, nxt = _pass_block_on(comm, kv, s + 1 < len(steps))
+                posted += works
                 if not step.skip:
                     # Rows no entry covers must read as "no key seen" (0, -inf) in the merge.
                     out_s = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
@@ -334,29 +336,34 @@ def _ring_backward_steps(steps: list, params: LocalParams, comm: Comm, q, kv, ou
     # rank while step s computes; after the last step, the one that arrives is our own.
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
     incoming: Optional[tuple] = None
-    for s, step in enumerate(steps):
-        prof.step = s
-        works, nxt = _pass_block_on(comm, kv, s + 1 < len(steps))
-        dkv_s = None
-        if not step.skip:
-            dq_s = (torch.zeros if not step.covers_all else torch.empty)(n, h, d, dtype=torch.float32, device=q.device)
-            dkv_s = torch.empty_like(dkv)  # rows past the block's tokens stay unwritten and unread
-            with prof.span("attention", q.device):
-                local_backward(dout, q, kv[:, 0], kv[:, 1], out, lse, step.meta, params, step.max_q, step.max_k,
-                               dq=dq_s, dk=dkv_s[:, 0], dv=dkv_s[:, 1], prepared=prepared)
-            dq_acc.add_(dq_s)
+    posted: list = []  # the exchanges' work handles, waited for if a step raises
+    with settled_on_error(posted):
+        for s, step in enumerate(steps):
+            prof.step = s
+            works, nxt = _pass_block_on(comm, kv, s + 1 < len(steps))
+            posted += works
+            dkv_s = None
+            if not step.skip:
+                dq_s = (torch.zeros if not step.covers_all else torch.empty)(n, h, d, dtype=torch.float32,
+                                                                            device=q.device)
+                dkv_s = torch.empty_like(dkv)  # rows past the block's tokens stay unwritten and unread
+                with prof.span("attention", q.device):
+                    local_backward(dout, q, kv[:, 0], kv[:, 1], out, lse, step.meta, params, step.max_q, step.max_k,
+                                   dq=dq_s, dk=dkv_s[:, 0], dv=dkv_s[:, 1], prepared=prepared)
+                dq_acc.add_(dq_s)
+            if incoming is not None:
+                wait_all(incoming[0])
+                dkv = incoming[1]
+            if dkv_s is not None:
+                dkv.add_(dkv_s)
+            if comm.world_size > 1:
+                dkv_next = torch.empty_like(dkv)
+                incoming = (comm.ring_exchange(dkv, dkv_next), dkv_next)
+                posted += incoming[0]
+            wait_all(works)
+            kv = nxt if nxt is not None else kv
+        prof.step = None
         if incoming is not None:
             wait_all(incoming[0])
             dkv = incoming[1]
-        if dkv_s is not None:
-            dkv.add_(dkv_s)
-        if comm.world_size > 1:
-            dkv_next = torch.empty_like(dkv)
-            incoming = (comm.ring_exchange(dkv, dkv_next), dkv_next)
-        wait_all(works)
-        kv = nxt if nxt is not None else kv
-    prof.step = None
-    if incoming is not None:
-        wait_all(incoming[0])
-        dkv = incoming[1]
     return dq_acc, dkv
