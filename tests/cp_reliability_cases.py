@@ -200,25 +200,30 @@ def step_error_leaves_the_group_usable(rank: int, world: int) -> str:
     from ringflash.cp import Plan, local
 
     cu = torch.tensor([0, 9, 16], dtype=torch.int32)
-    for strategy in ("ring", "zigzag_ring", "stripe", "zigzag_llama3", "llama3", "ulysses"):
+    strategies = [("ring", {}), ("zigzag_ring", {}), ("stripe", {}), ("zigzag_llama3", {}), ("llama3", {}),
+                  ("ulysses", {}), ("hybrid", {"ulysses_degree": 1}), ("hybrid", {"ulysses_degree": world})]
+    for strategy, options in strategies:
         for kernel in ("attention_forward", "attention_backward"):
             real = getattr(local, kernel)
 
             def planted(*args, **kwargs):
                 raise RuntimeError("planted")
 
-            plan = Plan(cu, strategy=strategy)
+            plan = Plan(cu, strategy=strategy, **options)
             n = plan.num_local_tokens
-            q = _mk(n, 2, requires_grad=True)
+            q, k, v = _mk(n, 2, requires_grad=True), _mk(n, 1), _mk(n, 1)
             setattr(local, kernel, planted)
             try:
-                text = _error_text(lambda: plan.attention(q, _mk(n, 1), _mk(n, 1)).sum().backward())
+                text = _error_text(lambda: plan.attention(q, k, v).sum().backward())
             finally:
                 setattr(local, kernel, real)
             if text != "RuntimeError: planted":
-                return f"{strategy}, {kernel}: {text}"
-            plan = Plan(cu, strategy=strategy)  # collectives of its own before the attention's
-            plan.attention(q, _mk(n, 1), _mk(n, 1)).sum().backward()
+                return f"{strategy} {options}, {kernel}: {text}"
+            # The retry: the same plan, then a new one (collectives of its own first).
+            want = Plan(cu, strategy=strategy, **options).attention(q, k, v)
+            if not torch.equal(plan.attention(q, k, v), want):
+                return f"{strategy} {options}, {kernel}: the plan's retry differs from a new plan's result"
+            plan.attention(q, k, v).sum().backward()
     return "ok"
 
 
