@@ -15,8 +15,12 @@ TARGET = "tests/test_configs.py"
 
 
 def _run(*args, **env) -> subprocess.CompletedProcess:
+    # Not an xdist worker's environment (a worker leaves the log to its controller), nor this
+    # run's own log or resume file.
+    base = {name: value for name, value in os.environ.items()
+            if not name.startswith("PYTEST_XDIST") and name not in ("RINGFLASH_TEST_LOG", "RINGFLASH_TEST_RESUME")}
     return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", *args],
-                          cwd=ROOT, env=dict(os.environ, **env), capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=dict(base, **env), capture_output=True, text=True, timeout=300)
 
 
 def _collected(**env) -> list[str]:
