@@ -286,12 +286,14 @@ class RingAttention(torch.autograd.Function):
         lse_acc = torch.full((h, n), float("-inf"), dtype=torch.float32, device=q.device)
         kv = own = _pack_kv(k, v, k.shape[1], n_max)[0]
         prof = comm.profiler
-        posted: list = []  # the exchanges' work handles, waited for if a step raises
+        # The exchange in flight, waited for if a step raises. Only the current one: a work
+        # handle keeps its buffers alive, so keeping every step's would hold all W blocks.
+        posted: list = []
         with prof.pass_("forward"), settled_on_error(posted):
             for s, step in enumerate(steps):
                 prof.step = s
                 works, nxt = _pass_block_on(comm, kv, s + 1 < len(steps))
-                posted += works
+                posted[:] = works
                 if not step.skip:
                     # Rows no entry covers must read as "no key seen" (0, -inf) in the merge.
                     out_s = torch.empty(n, h, d, dtype=torch.float32, device=q.device)
@@ -336,12 +338,12 @@ def _ring_backward_steps(steps: list, params: LocalParams, comm: Comm, q, kv, ou
     # rank while step s computes; after the last step, the one that arrives is our own.
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)
     incoming: Optional[tuple] = None
-    posted: list = []  # the exchanges' work handles, waited for if a step raises
+    posted: list = []  # the exchanges in flight (as in the forward), waited for if a step raises
     with settled_on_error(posted):
         for s, step in enumerate(steps):
             prof.step = s
             works, nxt = _pass_block_on(comm, kv, s + 1 < len(steps))
-            posted += works
+            posted[:] = works + (incoming[0] if incoming is not None else [])
             dkv_s = None
             if not step.skip:
                 dq_s = (torch.zeros if not step.covers_all else torch.empty)(n, h, d, dtype=torch.float32,
@@ -359,7 +361,7 @@ def _ring_backward_steps(steps: list, params: LocalParams, comm: Comm, q, kv, ou
             if comm.world_size > 1:
                 dkv_next = torch.empty_like(dkv)
                 incoming = (comm.ring_exchange(dkv, dkv_next), dkv_next)
-                posted += incoming[0]
+                posted[:] = works + incoming[0]
             wait_all(works)
             kv = nxt if nxt is not None else kv
         prof.step = None
