@@ -67,7 +67,7 @@ for s in "$@"; do
     # Issue 15: whether the head-dim splits that configs.head_parts allows (d=96, 160, 192)
     # run clean at real sizes (run 41 found other splits miscompiled), then their GPU tests;
     # both clean is what configs.HEAD_PARTS_DEFAULT = "1" waits for.
-    headprobe) stage headprobe "${HEADPROBE_LIMIT:-100}" python3 scripts/probe_head_parts.py --headdims 96 160 192
+    headprobe) stage headprobe "${HEADPROBE_LIMIT:-240}" python3 scripts/probe_head_parts.py --headdims 96 160 192
                stage headtests "${HEADTESTS_LIMIT:-150}" env RINGFLASH_TEST_LOG="$OUT/headtests_tests.tsv" python3 -m pytest \
                  -m gpu -q -p no:cacheprovider -n 3 tests/test_head_parts.py tests/test_properties.py -k head_parts
                test_log_summary headtests ;;

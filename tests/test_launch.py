@@ -487,7 +487,7 @@ def test_portable_plans_launch_what_a_fresh_plan_would(monkeypatch):
         variant(dropout=(0.1, 5)), variant(dropout=(0.1, 32)), variant(dropout=(0.1, 1)), variant(dropout=(0.2, 5)),
         variant(dropout=(0.1, 2**40)), variant(extra=dict(atomic_dq=True)),
         variant(env=dict(RINGFLASH_DKV_SPLITS="2")),
-        variant(q=rand(2, 37, 4, 96), k=rand(2, 50, 2, 96), v=rand(2, 50, 2, 96)),
+        variant(q=rand(2, 37, 4, 96), k=rand(2, 50, 2, 96), v=rand(2, 50, 2, 96), env=dict(RINGFLASH_HEAD_PARTS="0")),
         variant(q=rand(2, 37, 4, 96), k=rand(2, 50, 2, 96), v=rand(2, 50, 2, 96), env=dict(RINGFLASH_HEAD_PARTS="1")),
         variant(extra=dict(override=dict(num_splits=2))),
         variant(extra=dict(override=dict(dkdv=configs.KernelConfig(16, 16, 4, 1, dkdv_passes=2)))),

@@ -75,7 +75,7 @@ def settled_on_error(posted: list) -> Iterator[None]:
     the block is the one to report."""
     try:
         yield
-    except BaseException:
+    except Exception:  # not an interrupt: the process is going down, and a wait could block it
         for w in posted:
             try:
                 w.wait()

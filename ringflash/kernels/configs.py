@@ -395,8 +395,8 @@ def override_key() -> tuple:
 HEAD_PART_MIN = 32
 #: Whether ``head_parts`` splits by default ("1") or only under RINGFLASH_HEAD_PARTS=1 ("0").
 #: On since run 42 (H100): every split it allows (d=96, 160, 192) matched the float64
-#: reference in bf16 and fp16 (``scripts/probe_head_parts.py``, the GPU property test) and
-#: ran the wide grid's d=160/192 rows clean, 16-28% faster than one padded tile.
+#: reference in bf16 and fp16 (``scripts/probe_head_parts.py`` and the GPU tests) and
+#: ran the wide grid's d=160/192 rows clean, 13-28% faster than one padded tile.
 HEAD_PARTS_DEFAULT = "1"
 
 
@@ -408,7 +408,7 @@ def head_parts(headdim: int) -> tuple[int, int]:
     and the registers of 256 columns, which forced the d=256 tiles' two-pass dK/dV on it
     (run 39's wide grid: d=192 cost 0.91x d=256's time per head, its backward 0.62-0.75x
     FA2's speed). Split, d=96 is 64 + 32, d=160 128 + 32 and d=192 128 + 64: d=192 15-25%
-    faster on an H200 (runs 40 and 41), d=160 and 192 16-28% on an H100 (run 42).
+    faster on an H200 (runs 40 and 41), d=160 and 192 13-28% on an H100 (run 42).
 
     Only head dims that are exactly two powers of two, the second at least
     ``HEAD_PART_MIN`` wide, split: other splits miscompile in Triton 3.6 for sm_90. Run 41
