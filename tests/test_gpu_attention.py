@@ -229,6 +229,25 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
     inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
     check_attention(_dense_impl, _dense_ref, inputs, dtype, extra=(causal,))
     assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
+    if variant == "pipelined":
+        # The atomic dQ against the deterministic one on the same inputs: they differ only in
+        # float32 summation order (and the odd dS rounding), a few bf16 ulps of the largest
+        # entry. 2x PyTorch's error is ~10x FlashAttention-2's own here (a float32 emulation:
+        # 0.1-0.3x PyTorch's), so a race that corrupts one block's share of dQ (run 42: a
+        # consumer overwrote the K tile that the other's dQ was still reading) could pass it.
+        monkeypatch.setenv("RINGFLASH_BACKWARD", "deterministic")
+        low = [t.to(dtype).requires_grad_() for t in inputs]
+        out, _ = _dense_impl(*low, causal)
+        dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+        want = torch.autograd.grad(out, low[0], dout)[0].double()
+        monkeypatch.setenv("RINGFLASH_BACKWARD", "atomic")
+        low = [t.detach().requires_grad_() for t in low]
+        out, _ = _dense_impl(*low, causal)
+        got = torch.autograd.grad(out, low[0], dout)[0].double()
+        ulp = 2.0 ** -7  # bf16's spacing relative to a value's leading power of two
+        bound = 4 * ulp * want.abs().max().item() + 1e-6
+        worst = (got - want).abs().max().item()
+        assert worst <= bound, f"atomic dq differs from the deterministic dq by {worst:.3e} (bound {bound:.3e})"
 
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run

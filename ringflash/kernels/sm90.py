@@ -536,7 +536,7 @@ if AVAILABLE:
 
     @gluon.jit
     def _store_rows(tile, acc, desc, b, row0, head):
-        """acc -> ``tile``'s shared memory (free: every MMA that read it has finished) -> TMA
+        """acc -> ``tile``'s shared memory (free: the caller has waited for every MMA that read it) -> TMA
         store of rows [row0, row0 + box) (rows past the sequence are clipped)."""
         tile.reshape(acc.shape).store(acc.to(desc.dtype))
         fence_async_shared()
@@ -692,6 +692,12 @@ if AVAILABLE:
                                   mask=(q_rows[:, None] < seqlen_q) & (dims[None, :] < headdim), sem="relaxed")
                 mbarrier.arrive(ds_bars.index(1))
             mbarrier.arrive(free_bars.index(slot))
+        if ATOMIC_DQ:
+            # dK is staged through this consumer's K tile, which the other consumer's dQ MMAs
+            # read as ``k_other``: wait until both have read the last step's tiles. Without
+            # this wait a consumer that finished first overwrote K under the other's last dQ
+            # (run 42: one 64-key share of dQ wrong, now and then).
+            mbarrier.wait(ds_bars.index(1), (n_steps - 1) & 1, pred=n_steps > 0)
         # Keys past seqlen_k are clipped by the descriptors. Under IS_VARLEN a consumer with
         # none stores nothing: its sequence's descriptor has at least one row, which for an
         # empty sequence is the next one's.
