@@ -341,3 +341,50 @@ def test_sm90_varlen_keeps_sequences_apart(gen, monkeypatch, causal):
     for first, last in ((0, 200), (577, total)):  # sequences 0 and 3 share no value with 1 and 2
         assert torch.isfinite(dirty[first:last]).all(), (first, last)
         assert torch.equal(dirty[first:last], clean[first:last]), (first, last)
+
+
+def _dense_grads(q, k, v, dout, **kwargs):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out, lse, _ = flash_attn_func(*leaves, return_attn_probs=True, **kwargs)
+    return (out, lse, *torch.autograd.grad(out, leaves, dout))
+
+
+_FAMILIES = {
+    # name: (environment, headdim, dropout_p); every one deterministic by contract
+    "sm90-pingpong": ({"RINGFLASH_BACKEND": "sm90"}, 128, 0.0),
+    "sm90-d64": ({"RINGFLASH_BACKEND": "sm90"}, 64, 0.0),
+    "sm90-dropout": ({"RINGFLASH_BACKEND": "sm90"}, 128, 0.1),
+    "portable-d128": ({"RINGFLASH_BACKEND": "portable"}, 128, 0.0),
+    "portable-d192-split": ({"RINGFLASH_BACKEND": "portable", "RINGFLASH_HEAD_PARTS": "1"}, 192, 0.0),
+    "portable-d256": ({"RINGFLASH_BACKEND": "portable"}, 256, 0.0),
+}
+
+
+@pytest.mark.timeout(300, method="thread")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_reruns_are_bit_identical(gen, monkeypatch, family, causal):
+    """Five runs of the default (deterministic) forward and backward on the same inputs give
+    the same bits: out, lse, dq, dk, dv. A race between warps or partitions (run 42's atomic
+    dQ read a K tile that the other consumer had already overwritten) shows as a difference
+    between runs long before it shows as an error past the float64 bar, which at bf16 is
+    ~10x looser than FlashAttention-2's own rounding. Lengths off the tiles, GQA, full and
+    causal; the Gluon kernels, the portable ones and the head-dim split."""
+    env, headdim, dropout_p = _FAMILIES[family]
+    if env["RINGFLASH_BACKEND"] == "sm90" and not _sm90_available():
+        pytest.skip("needs Hopper (sm_90) and Gluon")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("RINGFLASH_BACKWARD", "deterministic")
+    q, k, v = (t.to(torch.bfloat16) for t in _dense64(gen, 2, 1000, 3001, 8, 2, headdim))
+    dout = torch.randn(q.shape, generator=gen).to(DEV, torch.bfloat16)
+    runs = []
+    for _ in range(5):
+        if dropout_p:
+            torch.manual_seed(7)  # the same mask every run
+        runs.append(_dense_grads(q, k, v, dout, causal=causal, dropout_p=dropout_p))
+    names = ("out", "lse", "dq", "dk", "dv")
+    for i, run in enumerate(runs[1:], 1):
+        for name, a, b in zip(names, runs[0], run):
+            assert torch.equal(a, b), f"{family}: run {i}'s {name} differs from run 0's by {(a - b).abs().max():.3e}"
