@@ -388,3 +388,33 @@ def test_reruns_are_bit_identical(gen, monkeypatch, family, causal):
     for i, run in enumerate(runs[1:], 1):
         for name, a, b in zip(names, runs[0], run):
             assert torch.equal(a, b), f"{family}: run {i}'s {name} differs from run 0's by {(a - b).abs().max():.3e}"
+
+
+@pytest.mark.timeout(300, method="thread")
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_sm90_atomic_backward_with_far_negative_scores(gen, monkeypatch, dtype):
+    """Rows whose scores all lie far below 0 (lse near -100): the padded keys past seqlen_k
+    (not a multiple of the tile) get P = exp(-lse), which overflows float32 and fp16's dS.
+    The atomic dK/dV program's dQ MMA multiplied that by the padded K rows (zeros): inf x 0
+    put NaN in dQ. Its dq must equal the deterministic backward's, finite."""
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    d, n = 64, 1000
+    direction = torch.ones(d, dtype=torch.float64) / d**0.5
+    k = 0.1 * torch.randn(1, n, 2, d, generator=gen, dtype=torch.float64) + 3.0 * direction  # k.u = 3 +- 0.1
+    # Scores q.k near -120: lse near -113.
+    q = (-40.0 * direction).expand(1, 300, 2, d) + 0.1 * torch.randn(1, 300, 2, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, n, 2, d, generator=gen, dtype=torch.float64)
+    q, k, v = (t.to(DEV, dtype) for t in (q, k, v))
+    dout = torch.randn(q.shape, generator=gen).to(DEV, dtype)
+    grads = {}
+    for mode in ("deterministic", "atomic"):
+        monkeypatch.setenv("RINGFLASH_BACKWARD", mode)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, lse, _ = flash_attn_func(*leaves, softmax_scale=1.0, return_attn_probs=True)
+        assert lse.max().item() < -60, lse.max().item()  # the regime this test is about
+        grads[mode] = torch.autograd.grad(out, leaves, dout)
+    for name, got, want in zip(("dq", "dk", "dv"), grads["atomic"], grads["deterministic"]):
+        assert torch.isfinite(got).all(), f"atomic {name} has non-finite entries"
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 4 * 2.0**-7 * scale + 1e-6, name

@@ -508,3 +508,19 @@ def test_plans_launch_what_a_fresh_plan_would(monkeypatch):
     from ringflash.kernels import bwd
     assert [launch[0] for launch in fresh[0]] == [sm90._fwd_sm90_kernel, bwd._bwd_preprocess_kernel,
                                                   sm90._bwd_dkdv_sm90_kernel, sm90._bwd_dq_sm90_kernel]
+
+
+def test_forward_refuses_a_one_slot_ring(monkeypatch):
+    """The Gluon forward overlaps block j's S MMA with block j-1's P V MMA, so its K/V ring
+    needs two slots: with one it would wait forever on a load that waits for that slot. An
+    override of one stage is refused before anything launches."""
+    from ringflash.kernels import configs
+
+    if not sm90.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper module")
+    _record_planned_launches(monkeypatch)
+    q = torch.randn(1, 300, 2, 64, dtype=torch.float16)
+    prob = make_problem(q, q, None, 300, 300, 0.125, True, -1, -1, 0.0)
+    with configs.override(sm90_fwd=configs.KernelConfig(128, 128, 4, 1)):
+        with pytest.raises(ValueError, match="sm90 forward config: got num_stages=1; expected at least 2"):
+            sm90.attention_forward_sm90(q, q, q, prob)

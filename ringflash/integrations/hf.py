@@ -12,10 +12,13 @@ function receives either no mask or the 2D padding mask. It handles, like transf
 own flash-attention integration:
 
 * dense batches (causal or not, bottom-right aligned when queries are fewer than keys, as
-  during generation with a KV cache);
+  during generation with a KV cache). A static cache's keys are all of its slots: the mask
+  builder marks the filled ones (``_mark_unfilled_slots``);
 * padded batches (a 2D ``attention_mask``): tokens are unpadded into a varlen batch and the
   output padded back. The lengths are read on the host once per mask (cached across the
-  layers of one forward), not once per layer;
+  layers of one forward), not once per layer. In cross-attention (not causal, and queries
+  other than the keys, or a module whose ``is_cross_attention`` is set) the mask is the
+  keys' and every query is kept;
 * packed batches without padding: ``cu_seq_lens_q``/``cu_seq_lens_k`` and
   ``max_length_q``/``max_length_k`` keyword arguments (``DataCollatorWithFlattening(
   return_flash_attn_kwargs=True)``), or, with batch size 1, ``position_ids`` that restart
@@ -53,7 +56,7 @@ import torch
 
 from .. import validation as V
 from ..interface import flash_attn_func, flash_attn_varlen_func
-from .hf_layout import LastLayout, layout_attention, one_document_row
+from .hf_layout import UNFILLED, LastLayout, layout_attention, one_document_row
 
 NAME = "ringattn"
 
@@ -78,21 +81,65 @@ def register(name: str = NAME) -> str:
 
 def _padding_mask_builder(flash_attention_mask):
     """transformers' flash-attention mask builder (None or the 2D padding mask, never a 4D
-    mask), except that a compiled model always gets the 2D mask: the builder's own test
-    for "no padding at all" branches on the mask's values, which breaks the graph. The
-    attention then reads the layout inside a custom op (see ``hf_layout``)."""
+    mask), with two changes:
+
+    * a compiled model always gets the 2D mask: the builder's own test for "no padding at
+      all" branches on the mask's values, which breaks the graph. The attention then reads
+      the layout inside a custom op (see ``hf_layout``);
+    * a static cache's key slots past the tokens seen so far are marked ``UNFILLED``
+      (``_mark_unfilled_slots``): its keys are all of its slots, and transformers' generate
+      drops an all-ones mask for every implementation but flash-attn's, which would leave
+      the attention no way to tell them from real keys."""
     import inspect
 
     signature = inspect.signature(flash_attention_mask)
 
     def build(*args, **kwargs):
-        if not torch.compiler.is_compiling():
-            return flash_attention_mask(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        mask = bound.arguments.get("attention_mask")
-        return None if mask is None else mask[:, -bound.arguments["kv_length"]:]
+        arguments = signature.bind(*args, **kwargs).arguments
+        if torch.compiler.is_compiling():
+            mask = arguments.get("attention_mask")
+            mask = None if mask is None else mask[:, -arguments["kv_length"]:]
+        else:
+            mask = flash_attention_mask(*args, **kwargs)
+        return _mark_unfilled_slots(mask, arguments)
 
     return build
+
+
+def _mark_unfilled_slots(mask: Optional[torch.Tensor], arguments: dict) -> Optional[torch.Tensor]:
+    """A static cache's keys are all of its slots (kv_length), the filled ones first.
+    transformers' flash path reads a mask narrower than kv_length as the first slots, and
+    so does ``hf_layout``: such a mask is returned as it is. Where there is no mask (generate
+    drops an all-ones mask for every implementation but flash-attn's) yet fewer slots are
+    filled than kv_length, this returns one: all ones over the filled slots. Inside a
+    compiled graph, where the filled count is a tensor, the mask has kv_length columns,
+    the unfilled ones marked ``hf_layout.UNFILLED``. (That marker does not survive being fed
+    back into transformers' mask creation, which makes a mask boolean: generate builds its
+    masks outside the compiled forward, so only a compiled ``generate`` itself would.)
+    Dynamic caches fill every slot: no mask."""
+    if mask is not None:
+        return mask
+    kv_length = arguments["kv_length"]
+    kv_offset = arguments.get("kv_offset", 0)
+    if "q_offset" in arguments:  # transformers >= 5: the queries' first position and their count
+        filled = arguments["q_offset"] + arguments["q_length"] - kv_offset
+    elif arguments.get("cache_position") is not None:  # transformers 4.5x: the queries' positions
+        filled = arguments["cache_position"][-1] + 1 - kv_offset
+    else:
+        return None
+    if isinstance(filled, torch.Tensor) and not torch.compiler.is_compiling():
+        filled = int(filled)  # one read per forward; a compiled graph keeps the tensor
+    if not isinstance(filled, torch.Tensor) and filled >= kv_length:
+        return None
+    device = arguments.get("kwargs", {}).get("device")
+    if device is None:
+        device = filled.device if isinstance(filled, torch.Tensor) else arguments.get("cache_position", None)
+        device = getattr(device, "device", device)
+    batch = arguments["batch_size"]
+    if not isinstance(filled, torch.Tensor):
+        return torch.ones(batch, filled, dtype=torch.bool, device=device)
+    slots = torch.arange(kv_length, device=device)
+    return torch.where(slots < filled, 1, UNFILLED).to(torch.int8).expand(batch, kv_length)
 
 
 #: (plan, options for plan.attention) while a ``context_parallel`` block is active. A plain
@@ -230,6 +277,18 @@ def attention_forward(
     left, right = V.check_window(options["window_size"])
     scale = V.resolve_softmax_scale(options["softmax_scale"], q.shape[-1])
     layout, kind = (position_ids, "positions") if packed_row else (attention_mask, "mask")
+    # Cross-attention (not causal; queries that are not the keys): the mask is the keys'
+    # (the encoder's), and every query is real.
+    every_query = kind == "mask" and not causal and (q_len != kv_len or bool(getattr(module, "is_cross_attention",
+                                                                                      False)))
+    if every_query and (left >= 0 or right >= 0):
+        raise NotImplementedError(f"sliding_window: got {sliding_window} for cross-attention (queries are not the "
+                                  "keys); expected None")
+    # A mask that keeps every token reaches here only where transformers could not drop it
+    # (a compiled model): then packed position_ids still separate the documents.
+    positions = position_ids if (kind == "mask" and position_ids is not None and batch == 1 and q_len == kv_len
+                                 and q_len > 1) else None
     out = layout_attention(q, k, v, layout, kind, scale, causal, left, 0 if causal else right,
-                           V.check_softcap(options["softcap"]), V.check_dropout_p(options["dropout_p"]))
+                           V.check_softcap(options["softcap"]), V.check_dropout_p(options["dropout_p"]),
+                           positions=positions, every_query=every_query)
     return out, None

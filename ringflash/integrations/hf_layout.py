@@ -12,9 +12,20 @@ it once per forward rather than once per layer.
 
 Layouts:
 
-* ``"mask"``: a (batch, kv_len) padding mask (nonzero = keep). Keys are the kept tokens of
-  each row; queries are the kept tokens among the row's last q_len positions (q_len <
-  kv_len during generation with a KV cache). Padded query rows get out = 0, lse = -inf.
+* ``"mask"``: a (batch, width) padding mask: 1 (or any nonzero but ``UNFILLED``) keeps a
+  token, 0 pads it. Keys are the kept tokens of each row; queries are the kept tokens
+  among the row's last q_len positions (q_len < kv_len during generation with a KV cache).
+  Padded query rows get out = 0, lse = -inf. A mask wider than kv_len is aligned right
+  (its last kv_len columns: a sliding-window layer's keys). ``UNFILLED`` (2) marks key
+  slots of a static cache past the tokens seen so far, always at the row's end: the row's
+  positions end at the first of them, so the queries are the q_len positions before it
+  (transformers' flash path slices the keys to the mask's width instead; a mask narrower
+  than kv_len is read so, its missing columns unfilled). With ``every_query`` (attention
+  that is not causal and whose queries are not the keys: cross-attention) the mask is
+  the keys' only and every query is kept. With ``positions`` (batch 1, q_len == kv_len) a
+  mask that keeps every token gives way to the ``"positions"`` layout of those
+  position_ids: transformers drops an all-ones mask before attention sees it, except
+  under ``torch.compile``, where the mask builder cannot test its values.
 * ``"positions"``: (1, n) position_ids of one packed row: a document starts wherever the
   position is 0 (or the row is one document when it never restarts). A row that is one
   document runs the dense kernels.
@@ -46,17 +57,22 @@ class LastLayout:
     counter and is never reused."""
 
     def __init__(self) -> None:
-        self.ref: Optional[weakref.ref] = None
+        self.refs: Optional[tuple] = None
         self.key: Optional[tuple] = None
         self.value: Optional[tuple] = None
 
-    def get(self, tensor: torch.Tensor, build: Callable[[torch.Tensor], tuple], extra: object = None):
-        version = tensor_version(tensor)
-        if version is None:
-            return build(tensor)
-        key = (version, tensor.data_ptr(), extra)
-        if self.ref is None or self.ref() is not tensor or key != self.key:
-            self.ref, self.key, self.value = weakref.ref(tensor), key, build(tensor)
+    def get(self, tensor: torch.Tensor, build: Callable[..., tuple], extra: object = None,
+            also: Optional[torch.Tensor] = None):
+        """``build(tensor)``, or ``build(tensor, also)`` when a second tensor is given (both
+        are then held as the key)."""
+        tensors = (tensor,) if also is None else (tensor, also)
+        versions = tuple(tensor_version(t) for t in tensors)
+        if None in versions:
+            return build(*tensors)
+        key = (versions, tuple(t.data_ptr() for t in tensors), extra)
+        if self.refs is None or len(self.refs) != len(tensors) or any(
+                ref() is not t for ref, t in zip(self.refs, tensors)) or key != self.key:
+            self.refs, self.key, self.value = tuple(weakref.ref(t) for t in tensors), key, build(*tensors)
         return self.value
 
 
@@ -95,22 +111,58 @@ def packed_layout(position_ids: torch.Tensor) -> tuple:
     return torch.tensor(bounds, dtype=torch.int32, device=pos.device), max_len
 
 
-def _layout(source: torch.Tensor, kind: str, q_len: int, kv_len: int) -> tuple:
+#: A padding mask's value for the key slots of a static cache past the tokens seen so far.
+UNFILLED = 2
+
+
+def _positions_layout(pos: torch.Tensor) -> tuple:
+    cu, max_len = packed_layout(pos)
+    return None, cu, max_len, None, cu, max_len
+
+
+def _mask_layout(mask: torch.Tensor, positions: Optional[torch.Tensor], q_len: int, kv_len: int,
+                 every_query: bool) -> tuple:
+    """The "mask" layout (module doc), read on the host."""
+    batch, width = mask.shape
+    if mask.dtype == torch.bool:  # room for UNFILLED
+        mask = mask.to(torch.int8)
+    if width >= kv_len:
+        mask = mask[:, width - kv_len:]
+    else:  # the missing key slots are unfilled
+        mask = torch.cat([mask, mask.new_full((batch, kv_len - width), UNFILLED)], 1)
+    unfilled = mask == UNFILLED
+    end = kv_len  # where the rows' positions end
+    if bool(unfilled.any()):
+        end = int(unfilled.to(torch.int8).argmax(1).min())
+        if not bool(unfilled[:, end:].all()):
+            raise ValueError(f"attention_mask: unfilled key slots ({UNFILLED}) must end every row, from one column "
+                             "on for the whole batch")
+        if not every_query and end < q_len:
+            raise ValueError(f"attention_mask: {end} filled key slots for {q_len} queries; expected at least one "
+                             "slot per query")
+    keep = (mask != 0) & ~unfilled
+    if positions is not None and end == kv_len and bool(keep.all()):
+        return _positions_layout(positions)
+    keys = unpad_layout(keep)
+    if every_query:
+        queries = (None, torch.arange(0, (batch + 1) * q_len, q_len, dtype=torch.int32, device=mask.device), q_len)
+    elif q_len == kv_len:
+        queries = keys
+    else:
+        queries = unpad_layout(keep[:, end - q_len:end].contiguous())
+    return (*queries, *keys)
+
+
+def _layout(source: torch.Tensor, kind: str, q_len: int, kv_len: int, positions: Optional[torch.Tensor] = None,
+            every_query: bool = False) -> tuple:
     """(q_index, cu_q, max_q, k_index, cu_k, max_k); indices are None where every row is kept."""
     if kind == "mask":
-        def build(mask: torch.Tensor) -> tuple:
-            mask = mask[:, -kv_len:].to(torch.bool)
-            keys = unpad_layout(mask)
-            queries = keys if q_len == kv_len else unpad_layout(mask[:, -q_len:].contiguous())
-            return (*queries, *keys)
+        def build(mask: torch.Tensor, pos: Optional[torch.Tensor] = None) -> tuple:
+            return _mask_layout(mask, pos, q_len, kv_len, every_query)
 
-        return _mask_layouts.get(source, build, (q_len, kv_len))
+        return _mask_layouts.get(source, build, (q_len, kv_len, every_query), also=positions)
     if kind == "positions":
-        def build(pos: torch.Tensor) -> tuple:
-            cu, max_len = packed_layout(pos)
-            return None, cu, max_len, None, cu, max_len
-
-        return _position_layouts.get(source, build)
+        return _position_layouts.get(source, _positions_layout)
     raise ValueError(f"layout_kind: got {kind!r}; expected one of {LAYOUT_KINDS}")
 
 
@@ -155,11 +207,12 @@ def _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softc
 @torch.library.custom_op("ringflash::layout_attn_fwd", mutates_args=())
 def layout_attn_fwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, layout_kind: str,
+    positions: Optional[torch.Tensor], every_query: bool,
     softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
     dropout_p: float, dropout_seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, q_len, h, _ = q.shape
-    lay = _layout(layout, layout_kind, q_len, k.shape[1])
+    lay = _layout(layout, layout_kind, q_len, k.shape[1], positions, every_query)
     if _one_sequence(q, lay):
         prob = _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softcap)
         return dispatch.forward(q, k, v, prob, None, dropout=_dropout(dropout_p, dropout_seed))
@@ -174,19 +227,20 @@ def layout_attn_fwd(
 
 
 @layout_attn_fwd.register_fake
-def _(q, k, v, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap, dropout_p,
-      dropout_seed):
+def _(q, k, v, layout, layout_kind, positions, every_query, softmax_scale, causal, window_left, window_right, softcap,
+      dropout_p, dropout_seed):
     return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("ringflash::layout_attn_bwd", mutates_args=())
 def layout_attn_bwd(
     dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-    layout: torch.Tensor, layout_kind: str, softmax_scale: float, causal: bool, window_left: int,
-    window_right: int, softcap: float, dropout_p: float, dropout_seed: Optional[torch.Tensor],
+    layout: torch.Tensor, layout_kind: str, positions: Optional[torch.Tensor], every_query: bool,
+    softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float, dropout_p: float,
+    dropout_seed: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, q_len, h, _ = q.shape
-    lay = _layout(layout, layout_kind, q_len, k.shape[1])
+    lay = _layout(layout, layout_kind, q_len, k.shape[1], positions, every_query)
     if _one_sequence(q, lay):
         prob = _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softcap)
         return dispatch.backward(dout, q, k, v, out, lse, prob, None, dropout=_dropout(dropout_p, dropout_seed))
@@ -202,24 +256,25 @@ def layout_attn_bwd(
 
 
 @layout_attn_bwd.register_fake
-def _(dout, q, k, v, out, lse, layout, layout_kind, softmax_scale, causal, window_left, window_right, softcap,
-      dropout_p, dropout_seed):
+def _(dout, q, k, v, out, lse, layout, layout_kind, positions, every_query, softmax_scale, causal, window_left,
+      window_right, softcap, dropout_p, dropout_seed):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, layout, layout_kind, *options, dropout_seed = inputs
+    q, k, v, layout, layout_kind, positions, every_query, *options, dropout_seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, layout, dropout_seed)
-    ctx.layout_kind, ctx.options = layout_kind, options
+    ctx.save_for_backward(q, k, v, out, lse, layout, positions, dropout_seed)
+    ctx.layout_kind, ctx.every_query, ctx.options = layout_kind, every_query, options
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, layout, dropout_seed = ctx.saved_tensors
+    q, k, v, out, lse, layout, positions, dropout_seed = ctx.saved_tensors
     dq, dk, dv = torch.ops.ringflash.layout_attn_bwd(dout.contiguous(), q, k, v, out, lse, layout,
-                                                     ctx.layout_kind, *ctx.options, dropout_seed)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+                                                     ctx.layout_kind, positions, ctx.every_query, *ctx.options,
+                                                     dropout_seed)
+    return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None
 
 
 layout_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -228,13 +283,14 @@ layout_attn_fwd.register_autograd(_backward, setup_context=_setup_context)
 def layout_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor, layout_kind: str,
     softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
-    dropout_p: float = 0.0,
+    dropout_p: float = 0.0, positions: Optional[torch.Tensor] = None, every_query: bool = False,
 ) -> torch.Tensor:
     """Attention of q (batch, q_len, nheads, d) against k/v (batch, kv_len, nheads_k, d) over
-    the sequences that ``layout`` describes (see the module doc). Returns out like q.
-    ``dropout_p`` drops attention probabilities as ``flash_attn_varlen_func`` does, with a
-    seed drawn from PyTorch's generator."""
+    the sequences that ``layout`` describes (see the module doc; ``positions`` and
+    ``every_query`` qualify a "mask" layout there). Returns out like q. ``dropout_p`` drops
+    attention probabilities as ``flash_attn_varlen_func`` does, with a seed drawn from
+    PyTorch's generator."""
     seed = torch.randint(0, 2**62, (1,), dtype=torch.int64) if dropout_p > 0 else None
-    out, _ = torch.ops.ringflash.layout_attn_fwd(q, k, v, layout, layout_kind, softmax_scale, causal,
-                                                 window_left, window_right, softcap, dropout_p, seed)
+    out, _ = torch.ops.ringflash.layout_attn_fwd(q, k, v, layout, layout_kind, positions, every_query, softmax_scale,
+                                                 causal, window_left, window_right, softcap, dropout_p, seed)
     return out

@@ -644,6 +644,13 @@ if AVAILABLE:
             if CAUSAL:
                 if m0 + diag < cta_last_key:
                     pt = gl.where(keys[:, None] <= cols[None, :] + diag, pt, 0.0)
+            if ATOMIC_DQ:
+                # Keys past seqlen_k (K and V zero-filled) get P = exp2(-lse2), which overflows
+                # (in float32, or as fp16 dS) for a row whose scores are all far below 0; their
+                # dS then meets K's zero rows in the dQ MMA: inf x 0 = NaN in that row's dQ.
+                # (Without ATOMIC_DQ those keys' rows of dK and dV are clipped, and stay apart.)
+                if n0 + ROWS > seqlen_k:
+                    pt = gl.where(keys[:, None] < seqlen_k, pt, 0.0)
             if HAS_DROPOUT:
                 # The PTX mask as a factor, 1 / (1 - p) or 0, spent on dV's and dS's operands at
                 # once after waiting for dP too: held across that wait beside P it spilled.
@@ -1164,6 +1171,10 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnP
     varlen = meta is not None
     nheads, headdim = q.shape[-2], q.shape[-1]
     cfg = configs.sm90_forward_config(_block_d(headdim), prob.causal)
+    if cfg.num_stages < 2:
+        # Block j's S MMA and block j-1's P V MMA run together: a ring of one slot would wait
+        # for a load that waits for that slot (a hang).
+        raise ValueError(f"sm90 forward config: got num_stages={cfg.num_stages}; expected at least 2")
     specialized = variant != "pipelined"
     num_m_blocks = math.ceil(prob.max_seqlen_q / cfg.block_m)
     heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
