@@ -54,8 +54,8 @@ class _Options:
 
 
 def _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs,
-             batch, nheads, headdim, device) -> _Options:
-    left, right = V.check_window(window_size)
+             batch, nheads, headdim, seqlen_k, device) -> _Options:
+    left, right = V.window_within(*V.check_window(window_size), seqlen_k)
     dropout_p = V.check_dropout_p(dropout_p)
     return _Options(
         scale=V.resolve_softmax_scale(softmax_scale, headdim), causal=V.as_bool("causal", causal), left=left,
@@ -160,7 +160,7 @@ def flash_attn_func(
         return _result(out, lse, opts, None)
     shape = V.check_dense_qkv(q, k, v)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
+                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, shape.seqlen_k, q.device)
     out, lse = apply_flash_attn(
         q, k, v, None, shape.seqlen_q, shape.seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap,
         False, opts.alibi, opts.dropout_p, opts.dropout_seed, opts.deterministic,
@@ -216,7 +216,7 @@ def flash_attn_varlen_func(
                              return_attn_probs, seqused_k)
     shape = V.check_varlen_qkv(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, seqused_k)
     opts = _options(dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
+                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, shape.max_seqlen_k, q.device)
     out, lse = apply_flash_attn(
         q, k, v, SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k, seqused_k), shape.max_seqlen_q,
         shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap, not shape.values_checked,
@@ -243,7 +243,7 @@ def _paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, 
         raise ValueError(f"dropout_p: got {dropout_p} with block_table; expected 0.0 (a paged KV cache is for "
                          "inference: its kernels have no dropout)")
     opts = _options(0.0, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, q.device)
+                    return_attn_probs, shape.batch, shape.nheads, shape.headdim, shape.max_seqlen_k, q.device)
     out, lse = apply_paged_kv(
         q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, seqused_k, shape.max_seqlen_q,
         shape.max_seqlen_k, opts.scale, opts.causal, opts.left, opts.right, opts.softcap, not shape.values_checked,

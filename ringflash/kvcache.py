@@ -131,6 +131,8 @@ class _Step:
     rotary_interleaved: bool
     num_splits: int
     return_lse: bool
+    rotary_positions: int  # rows of the rotary tables (0: no rotary)
+    query_span: int  # positions the queries take from cache_seqlens on (seqlen_q if causal or windowed, else 1)
 
 
 #: Checked calls by ``_step_key`` -> their ``_Step``: a generation loop calls with the same
@@ -211,13 +213,18 @@ def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
     seqlen_new = 0 if k is None else k.shape[1]
     if lengths is None:
         _check_room(lengths_int, seqlen_new, capacity)
-    left, right = V.check_window(window_size)
+    # As flash-attn: a side at least as wide as the cache is no window (the queries'
+    # rotary positions depend on it).
+    left, right = V.window_within(*V.check_window(window_size), capacity)
     causal = V.as_bool("causal", causal)
     if causal:
         right = 0
     rotary = rotary_cos is not None or rotary_sin is not None
+    query_span = seqlen_q if causal or left >= 0 or right >= 0 else 1
     if rotary:
         _check_rotary(rotary_cos, rotary_sin, d, capacity, q)
+        if lengths is None:
+            _check_query_positions(lengths_int, query_span, rotary_cos.shape[0])
     splits = V.integer_value(num_splits)
     if splits is None or splits < 0:
         raise ValueError(f"num_splits: got {num_splits!r}; expected 0 (choose) or a positive int")
@@ -226,13 +233,25 @@ def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
     scale, cap = V.resolve_softmax_scale(softmax_scale, d), V.check_softcap(softcap)
     interleaved = V.as_bool("rotary_interleaved", rotary_interleaved)
     return_lse = V.as_bool("return_softmax_lse", return_softmax_lse)
-    return _Step(capacity, seqlen_new, scale, causal, left, right, cap, interleaved, splits, return_lse)
+    return _Step(capacity, seqlen_new, scale, causal, left, right, cap, interleaved, splits, return_lse,
+                 rotary_cos.shape[0] if rotary else 0, query_span)
 
 
 def _check_room(lengths_int: int, seqlen_new: int, capacity: int) -> None:
     if lengths_int + seqlen_new > capacity:  # a host number: say so here, not NaN later
         raise ValueError(f"cache_seqlens: {lengths_int} cached keys plus {seqlen_new} new ones exceed the cache's "
                          f"{capacity} slots; expected at most {capacity - seqlen_new}")
+
+
+def _check_query_positions(lengths_int: int, query_span: int, rotary_positions: int) -> None:
+    """The queries' last rotary position, from a host ``cache_seqlens``, must be in the
+    tables (flash-attn asks only for one row per cache slot, and a query after a full
+    cache sits past them; a device-side length there gives NaN)."""
+    last = lengths_int + query_span - 1
+    if last >= rotary_positions:
+        raise ValueError(f"rotary_cos: the queries reach rotary position {last} ({lengths_int} cached keys, "
+                         f"{query_span} query positions) but the tables have {rotary_positions} rows; expected "
+                         f"more than {last}")
 
 
 def _int_lengths(cache_seqlens, cache_leftpad, step: "_Step") -> tuple[int, int]:
@@ -245,6 +264,8 @@ def _int_lengths(cache_seqlens, cache_leftpad, step: "_Step") -> tuple[int, int]
     if not isinstance(cache_seqlens, torch.Tensor):
         _, lengths_int = _lengths_arg("cache_seqlens", cache_seqlens, 0, None, step.capacity)
         _check_room(lengths_int, step.seqlen_new, step.capacity)
+        if step.rotary_positions:
+            _check_query_positions(lengths_int, step.query_span, step.rotary_positions)
     if not isinstance(cache_leftpad, torch.Tensor):
         _, leftpad_int = _lengths_arg("cache_leftpad", cache_leftpad, 0, None, 0)
     return lengths_int, leftpad_int
@@ -258,6 +279,9 @@ def _check_rotary(cos, sin, d: int, capacity: int, q: torch.Tensor) -> None:
         V.check_same_device(("q", name), (q, t))
     if cos.shape != sin.shape:
         raise ValueError(f"rotary_sin: shape {tuple(sin.shape)} differs from rotary_cos's {tuple(cos.shape)}")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: got dtype {t.dtype}; expected a floating-point table")
     if 2 * cos.shape[1] > d:
         raise ValueError(f"rotary_cos: rotary_dim {2 * cos.shape[1]} exceeds the head dim {d}; expected <= {d}")
     if cos.shape[0] < capacity:

@@ -7,8 +7,10 @@ Conventions shared by the whole library
 * Causal masking and sliding windows are aligned to the **bottom right** when
   ``seqlen_q != seqlen_k``: query ``i`` sees key ``j`` iff
   ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q + right``,
-  where ``window_size = (left, right)`` and -1 means unbounded. ``causal=True``
-  sets ``right = 0``.
+  where ``window_size = (left, right)`` and -1 means unbounded. As in flash-attn, a
+  side at least as wide as the keys (``seqlen_k``; ``max_seqlen_k`` of a varlen call) is
+  unbounded: it differs from the literal bound only where queries outnumber keys.
+  ``causal=True`` sets ``right = 0``.
 * ``softcap > 0`` replaces the scaled score ``s`` with ``softcap * tanh(s / softcap)``.
 * ``alibi_slopes`` (float32, ``(nheads,)`` or ``(batch, nheads)``) then adds
   ``-slope * |i + seqlen_k - seqlen_q - j|`` to the score of query ``i`` and key ``j``
@@ -84,11 +86,13 @@ def _masked_softmax(q, k, mask, softmax_scale, softcap, bias):
     return probs, lse
 
 
-def _dense_setup(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes):
-    """Validated options and the (b, h, s, d) operands, mask and ALiBi bias of dense attention."""
+def _dense_setup(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, window_keys=None):
+    """Validated options and the (b, h, s, d) operands, mask and ALiBi bias of dense attention;
+    a window side of at least ``window_keys`` keys (default: seqlen_k) is unbounded."""
     shape = V.check_dense_qkv(q, k, v, dtypes=V.REFERENCE_DTYPES, max_headdim=None)
     causal = V.as_bool("causal", causal)
-    window_size = V.check_window(window_size)
+    window_size = V.window_within(*V.check_window(window_size),
+                                  shape.seqlen_k if window_keys is None else window_keys)
     softcap = V.check_softcap(softcap)
     scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
     group = shape.nheads // shape.nheads_k
@@ -126,8 +130,12 @@ def attention_ref(
         out: (batch, seqlen_q, nheads, headdim), q's dtype
         lse: (batch, nheads, seqlen_q), q's dtype, natural log, -inf for rows that see no key
     """
+    return _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes)
+
+
+def _attention(q, k, v, causal, softmax_scale, window_size, softcap, alibi_slopes, window_keys=None):
     qt, kt, vt, mask, scale, softcap, bias = _dense_setup(q, k, v, causal, softmax_scale, window_size, softcap,
-                                                          alibi_slopes)
+                                                          alibi_slopes, window_keys)
     out, lse = _masked_softmax_attention(qt, kt, vt, mask, scale, softcap, bias)
     return out.transpose(1, 2), lse
 
@@ -191,6 +199,10 @@ def attention_varlen_ref(
     cu_q = cu_seqlens_q.tolist()  # a reference: host loops over sequences are fine here
     cu_k = cu_seqlens_k.tolist()
     used = seqused_k.tolist() if seqused_k is not None else None
+    # Windows are bounded against max_seqlen_k, as flash-attn's: not each sequence's keys.
+    window_keys = shape.max_seqlen_k
+    if window_keys is None:
+        window_keys = max((b - a for a, b in zip(cu_k, cu_k[1:])), default=0)
     for i in range(shape.batch):
         q0, q1 = cu_q[i], cu_q[i + 1]
         k0, k1 = cu_k[i], cu_k[i + 1]
@@ -198,10 +210,10 @@ def attention_varlen_ref(
             k1 = k0 + used[i]
         if q1 == q0:
             continue
-        o_i, lse_i = attention_ref(
-            q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0),
-            causal=causal, softmax_scale=scale, window_size=window_size, softcap=softcap,
-            alibi_slopes=None if slopes is None else slopes[i if slopes.shape[0] > 1 else 0],
+        o_i, lse_i = _attention(
+            q[q0:q1].unsqueeze(0), k[k0:k1].unsqueeze(0), v[k0:k1].unsqueeze(0), causal, scale, window_size,
+            softcap, None if slopes is None else slopes[i if slopes.shape[0] > 1 else 0],
+            window_keys=window_keys,
         )
         out[q0:q1] = o_i[0]
         lse[:, q0:q1] = lse_i[0]

@@ -23,6 +23,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 
 def rotary_rows(cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin rows (batch, n, rotary_dim / 2) of (batch, n) positions (clamped into the table)."""
+    """cos/sin rows (batch, n, rotary_dim / 2) of (batch, n) positions; NaN for a position
+    outside the table (a device-side length past it: NaN, not the last row's rotation)."""
     idx = positions.clamp(0, cos.shape[0] - 1)
-    return cos[idx], sin[idx]
+    outside = ((positions < 0) | (positions >= cos.shape[0]))[..., None]
+    nan = torch.tensor(float("nan"), dtype=cos.dtype, device=cos.device)
+    return torch.where(outside, nan, cos[idx]), torch.where(outside, nan, sin[idx])

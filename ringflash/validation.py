@@ -160,6 +160,14 @@ def check_window(window_size: object) -> tuple[int, int]:
     return left, right
 
 
+def window_within(left: int, right: int, seqlen_k: int) -> tuple[int, int]:
+    """flash-attn's reading of a window side at least as wide as the keys (``seqlen_k``: the
+    keys of a dense call, ``max_seqlen_k`` of a varlen one, a KV cache's slots): no window
+    on that side (-1). It changes which keys a row sees only where queries outnumber keys
+    (the right side), and, for ``flash_attn_with_kvcache``, where queries sit for rotary."""
+    return -1 if left >= seqlen_k else left, -1 if right >= seqlen_k else right
+
+
 def check_softcap(softcap: object) -> float:
     if softcap is None:
         return 0.0

@@ -1,11 +1,11 @@
 """flash_attn_with_kvcache: a seeded fuzz against an independent float64 reference (out, lse and
-every cache entry after the call), and regressions for what that review found:
+every cache entry after the call), and regressions for what that fuzz found:
 
-* rotary positions of the queries past the rotary table are silently clamped to its last
-  row (a plausible wrong answer, against the library's "NaN or an error" rule);
-* windows at least as wide as the cache are not turned off as flash-attn 2.8 does
-  (``mha_fwd_kvcache``: ``if (window_size_left >= seqlen_k) window_size_left = -1``, same
-  for the right side), which changes the rotary positions of the queries and the mask.
+* the queries' rotary positions past the rotary tables were clamped to their last row (a
+  plausible wrong answer): now an error for host lengths, NaN for device-side ones;
+* windows at least as wide as the cache were applied literally, where flash-attn 2.8 turns
+  that side off (``mha_fwd_kvcache``: ``if (window_size_left >= seqlen_k) window_size_left =
+  -1``, the same for the right), which moved the queries' rotary positions and the mask.
 """
 
 import random

@@ -77,7 +77,7 @@ def _dense_verdict(tensors_, opts):
         shape = V.check_dense_qkv(q, k, v)
         o = I._options(opts["dropout_p"], opts["softmax_scale"], opts["causal"], opts["window_size"],
                        opts["softcap"], None, opts["deterministic"], opts["return_attn_probs"], shape.batch,
-                       shape.nheads, shape.headdim, q.device)
+                       shape.nheads, shape.headdim, shape.seqlen_k, q.device)
         return "ok", o, make_problem(q, k, None, shape.seqlen_q, shape.seqlen_k, o.scale, o.causal, o.left, o.right,
                                      o.softcap)
     except Exception as exc:  # noqa: BLE001 - the verdict is the error
