@@ -20,6 +20,8 @@ rounds fp16 dq through bf16), float32 merging and gradient accumulation.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections import OrderedDict
 from typing import Optional
 
@@ -104,6 +106,9 @@ def _run_dense(strategy, q, k, v, dropout_p, softmax_scale, causal, window_size,
     if shape.seqlen_k != shape.seqlen_q:
         raise ValueError(f"k: local seqlen {shape.seqlen_k} differs from q's {shape.seqlen_q}; expected the same "
                          "(self-attention shards)")
+    if strategy == "zigzag_ring" and shape.seqlen_q % 2:
+        raise ValueError(f"q: local seqlen {shape.seqlen_q} is odd; expected zigzag_ring's two equal chunks per "
+                         "rank (a global seqlen divisible by 2 x world_size)")
     plan = _dense_plan(q, strategy, group)
     flat = lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])  # noqa: E731
     out, lse = plan.attention(flat(q), flat(k), flat(v), causal=causal, softmax_scale=softmax_scale,
@@ -120,6 +125,10 @@ def _run_varlen(strategy, q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_sc
     V.check_varlen_qkv(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
     world = dist.get_world_size(group if group is not None else dist.group.WORLD)
     (local,) = _host_values(cu_seqlens)
+    if strategy == "zigzag_ring" and any((b - a) % 2 for a, b in zip(local, local[1:])):
+        raise ValueError(f"cu_seqlens: local lengths {[b - a for a, b in zip(local, local[1:])][:8]} include an odd "
+                         "one; expected zigzag_ring's two equal chunks of each sequence per rank (global lengths "
+                         "divisible by 2 x world_size)")
     plan = _varlen_plan([c * world for c in local], cu_seqlens.device, strategy, group)
     out, lse = plan.attention(q, k, v, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
                               softcap=softcap, return_lse=True)
@@ -250,9 +259,18 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     except (ValueError, TypeError, NotImplementedError) as exc:
         error = exc
     checks.check(signature, error)
+    # Each query's own key (the diagonal that causal masks and windows count from): the
+    # first local sequence's keys begin local_k_slice.start - rank n earlier than its
+    # queries, later ones with them. Without causal the last sequence's keys run on to its
+    # document's end, so bottom-right alignment (ring-flash-attn's, through flash-attn)
+    # would shift its windows by the keys past the slice.
+    meta = SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
+    offset = comm.rank * q.shape[0] - key_slice.start
+    diag = torch.zeros((1, meta.batch), dtype=torch.int32)
+    diag[0, :1] = offset
+    meta = dataclasses.replace(meta, diag=diag.to(q.device, non_blocking=True))
     spec = AllGatherSpec(
-        meta=SeqMeta.from_cu_seqlens(cu_seqlens_q, cu_seqlens_k), n_max=q.shape[0],
-        max_q=shape.max_seqlen_q, max_k=max_seqlen_k, key_slice=key_slice,
+        meta=meta, n_max=q.shape[0], max_q=shape.max_seqlen_q, max_k=max_seqlen_k, key_slice=key_slice,
     )
     params = LocalParams(scale, causal, left, 0 if causal else right, softcap)
     out, lse = AllGatherAttention.apply(q, k, v, spec, params, comm, stride, "grouped")
@@ -386,3 +404,24 @@ def zigzag_llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens
         qkv[:, 0], qkv[:, 1], qkv[:, 2], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
         local_k_slice, dropout_p, softmax_scale, causal, window_size, alibi_slopes, deterministic, return_attn_probs,
         group, n_chunks, mode=mode, verify=verify, softcap=softcap)
+
+
+# -- ring-flash-attn's transformers helpers ---------------------------------------------------
+
+_HF_ROUTE = ("ringflash does not patch transformers' flash-attention path (it would need the flash-attn package "
+             "installed); register ringflash's own implementation instead: `import ringflash.integrations.hf as "
+             "rf_hf; model.set_attn_implementation(rf_hf.register())`, then run each packed batch inside "
+             "`with rf_hf.context_parallel(ringflash.cp.Plan(cu_seqlens, group, strategy='llama3')):` (the README's "
+             "Hugging Face section)")
+
+
+def substitute_hf_flash_attn(process_group, heads_k_stride):
+    """ring-flash-attn's patch of transformers' flash-attention forward: not provided (see
+    the error for ringflash's route)."""
+    raise NotImplementedError(f"substitute_hf_flash_attn: {_HF_ROUTE}")
+
+
+def update_ring_flash_attn_params(cu_seqlens, process_group):
+    """ring-flash-attn's per-batch update for ``substitute_hf_flash_attn``: not provided
+    (see the error for ringflash's route)."""
+    raise NotImplementedError(f"update_ring_flash_attn_params: {_HF_ROUTE}")
