@@ -52,9 +52,22 @@ class FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: torch.Tensor, _dlse: Optional[torch.Tensor]):
         q, k, v, out, lse, alibi_slopes, dropout_seed, *seq = ctx.saved_tensors
+        refuse_double_backward(q, k, v, dout)
         dq, dk, dv = ops.bwd(dout, q, k, v, out, lse, *seq, *ctx.args, alibi_slopes, ctx.dropout_p, dropout_seed,
                              ctx.deterministic)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None, None, None, None, None
+
+
+def refuse_double_backward(*tensors: Optional[torch.Tensor]) -> None:
+    """The kernels' gradients carry no graph of their own: a backward asked to build one
+    (``create_graph=True``, grad mode on inside it) through inputs that require grad would
+    give second-order gradients without this attention's term, silently. Raise instead.
+    ``tensors``: the backward's saved inputs and incoming gradient (None entries skipped)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
+            t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError("ringflash attention: double backward (torch.autograd.grad(..., create_graph=True) "
+                           "through q, k or v) is not supported; its gradients have no graph of their own. Expected "
+                           "create_graph=False, or attention_ref for higher-order gradients")
 
 
 def _seq_args(meta: Optional[SeqMeta]) -> tuple:
@@ -115,7 +128,7 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
     def forward(ctx, Q: torch.Tensor, K: torch.Tensor, Vt: torch.Tensor, is_causal: bool = False) -> torch.Tensor:
         # A repeated call's checks are remembered, as flash_attn_func's are (its host time
         # decides a small call's speed: run 39 timed seed 004's one-head case at 0.41x FA2).
-        key = V.call_key((Q, K, Vt), (is_causal,))
+        key = None if torch.compiler.is_compiling() else V.call_key((Q, K, Vt), (is_causal,))
         args = _SEED_CALLS.get(key) if key is not None else None
         if args is None:
             is_causal = V.as_bool("is_causal", is_causal)
@@ -135,6 +148,7 @@ class FlashAttentionTritonFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dO: torch.Tensor):
         Q, K, Vt, O, L = ctx.saved_tensors
+        refuse_double_backward(Q, K, Vt, dO)
         dq, dk, dv = ops.bwd(
             dO.unsqueeze(2), Q.unsqueeze(2), K.unsqueeze(2), Vt.unsqueeze(2), O.unsqueeze(2), L.unsqueeze(1),
             None, None, None, None, None, *ctx.args,

@@ -74,6 +74,11 @@ def grouped_flash_attn_varlen_func(
     Differentiable with respect to every q, k and v.
     """
     groups = _check_groups(q_list, cu_seqlens_q_list, seqused_k_list, max_seqlen_q_list)
+    for name, value in [("max_seqlen_k", max_seqlen_k)] + [(f"max_seqlen_q_list[{g}]", m)
+                                                          for g, m in enumerate(max_seqlen_q_list)]:
+        if value is None:
+            raise TypeError(f"{name}: expected an int, got None")
+    max_q = []
     for g in range(groups):
         try:
             shape = V.check_varlen_qkv(
@@ -82,16 +87,17 @@ def grouped_flash_attn_varlen_func(
             )
         except (ValueError, TypeError) as exc:
             raise type(exc)(f"group {g}: {exc}") from None
+        max_q.append(shape.max_seqlen_q)
         if g > 0 and (q_list[g].shape[1:] != q_list[0].shape[1:] or q_list[g].dtype != q_list[0].dtype):
             raise ValueError(
                 f"q_list[{g}]: (nheads, headdim, dtype) = ({tuple(q_list[g].shape[1:])}, {q_list[g].dtype}) differs "
                 f"from q_list[0]'s ({tuple(q_list[0].shape[1:])}, {q_list[0].dtype}); expected the same"
             )
-    left, right = V.check_window(window_size)
+    # As flash_attn_varlen_func: a window side of at least max_seqlen_k keys is unbounded.
+    left, right = V.window_within(*V.check_window(window_size), shape.max_seqlen_k)
     softcap = V.check_softcap(softcap)
     scale = V.resolve_softmax_scale(softmax_scale, shape.headdim)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    causal = V.as_bool("causal", causal)
 
     sizes = [q.shape[0] for q in q_list]
     offsets = [sum(sizes[:g]) for g in range(groups)]
@@ -104,7 +110,7 @@ def grouped_flash_attn_varlen_func(
         seqused_k=torch.stack([key_lens if u is None else u for u in seqused_k_list]),
     )
     out, lse = apply_flash_attn(
-        q_all, k, v, meta, max(max_seqlen_q_list), max_seqlen_k, scale, causal, left, right, softcap
+        q_all, k, v, meta, max(max_q), shape.max_seqlen_k, scale, causal, left, right, softcap
     )
     out_list = list(out.split(sizes))
     lse_list = [lse[:, off:off + n] for off, n in zip(offsets, sizes)]

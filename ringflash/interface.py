@@ -252,6 +252,18 @@ def _paged_varlen(q, k_cache, v_cache, block_table, cu_seqlens_q, cu_seqlens_k, 
     return _result(out, lse, opts, None)
 
 
+def _packed_call(pack: str, parts: tuple[str, ...], call):
+    """``call()``, with an error about one of the slices it took from ``pack`` (named
+    ``parts``, e.g. k and v of kv) also naming the argument the caller passed."""
+    try:
+        return call()
+    except (ValueError, TypeError) as exc:
+        named = str(exc).split(":", 1)[0].split(",")[0].strip()
+        if named not in parts:
+            raise
+        raise type(exc)(f"{pack} (unpacked into {', '.join(parts)}): {exc}") from None
+
+
 def _unpack(packed: torch.Tensor, name: str, count: int, layout: str, axis: int) -> tuple[torch.Tensor, ...]:
     V.check_tensor(name, packed)
     if packed.dim() <= axis or packed.shape[axis] != count:
@@ -273,8 +285,9 @@ def flash_attn_qkvpacked_func(
     """qkv (batch, seqlen, 3, nheads, d). Same as flash_attn_func on the three slices."""
     V.check_rank("qkv", qkv, 5, "(batch, seqlen, 3, nheads, headdim)")
     q, k, v = _unpack(qkv, "qkv", 3, "(batch, seqlen, 3, nheads, headdim)", 2)
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    return _packed_call("qkv", ("q", "k", "v"), lambda: flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs))
 
 
 def flash_attn_kvpacked_func(
@@ -292,8 +305,9 @@ def flash_attn_kvpacked_func(
     """q (batch, seqlen_q, nheads, d), kv (batch, seqlen_k, 2, nheads_k, d)."""
     V.check_rank("kv", kv, 5, "(batch, seqlen_k, 2, nheads_k, headdim)")
     k, v = _unpack(kv, "kv", 2, "(batch, seqlen_k, 2, nheads_k, headdim)", 2)
-    return flash_attn_func(q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
-                           alibi_slopes, deterministic, return_attn_probs)
+    return _packed_call("kv", ("k", "v"), lambda: flash_attn_func(
+        q, k, v, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
+        return_attn_probs))
 
 
 def flash_attn_varlen_qkvpacked_func(
@@ -312,8 +326,9 @@ def flash_attn_varlen_qkvpacked_func(
     """qkv (total, 3, nheads, d) with one cu_seqlens for queries and keys."""
     V.check_rank("qkv", qkv, 4, "(total, 3, nheads, headdim)")
     q, k, v = _unpack(qkv, "qkv", 3, "(total, 3, nheads, headdim)", 1)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale,
-                                  causal, window_size, softcap, alibi_slopes, deterministic, return_attn_probs)
+    return _packed_call("qkv", ("q", "k", "v"), lambda: flash_attn_varlen_func(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, dropout_p, softmax_scale, causal, window_size,
+        softcap, alibi_slopes, deterministic, return_attn_probs))
 
 
 def flash_attn_varlen_kvpacked_func(
@@ -335,6 +350,6 @@ def flash_attn_varlen_kvpacked_func(
     """q (total_q, nheads, d), kv (total_k, 2, nheads_k, d)."""
     V.check_rank("kv", kv, 4, "(total_k, 2, nheads_k, headdim)")
     k, v = _unpack(kv, "kv", 2, "(total_k, 2, nheads_k, headdim)", 1)
-    return flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
-                                  softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic,
-                                  return_attn_probs)
+    return _packed_call("kv", ("k", "v"), lambda: flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p, softmax_scale, causal,
+        window_size, softcap, alibi_slopes, deterministic, return_attn_probs))

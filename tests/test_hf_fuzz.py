@@ -287,3 +287,17 @@ def test_chunked_prefill_through_a_hybrid_cache_matches_eager():
                                          use_cache=True).logits for a, b in ((0, 12), (12, 17), (17, 20))], 1))
     keep = mask.bool()[..., None]
     _close(outs[1] * keep, outs[0] * keep, "chunked prefill logits")
+
+
+def test_double_backward_through_the_layout_path_raises():
+    """create_graph=True through a padded batch's custom op: its gradients have no graph, so
+    a second-order use would silently lose this attention's term; it raises instead."""
+    layer = types.SimpleNamespace(is_causal=True)
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 4, 6, 16, generator=gen).requires_grad_()
+    k, v = (torch.randn(2, 2, 6, 16, generator=gen).requires_grad_() for _ in range(2))
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    out, _ = rf_hf.attention_forward(layer, q, k, v, mask)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..autograd import refuse_double_backward
 from ..kernels.bwd import prepare_backward
 from ..kernels.problem import SeqMeta
 from .comm import Comm, settled_on_error, wait_all
@@ -255,6 +256,7 @@ class AllGatherAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        refuse_double_backward(dout, *ctx.saved_tensors)
         dq, dk, dv = allgather_backward(ctx.saved_tensors, ctx.setup, dout)
         return dq, dk, dv, None, None, None, None, None, None
 
@@ -317,6 +319,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, kv, out, lse = ctx.saved_tensors
+        refuse_double_backward(q, kv, dout)
         steps, params, comm, n_k, k_dtype, v_dtype = ctx.setup
         dout = dout.contiguous()
         with comm.profiler.pass_("backward"):

@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 
+from ..autograd import refuse_double_backward
 from ..kernels.problem import SeqMeta
 from . import profile
 from .comm import Comm
@@ -166,6 +167,7 @@ class UlyssesAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        refuse_double_backward(dout, *ctx.saved_tensors)
         with ctx.setup[1].profiler.pass_("backward"):
             return UlyssesAttention._backward(ctx, dout)
 

@@ -42,6 +42,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..autograd import refuse_double_backward
 from ..kernels import dispatch
 from ..kernels.problem import SeqMeta, make_problem
 from ..validation import tensor_version
@@ -271,6 +272,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, layout, positions, dropout_seed = ctx.saved_tensors
+    refuse_double_backward(q, k, v, dout)
     dq, dk, dv = torch.ops.ringflash.layout_attn_bwd(dout.contiguous(), q, k, v, out, lse, layout,
                                                      ctx.layout_kind, positions, ctx.every_query, *ctx.options,
                                                      dropout_seed)

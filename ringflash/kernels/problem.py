@@ -129,6 +129,13 @@ def make_problem(
     # index arithmetic inside int32 (diag offsets are capped likewise).
     window_left, window_right = (min(w, WINDOW_CAP) for w in (window_left, window_right))
     is_varlen = meta is not None
+    if is_varlen:
+        # No sequence is longer than its packed tensor: an oversized max_seqlen (allowed,
+        # as in flash-attn) would only grow the launch grid (past CUDA's limit at 2**31).
+        if q.dim() == 3:
+            max_seqlen_q = min(max_seqlen_q, q.shape[0])
+        if k.dim() == 3:
+            max_seqlen_k = min(max_seqlen_k, k.shape[0])
     return AttnProblem(
         batch=meta.batch if is_varlen else q.shape[0], nheads=q.shape[-2], nheads_k=k.shape[-2],
         headdim=q.shape[-1], max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, is_varlen=is_varlen,
