@@ -62,9 +62,11 @@ def refuse_double_backward(*tensors: Optional[torch.Tensor]) -> None:
     """The kernels' gradients carry no graph of their own: a backward asked to build one
     (``create_graph=True``, grad mode on inside it) through inputs that require grad would
     give second-order gradients without this attention's term, silently. Raise instead.
-    ``tensors``: the backward's saved inputs and incoming gradient (None entries skipped)."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and any(
-            t is not None and t.requires_grad for t in tensors):
+    ``tensors``: the backward's saved inputs and incoming gradient (None entries skipped);
+    none given: autograd calls this backward only for inputs that require grad (the
+    context-parallel engines save copies that do not)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and (not tensors or any(
+            t is not None and t.requires_grad for t in tensors)):
         raise RuntimeError("ringflash attention: double backward (torch.autograd.grad(..., create_graph=True) "
                            "through q, k or v) is not supported; its gradients have no graph of their own. Expected "
                            "create_graph=False, or attention_ref for higher-order gradients")

@@ -227,6 +227,25 @@ def step_error_leaves_the_group_usable(rank: int, world: int) -> str:
     return "ok"
 
 
+def double_backward_raises(rank: int, world: int) -> str:
+    """create_graph=True through every engine (all-gather, ring, Ulysses): their gradients
+    carry no graph, so a second-order use must raise rather than lose this attention's term."""
+    import torch
+
+    from ringflash.cp import Plan
+
+    cu = torch.tensor([0, 6, 20], dtype=torch.int32)
+    for strategy in ("zigzag_llama3", "ring", "ulysses"):
+        plan = Plan(cu, strategy=strategy)
+        n = plan.num_local_tokens
+        q, k, v = _mk(n, 2, requires_grad=True), _mk(n, 2, requires_grad=True), _mk(n, 2, requires_grad=True)
+        out = plan.attention(q, k, v, causal=True)
+        error = _error_text(lambda: torch.autograd.grad(out.sum(), (q, k, v), create_graph=True))
+        if "double backward" not in error:
+            return f"{strategy}: {error}"
+    return "ok"
+
+
 SCENARIOS = {
     "refilled cu_seqlens": refilled_cu_seqlens,
     "fooled layout check": fooled_layout_check,
@@ -240,6 +259,7 @@ SCENARIOS = {
     "local error on one rank": local_error_on_one_rank,
     "plan cache is bounded": plan_cache_is_bounded,
     "step error leaves the group usable": step_error_leaves_the_group_usable,
+    "double backward raises": double_backward_raises,
 }
 
 

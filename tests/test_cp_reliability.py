@@ -31,6 +31,7 @@ EXPECTED = {
                                 1: r"ValueError: q: has \d+ tokens; expected this rank's \d+"},
     "plan cache is bounded": r"ok$",
     "step error leaves the group usable": r"ok$",
+    "double backward raises": r"ok$",
 }
 assert set(EXPECTED) == set(SCENARIOS)
 
