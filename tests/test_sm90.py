@@ -94,10 +94,12 @@ def test_varlen_scope(on_hopper):
         assert not sm90.preferred(prob)
     # A grid whose descriptors' scratch would pass 256 MB: 64 query blocks x 8 heads x 4096
     # sequences x 256 bytes.
+    # (The packed tensors must hold 8192 rows: a longer max_seqlen is clamped to them.)
     many = torch.arange(0, 4097, dtype=torch.int32)
     many_meta = SeqMeta.from_cu_seqlens(many, many)
-    many_prob = make_problem(q, k, many_meta, 8192, 8192, 0.1, True, -1, -1, 0.0)
-    assert not sm90.supports(wrap(q), wrap(k), wrap(k), many_prob, many_meta, None, None)
+    q_big, k_big = q.new_zeros(8192, 8, 128), k.new_zeros(8192, 2, 128)
+    many_prob = make_problem(q_big, k_big, many_meta, 8192, 8192, 0.1, True, -1, -1, 0.0)
+    assert not sm90.supports(wrap(q_big), wrap(k_big), wrap(k_big), many_prob, many_meta, None, None)
     import dataclasses
 
     meta = dataclasses.replace(SeqMeta.from_cu_seqlens(cu, cu), diag=torch.zeros(1, 2, dtype=torch.int32))
