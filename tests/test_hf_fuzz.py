@@ -301,3 +301,22 @@ def test_double_backward_through_the_layout_path_raises():
     out, _ = rf_hf.attention_forward(layer, q, k, v, mask)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(out.sum(), (q, k, v), create_graph=True)
+
+
+def test_mark_unfilled_slots_for_both_mask_builder_signatures():
+    """``_mark_unfilled_slots`` reads the filled slots from transformers >= 5's (q_offset,
+    q_length, kv_offset) and from 4.5x's cache_position; no cache or a full one gives no
+    mask; a given mask passes through."""
+    mark = rf_hf._mark_unfilled_slots
+    new = dict(batch_size=2, q_length=3, kv_length=10, kv_offset=0, kwargs={"device": torch.device("cpu")})
+    assert mark(None, {**new, "q_offset": 7}) is None  # a dynamic cache: 7 + 3 slots, all filled
+    got = mark(None, {**new, "q_offset": 4})  # a static cache of 10 slots, 7 filled
+    assert got.dtype == torch.bool and got.shape == (2, 7) and bool(got.all())
+    got = mark(None, {**new, "q_offset": torch.tensor(4)})  # eager: the tensor offset is read
+    assert got.shape == (2, 7)
+    old = dict(batch_size=2, kv_length=10, kv_offset=0, kwargs={})
+    assert mark(None, {**old, "cache_position": torch.arange(10)}) is None  # no cache
+    got = mark(None, {**old, "cache_position": torch.arange(4, 7)})
+    assert got.shape == (2, 7) and bool(got.all())
+    given = torch.ones(2, 5, dtype=torch.bool)
+    assert mark(given, {**new, "q_offset": 2}) is given

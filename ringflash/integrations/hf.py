@@ -124,7 +124,10 @@ def _mark_unfilled_slots(mask: Optional[torch.Tensor], arguments: dict) -> Optio
     if "q_offset" in arguments:  # transformers >= 5: the queries' first position and their count
         filled = arguments["q_offset"] + arguments["q_length"] - kv_offset
     elif arguments.get("cache_position") is not None:  # transformers 4.5x: the queries' positions
-        filled = arguments["cache_position"][-1] + 1 - kv_offset
+        positions = arguments["cache_position"]
+        if kv_length <= positions.shape[0]:  # no cache: the keys are the queries (no read)
+            return None
+        filled = positions[-1] + 1 - kv_offset
     else:
         return None
     if isinstance(filled, torch.Tensor) and not torch.compiler.is_compiling():
