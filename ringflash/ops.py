@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from .kernels import configs, dispatch
+from .kernels.common import grad_buffer
 from .kernels.decode import KeyRanges, append_to_cache, cache_capacity, decode_forward
 from .kernels.guard import poison_if_invalid
 from .kernels.problem import AttnProblem, SeqMeta, make_problem
@@ -138,9 +139,10 @@ attn_bwd = torch.library.custom_op("ringflash::attn_bwd", mutates_args=())(_attn
 def _(dout, q, k, v, out, lse, q_starts, q_ends, cu_seqlens_k, seqused_k, diag, max_seqlen_q, max_seqlen_k,
       softmax_scale, causal, window_left, window_right, softcap, alibi_slopes=None, dropout_p=0.0, dropout_seed=None,
       deterministic=False):
-    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-            torch.empty(k.shape, dtype=k.dtype, device=k.device),
-            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+    # Laid out as the real backward lays them out (the inputs' layout where the kernels can
+    # write it): a compiled graph checks the strides (Inductor's assert_size_stride).
+    token_dim = 1 if q_starts is None else 0
+    return grad_buffer(q, token_dim), grad_buffer(k, token_dim), grad_buffer(v, token_dim)
 
 
 def fwd(*args) -> tuple[torch.Tensor, torch.Tensor]:

@@ -125,12 +125,19 @@ def as_bool(name: str, value: object) -> bool:
     raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
 
 
+def is_finite(value: float) -> bool:
+    """``math.isfinite`` by comparisons, which torch.compile also traces on the symbolic
+    floats it makes of float arguments under ``dynamic=True`` (``math.isfinite`` on one
+    broke the graph)."""
+    return value == value and abs(value) != math.inf
+
+
 def as_finite_float(name: str, value: object) -> float:
     """A real scalar that must be finite: NaN and infinities would silently poison the scores."""
     if isinstance(value, bool) or not isinstance(value, (int, float, numbers.Real)):
         raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
     out = float(value)
-    if not math.isfinite(out):
+    if not is_finite(out):
         raise ValueError(f"{name}: got {out}; expected a finite number")
     return out
 
@@ -175,7 +182,7 @@ def check_softcap(softcap: object) -> float:
         raise TypeError(f"softcap: expected a float, got {type(softcap).__name__}")
     value = float(softcap)
     # NaN fails every comparison, so it would pass a plain ``< 0`` test and turn capping off.
-    if not (math.isfinite(value) and value >= 0):
+    if not (is_finite(value) and value >= 0):
         raise ValueError(f"softcap: got {value}; expected 0 (off) or a finite number > 0")
     return value
 
@@ -216,7 +223,9 @@ def check_alibi_slopes(alibi_slopes: object, batch: int, nheads: int, device: to
     check_tensor("alibi_slopes", alibi_slopes)
     if alibi_slopes.dtype != torch.float32:
         raise TypeError(f"alibi_slopes: dtype {alibi_slopes.dtype} is not supported; expected float32")
-    if tuple(alibi_slopes.shape) not in ((nheads,), (batch, nheads)):
+    shape = tuple(alibi_slopes.shape)
+    # Compared with ==, which torch.compile traces on symbolic sizes (a tuple's `in` did not).
+    if not (shape == (nheads,) or shape == (batch, nheads)):
         raise ValueError(f"alibi_slopes: got shape {tuple(alibi_slopes.shape)}; expected (nheads,) = ({nheads},) "
                          f"or (batch, nheads) = ({batch}, {nheads})")
     if alibi_slopes.device != device:

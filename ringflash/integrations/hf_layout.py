@@ -174,9 +174,11 @@ def _rows(x: torch.Tensor, index: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 def _unrows(rows: torch.Tensor, index: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``_rows``: rows back into a zero (batch, n, heads, d) tensor shaped like ``like``."""
+    """Inverse of ``_rows``: rows back into a zero (batch, n, heads, d) tensor shaped like
+    ``like``; contiguous, as the custom ops' fakes say (a gradient of rows viewed from a
+    heads-major ``like`` comes back in that layout)."""
     if index is None:
-        return rows.reshape(like.shape)
+        return rows.reshape(like.shape).contiguous()
     full = rows.new_zeros((like.shape[0] * like.shape[1],) + tuple(rows.shape[1:]))
     return full.index_copy_(0, index, rows).view(like.shape)
 
@@ -216,7 +218,8 @@ def layout_attn_fwd(
     lay = _layout(layout, layout_kind, q_len, k.shape[1], positions, every_query)
     if _one_sequence(q, lay):
         prob = _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softcap)
-        return dispatch.forward(q, k, v, prob, None, dropout=_dropout(dropout_p, dropout_seed))
+        out, lse = dispatch.forward(q, k, v, prob, None, dropout=_dropout(dropout_p, dropout_seed))
+        return out.contiguous(), lse  # as the fake says (the kernels allocate them so)
     q_index, k_index = lay[0], lay[3]
     q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
     meta, prob = _problem(q_rows, k_rows, lay, softmax_scale, causal, window_left, window_right, softcap)
@@ -230,7 +233,8 @@ def layout_attn_fwd(
 @layout_attn_fwd.register_fake
 def _(q, k, v, layout, layout_kind, positions, every_query, softmax_scale, causal, window_left, window_right, softcap,
       dropout_p, dropout_seed):
-    return torch.empty_like(q), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
+    # Contiguous, as every real path returns them (Inductor checks the strides).
+    return q.new_empty(q.shape), q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 @torch.library.custom_op("ringflash::layout_attn_bwd", mutates_args=())
@@ -244,7 +248,10 @@ def layout_attn_bwd(
     lay = _layout(layout, layout_kind, q_len, k.shape[1], positions, every_query)
     if _one_sequence(q, lay):
         prob = _dense_problem(q, k, softmax_scale, causal, window_left, window_right, softcap)
-        return dispatch.backward(dout, q, k, v, out, lse, prob, None, dropout=_dropout(dropout_p, dropout_seed))
+        grads = dispatch.backward(dout, q, k, v, out, lse, prob, None, dropout=_dropout(dropout_p, dropout_seed))
+        # The dense backward lays gradients out as the inputs; the unpadded path's are
+        # contiguous, and the fake (which cannot tell the paths apart) says so for both.
+        return tuple(g.contiguous() for g in grads)
     q_index, k_index = lay[0], lay[3]
     q_rows, k_rows, v_rows = _rows(q, q_index), _rows(k, k_index), _rows(v, k_index)
     lse_rows = lse.transpose(0, 1).reshape(h, b * q_len)
@@ -259,7 +266,7 @@ def layout_attn_bwd(
 @layout_attn_bwd.register_fake
 def _(dout, q, k, v, out, lse, layout, layout_kind, positions, every_query, softmax_scale, causal, window_left,
       window_right, softcap, dropout_p, dropout_seed):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the real ones
 
 
 def _setup_context(ctx, inputs, output) -> None:
