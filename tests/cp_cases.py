@@ -241,6 +241,10 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     # keep_gathered_kv where nothing is gathered.
     attempt("keep_gathered_kv on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), keep_gathered_kv=True))
     attempt("local_first on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), local_first=True))
+    attempt("mode on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), mode="two_kernels"))
+    llama3 = Plan(cu, strategy="llama3")
+    m3 = llama3.num_local_tokens
+    attempt("verify on llama3", lambda: llama3.attention(mk(m3, 2), mk(m3, 1), mk(m3, 1), verify=True))
     attempt("local_first with a window",
             lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), window_size=(3, -1), local_first=True))
     # Sliding windows where a strategy cannot express them.

@@ -299,7 +299,10 @@ ERRORS = {
     "wrong local size": r"ValueError: q: has \d+ tokens; expected this rank's \d+",
     "window on stripe": r"NotImplementedError: window_size: stripe interleaves",
     "keep_gathered_kv on ring": r"ValueError: keep_gathered_kv: ring passes K/V around the ring and gathers nothing",
-    "local_first on ring": r"ValueError: local_first: ring does not all-gather K/V; expected False",
+    "local_first on ring": r"ValueError: local_first: ring does not run the all-gather engine's local-keys-first "
+                           r"split; expected False",
+    "mode on ring": r"ValueError: mode: got 'two_kernels' for ring, whose ranks run one query group",
+    "verify on llama3": r"ValueError: verify: got True for llama3, whose ranks run one query group",
     "local_first with a window": r"ValueError: local_first: a sliding window \(3, -1\) is not a prefix",
     "verify catches a mismatch": r"RuntimeError: zigzag_llama3 verify: modes 'grouped' and 'two_kernels' disagree",
     "verify passes when modes agree": r"no error",

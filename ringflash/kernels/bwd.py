@@ -595,8 +595,12 @@ def attention_backward(
     dout, q, k, v, out = (kernel_operand(x, token_dim) for x in (dout, q, k, v, out))
     if q.numel() == 0 or k.numel() == 0:
         dq.zero_()
-        dk.zero_()
-        dv.zero_()
+        if dkv_rows is None:
+            dk.zero_()
+            dv.zero_()
+        else:  # only the named rows are this call's: the others hold a caller's sums (CP's own keys)
+            dk.index_fill_(0, dkv_rows, 0)
+            dv.index_fill_(0, dkv_rows, 0)
         # A caller may communicate dK/dV from this hook (context parallelism): a rank with
         # no queries or keys must still make that call, or the other ranks wait forever.
         if after_dkdv is not None:
