@@ -242,6 +242,12 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     attempt("keep_gathered_kv on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), keep_gathered_kv=True))
     attempt("local_first on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), local_first=True))
     attempt("mode on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), mode="two_kernels"))
+    # The process-wide setting applies where the split can run: elsewhere it is off.
+    os.environ["RINGFLASH_CP_LOCAL_FIRST"] = "1"
+    try:
+        attempt("RINGFLASH_CP_LOCAL_FIRST=1 on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1)))
+    finally:
+        del os.environ["RINGFLASH_CP_LOCAL_FIRST"]
     llama3 = Plan(cu, strategy="llama3")
     m3 = llama3.num_local_tokens
     attempt("verify on llama3", lambda: llama3.attention(mk(m3, 2), mk(m3, 1), mk(m3, 1), verify=True))

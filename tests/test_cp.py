@@ -302,6 +302,7 @@ ERRORS = {
     "local_first on ring": r"ValueError: local_first: ring does not run the all-gather engine's local-keys-first "
                            r"split; expected False",
     "mode on ring": r"ValueError: mode: got 'two_kernels' for ring, whose ranks run one query group",
+    "RINGFLASH_CP_LOCAL_FIRST=1 on ring": r"no error",
     "verify on llama3": r"ValueError: verify: got True for llama3, whose ranks run one query group",
     "local_first with a window": r"ValueError: local_first: a sliding window \(3, -1\) is not a prefix",
     "verify catches a mismatch": r"RuntimeError: zigzag_llama3 verify: modes 'grouped' and 'two_kernels' disagree",

@@ -122,3 +122,15 @@ def test_balanced_keeps_query_groups_to_two():
                 for p in ps:
                     per_doc[p.seq] = per_doc.get(p.seq, 0) + 1
                 assert max(per_doc.values()) <= 2, (case, w, per_doc)
+
+
+def test_zigzag_mode_names_the_setting_it_read(monkeypatch):
+    """A bad mode from the environment names the variable, not the keyword."""
+    from ringflash.cp.plan import zigzag_mode
+
+    monkeypatch.setenv("RINGFLASH_ZIGZAG_MODE", "bogus")
+    with pytest.raises(ValueError, match="RINGFLASH_ZIGZAG_MODE: got 'bogus'"):
+        zigzag_mode(None)
+    with pytest.raises(ValueError, match="mode: got 'fused'"):
+        zigzag_mode("fused")
+    assert zigzag_mode("two_kernels") == "two_kernels"

@@ -183,14 +183,16 @@ def _check_min_piece(strategy: str, min_piece: object) -> Optional[int]:
 def zigzag_mode(mode: Optional[str]) -> str:
     """The zigzag_llama3 execution mode: the argument, else RINGFLASH_ZIGZAG_MODE, else the
     design notes' ZIGZAG_USE_FUSED_TRITON_V2 (1: grouped, 0: two_kernels), else grouped."""
+    name = "mode"
     if mode is None:
         fused = os.environ.get("ZIGZAG_USE_FUSED_TRITON_V2")
         if fused not in (None, "0", "1"):
             raise ValueError(f"ZIGZAG_USE_FUSED_TRITON_V2: got {fused!r}; expected 1 (grouped) or 0 (two_kernels)")
         default = "grouped" if fused in (None, "1") else "two_kernels"
         mode = os.environ.get("RINGFLASH_ZIGZAG_MODE", default)
+        name = "RINGFLASH_ZIGZAG_MODE"
     if mode not in MODES:
-        raise ValueError(f"mode: got {mode!r}; expected one of {', '.join(MODES)}")
+        raise ValueError(f"{name}: got {mode!r}; expected one of {', '.join(MODES)}")
     return mode
 
 
@@ -501,7 +503,12 @@ class Plan:
                 how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
                 raise ValueError(f"keep_gathered_kv: {self.strategy} {how} and gathers nothing; expected False "
                                  "(or the llama3, zigzag_llama3, balanced or hybrid strategies)")
+            explicit_local_first = local_first is not None
             local_first = _local_first(local_first)
+            if local_first and not explicit_local_first and (self.strategy not in ALL_GATHER_STRATEGIES or windowed):
+                # RINGFLASH_CP_LOCAL_FIRST is process-wide: it applies where the split can run,
+                # as the RINGFLASH_ZIGZAG_* settings do; an explicit local_first=True still raises.
+                local_first = False
             if local_first and self.strategy not in ALL_GATHER_STRATEGIES:
                 raise ValueError(f"local_first: {self.strategy} does not run the all-gather engine's local-keys-first "
                                  f"split; expected False (or the {', '.join(ALL_GATHER_STRATEGIES)} strategies)")
