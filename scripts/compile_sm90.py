@@ -150,12 +150,12 @@ def collect() -> list[tuple[str, dict]]:
     return rows
 
 
-def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512) -> list[tuple[str, dict]]:
+def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512, softcap: float = 0.0) -> list[tuple[str, dict]]:
     """Compile the forward and backward of one bf16 dense call; returns (kernel, usage) rows."""
     from ringflash import flash_attn_func
 
     q, k, v = (torch.randn(1, seqlen, 4, headdim, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal)
+    out = flash_attn_func(q, k, v, dropout_p=dropout_p, causal=causal, softcap=softcap)
     out.sum().backward()
     return collect()
 
@@ -323,6 +323,7 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     parser.add_argument("--dropout", choices=["both", "on", "off"], default="both")
     parser.add_argument("--no-extras", action="store_true", help="skip the decode, S_dmask and Gluon kernels")
+    parser.add_argument("--softcap", type=float, default=0.0, help="the dense cases' softcap (0: off)")
     parser.add_argument("--sm90", action="store_true",
                         help="also the Gluon Hopper kernels at d=64/128, causal and full")
     parser.add_argument("--host-time", action="store_true",
@@ -364,8 +365,8 @@ def main(argv=None) -> int:
           f"| HGMMA | HMMA |")
     print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|-------|------|------|-------|------|")
     status = 0
-    cases = [(f"d={d} {'causal' if causal else 'full'}{' dropout' if p else ''}",
-              (lambda d=d, c=causal, p=p: run_case(d, c, p)))
+    cases = [(f"d={d} {'causal' if causal else 'full'}{' dropout' if p else ''}{' softcap' if args.softcap else ''}",
+              (lambda d=d, c=causal, p=p: run_case(d, c, p, softcap=args.softcap)))
              for d in args.headdims for causal in causals for p in dropouts]
     if not args.no_extras:
         cases.append(("decode, S_dmask, sm90", run_extras))

@@ -494,9 +494,10 @@ class Plan:
             zigzag = self.strategy in ("zigzag_llama3", "hybrid", "balanced")  # several query groups
             if not zigzag and (mode is not None or verify):
                 # (The environment's RINGFLASH_ZIGZAG_* settings stay global and apply where they can.)
-                raise ValueError(f"{'mode' if mode is not None else 'verify'}: got {mode if mode is not None else verify!r} "
-                                 f"for {self.strategy}, whose ranks run one query group (one launch either way); "
-                                 "expected None (mode and verify apply to zigzag_llama3, balanced and hybrid)")
+                name, value = ("mode", mode) if mode is not None else ("verify", verify)
+                raise ValueError(f"{name}: got {value!r} for {self.strategy}, whose ranks run one query group (one "
+                                 "launch either way); expected None (mode and verify apply to zigzag_llama3, "
+                                 "balanced and hybrid)")
             mode = zigzag_mode(mode) if zigzag else "grouped"
             keep_gathered_kv = V.as_bool("keep_gathered_kv", keep_gathered_kv)
             if keep_gathered_kv and self.strategy not in ALL_GATHER_STRATEGIES + ("hybrid",):
@@ -512,7 +513,7 @@ class Plan:
             if local_first and self.strategy not in ALL_GATHER_STRATEGIES:
                 raise ValueError(f"local_first: {self.strategy} does not run the all-gather engine's local-keys-first "
                                  f"split; expected False (or the {', '.join(ALL_GATHER_STRATEGIES)} strategies)")
-            if local_first and (left >= 0 or (right >= 0 and not causal)):
+            if local_first and windowed:
                 raise ValueError(f"local_first: a sliding window {tuple(window_size)} is not a prefix of the other "
                                  "ranks' keys; expected window_size=(-1, -1) or local_first=False")
             verify = zigzag_verify(verify) if zigzag else False

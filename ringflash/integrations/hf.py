@@ -130,14 +130,13 @@ def _mark_unfilled_slots(mask: Optional[torch.Tensor], arguments: dict) -> Optio
         filled = positions[-1] + 1 - kv_offset
     else:
         return None
+    device = arguments.get("kwargs", {}).get("device")
+    if device is None and isinstance(filled, torch.Tensor):
+        device = filled.device
     if isinstance(filled, torch.Tensor) and not torch.compiler.is_compiling():
         filled = int(filled)  # one read per forward; a compiled graph keeps the tensor
     if not isinstance(filled, torch.Tensor) and filled >= kv_length:
         return None
-    device = arguments.get("kwargs", {}).get("device")
-    if device is None:
-        device = filled.device if isinstance(filled, torch.Tensor) else arguments.get("cache_position", None)
-        device = getattr(device, "device", device)
     batch = arguments["batch_size"]
     if not isinstance(filled, torch.Tensor):
         return torch.ones(batch, filled, dtype=torch.bool, device=device)
