@@ -90,6 +90,8 @@ for s in "$@"; do
     # Issue 15: the Gluon Hopper forward: its error, then its time against the portable
     # forward, FA2 and cuDNN (scripts/probe_sm90.py --help).
     probesm90) stage probesm90 "${PROBESM90_LIMIT:-240}" python3 scripts/probe_sm90.py ${PROBESM90_ARGS:-} ;;
+    # Issue 15: what softcap (portable kernels only) costs against the same calls without it.
+    probesoftcap) stage probesoftcap "${PROBESOFTCAP_LIMIT:-150}" python3 scripts/probe_softcap.py ${PROBESOFTCAP_ARGS:-} ;;
     probefp32) stage probefp32 "${PROBEFP32_LIMIT:-240}" python3 scripts/probe_fp32.py ${PROBEFP32_ARGS:-} ;;
     # Issue 15: where an HF Llama training step's time goes, ringattn against sdpa.
     profhf) stage profhf "${PROFHF_LIMIT:-240}" python3 scripts/profile_hf.py ${PROFHF_ARGS:-} ;;
