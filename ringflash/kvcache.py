@@ -211,6 +211,9 @@ def _check_step(q, k_cache, v_cache, k, v, rotary_cos, rotary_sin, cache_seqlens
             raise ValueError(f"k, v: shapes {tuple(k.shape)}, {tuple(v.shape)}; expected (batch={batch}, seqlen_new, "
                              f"nheads_k={nheads_k}, headdim={d}) both")
     seqlen_new = 0 if k is None else k.shape[1]
+    if seqlen_new > capacity:  # too many for any cache_seqlens: say so here, not NaN for every sequence later
+        raise ValueError(f"k: {seqlen_new} new keys exceed the cache's {capacity} slots per sequence; expected at "
+                         f"most {capacity}")
     if lengths is None:
         _check_room(lengths_int, seqlen_new, capacity)
     # As flash-attn: a side at least as wide as the cache is no window (the queries'
@@ -268,6 +271,16 @@ def _int_lengths(cache_seqlens, cache_leftpad, step: "_Step") -> tuple[int, int]
             _check_query_positions(lengths_int, step.query_span, step.rotary_positions)
     if not isinstance(cache_leftpad, torch.Tensor):
         _, leftpad_int = _lengths_arg("cache_leftpad", cache_leftpad, 0, None, 0)
+        # The keys are slots cache_leftpad .. cache_seqlens + seqlen_new - 1: a pad past the
+        # cached keys (or, with a tensor cache_seqlens, past the room the cache leaves them)
+        # gives every sequence NaN in the kernels; a host number can say so here.
+        if isinstance(cache_seqlens, torch.Tensor):
+            most, why = step.capacity - step.seqlen_new, (f"the cache's {step.capacity} slots less "
+                                                          f"{step.seqlen_new} new keys")
+        else:
+            most, why = lengths_int, f"cache_seqlens={lengths_int}"
+        if leftpad_int > most:
+            raise ValueError(f"cache_leftpad: got {leftpad_int}; expected at most {most} ({why})")
     return lengths_int, leftpad_int
 
 

@@ -5,7 +5,11 @@ every cache entry after the call), and regressions for what that fuzz found:
   plausible wrong answer): now an error for host lengths, NaN for device-side ones;
 * windows at least as wide as the cache were applied literally, where flash-attn 2.8 turns
   that side off (``mha_fwd_kvcache``: ``if (window_size_left >= seqlen_k) window_size_left =
-  -1``, the same for the right), which moved the queries' rotary positions and the mask.
+  -1``, the same for the right), which moved the queries' rotary positions and the mask;
+* appending through a block table of 0 columns read its (absent) first entry: a segfault
+  under the interpreter, an illegal address on a GPU;
+* host numbers no cache_seqlens could satisfy (more new keys than slots, an int
+  cache_leftpad past the cached keys) gave every sequence NaN instead of an error.
 """
 
 import random
@@ -214,3 +218,40 @@ def test_window_wider_than_the_cache_is_off_for_the_mask():
     k_cache, v_cache = (torch.randn(1, 3, 2, 16, generator=gen).to(DEVICE) for _ in range(2))
     torch.testing.assert_close(flash_attn_with_kvcache(q, k_cache, v_cache, window_size=(-1, 3)),
                                flash_attn_with_kvcache(q, k_cache, v_cache))
+
+
+def test_append_through_a_block_table_of_no_columns_reads_no_entry():
+    """A (batch, 0) block table has no slot: ``_append_kernel`` clamped each slot to
+    capacity - 1 = -1 and read ``block_table[b, -1 // page_size]`` unmasked (its data pointer
+    is null: a segfault under the interpreter). Every write is dropped, nothing is read."""
+    from ringflash.kernels.decode import append_to_cache
+
+    cache = torch.randn(3, 8, 1, 16, device=DEVICE)
+    before = cache.clone()
+    table = torch.zeros(2, 0, dtype=torch.int32, device=DEVICE)
+    slots = torch.zeros(2, 2, dtype=torch.int32, device=DEVICE)
+    append_to_cache(cache, torch.randn(2, 2, 1, 16, device=DEVICE), slots, table)
+    assert torch.equal(cache, before)
+
+
+def test_host_numbers_no_cache_seqlens_can_satisfy_are_refused():
+    """Known on the host, so an error naming the argument rather than NaN for every
+    sequence: more new keys than the cache's slots (with a tensor cache_seqlens, which
+    ``_check_room`` does not see), and an int cache_leftpad past the cached keys (or past
+    the room a tensor cache_seqlens can have)."""
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 1, 2, 16, generator=gen).to(DEVICE)
+    cache = torch.randn(2, 8, 1, 16, generator=gen).to(DEVICE)
+    lengths = torch.zeros(2, dtype=torch.int32, device=DEVICE)
+    new = torch.randn(2, 9, 1, 16, generator=gen).to(DEVICE)
+    with pytest.raises(ValueError, match="k: 9 new keys exceed the cache's 8 slots"):
+        flash_attn_with_kvcache(q, cache.clone(), cache.clone(), new, new, cache_seqlens=lengths)
+    with pytest.raises(ValueError, match=r"cache_leftpad: got 4; expected at most 3 \(cache_seqlens=3\)"):
+        flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, cache_leftpad=4)
+    with pytest.raises(ValueError, match="cache_leftpad: got 7; expected at most 6"):
+        flash_attn_with_kvcache(q, cache.clone(), cache.clone(), new[:, :2], new[:, :2], cache_seqlens=lengths,
+                                cache_leftpad=7)
+    # At the limits the calls are fine: a pad equal to the cached keys leaves the new ones.
+    out = flash_attn_with_kvcache(q, cache.clone(), cache.clone(), new[:, :2], new[:, :2], cache_seqlens=3,
+                                  cache_leftpad=3)
+    assert torch.isfinite(out).all()

@@ -441,7 +441,9 @@ def _append_kernel(
     ok = (slot >= 0) & (slot < capacity)
     slot = tl.minimum(tl.maximum(slot, 0), capacity - 1).to(tl.int64)
     if PAGED:
-        row = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + slot // page_size)
+        # Masked: with no slot at all (a block table of 0 columns) the clamp above leaves
+        # slot -1, and the table has no entry to read (an illegal address, not a dropped write).
+        row = tl.load(BlockTable + b.to(tl.int64) * stride_table_b + slot // page_size, mask=ok, other=0)
         slot = slot % page_size
     elif HAS_CACHE_ROWS:
         row = tl.load(CacheRows + b)
