@@ -131,20 +131,31 @@ def zigzag_group_ranges(
     (c+1)·L/total_chunks keys.
 
     Returns (cu_seqlens_q_list, seqused_k_list, max_seqlen_q_list), one entry per chunk
-    index, computed on cu_seqlens_k's device without a host sync.
+    index, computed on cu_seqlens_k's device; the checks of cu_seqlens_k's values (against
+    max_seqlen_k, divisibility) read it on the host once per tensor object.
     """
     V.check_cu_seqlens_shape("cu_seqlens_k", cu_seqlens_k)
-    if not isinstance(total_chunks, int) or total_chunks < 1:
+    # integer_value refuses bools (True passed for 1 chunk) and takes numpy ints, as flash-attn's sizes.
+    chunks = V.integer_value(total_chunks)
+    if chunks is None or chunks < 1:
         raise ValueError(f"total_chunks: got {total_chunks!r}; expected a positive int")
-    for c in chunk_indices:
-        if not isinstance(c, int) or not 0 <= c < total_chunks:
-            raise ValueError(f"chunk_indices: got {c!r}; expected ints in [0, {total_chunks})")
+    total_chunks = chunks
+    indices = [V.integer_value(c) for c in chunk_indices]
+    for c, given in zip(indices, chunk_indices):
+        if c is None or not 0 <= c < total_chunks:
+            raise ValueError(f"chunk_indices: got {given!r}; expected ints in [0, {total_chunks})")
+    if max_seqlen_k is None:
+        raise TypeError("max_seqlen_k: expected an int, got None")
+    max_seqlen_k = V.check_max_seqlen("max_seqlen_k", max_seqlen_k)
+    # Checked here, where the caller named it: too small a value would surface only as a
+    # group's max_seqlen_q (max_seqlen_k // total_chunks) in grouped_flash_attn_varlen_func.
+    V.check_cu_seqlens_values("cu_seqlens_k", cu_seqlens_k, None, "max_seqlen_k", max_seqlen_k)
     V.check_divisible_lengths("cu_seqlens_k", cu_seqlens_k, total_chunks)
     chunk = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]) // total_chunks
     cu_q = torch.cat([cu_seqlens_k.new_zeros(1), chunk.cumsum(0, dtype=torch.int32)])
     max_q = max_seqlen_k // total_chunks
     return (
-        [cu_q for _ in chunk_indices],
-        [(c + 1) * chunk for c in chunk_indices],
-        [max_q for _ in chunk_indices],
+        [cu_q for _ in indices],
+        [(c + 1) * chunk for c in indices],
+        [max_q for _ in indices],
     )

@@ -104,11 +104,13 @@ def _round128(n: int) -> int:
     return (n + 127) // 128 * 128
 
 
-def _s_dmask(q, k, opts: _Options, sequences) -> torch.Tensor:
+def _s_dmask(q, k, opts: _Options, sequences, window_keys: int) -> torch.Tensor:
     """flash-attn's S_dmask: (batch, nheads, seqlen_q rounded up to 128, seqlen_k rounded up),
     the attention probabilities (float32) with the entries dropout dropped negated, so
     ``S_dmask >= 0`` is the keep mask (zero beyond each sequence). ``sequences`` gives, per
-    batch entry, (q rows (sq, h, d), k rows (sk, hk, d), its ALiBi row or None)."""
+    batch entry, (q rows (sq, h, d), k rows (sk, hk, d), its ALiBi row or None).
+    ``window_keys``: the key count the call's window sides were bounded against (seqlen_k,
+    or a varlen call's max_seqlen_k), as the kernels' were."""
     from .kernels.dropout_mask import dropout_keep_mask
     from .reference import attention_probs_ref
 
@@ -120,8 +122,11 @@ def _s_dmask(q, k, opts: _Options, sequences) -> torch.Tensor:
                       device=q.device)
     with torch.no_grad():
         for i, (q_i, k_i, slopes) in enumerate(sequences):
+            # Bounded against the call's key count, not this sequence's: a varlen sequence with
+            # fewer keys than a window side would otherwise see every key (the kernels' rows
+            # see none where queries outnumber keys).
             probs = attention_probs_ref(q_i[None].float(), k_i[None].float(), opts.causal, opts.scale,
-                                        (opts.left, opts.right), opts.softcap, slopes)[0]
+                                        (opts.left, opts.right), opts.softcap, slopes, window_keys=window_keys)[0]
             keep = dropout_keep_mask(1, nheads, q_i.shape[0], k_i.shape[0], opts.dropout_p,
                                      int(opts.dropout_seed.item()), q.device, first_sequence=i)[0]
             out[i, :, :q_i.shape[0], :k_i.shape[0]] = torch.where(keep, probs, -probs)
@@ -171,7 +176,7 @@ def flash_attn_func(
 
     def probs():
         rows = lambda b: opts.alibi[b if opts.alibi.shape[0] > 1 else 0] if opts.alibi is not None else None  # noqa: E731
-        return _s_dmask(q, k, opts, ((q[b], k[b], rows(b)) for b in range(shape.batch)))
+        return _s_dmask(q, k, opts, ((q[b], k[b], rows(b)) for b in range(shape.batch)), shape.seqlen_k)
 
     return _result(out, lse, opts, probs)
 
@@ -228,7 +233,7 @@ def flash_attn_varlen_func(
         used = seqused_k.tolist() if seqused_k is not None else [b - a for a, b in zip(cu_k, cu_k[1:])]
         rows = lambda b: opts.alibi[b if opts.alibi.shape[0] > 1 else 0] if opts.alibi is not None else None  # noqa: E731
         return _s_dmask(q, k, opts, ((q[cu_q[b]:cu_q[b + 1]], k[cu_k[b]:cu_k[b] + used[b]], rows(b))
-                                     for b in range(shape.batch)))
+                                     for b in range(shape.batch)), shape.max_seqlen_k)
 
     return _result(out, lse, opts, probs)
 

@@ -148,11 +148,13 @@ def attention_probs_ref(
     window_size: tuple[int, int] = (-1, -1),
     softcap: float = 0.0,
     alibi_slopes: Optional[torch.Tensor] = None,
+    window_keys: Optional[int] = None,
 ) -> torch.Tensor:
     """The attention probabilities (batch, nheads, seqlen_q, seqlen_k) of ``attention_ref``
-    (0 where masked), in q's dtype."""
+    (0 where masked), in q's dtype. ``window_keys``: the key count a window side must reach
+    to be unbounded (default seqlen_k; a varlen call's max_seqlen_k for one of its sequences)."""
     qt, kt, _, mask, scale, softcap, bias = _dense_setup(q, k, k, causal, softmax_scale, window_size, softcap,
-                                                         alibi_slopes)
+                                                         alibi_slopes, window_keys)
     return _masked_softmax(qt, kt, mask, scale, softcap, bias)[0]
 
 

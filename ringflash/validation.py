@@ -354,6 +354,9 @@ def check_varlen_qkv(
     checked on the host at this call; when not, the launchers check them on the device."""
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_cu_seqlens_type(name, t)
+    # Before the device check, which reads .device (a non-tensor q/k/v raised AttributeError).
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t)
     if seqused_k is not None:
         check_tensor("seqused_k", seqused_k)
     check_same_device(
@@ -428,6 +431,8 @@ def check_paged_varlen_qkv(
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_cu_seqlens_type(name, t)
     check_tensor("block_table", block_table)
+    for name, t in (("q", q), ("k", k_cache), ("v", v_cache)):  # before the device check, which reads .device
+        check_tensor(name, t)
     if seqused_k is not None:
         check_tensor("seqused_k", seqused_k)
     check_same_device(

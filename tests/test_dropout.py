@@ -10,7 +10,7 @@ import torch
 from attn_check import EPS
 from conftest import HAS_CUDA, cu_seqlens_from_lengths
 from ringflash import flash_attn_func, flash_attn_varlen_func
-from ringflash.reference import attention_probs_ref
+from ringflash.reference import attention_probs_ref, visible_mask
 from ringflash.testing import assert_close
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -123,6 +123,27 @@ def test_varlen_dropout_matches_its_mask(gen, causal):
     torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=0)
     for g, w in zip(grads, want_grads):
         torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=0)
+
+
+def test_varlen_s_dmask_window_bounded_by_max_seqlen_k(gen):
+    """S_dmask's probabilities follow the kernels' window: a side is unbounded only when it
+    reaches max_seqlen_k (flash-attn's rule), not a sequence's own key count. Sequence 0 has
+    10 queries and 3 keys, right = 5 < max_seqlen_k = 20: its rows 0 and 1 see no key (lse
+    -inf, out 0), so their S_dmask rows must be 0 (they were a softmax over all 3 keys)."""
+    lengths, k_lengths = [10, 4], [3, 20]
+    cu_q, cu_k = cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE)
+    q = torch.randn(sum(lengths), 2, 16, generator=gen).to(DEVICE)
+    k, v = (torch.randn(sum(k_lengths), 2, 16, generator=gen).to(DEVICE) for _ in range(2))
+    out, lse, s_dmask = flash_attn_varlen_func(q, k, v, cu_q, cu_k, 10, 20, dropout_p=0.2, window_size=(-1, 5),
+                                               return_attn_probs=True)
+    assert torch.isinf(lse[:, :2]).all() and not torch.isinf(lse[:, 2:]).any()
+    for i, (a, e, ka, ke) in enumerate(zip(cu_q.tolist(), cu_q.tolist()[1:], cu_k.tolist(), cu_k.tolist()[1:])):
+        # The literal window (right = 5 < max_seqlen_k), a softmax over what each row sees.
+        mask = visible_mask(torch.arange(e - a)[:, None], torch.arange(ke - ka)[None, :], e - a, ke - ka, False,
+                            (-1, 5)).to(DEVICE)
+        scores = torch.einsum("qhd,khd->hqk", q[a:e].double(), k[ka:ke].double()) * 16 ** -0.5
+        want = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+        torch.testing.assert_close(s_dmask[i, :, :e - a, :ke - ka].abs().double(), want, atol=1e-5, rtol=0)
 
 
 def test_dropped_fraction_and_seeds():

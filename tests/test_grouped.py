@@ -4,6 +4,7 @@ Checked against the float64 reference per group (the project's bar, through
 check_attention on the concatenated groups) and against separate flash_attn_varlen_func
 calls with the same ranges."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -146,6 +147,25 @@ def test_zigzag_group_ranges_rejects_indivisible_lengths():
         zigzag_group_ranges(cu_seqlens_from_lengths([8, 4]), 8, [0, 4], 4)
 
 
+@pytest.mark.parametrize(
+    "args,exc,pattern",
+    [
+        ((8, [0], True), ValueError, r"total_chunks: got True; expected a positive int"),
+        ((8, [True], 4), ValueError, r"chunk_indices: got True; expected ints in \[0, 4\)"),
+        ((None, [0, 3], 4), TypeError, r"max_seqlen_k: expected an int, got None"),
+        ((4, [0, 3], 4), ValueError, r"max_seqlen_k: got 4 but the longest sequence in cu_seqlens_k has 8 tokens"),
+    ],
+)
+def test_zigzag_group_ranges_names_bad_arguments(args, exc, pattern):
+    """Each bad argument is refused by name: a bool chunk count or index was read as 1, a
+    None max_seqlen_k failed in arithmetic, and one too small surfaced only later as a
+    group's max_seqlen_q."""
+    with pytest.raises(exc, match=pattern):
+        zigzag_group_ranges(cu_seqlens_from_lengths([8, 4], DEVICE), *args)
+    cu_q, used, max_q = zigzag_group_ranges(cu_seqlens_from_lengths([8, 4], DEVICE), 8, [np.int64(3)], np.int64(4))
+    assert used[0].tolist() == [8, 4] and max_q == [2]
+
+
 @pytest.mark.parametrize("group_order", configs.GROUP_ORDERS)
 def test_grouped_split_kv_block_shapes_and_order(gen, group_order):
     case = GroupedCase(gen, [70, 9], [[5, 9], [35, 2]], [[70, 9], [40, 0]], h=2, hk=1)
@@ -164,6 +184,9 @@ def test_grouped_split_kv_block_shapes_and_order(gen, group_order):
         (dict(cu_seqlens_q_list="bad-group-1"), ValueError, r"group 1: cu_seqlens_q: last entry is 11; expected the token count 16"),
         (dict(seqused_k_list="too-long"), ValueError, r"group 0: seqused_k: an entry exceeds its sequence's key count by 1"),
         (dict(q_list="heads"), ValueError, r"group 1: k: nheads_k=2 must divide q's nheads=3"),
+        # Refused by name before the device check read .device (an AttributeError before).
+        (dict(q_list="not-a-tensor"), TypeError, r"group 1: q: expected a torch.Tensor, got str"),
+        (dict(v=[0.0]), TypeError, r"group 0: v: expected a torch.Tensor, got list"),
     ],
 )
 def test_grouped_bad_inputs(gen, change, exc, pattern):
@@ -179,6 +202,8 @@ def test_grouped_bad_inputs(gen, change, exc, pattern):
             value = [torch.tensor([33, 3, 5], dtype=torch.int32, device=DEVICE), case.used[1]]
         elif value == "heads":
             value = [args["q_list"][0], torch.randn(16, 3, 16, device=DEVICE).half()]
+        elif value == "not-a-tensor":
+            value = [args["q_list"][0], "q"]
         args[key] = value
     with pytest.raises(exc, match=pattern):
         grouped_flash_attn_varlen_func(**args)
