@@ -86,7 +86,11 @@ for s in "$@"; do
     # four chrome traces in $OUT/profdecode).
     probesplits) stage probesplits "${PROBESPLITS_LIMIT:-150}" python3 scripts/probe_decode_splits.py ${PROBESPLITS_ARGS:-} ;;
     # Issues 15/16: every candidate tile of the training kernels on one case (probe_tiles.py --help).
-    probetiles) stage probetiles "${PROBETILES_LIMIT:-300}" python3 scripts/probe_tiles.py ${PROBETILES_ARGS:-} ;;
+    # PROBETILES_CASES: several cases' arguments separated by "|", one after the other in one log.
+    probetiles) if [ -n "${PROBETILES_CASES:-}" ]; then
+                  stage probetiles "${PROBETILES_LIMIT:-300}" bash -c 'IFS="|"; for c in $PROBETILES_CASES; do
+                    echo "### probe_tiles.py $c"; IFS=" " eval "python3 scripts/probe_tiles.py $c"; done'
+                else stage probetiles "${PROBETILES_LIMIT:-300}" python3 scripts/probe_tiles.py ${PROBETILES_ARGS:-}; fi ;;
     # Issue 15: the Gluon Hopper forward: its error, then its time against the portable
     # forward, FA2 and cuDNN (scripts/probe_sm90.py --help).
     probesm90) stage probesm90 "${PROBESM90_LIMIT:-240}" python3 scripts/probe_sm90.py ${PROBESM90_ARGS:-} ;;
