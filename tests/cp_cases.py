@@ -241,6 +241,7 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     # keep_gathered_kv where nothing is gathered.
     attempt("keep_gathered_kv on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), keep_gathered_kv=True))
     attempt("local_first on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), local_first=True))
+    attempt("heads_k_stride on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), heads_k_stride=1))
     attempt("mode on ring", lambda: ring.attention(mk(m, 2), mk(m, 1), mk(m, 1), mode="two_kernels"))
     # The process-wide setting applies where the split can run: elsewhere it is off.
     os.environ["RINGFLASH_CP_LOCAL_FIRST"] = "1"
@@ -260,9 +261,11 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     # Verify mode: a perturbed "two_kernels" run must be caught.
     real = local_mod.local_forward
 
+    perturb_ranks = set(range(world_size))
+
     def perturbed(*args, **kwargs):
         real(*args, **kwargs)
-        if kwargs.get("mode") == "two_kernels":
+        if kwargs.get("mode") == "two_kernels" and rank in perturb_ranks:
             kwargs["out"].add_(0.5)
 
     local_mod.local_forward = perturbed
@@ -271,10 +274,17 @@ def error_worker(rank: int, world_size: int, _payload) -> dict:
     engines_mod.local_forward = perturbed
     try:
         attempt("verify catches a mismatch", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), verify=True))
+        # A mismatch on rank 1 alone stops rank 0 as well (it went on into the backward).
+        perturb_ranks = {1}
+        attempt("verify mismatch on one rank", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), verify=True))
     finally:
         local_mod.local_forward = real
         engines_mod.local_forward = real
     attempt("verify passes when modes agree", lambda: plan.attention(mk(n, 2), mk(n, 1), mk(n, 1), verify=True))
+    # One token in all: rank 1 holds none, and its verify compares empty results.
+    tiny = Plan(torch.tensor([0, 0, 1], dtype=torch.int32, device=device()), strategy="zigzag_llama3")
+    t = tiny.num_local_tokens
+    attempt("verify on a rank without tokens", lambda: tiny.attention(mk(t, 2), mk(t, 1), mk(t, 1), verify=True))
     # Ulysses: heads that do not split over the ranks; the degree's own checks.
     uly = Plan(cu, strategy="ulysses")
     m = uly.num_local_tokens

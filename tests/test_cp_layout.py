@@ -134,3 +134,120 @@ def test_zigzag_mode_names_the_setting_it_read(monkeypatch):
     with pytest.raises(ValueError, match="mode: got 'fused'"):
         zigzag_mode("fused")
     assert zigzag_mode("two_kernels") == "two_kernels"
+
+
+def test_verify_compares_a_rank_without_tokens():
+    """Documents totalling fewer tokens than the ranks leave a rank with none: verify's
+    comparison of its empty out used to raise (the max of an empty tensor) on that rank
+    alone, after the forward's collectives, while the other ranks went on to the
+    backward's re-gather (a collective mismatch: a hang, or gloo aborting)."""
+    import torch
+
+    from ringflash.cp.plan import _check_modes_agree
+
+    out, lse = torch.empty(0, 2, 8), torch.empty(2, 0)
+    _check_modes_agree(out, lse, out.clone(), lse.clone(), "grouped", "two_kernels")
+    with pytest.raises(RuntimeError, match="disagree"):  # still catches a real mismatch
+        _check_modes_agree(torch.ones(1, 2, 8), torch.zeros(2, 1), torch.zeros(1, 2, 8), torch.zeros(2, 1),
+                           "grouped", "two_kernels")
+
+
+# -- every layout's kernel metadata against the global mask, host-side ----------------------
+
+_PACKS = [(1,), (0, 1), (1, 2, 1), (7, 1), (5, 0, 3), (13, 1, 1, 2)]
+
+
+def _placed(pieces):
+    return [(p.seq, pos) for p in pieces for pos in p.positions()]
+
+
+def _wanted(queries, keys, causal, left, right):
+    """The global mask: same document, causal, within the window."""
+    return [[qs == ks and not (causal and kp > qp) and not (left >= 0 and kp < qp - left)
+             and not (right >= 0 and kp > qp + right) for ks, kp in keys] for qs, qp in queries]
+
+
+def _meta_mask(meta, num_q, num_k, causal, left, right):
+    """What the kernels compute from ``meta`` (``kernels.problem``'s contract); rows in two entries fail."""
+    starts, ends, cu = meta.q_starts.tolist(), meta.q_ends.tolist(), meta.cu_seqlens_k.tolist()
+    used = meta.seqused_k.tolist() if meta.seqused_k is not None else None
+    diag = meta.diag.tolist() if meta.diag is not None else None  # None: bottom-right alignment
+    mask, owner = [[False] * num_k for _ in range(num_q)], [None] * num_q
+    for g in range(len(starts)):
+        for b in range(len(cu) - 1):
+            u = used[g][b] if used is not None else cu[b + 1] - cu[b]
+            num = ends[g][b] - starts[g][b]
+            for i in range(num):
+                row, d = starts[g][b] + i, (diag[g][b] if diag is not None else cu[b + 1] - cu[b] - num) + i
+                assert owner[row] is None, ("row in two entries", row)
+                owner[row] = (g, b)
+                for j in range(u):
+                    mask[row][cu[b] + j] = (not (causal and j > d) and not (left >= 0 and j < d - left)
+                                            and not (right >= 0 and not causal and j > d + right))
+    return mask
+
+
+@pytest.mark.parametrize("strategy", ["llama3", "zigzag_llama3", "balanced", "ring", "zigzag_ring", "stripe"])
+def test_metadata_gives_the_global_mask(strategy):
+    """Short documents, documents shorter than W, empty ones, totals not divisible by W or
+    2W, windows crossing shard boundaries: every rank's metadata (the all-gather spec, with
+    and without the local-first split, or every ring step, summed) gives exactly its rows
+    of the single-process mask, and every token is held by exactly one rank."""
+    from ringflash.cp.simulate import _RankPlan
+
+    for lengths in _PACKS:
+        everything = [(i, pos) for i, n in enumerate(lengths) for pos in range(n)]
+        for w in (2, 3, 4):
+            plans = [_RankPlan(list(lengths), w, r, strategy, min_piece=1 if strategy == "balanced" else None)
+                     for r in range(w)]
+            assert sorted(sum((_placed(plans[0].pieces[r]) for r in range(w)), [])) == everything
+            for causal in (True, False):
+                windows = [(-1, -1)]
+                if strategy not in ("zigzag_ring", "stripe"):
+                    windows += [(1, -1), (0, -1)] if causal else [(2, 1), (-1, 0)]
+                for left, right in windows:
+                    right = 0 if causal else right
+                    for r, plan in enumerate(plans):
+                        queries = _placed(plan.pieces[r])
+                        if strategy in ("ring", "zigzag_ring", "stripe"):
+                            seen = [[0] * len(everything) for _ in queries]
+                            for s, step in enumerate(plan._ring_steps(causal, left, right)):
+                                keys = _placed(plan.pieces[(r - s) % w])
+                                mask = _meta_mask(step.meta, len(queries), len(keys), causal, left, right)
+                                assert not step.skip or not any(map(any, mask))
+                                for a, row in enumerate(mask):
+                                    for b, hit in enumerate(row):
+                                        seen[a][everything.index(keys[b])] += hit
+                            want = _wanted(queries, everything, causal, left, right)
+                            assert seen == [[int(x) for x in row] for row in want], (lengths, w, r, causal, left)
+                            continue
+                        buffer = {s * plan.n_max + t: key for s in range(w)
+                                  for t, key in enumerate(_placed(plan.pieces[s]))}
+                        spec = plan._allgather_spec()
+                        keys = [buffer[i] for i in spec.key_index.tolist()]
+                        assert keys == everything
+                        assert (_meta_mask(spec.meta, len(queries), len(keys), causal, left, right)
+                                == _wanted(queries, keys, causal, left, right)), (lengths, w, r, causal, left)
+                        if (left, right) in ((-1, -1), (-1, 0)):  # the local-first split
+                            split = plan._allgather_spec(True, causal)
+                            assert (_meta_mask(split.local.meta, len(queries), len(queries), causal, -1, -1)
+                                    == _wanted(queries, queries, causal, -1, -1))
+                            others = [buffer[i] for i in split.key_index.tolist()]
+                            assert (_meta_mask(split.meta, len(queries), len(others), causal, -1, -1)
+                                    == _wanted(queries, others, causal, -1, -1)), (lengths, w, r, causal)
+
+
+@pytest.mark.parametrize("w, u", [(4, 2), (3, 3), (4, 1)])
+def test_hybrid_and_ulysses_slices_rebuild_their_streams(w, u):
+    """hybrid: the ranks of a Ulysses group hold, in rank order, exactly their group's
+    zigzag_llama3 stream (the all-to-all rebuilds it); ulysses: llama3's slices."""
+    from ringflash.cp.layout import rank_pieces
+
+    for lengths in _PACKS:
+        for g in range(w // u):
+            stream = _placed(rank_pieces("zigzag_llama3", list(lengths), g, w // u))
+            group = sum((_placed(rank_pieces("hybrid", list(lengths), g * u + j, w, u)) for j in range(u)), [])
+            assert group == stream, (lengths, w, u, g)
+        ulysses = [rank_pieces("ulysses", list(lengths), r, w) for r in range(w)]
+        assert ulysses == [rank_pieces("llama3", list(lengths), r, w) for r in range(w)]
+        assert sum(map(_placed, ulysses), []) == [(i, p) for i, n in enumerate(lengths) for p in range(n)]

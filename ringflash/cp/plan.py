@@ -485,6 +485,11 @@ class Plan:
                                     "world_size" if self.strategy == "ulysses" else "ulysses_degree")
             # hybrid gathers the KV heads a rank holds after its all-to-all
             nheads_k = heads.kv_local if self.strategy == "hybrid" else k.shape[1]
+            if heads_k_stride is not None and self.strategy not in ALL_GATHER_STRATEGIES + ("hybrid",):
+                how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
+                raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; {self.strategy} {how} and gathers "
+                                 "nothing, so it would be ignored; expected None (or the llama3, zigzag_llama3, "
+                                 "balanced or hybrid strategies)")
             stride = nheads_k if heads_k_stride is None else heads_k_stride
             if V.integer_value(stride) is None or stride < 1 or nheads_k % stride != 0:
                 where = " per rank after the all-to-all" if self.strategy == "hybrid" else ""
@@ -543,7 +548,14 @@ class Plan:
             other = "two_kernels" if mode == "grouped" else "grouped"
             with torch.no_grad():
                 ref, ref_lse = run(other, False)
-            _check_modes_agree(out, lse, ref, ref_lse, mode, other)
+            mismatch: Optional[RuntimeError] = None
+            try:
+                _check_modes_agree(out, lse, ref, ref_lse, mode, other, self.strategy)
+            except RuntimeError as exc:
+                mismatch = exc
+            # One rank's mismatch must stop every rank: the others would otherwise go on
+            # into the backward's collectives and wait for it (a hang under NCCL).
+            check_agreement(self.comm, None, q.device, f"{self.strategy} verify", mismatch)
         return (out, lse) if return_lse else out
 
     def _ulysses(self, q, k, v, params: LocalParams, heads: HeadSplit, stride: int, mode: str, keep: bool,
@@ -646,11 +658,15 @@ class Plan:
         return chunk_bounds(self.seqlens[seq], 2 * self.world_size)[rank][1]
 
 
-def _check_modes_agree(out, lse, ref, ref_lse, mode: str, other: str) -> None:
+def _check_modes_agree(out, lse, ref, ref_lse, mode: str, other: str, strategy: str = "zigzag_llama3") -> None:
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 1e-2}[out.dtype]
+    # A rank may hold no tokens (documents totalling fewer than the ranks): the max of its
+    # empty results raised there alone, after the collectives, and the others hung in the
+    # backward's re-gather.
     diff = (out.float() - ref.float()).abs().max().item() if out.numel() else 0.0
+    scale = ref.float().abs().max().item() if ref.numel() else 0.0
     finite = torch.isfinite(lse)
     lse_diff = (lse[finite] - ref_lse[finite]).abs().max().item() if finite.any() else 0.0
-    if diff > tol * max(1.0, ref.float().abs().max().item()) or lse_diff > 1e-3 or not torch.equal(finite, torch.isfinite(ref_lse)):
-        raise RuntimeError(f"zigzag_llama3 verify: modes {mode!r} and {other!r} disagree "
+    if diff > tol * max(1.0, scale) or lse_diff > 1e-3 or not torch.equal(finite, torch.isfinite(ref_lse)):
+        raise RuntimeError(f"{strategy} verify: modes {mode!r} and {other!r} disagree "
                            f"(max |out diff| {diff:.3e}, max |lse diff| {lse_diff:.3e})")
