@@ -294,3 +294,103 @@ def test_wide_times_small_cases_twice():
     assert not kw._small({"fwd": (0.2, "ok"), "bwd": (limit, "ok")})
     assert not kw._small({"fwd": (None, "failed"), "bwd": (0.1, "ok")})
     assert not kw._small({})
+
+
+# --- bench tune ------------------------------------------------------------------------
+
+
+@needs_interpreter
+def test_tune_split_sweep_runs(capsys):
+    """`bench tune --only-splits` (and the ablations after the winners) imported make_problem
+    from kernels.fwd, which has none, and passed it an extra argument: it crashed before
+    timing anything. The same path, interpreted at a toy shape."""
+    from ringflash.bench import tune
+
+    tune.split_sweep("cpu", shapes=((1, 1, 64),), counts=(1, 2))
+    out = capsys.readouterr().out
+    assert "split-KV sweep" in out and "| b=1 sq=1 sk=64 " in out
+
+
+@needs_interpreter
+def test_tune_host_overhead_runs(capsys):
+    """`bench tune --only-overhead` (interpreted on a CPU-only machine) called
+    interface._options without its seqlen_k argument and raised a TypeError at that row."""
+    assert cli_main(["bench", "tune", "--only-overhead", "--calls", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "options (interface._options)" in out and "training step (flash_attn_func fwd+bwd) profile" in out
+
+
+# --- FLOP counts and baselines on the bottom-right causal mask -------------------------
+
+
+def _visible_pairs(sq, sk):
+    """Query row i sees keys 0 .. i + sk - sq (bottom-right alignment), counted one by one."""
+    return sum(max(0, min(sk, i + sk - sq + 1)) for i in range(sq))
+
+
+@pytest.mark.parametrize("sq,sk", [(1, 4096), (128, 4096), (1000, 3000), (4096, 4096), (3000, 1000)])
+def test_attn_flops_count_the_bottom_right_mask(sq, sk):
+    """Causal FLOPs with seqlen_q != seqlen_k follow the visible pairs of the bottom-right
+    mask (halving sq * sk counted a one-query decode step at half its work, and a few
+    queries against a long cache likewise); sq == sk keeps the usual halving."""
+    from ringflash.bench.common import attn_flops
+
+    b, h, d = 2, 3, 64
+    assert attn_flops(b, h, sq, sk, d, False) == 4.0 * b * h * sq * sk * d
+    exact = 4.0 * b * h * d * _visible_pairs(sq, sk)
+    assert attn_flops(b, h, sq, sk, d, True) == pytest.approx(exact, rel=2e-3)
+    if sq == sk:
+        assert attn_flops(b, h, sq, sk, d, True) == 2.0 * b * h * sq * sk * d
+
+
+def _bottom_right_reference(q, k, v):
+    """Causal attention in float64 on (b, s, h, d) tensors, query row i seeing keys up to
+    i + sk - sq; K/V heads repeated for GQA."""
+    import torch
+
+    sq, sk, group = q.shape[1], k.shape[1], q.shape[2] // k.shape[2]
+    k, v = (x.double().repeat_interleave(group, dim=2) for x in (k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k) * q.shape[-1] ** -0.5
+    visible = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+    return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_baseline_uses_the_bottom_right_mask(monkeypatch):
+    """The FlexAttention baseline's causal block mask was q_idx >= kv_idx (top-left): with
+    fewer queries than keys it computed another problem than ours. Eager flex on the CPU."""
+    import torch
+
+    from ringflash.bench import common
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    run = common.flex_baseline()
+    gen = torch.Generator().manual_seed(0)
+    for sq, sk in ((3, 7), (5, 5)):
+        q = torch.randn(1, sq, 2, 16, generator=gen)
+        k, v = torch.randn(1, sk, 2, 16, generator=gen), torch.randn(1, sk, 2, 16, generator=gen)
+        out = run(q, k, v, True)
+        torch.testing.assert_close(out.double(), _bottom_right_reference(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+def test_sdpa_baselines_never_run_a_top_left_mask():
+    """SDPA's is_causal is top-left aligned: the baselines drop it for one query row (which
+    sees every key under ours) and refuse other seqlen_q != seqlen_k shapes instead of timing
+    a different problem; seqlen_q == seqlen_k is unchanged."""
+    import torch
+
+    from ringflash.bench import common, harness
+
+    gen = torch.Generator().manual_seed(0)
+    calls = {"sdpa_baseline": lambda q, k, v: common.sdpa_baseline("MATH")(q, k, v, True),
+             "sdpa_call": lambda q, k, v: harness.sdpa_call(q, k, v, True, "MATH")}
+    for name, call in calls.items():
+        for sq, sk in ((1, 9), (6, 6)):
+            q = torch.randn(2, sq, 4, 16, generator=gen)
+            k, v = torch.randn(2, sk, 2, 16, generator=gen), torch.randn(2, sk, 2, 16, generator=gen)
+            torch.testing.assert_close(call(q, k, v).double(), _bottom_right_reference(q, k, v), atol=1e-5,
+                                       rtol=1e-5, msg=name)
+        q, k = torch.randn(1, 3, 2, 16, generator=gen), torch.randn(1, 7, 2, 16, generator=gen)
+        with pytest.raises(NotImplementedError, match="top left"):
+            call(q, k, k)
+        assert harness.classify_failure(NotImplementedError("x")).startswith("unsupported: ")

@@ -3,8 +3,8 @@ benchmark commands.
 
 Times are medians of ``triton.testing.do_bench`` (CUDA events) on a GPU; on the CPU (where
 CUDA events do not exist) ``cpu_wall_ms`` takes a median of wall-clock times instead.
-FLOPs follow the usual convention: forward 4 * b * h * sq * sk * d (halved when causal),
-backward 2.5x forward.
+FLOPs follow the usual convention: forward 4 * b * h * sq * sk * d (halved when causal and
+sq == sk; ``attn_flops`` counts the bottom-right mask's area otherwise), backward 2.5x forward.
 """
 
 from __future__ import annotations
@@ -69,9 +69,17 @@ def free_memory() -> None:
 
 
 def attn_flops(batch: int, nheads: int, seqlen_q: int, seqlen_k: int, headdim: int, causal: bool) -> float:
-    """Forward FLOPs of dense attention (two matmuls)."""
-    flops = 4.0 * batch * nheads * seqlen_q * seqlen_k * headdim
-    return flops / 2 if causal else flops
+    """Forward FLOPs of dense attention (two matmuls), ``nheads`` the query heads.
+
+    Causal counts the visible area of the bottom-right-aligned mask (query row i sees keys
+    up to i + seqlen_k - seqlen_q), as the kernels compute it: half the square when
+    seqlen_q == seqlen_k (the usual convention), about all of it for a few queries against
+    many keys, and half of seqlen_k^2 when queries outnumber keys (the first rows see none).
+    Halving sq * sk regardless counted a one-query decode step at half its work."""
+    if not causal:
+        return 4.0 * batch * nheads * seqlen_q * seqlen_k * headdim
+    m = min(seqlen_q, seqlen_k)
+    return 4.0 * batch * nheads * (m * (seqlen_k - m) + m * m / 2) * headdim
 
 
 def varlen_flops(lengths: Sequence[int], nheads: int, headdim: int, causal: bool) -> float:
@@ -100,16 +108,32 @@ def _expand_heads(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return x if x.shape[2] == q.shape[2] else x.repeat_interleave(q.shape[2] // x.shape[2], dim=2)
 
 
+def sdpa_is_causal(seqlen_q: int, seqlen_k: int, causal: bool) -> bool:
+    """SDPA's ``is_causal`` for our causal mask, which is aligned to the bottom right.
+
+    SDPA aligns its causal mask to the top left: the same mask when seqlen_q == seqlen_k,
+    and one query row sees every key under ours (no mask). Any other causal shape would
+    make the baseline compute a different problem, so it raises NotImplementedError (the
+    baseline's cell is reported unavailable rather than timed on the wrong mask)."""
+    if not causal or seqlen_q == seqlen_k:
+        return causal
+    if seqlen_q == 1:
+        return False
+    raise NotImplementedError(f"SDPA's causal mask is aligned to the top left; ours to the bottom right "
+                              f"(seqlen_q={seqlen_q}, seqlen_k={seqlen_k})")
+
+
 def sdpa_baseline(backend_name: str) -> Callable[..., torch.Tensor]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name)
 
     def run(q, k, v, causal):
+        is_causal = sdpa_is_causal(q.shape[1], k.shape[1], causal)
         with sdpa_kernel(backend):
             out = F.scaled_dot_product_attention(
                 q.transpose(1, 2), _expand_heads(q, k).transpose(1, 2), _expand_heads(q, v).transpose(1, 2),
-                is_causal=causal,
+                is_causal=is_causal,
             )
         return out.transpose(1, 2)
 
@@ -128,8 +152,13 @@ def flex_baseline() -> Callable[..., torch.Tensor]:
     compiled = torch.compile(flex_attention, dynamic=False)
     masks: dict[tuple, object] = {}
 
-    def causal_mask(b, h, q_idx, kv_idx):
-        return q_idx >= kv_idx
+    def causal_mask(offset: int):
+        # Bottom-right aligned as ours: query i sees keys up to i + sk - sq (q_idx >= kv_idx
+        # alone is top-left, a different problem whenever sq != sk).
+        def mask(b, h, q_idx, kv_idx):
+            return q_idx + offset >= kv_idx
+
+        return mask
 
     def run(q, k, v, causal):
         sq, sk = q.shape[1], k.shape[1]
@@ -137,7 +166,8 @@ def flex_baseline() -> Callable[..., torch.Tensor]:
         if causal:
             key = (sq, sk, q.device)
             if key not in masks:
-                masks[key] = create_block_mask(causal_mask, B=None, H=None, Q_LEN=sq, KV_LEN=sk, device=q.device)
+                masks[key] = create_block_mask(causal_mask(sk - sq), B=None, H=None, Q_LEN=sq, KV_LEN=sk,
+                                               device=q.device)
             block_mask = masks[key]
         out = compiled(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from .common import (
-    CPU_TIMER, CUDA_TIMER, bench_ms, cpu_wall_ms, format_table, free_memory, is_oom, read_csv_rows, write_csv,
-    write_text,
+    CPU_TIMER, CUDA_TIMER, bench_ms, cpu_wall_ms, format_table, free_memory, is_oom, read_csv_rows, sdpa_is_causal,
+    write_csv, write_text,
 )
 from .progress import write
 
@@ -223,11 +223,13 @@ def sdpa_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, b
     ``backend``: an ``SDPBackend`` name (FLASH_ATTENTION, CUDNN_ATTENTION, ...) to restrict
     to, or None for PyTorch's own choice. ``gqa``: "native" passes ``enable_gqa=True`` when
     K/V have fewer heads; "repeat" repeats them inside the call (autograd sums the copies'
-    gradients back). SDPA's causal mask is aligned to the top left: callers with fewer
-    queries than keys must pass causal=False (one query row against all keys is the same).
+    gradients back). SDPA's causal mask is aligned to the top left, ours to the bottom right:
+    ``common.sdpa_is_causal`` drops the mask for one query row (it sees every key) and refuses
+    other shapes with seqlen_q != seqlen_k (NotImplementedError: "unsupported").
     """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    causal = sdpa_is_causal(q.shape[1], k.shape[1], causal)
     kwargs = {}
     if k.shape[2] != q.shape[2]:
         if gqa == "native":

@@ -180,28 +180,41 @@ def main(argv=None) -> int:
     return 0
 
 
-def split_sweep() -> None:
-    """Forward time against the number of key splits on shapes with few query blocks."""
+#: (batch, seqlen_q, seqlen_k) of ``split_sweep``: few query blocks, long keys.
+SPLIT_SHAPES = ((1, 1, 32768), (1, 128, 32768), (4, 64, 8192), (2, 1024, 16384), (8, 1, 4096))
+SPLIT_COUNTS = (1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def split_sweep(dev: str = "cuda", shapes=SPLIT_SHAPES, counts=SPLIT_COUNTS) -> None:
+    """Forward time against the number of key splits on shapes with few query blocks.
+    ``dev="cpu"`` runs the same path interpreted at the given (toy) shapes (a test of this
+    sweep; its times mean nothing)."""
     from ..interface import flash_attn_func
     from ..kernels import configs
-    from ..kernels.fwd import attention_forward, make_problem
-    from .common import bench_ms, format_table
+    from ..kernels.fwd import attention_forward
+    # make_problem lives in kernels.problem (it was imported from kernels.fwd, which does
+    # not export it, and called with an extra batch argument: --only-splits crashed).
+    from ..kernels.problem import make_problem
+    from .common import bench_ms, cpu_wall_ms, format_table
 
-    print("\nsplit-KV sweep (bf16, d=128, 16 heads, full attention): forward ms by number of splits")
-    counts = (1, 2, 3, 4, 6, 8, 12, 16)
+    timer = bench_ms if dev == "cuda" else (lambda fn: cpu_wall_ms(fn, warmup=0, reps=1))
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
+    heads, d = (16, 128) if dev == "cuda" else (2, 16)
+    print(f"\nsplit-KV sweep ({str(dtype).removeprefix('torch.')}, d={d}, {heads} heads, full attention): "
+          "forward ms by number of splits")
     rows = []
-    for batch, sq, sk in ((1, 1, 32768), (1, 128, 32768), (4, 64, 8192), (2, 1024, 16384), (8, 1, 4096)):
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q = torch.randn(batch, sq, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(batch, sk, 16, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    for batch, sq, sk in shapes:
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(batch, sq, heads, d, device=dev, dtype=dtype, generator=gen)
+        k = torch.randn(batch, sk, heads, d, device=dev, dtype=dtype, generator=gen)
         v = torch.randn_like(k)
-        prob = make_problem(q, k, False, sq, sk, 128 ** -0.5, False, -1, -1, 0.0, batch)
+        prob = make_problem(q, k, None, sq, sk, d ** -0.5, False, -1, -1, 0.0)
         row = [f"b={batch} sq={sq} sk={sk}"]
         for n in counts:
             with configs.override(num_splits=n):
-                row.append(f"{bench_ms(lambda: attention_forward(q, k, v, prob)):.3f}")
-        row.append(f"{bench_ms(lambda: attention_forward(q, k, v, prob)):.3f}")
-        row.append(f"{bench_ms(lambda: flash_attn_func(q, k, v)):.3f}")
+                row.append(f"{timer(lambda: attention_forward(q, k, v, prob)):.3f}")
+        row.append(f"{timer(lambda: attention_forward(q, k, v, prob)):.3f}")
+        row.append(f"{timer(lambda: flash_attn_func(q, k, v)):.3f}")
         rows.append(row)
     print(format_table(["shape"] + [f"S={n}" for n in counts] + ["heuristic", "api (heuristic)"], rows))
 
@@ -274,8 +287,10 @@ def host_overhead(dev: str = "cuda", calls: int = 500) -> None:
         "SDPA FA2 fwd+bwd (requires_grad)": sdpa_fa2_step,
         # The layers above the launcher, one at a time (what flash_attn_func adds to it).
         "  validation: check_dense_qkv": lambda: check_dense_qkv(q, q, q),
+        # (batch, nheads, headdim, seqlen_k, device) last, as flash_attn_func passes them (seqlen_k
+        # was missing since _options took it: the probe raised a TypeError at this row).
         "  options (interface._options)": lambda: _options(0.0, None, False, (-1, -1), 0.0, None, False, False, 1, 4,
-                                                           64, q.device),
+                                                           64, 128, q.device),
         "  make_problem": lambda: make_problem(q, q, None, 128, 128, 0.125, False, -1, -1, 0.0),
         "  ops.fwd (the op's implementation, no dispatcher)": lambda: ops.fwd(
             q, q, q, None, None, None, None, None, 128, 128, 0.125, False, -1, -1, 0.0),
