@@ -15,6 +15,7 @@ Infinite reference entries (lse of rows that see no key) must be matched exactly
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -74,7 +75,11 @@ def assert_close(
     if baseline is not None:
         base = error_stats(baseline, reference)
         bound = factor * base.max_abs + atol
-        if not stats.max_abs <= bound:
+        # A baseline that overflowed (inf where the reference is finite: fp16 scores past
+        # 65504) sets no bound; an infinite one would pass any finite result.
+        if not math.isfinite(base.max_abs):
+            problems.append(f"the baseline's error is {base.max_abs}: it sets no bound")
+        elif not stats.max_abs <= bound:
             problems.append(f"max_abs {stats.max_abs:.3e} > {factor} * baseline {base.max_abs:.3e} + {atol:.1e}")
     if problems:
         raise AssertionError(f"{name}: {stats}: " + "; ".join(problems))

@@ -7,11 +7,12 @@ import math
 import torch
 
 
-def naive_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None, diag=None):
+def naive_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=None, diag=None, alibi_slopes=None):
     """q (b, sq, h, d), k/v (b, sk, hk, d) -> out (b, sq, h, d) float64, lse (b, h, sq) float64.
 
     Query row i sees key j iff i + diag - left <= j <= i + diag + right (diag defaults to
-    sk - sq, the bottom-right alignment)."""
+    sk - sq, the bottom-right alignment); the window is taken literally (no widening).
+    ``alibi_slopes`` (h,) or (b, h) adds -slope * |i + diag - j| after the softcap."""
     q, k, v = q.double(), k.double(), v.double()
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
@@ -35,6 +36,9 @@ def naive_attention(q, k, v, causal=False, window=(-1, -1), softcap=0.0, scale=N
                 s = (k[bi, keys, kh] @ q[bi, i, hi]) * scale
                 if softcap > 0:
                     s = softcap * torch.tanh(s / softcap)
+                if alibi_slopes is not None:
+                    slope = float(alibi_slopes[hi] if alibi_slopes.dim() == 1 else alibi_slopes[bi, hi])
+                    s = s - slope * torch.tensor([abs(i + offset - j) for j in keys], dtype=torch.float64)
                 m = s.max()
                 w = torch.exp(s - m)
                 lse[bi, hi, i] = m + torch.log(w.sum())
