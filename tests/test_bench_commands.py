@@ -394,3 +394,18 @@ def test_sdpa_baselines_never_run_a_top_left_mask():
         with pytest.raises(NotImplementedError, match="top left"):
             call(q, k, k)
         assert harness.classify_failure(NotImplementedError("x")).startswith("unsupported: ")
+
+
+def test_kernels_sanity_guard_survives_a_refused_fa2():
+    """The default grid's check of our output against FA2's ran outside the guard that
+    keeps a refused baseline from ending the run: a case FA2 refuses stopped the whole grid."""
+    import torch
+
+    from ringflash.bench import kernels
+
+    def refused():
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    assert kernels._sanity(refused) is None
+    a = torch.ones(4)
+    assert kernels._sanity(lambda: (a, a + 1e-3)) == pytest.approx(1e-3, rel=1e-3)
