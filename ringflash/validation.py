@@ -46,6 +46,11 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> str:
 def check_tensor(name: str, x: object) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    # A sparse, mkldnn or jagged nested tensor has a float dtype and a shape, so it passed
+    # every other check and failed deep in the launchers ("unsupported memory format
+    # option Contiguous", "ge: relation is indeterminate").
+    if x.layout is not torch.strided:
+        raise TypeError(f"{name}: layout {x.layout} is not supported; expected a dense tensor (torch.strided)")
     return x
 
 
@@ -256,8 +261,11 @@ def call_key(tensors: Sequence[Optional[torch.Tensor]], scalars: tuple) -> Optio
     if not _PLAIN_TYPES.issuperset(types):
         return None
     # One comprehension (host time per call); a subclass leaves the marker in the list.
-    meta = [t if t is None else (t.shape, t.stride(), t.dtype, t.device) if type(t) is torch.Tensor else _SUBCLASS
-            for t in tensors]
+    try:
+        meta = [t if t is None else (t.shape, t.stride(), t.dtype, t.device) if type(t) is torch.Tensor else _SUBCLASS
+                for t in tensors]
+    except RuntimeError:  # a tensor without strides (sparse CSR): not remembered, and the checks refuse it
+        return None
     if _SUBCLASS in meta:
         return None
     return scalars, types, *meta

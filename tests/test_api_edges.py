@@ -252,3 +252,48 @@ def test_oversized_max_seqlen_does_not_grow_the_launch(gen):
     torch.testing.assert_close(out.double(), ref, **TOL)
     for got, want in zip(grads, torch.autograd.grad(ref.sum(), leaves)):
         torch.testing.assert_close(got.double(), want, **TOL)
+
+
+# ------------------------------------------------------------------ tensor layouts (regression)
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("which", ["q", "k", "v", "qkv", "kv", "cu_seqlens_q", "Q"])
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "jagged"])
+def test_non_strided_layouts_are_a_clear_error(gen, which, layout):
+    """Found: a sparse or jagged nested tensor has a float dtype and a shape, so it passed
+    every check and failed deep inside: RuntimeError "unsupported memory format option
+    Contiguous" (sparse COO, in kernel_operand), "Sparse CSR tensors do not have strides"
+    (in flash_attn_func's memo key), NotImplementedError from aten::as_strided (a sparse
+    cu_seqlens), ValueError "ge: relation is indeterminate" (jagged). Now a TypeError that
+    names the argument and its layout."""
+    def convert(x):
+        if layout == "sparse_coo":
+            return x.to_sparse()
+        if layout == "sparse_csr":
+            return x.reshape(-1, x.shape[-1]).to_sparse_csr()  # CSR is 2-D (the rank check comes after)
+        return torch.nested.nested_tensor(list(x), layout=torch.jagged)
+
+    q, k, v = (_randn(gen, 2, 5, 2, 16) for _ in range(3))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    flat = lambda x: x.reshape(10, 2, 16)  # noqa: E731
+    calls = {
+        "q": lambda: flash_attn_func(convert(q), k, v),
+        "k": lambda: flash_attn_func(q, convert(k), v),
+        "v": lambda: flash_attn_varlen_func(flat(q), flat(k), convert(flat(v)), cu, cu, 6, 6),
+        "qkv": lambda: flash_attn_qkvpacked_func(convert(torch.stack([q, k, v], 2))),
+        "kv": lambda: flash_attn_kvpacked_func(q, convert(torch.stack([k, v], 2))),
+        "cu_seqlens_q": lambda: flash_attn_varlen_func(flat(q), flat(k), flat(v), cu.to_sparse(), cu, 6, 6),
+        "Q": lambda: FlashAttentionTritonFunc.apply(convert(q[:, :, 0]), k[:, :, 0], v[:, :, 0], False),
+    }
+    if which == "cu_seqlens_q" and layout != "sparse_coo":
+        pytest.skip("a 1-D int32 tensor: only its COO form exists")
+    with pytest.raises(TypeError, match=rf"^{which}: layout torch\.{layout} is not supported"):
+        calls[which]()
+
+
+def test_meta_tensors_are_a_clear_error():
+    """A meta (or other non-CUDA) tensor reached the launchers, which failed with "Cannot
+    copy out of meta tensor" here and an obscure Triton error on a GPU."""
+    q = torch.randn(1, 4, 2, 16, device="meta")
+    with pytest.raises(ValueError, match=r"q: is on device 'meta'; expected a CUDA tensor"):
+        flash_attn_func(q, q, q)

@@ -299,6 +299,32 @@ def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, causal):
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+def test_sm90_varlen_gradients_keep_the_inputs_layout(gen, monkeypatch):
+    """Packed q/k/v viewed from (heads, tokens, d) buffers: the Gluon varlen backward ran on
+    contiguous copies and returned contiguous gradients, where the custom op's fake (and the
+    portable kernels) lay them out as the inputs, so a compiled graph's stride check failed.
+    Values against the portable kernels' on the same call."""
+    from ringflash.kernels.common import grad_buffer
+
+    monkeypatch.setenv("RINGFLASH_DECODE", "0")
+    lengths = [300, 0, 517]
+    cu = cu_seqlens_from_lengths(lengths, DEV)
+    q, k, v = (torch.randn(h, sum(lengths), 128, generator=gen).to(DEV, torch.bfloat16).transpose(0, 1)
+               for h in (8, 2, 2))
+    dout = torch.randn(sum(lengths), 8, 128, generator=gen).to(DEV, torch.bfloat16)
+    grads = {}
+    for backend in ("sm90", "portable"):
+        monkeypatch.setenv("RINGFLASH_BACKEND", backend)
+        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+        out = flash_attn_varlen_func(*leaves, cu, cu, max(lengths), max(lengths), causal=True)
+        grads[backend] = torch.autograd.grad(out, leaves, dout)
+    for g, g_portable, x in zip(grads["sm90"], grads["portable"], (q, k, v)):
+        assert g.stride() == grad_buffer(x, 0).stride() == g_portable.stride()
+        torch.testing.assert_close(g.float(), g_portable.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("splits", [1, 2, 4])
 def test_sm90_head_splits_against_the_reference(gen, monkeypatch, splits):
     """The Gluon dK/dV kernel with each GQA group's query heads split across 1, 2 or 4

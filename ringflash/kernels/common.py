@@ -123,12 +123,16 @@ def check_output_buffer(x, name: str, token_dim: int) -> None:
 
 
 def check_device(x, name: str = "q") -> None:
-    """CPU tensors run only in Triton's interpreter; say so instead of failing obscurely."""
+    """CPU tensors run only in Triton's interpreter, other devices (meta, mps) nowhere; say so
+    instead of failing obscurely."""
     if x.device.type == "cpu" and not interpreting():
         raise ValueError(
             f"{name}: is on the CPU, where ringflash's Triton kernels run only in Triton's interpreter; "
             "expected a CUDA tensor, or TRITON_INTERPRET=1 set before triton is first imported"
         )
+    if x.device.type not in ("cpu", "cuda"):  # meta, mps, xpu...: the launchers would fail obscurely
+        raise ValueError(f"{name}: is on device {x.device.type!r}; expected a CUDA tensor (or a CPU one under "
+                         "TRITON_INTERPRET=1)")
 
 
 @triton.jit

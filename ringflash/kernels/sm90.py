@@ -1386,12 +1386,25 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     kernel; the summation order then varies: not deterministic). The host work that
     depends only on the call's shapes and options is done once per signature
     (``_backward_plan``)."""
-    from .bwd import prepare_backward
-
     varlen = meta is not None
+    inputs = (q, k, v)
     if varlen:
         # The kernels make each sequence's descriptors from contiguous packed tensors.
         q, k, v, dout = (x.contiguous() for x in (q, k, v, dout))
+    dq, dk, dv = _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq)
+    if varlen and not all(x.is_contiguous() for x in inputs):
+        # Gradients laid out as the caller's inputs, as the custom op's fake promises (a
+        # compiled graph checks the strides), and as the dense path writes them directly.
+        return tuple(g if g.stride() == (b := grad_buffer(x, 0)).stride() else b.copy_(g)  # type: ignore[return-value]
+                     for g, x in zip((dq, dk, dv), inputs))
+    return dq, dk, dv
+
+
+def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
+    """``attention_backward_sm90`` on inputs the kernels can take as they are."""
+    from .bwd import prepare_backward
+
+    varlen = meta is not None
     # Laid out as the inputs where those are dense (``common.grad_buffer``): TMA reads the
     # inputs with those strides, so it writes the gradients with them too.
     dq, dk, dv = (grad_buffer(x, 0 if varlen else 1) for x in (q, k, v))
