@@ -18,12 +18,19 @@ BENCHMARKS = {
 }
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:  # a negative count silently skipped the context-parallel run
+        raise argparse.ArgumentTypeError(f"got {value}; expected a count >= 0 (0 skips the run)")
+    return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ringflash", description=__doc__)
     sub = parser.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="check every implementation against the float64 reference and time it")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    demo.add_argument("--cp-world-size", type=int, default=2,
+    demo.add_argument("--cp-world-size", type=_non_negative_int, default=2,
                       help="local processes for the context-parallel run (0 skips it)")
     demo.add_argument("--cp-strategy", default="zigzag_llama3",
                       choices=["zigzag_llama3", "llama3", "ring", "zigzag_ring", "stripe", "ulysses"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -105,13 +107,24 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
     return sorted(times)[1]
 
 
+def _kernels_interpreted() -> Optional[bool]:
+    """Whether this process's kernels run in Triton's interpreter, as fixed when ringflash
+    was imported (None without Triton). Setting TRITON_INTERPRET later changes nothing."""
+    try:
+        from .kernels.common import interpreting
+    except ImportError:
+        return None
+    return interpreting()
+
+
 def describe_environment(device: torch.device) -> list[str]:
     lines = [f"python {platform.python_version()}, torch {torch.__version__}"]
     try:
         import triton
 
-        interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1" or device.type != "cuda"
-        mode = "interpreted (TRITON_INTERPRET=1, CPU)" if interpreted else "compiled"
+        # What the kernels were built as, not the environment variable now: the demo used
+        # to print "interpreted" for --device cpu whatever the kernels were.
+        mode = "interpreted (TRITON_INTERPRET=1)" if _kernels_interpreted() else "compiled"
         lines.append(f"triton {triton.__version__}: {mode}")
     except ImportError:
         lines.append("triton: not installed")
@@ -119,7 +132,7 @@ def describe_environment(device: torch.device) -> list[str]:
         props = torch.cuda.get_device_properties(device)
         lines.append(f"device: {props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)")
     else:
-        lines.append("device: CPU (no CUDA GPU): small sizes")
+        lines.append(f"device: CPU{'' if torch.cuda.is_available() else ' (no CUDA GPU)'}: small sizes")
     return lines
 
 
@@ -192,8 +205,16 @@ def run_demo(device_choice: str = "auto", cp_world_size: int = 2, cp_strategy: s
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit("ringflash demo: --device cuda asked for, but no CUDA GPU is visible")
     device = torch.device("cuda" if use_cuda else "cpu")
-    if device.type == "cpu":
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    if device.type == "cpu" and _kernels_interpreted() is False:
+        # A GPU was visible when ringflash was imported, so its kernels are compiled ones,
+        # which cannot read CPU tensors, and Triton picks its interpreter at import: setting
+        # TRITON_INTERPRET here (as the demo did) came too late, and the Triton rows failed
+        # under a heading that said "interpreted". Run the demo in a child that starts with it.
+        print("ringflash demo --device cpu: this process compiled the kernels for the GPU; running the demo in a "
+              "child process with TRITON_INTERPRET=1", flush=True)
+        return subprocess.call([sys.executable, "-m", "ringflash", "demo", "--device", "cpu", "--cp-world-size",
+                                str(cp_world_size), "--cp-strategy", cp_strategy],
+                               env=dict(os.environ, TRITON_INTERPRET="1"))
     for line in describe_environment(device):
         print(line)
     if device.type == "cuda":

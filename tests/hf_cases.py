@@ -62,3 +62,23 @@ def hf_cp_worker(rank: int, world_size: int, payload) -> dict | None:
         grads[name] = p.grad.numpy().copy()
     full = plan.gather(logits.detach()).numpy().copy()
     return {"logits": full, "grads": grads} if rank == 0 else None
+
+
+def hf_cp_wrong_row_worker(rank: int, world_size: int, payload) -> str:
+    """rf_hf.attention_forward under context_parallel where rank 1 alone passes a row one
+    token short: returns the ValueError each rank raised (every rank must raise one)."""
+    import torch
+
+    import ringflash.integrations.hf as rf_hf
+    from ringflash.cp import Plan
+
+    plan = Plan(torch.tensor([0, 16], dtype=torch.int32), strategy="zigzag_llama3")
+    layer = tiny_model(rf_hf.register()).model.layers[0].self_attn
+    n = plan.num_local_tokens - (1 if rank == 1 else 0)
+    q, k = torch.randn(1, 4, n, 16), torch.randn(1, 2, n, 16)
+    try:
+        with rf_hf.context_parallel(plan):
+            rf_hf.attention_forward(layer, q, k, k, None)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"

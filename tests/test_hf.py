@@ -11,7 +11,7 @@ from conftest import HAS_CUDA
 
 transformers = pytest.importorskip("transformers", minversion="4.53")
 
-from hf_cases import VOCAB, hf_cp_worker, packed_batch, tiny_model  # noqa: E402
+from hf_cases import VOCAB, hf_cp_worker, hf_cp_wrong_row_worker, packed_batch, tiny_model  # noqa: E402
 from ringflash.integrations import hf as rf_hf  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -204,6 +204,9 @@ def test_context_parallel_rejects_padding_and_wrong_rows():
     class FakePlan:
         num_local_tokens = 8
 
+        def attention(self, q, k, v, _caller_error=None, **options):
+            raise _caller_error  # as a one-rank plan's collective check does
+
     layer = tiny_model(rf_hf.register(), device=DEVICE).model.layers[0].self_attn
     q = torch.randn(1, 4, 8, 16, device=DEVICE)
     k = torch.randn(1, 2, 8, 16, device=DEVICE)
@@ -216,6 +219,17 @@ def test_context_parallel_rejects_padding_and_wrong_rows():
                                     k.expand(2, -1, -1, -1), None)
         with pytest.raises(NotImplementedError, match="dropout: got 0.1"):
             rf_hf.attention_forward(layer, q, k, k, None, dropout=0.1)
+
+
+def test_context_parallel_error_on_one_rank_stops_every_rank():
+    """A wrong row on rank 1 alone: the wrapper raised there before plan.attention, and rank 0
+    waited in the plan's collective check for it (on NCCL, a hang). The error now goes
+    through that check, so rank 0 raises too, naming rank 1."""
+    from ringflash.cp.launch import run_local
+
+    errors = run_local(hf_cp_wrong_row_worker, 2, None, timeout=120)
+    assert errors[1].startswith("query: got batch 1 of 7 tokens under context_parallel"), errors
+    assert "rank(s) [1] rejected their inputs" in errors[0], errors
 
 
 def test_layout_cache_never_serves_a_stale_mask():

@@ -43,8 +43,9 @@ model runs ``plan.attention`` on this rank's tokens (see ``ringflash.cp.Plan``):
         logits = model(plan.shard(input_ids)[None], position_ids=plan.position_ids[None]).logits
 
 The input is the batch of one packed row that the plan shards; ``position_ids`` are the
-local tokens' global positions, for the rotary embeddings. Parameter gradients are then
-per-rank partial sums: all-reduce them over the group, as data parallelism does.
+local tokens' positions inside their documents (restarting at 0 at each), for the rotary
+embeddings. Parameter gradients are then per-rank partial sums: all-reduce them over the
+group, as data parallelism does.
 """
 
 from __future__ import annotations
@@ -168,15 +169,21 @@ def context_parallel(plan, heads_k_stride: Optional[int] = None, mode: Optional[
 # its own graph break, when the model around it is compiled.
 @torch.compiler.disable
 def _context_parallel_attention(plan, cp_options: dict, q, k, v, attention_mask, options: dict) -> torch.Tensor:
+    error: Optional[Exception] = None
     if attention_mask is not None:
-        raise ValueError("attention_mask: padding masks are not supported under context_parallel; expected None "
-                         "(pack the documents into the plan's cu_seqlens instead of padding)")
-    if q.shape[0] != 1 or q.shape[1] != plan.num_local_tokens:
-        raise ValueError(f"query: got batch {q.shape[0]} of {q.shape[1]} tokens under context_parallel; expected one "
-                         f"row of this rank's {plan.num_local_tokens} tokens (plan.shard of the packed batch)")
-    if options["dropout_p"]:
-        raise NotImplementedError(f"dropout: got {options['dropout_p']}; context-parallel attention has no dropout, "
-                                  "expected 0.0")
+        error = ValueError("attention_mask: padding masks are not supported under context_parallel; expected None "
+                           "(pack the documents into the plan's cu_seqlens instead of padding)")
+    elif q.shape[0] != 1 or q.shape[1] != plan.num_local_tokens:
+        error = ValueError(f"query: got batch {q.shape[0]} of {q.shape[1]} tokens under context_parallel; expected "
+                           f"one row of this rank's {plan.num_local_tokens} tokens (plan.shard of the packed batch)")
+    elif options["dropout_p"]:
+        error = NotImplementedError(f"dropout: got {options['dropout_p']}; context-parallel attention has no "
+                                    "dropout, expected 0.0")
+    if error is not None:
+        # Raised through the plan's collective check, on every rank: raised here on this rank
+        # alone, the other ranks waited in that check for it (a hang on NCCL).
+        plan.attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), _caller_error=error)
+        raise error  # (plan.attention raises it; in case it returned)
     out = plan.attention(q[0], k[0], v[0], causal=options["causal"], softmax_scale=options["softmax_scale"],
                          window_size=options["window_size"], softcap=options["softcap"], **cp_options)
     return out.unsqueeze(0)
