@@ -174,3 +174,51 @@ def test_d256_dkdv_candidates_include_two_passes_and_eight_warps():
         assert all(c.dkdv_passes == 1 for c in configs.candidates("dkdv", d))
     with pytest.raises(ValueError, match="dkdv_passes"):
         configs.KernelConfig(64, 64, 4, 2, dkdv_passes=3)
+
+
+def test_headdim_entries_win_over_their_bucket(monkeypatch):
+    """``HEAD_PARTS_TABLE`` (run 43): d=160/192's dQ and d=96's short forward take their own
+    measured tiles; d=256 keeps the bucket's dQ, and d=96 past 512 query rows the bucket's
+    forward."""
+    import torch
+    from ringflash.kernels.problem import make_problem
+    monkeypatch.setattr(configs, "interpreting", lambda: False)
+    monkeypatch.setattr(configs, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(configs, "_device_index", lambda device: 0)
+    monkeypatch.setattr(configs, "_shared_memory_limit", lambda index: 227 * 1024)
+    configs.fit_shared_memory.cache_clear()
+    table = configs.TABLE[(9, 0)]
+
+    def cfg(kind, headdim, causal, seqlen):
+        t = torch.empty(1, seqlen, 4, headdim, dtype=torch.bfloat16)
+        q = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0), dtype=t.dtype,
+                                  element_size=t.element_size, shape=t.shape)
+        return configs.config_for(kind, q, make_problem(q, q, None, seqlen, seqlen, 1.0, causal, -1, -1, 0.0))
+
+    try:
+        for causal in (False, True):
+            for d in (160, 192):
+                assert cfg("dq", d, causal, 4096) == configs.KernelConfig(128, 64, 8, 2)
+            assert cfg("dq", 256, causal, 4096) == table["dq"][(256, causal)]
+            assert cfg("fwd", 96, causal, 512) == configs.HEAD_PARTS_TABLE[(9, 0)]["fwd"][((64, 32), causal)][1]
+            assert cfg("fwd", 96, causal, 513) == table["fwd"][(128, causal)]
+            assert cfg("fwd", 128, causal, 512) == table["fwd"][(128, causal)]
+            with configs.override(head_parts=False):  # one padded 256-wide tile: the bucket's
+                assert cfg("dq", 192, causal, 4096) == table["dq"][(256, causal)]
+    finally:
+        configs.fit_shared_memory.cache_clear()
+
+
+def test_softcap_mode_takes_the_tanh_instruction_for_16_bit_inputs_on_the_gpu(monkeypatch):
+    """fp16/bf16 on a GPU: the tanh instruction; fp32 (held to float32 rounding) and the
+    interpreter (no inline assembly): the exact tanh; no softcap: off."""
+    import torch
+
+    from ringflash.kernels import common
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    assert common.softcap_mode(0.0, torch.bfloat16) == common.SOFTCAP_OFF.value == 0
+    for dtype in (torch.float16, torch.bfloat16):
+        assert common.softcap_mode(30.0, dtype) == common.SOFTCAP_APPROX.value
+    assert common.softcap_mode(30.0, torch.float32) == common.SOFTCAP_EXACT.value
+    monkeypatch.setattr(common, "interpreting", lambda: True)
+    assert common.softcap_mode(30.0, torch.float16) == common.SOFTCAP_EXACT.value

@@ -146,6 +146,27 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 # attention was not probed; it takes the same tiles, whose register use is the same.
 
 
+# Entries for one pair of head-dim tiles (``head_parts``: the split head dims) rather than
+# the bucket, where the bucket's entry lost to another candidate on the GPU: (compute
+# capability) -> kind -> ((BLOCK_D, BLOCK_D2), banded) -> (longest query length it was
+# measured up to, 0 for any; config). Looked up before ``TABLE``; with the split off
+# (``RINGFLASH_HEAD_PARTS=0``) these head dims run one padded tile and take the bucket's.
+# - dQ at d=160 and 192 (head dims split 128 + 32 / 128 + 64, ``head_parts``): run 43 on an
+#   H100 (``scripts/probe_tiles.py --dropout 0 --kinds dq``; b=1 s=8k h=16, causal and full,
+#   d=192 also at b=32 s=2k h=10 causal and b=128 s=512 h=10 full) timed all 28 dQ
+#   candidates: 128x64 w8 s2 was the fastest in all six cases, the backward 7-10% faster
+#   than with the d=256 bucket's 128x32 (e.g. d=192 causal 8k: 4.50 -> 4.10 ms).
+# - The forward at d=96 below 1k (longer calls take the Gluon kernels): run 43, b=128
+#   s=512 h=21: full 1.056 -> 0.873 ms with 128x64 w4 s3, causal 0.786 -> 0.671 ms with
+#   128x32 w4 s4 (the bucket's 128x64 w8 s3 was tuned at d=128, s=4k).
+HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
+    (9, 0): {
+        "dq": {(parts, banded): (0, _C(128, 64, 8, 2)) for parts in ((128, 32), (128, 64)) for banded in (False, True)},
+        "fwd": {((64, 32), False): (512, _C(128, 64, 4, 3)), ((64, 32), True): (512, _C(128, 32, 4, 4))},
+    },
+}
+
+
 # With dropout the kernels also compute the mask's words per score entry: more registers
 # and integer work, so other tiles win. Run 36 on an H200 (``scripts/probe_tiles.py``,
 # b=4 s=4k h=16 d=128 causal bf16, dropout 0.1): the forward took 0.909 ms with the table's
@@ -516,16 +537,22 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
         return pick_fastest(tuning_key(kind, q, prob) + (dropout,), candidates(kind, prob.headdim), run)
     if q.dtype == torch.float32 and input_precision(q.dtype) == "ieee":
         cfg = FP32_EXACT[headdim_bucket(prob.headdim)][kind]
-        return fit_shared_memory(kind, cfg, prob.block_d, q.element_size(), _device_index(q.device))
+        return fit_shared_memory(kind, cfg, sum(head_parts(prob.headdim)), q.element_size(), _device_index(q.device))
     table = TABLE.get(_capability(q.device), {}).get(kind, {})
     # A sliding window behaves like the causal band: few blocks per row, masked edges.
     banded = prob.causal or prob.has_left or prob.has_right
     key = (headdim_bucket(prob.headdim), banded)
     gqa_key = key + (prob.nheads > prob.nheads_k,)
     cfg = table.get(gqa_key, table.get(key, DEFAULT[kind]))
+    parts = head_parts(prob.headdim)
+    longest, entry = HEAD_PARTS_TABLE.get(_capability(q.device), {}).get(kind, {}).get((parts, banded), (0, None))
+    if entry is not None and (longest == 0 or prob.max_seqlen_q <= longest):
+        cfg = entry
     if dropout:
         cfg = DROPOUT_TABLE.get(_capability(q.device), {}).get(kind, {}).get(key, cfg)
-    return fit_shared_memory(kind, cfg, prob.block_d, q.element_size(), _device_index(q.device))
+    # The tiles' width: a split d=192 holds 128 + 64 columns, not the padded 256 (whose
+    # estimate cut the measured two stages of its dQ tile to one).
+    return fit_shared_memory(kind, cfg, sum(parts), q.element_size(), _device_index(q.device))
 
 
 def shared_memory_estimate(kind: str, cfg: KernelConfig, block_d: int, element_size: int) -> int:
