@@ -45,6 +45,24 @@ def test_window_softcap_bf16(gen, causal, window, softcap):
     check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(causal, window, softcap))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("softcap", [5.0, 50.0])
+@pytest.mark.parametrize("headdim", [64, 128, 256])
+def test_softcap_tanh_approx(gen, dtype, softcap, headdim):
+    """16-bit softcap calls take the GPU's tanh instruction (``common.softcap_mode``; relative
+    error about 2**-11): forward and backward at the project's bar, fp16 with a small cap (where
+    the instruction's error is largest against the input rounding: an emulation put it at 1.1x
+    PyTorch's fp16 error with the worst error on every entry) and Gemma's 50. A decode-sized
+    call (one query against 1537 keys) goes through the decode kernel's scores as well."""
+    from ringflash.kernels.common import SOFTCAP_APPROX, softcap_mode
+
+    assert softcap_mode(softcap, dtype) == SOFTCAP_APPROX.value
+    inputs = _dense64(gen, 2, 777, 777, 8, 2, headdim)
+    check_attention(_dense_impl, _dense_ref, inputs, dtype, extra=(True, (-1, -1), softcap))
+    decode = _dense64(gen, 4, 1, 1537, 8, 2, headdim)
+    check_attention(_dense_impl, _dense_ref, decode, dtype, extra=(True, (-1, -1), softcap))
+
+
 def test_fp32_exact(gen, monkeypatch):
     """RINGFLASH_FP32_PRECISION=ieee: fp32 matmuls, held to the usual bar against PyTorch fp32."""
     monkeypatch.setenv("RINGFLASH_FP32_PRECISION", "ieee")

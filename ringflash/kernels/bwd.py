@@ -22,7 +22,7 @@ from . import configs
 from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, grad_buffer,
     interpreter_output, interpreting, kernel_operand,
-    key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
+    key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, visible,
 )
 from .launch import ArgTemplate, PlannedLaunch, PlanTable, int_class
 from .problem import (
@@ -154,7 +154,7 @@ def _dkdv_block_loop(
             else:
                 dsT = pT * (dpT - delta[None, :])
             if HAS_SOFTCAP:
-                t = sT / softcap_out  # tanh of the capped score
+                t = sT * (1.0 / softcap_out)  # tanh of the capped score (a scalar division, not one per entry)
                 dsT = dsT * (1.0 - t * t)
             dsT = dsT.to(qT.dtype)
             dk = tl.dot(dsT, tl.trans(qT), dk, input_precision=INPUT_PRECISION)
@@ -393,7 +393,7 @@ def _dq_block_loop(
         else:
             ds = p * (dp - delta[:, None])
         if HAS_SOFTCAP:
-            t = s / softcap_out
+            t = s * (1.0 / softcap_out)
             ds = ds * (1.0 - t * t)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=INPUT_PRECISION)
         if BLOCK_D2 > 0:
@@ -696,7 +696,7 @@ def _flags(io: _BackwardTensors, prob: AttnProblem) -> dict:
     return dict(
         HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
         **meta_flags(io.meta),
-        HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+        HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=softcap_mode(prob.softcap, io.q.dtype),
         HAS_ALIBI=io.alibi_slopes is not None, HAS_DROPOUT=io.dropout is not None,
         INPUT_PRECISION=configs.input_precision(io.q.dtype),
     )

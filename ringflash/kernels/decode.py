@@ -31,7 +31,7 @@ import triton.language as tl
 from . import configs
 from .common import (
     alibi_bias, cdiv, check_device, contiguous_strides, finish_output, interpreter_output, interpreting, kernel_operand,
-    scaled_scores,
+    scaled_scores, softcap_mode,
     next_power_of_2, visible,
 )
 from .fwd import combine_splits
@@ -326,7 +326,7 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
     constexprs = dict(
         HEADDIM=d, BLOCK_D=prob.block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGED=paged, HAS_CACHE_ROWS=cache_rows is not None, VARLEN_Q=varlen_q, HAS_LEFT=prob.has_left,
-        HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0, HAS_ALIBI=alibi_slopes is not None,
+        HAS_RIGHT=prob.has_right, HAS_SOFTCAP=softcap_mode(prob.softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
         INPUT_PRECISION=configs.input_precision(q.dtype), HAS_K_START=keys.starts is not None,
         HAS_K_END=keys.ends is not None, HAS_K_LEN_BASE=keys.len_base is not None,
         PAGE_ALIGNED=paged and keys.starts is None and k_cache.shape[1] % block_n == 0,

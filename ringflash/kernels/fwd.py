@@ -17,7 +17,7 @@ import triton.language as tl
 from . import configs
 from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
-    next_power_of_2, row_base, scaled_scores, schedule, sequence_bounds, tile_ptrs, visible,
+    next_power_of_2, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, visible,
 )
 from .launch import ArgTemplate, PlannedLaunch, PlanTable, cached_launch, int_class
 from .problem import (
@@ -413,7 +413,7 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
                         args=ArgTemplate(args), launch=PlannedLaunch(_fwd_kernel, dict(
                             HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
                             **meta_flags(meta),
-                            HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=prob.softcap > 0,
+                            HAS_LEFT=prob.has_left, HAS_RIGHT=prob.has_right, HAS_SOFTCAP=softcap_mode(prob.softcap, q.dtype),
                             HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None,
                             IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype),
                             KV_CACHE=cfg.kv_cache, SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,
