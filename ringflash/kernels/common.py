@@ -428,7 +428,8 @@ def softcap_mode(softcap: float, dtype: torch.dtype) -> int:
     interpreter (no inline assembly) keep the exact one."""
     if not softcap > 0:
         return SOFTCAP_OFF.value
-    approx = dtype in (torch.float16, torch.bfloat16) and not interpreting()
+    # (PTX inline assembly: NVIDIA GPUs only; ROCm's torch also calls its devices "cuda".)
+    approx = dtype in (torch.float16, torch.bfloat16) and not interpreting() and torch.version.hip is None
     return (SOFTCAP_APPROX if approx else SOFTCAP_EXACT).value
 
 
