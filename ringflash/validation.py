@@ -75,10 +75,13 @@ def check_same_dtype(names: Sequence[str], tensors: Sequence[torch.Tensor]) -> N
 
 
 def check_same_device(names: Sequence[str], tensors: Sequence[Optional[torch.Tensor]]) -> None:
+    """The given tensors (None: absent) share one device; each is checked to be a dense tensor
+    first (a non-tensor raised AttributeError on ``.device`` here)."""
     ref_name, ref = None, None
     for name, t in zip(names, tensors):
         if t is None:
             continue
+        check_tensor(name, t)
         if ref is None:
             ref_name, ref = name, t
         elif t.device != ref.device:
@@ -362,9 +365,6 @@ def check_varlen_qkv(
     checked on the host at this call; when not, the launchers check them on the device."""
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_cu_seqlens_type(name, t)
-    # Before the device check, which reads .device (a non-tensor q/k/v raised AttributeError).
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_tensor(name, t)
     if seqused_k is not None:
         check_tensor("seqused_k", seqused_k)
     check_same_device(
@@ -439,8 +439,6 @@ def check_paged_varlen_qkv(
     for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
         check_cu_seqlens_type(name, t)
     check_tensor("block_table", block_table)
-    for name, t in (("q", q), ("k", k_cache), ("v", v_cache)):  # before the device check, which reads .device
-        check_tensor(name, t)
     if seqused_k is not None:
         check_tensor("seqused_k", seqused_k)
     check_same_device(

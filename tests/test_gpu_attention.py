@@ -51,8 +51,9 @@ def test_window_softcap_bf16(gen, causal, window, softcap):
 def test_softcap_tanh_approx(gen, dtype, softcap, headdim):
     """16-bit softcap calls take the GPU's tanh instruction (``common.softcap_mode``; relative
     error about 2**-11): forward and backward at the project's bar, fp16 with a small cap (where
-    the instruction's error is largest against the input rounding: an emulation put it at 1.1x
-    PyTorch's fp16 error with the worst error on every entry) and Gemma's 50. A decode-sized
+    the instruction's error is largest against the input rounding: scripts/
+    emulate_tanh_approx_error.py puts it at 1.1x PyTorch's fp16 error with the worst error on
+    every entry) and Gemma's 50. A decode-sized
     call (one query against 1537 keys) goes through the decode kernel's scores as well."""
     from ringflash.kernels.common import SOFTCAP_APPROX, softcap_mode
 

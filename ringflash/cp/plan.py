@@ -485,8 +485,10 @@ class Plan:
                                     "world_size" if self.strategy == "ulysses" else "ulysses_degree")
             # hybrid gathers the KV heads a rank holds after its all-to-all
             nheads_k = heads.kv_local if self.strategy == "hybrid" else k.shape[1]
-            if heads_k_stride is not None and self.strategy not in ALL_GATHER_STRATEGIES + ("hybrid",):
-                how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
+            # Options of the K/V all-gather, which ring, zigzag_ring, stripe and ulysses do not run.
+            gathers = self.strategy in ALL_GATHER_STRATEGIES + ("hybrid",)
+            how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
+            if heads_k_stride is not None and not gathers:
                 raise ValueError(f"heads_k_stride: got {heads_k_stride!r}; {self.strategy} {how} and gathers "
                                  "nothing, so it would be ignored; expected None (or the llama3, zigzag_llama3, "
                                  "balanced or hybrid strategies)")
@@ -505,8 +507,7 @@ class Plan:
                                  "balanced and hybrid)")
             mode = zigzag_mode(mode) if zigzag else "grouped"
             keep_gathered_kv = V.as_bool("keep_gathered_kv", keep_gathered_kv)
-            if keep_gathered_kv and self.strategy not in ALL_GATHER_STRATEGIES + ("hybrid",):
-                how = "moves K/V by all-to-all" if self.strategy == "ulysses" else "passes K/V around the ring"
+            if keep_gathered_kv and not gathers:
                 raise ValueError(f"keep_gathered_kv: {self.strategy} {how} and gathers nothing; expected False "
                                  "(or the llama3, zigzag_llama3, balanced or hybrid strategies)")
             explicit_local_first = local_first is not None
