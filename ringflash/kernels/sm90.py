@@ -72,7 +72,7 @@ else:
 
 AVAILABLE = gluon is not None
 
-def _dropout_asm(key_major: bool) -> str:
+def _dropout_asm(key_major: bool, packed: bool = False) -> str:
     """PTX for ``_dropout_factor``: eight entries of a thread's wgmma accumulator registers
     per call (``pack=8``: registers 8 i .. 8 i + 7, consecutive in the layout's register
     order). In an m64nNk16 accumulator, register r of a thread holds column 2 (lane % 4) +
@@ -88,37 +88,55 @@ def _dropout_asm(key_major: bool) -> str:
     threshold), and PRMT spreads a byte's bit 7 over a register-wide mask for the AND with
     the entry's kept value. Operands: $0-7 the results, $8-15 query-pair words, $16-23
     key-pair words, $24-31 the threshold in each byte, $32-39 each entry's kept value (a
-    scalar's, or the entry's own probability). With the loops' words, the mask adds 5.0
-    SASS instructions per entry to the forward's loop, 5.7-7.5 to dK/dV's and 5.0 to dQ's,
-    against 7.4-8.8, 11.2-12.4 and 10.6 for a draw per key pair (``scripts/dropout_sass.py``)."""
-    lines = ["{", ".reg .b32 x, a, lo, hi, m;",
-             "and.b32 lo, $24, 0x7f7f7f7f;",  # the threshold's low 7 bits, in each byte
-             "and.b32 hi, $24, 0x80808080;"]  # and its bit 7
+    scalar's, or the entry's own probability). With the loops' words, the mask adds
+    5.7-7.5 SASS instructions per entry to dK/dV's loop and 5.0 to dQ's, against 11.2-12.4 and
+    10.6 for a draw per key pair (``scripts/dropout_sass.py``).
+
+    ``packed`` (query-major only): the kept values are 16-bit, two entries to a register
+    (entries 2 k and 2 k + 1, adjacent columns: one from each draw, the same byte of both),
+    so one PRMT builds both halves' mask and one AND applies it: $0-3 the results, $4-11
+    and $12-19 the words, $20-27 the threshold, $28-31 the kept pairs. The forward masks
+    its probabilities after rounding them to 16 bits for the P V product, one PRMT and AND
+    per two entries where the float32 mask took one each per entry: 4.6 added instructions
+    per entry in its loop instead of 5.0. (A mixer of two lo ^ hi rounds of a 32 x 32 ->
+    64-bit product, an IMAD.WIDE and a LOP3 each, took the forward to 4.1 but made the
+    backward kernels spill: the product's register pair.)"""
+    assert not (packed and key_major)
+    outputs = 4 if packed else 8
+    words_q, words_k, threshold, kept = outputs, outputs + 8, outputs + 16, outputs + 24
+    lines = ["{", ".reg .b32 x, a0, a1, lo, hi, m;",
+             f"and.b32 lo, ${threshold}, 0x7f7f7f7f;",  # the threshold's low 7 bits, in each byte
+             f"and.b32 hi, ${threshold}, 0x80808080;"]  # and its bit 7
     for first in (0, 1):  # the draws of registers {0, 2, 4, 6} and {1, 3, 5, 7}
-        lines += [
-            f"xor.b32 x, ${8 + first}, ${16 + first};",
-            "mul.lo.s32 x, x, -1640531535;",  # 0x9E3779B1
-            "shr.b32 a, x, 15;",
-            "xor.b32 x, x, a;",
-            "mul.lo.s32 x, x, -2048144777;",  # 0x85EBCA77
-            "shr.b32 a, x, 16;",
-            "xor.b32 x, x, a;",
-            "or.b32 a, x, 0x80808080;",
-            "sub.u32 a, a, lo;",  # bit 7 of each byte: x's low 7 bits >= the threshold's
-            "lop3.b32 a, x, a, hi, 0xD4;",  # threshold >= 128: x's bit 7 and that; else: either
-        ]
-        for reg in range(first, 8, 2):
+        lines.append(f"xor.b32 x, ${words_q + first}, ${words_k + first};")
+        lines += ["mul.lo.s32 x, x, -1640531535;",  # 0x9E3779B1
+                  "shr.b32 m, x, 15;",
+                  "xor.b32 x, x, m;",
+                  "mul.lo.s32 x, x, -2048144777;",  # 0x85EBCA77
+                  "shr.b32 m, x, 16;",
+                  "xor.b32 x, x, m;"]
+        lines += [f"or.b32 a{first}, x, 0x80808080;",
+                  f"sub.u32 a{first}, a{first}, lo;",  # bit 7 of each byte: x's low 7 bits >= the threshold's
+                  f"lop3.b32 a{first}, x, a{first}, hi, 0xD4;"]  # threshold >= 128: x's bit 7 and that; else: either
+        # Each draw's entries at once where they fit alone (one draw's bits live at a time).
+        for reg in range(first, 8, 2) if not packed else ():
             half_q, half_k = ((reg // 4), (reg // 2) % 2) if key_major else ((reg // 2) % 2, reg // 4)
             byte = 2 * half_q + half_k
-            lines += [f"prmt.b32 m, a, 0, {hex(0x1111 * (8 + byte))};",  # bit 7 of the byte, everywhere
-                      f"and.b32 ${reg}, ${32 + reg}, m;"]
+            lines += [f"prmt.b32 m, a{first}, 0, {hex(0x1111 * (8 + byte))};",  # bit 7 of the byte, everywhere
+                      f"and.b32 ${reg}, ${kept + reg}, m;"]
+    for pair in range(4) if packed else ():  # the low half from draw 0's byte, the high half from draw 1's
+        byte = 2 * (pair % 2) + pair // 2  # query half (2 pair) // 2 % 2, key half (2 pair) // 4
+        lines += [f"prmt.b32 m, a0, a1, {hex(0x0011 * (8 + byte) + 0x1100 * (12 + byte))};",
+                  f"and.b32 ${pair}, ${kept + pair}, m;"]
     return "\n".join(lines + ["}"])
 
 
 # constexpr: a Gluon kernel reads no other global.
 _DROPOUT_CONSTRAINTS = triton.language.constexpr(",".join(["=r"] * 8 + ["r"] * 32))
+_DROPOUT_CONSTRAINTS_PACKED = triton.language.constexpr(",".join(["=r"] * 4 + ["r"] * 28))
 _DROPOUT_ASM_QUERY_MAJOR = triton.language.constexpr(_dropout_asm(False))
 _DROPOUT_ASM_KEY_MAJOR = triton.language.constexpr(_dropout_asm(True))
+_DROPOUT_ASM_PACKED = triton.language.constexpr(_dropout_asm(False, packed=True))
 
 
 _GL_DTYPES = {}
@@ -241,12 +259,25 @@ if AVAILABLE:
                                              dtype=gl.float32, is_pure=True, pack=8)
 
     @gluon.jit
-    def _dropped(p, query_words, key_base, key_k, n0, threshold, HAS_DROPOUT: gl.constexpr):
-        """A (query rows x keys n0..) probability tile with its dropped entries zeroed
-        (``key_base``: ``_pair_word_base`` of the tile's key offsets)."""
+    def _p_operand(p, query_words, key_base, key_k, n0, threshold, dtype: gl.constexpr, p_layout: gl.constexpr,
+                   HAS_DROPOUT: gl.constexpr):
+        """The P V product's A operand: a (query rows x keys n0..) float32 probability tile
+        rounded to the operand's dtype in ``p_layout``; with HAS_DROPOUT, dropped entries
+        zeroed (``key_base``: ``_pair_word_base`` of the tile's key offsets). The mask goes
+        on the operand itself, two 16-bit entries per PRMT and AND (``_dropout_asm``'s packed
+        form; the accumulator's and the operand's layouts place each element in the same
+        thread and register, so the words' pairing holds; ``gl.to_linear_layout`` gives both
+        the same register bases). Masked before the conversion it cost one of each per
+        float32 entry (``scripts/dropout_sass.py``)."""
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
         if HAS_DROPOUT:
-            p = _dropout_factor(query_words, _pair_words(key_base, n0, key_k, 0x85EBCA6B), threshold, p, False)
-        return p
+            threshold_bytes = gl.cast(threshold, gl.uint32) * 0x01010101
+            words_q = gl.convert_layout(query_words, gl.SliceLayout(1, p_layout))
+            words_k = gl.convert_layout(_pair_words(key_base, n0, key_k, 0x85EBCA6B), gl.SliceLayout(0, p_layout))
+            p_op = gl.inline_asm_elementwise(_DROPOUT_ASM_PACKED, _DROPOUT_CONSTRAINTS_PACKED,
+                                             [words_q[:, None], words_k[None, :], threshold_bytes, p_op],
+                                             dtype=p_op.dtype, is_pure=True, pack=8)
+        return p_op
 
     @gluon.jit
     def _load_pair(a_desc, b_desc, a_bufs, b_bufs, a_bars, b_bars, slot, b, row0, head, pred):
@@ -333,8 +364,7 @@ if AVAILABLE:
             if n_full <= 0:
                 s = _causal_mask(s, 0, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
             p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
-            p = _dropped(p, query_words, key_base, key_k, 0, dropout_threshold, HAS_DROPOUT)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            p_op = _p_operand(p, query_words, key_base, key_k, 0, dropout_threshold, dtype, p_layout, HAS_DROPOUT)
 
             for j in range(1, n_blocks):
                 slot = j % STAGES
@@ -355,10 +385,10 @@ if AVAILABLE:
                 if j >= n_full:
                     s = _causal_mask(s, j * BLOCK_N, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
                 p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
-                p = _dropped(p, query_words, key_base, key_k, j * BLOCK_N, dropout_threshold, HAS_DROPOUT)
                 acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc_tok, p_op))
                 acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                p_op = _p_operand(p, query_words, key_base, key_k, j * BLOCK_N, dropout_threshold, dtype, p_layout,
+                                  HAS_DROPOUT)
                 # Block j-1's slot is free: both MMAs that read it are done.
                 if REFILL:
                     _load_kv(k_desc, v_desc, k_bufs, v_bufs, k_bars, v_bars, j - 1 + STAGES, b, k_base, hk, n_blocks,
