@@ -11,6 +11,11 @@ cache), then each is timed. Prints a line per candidate and a table last.
 
     python scripts/probe_tiles.py                                 # b=4 s=4k h=16 d=128 causal, dropout 0.1
     python scripts/probe_tiles.py --dropout 0 --headdim 256 --seqlen 8192 --batch 1 --kinds dkdv dq
+    python scripts/probe_tiles.py --dropout 0 --pack 64x256 --heads 32 --kv-heads 8 --full --kinds fwd
+
+``--pack NxL`` probes a varlen batch of N documents of L tokens (``flash_attn_varlen_func``)
+against PyTorch's FA2 varlen kernels (``aten._flash_attention_forward/backward``) instead
+of SDPA: issue 15's varlen cells run the portable kernels by default.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import torch
 import triton.testing
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ringflash import flash_attn_func
+from ringflash import flash_attn_func, flash_attn_varlen_func
+from ringflash.bench.common import AtenFlashVarlen
 from ringflash.kernels import configs
 
 
@@ -32,11 +38,36 @@ def bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median"))
 
 
+def _pack(args) -> "tuple[int, int] | None":
+    """(documents, tokens each) of ``--pack NxL``, or None for a dense case."""
+    if not args.pack:
+        return None
+    docs, length = (int(x) for x in args.pack.lower().split("x"))
+    return docs, length
+
+
 def inputs(args):
+    """q, k, v (requiring grad) and dO: (batch, seqlen, heads, d), or with ``--pack``
+    (total, heads, d), K/V with ``--kv-heads`` heads."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shape = (args.batch, args.seqlen, args.heads, args.headdim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3))
-    return q, k, v, torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
+    pack = _pack(args)
+    lead = (pack[0] * pack[1],) if pack else (args.batch, args.seqlen)
+    kv_heads = args.kv_heads or args.heads
+
+    def randn(heads):
+        return torch.randn(lead + (heads, args.headdim), device="cuda", dtype=torch.bfloat16, generator=gen)
+
+    q, k, v = randn(args.heads).requires_grad_(), randn(kv_heads).requires_grad_(), randn(kv_heads).requires_grad_()
+    return q, k, v, randn(args.heads)
+
+
+def attention(args, q, k, v, dropout_p: float):
+    """Our call on the probe's inputs (dense or varlen)."""
+    pack = _pack(args)
+    if pack is None:
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=args.causal)
+    cu = torch.arange(0, pack[0] + 1, device=q.device, dtype=torch.int32) * pack[1]
+    return flash_attn_varlen_func(q, k, v, cu, cu, pack[1], pack[1], dropout_p=dropout_p, causal=args.causal)
 
 
 def _compile(job) -> str:
@@ -44,7 +75,7 @@ def _compile(job) -> str:
     try:
         with configs.override(**{kind: cfg}):
             q, k, v, do = inputs(args)
-            out = flash_attn_func(q, k, v, dropout_p=args.dropout, causal=args.causal)
+            out = attention(args, q, k, v, args.dropout)
             if kind != "fwd":
                 torch.autograd.grad(out, (q, k, v), do)
         torch.cuda.synchronize()
@@ -64,6 +95,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=0, help="K/V heads (GQA); 0: as many as --heads")
+    ap.add_argument("--pack", default="", help="NxL: a varlen batch of N documents of L tokens")
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--full", dest="causal", action="store_false", help="full attention instead of causal")
     ap.add_argument("--kinds", nargs="+", choices=configs.KINDS, default=list(configs.KINDS))
@@ -75,7 +108,7 @@ def main() -> None:
     print(f"compiled {len(jobs)} variants; {len(failed)} did not run: {failed}", flush=True)
 
     q, k, v, do = inputs(args)
-    fwd = lambda p: flash_attn_func(q, k, v, dropout_p=p, causal=args.causal)  # noqa: E731
+    fwd = lambda p: attention(args, q, k, v, p)  # noqa: E731
 
     def bwd_ms(p: float) -> float:
         torch.manual_seed(0)
@@ -83,12 +116,23 @@ def main() -> None:
         return bench(lambda: torch.autograd.grad(out, (q, k, v), do, retain_graph=True))
 
     sdpa = {}
-    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    if _pack(args):
+        if args.dropout:
+            sys.exit("probe_tiles: --pack times FA2 varlen without dropout only (--dropout 0)")
+        docs, length = _pack(args)
+        cu = torch.arange(0, docs + 1, device=q.device, dtype=torch.int32) * length
+        qd, kd, vd = (x.detach().requires_grad_() for x in (q, k, v))
+        call = lambda: AtenFlashVarlen.apply(qd, kd, vd, cu, cu, length, length, args.causal)  # noqa: E731
+        o = call()
+        sdpa["FA2 varlen"] = (bench(call), bench(lambda: torch.autograd.grad(o, (qd, kd, vd), do, retain_graph=True)))
     for label, backend in (("FA2", SDPBackend.FLASH_ATTENTION), ("cuDNN", SDPBackend.CUDNN_ATTENTION)):
+        if _pack(args):
+            break
+        qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
         try:
             with sdpa_kernel(backend):
                 call = lambda: torch.nn.functional.scaled_dot_product_attention(  # noqa: E731
-                    qt, kt, vt, is_causal=args.causal, dropout_p=args.dropout)
+                    qt, kt, vt, is_causal=args.causal, dropout_p=args.dropout, enable_gqa=args.kv_heads > 0)
                 f = bench(call)
                 o = call()
                 sdpa[label] = (f, bench(lambda: torch.autograd.grad(o, (qt, kt, vt), do.transpose(1, 2),
@@ -117,8 +161,9 @@ def main() -> None:
     with configs.override(**{kind: cfg for kind, (_, cfg) in best.items()}):
         f, b = bench(lambda: fwd(args.dropout)), bwd_ms(args.dropout)
     table_f, table_b = base[args.dropout]
-    print(f"\ncase b={args.batch} s={args.seqlen} h={args.heads} d={args.headdim} causal={args.causal}, bf16, "
-          f"dropout {args.dropout}")
+    shape = f"pack {args.pack}" if args.pack else f"b={args.batch} s={args.seqlen}"
+    print(f"\ncase {shape} h={args.heads}/{args.kv_heads or args.heads} d={args.headdim} causal={args.causal}, "
+          f"bf16, dropout {args.dropout}")
     print("| kernel | fastest | ms (the backward's for dK/dV, dQ) | the table's ms |")
     print("|---|---|---|---|")
     for kind in args.kinds:
