@@ -85,10 +85,12 @@ def _sm90_available() -> bool:
 @pytest.mark.skipif(not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("headdim", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal):
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal, softcap):
     """The Gluon kernels' dropout (RINGFLASH_BACKEND=sm90) draws the portable kernels' mask
-    in inline PTX (which relies on the wgmma accumulator's register order): out and
-    gradients rebuilt from S_dmask (which the portable mask kernel writes)."""
+    in inline PTX (which relies on the wgmma accumulator's register order; the forward's on
+    the 16-bit P operand): out and gradients rebuilt from S_dmask (which the portable mask
+    kernel writes), also with softcap."""
     from ringflash.kernels import sm90
 
     calls = []
@@ -96,7 +98,8 @@ def test_sm90_dropout_matches_its_mask(gen, monkeypatch, headdim, causal):
         real = getattr(sm90, name)
         monkeypatch.setattr(sm90, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
-    _check_dense_dropout(gen, torch.bfloat16, 2, headdim, 300, 555, (4, 2), dict(causal=causal))
+    options = dict(causal=causal, softcap=softcap) if softcap else dict(causal=causal)
+    _check_dense_dropout(gen, torch.bfloat16, 2, headdim, 300, 555, (4, 2), options)
     assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
 
 

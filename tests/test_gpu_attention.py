@@ -271,6 +271,32 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("backward", ["deterministic", "atomic"])
+@pytest.mark.parametrize("headdim,dtype,softcap", [(64, torch.bfloat16, 30.0), (128, torch.float16, 5.0),
+                                                   (128, torch.bfloat16, 50.0)], ids=["d64-bf16-30", "d128-fp16-5",
+                                                                                      "d128-bf16-50"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 1000, 1000, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1)])
+def test_sm90_softcap(gen, monkeypatch, backward, headdim, dtype, softcap, causal, b, sq, sk, h, hk):
+    """Softcap on the Gluon kernels (RINGFLASH_BACKEND=sm90: the GPU's tanh inside the
+    scores, 1 - t^2 in dS, the 32-row dK/dV tile) against the float64 reference: out, lse,
+    dq, dk, dv; both backwards, rows that see no key (causal, sq > sk), GQA and MQA, a small
+    fp16 cap (where the instruction's error is largest)."""
+    from ringflash.kernels import sm90
+
+    calls = []
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    monkeypatch.setenv("RINGFLASH_BACKWARD", backward)
+    inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
+    check_attention(_dense_impl, _dense_ref, inputs, dtype, extra=(causal, (-1, -1), softcap))
+    assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
+
+
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
     """Under the default backend a d=128 call of 2k query rows runs the Gluon forward and
     backward (not the portable ones after a fallback): the family must not have turned

@@ -54,7 +54,7 @@ def test_scope(on_hopper):
     assert supported(q, k, k, _problem(q, k, causal=False))
     # Outside the scope: each falls back to the portable forward.
     assert not supported(q, k, k, _problem(q, k, causal=False, window=(64, 64)))
-    assert not supported(q, k, k, _problem(q, k, softcap=30.0))
+    assert supported(q, k, k, _problem(q, k, softcap=30.0))  # the GPU's tanh, as the portable kernels'
     assert not supported(q, k, k, _problem(q, k, scale=-0.1))
     assert not supported(q, k, k, _problem(q, k), alibi=torch.zeros(8))
     assert supported(q, k, k, _problem(q, k), dropout=(0.1, 0))  # the portable kernels' mask
@@ -134,6 +134,9 @@ def test_preferred_where_measured_faster():
     assert sm90.preferred(_problem(measured, measured))
     assert sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout measured at d=128
     assert not sm90.preferred(_problem(unmeasured, unmeasured), dropout=(0.1, 3))
+    # Softcap: only with RINGFLASH_BACKEND=sm90 until configs.SM90_SOFTCAP says it measured faster.
+    for kind in ("fwd", "bwd"):
+        assert sm90.preferred(_problem(measured, measured, softcap=30.0), kind=kind) == configs.SM90_SOFTCAP
     for d, threshold in configs.SM90_MIN_SEQLEN_Q.items():
         short, long_ = (torch.zeros(1, n, 2, d, dtype=torch.bfloat16) for n in (threshold - 1, threshold))
         for kind in ("fwd", "bwd"):

@@ -219,6 +219,10 @@ SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 80: 1024, 96: 1024, 128: 1024}
 #: the same seqlen): run 39's `bench dropout` (b=4 s=4k h=16 d=128 causal) timed their
 #: fwd+bwd with the PTX mask at 3.19 ms against the portable kernels' 3.28. Others unmeasured.
 SM90_DROPOUT_HEADDIMS: tuple[int, ...] = (128,)
+#: Whether the default backend takes the Gluon kernels for softcap calls (where it takes them
+#: without softcap). Off until timed against the portable kernels' softcap on a GPU; with
+#: ``RINGFLASH_BACKEND=sm90`` they run either way.
+SM90_SOFTCAP: bool = False
 
 
 # The Gluon sm_90 backward (``kernels.sm90``), one config per kernel: dK/dV owns block_n
@@ -229,6 +233,11 @@ SM90_DROPOUT_HEADDIMS: tuple[int, ...] = (128,)
 # d=64/128, seqlen 1k-16k: 64x128x2 / 128x128x2 was the fastest or within 1.4% in all 12
 # cases; the atomic variant ran at 0.62-0.75x of it.
 SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
+#: With softcap the dK/dV kernel also holds the capped scores' tile (for dS's 1 - t^2)
+#: beside P, dP in flight, dK and dV: compiled for sm_90 (Triton 3.6) at d=128, the 64-row
+#: step spilled 38-129 stores (54 reloads in the causal loop); the 32-row step spills none,
+#: with or without softcap and dropout. Not yet timed.
+SM90_BACKWARD_SOFTCAP: dict[str, KernelConfig] = {"dkdv": _C(32, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
 
 
 BACKENDS = ("", "portable", "sm90")
@@ -243,10 +252,10 @@ def backend() -> str:
     return name
 
 
-def sm90_backward_config(kind: str) -> KernelConfig:
-    """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"); an
-    ``override(sm90_dkdv=..., sm90_dq=...)`` context wins."""
-    return _override.get(f"sm90_{kind}") or SM90_BACKWARD[kind]
+def sm90_backward_config(kind: str, softcap: bool = False) -> KernelConfig:
+    """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"), with softcap
+    ``SM90_BACKWARD_SOFTCAP``'s; an ``override(sm90_dkdv=..., sm90_dq=...)`` context wins."""
+    return _override.get(f"sm90_{kind}") or (SM90_BACKWARD_SOFTCAP if softcap else SM90_BACKWARD)[kind]
 
 
 def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:

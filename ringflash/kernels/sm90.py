@@ -18,7 +18,8 @@ d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
 zero-filled by TMA), causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
 (the portable kernels' mask, entry for entry, from the Philox words of
 ``dropout_mask.dropout_keys``, each four entries' draw mixed once by inline PTX:
-``_dropout_factor``); no window, softcap or ALiBi. Everything else stays on the portable
+``_dropout_factor``), softcap (the GPU's tanh instruction, as the portable kernels use for
+16-bit inputs: ``_capped``); no window or ALiBi. Everything else stays on the portable
 kernels. The dispatcher
 (``kernels.dispatch``) takes this family where it measured faster (``preferred``), or for
 every call in scope with ``RINGFLASH_BACKEND=sm90``.
@@ -142,6 +143,32 @@ _DROPOUT_ASM_PACKED = triton.language.constexpr(_dropout_asm(False, packed=True)
 _GL_DTYPES = {}
 if AVAILABLE:
     _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+    @gluon.jit
+    def _tanh_approx(x):
+        """The GPU's tanh instruction (``common.tanh_approx``'s, as the portable kernels use
+        for 16-bit inputs; these kernels take 16-bit inputs only)."""
+        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def _capped(s, softcap_in, HAS_SOFTCAP: gl.constexpr):
+        """Raw scores q.k -> the scores the softmax scales by ``qk_scale_log2``: unchanged,
+        or with softcap tanh(q.k * softcap_in) (softcap_in = softmax_scale / softcap; the
+        host then passes qk_scale_log2 = softcap * log2(e), so the capped scores cost no
+        multiply beyond the tanh's argument)."""
+        if HAS_SOFTCAP:
+            s = _tanh_approx(s * softcap_in)
+        return s
+
+    @gluon.jit
+    def _capped_grad(p, t, HAS_SOFTCAP: gl.constexpr):
+        """dS's weight on dP - delta: P, or with softcap P (1 - t^2) (``t``: the capped
+        scores, tanh's output; the chain rule through softcap * tanh(q.k * scale / softcap)
+        leaves the scale, which dK and dQ take at the end)."""
+        if HAS_SOFTCAP:
+            p = p * (1.0 - t * t)
+        return p
 
     @gluon.jit
     def _online_softmax(s, m_i, l_i, qk_scale_log2):
@@ -302,10 +329,10 @@ if AVAILABLE:
         q_rows, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
         k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
         Out, stride_os, stride_oh, headdim, q_base, k_base,
-        b, h, hk, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+        b, h, hk, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softcap_in,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, REFILL: gl.constexpr, PINGPONG: gl.constexpr,
-        TURN: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr,
+        TURN: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     ):
         """Query rows [r0, r0 + ROWS) of one head against key blocks [0, n_blocks), by the
         WARPS warps running it (a multiple of 4: one warpgroup per 64 rows); writes their out
@@ -360,7 +387,7 @@ if AVAILABLE:
             s = warpgroup_mma(q_tile, k_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
             if PINGPONG:
                 mbarrier.arrive(turns.index(1 - TURN))
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+            s = _capped(warpgroup_mma_wait(num_outstanding=0, deps=(s, )), softcap_in, HAS_SOFTCAP)
             if n_full <= 0:
                 s = _causal_mask(s, 0, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
             p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
@@ -381,7 +408,7 @@ if AVAILABLE:
                 if PINGPONG:
                     mbarrier.arrive(turns.index(1 - TURN))
                 # S_j is the older group: waiting down to one outstanding leaves P V running.
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                s = _capped(warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, )), softcap_in, HAS_SOFTCAP)
                 if j >= n_full:
                     s = _causal_mask(s, j * BLOCK_N, rows, diag, seqlen_k, BLOCK_N, CAUSAL, s_layout)
                 p, m_i, l_i, alpha = _online_softmax(s, m_i, l_i, qk_scale_log2)
@@ -448,10 +475,10 @@ if AVAILABLE:
         q_desc, k_desc, v_desc, o_desc, Lse, DropKeys, Out, QStarts, QEnds, CuSeqlensK, KPtr, VPtr,
         seqlen_q, seqlen_k, kv_group, num_m_blocks, nheads_k, stride_ks, stride_kh, stride_vs, stride_vh,
         stride_lb, stride_lh, stride_keys_b, stride_os, stride_oh, headdim,
-        qk_scale_log2, dropout_threshold, dropout_scale,
+        qk_scale_log2, softcap_in, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, SPECIALIZED: gl.constexpr, PINGPONG: gl.constexpr, HAS_DROPOUT: gl.constexpr,
-        IS_VARLEN: gl.constexpr, HEADS_FIRST: gl.constexpr, num_warps: gl.constexpr,
+        IS_VARLEN: gl.constexpr, HEADS_FIRST: gl.constexpr, HAS_SOFTCAP: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (query blocks, heads, batch), or with HEADS_FIRST (heads, batch, query
         blocks) (``configs.sm90_heads_first``); causal programs start from the last query
@@ -527,13 +554,15 @@ if AVAILABLE:
                 (_attend_rows, (q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
                                 k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
                                 Out, stride_os, stride_oh, headdim, q_base, k_base, b, h, hk, m0, n_blocks,
-                                seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 0, HAS_DROPOUT, IS_VARLEN)),
+                                seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softcap_in,
+                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 0, HAS_DROPOUT, IS_VARLEN,
+                                HAS_SOFTCAP)),
                 (_attend_rows, (q_bufs.index(1), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
                                 k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
                                 Out, stride_os, stride_oh, headdim, q_base, k_base, b, h, hk, m0 + ROWS, n_blocks,
-                                seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1, HAS_DROPOUT, IS_VARLEN)),
+                                seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softcap_in,
+                                HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1, HAS_DROPOUT, IS_VARLEN,
+                                HAS_SOFTCAP)),
                 (_load_all, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
                              b, h, hk, m0, q_base, k_base, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
             ], [4, 1], [240, 24])
@@ -545,8 +574,9 @@ if AVAILABLE:
             _attend_rows(q_bufs.index(0), k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free, turns,
                          k_desc, v_desc, o_desc, Lse, DropKeys, key_index, dropout_threshold, dropout_scale,
                          Out, stride_os, stride_oh, headdim, q_base, k_base, b, h, hk, m0, n_blocks,
-                         seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                         HEADDIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, num_warps, True, False, 0, HAS_DROPOUT, IS_VARLEN)
+                         seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softcap_in,
+                         HEADDIM, BLOCK_M, BLOCK_N, STAGES, CAUSAL, num_warps, True, False, 0, HAS_DROPOUT, IS_VARLEN,
+                         HAS_SOFTCAP)
 
         mbarrier.invalidate(q_bar)
         for i in gl.static_range(STAGES):
@@ -611,10 +641,10 @@ if AVAILABLE:
         Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
         ds_buf, ds_other, k_other, ds_bars, DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
         b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-        stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
+        stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-        IS_VARLEN: gl.constexpr, PART: gl.constexpr,
+        IS_VARLEN: gl.constexpr, PART: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over query heads
         ``h_first``.. (its group's, or a slice of them) and the query blocks from ``m_start``
@@ -667,13 +697,18 @@ if AVAILABLE:
             row_ptr = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + cols
             lse2 = gl.load(Lse2 + row_ptr, mask=cols < seqlen_q, other=float("inf"))
             delta = gl.load(Delta + row_ptr, mask=cols < seqlen_q, other=0.0)
-            st = warpgroup_mma_wait(num_outstanding=1, deps=(st, ))
+            st = _capped(warpgroup_mma_wait(num_outstanding=1, deps=(st, )), softcap_in, HAS_SOFTCAP)
             pt = gl.exp2(st * qk_scale_log2 - lse2[None, :])
+            # dS's weight (P itself without softcap: the masks below are then one select, the
+            # same expression twice) at once, so the capped scores die before the masks'
+            # branches: held across them, beside dP in flight, dK and dV, they spilled.
+            pg = _capped_grad(pt, st, HAS_SOFTCAP)
             # A query block whose first row does not see the CTA's last key holds masked
             # entries (rows that see no key at all, lse2 = -inf, among them).
             if CAUSAL:
                 if m0 + diag < cta_last_key:
                     pt = gl.where(keys[:, None] <= cols[None, :] + diag, pt, 0.0)
+                    pg = gl.where(keys[:, None] <= cols[None, :] + diag, pg, 0.0)
             if ATOMIC_DQ:
                 # Keys past seqlen_k (K and V zero-filled) get P = exp2(-lse2), which overflows
                 # (in float32, or as fp16 dS) for a row whose scores are all far below 0; their
@@ -681,6 +716,7 @@ if AVAILABLE:
                 # (Without ATOMIC_DQ those keys' rows of dK and dV are clipped, and stay apart.)
                 if n0 + ROWS > seqlen_k:
                     pt = gl.where(keys[:, None] < seqlen_k, pt, 0.0)
+                    pg = gl.where(keys[:, None] < seqlen_k, pg, 0.0)
             if HAS_DROPOUT:
                 # The PTX mask as a factor, 1 / (1 - p) or 0, spent on dV's and dS's operands at
                 # once after waiting for dP too: held across that wait beside P it spilled.
@@ -690,13 +726,13 @@ if AVAILABLE:
                                          dropout_scale, True)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt, ))
                 pt_op = gl.convert_layout((pt * factor).to(dtype), op_layout)
-                dst = pt * (dpt * factor - delta[None, :])
+                dst = pg * (dpt * factor - delta[None, :])
                 dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
             else:
                 pt_op = gl.convert_layout(pt.to(dtype), op_layout)
                 dv_tok = warpgroup_mma(pt_op, do_tile, dv, is_async=True)
                 dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dpt, ))
-                dst = pt * (dpt - delta[None, :])
+                dst = pg * (dpt - delta[None, :])
             ds16 = dst.to(dtype)
             ds_op = gl.convert_layout(ds16, op_layout)
             dk_tok = warpgroup_mma(ds_op, q_tile, dk, is_async=True)
@@ -766,10 +802,10 @@ if AVAILABLE:
         q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, DQAcc,
         QStarts, QEnds, CuSeqlensK, QPtr, KPtr, VPtr, DOPtr, DKPtr, DVPtr, nheads_k,
         seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, stride_dqb, stride_dqs, stride_dqh, headdim,
-        qk_scale_log2, softmax_scale, dropout_threshold, dropout_scale, head_splits,
+        qk_scale_log2, softmax_scale, softcap_in, dropout_threshold, dropout_scale, head_splits,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-        HEADS_FIRST: gl.constexpr, num_warps: gl.constexpr,
+        HEADS_FIRST: gl.constexpr, HAS_SOFTCAP: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (key blocks of BLOCK_N, KV heads x ``head_splits``, batch), or with HEADS_FIRST
         (KV heads x ``head_splits``, batch, key blocks); ``num_warps`` = 4.
@@ -839,15 +875,17 @@ if AVAILABLE:
                           ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, stride_dqb,
                           stride_dqs, stride_dqh, headdim,
                           b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-                          stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0)),
+                          stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0,
+                          HAS_SOFTCAP)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, stride_dqb,
                           stride_dqs, stride_dqh, headdim,
                           b, hk, n0 + ROWS, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
-                          seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
-                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1)),
+                          seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                          HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1,
+                          HAS_SOFTCAP)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
                           do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
                           STAGES)),
@@ -861,9 +899,10 @@ if AVAILABLE:
     def _dq_rows(
         q_part, do_part, fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars, dq_desc,
         Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
-        b, h, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+        b, h, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr,
+        HAS_SOFTCAP: gl.constexpr,
     ):
         """dQ of query rows [r0, r0 + ROWS) of head ``h`` over key blocks [0, n_blocks):
         S = Q K^T, P = exp2(S - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K (scaled
@@ -904,8 +943,9 @@ if AVAILABLE:
             mbarrier.wait(v_bars.index(slot), phase)
             v_tile = v_bufs.index(slot).reshape([BLOCK_N, HEADDIM])
             dp = warpgroup_mma(do_tile, v_tile.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
-            p = gl.exp2(s * qk_scale_log2 - lse2[:, None])
+            s = _capped(warpgroup_mma_wait(num_outstanding=1, deps=(s, )), softcap_in, HAS_SOFTCAP)
+            # dS's weight at once: the capped scores die before the masks' branch.
+            p = _capped_grad(gl.exp2(s * qk_scale_log2 - lse2[:, None]), s, HAS_SOFTCAP)
             if j >= n_full:
                 cols = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
                 keep = cols[None, :] < seqlen_k
@@ -945,10 +985,10 @@ if AVAILABLE:
         q_desc, k_desc, v_desc, do_desc, dq_desc, Lse2, Delta, DropKeys,
         QStarts, QEnds, CuSeqlensK, QPtr, KPtr, VPtr, DOPtr, DQPtr, nheads_k,
         seqlen_q, seqlen_k, kv_group, num_m_blocks, stride_lb, stride_lh, stride_keys_b, headdim, qk_scale_log2,
-        softmax_scale, dropout_threshold, dropout_scale,
+        softmax_scale, softcap_in, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr, HEADS_FIRST: gl.constexpr,
-        num_warps: gl.constexpr,
+        HAS_SOFTCAP: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (query blocks of BLOCK_M, heads, batch), the longest causal blocks first;
         ``num_warps`` = 4. Two consumer warpgroups own BLOCK_M / 2 query rows each; one loader
@@ -990,13 +1030,13 @@ if AVAILABLE:
             (_dq_rows, (q_parts.index(0), do_parts.index(0), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
                         dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
                         b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT,
-                        IS_VARLEN)),
+                        qk_scale_log2, softmax_scale, softcap_in, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4,
+                        HAS_DROPOUT, IS_VARLEN, HAS_SOFTCAP)),
             (_dq_rows, (q_parts.index(1), do_parts.index(1), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
                         dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
                         b, h, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT,
-                        IS_VARLEN)),
+                        qk_scale_log2, softmax_scale, softcap_in, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4,
+                        HAS_DROPOUT, IS_VARLEN, HAS_SOFTCAP)),
             (_load_dq, (q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
                         free_bars, b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
         ], [4, 1], [240, 24])
@@ -1050,7 +1090,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     if q.dtype not in _GL_DTYPES or not (k.dtype == v.dtype == q.dtype) or \
             not (40 <= prob.headdim <= 128 and prob.headdim % 8 == 0):
         return False
-    if prob.has_left or prob.softcap > 0 or not prob.softmax_scale > 0:
+    if prob.has_left or not prob.softmax_scale > 0:
         return False
     if max(prob.batch, prob.nheads) > configs.MAX_GRID_YZ:  # grid axes 1 and 2
         return False
@@ -1080,10 +1120,12 @@ def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, ki
     """Whether the default backend takes this family's ``kind`` ("fwd" or "bwd") for a call
     it ``supports``: where it measured faster than the portable kernel
     (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96 and 128, runs 37-39; dropout at the head
-    dims of ``configs.SM90_DROPOUT_HEADDIMS``; other head dims, other dropout calls and
-    varlen only with RINGFLASH_BACKEND=sm90 until measured), unless a ``configs.override``
+    dims of ``configs.SM90_DROPOUT_HEADDIMS``; softcap where ``configs.SM90_SOFTCAP``; other
+    head dims, other dropout calls and varlen only with RINGFLASH_BACKEND=sm90 until measured), unless a ``configs.override``
     context forces the portable kernel's tiles for ``kind``."""
     if prob.is_varlen or (dropout is not None and prob.headdim not in configs.SM90_DROPOUT_HEADDIMS):
+        return False
+    if prob.softcap > 0 and not configs.SM90_SOFTCAP:
         return False
     threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
     return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_tiles_forced(kind)
@@ -1182,6 +1224,16 @@ def _dropout_keys(dropout: Optional[tuple[float, int]], batch: int, nheads: int,
 _PLANS = PlanTable()
 
 
+def _score_scalars(prob: AttnProblem) -> tuple[float, float]:
+    """(qk_scale_log2, softcap_in): the factor the kernels' softmax applies to its scores,
+    in log2 units, and with softcap the raw scores' factor inside the tanh (``_capped``):
+    softcap * tanh(q.k * scale / softcap) * log2(e) = tanh(q.k * softcap_in) * qk_scale_log2.
+    Without softcap, softcap_in is unused (0)."""
+    if prob.softcap > 0:
+        return prob.softcap * LOG2E, prob.softmax_scale / prob.softcap
+    return prob.softmax_scale * LOG2E, 0.0
+
+
 @dataclass(frozen=True)
 class _ForwardPlan:
     """``attention_forward_sm90``'s launch but for its tensors."""
@@ -1230,11 +1282,12 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnP
                      _descriptor_template(*out4, q.dtype, rows)),
         scalars=(seqlen_q, seqlen_k, nheads // k.shape[-2], num_m_blocks, k.shape[-2], k.stride(-3), k.stride(-2),
                  v.stride(-3), v.stride(-2), *lse_strides, keys_stride, *out_tail, headdim,
-                 prob.softmax_scale * LOG2E, threshold, scale),
+                 *_score_scalars(prob), threshold, scale),
         launch=PlannedLaunch(_fwd_sm90_kernel, dict(
             HEADDIM=_block_d(headdim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, STAGES=cfg.num_stages,
             CAUSAL=prob.causal, SPECIALIZED=specialized, PINGPONG=variant == "pingpong",
             HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=heads_first,
+            HAS_SOFTCAP=prob.softcap > 0,
             # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
             num_warps=4 if specialized else cfg.block_m // 16,
         ), _descriptor_key),
@@ -1338,8 +1391,10 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     nheads, headdim = q.shape[-2], q.shape[-1]
     nheads_k = k.shape[-2]
     kv_group = nheads // nheads_k
-    scalars = (prob.softmax_scale * LOG2E, prob.softmax_scale)
-    dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv"), configs.sm90_backward_config("dq")
+    qk_scale_log2, softcap_in = _score_scalars(prob)
+    scalars = (qk_scale_log2, prob.softmax_scale, softcap_in)
+    softcap = prob.softcap > 0
+    dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv", softcap), configs.sm90_backward_config("dq", softcap)
     threshold, scale, _ = dropout_args(dropout)
     keys_stride = 2 * nheads if dropout is not None else 0  # the keys' batch stride (read with dropout only)
     lse_strides_all = contiguous_strides(tuple(lse.shape))  # delta's and lse2's (``prepare_backward``)
@@ -1386,7 +1441,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         dkdv_launch=PlannedLaunch(_bwd_dkdv_sm90_kernel, dict(
             HEADDIM=block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen,
-            HEADS_FIRST=dkdv_heads_first, num_warps=4,
+            HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, num_warps=4,
         ), _descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
         dq_descriptors=(_template_of(q4, dq_cfg.block_m // 2), _template_of(k4, dq_cfg.block_n),
@@ -1397,7 +1452,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         dq_launch=PlannedLaunch(_bwd_dq_sm90_kernel, dict(
             HEADDIM=block_d, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=dq_heads_first,
-            num_warps=4,
+            HAS_SOFTCAP=prob.softcap > 0, num_warps=4,
         ), _descriptor_key),
     ))
 
