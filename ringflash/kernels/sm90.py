@@ -1410,6 +1410,9 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     # The atomic dQ's float32 accumulator is addressed with 32-bit offsets within a
     # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
     atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
+    # Its dQ MMA's rows are the dK/dV step's query rows: a warpgroup MMA needs 64 (softcap's
+    # 32-row step takes the two-kernel path).
+    atomic_dq = atomic_dq and dkdv_cfg.block_m % 64 == 0
     dq_acc_strides = contiguous_strides(tuple(q.shape))[:3] if atomic_dq else (0, 0, 0)
     # An underfilled launch splits each group's query heads across programs (dense, two-kernel
     # backward only), each slice's partial dK/dV summed in float32 in a fixed order.
