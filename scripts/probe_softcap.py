@@ -1,7 +1,7 @@
 """What softcap costs: forward and backward with softcap against the same call without it,
-on the portable kernels (which alone take softcap: the Gluon kernels do not) and, without
-softcap, on the default backend too, so the table shows both tanh's own cost and what a
-softcap call loses by leaving the Gluon kernels. SDPA's FA2 (no softcap) is the yardstick.
+on the default backend, on the portable kernels and (``softcap_sm90``) on the Gluon Hopper
+kernels (``RINGFLASH_BACKEND=sm90``; run 45 timed them before the default took them for
+softcap calls). SDPA's FA2 (no softcap) is the yardstick.
 
     python scripts/probe_softcap.py                       # b=4 s=4k h=16, d=64/128/256, causal
     python scripts/probe_softcap.py --headdims 256 --seqlen 8192 --batch 1
@@ -40,7 +40,8 @@ def main() -> None:
         q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_() for _ in range(3))
         dout = torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=gen)
         times = {}
-        for label, backend, cap in (("default", "", 0.0), ("portable", "portable", 0.0), ("softcap", "", args.softcap)):
+        for label, backend, cap in (("default", "", 0.0), ("portable", "portable", 0.0), ("softcap", "", args.softcap),
+                                    ("softcap_sm90", "sm90", args.softcap)):
             os.environ["RINGFLASH_BACKEND"] = backend
             times[label] = time_fwd_bwd(lambda q, k, v: flash_attn_func(q, k, v, causal=args.causal, softcap=cap), (q, k, v), dout)
             print(f"d={d} {label}: fwd {times[label][0]:.3f} ms, bwd {times[label][1]:.3f} ms", flush=True)
