@@ -30,7 +30,8 @@ import compile_sm90 as C  # noqa: E402  (sets TRITON_INTERPRET=0 and the ringfla
 
 #: Entries of the score tile one consumer thread holds per loop iteration: 64 rows x
 #: BLOCK_N (forward and dQ: 128 keys) or BLOCK_M (dK/dV: 64 queries) columns over a
-#: warpgroup's 128 threads (``configs.SM90_FORWARD`` / ``SM90_BACKWARD``).
+#: warpgroup's 128 threads (``configs.SM90_FORWARD`` / ``SM90_BACKWARD``; the problem below has no
+#: softcap, whose 32-row dK/dV step, ``SM90_BACKWARD_SOFTCAP``, would halve dK/dV's entries).
 ENTRIES_PER_THREAD = {"_fwd_sm90_kernel": 64 * 128 // 128, "_bwd_dkdv_sm90_kernel": 64 * 64 // 128,
                       "_bwd_dq_sm90_kernel": 64 * 128 // 128}
 

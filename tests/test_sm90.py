@@ -134,7 +134,7 @@ def test_preferred_where_measured_faster():
     assert sm90.preferred(_problem(measured, measured))
     assert sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout measured at d=128
     assert not sm90.preferred(_problem(unmeasured, unmeasured), dropout=(0.1, 3))
-    # Softcap: only with RINGFLASH_BACKEND=sm90 until configs.SM90_SOFTCAP says it measured faster.
+    # Softcap: where configs.SM90_SOFTCAP says it measured faster (run 45), as without it.
     for kind in ("fwd", "bwd"):
         assert sm90.preferred(_problem(measured, measured, softcap=30.0), kind=kind) == configs.SM90_SOFTCAP
     for d, threshold in configs.SM90_MIN_SEQLEN_Q.items():

@@ -236,8 +236,9 @@ SM90_SOFTCAP: bool = True
 SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
 #: With softcap the dK/dV kernel also holds the capped scores' tile (for dS's 1 - t^2)
 #: beside P, dP in flight, dK and dV: compiled for sm_90 (Triton 3.6) at d=128, the 64-row
-#: step spilled 38-129 stores (54 reloads in the causal loop); the 32-row step spills none,
-#: with or without softcap and dropout. Run 45 timed this pair with softcap (``SM90_SOFTCAP``);
+#: step spilled 38-129 stores (54 reloads in the causal loop); the 32-row step spills none in
+#: dense calls, with or without softcap and dropout (2 stores in the varlen causal softcap
+#: dK/dV kernel). Run 45 timed this pair with softcap (``SM90_SOFTCAP``);
 #: the 32-row step without softcap is not yet timed.
 SM90_BACKWARD_SOFTCAP: dict[str, KernelConfig] = {"dkdv": _C(32, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
 

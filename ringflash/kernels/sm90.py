@@ -1469,7 +1469,8 @@ def attention_backward_sm90(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     d), lse float32 (batch, nheads, seqlen_q); plain varlen (``meta``): q/dout/out
     (total_q, nheads, d), k/v (total_k, nheads_k, d), lse (nheads, total_q); from either
     forward. Deterministic (no atomics): the dK/dV kernel sums over the query heads of each
-    KV head itself, and a dQ kernel follows. With ``atomic_dq`` (dense only) the dK/dV
+    KV head itself, and a dQ kernel follows. With ``atomic_dq`` (dense calls whose dK/dV step is a multiple of
+    64 query rows: not softcap's, ``configs.SM90_BACKWARD_SOFTCAP``) the dK/dV
     kernel also adds dQ into a float32 buffer by atomics (5 GEMMs instead of 7, no dQ
     kernel; the summation order then varies: not deterministic). The host work that
     depends only on the call's shapes and options is done once per signature
