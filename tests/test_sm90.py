@@ -529,3 +529,23 @@ def test_forward_refuses_a_one_slot_ring(monkeypatch):
     with configs.override(sm90_fwd=configs.KernelConfig(128, 128, 4, 1)):
         with pytest.raises(ValueError, match="sm90 forward config: got num_stages=1; expected at least 2"):
             sm90.attention_forward_sm90(q, q, q, prob)
+
+
+def test_score_scalars_give_the_portable_scores():
+    """The Gluon kernels' (qk_scale_log2, softcap_in): tanh(q.k * softcap_in) * qk_scale_log2
+    with softcap, q.k * qk_scale_log2 without, must equal the portable kernels' scores in log2
+    units (softcap * tanh(q.k * scale / softcap) * log2(e)); a factor off breaks lse's
+    agreement between the two families (either backward takes either forward's lse)."""
+    import math
+
+    from ringflash.kernels.problem import LOG2E
+
+    q = torch.zeros(1, 10, 2, 64)
+    qk = torch.linspace(-400.0, 400.0, 101, dtype=torch.float64)
+    for softcap in (0.0, 5.0, 30.0):
+        prob = _problem(q, q, softcap=softcap, scale=0.125)
+        scale_log2, softcap_in = sm90._score_scalars(prob)
+        got = (torch.tanh(qk * softcap_in) if softcap else qk) * scale_log2
+        want = (softcap * torch.tanh(qk * 0.125 / softcap) if softcap else qk * 0.125) * LOG2E
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), softcap
+        assert math.isfinite(scale_log2)

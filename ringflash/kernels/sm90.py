@@ -45,7 +45,7 @@ import torch
 import triton
 
 from . import configs
-from .problem import LOG2E, AttnProblem, dropout_args, dropout_threshold, meta_signature
+from .problem import AttnProblem, dropout_args, dropout_threshold, meta_signature
 from .common import contiguous_strides, grad_buffer
 from .launch import PlannedLaunch, PlanTable
 
@@ -1228,10 +1228,10 @@ def _score_scalars(prob: AttnProblem) -> tuple[float, float]:
     """(qk_scale_log2, softcap_in): the factor the kernels' softmax applies to its scores,
     in log2 units, and with softcap the raw scores' factor inside the tanh (``_capped``):
     softcap * tanh(q.k * scale / softcap) * log2(e) = tanh(q.k * softcap_in) * qk_scale_log2.
-    Without softcap, softcap_in is unused (0)."""
-    if prob.softcap > 0:
-        return prob.softcap * LOG2E, prob.softmax_scale / prob.softcap
-    return prob.softmax_scale * LOG2E, 0.0
+    Without softcap, softcap_in is unused (0). The portable kernels' ``scalar_args`` in log2
+    units, with the outer softcap factor taking the scale's place."""
+    qk_scale, softcap_in, softcap_out = prob.scalar_args()
+    return (softcap_out if prob.softcap > 0 else qk_scale), softcap_in
 
 
 @dataclass(frozen=True)
