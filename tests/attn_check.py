@@ -143,11 +143,12 @@ def dense_ref(q, k, v, causal=False, window=(-1, -1), softcap=0.0):
     return attention_ref(q, k, v, causal=causal, window_size=window, softcap=softcap)
 
 
-def varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None):
+def varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None, softcap=0.0):
     out, lse, _ = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window,
-                                         return_attn_probs=True, seqused_k=seqused)
+                                         return_attn_probs=True, seqused_k=seqused, softcap=softcap)
     return out, lse
 
 
-def varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None):
-    return attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window, seqused_k=seqused)
+def varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None, softcap=0.0):
+    return attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window, seqused_k=seqused,
+                                softcap=softcap)

@@ -273,8 +273,8 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("backward", ["deterministic", "atomic"])
 @pytest.mark.parametrize("headdim,dtype,softcap", [(64, torch.bfloat16, 30.0), (128, torch.float16, 5.0),
-                                                   (128, torch.bfloat16, 50.0)], ids=["d64-bf16-30", "d128-fp16-5",
-                                                                                      "d128-bf16-50"])
+                                                   (128, torch.bfloat16, 50.0), (96, torch.bfloat16, 30.0)],
+                         ids=["d64-bf16-30", "d128-fp16-5", "d128-bf16-50", "d96-bf16-30"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 1000, 1000, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1)])
 def test_sm90_softcap(gen, monkeypatch, backward, headdim, dtype, softcap, causal, b, sq, sk, h, hk):
@@ -316,13 +316,13 @@ def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
-@pytest.mark.parametrize("headdim", [64, 128])
+@pytest.mark.parametrize("headdim,softcap", [(64, 0.0), (128, 0.0), (128, 30.0)], ids=["d64", "d128", "d128-softcap"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, causal):
+def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, softcap, causal):
     """The Gluon forward and backward on packed sequences (RINGFLASH_BACKEND=sm90): lengths
     off the tiles, an empty sequence, one of a single token, keys longer than queries
-    (bottom-right causal), GQA; the tiles past a sequence's end must neither count nor
-    overwrite the next sequence's rows (out, dq, dk, dv)."""
+    (bottom-right causal), GQA, and softcap; the tiles past a sequence's end must neither
+    count nor overwrite the next sequence's rows (out, dq, dk, dv)."""
     from ringflash.kernels import sm90
 
     calls = []
@@ -338,7 +338,7 @@ def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, causal):
     k, v = (torch.randn(sum(k_lengths), 2, headdim, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2))
     cu_q, cu_k = cu_seqlens_from_lengths(q_lengths, DEV), cu_seqlens_from_lengths(k_lengths, DEV)
     check_attention(varlen_impl, varlen_ref, (q, k, v), torch.bfloat16,
-                    extra=(cu_q, cu_k, max(q_lengths), max(k_lengths), causal))
+                    extra=(cu_q, cu_k, max(q_lengths), max(k_lengths), causal, (-1, -1), None, softcap))
     assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
 
 
