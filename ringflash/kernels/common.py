@@ -406,12 +406,16 @@ def tanh(x):
     return tl.where(tl.abs(x) < 0.5, series, saturating)
 
 
+#: The GPU's tanh instruction as inline PTX (``tanh_approx``; the Gluon kernels' ``_capped`` too).
+TANH_APPROX_PTX = tl.constexpr("tanh.approx.f32 $0, $1;")
+
+
 @triton.jit
 def tanh_approx(x):
     """The GPU's tanh instruction (``tanh.approx.f32``: one MUFU op, sm_75+), relative error
     about 2**-11: finer than a 16-bit input's own rounding (bf16 2**-9, fp16 2**-11 per
     entry, and the scores sum d of them), as flash-attn's softcap uses. Not in the interpreter."""
-    return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+    return tl.inline_asm_elementwise(TANH_APPROX_PTX, "=r,r", [x], dtype=tl.float32, is_pure=True,
                                      pack=1)
 
 

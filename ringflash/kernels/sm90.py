@@ -46,7 +46,7 @@ import triton
 
 from . import configs
 from .problem import AttnProblem, dropout_args, dropout_threshold, meta_signature
-from .common import contiguous_strides, grad_buffer
+from .common import TANH_APPROX_PTX, contiguous_strides, grad_buffer
 from .launch import PlannedLaunch, PlanTable
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
@@ -148,7 +148,7 @@ if AVAILABLE:
     def _tanh_approx(x):
         """The GPU's tanh instruction (``common.tanh_approx``'s, as the portable kernels use
         for 16-bit inputs; these kernels take 16-bit inputs only)."""
-        return gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=gl.float32, is_pure=True,
+        return gl.inline_asm_elementwise(TANH_APPROX_PTX, "=r,r", [x], dtype=gl.float32, is_pure=True,
                                          pack=1)
 
     @gluon.jit
@@ -1121,8 +1121,9 @@ def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, ki
     it ``supports``: where it measured faster than the portable kernel
     (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96 and 128, runs 37-39; dropout at the head
     dims of ``configs.SM90_DROPOUT_HEADDIMS``; softcap where ``configs.SM90_SOFTCAP``; other
-    head dims, other dropout calls and varlen only with RINGFLASH_BACKEND=sm90 until measured), unless a ``configs.override``
-    context forces the portable kernel's tiles for ``kind``."""
+    head dims, other dropout calls and varlen only with RINGFLASH_BACKEND=sm90 until
+    measured), unless a ``configs.override`` context forces the portable kernel's tiles for
+    ``kind``."""
     if prob.is_varlen or (dropout is not None and prob.headdim not in configs.SM90_DROPOUT_HEADDIMS):
         return False
     if prob.softcap > 0 and not configs.SM90_SOFTCAP:
