@@ -549,3 +549,31 @@ def test_score_scalars_give_the_portable_scores():
         want = (softcap * torch.tanh(qk * 0.125 / softcap) if softcap else qk * 0.125) * LOG2E
         assert torch.allclose(got, want, rtol=1e-12, atol=0), softcap
         assert math.isfinite(scale_log2)
+
+
+def test_dq_accumulator_layout_round_trips():
+    """The atomic backward's tiled dQ accumulator: the offsets ``_add_dq_tile`` writes
+    (restated here: the Gluon kernel cannot run on the CPU) put a thread's four registers
+    of a warpgroup MMA's 16-row block (rows r and r + 8, columns c and c + 1) in one aligned
+    16-byte vector, and ``dq_from_accumulator`` reads every (row, column) back from where
+    they were added (red with a permutation or a padding mistake)."""
+    batch, seqlen, nheads, headdim, block_d, block_m = 2, 75, 3, 40, 64, 64
+    shape = sm90.dq_accumulator_shape(batch, seqlen, nheads, block_d, block_m)
+    assert shape == (batch, 128 // 16, nheads, 8, block_d // 8, 4, 2, 2)  # rows to 2 x block_m
+    acc = torch.zeros(shape, dtype=torch.float32)
+    flat = acc.view(batch, shape[1], nheads, -1)
+
+    def offset(row: int, col: int) -> tuple[int, int]:  # (row block, offset in its head's slab)
+        return row // 16, (row % 8) * 2 * block_d + (col // 8) * 16 + (col // 2 % 4) * 4 + (row // 8 % 2) * 2 + col % 2
+
+    rows, cols = torch.meshgrid(torch.arange(shape[1] * 16), torch.arange(block_d), indexing="ij")
+    for row, col in zip(rows.flatten().tolist(), cols.flatten().tolist()):
+        block, at = offset(row, col)
+        flat[:, block, :, at] = row * 1000 + col
+        if row % 16 < 8 and col % 2 == 0:
+            assert at % 4 == 0 and [offset(r, c)[1] - at for r, c in
+                                    ((row, col + 1), (row + 8, col), (row + 8, col + 1))] == [1, 2, 3]
+    dq = sm90.dq_from_accumulator(acc, seqlen, headdim)
+    assert dq.shape == (batch, seqlen, nheads, headdim)
+    want = (torch.arange(seqlen)[:, None] * 1000 + torch.arange(headdim)[None, :]).float()
+    assert torch.equal(dq, want[None, :, None, :].expand_as(dq))

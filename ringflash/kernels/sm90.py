@@ -139,6 +139,14 @@ _DROPOUT_ASM_QUERY_MAJOR = triton.language.constexpr(_dropout_asm(False))
 _DROPOUT_ASM_KEY_MAJOR = triton.language.constexpr(_dropout_asm(True))
 _DROPOUT_ASM_PACKED = triton.language.constexpr(_dropout_asm(False, packed=True))
 
+#: Adds four float32 values to four consecutive, 16-byte-aligned floats ($8: the offset of
+#: the first, in floats, from the base $4) with one vector reduction (sm_90, PTX 8.1);
+#: the four outputs are placeholders that inline assembly must have.
+_RED_ADD_V4_PTX = triton.language.constexpr(
+    "{ .reg .b64 addr; mad.wide.s32 addr, $8, 4, $4; "
+    "red.relaxed.gpu.global.add.v4.f32 [addr], {$12, $13, $14, $15}; "
+    "mov.b32 $0, 0; mov.b32 $1, 0; mov.b32 $2, 0; mov.b32 $3, 0; }")
+
 
 _GL_DTYPES = {}
 if AVAILABLE:
@@ -595,6 +603,27 @@ if AVAILABLE:
     # log2 units) and delta = rowsum(dO * O) of ``bwd.prepare_backward``.
 
     @gluon.jit
+    def _add_dq_tile(dq_base, row0, col0, dq, stride_row_block, HEADDIM: gl.constexpr):
+        """Adds a warpgroup MMA's float32 tile ``dq`` (rows from ``row0``, a multiple of 16;
+        columns from ``col0``) into the tiled dQ accumulator of ``dq_accumulator_shape`` at
+        ``dq_base``, four entries per vector reduction (``red.global.add.v4.f32``). The
+        accumulator holds each 16-row block's four registers of a thread (rows r and r + 8,
+        columns c and c + 1) side by side, so one instruction adds them: Triton's scalar
+        float32 atomics took four, and the L2's atomic throughput, not the GEMMs, set the
+        5-GEMM backward's speed (0.68-0.87x the 7-GEMM pair, run 39)."""
+        layout: gl.constexpr = dq.type.layout
+        rows = gl.arange(0, dq.shape[0], layout=gl.SliceLayout(1, layout))
+        cols = col0 + gl.arange(0, dq.shape[1], layout=gl.SliceLayout(0, layout))
+        row_offsets = (row0 // 16 + rows // 16) * stride_row_block + (rows % 8) * (2 * HEADDIM) + (rows // 8 % 2) * 2
+        col_offsets = (cols // 8) * 16 + (cols // 2 % 4) * 4 + cols % 2
+        offsets = row_offsets[:, None] + col_offsets[None, :]
+        # The base as a tensor of one value: the assembly reads each pack's first offset.
+        base = dq_base + gl.zeros(dq.shape, gl.int32, layout=layout)
+        gl.inline_asm_elementwise(_RED_ADD_V4_PTX, "=r,=r,=r,=r,l,l,l,l,r,r,r,r,r,r,r,r",
+                                  [base, offsets, dq.to(gl.int32, bitcast=True)], dtype=gl.int32, is_pure=False,
+                                  pack=4)
+
+    @gluon.jit
     def _store_rows(tile, acc, desc, b, row0, head):
         """acc -> ``tile``'s shared memory (free: the caller has waited for every MMA that read it) -> TMA
         store of rows [row0, row0 + box) (rows past the sequence are clipped)."""
@@ -639,7 +668,7 @@ if AVAILABLE:
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
         Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-        ds_buf, ds_other, k_other, ds_bars, DQAcc, stride_dqb, stride_dqs, stride_dqh, headdim,
+        ds_buf, ds_other, k_other, ds_bars, DQAcc, stride_dqb, stride_dqs, stride_dqh,
         b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
         stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
@@ -751,7 +780,6 @@ if AVAILABLE:
                 mbarrier.wait(ds_bars.index(0), i & 1)
                 # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
                 dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
-                q_rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, dq_layout))
                 # The half in two quarters of d: 16 registers of dQ at a time beside dK and dV.
                 for quarter in gl.static_range(2):
                     dq = warpgroup_mma(ds_buf.permute((1, 0)),
@@ -759,10 +787,8 @@ if AVAILABLE:
                                        use_acc=False)
                     dq = warpgroup_mma(ds_other.permute((1, 0)), k_other.reshape([ROWS, HEADDIM]).slice(
                         PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq)
-                    dims = PART * HALF_D + quarter * DQ_COLS + gl.arange(0, DQ_COLS,
-                                                                         layout=gl.SliceLayout(0, dq_layout))
-                    gl.atomic_add(dq_base + (q_rows[:, None] * stride_dqs + dims[None, :]), dq * softmax_scale,
-                                  mask=(q_rows[:, None] < seqlen_q) & (dims[None, :] < headdim), sem="relaxed")
+                    _add_dq_tile(dq_base, m0, PART * HALF_D + quarter * DQ_COLS, dq * softmax_scale, stride_dqs,
+                                 HEADDIM)
                 mbarrier.arrive(ds_bars.index(1))
             mbarrier.arrive(free_bars.index(slot))
         if ATOMIC_DQ:
@@ -873,7 +899,7 @@ if AVAILABLE:
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, stride_dqb,
-                          stride_dqs, stride_dqh, headdim,
+                          stride_dqs, stride_dqh,
                           b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
                           stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0,
@@ -881,7 +907,7 @@ if AVAILABLE:
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, stride_dqb,
-                          stride_dqs, stride_dqh, headdim,
+                          stride_dqs, stride_dqh,
                           b, hk, n0 + ROWS, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
                           seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1,
@@ -1366,6 +1392,7 @@ def _tma_operand(x: torch.Tensor) -> torch.Tensor:
 class _BackwardPlan:
     """``attention_backward_sm90``'s launches but for their tensors."""
     atomic_dq: bool
+    dq_accumulator_shape: tuple  # the atomic dQ's float32 tiles (``dq_accumulator_shape``)
     head_splits: int
     partials_shape: tuple  # the float32-summed partial dK/dV of a head split: (2, splits x batch, ...)
     dkdv_grid: tuple
@@ -1376,6 +1403,23 @@ class _BackwardPlan:
     dq_descriptors: tuple  # templates over q, k, v, dout, dq
     dq_scalars: tuple
     dq_launch: PlannedLaunch
+
+
+def dq_accumulator_shape(batch: int, seqlen_q: int, nheads: int, block_d: int, block_m: int) -> tuple:
+    """The atomic backward's float32 dQ accumulator: (batch, row blocks of 16, nheads, 8, block_d / 8, 4, 2, 2),
+    rows padded to the dK/dV step's ``block_m`` and columns to ``block_d`` (no masks in
+    the kernel). Row 16 R + 8 hh + g, column 8 j + 2 t + e of a head sits at [R, g, j, t,
+    hh, e]: the four entries a thread holds of a warpgroup MMA's 16-row block are side by
+    side (``_add_dq_tile``)."""
+    rows = math.ceil(seqlen_q / block_m) * block_m
+    return (batch, rows // 16, nheads, 8, block_d // 8, 4, 2, 2)
+
+
+def dq_from_accumulator(acc: torch.Tensor, seqlen_q: int, headdim: int) -> torch.Tensor:
+    """The (batch, seqlen_q, nheads, headdim) float32 dQ held in ``acc`` (``dq_accumulator_shape``)."""
+    batch, row_blocks, nheads, _, col_blocks = acc.shape[:5]
+    rows = acc.permute(0, 1, 6, 3, 2, 4, 5, 7)  # (batch, R, hh, g, head, j, t, e)
+    return rows.reshape(batch, row_blocks * 16, nheads, col_blocks * 8)[:, :seqlen_q, :, :headdim]
 
 
 def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -1408,13 +1452,15 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         q4, k4, v4, do4, dq4, dk4, dv4 = q, k, v, dout, *grads
         lse_strides = lse_strides_all[:2]
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
-    # The atomic dQ's float32 accumulator is addressed with 32-bit offsets within a
-    # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
-    atomic_dq = atomic_dq and seqlen_q * nheads * headdim < 2**31
     # Its dQ MMA's rows are the dK/dV step's query rows: a warpgroup MMA needs 64 (softcap's
     # 32-row step takes the two-kernel path).
     atomic_dq = atomic_dq and dkdv_cfg.block_m % 64 == 0
-    dq_acc_strides = contiguous_strides(tuple(q.shape))[:3] if atomic_dq else (0, 0, 0)
+    acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, _block_d(headdim), dkdv_cfg.block_m)
+    # The atomic dQ's float32 accumulator is addressed with 32-bit offsets within a
+    # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
+    atomic_dq = atomic_dq and math.prod(acc_shape[1:]) < 2**31
+    # (batch, row block, head) strides, in floats.
+    dq_acc_strides = contiguous_strides(acc_shape)[:3] if atomic_dq else (0, 0, 0)
     # An underfilled launch splits each group's query heads across programs (dense, two-kernel
     # backward only), each slice's partial dK/dV summed in float32 in a fixed order.
     key_blocks = math.ceil(seqlen_k / dkdv_cfg.block_n)
@@ -1434,7 +1480,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     dq_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
     block_d = _block_d(headdim)
     return _PLANS.keep(key, _BackwardPlan(
-        atomic_dq=atomic_dq, head_splits=head_splits, partials_shape=partials_shape,
+        atomic_dq=atomic_dq, dq_accumulator_shape=acc_shape, head_splits=head_splits, partials_shape=partials_shape,
         dkdv_grid=(nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else
         (key_blocks, nheads_k * head_splits, prob.batch),
         dkdv_descriptors=(_template_of(q4, dkdv_cfg.block_m), _template_of(k4, dkdv_cfg.block_n // 2),
@@ -1505,7 +1551,8 @@ def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
     delta, lse2 = prepare_backward(dout, out, lse, prob)
     keys = _dropout_keys(dropout, prob.batch, q.shape[-2], delta)
     # Without the atomic dQ the kernel never reads its accumulator: delta stands in.
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if plan.atomic_dq else delta
+    dq_acc = torch.zeros(plan.dq_accumulator_shape, dtype=torch.float32, device=q.device) if plan.atomic_dq \
+        else delta
     if plan.head_splits > 1:
         partials = torch.empty(plan.partials_shape, dtype=k.dtype, device=k.device)
         dk_out, dv_out = partials
@@ -1530,7 +1577,7 @@ def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
         dk.copy_(sums[0])
         dv.copy_(sums[1])
     if plan.atomic_dq:
-        dq.copy_(dq_acc)
+        dq.copy_(dq_from_accumulator(dq_acc, q.shape[1], q.shape[-1]))
         return dq, dk, dv
     t = plan.dq_descriptors
     plan.dq_launch(plan.dq_grid, (
