@@ -156,13 +156,15 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 #   d=192 also at b=32 s=2k h=10 causal and b=128 s=512 h=10 full) timed all 28 dQ
 #   candidates: 128x64 w8 s2 was the fastest in all six cases, the backward 7-10% faster
 #   than with the d=256 bucket's 128x32 (e.g. d=192 causal 8k: 4.50 -> 4.10 ms).
-# - The forward at d=96 below 1k (longer calls take the Gluon kernels): run 43, b=128
-#   s=512 h=21: full 1.056 -> 0.873 ms with 128x64 w4 s3, causal 0.786 -> 0.671 ms with
-#   128x32 w4 s4 (the bucket's 128x64 w8 s3 was tuned at d=128, s=4k).
+# - Not kept: the forward at d=96 below 512 query rows (longer calls take the Gluon
+#   kernels). Run 43 (b=128 s=512 h=21) timed full 1.056 -> 0.873 ms with 128x64 w4 s3 and
+#   causal 0.786 -> 0.671 ms with 128x32 w4 s4, but the GPU property test of run 46 found
+#   the split d=96 forward's lse wrong under them in bf16 (seqlen 1: the score itself,
+#   0.85 relative), a miscompile like run 41's; the bucket's 128x64 w8 s3 is the tile
+#   ``scripts/probe_head_parts.py`` checked (runs 42-43).
 HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
     (9, 0): {
         "dq": {(parts, banded): (0, _C(128, 64, 8, 2)) for parts in ((128, 32), (128, 64)) for banded in (False, True)},
-        "fwd": {((64, 32), False): (512, _C(128, 64, 4, 3)), ((64, 32), True): (512, _C(128, 32, 4, 4))},
     },
 }
 
