@@ -49,7 +49,8 @@ def test_scope(on_hopper):
     k = torch.zeros(2, 300, 2, 128, dtype=torch.bfloat16)
     wrap = _OnHopper
     supported = lambda q, k, v, prob, **kw: sm90.supports(wrap(q), wrap(k), wrap(v), prob,  # noqa: E731
-                                                           kw.get("meta"), kw.get("alibi"), kw.get("dropout"))
+                                                           kw.get("meta"), kw.get("alibi"), kw.get("dropout"),
+                                                           kw.get("kind", "fwd"))
     assert supported(q, k, k, _problem(q, k))
     assert supported(q, k, k, _problem(q, k, causal=False))
     # Outside the scope: each falls back to the portable forward.
@@ -65,6 +66,17 @@ def test_scope(on_hopper):
     for d, want in ((96, True), (80, True), (40, True), (36, False), (32, False), (136, False), (256, False)):
         qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
         assert supported(qd, kd, kd, _problem(qd, kd)) == want, d
+    # The backward also takes d = 136..256 (256-column tiles, SPLIT_D), without dropout or
+    # softcap; the forward does not.
+    for d, want in ((136, True), (192, True), (256, True), (264, False), (132, False), (128, True)):
+        qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
+        assert supported(qd, kd, kd, _problem(qd, kd), kind="bwd") == want, d
+        if d > 128:
+            assert not supported(qd, kd, kd, _problem(qd, kd)), d
+            assert not supported(qd, kd, kd, _problem(qd, kd), kind="bwd", dropout=(0.1, 0)), d
+            assert not supported(qd, kd, kd, _problem(qd, kd, softcap=30.0), kind="bwd"), d
+            # Not taken by the default backend until measured.
+            assert not sm90.preferred(_problem(qd, kd), None, "bwd"), d
     q32, k32 = q.float(), k.float()
     assert not supported(q32, k32, k32, _problem(q32, k32))
     # Grid axes 1 and 2 (heads, batch) stop at 65535: the portable kernels handle more.

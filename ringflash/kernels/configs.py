@@ -243,6 +243,13 @@ SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(12
 #: dK/dV kernel). Run 45 timed this pair with softcap (``SM90_SOFTCAP``);
 #: the 32-row step without softcap is not yet timed.
 SM90_BACKWARD_SOFTCAP: dict[str, KernelConfig] = {"dkdv": _C(32, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
+#: Head dims past 128 (tiles of 256 columns; no dropout or softcap): dK/dV owns 64 keys,
+#: both consumers over all of them, each accumulating a column half of d (``SPLIT_D``), and
+#: streams 64 query rows per step (K, V, two stages of Q and dO and the score tiles: 224 KB
+#: of shared memory); dQ streams 32 keys per step beside its 2 x 64 query rows (192 KB).
+#: Compiled for sm_90 (Triton 3.6), neither spills; neither is timed yet, so the default
+#: backend keeps the portable backward there (``preferred``).
+SM90_BACKWARD_WIDE: dict[str, KernelConfig] = {"dkdv": _C(64, 64, 4, 2), "dq": _C(128, 32, 4, 2)}
 
 
 BACKENDS = ("", "portable", "sm90")
@@ -257,10 +264,12 @@ def backend() -> str:
     return name
 
 
-def sm90_backward_config(kind: str, softcap: bool = False) -> KernelConfig:
-    """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"), with softcap
-    ``SM90_BACKWARD_SOFTCAP``'s; an ``override(sm90_dkdv=..., sm90_dq=...)`` context wins."""
-    return _override.get(f"sm90_{kind}") or (SM90_BACKWARD_SOFTCAP if softcap else SM90_BACKWARD)[kind]
+def sm90_backward_config(kind: str, softcap: bool = False, wide: bool = False) -> KernelConfig:
+    """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"): with softcap
+    ``SM90_BACKWARD_SOFTCAP``'s, past d=128 (``wide``) ``SM90_BACKWARD_WIDE``'s; an
+    ``override(sm90_dkdv=..., sm90_dq=...)`` context wins."""
+    table = SM90_BACKWARD_WIDE if wide else SM90_BACKWARD_SOFTCAP if softcap else SM90_BACKWARD
+    return _override.get(f"sm90_{kind}") or table[kind]
 
 
 def sm90_forward_config(headdim: int, causal: bool) -> KernelConfig:

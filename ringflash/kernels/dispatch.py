@@ -16,7 +16,7 @@
 
 The backward (``backward``) has two families: the portable one (``kernels.bwd``) and the
 Gluon Hopper one (``sm90.attention_backward_sm90``), for the calls in the forward's scope
-(plain varlen ones with ``RINGFLASH_BACKEND=sm90`` only), by default where
+(plain varlen ones, and head dims 136-256, with ``RINGFLASH_BACKEND=sm90`` only), by default where
 ``sm90.preferred(..., "bwd")`` (run 38: 1.04-1.34x the portable backward at d=64 from
 seqlen 4k and d=128 from 1k). Either backward takes either forward's out and lse.
 
@@ -147,7 +147,7 @@ def backward(
     # test_properties::test_gpu_dense_layouts); the Gluon kernels cannot read a stride 0.
     dout = dout.contiguous()
     chosen = backend()
-    if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
+    if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout, "bwd") and \
             (chosen == "sm90" or sm90.preferred(prob, dropout, "bwd")):
         # Under the default backend the deterministic Gluon backward runs even where atomic_dq
         # asks for the 5-GEMM one: run 38 timed it 1.3-1.6x faster than the Gluon atomic one

@@ -15,7 +15,9 @@ family writes it out, as FA3 does within one warpgroup pair:
 
 Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen,
 d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
-zero-filled by TMA), causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
+zero-filled by TMA; the backward also d = 136 to 256 on 256-column tiles, without dropout
+or softcap, its dK/dV consumers splitting d instead of the keys: ``_dkdv_half_rows``),
+causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
 (the portable kernels' mask, entry for entry, from the Philox words of
 ``dropout_mask.dropout_keys``, each four entries' draw mixed once by inline PTX:
 ``_dropout_factor``), softcap (the GPU's tanh instruction, as the portable kernels use for
@@ -637,9 +639,9 @@ if AVAILABLE:
                         FIXED_ROWS: gl.constexpr, RING_ROWS: gl.constexpr, HEADDIM: gl.constexpr,
                         STAGES: gl.constexpr):
         """A backward CTA's shared memory: two tensors' rows it owns (PARTS boxes of
-        FIXED_ROWS, one per consumer, all on one barrier), and a ring of STAGES slots of
-        RING_ROWS rows of the two it streams (a barrier per slot and tensor, and one that
-        both consumers arrive on to free the slot)."""
+        FIXED_ROWS, one per consumer, or one both share, all on one barrier), and a ring of
+        STAGES slots of RING_ROWS rows of the two it streams (a barrier per slot and tensor,
+        and one that both consumer warpgroups arrive on to free the slot)."""
         dtype: gl.constexpr = fixed_a_desc.dtype
         fixed_a = gl.allocate_shared_memory(dtype, [PARTS, 1, FIXED_ROWS, 1, HEADDIM], fixed_a_desc.layout)
         fixed_b = gl.allocate_shared_memory(dtype, [PARTS, 1, FIXED_ROWS, 1, HEADDIM], fixed_b_desc.layout)
@@ -653,7 +655,7 @@ if AVAILABLE:
         for i in gl.static_range(STAGES):
             mbarrier.init(a_bars.index(i), count=1)
             mbarrier.init(b_bars.index(i), count=1)
-            mbarrier.init(free_bars.index(i), count=PARTS)
+            mbarrier.init(free_bars.index(i), count=2)
         return fixed_a, fixed_b, ring_a, ring_b, fixed_bar, a_bars, b_bars, free_bars
 
     @gluon.jit
@@ -809,6 +811,96 @@ if AVAILABLE:
             _store_rows(v_part, dv, dv_desc, b_out, n0, hk)
 
     @gluon.jit
+    def _dkdv_half_rows(
+        k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, pt_buf, p32_buf, dst_buf,
+        turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps,
+        seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
+        HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, IS_VARLEN: gl.constexpr, ROLE: gl.constexpr,
+    ):
+        """dK and dV of keys [n0, n0 + ROWS) for head dims past 128, where one warpgroup
+        cannot hold both accumulators over the whole head dim (2 x 64 x 256 float32 is 256
+        registers a thread): the two consumers share each step's scores instead of splitting
+        the keys. ROLE 0 computes S^T = K Q^T and P^T = exp2(S^T - lse2), ROLE 1 dP^T = V dO^T
+        and dS^T = P^T (dP^T - delta) from ROLE 0's P^T (float32, through ``p32_buf``); both
+        tiles go through shared memory (``pt_buf``, ``dst_buf``, the inputs' dtype), and
+        each consumer accumulates its column half ROLE of d: dV[:, half] += P^T dO[:, half],
+        dK[:, half] += dS^T Q[:, half]. ``turn_bars``: [0] P^T staged, [1] dS^T staged, [2]
+        both consumers' MMAs have read the step's tiles (before restaging), [3] both halves
+        of dK and dV staged in K's and V's shared memory for the stores. The step order, the
+        masks and lse2/delta are ``_dkdv_rows``'s (no dropout, softcap or atomic dQ here)."""
+        dtype: gl.constexpr = dk_desc.dtype
+        HALF: gl.constexpr = HEADDIM // 2
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HALF, 16])
+        k_tile = k_part.reshape([ROWS, HEADDIM])
+        v_tile = v_part.reshape([ROWS, HEADDIM])
+        keys = n0 + gl.arange(0, ROWS, layout=gl.SliceLayout(1, st_layout))
+        diag = seqlen_k - seqlen_q
+        dk = gl.zeros([ROWS, HALF], gl.float32, layout=acc_layout)
+        dv = gl.zeros([ROWS, HALF], gl.float32, layout=acc_layout)
+        st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=st_layout)
+        mbarrier.wait(fixed_bar, 0)
+        for i in range(n_steps):
+            slot = i % STAGES
+            phase = (i // STAGES) & 1
+            h = h_first + i // m_blocks
+            m0 = (m_start + i % m_blocks) * BLOCK_M
+            cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+            row_ptr = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + cols
+            mbarrier.wait(q_bars.index(slot), phase)
+            mbarrier.wait(do_bars.index(slot), phase)
+            q_tile = q_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
+            do_tile = do_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
+            if ROLE == 0:
+                st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                # Rows past seqlen_q: lse2 = +inf gives P = 0 there (their Q and dO are zero-filled).
+                lse2 = gl.load(Lse2 + row_ptr, mask=cols < seqlen_q, other=float("inf"))
+                st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
+                pt = gl.exp2(st * qk_scale_log2 - lse2[None, :])
+                if CAUSAL:
+                    if m0 + diag < cta_last_key:
+                        pt = gl.where(keys[:, None] <= cols[None, :] + diag, pt, 0.0)
+                # The previous step's tiles have been read by both consumers' MMAs.
+                mbarrier.wait(turn_bars.index(2), (i - 1) & 1, pred=i > 0)
+                pt_buf.store(pt.to(dtype))
+                p32_buf.store(pt)
+                fence_async_shared()
+                mbarrier.arrive(turn_bars.index(0))
+            else:
+                dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                delta = gl.load(Delta + row_ptr, mask=cols < seqlen_q, other=0.0)
+                dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt, ))
+                mbarrier.wait(turn_bars.index(0), i & 1)
+                pt = p32_buf.load(st_layout)
+                dst_buf.store((pt * (dpt - delta[None, :])).to(dtype))
+                fence_async_shared()
+                mbarrier.arrive(turn_bars.index(1))
+            dv_tok = warpgroup_mma(pt_buf, do_tile.slice(ROLE * HALF, HALF, dim=1), dv, is_async=True)
+            mbarrier.wait(turn_bars.index(1), i & 1)
+            dk_tok = warpgroup_mma(dst_buf, q_tile.slice(ROLE * HALF, HALF, dim=1), dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
+            mbarrier.arrive(turn_bars.index(2))
+            mbarrier.arrive(free_bars.index(slot))
+        # K and V stage the results once both consumers' last MMAs (which read them) are done.
+        mbarrier.wait(turn_bars.index(2), (n_steps - 1) & 1, pred=n_steps > 0)
+        k_tile.slice(ROLE * HALF, HALF, dim=1).store((dk * softmax_scale).to(dtype))
+        v_tile.slice(ROLE * HALF, HALF, dim=1).store(dv.to(dtype))
+        fence_async_shared()
+        mbarrier.arrive(turn_bars.index(3))
+        mbarrier.wait(turn_bars.index(3), 0)
+        # Keys past seqlen_k are clipped by the descriptors; a program with none (varlen)
+        # stores nothing (as in ``_dkdv_rows``). One consumer stores dK, the other dV.
+        if n0 < seqlen_k:
+            if ROLE == 0:
+                _tma_store(dk_desc, [b_out, n0, hk, 0], k_part)
+            else:
+                _tma_store(dv_desc, [b_out, n0, hk, 0], v_part)
+            tma.store_wait(pendings=0)
+
+    @gluon.jit
     def _load_dkdv(k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs,
                    q_bars, do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps,
                    ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr):
@@ -831,11 +923,13 @@ if AVAILABLE:
         qk_scale_log2, softmax_scale, softcap_in, dropout_threshold, dropout_scale, head_splits,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-        HEADS_FIRST: gl.constexpr, HAS_SOFTCAP: gl.constexpr, num_warps: gl.constexpr,
+        HEADS_FIRST: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SPLIT_D: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (key blocks of BLOCK_N, KV heads x ``head_splits``, batch), or with HEADS_FIRST
         (KV heads x ``head_splits``, batch, key blocks); ``num_warps`` = 4.
-        Two consumer warpgroups own BLOCK_N / 2 keys each; one loader warp streams the query
+        Two consumer warpgroups own BLOCK_N / 2 keys each (with SPLIT_D, for head dims past
+        128, all BLOCK_N keys together and a column half of d each: ``_dkdv_half_rows``; no
+        dropout, softcap or atomic dQ); one loader warp streams the query
         blocks of every query head of the group, or with ``head_splits`` > 1 of this
         program's slice of them. Writes dK, dV (the inputs' dtype); with ``head_splits`` > 1
         (dense only) each slice's partial sums instead, through descriptors over
@@ -868,19 +962,10 @@ if AVAILABLE:
             b = b * 0
         # Where dK and dV go: a slice's partial sums at batch index slice x batch + b.
         b_out = (head_slot % head_splits) * batch + b
-        PARTS: gl.constexpr = 2
+        PARTS: gl.constexpr = 1 if SPLIT_D else 2
         ROWS: gl.constexpr = BLOCK_N // PARTS
         k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars = _fixed_and_ring(
             k_desc, v_desc, q_desc, do_desc, PARTS, ROWS, BLOCK_M, HEADDIM, STAGES)
-        # Each consumer's dS^T tile for the atomic dQ (a (1, 16)-element stub without it).
-        DS_ROWS: gl.constexpr = ROWS if ATOMIC_DQ else 16
-        DS_COLS: gl.constexpr = BLOCK_M if ATOMIC_DQ else 16
-        ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [PARTS, DS_ROWS, DS_COLS],
-                                            gl.NVMMASharedLayout.get_default_for([DS_ROWS, DS_COLS], q_desc.dtype))
-        ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(ds_bars.index(i), count=PARTS)  # both consumers arrive
-
         # Query blocks that see any of these keys: key n is seen from query n - diag on.
         diag = seqlen_k - seqlen_q
         m_blocks_total = gl.cdiv(seqlen_q, BLOCK_M)
@@ -894,7 +979,79 @@ if AVAILABLE:
                 m_blocks = 0
         n_steps = heads * m_blocks
         cta_last_key = gl.minimum(n0 + BLOCK_N, seqlen_k) - 1
+        if SPLIT_D:
+            _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
+                              q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first,
+                              m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
+                              softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, IS_VARLEN)
+        else:
+            _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
+                                 v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b,
+                                 dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk,
+                                 n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+                                 stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, HEADDIM,
+                                 ROWS, BLOCK_M, STAGES, CAUSAL, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, HAS_SOFTCAP)
+        _invalidate_ring(fixed_bar, q_bars, do_bars, free_bars, STAGES)
 
+    @gluon.jit
+    def _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
+                          q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start,
+                          m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
+                          b_out, HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
+                          STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """The SPLIT_D program of ``_bwd_dkdv_sm90_kernel``: the score tiles' shared memory
+        and barriers, then the two ``_dkdv_half_rows`` consumers and the loader."""
+        dtype: gl.constexpr = q_desc.dtype
+        pt_buf = gl.allocate_shared_memory(dtype, [ROWS, BLOCK_M],
+                                           gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_M], dtype))
+        dst_buf = gl.allocate_shared_memory(dtype, [ROWS, BLOCK_M],
+                                            gl.NVMMASharedLayout.get_default_for([ROWS, BLOCK_M], dtype))
+        # Float32 P^T for the other consumer's dS^T (the 16-bit tile would round it): pairs
+        # of columns, as the accumulator's threads hold them, swizzled across the rows.
+        p32_buf = gl.allocate_shared_memory(gl.float32, [ROWS, BLOCK_M], gl.SwizzledSharedLayout(2, 1, 8, [1, 0]))
+        turn_bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turn_bars.index(0), count=1)
+        mbarrier.init(turn_bars.index(1), count=1)
+        mbarrier.init(turn_bars.index(2), count=2)
+        mbarrier.init(turn_bars.index(3), count=2)
+        gl.warp_specialize([
+            (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
+                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
+                               n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
+                               stride_lh, qk_scale_log2, softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES,
+                               CAUSAL, 4, IS_VARLEN, 0)),
+            (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
+                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
+                               n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
+                               stride_lh, qk_scale_log2, softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES,
+                               CAUSAL, 4, IS_VARLEN, 1)),
+            (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
+                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, ROWS, BLOCK_M, 1,
+                          STAGES)),
+        ], [4, 1], [240, 24])
+        for i in gl.static_range(4):
+            mbarrier.invalidate(turn_bars.index(i))
+
+    @gluon.jit
+    def _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
+                             v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b,
+                             dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk, n0,
+                             cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
+                             stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, HEADDIM: gl.constexpr,
+                             ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
+                             CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
+                             IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+        """The default program of ``_bwd_dkdv_sm90_kernel``: two ``_dkdv_rows`` consumers of
+        ROWS keys each (and the atomic dQ's staging tiles), and the loader."""
+        PARTS: gl.constexpr = 2
+        # Each consumer's dS^T tile for the atomic dQ (a (1, 16)-element stub without it).
+        DS_ROWS: gl.constexpr = ROWS if ATOMIC_DQ else 16
+        DS_COLS: gl.constexpr = BLOCK_M if ATOMIC_DQ else 16
+        ds_bufs = gl.allocate_shared_memory(q_desc.dtype, [PARTS, DS_ROWS, DS_COLS],
+                                            gl.NVMMASharedLayout.get_default_for([DS_ROWS, DS_COLS], q_desc.dtype))
+        ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(ds_bars.index(i), count=PARTS)  # both consumers arrive
         gl.warp_specialize([
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
@@ -916,8 +1073,6 @@ if AVAILABLE:
                           do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
                           STAGES)),
         ], [4, 1], [240, 24])
-
-        _invalidate_ring(fixed_bar, q_bars, do_bars, free_bars, STAGES)
         for i in gl.static_range(2):
             mbarrier.invalidate(ds_bars.index(i))
 
@@ -1094,8 +1249,9 @@ def run_or_disable(launch, *args, **kwargs):
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta, alibi_slopes,
-             dropout) -> bool:
-    """Whether this family computes the call (see the module docstring for the scope)."""
+             dropout, kind: str = "fwd") -> bool:
+    """Whether this family computes the call's ``kind`` ("fwd" or "bwd"; see the module
+    docstring for the scope)."""
     if not AVAILABLE or disabled_reason is not None or q.device.type != "cuda" or \
             configs._capability(q.device) != (9, 0):
         return False
@@ -1112,9 +1268,12 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     if meta is not None and _varlen_scratch_bytes(prob) > 1 << 28:
         return False
     # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
-    # (``_block_d``): TMA zero-fills the missing columns and clips them on store.
+    # (``_block_d``): TMA zero-fills the missing columns and clips them on store. The
+    # backward also takes d = 136..256 on 256-column tiles (``SPLIT_D``), without dropout
+    # or softcap.
+    widest = 256 if kind == "bwd" and dropout is None and prob.softcap == 0 else 128
     if q.dtype not in _GL_DTYPES or not (k.dtype == v.dtype == q.dtype) or \
-            not (40 <= prob.headdim <= 128 and prob.headdim % 8 == 0):
+            not (40 <= prob.headdim <= widest and prob.headdim % 8 == 0):
         return False
     if prob.has_left or not prob.softmax_scale > 0:
         return False
@@ -1159,8 +1318,9 @@ def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, ki
 
 
 def _block_d(headdim: int) -> int:
-    """The tiles' head-dim width: 64 or 128 (a power of two, as Gluon's tensor shapes are)."""
-    return 64 if headdim <= 64 else 128
+    """The tiles' head-dim width: 64, 128 or 256 (a power of two, as Gluon's tensor shapes
+    are; 256 for the backward only, ``supports``)."""
+    return 64 if headdim <= 64 else 128 if headdim <= 128 else 256
 
 
 def _streamed_bytes(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -1439,7 +1599,11 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     qk_scale_log2, softcap_in = _score_scalars(prob)
     scalars = (qk_scale_log2, prob.softmax_scale, softcap_in)
     softcap = prob.softcap > 0
-    dkdv_cfg, dq_cfg = configs.sm90_backward_config("dkdv", softcap), configs.sm90_backward_config("dq", softcap)
+    block_d = _block_d(headdim)
+    split_d = block_d > 128  # the dK/dV consumers split d, not the keys (``_dkdv_half_rows``)
+    dkdv_cfg, dq_cfg = (configs.sm90_backward_config(kind, softcap, split_d) for kind in ("dkdv", "dq"))
+    # K/V (and dK/dV) boxes: each consumer's rows, or with split_d all of the program's.
+    key_rows = dkdv_cfg.block_n if split_d else dkdv_cfg.block_n // 2
     threshold, scale, _ = dropout_args(dropout)
     keys_stride = 2 * nheads if dropout is not None else 0  # the keys' batch stride (read with dropout only)
     lse_strides_all = contiguous_strides(tuple(lse.shape))  # delta's and lse2's (``prepare_backward``)
@@ -1454,8 +1618,8 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     # Its dQ MMA's rows are the dK/dV step's query rows: a warpgroup MMA needs 64 (softcap's
     # 32-row step takes the two-kernel path).
-    atomic_dq = atomic_dq and dkdv_cfg.block_m % 64 == 0
-    acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, _block_d(headdim), dkdv_cfg.block_m)
+    atomic_dq = atomic_dq and dkdv_cfg.block_m % 64 == 0 and not split_d
+    acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, block_d, dkdv_cfg.block_m)
     # The atomic dQ's float32 accumulator is addressed with 32-bit offsets within a
     # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
     atomic_dq = atomic_dq and math.prod(acc_shape[1:]) < 2**31
@@ -1472,26 +1636,25 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         # through descriptors as dK and dV themselves are (no float32 tile in registers to
         # address: storing one that way spilled in the kernel's loop).
         partial = (partials_shape[1:], contiguous_strides(partials_shape)[1:], k.dtype)
-        dk_template = dv_template = _descriptor_template(*partial, dkdv_cfg.block_n // 2)
+        dk_template = dv_template = _descriptor_template(*partial, key_rows)
     else:
-        dk_template, dv_template = _template_of(dk4, dkdv_cfg.block_n // 2), _template_of(dv4, dkdv_cfg.block_n // 2)
+        dk_template, dv_template = _template_of(dk4, key_rows), _template_of(dv4, key_rows)
     dkdv_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(q, dout), key_blocks)
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
     dq_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
-    block_d = _block_d(headdim)
     return _PLANS.keep(key, _BackwardPlan(
         atomic_dq=atomic_dq, dq_accumulator_shape=acc_shape, head_splits=head_splits, partials_shape=partials_shape,
         dkdv_grid=(nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else
         (key_blocks, nheads_k * head_splits, prob.batch),
-        dkdv_descriptors=(_template_of(q4, dkdv_cfg.block_m), _template_of(k4, dkdv_cfg.block_n // 2),
-                          _template_of(v4, dkdv_cfg.block_n // 2), _template_of(do4, dkdv_cfg.block_m),
+        dkdv_descriptors=(_template_of(q4, dkdv_cfg.block_m), _template_of(k4, key_rows),
+                          _template_of(v4, key_rows), _template_of(do4, dkdv_cfg.block_m),
                           dk_template, dv_template),
         dkdv_scalars=(nheads_k, seqlen_q, seqlen_k, kv_group, *lse_strides, keys_stride, *dq_acc_strides, headdim,
                       *scalars, threshold, scale, head_splits),
         dkdv_launch=PlannedLaunch(_bwd_dkdv_sm90_kernel, dict(
             HEADDIM=block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen,
-            HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, num_warps=4,
+            HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d, num_warps=4,
         ), _descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
         dq_descriptors=(_template_of(q4, dq_cfg.block_m // 2), _template_of(k4, dq_cfg.block_n),
