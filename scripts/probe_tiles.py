@@ -7,7 +7,9 @@ The tables were tuned without dropout, and d=256's dK/dV kernel spills, so the c
 of ``configs.candidates`` (with d=256's two-pass dK/dV among them) may beat them. Run 36
 (then ``scripts/probe_dropout.py``) measured issue 16's dropout case with it; the d=256
 backward is issue 15's. Candidates compile first in worker processes (Triton's disk
-cache), then each is timed. Prints a line per candidate and a table last.
+cache), then each is timed, and its out, dq, dk and dv compared with the table configs' on
+the same inputs: one off by more than ``MISMATCH_LIMIT`` is reported WRONG and never
+chosen. Prints a line per candidate and a table last.
 
     python scripts/probe_tiles.py                                 # b=4 s=4k h=16 d=128 causal, dropout 0.1
     python scripts/probe_tiles.py --dropout 0 --headdim 256 --seqlen 8192 --batch 1 --kinds dkdv dq
@@ -84,6 +86,31 @@ def _compile(job) -> str:
         return f"{kind} {cfg}: {type(exc).__name__}"
 
 
+#: The most a candidate's out, dq, dk or dv may differ from the table configs' on the same
+#: inputs, relative to the tensor's largest entry. Another tile changes only the float32
+#: summation order (a bf16 ulp, 0.4%, at most); a miscompile is far off (run 46: d=96's
+#: split forward under a 4-warp 128-row tile gave scores 40-85% off, and run 43 had picked
+#: that tile on speed alone).
+MISMATCH_LIMIT = 0.02
+
+
+def results(fwd, q, k, v, do, p: float) -> tuple:
+    """out, dq, dk, dv of our call (the dropout seed fixed, so every tile draws one mask)."""
+    torch.manual_seed(0)
+    out = fwd(p)
+    return (out.detach(), *torch.autograd.grad(out, (q, k, v), do))
+
+
+def mismatch(want: tuple, got: tuple) -> float:
+    """The largest |got - want| over the tensors, each relative to want's largest entry
+    (inf where got holds a NaN or inf that want does not)."""
+    worst = 0.0
+    for a, b in zip(got, want):
+        diff = (a.float() - b.float()).abs().nan_to_num(float("inf")).max().item()
+        worst = max(worst, diff / max(b.float().abs().max().item(), 1e-6))
+    return worst
+
+
 def name(cfg: configs.KernelConfig) -> str:
     passes = " 2 passes" if cfg.dkdv_passes == 2 else ""
     return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{passes}"
@@ -143,13 +170,19 @@ def main() -> None:
     base = {p: (bench(lambda: fwd(p)), bwd_ms(p)) for p in probs}
     for p, (f, b) in base.items():
         print(f"table, dropout {p}: fwd {f:.3f} bwd {b:.3f} fwd+bwd {f + b:.3f} ms", flush=True)
+    reference = results(fwd, q, k, v, do, args.dropout)
     best = {}
     for _, kind, cfg in jobs:
         try:
             with configs.override(**{kind: cfg}):
                 ms = bench(lambda: fwd(args.dropout)) if kind == "fwd" else bwd_ms(args.dropout)
+                off = mismatch(reference, results(fwd, q, k, v, do, args.dropout))
         except Exception as exc:
             print(f"  {kind} {cfg}: {type(exc).__name__}", flush=True)
+            continue
+        if off > MISMATCH_LIMIT:
+            print(f"  {kind} {name(cfg)}: {ms:.3f} ms, WRONG: its results differ from the table's by {off:.3f} "
+                  f"of the largest entry (not a candidate)", flush=True)
             continue
         print(f"  {kind} {name(cfg)}: {ms:.3f} ms", flush=True)
         if kind not in best or ms < best[kind][0]:
