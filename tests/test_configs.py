@@ -176,6 +176,17 @@ def test_d256_dkdv_candidates_include_two_passes_and_eight_warps():
         configs.KernelConfig(64, 64, 4, 2, dkdv_passes=3)
 
 
+def test_split_head_forward_candidates_leave_out_the_miscompiled_tiles():
+    """Run 46: the split d=96 forward computed wrong scores under 128-row, 4-warp tiles, so
+    the tuner never offers those with the head dim split, and still does without."""
+    bad = lambda cfgs: [c for c in cfgs if c.block_m == 128 and c.num_warps == 4]  # noqa: E731
+    with configs.override(head_parts=True):
+        assert configs.head_parts(96)[1] and configs.candidates("fwd", 96)
+        assert not bad(configs.candidates("fwd", 96))
+    with configs.override(head_parts=False):
+        assert bad(configs.candidates("fwd", 96))
+
+
 def test_headdim_entries_win_over_their_bucket(monkeypatch):
     """``HEAD_PARTS_TABLE`` (run 43): d=160/192's dQ takes its own measured tile; d=256 keeps
     the bucket's dQ, and d=96's forward the bucket's at every length (the faster short tiles

@@ -354,7 +354,8 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
     warps than the tiles can use (8 warps for tiles under 64 x 64 rows x keys only where 4
     would spill)."""
     # The tiles' width: the padded head dim, or its two parts' sum (``head_parts``).
-    block_d = sum(head_parts(headdim))
+    parts = head_parts(headdim)
+    block_d = sum(parts)
     if block_d > 128:
         # 128-row tiles fit the budget only with 8 warps (the forward's: FA2's d=256 shape).
         shapes = [(32, 32), (64, 32), (32, 64), (64, 64), (16, 64), (64, 16), (128, 32), (128, 64)]
@@ -374,6 +375,11 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
                     tile_registers(kind, replace(cfg, num_warps=4), block_d) <= TILE_REGISTER_BUDGET:
                 continue
             if warps == 4 and bm * bn > 128 * 64:
+                continue
+            # The split head dim's forward miscompiles (Triton 3.6, sm_90) with 128 query rows
+            # on 4 warps: run 46 found d=96's (128, 64, 4, 3) and (128, 32, 4, 4) computing
+            # scores 40-85% off (``scripts/probe_head_parts.py --fwd-configs``).
+            if kind == "fwd" and parts[1] and warps == 4 and bm == 128:
                 continue
             out += [replace(cfg, num_stages=s) for s in stage_opts]
     if block_d > 128:
