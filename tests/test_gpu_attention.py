@@ -326,10 +326,12 @@ def test_sm90_wide_backward(gen, monkeypatch, headdim, dtype, causal, b, sq, sk,
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("causal", [False, True])
-def test_sm90_wide_varlen_backward(gen, monkeypatch, causal):
-    """The Gluon backward past d=128 on packed sequences (d=256, GQA): an empty sequence, a
-    one-token one, keys longer than queries; tiles past a sequence's end must neither
-    count nor overwrite the next sequence's rows (dq, dk, dv)."""
+@pytest.mark.parametrize("headdim", [256, 192])
+def test_sm90_wide_varlen_backward(gen, monkeypatch, causal, headdim):
+    """The Gluon backward past d=128 on packed sequences (GQA; d=192 on 256-column tiles,
+    which the per-sequence descriptors clip): an empty sequence, a one-token one, keys
+    longer than queries; tiles past a sequence's end must neither count nor overwrite the
+    next sequence's rows (dq, dk, dv)."""
     from ringflash.kernels import sm90
 
     calls = []
@@ -338,8 +340,8 @@ def test_sm90_wide_varlen_backward(gen, monkeypatch, causal):
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     q_lengths, k_lengths = [700, 0, 1, 129, 1300, 0, 0], [900, 5, 1, 129, 1301, 7, 0]
-    q = torch.randn(sum(q_lengths), 8, 256, generator=gen, dtype=torch.float64).to(DEV)
-    k, v = (torch.randn(sum(k_lengths), 2, 256, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2))
+    q = torch.randn(sum(q_lengths), 8, headdim, generator=gen, dtype=torch.float64).to(DEV)
+    k, v = (torch.randn(sum(k_lengths), 2, headdim, generator=gen, dtype=torch.float64).to(DEV) for _ in range(2))
     cu_q, cu_k = cu_seqlens_from_lengths(q_lengths, DEV), cu_seqlens_from_lengths(k_lengths, DEV)
     check_attention(varlen_impl, varlen_ref, (q, k, v), torch.bfloat16,
                     extra=(cu_q, cu_k, max(q_lengths), max(k_lengths), causal, (-1, -1), None, 0.0))

@@ -68,7 +68,7 @@ def test_scope(on_hopper):
         assert supported(qd, kd, kd, _problem(qd, kd)) == want, d
     # The backward also takes d = 136..256 (256-column tiles, SPLIT_D), without dropout or
     # softcap; the forward does not.
-    for d, want in ((136, True), (192, True), (256, True), (264, False), (132, False), (128, True)):
+    for d, want in ((136, True), (192, True), (256, True), (264, False), (128, True)):
         qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
         assert supported(qd, kd, kd, _problem(qd, kd), kind="bwd") == want, d
         if d > 128:
@@ -589,3 +589,23 @@ def test_dq_accumulator_layout_round_trips():
     assert dq.shape == (batch, seqlen, nheads, headdim)
     want = (torch.arange(seqlen)[:, None] * 1000 + torch.arange(headdim)[None, :]).float()
     assert torch.equal(dq, want[None, :, None, :].expand_as(dq))
+
+
+def test_wide_backward_plan_refuses_what_its_consumers_lack(on_hopper):
+    """The SPLIT_D dK/dV program (d > 128) has no dropout or softcap and holds only a 64 x 64
+    step in shared memory: a direct call with either, or another forced tile, is refused by
+    name rather than answered with gradients that leave them out (``supports`` keeps such
+    calls on the portable backward)."""
+    from ringflash.kernels import configs
+
+    q = torch.zeros(1, 64, 2, 256, dtype=torch.bfloat16)
+    lse = torch.zeros(1, 2, 64)
+    plan = lambda prob, dropout=None: sm90._backward_plan(q, q, q, q, q, lse, (q, q, q), prob,  # noqa: E731
+                                                         dropout, False, None)
+    with pytest.raises(ValueError, match="headdim: got 256 with dropout or softcap"):
+        plan(_problem(q, q), (0.1, 0))
+    with pytest.raises(ValueError, match="headdim: got 256 with dropout or softcap"):
+        plan(_problem(q, q, softcap=30.0))
+    with configs.override(sm90_dkdv=configs.KernelConfig(64, 128, 4, 2)):
+        with pytest.raises(ValueError, match="sm90_dkdv: got 64x128 at d=256"):
+            plan(_problem(q, q))

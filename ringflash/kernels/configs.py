@@ -247,8 +247,10 @@ SM90_BACKWARD_SOFTCAP: dict[str, KernelConfig] = {"dkdv": _C(32, 128, 4, 2), "dq
 #: both consumers over all of them, each accumulating a column half of d (``SPLIT_D``), and
 #: streams 64 query rows per step (K, V, two stages of Q and dO and the score tiles: 224 KB
 #: of shared memory); dQ streams 32 keys per step beside its 2 x 64 query rows (192 KB).
-#: Compiled for sm_90 (Triton 3.6), neither spills; neither is timed yet, so the default
-#: backend keeps the portable backward there (``preferred``).
+#: Compiled for sm_90 (Triton 3.6), neither spills in its loops (the varlen causal dK/dV
+#: kernel keeps 16 bytes of stack in its prologue, around the per-sequence descriptors);
+#: neither is timed yet, so the default backend keeps the portable backward there
+#: (``preferred``). An ``override`` of the dK/dV tile must keep 64 x 64.
 SM90_BACKWARD_WIDE: dict[str, KernelConfig] = {"dkdv": _C(64, 64, 4, 2), "dq": _C(128, 32, 4, 2)}
 
 

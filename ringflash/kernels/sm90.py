@@ -1292,7 +1292,9 @@ def _varlen_scratch_bytes(prob: AttnProblem) -> int:
     long sequence packed with thousands of short ones) ``supports`` leaves the call to the
     portable kernels."""
     q_programs = math.ceil(prob.max_seqlen_q / 128) * prob.nheads * prob.batch
-    k_programs = math.ceil(prob.max_seqlen_k / 128) * prob.nheads_k * prob.batch
+    # dK/dV programs own 128 keys, or 64 past d=128 (``SPLIT_D``).
+    keys_per_program = 64 if prob.headdim > 128 else 128
+    k_programs = math.ceil(prob.max_seqlen_k / keys_per_program) * prob.nheads_k * prob.batch
     return 128 * max(2 * q_programs, 6 * k_programs + 5 * q_programs)
 
 
@@ -1602,6 +1604,14 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     block_d = _block_d(headdim)
     split_d = block_d > 128  # the dK/dV consumers split d, not the keys (``_dkdv_half_rows``)
     dkdv_cfg, dq_cfg = (configs.sm90_backward_config(kind, softcap, split_d) for kind in ("dkdv", "dq"))
+    if split_d and (dropout is not None or softcap):
+        # ``supports`` keeps such calls on the portable kernels; the SPLIT_D consumers have
+        # neither, so a direct call must not get gradients without them.
+        raise ValueError(f"headdim: got {headdim} with dropout or softcap; the Gluon backward takes d > 128 "
+                         "only without either (the portable backward takes them)")
+    if split_d and (dkdv_cfg.block_m, dkdv_cfg.block_n) != (64, 64):
+        raise ValueError(f"sm90_dkdv: got {dkdv_cfg.block_m}x{dkdv_cfg.block_n} at d={headdim}; the SPLIT_D "
+                         "dK/dV program takes 64x64 (its shared memory holds no more)")
     # K/V (and dK/dV) boxes: each consumer's rows, or with split_d all of the program's.
     key_rows = dkdv_cfg.block_n if split_d else dkdv_cfg.block_n // 2
     threshold, scale, _ = dropout_args(dropout)
