@@ -14,12 +14,19 @@ from conftest import HAS_CUDA
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "compile_sm90.py")
 
 
+def _own_cache(tmp_path) -> dict:
+    """The environment with a Triton cache of the test's own: the two scripts compile the
+    same Gluon kernels, and in parallel test workers sharing ~/.triton/cache one read a
+    kernel's files while something else replaced them (FileNotFoundError on its .source)."""
+    return dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")
-def test_kernels_compile_for_sm90():
+def test_kernels_compile_for_sm90(tmp_path):
     # One head dim with dropout (the forward and both backward kernels), plus the decode,
     # append and S_dmask kernels: about a minute on two cores.
     result = subprocess.run([sys.executable, SCRIPT, "--headdims", "64", "--causal", "causal", "--dropout", "on"],
-                            capture_output=True, text=True, timeout=900)
+                            capture_output=True, text=True, timeout=900, env=_own_cache(tmp_path))
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-3000:]
     for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel", "_append_kernel",
@@ -28,7 +35,7 @@ def test_kernels_compile_for_sm90():
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")
-def test_dropout_sass_reports_each_kernels_loops():
+def test_dropout_sass_reports_each_kernels_loops(tmp_path):
     """scripts/dropout_sass.py finds the Gluon kernels' inner loops, with and without dropout,
     and reports what the mask adds per entry (docs/benchmarks.md's dropout analysis)."""
     from ringflash.kernels import sm90
@@ -36,7 +43,8 @@ def test_dropout_sass_reports_each_kernels_loops():
     if not sm90.AVAILABLE:
         pytest.skip("this Triton has no Gluon Hopper module")
     script = os.path.join(os.path.dirname(__file__), "..", "scripts", "dropout_sass.py")
-    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900)
+    result = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=900,
+                            env=_own_cache(tmp_path))
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     rows = [line.split("|") for line in result.stdout.splitlines() if line.startswith("| _")]
     for kernel in ("_fwd_sm90_kernel", "_bwd_dkdv_sm90_kernel", "_bwd_dq_sm90_kernel"):
