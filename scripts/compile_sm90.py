@@ -183,7 +183,7 @@ def run_extras() -> list[tuple[str, dict]]:
 def collect_sm90(headdims=(128,), causals=(True,)) -> None:
     """Compile the Gluon Hopper kernels (``kernels.sm90``): the forward and both backward
     kernels, with and without dropout, and the atomic backward; lengths off their tiles, GQA;
-    and the backward past d=128 (d=256: the SPLIT_D dK/dV kernel and dQ's 256-column tiles)."""
+    and past d=128 (d=256: the forward, the SPLIT_D dK/dV kernel, dQ's 256-column tiles)."""
     from ringflash.kernels import configs, sm90
     from ringflash.kernels.problem import SeqMeta, make_problem
 
@@ -193,6 +193,7 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
     k = torch.randn(2, 500, 2, 256, dtype=torch.bfloat16)
     for causal in causals:
         wide = make_problem(q, k, None, 300, 500, 256**-0.5, causal, -1, -1, 0.0)
+        sm90.attention_forward_sm90(q, k, k, wide)
         sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), wide)
     for d in headdims:
         for causal in causals:
@@ -331,7 +332,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-extras", action="store_true", help="skip the decode, S_dmask and Gluon kernels")
     parser.add_argument("--softcap", type=float, default=0.0, help="the dense cases' softcap (0: off)")
     parser.add_argument("--sm90", action="store_true",
-                        help="also the Gluon Hopper kernels at d=64/128 (and the backward at d=256), causal and full")
+                        help="also the Gluon Hopper kernels at d=64/128 (and 256), causal and full")
     parser.add_argument("--host-time", action="store_true",
                         help="only time the host work per call of the training path, launchers to flash_attn_func "
                              "(no compiling report)")
@@ -377,7 +378,7 @@ def main(argv=None) -> int:
     if not args.no_extras:
         cases.append(("decode, S_dmask, sm90", run_extras))
     if args.sm90:
-        cases.append(("sm90 d=64/128 (bwd 256), both", lambda: (collect_sm90((64, 128), (False, True)), collect())[1]))
+        cases.append(("sm90 d=64/128/256, both", lambda: (collect_sm90((64, 128), (False, True)), collect())[1]))
     for case, compile_case in cases:
         try:
             with forced():

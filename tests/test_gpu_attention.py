@@ -303,40 +303,42 @@ def test_sm90_softcap(gen, monkeypatch, backward, headdim, dtype, softcap, causa
 @pytest.mark.parametrize("b,sq,sk,h,hk,splits", [(2, 1000, 1000, 8, 2, 1), (1, 1000, 3001, 4, 4, 1),
                                                  (2, 3001, 1000, 4, 1, 1), (1, 129, 1, 2, 1, 1),
                                                  (1, 700, 700, 4, 1, 2)])
-def test_sm90_wide_backward(gen, monkeypatch, headdim, dtype, causal, b, sq, sk, h, hk, splits):
-    """The Gluon backward past d=128 (RINGFLASH_BACKEND=sm90; the forward stays portable):
-    the dK/dV consumers split d and share the score tiles (``SPLIT_D``), dQ streams 32
-    keys. dq, dk and dv (and the portable forward's out and lse) against the float64
+def test_sm90_wide_forward_and_backward(gen, monkeypatch, headdim, dtype, causal, b, sq, sk, h, hk, splits):
+    """The Gluon kernels past d=128 (RINGFLASH_BACKEND=sm90): the forward on 256-column
+    tiles with 64-key blocks; the backward's dK/dV consumers split d and share the score
+    tiles (``SPLIT_D``), dQ streams 32 keys. out, lse, dq, dk and dv against the float64
     reference: lengths off the tiles, rows that see no key (causal, sq > sk), one key,
     GQA and MQA, d=192 and 136 on zero-filled 256-column tiles, and the underfilled
     launch's head splits (their partial dK/dV summed in float32)."""
     from ringflash.kernels import configs, sm90
 
     calls = []
-    real = sm90.attention_backward_sm90
-    monkeypatch.setattr(sm90, "attention_backward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
     with configs.override(sm90_head_splits=splits):
         check_attention(_dense_impl, _dense_ref, inputs, dtype, extra=(causal,))
-    assert calls, "the Gluon backward did not run"
+    assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
 
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("headdim", [256, 192])
-def test_sm90_wide_varlen_backward(gen, monkeypatch, causal, headdim):
-    """The Gluon backward past d=128 on packed sequences (GQA; d=192 on 256-column tiles,
+def test_sm90_wide_varlen_forward_and_backward(gen, monkeypatch, causal, headdim):
+    """The Gluon kernels past d=128 on packed sequences (GQA; d=192 on 256-column tiles,
     which the per-sequence descriptors clip): an empty sequence, a one-token one, keys
     longer than queries; tiles past a sequence's end must neither count nor overwrite the
-    next sequence's rows (dq, dk, dv)."""
+    next sequence's rows (out, dq, dk, dv)."""
     from ringflash.kernels import sm90
 
     calls = []
-    real = sm90.attention_backward_sm90
-    monkeypatch.setattr(sm90, "attention_backward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     q_lengths, k_lengths = [700, 0, 1, 129, 1300, 0, 0], [900, 5, 1, 129, 1301, 7, 0]
@@ -345,7 +347,7 @@ def test_sm90_wide_varlen_backward(gen, monkeypatch, causal, headdim):
     cu_q, cu_k = cu_seqlens_from_lengths(q_lengths, DEV), cu_seqlens_from_lengths(k_lengths, DEV)
     check_attention(varlen_impl, varlen_ref, (q, k, v), torch.bfloat16,
                     extra=(cu_q, cu_k, max(q_lengths), max(k_lengths), causal, (-1, -1), None, 0.0))
-    assert calls, "the Gluon backward did not run"
+    assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"}, calls
 
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run

@@ -49,8 +49,7 @@ def test_scope(on_hopper):
     k = torch.zeros(2, 300, 2, 128, dtype=torch.bfloat16)
     wrap = _OnHopper
     supported = lambda q, k, v, prob, **kw: sm90.supports(wrap(q), wrap(k), wrap(v), prob,  # noqa: E731
-                                                           kw.get("meta"), kw.get("alibi"), kw.get("dropout"),
-                                                           kw.get("kind", "fwd"))
+                                                           kw.get("meta"), kw.get("alibi"), kw.get("dropout"))
     assert supported(q, k, k, _problem(q, k))
     assert supported(q, k, k, _problem(q, k, causal=False))
     # Outside the scope: each falls back to the portable forward.
@@ -63,20 +62,20 @@ def test_scope(on_hopper):
     # A probability that rounds to threshold 256 (drop all) does not fit the assembly's bytes.
     assert not supported(q, k, k, _problem(q, k), dropout=(1 - 2.0**-10, 0))
     # Head dims 40..128 in steps of 8 (padded tiles); others stay portable.
-    for d, want in ((96, True), (80, True), (40, True), (36, False), (32, False), (136, False), (256, False)):
+    for d, want in ((96, True), (80, True), (40, True), (36, False), (32, False)):
         qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
         assert supported(qd, kd, kd, _problem(qd, kd)) == want, d
-    # The backward also takes d = 136..256 (256-column tiles, SPLIT_D), without dropout or
-    # softcap; the forward does not.
+    # d = 136..256 on 256-column tiles (the backward's dK/dV: SPLIT_D), without dropout or
+    # softcap.
     for d, want in ((136, True), (192, True), (256, True), (264, False), (128, True)):
         qd, kd = torch.zeros(2, 100, 8, d, dtype=torch.bfloat16), torch.zeros(2, 300, 2, d, dtype=torch.bfloat16)
-        assert supported(qd, kd, kd, _problem(qd, kd), kind="bwd") == want, d
+        assert supported(qd, kd, kd, _problem(qd, kd)) == want, d
         if d > 128:
-            assert not supported(qd, kd, kd, _problem(qd, kd)), d
-            assert not supported(qd, kd, kd, _problem(qd, kd), kind="bwd", dropout=(0.1, 0)), d
-            assert not supported(qd, kd, kd, _problem(qd, kd, softcap=30.0), kind="bwd"), d
+            assert not supported(qd, kd, kd, _problem(qd, kd), dropout=(0.1, 0)), d
+            assert not supported(qd, kd, kd, _problem(qd, kd, softcap=30.0)), d
             # Not taken by the default backend until measured.
-            assert not sm90.preferred(_problem(qd, kd), None, "bwd"), d
+            for kind in ("fwd", "bwd"):
+                assert not sm90.preferred(_problem(qd, kd), None, kind), d
     q32, k32 = q.float(), k.float()
     assert not supported(q32, k32, k32, _problem(q32, k32))
     # Grid axes 1 and 2 (heads, batch) stop at 65535: the portable kernels handle more.
@@ -164,8 +163,10 @@ def test_preferred_where_measured_faster():
         with configs.override(sm90_fwd=configs.KernelConfig(128, 64, 4, 2)):
             assert sm90.preferred(_problem(long_, long_))
             assert configs.sm90_forward_config(d, True) == configs.KernelConfig(128, 64, 4, 2)
-    # every measured head dim runs on a tuned tile width
-    assert {sm90._block_d(d) for d in configs.SM90_MIN_SEQLEN_Q} == {d for d, _ in configs.SM90_FORWARD}
+    # every measured head dim runs on a tile width with a forward config (256's is not yet
+    # measured: RINGFLASH_BACKEND=sm90 only)
+    assert {sm90._block_d(d) for d in configs.SM90_MIN_SEQLEN_Q} <= {d for d, _ in configs.SM90_FORWARD}
+    assert {d for d, _ in configs.SM90_FORWARD} == {sm90._block_d(d) for d in (64, 128, 256)}
 
 
 def test_variant_names():

@@ -207,6 +207,9 @@ FP32_EXACT: dict[int, dict[str, KernelConfig]] = {
 SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
     (64, False): _C(128, 128, 4, 3), (64, True): _C(128, 128, 4, 3),
     (128, False): _C(128, 128, 4, 3), (128, True): _C(128, 128, 4, 3),
+    # Head dims past 128 (256-column tiles): 64 keys per block, two stages (Q and the ring
+    # take 192 KB); spill-free for sm_90 (Triton 3.6), untimed (``SM90_BACKWARD_WIDE``).
+    (256, False): _C(128, 64, 4, 2), (256, True): _C(128, 64, 4, 2),
 }
 #: Fewest query rows (seqlen_q) from which the default backend takes the Gluon sm_90
 #: forward and backward, per head dim (bf16, 16k tokens per call, against the portable

@@ -147,7 +147,7 @@ def backward(
     # test_properties::test_gpu_dense_layouts); the Gluon kernels cannot read a stride 0.
     dout = dout.contiguous()
     chosen = backend()
-    if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout, "bwd") and \
+    if chosen != "portable" and sm90.supports(q, k, v, prob, meta, alibi_slopes, dropout) and \
             (chosen == "sm90" or sm90.preferred(prob, dropout, "bwd")):
         # Under the default backend the deterministic Gluon backward runs even where atomic_dq
         # asks for the 5-GEMM one: run 38 timed it 1.3-1.6x faster than the Gluon atomic one

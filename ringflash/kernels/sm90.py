@@ -15,8 +15,8 @@ family writes it out, as FA3 does within one warpgroup pair:
 
 Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen,
 d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
-zero-filled by TMA; the backward also d = 136 to 256 on 256-column tiles, without dropout
-or softcap, its dK/dV consumers splitting d instead of the keys: ``_dkdv_half_rows``),
+zero-filled by TMA; also d = 136 to 256 on 256-column tiles, without dropout or softcap,
+the backward's dK/dV consumers splitting d instead of the keys: ``_dkdv_half_rows``),
 causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
 (the portable kernels' mask, entry for entry, from the Philox words of
 ``dropout_mask.dropout_keys``, each four entries' draw mixed once by inline PTX:
@@ -1249,9 +1249,8 @@ def run_or_disable(launch, *args, **kwargs):
 
 
 def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProblem, meta, alibi_slopes,
-             dropout, kind: str = "fwd") -> bool:
-    """Whether this family computes the call's ``kind`` ("fwd" or "bwd"; see the module
-    docstring for the scope)."""
+             dropout) -> bool:
+    """Whether this family computes the call (see the module docstring for the scope)."""
     if not AVAILABLE or disabled_reason is not None or q.device.type != "cuda" or \
             configs._capability(q.device) != (9, 0):
         return False
@@ -1268,10 +1267,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     if meta is not None and _varlen_scratch_bytes(prob) > 1 << 28:
         return False
     # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
-    # (``_block_d``): TMA zero-fills the missing columns and clips them on store. The
-    # backward also takes d = 136..256 on 256-column tiles (``SPLIT_D``), without dropout
+    # (``_block_d``): TMA zero-fills the missing columns and clips them on store. Also
+    # d = 136..256 on 256-column tiles (the backward's dK/dV: ``SPLIT_D``), without dropout
     # or softcap.
-    widest = 256 if kind == "bwd" and dropout is None and prob.softcap == 0 else 128
+    widest = 256 if dropout is None and prob.softcap == 0 else 128
     if q.dtype not in _GL_DTYPES or not (k.dtype == v.dtype == q.dtype) or \
             not (40 <= prob.headdim <= widest and prob.headdim % 8 == 0):
         return False
