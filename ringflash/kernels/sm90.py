@@ -626,6 +626,12 @@ if AVAILABLE:
                                   pack=4)
 
     @gluon.jit
+    def _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
+        """Step ``i`` of a dK/dV consumer: its ring slot and phase, query head and first
+        query row (the loader's order: each head's query blocks from ``m_start`` in turn)."""
+        return i % STAGES, (i // STAGES) & 1, h_first + i // m_blocks, (m_start + i % m_blocks) * BLOCK_M
+
+    @gluon.jit
     def _store_rows(tile, acc, desc, b, row0, head):
         """acc -> ``tile``'s shared memory (free: the caller has waited for every MMA that read it) -> TMA
         store of rows [row0, row0 + box) (rows past the sequence are clipped)."""
@@ -713,10 +719,7 @@ if AVAILABLE:
         dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
         mbarrier.wait(fixed_bar, 0)
         for i in range(n_steps):
-            slot = i % STAGES
-            phase = (i // STAGES) & 1
-            h = h_first + i // m_blocks
-            m0 = (m_start + i % m_blocks) * BLOCK_M
+            slot, phase, h, m0 = _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M, STAGES)
             mbarrier.wait(q_bars.index(slot), phase)
             q_tile = q_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
             st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
@@ -844,10 +847,7 @@ if AVAILABLE:
         st_zero = gl.zeros([ROWS, BLOCK_M], gl.float32, layout=st_layout)
         mbarrier.wait(fixed_bar, 0)
         for i in range(n_steps):
-            slot = i % STAGES
-            phase = (i // STAGES) & 1
-            h = h_first + i // m_blocks
-            m0 = (m_start + i % m_blocks) * BLOCK_M
+            slot, phase, h, m0 = _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M, STAGES)
             cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
             row_ptr = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + cols
             mbarrier.wait(q_bars.index(slot), phase)
