@@ -217,6 +217,17 @@ def _sm90_available() -> bool:
     return sm90.AVAILABLE and torch.cuda.get_device_capability() == (9, 0)
 
 
+def _record_sm90_calls(monkeypatch) -> list:
+    """The names of the Gluon launchers (forward, backward) that run, in order, while the test runs."""
+    from ringflash.kernels import sm90
+
+    calls: list = []
+    for name in ("attention_forward_sm90", "attention_backward_sm90"):
+        real = getattr(sm90, name)
+        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    return calls
+
+
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 # Every compiled variant costs seconds of Gluon compilation: both dtypes for the default
@@ -236,10 +247,7 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
     go through both."""
     from ringflash.kernels import sm90
 
-    calls = []
-    for name in ("attention_forward_sm90", "attention_backward_sm90"):
-        real = getattr(sm90, name)
-        monkeypatch.setattr(sm90, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    calls = _record_sm90_calls(monkeypatch)
     monkeypatch.setattr(sm90, "DEFAULT_VARIANT", variant)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")  # one-query calls too, not the decode family
@@ -282,12 +290,7 @@ def test_sm90_softcap(gen, monkeypatch, backward, headdim, dtype, softcap, causa
     scores, 1 - t^2 in dS, the 32-row dK/dV tile) against the float64 reference: out, lse,
     dq, dk, dv; both backwards, rows that see no key (causal, sq > sk), GQA and MQA, a small
     fp16 cap (where the instruction's error is largest)."""
-    from ringflash.kernels import sm90
-
-    calls = []
-    for name in ("attention_forward_sm90", "attention_backward_sm90"):
-        real = getattr(sm90, name)
-        monkeypatch.setattr(sm90, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    calls = _record_sm90_calls(monkeypatch)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_BACKWARD", backward)
     inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
@@ -310,12 +313,9 @@ def test_sm90_wide_forward_and_backward(gen, monkeypatch, headdim, dtype, causal
     reference: lengths off the tiles, rows that see no key (causal, sq > sk), one key,
     GQA and MQA, d=192 and 136 on zero-filled 256-column tiles, and the underfilled
     launch's head splits (their partial dK/dV summed in float32)."""
-    from ringflash.kernels import configs, sm90
+    from ringflash.kernels import configs
 
-    calls = []
-    for name in ("attention_forward_sm90", "attention_backward_sm90"):
-        real = getattr(sm90, name)
-        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = _record_sm90_calls(monkeypatch)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
@@ -333,10 +333,7 @@ def test_sm90_is_the_default_where_preferred(gen, monkeypatch):
     from ringflash.kernels import sm90
 
     monkeypatch.delenv("RINGFLASH_BACKEND", raising=False)
-    calls = []
-    for name in ("attention_forward_sm90", "attention_backward_sm90"):
-        real = getattr(sm90, name)
-        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = _record_sm90_calls(monkeypatch)
     inputs = _dense64(gen, 1, 2048, 2048, 4, 2, 128)
     check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(True,))
     assert set(calls) == {"attention_forward_sm90", "attention_backward_sm90"} and sm90.disabled_reason is None, \
@@ -355,12 +352,7 @@ def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, softcap, ca
     dK/dV program; d=192's columns clipped by the per-sequence descriptors); the tiles past
     a sequence's end must neither count nor overwrite the next sequence's rows (out, dq,
     dk, dv)."""
-    from ringflash.kernels import sm90
-
-    calls = []
-    for name in ("attention_forward_sm90", "attention_backward_sm90"):
-        real = getattr(sm90, name)
-        monkeypatch.setattr(sm90, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    calls = _record_sm90_calls(monkeypatch)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     # Two empty query sequences last, the final one with no keys either: their descriptors
