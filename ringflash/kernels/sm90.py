@@ -610,9 +610,10 @@ if AVAILABLE:
         columns from ``col0``) into the tiled dQ accumulator of ``dq_accumulator_shape`` at
         ``dq_base``, four entries per vector reduction (``red.global.add.v4.f32``). The
         accumulator holds each 16-row block's four registers of a thread (rows r and r + 8,
-        columns c and c + 1) side by side, so one instruction adds them: Triton's scalar
-        float32 atomics took four, and the L2's atomic throughput, not the GEMMs, set the
-        5-GEMM backward's speed (0.68-0.87x the 7-GEMM pair, run 39)."""
+        columns c and c + 1) side by side, so one instruction adds them, with no masks:
+        Triton's atomics added two (F32x2). Halving the reductions left the 5-GEMM
+        backward's speed where it was (run 46: 0.70-0.81x the 7-GEMM pair; run 39,
+        0.68-0.87x), so they are not what limits it."""
         layout: gl.constexpr = dq.type.layout
         rows = gl.arange(0, dq.shape[0], layout=gl.SliceLayout(1, layout))
         cols = col0 + gl.arange(0, dq.shape[1], layout=gl.SliceLayout(0, layout))
@@ -819,7 +820,7 @@ if AVAILABLE:
         turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps,
         seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, WARPS: gl.constexpr, IS_VARLEN: gl.constexpr, ROLE: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, ROLE: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) for head dims past 128, where one warpgroup
         cannot hold both accumulators over the whole head dim (2 x 64 x 256 float32 is 256
@@ -983,7 +984,7 @@ if AVAILABLE:
             _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
                               q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first,
                               m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                              softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, IS_VARLEN)
+                              softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL)
         else:
             _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
                                  v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b,
@@ -998,7 +999,7 @@ if AVAILABLE:
                           q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start,
                           m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
                           b_out, HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
-                          STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):
+                          STAGES: gl.constexpr, CAUSAL: gl.constexpr):
         """The SPLIT_D program of ``_bwd_dkdv_sm90_kernel``: the score tiles' shared memory
         and barriers, then the two ``_dkdv_half_rows`` consumers and the loader."""
         dtype: gl.constexpr = q_desc.dtype
@@ -1019,12 +1020,12 @@ if AVAILABLE:
                                free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
                                n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
                                stride_lh, qk_scale_log2, softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES,
-                               CAUSAL, 4, IS_VARLEN, 0)),
+                               CAUSAL, 4, 0)),
             (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
                                free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
                                n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
                                stride_lh, qk_scale_log2, softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES,
-                               CAUSAL, 4, IS_VARLEN, 1)),
+                               CAUSAL, 4, 1)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
                           do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, ROWS, BLOCK_M, 1,
                           STAGES)),
