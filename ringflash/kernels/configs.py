@@ -243,8 +243,8 @@ SM90_BACKWARD: dict[str, KernelConfig] = {"dkdv": _C(64, 128, 4, 2), "dq": _C(12
 #: beside P, dP in flight, dK and dV: compiled for sm_90 (Triton 3.6) at d=128, the 64-row
 #: step spilled 38-129 stores (54 reloads in the causal loop); the 32-row step spills none in
 #: dense calls, with or without softcap and dropout (2 stores in the varlen causal softcap
-#: dK/dV kernel). Run 45 timed this pair with softcap (``SM90_SOFTCAP``);
-#: the 32-row step without softcap is not yet timed.
+#: dK/dV kernel). Run 45 timed this pair with softcap (``SM90_SOFTCAP``). Without softcap
+#: the 32-row step ran 0.86-0.94x the 64-row one (run 46, H100, d=128), so it stays here.
 SM90_BACKWARD_SOFTCAP: dict[str, KernelConfig] = {"dkdv": _C(32, 128, 4, 2), "dq": _C(128, 128, 4, 2)}
 #: Head dims past 128 (tiles of 256 columns; no dropout or softcap): dK/dV owns 64 keys,
 #: both consumers over all of them, each accumulating a column half of d (``SPLIT_D``), and

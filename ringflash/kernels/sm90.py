@@ -1321,7 +1321,7 @@ def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, ki
 
 def _block_d(headdim: int) -> int:
     """The tiles' head-dim width: 64, 128 or 256 (a power of two, as Gluon's tensor shapes
-    are; 256 for the backward only, ``supports``)."""
+    are; 256 only without dropout or softcap, ``supports``)."""
     return 64 if headdim <= 64 else 128 if headdim <= 128 else 256
 
 
