@@ -354,6 +354,7 @@ def test_sm90_varlen_forward_and_backward(gen, monkeypatch, headdim, softcap, ca
     dk, dv)."""
     calls = _record_sm90_calls(monkeypatch)
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    monkeypatch.setenv("RINGFLASH_SM90_VARLEN", "1")  # varlen on the Gluon kernels (run 47)
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     # Two empty query sequences last, the final one with no keys either: their descriptors
     # start at the packed tensors' ends.
@@ -376,6 +377,7 @@ def test_sm90_varlen_gradients_keep_the_inputs_layout(gen, monkeypatch):
     from ringflash.kernels.common import grad_buffer
 
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
+    monkeypatch.setenv("RINGFLASH_SM90_VARLEN", "1")  # varlen on the Gluon kernels (run 47)
     lengths = [300, 0, 517]
     cu = cu_seqlens_from_lengths(lengths, DEV)
     q, k, v = (torch.randn(h, sum(lengths), 128, generator=gen).to(DEV, torch.bfloat16).transpose(0, 1)
@@ -422,6 +424,7 @@ def test_sm90_varlen_keeps_sequences_apart(gen, monkeypatch, causal):
     real = sm90.attention_forward_sm90
     monkeypatch.setattr(sm90, "attention_forward_sm90", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    monkeypatch.setenv("RINGFLASH_SM90_VARLEN", "1")  # varlen on the Gluon kernels (run 47)
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     lengths = [200, 77, 300, 129]
     total = sum(lengths)

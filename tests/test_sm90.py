@@ -73,7 +73,8 @@ def test_scope(on_hopper):
         if d > 128:
             assert not supported(qd, kd, kd, _problem(qd, kd), dropout=(0.1, 0)), d
             assert not supported(qd, kd, kd, _problem(qd, kd, softcap=30.0)), d
-            # Not taken by the default backend until measured.
+            # Taken by the default backend only at the measured head dims (192 and 256, from
+            # 512 query rows: test_preferred_where_measured_faster), not at 100 rows.
             for kind in ("fwd", "bwd"):
                 assert not sm90.preferred(_problem(qd, kd), None, kind), d
     q32, k32 = q.float(), k.float()
@@ -90,14 +91,27 @@ def test_scope(on_hopper):
     assert not supported(odd, k[..., :64], k[..., :64], _problem(odd, k[..., :64]))
 
 
-def test_varlen_scope(on_hopper):
-    """Plain varlen calls are in scope (forward only); grouped, context-parallel (explicit
-    diagonals) and seqused_k metadata are not; none are preferred until measured."""
+def test_varlen_scope(on_hopper, monkeypatch):
+    """Plain varlen calls are in scope under RINGFLASH_SM90_VARLEN=1 only (run 47's fault);
+    grouped, context-parallel (explicit diagonals) and seqused_k metadata are not; none are
+    preferred until measured."""
     from ringflash.kernels.problem import SeqMeta
 
     cu = torch.tensor([0, 100, 250], dtype=torch.int32)
     q, k = torch.zeros(250, 8, 128, dtype=torch.bfloat16), torch.zeros(250, 2, 128, dtype=torch.bfloat16)
     wrap = _OnHopper
+    plain = SeqMeta.from_cu_seqlens(cu, cu)
+    plain_prob = make_problem(q, k, plain, 150, 150, 0.1, True, -1, -1, 0.0)
+    for value in (None, "0"):
+        if value is None:
+            monkeypatch.delenv("RINGFLASH_SM90_VARLEN", raising=False)
+        else:
+            monkeypatch.setenv("RINGFLASH_SM90_VARLEN", value)
+        assert not sm90.supports(wrap(q), wrap(k), wrap(k), plain_prob, plain, None, None), value
+    monkeypatch.setenv("RINGFLASH_SM90_VARLEN", "yes")
+    with pytest.raises(ValueError, match=r"RINGFLASH_SM90_VARLEN: got 'yes'; expected 0 or 1"):
+        sm90.supports(wrap(q), wrap(k), wrap(k), plain_prob, plain, None, None)
+    monkeypatch.setenv("RINGFLASH_SM90_VARLEN", "1")
     for meta, want in ((SeqMeta.from_cu_seqlens(cu, cu), True),
                        (SeqMeta.from_cu_seqlens(cu, cu, torch.tensor([90, 150], dtype=torch.int32)), False)):
         prob = make_problem(q, k, meta, 150, 150, 0.1, True, -1, -1, 0.0)
@@ -141,6 +155,8 @@ def test_preferred_where_measured_faster():
 
     unmeasured = torch.zeros(1, 1 << 15, 2, 112, dtype=torch.bfloat16)
     assert not sm90.preferred(_problem(unmeasured, unmeasured))  # d=112: only with RINGFLASH_BACKEND=sm90
+    wide_unmeasured = torch.zeros(1, 1 << 15, 2, 160, dtype=torch.bfloat16)
+    assert not sm90.preferred(_problem(wide_unmeasured, wide_unmeasured))  # d=160 pads to 256 columns: untimed
     measured = torch.zeros(1, 1 << 15, 2, 128, dtype=torch.bfloat16)
     assert sm90.preferred(_problem(measured, measured))
     assert sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout measured at d=128
@@ -163,8 +179,7 @@ def test_preferred_where_measured_faster():
         with configs.override(sm90_fwd=configs.KernelConfig(128, 64, 4, 2)):
             assert sm90.preferred(_problem(long_, long_))
             assert configs.sm90_forward_config(d, True) == configs.KernelConfig(128, 64, 4, 2)
-    # every measured head dim runs on a tile width with a forward config (256's is not yet
-    # measured: RINGFLASH_BACKEND=sm90 only)
+    # every measured head dim runs on a tile width with a forward config
     assert {sm90._block_d(d) for d in configs.SM90_MIN_SEQLEN_Q} <= {d for d, _ in configs.SM90_FORWARD}
     assert {d for d, _ in configs.SM90_FORWARD} == {sm90._block_d(d) for d in (64, 128, 256)}
 

@@ -208,7 +208,8 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
     (64, False): _C(128, 128, 4, 3), (64, True): _C(128, 128, 4, 3),
     (128, False): _C(128, 128, 4, 3), (128, True): _C(128, 128, 4, 3),
     # Head dims past 128 (256-column tiles): 64 keys per block, two stages (Q and the ring
-    # take 192 KB); spill-free for sm_90 (Triton 3.6), untimed (``SM90_BACKWARD_WIDE``).
+    # take 192 KB); spill-free for sm_90 (Triton 3.6). Run 47 (H100) timed it at 1.03-1.16x
+    # the portable forward at d=192 and 1.14-1.38x at d=256 (seqlen 512-16k).
     (256, False): _C(128, 64, 4, 2), (256, True): _C(128, 64, 4, 2),
 }
 #: Fewest query rows (seqlen_q) from which the default backend takes the Gluon sm_90
@@ -218,8 +219,13 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
 #: warp-specialized prologue and the 12 warps do not pay off). Backward, run 38 (64x128x2 /
 #: 128x128x2 tiles): d=128 1.15-1.34x at 1k-16k; d=64 1.04-1.13x at 4k-16k, and at 1k 0.97x
 #: full, 1.08x causal. Run 39 added d=80 and 96 (the d=128 tiles, padded): forward
-#: 1.20-1.44x and backward 1.17-1.36x the portable kernels at every seqlen 1k-16k.
-SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 80: 1024, 96: 1024, 128: 1024}
+#: 1.20-1.44x and backward 1.17-1.36x the portable kernels at every seqlen 1k-16k. Run 47
+#: (H100, ``bench kernels --grid wide`` under RINGFLASH_BACKEND=sm90 against run 46's
+#: portable rows, and ``scripts/probe_sm90.py``): at seqlen 512 the Gluon kernels ran d=80,
+#: 96 and 128 at 1.04-1.38x the portable ones in both passes (d=64: 0.88-1.06x, kept at
+#: 4k); past d=128 (256-column tiles, ``SM90_BACKWARD_WIDE``) d=192 at 1.02-1.38x and d=256
+#: at 1.05-1.72x from 512 to 16k, except d=192 causal at 16k (0.99-1.00x, a tie).
+SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 80: 512, 96: 512, 128: 512, 192: 512, 256: 512}
 #: Head dims at which the default backend also takes the Gluon kernels with dropout (from
 #: the same seqlen): run 39's `bench dropout` (b=4 s=4k h=16 d=128 causal) timed their
 #: fwd+bwd with the PTX mask at 3.19 ms against the portable kernels' 3.28. Others unmeasured.
@@ -251,9 +257,11 @@ SM90_BACKWARD_SOFTCAP: dict[str, KernelConfig] = {"dkdv": _C(32, 128, 4, 2), "dq
 #: streams 64 query rows per step (K, V, two stages of Q and dO and the score tiles: 224 KB
 #: of shared memory); dQ streams 32 keys per step beside its 2 x 64 query rows (192 KB).
 #: Compiled for sm_90 (Triton 3.6), neither spills in its loops (the varlen causal dK/dV
-#: kernel keeps 16 bytes of stack in its prologue, around the per-sequence descriptors);
-#: neither is timed yet, so the default backend keeps the portable backward there
-#: (``preferred``). An ``override`` of the dK/dV tile must keep 64 x 64.
+#: kernel keeps 16 bytes of stack in its prologue, around the per-sequence descriptors).
+#: Run 47 (H100, ``scripts/probe_sm90.py``, d=192 and 256, seqlen 512-16k) timed dQ with
+#: two and three 32-key stages: within 3% of each other but at d=256 full 16k (two: 1.85x
+#: the portable backward, three: 1.72x); the pair ran 1.40-1.85x the portable backward at
+#: d=256 and 1.06-1.43x at d=192. An ``override`` of the dK/dV tile must keep 64 x 64.
 SM90_BACKWARD_WIDE: dict[str, KernelConfig] = {"dkdv": _C(64, 64, 4, 2), "dq": _C(128, 32, 4, 2)}
 
 
@@ -267,6 +275,23 @@ def backend() -> str:
     if name not in BACKENDS:
         raise ValueError(f"RINGFLASH_BACKEND: got {name!r}; expected portable, sm90 or unset")
     return name
+
+
+def sm90_varlen_enabled() -> bool:
+    """``RINGFLASH_SM90_VARLEN``: "1" lets ``RINGFLASH_BACKEND=sm90`` take plain varlen calls
+    to the Gluon kernels; "0" or unset keeps every varlen call on the portable ones (the
+    default backend never preferred them). Off since run 47 (H100): the GPU property test of
+    varlen calls under RINGFLASH_BACKEND=sm90 (``test_gpu_varlen``, 20 random packed batches)
+    ended once in an illegal memory access and passed twice with the same seed (once with
+    CUDA_LAUNCH_BLOCKING=1): a fault that comes and goes, in the only kernels that make TMA
+    descriptors on the device (one per sequence, in global scratch that launches reuse). The
+    suspect, not yet confirmed on a GPU: Triton fences each descriptor for the warp that
+    writes it, while the loader and second consumer warps of the warp-specialized kernels
+    read it through TMA without an acquire of their own (docs/benchmarks.md, run 47)."""
+    value = os.environ.get("RINGFLASH_SM90_VARLEN", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"RINGFLASH_SM90_VARLEN: got {value!r}; expected 0 or 1")
+    return value == "1"
 
 
 def sm90_backward_config(kind: str, softcap: bool = False, wide: bool = False) -> KernelConfig:

@@ -9,16 +9,18 @@
 * ``sm90`` (``kernels.sm90``): the Gluon Hopper forward (TMA, warpgroup MMAs, a loader
   warp and two consumer warpgroups taking turns at the tensor cores), for the calls inside
   its scope (``sm90.supports``) where it measured faster than the portable forward
-  (``sm90.preferred``, dense calls, with dropout at d=128 only: runs 37-39 in
+  (``sm90.preferred``, dense calls, with dropout at d=128 only: runs 37-47 in
   docs/benchmarks.md). ``RINGFLASH_BACKEND=sm90`` takes it for every call in scope (other
-  dropout calls and plain varlen included), ``RINGFLASH_BACKEND=portable`` never.
+  dropout calls included; plain varlen with ``RINGFLASH_SM90_VARLEN=1`` too),
+  ``RINGFLASH_BACKEND=portable`` never.
 * ``fwd`` (``kernels.fwd``): everything else.
 
 The backward (``backward``) has two families: the portable one (``kernels.bwd``) and the
 Gluon Hopper one (``sm90.attention_backward_sm90``), for the calls in the forward's scope
-(plain varlen ones, and head dims 136-256, with ``RINGFLASH_BACKEND=sm90`` only), by default where
-``sm90.preferred(..., "bwd")`` (run 38: 1.04-1.34x the portable backward at d=64 from
-seqlen 4k and d=128 from 1k). Either backward takes either forward's out and lse.
+(plain varlen ones, and head dims 136-256 other than 192 and 256, with
+``RINGFLASH_BACKEND=sm90`` only), by default where ``sm90.preferred(..., "bwd")`` (run 38:
+1.04-1.34x the portable backward at d=64 from seqlen 4k and d=128 from 1k; run 47: d=80-128
+from 512, d=192 and 256 from 512 at 1.02-1.72x). Either backward takes either forward's out and lse.
 
 Dense calls take the decode family by default: on an H100 (run 27 in docs/benchmarks.md) it
 ran one-query calls 1.45-1.57x faster than the training forward as a Python call and

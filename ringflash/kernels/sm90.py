@@ -13,8 +13,8 @@ family writes it out, as FA3 does within one warpgroup pair:
 * the loop is software pipelined: block j's S = Q K_j^T and block j-1's O += P V are issued
   together, and block j's softmax runs while the P V MMA is still in flight.
 
-Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen,
-d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
+Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen
+(under ``RINGFLASH_SM90_VARLEN=1`` only: ``configs.sm90_varlen_enabled``), d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
 zero-filled by TMA; also d = 136 to 256 on 256-column tiles, without dropout or softcap,
 the backward's dK/dV consumers splitting d instead of the keys: ``_dkdv_half_rows``),
 causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
@@ -1265,6 +1265,9 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     # or context-parallel metadata, no seqused_k).
     if meta is not None and (meta.num_groups != 1 or meta.diag is not None or meta.seqused_k is not None):
         return False
+    # And only under RINGFLASH_SM90_VARLEN=1 until run 47's fault is explained.
+    if meta is not None and not configs.sm90_varlen_enabled():
+        return False
     if meta is not None and _varlen_scratch_bytes(prob) > 1 << 28:
         return False
     # d = 40..128 in steps of 8 (16-byte rows for TMA); below 64 / 128 the tiles are padded
@@ -1306,10 +1309,10 @@ def _tma_readable(x: torch.Tensor) -> bool:
 def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, kind: str = "fwd") -> bool:
     """Whether the default backend takes this family's ``kind`` ("fwd" or "bwd") for a call
     it ``supports``: where it measured faster than the portable kernel
-    (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96 and 128, runs 37-39; dropout at the head
-    dims of ``configs.SM90_DROPOUT_HEADDIMS``; softcap where ``configs.SM90_SOFTCAP``; other
-    head dims, other dropout calls and varlen only with RINGFLASH_BACKEND=sm90 until
-    measured), unless a ``configs.override`` context forces the portable kernel's tiles for
+    (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96, 128, 192 and 256, runs 37-47; dropout at
+    the head dims of ``configs.SM90_DROPOUT_HEADDIMS``; softcap where ``configs.SM90_SOFTCAP``;
+    other head dims, other dropout calls and varlen only with RINGFLASH_BACKEND=sm90, varlen
+    also with RINGFLASH_SM90_VARLEN=1), unless a ``configs.override`` context forces the portable kernel's tiles for
     ``kind``."""
     if prob.is_varlen or (dropout is not None and prob.headdim not in configs.SM90_DROPOUT_HEADDIMS):
         return False
