@@ -287,7 +287,9 @@ def sm90_varlen_enabled() -> bool:
     descriptors on the device (one per sequence, in global scratch that launches reuse). The
     suspect, not yet confirmed on a GPU: Triton fences each descriptor for the warp that
     writes it, while the loader and second consumer warps of the warp-specialized kernels
-    read it through TMA without an acquire of their own (docs/benchmarks.md, run 47)."""
+    read it through TMA without an acquire of their own (docs/benchmarks.md, run 47). Since
+    then each partition makes the descriptors it reads (the PTX shows each one's own
+    acquire before its TMA); a GPU has not run that yet."""
     value = os.environ.get("RINGFLASH_SM90_VARLEN", "0")
     if value not in ("0", "1"):
         raise ValueError(f"RINGFLASH_SM90_VARLEN: got {value!r}; expected 0 or 1")

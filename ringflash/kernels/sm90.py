@@ -228,6 +228,24 @@ if AVAILABLE:
             [stride_s, stride_s, stride_h, 1], like.block_type.shape, like.layout)
 
     @gluon.jit
+    def _key_descriptor(Ptr, k_row, seqlen_k, nheads_k, headdim, like):
+        """A descriptor over one sequence's rows of a contiguous packed (total_k, nheads_k,
+        headdim) tensor (K, V, dK or dV)."""
+        return _sequence_descriptor(Ptr, k_row, seqlen_k, nheads_k, headdim, nheads_k * headdim, headdim, like)
+
+    @gluon.jit
+    def _sequence_descriptors(QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim,
+                              q_like, do_like, k_like, v_like):
+        """The backward loaders' four descriptors over one sequence of contiguous packed
+        (total, heads, headdim) tensors: Q and dO (``nheads_k x kv_group`` heads), K and V."""
+        nheads = nheads_k * kv_group
+        q_desc = _sequence_descriptor(QPtr, q_row, seqlen_q, nheads, headdim, nheads * headdim, headdim, q_like)
+        do_desc = _sequence_descriptor(DOPtr, q_row, seqlen_q, nheads, headdim, nheads * headdim, headdim, do_like)
+        k_desc = _key_descriptor(KPtr, k_row, seqlen_k, nheads_k, headdim, k_like)
+        v_desc = _key_descriptor(VPtr, k_row, seqlen_k, nheads_k, headdim, v_like)
+        return q_desc, do_desc, k_desc, v_desc
+
+    @gluon.jit
     def _program_ids(HEADS_FIRST: gl.constexpr):
         """(block, head, sequence, sequences) of this program: the grid is (blocks, heads,
         batch), or with HEADS_FIRST (heads, batch, blocks), every head and sequence of a
@@ -468,11 +486,15 @@ if AVAILABLE:
 
     @gluon.jit
     def _load_all(q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
-                  b, h, hk, m0, q_base, k_base, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
-                  PARTS: gl.constexpr, STAGES: gl.constexpr):
+                  b, h, hk, m0, q_base, k_base, n_blocks, KPtr, VPtr, seq_k_row, seqlen_k, nheads_k, headdim,
+                  stride_ks, stride_kh, stride_vs, stride_vh, ROWS: gl.constexpr, BLOCK_N: gl.constexpr,
+                  PARTS: gl.constexpr, STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
         """The loader partition: Q's PARTS boxes of ROWS rows once, then every key block, each
         into its ring slot once both consumers have released the block that held it
         (``kv_free``)."""
+        if IS_VARLEN:
+            k_desc = _sequence_descriptor(KPtr, seq_k_row, seqlen_k, nheads_k, headdim, stride_ks, stride_kh, k_desc)
+            v_desc = _sequence_descriptor(VPtr, seq_k_row, seqlen_k, nheads_k, headdim, stride_vs, stride_vh, v_desc)
         mbarrier.expect(q_bar, PARTS * q_desc.block_type.nbytes)
         for i in gl.static_range(PARTS):
             _tma_load(q_desc, [b, q_base + m0 + i * ROWS, h, 0], q_bar, q_bufs.index(i))
@@ -504,21 +526,27 @@ if AVAILABLE:
         IS_VARLEN: one packed batch entry (the descriptors' batch is 1), sequence b's queries
         at rows QStarts[b] .. QEnds[b] and keys at CuSeqlensK[b] .. CuSeqlensK[b + 1];
         ``seqlen_q`` (the longest, which sizes the grid) and ``seqlen_k`` become the
-        sequence's. Its keys and values are read through descriptors made here over that
-        sequence alone (``KPtr``/``VPtr`` (total_k, nheads_k, d) with the given strides), so
-        TMA zero-fills a tile's rows past its end: over the packed tensor they would hold the
-        next sequence's, whose NaN or Inf would reach this output through 0 x NaN in P V."""
+        sequence's. Its keys and values are read through descriptors made in the kernel over
+        that sequence alone (``KPtr``/``VPtr`` (total_k, nheads_k, d) with the given strides),
+        so TMA zero-fills a tile's rows past its end: over the packed tensor they would hold
+        the next sequence's, whose NaN or Inf would reach this output through 0 x NaN in P V.
+        The warps that issue the loads make them (the loader partition, or with SPECIALIZED
+        off every warp), so that the thread reading a descriptor through TMA is one that
+        fenced it (``configs.sm90_varlen_enabled``: run 47's fault)."""
         pid, h, seq, _ = _program_ids(HEADS_FIRST)
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
         hk = h // kv_group
         key_index = seq * stride_keys_b + 2 * h  # this (sequence, head)'s dropout words
         zero = seq * 0  # an int32 scalar: both branches below must give the same types
+        seq_k_row = zero
         if IS_VARLEN:
             b = zero
             q_base, seqlen_q, k_base, seqlen_k = _varlen_sequence(QStarts, QEnds, CuSeqlensK, seq)
-            k_desc = _sequence_descriptor(KPtr, k_base, seqlen_k, nheads_k, headdim, stride_ks, stride_kh, k_desc)
-            v_desc = _sequence_descriptor(VPtr, k_base, seqlen_k, nheads_k, headdim, stride_vs, stride_vh, v_desc)
+            seq_k_row = k_base
+            if not SPECIALIZED:
+                k_desc = _sequence_descriptor(KPtr, k_base, seqlen_k, nheads_k, headdim, stride_ks, stride_kh, k_desc)
+                v_desc = _sequence_descriptor(VPtr, k_base, seqlen_k, nheads_k, headdim, stride_vs, stride_vh, v_desc)
             k_base = zero  # rows of the sequence's own descriptors
         else:
             b = seq
@@ -574,7 +602,9 @@ if AVAILABLE:
                                 HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, False, PINGPONG, 1, HAS_DROPOUT, IS_VARLEN,
                                 HAS_SOFTCAP)),
                 (_load_all, (q_desc, k_desc, v_desc, q_bufs, k_bufs, v_bufs, q_bar, k_bars, v_bars, kv_free,
-                             b, h, hk, m0, q_base, k_base, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
+                             b, h, hk, m0, q_base, k_base, n_blocks, KPtr, VPtr, seq_k_row, seqlen_k, nheads_k,
+                             headdim, stride_ks, stride_kh, stride_vs, stride_vh, ROWS, BLOCK_N, PARTS, STAGES,
+                             IS_VARLEN)),
             ], [4, 1], [240, 24])
         else:
             mbarrier.expect(q_bar, q_desc.block_type.nbytes)
@@ -679,7 +709,7 @@ if AVAILABLE:
         Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
         ds_buf, ds_other, k_other, ds_bars, DQAcc, stride_dqb, stride_dqs, stride_dqh,
         b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-        stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+        stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, DKPtr, DVPtr, k_row, nheads_k, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
         IS_VARLEN: gl.constexpr, PART: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
@@ -805,8 +835,11 @@ if AVAILABLE:
             mbarrier.wait(ds_bars.index(1), (n_steps - 1) & 1, pred=n_steps > 0)
         # Keys past seqlen_k are clipped by the descriptors. Under IS_VARLEN a consumer with
         # none stores nothing: its sequence's descriptor has at least one row, which for an
-        # empty sequence is the next one's.
+        # empty sequence is the next one's. The consumer makes its sequence's descriptors
+        # itself, so that the warps whose TMA stores read them are the ones that fenced them.
         if IS_VARLEN:
+            dk_desc = _key_descriptor(DKPtr, k_row, seqlen_k, nheads_k, headdim, dk_desc)
+            dv_desc = _key_descriptor(DVPtr, k_row, seqlen_k, nheads_k, headdim, dv_desc)
             if n0 < seqlen_k:
                 _store_rows(k_part, dk * softmax_scale, dk_desc, b_out, n0, hk)
                 _store_rows(v_part, dv, dv_desc, b_out, n0, hk)
@@ -819,8 +852,9 @@ if AVAILABLE:
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, pt_buf, p32_buf, dst_buf,
         turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps,
         seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
+        DKPtr, DVPtr, k_row, nheads_k, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-        CAUSAL: gl.constexpr, WARPS: gl.constexpr, ROLE: gl.constexpr,
+        CAUSAL: gl.constexpr, WARPS: gl.constexpr, ROLE: gl.constexpr, IS_VARLEN: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) for head dims past 128, where one warpgroup
         cannot hold both accumulators over the whole head dim (2 x 64 x 256 float32 is 256
@@ -893,7 +927,13 @@ if AVAILABLE:
         mbarrier.arrive(turn_bars.index(3))
         mbarrier.wait(turn_bars.index(3), 0)
         # Keys past seqlen_k are clipped by the descriptors; a program with none (varlen)
-        # stores nothing (as in ``_dkdv_rows``). One consumer stores dK, the other dV.
+        # stores nothing (as in ``_dkdv_rows``, which also says why each consumer makes its
+        # varlen descriptor). One consumer stores dK, the other dV.
+        if IS_VARLEN:
+            if ROLE == 0:
+                dk_desc = _key_descriptor(DKPtr, k_row, seqlen_k, nheads_k, headdim, dk_desc)
+            else:
+                dv_desc = _key_descriptor(DVPtr, k_row, seqlen_k, nheads_k, headdim, dv_desc)
         if n0 < seqlen_k:
             if ROLE == 0:
                 _tma_store(dk_desc, [b_out, n0, hk, 0], k_part)
@@ -904,8 +944,15 @@ if AVAILABLE:
     @gluon.jit
     def _load_dkdv(k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs,
                    q_bars, do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps,
-                   ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr):
-        """The dK/dV loader: each consumer's K and V rows once, then Q and dO of every step."""
+                   QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim,
+                   ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr,
+                   IS_VARLEN: gl.constexpr):
+        """The dK/dV loader: each consumer's K and V rows once, then Q and dO of every step.
+        IS_VARLEN: through descriptors over the sequence's rows that it makes itself."""
+        if IS_VARLEN:
+            q_desc, do_desc, k_desc, v_desc = _sequence_descriptors(
+                QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim,
+                q_desc, do_desc, k_desc, v_desc)
         mbarrier.expect(fixed_bar, PARTS * (k_desc.block_type.nbytes + v_desc.block_type.nbytes))
         for p in gl.static_range(PARTS):
             _tma_load(k_desc, [b, n0 + p * ROWS, hk, 0], fixed_bar, k_parts.index(p))
@@ -944,17 +991,12 @@ if AVAILABLE:
         heads = kv_group // head_splits  # this program's query heads, from h_first on
         h_first = hk * kv_group + (head_slot % head_splits) * heads
         n0 = n_block * BLOCK_N
+        q_base = b * 0
+        k_base = b * 0
         if IS_VARLEN:
-            nheads = nheads_k * kv_group
+            # The sequence's descriptors are made by the partitions that use them (the
+            # loader's four, each consumer's dK/dV): ``_sequence_descriptor``.
             q_base, seqlen_q, k_base, seqlen_k = _varlen_sequence(QStarts, QEnds, CuSeqlensK, b)
-            q_desc = _sequence_descriptor(QPtr, q_base, seqlen_q, nheads, headdim, nheads * headdim, headdim, q_desc)
-            do_desc = _sequence_descriptor(DOPtr, q_base, seqlen_q, nheads, headdim, nheads * headdim, headdim,
-                                           do_desc)
-            k_stride = nheads_k * headdim
-            k_desc = _sequence_descriptor(KPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, k_desc)
-            v_desc = _sequence_descriptor(VPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, v_desc)
-            dk_desc = _sequence_descriptor(DKPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, dk_desc)
-            dv_desc = _sequence_descriptor(DVPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, dv_desc)
             # This sequence's rows of lse2/delta and its dropout words; every descriptor's
             # batch index is then 0.
             Lse2 = Lse2 + q_base
@@ -984,22 +1026,25 @@ if AVAILABLE:
             _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
                               q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first,
                               m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                              softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL)
+                              softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base, k_base, nheads_k,
+                              kv_group, headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, IS_VARLEN)
         else:
             _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
                                  v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b,
                                  dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk,
                                  n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-                                 stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, HEADDIM,
-                                 ROWS, BLOCK_M, STAGES, CAUSAL, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, HAS_SOFTCAP)
+                                 stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                                 QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base, k_base, nheads_k, kv_group, headdim,
+                                 HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, HAS_SOFTCAP)
         _invalidate_ring(fixed_bar, q_bars, do_bars, free_bars, STAGES)
 
     @gluon.jit
     def _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
                           q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start,
                           m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          b_out, HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
-                          STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+                          b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_row, k_row, nheads_k, kv_group, headdim,
+                          HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
+                          STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):
         """The SPLIT_D program of ``_bwd_dkdv_sm90_kernel``: the score tiles' shared memory
         and barriers, then the two ``_dkdv_half_rows`` consumers and the loader."""
         dtype: gl.constexpr = q_desc.dtype
@@ -1019,16 +1064,17 @@ if AVAILABLE:
             (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
                                free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
                                n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
-                               stride_lh, qk_scale_log2, softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES,
-                               CAUSAL, 4, 0)),
+                               stride_lh, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
+                               headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 0, IS_VARLEN)),
             (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
                                free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
                                n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
-                               stride_lh, qk_scale_log2, softmax_scale, b_out, HEADDIM, ROWS, BLOCK_M, STAGES,
-                               CAUSAL, 4, 1)),
+                               stride_lh, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
+                               headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 1, IS_VARLEN)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
-                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, ROWS, BLOCK_M, 1,
-                          STAGES)),
+                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, QPtr, DOPtr, KPtr, VPtr,
+                          q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, 1, STAGES,
+                          IS_VARLEN)),
         ], [4, 1], [240, 24])
         for i in gl.static_range(4):
             mbarrier.invalidate(turn_bars.index(i))
@@ -1038,7 +1084,8 @@ if AVAILABLE:
                              v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b,
                              dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk, n0,
                              cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
-                             stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, HEADDIM: gl.constexpr,
+                             stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, QPtr, DOPtr, KPtr, VPtr,
+                             DKPtr, DVPtr, q_row, k_row, nheads_k, kv_group, headdim, HEADDIM: gl.constexpr,
                              ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                              CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
                              IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
@@ -1060,6 +1107,7 @@ if AVAILABLE:
                           stride_dqs, stride_dqh,
                           b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
                           stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                          DKPtr, DVPtr, k_row, nheads_k, headdim,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0,
                           HAS_SOFTCAP)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
@@ -1068,11 +1116,13 @@ if AVAILABLE:
                           stride_dqs, stride_dqh,
                           b, hk, n0 + ROWS, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
                           seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                          DKPtr, DVPtr, k_row, nheads_k, headdim,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1,
                           HAS_SOFTCAP)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
-                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, ROWS, BLOCK_M, PARTS,
-                          STAGES)),
+                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, QPtr, DOPtr, KPtr, VPtr,
+                          q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, PARTS, STAGES,
+                          IS_VARLEN)),
         ], [4, 1], [240, 24])
         for i in gl.static_range(2):
             mbarrier.invalidate(ds_bars.index(i))
@@ -1082,6 +1132,7 @@ if AVAILABLE:
         q_part, do_part, fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars, dq_desc,
         Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
         b, h, r0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in,
+        DQPtr, q_row, nheads, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr,
         HAS_SOFTCAP: gl.constexpr,
@@ -1089,8 +1140,12 @@ if AVAILABLE:
         """dQ of query rows [r0, r0 + ROWS) of head ``h`` over key blocks [0, n_blocks):
         S = Q K^T, P = exp2(S - lse2), dP = dO V^T, dS = P (dP - delta), dQ += dS K (scaled
         at the end). Releases each K/V slot on ``free_bars``. With HAS_DROPOUT, dP counts
-        only where kept, scaled by 1 / (1 - p)."""
+        only where kept, scaled by 1 / (1 - p). IS_VARLEN: dQ goes through a descriptor over
+        the sequence's rows (from ``q_row`` of ``DQPtr``) that this consumer makes itself
+        (``_sequence_descriptor``)."""
         dtype: gl.constexpr = dq_desc.dtype
+        if IS_VARLEN:
+            dq_desc = _sequence_descriptor(DQPtr, q_row, seqlen_q, nheads, headdim, nheads * headdim, headdim, dq_desc)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -1150,9 +1205,15 @@ if AVAILABLE:
 
     @gluon.jit
     def _load_dq(q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
-                 free_bars, b, h, hk, m0, n_blocks, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PARTS: gl.constexpr,
-                 STAGES: gl.constexpr):
-        """The dQ loader: each consumer's Q and dO rows once, then K and V of every key block."""
+                 free_bars, b, h, hk, m0, n_blocks, QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k,
+                 nheads_k, kv_group, headdim, ROWS: gl.constexpr, BLOCK_N: gl.constexpr, PARTS: gl.constexpr,
+                 STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """The dQ loader: each consumer's Q and dO rows once, then K and V of every key block.
+        IS_VARLEN: through descriptors over the sequence's rows that it makes itself."""
+        if IS_VARLEN:
+            q_desc, do_desc, k_desc, v_desc = _sequence_descriptors(
+                QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim,
+                q_desc, do_desc, k_desc, v_desc)
         mbarrier.expect(fixed_bar, PARTS * (q_desc.block_type.nbytes + do_desc.block_type.nbytes))
         for p in gl.static_range(PARTS):
             _tma_load(q_desc, [b, m0 + p * ROWS, h, 0], fixed_bar, q_parts.index(p))
@@ -1181,16 +1242,13 @@ if AVAILABLE:
         m0 = m_block * BLOCK_M
         hk = h // kv_group
         key_index = b * stride_keys_b + 2 * h
+        nheads = nheads_k * kv_group
+        q_base = b * 0
+        k_base = b * 0
         if IS_VARLEN:
-            nheads = nheads_k * kv_group
+            # The per-sequence descriptors are made by the partitions that use them (the
+            # loader's, each consumer's dQ store): ``_sequence_descriptor``.
             q_base, seqlen_q, k_base, seqlen_k = _varlen_sequence(QStarts, QEnds, CuSeqlensK, b)
-            q_stride = nheads * headdim
-            q_desc = _sequence_descriptor(QPtr, q_base, seqlen_q, nheads, headdim, q_stride, headdim, q_desc)
-            do_desc = _sequence_descriptor(DOPtr, q_base, seqlen_q, nheads, headdim, q_stride, headdim, do_desc)
-            dq_desc = _sequence_descriptor(DQPtr, q_base, seqlen_q, nheads, headdim, q_stride, headdim, dq_desc)
-            k_stride = nheads_k * headdim
-            k_desc = _sequence_descriptor(KPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, k_desc)
-            v_desc = _sequence_descriptor(VPtr, k_base, seqlen_k, nheads_k, headdim, k_stride, headdim, v_desc)
             Lse2 = Lse2 + q_base
             Delta = Delta + q_base
             b = b * 0
@@ -1212,15 +1270,16 @@ if AVAILABLE:
             (_dq_rows, (q_parts.index(0), do_parts.index(0), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
                         dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
                         b, h, m0, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, softcap_in, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4,
-                        HAS_DROPOUT, IS_VARLEN, HAS_SOFTCAP)),
+                        qk_scale_log2, softmax_scale, softcap_in, DQPtr, q_base, nheads, headdim,
+                        HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT, IS_VARLEN, HAS_SOFTCAP)),
             (_dq_rows, (q_parts.index(1), do_parts.index(1), fixed_bar, k_bufs, v_bufs, k_bars, v_bars, free_bars,
                         dq_desc, Lse2, Delta, DropKeys, key_index, dropout_threshold, dropout_scale,
                         b, h, m0 + ROWS, n_blocks, seqlen_q, seqlen_k, stride_lb, stride_lh,
-                        qk_scale_log2, softmax_scale, softcap_in, HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4,
-                        HAS_DROPOUT, IS_VARLEN, HAS_SOFTCAP)),
+                        qk_scale_log2, softmax_scale, softcap_in, DQPtr, q_base, nheads, headdim,
+                        HEADDIM, ROWS, BLOCK_N, STAGES, CAUSAL, 4, HAS_DROPOUT, IS_VARLEN, HAS_SOFTCAP)),
             (_load_dq, (q_desc, k_desc, v_desc, do_desc, q_parts, do_parts, fixed_bar, k_bufs, v_bufs, k_bars, v_bars,
-                        free_bars, b, h, hk, m0, n_blocks, ROWS, BLOCK_N, PARTS, STAGES)),
+                        free_bars, b, h, hk, m0, n_blocks, QPtr, DOPtr, KPtr, VPtr, q_base, seqlen_q, k_base,
+                        seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_N, PARTS, STAGES, IS_VARLEN)),
         ], [4, 1], [240, 24])
 
         _invalidate_ring(fixed_bar, k_bars, v_bars, free_bars, STAGES)
@@ -1291,14 +1350,15 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
 def _varlen_scratch_bytes(prob: AttnProblem) -> int:
     """Global scratch that varlen programs' descriptors take (128 bytes each, for every
     program of the grid, which the longest sequence sizes), in the larger of the forward
-    (2 per program) and the backward (6 per dK/dV program, 5 per dQ one). Past 256 MB (a
+    (2 per program) and the backward (up to 8 per dK/dV program: the loader's four and each
+    consumer's dK and dV; 6 per dQ one: the loader's four and each consumer's dQ). Past 256 MB (a
     long sequence packed with thousands of short ones) ``supports`` leaves the call to the
     portable kernels."""
     q_programs = math.ceil(prob.max_seqlen_q / 128) * prob.nheads * prob.batch
     # dK/dV programs own 128 keys, or 64 past d=128 (``SPLIT_D``).
     keys_per_program = 64 if prob.headdim > 128 else 128
     k_programs = math.ceil(prob.max_seqlen_k / keys_per_program) * prob.nheads_k * prob.batch
-    return 128 * max(2 * q_programs, 6 * k_programs + 5 * q_programs)
+    return 128 * max(2 * q_programs, 8 * k_programs + 6 * q_programs)
 
 
 def _tma_readable(x: torch.Tensor) -> bool:
