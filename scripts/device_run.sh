@@ -9,7 +9,7 @@
 #   scripts/device_run.sh shim                                       (run() with carry [".cache"])
 # Logs and CSVs go to $OUT (the device tool brings them back).
 set -u
-OUT=${OUT:-/tmp/ringflash_out}
+export OUT=${OUT:-/tmp/ringflash_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 # NCCL/NVSHMEM multicast stays off on shared machines.
@@ -94,6 +94,15 @@ for s in "$@"; do
     # Issue 15: the Gluon Hopper forward: its error, then its time against the portable
     # forward, FA2 and cuDNN (scripts/probe_sm90.py --help).
     probesm90) stage probesm90 "${PROBESM90_LIMIT:-240}" python3 scripts/probe_sm90.py ${PROBESM90_ARGS:-} ;;
+    # Run 47's fault: the GPU varlen property test on the Gluon kernels (RINGFLASH_SM90_VARLEN=1),
+    # VARLENLOOP_SEEDS seeds one after the other, each example echoed; at the first failure the
+    # last examples are replayed in fresh processes with CUDA_LAUNCH_BLOCKING=1.
+    varlenloop) stage varlenloop "${VARLENLOOP_LIMIT:-400}" bash -c 'for seed in ${VARLENLOOP_SEEDS:-1 2 3 4 5 6}; do
+                  echo "### seed $seed"; log="$OUT/varlenloop-$seed.log"
+                  if ! RINGFLASH_BACKEND=sm90 RINGFLASH_SM90_VARLEN=1 RINGFLASH_HYPOTHESIS_ECHO=1 RINGFLASH_TEST_SEED=$seed \
+                       python3 -m pytest -s -q -p no:cacheprovider -p no:xdist tests/test_properties.py -k test_gpu_varlen > "$log" 2>&1; then
+                    tail -5 "$log"; python3 scripts/replay_last_example.py "$log" RINGFLASH_BACKEND=sm90,RINGFLASH_SM90_VARLEN=1 \
+                      RINGFLASH_BACKEND=portable; exit 1; fi; tail -1 "$log"; done' ;;
     # Issue 15: what softcap (portable kernels only) costs against the same calls without it.
     probesoftcap) stage probesoftcap "${PROBESOFTCAP_LIMIT:-150}" python3 scripts/probe_softcap.py ${PROBESOFTCAP_ARGS:-} ;;
     probefp32) stage probefp32 "${PROBEFP32_LIMIT:-240}" python3 scripts/probe_fp32.py ${PROBEFP32_ARGS:-} ;;
