@@ -20,7 +20,8 @@ Gluon Hopper one (``sm90.attention_backward_sm90``), for the calls in the forwar
 (plain varlen ones, and head dims 136-256 other than 192 and 256, with
 ``RINGFLASH_BACKEND=sm90`` only), by default where ``sm90.preferred(..., "bwd")`` (run 38:
 1.04-1.34x the portable backward at d=64 from seqlen 4k and d=128 from 1k; run 47: d=80-128
-from 512, d=192 and 256 from 512 at 1.02-1.72x). Either backward takes either forward's out and lse.
+from 512 at 1.12-1.37x, d=192 and 256 from 512 at 1.08-1.72x but for a tie at d=192 causal
+16k). Either backward takes either forward's out and lse.
 
 Dense calls take the decode family by default: on an H100 (run 27 in docs/benchmarks.md) it
 ran one-query calls 1.45-1.57x faster than the training forward as a Python call and
