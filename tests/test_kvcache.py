@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from conftest import HAS_CUDA
 from ringflash import attention_ref, flash_attn_with_kvcache
+from ringflash.reference import _attention
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -67,9 +68,12 @@ def _case(gen, *, batch=3, seqlen_q=1, nheads=4, nheads_k=2, d=16, capacity=40, 
     outs = []
     for b in range(batch):
         lo, hi = int(pad[b]), int(lengths[b]) + seqlen_new
-        out_b, _ = attention_ref(q_ref[b:b + 1], want_k[cache_rows[b]:cache_rows[b] + 1, lo:hi],
-                                 want_v[cache_rows[b]:cache_rows[b] + 1, lo:hi], causal=causal, window_size=window,
-                                 softcap=softcap, alibi_slopes=None if slopes is None else slopes.double().float())
+        # A window side is unbounded where it spans the cache's slots (flash-attn's rule for
+        # the cache call), not this sequence's keys: a side of 2 over one key with five
+        # queries still hides that key from the first queries (a failed random case).
+        out_b, _ = _attention(q_ref[b:b + 1], want_k[cache_rows[b]:cache_rows[b] + 1, lo:hi],
+                              want_v[cache_rows[b]:cache_rows[b] + 1, lo:hi], causal, None, window, softcap,
+                              None if slopes is None else slopes.double().float(), window_keys=capacity)
         outs.append(out_b)
     want = torch.cat(outs)
 
@@ -135,6 +139,16 @@ def test_non_interleaved_rotary_non_causal_leftpad(gen):
                          ids=["window", "softcap", "alibi", "splits", "splits40", "mqa-d40"])
 def test_decode_options(gen, options):
     _case(gen, seqlen_q=2, seqlen_new=1, **options)
+
+
+def test_window_is_bounded_by_the_cache_not_the_sequence():
+    """A random case that failed in CI (stop 39): a sequence whose left padding leaves one
+    key, five queries and a window of (0, 2). flash-attn bounds window sides against the
+    cache's slots (8 here), so the right side of 2 stays a window and the first two queries
+    see no key (output 0); the test's reference had bounded it against the sequence's one
+    key, made it unbounded, and expected that key's value there."""
+    _case(torch.Generator().manual_seed(1624690), batch=3, seqlen_q=5, nheads_k=1, nheads=1, d=64, capacity=8,
+          seqlen_new=1, paged=8, leftpad=True, causal=False, window=(0, 2), softcap=1.5, num_splits=3)
 
 
 @settings(max_examples=int(os.environ.get("RINGFLASH_HYPOTHESIS_EXAMPLES", "") or 6), deadline=None,
