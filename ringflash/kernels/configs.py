@@ -260,8 +260,8 @@ SM90_BACKWARD_SOFTCAP: dict[str, KernelConfig] = {"dkdv": _C(32, 128, 4, 2), "dq
 #: kernel keeps 16 bytes of stack in its prologue, around the per-sequence descriptors).
 #: Run 47 (H100, ``scripts/probe_sm90.py``, d=192 and 256, seqlen 512-16k) timed dQ with
 #: two and three 32-key stages: within 3% of each other but at d=256 full 16k (two: 1.85x
-#: the portable backward, three: 1.72x); the pair ran 1.40-1.85x the portable backward at
-#: d=256 and 1.06-1.43x at d=192. An ``override`` of the dK/dV tile must keep 64 x 64.
+#: the portable backward, three: 1.72x); with two, the pair ran 1.42-1.85x the portable
+#: backward at d=256 and 1.08-1.43x at d=192. An ``override`` of the dK/dV tile must keep 64 x 64.
 SM90_BACKWARD_WIDE: dict[str, KernelConfig] = {"dkdv": _C(64, 64, 4, 2), "dq": _C(128, 32, 4, 2)}
 
 

@@ -14,9 +14,10 @@ family writes it out, as FA3 does within one warpgroup pair:
   together, and block j's softmax runs while the P V MMA is still in flight.
 
 Scope (``supports``): bf16/fp16 calls, dense (batch, seqlen, heads, d) or plain varlen
-(under ``RINGFLASH_SM90_VARLEN=1`` only: ``configs.sm90_varlen_enabled``), d = 40 to 128 in steps of 8 (tiles of 64 or 128 columns, the missing ones
-zero-filled by TMA; also d = 136 to 256 on 256-column tiles, without dropout or softcap,
-the backward's dK/dV consumers splitting d instead of the keys: ``_dkdv_half_rows``),
+(under ``RINGFLASH_SM90_VARLEN=1`` only: ``configs.sm90_varlen_enabled``), d = 40 to 128
+in steps of 8 (tiles of 64 or 128 columns, the missing ones zero-filled by TMA; also
+d = 136 to 256 on 256-column tiles, without dropout or softcap, the backward's dK/dV
+consumers splitting d instead of the keys: ``_dkdv_half_rows``),
 causal (bottom-right) or full, GQA/MQA, positive softmax scale, dropout
 (the portable kernels' mask, entry for entry, from the Philox words of
 ``dropout_mask.dropout_keys``, each four entries' draw mixed once by inline PTX:
@@ -228,10 +229,10 @@ if AVAILABLE:
             [stride_s, stride_s, stride_h, 1], like.block_type.shape, like.layout)
 
     @gluon.jit
-    def _key_descriptor(Ptr, k_row, seqlen_k, nheads_k, headdim, like):
-        """A descriptor over one sequence's rows of a contiguous packed (total_k, nheads_k,
-        headdim) tensor (K, V, dK or dV)."""
-        return _sequence_descriptor(Ptr, k_row, seqlen_k, nheads_k, headdim, nheads_k * headdim, headdim, like)
+    def _packed_descriptor(Ptr, row0, rows, heads, headdim, like):
+        """``_sequence_descriptor`` over a contiguous packed (total, heads, headdim) tensor
+        (the backward's Q, dO, dQ, K, V, dK and dV)."""
+        return _sequence_descriptor(Ptr, row0, rows, heads, headdim, heads * headdim, headdim, like)
 
     @gluon.jit
     def _sequence_descriptors(QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim,
@@ -239,10 +240,10 @@ if AVAILABLE:
         """The backward loaders' four descriptors over one sequence of contiguous packed
         (total, heads, headdim) tensors: Q and dO (``nheads_k x kv_group`` heads), K and V."""
         nheads = nheads_k * kv_group
-        q_desc = _sequence_descriptor(QPtr, q_row, seqlen_q, nheads, headdim, nheads * headdim, headdim, q_like)
-        do_desc = _sequence_descriptor(DOPtr, q_row, seqlen_q, nheads, headdim, nheads * headdim, headdim, do_like)
-        k_desc = _key_descriptor(KPtr, k_row, seqlen_k, nheads_k, headdim, k_like)
-        v_desc = _key_descriptor(VPtr, k_row, seqlen_k, nheads_k, headdim, v_like)
+        q_desc = _packed_descriptor(QPtr, q_row, seqlen_q, nheads, headdim, q_like)
+        do_desc = _packed_descriptor(DOPtr, q_row, seqlen_q, nheads, headdim, do_like)
+        k_desc = _packed_descriptor(KPtr, k_row, seqlen_k, nheads_k, headdim, k_like)
+        v_desc = _packed_descriptor(VPtr, k_row, seqlen_k, nheads_k, headdim, v_like)
         return q_desc, do_desc, k_desc, v_desc
 
     @gluon.jit
@@ -838,8 +839,8 @@ if AVAILABLE:
         # empty sequence is the next one's. The consumer makes its sequence's descriptors
         # itself, so that the warps whose TMA stores read them are the ones that fenced them.
         if IS_VARLEN:
-            dk_desc = _key_descriptor(DKPtr, k_row, seqlen_k, nheads_k, headdim, dk_desc)
-            dv_desc = _key_descriptor(DVPtr, k_row, seqlen_k, nheads_k, headdim, dv_desc)
+            dk_desc = _packed_descriptor(DKPtr, k_row, seqlen_k, nheads_k, headdim, dk_desc)
+            dv_desc = _packed_descriptor(DVPtr, k_row, seqlen_k, nheads_k, headdim, dv_desc)
             if n0 < seqlen_k:
                 _store_rows(k_part, dk * softmax_scale, dk_desc, b_out, n0, hk)
                 _store_rows(v_part, dv, dv_desc, b_out, n0, hk)
@@ -931,9 +932,9 @@ if AVAILABLE:
         # varlen descriptor). One consumer stores dK, the other dV.
         if IS_VARLEN:
             if ROLE == 0:
-                dk_desc = _key_descriptor(DKPtr, k_row, seqlen_k, nheads_k, headdim, dk_desc)
+                dk_desc = _packed_descriptor(DKPtr, k_row, seqlen_k, nheads_k, headdim, dk_desc)
             else:
-                dv_desc = _key_descriptor(DVPtr, k_row, seqlen_k, nheads_k, headdim, dv_desc)
+                dv_desc = _packed_descriptor(DVPtr, k_row, seqlen_k, nheads_k, headdim, dv_desc)
         if n0 < seqlen_k:
             if ROLE == 0:
                 _tma_store(dk_desc, [b_out, n0, hk, 0], k_part)
@@ -1145,7 +1146,7 @@ if AVAILABLE:
         (``_sequence_descriptor``)."""
         dtype: gl.constexpr = dq_desc.dtype
         if IS_VARLEN:
-            dq_desc = _sequence_descriptor(DQPtr, q_row, seqlen_q, nheads, headdim, nheads * headdim, headdim, dq_desc)
+            dq_desc = _packed_descriptor(DQPtr, q_row, seqlen_q, nheads, headdim, dq_desc)
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, BLOCK_N, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
