@@ -14,6 +14,10 @@ transformers = pytest.importorskip("transformers", minversion="4.53")
 
 from ringflash.integrations import hf as rf_hf  # noqa: E402
 
+#: Where the models and inputs live: on a GPU machine ringflash's kernels refuse CPU tensors
+#: (Triton's interpreter runs them only where there is no GPU). Inputs are drawn on the CPU
+#: and moved, so a case is the same on both.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 VOCAB = 50
 SIZES = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
@@ -36,9 +40,15 @@ def _model(arch: str, attn: str, **overrides):
     else:
         raise ValueError(arch)
     torch.manual_seed(0)
-    model = cls(copy.deepcopy(config)).eval()
+    model = cls(copy.deepcopy(config)).eval().to(DEVICE)
     model.set_attn_implementation(attn)
     return model
+
+
+def _dev(*tensors: torch.Tensor):
+    """The tensors on DEVICE (one tensor alone, or a tuple)."""
+    moved = tuple(t.to(DEVICE) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
 
 
 def _close(got, want, what, tol=1e-4):
@@ -76,8 +86,12 @@ def test_static_cache_generation_matches_eager(arch, batch):
     ids = torch.randint(1, VOCAB, (batch, 6), generator=torch.Generator().manual_seed(7))
     mask = torch.ones(batch, 6, dtype=torch.long)
     mask[1:, :2] = 0
+    ids, mask = _dev(ids, mask)
+    # disable_compile: on a GPU, generate compiles the forward for a static cache by itself
+    # (CUDA graphs); this test is of the eager mask builder on every device, and the mask a
+    # compiled graph gets is test_unfilled_slots_marked_in_the_mask's.
     kwargs = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, output_logits=True, attention_mask=mask,
-                  return_dict_in_generate=True, cache_implementation="static")
+                  return_dict_in_generate=True, cache_implementation="static", disable_compile=True)
     with torch.no_grad():
         want = torch.stack(ref.generate(ids, **kwargs).logits)
         got = torch.stack(ours.generate(ids, **kwargs).logits)
@@ -99,6 +113,7 @@ def test_unfilled_slots_marked_in_the_mask():
     mask = torch.full((2, cache_len), UNFILLED, dtype=torch.int8)
     mask[:, :filled] = 1
     mask[1, :3] = 0
+    q, k, v, mask = _dev(q, k, v, mask)
     want = torch.cat([rf_hf.attention_forward(layer, q[i:i + 1], k[i:i + 1, :, start:filled],
                                               v[i:i + 1, :, start:filled], None)[0] for i, start in ((0, 0), (1, 3))])
     got, _ = rf_hf.attention_forward(layer, q, k, v, mask)
@@ -121,6 +136,7 @@ def test_padding_mask_shorter_than_keys_ignores_trailing_slots():
     k, v = (torch.randn(2, 2, cache_len, 16, generator=gen) for _ in range(2))
     mask = torch.ones(2, seen, dtype=torch.bool)
     mask[0, :2] = False
+    q, k, v, mask = _dev(q, k, v, mask)
     want, _ = rf_hf.attention_forward(layer, q, k[:, :, :seen], v[:, :, :seen], mask)
     got, _ = rf_hf.attention_forward(layer, q, k, v, mask)
     keep = mask[..., None, None]
@@ -141,6 +157,7 @@ def test_cross_attention_keeps_every_query_with_a_padded_encoder_mask(q_len):
     q = torch.randn(2, 4, q_len, 16, generator=gen)
     k, v = (torch.randn(2, 2, enc_len, 16, generator=gen) for _ in range(2))
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    q, k, v, mask = _dev(q, k, v, mask)
     got, _ = rf_hf.attention_forward(layer, q, k, v, mask)
     for row in range(2):
         n = int(mask[row].sum())
@@ -157,9 +174,9 @@ def test_compiled_packed_batch_with_all_ones_mask_matches_uncompiled():
     the mask path ignores position_ids (and cu_seq_lens), and documents attend to each
     other."""
     ours = _model("llama", rf_hf.register())
-    ids = torch.randint(1, VOCAB, (1, 21), generator=torch.Generator().manual_seed(2))
-    kwargs = dict(position_ids=torch.cat([torch.arange(8), torch.arange(13)])[None],
-                  attention_mask=torch.ones(1, 21, dtype=torch.long), use_cache=False)
+    ids = _dev(torch.randint(1, VOCAB, (1, 21), generator=torch.Generator().manual_seed(2)))
+    kwargs = dict(position_ids=_dev(torch.cat([torch.arange(8), torch.arange(13)])[None]),
+                  attention_mask=_dev(torch.ones(1, 21, dtype=torch.long)), use_cache=False)
     with torch.no_grad():
         want = ours(ids, **kwargs).logits
         torch._dynamo.reset()
@@ -179,22 +196,22 @@ def test_dropout_is_one_scaled_mask_in_forward_and_backward(path):
     layer = types.SimpleNamespace(is_causal=True)
     gen = torch.Generator().manual_seed(11)
     batch = 2 if path == "padded" else 1
-    q = torch.randn(batch, 4, n, d, generator=gen).requires_grad_()
-    k = torch.randn(batch, 2, n, d, generator=gen).requires_grad_()
-    v = torch.eye(n).expand(batch, 2, n, d).contiguous().requires_grad_()
-    allowed = torch.ones(n, n, dtype=torch.bool).tril().expand(batch, 1, n, n).clone()
-    valid = torch.ones(batch, n, dtype=torch.bool)
+    q = _dev(torch.randn(batch, 4, n, d, generator=gen)).requires_grad_()
+    k = _dev(torch.randn(batch, 2, n, d, generator=gen)).requires_grad_()
+    v = torch.eye(n, device=DEVICE).expand(batch, 2, n, d).contiguous().requires_grad_()
+    allowed = torch.ones(n, n, dtype=torch.bool, device=DEVICE).tril().expand(batch, 1, n, n).clone()
+    valid = torch.ones(batch, n, dtype=torch.bool, device=DEVICE)
     mask, kwargs = None, {}
     if path == "padded":
         valid[1, :5] = False
         mask = valid.long()
         allowed &= valid[:, None, None, :] & valid[:, None, :, None]
     elif path.startswith("packed"):
-        kwargs["position_ids"] = torch.cat([torch.arange(6), torch.arange(10)])[None]
-        doc = torch.tensor([0] * 6 + [1] * 10)
+        kwargs["position_ids"] = _dev(torch.cat([torch.arange(6), torch.arange(10)])[None])
+        doc = _dev(torch.tensor([0] * 6 + [1] * 10))
         allowed &= doc[:, None] == doc[None, :]
         if path.endswith("cu_seq_lens"):
-            cu = torch.tensor([0, 6, 16])
+            cu = _dev(torch.tensor([0, 6, 16]))
             kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=10, max_length_k=10)
     torch.manual_seed(123)
     out, _ = rf_hf.attention_forward(layer, q, k, v, mask, dropout=p, **kwargs)
@@ -214,7 +231,7 @@ def test_dropout_is_one_scaled_mask_in_forward_and_backward(path):
     assert abs(kept.float().mean().item() - (1 - p)) < 0.12
     keep = torch.zeros_like(live)
     keep[live] = kept
-    dout = torch.randn(out.shape, generator=gen) * rows
+    dout = _dev(torch.randn(out.shape, generator=gen)) * rows
     grads = torch.autograd.grad(out, (q, k, v), dout)
     q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
     ref = (probs(q2, k2) * keep / (1 - p)) @ v2.repeat_interleave(2, 1)
@@ -233,14 +250,15 @@ def test_gemma2_softcap_and_alternating_windows_match_eager(batch):
         mask[1, :7] = 0
         mask[2, :18] = 0
         weight = torch.randn(3, 19, VOCAB, generator=gen) * mask[..., None]
+        ids, mask, weight = _dev(ids, mask, weight)
         _compare(ref, ours, ref(ids, attention_mask=mask, use_cache=False).logits,
                  ours(ids, attention_mask=mask, use_cache=False).logits, weight, batch)
     else:
         lengths = [9, 1, 12]
-        ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=gen)
-        weight = torch.randn(1, sum(lengths), VOCAB, generator=gen)
+        ids = _dev(torch.randint(1, VOCAB, (1, sum(lengths)), generator=gen))
+        weight = _dev(torch.randn(1, sum(lengths), VOCAB, generator=gen))
         out_ref = torch.cat([ref(doc, use_cache=False).logits for doc in ids.split(lengths, 1)], 1)
-        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        position_ids = _dev(torch.cat([torch.arange(n) for n in lengths])[None])
         _compare(ref, ours, out_ref, ours(ids, position_ids=position_ids).logits, weight, batch)
 
 
@@ -256,13 +274,14 @@ def test_modernbert_bidirectional_window_with_padding_matches_eager():
     models = []
     for attn in ("eager", rf_hf.register()):
         torch.manual_seed(0)
-        models.append(ModernBertModel(copy.deepcopy(config)).eval())
+        models.append(ModernBertModel(copy.deepcopy(config)).eval().to(DEVICE))
         models[-1].set_attn_implementation(attn)
     gen = torch.Generator().manual_seed(6)
     ids = torch.randint(3, VOCAB, (2, 30), generator=gen)
     mask = torch.ones(2, 30, dtype=torch.long)
     mask[1, 22:] = 0
     weight = torch.randn(2, 30, 64, generator=gen) * mask[..., None]
+    ids, mask, weight = _dev(ids, mask, weight)
     ref, ours = models
     _compare(ref, ours, ref(ids, attention_mask=mask).last_hidden_state,
              ours(ids, attention_mask=mask).last_hidden_state, weight, "modernbert")
@@ -278,6 +297,7 @@ def test_chunked_prefill_through_a_hybrid_cache_matches_eager():
     ids = torch.randint(1, VOCAB, (2, 20), generator=gen)
     mask = torch.ones(2, 20, dtype=torch.long)
     mask[0, :3] = 0
+    ids, mask = _dev(ids, mask)
     outs = []
     for attn in ("eager", rf_hf.register()):
         model = _model("gemma2", attn)
@@ -294,9 +314,9 @@ def test_double_backward_through_the_layout_path_raises():
     a second-order use would silently lose this attention's term; it raises instead."""
     layer = types.SimpleNamespace(is_causal=True)
     gen = torch.Generator().manual_seed(3)
-    q = torch.randn(2, 4, 6, 16, generator=gen).requires_grad_()
-    k, v = (torch.randn(2, 2, 6, 16, generator=gen).requires_grad_() for _ in range(2))
-    mask = torch.ones(2, 6, dtype=torch.long)
+    q = _dev(torch.randn(2, 4, 6, 16, generator=gen)).requires_grad_()
+    k, v = (_dev(torch.randn(2, 2, 6, 16, generator=gen)).requires_grad_() for _ in range(2))
+    mask = _dev(torch.ones(2, 6, dtype=torch.long))
     mask[0, :2] = 0
     out, _ = rf_hf.attention_forward(layer, q, k, v, mask)
     with pytest.raises(RuntimeError, match="double backward"):
