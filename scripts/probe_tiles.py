@@ -18,6 +18,11 @@ chosen. Prints a line per candidate and a table last.
 ``--pack NxL`` probes a varlen batch of N documents of L tokens (``flash_attn_varlen_func``)
 against PyTorch's FA2 varlen kernels (``aten._flash_attention_forward/backward``) instead
 of SDPA: issue 15's varlen cells run the portable kernels by default.
+
+``--cudagraph`` times every forward (ours and the baselines') by replaying a CUDA graph of
+the call (``triton.testing.do_bench_cudagraph``): the GPU's time alone, without the host's
+launch path, which a call that is short on the GPU may not hide. Its difference from the
+eager time is the part of a call the host sets.
 """
 
 from __future__ import annotations
@@ -41,13 +46,23 @@ def bench(fn) -> float:
     return float(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median"))
 
 
+#: Set by ``--cudagraph``: forwards are timed as CUDA graph replays.
+FORWARD_IN_GRAPH = False
+
+
 def bench_forward(fn) -> float:
     """A forward's time without autograd, as ``bench kernels`` times it. Run 46 timed the
     varlen forward here with grad enabled (the call then also records the graph and saves
     its tensors) at 0.52-0.69 ms per call, in no order among the tiles, against the wide
-    grid's 0.31 ms under no_grad: host-bound, presumably (not yet re-measured)."""
+    grid's 0.31 ms under no_grad: host-bound, presumably (not yet re-measured). With
+    ``--cudagraph``, the median of CUDA graph replays of ``fn`` (captured after a warm-up
+    call, so that compiles and first-use checks happen outside the graph)."""
     with torch.no_grad():
-        return bench(fn)
+        if not FORWARD_IN_GRAPH:
+            return bench(fn)
+        fn()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench_cudagraph(fn, rep=40, return_mode="median"))
 
 
 def _pack(args) -> "tuple[int, int] | None":
@@ -147,7 +162,11 @@ def main() -> None:
     ap.add_argument("--full", dest="causal", action="store_false", help="full attention instead of causal")
     ap.add_argument("--kinds", nargs="+", choices=configs.KINDS, default=list(configs.KINDS))
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    ap.add_argument("--cudagraph", action="store_true",
+                    help="time forwards as CUDA graph replays (the GPU's time without the host's)")
     args = ap.parse_args()
+    global FORWARD_IN_GRAPH
+    FORWARD_IN_GRAPH = args.cudagraph
     jobs = [(args, kind, cfg) for kind in args.kinds for cfg in configs.candidates(kind, args.headdim)]
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         failed = [f for f in pool.map(_compile, jobs) if f]
@@ -214,8 +233,9 @@ def main() -> None:
         f, b = bench_forward(lambda: fwd(args.dropout)), bwd_ms(args.dropout)
     table_f, table_b = base[args.dropout]
     shape = f"pack {args.pack}" if args.pack else f"b={args.batch} s={args.seqlen}"
+    timer = "forwards as CUDA graph replays" if args.cudagraph else "eager calls"
     print(f"\ncase {shape} h={args.heads}/{args.kv_heads or args.heads} d={args.headdim} causal={args.causal}, "
-          f"bf16, dropout {args.dropout}")
+          f"bf16, dropout {args.dropout}, {timer}")
     print("| kernel | fastest | ms (the backward's for dK/dV, dQ) | the table's ms |")
     print("|---|---|---|---|")
     for kind in args.kinds:

@@ -156,6 +156,32 @@ def test_wide_gpu_grid_fits_its_budget(capsys):
     assert "cases: about" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("call_ms", [0.5, 30.0, 104.5])
+def test_gpu_medians_come_from_several_calls(monkeypatch, call_ms):
+    """bench_ms's median is over at least MIN_TIMED_CALLS timed calls, however long a call:
+    do_bench repeats int(rep / its estimate) times, once for a call longer than ``rep``."""
+    import triton.testing
+
+    from ringflash.bench import common
+
+    timed = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode):  # do_bench's repeat count, for a call of call_ms
+        timed.append(max(1, int(rep / call_ms)))
+        return call_ms + 10.0  # an outlier, where do_bench timed too few calls
+
+    def fake_median_of_calls(fn, calls):
+        timed.append(calls)
+        return call_ms
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(common, "_median_of_calls", fake_median_of_calls)
+    got = common.bench_ms(lambda: None)
+    assert timed[-1] >= common.MIN_TIMED_CALLS
+    assert got == (call_ms + 10.0 if len(timed) == 1 else call_ms)
+    assert len(timed) == (1 if call_ms * common.MIN_TIMED_CALLS <= 100 else 2)
+
+
 @pytest.mark.parametrize("pack", ["llama3", "64x256", "16x1024", "random"])
 def test_pack_lengths_fill_the_pack(pack):
     lengths = kernels_wide.pack_lengths(pack, 16384)

@@ -49,7 +49,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..kernels import dispatch
-from .common import BWD_FLOP_FACTOR, AtenFlashVarlen, attn_flops, device_description, free_memory, tflops, write_csv
+from .common import BWD_FLOP_FACTOR, MIN_TIMED_CALLS, AtenFlashVarlen, attn_flops, device_description, free_memory, tflops, write_csv
 from .harness import (
     interruptible, publish, redraw,
     BASE_COLUMNS, GQA_NOTES, add_device_options, cell, classify_failure, cpu_threads, environ, first_working,
@@ -246,10 +246,13 @@ def _small(ours_cells: dict) -> bool:
 
 
 def _do_bench_s(ms: float, warmup: float = 25, rep: float = 100) -> float:
-    """Wall seconds of one do_bench: a first call, 5 estimate calls, warmup and rep calls
-    (each at least one), plus ~50 us of cache flush and host gap per call."""
+    """Wall seconds of one ``bench_ms``: a first call, 5 estimate calls, warmup and rep calls
+    (each at least one), plus ~50 us of cache flush and host gap per call; for a call too
+    long for MIN_TIMED_CALLS of it in ``rep``, that many more."""
     ms = max(ms, 0.02)
     calls = 6 + max(1, int(warmup / ms)) + max(1, int(rep / ms))
+    if ms * MIN_TIMED_CALLS > rep:
+        calls += MIN_TIMED_CALLS
     return calls * (ms + 0.05) / 1e3 + 0.02
 
 
@@ -629,7 +632,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for c, s in zip(cases, per_case):
             print(f"{s:7.1f} s  {c.name}")
         print(f"{len(cases)} cases: about {total:.0f} s on an H200 (model: {EST_FWD_TFLOPS:.0f}/{EST_BWD_TFLOPS:.0f} "
-              "TFLOP/s fwd/bwd, do_bench 25 + 100 ms per measurement, precompile included)")
+              f"TFLOP/s fwd/bwd, do_bench 25 + 100 ms per measurement and at least {MIN_TIMED_CALLS} timed calls, "
+              "precompile included)")
         return 0
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
