@@ -22,7 +22,10 @@ of SDPA: issue 15's varlen cells run the portable kernels by default.
 ``--cudagraph`` times every forward (ours and the baselines') by replaying a CUDA graph of
 the call (``triton.testing.do_bench_cudagraph``): the GPU's time alone, without the host's
 launch path, which a call that is short on the GPU may not hide. Its difference from the
-eager time is the part of a call the host sets.
+eager time is the part of a call the host sets. ``--one-loop`` adds each forward tile with
+all its key blocks in one masked loop (``KernelConfig.split_phases=False``): the default
+splits them into up to three loops (masked edges, unmasked middle), each its own software
+pipeline, which a 256-token document's four key blocks may not fill.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import functools
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 
 import torch
 import triton.testing
@@ -147,7 +151,8 @@ def mismatch(want: tuple, got: tuple) -> float:
 
 def name(cfg: configs.KernelConfig) -> str:
     passes = " 2 passes" if cfg.dkdv_passes == 2 else ""
-    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{passes}"
+    loops = "" if cfg.split_phases else " one loop"
+    return f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}{passes}{loops}"
 
 
 def main() -> None:
@@ -162,12 +167,17 @@ def main() -> None:
     ap.add_argument("--full", dest="causal", action="store_false", help="full attention instead of causal")
     ap.add_argument("--kinds", nargs="+", choices=configs.KINDS, default=list(configs.KINDS))
     ap.add_argument("--workers", type=int, default=min(14, os.cpu_count() or 1))
+    ap.add_argument("--one-loop", action="store_true",
+                    help="also each forward tile with every key block in one masked loop (split_phases=False): "
+                         "one software pipeline instead of three, for keys too few to fill them")
     ap.add_argument("--cudagraph", action="store_true",
                     help="time forwards as CUDA graph replays (the GPU's time without the host's)")
     args = ap.parse_args()
     global FORWARD_IN_GRAPH
     FORWARD_IN_GRAPH = args.cudagraph
     jobs = [(args, kind, cfg) for kind in args.kinds for cfg in configs.candidates(kind, args.headdim)]
+    if args.one_loop:
+        jobs += [(args, "fwd", replace(cfg, split_phases=False)) for _, kind, cfg in list(jobs) if kind == "fwd"]
     with ProcessPoolExecutor(max_workers=args.workers, mp_context=torch.multiprocessing.get_context("spawn")) as pool:
         failed = [f for f in pool.map(_compile, jobs) if f]
     print(f"compiled {len(jobs)} variants; {len(failed)} did not run: {failed}", flush=True)
