@@ -46,6 +46,14 @@ def bench_ms(fn: Callable[[], object], warmup: int = 25, rep: int = 100) -> floa
     return ms
 
 
+def bench_call_count(ms: float, warmup: float = 25, rep: float = 100) -> int:
+    """How many times ``bench_ms`` calls a function of ``ms`` milliseconds: do_bench's first
+    call, 5 to estimate, its warm-up and timed calls (at least one each), and for a call too
+    long for MIN_TIMED_CALLS of it in ``rep``, that many more."""
+    calls = 6 + max(1, int(warmup / ms)) + max(1, int(rep / ms))
+    return calls + (MIN_TIMED_CALLS if ms * MIN_TIMED_CALLS > rep else 0)
+
+
 def _median_of_calls(fn: Callable[[], object], calls: int) -> float:
     """Median milliseconds of ``calls`` calls, each between its own CUDA events after an L2
     flush, as do_bench times its repeats."""

@@ -35,7 +35,7 @@ import torch
 from ..cp.cost import AUTO_CANDIDATES, Heads, Machine
 from ..cp.layout import BALANCED_MIN_PIECE, STRATEGIES, CostModel
 from .cp import CASES, TOKENS_PER_GPU, batch_lengths
-from .common import BWD_FLOP_FACTOR, device_description, free_memory, write_csv
+from .common import BWD_FLOP_FACTOR, bench_call_count, device_description, free_memory, write_csv
 from .harness import (
     classify_failure, cpu_threads, interruptible, make_timer, ordered, resolve_device, run_timed, table,
     write_report,
@@ -608,13 +608,13 @@ def estimate_seconds(worlds: Sequence[int], cases: Sequence[str], strategies: Se
                      min_piece: int = BALANCED_MIN_PIECE, tflops: float = 450.0, bwd_factor: float = 4.0,
                      launch_ms: float = 0.05, compile_s: float = 60.0, start_s: float = 15.0) -> dict:
     """A rough GPU wall time of a run: each rank's forward at ``tflops`` (plus ``launch_ms``
-    per kernel call), its fwd+bwd ``bwd_factor`` x that, and do_bench's calls for a call of
-    t ms (one, five to estimate, max(1, 25 / t) warm-up, max(1, 100 / t) timed), plus the
-    kernels' compilation and the process start. {"total": s, "per W": {W: s}}."""
+    per kernel call), its fwd+bwd ``bwd_factor`` x that, and the timer's calls for a call of
+    t ms (``bench_call_count``), plus the kernels' compilation and the process start.
+    {"total": s, "per W": {W: s}}."""
     from ..cp import simulate as sim
 
     def bench(t: float) -> float:
-        return (6 + max(1, int(25 / t)) + max(1, int(100 / t))) * t
+        return bench_call_count(t) * t
 
     per_w: dict[int, float] = {}
     for w in worlds:

@@ -49,7 +49,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..kernels import dispatch
-from .common import BWD_FLOP_FACTOR, MIN_TIMED_CALLS, AtenFlashVarlen, attn_flops, device_description, free_memory, tflops, write_csv
+from .common import BWD_FLOP_FACTOR, MIN_TIMED_CALLS, AtenFlashVarlen, bench_call_count, attn_flops, device_description, free_memory, tflops, write_csv
 from .harness import (
     interruptible, publish, redraw,
     BASE_COLUMNS, GQA_NOTES, add_device_options, cell, classify_failure, cpu_threads, environ, first_working,
@@ -246,14 +246,10 @@ def _small(ours_cells: dict) -> bool:
 
 
 def _do_bench_s(ms: float, warmup: float = 25, rep: float = 100) -> float:
-    """Wall seconds of one ``bench_ms``: a first call, 5 estimate calls, warmup and rep calls
-    (each at least one), plus ~50 us of cache flush and host gap per call; for a call too
-    long for MIN_TIMED_CALLS of it in ``rep``, that many more."""
+    """Wall seconds of one ``bench_ms`` (``bench_call_count`` calls), plus ~50 us of cache
+    flush and host gap per call."""
     ms = max(ms, 0.02)
-    calls = 6 + max(1, int(warmup / ms)) + max(1, int(rep / ms))
-    if ms * MIN_TIMED_CALLS > rep:
-        calls += MIN_TIMED_CALLS
-    return calls * (ms + 0.05) / 1e3 + 0.02
+    return bench_call_count(ms, warmup, rep) * (ms + 0.05) / 1e3 + 0.02
 
 
 def estimate_seconds(cases: Sequence[Case], workers: int = 12) -> tuple[float, list[float]]:
