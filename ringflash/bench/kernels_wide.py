@@ -49,7 +49,10 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..kernels import dispatch
-from .common import BWD_FLOP_FACTOR, MIN_TIMED_CALLS, AtenFlashVarlen, bench_call_count, attn_flops, device_description, free_memory, tflops, write_csv
+from .common import (
+    BWD_FLOP_FACTOR, MIN_TIMED_CALLS, AtenFlashVarlen, attn_flops, bench_call_count, device_description, free_memory,
+    tflops, write_csv,
+)
 from .harness import (
     interruptible, publish, redraw,
     BASE_COLUMNS, GQA_NOTES, add_device_options, cell, classify_failure, cpu_threads, environ, first_working,
