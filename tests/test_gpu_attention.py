@@ -523,17 +523,11 @@ def test_sm90_atomic_backward_with_far_negative_scores(gen, monkeypatch, dtype):
         assert (got - want).abs().max().item() <= 4 * 2.0**-7 * scale + 1e-6, name
 
 
-@pytest.mark.timeout(300, method="thread")
-@pytest.mark.parametrize("backend", ["default", "portable"])
-@pytest.mark.parametrize("layout", ["dense", "varlen"])
-def test_cuda_graph_replay_matches_eager(gen, monkeypatch, backend, layout):
-    """A training call captured in a CUDA graph (torch.compile's reduce-overhead mode,
-    transformers' static-cache generation, a whole captured step) must make no host-device
-    sync and no host-side decision from tensor values inside the capture, and its replay on
-    new inputs copied into the captured tensors must give what an eager call gives on them:
-    out, dq, dk and dv, bit for bit (the default backward is deterministic)."""
-    if backend == "portable":
-        monkeypatch.setenv("RINGFLASH_BACKEND", "portable")
+def _training_call(gen, layout: str):
+    """(draw, step) of one bf16 training call, 8/2 heads, d=128, causal: ``draw()`` gives
+    fresh q, k, v, dout on the GPU; ``step(q, k, v, dout)`` gives (out, dq, dk, dv). Dense:
+    2 x 1000 tokens (the Gluon kernels' scope on Hopper); varlen: documents of 300, 0, 517
+    and 1 tokens."""
     h, hk, d = 8, 2, 128
     if layout == "dense":
         shape_q, shape_kv = (2, 1000, h, d), (2, 1000, hk, d)
@@ -553,7 +547,27 @@ def test_cuda_graph_replay_matches_eager(gen, monkeypatch, backend, layout):
             out = flash_attn_varlen_func(q, k, v, cu, cu, 517, 517, causal=True)
         return (out, *torch.autograd.grad(out, (q, k, v), dout))
 
-    static = [t.requires_grad_(i < 3) for i, t in enumerate(draw())]
+    return draw, step
+
+
+def _leaves(tensors):
+    """q, k, v requiring grad; dout not."""
+    return [t.requires_grad_(i < 3) for i, t in enumerate(tensors)]
+
+
+@pytest.mark.timeout(300, method="thread")
+@pytest.mark.parametrize("backend", ["default", "portable"])
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_cuda_graph_replay_matches_eager(gen, monkeypatch, backend, layout):
+    """A training call captured in a CUDA graph (torch.compile's reduce-overhead mode,
+    transformers' static-cache generation, a whole captured step) must make no host-device
+    sync and no host-side decision from tensor values inside the capture, and its replay on
+    new inputs copied into the captured tensors must give what an eager call gives on them:
+    out, dq, dk and dv, bit for bit (the default backward is deterministic)."""
+    if backend == "portable":
+        monkeypatch.setenv("RINGFLASH_BACKEND", "portable")
+    draw, step = _training_call(gen, layout)
+    static = _leaves(draw())
     side = torch.cuda.Stream()  # warm-up (compiles, first-use checks) off the capture, as PyTorch asks
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -568,6 +582,27 @@ def test_cuda_graph_replay_matches_eager(gen, monkeypatch, backend, layout):
             dst.copy_(src)
     graph.replay()
     torch.cuda.synchronize()
-    want = step(*(t.requires_grad_(i < 3) for i, t in enumerate(fresh)))
+    want = step(*_leaves(fresh))
     for name, got, ref in zip(("out", "dq", "dk", "dv"), captured, want):
         assert torch.equal(got, ref), f"{name}: the replay differs from the eager call by {(got - ref).abs().max().item():.3g}"
+
+
+@pytest.mark.timeout(300, method="thread")
+@pytest.mark.parametrize("backend", ["default", "portable"])
+@pytest.mark.parametrize("layout", ["dense", "varlen"])
+def test_training_calls_make_no_host_device_sync(gen, monkeypatch, backend, layout):
+    """No host-device sync in a forward or backward (a sync stalls the host until the GPU
+    drains, so the next launches cannot queue ahead): under torch's sync debug mode a
+    repeated call raises on any. The first call may read cu_seqlens once, to check their
+    values (validation remembers the tensor)."""
+    if backend == "portable":
+        monkeypatch.setenv("RINGFLASH_BACKEND", "portable")
+    draw, step = _training_call(gen, layout)
+    inputs = _leaves(draw())
+    step(*inputs)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(*inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
