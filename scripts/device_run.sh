@@ -38,6 +38,10 @@ for s in "$@"; do
       test_log_summary suite ;;
     # Issue 14: the CP training example on one GPU (world size 1, NCCL): loss and tokens/s.
     train1) stage train1 "${TRAIN_LIMIT:-240}" torchrun --standalone --nproc-per-node 1 examples/train_cp.py --device cuda --steps "${TRAIN_STEPS:-30}" ${TRAIN_ARGS:-} ;;
+    # Issue 17: the same on every GPU of the machine (TRAIN_ARGS=--check compares its losses and
+    # gradient norms with one process's).
+    trainall) stage trainall "${TRAIN_LIMIT:-240}" torchrun --standalone --nproc-per-node "$(nvidia-smi -L | wc -l)" \
+                examples/train_cp.py --device cuda --steps "${TRAIN_STEPS:-30}" ${TRAIN_ARGS:-} ;;
     # TESTS_K: a -k expression (spaces allowed); TESTS_ARGS: more words for pytest.
     tests) stage tests "${TESTS_LIMIT:-300}" env RINGFLASH_TEST_LOG="$OUT/tests_tests.tsv" python3 -m pytest -m "gpu and not big" -q -p no:cacheprovider -n "${TEST_WORKERS:-3}" tests -k "${TESTS_K:-}" ${TESTS_ARGS:-}
       test_log_summary tests ;;
