@@ -124,10 +124,10 @@ def test_dropout_takes_its_own_measured_tiles(monkeypatch):
     configs.fit_shared_memory.cache_clear()
     try:
         for headdim, causal in ((128, True), (128, False), (64, True)):
-            t = torch.empty(1, 128, 4, headdim, dtype=torch.bfloat16)
+            t = torch.empty(1, 1024, 4, headdim, dtype=torch.bfloat16)  # beyond SHORT_KEYS_TABLE's lengths
             q = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0), dtype=t.dtype,
                                       element_size=t.element_size, shape=t.shape)
-            prob = make_problem(q, q, None, 128, 128, 1.0, causal, -1, -1, 0.0)
+            prob = make_problem(q, q, None, 1024, 1024, 1.0, causal, -1, -1, 0.0)
             for kind in configs.KINDS:
                 plain = configs.config_for(kind, q, prob)
                 assert plain == configs.fit_shared_memory(kind, configs.TABLE[(9, 0)][kind][(headdim, causal)],
@@ -187,10 +187,9 @@ def test_split_head_forward_candidates_leave_out_the_miscompiled_tiles():
         assert bad(configs.candidates("fwd", 96))
 
 
-def test_headdim_entries_win_over_their_bucket(monkeypatch):
-    """``HEAD_PARTS_TABLE`` (run 43): d=160/192's dQ takes its own measured tile; d=256 keeps
-    the bucket's dQ, and d=96's forward the bucket's at every length (the faster short tiles
-    miscompiled the split, run 46)."""
+def _hopper_config_for(monkeypatch):
+    """``cfg(kind, headdim, causal, seqlen)``: ``config_for`` of a dense bf16 call on an
+    sm_90 GPU with 227 KB of shared memory a block, on this CPU."""
     import torch
     from ringflash.kernels.problem import make_problem
     monkeypatch.setattr(configs, "interpreting", lambda: False)
@@ -198,14 +197,23 @@ def test_headdim_entries_win_over_their_bucket(monkeypatch):
     monkeypatch.setattr(configs, "_device_index", lambda device: 0)
     monkeypatch.setattr(configs, "_shared_memory_limit", lambda index: 227 * 1024)
     configs.fit_shared_memory.cache_clear()
-    table = configs.TABLE[(9, 0)]
 
-    def cfg(kind, headdim, causal, seqlen):
+    def cfg(kind, headdim, causal, seqlen, dropout=False):
         t = torch.empty(1, seqlen, 4, headdim, dtype=torch.bfloat16)
         q = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0), dtype=t.dtype,
                                   element_size=t.element_size, shape=t.shape)
-        return configs.config_for(kind, q, make_problem(q, q, None, seqlen, seqlen, 1.0, causal, -1, -1, 0.0))
+        return configs.config_for(kind, q, make_problem(q, q, None, seqlen, seqlen, 1.0, causal, -1, -1, 0.0),
+                                  dropout=dropout)
 
+    return cfg
+
+
+def test_headdim_entries_win_over_their_bucket(monkeypatch):
+    """``HEAD_PARTS_TABLE`` (run 43): d=160/192's dQ takes its own measured tile; d=256 keeps
+    the bucket's dQ, and d=96's forward the bucket's at every length (the faster short tiles
+    miscompiled the split, run 46)."""
+    cfg = _hopper_config_for(monkeypatch)
+    table = configs.TABLE[(9, 0)]
     try:
         for causal in (False, True):
             for d in (160, 192):
@@ -216,6 +224,29 @@ def test_headdim_entries_win_over_their_bucket(monkeypatch):
             assert cfg("fwd", 128, causal, 512) == table["fwd"][(128, causal)]
             with configs.override(head_parts=False):  # one padded 256-wide tile: the bucket's
                 assert cfg("dq", 192, causal, 4096) == table["dq"][(256, causal)]
+    finally:
+        configs.fit_shared_memory.cache_clear()
+
+
+def test_short_keys_entries_take_only_the_calls_they_were_measured_on(monkeypatch):
+    """``SHORT_KEYS_TABLE`` (run 49): the full forward of one 128-wide head tile takes the
+    short-document tile up to 256 keys and the bucket's beyond; causal calls, split head
+    dims (d=96: the short tiles miscompiled its split, run 46) and the backward kernels
+    keep the bucket's at every length, and so does a call with dropout."""
+    cfg = _hopper_config_for(monkeypatch)
+    table = configs.TABLE[(9, 0)]
+    short = configs.KernelConfig(128, 32, 4, 3, split_phases=False)
+    try:
+        for d in (80, 112, 128):
+            for seqlen in (1, 200, 256):
+                assert cfg("fwd", d, False, seqlen) == short
+            assert cfg("fwd", d, False, 257) == table["fwd"][(128, False)]
+            assert cfg("fwd", d, True, 256) == table["fwd"][(128, True)]
+        assert cfg("fwd", 96, False, 256) == table["fwd"][(128, False)]
+        assert cfg("fwd", 64, False, 256) == table["fwd"][(64, False)]
+        for kind in ("dkdv", "dq"):
+            assert cfg(kind, 128, False, 256) == table[kind][(128, False)]
+        assert cfg("fwd", 128, False, 256, dropout=True) == table["fwd"][(128, False)]  # measured without
     finally:
         configs.fit_shared_memory.cache_clear()
 

@@ -257,7 +257,7 @@ def test_compile_dynamic_true_with_alibi_made_in_the_graph():
     from ringflash import flash_attn_varlen_func
 
     def call(q, k, v, cu):
-        return flash_attn_varlen_func(q, k, v, cu, cu, 16, 16, causal=True, alibi_slopes=torch.ones(q.shape[1]),
+        return flash_attn_varlen_func(q, k, v, cu, cu, 16, 16, causal=True, alibi_slopes=torch.ones(q.shape[1], device=q.device),
                                       softcap=0.0, dropout_p=0.0)
 
     torch._dynamo.reset()

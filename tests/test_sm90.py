@@ -6,8 +6,13 @@ compilation for sm_90 in test_compile_sm90.py."""
 import pytest
 import torch
 
+from conftest import HAS_CUDA
 from ringflash.kernels import dispatch, sm90
 from ringflash.kernels.problem import make_problem
+
+# test_plans_launch_what_a_fresh_plan_would stubs out the planned launches only: the one
+# left (the dropout keys) needs its tensors on the GPU of a GPU machine (run 49).
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def test_backend_names(monkeypatch):
@@ -499,6 +504,7 @@ def test_plans_launch_what_a_fresh_plan_would(monkeypatch):
     def dense(b, sq, sk, h, hk, d, transposed=False):
         def make(s, heads):
             x = torch.randn((b, heads, s, d) if transposed else (b, s, heads, d), generator=gen, dtype=torch.float16)
+            x = x.to(DEVICE)
             return x.transpose(1, 2) if transposed else x
         return make(sq, h), make(sk, hk), make(sk, hk)
 
@@ -513,7 +519,7 @@ def test_plans_launch_what_a_fresh_plan_would(monkeypatch):
     cases += [((q, k, v), True, (0.1, 5), {}, None), ((q, k, v), True, (0.25, 9), {}, None),
               ((q, k, v), True, None, dict(sm90_head_splits=2), None),
               ((q, k, v), True, None, dict(sm90_fwd=configs.KernelConfig(64, 64, 4, 2)), None)]
-    cu = torch.tensor([0, 30, 30, 77], dtype=torch.int32)
+    cu = torch.tensor([0, 30, 30, 77], dtype=torch.int32, device=DEVICE)
     meta = SeqMeta.from_cu_seqlens(cu, cu)
     cases.append(((q[0], k[0, :77], v[0, :77]), True, None, {}, meta))
 

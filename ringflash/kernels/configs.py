@@ -169,6 +169,25 @@ HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bo
 }
 
 
+# Entries for calls whose every sequence has few keys (packed short documents), where a
+# program's loop runs only a few key blocks: (compute capability) -> kind -> ((BLOCK_D,
+# BLOCK_D2), banded) -> (longest key length ``max_seqlen_k`` it was measured up to; config).
+# Looked up after ``HEAD_PARTS_TABLE``, for calls without dropout (measured without).
+# - The forward of one 128-wide head tile (d=128; d=80 and 112 pad to the same tiles), full
+#   attention: run 49 on an H100 (``scripts/probe_tiles.py --dropout 0 --pack 64x256 --heads
+#   32 --kv-heads 8 --full --kinds fwd --one-loop``, with and without ``--cudagraph``) timed
+#   the table's 128x64 w8 s3 at 0.306 ms as CUDA graph replays (0.317 eager) and 128x32 w4
+#   s3 with one key loop at 0.268 (0.272); PyTorch's FA2 varlen took 0.250. The graph
+#   replays put the host's part of the eager call at about 0.01 ms: the kernel is the gap.
+#   The table's tile holds about 128 KB of shared memory (one program per SM) for four key
+#   blocks a program; the 128x32 tile about 96 KB.
+SHORT_KEYS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
+    (9, 0): {
+        "fwd": {((128, 0), False): (256, _C(128, 32, 4, 3, split_phases=False))},
+    },
+}
+
+
 # With dropout the kernels also compute the mask's words per score entry: more registers
 # and integer work, so other tiles win. Run 36 on an H200 (``scripts/probe_tiles.py``,
 # b=4 s=4k h=16 d=128 causal bf16, dropout 0.1): the forward took 0.909 ms with the table's
@@ -610,6 +629,9 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
     parts = head_parts(prob.headdim)
     longest, entry = HEAD_PARTS_TABLE.get(_capability(q.device), {}).get(kind, {}).get((parts, banded), (0, None))
     if entry is not None and (longest == 0 or prob.max_seqlen_q <= longest):
+        cfg = entry
+    longest_k, entry = SHORT_KEYS_TABLE.get(_capability(q.device), {}).get(kind, {}).get((parts, banded), (0, None))
+    if entry is not None and prob.max_seqlen_k <= longest_k and not dropout:
         cfg = entry
     if dropout:
         cfg = DROPOUT_TABLE.get(_capability(q.device), {}).get(kind, {}).get(key, cfg)
