@@ -63,15 +63,16 @@ for s in "$@"; do
     # REPORT_ARGS=--csv-only gives 6 (redraw the rest with --from-csv on any machine).
     wide) stage wide "${WIDE_LIMIT:-560}" python3 -m ringflash bench kernels --grid wide --out "$OUT/wide" ${REPORT_ARGS:-} ${WIDE_ARGS:-} ;;
     # Issue 15: the portable kernels with the head dim in two parts (RINGFLASH_HEAD_PARTS)
-    # against one padded tile, on the dense cases it changes (d=96 takes the Gluon kernels
-    # from 1k); compare the two CSVs (`bench kernels --from-csv`).
+    # against one padded tile, on the dense cases it changes (d=192 since run 49); compare
+    # the two CSVs (`bench kernels --from-csv`).
     headparts) for hp in 0 1; do stage "headparts$hp" "${HEADPARTS_LIMIT:-200}" env RINGFLASH_HEAD_PARTS=$hp \
-                 python3 -m ringflash bench kernels --grid wide --families dense --headdims ${HEADPARTS_DIMS:-96 160 192} \
+                 python3 -m ringflash bench kernels --grid wide --families dense --headdims ${HEADPARTS_DIMS:-192} \
                  --seqlens ${HEADPARTS_SEQLENS:-512 2048 8192} --out "$OUT/headparts$hp" --csv-only; done ;;
-    # Issue 15: whether the head-dim splits that configs.head_parts allows (d=96, 160, 192)
-    # run clean at real sizes (run 41 found other splits miscompiled), then their GPU tests;
-    # both clean is what configs.HEAD_PARTS_DEFAULT = "1" waits for.
-    headprobe) stage headprobe "${HEADPROBE_LIMIT:-240}" python3 scripts/probe_head_parts.py --headdims 96 160 192
+    # Issue 15: whether the head-dim splits that configs.head_parts allows (d=192) run clean
+    # at real sizes (runs 41 and 49 found other splits wrong), then their GPU tests; both
+    # clean is what configs.HEAD_PARTS_DEFAULT = "1" waits for. HEADPROBE_ARGS="--headdims
+    # 96 160 --min-part 32" probes the 32-wide splits run 49 turned off.
+    headprobe) stage headprobe "${HEADPROBE_LIMIT:-240}" python3 scripts/probe_head_parts.py ${HEADPROBE_ARGS:-}
                stage headtests "${HEADTESTS_LIMIT:-150}" env RINGFLASH_TEST_LOG="$OUT/headtests_tests.tsv" python3 -m pytest \
                  -m gpu -q -p no:cacheprovider -n 3 tests/test_head_parts.py tests/test_properties.py -k head_parts
                test_log_summary headtests ;;

@@ -176,10 +176,12 @@ def test_d256_dkdv_candidates_include_two_passes_and_eight_warps():
         configs.KernelConfig(64, 64, 4, 2, dkdv_passes=3)
 
 
-def test_split_head_forward_candidates_leave_out_the_miscompiled_tiles():
+def test_split_head_forward_candidates_leave_out_the_miscompiled_tiles(monkeypatch):
     """Run 46: the split d=96 forward computed wrong scores under 128-row, 4-warp tiles, so
-    the tuner never offers those with the head dim split, and still does without."""
+    the tuner never offers those with the head dim split, and still does without. (d=96
+    no longer splits, run 49; the rule stays for any split a narrower minimum allows.)"""
     bad = lambda cfgs: [c for c in cfgs if c.block_m == 128 and c.num_warps == 4]  # noqa: E731
+    monkeypatch.setattr(configs, "HEAD_PART_MIN", 32)
     with configs.override(head_parts=True):
         assert configs.head_parts(96)[1] and configs.candidates("fwd", 96)
         assert not bad(configs.candidates("fwd", 96))
@@ -210,16 +212,16 @@ def _hopper_config_for(monkeypatch):
 
 def test_headdim_entries_win_over_their_bucket(monkeypatch):
     """``HEAD_PARTS_TABLE`` (run 43): d=160/192's dQ takes its own measured tile; d=256 keeps
-    the bucket's dQ, and d=96's forward the bucket's at every length (the faster short tiles
-    miscompiled the split, run 46)."""
+    the bucket's dQ, and so does d=160 (no longer split: run 49); d=96's forward takes the
+    bucket's at every length (the faster short tiles miscompiled its split, run 46)."""
     cfg = _hopper_config_for(monkeypatch)
     table = configs.TABLE[(9, 0)]
     try:
         for causal in (False, True):
-            for d in (160, 192):
-                assert cfg("dq", d, causal, 4096) == configs.KernelConfig(128, 64, 8, 2)
-            assert cfg("dq", 256, causal, 4096) == table["dq"][(256, causal)]
-            for seqlen in (1, 512, 513):
+            assert cfg("dq", 192, causal, 4096) == configs.KernelConfig(128, 64, 8, 2)
+            for d in (160, 256):
+                assert cfg("dq", d, causal, 4096) == table["dq"][(256, causal)]
+            for seqlen in (512, 513):  # (shorter full calls: SHORT_KEYS_TABLE)
                 assert cfg("fwd", 96, causal, seqlen) == table["fwd"][(128, causal)]
             assert cfg("fwd", 128, causal, 512) == table["fwd"][(128, causal)]
             with configs.override(head_parts=False):  # one padded 256-wide tile: the bucket's
@@ -229,21 +231,21 @@ def test_headdim_entries_win_over_their_bucket(monkeypatch):
 
 
 def test_short_keys_entries_take_only_the_calls_they_were_measured_on(monkeypatch):
-    """``SHORT_KEYS_TABLE`` (run 49): the full forward of one 128-wide head tile takes the
-    short-document tile up to 256 keys and the bucket's beyond; causal calls, split head
-    dims (d=96: the short tiles miscompiled its split, run 46) and the backward kernels
-    keep the bucket's at every length, and so does a call with dropout."""
+    """``SHORT_KEYS_TABLE`` (run 49): the full forward of one 128-wide head tile (d=80 to
+    128; d=96 no longer splits) takes the short-document tile up to 256 keys and the
+    bucket's beyond; causal calls, other buckets, the split d=192 and the backward kernels
+    keep theirs at every length, and so does a call with dropout."""
     cfg = _hopper_config_for(monkeypatch)
     table = configs.TABLE[(9, 0)]
     short = configs.KernelConfig(128, 32, 4, 3, split_phases=False)
     try:
-        for d in (80, 112, 128):
+        for d in (80, 96, 112, 128):
             for seqlen in (1, 200, 256):
                 assert cfg("fwd", d, False, seqlen) == short
             assert cfg("fwd", d, False, 257) == table["fwd"][(128, False)]
             assert cfg("fwd", d, True, 256) == table["fwd"][(128, True)]
-        assert cfg("fwd", 96, False, 256) == table["fwd"][(128, False)]
         assert cfg("fwd", 64, False, 256) == table["fwd"][(64, False)]
+        assert cfg("fwd", 192, False, 256) == table["fwd"][(256, False)]
         for kind in ("dkdv", "dq"):
             assert cfg(kind, 128, False, 256) == table[kind][(128, False)]
         assert cfg("fwd", 128, False, 256, dropout=True) == table["fwd"][(128, False)]  # measured without

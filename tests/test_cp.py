@@ -67,10 +67,10 @@ OPTION_CASES = [
     CPCase("ring", dtype="float16", heads=(4, 2)),
     CPCase("zigzag_ring", dtype="float16"),
     CPCase("stripe", heads=(2, 2)),
-    # The head dim in two tiles (configs.head_parts, on by default: 96 = 64 + 32) through
+    # The head dim in two tiles (configs.head_parts, on by default: 192 = 128 + 64) through
     # both engines' buffers: float32 out and lse, scattered dK/dV rows, the ring's steps.
-    CPCase("zigzag_llama3", headdim=96, heads=(4, 2), dtype="float16"),
-    CPCase("zigzag_ring", headdim=96),
+    CPCase("zigzag_llama3", headdim=192, heads=(4, 2), dtype="float16"),
+    CPCase("zigzag_ring", headdim=192),
 ]
 
 

@@ -1,7 +1,7 @@
 """The portable kernels with the head dim split in two power-of-two parts
-(``configs.head_parts``: d=192 as 128 + 64 instead of padded to 256; d=96 as 64 + 32 and
-d=160 as 128 + 32) against the float64
-reference: every feature whose code the second part touches (both backward kernels, the
+(``configs.head_parts``: d=192 as 128 + 64 instead of padded to 256; d=96 and d=160, whose
+32-wide second part gave wrong outputs on the GPU in run 49, stay padded) against the
+float64 reference: every feature whose code the second part touches (both backward kernels, the
 atomic dQ, two-pass and split dK/dV, split-KV, varlen with an empty sequence, windows,
 softcap, ALiBi, dropout, context parallelism's scattered dK/dV rows)."""
 
@@ -30,7 +30,7 @@ def test_head_parts_widths(monkeypatch):
         assert configs.head_parts(192) == (256, 0)
         monkeypatch.setenv("RINGFLASH_HEAD_PARTS", "1")
         assert configs.head_parts(192) == (256, 0)  # the override wins over the environment
-    expected = {96: (64, 32), 160: (128, 32), 192: (128, 64),
+    expected = {96: (128, 0), 160: (256, 0), 192: (128, 64),
                 40: (64, 0), 48: (64, 0), 72: (128, 0), 80: (128, 0), 136: (256, 0), 224: (256, 0),
                 16: (16, 0), 24: (32, 0), 64: (64, 0), 112: (128, 0), 128: (128, 0), 256: (256, 0)}
     for d, parts in expected.items():
@@ -56,14 +56,14 @@ def test_dense(gen, dtype, headdim, causal):
 
 
 def test_window_and_softcap(gen):
-    inputs = [t * 3 for t in dense64(gen, DEVICE, 1, 45, 61, 2, 1, 96)]
+    inputs = [t * 3 for t in dense64(gen, DEVICE, 1, 45, 61, 2, 1, 192)]
     check_attention(dense_impl, dense_ref, inputs, torch.float32, extra=(False, (5, 9), 2.5))
 
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_with_an_empty_sequence(gen, causal):
     lengths, k_lengths = [9, 0, 30, 17], [14, 6, 30, 3]
-    q, k, v = (torch.randn(sum(n), heads, 96, generator=gen, dtype=torch.float64).to(DEVICE)
+    q, k, v = (torch.randn(sum(n), heads, 192, generator=gen, dtype=torch.float64).to(DEVICE)
                for n, heads in ((lengths, 4), (k_lengths, 2), (k_lengths, 2)))
     meta = (cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE),
             max(lengths), max(k_lengths))
@@ -74,14 +74,14 @@ def test_alibi(gen):
     from test_alibi import _dense, _slopes
 
     impl, ref = _dense(_slopes(gen, (2, 4)), True)
-    check_attention(impl, ref, dense64(gen, DEVICE, 2, 33, 41, 4, 2, 96), torch.float32)
+    check_attention(impl, ref, dense64(gen, DEVICE, 2, 33, 41, 4, 2, 192), torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_dropout_matches_its_mask(gen, dtype):
     from test_dropout import _check_dense_dropout
 
-    _check_dense_dropout(gen, dtype, 2, 96, 37, 37, (4, 2), dict(causal=True))
+    _check_dense_dropout(gen, dtype, 2, 192, 37, 37, (4, 2), dict(causal=True))
 
 
 @pytest.mark.parametrize(
@@ -95,7 +95,7 @@ def test_dropout_matches_its_mask(gen, dtype):
 def test_backward_and_forward_variants(gen, monkeypatch, env, overrides):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    inputs = dense64(gen, DEVICE, 2, 70, 90, 4, 2, 96)
+    inputs = dense64(gen, DEVICE, 2, 70, 90, 4, 2, 192)
     with configs.override(**overrides):
         check_attention(dense_impl, dense_ref, inputs, torch.float32, extra=(True,))
 
@@ -106,7 +106,7 @@ def test_scattered_key_gradient_rows(gen):
     from ringflash.kernels.fwd import attention_forward
     from ringflash.kernels.problem import SeqMeta, make_problem
 
-    q_lengths, k_lengths, h, hk, d = [9, 0, 31], [23, 0, 40], 4, 2, 96
+    q_lengths, k_lengths, h, hk, d = [9, 0, 31], [23, 0, 40], 4, 2, 192
     cu_q, cu_k = cu_seqlens_from_lengths(q_lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE)
     mk = lambda n, heads: torch.randn(n, heads, d, generator=gen).to(DEVICE)  # noqa: E731
     q, k, v, dout = mk(sum(q_lengths), h), mk(sum(k_lengths), hk), mk(sum(k_lengths), hk), mk(sum(q_lengths), h)
