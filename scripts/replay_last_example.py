@@ -20,14 +20,22 @@ import sys
 
 
 def last_replays(log_path: str, count: int = 2) -> list[str]:
-    """The last ``count`` replay lines of the log, oldest first (an asynchronous fault may
-    surface only in the example after the one that caused it)."""
-    lines = []
+    """The examples to replay, oldest first. Where the log has the property tests' outcome
+    lines (``outcome: ok`` or an exception's type after each example, ``_echo_outcome``),
+    the first ``count`` examples that did not end "ok": the first of them is where a fault
+    happened, as each example waits for the GPU before its outcome is printed. Otherwise
+    the last ``count`` examples (an asynchronous fault may surface only in the example
+    after the one that caused it)."""
+    examples: list[list] = []  # [replay call, outcome or None]
     with open(log_path, errors="replace") as f:
         for text in f:
             if text.startswith("replay: "):
-                lines.append(text[len("replay: "):].strip())
-    return lines[-count:]
+                examples.append([text[len("replay: "):].strip(), None])
+            elif text.startswith("outcome: ") and examples:
+                examples[-1][1] = text[len("outcome: "):].strip()
+    if any(outcome is not None for _, outcome in examples):
+        return [call for call, outcome in examples if outcome != "ok"][:count]
+    return [call for call, _ in examples[-count:]]
 
 
 #: With REPLAY_ONE_STAGE=1: every portable kernel configuration with num_stages=1.

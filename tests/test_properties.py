@@ -29,7 +29,8 @@ defaults take about 60 s of CPU time under Triton's interpreter, under 2 minutes
 busy cores); ``RINGFLASH_HYPOTHESIS_GPU_EXAMPLES=N`` does the same for the gpu tests;
 ``RINGFLASH_HYPOTHESIS_SHRINK=1/0`` turns shrinking on/off (default: off without a GPU,
 where shrinking one failure re-runs the interpreted kernels for minutes);
-``RINGFLASH_HYPOTHESIS_ECHO=1`` prints each example's replay line to stderr as it starts.
+``RINGFLASH_HYPOTHESIS_ECHO=1`` prints each example's replay line to stderr as it starts,
+and after it, once the GPU is done, its outcome (``outcome: ok`` or the exception's type).
 
 A failing example prints its case (a dataclass whose repr is valid Python once ``torch``
 and this module are imported) and a one-line replay, e.g.
@@ -44,7 +45,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import pytest
 import torch
@@ -91,6 +92,25 @@ def _settings(max_examples: int, **kwargs) -> settings:
 #: as the example starts, so that a failure that kills the process or its CUDA context
 #: (an illegal memory access) still names its example (run pytest with -s).
 ECHO = os.environ.get("RINGFLASH_HYPOTHESIS_ECHO", "0") == "1"
+
+
+@contextlib.contextmanager
+def _echo_outcome() -> Iterator[None]:
+    """With ECHO: after the example, wait for the GPU and print how it ended ("outcome: ok"
+    or the exception's type), so that a log names the example in which an asynchronous
+    fault happened (run 49's seed 4 showed its illegal memory access only at the next
+    example's first copy, and the log could not say which one had faulted)."""
+    if not ECHO:
+        yield
+        return
+    try:
+        yield
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    except BaseException as exc:
+        print(f"outcome: {type(exc).__name__}", file=sys.stderr, flush=True)
+        raise
+    print("outcome: ok", file=sys.stderr, flush=True)
 
 
 def _note(text: str) -> None:
@@ -379,7 +399,7 @@ def check_dense_case(case: DenseCase) -> None:
     _note(f"replay: check_dense_case({case!r})")
     inputs, dout = dense_inputs(case)
     impl, ref = _dense_fns(case)
-    with _precision_for(case.dtype):
+    with _echo_outcome(), _precision_for(case.dtype):
         check_attention(impl, ref, inputs, case.dtype, dout64=dout, label=repr(case), relative_eps=True)
 
 
@@ -417,7 +437,7 @@ def check_layout_case(case: LayoutCase) -> None:
     layouts = (leaf_layouts, case.fusion, case.dout)
     impl, ref = _dense_fns(d, layouts)
     got: dict = {}
-    with _precision_for(d.dtype):
+    with _echo_outcome(), _precision_for(d.dtype):
         check_attention(impl, ref, inputs, d.dtype, dout64=dout, label=repr(case), results=got,
                         relative_eps=True)
         control_impl, _ = _dense_fns(d, layouts, materialize=True)
@@ -545,7 +565,7 @@ def check_varlen_case(case: VarlenCase) -> None:
             out = out + 0 * (q.sum() + k.sum() + v.sum())
         return out, lse
 
-    with _precision_for(case.dtype):
+    with _echo_outcome(), _precision_for(case.dtype):
         check_attention(impl, ref, inputs, case.dtype, dout64=dout, label=repr(case), relative_eps=True)
 
 

@@ -71,3 +71,24 @@ def test_a_failure_is_logged_with_its_seed(tmp_path):
     assert record.startswith("failed\tcall\t") and "test_fails.py::test_fails\n" in record, record
     assert "    seed: RINGFLASH_TEST_SEED=12345\n" in record and "the planted failure" in record, record
     assert passed_in_log(str(log)) == set()
+
+
+def test_replays_start_at_the_first_example_that_did_not_end_ok(tmp_path):
+    """``scripts/replay_last_example.py`` on a property-test log with outcome lines
+    (``RINGFLASH_HYPOTHESIS_ECHO=1``) replays the first examples that did not end "ok",
+    where a fault happened; on a log without them, the last examples (run 49's seed 4: its
+    log could not say which example had faulted)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("replay_last_example",
+                                                  os.path.join(ROOT, "scripts", "replay_last_example.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    with_outcomes = tmp_path / "echo.log"
+    with_outcomes.write_text("replay: a()\noutcome: ok\nreplay: b()\nnoise\noutcome: AcceleratorError\n"
+                             "replay: c()\noutcome: AcceleratorError\nreplay: d()\noutcome: ok\nreplay: e()\n")
+    assert tool.last_replays(str(with_outcomes)) == ["b()", "c()"]
+    assert tool.last_replays(str(with_outcomes), count=5) == ["b()", "c()", "e()"]
+    plain = tmp_path / "plain.log"
+    plain.write_text("replay: a()\nreplay: b()\nreplay: c()\n")
+    assert tool.last_replays(str(plain)) == ["b()", "c()"]
