@@ -179,8 +179,8 @@ HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bo
 #   the table's 128x64 w8 s3 at 0.306 ms as CUDA graph replays (0.317 eager) and 128x32 w4
 #   s3 with one key loop at 0.268 (0.272); PyTorch's FA2 varlen took 0.250. The graph
 #   replays put the host's part of the eager call at about 0.01 ms: the kernel is the gap.
-#   The table's tile holds about 128 KB of shared memory (one program per SM) for four key
-#   blocks a program; the 128x32 tile about 96 KB.
+#   The table's tile holds about 128 KB of shared memory (``shared_memory_estimate``: one
+#   program per SM) for four key blocks a program; the 128x32 3-stage tile about 80 KB (two).
 SHORT_KEYS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
     (9, 0): {
         "fwd": {((128, 0), False): (256, _C(128, 32, 4, 3, split_phases=False))},
@@ -526,8 +526,9 @@ def head_parts(headdim: int) -> tuple[int, int]:
     64 + 32, where the interpreter's runs and the unsplit kernels are right; d=96 as 64 + 32
     ran clean there, but run 49 found it and d=160 as 128 + 32 wrong on a varlen call of
     one query (``HEAD_PART_MIN``), so only d=192 splits; run 42 (H100) checked it at real
-    sizes. The kernels load the second part without column masks. On by default (``HEAD_PARTS_DEFAULT``):
-    ``RINGFLASH_HEAD_PARTS=0`` turns it off, ``override(head_parts=...)`` forces either way."""
+    sizes. The kernels load the second part without column masks. On by default
+    (``HEAD_PARTS_DEFAULT``): ``RINGFLASH_HEAD_PARTS=0`` turns it off,
+    ``override(head_parts=...)`` forces either way."""
     padded = max(16, 1 << (max(headdim, 1) - 1).bit_length())
     enabled = _override.get("head_parts")
     if enabled is None:
