@@ -176,19 +176,6 @@ def test_d256_dkdv_candidates_include_two_passes_and_eight_warps():
         configs.KernelConfig(64, 64, 4, 2, dkdv_passes=3)
 
 
-def test_split_head_forward_candidates_leave_out_the_miscompiled_tiles(monkeypatch):
-    """Run 46: the split d=96 forward computed wrong scores under 128-row, 4-warp tiles, so
-    the tuner never offers those with the head dim split, and still does without. (d=96
-    no longer splits, run 49; the rule stays for any split a narrower minimum allows.)"""
-    bad = lambda cfgs: [c for c in cfgs if c.block_m == 128 and c.num_warps == 4]  # noqa: E731
-    monkeypatch.setattr(configs, "HEAD_PART_MIN", 32)
-    with configs.override(head_parts=True):
-        assert configs.head_parts(96)[1] and configs.candidates("fwd", 96)
-        assert not bad(configs.candidates("fwd", 96))
-    with configs.override(head_parts=False):
-        assert bad(configs.candidates("fwd", 96))
-
-
 def _hopper_config_for(monkeypatch):
     """``cfg(kind, headdim, causal, seqlen)``: ``config_for`` of a dense bf16 call on an
     sm_90 GPU with 227 KB of shared memory a block, on this CPU."""

@@ -161,7 +161,8 @@ TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 #   causal 0.786 -> 0.671 ms with 128x32 w4 s4, but the GPU property test of run 46 found
 #   the split d=96 forward's lse wrong under them in bf16 (seqlen 1: the score itself,
 #   0.85 relative), a miscompile like run 41's; the bucket's 128x64 w8 s3 is the tile
-#   ``scripts/probe_head_parts.py`` checked (runs 42-43).
+#   ``scripts/probe_head_parts.py`` checked (runs 42-43). Run 49 then found the split d=96
+#   wrong under that tile too, and d=96 no longer splits (``HEAD_PART_MIN``).
 HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
     (9, 0): {
         "dq": {((128, 64), banded): (0, _C(128, 64, 8, 2)) for banded in (False, True)},
@@ -407,8 +408,7 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
     warps than the tiles can use (8 warps for tiles under 64 x 64 rows x keys only where 4
     would spill)."""
     # The tiles' width: the padded head dim, or its two parts' sum (``head_parts``).
-    parts = head_parts(headdim)
-    block_d = sum(parts)
+    block_d = sum(head_parts(headdim))
     if block_d > 128:
         # 128-row tiles fit the budget only with 8 warps (the forward's: FA2's d=256 shape).
         shapes = [(32, 32), (64, 32), (32, 64), (64, 64), (16, 64), (64, 16), (128, 32), (128, 64)]
@@ -428,11 +428,6 @@ def candidates(kind: str, headdim: int) -> list[KernelConfig]:
                     tile_registers(kind, replace(cfg, num_warps=4), block_d) <= TILE_REGISTER_BUDGET:
                 continue
             if warps == 4 and bm * bn > 128 * 64:
-                continue
-            # The split head dim's forward miscompiles (Triton 3.6, sm_90) with 128 query rows
-            # on 4 warps: run 46 found d=96's (128, 64, 4, 3) and (128, 32, 4, 4) computing
-            # scores 40-85% off (``scripts/probe_head_parts.py --fwd-configs``).
-            if kind == "fwd" and parts[1] and warps == 4 and bm == 128:
                 continue
             out += [replace(cfg, num_stages=s) for s in stage_opts]
     if block_d > 128:
