@@ -34,7 +34,8 @@ for s in "$@"; do
     # than one call (run 42): SUITE_ARGS="tests --ignore=tests/test_properties.py", then
     # SUITE_ARGS=tests/test_properties.py. RINGFLASH_TEST_RESUME=<a suite_tests.tsv brought
     # back and committed> leaves out the tests it records as passed (tests/conftest.py).
-    suite) stage suite "${SUITE_LIMIT:-540}" env RINGFLASH_TEST_LOG="$OUT/suite_tests.tsv" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${SUITE_WORKERS:-14}" --tb=line -rfE --durations=15 ${SUITE_ARGS:-tests}
+    # SUITE_ARGS is split into words; a -k expression with spaces goes in SUITE_K (run 50).
+    suite) stage suite "${SUITE_LIMIT:-540}" env RINGFLASH_TEST_LOG="$OUT/suite_tests.tsv" python3 -m pytest -q -p no:cacheprovider -p no:benchmark -n "${SUITE_WORKERS:-14}" --tb=line -rfE --durations=15 ${SUITE_K:+-k "$SUITE_K"} ${SUITE_ARGS:-tests}
       test_log_summary suite ;;
     # Issue 14: the CP training example on one GPU (world size 1, NCCL): loss and tokens/s.
     train1) stage train1 "${TRAIN_LIMIT:-240}" torchrun --standalone --nproc-per-node 1 examples/train_cp.py --device cuda --steps "${TRAIN_STEPS:-30}" ${TRAIN_ARGS:-} ;;
