@@ -218,6 +218,20 @@ def collect_sm90(headdims=(128,), causals=(True,)) -> None:
                 sm90.attention_backward_sm90(qv, qv, kv, kv, qv, torch.zeros(4, 300), vprob, meta=meta)
 
 
+def compile_sm90_backward(headdim: int, causal: bool, atomic: bool) -> list[tuple[str, dict]]:
+    """One Gluon backward without dropout, deterministic or the atomic 5-GEMM one
+    (``collect_sm90`` compiles the atomic one only with dropout): their dK/dV kernels'
+    spills side by side (docs/benchmarks.md, run 50)."""
+    from ringflash.kernels import sm90
+    from ringflash.kernels.problem import make_problem
+
+    q = torch.randn(2, 300, 4, headdim, dtype=torch.bfloat16)
+    k = torch.randn(2, 500, 2, headdim, dtype=torch.bfloat16)
+    prob = make_problem(q, k, None, 300, 500, headdim**-0.5, causal, -1, -1, 0.0)
+    sm90.attention_backward_sm90(q, q, k, k, q, torch.zeros(2, 4, 300), prob, atomic_dq=atomic)
+    return collect()
+
+
 def host_time(calls: int = 300, repeats: int = 5) -> None:
     """Host time per call (us) of the training path on this CPU, every launch but the driver's
     own: each kernel compiles once for sm_90, is kept as ``launch`` keeps it, and later
@@ -332,7 +346,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-extras", action="store_true", help="skip the decode, S_dmask and Gluon kernels")
     parser.add_argument("--softcap", type=float, default=0.0, help="the dense cases' softcap (0: off)")
     parser.add_argument("--sm90", action="store_true",
-                        help="also the Gluon Hopper kernels at d=64/128 (and 256), causal and full")
+                        help="also the Gluon Hopper kernels at d=64/128 (and 256), causal and full, and the "
+                             "Gluon backward of each --headdims and --causal without dropout, deterministic "
+                             "and atomic")
     parser.add_argument("--host-time", action="store_true",
                         help="only time the host work per call of the training path, launchers to flash_attn_func "
                              "(no compiling report)")
@@ -379,6 +395,9 @@ def main(argv=None) -> int:
         cases.append(("decode, S_dmask, sm90", run_extras))
     if args.sm90:
         cases.append(("sm90 d=64/128/256, both", lambda: (collect_sm90((64, 128), (False, True)), collect())[1]))
+        cases += [(f"sm90 bwd d={d} {'causal' if c else 'full'}{' atomic' if a else ''}",
+                   (lambda d=d, c=c, a=a: compile_sm90_backward(d, c, a)))
+                  for d in args.headdims for c in causals for a in (False, True)]
     for case, compile_case in cases:
         try:
             with forced():

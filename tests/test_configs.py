@@ -198,9 +198,9 @@ def _hopper_config_for(monkeypatch):
 
 
 def test_headdim_entries_win_over_their_bucket(monkeypatch):
-    """``HEAD_PARTS_TABLE`` (run 43): d=160/192's dQ takes its own measured tile; d=256 keeps
-    the bucket's dQ, and so does d=160 (no longer split: run 49); d=96's forward takes the
-    bucket's at every length (the faster short tiles miscompiled its split, run 46)."""
+    """``HEAD_PARTS_TABLE`` (run 43): d=192's dQ takes its own measured tile; d=256 keeps
+    the bucket's dQ, and so does d=160 (no longer split since run 49); d=96's forward takes
+    the bucket's (the faster short tiles miscompiled its split, run 46)."""
     cfg = _hopper_config_for(monkeypatch)
     table = configs.TABLE[(9, 0)]
     try:
