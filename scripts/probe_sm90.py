@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -57,10 +58,15 @@ def check(d: int, causal: bool, variant: str, cfg: configs.KernelConfig) -> str:
             f"lse {err(lse, want_lse):.2e} (portable {err(ref_lse, want_lse):.2e})")
 
 
-def bwd_candidate(spec: str) -> tuple[configs.KernelConfig, configs.KernelConfig, bool]:
-    """"BMxBNxSTAGES/BMxBNxSTAGES[+atomic]": the dK/dV kernel's tiles, then the dQ kernel's
-    (unused by the atomic 5-GEMM backward, which ``+atomic`` picks)."""
-    spec, atomic = (spec[: -len("+atomic")], True) if spec.endswith("+atomic") else (spec, False)
+def bwd_candidate(spec: str) -> tuple[configs.KernelConfig, configs.KernelConfig, Optional[str]]:
+    """"BMxBNxSTAGES/BMxBNxSTAGES[+atomic|+tma]": the dK/dV kernel's tiles, then the dQ
+    kernel's (unused by the atomic 5-GEMM backward, which ``+atomic`` picks with its dQ added
+    by vector reductions and ``+tma`` with TMA adds: ``configs.sm90_dq_writer``). The third
+    value is that writer, or None for the deterministic backward."""
+    spec, atomic = spec.rsplit("+", 1) if "+" in spec else (spec, None)
+    if atomic not in (None, "atomic", "tma"):
+        raise ValueError(f"--bwd-tiles: got +{atomic}; expected +atomic or +tma")
+    atomic = {"atomic": "red", "tma": "tma"}.get(atomic)
     pair = []
     for part in spec.split("/"):
         bm, bn, stages = (int(x) for x in part.split("x"))
@@ -72,7 +78,7 @@ def _problem(q, k, causal):
     return make_problem(q, k, None, q.shape[1], k.shape[1], q.shape[-1] ** -0.5, causal, -1, -1, 0.0)
 
 
-def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg, atomic: bool) -> str:
+def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg, atomic: Optional[str]) -> str:
     """Max errors of dq, dk, dv against float64, next to the portable backward's."""
     gen = torch.Generator(device="cuda").manual_seed(d + causal + 1)
     shapes = [(2, 1000, 8, d), (2, 1537, 2, d), (2, 1537, 2, d), (2, 1000, 8, d)]
@@ -83,8 +89,8 @@ def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg, atomic: bool) -> str:
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     prob = _problem(q, k, causal)
     ours = attention_backward(do, q, k, v, out, lse, prob)
-    with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg):
-        got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob, atomic_dq=atomic)
+    with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg, sm90_dq_writer=atomic):
+        got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob, atomic_dq=atomic is not None)
     err = lambda a, b: (a.double() - b).abs().max().item()  # noqa: E731
     return ", ".join(f"{n} {err(g, w):.2e} (portable {err(o, w):.2e})"
                      for n, g, o, w in zip(("dq", "dk", "dv"), got, ours, want))
@@ -94,8 +100,8 @@ def _tiles(cfg) -> str:
     return f"{cfg.block_m}x{cfg.block_n}x{cfg.num_stages}"
 
 
-def _bwd_label(dkdv_cfg, dq_cfg, atomic: bool) -> str:
-    return f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}" + ("+atomic" if atomic else "")
+def _bwd_label(dkdv_cfg, dq_cfg, atomic: Optional[str]) -> str:
+    return f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}" + {None: "", "red": "+atomic", "tma": "+tma"}[atomic]
 
 
 def backward_section(args, fa2, cudnn) -> list:
@@ -126,9 +132,9 @@ def backward_section(args, fa2, cudnn) -> list:
                 for dkdv_cfg, dq_cfg, atomic in cands:
                     name = _bwd_label(dkdv_cfg, dq_cfg, atomic)
                     try:
-                        with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg):
+                        with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg, sm90_dq_writer=atomic):
                             ms = bench_ms(lambda: sm90.attention_backward_sm90(do, q, k, v, out, lse, prob,
-                                                                               atomic_dq=atomic))
+                                                                               atomic_dq=atomic is not None))
                     except Exception as exc:
                         print(f"time bwd d={d} causal={causal} s={seqlen} {name}: FAILED {type(exc).__name__}",
                               flush=True)
@@ -242,9 +248,10 @@ def main(argv=None) -> int:
                         default=["pingpong:128x128x4x3", "pingpong:128x128x4x2"])
     parser.add_argument("--bwd-tiles", nargs="+", metavar="BMxBNxS/BMxBNxS",
                         default=["64x128x2/128x64x3", "64x128x3/128x64x2", "64x128x2/128x128x2",
-                                 "64x128x2/128x64x3+atomic"],
+                                 "64x128x2/128x64x3+atomic", "64x128x2/128x64x3+tma"],
                         help="dK/dV kernel's tiles (query rows per step x keys owned x stages), then dQ's "
-                             "(query rows owned x keys per step x stages); +atomic: the 5-GEMM backward")
+                             "(query rows owned x keys per step x stages); +atomic: the 5-GEMM backward, "
+                             "+tma: the same with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma)")
     args = parser.parse_args(argv)
     # flash_attn_func and attention_backward are the portable baselines here (the sm90
     # calls go to their launchers).

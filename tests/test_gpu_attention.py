@@ -284,6 +284,39 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
 
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("headdim", [64, 128, 96])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 2048, 2048, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1),
+                                          (3, 1, 700, 2, 2)])
+def test_sm90_tma_dq_writer(gen, monkeypatch, headdim, causal, b, sq, sk, h, hk):
+    """The atomic 5-GEMM backward with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma)
+    against the float64 reference, and its dq against the vector-reduction writer's on the
+    same inputs (the two differ only in float32 summation order): lengths off the tiles,
+    rows that see no key, GQA and MQA, one query."""
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    monkeypatch.setenv("RINGFLASH_DECODE", "0")
+    monkeypatch.setenv("RINGFLASH_BACKWARD", "atomic")
+    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "tma")
+    calls = _record_sm90_calls(monkeypatch)
+    inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
+    check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(causal,))
+    assert "attention_backward_sm90" in calls, calls
+    low = [t.to(torch.bfloat16).requires_grad_() for t in inputs]
+    out, _ = _dense_impl(*low, causal)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    dq = {}
+    for writer in ("red", "tma"):
+        monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", writer)
+        low = [t.detach().requires_grad_() for t in low]
+        out, _ = _dense_impl(*low, causal)
+        dq[writer] = torch.autograd.grad(out, low[0], dout)[0].double()
+    bound = 4 * 2.0 ** -7 * dq["red"].abs().max().item() + 1e-6
+    worst = (dq["tma"] - dq["red"]).abs().max().item()
+    assert worst <= bound, f"the TMA writer's dq differs from the reductions' by {worst:.3e} (bound {bound:.3e})"
+
+
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("backward", ["deterministic", "atomic"])
 @pytest.mark.parametrize("headdim,dtype,softcap", [(64, torch.bfloat16, 30.0), (128, torch.float16, 5.0),
                                                    (128, torch.bfloat16, 50.0), (96, torch.bfloat16, 30.0)],

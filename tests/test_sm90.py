@@ -613,6 +613,41 @@ def test_dq_accumulator_layout_round_trips():
     assert torch.equal(dq, want[None, :, None, :].expand_as(dq))
 
 
+def test_tma_dq_writer_plan(on_hopper, monkeypatch):
+    """RINGFLASH_SM90_DQ_WRITER=tma: the atomic backward's accumulator is a plain float32
+    (batch, rows padded to the dK/dV step, nheads, 128) tensor under a descriptor of
+    quarter-head-dim boxes (32 columns: the 128-byte swizzle's width), the dK/dV launch
+    takes ATOMIC_DQ=2, and ``dq_from_accumulator`` reads the tensor back as it is; a plan
+    made under one writer is never reused under the other; a bad value is refused by name."""
+    from ringflash.kernels import configs
+
+    q = torch.zeros(2, 75, 4, 96, dtype=torch.bfloat16)
+    lse = torch.zeros(2, 4, 75)
+    prob = _problem(q, q)
+
+    def plan():
+        return sm90._backward_plan(q, q, q, q, q, lse, (q, q, q), prob, None, True, None)
+
+    red = plan()
+    assert red.dq_writer == "red" and red.dq_accumulator_template is None
+    assert red.dkdv_launch.constexprs["ATOMIC_DQ"] == 1
+    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "tma")
+    tma = plan()
+    block_m = configs.sm90_backward_config("dkdv").block_m
+    rows = -(-75 // block_m) * block_m
+    assert tma.dq_writer == "tma" and tma.dq_accumulator_shape == (2, rows, 4, 128)
+    assert tma.dkdv_launch.constexprs["ATOMIC_DQ"] == 2
+    assert list(tma.dq_accumulator_template.block_shape) == [1, block_m, 1, 32]
+    acc = torch.arange(2 * rows * 4 * 128, dtype=torch.float32).view(2, rows, 4, 128)
+    assert torch.equal(sm90.dq_from_accumulator(acc, 75, 96), acc[:, :75, :, :96])
+    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "bulk")
+    with pytest.raises(ValueError, match="RINGFLASH_SM90_DQ_WRITER: got 'bulk'"):
+        plan()
+    monkeypatch.delenv("RINGFLASH_SM90_DQ_WRITER")
+    with configs.override(sm90_dq_writer="tma"):
+        assert plan().dq_writer == "tma"
+
+
 def test_wide_backward_plan_refuses_what_its_consumers_lack(on_hopper):
     """The SPLIT_D dK/dV program (d > 128) has no dropout or softcap and holds only a 64 x 64
     step in shared memory: a direct call with either, or another forced tile, is refused by

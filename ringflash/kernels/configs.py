@@ -318,6 +318,22 @@ def sm90_varlen_enabled() -> bool:
     return value == "1"
 
 
+#: How the Gluon 5-GEMM backward (``RINGFLASH_BACKWARD=atomic``) adds its dQ tiles into the
+#: float32 accumulator: "red" by vector reductions from the consumers' registers (run 46:
+#: 0.70-0.81x the deterministic pair at d=128), "tma" by staging each tile in shared memory
+#: for an asynchronous TMA add (not yet run on a GPU).
+SM90_DQ_WRITERS = ("red", "tma")
+
+
+def sm90_dq_writer() -> str:
+    """``RINGFLASH_SM90_DQ_WRITER`` (default "red"; an ``override(sm90_dq_writer=...)``
+    context wins): see ``SM90_DQ_WRITERS``."""
+    value = _override.get("sm90_dq_writer") or os.environ.get("RINGFLASH_SM90_DQ_WRITER", "red")
+    if value not in SM90_DQ_WRITERS:
+        raise ValueError(f"RINGFLASH_SM90_DQ_WRITER: got {value!r}; expected one of {SM90_DQ_WRITERS}")
+    return value
+
+
 def sm90_backward_config(kind: str, softcap: bool = False, wide: bool = False) -> KernelConfig:
     """The Gluon sm_90 backward's config for ``kind`` ("dkdv" or "dq"): with softcap
     ``SM90_BACKWARD_SOFTCAP``'s, past d=128 (``wide``) ``SM90_BACKWARD_WIDE``'s; an
@@ -462,17 +478,19 @@ def override(
     sm90_dq: Optional[KernelConfig] = None,
     sm90_head_splits: Optional[int] = None,
     sm90_heads_first: Optional[bool] = None,
+    sm90_dq_writer: Optional[str] = None,
     head_parts: Optional[bool] = None,
 ) -> Iterator[None]:
     """Force configurations inside the block (tests, tuning). ``fwd`` is the portable
     forward's, and also keeps the default backend on the portable forward (a test forcing
     its tiles means that kernel); ``sm90_*`` are the Gluon sm_90 kernels' (``sm90_head_splits``:
-    ``sm90_dkdv_head_splits``); ``head_parts``: whether the portable kernels split the head
-    dim in two (``head_parts``)."""
+    ``sm90_dkdv_head_splits``; ``sm90_dq_writer``: ``sm90_dq_writer``); ``head_parts``:
+    whether the portable kernels split the head dim in two (``head_parts``)."""
     saved = dict(_override)
     for key, value in (("fwd", fwd), ("dkdv", dkdv), ("dq", dq), ("num_splits", num_splits), ("sm90_fwd", sm90_fwd),
                        ("sm90_dkdv", sm90_dkdv), ("sm90_dq", sm90_dq), ("sm90_head_splits", sm90_head_splits),
-                       ("sm90_heads_first", sm90_heads_first), ("head_parts", head_parts)):
+                       ("sm90_heads_first", sm90_heads_first), ("sm90_dq_writer", sm90_dq_writer),
+                       ("head_parts", head_parts)):
         if value is not None:
             _override[key] = value
     try:

@@ -73,6 +73,21 @@ else:
     # them async_load / async_store and removed the old names.
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    _tma_reduce_add = getattr(tma, "async_atomic_add", None)
+    if _tma_reduce_add is None:
+        from triton._C.libtriton import ir as _ir
+        from triton.experimental.gluon.language._core import builtin as _gluon_builtin
+
+        @_gluon_builtin
+        def _tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+            """An asynchronous TMA add of shared memory ``src`` into the box of ``tensor_desc``
+            at ``coord`` (cp.reduce.async.bulk.tensor ... .add), completed (its shared memory
+            read) by ``tma.store_wait`` as TMA stores are. Later releases name it
+            ``tma.async_atomic_add``; Triton 3.6's Gluon builder has the operation
+            (``create_async_tma_reduce``) but no Python wrapper for it."""
+            coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+            _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                      src.handle)
 
 AVAILABLE = gluon is not None
 
@@ -708,7 +723,7 @@ if AVAILABLE:
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
         Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-        ds_buf, ds_other, k_other, ds_bars, DQAcc, stride_dqb, stride_dqs, stride_dqh,
+        ds_buf, ds_other, k_other, ds_bars, DQAcc, dq_stage, stride_dqb, stride_dqs, stride_dqh,
         b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
         stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, DKPtr, DVPtr, k_row, nheads_k, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
@@ -815,8 +830,12 @@ if AVAILABLE:
                 fence_async_shared()
                 mbarrier.arrive(ds_bars.index(0))
                 mbarrier.wait(ds_bars.index(0), i & 1)
-                # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
-                dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
+                if ATOMIC_DQ == 2:
+                    # The previous step's TMA adds have read their staging tiles.
+                    tma.store_wait(pendings=0)
+                else:
+                    # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
+                    dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
                 # The half in two quarters of d: 16 registers of dQ at a time beside dK and dV.
                 for quarter in gl.static_range(2):
                     dq = warpgroup_mma(ds_buf.permute((1, 0)),
@@ -824,8 +843,19 @@ if AVAILABLE:
                                        use_acc=False)
                     dq = warpgroup_mma(ds_other.permute((1, 0)), k_other.reshape([ROWS, HEADDIM]).slice(
                         PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq)
-                    _add_dq_tile(dq_base, m0, PART * HALF_D + quarter * DQ_COLS, dq * softmax_scale, stride_dqs,
-                                 HEADDIM)
+                    if ATOMIC_DQ == 2:
+                        dq_stage.index(2 * PART + quarter).reshape([BLOCK_M, DQ_COLS]).store(dq * softmax_scale)
+                    else:
+                        _add_dq_tile(dq_base, m0, PART * HALF_D + quarter * DQ_COLS, dq * softmax_scale,
+                                     stride_dqs, HEADDIM)
+                if ATOMIC_DQ == 2:
+                    # Both quarters added by the TMA unit, asynchronously: no reduction
+                    # instructions in the consumer, and rows past seqlen_q clipped by the
+                    # descriptor (their dQ is zero: P = 0 there).
+                    fence_async_shared()
+                    for quarter in gl.static_range(2):
+                        _tma_reduce_add(DQAcc, [b, m0, h, PART * HALF_D + quarter * DQ_COLS],
+                                        dq_stage.index(2 * PART + quarter))
                 mbarrier.arrive(ds_bars.index(1))
             mbarrier.arrive(free_bars.index(slot))
         if ATOMIC_DQ:
@@ -834,6 +864,8 @@ if AVAILABLE:
             # this wait a consumer that finished first overwrote K under the other's last dQ
             # (run 42: one 64-key share of dQ wrong, now and then).
             mbarrier.wait(ds_bars.index(1), (n_steps - 1) & 1, pred=n_steps > 0)
+        if ATOMIC_DQ == 2:
+            tma.store_wait(pendings=0)  # the last step's dQ adds, before the staging tiles go
         # Keys past seqlen_k are clipped by the descriptors. Under IS_VARLEN a consumer with
         # none stores nothing: its sequence's descriptor has at least one row, which for an
         # empty sequence is the next one's. The consumer makes its sequence's descriptors
@@ -1101,11 +1133,18 @@ if AVAILABLE:
         ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(ds_bars.index(i), count=PARTS)  # both consumers arrive
+        # ATOMIC_DQ == 2: each consumer's two float32 dQ quarters (consumer c's at 2 c and
+        # 2 c + 1), staged for the TMA adds (``DQAcc`` is then a descriptor over the (batch,
+        # rows, nheads, HEADDIM) accumulator).
+        if ATOMIC_DQ == 2:
+            dq_stages = gl.allocate_shared_memory(gl.float32, [2 * PARTS, 1, BLOCK_M, 1, HEADDIM // 4], DQAcc.layout)
+        else:
+            dq_stages = ds_bufs  # unused
         gl.warp_specialize([
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-                          ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, stride_dqb,
-                          stride_dqs, stride_dqh,
+                          ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, dq_stages,
+                          stride_dqb, stride_dqs, stride_dqh,
                           b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
                           stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
                           DKPtr, DVPtr, k_row, nheads_k, headdim,
@@ -1113,8 +1152,8 @@ if AVAILABLE:
                           HAS_SOFTCAP)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
                           dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-                          ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, stride_dqb,
-                          stride_dqs, stride_dqh,
+                          ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, dq_stages,
+                          stride_dqb, stride_dqs, stride_dqh,
                           b, hk, n0 + ROWS, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
                           seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
                           DKPtr, DVPtr, k_row, nheads_k, headdim,
@@ -1618,7 +1657,9 @@ def _tma_operand(x: torch.Tensor) -> torch.Tensor:
 class _BackwardPlan:
     """``attention_backward_sm90``'s launches but for their tensors."""
     atomic_dq: bool
-    dq_accumulator_shape: tuple  # the atomic dQ's float32 tiles (``dq_accumulator_shape``)
+    dq_writer: str  # the atomic dQ's adds (``configs.sm90_dq_writer``)
+    dq_accumulator_shape: tuple  # the atomic dQ's float32 accumulator (``dq_accumulator_shape``)
+    dq_accumulator_template: Optional["TensorDescriptor"]  # the "tma" writer's, over that accumulator
     head_splits: int
     partials_shape: tuple  # the float32-summed partial dK/dV of a head split: (2, splits x batch, ...)
     dkdv_grid: tuple
@@ -1631,18 +1672,26 @@ class _BackwardPlan:
     dq_launch: PlannedLaunch
 
 
-def dq_accumulator_shape(batch: int, seqlen_q: int, nheads: int, block_d: int, block_m: int) -> tuple:
-    """The atomic backward's float32 dQ accumulator: (batch, row blocks of 16, nheads, 8, block_d / 8, 4, 2, 2),
+def dq_accumulator_shape(batch: int, seqlen_q: int, nheads: int, block_d: int, block_m: int,
+                         writer: str = "red") -> tuple:
+    """The atomic backward's float32 dQ accumulator. The "tma" writer's: (batch, rows,
+    nheads, block_d), rows padded to ``block_m`` (TMA clips nothing inside it). The "red"
+    writer's: (batch, row blocks of 16, nheads, 8, block_d / 8, 4, 2, 2),
     rows padded to the dK/dV step's ``block_m`` and columns to ``block_d`` (no masks in
     the kernel). Row 16 R + 8 hh + g, column 8 j + 2 t + e of a head sits at [R, g, j, t,
     hh, e]: the four entries a thread holds of a warpgroup MMA's 16-row block are side by
     side (``_add_dq_tile``)."""
     rows = math.ceil(seqlen_q / block_m) * block_m
+    if writer == "tma":
+        return (batch, rows, nheads, block_d)
     return (batch, rows // 16, nheads, 8, block_d // 8, 4, 2, 2)
 
 
 def dq_from_accumulator(acc: torch.Tensor, seqlen_q: int, headdim: int) -> torch.Tensor:
-    """The (batch, seqlen_q, nheads, headdim) float32 dQ held in ``acc`` (``dq_accumulator_shape``)."""
+    """The (batch, seqlen_q, nheads, headdim) float32 dQ held in ``acc`` (``dq_accumulator_shape``,
+    either writer's: the "tma" one's has four dimensions)."""
+    if acc.dim() == 4:
+        return acc[:, :seqlen_q, :, :headdim]
     batch, row_blocks, nheads, _, col_blocks = acc.shape[:5]
     rows = acc.permute(0, 1, 6, 3, 2, 4, 5, 7)  # (batch, R, hh, g, head, j, t, e)
     return rows.reshape(batch, row_blocks * 16, nheads, col_blocks * 8)[:, :seqlen_q, :, :headdim]
@@ -1653,7 +1702,8 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                    atomic_dq: bool, meta) -> _BackwardPlan:
     """``grads``: the call's (dq, dk, dv) buffers, whose layouts follow from q's, k's and v's."""
     key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), out.stride(), lse.shape,
-           q.dtype, q.device, prob, None if dropout is None else dropout[0], atomic_dq, meta_signature(meta),
+           q.dtype, q.device, prob, None if dropout is None else dropout[0], atomic_dq,
+           configs.sm90_dq_writer() if atomic_dq else None, meta_signature(meta),
            configs.override_key())
     plan = _PLANS.get(key)
     if plan is not None:
@@ -1693,12 +1743,21 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     # Its dQ MMA's rows are the dK/dV step's query rows: a warpgroup MMA needs 64 (softcap's
     # 32-row step takes the two-kernel path).
     atomic_dq = atomic_dq and dkdv_cfg.block_m % 64 == 0 and not split_d
-    acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, block_d, dkdv_cfg.block_m)
-    # The atomic dQ's float32 accumulator is addressed with 32-bit offsets within a
+    dq_writer = configs.sm90_dq_writer()
+    acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, block_d, dkdv_cfg.block_m, dq_writer)
+    # The "red" writer's float32 accumulator is addressed with 32-bit offsets within a
     # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
-    atomic_dq = atomic_dq and math.prod(acc_shape[1:]) < 2**31
-    # (batch, row block, head) strides, in floats.
-    dq_acc_strides = contiguous_strides(acc_shape)[:3] if atomic_dq else (0, 0, 0)
+    atomic_dq = atomic_dq and (dq_writer == "tma" or math.prod(acc_shape[1:]) < 2**31)
+    # (batch, row block, head) strides, in floats ("red"; the "tma" writer's descriptor has its own).
+    dq_acc_strides = contiguous_strides(acc_shape)[:3] if atomic_dq and dq_writer == "red" else (0, 0, 0)
+    acc_template = None
+    if atomic_dq and dq_writer == "tma":
+        # Boxes of a quarter of the head dim (32 float32 columns at d=128: the 128-byte swizzle's width).
+        box = [1, dkdv_cfg.block_m, 1, block_d // 4]
+        acc_template = TensorDescriptor(_AlignedBase(torch.float32), list(acc_shape),
+                                        list(contiguous_strides(acc_shape)), box,
+                                        gl.NVMMASharedLayout.get_default_for(box, gl.float32))
+        acc_template.base = None
     # An underfilled launch splits each group's query heads across programs (dense, two-kernel
     # backward only), each slice's partial dK/dV summed in float32 in a fixed order.
     key_blocks = math.ceil(seqlen_k / dkdv_cfg.block_n)
@@ -1717,7 +1776,8 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     num_m_blocks = math.ceil(seqlen_q / dq_cfg.block_m)
     dq_heads_first = configs.sm90_heads_first(prob.causal, _streamed_bytes(k, v), num_m_blocks)
     return _PLANS.keep(key, _BackwardPlan(
-        atomic_dq=atomic_dq, dq_accumulator_shape=acc_shape, head_splits=head_splits, partials_shape=partials_shape,
+        atomic_dq=atomic_dq, dq_writer=dq_writer, dq_accumulator_shape=acc_shape,
+        dq_accumulator_template=acc_template, head_splits=head_splits, partials_shape=partials_shape,
         dkdv_grid=(nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else
         (key_blocks, nheads_k * head_splits, prob.batch),
         dkdv_descriptors=(_template_of(q4, dkdv_cfg.block_m), _template_of(k4, key_rows),
@@ -1727,7 +1787,8 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
                       *scalars, threshold, scale, head_splits),
         dkdv_launch=PlannedLaunch(_bwd_dkdv_sm90_kernel, dict(
             HEADDIM=block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
-            CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), ATOMIC_DQ=atomic_dq, IS_VARLEN=varlen,
+            CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout),
+            ATOMIC_DQ=(2 if dq_writer == "tma" else 1) if atomic_dq else 0, IS_VARLEN=varlen,
             HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d, num_warps=4,
         ), _descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
@@ -1790,6 +1851,8 @@ def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
     # Without the atomic dQ the kernel never reads its accumulator: delta stands in.
     dq_acc = torch.zeros(plan.dq_accumulator_shape, dtype=torch.float32, device=q.device) if plan.atomic_dq \
         else delta
+    dq_acc_arg = _with_base(plan.dq_accumulator_template, dq_acc) if plan.dq_accumulator_template is not None \
+        else dq_acc
     if plan.head_splits > 1:
         partials = torch.empty(plan.partials_shape, dtype=k.dtype, device=k.device)
         dk_out, dv_out = partials
@@ -1807,7 +1870,7 @@ def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
     plan.dkdv_launch(plan.dkdv_grid, (
         _with_base(t[0], bases[0]), _with_base(t[1], bases[1]), _with_base(t[2], bases[2]),
         _with_base(t[3], bases[3]), _with_base(t[4], bases[5]), _with_base(t[5], bases[6]),
-        lse2, delta, keys, dq_acc, *dkdv_ptrs, *plan.dkdv_scalars,
+        lse2, delta, keys, dq_acc_arg, *dkdv_ptrs, *plan.dkdv_scalars,
     ))
     if plan.head_splits > 1:  # dK's and dV's partials in one sum (one launch fewer per call)
         sums = partials.view(2, plan.head_splits, *k.shape).sum(1, dtype=torch.float32)
