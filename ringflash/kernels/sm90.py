@@ -836,26 +836,38 @@ if AVAILABLE:
                 else:
                     # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
                     dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
-                # The half in two quarters of d: 16 registers of dQ at a time beside dK and dV.
-                for quarter in gl.static_range(2):
-                    dq = warpgroup_mma(ds_buf.permute((1, 0)),
-                                       k_tile.slice(PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq_zero,
-                                       use_acc=False)
-                    dq = warpgroup_mma(ds_other.permute((1, 0)), k_other.reshape([ROWS, HEADDIM]).slice(
-                        PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq)
-                    if ATOMIC_DQ == 2:
-                        dq_stage.index(2 * PART + quarter).reshape([BLOCK_M, DQ_COLS]).store(dq * softmax_scale)
-                    else:
-                        _add_dq_tile(dq_base, m0, PART * HALF_D + quarter * DQ_COLS, dq * softmax_scale,
-                                     stride_dqs, HEADDIM)
                 if ATOMIC_DQ == 2:
-                    # Both quarters added by the TMA unit, asynchronously: no reduction
+                    # Both quarters' four MMAs in flight at once (32 registers of dQ), then
+                    # staged and added by the TMA unit, asynchronously: no reduction
                     # instructions in the consumer, and rows past seqlen_q clipped by the
                     # descriptor (their dQ is zero: P = 0 there).
+                    k_mine = k_tile.slice(PART * HALF_D, HALF_D, dim=1)
+                    k_theirs = k_other.reshape([ROWS, HEADDIM]).slice(PART * HALF_D, HALF_D, dim=1)
+                    dq0 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(0, DQ_COLS, dim=1), dq_zero,
+                                        use_acc=False, is_async=True)
+                    dq0 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(0, DQ_COLS, dim=1), dq0,
+                                        is_async=True)
+                    dq1 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(DQ_COLS, DQ_COLS, dim=1), dq_zero,
+                                        use_acc=False, is_async=True)
+                    dq1 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(DQ_COLS, DQ_COLS, dim=1), dq1,
+                                        is_async=True)
+                    dq0, dq1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq0, dq1))
+                    dq_stage.index(2 * PART).reshape([BLOCK_M, DQ_COLS]).store(dq0 * softmax_scale)
+                    dq_stage.index(2 * PART + 1).reshape([BLOCK_M, DQ_COLS]).store(dq1 * softmax_scale)
                     fence_async_shared()
                     for quarter in gl.static_range(2):
                         _tma_reduce_add(DQAcc, [b, m0, h, PART * HALF_D + quarter * DQ_COLS],
                                         dq_stage.index(2 * PART + quarter))
+                else:
+                    # The half in two quarters of d: 16 registers of dQ at a time beside dK and dV.
+                    for quarter in gl.static_range(2):
+                        dq = warpgroup_mma(ds_buf.permute((1, 0)),
+                                           k_tile.slice(PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq_zero,
+                                           use_acc=False)
+                        dq = warpgroup_mma(ds_other.permute((1, 0)), k_other.reshape([ROWS, HEADDIM]).slice(
+                            PART * HALF_D + quarter * DQ_COLS, DQ_COLS, dim=1), dq)
+                        _add_dq_tile(dq_base, m0, PART * HALF_D + quarter * DQ_COLS, dq * softmax_scale,
+                                     stride_dqs, HEADDIM)
                 mbarrier.arrive(ds_bars.index(1))
             mbarrier.arrive(free_bars.index(slot))
         if ATOMIC_DQ:
