@@ -288,15 +288,17 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 2048, 2048, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1),
                                           (3, 1, 700, 2, 2)])
-def test_sm90_tma_dq_writer(gen, monkeypatch, headdim, causal, b, sq, sk, h, hk):
-    """The atomic 5-GEMM backward with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma)
-    against the float64 reference, and its dq against the vector-reduction writer's on the
-    same inputs (the two differ only in float32 summation order): lengths off the tiles,
-    rows that see no key, GQA and MQA, one query."""
+@pytest.mark.parametrize("writer", ["tma", "tma64"])
+def test_sm90_tma_dq_writer(gen, monkeypatch, writer, headdim, causal, b, sq, sk, h, hk):
+    """The atomic 5-GEMM backward with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma,
+    and tma64: one 64-column dQ MMA chain per consumer) against the float64 reference, and
+    its dq against the vector-reduction writer's on the same inputs (the two differ only in
+    float32 summation order): lengths off the tiles, rows that see no key, GQA and MQA, one
+    query."""
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     monkeypatch.setenv("RINGFLASH_BACKWARD", "atomic")
-    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "tma")
+    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", writer)
     calls = _record_sm90_calls(monkeypatch)
     inputs = _dense64(gen, b, sq, sk, h, hk, headdim)
     check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(causal,))
@@ -305,13 +307,13 @@ def test_sm90_tma_dq_writer(gen, monkeypatch, headdim, causal, b, sq, sk, h, hk)
     out, _ = _dense_impl(*low, causal)
     dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
     dq = {}
-    for writer in ("red", "tma"):
-        monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", writer)
+    for each in ("red", writer):
+        monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", each)
         low = [t.detach().requires_grad_() for t in low]
         out, _ = _dense_impl(*low, causal)
-        dq[writer] = torch.autograd.grad(out, low[0], dout)[0].double()
+        dq[each] = torch.autograd.grad(out, low[0], dout)[0].double()
     bound = 4 * 2.0 ** -7 * dq["red"].abs().max().item() + 1e-6
-    worst = (dq["tma"] - dq["red"]).abs().max().item()
+    worst = (dq[writer] - dq["red"]).abs().max().item()
     assert worst <= bound, f"the TMA writer's dq differs from the reductions' by {worst:.3e} (bound {bound:.3e})"
 
 

@@ -638,6 +638,10 @@ def test_tma_dq_writer_plan(on_hopper, monkeypatch):
     assert tma.dq_writer == "tma" and tma.dq_accumulator_shape == (2, rows, 4, 128)
     assert tma.dkdv_launch.constexprs["ATOMIC_DQ"] == 2
     assert list(tma.dq_accumulator_template.block_shape) == [1, block_m, 1, 32]
+    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "tma64")
+    tma64 = plan()
+    assert tma64.dq_accumulator_shape == tma.dq_accumulator_shape and tma64.dkdv_launch.constexprs["ATOMIC_DQ"] == 3
+    assert list(tma64.dq_accumulator_template.block_shape) == [1, block_m, 1, 32]
     acc = torch.arange(2 * rows * 4 * 128, dtype=torch.float32).view(2, rows, 4, 128)
     assert torch.equal(sm90.dq_from_accumulator(acc, 75, 96), acc[:, :75, :, :96])
     monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "bulk")

@@ -321,8 +321,10 @@ def sm90_varlen_enabled() -> bool:
 #: How the Gluon 5-GEMM backward (``RINGFLASH_BACKWARD=atomic``) adds its dQ tiles into the
 #: float32 accumulator: "red" by vector reductions from the consumers' registers (run 46:
 #: 0.70-0.81x the deterministic pair at d=128), "tma" by staging each tile in shared memory
-#: for an asynchronous TMA add (not yet run on a GPU).
-SM90_DQ_WRITERS = ("red", "tma")
+#: for an asynchronous TMA add (not yet run on a GPU), "tma64" the same with each
+#: consumer's dQ half from one 64-column MMA chain instead of two 32-column ones (dS read
+#: from shared memory half as often).
+SM90_DQ_WRITERS = ("red", "tma", "tma64")
 
 
 def sm90_dq_writer() -> str:

@@ -764,6 +764,9 @@ if AVAILABLE:
         dq_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, DQ_COLS, 16])
         dq_zero = gl.zeros([BLOCK_M, DQ_COLS], gl.float32, layout=dq_layout)
+        dq_half_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[WARPS, 1], instr_shape=[16, HALF_D, 16])
+        dq_half_zero = gl.zeros([BLOCK_M, HALF_D], gl.float32, layout=dq_half_layout)
         mbarrier.wait(fixed_bar, 0)
         for i in range(n_steps):
             slot, phase, h, m0 = _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M, STAGES)
@@ -830,28 +833,37 @@ if AVAILABLE:
                 fence_async_shared()
                 mbarrier.arrive(ds_bars.index(0))
                 mbarrier.wait(ds_bars.index(0), i & 1)
-                if ATOMIC_DQ == 2:
+                if ATOMIC_DQ >= 2:
                     # The previous step's TMA adds have read their staging tiles.
                     tma.store_wait(pendings=0)
                 else:
                     # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
                     dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
-                if ATOMIC_DQ == 2:
+                if ATOMIC_DQ >= 2:
                     # Both quarters' four MMAs in flight at once (32 registers of dQ), then
                     # staged and added by the TMA unit, asynchronously: no reduction
                     # instructions in the consumer, and rows past seqlen_q clipped by the
                     # descriptor (their dQ is zero: P = 0 there).
                     k_mine = k_tile.slice(PART * HALF_D, HALF_D, dim=1)
                     k_theirs = k_other.reshape([ROWS, HEADDIM]).slice(PART * HALF_D, HALF_D, dim=1)
-                    dq0 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(0, DQ_COLS, dim=1), dq_zero,
-                                        use_acc=False, is_async=True)
-                    dq0 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(0, DQ_COLS, dim=1), dq0,
-                                        is_async=True)
-                    dq1 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(DQ_COLS, DQ_COLS, dim=1), dq_zero,
-                                        use_acc=False, is_async=True)
-                    dq1 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(DQ_COLS, DQ_COLS, dim=1), dq1,
-                                        is_async=True)
-                    dq0, dq1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq0, dq1))
+                    if ATOMIC_DQ == 3:
+                        # One 64-column MMA chain per consumer: dS is read from shared memory
+                        # once per consumer, not once per quarter.
+                        dq = warpgroup_mma(ds_buf.permute((1, 0)), k_mine, dq_half_zero, use_acc=False,
+                                           is_async=True)
+                        dq = warpgroup_mma(ds_other.permute((1, 0)), k_theirs, dq, is_async=True)
+                        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+                        dq0, dq1 = gl.split(dq.reshape([BLOCK_M, 2, DQ_COLS]).permute((0, 2, 1)))
+                    else:
+                        dq0 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(0, DQ_COLS, dim=1), dq_zero,
+                                            use_acc=False, is_async=True)
+                        dq0 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(0, DQ_COLS, dim=1), dq0,
+                                            is_async=True)
+                        dq1 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(DQ_COLS, DQ_COLS, dim=1), dq_zero,
+                                            use_acc=False, is_async=True)
+                        dq1 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(DQ_COLS, DQ_COLS, dim=1), dq1,
+                                            is_async=True)
+                        dq0, dq1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq0, dq1))
                     dq_stage.index(2 * PART).reshape([BLOCK_M, DQ_COLS]).store(dq0 * softmax_scale)
                     dq_stage.index(2 * PART + 1).reshape([BLOCK_M, DQ_COLS]).store(dq1 * softmax_scale)
                     fence_async_shared()
@@ -876,7 +888,7 @@ if AVAILABLE:
             # this wait a consumer that finished first overwrote K under the other's last dQ
             # (run 42: one 64-key share of dQ wrong, now and then).
             mbarrier.wait(ds_bars.index(1), (n_steps - 1) & 1, pred=n_steps > 0)
-        if ATOMIC_DQ == 2:
+        if ATOMIC_DQ >= 2:
             tma.store_wait(pendings=0)  # the last step's dQ adds, before the staging tiles go
         # Keys past seqlen_k are clipped by the descriptors. Under IS_VARLEN a consumer with
         # none stores nothing: its sequence's descriptor has at least one row, which for an
@@ -1145,10 +1157,10 @@ if AVAILABLE:
         ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(ds_bars.index(i), count=PARTS)  # both consumers arrive
-        # ATOMIC_DQ == 2: each consumer's two float32 dQ quarters (consumer c's at 2 c and
+        # ATOMIC_DQ == 2 or 3: each consumer's two float32 dQ quarters (consumer c's at 2 c and
         # 2 c + 1), staged for the TMA adds (``DQAcc`` is then a descriptor over the (batch,
         # rows, nheads, HEADDIM) accumulator).
-        if ATOMIC_DQ == 2:
+        if ATOMIC_DQ >= 2:
             dq_stages = gl.allocate_shared_memory(gl.float32, [2 * PARTS, 1, BLOCK_M, 1, HEADDIM // 4], DQAcc.layout)
         else:
             dq_stages = ds_bufs  # unused
@@ -1694,7 +1706,7 @@ def dq_accumulator_shape(batch: int, seqlen_q: int, nheads: int, block_d: int, b
     hh, e]: the four entries a thread holds of a warpgroup MMA's 16-row block are side by
     side (``_add_dq_tile``)."""
     rows = math.ceil(seqlen_q / block_m) * block_m
-    if writer == "tma":
+    if writer != "red":
         return (batch, rows, nheads, block_d)
     return (batch, rows // 16, nheads, 8, block_d // 8, 4, 2, 2)
 
@@ -1759,11 +1771,11 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, block_d, dkdv_cfg.block_m, dq_writer)
     # The "red" writer's float32 accumulator is addressed with 32-bit offsets within a
     # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
-    atomic_dq = atomic_dq and (dq_writer == "tma" or math.prod(acc_shape[1:]) < 2**31)
+    atomic_dq = atomic_dq and (dq_writer != "red" or math.prod(acc_shape[1:]) < 2**31)
     # (batch, row block, head) strides, in floats ("red"; the "tma" writer's descriptor has its own).
     dq_acc_strides = contiguous_strides(acc_shape)[:3] if atomic_dq and dq_writer == "red" else (0, 0, 0)
     acc_template = None
-    if atomic_dq and dq_writer == "tma":
+    if atomic_dq and dq_writer != "red":
         # Boxes of a quarter of the head dim (32 float32 columns at d=128: the 128-byte swizzle's width).
         box = [1, dkdv_cfg.block_m, 1, block_d // 4]
         acc_template = TensorDescriptor(_AlignedBase(torch.float32), list(acc_shape),
@@ -1800,7 +1812,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         dkdv_launch=PlannedLaunch(_bwd_dkdv_sm90_kernel, dict(
             HEADDIM=block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout),
-            ATOMIC_DQ=(2 if dq_writer == "tma" else 1) if atomic_dq else 0, IS_VARLEN=varlen,
+            ATOMIC_DQ={"red": 1, "tma": 2, "tma64": 3}[dq_writer] if atomic_dq else 0, IS_VARLEN=varlen,
             HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d, num_warps=4,
         ), _descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
