@@ -59,14 +59,14 @@ def check(d: int, causal: bool, variant: str, cfg: configs.KernelConfig) -> str:
 
 
 def bwd_candidate(spec: str) -> tuple[configs.KernelConfig, configs.KernelConfig, Optional[str]]:
-    """"BMxBNxSTAGES/BMxBNxSTAGES[+atomic|+tma|+tma64]": the dK/dV kernel's tiles, then the dQ
+    """"BMxBNxSTAGES/BMxBNxSTAGES[+atomic|+tma]": the dK/dV kernel's tiles, then the dQ
     kernel's (unused by the atomic 5-GEMM backward, which ``+atomic`` picks with its dQ added
-    by vector reductions, ``+tma`` and ``+tma64`` with TMA adds: ``configs.sm90_dq_writer``). The third
+    by vector reductions and ``+tma`` with TMA adds: ``configs.sm90_dq_writer``). The third
     value is that writer, or None for the deterministic backward."""
     spec, atomic = spec.rsplit("+", 1) if "+" in spec else (spec, None)
-    if atomic not in (None, "atomic", "tma", "tma64"):
-        raise ValueError(f"--bwd-tiles: got +{atomic}; expected +atomic, +tma or +tma64")
-    atomic = {"atomic": "red", "tma": "tma", "tma64": "tma64"}.get(atomic)
+    if atomic not in (None, "atomic", "tma"):
+        raise ValueError(f"--bwd-tiles: got +{atomic}; expected +atomic or +tma")
+    atomic = {"atomic": "red", "tma": "tma"}.get(atomic)
     pair = []
     for part in spec.split("/"):
         bm, bn, stages = (int(x) for x in part.split("x"))
@@ -101,7 +101,7 @@ def _tiles(cfg) -> str:
 
 
 def _bwd_label(dkdv_cfg, dq_cfg, atomic: Optional[str]) -> str:
-    return f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}" + {None: "", "red": "+atomic", "tma": "+tma", "tma64": "+tma64"}[atomic]
+    return f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}" + {None: "", "red": "+atomic", "tma": "+tma"}[atomic]
 
 
 def backward_section(args, fa2, cudnn) -> list:

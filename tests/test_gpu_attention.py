@@ -240,7 +240,7 @@ def _record_sm90_calls(monkeypatch) -> list:
 @pytest.mark.parametrize("variant,dtype", [("pingpong", torch.bfloat16), ("pingpong", torch.float16),
                                            ("specialized", torch.bfloat16), ("pipelined", torch.bfloat16)],
                          ids=["pingpong-bf16", "pingpong-fp16", "specialized-bf16", "pipelined-bf16"])
-@pytest.mark.parametrize("headdim", [64, 128, 96])
+@pytest.mark.parametrize("headdim", [64, 128, 96, 112])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 2048, 2048, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1),
                                           (3, 1, 700, 2, 2), (1, 129, 1, 2, 1)])
@@ -288,13 +288,12 @@ def test_sm90_forward_and_backward(gen, monkeypatch, variant, dtype, headdim, ca
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 2048, 2048, 8, 2), (1, 1000, 3001, 4, 4), (2, 3001, 1000, 4, 1),
                                           (3, 1, 700, 2, 2)])
-@pytest.mark.parametrize("writer", ["tma", "tma64"])
-def test_sm90_tma_dq_writer(gen, monkeypatch, writer, headdim, causal, b, sq, sk, h, hk):
+def test_sm90_tma_dq_writer(gen, monkeypatch, headdim, causal, b, sq, sk, h, hk):
     """The atomic 5-GEMM backward with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma,
-    and tma64: one 64-column dQ MMA chain per consumer) against the float64 reference, and
-    its dq against the vector-reduction writer's on the same inputs (the two differ only in
-    float32 summation order): lengths off the tiles, rows that see no key, GQA and MQA, one
-    query."""
+    the default) against the float64 reference, and its dq against the vector-reduction
+    writer's (red) on the same inputs (the two differ only in float32 summation order):
+    lengths off the tiles, rows that see no key, GQA and MQA, one query."""
+    writer = "tma"
     monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
     monkeypatch.setenv("RINGFLASH_DECODE", "0")
     monkeypatch.setenv("RINGFLASH_BACKWARD", "atomic")
@@ -341,7 +340,8 @@ def test_sm90_softcap(gen, monkeypatch, backward, headdim, dtype, softcap, causa
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("headdim,dtype", [(256, torch.bfloat16), (256, torch.float16), (192, torch.bfloat16),
-                                           (136, torch.bfloat16)], ids=["d256-bf16", "d256-fp16", "d192", "d136"])
+                                           (160, torch.bfloat16), (136, torch.bfloat16), (224, torch.bfloat16)],
+                         ids=["d256-bf16", "d256-fp16", "d192", "d160", "d136", "d224"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("b,sq,sk,h,hk,splits", [(2, 1000, 1000, 8, 2, 1), (1, 1000, 3001, 4, 4, 1),
                                                  (2, 3001, 1000, 4, 1, 1), (1, 129, 1, 2, 1, 1),

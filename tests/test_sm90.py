@@ -158,10 +158,12 @@ def test_preferred_where_measured_faster():
     tiles (fwd= for the forward, dkdv=/dq= for the backward)."""
     from ringflash.kernels import configs
 
-    unmeasured = torch.zeros(1, 1 << 15, 2, 112, dtype=torch.bfloat16)
-    assert not sm90.preferred(_problem(unmeasured, unmeasured))  # d=112: only with RINGFLASH_BACKEND=sm90
-    wide_unmeasured = torch.zeros(1, 1 << 15, 2, 160, dtype=torch.bfloat16)
-    assert not sm90.preferred(_problem(wide_unmeasured, wide_unmeasured))  # d=160 pads to 256 columns: untimed
+    # Head dims not measured take the next measured one's threshold (the same or a wider tile).
+    for d, threshold in ((40, 4096), (56, 4096), (72, 512), (120, 512), (136, 512), (200, 512), (248, 512)):
+        assert configs.sm90_min_seqlen_q(d) == threshold, d
+        short, long_ = (torch.zeros(1, n, 2, d, dtype=torch.bfloat16) for n in (threshold - 1, threshold))
+        assert not sm90.preferred(_problem(short, short)) and sm90.preferred(_problem(long_, long_)), d
+    unmeasured = torch.zeros(1, 1 << 15, 2, 112, dtype=torch.bfloat16)  # dropout: measured at d=128 only
     measured = torch.zeros(1, 1 << 15, 2, 128, dtype=torch.bfloat16)
     assert sm90.preferred(_problem(measured, measured))
     assert sm90.preferred(_problem(measured, measured), dropout=(0.1, 3))  # dropout measured at d=128
@@ -614,11 +616,13 @@ def test_dq_accumulator_layout_round_trips():
 
 
 def test_tma_dq_writer_plan(on_hopper, monkeypatch):
-    """RINGFLASH_SM90_DQ_WRITER=tma: the atomic backward's accumulator is a plain float32
+    """The default dQ writer, "tma": the atomic backward's accumulator is a plain float32
     (batch, rows padded to the dK/dV step, nheads, 128) tensor under a descriptor of
     quarter-head-dim boxes (32 columns: the 128-byte swizzle's width), the dK/dV launch
-    takes ATOMIC_DQ=2, and ``dq_from_accumulator`` reads the tensor back as it is; a plan
-    made under one writer is never reused under the other; a bad value is refused by name."""
+    takes ATOMIC_DQ=2, and ``dq_from_accumulator`` reads the tensor back as it is;
+    RINGFLASH_SM90_DQ_WRITER=red takes the reductions' tiled accumulator (ATOMIC_DQ=1); a
+    plan made under one writer is never reused under the other; a bad value is refused by
+    name."""
     from ringflash.kernels import configs
 
     q = torch.zeros(2, 75, 4, 96, dtype=torch.bfloat16)
@@ -628,26 +632,23 @@ def test_tma_dq_writer_plan(on_hopper, monkeypatch):
     def plan():
         return sm90._backward_plan(q, q, q, q, q, lse, (q, q, q), prob, None, True, None)
 
-    red = plan()
-    assert red.dq_writer == "red" and red.dq_accumulator_template is None
-    assert red.dkdv_launch.constexprs["ATOMIC_DQ"] == 1
-    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "tma")
+    monkeypatch.delenv("RINGFLASH_SM90_DQ_WRITER", raising=False)
     tma = plan()
     block_m = configs.sm90_backward_config("dkdv").block_m
     rows = -(-75 // block_m) * block_m
     assert tma.dq_writer == "tma" and tma.dq_accumulator_shape == (2, rows, 4, 128)
     assert tma.dkdv_launch.constexprs["ATOMIC_DQ"] == 2
     assert list(tma.dq_accumulator_template.block_shape) == [1, block_m, 1, 32]
-    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "tma64")
-    tma64 = plan()
-    assert tma64.dq_accumulator_shape == tma.dq_accumulator_shape and tma64.dkdv_launch.constexprs["ATOMIC_DQ"] == 3
-    assert list(tma64.dq_accumulator_template.block_shape) == [1, block_m, 1, 32]
+    monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "red")
+    red = plan()
+    assert red.dq_writer == "red" and red.dq_accumulator_template is None
+    assert red.dkdv_launch.constexprs["ATOMIC_DQ"] == 1
+    assert red.dq_accumulator_shape == (2, rows // 16, 4, 8, 16, 4, 2, 2)
     acc = torch.arange(2 * rows * 4 * 128, dtype=torch.float32).view(2, rows, 4, 128)
     assert torch.equal(sm90.dq_from_accumulator(acc, 75, 96), acc[:, :75, :, :96])
     monkeypatch.setenv("RINGFLASH_SM90_DQ_WRITER", "bulk")
     with pytest.raises(ValueError, match="RINGFLASH_SM90_DQ_WRITER: got 'bulk'"):
         plan()
-    monkeypatch.delenv("RINGFLASH_SM90_DQ_WRITER")
     with configs.override(sm90_dq_writer="tma"):
         assert plan().dq_writer == "tma"
 

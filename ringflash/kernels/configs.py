@@ -244,8 +244,27 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
 #: portable rows, and ``scripts/probe_sm90.py``): at seqlen 512 the Gluon kernels ran d=80,
 #: 96 and 128 at 1.04-1.38x the portable ones in both passes (d=64: 0.88-1.06x, kept at
 #: 4k); past d=128 (256-column tiles, ``SM90_BACKWARD_WIDE``) d=192 at 1.02-1.38x and d=256
-#: at 1.05-1.72x from 512 to 16k, except d=192 causal at 16k (0.99-1.00x, a tie).
-SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 80: 512, 96: 512, 128: 512, 192: 512, 256: 512}
+#: at 1.05-1.72x from 512 to 16k, except d=192 causal at 16k (0.99-1.00x, a tie). Run 51
+#: (H100, ``bench kernels --grid wide --families dense`` at s=512 to 8k): d=112 (padded to
+#: 128) 1.35-2.08x FA2 forward and 1.50-1.58x backward against the portable kernels'
+#: 1.15-1.54x and 1.10-1.24x; d=160 and d=224 (padded to 256) 1.25-1.45x and 1.45-2.07x
+#: forward, 1.20-1.35x and 1.58-1.61x backward, against the portable kernels' 0.73-0.80x
+#: (d=160, run 50) and 0.90-1.16x (d=224) backward. Head dims not listed take the entry of
+#: the next measured one up (``sm90_min_seqlen_q``).
+SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 80: 512, 96: 512, 112: 512, 128: 512, 160: 512, 192: 512, 224: 512,
+                                     256: 512}
+
+
+def sm90_min_seqlen_q(headdim: int) -> int:
+    """The query length from which the default backend takes the Gluon kernels at
+    ``headdim``: ``SM90_MIN_SEQLEN_Q``'s entry, or for a head dim it does not list (d=72,
+    200, ...) the entry of the next measured head dim up, which runs on the same or a wider
+    zero-padded tile (d=40..56 take d=64's 4096, whose short-sequence loss comes from the
+    warp-specialized prologue, not from the width)."""
+    measured = SM90_MIN_SEQLEN_Q.get(headdim)
+    if measured is None:
+        measured = SM90_MIN_SEQLEN_Q[min((d for d in SM90_MIN_SEQLEN_Q if d >= headdim), default=max(SM90_MIN_SEQLEN_Q))]
+    return measured
 #: Head dims at which the default backend also takes the Gluon kernels with dropout (from
 #: the same seqlen): run 39's `bench dropout` (b=4 s=4k h=16 d=128 causal) timed their
 #: fwd+bwd with the PTX mask at 3.19 ms against the portable kernels' 3.28. Others unmeasured.
@@ -319,18 +338,17 @@ def sm90_varlen_enabled() -> bool:
 
 
 #: How the Gluon 5-GEMM backward (``RINGFLASH_BACKWARD=atomic``) adds its dQ tiles into the
-#: float32 accumulator: "red" by vector reductions from the consumers' registers (run 46:
-#: 0.70-0.81x the deterministic pair at d=128), "tma" by staging each tile in shared memory
-#: for an asynchronous TMA add (not yet run on a GPU), "tma64" the same with each
-#: consumer's dQ half from one 64-column MMA chain instead of two 32-column ones (dS read
-#: from shared memory half as often).
-SM90_DQ_WRITERS = ("red", "tma", "tma64")
+#: float32 accumulator: "tma" (the default) stages each consumer's dQ half in shared memory
+#: for asynchronous TMA adds; "red" adds it by vector reductions from the consumers'
+#: registers. Run 51 (H100, d=128, s=4k and 16k): "tma" ran 1.02-1.16x "red", and both
+#: 0.76-0.93x the deterministic pair, which stays the default backward.
+SM90_DQ_WRITERS = ("tma", "red")
 
 
 def sm90_dq_writer() -> str:
-    """``RINGFLASH_SM90_DQ_WRITER`` (default "red"; an ``override(sm90_dq_writer=...)``
+    """``RINGFLASH_SM90_DQ_WRITER`` (default "tma"; an ``override(sm90_dq_writer=...)``
     context wins): see ``SM90_DQ_WRITERS``."""
-    value = _override.get("sm90_dq_writer") or os.environ.get("RINGFLASH_SM90_DQ_WRITER", "red")
+    value = _override.get("sm90_dq_writer") or os.environ.get("RINGFLASH_SM90_DQ_WRITER", "tma")
     if value not in SM90_DQ_WRITERS:
         raise ValueError(f"RINGFLASH_SM90_DQ_WRITER: got {value!r}; expected one of {SM90_DQ_WRITERS}")
     return value

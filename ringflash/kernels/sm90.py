@@ -833,37 +833,27 @@ if AVAILABLE:
                 fence_async_shared()
                 mbarrier.arrive(ds_bars.index(0))
                 mbarrier.wait(ds_bars.index(0), i & 1)
-                if ATOMIC_DQ >= 2:
+                if ATOMIC_DQ == 2:
                     # The previous step's TMA adds have read their staging tiles.
                     tma.store_wait(pendings=0)
                 else:
                     # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
                     dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
-                if ATOMIC_DQ >= 2:
-                    # Both quarters' four MMAs in flight at once (32 registers of dQ), then
-                    # staged and added by the TMA unit, asynchronously: no reduction
-                    # instructions in the consumer, and rows past seqlen_q clipped by the
-                    # descriptor (their dQ is zero: P = 0 there).
-                    k_mine = k_tile.slice(PART * HALF_D, HALF_D, dim=1)
-                    k_theirs = k_other.reshape([ROWS, HEADDIM]).slice(PART * HALF_D, HALF_D, dim=1)
-                    if ATOMIC_DQ == 3:
-                        # One 64-column MMA chain per consumer: dS is read from shared memory
-                        # once per consumer, not once per quarter.
-                        dq = warpgroup_mma(ds_buf.permute((1, 0)), k_mine, dq_half_zero, use_acc=False,
-                                           is_async=True)
-                        dq = warpgroup_mma(ds_other.permute((1, 0)), k_theirs, dq, is_async=True)
-                        dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
-                        dq0, dq1 = gl.split(dq.reshape([BLOCK_M, 2, DQ_COLS]).permute((0, 2, 1)))
-                    else:
-                        dq0 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(0, DQ_COLS, dim=1), dq_zero,
-                                            use_acc=False, is_async=True)
-                        dq0 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(0, DQ_COLS, dim=1), dq0,
-                                            is_async=True)
-                        dq1 = warpgroup_mma(ds_buf.permute((1, 0)), k_mine.slice(DQ_COLS, DQ_COLS, dim=1), dq_zero,
-                                            use_acc=False, is_async=True)
-                        dq1 = warpgroup_mma(ds_other.permute((1, 0)), k_theirs.slice(DQ_COLS, DQ_COLS, dim=1), dq1,
-                                            is_async=True)
-                        dq0, dq1 = warpgroup_mma_wait(num_outstanding=0, deps=(dq0, dq1))
+                if ATOMIC_DQ == 2:
+                    # The half by one 64-column MMA chain over both consumers' keys (32
+                    # registers of dQ), split in registers into the two quarters that the
+                    # 128-byte swizzle's boxes hold, staged and added by the TMA unit,
+                    # asynchronously: no reduction instructions in the consumer, and rows
+                    # past seqlen_q clipped by the descriptor (their dQ is zero: P = 0 there).
+                    # Run 51: 1.10-1.16x the reductions' kernel; two 32-column chains in
+                    # flight at once instead ran 0.97-1.03x this one.
+                    dq = warpgroup_mma(ds_buf.permute((1, 0)), k_tile.slice(PART * HALF_D, HALF_D, dim=1),
+                                       dq_half_zero, use_acc=False, is_async=True)
+                    dq = warpgroup_mma(ds_other.permute((1, 0)),
+                                       k_other.reshape([ROWS, HEADDIM]).slice(PART * HALF_D, HALF_D, dim=1), dq,
+                                       is_async=True)
+                    dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ))
+                    dq0, dq1 = gl.split(dq.reshape([BLOCK_M, 2, DQ_COLS]).permute((0, 2, 1)))
                     dq_stage.index(2 * PART).reshape([BLOCK_M, DQ_COLS]).store(dq0 * softmax_scale)
                     dq_stage.index(2 * PART + 1).reshape([BLOCK_M, DQ_COLS]).store(dq1 * softmax_scale)
                     fence_async_shared()
@@ -888,7 +878,7 @@ if AVAILABLE:
             # this wait a consumer that finished first overwrote K under the other's last dQ
             # (run 42: one 64-key share of dQ wrong, now and then).
             mbarrier.wait(ds_bars.index(1), (n_steps - 1) & 1, pred=n_steps > 0)
-        if ATOMIC_DQ >= 2:
+        if ATOMIC_DQ == 2:
             tma.store_wait(pendings=0)  # the last step's dQ adds, before the staging tiles go
         # Keys past seqlen_k are clipped by the descriptors. Under IS_VARLEN a consumer with
         # none stores nothing: its sequence's descriptor has at least one row, which for an
@@ -1157,10 +1147,10 @@ if AVAILABLE:
         ds_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(ds_bars.index(i), count=PARTS)  # both consumers arrive
-        # ATOMIC_DQ == 2 or 3: each consumer's two float32 dQ quarters (consumer c's at 2 c and
+        # ATOMIC_DQ == 2: each consumer's two float32 dQ quarters (consumer c's at 2 c and
         # 2 c + 1), staged for the TMA adds (``DQAcc`` is then a descriptor over the (batch,
         # rows, nheads, HEADDIM) accumulator).
-        if ATOMIC_DQ >= 2:
+        if ATOMIC_DQ == 2:
             dq_stages = gl.allocate_shared_memory(gl.float32, [2 * PARTS, 1, BLOCK_M, 1, HEADDIM // 4], DQAcc.layout)
         else:
             dq_stages = ds_bufs  # unused
@@ -1433,17 +1423,16 @@ def _tma_readable(x: torch.Tensor) -> bool:
 def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, kind: str = "fwd") -> bool:
     """Whether the default backend takes this family's ``kind`` ("fwd" or "bwd") for a call
     it ``supports``: where it measured faster than the portable kernel
-    (``configs.SM90_MIN_SEQLEN_Q``: d = 64, 80, 96, 128, 192 and 256, runs 37-47; dropout at
-    the head dims of ``configs.SM90_DROPOUT_HEADDIMS``; softcap where ``configs.SM90_SOFTCAP``;
-    other head dims, other dropout calls and varlen only with RINGFLASH_BACKEND=sm90, varlen
-    also with RINGFLASH_SM90_VARLEN=1), unless a ``configs.override`` context forces the portable kernel's tiles for
+    (``configs.sm90_min_seqlen_q``: measured at d = 64 to 256, runs 37-51; dropout at the
+    head dims of ``configs.SM90_DROPOUT_HEADDIMS``; softcap where ``configs.SM90_SOFTCAP``;
+    other dropout calls and varlen only with RINGFLASH_BACKEND=sm90, varlen also with
+    RINGFLASH_SM90_VARLEN=1), unless a ``configs.override`` context forces the portable kernel's tiles for
     ``kind``."""
     if prob.is_varlen or (dropout is not None and prob.headdim not in configs.SM90_DROPOUT_HEADDIMS):
         return False
     if prob.softcap > 0 and not configs.SM90_SOFTCAP:
         return False
-    threshold = configs.SM90_MIN_SEQLEN_Q.get(prob.headdim)
-    return threshold is not None and prob.max_seqlen_q >= threshold and not configs.portable_tiles_forced(kind)
+    return prob.max_seqlen_q >= configs.sm90_min_seqlen_q(prob.headdim) and not configs.portable_tiles_forced(kind)
 
 
 def _block_d(headdim: int) -> int:
@@ -1812,7 +1801,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         dkdv_launch=PlannedLaunch(_bwd_dkdv_sm90_kernel, dict(
             HEADDIM=block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout),
-            ATOMIC_DQ={"red": 1, "tma": 2, "tma64": 3}[dq_writer] if atomic_dq else 0, IS_VARLEN=varlen,
+            ATOMIC_DQ={"red": 1, "tma": 2}[dq_writer] if atomic_dq else 0, IS_VARLEN=varlen,
             HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d, num_warps=4,
         ), _descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
