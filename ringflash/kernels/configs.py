@@ -340,8 +340,9 @@ def sm90_varlen_enabled() -> bool:
 #: How the Gluon 5-GEMM backward (``RINGFLASH_BACKWARD=atomic``) adds its dQ tiles into the
 #: float32 accumulator: "tma" (the default) stages each consumer's dQ half in shared memory
 #: for asynchronous TMA adds; "red" adds it by vector reductions from the consumers'
-#: registers. Run 51 (H100, d=128, s=4k and 16k): "tma" ran 1.02-1.16x "red", and both
-#: 0.76-0.93x the deterministic pair, which stays the default backward.
+#: registers. Run 51 (H100, d=128, s=4k and 16k): "tma" ran 1.02-1.16x "red"; against the
+#: deterministic pair, which stays the default backward, "tma" ran 0.83-0.89x and "red"
+#: 0.73-0.81x.
 SM90_DQ_WRITERS = ("tma", "red")
 
 

@@ -845,8 +845,8 @@ if AVAILABLE:
                     # 128-byte swizzle's boxes hold, staged and added by the TMA unit,
                     # asynchronously: no reduction instructions in the consumer, and rows
                     # past seqlen_q clipped by the descriptor (their dQ is zero: P = 0 there).
-                    # Run 51: 1.10-1.16x the reductions' kernel; two 32-column chains in
-                    # flight at once instead ran 0.97-1.03x this one.
+                    # Run 51: 1.02-1.16x the reductions' kernel; two 32-column chains in
+                    # flight at once instead ran 0.94-1.03x this one.
                     dq = warpgroup_mma(ds_buf.permute((1, 0)), k_tile.slice(PART * HALF_D, HALF_D, dim=1),
                                        dq_half_zero, use_acc=False, is_async=True)
                     dq = warpgroup_mma(ds_other.permute((1, 0)),
