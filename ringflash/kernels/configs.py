@@ -245,12 +245,12 @@ SM90_FORWARD: dict[tuple[int, bool], KernelConfig] = {
 #: 96 and 128 at 1.04-1.38x the portable ones in both passes (d=64: 0.88-1.06x, kept at
 #: 4k); past d=128 (256-column tiles, ``SM90_BACKWARD_WIDE``) d=192 at 1.02-1.38x and d=256
 #: at 1.05-1.72x from 512 to 16k, except d=192 causal at 16k (0.99-1.00x, a tie). Run 51
-#: (H100, ``bench kernels --grid wide --families dense`` at s=512 to 8k): d=112 (padded to
-#: 128) 1.35-2.08x FA2 forward and 1.50-1.58x backward against the portable kernels'
-#: 1.15-1.54x and 1.10-1.24x; d=160 and d=224 (padded to 256) 1.25-1.45x and 1.45-2.07x
-#: forward, 1.20-1.35x and 1.58-1.61x backward, against the portable kernels' 0.73-0.80x
-#: (d=160, run 50) and 0.90-1.16x (d=224) backward. Head dims not listed take the entry of
-#: the next measured one up (``sm90_min_seqlen_q``).
+#: (H100, ``bench kernels --grid wide --families dense``, s=512 to 8k, against FA2): d=112
+#: (padded to 128) forward 1.56-2.08x and backward 1.50-1.58x, where the portable kernels ran
+#: 1.15-1.54x and 1.10-1.24x; d=160 and d=224 (padded to 256) forward 1.27-1.45x and
+#: 1.45-2.07x, backward 1.20-1.30x and 1.58-1.68x, where the portable kernels' backward ran
+#: 0.73-0.80x (d=160, run 50) and 0.90-1.16x (d=224). Head dims not listed take the entry
+#: of the next measured one up (``sm90_min_seqlen_q``).
 SM90_MIN_SEQLEN_Q: dict[int, int] = {64: 4096, 80: 512, 96: 512, 112: 512, 128: 512, 160: 512, 192: 512, 224: 512,
                                      256: 512}
 
