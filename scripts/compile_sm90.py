@@ -15,9 +15,10 @@ confirm speed on the GPU.
     python scripts/compile_sm90.py --headdims 128 --dropout on
 
 Prints one row per compiled kernel: registers per thread, stack bytes (spills and local
-arrays), the SASS spill stores/loads (STL/LDL), and the static counts of SASS instructions
-and of shared-memory stores/loads (STS/LDS). Exit status 1 if any launch failed to
-compile.
+arrays), the SASS spill stores/loads (STL/LDL), and the static counts of SASS instructions,
+of shared-memory stores/loads (STS/LDS), of warpgroup and warp MMAs (HGMMA/HMMA) and of
+global loads and stores of single 2-byte elements (G16: unvectorized tile rows). Exit
+status 1 if any launch failed to compile.
 """
 
 from __future__ import annotations
@@ -137,6 +138,9 @@ def resource_usage(kernel) -> dict:
                 # Hopper's warpgroup MMAs against the older per-warp ones (tiles too small
                 # for a warpgroup fall back to HMMA, at a fraction of the throughput).
                 hgmma=len(re.findall(r"\bHGMMA\.", sass)), hmma=len(re.findall(r"\bHMMA\.", sass)),
+                # Global loads and stores of single 2-byte elements: a tile's rows the compiler
+                # could not prove aligned (``problem.stride_unit``; run 51's d=72).
+                g16=len(re.findall(r"\b(?:LDG|STG)\.E\.U16\b", sass)),
                 warps=kernel.metadata.num_warps, stages=kernel.metadata.num_stages)
 
 
@@ -385,8 +389,9 @@ def main(argv=None) -> int:
     dropouts = {"both": (0.0, 0.1), "on": (0.1,), "off": (0.0,)}[args.dropout]
     print(f"triton {triton.__version__}, target sm_90 (compile only)")
     print(f"| {'case':28s} | {'kernel':24s} | warps | stages | regs | stack | STL | LDL |  SASS |  STS |  LDS "
-          f"| HGMMA | HMMA |")
-    print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|-------|------|------|-------|------|")
+          f"| HGMMA | HMMA | G16 |")
+    print(f"|{'-' * 30}|{'-' * 26}|-------|--------|------|-------|-----|-----|-------|------|------|-------|------"
+          f"|-----|")
     status = 0
     cases = [(f"d={d} {'causal' if causal else 'full'}{' dropout' if p else ''}{' softcap' if args.softcap else ''}",
               (lambda d=d, c=causal, p=p: run_case(d, c, p, softcap=args.softcap)))
@@ -409,7 +414,7 @@ def main(argv=None) -> int:
         for name, u in rows:
             print(f"| {case:28s} | {name:24s} | {u['warps']:5d} | {u['stages']:6d} | {u['regs']:4d} | "
                   f"{u['stack']:5d} | {u['stl']:3d} | {u['ldl']:3d} | {u['sass']:5d} | {u['sts']:4d} | {u['lds']:4d} | "
-                  f"{u['hgmma']:5d} | {u['hmma']:4d} |",
+                  f"{u['hgmma']:5d} | {u['hmma']:4d} | {u['g16']:3d} |",
                   flush=True)
     return status
 

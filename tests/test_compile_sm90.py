@@ -35,6 +35,21 @@ def test_kernels_compile_for_sm90(tmp_path):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")
+def test_unaligned_head_dims_compile_to_vector_accesses(tmp_path):
+    """d=72 (a head stride of 72 elements, not a multiple of 16): with the strides in units
+    of 8 (``problem.stride_unit``) the portable kernels hold no single 2-byte global loads or
+    stores (the report's G16 column); without them the forward had 192 and 64 (run 51)."""
+    result = subprocess.run([sys.executable, SCRIPT, "--headdims", "72", "--causal", "full", "--dropout", "off",
+                             "--no-extras"], capture_output=True, text=True, timeout=600, env=_own_cache(tmp_path))
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report[-3000:]
+    rows = {cells[2].strip(): int(cells[-2]) for line in result.stdout.splitlines()
+            if line.startswith("| d=72") for cells in [line.split("|")]}
+    assert set(rows) == {"_fwd_kernel", "_bwd_preprocess_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel"}, report
+    assert all(g16 == 0 for g16 in rows.values()), report
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")
 def test_dropout_sass_reports_each_kernels_loops(tmp_path):
     """scripts/dropout_sass.py finds the Gluon kernels' inner loops, with and without dropout,
     and reports what the mask adds per entry (docs/benchmarks.md's dropout analysis)."""

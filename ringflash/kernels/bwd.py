@@ -22,12 +22,12 @@ from . import configs
 from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, grad_buffer,
     interpreter_output, interpreting, kernel_operand,
-    key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, visible,
+    in_elements, key_block_ranges, query_block_ranges, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, visible,
 )
 from .launch import ArgTemplate, PlannedLaunch, PlanTable, int_class
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, meta_signature,
-    seq_pointers, seqlen_args,
+    seq_pointers, seqlen_args, stride_unit,
 )
 
 
@@ -39,9 +39,13 @@ def _bwd_preprocess_kernel(
     stride_dob, stride_dor, stride_doh,
     stride_lb, stride_lh,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, LOG2_BLOCK_D: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,
 ):
     """Grid (cdiv(rows, BLOCK_R), nheads, batch); varlen runs as batch 1 over all tokens.
-    Delta and Lse2 share lse's layout (token stride 1)."""
+    Delta and Lse2 share lse's layout (token stride 1). Out's and dOut's strides come in
+    units of STRIDE_UNIT elements."""
+    stride_ob, stride_or, stride_oh = in_elements(stride_ob, stride_or, stride_oh, STRIDE_UNIT)
+    stride_dob, stride_dor, stride_doh = in_elements(stride_dob, stride_dor, stride_doh, STRIDE_UNIT)
     pid_r = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2)
@@ -202,7 +206,7 @@ def _bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, HAS_DKV_ROWS: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
     """Grid: (cdiv(max_seqlen_k, BLOCK_N), nheads_k * splits, batch).
 
@@ -217,8 +221,16 @@ def _bwd_dkdv_kernel(
     HAS_DKV_ROWS (varlen), key row i goes to row DkvRows[i] of DK/DV: context
     parallelism writes straight into its reduce-scatter buffer, in the ranks' layout.
     WANT_DK / WANT_DV: which of the two this launch computes and writes (a config with
-    ``dkdv_passes=2`` launches it twice, each holding one accumulator).
+    ``dkdv_passes=2`` launches it twice, each holding one accumulator). The dense tensors'
+    (batch, token, head) strides come in units of STRIDE_UNIT elements.
     """
+    stride_qb, stride_qs, stride_qh = in_elements(stride_qb, stride_qs, stride_qh, STRIDE_UNIT)
+    stride_kb, stride_ks, stride_kh = in_elements(stride_kb, stride_ks, stride_kh, STRIDE_UNIT)
+    stride_vb, stride_vs, stride_vh = in_elements(stride_vb, stride_vs, stride_vh, STRIDE_UNIT)
+    stride_dob, stride_dos, stride_doh = in_elements(stride_dob, stride_dos, stride_doh, STRIDE_UNIT)
+    stride_dkb, stride_dks, stride_dkh = in_elements(stride_dkb, stride_dks, stride_dkh, STRIDE_UNIT)
+    stride_dvb, stride_dvs, stride_dvh = in_elements(stride_dvb, stride_dvs, stride_dvh, STRIDE_UNIT)
+    stride_dqab, stride_dqas, stride_dqah = in_elements(stride_dqab, stride_dqas, stride_dqah, STRIDE_UNIT)
     pid_n = tl.program_id(0)
     hk = tl.program_id(1) // splits
     split = tl.program_id(1) % splits
@@ -424,9 +436,15 @@ def _bwd_dq_kernel(
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_ORDER: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, GROUP_ORDER: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
-    """Grid: ``configs.program_grid`` over cdiv(max_seqlen_q, BLOCK_M) query blocks; order as the forward's."""
+    """Grid: ``configs.program_grid`` over cdiv(max_seqlen_q, BLOCK_M) query blocks; order as the forward's.
+    The dense tensors' (batch, token, head) strides come in units of STRIDE_UNIT elements."""
+    stride_qb, stride_qs, stride_qh = in_elements(stride_qb, stride_qs, stride_qh, STRIDE_UNIT)
+    stride_kb, stride_ks, stride_kh = in_elements(stride_kb, stride_ks, stride_kh, STRIDE_UNIT)
+    stride_vb, stride_vs, stride_vh = in_elements(stride_vb, stride_vs, stride_vh, STRIDE_UNIT)
+    stride_dob, stride_dos, stride_doh = in_elements(stride_dob, stride_dos, stride_doh, STRIDE_UNIT)
+    stride_dqb, stride_dqs, stride_dqh = in_elements(stride_dqb, stride_dqs, stride_dqh, STRIDE_UNIT)
     g, m_block, b = schedule(tl.program_id(0), tl.program_id(2), num_m_blocks, num_groups, GROUP_ORDER)
     h = tl.program_id(1)
     q_start, sq, k_start, sk, _, diag = sequence_bounds(
@@ -503,13 +521,6 @@ def _bwd_dq_kernel(
                  dq2.to(DQ.dtype.element_ty), mask=tile_mask2)
 
 
-def _row_view_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int, int, int]:
-    """(rows, batch, batch stride, row stride, head stride) viewing x as (batch, rows, head, d)."""
-    if is_varlen:
-        return x.shape[0], 1, 0, x.stride(0), x.stride(1)
-    return x.shape[1], x.shape[0], x.stride(0), x.stride(1), x.stride(2)
-
-
 #: The widest (padded) head dim the atomic 5-GEMM backward takes (see ``attention_backward``).
 ATOMIC_DQ_MAX_BLOCK_D = 128
 
@@ -529,13 +540,15 @@ def prepare_backward(
            prob.headdim, prob.nheads, out.data_ptr() % 16 == 0, dout.data_ptr() % 16 == 0, lse.data_ptr() % 16 == 0)
     plan = _PREPARE_PLANS.get(key)
     if plan is None:
-        rows, batch, ob, or_, oh = _row_view_strides(out, prob.is_varlen)
-        _, _, dob, dor, doh = _row_view_strides(dout, prob.is_varlen)
+        # Viewed as (batch, rows, head, d); varlen as one sequence of all its tokens.
+        rows, batch = (out.shape[0], 1) if prob.is_varlen else (out.shape[1], out.shape[0])
+        unit = stride_unit(out, dout, is_varlen=prob.is_varlen)
+        strides = (*dense_strides(out, prob.is_varlen, unit), *dense_strides(dout, prob.is_varlen, unit))
         block_r = 16 if interpreting() else 64
         plan = _PREPARE_PLANS.keep(key, (
-            (cdiv(rows, block_r), prob.nheads, batch), (rows, ob, or_, oh, dob, dor, doh, *lse_strides(lse, prob.is_varlen)),
+            (cdiv(rows, block_r), prob.nheads, batch), (rows, *strides, *lse_strides(lse, prob.is_varlen)),
             PlannedLaunch(_bwd_preprocess_kernel, dict(HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
-                                                       LOG2_BLOCK_D=prob.block_d.bit_length() - 1)),
+                                                       LOG2_BLOCK_D=prob.block_d.bit_length() - 1, STRIDE_UNIT=unit)),
         ))
     grid, scalars, launch = plan
     launch(grid, (out, dout, lse, delta, lse2, *scalars))
@@ -702,11 +715,12 @@ def _flags(io: _BackwardTensors, prob: AttnProblem) -> dict:
     )
 
 
-def _shared_args(io: _BackwardTensors, prob: AttnProblem) -> tuple:
-    """(sequence and ALiBi arguments, q/k/v/dout strides, scalars) of both kernels."""
+def _shared_args(io: _BackwardTensors, prob: AttnProblem, unit: int) -> tuple:
+    """(sequence and ALiBi arguments, q/k/v/dout strides in units of ``unit`` elements,
+    scalars) of both kernels."""
     seq_args = seqlen_args(io.q, io.k, io.meta)
     seq_args = (*seq_args[:7], *alibi_args(io.alibi_slopes, io.delta), *seq_args[7:])
-    qkv_strides = tuple(s for x in (io.q, io.k, io.v, io.dout) for s in dense_strides(x, prob.is_varlen))
+    qkv_strides = tuple(s for x in (io.q, io.k, io.v, io.dout) for s in dense_strides(x, prob.is_varlen, unit))
     scalars = (*prob.scalar_args(), prob.softmax_scale, prob.window_left, prob.window_right,
                *dropout_args(io.dropout))
     return seq_args, qkv_strides, scalars
@@ -734,12 +748,15 @@ def _dkdv_plan(cfg: configs.KernelConfig, io: _BackwardTensors, prob: AttnProble
         partial = torch.empty((splits,) + tuple(io.k.shape), dtype=torch.float32, device="meta")
         dk_first = dv_first = partial[0]
         split_strides = (partial.stride(0), partial.stride(0))
-    seq_args, qkv_strides, scalars = _shared_args(io, prob)
+    unit = stride_unit(io.q, io.k, io.v, io.dout, dk_first, dv_first, *((io.dq_acc, ) if atomic_dq else ()),
+                       is_varlen=prob.is_varlen)
+    seq_args, qkv_strides, scalars = _shared_args(io, prob, unit)
     args = (
         io.q, io.k, io.v, io.dout, io.lse2, io.delta, dk_first, dv_first,
         io.dkv_rows if io.dkv_rows is not None else io.delta, io.dq_acc,
-        *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen), *dense_strides(dv_first, prob.is_varlen),
-        *(dense_strides(io.dq_acc, prob.is_varlen) if atomic_dq else (0, 0, 0)),
+        *seq_args, *qkv_strides, *dense_strides(dk_first, prob.is_varlen, unit),
+        *dense_strides(dv_first, prob.is_varlen, unit),
+        *(dense_strides(io.dq_acc, prob.is_varlen, unit) if atomic_dq else (0, 0, 0)),
         *lse_strides(io.lse2, prob.is_varlen),
         prob.nheads // prob.nheads_k, prob.num_groups, splits, *split_strides, *scalars,
     )
@@ -751,7 +768,7 @@ def _dkdv_plan(cfg: configs.KernelConfig, io: _BackwardTensors, prob: AttnProble
         grid=(cdiv(prob.max_seqlen_k, cfg.block_n), prob.nheads_k * splits, prob.batch), args=ArgTemplate(args),
         launches=tuple(PlannedLaunch(_bwd_dkdv_kernel, dict(
             **cfg.launch_args(), **flags, HAS_DKV_ROWS=io.dkv_rows is not None, ATOMIC_DQ=atomic_dq and want_dk,
-            WANT_DK=want_dk, WANT_DV=want_dv)) for want_dk, want_dv in passes),
+            WANT_DK=want_dk, WANT_DV=want_dv, STRIDE_UNIT=unit)) for want_dk, want_dv in passes),
         splits=splits,
     )
 
@@ -778,15 +795,17 @@ def _launch_dkdv(plan: _KernelPlan, io: _BackwardTensors, prob: AttnProblem) -> 
 def _dq_plan(cfg: configs.KernelConfig, io: _BackwardTensors, prob: AttnProblem) -> _KernelPlan:
     cfg = configs.fit_grid(cfg, prob)
     num_m_blocks = cdiv(prob.max_seqlen_q, cfg.block_m)
-    seq_args, qkv_strides, scalars = _shared_args(io, prob)
+    unit = stride_unit(io.q, io.k, io.v, io.dout, io.dq, is_varlen=prob.is_varlen)
+    seq_args, qkv_strides, scalars = _shared_args(io, prob, unit)
     args = (
         io.q, io.k, io.v, io.dout, io.lse2, io.delta, io.dq, *seq_args, *qkv_strides,
-        *dense_strides(io.dq, prob.is_varlen), *lse_strides(io.lse2, prob.is_varlen),
+        *dense_strides(io.dq, prob.is_varlen, unit), *lse_strides(io.lse2, prob.is_varlen),
         prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, *scalars,
     )
     return _KernelPlan(grid=configs.program_grid(cfg, num_m_blocks, prob), args=ArgTemplate(args),
                        launches=(PlannedLaunch(_bwd_dq_kernel, dict(**cfg.launch_args(), **_flags(io, prob),
-                                                                     GROUP_ORDER=cfg.group_order_code)),))
+                                                                     GROUP_ORDER=cfg.group_order_code,
+                                                                     STRIDE_UNIT=unit)),))
 
 
 def _launch_dq(plan: _KernelPlan, io: _BackwardTensors) -> None:

@@ -187,6 +187,14 @@ def row_base(base, b, h, row0, stride_b, stride_h, stride_s):
 
 
 @triton.jit
+def in_elements(stride_b, stride_s, stride_h, UNIT: tl.constexpr):
+    """(batch, token, head) strides passed in units of UNIT elements
+    (``problem.stride_unit``), back in elements; the products by the constexpr tell the
+    compiler that each row starts UNIT-aligned, so its loads and stores vectorize."""
+    return stride_b * UNIT, stride_s * UNIT, stride_h * UNIT
+
+
+@triton.jit
 def tile_ptrs(base, b, h, row0, stride_b, stride_h, stride_s, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """(BLOCK_R, BLOCK_D) pointers to rows [row0, row0 + BLOCK_R) of (batch b, head h)."""
     return (row_base(base, b, h, row0, stride_b, stride_h, stride_s)

@@ -17,12 +17,12 @@ import triton.language as tl
 from . import configs
 from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
-    next_power_of_2, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, visible,
+    in_elements, next_power_of_2, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, visible,
 )
 from .launch import ArgTemplate, PlannedLaunch, PlanTable, cached_launch, int_class
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, meta_signature,
-    seq_pointers, seqlen_args,
+    seq_pointers, seqlen_args, stride_unit,
 )
 
 
@@ -130,15 +130,19 @@ def _fwd_kernel(
     IS_VARLEN: tl.constexpr, HAS_SEQUSED: tl.constexpr, HAS_DIAG: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
-    SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_ORDER: tl.constexpr,
+    SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_ORDER: tl.constexpr, STRIDE_UNIT: tl.constexpr,
 ):
     """Grid: ``configs.program_grid`` (query blocks x splits, heads, batch), with the groups
     on axis 0 or 2 as ``schedule`` orders them.
 
     Axis 0 runs the splits of one (group, query block) together. Writes out (q's dtype) and
     lse (float32, natural log), or with IS_SPLIT the float32 partial out/lse of its key split
-    for the combine kernel.
+    for the combine kernel. The q, k, v and out strides come in units of STRIDE_UNIT elements.
     """
+    stride_qb, stride_qs, stride_qh = in_elements(stride_qb, stride_qs, stride_qh, STRIDE_UNIT)
+    stride_kb, stride_ks, stride_kh = in_elements(stride_kb, stride_ks, stride_kh, STRIDE_UNIT)
+    stride_vb, stride_vs, stride_vh = in_elements(stride_vb, stride_vs, stride_vh, STRIDE_UNIT)
+    stride_ob, stride_os, stride_oh = in_elements(stride_ob, stride_os, stride_oh, STRIDE_UNIT)
     pid = tl.program_id(0)
     h = tl.program_id(1)
     if IS_SPLIT:
@@ -401,10 +405,10 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
         split_strides = (out_target.stride(0), lse_target.stride(0))
     out_view, lse_view = (out, lse) if num_splits == 1 else (out_target[0], lse_target[0])
     seq_args = seqlen_args(q, k, meta)
+    unit = stride_unit(q, k, v, out_view, is_varlen=prob.is_varlen)
     args = (
         q, k, v, out_target, lse_target, *seq_args[:7], *alibi_args(alibi_slopes, lse), *seq_args[7:],
-        *dense_strides(q, prob.is_varlen), *dense_strides(k, prob.is_varlen), *dense_strides(v, prob.is_varlen),
-        *dense_strides(out_view, prob.is_varlen), split_strides[0],
+        *(s for x in (q, k, v, out_view) for s in dense_strides(x, prob.is_varlen, unit)), split_strides[0],
         *lse_strides(lse_view, prob.is_varlen), split_strides[1],
         prob.nheads // prob.nheads_k, num_m_blocks, prob.num_groups, num_splits,
         *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right, *dropout_args(dropout),
@@ -417,7 +421,7 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
                             HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None,
                             IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype),
                             KV_CACHE=cfg.kv_cache, SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,
-                            GROUP_ORDER=cfg.group_order_code, **cfg.launch_args(),
+                            GROUP_ORDER=cfg.group_order_code, STRIDE_UNIT=unit, **cfg.launch_args(),
                         )))
 
 

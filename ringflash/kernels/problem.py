@@ -144,11 +144,33 @@ def make_problem(
     )
 
 
-def dense_strides(x: torch.Tensor, is_varlen: bool) -> tuple[int, int, int]:
-    """(batch, token, head) strides; varlen tensors have no batch axis (stride 0)."""
-    if is_varlen:
-        return 0, x.stride(0), x.stride(1)
-    return x.stride(0), x.stride(1), x.stride(2)
+def dense_strides(x: torch.Tensor, is_varlen: bool, unit: int = 1) -> tuple[int, int, int]:
+    """(batch, token, head) strides, in units of ``unit`` elements (``stride_unit``);
+    varlen tensors have no batch axis (stride 0)."""
+    strides = (0, x.stride(0), x.stride(1)) if is_varlen else (x.stride(0), x.stride(1), x.stride(2))
+    return tuple(s // unit for s in strides)
+
+
+def stride_unit(*tensors: torch.Tensor, is_varlen: bool) -> int:
+    """The largest power of two, at most 16, that divides every (batch, token, head)
+    stride of ``tensors``. The portable kernels take these strides in such units
+    (``dense_strides(..., unit)``) and multiply them back by their constexpr STRIDE_UNIT,
+    so that the compiler knows the rows' alignment: Triton specializes an integer argument
+    only on divisibility by 16, so at a head dim that is not a multiple of 16 (d=72: a head
+    stride of 72) every load and store of a tile was a scalar 2-byte access, and d=72 ran
+    3-12x slower than FA2 (run 51), where d=112 vectorizes to 16 bytes. 1 where every
+    stride is a multiple of 16 (Triton's specialization already says so: the kernels
+    compile as they did before), and where a stride does not fit 32 bits (Triton passes it
+    as a 64-bit integer, and its quotient, passed as a 32-bit one, would overflow when
+    multiplied back)."""
+    unit = 16
+    for x in tensors:
+        for s in dense_strides(x, is_varlen):
+            if s >= 2**31:
+                return 1
+            while s % unit:
+                unit //= 2
+    return 1 if unit == 16 else unit
 
 
 def lse_strides(lse: torch.Tensor, is_varlen: bool) -> tuple[int, int]:
