@@ -67,3 +67,12 @@ def test_varlen_on_aligned_units(gen, causal):
     meta = (cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE),
             max(lengths), max(k_lengths))
     check_attention(varlen_impl, varlen_ref, (q, k, v), DTYPE, extra=(*meta, causal))
+
+
+@pytest.mark.parametrize("d,paged", [(72, None), (72, 8), (20, None), (10, 8)])
+def test_decode_on_aligned_units(gen, d, paged):
+    """The decode kernel (q, the K/V cache and out in units 8, 4 and 2; contiguous and paged
+    caches, new keys appended) against the float64 reference of ``test_kvcache``."""
+    from test_kvcache import _case
+
+    _case(gen, d=d, seqlen_q=2, seqlen_new=1, paged=paged, dtype=torch.float16)

@@ -30,13 +30,14 @@ import triton.language as tl
 
 from . import configs
 from .common import (
-    alibi_bias, cdiv, check_device, contiguous_strides, finish_output, interpreter_output, interpreting, kernel_operand,
+    alibi_bias, cdiv, check_device, contiguous_strides, finish_output, in_elements, interpreter_output, interpreting,
+    kernel_operand,
     scaled_scores, softcap_mode,
     next_power_of_2, visible,
 )
 from .fwd import combine_splits
 from .launch import PlanTable, cached_launch, int_class
-from .problem import AttnProblem, dense_strides
+from .problem import AttnProblem, dense_strides, strides_unit
 
 
 @triton.jit
@@ -55,6 +56,7 @@ def _decode_kernel(
     PAGED: tl.constexpr, HAS_CACHE_ROWS: tl.constexpr, VARLEN_Q: tl.constexpr, HAS_LEFT: tl.constexpr,
     HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     HAS_K_START: tl.constexpr, HAS_K_END: tl.constexpr, HAS_K_LEN_BASE: tl.constexpr, PAGE_ALIGNED: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,
 ):
     """Grid (batch * nheads_k * m_blocks, num_splits), m_blocks = cdiv(seqlen_q * group,
     BLOCK_M), the query block fastest (so the programs reading one K/V head run together);
@@ -66,7 +68,12 @@ def _decode_kernel(
     Sequence b's keys (``KeyRanges``): slots from KStart[b] (0 without HAS_K_START), as many
     as KEnd[b] + k_len_offset - KLenBase[b] (each pointer term 0 when its flag is off).
     PAGE_ALIGNED (paged, no KStart, page_size a multiple of BLOCK_N): every key block lies
-    in one page (key blocks start at multiples of BLOCK_N)."""
+    in one page (key blocks start at multiples of BLOCK_N). The q, cache and out strides
+    (not the split ones) come in units of STRIDE_UNIT elements (``problem.strides_unit``)."""
+    stride_qb, stride_qs, stride_qh = in_elements(stride_qb, stride_qs, stride_qh, STRIDE_UNIT)
+    stride_kb, stride_ks, stride_kh = in_elements(stride_kb, stride_ks, stride_kh, STRIDE_UNIT)
+    stride_vb, stride_vs, stride_vh = in_elements(stride_vb, stride_vs, stride_vh, STRIDE_UNIT)
+    stride_ob, stride_os, stride_oh = in_elements(stride_ob, stride_os, stride_oh, STRIDE_UNIT)
     m_blocks = tl.cdiv(seqlen_q * group, BLOCK_M)
     pid_m = tl.program_id(0) % m_blocks
     b = tl.program_id(0) // m_blocks // nheads_k
@@ -311,11 +318,10 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
         o_strides = out_strides[:3]
         l_strides = lse_strides[:2]
     paged = block_table is not None
+    row_strides = (*q_strides, *k_cache.stride()[:3], *v_cache.stride()[:3], *o_strides)
+    unit = strides_unit(row_strides)
     int_args = (
-        *q_strides,
-        *k_cache.stride()[:3],
-        *v_cache.stride()[:3],
-        *o_strides, split_strides[0],
+        *(s // unit for s in row_strides), split_strides[0],
         *l_strides, split_strides[1],
         block_table.stride(0) if paged else 0,
         (alibi_slopes.stride(0) if alibi_slopes.shape[0] > 1 else 0) if alibi_slopes is not None else 0,
@@ -329,7 +335,7 @@ def _make_plan(q, k_cache, v_cache, keys: KeyRanges, max_keys: int, prob: AttnPr
         HAS_RIGHT=prob.has_right, HAS_SOFTCAP=softcap_mode(prob.softcap, q.dtype), HAS_ALIBI=alibi_slopes is not None,
         INPUT_PRECISION=configs.input_precision(q.dtype), HAS_K_START=keys.starts is not None,
         HAS_K_END=keys.ends is not None, HAS_K_LEN_BASE=keys.len_base is not None,
-        PAGE_ALIGNED=paged and keys.starts is None and k_cache.shape[1] % block_n == 0,
+        PAGE_ALIGNED=paged and keys.starts is None and k_cache.shape[1] % block_n == 0, STRIDE_UNIT=unit,
         num_warps=warps, num_stages=stages,
     )
     return _DecodePlan(

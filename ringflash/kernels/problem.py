@@ -15,7 +15,7 @@ sharing one K/V buffer.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -163,13 +163,18 @@ def stride_unit(*tensors: torch.Tensor, is_varlen: bool) -> int:
     compile as they did before), and where a stride does not fit 32 bits (Triton passes it
     as a 64-bit integer, and its quotient, passed as a 32-bit one, would overflow when
     multiplied back)."""
+    return strides_unit(s for x in tensors for s in dense_strides(x, is_varlen))
+
+
+def strides_unit(strides: Iterable[int]) -> int:
+    """``stride_unit`` of the strides themselves (a kernel whose strides are not all of
+    dense (batch, token, head) tensors: the decode kernel's cache)."""
     unit = 16
-    for x in tensors:
-        for s in dense_strides(x, is_varlen):
-            if s >= 2**31:
-                return 1
-            while s % unit:
-                unit //= 2
+    for s in strides:
+        if s >= 2**31:
+            return 1
+        while s % unit:
+            unit //= 2
     return 1 if unit == 16 else unit
 
 
