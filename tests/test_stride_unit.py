@@ -69,10 +69,11 @@ def test_varlen_on_aligned_units(gen, causal):
     check_attention(varlen_impl, varlen_ref, (q, k, v), DTYPE, extra=(*meta, causal))
 
 
-@pytest.mark.parametrize("d,paged", [(72, None), (72, 8), (20, None), (10, 8)])
-def test_decode_on_aligned_units(gen, d, paged):
+@pytest.mark.parametrize("d,paged,splits", [(72, None, 0), (72, 8, 3), (20, None, 2), (10, 8, 0)])
+def test_decode_on_aligned_units(gen, d, paged, splits):
     """The decode kernel (q, the K/V cache and out in units 8, 4 and 2; contiguous and paged
-    caches, new keys appended) against the float64 reference of ``test_kvcache``."""
+    caches, new keys appended) and the split-KV combine kernel (its float32 partials and
+    out in such units) against the float64 reference of ``test_kvcache``."""
     from test_kvcache import _case
 
-    _case(gen, d=d, seqlen_q=2, seqlen_new=1, paged=paged, dtype=torch.float16)
+    _case(gen, d=d, seqlen_q=2, seqlen_new=1, paged=paged, num_splits=splits, dtype=torch.float16)

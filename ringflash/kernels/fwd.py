@@ -22,7 +22,7 @@ from .common import (
 from .launch import ArgTemplate, PlannedLaunch, PlanTable, cached_launch, int_class
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, meta_signature,
-    seq_pointers, seqlen_args, stride_unit,
+    seq_pointers, seqlen_args, stride_unit, strides_unit,
 )
 
 
@@ -267,13 +267,18 @@ def _combine_splits_kernel(
     stride_ob, stride_or, stride_oh,
     stride_lb, stride_lh,
     HEADDIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, MAX_SPLITS: tl.constexpr,
+    STRIDE_UNIT: tl.constexpr,
 ):
     """Merge per-split partial results through their lse: lse = logsumexp_s lse_s,
     out = sum_s exp(lse_s - lse) * out_s. Rows whose every split is empty stay 0 / -inf.
 
     Grid (batch * cdiv(rows, BLOCK_R), nheads): the batch on axis 0, whose limit is 2**31 - 1
     (a decode batch can pass axis 1's and 2's 65535); varlen runs as batch 1 over all tokens.
-    Partial out is (split, batch, row, head, d), partial lse (split, batch, head, row)."""
+    Partial out is (split, batch, row, head, d), partial lse (split, batch, head, row). The
+    partial out's and out's strides come in units of STRIDE_UNIT elements."""
+    stride_pb, stride_pr, stride_ph = in_elements(stride_pb, stride_pr, stride_ph, STRIDE_UNIT)
+    stride_ob, stride_or, stride_oh = in_elements(stride_ob, stride_or, stride_oh, STRIDE_UNIT)
+    stride_ps = stride_ps * STRIDE_UNIT
     row_blocks = tl.cdiv(rows, BLOCK_R)
     pid_r = tl.program_id(0) % row_blocks
     b = tl.program_id(0) // row_blocks
@@ -462,9 +467,10 @@ def combine_splits(
     if prob.nheads > configs.MAX_GRID_YZ:
         raise ValueError(f"nheads: got {prob.nheads}; the kernels take at most {configs.MAX_GRID_YZ} per call")
     grid = (batch * cdiv(rows, block_r), prob.nheads, 1)
-    ints = (num_splits, rows, *p_strides, *q_strides, *o_strides, *l_strides)
+    unit = strides_unit((*p_strides, *o_strides))
+    ints = (num_splits, rows, *(s // unit for s in p_strides), *q_strides, *(s // unit for s in o_strides), *l_strides)
     constexprs = dict(HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
-                      MAX_SPLITS=max(2, next_power_of_2(num_splits)))
+                      MAX_SPLITS=max(2, next_power_of_2(num_splits)), STRIDE_UNIT=unit)
     # Every non-tensor argument is in the key, so a decode loop's combine skips Triton's binding.
     key = (out_partial.dtype, lse_partial.dtype, out.dtype, lse.dtype, ints, prob.headdim)
     cached_launch(_combine_splits_kernel, key, grid, (out_partial, lse_partial, out, lse, *ints), constexprs, pointers=4)
