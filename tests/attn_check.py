@@ -152,3 +152,16 @@ def varlen_impl(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1)
 def varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, window=(-1, -1), seqused=None, softcap=0.0):
     return attention_varlen_ref(q, k, v, cu_q, cu_k, max_q, max_k, causal=causal, window_size=window, seqused_k=seqused,
                                 softcap=softcap)
+
+
+def check_varlen_with_an_empty_sequence(gen, device, headdim: int, dtype: torch.dtype, causal: bool) -> None:
+    """Varlen GQA (4 query heads, 2 KV heads) over four sequences, one of them empty, against
+    the float64 reference."""
+    from conftest import cu_seqlens_from_lengths
+
+    lengths, k_lengths = [9, 0, 30, 17], [14, 6, 30, 3]
+    q, k, v = (torch.randn(sum(n), heads, headdim, generator=gen, dtype=torch.float64).to(device)
+               for n, heads in ((lengths, 4), (k_lengths, 2), (k_lengths, 2)))
+    meta = (cu_seqlens_from_lengths(lengths, device), cu_seqlens_from_lengths(k_lengths, device),
+            max(lengths), max(k_lengths))
+    check_attention(varlen_impl, varlen_ref, (q, k, v), dtype, extra=(*meta, causal))

@@ -8,7 +8,7 @@ softcap, ALiBi, dropout, context parallelism's scattered dK/dV rows)."""
 import pytest
 import torch
 
-from attn_check import check_attention, dense64, dense_impl, dense_ref, varlen_impl, varlen_ref
+from attn_check import check_attention, check_varlen_with_an_empty_sequence, dense64, dense_impl, dense_ref
 from conftest import HAS_CUDA, cu_seqlens_from_lengths
 from ringflash.kernels import configs
 
@@ -62,12 +62,7 @@ def test_window_and_softcap(gen):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_with_an_empty_sequence(gen, causal):
-    lengths, k_lengths = [9, 0, 30, 17], [14, 6, 30, 3]
-    q, k, v = (torch.randn(sum(n), heads, 192, generator=gen, dtype=torch.float64).to(DEVICE)
-               for n, heads in ((lengths, 4), (k_lengths, 2), (k_lengths, 2)))
-    meta = (cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE),
-            max(lengths), max(k_lengths))
-    check_attention(varlen_impl, varlen_ref, (q, k, v), torch.float32, extra=(*meta, causal))
+    check_varlen_with_an_empty_sequence(gen, DEVICE, 192, torch.float32, causal)
 
 
 def test_alibi(gen):

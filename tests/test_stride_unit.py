@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from attn_check import check_attention, dense_impl, dense_ref, varlen_impl, varlen_ref
-from conftest import HAS_CUDA, cu_seqlens_from_lengths
+from attn_check import check_attention, check_varlen_with_an_empty_sequence, dense_impl, dense_ref
+from conftest import HAS_CUDA
 from ringflash.kernels.problem import stride_unit
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -61,12 +61,7 @@ def test_dense_on_aligned_units(gen, headdim, padded, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_on_aligned_units(gen, causal):
     """Varlen at d=72 (unit 8), an empty sequence among the others."""
-    lengths, k_lengths = [9, 0, 30, 17], [14, 6, 30, 3]
-    q, k, v = (torch.randn(sum(n), heads, 72, generator=gen, dtype=torch.float64).to(DEVICE)
-               for n, heads in ((lengths, 4), (k_lengths, 2), (k_lengths, 2)))
-    meta = (cu_seqlens_from_lengths(lengths, DEVICE), cu_seqlens_from_lengths(k_lengths, DEVICE),
-            max(lengths), max(k_lengths))
-    check_attention(varlen_impl, varlen_ref, (q, k, v), DTYPE, extra=(*meta, causal))
+    check_varlen_with_an_empty_sequence(gen, DEVICE, 72, DTYPE, causal)
 
 
 @pytest.mark.parametrize("d,paged,splits", [(72, None, 0), (72, 8, 3), (20, None, 2), (10, 8, 0)])
