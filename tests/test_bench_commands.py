@@ -239,6 +239,20 @@ def test_decode_csv_and_report(decode_run, tmp_path):
         assert routed and all(env == "1" for env in routed)
 
 
+def test_decode_headdims_replace_each_cases_own(monkeypatch, capsys):
+    """--headdims runs every case at each head dim given (issue 15's d % 16 == 8 check:
+    d=72 against d=64), and refuses one outside 1..256 by name."""
+    seen = []
+    monkeypatch.setattr(decode_bench, "run_case", lambda case, *args, **kwargs: seen.append(case) or [])
+    monkeypatch.setattr(decode_bench, "markdown_report", lambda rows, notes=(): "")
+    monkeypatch.setattr(decode_bench, "publish", lambda *args, **kwargs: None)
+    assert decode_bench.main(["--device", "cpu", "--headdims", "16", "24"]) == 0
+    assert [(c.headdim, c.batch) for c in seen] == [(d, c.batch) for c in decode_bench.CPU_CASES for d in (16, 24)]
+    with pytest.raises(SystemExit):
+        decode_bench.main(["--device", "cpu", "--headdims", "300"])
+    assert "--headdims: got [300]; expected head dims from 1 to 256" in capsys.readouterr().err
+
+
 def test_decode_rounds_take_each_cells_median():
     """With rounds, every implementation is timed once per round and a cell is the median
     of its rounds: with a timer that counts its calls, round r of the k timed cells reads

@@ -1,7 +1,8 @@
 """``ringflash bench decode`` (issue 16): one query position against a KV cache, forward only.
 
 Cases (GPU, bf16; ``--quick`` the first only): batch 8 x 8k cached keys and batch 64 x 2k,
-32 query heads over 8 KV heads, d=128. Implementations, all on the same tensors:
+32 query heads over 8 KV heads, d=128 (``--headdims`` runs each case at other head dims).
+Implementations, all on the same tensors:
 
 * ``kvcache``: ``flash_attn_with_kvcache`` on a contiguous cache (cache_seqlens an int32
   tensor, no new keys appended, causal);
@@ -34,6 +35,7 @@ redraws them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
@@ -311,11 +313,19 @@ def plot_ratios(rows: Sequence[dict], prefix: str) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="ringflash bench decode", description=__doc__.split("\n\n")[0])
     add_device_options(parser, "GPU: only the batch 8 x 8k case")
+    parser.add_argument("--headdims", type=int, nargs="+", metavar="D",
+                        help="run every case at each of these head dims instead of its own (GPU: 128), e.g. "
+                             "--headdims 64 72 to compare a head dim that is not a multiple of 16")
     args = parser.parse_args(argv)
     if args.from_csv:
         return redraw(args, NAME, COLUMNS, markdown_report, plot_ratios)
     device = resolve_device(args.device)
     cases = CPU_CASES if device == "cpu" else (GPU_CASES[:1] if args.quick else GPU_CASES)
+    if args.headdims:
+        bad = [d for d in args.headdims if not 1 <= d <= 256]
+        if bad:
+            parser.error(f"--headdims: got {bad}; expected head dims from 1 to 256")
+        cases = [dataclasses.replace(case, headdim=d) for case in cases for d in args.headdims]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     timer, timer_name = make_timer(device)
     device_name = device_description(device)
