@@ -115,6 +115,17 @@ for s in "$@"; do
     # Issue 15: where an HF Llama training step's time goes, ringattn against sdpa.
     profhf) stage profhf "${PROFHF_LIMIT:-240}" python3 scripts/profile_hf.py ${PROFHF_ARGS:-} ;;
     profdecode) stage profdecode "${PROFDECODE_LIMIT:-150}" python3 scripts/profile_decode.py --out "$OUT/profdecode" ;;
+    # Issue 15, run 51's finding: head dims with d % 16 == 8 now take their strides in units
+    # of their alignment (problem.stride_unit). Their CPU tests on the GPU (bf16), then the
+    # portable and default kernels at d=72 and 40 (d=48 and 112 beside them: multiples of
+    # 16, unchanged), then decode at d=64 and 72.
+    units) stage unitstests 120 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_stride_unit.py
+           for be in portable default; do
+             stage "units-$be" "${UNITS_LIMIT:-150}" env "RINGFLASH_BACKEND=${be%default}" \
+               python3 -m ringflash bench kernels --grid wide --families dense --headdims 40 48 72 112 \
+               --seqlens 512 4096 --out "$OUT/units-$be" --csv-only; done
+           stage unitsdecode "${UNITS_LIMIT:-150}" python3 -m ringflash bench decode --headdims 64 72 \
+             --out "$OUT/unitsdecode" --csv-only ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
