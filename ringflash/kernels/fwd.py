@@ -472,5 +472,5 @@ def combine_splits(
     constexprs = dict(HEADDIM=prob.headdim, BLOCK_D=prob.block_d, BLOCK_R=block_r,
                       MAX_SPLITS=max(2, next_power_of_2(num_splits)), STRIDE_UNIT=unit)
     # Every non-tensor argument is in the key, so a decode loop's combine skips Triton's binding.
-    key = (out_partial.dtype, lse_partial.dtype, out.dtype, lse.dtype, ints, prob.headdim)
+    key = (out_partial.dtype, lse_partial.dtype, out.dtype, lse.dtype, ints, prob.headdim, unit)
     cached_launch(_combine_splits_kernel, key, grid, (out_partial, lse_partial, out, lse, *ints), constexprs, pointers=4)
