@@ -164,16 +164,18 @@ def run_case(headdim: int, causal: bool, dropout_p: float, seqlen: int = 512, so
     return collect()
 
 
-def run_extras() -> list[tuple[str, dict]]:
+def run_extras(decode_headdim: int = 128) -> list[tuple[str, dict]]:
     """Compile the kernels outside the dense training path: the decode family (a paged KV
-    cache with new keys appended: the append and decode kernels), the S_dmask kernel
-    (with the forward) at a dropout threshold of 1, and the Gluon Hopper kernels."""
+    cache with new keys appended, head dim ``decode_headdim``: the append and decode
+    kernels), the S_dmask kernel (with the forward) at a dropout threshold of 1, and the
+    Gluon Hopper kernels."""
     from ringflash import flash_attn_func, flash_attn_with_kvcache
 
-    q = torch.randn(2, 1, 8, 128, dtype=torch.bfloat16)
-    k_cache, v_cache = (torch.randn(8, 256, 2, 128, dtype=torch.bfloat16) for _ in range(2))
+    d = decode_headdim
+    q = torch.randn(2, 1, 8, d, dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(8, 256, 2, d, dtype=torch.bfloat16) for _ in range(2))
     block_table = torch.arange(8, dtype=torch.int32).reshape(2, 4)
-    new_kv = [torch.randn(2, 1, 2, 128, dtype=torch.bfloat16) for _ in range(2)]
+    new_kv = [torch.randn(2, 1, 2, d, dtype=torch.bfloat16) for _ in range(2)]
     flash_attn_with_kvcache(q, k_cache, v_cache, *new_kv, cache_seqlens=torch.tensor([5, 700], dtype=torch.int32),
                             block_table=block_table, causal=True)
     # dropout_p = 2**-16 makes the threshold argument 1, which Triton specializes into a
@@ -348,6 +350,9 @@ def main(argv=None) -> int:
     parser.add_argument("--causal", choices=["both", "causal", "full"], default="both")
     parser.add_argument("--dropout", choices=["both", "on", "off"], default="both")
     parser.add_argument("--no-extras", action="store_true", help="skip the decode, S_dmask and Gluon kernels")
+    parser.add_argument("--decode-headdim", type=int, default=128, metavar="D",
+                        help="the extras' decode call's head dim (e.g. 72: a head stride that is not a multiple "
+                             "of 16)")
     parser.add_argument("--softcap", type=float, default=0.0, help="the dense cases' softcap (0: off)")
     parser.add_argument("--sm90", action="store_true",
                         help="also the Gluon Hopper kernels at d=64/128 (and 256), causal and full, and the "
@@ -397,7 +402,7 @@ def main(argv=None) -> int:
               (lambda d=d, c=causal, p=p: run_case(d, c, p, softcap=args.softcap)))
              for d in args.headdims for causal in causals for p in dropouts]
     if not args.no_extras:
-        cases.append(("decode, S_dmask, sm90", run_extras))
+        cases.append(("decode, S_dmask, sm90", lambda: run_extras(args.decode_headdim)))
     if args.sm90:
         cases.append(("sm90 d=64/128/256, both", lambda: (collect_sm90((64, 128), (False, True)), collect())[1]))
         cases += [(f"sm90 bwd d={d} {'causal' if c else 'full'}{' atomic' if a else ''}",

@@ -24,14 +24,19 @@ def _own_cache(tmp_path) -> dict:
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")
 def test_kernels_compile_for_sm90(tmp_path):
     # One head dim with dropout (the forward and both backward kernels), plus the decode,
-    # append and S_dmask kernels: about a minute on two cores.
-    result = subprocess.run([sys.executable, SCRIPT, "--headdims", "64", "--causal", "causal", "--dropout", "on"],
+    # append and S_dmask kernels: about a minute on two cores. The decode call at d=72 (a
+    # head stride that is not a multiple of 16) must hold no single 2-byte global accesses
+    # (the report's G16 column; its strides in units of 8, ``problem.strides_unit``).
+    result = subprocess.run([sys.executable, SCRIPT, "--headdims", "64", "--causal", "causal", "--dropout", "on",
+                             "--decode-headdim", "72"],
                             capture_output=True, text=True, timeout=900, env=_own_cache(tmp_path))
     report = result.stdout + result.stderr
     assert result.returncode == 0, report[-3000:]
     for kernel in ("_fwd_kernel", "_bwd_dkdv_kernel", "_bwd_dq_kernel", "_decode_kernel", "_append_kernel",
                    "_dropout_mask_kernel", "_fwd_sm90_kernel", "_bwd_dkdv_sm90_kernel", "_bwd_dq_sm90_kernel", "_dropout_keys_kernel"):
         assert kernel in result.stdout, (kernel, report[-3000:])
+    decode_g16 = [int(line.split("|")[-2]) for line in result.stdout.splitlines() if "| _decode_kernel " in line]
+    assert decode_g16 == [0], report[-3000:]
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU tests compile the kernels on the GPU itself")

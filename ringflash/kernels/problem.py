@@ -152,8 +152,8 @@ def dense_strides(x: torch.Tensor, is_varlen: bool, unit: int = 1) -> tuple[int,
 
 
 def stride_unit(*tensors: torch.Tensor, is_varlen: bool) -> int:
-    """The largest power of two, at most 16, that divides every (batch, token, head)
-    stride of ``tensors``. The portable kernels take these strides in such units
+    """The largest power of two below 16 (2, 4 or 8) that divides every (batch, token, head)
+    stride of ``tensors``, else 1 (see the end). The portable kernels take these strides in such units
     (``dense_strides(..., unit)``) and multiply them back by their constexpr STRIDE_UNIT,
     so that the compiler knows the rows' alignment: Triton specializes an integer argument
     only on divisibility by 16, so at a head dim that is not a multiple of 16 (d=72: a head

@@ -834,12 +834,7 @@ if AVAILABLE:
                 mbarrier.arrive(ds_bars.index(0))
                 mbarrier.wait(ds_bars.index(0), i & 1)
                 if ATOMIC_DQ == 2:
-                    # The previous step's TMA adds have read their staging tiles.
-                    tma.store_wait(pendings=0)
-                else:
-                    # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
-                    dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
-                if ATOMIC_DQ == 2:
+                    tma.store_wait(pendings=0)  # the previous step's TMA adds have read their staging tiles
                     # The half by one 64-column MMA chain over both consumers' keys (32
                     # registers of dQ), split in registers into the two quarters that the
                     # 128-byte swizzle's boxes hold, staged and added by the TMA unit,
@@ -861,6 +856,8 @@ if AVAILABLE:
                         _tma_reduce_add(DQAcc, [b, m0, h, PART * HALF_D + quarter * DQ_COLS],
                                         dq_stage.index(2 * PART + quarter))
                 else:
+                    # 32-bit offsets from the (sequence, head) base: the launcher keeps them in range.
+                    dq_base = DQAcc + b.to(gl.int64) * stride_dqb + h.to(gl.int64) * stride_dqh
                     # The half in two quarters of d: 16 registers of dQ at a time beside dK and dV.
                     for quarter in gl.static_range(2):
                         dq = warpgroup_mma(ds_buf.permute((1, 0)),
