@@ -244,13 +244,15 @@ def host_time(calls: int = 300, repeats: int = 5) -> None:
     launches call a no-op in place of Triton's launcher. Layers from the launchers up to
     ``flash_attn_func`` with autograd, on the Gluon and the portable kernels, at transformers'
     batch-1 Llama step (4k tokens, 16/4 heads, d=128, causal), seed 004's one-head 3-D call
-    (4 x 8k, d=64) and a varlen pack of 64 documents of 256 (32/8 heads). Best of
+    (4 x 8k, d=64), a varlen pack of 64 documents of 256 (32/8 heads) and a decode step
+    (``flash_attn_with_kvcache``, b=8, 8k keys, 32/8 heads, d=64 and 72). Best of
     ``repeats`` rounds of ``calls``. At batch 1 and 4k tokens an H200 training step was
     bound by host time (docs/benchmarks.md, run 39); CPU tensors stand in for the GPU's,
     so large allocations cost more here than in a GPU's caching allocator."""
     import time
 
-    from ringflash import FlashAttentionTritonFunc, flash_attn_func, flash_attn_varlen_func, validation
+    from ringflash import (FlashAttentionTritonFunc, flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache,
+                           validation)
     from ringflash.kernels import bwd, fwd, guard, launch, sm90
     from ringflash.kernels.problem import make_problem
 
@@ -328,8 +330,16 @@ def host_time(calls: int = 300, repeats: int = 5) -> None:
             print(f"{name:52s} {timed(fn):8.1f} us per call", flush=True)
         rows = []
     del os.environ["RINGFLASH_BACKEND"]
-    for name, fn in (("varlen forward, 64 x 256, no grad (portable)", varlen_fwd),
-                     ("varlen forward+backward, 64 x 256 (portable)", varlen_fwd_bwd)):
+    rows = [("varlen forward, 64 x 256, no grad (portable)", varlen_fwd),
+            ("varlen forward+backward, 64 x 256 (portable)", varlen_fwd_bwd)]
+    # Decode, b=8 sk=8k 32/8 heads (bench decode's first case), at d=64 and at d=72, whose
+    # strides go to the kernel in units of 8 (problem.stride_unit): a decode step's host work.
+    for d in (64, 72):
+        dq_ = torch.randn(8, 1, 32, d, generator=gen, dtype=torch.bfloat16)
+        cache = torch.randn(2, 8, 8192, 8, d, generator=gen, dtype=torch.bfloat16)
+        rows.append((f"flash_attn_with_kvcache, b=8 sk=8k d={d}",
+                     lambda dq_=dq_, cache=cache: flash_attn_with_kvcache(dq_, cache[0], cache[1], causal=True)))
+    for name, fn in rows:
         print(f"{name:52s} {timed(fn):8.1f} us per call", flush=True)
     compiled.clear()
 
