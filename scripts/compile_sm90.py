@@ -116,7 +116,8 @@ def _install() -> None:
             return self.q.element_size()
 
     config_for = configs.config_for
-    configs.config_for = lambda kind, q, prob, run=None, dropout=False: config_for(kind, OnGpu(q), prob, None, dropout)
+    configs.config_for = lambda kind, q, prob, run=None, dropout=False, atomic_dq=False: config_for(
+        kind, OnGpu(q), prob, None, dropout, atomic_dq)
     configs._capability = lambda device: (9, 0)
     configs._device_index = lambda device: 0
 

@@ -57,6 +57,33 @@ def test_atomic_matches_deterministic_with_alibi_and_dropout(gen, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_backward_asks_for_the_atomic_tiles_only_when_atomic(gen, monkeypatch):
+    """The dK/dV kernel's config is asked with ``atomic_dq`` exactly when the 5-GEMM backward
+    runs (``configs.ATOMIC_DQ_TABLE``'s tiles), and each backward stays correct."""
+    from ringflash.kernels import bwd, launch
+
+    asked = []
+    real = configs.config_for
+
+    def spy(kind, *args, **kwargs):
+        if kind == "dkdv":
+            asked.append(kwargs.get("atomic_dq", False))
+        return real(kind, *args, **kwargs)
+
+    monkeypatch.setattr(configs, "config_for", spy)
+    for mode, deterministic, want in (("atomic", False, True), ("deterministic", False, False),
+                                      ("atomic", True, False)):
+        monkeypatch.setenv("RINGFLASH_BACKWARD", mode)
+        for table in launch._PLAN_TABLES:  # plans made earlier would skip the config lookup
+            table.clear()
+        asked.clear()
+        impl = lambda q, k, v, causal: flash_attn_func(  # noqa: E731
+            q, k, v, causal=causal, deterministic=deterministic, return_attn_probs=True)[:2]
+        check_attention(impl, dense_ref, dense64(gen, DEVICE, 1, 21, 21, 2, 1, 16), torch.float32, extra=(True,))
+        assert asked == [want], (mode, deterministic, asked)
+    assert bwd.ATOMIC_DQ_MAX_BLOCK_D >= 16
+
+
 def test_deterministic_flag_refuses_atomics(monkeypatch):
     monkeypatch.setenv("RINGFLASH_BACKWARD", "atomic")
     assert configs.use_atomic_dq(False) and not configs.use_atomic_dq(True)

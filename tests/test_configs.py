@@ -187,12 +187,12 @@ def _hopper_config_for(monkeypatch):
     monkeypatch.setattr(configs, "_shared_memory_limit", lambda index: 227 * 1024)
     configs.fit_shared_memory.cache_clear()
 
-    def cfg(kind, headdim, causal, seqlen, dropout=False):
+    def cfg(kind, headdim, causal, seqlen, dropout=False, atomic_dq=False):
         t = torch.empty(1, seqlen, 4, headdim, dtype=torch.bfloat16)
         q = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda", index=0), dtype=t.dtype,
                                   element_size=t.element_size, shape=t.shape)
         return configs.config_for(kind, q, make_problem(q, q, None, seqlen, seqlen, 1.0, causal, -1, -1, 0.0),
-                                  dropout=dropout)
+                                  dropout=dropout, atomic_dq=atomic_dq)
 
     return cfg
 
@@ -256,3 +256,29 @@ def test_softcap_mode_takes_the_tanh_instruction_for_16_bit_inputs_on_the_gpu(mo
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(common, "interpreting", lambda: True)
     assert common.softcap_mode(30.0, torch.float16) == common.SOFTCAP_EXACT.value
+
+
+def test_atomic_backward_takes_its_own_dkdv_tiles(monkeypatch):
+    """The portable 5-GEMM backward's dK/dV kernel takes ``ATOMIC_DQ_TABLE``'s tiles on
+    sm_90 for every head dim of a listed bucket (run 52: the deterministic kernel's tiles
+    spilled 568-1072 bytes there and ran 0.21-0.38x), over dropout's; other keys, and the
+    deterministic backward, keep the tables."""
+    cfg = _hopper_config_for(monkeypatch)
+    try:
+        listed = configs.ATOMIC_DQ_TABLE[(9, 0)]
+        assert listed, "ATOMIC_DQ_TABLE lists no sm_90 entry"
+        for headdim in (40, 48, 64, 72, 112, 128):
+            for causal in (False, True):
+                entry = listed.get((configs.headdim_bucket(headdim), causal))
+                plain = cfg("dkdv", headdim, causal, 4096)
+                atomic = cfg("dkdv", headdim, causal, 4096, atomic_dq=True)
+                if entry is None:
+                    assert atomic == plain, (headdim, causal)
+                else:
+                    assert atomic == configs.fit_shared_memory("dkdv", entry, configs.head_parts(headdim)[0], 2, 0)
+                    assert atomic != plain and atomic.num_warps == 8, (headdim, causal, atomic)
+                    assert cfg("dkdv", headdim, causal, 4096, dropout=True, atomic_dq=True) == atomic
+                # The other kernels take no atomic entry.
+                assert cfg("fwd", headdim, causal, 4096, atomic_dq=True) == cfg("fwd", headdim, causal, 4096)
+    finally:
+        configs.fit_shared_memory.cache_clear()

@@ -639,7 +639,7 @@ def attention_backward(
         # candidate through a plan of its own.
         dkdv_cfg = configs.config_for("dkdv", q, prob, run=lambda cfg: _launch_dkdv(_dkdv_plan(cfg, io, prob, atomic_dq),
                                                                                      io, prob),
-                                      dropout=dropout is not None)
+                                      dropout=dropout is not None, atomic_dq=atomic_dq)
         if atomic_dq and configs.autotune_enabled():
             dq_acc.zero_()  # the timing runs of the autotuner added into it
         dq_plan = None

@@ -203,6 +203,19 @@ DROPOUT_TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 }
 
 
+# The portable 5-GEMM backward (``RINGFLASH_BACKWARD=atomic``) holds a float32 dQ tile beside
+# dK and dV, and on the deterministic dK/dV kernel's tiles it spilled: compiled for sm_90
+# (``RINGFLASH_BACKWARD=atomic python scripts/compile_sm90.py --headdims 40 48 64 72 112 128
+# --no-extras``), 1016-1072 bytes of stack at d=40-64 full and 568-648 at d=72-128 causal,
+# and run 52 (H100) timed those cases at 0.21-0.26x and 0.30-0.38x the deterministic
+# backward (the cases with 104-328 bytes ran 0.83-1.04x). The same tiles on 8 warps
+# compile to 0 bytes at d=40-64 full and 144-152 at d=72-128 causal; not yet timed.
+# (compute capability) -> (head-dim bucket, causal) -> dK/dV config, over every other table.
+ATOMIC_DQ_TABLE: dict[tuple[int, int], dict[tuple, KernelConfig]] = {
+    (9, 0): {(64, False): _C(64, 128, 8, 3), (128, True): _C(64, 64, 8, 2)},
+}
+
+
 # Exact fp32 (ieee dots, the default for fp32 inputs: ``input_precision``) runs its dots
 # as FMA loops on tiles held in registers, not on tensor cores, so the 16-bit tables' big
 # tiles spill. Run 35 on an H200 (``scripts/probe_fp32.py``, b=2 s=4k h=8 causal): at d=64
@@ -650,15 +663,16 @@ def pick_fastest(key: tuple, cands: list[KernelConfig], run: Callable[[KernelCon
 
 
 def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelConfig], object]] = None,
-               dropout: bool = False) -> KernelConfig:
+               dropout: bool = False, atomic_dq: bool = False) -> KernelConfig:
     """The launch configuration of kernel ``kind`` for this problem (see the module doc);
-    ``dropout``: the kernel generates a dropout mask (``DROPOUT_TABLE`` first)."""
+    ``dropout``: the kernel generates a dropout mask (``DROPOUT_TABLE`` first);
+    ``atomic_dq``: the dK/dV kernel also adds dQ by atomics (``ATOMIC_DQ_TABLE`` over all)."""
     if kind in _override:
         return _override[kind]  # type: ignore[return-value]
     if interpreting() or q.device.type != "cuda":
         return INTERPRETER[kind]
     if run is not None and autotune_enabled():
-        return pick_fastest(tuning_key(kind, q, prob) + (dropout,), candidates(kind, prob.headdim), run)
+        return pick_fastest(tuning_key(kind, q, prob) + (dropout, atomic_dq), candidates(kind, prob.headdim), run)
     if q.dtype == torch.float32 and input_precision(q.dtype) == "ieee":
         cfg = FP32_EXACT[headdim_bucket(prob.headdim)][kind]
         return fit_shared_memory(kind, cfg, sum(head_parts(prob.headdim)), q.element_size(), _device_index(q.device))
@@ -677,6 +691,8 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
         cfg = entry
     if dropout:
         cfg = DROPOUT_TABLE.get(_capability(q.device), {}).get(kind, {}).get(key, cfg)
+    if atomic_dq and kind == "dkdv":
+        cfg = ATOMIC_DQ_TABLE.get(_capability(q.device), {}).get(key, cfg)
     # The tiles' width: a split d=192 holds 128 + 64 columns, not the padded 256 (whose
     # estimate cut the measured two stages of its dQ tile to one).
     return fit_shared_memory(kind, cfg, sum(parts), q.element_size(), _device_index(q.device))
