@@ -336,10 +336,11 @@ def host_time(calls: int = 300, repeats: int = 5) -> None:
     # Decode, b=8 sk=8k 32/8 heads (bench decode's first case), at d=64 and at d=72, whose
     # strides go to the kernel in units of 8 (problem.stride_unit): a decode step's host work.
     for d in (64, 72):
-        dq_ = torch.randn(8, 1, 32, d, generator=gen, dtype=torch.bfloat16)
+        step_q = torch.randn(8, 1, 32, d, generator=gen, dtype=torch.bfloat16)
         cache = torch.randn(2, 8, 8192, 8, d, generator=gen, dtype=torch.bfloat16)
         rows.append((f"flash_attn_with_kvcache, b=8 sk=8k d={d}",
-                     lambda dq_=dq_, cache=cache: flash_attn_with_kvcache(dq_, cache[0], cache[1], causal=True)))
+                     lambda step_q=step_q, cache=cache: flash_attn_with_kvcache(step_q, cache[0], cache[1],
+                                                                                 causal=True)))
     for name, fn in rows:
         print(f"{name:52s} {timed(fn):8.1f} us per call", flush=True)
     compiled.clear()

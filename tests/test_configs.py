@@ -275,7 +275,7 @@ def test_atomic_backward_takes_its_own_dkdv_tiles(monkeypatch):
                 if entry is None:
                     assert atomic == plain, (headdim, causal)
                 else:
-                    assert atomic == configs.fit_shared_memory("dkdv", entry, configs.head_parts(headdim)[0], 2, 0)
+                    assert atomic == configs.fit_shared_memory("dkdv", entry, sum(configs.head_parts(headdim)), 2, 0)
                     assert atomic != plain and atomic.num_warps == 8, (headdim, causal, atomic)
                     assert cfg("dkdv", headdim, causal, 4096, dropout=True, atomic_dq=True) == atomic
                 # The other kernels take no atomic entry.

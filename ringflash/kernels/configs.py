@@ -207,10 +207,11 @@ DROPOUT_TABLE: dict[tuple[int, int], dict[str, dict[tuple, KernelConfig]]] = {
 # dK and dV, and on the deterministic dK/dV kernel's tiles it spilled: compiled for sm_90
 # (``RINGFLASH_BACKWARD=atomic python scripts/compile_sm90.py --headdims 40 48 64 72 112 128
 # --no-extras`` before this table, on b5adad1), 1016-1072 bytes of stack at d=40-64 full and
-# 568-648 at d=72-128 causal, and run 52 (H100) timed those cases at 0.21-0.26x and 0.30-0.38x the deterministic
-# backward (the cases with 104-328 bytes ran 0.83-1.04x). The same tiles on 8 warps
-# compile to 0 bytes at d=40-64 full and 144-152 at d=72-128 causal; not yet timed.
-# (compute capability) -> (head-dim bucket, causal) -> dK/dV config, over every other table.
+# 568-648 at d=72-128 causal, and run 52 (H100) timed those cases at 0.21-0.26x and
+# 0.30-0.38x the deterministic backward (the cases with 104-328 bytes ran 0.83-1.04x). The
+# same tiles on 8 warps compile to 0 bytes at d=40-64 full and 144-152 at d=72-128 causal;
+# not yet timed. (compute capability) -> (head-dim bucket, causal) -> dK/dV config, over
+# every other table.
 ATOMIC_DQ_TABLE: dict[tuple[int, int], dict[tuple, KernelConfig]] = {
     (9, 0): {(64, False): _C(64, 128, 8, 3), (128, True): _C(64, 64, 8, 2)},
 }
