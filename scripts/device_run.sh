@@ -126,6 +126,9 @@ for s in "$@"; do
                --seqlens 512 4096 --out "$OUT/units-$be" --csv-only; done
            stage unitsdecode "${UNITS_LIMIT:-150}" python3 -m ringflash bench decode --headdims 64 72 \
              --out "$OUT/unitsdecode" --csv-only ;;
+    # Issue 15: Nsight Compute's counters of the short cells' kernels, ours beside the
+    # baseline's (occupancy, throughput, stall reasons; scripts/ncu_kernels.py --help).
+    ncu) stage ncu "${NCU_LIMIT:-300}" python3 scripts/ncu_kernels.py ${NCU_ARGS:-} ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
