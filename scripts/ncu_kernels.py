@@ -101,13 +101,13 @@ def _child(case: str, impl: str) -> None:
     else:
         def forward():
             return flash_attn_func(q, k, v)
+    # torch.autograd.grad, not backward(): no .grad to accumulate into (add kernels in the range).
     for _ in range(3):
-        out = forward()
-        out.backward(dout)
+        torch.autograd.grad(forward(), (q, k, v), dout)
     out = forward()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
-    out.backward(dout)
+    torch.autograd.grad(out, (q, k, v), dout)
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
 
@@ -158,11 +158,31 @@ def summarize(raw_csv: str) -> list[dict]:
     return kernels
 
 
-def _run_case(ncu: str, case: str, impl: str, out_dir: str, timeout: int) -> str:
+def hot_instructions(source_csv: str, count: int = 30) -> list[str]:
+    """The ``count`` SASS instructions with the most warp-stall samples, from ``ncu --page
+    source --csv --print-source sass``: "samples  share  address  instruction"."""
+    rows = list(csv.reader(io.StringIO(source_csv)))
+    header = next((i for i, row in enumerate(rows) if any("Warp Stall Sampling (All" in c for c in row)), None)
+    if header is None:
+        return ["(no warp-stall sampling columns in the source page)"]
+    names = rows[header]
+    samples_col = next(i for i, c in enumerate(names) if "Warp Stall Sampling (All" in c)
+    source_col = next((i for i, c in enumerate(names) if c.strip() in ("Source", "# Source")), len(names) - 1)
+    address_col = next((i for i, c in enumerate(names) if "Address" in c), 0)
+    lines = []
+    for row in rows[header + 1:]:
+        if len(row) == len(names) and _number(row[samples_col]) is not None:
+            lines.append((_number(row[samples_col]), row[address_col], row[source_col]))
+    total = sum(n for n, _, _ in lines) or 1.0
+    hot = sorted(lines, key=lambda x: -x[0])[:count]
+    return [f"{n:8.0f} {100 * n / total:5.1f}%  {address}  {text.strip()}" for n, address, text in hot]
+
+
+def _run_case(ncu: str, case: str, impl: str, out_dir: str, timeout: int, source: str = "") -> str:
     with tempfile.TemporaryDirectory() as tmp:
         report = os.path.join(tmp, "report")
         command = [ncu, "--profile-from-start", "off", "--clock-control", "none", "--export", report, "--force-overwrite"]
-        for section in SECTIONS:
+        for section in SECTIONS + (("SourceCounters",) if source else ()):
             command += ["--section", section]
         command += [sys.executable, os.path.abspath(__file__), "--child", case, impl]
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
@@ -170,6 +190,17 @@ def _run_case(ncu: str, case: str, impl: str, out_dir: str, timeout: int) -> str
             raise RuntimeError(f"ncu exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         raw = subprocess.run([ncu, "--import", report + ".ncu-rep", "--csv", "--page", "raw"],
                              capture_output=True, text=True, timeout=timeout, check=True).stdout
+        if source:
+            # Where the stalls are: per SASS instruction of the kernels named by ``source``.
+            listing = subprocess.run([ncu, "--import", report + ".ncu-rep", "--csv", "--page", "source",
+                                      "--print-source", "sass", "--kernel-name", f"regex:{source}"],
+                                     capture_output=True, text=True, timeout=timeout)
+            with open(os.path.join(out_dir, f"ncu-{case}-{impl}-sass.csv"), "w") as f:
+                f.write(listing.stdout)
+            print(f"  hottest instructions of {source} ({case} {impl}; samples, share, address, SASS):")
+            for line in (hot_instructions(listing.stdout) if listing.returncode == 0
+                         else [f"(ncu --page source exited {listing.returncode}: {listing.stderr[-500:]})"]):
+                print("    " + line, flush=True)
     with open(os.path.join(out_dir, f"ncu-{case}-{impl}.csv"), "w") as f:
         f.write(raw)
     return raw
@@ -180,6 +211,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
     parser.add_argument("--impls", nargs="+", help="implementations to profile (default: each case's own)")
     parser.add_argument("--timeout", type=int, default=240, help="seconds for each profiled process")
+    parser.add_argument("--source", default="", metavar="REGEX",
+                        help="also sample warp stalls per SASS instruction of the kernels matching REGEX "
+                             "(SourceCounters) and print the hottest instructions")
     parser.add_argument("--child", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -197,7 +231,7 @@ def main(argv=None) -> int:
     for n, (case, impl) in enumerate(jobs, 1):
         print(f"[{n}/{len(jobs)}] {case} {impl} ...", flush=True)
         try:
-            kernels = summarize(_run_case(ncu, case, impl, out_dir, args.timeout))
+            kernels = summarize(_run_case(ncu, case, impl, out_dir, args.timeout, args.source))
         except (RuntimeError, subprocess.SubprocessError) as exc:
             failed += 1
             print(f"  failed: {exc}", flush=True)
