@@ -51,7 +51,7 @@ SUMMARY_COLUMNS = (
     ("occ theo %", "sm__maximum_warps_per_active_cycle_pct"),
     ("SM %", "sm__throughput.avg.pct_of_peak_sustained_elapsed"),
     ("DRAM %", "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed"),
-    ("issue %", "sm__inst_issued.avg.pct_of_peak_sustained_active"),
+    ("issue %", "sm__issue_active.avg.pct_of_peak_sustained_elapsed"),
 )
 STALL_KEY = "smsp__average_warps_issue_stalled_"
 STALL_SUFFIX = "_per_issue_active.ratio"
@@ -138,7 +138,7 @@ def summarize(raw_csv: str) -> list[dict]:
                 value, unit = row[index[column]], (units[index[column]] if units else "")
                 number = _number(value)
                 if column == "gpu__time_duration.sum" and number is not None:
-                    number *= {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(unit, 1.0)
+                    number *= {"ns": 1e-6, "nsecond": 1e-6, "us": 1e-3, "usecond": 1e-3, "ms": 1.0, "msecond": 1.0, "s": 1e3, "second": 1e3}.get(unit, 1.0)
                     value = f"{number:.4f}"
                 if column == "launch__shared_mem_per_block" and number is not None:
                     number *= {"byte": 1 / 1024, "Kbyte": 1000 / 1024, "Mbyte": 1e6 / 1024,
@@ -146,7 +146,8 @@ def summarize(raw_csv: str) -> list[dict]:
                     value = f"{number:.0f}"
                 entry[label] = value
         pipes = {header[i]: _number(row[i]) for i in range(len(header))
-                 if "pipe_tensor" in header[i] and "pct" in header[i] and _number(row[i]) is not None}
+                 if "pipe_tensor" in header[i] and header[i].endswith(".avg.pct_of_peak_sustained_active")
+                 and _number(row[i]) is not None}
         entry["tensor pipes %"] = ", ".join(f"{name.split('__')[1].split('.')[0]}={value:.1f}"
                                             for name, value in sorted(pipes.items()))
         stalls = {header[i][len(STALL_KEY):-len(STALL_SUFFIX)]: _number(row[i]) for i in range(len(header))

@@ -23,10 +23,11 @@ def test_summary_converts_units_and_ranks_the_stall_reasons():
     header = ["ID", "Kernel Name", "gpu__time_duration.sum", "launch__shared_mem_per_block",
               "launch__registers_per_thread", stall.format("long_scoreboard"), stall.format("barrier"),
               stall.format("not_issued"), stall.format("wait"),
-              "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active"]
-    units = ["", "", "usecond", "Kbyte", "register/thread", "", "", "", "", "%"]
-    kernels = [["0", "_fwd_kernel", "268.5", "81.92", "168", "3.2", "1.1", "9.9", "0.5", "55.5"],
-               ["1", "flash_fwd", "1,250", "65.54", "255", "0.4", "2.5", "7.0", "1.5", "61.0"]]
+              "sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active",
+              "sm__pipe_tensor_op_gmma_cycles_active.max.pct_of_peak_sustained_active"]
+    units = ["", "", "us", "Kbyte", "register/thread", "", "", "", "", "%", "%"]
+    kernels = [["0", "_fwd_kernel", "268.5", "81.92", "168", "3.2", "1.1", "9.9", "0.5", "55.5", "70.0"],
+               ["1", "flash_fwd", "1,250", "65.54", "255", "0.4", "2.5", "7.0", "1.5", "61.0", "70.0"]]
     first, second = _module().summarize(_csv([header, units] + kernels))
     assert first["kernel"] == "_fwd_kernel" and first["ms"] == "0.2685" and first["smem KB"] == "80"
     assert first["regs"] == "168"
