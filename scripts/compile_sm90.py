@@ -120,6 +120,8 @@ def _install() -> None:
         kind, OnGpu(q), prob, None, dropout, atomic_dq)
     configs._capability = lambda device: (9, 0)
     configs._device_index = lambda device: 0
+    fwd_kv_tma = configs.fwd_kv_tma  # RINGFLASH_FWD_KV_TMA, as on the sm_90 device
+    configs.fwd_kv_tma = lambda device: fwd_kv_tma(torch.device("cuda", 0))
 
 
 def resource_usage(kernel) -> dict:

@@ -331,6 +331,21 @@ def backend() -> str:
     return name
 
 
+def fwd_kv_tma(device: torch.device) -> bool:
+    """``RINGFLASH_FWD_KV_TMA``: "1" lets the portable forward read K and V through TMA
+    descriptors (``fwd._fwd_kernel``'s KV_TMA) on GPUs that have TMA (sm_90 on) and under the
+    interpreter; "0" or unset keeps its pointer loads. Opt-in until timed: run 53 (Nsight
+    Compute, the varlen 64 x 256 forward) found the pointer loads' cp.async pipeline paying
+    a CTA barrier at every key block and the per-thread address arithmetic, where FA2's
+    forward stalls less."""
+    value = os.environ.get("RINGFLASH_FWD_KV_TMA", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"RINGFLASH_FWD_KV_TMA: got {value!r}; expected 0 or 1")
+    if value == "0":
+        return False
+    return interpreting() or (device.type == "cuda" and _capability(device) >= (9, 0))
+
+
 def sm90_varlen_enabled() -> bool:
     """``RINGFLASH_SM90_VARLEN``: "1" lets ``RINGFLASH_BACKEND=sm90`` take plain varlen calls
     to the Gluon kernels; "0" or unset keeps every varlen call on the portable ones (the

@@ -7,12 +7,13 @@ units (the softmax scale is pre-multiplied by log2(e)) so the exponentials are e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import configs
 from .common import (
@@ -32,27 +33,35 @@ def _fwd_block_loop(
     k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs,
     start, end, m0, offs_n, offs_d,
     diag, sk, window_left, window_right,
-    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_seed,
+    qk_scale_log2, softcap_in, softcap_out, alibi_slope, b, h, dropout_threshold, dropout_seed, kv_b, kv_row, kv_h,
     MASKED: tl.constexpr, EVEN_D: tl.constexpr, HEADDIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr, USE_EXP2: tl.constexpr,
-    BLOCK_D2: tl.constexpr,
+    BLOCK_D2: tl.constexpr, KV_TMA: tl.constexpr,
 ):
     """Online-softmax update of (acc, l_i, m_i) over key blocks [start, end); with a second
     head-dim part (BLOCK_D2 > 0: ``configs.head_parts``) also of acc2, the output's columns
     BLOCK_D.., from q2 and the K/V columns at k2_ptrs / v2_ptrs (unused otherwise).
 
     Scores are in log2 units when USE_EXP2, natural units otherwise (the host scales them);
-    ``alibi_slope`` is in the same units."""
+    ``alibi_slope`` is in the same units.
+
+    KV_TMA: ``k_ptrs``/``v_ptrs`` are TMA descriptors over (batch, keys, heads, d), the
+    sequence's keys from (``kv_b``, ``kv_row``) of head ``kv_h``; keys past the tensor and
+    columns past d read as zeros, and a masked block zeroes V's rows past ``sk`` (a varlen
+    sequence's next keys, or a cache's unused slots) so that no value of them reaches acc."""
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    k_ptrs += start.to(tl.int64) * stride_ks
-    v_ptrs += start.to(tl.int64) * stride_vs
+    if not KV_TMA:
+        k_ptrs += start.to(tl.int64) * stride_ks
+        v_ptrs += start.to(tl.int64) * stride_vs
     if BLOCK_D2 > 0:
         k2_ptrs += start.to(tl.int64) * stride_ks
         v2_ptrs += start.to(tl.int64) * stride_vs
     for n0 in range(start, end, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
-        if MASKED:
+        if KV_TMA:
+            k = k_ptrs.load([kv_b, kv_row + n0, kv_h, 0]).reshape(BLOCK_N, offs_d.shape[0])
+        elif MASKED:
             kv_mask = (n0 + offs_n[:, None] < sk) & (offs_d[None, :] < HEADDIM)
             k = tl.load(k_ptrs, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
         elif EVEN_D:
@@ -88,7 +97,11 @@ def _fwd_block_loop(
         acc = acc * alpha[:, None]
         if BLOCK_D2 > 0:
             acc2 = acc2 * alpha[:, None]
-        if MASKED:
+        if KV_TMA:
+            v = v_ptrs.load([kv_b, kv_row + n0, kv_h, 0]).reshape(BLOCK_N, offs_d.shape[0])
+            if MASKED:
+                v = tl.where(n0 + offs_n[:, None] < sk, v, 0.0)
+        elif MASKED:
             v = tl.load(v_ptrs, mask=kv_mask, other=0.0, cache_modifier=KV_CACHE)
         elif EVEN_D:
             v = tl.load(v_ptrs, cache_modifier=KV_CACHE)
@@ -106,8 +119,9 @@ def _fwd_block_loop(
             k2_ptrs += BLOCK_N * stride_ks
             v2_ptrs += BLOCK_N * stride_vs
         m_i = m_new
-        k_ptrs += BLOCK_N * stride_ks
-        v_ptrs += BLOCK_N * stride_vs
+        if not KV_TMA:
+            k_ptrs += BLOCK_N * stride_ks
+            v_ptrs += BLOCK_N * stride_vs
     return acc, l_i, m_i, acc2
 
 
@@ -131,6 +145,7 @@ def _fwd_kernel(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
     HAS_DROPOUT: tl.constexpr, IS_SPLIT: tl.constexpr, INPUT_PRECISION: tl.constexpr, KV_CACHE: tl.constexpr,
     SPLIT_PHASES: tl.constexpr, USE_EXP2: tl.constexpr, GROUP_ORDER: tl.constexpr, STRIDE_UNIT: tl.constexpr,
+    KV_TMA: tl.constexpr = False,
 ):
     """Grid: ``configs.program_grid`` (query blocks x splits, heads, batch), with the groups
     on axis 0 or 2 as ``schedule`` orders them.
@@ -138,6 +153,8 @@ def _fwd_kernel(
     Axis 0 runs the splits of one (group, query block) together. Writes out (q's dtype) and
     lse (float32, natural log), or with IS_SPLIT the float32 partial out/lse of its key split
     for the combine kernel. The q, k, v and out strides come in units of STRIDE_UNIT elements.
+    KV_TMA (``configs.fwd_kv_tma``): K and V are TMA descriptors over (batch, keys, heads, d)
+    (varlen: batch 1 of all tokens), read by the loops' TMA loads instead of pointers.
     """
     stride_qb, stride_qs, stride_qh = in_elements(stride_qb, stride_qs, stride_qh, STRIDE_UNIT)
     stride_kb, stride_ks, stride_kh = in_elements(stride_kb, stride_ks, stride_kh, STRIDE_UNIT)
@@ -167,8 +184,15 @@ def _fwd_kernel(
         tile_ptrs(Q, b, h, q_start + m0, stride_qb, stride_qh, stride_qs, BLOCK_M, BLOCK_D),
         mask=row_mask[:, None] & (offs_d[None, :] < HEADDIM), other=0.0,
     )
-    k_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D)
-    v_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D)
+    if KV_TMA:
+        tl.static_assert(BLOCK_D2 == 0)
+        k_ptrs = K
+        v_ptrs = V
+        kv_b = 0 if IS_VARLEN else b
+    else:
+        k_ptrs = tile_ptrs(K, b, hk, k_start, stride_kb, stride_kh, stride_ks, BLOCK_N, BLOCK_D)
+        v_ptrs = tile_ptrs(V, b, hk, k_start, stride_vb, stride_vh, stride_vs, BLOCK_N, BLOCK_D)
+        kv_b = b
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_D2 > 0:  # the head dim's second part: columns BLOCK_D .. HEADDIM - 1 (``configs.head_parts``)
         tl.static_assert(BLOCK_D + BLOCK_D2 == HEADDIM)
@@ -210,25 +234,25 @@ def _fwd_kernel(
             acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, a_lo, a_end, m0, offs_n,
             offs_d,
             diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-            b, h, dropout_threshold, dropout_seed,
+            b, h, dropout_threshold, dropout_seed, kv_b, k_start, hk,
             True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-            KV_CACHE, USE_EXP2, BLOCK_D2,
+            KV_CACHE, USE_EXP2, BLOCK_D2, KV_TMA,
         )
     acc, l_i, m_i, acc2 = _fwd_block_loop(
         acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, b_lo, b_end, m0, offs_n,
         offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        b, h, dropout_threshold, dropout_seed,
+        b, h, dropout_threshold, dropout_seed, kv_b, k_start, hk,
         False, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-        KV_CACHE, USE_EXP2, BLOCK_D2,
+        KV_CACHE, USE_EXP2, BLOCK_D2, KV_TMA,
     )
     acc, l_i, m_i, acc2 = _fwd_block_loop(
         acc, l_i, m_i, q, acc2, q2, k_ptrs, v_ptrs, k2_ptrs, v2_ptrs, stride_ks, stride_vs, c_lo, n_hi, m0, offs_n,
         offs_d,
         diag, sk, window_left, window_right, qk_scale_log2, softcap_in, softcap_out, alibi_slope,
-        b, h, dropout_threshold, dropout_seed,
+        b, h, dropout_threshold, dropout_seed, kv_b, k_start, hk,
         True, EVEN_D, HEADDIM, BLOCK_M, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, INPUT_PRECISION,
-        KV_CACHE, USE_EXP2, BLOCK_D2,
+        KV_CACHE, USE_EXP2, BLOCK_D2, KV_TMA,
     )
 
     # Rows that saw no key: out = 0, lse = -inf.
@@ -373,6 +397,7 @@ class _ForwardPlan:
     grid: tuple
     args: ArgTemplate
     launch: PlannedLaunch
+    kv_box: Optional[list] = None  # KV_TMA: the K/V descriptors' box (1, BLOCK_N, 1, BLOCK_D)
 
 
 #: Forward plans by call signature (``attention_forward``).
@@ -392,7 +417,7 @@ def _forward_key(q, k, v, out, lse, prob, meta, alibi_slopes, dropout) -> tuple:
         tuple(t.data_ptr() % 16 == 0 for t in (q, k, v, out, lse)),
         alibi_slopes is None or alibi_slopes.data_ptr() % 16 == 0,
         configs.override_key(), configs.head_parts(prob.headdim), configs.input_precision(q.dtype),
-        configs.autotune_enabled(),
+        configs.autotune_enabled(), configs.fwd_kv_tma(q.device),
     )
 
 
@@ -411,6 +436,11 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
     out_view, lse_view = (out, lse) if num_splits == 1 else (out_target[0], lse_target[0])
     seq_args = seqlen_args(q, k, meta)
     unit = stride_unit(q, k, v, out_view, is_varlen=prob.is_varlen)
+    kv_tma = configs.fwd_kv_tma(q.device) and block_d2 == 0 and all(_tma_readable(x) for x in (k, v))
+    if kv_tma and not cfg.split_phases:
+        # Its masked loop zeroes V's rows past the keys through registers and back to shared
+        # memory (two more barriers a block, compiled for sm_90): only the edge blocks take it.
+        cfg = replace(cfg, split_phases=True)
     args = (
         q, k, v, out_target, lse_target, *seq_args[:7], *alibi_args(alibi_slopes, lse), *seq_args[7:],
         *(s for x in (q, k, v, out_view) for s in dense_strides(x, prob.is_varlen, unit)), split_strides[0],
@@ -419,6 +449,7 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
         *prob.scalar_args(log2_units=cfg.exp2), prob.window_left, prob.window_right, *dropout_args(dropout),
     )
     return _ForwardPlan(num_splits=num_splits, grid=configs.program_grid(cfg, num_m_blocks * num_splits, prob),
+                        kv_box=[1, cfg.block_n, 1, block_d] if kv_tma else None,
                         args=ArgTemplate(args), launch=PlannedLaunch(_fwd_kernel, dict(
                             HEADDIM=prob.headdim, BLOCK_D=block_d, BLOCK_D2=block_d2,
                             **meta_flags(meta),
@@ -426,8 +457,9 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
                             HAS_ALIBI=alibi_slopes is not None, HAS_DROPOUT=dropout is not None,
                             IS_SPLIT=num_splits > 1, INPUT_PRECISION=configs.input_precision(q.dtype),
                             KV_CACHE=cfg.kv_cache, SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,
-                            GROUP_ORDER=cfg.group_order_code, STRIDE_UNIT=unit, **cfg.launch_args(),
-                        )))
+                            GROUP_ORDER=cfg.group_order_code, STRIDE_UNIT=unit, KV_TMA=kv_tma,
+                            **cfg.launch_args(),
+                        ), _descriptor_key))
 
 
 def _launch_forward(plan: _ForwardPlan, q, k, v, out, lse, prob: AttnProblem, meta, alibi_slopes, dropout) -> None:
@@ -441,9 +473,27 @@ def _launch_forward(plan: _ForwardPlan, q, k, v, out, lse, prob: AttnProblem, me
                            alibi_slopes if alibi_slopes is not None else lse))
     if dropout is not None:
         args[-1] = int(dropout[1])  # the seed, the last argument (``dropout_args``)
+    if plan.kv_box is not None:
+        # (batch, keys, heads, d) descriptors; varlen: one batch entry of all the tokens.
+        args[1], args[2] = (TensorDescriptor.from_tensor(x.unsqueeze(0) if prob.is_varlen else x, plan.kv_box)
+                            for x in (k, v))
     plan.launch(plan.grid, args)
     if plan.num_splits > 1:
         combine_splits(out_target, lse_target, out, lse, prob)
+
+
+def _tma_readable(x: torch.Tensor) -> bool:
+    """Whether TMA can read ``x`` as it is: unit last stride, the others and the base
+    16-byte aligned."""
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
+        all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+
+
+def _descriptor_key(descriptor: TensorDescriptor) -> tuple:
+    """What Triton specializes a K/V descriptor argument on (``launch.fast_launch``)."""
+    if type(descriptor) is not TensorDescriptor:
+        raise TypeError(f"_descriptor_key: got a {type(descriptor).__name__}; expected a TensorDescriptor")
+    return descriptor.base.dtype, tuple(descriptor.block_shape)
 
 
 def combine_splits(

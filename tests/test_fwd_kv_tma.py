@@ -1,0 +1,112 @@
+"""The portable forward with K and V read through TMA descriptors (``RINGFLASH_FWD_KV_TMA=1``,
+opt-in, ``fwd._fwd_kernel``'s KV_TMA): against the float64 reference (out, lse, dq, dk, dv;
+the backward is the usual one), and equal to the pointer loads on the same inputs. On the
+CPU the interpreter runs the descriptors' loads; on a GPU (sm_90 on) these tests run the
+TMA kernels at the same sizes. Run 53 (Nsight Compute) motivates it: see
+``configs.fwd_kv_tma``."""
+
+import pytest
+import torch
+
+from attn_check import check_attention, check_varlen_with_an_empty_sequence, dense_impl, dense_ref
+from conftest import HAS_CUDA, cu_seqlens_from_lengths
+from ringflash import flash_attn_func, flash_attn_varlen_func
+from ringflash.kernels import configs, fwd
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPE = torch.bfloat16 if HAS_CUDA else torch.float16  # the interpreter's bf16 dot is wrong
+TMA_DEVICE = not HAS_CUDA or torch.cuda.get_device_capability()[0] >= 9
+
+
+@pytest.fixture
+def kv_tma(monkeypatch):
+    if not TMA_DEVICE:
+        pytest.skip("TMA needs sm_90 or later")
+    monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", "1")
+    assert configs.fwd_kv_tma(torch.device(DEVICE))
+
+
+def _tma_plans() -> int:
+    return sum(plan.kv_box is not None for plan in fwd._PLANS.values())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plans():
+    fwd._PLANS.clear()  # counted per test (``_tma_plans``)
+
+
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (False, (6, 3))])
+@pytest.mark.parametrize("headdim", [64, 72])
+def test_dense_through_descriptors(gen, kv_tma, headdim, causal, window):
+    """Keys past a block's end (45 keys) and columns past d (d=72 in a 128-wide tile) read
+    as zeros from the descriptor."""
+    q, k, v = (torch.randn(2, s, n, headdim, generator=gen, dtype=torch.float64).to(DEVICE)
+               for s, n in ((37, 4), (45, 2), (45, 2)))
+    check_attention(dense_impl, dense_ref, (q, k, v), DTYPE, extra=(causal, window))
+    assert _tma_plans() > 0, "the forward did not take the descriptors"
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_through_descriptors(gen, kv_tma, causal):
+    check_varlen_with_an_empty_sequence(gen, DEVICE, 64, DTYPE, causal)
+    assert _tma_plans() > 0
+
+
+def test_a_neighbouring_sequence_never_reaches_the_output(gen, kv_tma, monkeypatch):
+    """A varlen descriptor spans every sequence, so a block at a sequence's end reads the
+    next sequence's keys: their scores are masked and their V rows zeroed, so an inf in the
+    next sequence's V changes nothing before it. Equal to the pointer loads, bit for bit."""
+    lengths = [23, 0, 21, 17]
+    cu = cu_seqlens_from_lengths(lengths, DEVICE)
+    q, k, v = (torch.randn(sum(lengths), n, 64, generator=gen).to(DEVICE, DTYPE) for n in (4, 2, 2))
+    v[cu[2]] = float("inf")  # the third sequence's first key
+
+    def first_two(tma: str):
+        monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", tma)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths))[: int(cu[2])]
+
+    pointers, descriptors = first_two("0"), first_two("1")
+    assert _tma_plans() > 0
+    assert torch.isfinite(descriptors).all()
+    assert torch.equal(pointers, descriptors)
+
+
+def test_keys_past_seqused(gen, kv_tma, monkeypatch):
+    """Keys past each sequence's ``seqused_k`` (a cache's unused slots) hold stale values
+    (inf here): the descriptor reads them in the sequence's last block, the kernel must not
+    use them."""
+    lengths_q, lengths_k, used = [3, 5], [40, 24], [29, 7]
+    cu_q, cu_k = cu_seqlens_from_lengths(lengths_q, DEVICE), cu_seqlens_from_lengths(lengths_k, DEVICE)
+    q = torch.randn(sum(lengths_q), 4, 64, generator=gen).to(DEVICE, DTYPE)
+    k, v = (torch.randn(sum(lengths_k), 2, 64, generator=gen).to(DEVICE, DTYPE) for _ in range(2))
+    v[used[0]:lengths_k[0]] = float("inf")
+    v[lengths_k[0] + used[1]:] = float("inf")
+    seqused = torch.tensor(used, dtype=torch.int32, device=DEVICE)
+
+    def call(tma: str):
+        monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", tma)
+        return flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lengths_q), max(lengths_k), causal=True,
+                                      seqused_k=seqused)
+
+    pointers, descriptors = call("0"), call("1")
+    assert _tma_plans() > 0
+    assert torch.isfinite(descriptors).all()
+    assert torch.equal(pointers, descriptors)
+
+
+def test_off_by_default_and_checked(monkeypatch):
+    monkeypatch.delenv("RINGFLASH_FWD_KV_TMA", raising=False)
+    assert not configs.fwd_kv_tma(torch.device(DEVICE))
+    monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", "yes")
+    with pytest.raises(ValueError, match="RINGFLASH_FWD_KV_TMA: got 'yes'; expected 0 or 1"):
+        configs.fwd_kv_tma(torch.device(DEVICE))
+
+
+def test_unaligned_keys_take_the_pointer_loads(gen, kv_tma):
+    """A K whose token stride is not a multiple of 16 bytes (d=20 in fp16: 40 bytes) cannot
+    be a TMA operand: the plan keeps the pointer loads, and the answer is the reference's."""
+    q, k, v = (torch.randn(1, s, 2, 20, generator=gen, dtype=torch.float64).to(DEVICE) for s in (9, 11, 11))
+    check_attention(dense_impl, dense_ref, (q, k, v), DTYPE, extra=(False,))
+    assert _tma_plans() == 0
+    out = flash_attn_func(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE))
+    assert out.shape == (1, 9, 2, 20)
