@@ -129,6 +129,14 @@ for s in "$@"; do
     # Issue 15: Nsight Compute's counters of the short cells' kernels, ours beside the
     # baseline's (occupancy, throughput, stall reasons; scripts/ncu_kernels.py --help).
     ncu) stage ncu "${NCU_LIMIT:-300}" python3 scripts/ncu_kernels.py ${NCU_ARGS:-} ;;
+    # Issue 15, after run 53: the opt-in TMA K/V loads of the portable forward
+    # (RINGFLASH_FWD_KV_TMA=1): their tests on the GPU, then the varlen 64x256 forward's
+    # tiles as CUDA-graph replays with and without them, against FA2 varlen.
+    kvtma) stage kvtmatests 150 env RINGFLASH_TEST_LOG="$OUT/kvtmatests_tests.tsv" python3 -m pytest -q \
+             -p no:cacheprovider -n 4 tests/test_fwd_kv_tma.py
+           test_log_summary kvtmatests
+           for t in 0 1; do stage "kvtma$t" "${KVTMA_LIMIT:-200}" env RINGFLASH_FWD_KV_TMA=$t python3 scripts/probe_tiles.py \
+             --dropout 0 --pack 64x256 --heads 32 --kv-heads 8 --full --kinds fwd --cudagraph --one-loop; done ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac
