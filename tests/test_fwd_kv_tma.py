@@ -110,3 +110,13 @@ def test_unaligned_keys_take_the_pointer_loads(gen, kv_tma):
     assert _tma_plans() == 0
     out = flash_attn_func(q.to(DTYPE), k.to(DTYPE), v.to(DTYPE))
     assert out.shape == (1, 9, 2, 20)
+
+
+def test_no_keys_takes_the_pointer_loads(kv_tma):
+    """A descriptor cannot span an empty dimension: no keys (every row sees none: out 0,
+    lse -inf) keeps the pointer loads."""
+    q = torch.randn(1, 5, 2, 16).to(DEVICE, DTYPE)
+    k = torch.randn(1, 0, 2, 16).to(DEVICE, DTYPE)
+    out, lse, _ = flash_attn_func(q, k, k, return_attn_probs=True)
+    assert _tma_plans() == 0
+    assert torch.equal(out, torch.zeros_like(out)) and bool((lse == float("-inf")).all())

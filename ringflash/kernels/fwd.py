@@ -483,9 +483,9 @@ def _launch_forward(plan: _ForwardPlan, q, k, v, out, lse, prob: AttnProblem, me
 
 
 def _tma_readable(x: torch.Tensor) -> bool:
-    """Whether TMA can read ``x`` as it is: unit last stride, the others and the base
-    16-byte aligned."""
-    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
+    """Whether TMA can read ``x`` as it is: no empty dimension (a descriptor's are
+    positive), unit last stride, the others and the base 16-byte aligned."""
+    return x.numel() > 0 and x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
         all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
 
 
