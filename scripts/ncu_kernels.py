@@ -5,7 +5,8 @@ Cases (bf16):
 
 * ``varlen-fwd``: 64 documents of 256 tokens, 32 query heads over 8 KV heads, d=128, not
   causal; the forward (``flash_attn_varlen_func``) against FA2 varlen
-  (``aten._flash_attention_forward``): the cell at 0.90x FA2.
+  (``aten._flash_attention_forward``): the cell at 0.90x FA2. ``ours_kvtma``: the same
+  with ``RINGFLASH_FWD_KV_TMA=1`` (K and V through TMA descriptors, opt-in since run 53).
 * ``dense-bwd``: b=1 s=16k, 16 heads, d=128, not causal; the backward alone (the forward
   runs outside the profiled range) against SDPA's cuDNN backend: the cell at 0.85x cuDNN.
   ``ours_atomic`` is the Gluon 5-GEMM backward (``RINGFLASH_BACKEND=sm90
@@ -36,7 +37,7 @@ import sys
 import tempfile
 
 CASES = {
-    "varlen-fwd": ("ours", "fa2"),
+    "varlen-fwd": ("ours", "ours_kvtma", "fa2"),
     "dense-bwd": ("ours", "ours_atomic", "cudnn"),
 }
 SECTIONS = ("SpeedOfLight", "Occupancy", "LaunchStats", "WarpStateStats", "ComputeWorkloadAnalysis")
@@ -62,6 +63,8 @@ def _child(case: str, impl: str) -> None:
     if impl == "ours_atomic":
         os.environ["RINGFLASH_BACKEND"] = "sm90"
         os.environ["RINGFLASH_BACKWARD"] = "atomic"
+    if impl == "ours_kvtma":
+        os.environ["RINGFLASH_FWD_KV_TMA"] = "1"
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -75,7 +78,7 @@ def _child(case: str, impl: str) -> None:
         q = torch.randn(total, heads, d, device=dev, dtype=dtype)
         k, v = (torch.randn(total, heads_k, d, device=dev, dtype=dtype) for _ in range(2))
         cu = torch.arange(0, total + 1, length, device=dev, dtype=torch.int32)
-        if impl == "ours":
+        if impl != "fa2":
             def call():
                 return flash_attn_varlen_func(q, k, v, cu, cu, length, length)
         else:
@@ -220,6 +223,10 @@ def main(argv=None) -> int:
     if args.child:
         _child(*args.child)
         return 0
+    known = {impl for case in args.cases for impl in CASES[case]}
+    unknown = sorted(set(args.impls or ()) - known)
+    if unknown:
+        parser.error(f"--impls: got {unknown}; expected some of {sorted(known)} for cases {args.cases}")
     ncu = shutil.which("ncu") or next((p for p in ("/usr/local/cuda/bin/ncu",) if os.path.exists(p)), None)
     if ncu is None:
         print("ncu: not found on this machine (Nsight Compute); nothing profiled")

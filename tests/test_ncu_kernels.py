@@ -40,3 +40,11 @@ def test_summary_converts_units_and_ranks_the_stall_reasons():
 
 def test_summary_of_an_empty_report():
     assert _module().summarize("") == []
+
+
+def test_an_unknown_implementation_is_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        _module().main(["--cases", "varlen-fwd", "--impls", "ours", "cudnn"])
+    assert "--impls: got ['cudnn']; expected some of ['fa2', 'ours', 'ours_kvtma']" in capsys.readouterr().err
