@@ -103,7 +103,7 @@ def test_off_by_default_and_checked(monkeypatch):
 
 
 def test_unaligned_keys_take_the_pointer_loads(gen, kv_tma):
-    """A K whose token stride is not a multiple of 16 bytes (d=20 in fp16: 40 bytes) cannot
+    """A K whose head stride is not a multiple of 16 bytes (d=20 in 16-bit: 40 bytes) cannot
     be a TMA operand: the plan keeps the pointer loads, and the answer is the reference's."""
     q, k, v = (torch.randn(1, s, 2, 20, generator=gen, dtype=torch.float64).to(DEVICE) for s in (9, 11, 11))
     check_attention(dense_impl, dense_ref, (q, k, v), DTYPE, extra=(False,))

@@ -361,7 +361,8 @@ def test_fast_launch_refuses_a_call_site_that_leaves_a_parameter_to_its_default(
 
 
 def test_descriptor_key_follows_tritons_specialization():
-    """The Gluon launchers key a TMA descriptor by dtype and block shape: descriptors with
+    """The launchers key a TMA descriptor (the Gluon kernels', and the portable forward's
+    K/V ones under RINGFLASH_FWD_KV_TMA) by class, dtype and block shape: descriptors with
     equal keys get the same specialization from Triton (whatever their shapes and strides),
     and those Triton tells apart get different keys."""
     from ringflash.kernels import sm90
@@ -369,6 +370,8 @@ def test_descriptor_key_follows_tritons_specialization():
         pytest.skip("this Triton has no Gluon")
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import BaseBackend
+    from triton import next_power_of_2
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     def triton_key(d):
         return native_specialize_impl(BaseBackend, d, False, True, True)[0]
@@ -376,11 +379,12 @@ def test_descriptor_key_follows_tritons_specialization():
     x = [torch.zeros(2, 300, 4, 128, dtype=torch.bfloat16), torch.zeros(1, 77, 2, 128, dtype=torch.bfloat16),
          torch.zeros(1, 77, 2, 64, dtype=torch.bfloat16), torch.zeros(1, 77, 2, 96, dtype=torch.float16)]
     descs = [sm90._with_base(sm90._template_of(t, rows), t) for t in x for rows in (64, 128)]
+    descs += [TensorDescriptor.from_tensor(t, [1, rows, 1, next_power_of_2(t.shape[-1])]) for t in x for rows in (32, 64)]
     for a in descs:
         for b in descs:
-            assert (sm90._descriptor_key(a) == sm90._descriptor_key(b)) == (triton_key(a) == triton_key(b))
+            assert (L.descriptor_key(a) == L.descriptor_key(b)) == (triton_key(a) == triton_key(b))
     with pytest.raises(TypeError, match="TensorDescriptor"):
-        sm90._descriptor_key(x[0])
+        L.descriptor_key(x[0])
 
 
 @pytest.mark.gpu

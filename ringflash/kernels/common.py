@@ -75,6 +75,13 @@ def kernel_layout(x: torch.Tensor, token_dim: int) -> bool:
     return x.stride(-1) == 1 and abs(x.stride(token_dim)) * MAX_TILE_ROWS < _INT32_LIMIT
 
 
+def tma_readable(x: torch.Tensor) -> bool:
+    """Whether a TMA descriptor can read ``x`` as it is: unit stride on the last dimension,
+    the other strides (none 0: no broadcast dimension) and the base 16-byte aligned."""
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
+        all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
+
+
 def kernel_operand(x, token_dim: int):
     """``x`` as the kernels read it: unit stride on the head dim, and a token stride small
     enough that ``MAX_TILE_ROWS`` rows of offsets fit in int32 (a huge-stride view, e.g. an

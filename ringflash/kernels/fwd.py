@@ -18,9 +18,9 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from . import configs
 from .common import (
     alibi_bias, cdiv, check_device, dropout_keep, load_alibi_slope, check_output_buffer, finish_output, interpreter_output, kernel_operand, key_block_ranges,
-    in_elements, next_power_of_2, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, visible,
+    in_elements, next_power_of_2, row_base, scaled_scores, schedule, softcap_mode, sequence_bounds, tile_ptrs, tma_readable, visible,
 )
-from .launch import ArgTemplate, PlannedLaunch, PlanTable, cached_launch, int_class
+from .launch import ArgTemplate, PlannedLaunch, PlanTable, cached_launch, descriptor_key, int_class
 from .problem import (
     AttnProblem, SeqMeta, alibi_args, dense_strides, dropout_args, lse_strides, meta_flags, meta_signature,
     seq_pointers, seqlen_args, stride_unit, strides_unit,
@@ -436,7 +436,9 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
     out_view, lse_view = (out, lse) if num_splits == 1 else (out_target[0], lse_target[0])
     seq_args = seqlen_args(q, k, meta)
     unit = stride_unit(q, k, v, out_view, is_varlen=prob.is_varlen)
-    kv_tma = configs.fwd_kv_tma(q.device) and block_d2 == 0 and all(_tma_readable(x) for x in (k, v))
+    # A descriptor's dimensions are positive: no keys keeps the pointer loads.
+    kv_tma = configs.fwd_kv_tma(q.device) and block_d2 == 0 and k.numel() > 0 and \
+        all(tma_readable(x) for x in (k, v))
     if kv_tma and not cfg.split_phases:
         # Its masked loop zeroes V's rows past the keys through registers and back to shared
         # memory (two more barriers a block, compiled for sm_90): only the edge blocks take it.
@@ -459,7 +461,7 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
                             KV_CACHE=cfg.kv_cache, SPLIT_PHASES=cfg.split_phases, USE_EXP2=cfg.exp2,
                             GROUP_ORDER=cfg.group_order_code, STRIDE_UNIT=unit, KV_TMA=kv_tma,
                             **cfg.launch_args(),
-                        ), _descriptor_key))
+                        ), descriptor_key))
 
 
 def _launch_forward(plan: _ForwardPlan, q, k, v, out, lse, prob: AttnProblem, meta, alibi_slopes, dropout) -> None:
@@ -480,20 +482,6 @@ def _launch_forward(plan: _ForwardPlan, q, k, v, out, lse, prob: AttnProblem, me
     plan.launch(plan.grid, args)
     if plan.num_splits > 1:
         combine_splits(out_target, lse_target, out, lse, prob)
-
-
-def _tma_readable(x: torch.Tensor) -> bool:
-    """Whether TMA can read ``x`` as it is: no empty dimension (a descriptor's are
-    positive), unit last stride, the others and the base 16-byte aligned."""
-    return x.numel() > 0 and x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
-        all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
-
-
-def _descriptor_key(descriptor: TensorDescriptor) -> tuple:
-    """What Triton specializes a K/V descriptor argument on (``launch.fast_launch``)."""
-    if type(descriptor) is not TensorDescriptor:
-        raise TypeError(f"_descriptor_key: got a {type(descriptor).__name__}; expected a TensorDescriptor")
-    return descriptor.base.dtype, tuple(descriptor.block_shape)
 
 
 def combine_splits(

@@ -210,6 +210,17 @@ class ArgTemplate:
         return args
 
 
+def descriptor_key(descriptor: Any) -> tuple:
+    """``other_key`` for launches with TMA descriptor arguments (``triton.tools``' or Gluon's
+    ``TensorDescriptor``): what Triton specializes one on, its dtype and block shape (the
+    descriptors the launchers make have zero padding, and a Gluon one's shared layout follows
+    from the other two), and its class, which Triton tells apart."""
+    kind = type(descriptor)
+    if kind.__name__ != "TensorDescriptor" or not hasattr(descriptor, "block_shape"):
+        raise TypeError(f"descriptor_key: got a {kind.__name__}; expected a TensorDescriptor")
+    return kind, descriptor.base.dtype, tuple(descriptor.block_shape)
+
+
 def specialization_key(args: Sequence[Any],
                        other_key: Optional[Callable[[Any], Hashable]] = None) -> Optional[tuple]:
     """Per argument, what Triton specializes it on: a tensor's dtype and whether it is

@@ -49,8 +49,8 @@ import triton
 
 from . import configs
 from .problem import AttnProblem, dropout_args, dropout_threshold, meta_signature
-from .common import TANH_APPROX_PTX, contiguous_strides, grad_buffer
-from .launch import PlannedLaunch, PlanTable
+from .common import TANH_APPROX_PTX, contiguous_strides, grad_buffer, tma_readable
+from .launch import PlannedLaunch, PlanTable, descriptor_key
 
 #: Oldest Triton whose Gluon API these kernels are written against (3.6, the GPU image's;
 #: 3.9 compiles them too). Gluon's API changes between releases (3.5's warp_specialize
@@ -1395,7 +1395,7 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnProble
     if prob.has_right and not (prob.causal and prob.window_right == 0):
         return False
     # TMA: 16-byte aligned bases and strides, unit stride on d, no broadcast (stride 0) dims.
-    return all(_tma_readable(x) for x in (q, k, v))
+    return all(tma_readable(x) for x in (q, k, v))
 
 
 def _varlen_scratch_bytes(prob: AttnProblem) -> int:
@@ -1410,11 +1410,6 @@ def _varlen_scratch_bytes(prob: AttnProblem) -> int:
     keys_per_program = 64 if prob.headdim > 128 else 128
     k_programs = math.ceil(prob.max_seqlen_k / keys_per_program) * prob.nheads_k * prob.batch
     return 128 * max(2 * q_programs, 8 * k_programs + 6 * q_programs)
-
-
-def _tma_readable(x: torch.Tensor) -> bool:
-    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and \
-        all(s > 0 and s * x.element_size() % 16 == 0 for s in x.stride()[:-1])
 
 
 def preferred(prob: AttnProblem, dropout: Optional[tuple[float, int]] = None, kind: str = "fwd") -> bool:
@@ -1484,14 +1479,6 @@ def _with_base(template: "TensorDescriptor", x: torch.Tensor) -> "TensorDescript
 
 def _template_of(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return _descriptor_template(tuple(x.shape), x.stride(), x.dtype, rows)
-
-
-def _descriptor_key(descriptor: "TensorDescriptor") -> tuple:
-    """What Triton specializes a descriptor argument on (``launch.fast_launch``): its dtype,
-    block shape and shared layout; ``_descriptor_template``'s layout follows from the other two."""
-    if type(descriptor) is not TensorDescriptor:
-        raise TypeError(f"_descriptor_key: got a {type(descriptor).__name__}; expected a TensorDescriptor")
-    return descriptor.base.dtype, tuple(descriptor.block_shape)
 
 
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
@@ -1592,7 +1579,7 @@ def _forward_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prob: AttnP
             HAS_SOFTCAP=prob.softcap > 0,
             # Pipelined: a warp per 16 rows (the table's warps are the specialized variants').
             num_warps=4 if specialized else cfg.block_m // 16,
-        ), _descriptor_key),
+        ), descriptor_key),
     ))
 
 
@@ -1660,7 +1647,7 @@ def _tma_operand(x: torch.Tensor) -> torch.Tensor:
     """``x``, or a contiguous, aligned copy where TMA cannot read it (a stride of 0, e.g. an
     expanded gradient, a stride not a multiple of 16 bytes, or a base off 16 bytes:
     ``contiguous()`` would return such a tensor as it is)."""
-    return x if _tma_readable(x) else x.clone(memory_format=torch.contiguous_format)
+    return x if tma_readable(x) else x.clone(memory_format=torch.contiguous_format)
 
 
 @dataclass(frozen=True)
@@ -1800,7 +1787,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout),
             ATOMIC_DQ={"red": 1, "tma": 2}[dq_writer] if atomic_dq else 0, IS_VARLEN=varlen,
             HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d, num_warps=4,
-        ), _descriptor_key),
+        ), descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
         dq_descriptors=(_template_of(q4, dq_cfg.block_m // 2), _template_of(k4, dq_cfg.block_n),
                         _template_of(v4, dq_cfg.block_n), _template_of(do4, dq_cfg.block_m // 2),
@@ -1811,7 +1798,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             HEADDIM=block_d, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=dq_heads_first,
             HAS_SOFTCAP=prob.softcap > 0, num_warps=4,
-        ), _descriptor_key),
+        ), descriptor_key),
     ))
 
 
