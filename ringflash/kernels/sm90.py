@@ -673,6 +673,24 @@ if AVAILABLE:
                                   pack=4)
 
     @gluon.jit
+    def _load_rows_with_stats(desc, stats_desc, bufs, stats_bufs, bars, slot, b, row0, head, stats_row0):
+        """Start the TMA loads of rows [row0, row0 + box) of sequence ``b``, head ``head``, of
+        Q (or dO) and of their lse2 (or delta) entries, from flat index ``stats_row0`` +
+        ``row0`` of the flat row-statistics descriptor, into ring slot ``slot``, both on one
+        barrier. The statistics' box runs on into the next head's or sequence's rows past
+        the sequence (``_staged_rows`` masks them)."""
+        bar = bars.index(slot)
+        mbarrier.expect(bar, desc.block_type.nbytes + stats_desc.block_type.nbytes)
+        _tma_load(desc, [b, row0, head, 0], bar, bufs.index(slot))
+        _tma_load(stats_desc, [stats_row0 + row0], bar, stats_bufs.index(slot))
+
+    @gluon.jit
+    def _staged_rows(stats_bufs, slot, rows, seqlen_q, other, layout: gl.constexpr):
+        """A step's lse2 or delta entries from ring slot ``slot`` (``_load_rows_with_stats``),
+        in ``layout`` (a slice of the score tiles'), ``other`` for rows past seqlen_q."""
+        return gl.where(rows < seqlen_q, stats_bufs.index(slot).load(layout), other)
+
+    @gluon.jit
     def _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
         """Step ``i`` of a dK/dV consumer: its ring slot and phase, query head and first
         query row (the loader's order: each head's query blocks from ``m_start`` in turn)."""
@@ -722,10 +740,10 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
-        Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+        lse_bufs, delta_bufs, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
         ds_buf, ds_other, k_other, ds_bars, DQAcc, dq_stage, stride_dqb, stride_dqs, stride_dqh,
         b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-        stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, DKPtr, DVPtr, k_row, nheads_k, headdim,
+        qk_scale_log2, softmax_scale, softcap_in, b_out, DKPtr, DVPtr, k_row, nheads_k, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
         IS_VARLEN: gl.constexpr, PART: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
@@ -777,10 +795,11 @@ if AVAILABLE:
             do_tile = do_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
             dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
             # Rows past seqlen_q: lse2 = +inf gives P = 0 there (their Q and dO are zero-filled).
+            # lse2 and delta came with Q and dO (``_load_rows_with_stats``): as global loads
+            # here they were 32% of the consumers' stall samples (run 53, d=128).
             cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-            row_ptr = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + cols
-            lse2 = gl.load(Lse2 + row_ptr, mask=cols < seqlen_q, other=float("inf"))
-            delta = gl.load(Delta + row_ptr, mask=cols < seqlen_q, other=0.0)
+            lse2 = _staged_rows(lse_bufs, slot, cols, seqlen_q, float("inf"), gl.SliceLayout(0, st_layout))
+            delta = _staged_rows(delta_bufs, slot, cols, seqlen_q, 0.0, gl.SliceLayout(0, st_layout))
             st = _capped(warpgroup_mma_wait(num_outstanding=1, deps=(st, )), softcap_in, HAS_SOFTCAP)
             pt = gl.exp2(st * qk_scale_log2 - lse2[None, :])
             # dS's weight (P itself without softcap: the masks below are then one select, the
@@ -894,8 +913,8 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_half_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, pt_buf, p32_buf, dst_buf,
-        turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps,
-        seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, b_out,
+        turn_bars, dk_desc, dv_desc, lse_bufs, delta_bufs, b, hk, n0, cta_last_key, h_first, m_start, m_blocks,
+        n_steps, seqlen_q, seqlen_k, qk_scale_log2, softmax_scale, b_out,
         DKPtr, DVPtr, k_row, nheads_k, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, ROLE: gl.constexpr, IS_VARLEN: gl.constexpr,
@@ -928,7 +947,6 @@ if AVAILABLE:
         for i in range(n_steps):
             slot, phase, h, m0 = _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M, STAGES)
             cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-            row_ptr = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + cols
             mbarrier.wait(q_bars.index(slot), phase)
             mbarrier.wait(do_bars.index(slot), phase)
             q_tile = q_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
@@ -936,7 +954,7 @@ if AVAILABLE:
             if ROLE == 0:
                 st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 # Rows past seqlen_q: lse2 = +inf gives P = 0 there (their Q and dO are zero-filled).
-                lse2 = gl.load(Lse2 + row_ptr, mask=cols < seqlen_q, other=float("inf"))
+                lse2 = _staged_rows(lse_bufs, slot, cols, seqlen_q, float("inf"), gl.SliceLayout(0, st_layout))
                 st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
                 pt = gl.exp2(st * qk_scale_log2 - lse2[None, :])
                 if CAUSAL:
@@ -950,7 +968,7 @@ if AVAILABLE:
                 mbarrier.arrive(turn_bars.index(0))
             else:
                 dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-                delta = gl.load(Delta + row_ptr, mask=cols < seqlen_q, other=0.0)
+                delta = _staged_rows(delta_bufs, slot, cols, seqlen_q, 0.0, gl.SliceLayout(0, st_layout))
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt, ))
                 mbarrier.wait(turn_bars.index(0), i & 1)
                 pt = p32_buf.load(st_layout)
@@ -986,13 +1004,15 @@ if AVAILABLE:
             tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _load_dkdv(k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs,
-                   q_bars, do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps,
-                   QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim,
-                   ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr, STAGES: gl.constexpr,
-                   IS_VARLEN: gl.constexpr):
-        """The dK/dV loader: each consumer's K and V rows once, then Q and dO of every step.
-        IS_VARLEN: through descriptors over the sequence's rows that it makes itself."""
+    def _load_dkdv(k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_parts, v_parts, fixed_bar, q_bufs,
+                   do_bufs, lse_bufs, delta_bufs, q_bars, do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks,
+                   n_steps, stats_row0, stride_lh, QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k,
+                   nheads_k, kv_group, headdim, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr,
+                   STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
+        """The dK/dV loader: each consumer's K and V rows once, then Q with its lse2 and dO
+        with its delta for every step (the statistics of query head h start at flat index
+        ``stats_row0`` + h ``stride_lh``). IS_VARLEN: Q, K, V and dO through descriptors over
+        the sequence's rows that it makes itself."""
         if IS_VARLEN:
             q_desc, do_desc, k_desc, v_desc = _sequence_descriptors(
                 QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim,
@@ -1004,12 +1024,15 @@ if AVAILABLE:
         for i in range(n_steps):
             slot = i % STAGES
             mbarrier.wait(free_bars.index(slot), ((i // STAGES) + 1) & 1, pred=i >= STAGES)
-            _load_pair(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, slot, b,
-                       (m_start + i % m_blocks) * BLOCK_M, h_first + i // m_blocks, True)
+            head = h_first + i // m_blocks
+            row0 = (m_start + i % m_blocks) * BLOCK_M
+            head_stats = stats_row0 + head * stride_lh
+            _load_rows_with_stats(q_desc, lse_desc, q_bufs, lse_bufs, q_bars, slot, b, row0, head, head_stats)
+            _load_rows_with_stats(do_desc, delta_desc, do_bufs, delta_bufs, do_bars, slot, b, row0, head, head_stats)
 
     @gluon.jit
     def _bwd_dkdv_sm90_kernel(
-        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, DQAcc,
+        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, DropKeys, DQAcc,
         QStarts, QEnds, CuSeqlensK, QPtr, KPtr, VPtr, DOPtr, DKPtr, DVPtr, nheads_k,
         seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, stride_dqb, stride_dqs, stride_dqh, headdim,
         qk_scale_log2, softmax_scale, softcap_in, dropout_threshold, dropout_scale, head_splits,
@@ -1029,7 +1052,9 @@ if AVAILABLE:
 
         IS_VARLEN: sequence b of a plain varlen batch (``_varlen_sequence``; contiguous
         packed tensors at ``QPtr`` .. ``DVPtr``, lse2/delta (nheads, total_q)); ``seqlen_q``
-        and ``seqlen_k`` (the longest, which size the grid) become the sequence's."""
+        and ``seqlen_k`` (the longest, which size the grid) become the sequence's.
+        ``lse_desc``/``delta_desc``: flat (1-D) descriptors over lse2 and delta (strides
+        ``stride_lb``, ``stride_lh``), boxes of BLOCK_M (``_row_stats_template``)."""
         n_block, head_slot, b, batch = _program_ids(HEADS_FIRST)  # head slots: KV heads x splits
         hk = head_slot // head_splits
         heads = kv_group // head_splits  # this program's query heads, from h_first on
@@ -1037,14 +1062,16 @@ if AVAILABLE:
         n0 = n_block * BLOCK_N
         q_base = b * 0
         k_base = b * 0
+        # Where sequence b's lse2/delta rows start in the flat statistics (32-bit: lse2 has
+        # d times fewer elements than Q, so fewer than 2**31 on any GPU's memory).
+        stats_row0 = b * stride_lb
         if IS_VARLEN:
             # The sequence's descriptors are made by the partitions that use them (the
             # loader's four, each consumer's dK/dV): ``_sequence_descriptor``.
             q_base, seqlen_q, k_base, seqlen_k = _varlen_sequence(QStarts, QEnds, CuSeqlensK, b)
             # This sequence's rows of lse2/delta and its dropout words; every descriptor's
             # batch index is then 0.
-            Lse2 = Lse2 + q_base
-            Delta = Delta + q_base
+            stats_row0 = q_base
             DropKeys = DropKeys + b * stride_keys_b
             b = b * 0
         # Where dK and dV go: a slice's partial sums at batch index slice x batch + b.
@@ -1053,6 +1080,8 @@ if AVAILABLE:
         ROWS: gl.constexpr = BLOCK_N // PARTS
         k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars = _fixed_and_ring(
             k_desc, v_desc, q_desc, do_desc, PARTS, ROWS, BLOCK_M, HEADDIM, STAGES)
+        lse_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], lse_desc.layout)
+        delta_bufs = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], delta_desc.layout)
         # Query blocks that see any of these keys: key n is seen from query n - diag on.
         diag = seqlen_k - seqlen_q
         m_blocks_total = gl.cdiv(seqlen_q, BLOCK_M)
@@ -1068,25 +1097,25 @@ if AVAILABLE:
         cta_last_key = gl.minimum(n0 + BLOCK_N, seqlen_k) - 1
         if SPLIT_D:
             _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
-                              q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first,
-                              m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2,
-                              softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base, k_base, nheads_k,
+                              q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs, b, hk,
+                              n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stats_row0,
+                              stride_lh, qk_scale_log2, softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base, k_base, nheads_k,
                               kv_group, headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, IS_VARLEN)
         else:
             _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
-                                 v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b,
-                                 dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk,
+                                 v_desc, q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs,
+                                 delta_bufs, DropKeys, stride_keys_b, dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk,
                                  n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-                                 stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                                 stats_row0, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
                                  QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base, k_base, nheads_k, kv_group, headdim,
                                  HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, HAS_SOFTCAP)
         _invalidate_ring(fixed_bar, q_bars, do_bars, free_bars, STAGES)
 
     @gluon.jit
     def _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
-                          q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, b, hk, n0, cta_last_key, h_first, m_start,
-                          m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale,
-                          b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_row, k_row, nheads_k, kv_group, headdim,
+                          q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs, b, hk, n0,
+                          cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stats_row0,
+                          stride_lh, qk_scale_log2, softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_row, k_row, nheads_k, kv_group, headdim,
                           HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
                           STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):
         """The SPLIT_D program of ``_bwd_dkdv_sm90_kernel``: the score tiles' shared memory
@@ -1106,18 +1135,19 @@ if AVAILABLE:
         mbarrier.init(turn_bars.index(3), count=2)
         gl.warp_specialize([
             (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
-                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
-                               n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
-                               stride_lh, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
+                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, lse_bufs,
+                               delta_bufs, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
+                               seqlen_k, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
                                headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 0, IS_VARLEN)),
             (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
-                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, Lse2, Delta, b, hk,
-                               n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
-                               stride_lh, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
+                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, lse_bufs,
+                               delta_bufs, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
+                               seqlen_k, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
                                headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 1, IS_VARLEN)),
-            (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
-                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, QPtr, DOPtr, KPtr, VPtr,
-                          q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, 1, STAGES,
+            (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_parts, v_parts, fixed_bar,
+                          q_bufs, do_bufs, lse_bufs, delta_bufs, q_bars, do_bars, free_bars, b, hk, n0, h_first,
+                          m_start, m_blocks, n_steps, stats_row0, stride_lh, QPtr, DOPtr, KPtr, VPtr, q_row,
+                          seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, 1, STAGES,
                           IS_VARLEN)),
         ], [4, 1], [240, 24])
         for i in gl.static_range(4):
@@ -1125,10 +1155,10 @@ if AVAILABLE:
 
     @gluon.jit
     def _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
-                             v_desc, q_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b,
-                             dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk, n0,
-                             cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stride_lb,
-                             stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, QPtr, DOPtr, KPtr, VPtr,
+                             v_desc, q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs,
+                             DropKeys, stride_keys_b, dropout_threshold, dropout_scale, DQAcc, stride_dqb,
+                             stride_dqs, stride_dqh, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps,
+                             seqlen_q, seqlen_k, stats_row0, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, QPtr, DOPtr, KPtr, VPtr,
                              DKPtr, DVPtr, q_row, k_row, nheads_k, kv_group, headdim, HEADDIM: gl.constexpr,
                              ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
                              CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
@@ -1153,26 +1183,29 @@ if AVAILABLE:
             dq_stages = ds_bufs  # unused
         gl.warp_specialize([
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
-                          dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+                          dk_desc, dv_desc, lse_bufs, delta_bufs, DropKeys, stride_keys_b, dropout_threshold,
+                          dropout_scale,
                           ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, dq_stages,
                           stride_dqb, stride_dqs, stride_dqh,
                           b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-                          stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                          qk_scale_log2, softmax_scale, softcap_in, b_out,
                           DKPtr, DVPtr, k_row, nheads_k, headdim,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0,
                           HAS_SOFTCAP)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
-                          dk_desc, dv_desc, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+                          dk_desc, dv_desc, lse_bufs, delta_bufs, DropKeys, stride_keys_b, dropout_threshold,
+                          dropout_scale,
                           ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, dq_stages,
                           stride_dqb, stride_dqs, stride_dqh,
                           b, hk, n0 + ROWS, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
-                          seqlen_k, stride_lb, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
+                          seqlen_k, qk_scale_log2, softmax_scale, softcap_in, b_out,
                           DKPtr, DVPtr, k_row, nheads_k, headdim,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1,
                           HAS_SOFTCAP)),
-            (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, k_parts, v_parts, fixed_bar, q_bufs, do_bufs, q_bars,
-                          do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks, n_steps, QPtr, DOPtr, KPtr, VPtr,
-                          q_row, seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, PARTS, STAGES,
+            (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_parts, v_parts, fixed_bar,
+                          q_bufs, do_bufs, lse_bufs, delta_bufs, q_bars, do_bars, free_bars, b, hk, n0, h_first,
+                          m_start, m_blocks, n_steps, stats_row0, stride_lh, QPtr, DOPtr, KPtr, VPtr, q_row,
+                          seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, PARTS, STAGES,
                           IS_VARLEN)),
         ], [4, 1], [240, 24])
         for i in gl.static_range(2):
@@ -1481,6 +1514,16 @@ def _template_of(x: torch.Tensor, rows: int) -> "TensorDescriptor":
     return _descriptor_template(tuple(x.shape), x.stride(), x.dtype, rows)
 
 
+def _row_stats_template(numel: int, rows: int) -> "TensorDescriptor":
+    """A TMA descriptor template over a flat float32 tensor of ``numel`` entries (lse2 or
+    delta, contiguous: ``bwd.prepare_backward``) moving boxes of ``rows`` (the dK/dV step's
+    query rows; a box past the end reads zeros)."""
+    template = TensorDescriptor(_AlignedBase(torch.float32), [numel], [1], [rows],
+                                gl.NVMMASharedLayout.get_default_for([rows], gl.float32))
+    template.base = None
+    return template
+
+
 #: How the CTA's warps split the work: "pipelined" (all warps run every row and issue the
 #: loads), "specialized" (a loader warp and two consumer warpgroups) or "pingpong" (the
 #: consumers also take turns at the tensor cores). Run 37 (scripts/probe_sm90.py, H200,
@@ -1661,6 +1704,7 @@ class _BackwardPlan:
     partials_shape: tuple  # the float32-summed partial dK/dV of a head split: (2, splits x batch, ...)
     dkdv_grid: tuple
     dkdv_descriptors: tuple  # templates over q, k, v, dout, dk, dv (or the partials)
+    row_stats_template: "TensorDescriptor"  # over lse2 and delta, flat (the dK/dV kernel's)
     dkdv_scalars: tuple
     dkdv_launch: PlannedLaunch
     dq_grid: tuple
@@ -1775,6 +1819,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     return _PLANS.keep(key, _BackwardPlan(
         atomic_dq=atomic_dq, dq_writer=dq_writer, dq_accumulator_shape=acc_shape,
         dq_accumulator_template=acc_template, head_splits=head_splits, partials_shape=partials_shape,
+        row_stats_template=_row_stats_template(math.prod(lse.shape), dkdv_cfg.block_m),
         dkdv_grid=(nheads_k * head_splits, prob.batch, key_blocks) if dkdv_heads_first else
         (key_blocks, nheads_k * head_splits, prob.batch),
         dkdv_descriptors=(_template_of(q4, dkdv_cfg.block_m), _template_of(k4, key_rows),
@@ -1867,7 +1912,9 @@ def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
     plan.dkdv_launch(plan.dkdv_grid, (
         _with_base(t[0], bases[0]), _with_base(t[1], bases[1]), _with_base(t[2], bases[2]),
         _with_base(t[3], bases[3]), _with_base(t[4], bases[5]), _with_base(t[5], bases[6]),
-        lse2, delta, keys, dq_acc_arg, *dkdv_ptrs, *plan.dkdv_scalars,
+        _with_base(plan.row_stats_template, lse2.view(-1)), _with_base(plan.row_stats_template, delta.view(-1)),
+        keys, dq_acc_arg,
+        *dkdv_ptrs, *plan.dkdv_scalars,
     ))
     if plan.head_splits > 1:  # dK's and dV's partials in one sum (one launch fewer per call)
         sums = partials.view(2, plan.head_splits, *k.shape).sum(1, dtype=torch.float32)
