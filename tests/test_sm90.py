@@ -551,6 +551,39 @@ def test_plans_launch_what_a_fresh_plan_would(monkeypatch):
                                                   sm90._bwd_dkdv_sm90_kernel, sm90._bwd_dq_sm90_kernel]
 
 
+def test_dkdv_row_statistics_by_tma_only_where_each_head_starts_aligned(monkeypatch):
+    """The dK/dV kernel's loader brings lse2 and delta by TMA (STATS_TMA) only where every
+    (sequence, head)'s rows start 16 bytes apart: dense calls whose seqlen_q is a multiple
+    of 4. Run 54 (H100): seqlen_q = 3001 under TMA gave an illegal instruction; varlen
+    sequences start anywhere. The others read them by pointer, through the same launch."""
+    from ringflash.kernels.problem import SeqMeta
+
+    if not sm90.AVAILABLE:
+        pytest.skip("this Triton has no Gluon Hopper module")
+    launches = _record_planned_launches(monkeypatch)
+    gen = torch.Generator().manual_seed(5)
+
+    def stats_tma(sq, meta=None):
+        q = torch.randn(2, sq, 4, 64, generator=gen, dtype=torch.float16).to(DEVICE)
+        k = torch.randn(2, 96, 2, 64, generator=gen, dtype=torch.float16).to(DEVICE)
+        v = torch.randn_like(k)
+        if meta is not None:
+            q, k, v = q[0], k[0, :sq], v[0, :sq]
+            prob = make_problem(q, k, meta, sq, sq, 0.125, True, -1, -1, 0.0)
+        else:
+            prob = make_problem(q, k, None, sq, 96, 0.125, True, -1, -1, 0.0)
+        start = len(launches)
+        out, lse = sm90.attention_forward_sm90(q, k, v, prob, meta=meta)
+        sm90.attention_backward_sm90(torch.randn_like(q), q, k, v, out, lse, prob, meta=meta)
+        (dkdv,) = [launch for launch in launches[start:] if launch[0] is sm90._bwd_dkdv_sm90_kernel]
+        return dict(dkdv[3])["STATS_TMA"]
+
+    assert stats_tma(64) and stats_tma(1000)
+    assert not stats_tma(77) and not stats_tma(3001)
+    cu = torch.tensor([0, 32, 64], dtype=torch.int32, device=DEVICE)
+    assert not stats_tma(64, SeqMeta.from_cu_seqlens(cu, cu))
+
+
 def test_forward_refuses_a_one_slot_ring(monkeypatch):
     """The Gluon forward overlaps block j's S MMA with block j-1's P V MMA, so its K/V ring
     needs two slots: with one it would wait forever on a load that waits for that slot. An

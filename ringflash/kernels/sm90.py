@@ -685,10 +685,16 @@ if AVAILABLE:
         _tma_load(stats_desc, [stats_row0 + row0], bar, stats_bufs.index(slot))
 
     @gluon.jit
-    def _staged_rows(stats_bufs, slot, rows, seqlen_q, other, layout: gl.constexpr):
-        """A step's lse2 or delta entries from ring slot ``slot`` (``_load_rows_with_stats``),
-        in ``layout`` (a slice of the score tiles'), ``other`` for rows past seqlen_q."""
-        return gl.where(rows < seqlen_q, stats_bufs.index(slot).load(layout), other)
+    def _row_stats(stats_bufs, Stats, slot, head_row, rows, seqlen_q, other, layout: gl.constexpr,
+                   STATS_TMA: gl.constexpr):
+        """A step's lse2 or delta entries for query rows ``rows`` (in ``layout``, a slice of
+        the score tiles'), ``other`` for rows past seqlen_q: with STATS_TMA from ring slot
+        ``slot`` (``_load_rows_with_stats``), else loaded from ``Stats`` + ``head_row``."""
+        if STATS_TMA:
+            x = gl.where(rows < seqlen_q, stats_bufs.index(slot).load(layout), other)
+        else:
+            x = gl.load(Stats + head_row + rows, mask=rows < seqlen_q, other=other)
+        return x
 
     @gluon.jit
     def _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M: gl.constexpr, STAGES: gl.constexpr):
@@ -740,13 +746,13 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, dk_desc, dv_desc,
-        lse_bufs, delta_bufs, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
-        ds_buf, ds_other, k_other, ds_bars, DQAcc, dq_stage, stride_dqb, stride_dqs, stride_dqh,
+        lse_bufs, delta_bufs, Lse2, Delta, stats_row0, stride_lh, DropKeys, stride_keys_b, dropout_threshold,
+        dropout_scale, ds_buf, ds_other, k_other, ds_bars, DQAcc, dq_stage, stride_dqb, stride_dqs, stride_dqh,
         b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
         qk_scale_log2, softmax_scale, softcap_in, b_out, DKPtr, DVPtr, k_row, nheads_k, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-        IS_VARLEN: gl.constexpr, PART: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+        IS_VARLEN: gl.constexpr, PART: gl.constexpr, HAS_SOFTCAP: gl.constexpr, STATS_TMA: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) of KV head ``hk``: the sum over query heads
         ``h_first``.. (its group's, or a slice of them) and the query blocks from ``m_start``
@@ -795,11 +801,14 @@ if AVAILABLE:
             do_tile = do_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
             dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
             # Rows past seqlen_q: lse2 = +inf gives P = 0 there (their Q and dO are zero-filled).
-            # lse2 and delta came with Q and dO (``_load_rows_with_stats``): as global loads
-            # here they were 32% of the consumers' stall samples (run 53, d=128).
+            # With STATS_TMA lse2 and delta came with Q and dO (``_load_rows_with_stats``): as
+            # global loads here they were 32% of the consumers' stall samples (run 53, d=128).
             cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
-            lse2 = _staged_rows(lse_bufs, slot, cols, seqlen_q, float("inf"), gl.SliceLayout(0, st_layout))
-            delta = _staged_rows(delta_bufs, slot, cols, seqlen_q, 0.0, gl.SliceLayout(0, st_layout))
+            head_row = stats_row0.to(gl.int64) + h.to(gl.int64) * stride_lh
+            lse2 = _row_stats(lse_bufs, Lse2, slot, head_row, cols, seqlen_q, float("inf"),
+                              gl.SliceLayout(0, st_layout), STATS_TMA)
+            delta = _row_stats(delta_bufs, Delta, slot, head_row, cols, seqlen_q, 0.0, gl.SliceLayout(0, st_layout),
+                               STATS_TMA)
             st = _capped(warpgroup_mma_wait(num_outstanding=1, deps=(st, )), softcap_in, HAS_SOFTCAP)
             pt = gl.exp2(st * qk_scale_log2 - lse2[None, :])
             # dS's weight (P itself without softcap: the masks below are then one select, the
@@ -913,11 +922,12 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_half_rows(
         k_part, v_part, fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars, pt_buf, p32_buf, dst_buf,
-        turn_bars, dk_desc, dv_desc, lse_bufs, delta_bufs, b, hk, n0, cta_last_key, h_first, m_start, m_blocks,
-        n_steps, seqlen_q, seqlen_k, qk_scale_log2, softmax_scale, b_out,
+        turn_bars, dk_desc, dv_desc, lse_bufs, delta_bufs, Lse2, Delta, stats_row0, stride_lh, b, hk, n0,
+        cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, qk_scale_log2, softmax_scale, b_out,
         DKPtr, DVPtr, k_row, nheads_k, headdim,
         HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, WARPS: gl.constexpr, ROLE: gl.constexpr, IS_VARLEN: gl.constexpr,
+        STATS_TMA: gl.constexpr,
     ):
         """dK and dV of keys [n0, n0 + ROWS) for head dims past 128, where one warpgroup
         cannot hold both accumulators over the whole head dim (2 x 64 x 256 float32 is 256
@@ -947,6 +957,7 @@ if AVAILABLE:
         for i in range(n_steps):
             slot, phase, h, m0 = _dkdv_step(i, h_first, m_start, m_blocks, BLOCK_M, STAGES)
             cols = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, st_layout))
+            head_row = stats_row0.to(gl.int64) + h.to(gl.int64) * stride_lh
             mbarrier.wait(q_bars.index(slot), phase)
             mbarrier.wait(do_bars.index(slot), phase)
             q_tile = q_bufs.index(slot).reshape([BLOCK_M, HEADDIM])
@@ -954,7 +965,8 @@ if AVAILABLE:
             if ROLE == 0:
                 st = warpgroup_mma(k_tile, q_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 # Rows past seqlen_q: lse2 = +inf gives P = 0 there (their Q and dO are zero-filled).
-                lse2 = _staged_rows(lse_bufs, slot, cols, seqlen_q, float("inf"), gl.SliceLayout(0, st_layout))
+                lse2 = _row_stats(lse_bufs, Lse2, slot, head_row, cols, seqlen_q, float("inf"),
+                                  gl.SliceLayout(0, st_layout), STATS_TMA)
                 st = warpgroup_mma_wait(num_outstanding=0, deps=(st, ))
                 pt = gl.exp2(st * qk_scale_log2 - lse2[None, :])
                 if CAUSAL:
@@ -968,7 +980,8 @@ if AVAILABLE:
                 mbarrier.arrive(turn_bars.index(0))
             else:
                 dpt = warpgroup_mma(v_tile, do_tile.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-                delta = _staged_rows(delta_bufs, slot, cols, seqlen_q, 0.0, gl.SliceLayout(0, st_layout))
+                delta = _row_stats(delta_bufs, Delta, slot, head_row, cols, seqlen_q, 0.0,
+                                   gl.SliceLayout(0, st_layout), STATS_TMA)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt, ))
                 mbarrier.wait(turn_bars.index(0), i & 1)
                 pt = p32_buf.load(st_layout)
@@ -1008,9 +1021,9 @@ if AVAILABLE:
                    do_bufs, lse_bufs, delta_bufs, q_bars, do_bars, free_bars, b, hk, n0, h_first, m_start, m_blocks,
                    n_steps, stats_row0, stride_lh, QPtr, DOPtr, KPtr, VPtr, q_row, seqlen_q, k_row, seqlen_k,
                    nheads_k, kv_group, headdim, ROWS: gl.constexpr, BLOCK_M: gl.constexpr, PARTS: gl.constexpr,
-                   STAGES: gl.constexpr, IS_VARLEN: gl.constexpr):
-        """The dK/dV loader: each consumer's K and V rows once, then Q with its lse2 and dO
-        with its delta for every step (the statistics of query head h start at flat index
+                   STAGES: gl.constexpr, IS_VARLEN: gl.constexpr, STATS_TMA: gl.constexpr):
+        """The dK/dV loader: each consumer's K and V rows once, then Q and dO of every step,
+        with STATS_TMA also their lse2 and delta (query head h's start at flat index
         ``stats_row0`` + h ``stride_lh``). IS_VARLEN: Q, K, V and dO through descriptors over
         the sequence's rows that it makes itself."""
         if IS_VARLEN:
@@ -1026,19 +1039,24 @@ if AVAILABLE:
             mbarrier.wait(free_bars.index(slot), ((i // STAGES) + 1) & 1, pred=i >= STAGES)
             head = h_first + i // m_blocks
             row0 = (m_start + i % m_blocks) * BLOCK_M
-            head_stats = stats_row0 + head * stride_lh
-            _load_rows_with_stats(q_desc, lse_desc, q_bufs, lse_bufs, q_bars, slot, b, row0, head, head_stats)
-            _load_rows_with_stats(do_desc, delta_desc, do_bufs, delta_bufs, do_bars, slot, b, row0, head, head_stats)
+            if STATS_TMA:
+                head_stats = stats_row0 + head * stride_lh
+                _load_rows_with_stats(q_desc, lse_desc, q_bufs, lse_bufs, q_bars, slot, b, row0, head, head_stats)
+                _load_rows_with_stats(do_desc, delta_desc, do_bufs, delta_bufs, do_bars, slot, b, row0, head,
+                                      head_stats)
+            else:
+                _load_pair(q_desc, do_desc, q_bufs, do_bufs, q_bars, do_bars, slot, b, row0, head, True)
 
     @gluon.jit
     def _bwd_dkdv_sm90_kernel(
-        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, DropKeys, DQAcc,
+        q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, Lse2, Delta, lse_desc, delta_desc, DropKeys, DQAcc,
         QStarts, QEnds, CuSeqlensK, QPtr, KPtr, VPtr, DOPtr, DKPtr, DVPtr, nheads_k,
         seqlen_q, seqlen_k, kv_group, stride_lb, stride_lh, stride_keys_b, stride_dqb, stride_dqs, stride_dqh, headdim,
         qk_scale_log2, softmax_scale, softcap_in, dropout_threshold, dropout_scale, head_splits,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
-        HEADS_FIRST: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SPLIT_D: gl.constexpr, num_warps: gl.constexpr,
+        HEADS_FIRST: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SPLIT_D: gl.constexpr, STATS_TMA: gl.constexpr,
+        num_warps: gl.constexpr,
     ):
         """Grid (key blocks of BLOCK_N, KV heads x ``head_splits``, batch), or with HEADS_FIRST
         (KV heads x ``head_splits``, batch, key blocks); ``num_warps`` = 4.
@@ -1053,8 +1071,9 @@ if AVAILABLE:
         IS_VARLEN: sequence b of a plain varlen batch (``_varlen_sequence``; contiguous
         packed tensors at ``QPtr`` .. ``DVPtr``, lse2/delta (nheads, total_q)); ``seqlen_q``
         and ``seqlen_k`` (the longest, which size the grid) become the sequence's.
-        ``lse_desc``/``delta_desc``: flat (1-D) descriptors over lse2 and delta (strides
-        ``stride_lb``, ``stride_lh``), boxes of BLOCK_M (``_row_stats_template``)."""
+        lse2 and delta at ``Lse2``/``Delta`` (strides ``stride_lb``, ``stride_lh``), and with
+        STATS_TMA read through ``lse_desc``/``delta_desc``, flat (1-D) descriptors over them
+        with boxes of BLOCK_M (``_row_stats_template``; a box must start 16-byte aligned)."""
         n_block, head_slot, b, batch = _program_ids(HEADS_FIRST)  # head slots: KV heads x splits
         hk = head_slot // head_splits
         heads = kv_group // head_splits  # this program's query heads, from h_first on
@@ -1097,27 +1116,30 @@ if AVAILABLE:
         cta_last_key = gl.minimum(n0 + BLOCK_N, seqlen_k) - 1
         if SPLIT_D:
             _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
-                              q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs, b, hk,
-                              n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stats_row0,
-                              stride_lh, qk_scale_log2, softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base, k_base, nheads_k,
-                              kv_group, headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, IS_VARLEN)
+                              q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs, Lse2,
+                              Delta, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+                              stats_row0, stride_lh, qk_scale_log2, softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr,
+                              DKPtr, DVPtr, q_base, k_base, nheads_k, kv_group, headdim, HEADDIM, ROWS, BLOCK_M,
+                              STAGES, CAUSAL, IS_VARLEN, STATS_TMA)
         else:
             _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
                                  v_desc, q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs,
-                                 delta_bufs, DropKeys, stride_keys_b, dropout_threshold, dropout_scale, DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk,
-                                 n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
-                                 stats_row0, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out,
-                                 QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base, k_base, nheads_k, kv_group, headdim,
-                                 HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, HAS_SOFTCAP)
+                                 delta_bufs, Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale,
+                                 DQAcc, stride_dqb, stride_dqs, stride_dqh, b, hk, n0, cta_last_key, h_first, m_start,
+                                 m_blocks, n_steps, seqlen_q, seqlen_k, stats_row0, stride_lh, qk_scale_log2,
+                                 softmax_scale, softcap_in, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_base,
+                                 k_base, nheads_k, kv_group, headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL,
+                                 HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, HAS_SOFTCAP, STATS_TMA)
         _invalidate_ring(fixed_bar, q_bars, do_bars, free_bars, STAGES)
 
     @gluon.jit
     def _bwd_dkdv_split_d(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc, v_desc,
-                          q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs, b, hk, n0,
-                          cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k, stats_row0,
-                          stride_lh, qk_scale_log2, softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_row, k_row, nheads_k, kv_group, headdim,
-                          HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
-                          STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr):
+                          q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs, Lse2, Delta,
+                          b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
+                          stats_row0, stride_lh, qk_scale_log2, softmax_scale, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr,
+                          DVPtr, q_row, k_row, nheads_k, kv_group, headdim, HEADDIM: gl.constexpr, ROWS: gl.constexpr,
+                          BLOCK_M: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, IS_VARLEN: gl.constexpr,
+                          STATS_TMA: gl.constexpr):
         """The SPLIT_D program of ``_bwd_dkdv_sm90_kernel``: the score tiles' shared memory
         and barriers, then the two ``_dkdv_half_rows`` consumers and the loader."""
         dtype: gl.constexpr = q_desc.dtype
@@ -1135,20 +1157,22 @@ if AVAILABLE:
         mbarrier.init(turn_bars.index(3), count=2)
         gl.warp_specialize([
             (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
-                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, lse_bufs,
-                               delta_bufs, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
-                               seqlen_k, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
-                               headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 0, IS_VARLEN)),
+                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, lse_bufs, delta_bufs,
+                               Lse2, Delta, stats_row0, stride_lh, b, hk, n0, cta_last_key, h_first, m_start,
+                               m_blocks, n_steps, seqlen_q, seqlen_k, qk_scale_log2, softmax_scale, b_out, DKPtr,
+                               DVPtr, k_row, nheads_k, headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 0,
+                               IS_VARLEN, STATS_TMA)),
             (_dkdv_half_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars,
-                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, lse_bufs,
-                               delta_bufs, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
-                               seqlen_k, qk_scale_log2, softmax_scale, b_out, DKPtr, DVPtr, k_row, nheads_k,
-                               headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 1, IS_VARLEN)),
+                               free_bars, pt_buf, p32_buf, dst_buf, turn_bars, dk_desc, dv_desc, lse_bufs, delta_bufs,
+                               Lse2, Delta, stats_row0, stride_lh, b, hk, n0, cta_last_key, h_first, m_start,
+                               m_blocks, n_steps, seqlen_q, seqlen_k, qk_scale_log2, softmax_scale, b_out, DKPtr,
+                               DVPtr, k_row, nheads_k, headdim, HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, 1,
+                               IS_VARLEN, STATS_TMA)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_parts, v_parts, fixed_bar,
                           q_bufs, do_bufs, lse_bufs, delta_bufs, q_bars, do_bars, free_bars, b, hk, n0, h_first,
                           m_start, m_blocks, n_steps, stats_row0, stride_lh, QPtr, DOPtr, KPtr, VPtr, q_row,
                           seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, 1, STAGES,
-                          IS_VARLEN)),
+                          IS_VARLEN, STATS_TMA)),
         ], [4, 1], [240, 24])
         for i in gl.static_range(4):
             mbarrier.invalidate(turn_bars.index(i))
@@ -1156,13 +1180,14 @@ if AVAILABLE:
     @gluon.jit
     def _bwd_dkdv_key_halves(k_parts, v_parts, q_bufs, do_bufs, fixed_bar, q_bars, do_bars, free_bars, k_desc,
                              v_desc, q_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc, lse_bufs, delta_bufs,
-                             DropKeys, stride_keys_b, dropout_threshold, dropout_scale, DQAcc, stride_dqb,
-                             stride_dqs, stride_dqh, b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps,
-                             seqlen_q, seqlen_k, stats_row0, stride_lh, qk_scale_log2, softmax_scale, softcap_in, b_out, QPtr, DOPtr, KPtr, VPtr,
-                             DKPtr, DVPtr, q_row, k_row, nheads_k, kv_group, headdim, HEADDIM: gl.constexpr,
-                             ROWS: gl.constexpr, BLOCK_M: gl.constexpr, STAGES: gl.constexpr,
-                             CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr,
-                             IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+                             Lse2, Delta, DropKeys, stride_keys_b, dropout_threshold, dropout_scale, DQAcc,
+                             stride_dqb, stride_dqs, stride_dqh, b, hk, n0, cta_last_key, h_first, m_start, m_blocks,
+                             n_steps, seqlen_q, seqlen_k, stats_row0, stride_lh, qk_scale_log2, softmax_scale,
+                             softcap_in, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_row, k_row, nheads_k,
+                             kv_group, headdim, HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
+                             STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ:
+                             gl.constexpr, IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, STATS_TMA:
+                             gl.constexpr):
         """The default program of ``_bwd_dkdv_sm90_kernel``: two ``_dkdv_rows`` consumers of
         ROWS keys each (and the atomic dQ's staging tiles), and the loader."""
         PARTS: gl.constexpr = 2
@@ -1183,30 +1208,30 @@ if AVAILABLE:
             dq_stages = ds_bufs  # unused
         gl.warp_specialize([
             (_dkdv_rows, (k_parts.index(0), v_parts.index(0), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
-                          dk_desc, dv_desc, lse_bufs, delta_bufs, DropKeys, stride_keys_b, dropout_threshold,
-                          dropout_scale,
+                          dk_desc, dv_desc, lse_bufs, delta_bufs, Lse2, Delta, stats_row0, stride_lh, DropKeys,
+                          stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(0), ds_bufs.index(1), k_parts.index(1), ds_bars, DQAcc, dq_stages,
                           stride_dqb, stride_dqs, stride_dqh,
                           b, hk, n0, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q, seqlen_k,
                           qk_scale_log2, softmax_scale, softcap_in, b_out,
                           DKPtr, DVPtr, k_row, nheads_k, headdim,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 0,
-                          HAS_SOFTCAP)),
+                          HAS_SOFTCAP, STATS_TMA)),
             (_dkdv_rows, (k_parts.index(1), v_parts.index(1), fixed_bar, q_bufs, do_bufs, q_bars, do_bars, free_bars,
-                          dk_desc, dv_desc, lse_bufs, delta_bufs, DropKeys, stride_keys_b, dropout_threshold,
-                          dropout_scale,
+                          dk_desc, dv_desc, lse_bufs, delta_bufs, Lse2, Delta, stats_row0, stride_lh, DropKeys,
+                          stride_keys_b, dropout_threshold, dropout_scale,
                           ds_bufs.index(1), ds_bufs.index(0), k_parts.index(0), ds_bars, DQAcc, dq_stages,
                           stride_dqb, stride_dqs, stride_dqh,
                           b, hk, n0 + ROWS, cta_last_key, h_first, m_start, m_blocks, n_steps, seqlen_q,
                           seqlen_k, qk_scale_log2, softmax_scale, softcap_in, b_out,
                           DKPtr, DVPtr, k_row, nheads_k, headdim,
                           HEADDIM, ROWS, BLOCK_M, STAGES, CAUSAL, 4, HAS_DROPOUT, ATOMIC_DQ, IS_VARLEN, 1,
-                          HAS_SOFTCAP)),
+                          HAS_SOFTCAP, STATS_TMA)),
             (_load_dkdv, (k_desc, v_desc, q_desc, do_desc, lse_desc, delta_desc, k_parts, v_parts, fixed_bar,
                           q_bufs, do_bufs, lse_bufs, delta_bufs, q_bars, do_bars, free_bars, b, hk, n0, h_first,
                           m_start, m_blocks, n_steps, stats_row0, stride_lh, QPtr, DOPtr, KPtr, VPtr, q_row,
                           seqlen_q, k_row, seqlen_k, nheads_k, kv_group, headdim, ROWS, BLOCK_M, PARTS, STAGES,
-                          IS_VARLEN)),
+                          IS_VARLEN, STATS_TMA)),
         ], [4, 1], [240, 24])
         for i in gl.static_range(2):
             mbarrier.invalidate(ds_bars.index(i))
@@ -1831,7 +1856,11 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             HEADDIM=block_d, BLOCK_M=dkdv_cfg.block_m, BLOCK_N=dkdv_cfg.block_n, STAGES=dkdv_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout),
             ATOMIC_DQ={"red": 1, "tma": 2}[dq_writer] if atomic_dq else 0, IS_VARLEN=varlen,
-            HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d, num_warps=4,
+            HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d,
+            # A TMA box must start 16-byte aligned (run 54: seqlen_q = 3001 gave an illegal
+            # instruction): each (sequence, head)'s rows must, which a varlen batch's
+            # sequences need not.
+            STATS_TMA=not varlen and all(stride * 4 % 16 == 0 for stride in lse_strides), num_warps=4,
         ), descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
         dq_descriptors=(_template_of(q4, dq_cfg.block_m // 2), _template_of(k4, dq_cfg.block_n),
@@ -1912,8 +1941,8 @@ def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
     plan.dkdv_launch(plan.dkdv_grid, (
         _with_base(t[0], bases[0]), _with_base(t[1], bases[1]), _with_base(t[2], bases[2]),
         _with_base(t[3], bases[3]), _with_base(t[4], bases[5]), _with_base(t[5], bases[6]),
-        _with_base(plan.row_stats_template, lse2.view(-1)), _with_base(plan.row_stats_template, delta.view(-1)),
-        keys, dq_acc_arg,
+        lse2, delta, _with_base(plan.row_stats_template, lse2.view(-1)),
+        _with_base(plan.row_stats_template, delta.view(-1)), keys, dq_acc_arg,
         *dkdv_ptrs, *plan.dkdv_scalars,
     ))
     if plan.head_splits > 1:  # dK's and dV's partials in one sum (one launch fewer per call)
