@@ -678,7 +678,7 @@ if AVAILABLE:
         Q (or dO) and of their lse2 (or delta) entries, from flat index ``stats_row0`` +
         ``row0`` of the flat row-statistics descriptor, into ring slot ``slot``, both on one
         barrier. The statistics' box runs on into the next head's or sequence's rows past
-        the sequence (``_staged_rows`` masks them)."""
+        the sequence (``_row_stats`` masks them)."""
         bar = bars.index(slot)
         mbarrier.expect(bar, desc.block_type.nbytes + stats_desc.block_type.nbytes)
         _tma_load(desc, [b, row0, head, 0], bar, bufs.index(slot))
@@ -1185,9 +1185,9 @@ if AVAILABLE:
                              n_steps, seqlen_q, seqlen_k, stats_row0, stride_lh, qk_scale_log2, softmax_scale,
                              softcap_in, b_out, QPtr, DOPtr, KPtr, VPtr, DKPtr, DVPtr, q_row, k_row, nheads_k,
                              kv_group, headdim, HEADDIM: gl.constexpr, ROWS: gl.constexpr, BLOCK_M: gl.constexpr,
-                             STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ:
-                             gl.constexpr, IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr, STATS_TMA:
-                             gl.constexpr):
+                             STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr,
+                             ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                             STATS_TMA: gl.constexpr):
         """The default program of ``_bwd_dkdv_sm90_kernel``: two ``_dkdv_rows`` consumers of
         ROWS keys each (and the atomic dQ's staging tiles), and the loader."""
         PARTS: gl.constexpr = 2
@@ -1857,9 +1857,9 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout),
             ATOMIC_DQ={"red": 1, "tma": 2}[dq_writer] if atomic_dq else 0, IS_VARLEN=varlen,
             HEADS_FIRST=dkdv_heads_first, HAS_SOFTCAP=prob.softcap > 0, SPLIT_D=split_d,
-            # A TMA box must start 16-byte aligned (run 54: seqlen_q = 3001 gave an illegal
-            # instruction): each (sequence, head)'s rows must, which a varlen batch's
-            # sequences need not.
+            # TMA for lse2/delta only where each (sequence, head)'s rows start 16-byte aligned:
+            # run 54 found seqlen_q = 3001, where they do not, an illegal instruction, and a
+            # varlen batch's sequences start anywhere. (4: the statistics' bytes per entry.)
             STATS_TMA=not varlen and all(stride * 4 % 16 == 0 for stride in lse_strides), num_warps=4,
         ), descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
