@@ -305,6 +305,35 @@ def test_hf_csv_and_report(tmp_path):
     assert_redraws(["hf"], out, "hf", tmp_path)
 
 
+def test_hf_rounds_reverse_the_order_and_keep_each_variants_faster_step(monkeypatch):
+    """Run 55: one round's order moved the 4k step's ratio by about 6% (the first variant
+    timed ran slow), so a GPU run times every variant twice, the second round backwards."""
+    pytest.importorskip("transformers", minversion="4.53")
+    from ringflash.bench.progress import progress_bar
+
+    timed: list[str] = []  # the variants in the order their steps were timed
+    real_step_fn = hf_bench.step_fn
+
+    def step_fn(model, case, batch, variant, last):
+        timed.append(variant)
+        return real_step_fn(model, case, batch, variant, last)
+
+    def fake_timed(timer, step, device):  # variant i takes 1 + i ms, but each round's first step is slow
+        if len(timed) - 1 in (0, len(hf_bench.VARIANTS)):
+            return 9.0, "ok"
+        return float(1 + hf_bench.VARIANTS.index(timed[-1])), "ok"
+
+    monkeypatch.setattr(hf_bench, "step_fn", step_fn)
+    monkeypatch.setattr(hf_bench, "run_timed", fake_timed)
+    case = hf_bench.build_cases("cpu", quick=True)[0]
+    with progress_bar(1, "hf") as bar:
+        rows = hf_bench.run_all([case], "cpu", None, "fake", "cpu", bar, [], rounds=2)
+    assert timed == list(hf_bench.VARIANTS) + list(hf_bench.VARIANTS[::-1])
+    assert [r["impl"] for r in rows] == list(hf_bench.VARIANTS)
+    # The first variant keeps its second round, the last its first.
+    assert [r["ms"] for r in rows] == [1.0 + i for i in range(len(hf_bench.VARIANTS))]
+
+
 @needs_interpreter
 def test_hf_without_transformers_records_unsupported(monkeypatch, tmp_path):
     import builtins
