@@ -365,6 +365,21 @@ def test_wide_times_small_cases_twice():
     assert not kw._small({})
 
 
+def test_wide_rounds_option():
+    """``--rounds N`` times every case in N rounds; a small case still takes two on a GPU."""
+    from ringflash.bench import kernels_wide as kw
+
+    small, large = {"fwd": (0.2, "ok"), "bwd": (0.3, "ok")}, {"fwd": (20.0, "ok"), "bwd": (50.0, "ok")}
+    assert [kw._wants_round(i, 1, "cuda", large) for i in range(3)] == [True, False, False]
+    assert [kw._wants_round(i, 1, "cuda", small) for i in range(3)] == [True, True, False]
+    assert [kw._wants_round(i, 1, "cpu", small) for i in range(3)] == [True, False, False]
+    assert [kw._wants_round(i, 3, "cuda", large) for i in range(4)] == [True, True, True, False]
+    cases = kw.build_grid("cuda", quick=True)
+    assert kw.estimate_seconds(cases, min_rounds=2)[0] > kw.estimate_seconds(cases)[0]
+    with pytest.raises(SystemExit):
+        kw.main(["--rounds", "0", "--estimate"])
+
+
 # --- bench tune ------------------------------------------------------------------------
 
 

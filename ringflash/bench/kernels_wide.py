@@ -248,6 +248,12 @@ def _small(ours_cells: dict) -> bool:
     return all(t is not None for t in times) and sum(times) < SECOND_ROUND_MS
 
 
+def _wants_round(round_index: int, min_rounds: int, device: str, ours_cells: dict) -> bool:
+    """Whether ``run_case`` times round ``round_index`` (from 0) of a case: the first
+    ``min_rounds`` (``--rounds``), and a second one on a GPU for a small case."""
+    return round_index < min_rounds or (round_index == 1 and device == "cuda" and _small(ours_cells))
+
+
 def _do_bench_s(ms: float, warmup: float = 25, rep: float = 100) -> float:
     """Wall seconds of one ``bench_ms`` (``bench_call_count`` calls), plus ~50 us of cache
     flush and host gap per call."""
@@ -255,7 +261,7 @@ def _do_bench_s(ms: float, warmup: float = 25, rep: float = 100) -> float:
     return bench_call_count(ms, warmup, rep) * (ms + 0.05) / 1e3 + 0.02
 
 
-def estimate_seconds(cases: Sequence[Case], workers: int = 12) -> tuple[float, list[float]]:
+def estimate_seconds(cases: Sequence[Case], workers: int = 12, min_rounds: int = 1) -> tuple[float, list[float]]:
     """(total, per case) seconds on an H200, from FLOP counts at the rates above: every
     do_bench, the sanity calls, allocation, and the parallel precompile phase."""
     per_case = []
@@ -264,7 +270,7 @@ def estimate_seconds(cases: Sequence[Case], workers: int = 12) -> tuple[float, l
         f = c.fwd_flops() * width / c.headdim
         tf, tb = f / EST_FWD_TFLOPS / 1e9, BWD_FLOP_FACTOR * f / EST_BWD_TFLOPS / 1e9
         baselines = 1 if c.family == "varlen" else 2
-        rounds = 2 if tf + tb < SECOND_ROUND_MS else 1  # tf, tb: ms
+        rounds = max(min_rounds, 2 if tf + tb < SECOND_ROUND_MS else 1)  # tf, tb: ms
         s = rounds * (1 + baselines) * (_do_bench_s(tf) + _do_bench_s(tb) + tf / 1e3)  # + the graph's forward
         s += rounds * len(BWD_VARIANTS) * _do_bench_s(tb)
         s += (6 * tf + 6 * tb) / 1e3 + 0.3  # GQA-mode probes, sanity errors, allocation
@@ -342,7 +348,8 @@ def backward_mode() -> str:
 # --- one case ------------------------------------------------------------------------------
 
 
-def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str, device_name: str) -> list[dict]:
+def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str, device_name: str,
+             min_rounds: int = 1) -> list[dict]:
     """Every implementation and pass of one case, as CSV rows."""
     inputs, dout, extra = make_inputs(case, device, dtype)
     flops = case.fwd_flops()
@@ -408,7 +415,9 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
     # round in the reverse order, each cell keeping its faster round: in run 39 a small
     # case's first-timed implementation ran slow (the same Gluon kernels timed 1.16, 0.87
     # and 0.74 ms in a row as three "variants" of the 4k underfill case's backward); the
-    # 8k one showed no such spread.
+    # 8k one showed no such spread. ``--rounds`` times every case in that many rounds
+    # (run 55: the split column, the same Gluon kernels as the default one at d=128, read
+    # 0.92-1.02x it in cases of 3-190 ms).
     def measure(impl: str) -> dict:
         if impl == "ours":
             return measure_passes(ours, inputs, dout, timer, device)
@@ -419,10 +428,10 @@ def run_case(case: Case, device: str, dtype: torch.dtype, timer, timer_name: str
 
     timed = ["ours", *BWD_VARIANTS] + [impl for impl in ("fa2", "cudnn") if chosen[impl][0] is not None]
     best: dict[str, dict] = {}
-    for round_index in range(2):
-        if round_index == 1 and not (device == "cuda" and _small(best.get("ours", {}))):
+    for round_index in range(max(2, min_rounds)):
+        if not _wants_round(round_index, min_rounds, device, best.get("ours", {})):
             break
-        for impl in (timed if round_index == 0 else timed[::-1]):
+        for impl in (timed if round_index % 2 == 0 else timed[::-1]):
             for p, (ms, status) in measure(impl).items():
                 kept = best.setdefault(impl, {}).get(p)
                 if kept is None or kept[0] is None or (ms is not None and ms < kept[0]):
@@ -617,16 +626,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes compiling the Triton variants before the timed pass (GPU)")
     parser.add_argument("--no-precompile", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time every case in at least this many rounds, every other one in the reverse order, "
+                             f"each cell its fastest (cases under {SECOND_ROUND_MS:g} ms take 2 on a GPU anyway; "
+                             "run 55: one reading of a 4k-64k backward moved by up to 8%%)")
     parser.add_argument("--estimate", action="store_true",
                         help="print the cases and the estimated H200 time, then exit (needs no GPU)")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds: got {args.rounds}; expected at least 1")
 
     if args.from_csv:
         return redraw(args, NAME, COLUMNS, markdown_report, plot_ratios)
 
     device = "cuda" if args.estimate and args.device == "auto" else resolve_device(args.device)
     cases = build_grid(device, args.quick, args.long_headdims, args.headdims, args.seqlens, args.families)
-    total, per_case = estimate_seconds(cases, args.workers)
+    total, per_case = estimate_seconds(cases, args.workers, args.rounds)
     if args.estimate:
         for c, s in zip(cases, per_case):
             print(f"{s:7.1f} s  {c.name}")
@@ -643,6 +658,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes = [f"Dense: {TOKENS if device == 'cuda' else CPU['tokens']} tokens per case, nheads = "
              f"{HIDDEN if device == 'cuda' else CPU['hidden']} // d; seqlen >= {LONG_SEQLEN} only for d in "
              f"{list(args.long_headdims)} (time budget)."]
+    if args.rounds > 1:
+        notes.append(f"Every case timed in {args.rounds} rounds, every other one in the reverse order, each cell its "
+                     "fastest.")
     if device == "cpu":
         notes.append("CPU run: float32, Triton interpreted, wall-clock times of one thread; they check the "
                      "report path and say nothing about GPU speed.")
@@ -655,7 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with cpu_threads(device), progress_bar(len(cases), "kernels wide") as bar:
             for case in cases:
                 show(bar, case.name)
-                case_rows = run_case(case, device, dtype, timer, timer_name, device_name)
+                case_rows = run_case(case, device, dtype, timer, timer_name, device_name, args.rounds)
                 rows += case_rows
                 write("  " + _case_line(case_rows))
                 if args.out:  # keep what is measured if the run is stopped
