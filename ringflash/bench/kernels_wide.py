@@ -263,7 +263,8 @@ def _do_bench_s(ms: float, warmup: float = 25, rep: float = 100) -> float:
 
 def estimate_seconds(cases: Sequence[Case], workers: int = 12, min_rounds: int = 1) -> tuple[float, list[float]]:
     """(total, per case) seconds on an H200, from FLOP counts at the rates above: every
-    do_bench, the sanity calls, allocation, and the parallel precompile phase."""
+    do_bench (in ``min_rounds`` rounds, ``--rounds``; two for a small case), the sanity
+    calls, allocation, and the parallel precompile phase."""
     per_case = []
     for c in cases:
         width = 2 ** math.ceil(math.log2(c.headdim))  # the kernels pad d to a power of two
