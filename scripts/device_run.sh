@@ -138,6 +138,19 @@ for s in "$@"; do
            # --one-loop for the pointer loads only: the TMA plans run split phases (fwd._forward_plan).
            for t in 0 1; do stage "kvtma$t" "${KVTMA_LIMIT:-200}" env RINGFLASH_FWD_KV_TMA=$t python3 scripts/probe_tiles.py \
              --dropout 0 --pack 64x256 --heads 32 --kv-heads 8 --full --kinds fwd --cudagraph $([ $t = 0 ] && echo --one-loop); done ;;
+    # Issue 15: the two-kernel Gluon backward with dQ a programmatic dependent launch of dK/dV
+    # (RINGFLASH_SM90_BWD_OVERLAP) against the serial launches on the d=128 cells run 55
+    # left short of 0.90x cuDNN (MHA full, GQA 32/8 causal 16k, batch-1 16/4 causal 8k).
+    overlap) stage overlaptests 200 env RINGFLASH_TEST_LOG="$OUT/overlaptests_tests.tsv" python3 -m pytest -m gpu -q \
+               -p no:cacheprovider -n 3 tests/test_gpu_attention.py -k overlapped_dq_launch
+             test_log_summary overlaptests
+             tiles="64x128x2/128x128x2 64x128x2/128x128x2+overlap 64x128x2/128x128x2"
+             stage overlap_mha "${OVERLAP_LIMIT:-150}" python3 scripts/probe_sm90.py --parts bwd --headdims 128 \
+               --seqlens 4096 16384 --bwd-tiles $tiles
+             stage overlap_gqa "${OVERLAP_LIMIT:-150}" python3 scripts/probe_sm90.py --parts bwd --headdims 128 \
+               --heads 32 --kv-heads 8 --seqlens 16384 --bwd-tiles $tiles
+             stage overlap_b1 "${OVERLAP_LIMIT:-150}" python3 scripts/probe_sm90.py --parts bwd --headdims 128 \
+               --heads 16 --kv-heads 4 --tokens 8192 --seqlens 4096 8192 --bwd-tiles $tiles ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;
   esac

@@ -59,19 +59,27 @@ def check(d: int, causal: bool, variant: str, cfg: configs.KernelConfig) -> str:
 
 
 def bwd_candidate(spec: str) -> tuple[configs.KernelConfig, configs.KernelConfig, Optional[str]]:
-    """"BMxBNxSTAGES/BMxBNxSTAGES[+atomic|+tma]": the dK/dV kernel's tiles, then the dQ
-    kernel's (unused by the atomic 5-GEMM backward, which ``+atomic`` picks with its dQ added
-    by vector reductions and ``+tma`` with TMA adds: ``configs.sm90_dq_writer``). The third
-    value is that writer, or None for the deterministic backward."""
+    """"BMxBNxSTAGES/BMxBNxSTAGES[+atomic|+tma|+overlap]": the dK/dV kernel's tiles, then the
+    dQ kernel's (unused by the atomic 5-GEMM backward, which ``+atomic`` picks with its dQ
+    added by vector reductions and ``+tma`` with TMA adds: ``configs.sm90_dq_writer``;
+    ``+overlap``: the deterministic backward with its dQ kernel a programmatic dependent
+    launch, ``configs.sm90_backward_overlap``). The third value is that writer, "overlap",
+    or None for the deterministic backward."""
     spec, atomic = spec.rsplit("+", 1) if "+" in spec else (spec, None)
-    if atomic not in (None, "atomic", "tma"):
-        raise ValueError(f"--bwd-tiles: got +{atomic}; expected +atomic or +tma")
-    atomic = {"atomic": "red", "tma": "tma"}.get(atomic)
+    if atomic not in (None, "atomic", "tma", "overlap"):
+        raise ValueError(f"--bwd-tiles: got +{atomic}; expected +atomic, +tma or +overlap")
+    atomic = {"atomic": "red", "tma": "tma", "overlap": "overlap"}.get(atomic)
     pair = []
     for part in spec.split("/"):
         bm, bn, stages = (int(x) for x in part.split("x"))
         pair.append(configs.KernelConfig(bm, bn, 4, stages))
     return pair[0], pair[1], atomic
+
+
+def _backward_override(dkdv_cfg, dq_cfg, atomic: Optional[str]):
+    overlap = atomic == "overlap"
+    return configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg, sm90_dq_writer=None if overlap else atomic,
+                            sm90_backward_overlap=overlap)
 
 
 def _problem(q, k, causal):
@@ -89,8 +97,8 @@ def check_bwd(d: int, causal: bool, dkdv_cfg, dq_cfg, atomic: Optional[str]) -> 
     out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
     prob = _problem(q, k, causal)
     ours = attention_backward(do, q, k, v, out, lse, prob)
-    with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg, sm90_dq_writer=atomic):
-        got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob, atomic_dq=atomic is not None)
+    with _backward_override(dkdv_cfg, dq_cfg, atomic):
+        got = sm90.attention_backward_sm90(do, q, k, v, out, lse, prob, atomic_dq=atomic in ("red", "tma"))
     err = lambda a, b: (a.double() - b).abs().max().item()  # noqa: E731
     return ", ".join(f"{n} {err(g, w):.2e} (portable {err(o, w):.2e})"
                      for n, g, o, w in zip(("dq", "dk", "dv"), got, ours, want))
@@ -101,7 +109,8 @@ def _tiles(cfg) -> str:
 
 
 def _bwd_label(dkdv_cfg, dq_cfg, atomic: Optional[str]) -> str:
-    return f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}" + {None: "", "red": "+atomic", "tma": "+tma"}[atomic]
+    return f"{_tiles(dkdv_cfg)}/{_tiles(dq_cfg)}" + {None: "", "red": "+atomic", "tma": "+tma",
+                                                      "overlap": "+overlap"}[atomic]
 
 
 def backward_section(args, fa2, cudnn) -> list:
@@ -120,8 +129,9 @@ def backward_section(args, fa2, cudnn) -> list:
             for seqlen in args.seqlens:
                 batch = max(1, args.tokens // seqlen)
                 gen = torch.Generator(device="cuda").manual_seed(seqlen)
-                q, k, v, do = (torch.randn(batch, seqlen, args.heads, d, device="cuda", dtype=torch.bfloat16,
-                                           generator=gen) for _ in range(4))
+                kv_heads = args.kv_heads or args.heads
+                q, k, v, do = (torch.randn(batch, seqlen, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                               for h in (args.heads, kv_heads, kv_heads, args.heads))
                 out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
                 prob = _problem(q, k, causal)
                 flops = BWD_FLOP_FACTOR * attn_flops(batch, args.heads, seqlen, seqlen, d, causal)
@@ -132,9 +142,9 @@ def backward_section(args, fa2, cudnn) -> list:
                 for dkdv_cfg, dq_cfg, atomic in cands:
                     name = _bwd_label(dkdv_cfg, dq_cfg, atomic)
                     try:
-                        with configs.override(sm90_dkdv=dkdv_cfg, sm90_dq=dq_cfg, sm90_dq_writer=atomic):
-                            ms = bench_ms(lambda: sm90.attention_backward_sm90(do, q, k, v, out, lse, prob,
-                                                                               atomic_dq=atomic is not None))
+                        with _backward_override(dkdv_cfg, dq_cfg, atomic):
+                            ms = bench_ms(lambda: sm90.attention_backward_sm90(
+                                do, q, k, v, out, lse, prob, atomic_dq=atomic in ("red", "tma")))
                     except Exception as exc:
                         print(f"time bwd d={d} causal={causal} s={seqlen} {name}: FAILED {type(exc).__name__}",
                               flush=True)
@@ -244,6 +254,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seqlens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--tokens", type=int, default=16384, help="batch = tokens / seqlen")
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=0, help="the backward's K/V heads (GQA; 0: --heads)")
     parser.add_argument("--tiles", nargs="+", metavar="VARIANT:BMxBNxWxS",
                         default=["pingpong:128x128x4x3", "pingpong:128x128x4x2"])
     parser.add_argument("--bwd-tiles", nargs="+", metavar="BMxBNxS/BMxBNxS",
@@ -251,7 +262,9 @@ def main(argv=None) -> int:
                                  "64x128x2/128x64x3+atomic", "64x128x2/128x64x3+tma"],
                         help="dK/dV kernel's tiles (query rows per step x keys owned x stages), then dQ's "
                              "(query rows owned x keys per step x stages); +atomic: the 5-GEMM backward, "
-                             "+tma: the same with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma)")
+                             "+tma: the same with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma); "
+                             "+overlap: the two kernels with dQ a programmatic dependent launch "
+                             "(RINGFLASH_SM90_BWD_OVERLAP=1)")
     args = parser.parse_args(argv)
     # flash_attn_func and attention_backward are the portable baselines here (the sm90
     # calls go to their launchers).

@@ -453,6 +453,48 @@ def test_sm90_head_splits_against_the_reference(gen, monkeypatch, splits):
 @pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
 @pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
 @pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,sq,sk,h,hk", [(2, 2048, 2048, 8, 2), (1, 1000, 1000, 16, 4), (2, 3001, 1000, 4, 1)])
+def test_sm90_overlapped_dq_launch(gen, monkeypatch, causal, b, sq, sk, h, hk):
+    """The two-kernel Gluon backward with its dQ kernel a programmatic dependent launch of
+    the dK/dV kernel (``configs.sm90_backward_overlap``): dq, dk and dv against the float64
+    reference, and bit for bit the gradients of the serial launches (the same kernels and
+    summation order), eagerly and replayed from a CUDA graph (the launch attribute captured).
+    The 16/4-head case splits each group's heads (``sm90_dkdv_head_splits``), whose partial
+    sums run after the dQ launch: a sum that ran before the dK/dV kernel ended would differ."""
+    from ringflash.kernels import configs, sm90
+    from ringflash.kernels.problem import make_problem
+
+    monkeypatch.setenv("RINGFLASH_BACKEND", "sm90")
+    monkeypatch.setenv("RINGFLASH_BACKWARD", "deterministic")
+    inputs = _dense64(gen, b, sq, sk, h, hk, 128)
+    with configs.override(sm90_backward_overlap=True):
+        check_attention(_dense_impl, _dense_ref, inputs, torch.bfloat16, extra=(causal,))
+    q, k, v = (t.to(torch.bfloat16) for t in inputs)
+    out, lse, _ = flash_attn_func(q, k, v, causal=causal, return_attn_probs=True)
+    dout = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    prob = make_problem(q, k, None, sq, sk, 128 ** -0.5, causal, -1, -1, 0.0)
+    grads = {}
+    for overlap in (False, True):
+        with configs.override(sm90_backward_overlap=overlap):
+            grads[overlap] = sm90.attention_backward_sm90(dout, q, k, v, out, lse, prob)
+    for name, want, got in zip(("dq", "dk", "dv"), grads[False], grads[True]):
+        assert torch.equal(want, got), f"{name}: the overlapped launch differs from the serial one"
+    with configs.override(sm90_backward_overlap=True):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = sm90.attention_backward_sm90(dout, q, k, v, out, lse, prob)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    for name, want, got in zip(("dq", "dk", "dv"), grads[False], captured):
+        assert torch.equal(want, got), f"{name}: the overlapped launch replayed from a CUDA graph differs"
+
+
+@pytest.mark.timeout(300, method="thread")  # a hung Gluon kernel costs one worker, not the run
+@pytest.mark.skipif(not torch.cuda.is_available() or not _sm90_available(), reason="needs Hopper (sm_90) and Gluon")
+@pytest.mark.parametrize("causal", [False, True])
 def test_sm90_varlen_keeps_sequences_apart(gen, monkeypatch, causal):
     """A NaN and an Inf in one sequence's values reach no other sequence's output through
     the Gluon varlen forward: its tiles past a sequence's end read zeros (per-sequence

@@ -686,6 +686,36 @@ def test_tma_dq_writer_plan(on_hopper, monkeypatch):
         assert plan().dq_writer == "tma"
 
 
+def test_overlapped_dq_launch_plan(on_hopper, monkeypatch):
+    """RINGFLASH_SM90_BWD_OVERLAP=1 (or ``override(sm90_backward_overlap=True)``) makes the
+    two-kernel backward's dQ launch a programmatic dependent of its dK/dV launch: the dQ
+    kernel is compiled with ``launch_pdl`` and waits for dK/dV before it exits (AFTER_DKDV),
+    and the dK/dV kernel lets it start (OVERLAP_DQ); the atomic backward, one kernel, takes
+    neither. Off by default; a plan made under one setting is never reused under the other;
+    a bad value is refused by name."""
+    from ringflash.kernels import configs
+
+    q = torch.zeros(2, 75, 4, 64, dtype=torch.bfloat16)
+    lse = torch.zeros(2, 4, 75)
+    prob = _problem(q, q)
+
+    def flags(atomic: bool = False) -> tuple:
+        plan = sm90._backward_plan(q, q, q, q, q, lse, (q, q, q), prob, None, atomic, None)
+        dq = plan.dq_launch.constexprs
+        return plan.dkdv_launch.constexprs["OVERLAP_DQ"], dq["AFTER_DKDV"], dq["launch_pdl"]
+
+    monkeypatch.delenv("RINGFLASH_SM90_BWD_OVERLAP", raising=False)
+    assert flags() == (False, False, False)
+    monkeypatch.setenv("RINGFLASH_SM90_BWD_OVERLAP", "1")
+    assert flags() == (True, True, True)
+    assert not flags(atomic=True)[0]
+    with configs.override(sm90_backward_overlap=False):
+        assert flags() == (False, False, False)
+    monkeypatch.setenv("RINGFLASH_SM90_BWD_OVERLAP", "yes")
+    with pytest.raises(ValueError, match="RINGFLASH_SM90_BWD_OVERLAP: got 'yes'"):
+        flags()
+
+
 def test_wide_backward_plan_refuses_what_its_consumers_lack(on_hopper):
     """The SPLIT_D dK/dV program (d > 128) has no dropout or softcap and holds only a 64 x 64
     step in shared memory: a direct call with either, or another forced tile, is refused by

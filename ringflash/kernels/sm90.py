@@ -178,6 +178,20 @@ if AVAILABLE:
                                          pack=1)
 
     @gluon.jit
+    def _let_dependent_launch_start():
+        """This program lets a programmatic dependent launch (the next kernel in the stream,
+        launched with ``launch_pdl``) start once every program of this one has begun or ended
+        (PTX ``griddepcontrol.launch_dependents``; nothing without such a launch)."""
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    @gluon.jit
+    def _wait_for_prior_launch():
+        """Waits until the launch this one depends on programmatically has finished and its
+        writes are visible (PTX ``griddepcontrol.wait``; returns at once otherwise)."""
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+    @gluon.jit
     def _capped(s, softcap_in, HAS_SOFTCAP: gl.constexpr):
         """Raw scores q.k -> the scores the softmax scales by ``qk_scale_log2``: unchanged,
         or with softcap tanh(q.k * softcap_in) (softcap_in = softmax_scale / softcap; the
@@ -1056,7 +1070,7 @@ if AVAILABLE:
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, ATOMIC_DQ: gl.constexpr, IS_VARLEN: gl.constexpr,
         HEADS_FIRST: gl.constexpr, HAS_SOFTCAP: gl.constexpr, SPLIT_D: gl.constexpr, STATS_TMA: gl.constexpr,
-        num_warps: gl.constexpr,
+        OVERLAP_DQ: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (key blocks of BLOCK_N, KV heads x ``head_splits``, batch), or with HEADS_FIRST
         (KV heads x ``head_splits``, batch, key blocks); ``num_warps`` = 4.
@@ -1073,7 +1087,11 @@ if AVAILABLE:
         and ``seqlen_k`` (the longest, which size the grid) become the sequence's.
         lse2 and delta at ``Lse2``/``Delta`` (strides ``stride_lb``, ``stride_lh``), and with
         STATS_TMA read through ``lse_desc``/``delta_desc``, flat (1-D) descriptors over them
-        with boxes of BLOCK_M (``_row_stats_template``; a box must start 16-byte aligned)."""
+        with boxes of BLOCK_M (``_row_stats_template``; a box must start 16-byte aligned).
+        OVERLAP_DQ: the dQ kernel that follows is a programmatic dependent launch, free to
+        start once every program here has (``configs.sm90_backward_overlap``)."""
+        if OVERLAP_DQ:
+            _let_dependent_launch_start()
         n_block, head_slot, b, batch = _program_ids(HEADS_FIRST)  # head slots: KV heads x splits
         hk = head_slot // head_splits
         heads = kv_group // head_splits  # this program's query heads, from h_first on
@@ -1340,12 +1358,15 @@ if AVAILABLE:
         softmax_scale, softcap_in, dropout_threshold, dropout_scale,
         HEADDIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
         CAUSAL: gl.constexpr, HAS_DROPOUT: gl.constexpr, IS_VARLEN: gl.constexpr, HEADS_FIRST: gl.constexpr,
-        HAS_SOFTCAP: gl.constexpr, num_warps: gl.constexpr,
+        HAS_SOFTCAP: gl.constexpr, AFTER_DKDV: gl.constexpr, num_warps: gl.constexpr,
     ):
         """Grid (query blocks of BLOCK_M, heads, batch), the longest causal blocks first;
         ``num_warps`` = 4. Two consumer warpgroups own BLOCK_M / 2 query rows each; one loader
         warp streams the key blocks. Writes dQ (the inputs' dtype). IS_VARLEN as in
-        ``_bwd_dkdv_sm90_kernel``."""
+        ``_bwd_dkdv_sm90_kernel``. AFTER_DKDV: launched as a programmatic dependent launch of
+        the dK/dV kernel (``configs.sm90_backward_overlap``); it reads nothing that kernel
+        writes, and each program waits for that kernel before it exits, so that the stream's
+        next work finds both kernels done."""
         pid, h, b, _ = _program_ids(HEADS_FIRST)
         m_block = num_m_blocks - 1 - pid if CAUSAL else pid
         m0 = m_block * BLOCK_M
@@ -1392,6 +1413,8 @@ if AVAILABLE:
         ], [4, 1], [240, 24])
 
         _invalidate_ring(fixed_bar, k_bars, v_bars, free_bars, STAGES)
+        if AFTER_DKDV:
+            _wait_for_prior_launch()
 
 
 #: Why the family turned itself off in this process (a kernel that failed to compile or
@@ -1769,7 +1792,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     """``grads``: the call's (dq, dk, dv) buffers, whose layouts follow from q's, k's and v's."""
     key = ("bwd", q.shape, q.stride(), k.shape, k.stride(), v.stride(), dout.stride(), out.stride(), lse.shape,
            q.dtype, q.device, prob, None if dropout is None else dropout[0], atomic_dq,
-           configs.sm90_dq_writer() if atomic_dq else None, meta_signature(meta),
+           configs.sm90_dq_writer() if atomic_dq else None, configs.sm90_backward_overlap(), meta_signature(meta),
            configs.override_key())
     plan = _PLANS.get(key)
     if plan is not None:
@@ -1810,6 +1833,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     # 32-row step takes the two-kernel path).
     atomic_dq = atomic_dq and dkdv_cfg.block_m % 64 == 0 and not split_d
     dq_writer = configs.sm90_dq_writer()
+    overlap = configs.sm90_backward_overlap()
     acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, block_d, dkdv_cfg.block_m, dq_writer)
     # The "red" writer's float32 accumulator is addressed with 32-bit offsets within a
     # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
@@ -1860,7 +1884,8 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
             # TMA for lse2/delta only where each (sequence, head)'s rows start 16-byte aligned:
             # run 54 found seqlen_q = 3001, where they do not, an illegal instruction, and a
             # varlen batch's sequences start anywhere. (4: the statistics' bytes per entry.)
-            STATS_TMA=not varlen and all(stride * 4 % 16 == 0 for stride in lse_strides), num_warps=4,
+            STATS_TMA=not varlen and all(stride * 4 % 16 == 0 for stride in lse_strides),
+            OVERLAP_DQ=overlap and not atomic_dq, num_warps=4,
         ), descriptor_key),
         dq_grid=(nheads, prob.batch, num_m_blocks) if dq_heads_first else (num_m_blocks, nheads, prob.batch),
         dq_descriptors=(_template_of(q4, dq_cfg.block_m // 2), _template_of(k4, dq_cfg.block_n),
@@ -1871,7 +1896,7 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
         dq_launch=PlannedLaunch(_bwd_dq_sm90_kernel, dict(
             HEADDIM=block_d, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n, STAGES=dq_cfg.num_stages,
             CAUSAL=prob.causal, HAS_DROPOUT=_dropout_mode(dropout), IS_VARLEN=varlen, HEADS_FIRST=dq_heads_first,
-            HAS_SOFTCAP=prob.softcap > 0, num_warps=4,
+            HAS_SOFTCAP=prob.softcap > 0, AFTER_DKDV=overlap, num_warps=4, launch_pdl=overlap,
         ), descriptor_key),
     ))
 
@@ -1945,16 +1970,18 @@ def _backward_sm90(dout, q, k, v, out, lse, prob, meta, dropout, atomic_dq):
         _with_base(plan.row_stats_template, delta.view(-1)), keys, dq_acc_arg,
         *dkdv_ptrs, *plan.dkdv_scalars,
     ))
+    if plan.atomic_dq:
+        dq.copy_(dq_from_accumulator(dq_acc, q.shape[1], q.shape[-1]))
+    else:
+        # Right after the dK/dV launch: with ``sm90_backward_overlap`` it is that launch's
+        # programmatic dependent, which must directly follow it in the stream.
+        t = plan.dq_descriptors
+        plan.dq_launch(plan.dq_grid, (
+            _with_base(t[0], bases[0]), _with_base(t[1], bases[1]), _with_base(t[2], bases[2]),
+            _with_base(t[3], bases[3]), _with_base(t[4], bases[4]), lse2, delta, keys, *dq_ptrs, *plan.dq_scalars,
+        ))
     if plan.head_splits > 1:  # dK's and dV's partials in one sum (one launch fewer per call)
         sums = partials.view(2, plan.head_splits, *k.shape).sum(1, dtype=torch.float32)
         dk.copy_(sums[0])
         dv.copy_(sums[1])
-    if plan.atomic_dq:
-        dq.copy_(dq_from_accumulator(dq_acc, q.shape[1], q.shape[-1]))
-        return dq, dk, dv
-    t = plan.dq_descriptors
-    plan.dq_launch(plan.dq_grid, (
-        _with_base(t[0], bases[0]), _with_base(t[1], bases[1]), _with_base(t[2], bases[2]),
-        _with_base(t[3], bases[3]), _with_base(t[4], bases[4]), lse2, delta, keys, *dq_ptrs, *plan.dq_scalars,
-    ))
     return dq, dk, dv
