@@ -389,7 +389,7 @@ def sm90_backward_overlap() -> bool:
     """``RINGFLASH_SM90_BWD_OVERLAP`` ("1" on, "0" or unset off; an
     ``override(sm90_backward_overlap=...)`` context wins): whether the two-kernel Gluon
     backward launches its dQ kernel as a programmatic dependent launch of its dK/dV kernel
-    (sm_90's PDL). dQ reads nothing dK/dV writes, so its programs may start on the SMs that
+    (sm_90's PDL; dense calls). dQ reads nothing dK/dV writes, so its programs may start on the SMs that
     the dK/dV launch's last programs leave idle (a causal launch's tail, a launch's last
     partial wave) instead of after the whole launch; each dQ program waits for the dK/dV
     launch before it exits, so what follows in the stream still sees both done. Opt-in until

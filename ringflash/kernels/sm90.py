@@ -1833,7 +1833,10 @@ def _backward_plan(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torc
     # 32-row step takes the two-kernel path).
     atomic_dq = atomic_dq and dkdv_cfg.block_m % 64 == 0 and not split_d
     dq_writer = configs.sm90_dq_writer()
-    overlap = configs.sm90_backward_overlap()
+    # Dense only: a varlen launch's device-made descriptors live in scratch that the caching
+    # allocator hands out again on the same stream once the launch call returns, which is safe
+    # only while the next launch cannot run beside it.
+    overlap = configs.sm90_backward_overlap() and not varlen
     acc_shape = dq_accumulator_shape(prob.batch, seqlen_q, nheads, block_d, dkdv_cfg.block_m, dq_writer)
     # The "red" writer's float32 accumulator is addressed with 32-bit offsets within a
     # (sequence, head): past 2**31 elements per sequence the two-kernel path runs.
