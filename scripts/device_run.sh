@@ -141,7 +141,7 @@ for s in "$@"; do
     # Issue 15: the two-kernel Gluon backward with dQ a programmatic dependent launch of dK/dV
     # (RINGFLASH_SM90_BWD_OVERLAP) against the serial launches on the d=128 cells run 55
     # left short of 0.90x cuDNN (MHA full, GQA 32/8 causal 16k, batch-1 16/4 causal 8k).
-    overlap) stage overlaptests 200 env RINGFLASH_TEST_LOG="$OUT/overlaptests_tests.tsv" python3 -m pytest -m gpu -q \
+    overlap) stage overlaptests "${OVERLAPTESTS_LIMIT:-200}" env RINGFLASH_TEST_LOG="$OUT/overlaptests_tests.tsv" python3 -m pytest -m gpu -q \
                -p no:cacheprovider -n 3 tests/test_gpu_attention.py -k overlapped_dq_launch
              test_log_summary overlaptests
              tiles="64x128x2/128x128x2 64x128x2/128x128x2+overlap 64x128x2/128x128x2"
