@@ -121,7 +121,7 @@ def _install() -> None:
     configs._capability = lambda device: (9, 0)
     configs._device_index = lambda device: 0
     fwd_kv_tma = configs.fwd_kv_tma  # RINGFLASH_FWD_KV_TMA, as on the sm_90 device
-    configs.fwd_kv_tma = lambda device: fwd_kv_tma(torch.device("cuda", 0))
+    configs.fwd_kv_tma = lambda device, wanted=False: fwd_kv_tma(torch.device("cuda", 0), wanted)
 
 
 def resource_usage(kernel) -> dict:

@@ -1,6 +1,7 @@
-"""The portable forward with K and V read through TMA descriptors (``RINGFLASH_FWD_KV_TMA=1``,
-opt-in, ``fwd._fwd_kernel``'s KV_TMA): against the float64 reference (out, lse, dq, dk, dv;
-the backward is the usual one), and equal to the pointer loads on the same inputs. On the
+"""The portable forward with K and V read through TMA descriptors (``KernelConfig.kv_tma``,
+the short-keys entry's since run 56, or ``RINGFLASH_FWD_KV_TMA=1``; ``fwd._fwd_kernel``'s
+KV_TMA): against the float64 reference (out, lse, dq, dk, dv; the backward is the usual
+one), and equal to the pointer loads on the same inputs. On the
 CPU the interpreter runs the descriptors' loads; on a GPU (sm_90 on) these tests run the
 TMA kernels at the same sizes. Run 53 (Nsight Compute) motivates it: see
 ``configs.fwd_kv_tma``."""
@@ -94,12 +95,39 @@ def test_keys_past_seqused(gen, kv_tma, monkeypatch):
     assert torch.equal(pointers, descriptors)
 
 
-def test_off_by_default_and_checked(monkeypatch):
+def test_the_config_asks_and_the_variable_overrides(monkeypatch):
+    """Unset, ``KernelConfig.kv_tma`` decides (``SHORT_KEYS_TABLE``'s entry asks since run 56);
+    RINGFLASH_FWD_KV_TMA=0 turns the descriptors off and =1 on whatever the config says; a
+    bad value is refused by name."""
+    device = torch.device(DEVICE)
     monkeypatch.delenv("RINGFLASH_FWD_KV_TMA", raising=False)
-    assert not configs.fwd_kv_tma(torch.device(DEVICE))
+    assert not configs.fwd_kv_tma(device)
+    assert configs.fwd_kv_tma(device, True) == TMA_DEVICE
+    monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", "0")
+    assert not configs.fwd_kv_tma(device, True)
+    monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", "1")
+    assert configs.fwd_kv_tma(device) == TMA_DEVICE
     monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", "yes")
-    with pytest.raises(ValueError, match="RINGFLASH_FWD_KV_TMA: got 'yes'; expected 0 or 1"):
-        configs.fwd_kv_tma(torch.device(DEVICE))
+    with pytest.raises(ValueError, match="RINGFLASH_FWD_KV_TMA: got 'yes'; expected 0, 1 or unset"):
+        configs.fwd_kv_tma(device)
+
+
+def test_a_config_that_asks_takes_the_descriptors(gen, monkeypatch):
+    """With the variable unset, a forward config with ``kv_tma`` (forced here, as the table's
+    entry is on an sm_90 GPU) reads K and V through descriptors, with the pointer loads'
+    answer on the same tile, bit for bit."""
+    if not TMA_DEVICE:
+        pytest.skip("TMA needs sm_90 or later")
+    monkeypatch.delenv("RINGFLASH_FWD_KV_TMA", raising=False)
+    lengths = [23, 0, 21, 17]
+    cu = cu_seqlens_from_lengths(lengths, DEVICE)
+    q, k, v = (torch.randn(sum(lengths), n, 64, generator=gen).to(DEVICE, DTYPE) for n in (4, 2, 2))
+    outputs = []
+    for kv_tma in (False, True):
+        with configs.override(fwd=configs.KernelConfig(64, 32, 4, 2, kv_tma=kv_tma)):
+            outputs.append(flash_attn_varlen_func(q, k, v, cu, cu, max(lengths), max(lengths)))
+        assert _tma_plans() == kv_tma
+    assert torch.equal(*outputs)
 
 
 def test_unaligned_keys_take_the_pointer_loads(gen, kv_tma):

@@ -691,7 +691,7 @@ def test_overlapped_dq_launch_plan(on_hopper, monkeypatch):
     two-kernel backward's dQ launch a programmatic dependent of its dK/dV launch: the dQ
     kernel is compiled with ``launch_pdl`` and waits for dK/dV before it exits (AFTER_DKDV),
     and the dK/dV kernel lets it start (OVERLAP_DQ); the atomic backward, one kernel, takes
-    neither. Off by default; a plan made under one setting is never reused under the other;
+    neither. On by default (run 56); a plan made under one setting is never reused under the other;
     a bad value is refused by name."""
     from ringflash.kernels import configs
 
@@ -705,6 +705,8 @@ def test_overlapped_dq_launch_plan(on_hopper, monkeypatch):
         return plan.dkdv_launch.constexprs["OVERLAP_DQ"], dq["AFTER_DKDV"], dq["launch_pdl"]
 
     monkeypatch.delenv("RINGFLASH_SM90_BWD_OVERLAP", raising=False)
+    assert flags() == (True, True, True)
+    monkeypatch.setenv("RINGFLASH_SM90_BWD_OVERLAP", "0")
     assert flags() == (False, False, False)
     monkeypatch.setenv("RINGFLASH_SM90_BWD_OVERLAP", "1")
     assert flags() == (True, True, True)

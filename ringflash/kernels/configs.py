@@ -45,6 +45,9 @@ class KernelConfig:
     # each pass holding one float32 accumulator (and recomputing P): for head dims where
     # both accumulators and the K/V tiles do not fit the registers (d=256 spills).
     dkdv_passes: int = 1
+    # Forward: K and V through TMA descriptors instead of pointer loads, where the GPU has
+    # TMA (``fwd_kv_tma``; the plan then runs split phases). RINGFLASH_FWD_KV_TMA overrides it.
+    kv_tma: bool = False
 
     def __post_init__(self) -> None:
         if self.group_order not in GROUP_ORDERS:
@@ -182,9 +185,13 @@ HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bo
 #   replays put the host's part of the eager call at about 0.01 ms: the kernel is the gap.
 #   The table's tile holds about 128 KB of shared memory (``shared_memory_estimate``: one
 #   program per SM) for four key blocks a program; the 128x32 3-stage tile about 80 KB (two).
+#   Run 56 (H100, the same probe as graph replays, 24 tiles each way) with K and V through
+#   TMA descriptors (``KernelConfig.kv_tma``, split phases): 128x64 w4 s2 took 0.240 ms
+#   against FA2 varlen's 0.252 (1.05x) and the pointer loads' fastest, 128x32 w4 s3 one loop,
+#   0.269; 64x64 w4 s3 0.244, 128x32 w4 s3 0.264.
 SHORT_KEYS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
     (9, 0): {
-        "fwd": {((128, 0), False): (256, _C(128, 32, 4, 3, split_phases=False))},
+        "fwd": {((128, 0), False): (256, _C(128, 64, 4, 2, kv_tma=True))},
     },
 }
 
@@ -331,17 +338,25 @@ def backend() -> str:
     return name
 
 
-def fwd_kv_tma(device: torch.device) -> bool:
-    """``RINGFLASH_FWD_KV_TMA``: "1" lets the portable forward read K and V through TMA
-    descriptors (``fwd._fwd_kernel``'s KV_TMA) on GPUs that have TMA (sm_90 on) and under the
-    interpreter; "0" or unset keeps its pointer loads. Opt-in until timed: run 53 (Nsight
-    Compute, the varlen 64 x 256 forward) found the pointer loads' cp.async pipeline paying
-    a CTA barrier at every key block and the per-thread address arithmetic, where FA2's
-    forward stalls less."""
-    value = os.environ.get("RINGFLASH_FWD_KV_TMA", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"RINGFLASH_FWD_KV_TMA: got {value!r}; expected 0 or 1")
-    if value == "0":
+def fwd_kv_tma_setting() -> Optional[bool]:
+    """``RINGFLASH_FWD_KV_TMA``: "1" forces the portable forward's K/V TMA descriptors on,
+    "0" off; unset (None) leaves it to the config's ``kv_tma``."""
+    value = os.environ.get("RINGFLASH_FWD_KV_TMA", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"RINGFLASH_FWD_KV_TMA: got {value!r}; expected 0, 1 or unset")
+    return None if value == "" else value == "1"
+
+
+def fwd_kv_tma(device: torch.device, wanted: bool = False) -> bool:
+    """Whether the portable forward reads K and V through TMA descriptors (``fwd._fwd_kernel``'s
+    KV_TMA): where its config asks (``wanted``: ``KernelConfig.kv_tma``) or
+    ``RINGFLASH_FWD_KV_TMA`` forces it (``fwd_kv_tma_setting``), on GPUs that have TMA (sm_90
+    on) and under the interpreter. Run 53 (Nsight Compute, the varlen 64 x 256 forward) found
+    the pointer loads' cp.async pipeline paying a CTA barrier at every key block and the
+    per-thread address arithmetic, where FA2's forward stalls less; run 56 timed the
+    descriptors there (``SHORT_KEYS_TABLE``)."""
+    setting = fwd_kv_tma_setting()
+    if not (wanted if setting is None else setting):
         return False
     return interpreting() or (device.type == "cuda" and _capability(device) >= (9, 0))
 
@@ -386,18 +401,20 @@ def sm90_dq_writer() -> str:
 
 
 def sm90_backward_overlap() -> bool:
-    """``RINGFLASH_SM90_BWD_OVERLAP`` ("1" on, "0" or unset off; an
+    """``RINGFLASH_SM90_BWD_OVERLAP`` ("1" or unset on, "0" off; an
     ``override(sm90_backward_overlap=...)`` context wins): whether the two-kernel Gluon
     backward launches its dQ kernel as a programmatic dependent launch of its dK/dV kernel
-    (sm_90's PDL; dense calls). dQ reads nothing dK/dV writes, so its programs may start on the SMs that
-    the dK/dV launch's last programs leave idle (a causal launch's tail, a launch's last
-    partial wave) instead of after the whole launch; each dQ program waits for the dK/dV
-    launch before it exits, so what follows in the stream still sees both done. Opt-in until
-    timed: run 55 left four d=128 backward cells at 0.87-0.89x cuDNN, the bar 0.90."""
+    (sm_90's PDL; dense calls). dQ reads nothing dK/dV writes, so its programs may start on
+    the SMs that the dK/dV launch's last programs leave idle (a causal launch's tail, a
+    launch's last partial wave) instead of after the whole launch; each dQ program waits for
+    the dK/dV launch before it exits, so what follows in the stream still sees both done.
+    Run 56 (H100, ``probe_sm90.py --parts bwd``, d=128, each A/B bracketed by two serial
+    readings): batch 1, 16/4 heads, causal 8k 1.06x (0.84 -> 0.88x cuDNN), 4k 1.04-1.07x,
+    full 8k 1.02x; MHA and GQA 32/8 at 4k-16k within the drift between the brackets."""
     value = _override.get("sm90_backward_overlap")
     if value is not None:
         return bool(value)
-    env = os.environ.get("RINGFLASH_SM90_BWD_OVERLAP", "0")
+    env = os.environ.get("RINGFLASH_SM90_BWD_OVERLAP", "1")
     if env not in ("0", "1"):
         raise ValueError(f"RINGFLASH_SM90_BWD_OVERLAP: got {env!r}; expected 0 or 1")
     return env == "1"

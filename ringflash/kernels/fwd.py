@@ -417,7 +417,7 @@ def _forward_key(q, k, v, out, lse, prob, meta, alibi_slopes, dropout) -> tuple:
         tuple(t.data_ptr() % 16 == 0 for t in (q, k, v, out, lse)),
         alibi_slopes is None or alibi_slopes.data_ptr() % 16 == 0,
         configs.override_key(), configs.head_parts(prob.headdim), configs.input_precision(q.dtype),
-        configs.autotune_enabled(), configs.fwd_kv_tma(q.device),
+        configs.autotune_enabled(), configs.fwd_kv_tma_setting(),
     )
 
 
@@ -437,7 +437,7 @@ def _forward_plan(cfg: configs.KernelConfig, q, k, v, out, lse, prob: AttnProble
     seq_args = seqlen_args(q, k, meta)
     unit = stride_unit(q, k, v, out_view, is_varlen=prob.is_varlen)
     # A descriptor's dimensions are positive: no keys keeps the pointer loads.
-    kv_tma = configs.fwd_kv_tma(q.device) and block_d2 == 0 and k.numel() > 0 and \
+    kv_tma = configs.fwd_kv_tma(q.device, cfg.kv_tma) and block_d2 == 0 and k.numel() > 0 and \
         all(tma_readable(x) for x in (k, v))
     if kv_tma and not cfg.split_phases:
         # Its masked loop zeroes V's rows past the keys through registers and back to shared
