@@ -264,7 +264,8 @@ def main(argv=None) -> int:
                              "(query rows owned x keys per step x stages); +atomic: the 5-GEMM backward, "
                              "+tma: the same with its dQ added by TMA (RINGFLASH_SM90_DQ_WRITER=tma); "
                              "+overlap: the two kernels with dQ a programmatic dependent launch "
-                             "(RINGFLASH_SM90_BWD_OVERLAP=1)")
+                             "(the default since run 56); without a suffix the two run one after the other "
+                             "(RINGFLASH_SM90_BWD_OVERLAP=0)")
     args = parser.parse_args(argv)
     # flash_attn_func and attention_backward are the portable baselines here (the sm90
     # calls go to their launchers).

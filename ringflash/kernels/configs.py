@@ -419,8 +419,9 @@ def sm90_backward_overlap() -> bool:
     launch's last partial wave) instead of after the whole launch; each dQ program waits for
     the dK/dV launch before it exits, so what follows in the stream still sees both done.
     Run 56 (H100, ``probe_sm90.py --parts bwd``, d=128, each A/B bracketed by two serial
-    readings): batch 1, 16/4 heads, causal 8k 1.06x (0.84 -> 0.88x cuDNN), 4k 1.04-1.07x,
-    full 8k 1.02x; MHA and GQA 32/8 at 4k-16k within the drift between the brackets."""
+    readings): 16/4 heads at 8k tokens, causal s=8k (batch 1) 1.06x (0.84 -> 0.88x cuDNN),
+    causal s=4k (batch 2) 1.04-1.07x, full s=8k 1.02x, full s=4k level; MHA and GQA 32/8
+    at 4k-16k within the drift between the brackets."""
     value = _override.get("sm90_backward_overlap")
     if value is not None:
         return bool(value)
