@@ -1,10 +1,9 @@
 """The portable forward with K and V read through TMA descriptors (``KernelConfig.kv_tma``,
-which the short-document tile asks for on sm_90, or ``RINGFLASH_FWD_KV_TMA=1``;
-``fwd._fwd_kernel``'s KV_TMA): against the float64
+or ``RINGFLASH_FWD_KV_TMA=1``, opt-in; ``fwd._fwd_kernel``'s KV_TMA): against the float64
 reference (out, lse, dq, dk, dv; the backward is the usual one), and equal to the pointer
 loads on the same inputs. On the CPU the interpreter runs the descriptors' loads; on a GPU
 (sm_90 on) these tests run the TMA kernels at the same sizes, the d=72 cases on
-``SHORT_KEYS_TABLE``'s tile (run 56's fastest). Run 53 (Nsight Compute) motivates
+``SHORT_KEYS_KV_TMA_TABLE``'s tile (run 56's fastest). Run 53 (Nsight Compute) motivates
 it: see ``configs.fwd_kv_tma``."""
 
 import pytest
@@ -97,8 +96,9 @@ def test_keys_past_seqused(gen, kv_tma, monkeypatch):
 
 
 def test_the_config_asks_and_the_variable_overrides(monkeypatch):
-    """Unset, ``KernelConfig.kv_tma`` decides; RINGFLASH_FWD_KV_TMA=0 turns the descriptors
-    off and =1 on whatever the config says; a bad value is refused by name."""
+    """Unset, ``KernelConfig.kv_tma`` decides (no table entry asks by default:
+    ``SHORT_KEYS_KV_TMA_TABLE``'s wait for RINGFLASH_FWD_KV_TMA=1); RINGFLASH_FWD_KV_TMA=0 turns the descriptors off and =1 on whatever the config says; a
+    bad value is refused by name."""
     device = torch.device(DEVICE)
     monkeypatch.delenv("RINGFLASH_FWD_KV_TMA", raising=False)
     assert not configs.fwd_kv_tma(device)
