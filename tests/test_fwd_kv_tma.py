@@ -2,14 +2,15 @@
 or ``RINGFLASH_FWD_KV_TMA=1``, opt-in; ``fwd._fwd_kernel``'s KV_TMA): against the float64
 reference (out, lse, dq, dk, dv; the backward is the usual one), and equal to the pointer
 loads on the same inputs. On the CPU the interpreter runs the descriptors' loads; on a GPU
-(sm_90 on) these tests run the TMA kernels at the same sizes, the d=72 cases on
-``SHORT_KEYS_KV_TMA_TABLE``'s tile (run 56's fastest). Run 53 (Nsight Compute) motivates
-it: see ``configs.fwd_kv_tma``."""
+(sm_90 on) these tests run the TMA kernels at the same sizes, the d=72 dense cases and the
+short documents at d=96 and 128 on ``SHORT_KEYS_KV_TMA_TABLE``'s tile (run 56's fastest).
+Run 53 (Nsight Compute) motivates it: see ``configs.fwd_kv_tma``."""
 
 import pytest
 import torch
 
-from attn_check import check_attention, check_varlen_with_an_empty_sequence, dense_impl, dense_ref
+from attn_check import (check_attention, check_varlen_with_an_empty_sequence, dense_impl, dense_ref, varlen_impl,
+                        varlen_ref)
 from conftest import HAS_CUDA, cu_seqlens_from_lengths
 from ringflash import flash_attn_func, flash_attn_varlen_func
 from ringflash.kernels import configs, fwd
@@ -51,6 +52,34 @@ def test_dense_through_descriptors(gen, kv_tma, headdim, causal, window):
 def test_varlen_through_descriptors(gen, kv_tma, causal):
     check_varlen_with_an_empty_sequence(gen, DEVICE, 64, DTYPE, causal)
     assert _tma_plans() > 0
+
+
+@pytest.mark.parametrize("headdim", [96, 128])
+def test_short_documents_on_the_short_keys_tile(gen, kv_tma, monkeypatch, headdim):
+    """Packed short documents, full attention (the 64 x 256 pack's kind of call): on an
+    sm_90 GPU they take ``SHORT_KEYS_KV_TMA_TABLE``'s tile, run 56's fastest, which nothing
+    else here runs at a 128-wide head tile; lengths of one key block, one key, none, and
+    neither a multiple of the tile's 64 keys nor of its 128 rows."""
+    chosen = []
+    pick = configs.config_for
+
+    def recording(kind, *args, **kwargs):
+        cfg = pick(kind, *args, **kwargs)
+        if kind == "fwd":
+            chosen.append(cfg)
+        return cfg
+
+    monkeypatch.setattr(configs, "config_for", recording)
+    lengths = [256, 1, 0, 200, 131, 64]
+    cu = cu_seqlens_from_lengths(lengths, DEVICE)
+    q, k, v = (torch.randn(sum(lengths), heads, headdim, generator=gen, dtype=torch.float64).to(DEVICE)
+               for heads in (4, 2, 2))
+    meta = (cu, cu, max(lengths), max(lengths))
+    check_attention(varlen_impl, varlen_ref, (q, k, v), DTYPE, extra=(*meta, False))
+    assert _tma_plans() > 0
+    if HAS_CUDA and torch.cuda.get_device_capability() == (9, 0):
+        short = configs.SHORT_KEYS_KV_TMA_TABLE[(9, 0)]["fwd"][((128, 0), False)][1]
+        assert chosen and all(cfg == short for cfg in chosen), chosen
 
 
 def test_a_neighbouring_sequence_never_reaches_the_output(gen, kv_tma, monkeypatch):
