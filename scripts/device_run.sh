@@ -151,17 +151,17 @@ for s in "$@"; do
                --heads 32 --kv-heads 8 --seqlens 16384 --bwd-tiles $tiles
              stage overlap_b1 "${OVERLAP_LIMIT:-150}" python3 scripts/probe_sm90.py --parts bwd --headdims 128 \
                --heads 16 --kv-heads 4 --tokens 8192 --seqlens 4096 8192 --bwd-tiles $tiles ;;
-    # Issue 15: what making SHORT_KEYS_KV_TMA_TABLE's tile the default waits for (run 56): the
-    # descriptors' tests (their d=72 cases take that tile; not marked gpu, so no -m gpu here:
-    # it deselected them) and the GPU varlen tests with it, then the wide grid's varlen cells
-    # (the 64 x 256 pack's through flash_attn_varlen_func; the variable turns the descriptors
-    # on in the other cells too, on their tables' tiles).
-    kvtmacheck) stage kvtmachecktests "${KVTMACHECK_LIMIT:-200}" env RINGFLASH_FWD_KV_TMA=1 \
+    # Issue 15: the short-document forward tile with K/V through TMA descriptors, the default
+    # since run 57 (SHORT_KEYS_TABLE): the descriptors' tests (their d=72 cases take that tile;
+    # not marked gpu, they run on whatever device there is) and the GPU varlen tests on the
+    # default path, then the wide grid's varlen cells (the 64 x 256 pack's through
+    # flash_attn_varlen_func).
+    kvtmacheck) stage kvtmachecktests "${KVTMACHECK_LIMIT:-200}" env \
                   RINGFLASH_TEST_LOG="$OUT/kvtmachecktests_tests.tsv" python3 -m pytest -q -p no:cacheprovider \
                   -n 8 tests/test_fwd_kv_tma.py tests/test_gpu_attention.py tests/test_properties.py \
                   -k "kv_tma or (varlen and gpu)"
                 test_log_summary kvtmachecktests
-                stage kvtmawide "${WIDE_LIMIT:-150}" env RINGFLASH_FWD_KV_TMA=1 python3 -m ringflash bench kernels \
+                stage kvtmawide "${WIDE_LIMIT:-150}" python3 -m ringflash bench kernels \
                   --grid wide --rounds 2 --families varlen --out "$OUT/kvtmawide" --csv-only ;;
     dropout) stage dropout "${DROPOUT_LIMIT:-120}" python3 -m ringflash bench dropout --out "$OUT/dropout" ${REPORT_ARGS:-} ${DROPOUT_ARGS:-} ;;
     *) echo "unknown stage $s" ;;

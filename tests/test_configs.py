@@ -218,31 +218,32 @@ def test_headdim_entries_win_over_their_bucket(monkeypatch):
 
 
 def test_short_keys_entries_take_only_the_calls_they_were_measured_on(monkeypatch):
-    """``SHORT_KEYS_TABLE`` (run 49): the full forward of one 128-wide head tile (d=80 to
-    128; d=96 no longer splits) takes the short-document tile up to 256 keys and the
-    bucket's beyond; causal calls, other buckets, the split d=192 and the backward kernels
-    keep theirs at every length, and so does a call with dropout."""
+    """``SHORT_KEYS_TABLE`` (runs 49 and 56): the full forward of one 128-wide head tile (d=80
+    to 128; d=96 no longer splits) takes the short-document tile, K and V through TMA
+    descriptors, up to 256 keys and the bucket's beyond; causal calls, other buckets, the
+    split d=192 and the backward kernels keep theirs at every length, and so does a call with
+    dropout. RINGFLASH_FWD_KV_TMA=0 takes the pointer loads' tile for the same calls only."""
     cfg = _hopper_config_for(monkeypatch)
     table = configs.TABLE[(9, 0)]
-    short = configs.KernelConfig(128, 32, 4, 3, split_phases=False)
-    try:
-        for d in (80, 96, 112, 128):
-            for seqlen in (1, 200, 256):
-                assert cfg("fwd", d, False, seqlen) == short
-            assert cfg("fwd", d, False, 257) == table["fwd"][(128, False)]
-            assert cfg("fwd", d, True, 256) == table["fwd"][(128, True)]
-        assert cfg("fwd", 64, False, 256) == table["fwd"][(64, False)]
-        assert cfg("fwd", 192, False, 256) == table["fwd"][(256, False)]
-        for kind in ("dkdv", "dq"):
-            assert cfg(kind, 128, False, 256) == table[kind][(128, False)]
-        assert cfg("fwd", 128, False, 256, dropout=True) == table["fwd"][(128, False)]  # measured without
-        # RINGFLASH_FWD_KV_TMA=1 takes the descriptors' tile (run 56) for the same calls only.
-        monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", "1")
-        assert cfg("fwd", 96, False, 256) == configs.KernelConfig(128, 64, 4, 2, kv_tma=True)
-        assert cfg("fwd", 128, False, 257) == table["fwd"][(128, False)]
-        assert cfg("fwd", 128, True, 256) == table["fwd"][(128, True)]
-    finally:
-        configs.fit_shared_memory.cache_clear()
+    monkeypatch.delenv("RINGFLASH_FWD_KV_TMA", raising=False)
+    for setting, short in ((None, configs.KernelConfig(128, 64, 4, 2, kv_tma=True)),
+                           ("1", configs.KernelConfig(128, 64, 4, 2, kv_tma=True)),
+                           ("0", configs.KernelConfig(128, 32, 4, 3, split_phases=False))):
+        if setting is not None:
+            monkeypatch.setenv("RINGFLASH_FWD_KV_TMA", setting)
+        try:
+            for d in (80, 96, 112, 128):
+                for seqlen in (1, 200, 256):
+                    assert cfg("fwd", d, False, seqlen) == short
+                assert cfg("fwd", d, False, 257) == table["fwd"][(128, False)]
+                assert cfg("fwd", d, True, 256) == table["fwd"][(128, True)]
+            assert cfg("fwd", 64, False, 256) == table["fwd"][(64, False)]
+            assert cfg("fwd", 192, False, 256) == table["fwd"][(256, False)]
+            for kind in ("dkdv", "dq"):
+                assert cfg(kind, 128, False, 256) == table[kind][(128, False)]
+            assert cfg("fwd", 128, False, 256, dropout=True) == table["fwd"][(128, False)]  # measured without
+        finally:
+            configs.fit_shared_memory.cache_clear()
 
 
 def test_softcap_mode_takes_the_tanh_instruction_for_16_bit_inputs_on_the_gpu(monkeypatch):

@@ -1,10 +1,11 @@
 """The portable forward with K and V read through TMA descriptors (``KernelConfig.kv_tma``,
-or ``RINGFLASH_FWD_KV_TMA=1``, opt-in; ``fwd._fwd_kernel``'s KV_TMA): against the float64
+which the short-document tile asks for on sm_90, or ``RINGFLASH_FWD_KV_TMA=1``;
+``fwd._fwd_kernel``'s KV_TMA): against the float64
 reference (out, lse, dq, dk, dv; the backward is the usual one), and equal to the pointer
 loads on the same inputs. On the CPU the interpreter runs the descriptors' loads; on a GPU
 (sm_90 on) these tests run the TMA kernels at the same sizes, the d=72 dense cases and the
-short documents at d=96 and 128 on ``SHORT_KEYS_KV_TMA_TABLE``'s tile (run 56's fastest).
-Run 53 (Nsight Compute) motivates it: see ``configs.fwd_kv_tma``."""
+short documents at d=96 and 128 on ``SHORT_KEYS_TABLE``'s tile (run 56's fastest; made the
+default after run 57 passed them). Run 53 (Nsight Compute) motivates it: see ``configs.fwd_kv_tma``."""
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def test_varlen_through_descriptors(gen, kv_tma, causal):
 @pytest.mark.parametrize("headdim", [96, 128])
 def test_short_documents_on_the_short_keys_tile(gen, kv_tma, monkeypatch, headdim):
     """Packed short documents, full attention (the 64 x 256 pack's kind of call): on an
-    sm_90 GPU they take ``SHORT_KEYS_KV_TMA_TABLE``'s tile, run 56's fastest, which nothing
+    sm_90 GPU they take ``SHORT_KEYS_TABLE``'s tile, run 56's fastest, which nothing
     else here runs at a 128-wide head tile; lengths of one key block, one key, none, and
     neither a multiple of the tile's 64 keys nor of its 128 rows."""
     chosen = []
@@ -78,7 +79,7 @@ def test_short_documents_on_the_short_keys_tile(gen, kv_tma, monkeypatch, headdi
     check_attention(varlen_impl, varlen_ref, (q, k, v), DTYPE, extra=(*meta, False))
     assert _tma_plans() > 0
     if HAS_CUDA and torch.cuda.get_device_capability() == (9, 0):
-        short = configs.SHORT_KEYS_KV_TMA_TABLE[(9, 0)]["fwd"][((128, 0), False)][1]
+        short = configs.SHORT_KEYS_TABLE[(9, 0)]["fwd"][((128, 0), False)][1]
         assert chosen and all(cfg == short for cfg in chosen), chosen
 
 
@@ -125,9 +126,8 @@ def test_keys_past_seqused(gen, kv_tma, monkeypatch):
 
 
 def test_the_config_asks_and_the_variable_overrides(monkeypatch):
-    """Unset, ``KernelConfig.kv_tma`` decides (no table entry asks by default:
-    ``SHORT_KEYS_KV_TMA_TABLE``'s wait for RINGFLASH_FWD_KV_TMA=1); RINGFLASH_FWD_KV_TMA=0 turns the descriptors off and =1 on whatever the config says; a
-    bad value is refused by name."""
+    """Unset, ``KernelConfig.kv_tma`` decides; RINGFLASH_FWD_KV_TMA=0 turns the descriptors
+    off and =1 on whatever the config says; a bad value is refused by name."""
     device = torch.device(DEVICE)
     monkeypatch.delenv("RINGFLASH_FWD_KV_TMA", raising=False)
     assert not configs.fwd_kv_tma(device)

@@ -178,29 +178,29 @@ HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bo
 # BLOCK_D2), banded) -> (longest key length ``max_seqlen_k`` it was measured up to; config).
 # Looked up after ``HEAD_PARTS_TABLE``, for calls without dropout (measured without).
 # - The forward of one 128-wide head tile (d=128; d=80, 96 and 112 pad to the same tiles), full
-#   attention: run 49 on an H100 (``scripts/probe_tiles.py --dropout 0 --pack 64x256 --heads
-#   32 --kv-heads 8 --full --kinds fwd --one-loop``, with and without ``--cudagraph``) timed
-#   the table's 128x64 w8 s3 at 0.306 ms as CUDA graph replays (0.317 eager) and 128x32 w4
-#   s3 with one key loop at 0.268 (0.272); PyTorch's FA2 varlen took 0.250. The graph
-#   replays put the host's part of the eager call at about 0.01 ms: the kernel is the gap.
-#   The table's tile holds about 128 KB of shared memory (``shared_memory_estimate``: one
-#   program per SM) for four key blocks a program; the 128x32 3-stage tile about 80 KB (two).
+#   attention, with K and V through TMA descriptors (``KernelConfig.kv_tma``). Run 56 (H100,
+#   ``scripts/probe_tiles.py --dropout 0 --pack 64x256 --heads 32 --kv-heads 8 --full --kinds
+#   fwd --cudagraph``, 24 tiles each way): 128x64 w4 s2 took 0.240 ms against FA2 varlen's
+#   0.252 (1.05x); with descriptors 64x64 w4 s3 took 0.244 and 128x32 w4 s3 0.264; the
+#   pointer loads' fastest (``SHORT_KEYS_POINTER_TABLE``) 0.269. Run 57 ran the GPU tests on
+#   this tile (docs/benchmarks.md).
 SHORT_KEYS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
     (9, 0): {
-        "fwd": {((128, 0), False): (256, _C(128, 32, 4, 3, split_phases=False))},
+        "fwd": {((128, 0), False): (256, _C(128, 64, 4, 2, kv_tma=True))},
     },
 }
 
-# ``SHORT_KEYS_TABLE``'s entries with K and V through TMA descriptors (``KernelConfig.kv_tma``),
-# taken in its place under RINGFLASH_FWD_KV_TMA=1. Run 56 (H100, ``probe_tiles.py --pack
-# 64x256 ... --cudagraph``, 24 tiles each way): 128x64 w4 s2 took 0.240 ms against FA2
-# varlen's 0.252 (1.05x) and the pointer loads' fastest, 128x32 w4 s3 one loop, 0.269;
-# with descriptors 64x64 w4 s3 took 0.244 and 128x32 w4 s3 0.264. Opt-in until the GPU
-# tests run this tile (the probe times, it does not check; the descriptors' GPU tests ran
-# other tiles): then it replaces the entry above.
-SHORT_KEYS_KV_TMA_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
+# ``SHORT_KEYS_TABLE``'s entries for the pointer loads, taken in its place under
+# RINGFLASH_FWD_KV_TMA=0. Run 49 on an H100 (``probe_tiles.py ... --one-loop``, with and
+# without ``--cudagraph``) timed the bucket table's 128x64 w8 s3 at 0.306 ms as CUDA graph
+# replays (0.317 eager) and 128x32 w4 s3 with one key loop at 0.268 (0.272); PyTorch's FA2
+# varlen took 0.250. The graph replays put the host's part of the eager call at about 0.01 ms:
+# the kernel is the gap. The table's tile holds about 128 KB of shared memory
+# (``shared_memory_estimate``: one program per SM) for four key blocks a program; the 128x32
+# 3-stage tile about 80 KB (two).
+SHORT_KEYS_POINTER_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bool], tuple[int, KernelConfig]]]] = {
     (9, 0): {
-        "fwd": {((128, 0), False): (256, _C(128, 64, 4, 2, kv_tma=True))},
+        "fwd": {((128, 0), False): (256, _C(128, 32, 4, 3, split_phases=False))},
     },
 }
 
@@ -348,8 +348,8 @@ def backend() -> str:
 
 
 def fwd_kv_tma_setting() -> Optional[bool]:
-    """``RINGFLASH_FWD_KV_TMA``: "1" forces the portable forward's K/V TMA descriptors on
-    (and takes ``SHORT_KEYS_KV_TMA_TABLE``'s tiles), "0" off; unset (None) leaves it to the
+    """``RINGFLASH_FWD_KV_TMA``: "1" forces the portable forward's K/V TMA descriptors on,
+    "0" off (and takes ``SHORT_KEYS_POINTER_TABLE``'s tiles); unset (None) leaves it to the
     config's ``kv_tma``."""
     value = os.environ.get("RINGFLASH_FWD_KV_TMA", "")
     if value not in ("", "0", "1"):
@@ -364,7 +364,7 @@ def fwd_kv_tma(device: torch.device, wanted: bool = False) -> bool:
     on) and under the interpreter. Run 53 (Nsight Compute, the varlen 64 x 256 forward) found
     the pointer loads' cp.async pipeline paying a CTA barrier at every key block and the
     per-thread address arithmetic, where FA2's forward stalls less; run 56 timed the
-    descriptors there (``SHORT_KEYS_KV_TMA_TABLE``)."""
+    descriptors there (``SHORT_KEYS_TABLE``)."""
     setting = fwd_kv_tma_setting()
     if not (wanted if setting is None else setting):
         return False
@@ -751,7 +751,7 @@ def config_for(kind: str, q: torch.Tensor, prob, run: Optional[Callable[[KernelC
     longest, entry = HEAD_PARTS_TABLE.get(_capability(q.device), {}).get(kind, {}).get((parts, banded), (0, None))
     if entry is not None and (longest == 0 or prob.max_seqlen_q <= longest):
         cfg = entry
-    short_keys = SHORT_KEYS_KV_TMA_TABLE if fwd_kv_tma_setting() else SHORT_KEYS_TABLE
+    short_keys = SHORT_KEYS_POINTER_TABLE if fwd_kv_tma_setting() is False else SHORT_KEYS_TABLE
     longest_k, entry = short_keys.get(_capability(q.device), {}).get(kind, {}).get((parts, banded), (0, None))
     if entry is not None and prob.max_seqlen_k <= longest_k and not dropout:
         cfg = entry
