@@ -14,7 +14,9 @@ Grid on a GPU (bf16; ``--quick`` a subset):
   causal) against SDPA on (batch, 1, n, d) views;
 * underfill: GQA 16/4, d=128, one sequence of 4k or 8k tokens, causal and full: the
   backward's dK/dV kernel then has fewer programs than two per SM (issue 15's profile),
-  the case ``ours_split`` exists for, which no other family reaches.
+  the case ``ours_split`` exists for, which no other family reaches. On sm_90 these calls
+  take the Gluon backward, which does not split: there ``ours_split`` runs the default's
+  kernels, and the two columns differ only by the reading's noise (up to 23%, run 57).
 
 Implementations: ``ours`` (flash_attn_func / flash_attn_varlen_func / the 3-D function; its
 backward is the library default, ``deterministic=True`` gives the same kernels today),
