@@ -177,7 +177,7 @@ HEAD_PARTS_TABLE: dict[tuple[int, int], dict[str, dict[tuple[tuple[int, int], bo
 # program's loop runs only a few key blocks: (compute capability) -> kind -> ((BLOCK_D,
 # BLOCK_D2), banded) -> (longest key length ``max_seqlen_k`` it was measured up to; config).
 # Looked up after ``HEAD_PARTS_TABLE``, for calls without dropout (measured without).
-# - The forward of one 128-wide head tile (d=128; d=80, 96 and 112 pad to the same tiles), full
+# - The forward of one 128-wide head tile (d=128; d=65..127 pad to the same tiles), full
 #   attention, with K and V through TMA descriptors (``KernelConfig.kv_tma``). Run 56 (H100,
 #   ``scripts/probe_tiles.py --dropout 0 --pack 64x256 --heads 32 --kv-heads 8 --full --kinds
 #   fwd --cudagraph``, 24 tiles each way): 128x64 w4 s2 took 0.240 ms against FA2 varlen's
